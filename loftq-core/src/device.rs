@@ -1,0 +1,109 @@
+//! Choosing a Burn device by name (`cpu`, `wgpu`, `cuda:1`), for the CLI, benchmarks and tests.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::Device;
+
+/// A back end and device index, as written on a command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// Burn's pure-Rust CPU back end (`flex`).
+    Cpu,
+    /// WGPU's default adapter (Vulkan, Metal, DirectX 12; Mesa's lavapipe without a GPU).
+    Wgpu,
+    /// CUDA device `N`.
+    Cuda(usize),
+}
+
+/// A device name that is unknown or whose back end is not compiled in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// Not `cpu`, `wgpu`, `cuda` or `cuda:N`.
+    #[error("unknown device `{0}` (expected cpu, wgpu, cuda or cuda:N)")]
+    Unknown(String),
+    /// The back end exists but this binary was built without its Cargo feature.
+    #[error("device `{0}` needs the `{1}` Cargo feature (rebuild with `--features {1}`)")]
+    NotCompiled(DeviceSpec, &'static str),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" | "flex" => Ok(DeviceSpec::Cpu),
+            "wgpu" | "vulkan" | "metal" => Ok(DeviceSpec::Wgpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| DeviceError::Unknown(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Wgpu => write!(f, "wgpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The Cargo feature that compiles this back end in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            DeviceSpec::Cpu => "flex",
+            DeviceSpec::Wgpu => "wgpu",
+            DeviceSpec::Cuda(_) => "cuda",
+        }
+    }
+
+    /// Opens the device. Creating it does not touch the hardware yet; the first operation does.
+    pub fn device(self) -> Result<Device, DeviceError> {
+        match self {
+            #[cfg(feature = "flex")]
+            DeviceSpec::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "wgpu")]
+            DeviceSpec::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(i) => Ok(Device::cuda(i)),
+            #[allow(unreachable_patterns)]
+            spec => Err(DeviceError::NotCompiled(spec, spec.feature())),
+        }
+    }
+
+    /// The device named by the `LOFTQ_DEVICE` environment variable, `cpu` when unset.
+    ///
+    /// # Panics
+    /// If the variable names an unknown or not-compiled back end (meant for tests and benches).
+    pub fn from_env() -> DeviceSpec {
+        let name = std::env::var("LOFTQ_DEVICE").unwrap_or_else(|_| "cpu".into());
+        let spec: DeviceSpec = name.parse().unwrap_or_else(|e| panic!("LOFTQ_DEVICE: {e}"));
+        spec.device()
+            .unwrap_or_else(|e| panic!("LOFTQ_DEVICE: {e}"));
+        spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("CUDA:2".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(2));
+        assert_eq!("wgpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Wgpu);
+        assert!(matches!(
+            "tpu".parse::<DeviceSpec>(),
+            Err(DeviceError::Unknown(_))
+        ));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+}

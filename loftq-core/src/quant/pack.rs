@@ -1,0 +1,112 @@
+//! Bit packing of codes into bytes.
+//!
+//! Codes are written as one big-endian bit stream: element 0 takes the most significant bits of
+//! byte 0. At 4 bits this is bitsandbytes' layout (`byte = q[2j] << 4 | q[2j+1]`); at 2 and 3
+//! bits it is the same rule, dense, with 3-bit codes straddling byte boundaries; at 8 bits a
+//! plain copy. A final partial byte is padded with zero bits.
+
+/// Bytes needed for `n` codes of `bits` bits.
+pub fn packed_len(n: usize, bits: u8) -> usize {
+    (n * bits as usize).div_ceil(8)
+}
+
+/// Packs `codes` (each `< 2^bits`) into a byte stream.
+///
+/// # Panics
+/// If `bits` is not in `1..=8` (bits above the width of a code are ignored, not checked).
+pub fn pack_codes(codes: &[u8], bits: u8) -> Vec<u8> {
+    assert!((1..=8).contains(&bits), "codes have 1 to 8 bits");
+    match bits {
+        8 => codes.to_vec(),
+        4 | 2 | 1 => {
+            let per = (8 / bits) as usize;
+            let mask = (1u8 << bits) - 1;
+            codes
+                .chunks(per)
+                .map(|c| {
+                    c.iter().enumerate().fold(0u8, |byte, (i, &q)| {
+                        byte | ((q & mask) << (8 - bits as usize * (i + 1)))
+                    })
+                })
+                .collect()
+        }
+        _ => {
+            let mut out = vec![0u8; packed_len(codes.len(), bits)];
+            let mask = (1u16 << bits) - 1;
+            for (i, &q) in codes.iter().enumerate() {
+                let bit = i * bits as usize;
+                // Place the code in a 16-bit window starting at its first byte.
+                let shifted = (u16::from(q) & mask) << (16 - bits as usize - bit % 8);
+                out[bit / 8] |= (shifted >> 8) as u8;
+                if let Some(next) = out.get_mut(bit / 8 + 1) {
+                    *next |= shifted as u8;
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Unpacks `n` codes of `bits` bits; `None` if `data` is too short.
+///
+/// # Panics
+/// If `bits` is not in `1..=8`.
+pub fn unpack_codes(data: &[u8], bits: u8, n: usize) -> Option<Vec<u8>> {
+    assert!((1..=8).contains(&bits), "codes have 1 to 8 bits");
+    if data.len() < packed_len(n, bits) {
+        return None;
+    }
+    let mask = (1u16 << bits) - 1;
+    Some(match bits {
+        8 => data[..n].to_vec(),
+        4 => data
+            .iter()
+            .flat_map(|&b| [b >> 4, b & 0xF])
+            .take(n)
+            .collect(),
+        _ => (0..n)
+            .map(|i| {
+                let bit = i * bits as usize;
+                let hi = u16::from(data[bit / 8]) << 8;
+                let lo = data.get(bit / 8 + 1).map_or(0, |&b| u16::from(b));
+                (((hi | lo) >> (16 - bits as usize - bit % 8)) & mask) as u8
+            })
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn four_bit_matches_bitsandbytes_layout() {
+        assert_eq!(pack_codes(&[0x1, 0xF, 0x7], 4), vec![0x1F, 0x70]);
+    }
+
+    #[test]
+    fn two_and_three_bit_layouts() {
+        assert_eq!(pack_codes(&[3, 0, 1, 2], 2), vec![0b11_00_01_10]);
+        // 101 011 11|1 000 000 0
+        assert_eq!(
+            pack_codes(&[5, 3, 7, 0, 0], 3),
+            vec![0b1010_1111, 0b1000_0000]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(bits in 1u8..=8, codes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let codes: Vec<u8> = codes.iter().map(|c| c & ((1u16 << bits) - 1) as u8).collect();
+            let packed = pack_codes(&codes, bits);
+            prop_assert_eq!(packed.len(), packed_len(codes.len(), bits));
+            prop_assert_eq!(unpack_codes(&packed, bits, codes.len()).unwrap(), codes);
+        }
+    }
+
+    #[test]
+    fn short_data_is_rejected() {
+        assert!(unpack_codes(&[0u8; 2], 3, 6).is_none());
+    }
+}

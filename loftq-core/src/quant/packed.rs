@@ -1,0 +1,140 @@
+//! [`PackedTensor`]: the compact host storage of a quantized matrix.
+
+use super::{DoubleQuant, HostQuantized, QuantConfig, Quantizer, Scheme, pack_codes, unpack_codes};
+use crate::QuantError;
+
+/// How the per-block scales are stored.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scales {
+    /// One `f32` per block.
+    F32(Vec<f32>),
+    /// Double-quantized: 8 bits per block plus one `f32` per 256 blocks.
+    Double(DoubleQuant),
+}
+
+impl Scales {
+    /// The scales as `f32` (decoded when double-quantized).
+    pub fn decode(&self) -> Vec<f32> {
+        match self {
+            Scales::F32(v) => v.clone(),
+            Scales::Double(dq) => dq.decode(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Scales::F32(v) => v.len(),
+            Scales::Double(dq) => dq.codes.len(),
+        }
+    }
+
+    fn storage_bits(&self) -> usize {
+        match self {
+            Scales::F32(v) => 32 * v.len(),
+            Scales::Double(dq) => dq.storage_bits(),
+        }
+    }
+}
+
+/// A quantized `[rows, cols]` matrix with its codes packed into bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedTensor {
+    /// Shape of the original matrix (PyTorch layout `[out, in]` for linear weights).
+    pub shape: [usize; 2],
+    /// The quantizer that produced it.
+    pub config: QuantConfig,
+    /// Codes packed as described in [`pack_codes`].
+    pub data: Vec<u8>,
+    /// Per-block scales.
+    pub scales: Scales,
+    /// Per-block minimums ([`Scheme::IntAsym`] only; `f32`, never double-quantized).
+    pub mins: Vec<f32>,
+}
+
+impl PackedTensor {
+    /// Packs `q`; double-quantizes the scales when `config.double_quant` is set.
+    pub fn pack(q: &HostQuantized, config: QuantConfig) -> Self {
+        let bits = config.scheme.bits();
+        let scales = if config.double_quant {
+            Scales::Double(DoubleQuant::encode(&q.scales))
+        } else {
+            Scales::F32(q.scales.clone())
+        };
+        Self {
+            shape: q.shape,
+            config,
+            data: pack_codes(&q.codes, bits),
+            scales,
+            mins: q.mins.clone(),
+        }
+    }
+
+    /// Unpacks codes and (decoded) scales.
+    ///
+    /// # Errors
+    /// [`QuantError::Corrupt`] when the buffer sizes disagree with the shape and configuration.
+    pub fn unpack(&self) -> Result<HostQuantized, QuantError> {
+        let n = self.numel();
+        let block = self.config.block_size.len(self.shape[1]);
+        if block == 0 {
+            return Err(QuantError::Corrupt(format!(
+                "zero block length for shape {:?}",
+                self.shape
+            )));
+        }
+        let nb = n.div_ceil(block);
+        let bits = self.config.scheme.bits();
+        let codes = unpack_codes(&self.data, bits, n).ok_or_else(|| {
+            QuantError::Corrupt(format!(
+                "{} bytes of {bits}-bit codes cannot hold {n} values",
+                self.data.len()
+            ))
+        })?;
+        let want_mins = if matches!(self.config.scheme, Scheme::IntAsym { .. }) {
+            nb
+        } else {
+            0
+        };
+        if self.scales.len() != nb || self.mins.len() != want_mins {
+            return Err(QuantError::Corrupt(format!(
+                "{} scales and {} minimums for {nb} blocks",
+                self.scales.len(),
+                self.mins.len()
+            )));
+        }
+        if let Scales::Double(dq) = &self.scales
+            && dq.absmax.len() != nb.div_ceil(super::DYNAMIC_BLOCK)
+        {
+            return Err(QuantError::Corrupt("double-quant absmax count".into()));
+        }
+        Ok(HostQuantized {
+            shape: self.shape,
+            block,
+            codes,
+            scales: self.scales.decode(),
+            mins: self.mins.clone(),
+        })
+    }
+
+    /// Dequantizes to a row-major `f32` buffer.
+    pub fn dequantize(&self) -> Result<Vec<f32>, QuantError> {
+        let q = self.unpack()?;
+        Ok(Quantizer::new(self.config)?.dequantize_host(&q))
+    }
+
+    /// Number of weights.
+    pub fn numel(&self) -> usize {
+        self.shape[0] * self.shape[1]
+    }
+
+    /// Total storage in bits: codes, scales (with their second level), minimums.
+    pub fn storage_bits(&self) -> usize {
+        8 * self.data.len() + self.scales.storage_bits() + 32 * self.mins.len()
+    }
+
+    /// Exact bits per weight of this matrix (NF4, blocks of 64: 4.5 with `f32` scales,
+    /// ≈ 4.127 double-quantized).
+    pub fn bits_per_param(&self) -> f64 {
+        self.storage_bits() as f64 / self.numel().max(1) as f64
+    }
+}

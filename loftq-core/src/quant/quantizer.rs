@@ -1,0 +1,95 @@
+//! [`Quantizer`]: a checked [`QuantConfig`] with its tables precomputed.
+
+use super::{Codebook, QuantConfig, Scheme};
+use crate::QuantError;
+
+/// A ready-to-use quantizer: configuration plus levels and decision thresholds.
+///
+/// Build it once per configuration ([`Quantizer::new`]) and use it for every tensor: the
+/// host kernels ([`Quantizer::quantize_host`]) and the device path
+/// ([`Quantizer::quantize`]) share these tables, so they produce identical codes.
+#[derive(Clone, Debug)]
+pub struct Quantizer {
+    pub(super) config: QuantConfig,
+    /// Dequantized value of each code before scaling (codebook schemes only).
+    pub(super) levels: Vec<f32>,
+    /// `code(v) = #{k : v ≥ thresholds[k]}` (codebook schemes only).
+    pub(super) thresholds: Vec<f32>,
+    /// `thresholds` padded with `+∞` to `2^bits − 1` entries, for a branch-free binary search.
+    pub(super) search: Vec<f32>,
+    /// Code of a normalised zero (all-zero blocks).
+    pub(super) zero_code: u8,
+}
+
+impl Quantizer {
+    /// Checks `config` and precomputes its tables.
+    pub fn new(config: QuantConfig) -> Result<Self, QuantError> {
+        config.validate()?;
+        let codebook = match config.scheme {
+            Scheme::Nf { bits } => Some(Codebook::normal_float(bits)),
+            Scheme::UniformCodebook { bits } => Some(Codebook::uniform(bits)),
+            Scheme::IntSym { .. } | Scheme::IntAsym { .. } => None,
+        };
+        let (levels, thresholds) = match &codebook {
+            Some(cb) => (cb.levels().to_vec(), cb.thresholds(config.rounding)),
+            None => (vec![], vec![]),
+        };
+        let mut search = thresholds.clone();
+        if !search.is_empty() {
+            search.resize((1usize << config.scheme.bits()) - 1, f32::INFINITY);
+        }
+        let zero_code = match config.scheme {
+            Scheme::IntSym { bits } => qmax(bits) as u8,
+            Scheme::IntAsym { .. } => 0,
+            _ => thresholds.iter().filter(|&&t| 0.0 >= t).count() as u8,
+        };
+        Ok(Self {
+            config,
+            levels,
+            thresholds,
+            search,
+            zero_code,
+        })
+    }
+
+    /// Shortcut for `Quantizer::new(QuantConfig::nf4())`.
+    pub fn nf4() -> Self {
+        Self::new(QuantConfig::nf4()).expect("NF4 is a valid configuration")
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &QuantConfig {
+        &self.config
+    }
+
+    /// Codebook levels (empty for the integer schemes).
+    pub fn levels(&self) -> &[f32] {
+        &self.levels
+    }
+
+    /// Decision thresholds (empty for the integer schemes).
+    pub fn thresholds(&self) -> &[f32] {
+        &self.thresholds
+    }
+
+    /// Bits per code.
+    pub fn bits(&self) -> u8 {
+        self.config.scheme.bits()
+    }
+
+    /// Block length for a matrix of the given shape.
+    pub fn block_len(&self, shape: [usize; 2]) -> Result<usize, QuantError> {
+        let block = self.config.block_size.len(shape[1]);
+        if block == 0 {
+            return Err(QuantError::InvalidConfig(format!(
+                "row blocks need at least one column, shape is {shape:?}"
+            )));
+        }
+        Ok(block)
+    }
+}
+
+/// Largest magnitude of a symmetric `bits`-bit integer.
+pub(super) fn qmax(bits: u8) -> i32 {
+    (1 << (bits - 1)) - 1
+}

@@ -1,0 +1,330 @@
+//! The device path: quantize and dequantize [`Tensor`]s on any Burn back end.
+//!
+//! Two implementations give identical results (tests compare them):
+//! - [`Kernel::Host`]: the vectorised, multi-threaded host kernels of this module's parent,
+//!   used on the CPU (`flex`), where device memory is host memory;
+//! - [`Kernel::Portable`]: ordinary tensor ops, so it runs wherever Burn runs (wgpu, CUDA).
+//!   It decides codes with `bits` (or `2^bits − 1` for ≤ 16 levels) comparisons against the
+//!   thresholds, never with a `numel × levels` distance tensor.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::host::non_finite_error;
+use super::quantizer::qmax;
+use super::{HostQuantized, Quantizer, Rounding, Scheme};
+use crate::QuantError;
+
+/// Which implementation runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernel {
+    /// [`Kernel::Host`] on CPU back ends, [`Kernel::Portable`] elsewhere.
+    #[default]
+    Auto,
+    /// Ordinary tensor ops on the tensor's device.
+    Portable,
+    /// Copy to the host, run the host kernel, copy back.
+    Host,
+}
+
+impl Kernel {
+    fn resolve(self, device: &Device) -> Kernel {
+        match self {
+            Kernel::Auto if is_host_device(device) => Kernel::Host,
+            Kernel::Auto => Kernel::Portable,
+            k => k,
+        }
+    }
+}
+
+/// True for back ends whose tensors live in host memory.
+pub fn is_host_device(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        use burn::backend::DispatchDevice;
+        matches!(device.as_dispatch(), DispatchDevice::Flex(_))
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// A quantized matrix on a device: one code per element (unpacked) and the block scales.
+#[derive(Clone, Debug)]
+pub struct Quantized {
+    /// Shape of the original matrix.
+    pub shape: [usize; 2],
+    /// Elements per block.
+    pub block: usize,
+    /// One code per element, row-major, as integers.
+    pub codes: Tensor<1, Int>,
+    /// One scale per block.
+    pub scales: Tensor<1>,
+    /// One minimum per block ([`Scheme::IntAsym`] only).
+    pub mins: Option<Tensor<1>>,
+}
+
+impl Quantized {
+    /// Copies to the host.
+    pub fn to_host(&self) -> HostQuantized {
+        let codes = self
+            .codes
+            .to_data()
+            .convert::<i32>()
+            .try_to_vec::<i32>()
+            .expect("i32 codes");
+        HostQuantized {
+            shape: self.shape,
+            block: self.block,
+            codes: codes.into_iter().map(|c| c as u8).collect(),
+            scales: f32_vec(&self.scales),
+            mins: self.mins.as_ref().map(f32_vec).unwrap_or_default(),
+        }
+    }
+
+    /// Uploads host codes and scales to `device`.
+    pub fn from_host(q: &HostQuantized, device: &Device) -> Self {
+        let n = q.numel();
+        let codes: Vec<i32> = q.codes.iter().map(|&c| i32::from(c)).collect();
+        Self {
+            shape: q.shape,
+            block: q.block,
+            codes: Tensor::from_data(TensorData::new(codes, [n]), device),
+            scales: Tensor::from_data(TensorData::new(q.scales.clone(), [q.scales.len()]), device),
+            mins: (!q.mins.is_empty()).then(|| {
+                Tensor::from_data(TensorData::new(q.mins.clone(), [q.mins.len()]), device)
+            }),
+        }
+    }
+
+    /// The device the tensors live on.
+    pub fn device(&self) -> Device {
+        self.scales.device()
+    }
+}
+
+fn f32_vec(t: &Tensor<1>) -> Vec<f32> {
+    t.to_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 data")
+}
+
+/// The matrix of a tensor as host `f32`s, row-major.
+pub fn host_f32(t: &Tensor<2>) -> Vec<f32> {
+    t.to_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 data")
+}
+
+impl Quantizer {
+    /// Quantizes a `[rows, cols]` matrix on its device (see [`Kernel::Auto`]).
+    ///
+    /// # Errors
+    /// [`QuantError::NonFinite`] for a NaN/±inf weight, naming its row and column.
+    pub fn quantize(&self, w: &Tensor<2>) -> Result<Quantized, QuantError> {
+        self.quantize_with(w, Kernel::Auto)
+    }
+
+    /// Quantizes with a chosen implementation.
+    pub fn quantize_with(&self, w: &Tensor<2>, kernel: Kernel) -> Result<Quantized, QuantError> {
+        let device = w.device();
+        let shape: [usize; 2] = w.dims();
+        match kernel.resolve(&device) {
+            Kernel::Host => {
+                let q = self.quantize_host(&host_f32(w), shape)?;
+                Ok(Quantized::from_host(&q, &device))
+            }
+            _ => self.quantize_portable(w, shape),
+        }
+    }
+
+    /// Dequantizes on the device of `q` (see [`Kernel::Auto`]).
+    pub fn dequantize(&self, q: &Quantized) -> Tensor<2> {
+        self.dequantize_with(q, Kernel::Auto)
+    }
+
+    /// Dequantizes with a chosen implementation.
+    pub fn dequantize_with(&self, q: &Quantized, kernel: Kernel) -> Tensor<2> {
+        let device = q.device();
+        match kernel.resolve(&device) {
+            Kernel::Host => {
+                let v = self.dequantize_host(&q.to_host());
+                Tensor::from_data(TensorData::new(v, q.shape), &device)
+            }
+            _ => self.dequantize_portable(q),
+        }
+    }
+
+    fn quantize_portable(&self, w: &Tensor<2>, shape: [usize; 2]) -> Result<Quantized, QuantError> {
+        let n = shape[0] * shape[1];
+        let block = self.block_len(shape)?;
+        let bad = w
+            .clone()
+            .is_nan()
+            .bool_or(w.clone().is_inf())
+            .any()
+            .into_scalar::<bool>();
+        if bad {
+            // Rare path: find the position on the host for the message.
+            return Err(non_finite_error(&host_f32(w), shape[1]));
+        }
+        let flat = w.clone().reshape([n]);
+        let full = n / block;
+        let mut parts = Vec::new();
+        if full > 0 {
+            parts.push(
+                self.portable_blocks(flat.clone().slice(0..full * block).reshape([full, block])),
+            );
+        }
+        if n % block != 0 {
+            let tail = n - full * block;
+            parts.push(self.portable_blocks(flat.slice(full * block..n).reshape([1, tail])));
+        }
+        let codes = Tensor::cat(parts.iter().map(|p| p.0.clone()).collect(), 0);
+        let scales = Tensor::cat(parts.iter().map(|p| p.1.clone()).collect(), 0);
+        let mins = parts[0].2.as_ref().map(|_| {
+            Tensor::cat(
+                parts.iter().map(|p| p.2.clone().expect("mins")).collect(),
+                0,
+            )
+        });
+        Ok(Quantized {
+            shape,
+            block,
+            codes,
+            scales,
+            mins,
+        })
+    }
+
+    /// Quantizes rows of equal-length blocks `[nb, len]`: flat codes, scales, minimums.
+    fn portable_blocks(&self, x: Tensor<2>) -> (Tensor<1, Int>, Tensor<1>, Option<Tensor<1>>) {
+        let [nb, len] = x.dims();
+        let normalize = |num: Tensor<2>, scale: &Tensor<2>| {
+            // A zero scale only happens where the numerator is zero too: use 1 to get v = 0.
+            let safe = scale.clone().mask_fill(scale.clone().equal_elem(0.0), 1.0);
+            match self.config.rounding {
+                Rounding::Peft => num / safe,
+                Rounding::Bnb => num * safe.recip(),
+            }
+        };
+        match self.config.scheme {
+            Scheme::IntAsym { bits } => {
+                let top = ((1u32 << bits) - 1) as f32;
+                let min = x.clone().min_dim(1);
+                let step = (x.clone().max_dim(1) - min.clone()).div_scalar(top);
+                let v = normalize(x - min.clone(), &step);
+                let codes = v.round().clamp(0.0, top).int();
+                (
+                    codes.reshape([nb * len]),
+                    step.reshape([nb]),
+                    Some(min.reshape([nb])),
+                )
+            }
+            scheme => {
+                let absmax = x.clone().abs().max_dim(1);
+                let v = normalize(x, &absmax);
+                let codes = match scheme {
+                    Scheme::IntSym { bits } => {
+                        let q = qmax(bits) as f32;
+                        v.mul_scalar(q).round().clamp(-q, q).add_scalar(q).int()
+                    }
+                    _ => self.portable_codebook_codes(v),
+                };
+                (codes.reshape([nb * len]), absmax.reshape([nb]), None)
+            }
+        }
+    }
+
+    fn portable_codebook_codes(&self, v: Tensor<2>) -> Tensor<2, Int> {
+        let [nb, len] = v.dims();
+        let device = v.device();
+        if self.thresholds.len() <= 15 {
+            let mut codes: Tensor<2, Int> = Tensor::zeros([nb, len], &device);
+            for &t in &self.thresholds {
+                codes = codes + v.clone().greater_equal_elem(t).int();
+            }
+            return codes;
+        }
+        // Binary search: one gather of thresholds per bit.
+        let table: Tensor<1> = Tensor::from_data(
+            TensorData::new(self.search.clone(), [self.search.len()]),
+            &device,
+        );
+        let flat = v.reshape([nb * len]);
+        let mut codes: Tensor<1, Int> = Tensor::zeros([nb * len], &device);
+        let mut step = self.search.len().div_ceil(2);
+        while step > 0 {
+            let t = table
+                .clone()
+                .select(0, codes.clone().add_scalar(step as i32 - 1));
+            codes = codes + flat.clone().greater_equal(t).int().mul_scalar(step as i32);
+            step /= 2;
+        }
+        codes.reshape([nb, len])
+    }
+
+    fn dequantize_portable(&self, q: &Quantized) -> Tensor<2> {
+        let n = q.shape[0] * q.shape[1];
+        let full = n / q.block;
+        let mut parts = Vec::new();
+        if full > 0 {
+            parts.push(self.portable_dequant_blocks(q, 0, full, q.block));
+        }
+        if n % q.block != 0 {
+            parts.push(self.portable_dequant_blocks(q, full, 1, n - full * q.block));
+        }
+        Tensor::cat(parts, 0).reshape(q.shape)
+    }
+
+    /// Dequantizes `count` blocks of `len` elements starting at block `first`; flat output.
+    fn portable_dequant_blocks(
+        &self,
+        q: &Quantized,
+        first: usize,
+        count: usize,
+        len: usize,
+    ) -> Tensor<1> {
+        let start = first * q.block;
+        let codes = q.codes.clone().slice(start..start + count * len);
+        let scales = q
+            .scales
+            .clone()
+            .slice(first..first + count)
+            .reshape([count, 1]);
+        let values: Tensor<2> = match self.config.scheme {
+            Scheme::IntSym { bits } => {
+                let qm = qmax(bits);
+                codes
+                    .sub_scalar(qm)
+                    .float()
+                    .reshape([count, len])
+                    .mul(scales)
+                    .div_scalar(qm as f32)
+            }
+            Scheme::IntAsym { .. } => {
+                let mins = q
+                    .mins
+                    .clone()
+                    .expect("asymmetric minimums")
+                    .slice(first..first + count);
+                codes
+                    .float()
+                    .reshape([count, len])
+                    .mul(scales)
+                    .add(mins.reshape([count, 1]))
+            }
+            _ => {
+                let levels: Tensor<1> = Tensor::from_data(
+                    TensorData::new(self.levels.clone(), [self.levels.len()]),
+                    &q.device(),
+                );
+                levels.select(0, codes).reshape([count, len]).mul(scales)
+            }
+        };
+        values.reshape([count * len])
+    }
+}

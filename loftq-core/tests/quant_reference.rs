@@ -1,0 +1,191 @@
+//! The quantizers against the Python references (PEFT 0.18.1, bitsandbytes), on the device
+//! named by `LOFTQ_DEVICE`.
+
+mod common;
+
+use burn::tensor::{Tensor, TensorData};
+use common::{Fixture, device, gaussian};
+use loftq_core::quant::{Codebook, Kernel, Rounding, torch_linspace_f32};
+use loftq_core::{QuantConfig, Quantizer};
+
+fn assert_bits_eq(ours: &[f32], theirs: &[f32], what: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{what}: length");
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}[{i}]: {a} vs {b}");
+    }
+}
+
+#[test]
+fn codebooks_equal_reference_bit_for_bit() {
+    let fx = Fixture::open("nf_codebooks.safetensors");
+    for bits in [2u8, 4, 8] {
+        let n = 1usize << bits;
+        let (pos, _) = fx.f32(&format!("nf{bits}_linspace_pos"));
+        let (neg, _) = fx.f32(&format!("nf{bits}_linspace_neg"));
+        assert_bits_eq(
+            &torch_linspace_f32(0.9677083, 0.5, n / 2 + 1)[..n / 2],
+            &pos,
+            "linspace+",
+        );
+        assert_bits_eq(
+            &torch_linspace_f32(0.9677083, 0.5, n / 2)[..n / 2 - 1],
+            &neg,
+            "linspace-",
+        );
+        let (nf, _) = fx.f32(&format!("nf{bits}"));
+        assert_bits_eq(
+            Codebook::normal_float(bits).levels(),
+            &nf,
+            &format!("nf{bits}"),
+        );
+        let (uniform, _) = fx.f32(&format!("uniform{bits}"));
+        assert_bits_eq(
+            Codebook::uniform(bits).levels(),
+            &uniform,
+            &format!("uniform{bits}"),
+        );
+    }
+    // NF3 follows the same rule: 8 sorted levels with exact -1, 0 and 1.
+    let nf3 = Codebook::normal_float(3);
+    assert_eq!(nf3.len(), 8);
+    assert_eq!(
+        (nf3.levels()[0], nf3.levels()[3], nf3.levels()[7]),
+        (-1.0, 0.0, 1.0)
+    );
+}
+
+/// Codes, absmax and dequantized values identical to PEFT's `NFQuantizer.quantize_block`.
+fn check_against_peft(bits: u8, kernel: Kernel) {
+    let fx = Fixture::open("loftq_gauss256x512.safetensors");
+    let dev = device();
+    let w = fx.matrix("W", &dev);
+    let quantizer = Quantizer::new(QuantConfig::nf(bits)).unwrap();
+    let q = quantizer.quantize_with(&w, kernel).unwrap();
+    let host = q.to_host();
+    let want_codes = fx.u8(&format!("nf{bits}_codes"));
+    let diff = host
+        .codes
+        .iter()
+        .zip(&want_codes)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(diff, 0, "NF{bits} {kernel:?}: {diff} codes differ");
+    assert_bits_eq(
+        &host.scales,
+        &fx.f32(&format!("nf{bits}_absmax")).0,
+        "absmax",
+    );
+    let deq = quantizer.dequantize_with(&q, kernel);
+    let deq = deq.to_data().try_to_vec::<f32>().unwrap();
+    assert_bits_eq(&deq, &fx.f32(&format!("nf{bits}_q0")).0, "dequantized");
+}
+
+#[test]
+fn nf4_matches_peft_host_kernel() {
+    check_against_peft(4, Kernel::Host);
+}
+
+#[test]
+fn nf4_matches_peft_portable_kernel() {
+    check_against_peft(4, Kernel::Portable);
+}
+
+#[test]
+fn nf2_matches_peft_host_kernel() {
+    check_against_peft(2, Kernel::Host);
+}
+
+#[test]
+fn nf2_matches_peft_portable_kernel() {
+    check_against_peft(2, Kernel::Portable);
+}
+
+/// The bitsandbytes rule differs from PEFT's only for values within an ulp of a midpoint.
+#[test]
+fn bnb_rounding_differs_from_peft_only_at_boundaries() {
+    let w = gaussian(512, 512, 0.02, 7);
+    let peft = Quantizer::new(QuantConfig::nf4()).unwrap();
+    let bnb = Quantizer::new(QuantConfig::nf4().with_rounding(Rounding::Bnb)).unwrap();
+    let a = peft.quantize_host(&w, [512, 512]).unwrap();
+    let b = bnb.quantize_host(&w, [512, 512]).unwrap();
+    assert_eq!(a.scales, b.scales);
+    let differ = a.codes.iter().zip(&b.codes).filter(|(x, y)| x != y).count();
+    assert!(
+        differ * 10_000 <= w.len(),
+        "{differ} of {} codes differ",
+        w.len()
+    );
+    for ((x, ca), cb) in w.iter().zip(&a.codes).zip(&b.codes) {
+        assert!(ca.abs_diff(*cb) <= 1, "{x}: {ca} vs {cb}");
+    }
+}
+
+/// Every configuration: host and portable kernels agree exactly, tail blocks included.
+#[test]
+fn portable_and_host_kernels_agree() {
+    let dev = device();
+    let configs = [
+        QuantConfig::nf(2),
+        QuantConfig::nf(3),
+        QuantConfig::nf4().with_rounding(Rounding::Bnb),
+        QuantConfig::nf(8),
+        QuantConfig::new(loftq_core::quant::Scheme::UniformCodebook { bits: 4 }),
+        QuantConfig::int8_rowwise(),
+        QuantConfig::int(4, true),
+        QuantConfig::int(3, false),
+        QuantConfig::int(2, true).with_rounding(Rounding::Bnb),
+    ];
+    // 37 × 29 = 1073 elements: 16 full blocks of 64 and a tail of 49.
+    let (rows, cols) = (37, 29);
+    let mut x = gaussian(rows, cols, 0.05, 3);
+    x[64..128].fill(0.0); // an all-zero block
+    x[200] = 3.0; // an outlier
+    let w = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, cols]), &dev);
+    for cfg in configs {
+        let quantizer = Quantizer::new(cfg).unwrap();
+        let host = quantizer.quantize_with(&w, Kernel::Host).unwrap();
+        let port = quantizer.quantize_with(&w, Kernel::Portable).unwrap();
+        let (h, p) = (host.to_host(), port.to_host());
+        assert_eq!(h.codes, p.codes, "{}: codes", cfg.label());
+        assert_bits_eq(&h.scales, &p.scales, &cfg.label());
+        assert_bits_eq(&h.mins, &p.mins, &cfg.label());
+        let dh = quantizer
+            .dequantize_with(&host, Kernel::Host)
+            .to_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let dp = quantizer
+            .dequantize_with(&port, Kernel::Portable)
+            .to_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_bits_eq(&dh, &dp, &format!("{} dequantized", cfg.label()));
+        if cfg.block_size == loftq_core::quant::BlockSize::Elements(64) {
+            assert!(
+                dh[64..128].iter().all(|&v| v == 0.0),
+                "{}: zero block",
+                cfg.label()
+            );
+        }
+        assert!(dh.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn non_finite_weights_are_reported_with_position() {
+    let dev = device();
+    let mut x = gaussian(8, 16, 1.0, 1);
+    x[3 * 16 + 5] = f32::NAN;
+    x[6 * 16 + 1] = f32::INFINITY;
+    let w = Tensor::<2>::from_data(TensorData::new(x, [8, 16]), &dev);
+    for kernel in [Kernel::Host, Kernel::Portable] {
+        let err = Quantizer::nf4().quantize_with(&w, kernel).unwrap_err();
+        match err {
+            loftq_core::QuantError::NonFinite { row, col, value } => {
+                assert_eq!((row, col), (3, 5), "{kernel:?}");
+                assert!(value.is_nan());
+            }
+            e => panic!("unexpected {e}"),
+        }
+    }
+}
