@@ -159,6 +159,8 @@ fn next_up(x: f32) -> f32 {
 }
 
 #[cfg(test)]
+// The tables are written with the digits their sources print, to compare bit for bit.
+#[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
 

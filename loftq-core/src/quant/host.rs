@@ -106,7 +106,8 @@ impl Quantizer {
 
 impl Quantizer {
     /// Quantizes consecutive blocks; returns false if a value was not finite.
-    fn quantize_range(
+    #[inline(always)]
+    fn quantize_range_impl(
         &self,
         x: &[f32],
         block: usize,
@@ -116,22 +117,27 @@ impl Quantizer {
     ) -> bool {
         let mut ok = true;
         for (b, (xb, cb)) in x.chunks(block).zip(codes.chunks_mut(block)).enumerate() {
-            ok &= xb.iter().fold(true, |acc, v| acc & (v.abs() <= f32::MAX));
             match self.config.scheme {
                 Scheme::IntAsym { bits } => {
+                    ok &= all_finite(xb);
                     let (step, min) = self.quantize_affine(xb, cb, bits);
                     scales[b] = step;
                     mins[b] = min;
                 }
-                _ => scales[b] = self.quantize_absmax(xb, cb),
+                _ => {
+                    let bits = super::simd::absmax_bits(xb);
+                    // NaN and ±inf have the largest magnitude bit patterns.
+                    ok &= bits < f32::INFINITY.to_bits();
+                    scales[b] = self.quantize_absmax(xb, f32::from_bits(bits), cb);
+                }
             }
         }
         ok
     }
 
     /// Absmax-scaled schemes (codebooks and symmetric integers); returns the absmax.
-    fn quantize_absmax(&self, x: &[f32], codes: &mut [u8]) -> f32 {
-        let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    #[inline(always)]
+    fn quantize_absmax(&self, x: &[f32], absmax: f32, codes: &mut [u8]) -> f32 {
         if absmax == 0.0 || !absmax.is_finite() {
             codes.fill(self.zero_code);
             return absmax;
@@ -143,6 +149,9 @@ impl Quantizer {
                     ((v * q).round_ties_even().clamp(-q, q) + q) as u8
                 })
             }
+            _ if self.table16.is_some_and(|t| {
+                super::simd::codes16(x, absmax, self.config.rounding, &t, self.bits(), codes)
+            }) => {}
             _ => match self.thresholds.len() {
                 1 => self.codes_linear::<1>(x, absmax, codes),
                 3 => self.codes_linear::<3>(x, absmax, codes),
@@ -166,15 +175,37 @@ impl Quantizer {
         absmax
     }
 
+    /// Codes by counting thresholds, 32 values at a time with the threshold loop outside, so
+    /// each comparison is one vector instruction over many values.
+    #[inline(always)]
     fn codes_linear<const T: usize>(&self, x: &[f32], absmax: f32, codes: &mut [u8]) {
+        const W: usize = 64;
         let t: [f32; T] = self.thresholds[..].try_into().expect("threshold count");
-        normalized(x, absmax, 0.0, self.config.rounding, codes, |v| {
-            t.iter()
-                .fold(0u8, |c, &tk| c.wrapping_add(u8::from(v >= tk)))
-        });
+        let mut v = [0f32; W];
+        for (xc, cc) in x.chunks(W).zip(codes.chunks_mut(W)) {
+            let n = xc.len();
+            match self.config.rounding {
+                Rounding::Peft => v.iter_mut().zip(xc).for_each(|(o, &x)| *o = x / absmax),
+                Rounding::Bnb => {
+                    let inv = 1.0 / absmax;
+                    v.iter_mut().zip(xc).for_each(|(o, &x)| *o = x * inv);
+                }
+            }
+            // Lanes past `n` hold stale values; their counts are never stored.
+            let mut acc = [0u32; W];
+            for &tk in &t {
+                for (a, &vi) in acc.iter_mut().zip(&v) {
+                    *a = a.wrapping_add(u32::from(vi >= tk));
+                }
+            }
+            for (c, &a) in cc.iter_mut().zip(&acc[..n]) {
+                *c = a as u8;
+            }
+        }
     }
 
     /// Asymmetric integers; returns `(step, min)`.
+    #[inline(always)]
     fn quantize_affine(&self, x: &[f32], codes: &mut [u8], bits: u8) -> (f32, f32) {
         let (min, max) = x
             .iter()
@@ -230,7 +261,8 @@ impl Quantizer {
         });
     }
 
-    fn dequantize_range(
+    #[inline(always)]
+    fn dequantize_range_impl(
         &self,
         codes: &[u8],
         scales: &[f32],
@@ -254,6 +286,9 @@ impl Quantizer {
                         *o = f32::from(c) * s + m;
                     }
                 }
+                _ if self
+                    .levels16
+                    .is_some_and(|t| super::simd::dequant16(cb, &t, s, ob)) => {}
                 _ => {
                     let levels = &self.levels;
                     for (o, &c) in ob.iter_mut().zip(cb) {
@@ -267,6 +302,7 @@ impl Quantizer {
 
 /// Applies `code(v)` to every normalised `v = (x − offset) / scale` of a block, with the
 /// division of `rounding` (true division, or a multiply by the reciprocal).
+#[inline(always)]
 fn normalized(
     x: &[f32],
     scale: f32,
@@ -333,4 +369,115 @@ fn split_blocks(
             .into_iter()
             .all(|h| h.join().expect("quantizer worker panicked"))
     })
+}
+
+/// True if no value is NaN or infinite.
+#[inline(always)]
+fn all_finite(x: &[f32]) -> bool {
+    x.iter().fold(true, |ok, v| ok & v.is_finite())
+}
+
+/// Runtime dispatch to copies of the kernels compiled for wider vector units. The results are
+/// identical: Rust never contracts `a·b + c` into an FMA, and every operation is IEEE-exact.
+#[allow(unsafe_code)]
+impl Quantizer {
+    fn quantize_range(
+        &self,
+        x: &[f32],
+        block: usize,
+        codes: &mut [u8],
+        scales: &mut [f32],
+        mins: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+            {
+                // SAFETY: the CPU supports the features the function was compiled for.
+                return unsafe { self.quantize_range_avx512(x, block, codes, scales, mins) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: as above.
+                return unsafe { self.quantize_range_avx2(x, block, codes, scales, mins) };
+            }
+        }
+        self.quantize_range_impl(x, block, codes, scales, mins)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    fn quantize_range_avx512(
+        &self,
+        x: &[f32],
+        block: usize,
+        codes: &mut [u8],
+        scales: &mut [f32],
+        mins: &mut [f32],
+    ) -> bool {
+        self.quantize_range_impl(x, block, codes, scales, mins)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn quantize_range_avx2(
+        &self,
+        x: &[f32],
+        block: usize,
+        codes: &mut [u8],
+        scales: &mut [f32],
+        mins: &mut [f32],
+    ) -> bool {
+        self.quantize_range_impl(x, block, codes, scales, mins)
+    }
+
+    fn dequantize_range(
+        &self,
+        codes: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        block: usize,
+        out: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+            {
+                // SAFETY: the CPU supports the features the function was compiled for.
+                return unsafe { self.dequantize_range_avx512(codes, scales, mins, block, out) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: as above.
+                return unsafe { self.dequantize_range_avx2(codes, scales, mins, block, out) };
+            }
+        }
+        self.dequantize_range_impl(codes, scales, mins, block, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    fn dequantize_range_avx512(
+        &self,
+        codes: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        block: usize,
+        out: &mut [f32],
+    ) {
+        self.dequantize_range_impl(codes, scales, mins, block, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn dequantize_range_avx2(
+        &self,
+        codes: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        block: usize,
+        out: &mut [f32],
+    ) {
+        self.dequantize_range_impl(codes, scales, mins, block, out)
+    }
 }

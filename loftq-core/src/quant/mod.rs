@@ -17,6 +17,7 @@ mod normal;
 mod pack;
 mod packed;
 mod quantizer;
+mod simd;
 mod tensor;
 
 pub use codebook::{Codebook, NF_OFFSET};

@@ -19,6 +19,10 @@ pub struct Quantizer {
     pub(super) search: Vec<f32>,
     /// Code of a normalised zero (all-zero blocks).
     pub(super) zero_code: u8,
+    /// `search` padded to 16 entries, for codebooks of at most 16 levels (SIMD lookup).
+    pub(super) table16: Option<[f32; 16]>,
+    /// `levels` padded to 16 entries, for codebooks of at most 16 levels (SIMD lookup).
+    pub(super) levels16: Option<[f32; 16]>,
 }
 
 impl Quantizer {
@@ -43,12 +47,24 @@ impl Quantizer {
             Scheme::IntAsym { .. } => 0,
             _ => thresholds.iter().filter(|&&t| 0.0 >= t).count() as u8,
         };
+        let table16 = (!search.is_empty() && search.len() < 16).then(|| {
+            let mut t = [f32::INFINITY; 16];
+            t[..search.len()].copy_from_slice(&search);
+            t
+        });
+        let levels16 = (!levels.is_empty() && levels.len() <= 16).then(|| {
+            let mut t = [0f32; 16];
+            t[..levels.len()].copy_from_slice(&levels);
+            t
+        });
         Ok(Self {
             config,
             levels,
             thresholds,
             search,
             zero_code,
+            table16,
+            levels16,
         })
     }
 

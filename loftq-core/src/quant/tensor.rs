@@ -179,7 +179,7 @@ impl Quantizer {
                 self.portable_blocks(flat.clone().slice(0..full * block).reshape([full, block])),
             );
         }
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             let tail = n - full * block;
             parts.push(self.portable_blocks(flat.slice(full * block..n).reshape([1, tail])));
         }
@@ -274,7 +274,7 @@ impl Quantizer {
         if full > 0 {
             parts.push(self.portable_dequant_blocks(q, 0, full, q.block));
         }
-        if n % q.block != 0 {
+        if !n.is_multiple_of(q.block) {
             parts.push(self.portable_dequant_blocks(q, full, 1, n - full * q.block));
         }
         Tensor::cat(parts, 0).reshape(q.shape)
