@@ -6,13 +6,18 @@
 //! - [`quant`]: block-wise quantizers (NormalFloat NF2/NF3/NF4/NF8, uniform codebooks,
 //!   symmetric and asymmetric integers, LLM.int8 rows), bit packing and double quantization,
 //!   on any Burn device.
+//! - [`lowrank`]: truncated SVD, exact (host) and randomized (products on the device).
+//! - [`loftq()`]: the alternating quantization / low-rank initialization.
 //!
 //! Weights are `[out, in]` matrices (PyTorch layout) throughout.
 
 pub mod device;
 mod error;
+mod loftq;
+pub mod lowrank;
 pub mod quant;
 
 pub use device::DeviceSpec;
 pub use error::QuantError;
+pub use loftq::{InitScaling, LoftqConfig, LoftqError, LoftqResult, loftq};
 pub use quant::{QuantConfig, Quantizer};

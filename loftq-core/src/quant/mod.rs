@@ -27,7 +27,7 @@ pub use normal::{normal_cdf, normal_ppf, torch_linspace_f32};
 pub use pack::{pack_codes, packed_len, unpack_codes};
 pub use packed::{PackedTensor, Scales};
 pub use quantizer::Quantizer;
-pub use tensor::{Kernel, Quantized};
+pub use tensor::{Codes, Kernel, Quantized, host_f32, is_host_device};
 
 use serde::{Deserialize, Serialize};
 

@@ -119,7 +119,48 @@ pub fn host_f32(t: &Tensor<2>) -> Vec<f32> {
         .expect("f32 data")
 }
 
+/// Codes wherever the kernel that made them left them.
+#[derive(Clone, Debug)]
+pub enum Codes {
+    /// On the host (host kernel).
+    Host(HostQuantized),
+    /// On the device (portable kernel).
+    Device(Box<Quantized>),
+}
+
+impl Codes {
+    /// The codes on the host.
+    pub fn into_host(self) -> HostQuantized {
+        match self {
+            Codes::Host(h) => h,
+            Codes::Device(q) => q.to_host(),
+        }
+    }
+}
+
 impl Quantizer {
+    /// Quantizes and dequantizes in one step (the inner step of LoftQ): only the dequantized
+    /// matrix comes back to the device; with the host kernel the codes stay on the host.
+    pub fn quantize_dequantize(&self, w: &Tensor<2>) -> Result<(Codes, Tensor<2>), QuantError> {
+        let device = w.device();
+        let shape: [usize; 2] = w.dims();
+        match Kernel::Auto.resolve(&device) {
+            Kernel::Host => {
+                let q = self.quantize_host(&host_f32(w), shape)?;
+                let v = self.dequantize_host(&q);
+                Ok((
+                    Codes::Host(q),
+                    Tensor::from_data(TensorData::new(v, shape), &device),
+                ))
+            }
+            _ => {
+                let q = self.quantize_portable(w, shape)?;
+                let deq = self.dequantize_portable(&q);
+                Ok((Codes::Device(Box::new(q)), deq))
+            }
+        }
+    }
+
     /// Quantizes a `[rows, cols]` matrix on its device (see [`Kernel::Auto`]).
     ///
     /// # Errors

@@ -1,0 +1,199 @@
+//! LoftQ: alternating quantization and low-rank fitting (Li et al., ICLR 2024).
+
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::QuantError;
+use crate::lowrank::{LowRankError, SvdMethod, truncated_svd};
+use crate::quant::{PackedTensor, QuantConfig, Quantizer};
+
+/// How the LoRA scale `s` enters the initial factors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitScaling {
+    /// Divide both factors by `√s`, so that `Q + s·B·A ≈ W` for any `alpha` (correct).
+    #[default]
+    Exact,
+    /// Ignore `s` as PEFT's `loftq_init` does: correct only when `s = 1` (`alpha = r`).
+    Peft,
+}
+
+/// Configuration of [`loftq`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoftqConfig {
+    /// The quantizer of the frozen base.
+    pub quant: QuantConfig,
+    /// LoRA rank `r`.
+    pub rank: usize,
+    /// Alternating iterations `T` (1 = quantize once, then fit the residual).
+    pub iters: usize,
+    /// Truncated SVD method.
+    pub svd: SvdMethod,
+    /// LoRA `alpha`; the scale is `alpha / r`, or `alpha / √r` with `rslora`.
+    pub alpha: f32,
+    /// rsLoRA scaling.
+    pub rslora: bool,
+    /// Scaling convention of the initial factors.
+    pub scaling: InitScaling,
+    /// Stop when an iteration improves the error by less than this fraction (`None`: run all `T`).
+    pub early_stop: Option<f32>,
+}
+
+impl LoftqConfig {
+    /// LoftQ with `quant`, rank `rank`, `iters` iterations, `alpha = rank` (scale 1),
+    /// randomized SVD with its defaults, exact scaling, no early stop.
+    pub fn new(quant: QuantConfig, rank: usize, iters: usize) -> Self {
+        Self {
+            quant,
+            rank,
+            iters,
+            svd: SvdMethod::default(),
+            alpha: rank as f32,
+            rslora: false,
+            scaling: InitScaling::Exact,
+            early_stop: None,
+        }
+    }
+
+    /// The LoRA scale `s` of the forward pass `Q·x + s·B·A·x`.
+    pub fn lora_scale(&self) -> f32 {
+        let r = self.rank as f32;
+        if self.rslora {
+            self.alpha / r.sqrt()
+        } else {
+            self.alpha / r
+        }
+    }
+}
+
+/// Errors of [`loftq`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LoftqError {
+    /// The quantizer rejected the weight or its configuration.
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    /// The low-rank solver failed or the rank does not fit the matrix.
+    #[error(transparent)]
+    LowRank(#[from] LowRankError),
+    /// `iters` is zero or `alpha` is not a positive finite number.
+    #[error("invalid LoftQ configuration: {0}")]
+    Config(String),
+}
+
+/// The initialization LoftQ returns: the frozen base and the adapter.
+#[derive(Clone, Debug)]
+pub struct LoftqResult {
+    /// The quantized base, packed (host).
+    pub packed: PackedTensor,
+    /// The dequantized base `Q` `[out, in]` on the weight's device.
+    pub q: Tensor<2>,
+    /// `lora_A` `[r, in]` (PEFT layout).
+    pub lora_a: Tensor<2>,
+    /// `lora_B` `[out, r]` (PEFT layout).
+    pub lora_b: Tensor<2>,
+    /// `‖W − Q_t − s·B_t·A_t‖_F / ‖W‖_F` after each iteration `t` that ran.
+    pub history: Vec<f32>,
+    /// `‖W − Q(W)‖_F / ‖W‖_F`: the error of plain quantization (QLoRA's start).
+    pub rel_err_quant: f32,
+    /// 1-based iteration whose result is returned (the lowest error).
+    pub best_iter: usize,
+}
+
+impl LoftqResult {
+    /// The error of the returned initialization.
+    pub fn rel_err(&self) -> f32 {
+        self.history[self.best_iter - 1]
+    }
+}
+
+/// Frobenius norm, accumulated on the device.
+pub(crate) fn frobenius(t: &Tensor<2>) -> f32 {
+    t.clone().powf_scalar(2.0).sum().sqrt().into_scalar::<f32>()
+}
+
+/// LoftQ initialization of one weight `w` `[out, in]`.
+///
+/// # Algorithm
+/// With `res = W`, for `t = 1..=T`: `Q_t = dequant(quant(res))`; `(U, S, V)` = rank-`r` SVD of
+/// `W − Q_t` (warm-started from the previous `V` when randomized); `B = U·√S`, `A = √S·Vᵀ`;
+/// `res = W − B·A`. The iterate with the lowest `‖W − Q − s·B·A‖` is returned (the alternation
+/// is not monotone). With [`InitScaling::Exact`] both factors are divided by `√s`.
+///
+/// # Shapes
+/// `w: [out, in]` → `lora_a: [r, in]`, `lora_b: [out, r]`, `q: [out, in]`.
+///
+/// # Numerical behaviour
+/// `T = 1` with the exact SVD reproduces PEFT's `loftq_init` (same `Q` bit for bit).
+pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError> {
+    if cfg.iters == 0 {
+        return Err(LoftqError::Config("iters must be at least 1".into()));
+    }
+    if !(cfg.alpha.is_finite() && cfg.alpha > 0.0) {
+        return Err(LoftqError::Config(format!(
+            "alpha must be positive, got {}",
+            cfg.alpha
+        )));
+    }
+    let quantizer = Quantizer::new(cfg.quant)?;
+    let [out, inp] = w.dims();
+    if cfg.rank == 0 || cfg.rank > out.min(inp) {
+        return Err(LowRankError::Rank {
+            rank: cfg.rank,
+            max: out.min(inp),
+            rows: out,
+            cols: inp,
+        }
+        .into());
+    }
+    let norm = frobenius(w).max(f32::MIN_POSITIVE);
+    let s = cfg.lora_scale();
+    // The product s_eff·B·A that enters the error under each convention, relative to U·S·Vᵀ.
+    let (factor_scale, product_scale) = match cfg.scaling {
+        InitScaling::Exact => (1.0 / s.sqrt(), 1.0),
+        InitScaling::Peft => (1.0, s),
+    };
+
+    let mut res = w.clone();
+    let mut warm: Option<Tensor<2>> = None;
+    let mut history = Vec::with_capacity(cfg.iters);
+    let mut best: Option<(usize, crate::quant::Codes, Tensor<2>, Tensor<2>, Tensor<2>)> = None;
+    let mut rel_err_quant = f32::NAN;
+    for t in 1..=cfg.iters {
+        let (codes, q) = quantizer.quantize_dequantize(&res)?;
+        let residual = w.clone() - q.clone();
+        if t == 1 {
+            rel_err_quant = frobenius(&residual) / norm;
+        }
+        let mut method = cfg.svd;
+        if let SvdMethod::Randomized(r) = &mut method {
+            r.seed = r.seed.wrapping_add(t as u64);
+        }
+        let lr = truncated_svd(&residual, cfg.rank, &method, warm.as_ref())?;
+        let (b, a) = lr.balanced_factors();
+        let ba = b.clone().matmul(a.clone());
+        let err = frobenius(&(residual - ba.clone().mul_scalar(product_scale))) / norm;
+        history.push(err);
+        let improved = best.as_ref().is_none_or(|(i, ..)| err < history[i - 1]);
+        let prev_best = best.as_ref().map(|(i, ..)| history[i - 1]);
+        if improved {
+            best = Some((t, codes, q, a, b));
+        }
+        if let (Some(tol), Some(prev)) = (cfg.early_stop, prev_best)
+            && err > prev * (1.0 - tol)
+        {
+            break;
+        }
+        res = w.clone() - ba;
+        warm = Some(lr.v);
+    }
+    let (best_iter, codes, q, a, b) = best.expect("at least one iteration");
+    Ok(LoftqResult {
+        packed: PackedTensor::pack(&codes.into_host(), cfg.quant),
+        q,
+        lora_a: a.mul_scalar(factor_scale),
+        lora_b: b.mul_scalar(factor_scale),
+        history,
+        rel_err_quant,
+        best_iter,
+    })
+}

@@ -1,0 +1,125 @@
+//! Randomized truncated SVD: sketch, power iterations with re-orthonormalisation, and a small
+//! exact SVD of the projected matrix on the host.
+
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::host::{Gaussian, cholesky_inverse_upper, from_faer, to_host};
+use super::{LowRank, LowRankError};
+
+/// Parameters of [`randomized_svd`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RsvdConfig {
+    /// Extra sketch columns beyond the rank (`k = rank + oversample`); `None`: `max(16, rank)`.
+    /// LoftQ's residuals have flat spectra, where 16 extra columns leave rank 64 about 1.3%
+    /// short of the exact error and `rank` extra columns land within 0.2%.
+    pub oversample: Option<usize>,
+    /// Subspace (power) iterations; LoftQ's residuals have flat spectra and need at least 1–2.
+    pub power_iters: usize,
+    /// Seed of the Gaussian sketch.
+    pub seed: u64,
+}
+
+impl Default for RsvdConfig {
+    fn default() -> Self {
+        Self {
+            oversample: None,
+            power_iters: 2,
+            seed: 0,
+        }
+    }
+}
+
+/// Rank-`rank` truncated SVD of `a` by randomized subspace iteration.
+///
+/// # Shapes
+/// `a: [m, n]`, `warm: [n, j]` (optional, orthonormal columns, `j ≤ k`) → `u: [m, rank]`,
+/// `s: [rank]`, `v: [n, rank]`.
+///
+/// # Algorithm
+/// Halko, Martinsson & Tropp (2011), algorithm 4.4: `Q = orth(A·Ω)` for a Gaussian
+/// `Ω: [n, k]` (its first columns replaced by `warm` when given), then `power_iters` times
+/// `Q = orth(A·orth(Aᵀ·Q))`; finally the thin SVD of `Qᵀ·A` (`k×n`) on the host. The products
+/// with `A` run on `a`'s device; orthonormalisation is Cholesky-QR done twice (the Gram matrix
+/// `k×k` goes to the host, its inverse factor comes back), with a diagonal shift if the Gram
+/// matrix is numerically singular.
+///
+/// # Numerical behaviour
+/// Deterministic for a seed on a given back end. The error of the top singular values falls
+/// geometrically with `power_iters` at a rate set by `σ_{k+1}/σ_rank`.
+pub fn randomized_svd(
+    a: &Tensor<2>,
+    rank: usize,
+    cfg: &RsvdConfig,
+    warm: Option<&Tensor<2>>,
+) -> Result<LowRank, LowRankError> {
+    let [m, n] = a.dims();
+    let device = a.device();
+    let k = (rank + cfg.oversample.unwrap_or(rank.max(16))).min(m.min(n));
+    let mut gauss = Gaussian::new(cfg.seed);
+    let omega = match warm {
+        Some(w) if w.dims()[1] >= k => w.clone().slice([0..n, 0..k]),
+        Some(w) => {
+            let j = w.dims()[1];
+            Tensor::cat(vec![w.clone(), gauss.matrix(n, k - j, &device)], 1)
+        }
+        None => gauss.matrix(n, k, &device),
+    };
+    let at = a.clone().transpose();
+    let mut q = orthonormalize(a.clone().matmul(omega))?;
+    for _ in 0..cfg.power_iters {
+        let z = orthonormalize(at.clone().matmul(q))?;
+        q = orthonormalize(a.clone().matmul(z))?;
+    }
+    // Bᵀ = Aᵀ·Q: [n, k]; the SVD of B = Qᵀ·A gives A ≈ (Q·U_B)·S·V_Bᵀ.
+    let bt = at.matmul(q.clone());
+    let host = to_host(&bt);
+    let b = faer::Mat::<f64>::from_fn(k, n, |i, j| f64::from(host[j * k + i]));
+    let svd = b.thin_svd().map_err(|_| LowRankError::NoConvergence)?;
+    let s: Vec<f32> = (0..rank).map(|i| svd.S()[i] as f32).collect();
+    if s.iter().any(|x| !x.is_finite()) {
+        return Err(LowRankError::NoConvergence);
+    }
+    let ub = from_faer(svd.U(), rank, &device);
+    Ok(LowRank {
+        u: q.matmul(ub),
+        s,
+        v: from_faer(svd.V(), rank, &device),
+    })
+}
+
+/// Orthonormal basis of the columns of `y` (`[rows, k]`, `k` small) by Cholesky-QR, twice.
+fn orthonormalize(mut y: Tensor<2>) -> Result<Tensor<2>, LowRankError> {
+    let [_, k] = y.dims();
+    let device = y.device();
+    for _ in 0..2 {
+        let gram = to_host(&y.clone().transpose().matmul(y.clone()));
+        let mut g: Vec<f64> = gram.iter().map(|&x| f64::from(x)).collect();
+        let trace: f64 = (0..k).map(|i| g[i * k + i]).sum();
+        if !trace.is_finite() {
+            return Err(LowRankError::NoConvergence);
+        }
+        let mut shift = 0.0;
+        let r_inv = loop {
+            if let Some(r) = cholesky_inverse_upper(&g, k) {
+                break r;
+            }
+            // Rank-deficient sketch: shift the diagonal (shifted Cholesky-QR) and retry.
+            let next = if shift == 0.0 {
+                1e-7 * trace.max(f64::MIN_POSITIVE)
+            } else {
+                shift * 10.0
+            };
+            for i in 0..k {
+                g[i * k + i] += next - shift;
+            }
+            shift = next;
+            if shift > trace {
+                return Err(LowRankError::NoConvergence);
+            }
+        };
+        let r_inv: Vec<f32> = r_inv.iter().map(|&x| x as f32).collect();
+        y = y.matmul(Tensor::from_data(TensorData::new(r_inv, [k, k]), &device));
+    }
+    Ok(y)
+}
