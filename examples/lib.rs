@@ -2,3 +2,4 @@
 //! `cargo run -p loftq-examples --example <name>`:
 //!
 //! - `quantize`: every quantizer on a Gaussian matrix, with its error and bits per parameter.
+//! - `loftq`: LoftQ on one matrix, quantization-only vs T = 1..5, exact vs randomized SVD.

@@ -1,6 +1,7 @@
 //! `loftq-bench`: measurements of loftq-rs. Not tests: every figure is a ratio or a time
 //! measured in the same run, printed as Markdown and optionally written as JSON.
 
+mod loftq;
 mod quant;
 mod stats;
 
@@ -37,6 +38,69 @@ enum Suite {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Matrix-multiply throughput of the device (GFLOP/s).
+    Matmul {
+        /// `MxNxK`: `[M, N] × [N, K]`.
+        #[arg(long, default_value = "4096x4096x128")]
+        dims: String,
+        /// Device: cpu, wgpu, cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Per-matrix LoftQ: randomized vs exact SVD, time and error.
+    Loftq {
+        /// Matrix shapes `OUTxIN`, comma-separated.
+        #[arg(long, default_value = "4096x4096", value_delimiter = ',', value_parser = parse_shape)]
+        shapes: Vec<[usize; 2]>,
+        /// NF bit widths.
+        #[arg(long, default_value = "4,2", value_delimiter = ',')]
+        bits: Vec<u8>,
+        /// LoRA ranks.
+        #[arg(long, default_value = "64", value_delimiter = ',')]
+        ranks: Vec<usize>,
+        /// Iteration counts T.
+        #[arg(long, default_value = "1,5", value_delimiter = ',')]
+        iters: Vec<usize>,
+        /// Skip the exact-SVD runs (slow: a full SVD per iteration).
+        #[arg(long)]
+        no_exact: bool,
+        /// Device: cpu, wgpu, cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// GFLOP/s of `[m, n] × [n, k]` on `spec` (median of 5 after a warm-up).
+#[allow(clippy::print_stdout)]
+fn matmul_suite(m: usize, n: usize, k: usize, spec: DeviceSpec) {
+    use burn::tensor::Tensor;
+    let device = spec.device().expect("device");
+    let a = Tensor::<2>::ones([m, n], &device);
+    let b = Tensor::<2>::ones([n, k], &device);
+    let t = stats::time(5, || {
+        let _ = a.clone().matmul(b.clone()).into_data();
+    });
+    let gflops = 2.0 * (m * n * k) as f64 / t.median_s / 1e9;
+    println!(
+        "matmul {m}×{n}×{k} on {spec}: {:.1} ms, {gflops:.0} GFLOP/s",
+        t.median_s * 1e3
+    );
+}
+
+fn parse_shape(s: &str) -> Result<[usize; 2], String> {
+    let (a, b) = s
+        .split_once('x')
+        .ok_or_else(|| format!("`{s}`: expected OUTxIN, e.g. 4096x11008"))?;
+    let p = |v: &str| v.trim().parse::<usize>().map_err(|e| format!("`{s}`: {e}"));
+    Ok([p(a)?, p(b)?])
+}
+
+fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).expect("serializable");
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 #[allow(clippy::print_stdout)]
@@ -55,12 +119,37 @@ fn main() -> ExitCode {
             }
             let report = quant::run(size, repeats, device);
             println!("{}", quant::markdown(&report));
-            if let Some(path) = json {
-                let text = serde_json::to_string_pretty(&report).expect("serializable");
-                if let Err(e) = std::fs::write(&path, text) {
-                    eprintln!("error: cannot write {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
+            if let Some(Err(e)) = json.map(|p| write_json(&p, &report)) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        Suite::Matmul { dims, device } => {
+            let d: Vec<usize> = dims.split('x').filter_map(|v| v.parse().ok()).collect();
+            let [m, n, k] = d[..] else {
+                eprintln!("error: --dims `{dims}`: expected MxNxK");
+                return ExitCode::FAILURE;
+            };
+            matmul_suite(m, n, k, device);
+        }
+        Suite::Loftq {
+            shapes,
+            bits,
+            ranks,
+            iters,
+            no_exact,
+            device,
+            json,
+        } => {
+            if let Err(e) = device.device() {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            let cases = loftq::run(&shapes, &bits, &ranks, &iters, !no_exact, device);
+            println!("{}", loftq::markdown(&cases));
+            if let Some(Err(e)) = json.map(|p| write_json(&p, &cases)) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
             }
         }
     }

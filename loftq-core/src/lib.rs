@@ -8,11 +8,13 @@
 //!   on any Burn device.
 //! - [`lowrank`]: truncated SVD, exact (host) and randomized (products on the device).
 //! - [`loftq()`]: the alternating quantization / low-rank initialization.
+//! - [`init`]: one API for QLoRA (zeros), LoftQ, PiSSA and QPiSSA starts.
 //!
 //! Weights are `[out, in]` matrices (PyTorch layout) throughout.
 
 pub mod device;
 mod error;
+pub mod init;
 mod loftq;
 pub mod lowrank;
 pub mod quant;

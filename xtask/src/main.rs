@@ -13,7 +13,7 @@ use std::process::{Command, ExitCode};
 const TEST_FEATURES: &str = "loftq-core/wgpu";
 
 /// Integration tests whose device comes from `LOFTQ_DEVICE`.
-const DEVICE_TESTS: &[&str] = &["quant_reference", "loftq_reference"];
+const DEVICE_TESTS: &[&str] = &["quant_reference", "loftq_reference", "lowrank_and_init"];
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

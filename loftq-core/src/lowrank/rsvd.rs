@@ -65,14 +65,15 @@ pub fn randomized_svd(
         }
         None => gauss.matrix(n, k, &device),
     };
-    let at = a.clone().transpose();
+    // Aᵀ·Q is computed as (Qᵀ·A)ᵀ so that the large matrix is always a contiguous operand.
+    let at_mul = |q: &Tensor<2>| q.clone().transpose().matmul(a.clone()).transpose();
     let mut q = orthonormalize(a.clone().matmul(omega))?;
     for _ in 0..cfg.power_iters {
-        let z = orthonormalize(at.clone().matmul(q))?;
+        let z = orthonormalize(at_mul(&q))?;
         q = orthonormalize(a.clone().matmul(z))?;
     }
     // Bᵀ = Aᵀ·Q: [n, k]; the SVD of B = Qᵀ·A gives A ≈ (Q·U_B)·S·V_Bᵀ.
-    let bt = at.matmul(q.clone());
+    let bt = at_mul(&q);
     let host = to_host(&bt);
     let b = faer::Mat::<f64>::from_fn(k, n, |i, j| f64::from(host[j * k + i]));
     let svd = b.thin_svd().map_err(|_| LowRankError::NoConvergence)?;

@@ -1,0 +1,146 @@
+//! One API for the ways to start a LoRA adapter on a (quantized) base weight.
+
+use burn::tensor::{Tensor, TensorData};
+
+use crate::loftq::{LoftqConfig, LoftqError, frobenius, loftq};
+use crate::lowrank::{Gaussian, SvdMethod, truncated_svd};
+use crate::quant::{PackedTensor, QuantConfig, Quantizer};
+
+/// How to initialize the adapter (and what becomes the frozen base).
+#[derive(Clone, Debug, PartialEq)]
+pub enum LoraInit {
+    /// QLoRA: base `Q(W)`, `A` uniform in `±1/√in` (PEFT's Kaiming default), `B = 0`.
+    Zeros {
+        /// The base quantizer.
+        quant: QuantConfig,
+        /// Seed of `A`.
+        seed: u64,
+    },
+    /// LoftQ: alternating quantization and low-rank fitting ([`loftq`]).
+    Loftq(LoftqConfig),
+    /// PiSSA: the `r` principal components of `W` into the adapter, the rest as the frozen,
+    /// unquantized base.
+    Pissa {
+        /// SVD method.
+        svd: SvdMethod,
+    },
+    /// QPiSSA: as PiSSA, with the residual base quantized.
+    QPissa {
+        /// The base quantizer.
+        quant: QuantConfig,
+        /// SVD method.
+        svd: SvdMethod,
+    },
+}
+
+/// The frozen base of an initialized layer.
+#[derive(Clone, Debug)]
+pub enum Base {
+    /// Unquantized (PiSSA's residual).
+    Dense(Tensor<2>),
+    /// Quantized: packed codes and the dequantized matrix.
+    Quantized {
+        /// Host storage.
+        packed: PackedTensor,
+        /// Dequantized, on the device.
+        dequantized: Tensor<2>,
+    },
+}
+
+impl Base {
+    /// The base as a dense matrix.
+    pub fn dense(&self) -> &Tensor<2> {
+        match self {
+            Base::Dense(t) => t,
+            Base::Quantized { dequantized, .. } => dequantized,
+        }
+    }
+}
+
+/// Base plus adapter: the forward pass is `base·x + scale·B·A·x`.
+#[derive(Clone, Debug)]
+pub struct LoraStart {
+    /// The frozen base `[out, in]`.
+    pub base: Base,
+    /// `lora_A` `[r, in]`.
+    pub lora_a: Tensor<2>,
+    /// `lora_B` `[out, r]`.
+    pub lora_b: Tensor<2>,
+    /// `‖W − base − scale·B·A‖ / ‖W‖`.
+    pub rel_err: f32,
+}
+
+/// Initializes an adapter of rank `rank` and scale `scale` on `w` `[out, in]`.
+///
+/// `rank` and `scale` are ignored by [`LoraInit::Loftq`], whose configuration carries them.
+/// PiSSA and QPiSSA divide both factors by `√scale`, so that `base + scale·B·A ≈ W`.
+pub fn init_lora(
+    w: &Tensor<2>,
+    method: &LoraInit,
+    rank: usize,
+    scale: f32,
+) -> Result<LoraStart, LoftqError> {
+    let [out, inp] = w.dims();
+    let device = w.device();
+    let norm = frobenius(w).max(f32::MIN_POSITIVE);
+    let (base, a, b, s) = match method {
+        LoraInit::Loftq(cfg) => {
+            let r = loftq(w, cfg)?;
+            // The forward pass always scales by s; only the Peft convention ignores it at init.
+            let s = cfg.lora_scale();
+            let base = Base::Quantized {
+                packed: r.packed,
+                dequantized: r.q,
+            };
+            (base, r.lora_a, r.lora_b, s)
+        }
+        LoraInit::Zeros { quant, seed } => {
+            let quantizer = Quantizer::new(*quant)?;
+            let (codes, q) = quantizer.quantize_dequantize(w)?;
+            let bound = 1.0 / (inp as f64).sqrt();
+            let mut g = Gaussian::new(*seed);
+            let a: Vec<f32> = (0..rank * inp)
+                .map(|_| ((2.0 * g.uniform() - 1.0) * bound) as f32)
+                .collect();
+            let a = Tensor::from_data(TensorData::new(a, [rank, inp]), &device);
+            let b = Tensor::zeros([out, rank], &device);
+            let packed = PackedTensor::pack(&codes.into_host(), *quant);
+            (
+                Base::Quantized {
+                    packed,
+                    dequantized: q,
+                },
+                a,
+                b,
+                scale,
+            )
+        }
+        LoraInit::Pissa { svd } | LoraInit::QPissa { svd, .. } => {
+            let lr = truncated_svd(w, rank, svd, None)?;
+            let (b, a) = lr.balanced_factors();
+            let k = 1.0 / scale.sqrt();
+            let (a, b) = (a.mul_scalar(k), b.mul_scalar(k));
+            let residual = w.clone() - b.clone().matmul(a.clone()).mul_scalar(scale);
+            let base = match method {
+                LoraInit::QPissa { quant, .. } => {
+                    let quantizer = Quantizer::new(*quant)?;
+                    let (codes, q) = quantizer.quantize_dequantize(&residual)?;
+                    Base::Quantized {
+                        packed: PackedTensor::pack(&codes.into_host(), *quant),
+                        dequantized: q,
+                    }
+                }
+                _ => Base::Dense(residual),
+            };
+            (base, a, b, scale)
+        }
+    };
+    let recon = base.dense().clone() + b.clone().matmul(a.clone()).mul_scalar(s);
+    let rel_err = frobenius(&(w.clone() - recon)) / norm;
+    Ok(LoraStart {
+        base,
+        lora_a: a,
+        lora_b: b,
+        rel_err,
+    })
+}

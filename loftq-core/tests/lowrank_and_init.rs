@@ -1,0 +1,157 @@
+//! Truncated SVDs on matrices with known spectra, and the LoRA start methods.
+
+mod common;
+
+use burn::tensor::{Tensor, TensorData};
+use common::{device, gaussian};
+use loftq_core::init::{Base, LoraInit, init_lora};
+use loftq_core::lowrank::{RsvdConfig, SvdMethod, exact_svd, randomized_svd, truncated_svd};
+use loftq_core::{LoftqConfig, QuantConfig};
+
+fn host(t: &Tensor<2>) -> Vec<f32> {
+    t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+/// `U·diag(σ)·Vᵀ` with orthonormal `U`, `V` taken from the SVD of a Gaussian matrix.
+fn with_spectrum(m: usize, n: usize, sigma: &[f32]) -> Tensor<2> {
+    let dev = device();
+    let g = Tensor::<2>::from_data(TensorData::new(gaussian(m, n, 1.0, 21), [m, n]), &dev);
+    let k = sigma.len();
+    let basis = exact_svd(&g, k).unwrap();
+    let s = Tensor::<1>::from_data(TensorData::new(sigma.to_vec(), [k]), &dev);
+    (basis.u * s.reshape([1, k])).matmul(basis.v.transpose())
+}
+
+#[test]
+fn exact_svd_recovers_a_known_spectrum() {
+    let sigma: Vec<f32> = (0..40).map(|i| 10.0 * 0.8f32.powi(i)).collect();
+    let a = with_spectrum(200, 120, &sigma);
+    let lr = exact_svd(&a, 10).unwrap();
+    for (got, want) in lr.s.iter().zip(&sigma) {
+        assert!((got - want).abs() <= 1e-4 * want, "{got} vs {want}");
+    }
+}
+
+#[test]
+fn randomized_svd_on_decaying_and_flat_spectra() {
+    let rank = 16;
+    // Decaying: the top 16 values within 1e-3, reconstruction within 1% of the optimum.
+    let decaying: Vec<f32> = (0..80).map(|i| 0.85f32.powi(i)).collect();
+    // Flat tail (like LoftQ's residuals): a clear top block, then noise-level values.
+    let flat: Vec<f32> = (0..80)
+        .map(|i| {
+            if i < 8 {
+                5.0 - i as f32 * 0.3
+            } else {
+                1.0 - i as f32 * 0.002
+            }
+        })
+        .collect();
+    for (name, sigma, tol_s, tol_err) in [
+        ("decaying", &decaying, 1e-3, 0.01),
+        ("flat", &flat, 0.03, 0.02),
+    ] {
+        let a = with_spectrum(300, 200, sigma);
+        let cfg = RsvdConfig {
+            power_iters: 2,
+            ..RsvdConfig::default()
+        };
+        let lr = randomized_svd(&a, rank, &cfg, None).unwrap();
+        for (i, (got, want)) in lr.s.iter().zip(sigma.iter()).enumerate() {
+            assert!(
+                (got - want).abs() <= tol_s * want,
+                "{name} σ{i}: {got} vs {want}"
+            );
+        }
+        // ‖A − A_r‖ against the optimum √(Σ_{i>r} σ_i²).
+        let (b, at) = lr.balanced_factors();
+        let err: f64 = host(&(a.clone() - b.matmul(at)))
+            .iter()
+            .map(|x| f64::from(*x).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let best: f64 = sigma[rank..]
+            .iter()
+            .map(|x| f64::from(*x).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            err <= best * (1.0 + tol_err),
+            "{name}: {err} vs optimum {best}"
+        );
+    }
+}
+
+#[test]
+fn randomized_svd_is_deterministic_and_rank_is_checked() {
+    let a = with_spectrum(
+        64,
+        48,
+        &(0..32).map(|i| 1.0 / (1 + i) as f32).collect::<Vec<_>>(),
+    );
+    let cfg = RsvdConfig::default();
+    let x = randomized_svd(&a, 8, &cfg, None).unwrap();
+    let y = randomized_svd(&a, 8, &cfg, None).unwrap();
+    assert_eq!(x.s, y.s);
+    assert_eq!(host(&x.u), host(&y.u));
+    assert!(truncated_svd(&a, 0, &SvdMethod::Exact, None).is_err());
+    assert!(truncated_svd(&a, 49, &SvdMethod::Exact, None).is_err());
+}
+
+#[test]
+fn lora_start_methods() {
+    let dev = device();
+    let (m, n, rank, scale) = (96, 128, 8, 2.0);
+    let w = Tensor::<2>::from_data(TensorData::new(gaussian(m, n, 0.02, 8), [m, n]), &dev);
+    let quant = QuantConfig::nf(2);
+
+    let zeros = init_lora(&w, &LoraInit::Zeros { quant, seed: 1 }, rank, scale).unwrap();
+    assert!(host(&zeros.lora_b).iter().all(|&v| v == 0.0));
+    let bound = 1.0 / (n as f32).sqrt();
+    assert!(host(&zeros.lora_a).iter().all(|v| v.abs() <= bound));
+    assert!(matches!(zeros.base, Base::Quantized { .. }));
+
+    let pissa = init_lora(
+        &w,
+        &LoraInit::Pissa {
+            svd: SvdMethod::Exact,
+        },
+        rank,
+        scale,
+    )
+    .unwrap();
+    assert!(matches!(pissa.base, Base::Dense(_)));
+    assert!(pissa.rel_err < 1e-5, "PiSSA is exact: {}", pissa.rel_err);
+
+    let qpissa = init_lora(
+        &w,
+        &LoraInit::QPissa {
+            quant,
+            svd: SvdMethod::Exact,
+        },
+        rank,
+        scale,
+    )
+    .unwrap();
+    let cfg = LoftqConfig {
+        alpha: scale * rank as f32,
+        svd: SvdMethod::Exact,
+        ..LoftqConfig::new(quant, rank, 5)
+    };
+    let loftq = init_lora(&w, &LoraInit::Loftq(cfg), rank, scale).unwrap();
+    // Starting from the quantization error beats starting from zero at 2 bits.
+    assert!(
+        loftq.rel_err < zeros.rel_err,
+        "LoftQ {} vs QLoRA {}",
+        loftq.rel_err,
+        zeros.rel_err
+    );
+    assert!(
+        qpissa.rel_err < zeros.rel_err,
+        "QPiSSA {} vs QLoRA {}",
+        qpissa.rel_err,
+        zeros.rel_err
+    );
+    assert_eq!(loftq.lora_a.dims(), [rank, n]);
+    assert_eq!(loftq.lora_b.dims(), [m, rank]);
+}
