@@ -55,7 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let secs = start.elapsed().as_secs_f64();
             quant_only = r.rel_err_quant;
             row.push_str(&format!(
-                " {:.4} (best of T: {}) | {secs:.2} s |",
+                " {:.4} (best at t = {}) | {secs:.2} s |",
                 r.rel_err(),
                 r.best_iter
             ));
