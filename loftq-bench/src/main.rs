@@ -104,33 +104,27 @@ fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> Result<(), Strin
 }
 
 #[allow(clippy::print_stdout)]
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.suite {
+fn run(suite: Suite) -> Result<(), String> {
+    match suite {
         Suite::Quant {
             size,
             repeats,
             device,
             json,
         } => {
-            if let Err(e) = device.device() {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
+            device.device().map_err(|e| e.to_string())?;
             let report = quant::run(size, repeats, device);
             println!("{}", quant::markdown(&report));
-            if let Some(Err(e)) = json.map(|p| write_json(&p, &report)) {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
+            json.map_or(Ok(()), |p| write_json(&p, &report))
         }
         Suite::Matmul { dims, device } => {
+            device.device().map_err(|e| e.to_string())?;
             let d: Vec<usize> = dims.split('x').filter_map(|v| v.parse().ok()).collect();
             let [m, n, k] = d[..] else {
-                eprintln!("error: --dims `{dims}`: expected MxNxK");
-                return ExitCode::FAILURE;
+                return Err(format!("--dims `{dims}`: expected MxNxK"));
             };
             matmul_suite(m, n, k, device);
+            Ok(())
         }
         Suite::Loftq {
             shapes,
@@ -141,17 +135,20 @@ fn main() -> ExitCode {
             device,
             json,
         } => {
-            if let Err(e) = device.device() {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
+            device.device().map_err(|e| e.to_string())?;
             let cases = loftq::run(&shapes, &bits, &ranks, &iters, !no_exact, device);
             println!("{}", loftq::markdown(&cases));
-            if let Some(Err(e)) = json.map(|p| write_json(&p, &cases)) {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
+            json.map_or(Ok(()), |p| write_json(&p, &cases))
         }
     }
-    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().suite) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

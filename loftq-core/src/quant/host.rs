@@ -377,107 +377,49 @@ fn all_finite(x: &[f32]) -> bool {
     x.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
-/// Runtime dispatch to copies of the kernels compiled for wider vector units. The results are
-/// identical: Rust never contracts `a·b + c` into an FMA, and every operation is IEEE-exact.
+/// Defines `$name`, which runs `$imp` compiled for AVX-512 or AVX2 when the CPU has them
+/// (runtime detection). The results are identical: Rust never contracts `a·b + c` into an FMA,
+/// and every operation is IEEE-exact.
+macro_rules! multiversion {
+    (fn $name:ident / $v512:ident / $v2:ident => $imp:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        fn $name(&self, $($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                {
+                    // SAFETY: the CPU supports the features the function was compiled for.
+                    return unsafe { self.$v512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: as above.
+                    return unsafe { self.$v2($($arg),*) };
+                }
+            }
+            self.$imp($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        fn $v512(&self, $($arg: $ty),*) -> $ret {
+            self.$imp($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $v2(&self, $($arg: $ty),*) -> $ret {
+            self.$imp($($arg),*)
+        }
+    };
+}
+
 #[allow(unsafe_code)]
 impl Quantizer {
-    fn quantize_range(
-        &self,
-        x: &[f32],
-        block: usize,
-        codes: &mut [u8],
-        scales: &mut [f32],
-        mins: &mut [f32],
-    ) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-            {
-                // SAFETY: the CPU supports the features the function was compiled for.
-                return unsafe { self.quantize_range_avx512(x, block, codes, scales, mins) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: as above.
-                return unsafe { self.quantize_range_avx2(x, block, codes, scales, mins) };
-            }
-        }
-        self.quantize_range_impl(x, block, codes, scales, mins)
-    }
+    multiversion!(fn quantize_range / quantize_range_avx512 / quantize_range_avx2 => quantize_range_impl(
+        x: &[f32], block: usize, codes: &mut [u8], scales: &mut [f32], mins: &mut [f32]
+    ) -> bool);
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    fn quantize_range_avx512(
-        &self,
-        x: &[f32],
-        block: usize,
-        codes: &mut [u8],
-        scales: &mut [f32],
-        mins: &mut [f32],
-    ) -> bool {
-        self.quantize_range_impl(x, block, codes, scales, mins)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn quantize_range_avx2(
-        &self,
-        x: &[f32],
-        block: usize,
-        codes: &mut [u8],
-        scales: &mut [f32],
-        mins: &mut [f32],
-    ) -> bool {
-        self.quantize_range_impl(x, block, codes, scales, mins)
-    }
-
-    fn dequantize_range(
-        &self,
-        codes: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        block: usize,
-        out: &mut [f32],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-            {
-                // SAFETY: the CPU supports the features the function was compiled for.
-                return unsafe { self.dequantize_range_avx512(codes, scales, mins, block, out) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: as above.
-                return unsafe { self.dequantize_range_avx2(codes, scales, mins, block, out) };
-            }
-        }
-        self.dequantize_range_impl(codes, scales, mins, block, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    fn dequantize_range_avx512(
-        &self,
-        codes: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        block: usize,
-        out: &mut [f32],
-    ) {
-        self.dequantize_range_impl(codes, scales, mins, block, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn dequantize_range_avx2(
-        &self,
-        codes: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        block: usize,
-        out: &mut [f32],
-    ) {
-        self.dequantize_range_impl(codes, scales, mins, block, out)
-    }
+    multiversion!(fn dequantize_range / dequantize_range_avx512 / dequantize_range_avx2 => dequantize_range_impl(
+        codes: &[u8], scales: &[f32], mins: &[f32], block: usize, out: &mut [f32]
+    ) -> ());
 }
