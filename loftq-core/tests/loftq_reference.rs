@@ -157,6 +157,32 @@ fn early_stop_and_best_iterate() {
 }
 
 #[test]
+fn zero_weight_gives_zero_adapter() {
+    let dev = device();
+    let w = Tensor::<2>::zeros([32, 64], &dev);
+    for svd in [
+        SvdMethod::Exact,
+        SvdMethod::Randomized(RsvdConfig::default()),
+    ] {
+        let r = loftq(
+            &w,
+            &LoftqConfig {
+                svd,
+                ..LoftqConfig::new(QuantConfig::nf4(), 4, 2)
+            },
+        )
+        .unwrap();
+        assert!(
+            host(&r.q)
+                .iter()
+                .chain(&host(&r.lora_b.clone().matmul(r.lora_a.clone())))
+                .all(|&v| v == 0.0)
+        );
+        assert_eq!(r.rel_err(), 0.0);
+    }
+}
+
+#[test]
 fn bad_configurations_are_errors() {
     let dev = device();
     let w = Tensor::<2>::from_data(TensorData::new(gaussian(16, 32, 1.0, 1), [16, 32]), &dev);

@@ -101,6 +101,10 @@ fn orthonormalize(mut y: Tensor<2>) -> Result<Tensor<2>, LowRankError> {
         if !trace.is_finite() {
             return Err(LowRankError::NoConvergence);
         }
+        if trace == 0.0 {
+            // A zero sketch (zero matrix): nothing to orthonormalise; the factors come out zero.
+            return Ok(y);
+        }
         let mut shift = 0.0;
         let r_inv = loop {
             if let Some(r) = cholesky_inverse_upper(&g, k) {
