@@ -113,7 +113,11 @@ impl LoftqResult {
 pub(crate) fn frobenius(t: &Tensor<2>) -> f32 {
     let [rows, _] = t.dims();
     let row_sums = t.clone().powf_scalar(2.0).sum_dim(1).reshape([rows]);
-    let v = row_sums.to_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    let v = row_sums
+        .to_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 data");
     v.iter().map(|&x| f64::from(x)).sum::<f64>().sqrt() as f32
 }
 
