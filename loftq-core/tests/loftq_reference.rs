@@ -8,9 +8,7 @@ use common::{Fixture, device, gaussian};
 use loftq_core::lowrank::{RsvdConfig, SvdMethod};
 use loftq_core::{InitScaling, LoftqConfig, QuantConfig, loftq};
 
-fn host(t: &Tensor<2>) -> Vec<f32> {
-    t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-}
+use loftq_core::quant::host_f32 as host;
 
 fn norm(a: &[f32]) -> f64 {
     a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt()

@@ -8,9 +8,7 @@ use loftq_core::init::{Base, LoraInit, init_lora};
 use loftq_core::lowrank::{RsvdConfig, SvdMethod, exact_svd, randomized_svd, truncated_svd};
 use loftq_core::{LoftqConfig, QuantConfig};
 
-fn host(t: &Tensor<2>) -> Vec<f32> {
-    t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-}
+use loftq_core::quant::host_f32 as host;
 
 /// `U·diag(σ)·Vᵀ` with orthonormal `U`, `V` taken from the SVD of a Gaussian matrix.
 fn with_spectrum(m: usize, n: usize, sigma: &[f32]) -> Tensor<2> {
