@@ -4,7 +4,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::QuantError;
-use crate::lowrank::{LowRankError, SvdMethod, truncated_svd};
+use crate::lowrank::{LowRankError, SvdMethod, check_rank, truncated_svd};
 use crate::quant::{PackedTensor, QuantConfig, Quantizer};
 
 /// How the LoRA scale `s` enters the initial factors.
@@ -145,16 +145,7 @@ pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError
         )));
     }
     let quantizer = Quantizer::new(cfg.quant)?;
-    let [out, inp] = w.dims();
-    if cfg.rank == 0 || cfg.rank > out.min(inp) {
-        return Err(LowRankError::Rank {
-            rank: cfg.rank,
-            max: out.min(inp),
-            rows: out,
-            cols: inp,
-        }
-        .into());
-    }
+    check_rank(w.dims(), cfg.rank)?;
     let norm = frobenius(w).max(f32::MIN_POSITIVE);
     let s = cfg.lora_scale();
     // The product s_eff·B·A that enters the error under each convention, relative to U·S·Vᵀ.

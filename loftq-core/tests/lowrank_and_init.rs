@@ -94,6 +94,8 @@ fn randomized_svd_is_deterministic_and_rank_is_checked() {
     assert_eq!(host(&x.u), host(&y.u));
     assert!(truncated_svd(&a, 0, &SvdMethod::Exact, None).is_err());
     assert!(truncated_svd(&a, 49, &SvdMethod::Exact, None).is_err());
+    assert!(randomized_svd(&a, 49, &cfg, None).is_err());
+    assert!(exact_svd(&a, 0).is_err());
 }
 
 #[test]

@@ -14,6 +14,7 @@ use super::{LowRank, LowRankError};
 /// Accurate to `f64` before the factors are rounded to `f32`; costs `O(m·n·min(m, n))` on the
 /// host, which is why it is the oracle and not the default.
 pub fn exact_svd(a: &Tensor<2>, rank: usize) -> Result<LowRank, LowRankError> {
+    super::check_rank(a.dims(), rank)?;
     let device = a.device();
     let svd = to_faer(a)
         .thin_svd()

@@ -84,6 +84,21 @@ pub enum LowRankError {
     NoConvergence,
 }
 
+/// Checks that a rank-`rank` factorisation of a `[rows, cols]` matrix exists.
+pub fn check_rank(shape: [usize; 2], rank: usize) -> Result<(), LowRankError> {
+    let [rows, cols] = shape;
+    let max = rows.min(cols);
+    if rank == 0 || rank > max {
+        return Err(LowRankError::Rank {
+            rank,
+            max,
+            rows,
+            cols,
+        });
+    }
+    Ok(())
+}
+
 /// Computes the rank-`rank` truncated SVD of `a` with `method`. `warm` (`[n, k]`, orthonormal
 /// columns) seeds the randomized method's subspace, e.g. the previous LoftQ iteration's `V`.
 pub fn truncated_svd(
@@ -92,15 +107,6 @@ pub fn truncated_svd(
     method: &SvdMethod,
     warm: Option<&Tensor<2>>,
 ) -> Result<LowRank, LowRankError> {
-    let [m, n] = a.dims();
-    if rank == 0 || rank > m.min(n) {
-        return Err(LowRankError::Rank {
-            rank,
-            max: m.min(n),
-            rows: m,
-            cols: n,
-        });
-    }
     match method {
         SvdMethod::Exact => exact_svd(a, rank),
         SvdMethod::Randomized(cfg) => randomized_svd(a, rank, cfg, warm),

@@ -54,6 +54,7 @@ pub fn randomized_svd(
     cfg: &RsvdConfig,
     warm: Option<&Tensor<2>>,
 ) -> Result<LowRank, LowRankError> {
+    super::check_rank(a.dims(), rank)?;
     let [m, n] = a.dims();
     let device = a.device();
     let k = (rank + cfg.oversample.unwrap_or(rank.max(16))).min(m.min(n));

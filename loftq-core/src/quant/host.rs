@@ -175,7 +175,7 @@ impl Quantizer {
         absmax
     }
 
-    /// Codes by counting thresholds, 32 values at a time with the threshold loop outside, so
+    /// Codes by counting thresholds, 64 values at a time with the threshold loop outside, so
     /// each comparison is one vector instruction over many values.
     #[inline(always)]
     fn codes_linear<const T: usize>(&self, x: &[f32], absmax: f32, codes: &mut [u8]) {
