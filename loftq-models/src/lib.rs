@@ -1,6 +1,19 @@
 //! # loftq-models
 //!
-//! File formats and models of loftq-rs. This crate is the place for reading Hugging Face
-//! checkpoints and GGUF files, writing PEFT adapters and packed backbones, and the Llama-family
-//! model with quantized LoRA layers. None of that is implemented yet; it is planned work, not
-//! a stub that claims to work. What exists today lives in `loftq-core` (the quantizers).
+//! File formats and models of loftq-rs:
+//!
+//! - [`io`]: Hugging Face safetensors checkpoints (memory-mapped, sharded or not, f32/f16/bf16),
+//!   PEFT adapter directories (read and write), and our packed backbone format.
+//! - [`config`]: the architecture from a HF `config.json` (transformers 4 and 5 spellings).
+//! - [`nn`]: the Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2) whose linear
+//!   layers are [`nn::QLinear`]: a frozen base, dense or held packed, plus a LoRA adapter.
+//!
+//! Not yet here: GGUF files and tokenizers (planned, see the project's issues).
+
+pub mod config;
+mod error;
+pub mod io;
+pub mod nn;
+
+pub use config::LlamaConfig;
+pub use error::{ModelError, Result};

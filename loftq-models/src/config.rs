@@ -1,0 +1,348 @@
+//! [`LlamaConfig`]: the architecture, read straight from a Hugging Face `config.json`.
+//!
+//! Both spellings of the rotary settings are accepted: transformers 4 (`rope_theta` and
+//! `rope_scaling` at the top level) and transformers 5 (`rope_parameters`).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{ModelError, Result};
+
+/// The model families this crate runs; they share the Llama block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Llama 2/3, SmolLM2, TinyLlama and other `LlamaForCausalLM` checkpoints.
+    Llama,
+    /// Mistral (full attention: the sliding window is not applied).
+    Mistral,
+    /// Qwen2: biases on `q_proj`, `k_proj` and `v_proj`.
+    Qwen2,
+}
+
+/// Rotary position embedding settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RopeConfig {
+    /// Base of the frequencies (`rope_theta`).
+    pub theta: f64,
+    /// Frequency scaling, if any.
+    pub scaling: RopeScaling,
+}
+
+/// How the rotary frequencies are rescaled for long contexts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RopeScaling {
+    /// No scaling (`rope_type: "default"`).
+    None,
+    /// Every frequency divided by `factor` (`"linear"`).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.x scaling (`"llama3"`): low frequencies divided by `factor`, high ones kept,
+    /// a smooth blend between.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f64,
+        /// Wavelengths longer than `original / low_freq_factor` are divided.
+        low_freq_factor: f64,
+        /// Wavelengths shorter than `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// Context length the model was trained with before scaling.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The architecture of a Llama-family causal LM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Which family (decides the q/k/v biases).
+    pub family: Family,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary settings.
+    pub rope: RopeConfig,
+    /// `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Biases on `q_proj`, `k_proj`, `v_proj` (and `o_proj` when `attention_bias` is set).
+    pub qkv_bias: bool,
+    /// Bias on `o_proj`.
+    pub o_bias: bool,
+    /// Biases in the MLP projections.
+    pub mlp_bias: bool,
+    /// Longest context the checkpoint declares.
+    pub max_position_embeddings: usize,
+    /// Beginning-of-sequence token, if declared.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token, if declared.
+    pub eos_token_id: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    max_position_embeddings: Option<usize>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+}
+
+impl LlamaConfig {
+    /// Reads `config.json`.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] if the file cannot be read, [`ModelError::Format`] if it is not a
+    /// Llama-family config this crate supports.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json(&text).map_err(|msg| ModelError::format(path, msg))
+    }
+
+    /// Parses the text of a `config.json`.
+    ///
+    /// # Errors
+    /// A message naming the missing or unsupported field.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("bad config: {e}"))?;
+        let family = match raw.model_type.as_deref() {
+            Some("llama") | None => Family::Llama,
+            Some("mistral") => Family::Mistral,
+            Some("qwen2") => Family::Qwen2,
+            Some(other) => {
+                return Err(format!(
+                    "model_type `{other}` is not supported (llama, mistral, qwen2)"
+                ));
+            }
+        };
+        let heads = raw.num_attention_heads;
+        let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            ));
+        }
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(format!("head_dim {head_dim} must be even and positive"));
+        }
+        let rope = parse_rope(raw.rope_theta, raw.rope_scaling, raw.rope_parameters)?;
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        Ok(Self {
+            family,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: attention_bias || family == Family::Qwen2,
+            o_bias: attention_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            bos_token_id: first_id(raw.bos_token_id),
+            eos_token_id: first_id(raw.eos_token_id),
+        })
+    }
+
+    /// The transformers-4 style `config.json` of this architecture (also read by
+    /// transformers 5).
+    pub fn to_hf_json(&self) -> Value {
+        let (model_type, arch) = match self.family {
+            Family::Llama => ("llama", "LlamaForCausalLM"),
+            Family::Mistral => ("mistral", "MistralForCausalLM"),
+            Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        };
+        let rope_scaling = match &self.rope.scaling {
+            RopeScaling::None => Value::Null,
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
+fn first_id(v: Option<Value>) -> Option<u32> {
+    match v? {
+        Value::Number(n) => n.as_u64().and_then(|x| u32::try_from(x).ok()),
+        Value::Array(items) => items.first().and_then(|x| x.as_u64())?.try_into().ok(),
+        _ => None,
+    }
+}
+
+fn parse_rope(
+    theta: Option<f64>,
+    scaling: Option<Value>,
+    params: Option<Value>,
+) -> Result<RopeConfig, String> {
+    // transformers 5 puts everything in `rope_parameters`; 4 splits theta and scaling.
+    let (theta, spec) = match params {
+        Some(Value::Object(p)) => (
+            p.get("rope_theta").and_then(Value::as_f64).or(theta),
+            Some(Value::Object(p)),
+        ),
+        _ => (theta, scaling),
+    };
+    let theta = theta.unwrap_or(10_000.0);
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(format!("rope_theta {theta} must be positive"));
+    }
+    let Some(Value::Object(spec)) = spec else {
+        return Ok(RopeConfig {
+            theta,
+            scaling: RopeScaling::None,
+        });
+    };
+    let kind = spec
+        .get("rope_type")
+        .or_else(|| spec.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |key: &str| -> Result<f64, String> {
+        spec.get(key)
+            .and_then(Value::as_f64)
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| format!("rope scaling `{kind}` needs a positive `{key}`"))
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(format!(
+                "rope_type `{other}` is not supported (default, linear, llama3)"
+            ));
+        }
+    };
+    Ok(RopeConfig { theta, scaling })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#""vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4"#;
+
+    #[test]
+    fn transformers_4_and_5_spellings_agree() {
+        let v4 = format!(
+            r#"{{{BASE}, "rope_theta": 500000.0, "rope_scaling": {{"rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}}}"#
+        );
+        let v5 = format!(
+            r#"{{{BASE}, "rope_parameters": {{"rope_type": "llama3", "rope_theta": 500000.0,
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}}}"#
+        );
+        let a = LlamaConfig::from_json(&v4).unwrap();
+        let b = LlamaConfig::from_json(&v5).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.rope.theta, 500000.0);
+        assert!(matches!(
+            a.rope.scaling,
+            RopeScaling::Llama3 { factor: 8.0, .. }
+        ));
+        assert_eq!(a.head_dim, 16);
+        assert_eq!(a.num_key_value_heads, 4);
+        // Our own output reads back to the same architecture.
+        let c = LlamaConfig::from_json(&a.to_hf_json().to_string()).unwrap();
+        assert_eq!(a, c);
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_run() {
+        let bad_type = format!(r#"{{{BASE}, "model_type": "gpt2"}}"#);
+        assert!(
+            LlamaConfig::from_json(&bad_type)
+                .unwrap_err()
+                .contains("gpt2")
+        );
+        let bad_rope =
+            format!(r#"{{{BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 2}}}}"#);
+        assert!(
+            LlamaConfig::from_json(&bad_rope)
+                .unwrap_err()
+                .contains("yarn")
+        );
+        let bad_heads = format!(r#"{{{BASE}, "num_key_value_heads": 3}}"#);
+        assert!(LlamaConfig::from_json(&bad_heads).is_err());
+        assert!(LlamaConfig::from_json("{").is_err());
+        let qwen = format!(r#"{{{BASE}, "model_type": "qwen2"}}"#);
+        assert!(LlamaConfig::from_json(&qwen).unwrap().qkv_bias);
+    }
+}

@@ -1,0 +1,62 @@
+//! Causal grouped-query self-attention with rotary embeddings.
+
+use burn::module::Module;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Tensor};
+
+use super::{QLinear, RopeTables};
+
+/// `self_attn.{q_proj, k_proj, v_proj, o_proj}`.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// `[heads·head_dim, hidden]`.
+    pub q_proj: QLinear,
+    /// `[kv_heads·head_dim, hidden]`.
+    pub k_proj: QLinear,
+    /// `[kv_heads·head_dim, hidden]`.
+    pub v_proj: QLinear,
+    /// `[hidden, heads·head_dim]`.
+    pub o_proj: QLinear,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; each serves `heads / kv_heads` query heads.
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`, every position attending to itself
+    /// and the ones before it.
+    pub fn forward(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
+        let q = rope.apply(split(self.q_proj.forward(x.clone()), h));
+        let k = rope.apply(split(self.k_proj.forward(x.clone()), kvh));
+        let v = split(self.v_proj.forward(x), kvh);
+        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt());
+        // `tril_mask` is true outside the lower triangle: exactly the future positions.
+        let future: Tensor<2, Bool> = Tensor::tril_mask([s, s], 0, &scores.device());
+        let scores = scores.mask_fill(future.reshape([1, 1, s, s]).expand([b, h, s, s]), f32::MIN);
+        let out = softmax(scores, 3).matmul(v);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+    }
+}
+
+/// `[b, kv_heads, s, d]` → `[b, kv_heads·groups, s, d]`, each head repeated `groups` times in
+/// place (as transformers' `repeat_kv`).
+fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, kvh, s, d] = x.dims();
+    x.reshape([b, kvh, 1, s, d])
+        .expand([b, kvh, groups, s, d])
+        .reshape([b, kvh * groups, s, d])
+}

@@ -1,0 +1,226 @@
+//! Building a [`Llama`] from a checkpoint: dense or packed bases, optional quantization on
+//! load, optional PEFT adapter.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use loftq_core::quant::PackedTensor;
+use loftq_core::{QuantConfig, Quantizer};
+
+use super::{
+    Attention, BaseWeight, DecoderLayer, Llama, LoraAdapter, Mlp, PackedWeight, QLinear, RmsNorm,
+};
+use crate::config::LlamaConfig;
+use crate::io::{Adapter, Checkpoint, HostTensor, read_packed};
+use crate::{ModelError, Result};
+
+/// The linear layers of a decoder block, as PEFT's `target_modules` names them.
+pub const LINEAR_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// How to build the model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions<'a> {
+    /// Quantize every dense decoder linear weight with this configuration and hold it packed
+    /// (weights already packed in the checkpoint are used as they are).
+    pub quantize: Option<QuantConfig>,
+    /// The adapter to attach; every module it names must exist in the model.
+    pub adapter: Option<&'a Adapter>,
+}
+
+/// Builds the model described by `config` from `ckpt` on `device`.
+///
+/// # Errors
+/// [`ModelError`] naming the file and tensor when a tensor is missing, has the wrong shape,
+/// or an adapter module does not match a linear layer of the model.
+pub fn load_model(
+    config: &LlamaConfig,
+    ckpt: &Checkpoint,
+    device: &Device,
+    opts: &LoadOptions,
+) -> Result<Llama> {
+    let mut b = Builder {
+        ckpt,
+        device,
+        opts,
+        used: BTreeSet::new(),
+    };
+    let c = config;
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let q = c.num_attention_heads * d;
+        let kv = c.num_key_value_heads * d;
+        let inter = c.intermediate_size;
+        layers.push(DecoderLayer {
+            input_layernorm: b.norm(&format!("{p}.input_layernorm"), h, c.rms_norm_eps)?,
+            self_attn: Attention {
+                q_proj: b.linear(&format!("{p}.self_attn.q_proj"), [q, h], c.qkv_bias, true)?,
+                k_proj: b.linear(&format!("{p}.self_attn.k_proj"), [kv, h], c.qkv_bias, true)?,
+                v_proj: b.linear(&format!("{p}.self_attn.v_proj"), [kv, h], c.qkv_bias, true)?,
+                o_proj: b.linear(&format!("{p}.self_attn.o_proj"), [h, q], c.o_bias, true)?,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: d,
+            },
+            post_attention_layernorm: b.norm(
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                c.rms_norm_eps,
+            )?,
+            mlp: Mlp {
+                gate_proj: b.linear(&format!("{p}.mlp.gate_proj"), [inter, h], c.mlp_bias, true)?,
+                up_proj: b.linear(&format!("{p}.mlp.up_proj"), [inter, h], c.mlp_bias, true)?,
+                down_proj: b.linear(&format!("{p}.mlp.down_proj"), [h, inter], c.mlp_bias, true)?,
+            },
+        });
+    }
+    let embed_tokens = b.dense("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(b.linear("lm_head", [c.vocab_size, h], false, false)?)
+    };
+    let norm = b.norm("model.norm", h, c.rms_norm_eps)?;
+    if let Some(adapter) = opts.adapter
+        && let Some(extra) = adapter.modules.keys().find(|k| !b.used.contains(*k))
+    {
+        return Err(ModelError::Invalid(format!(
+            "the adapter has factors for `{extra}`, which is not a linear layer of this model"
+        )));
+    }
+    Ok(Llama {
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+        config: config.clone(),
+    })
+}
+
+/// Reads `config.json` and the weights of the HF-style directory `dir` (dense or our packed
+/// format) and, if given, the PEFT adapter directory `adapter`.
+///
+/// # Errors
+/// As [`load_model`], [`LlamaConfig::from_file`] and [`Adapter::read`].
+pub fn load_model_dir(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Llama> {
+    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let ckpt = Checkpoint::open(dir)?;
+    let adapter = adapter.map(Adapter::read).transpose()?;
+    load_model(
+        &config,
+        &ckpt,
+        device,
+        &LoadOptions {
+            quantize: None,
+            adapter: adapter.as_ref(),
+        },
+    )
+}
+
+struct Builder<'a> {
+    ckpt: &'a Checkpoint,
+    device: &'a Device,
+    opts: &'a LoadOptions<'a>,
+    used: BTreeSet<String>,
+}
+
+impl Builder<'_> {
+    fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(t.data, t.shape), self.device)
+    }
+
+    fn dense<const D: usize>(&self, name: &str, shape: &[usize]) -> Result<Tensor<D>> {
+        Ok(self.upload(self.ckpt.shaped(name, shape)?))
+    }
+
+    fn norm(&self, path: &str, hidden: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.dense(&format!("{path}.weight"), &[hidden])?,
+            eps,
+        })
+    }
+
+    fn linear(
+        &mut self,
+        path: &str,
+        shape: [usize; 2],
+        bias: bool,
+        quantizable: bool,
+    ) -> Result<QLinear> {
+        let wname = format!("{path}.weight");
+        let root = self.ckpt.root();
+        let packed = match read_packed(self.ckpt, &wname)? {
+            Some(p) => Some(p),
+            None => match self.opts.quantize.filter(|_| quantizable) {
+                Some(cfg) => {
+                    let w = self.ckpt.matrix(&wname, shape)?;
+                    let quant = |e| ModelError::Quant {
+                        name: wname.clone(),
+                        source: e,
+                    };
+                    let q = Quantizer::new(cfg).map_err(quant)?;
+                    let host = q.quantize_host(&w.data, shape).map_err(quant)?;
+                    Some(PackedTensor::pack(&host, cfg))
+                }
+                None => None,
+            },
+        };
+        let base = match packed {
+            Some(p) => {
+                if p.shape != shape {
+                    return Err(ModelError::tensor(
+                        root,
+                        &wname,
+                        format!("packed shape {:?}, expected {shape:?}", p.shape),
+                    ));
+                }
+                let w = PackedWeight::new(p, self.device).map_err(|e| ModelError::Quant {
+                    name: wname.clone(),
+                    source: e,
+                })?;
+                BaseWeight::Packed(Box::new(w))
+            }
+            None => BaseWeight::Dense(self.dense(&wname, &shape)?),
+        };
+        let bias = if bias {
+            Some(self.dense(&format!("{path}.bias"), &[shape[0]])?)
+        } else {
+            None
+        };
+        let lora = match self
+            .opts
+            .adapter
+            .and_then(|a| Some((a, a.modules.get(path)?)))
+        {
+            Some((adapter, w)) => {
+                let r = w.a.shape[0];
+                if w.a.shape != [r, shape[1]] || w.b.shape != [shape[0], r] {
+                    return Err(ModelError::Invalid(format!(
+                        "adapter factors of `{path}` are {:?} and {:?}, the layer is {shape:?}",
+                        w.a.shape, w.b.shape
+                    )));
+                }
+                self.used.insert(path.to_string());
+                let scaling = adapter.config.scaling(path, r);
+                Some(LoraAdapter::new(
+                    self.upload(w.a.clone()),
+                    self.upload(w.b.clone()),
+                    scaling,
+                    adapter.config.lora_dropout,
+                ))
+            }
+            None => None,
+        };
+        Ok(QLinear::new(base).with_bias(bias).with_lora(lora))
+    }
+}

@@ -1,0 +1,26 @@
+//! The SiLU-gated MLP: `down_proj(silu(gate_proj(x)) · up_proj(x))`.
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use burn::tensor::activation::silu;
+
+use super::QLinear;
+
+/// `mlp.{gate_proj, up_proj, down_proj}`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// `[intermediate, hidden]`.
+    pub gate_proj: QLinear,
+    /// `[intermediate, hidden]`.
+    pub up_proj: QLinear,
+    /// `[hidden, intermediate]`.
+    pub down_proj: QLinear,
+}
+
+impl Mlp {
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}

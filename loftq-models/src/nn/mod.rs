@@ -1,0 +1,18 @@
+//! The Llama-family model with quantized LoRA layers.
+//!
+//! Weights keep PyTorch's `[out, in]` layout everywhere (products use the transpose), so a
+//! checkpoint tensor maps to a module field by name and nothing else.
+
+mod attention;
+mod llama;
+mod load;
+mod mlp;
+mod qlinear;
+mod rope;
+
+pub use attention::Attention;
+pub use llama::{DecoderLayer, Llama, RmsNorm};
+pub use load::{LINEAR_NAMES, LoadOptions, load_model, load_model_dir};
+pub use mlp::Mlp;
+pub use qlinear::{BaseWeight, LoraAdapter, PackedWeight, QLinear};
+pub use rope::{RopeTables, inv_freq};

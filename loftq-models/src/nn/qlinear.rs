@@ -1,0 +1,262 @@
+//! [`QLinear`]: the one place where quantization and LoRA meet.
+//!
+//! `y = x·Wᵀ + bias + s·dropout(x)·Aᵀ·Bᵀ`, with `W [out, in]` frozen (dense, or held packed
+//! and dequantized for each product), `A [r, in]` and `B [out, r]` trainable (PEFT layout),
+//! `s` the LoRA scaling.
+
+use std::sync::Arc;
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use loftq_core::quant::{Kernel, PackedTensor, Quantized, is_host_device};
+use loftq_core::{QuantError, Quantizer};
+
+/// The frozen weight of a [`QLinear`], `[out, in]`.
+#[derive(Clone, Debug)]
+pub enum BaseWeight {
+    /// A dense matrix (full precision, or a PiSSA residual).
+    Dense(Tensor<2>),
+    /// Codes and scales; never a dense copy between products.
+    Packed(Box<PackedWeight>),
+}
+
+/// A quantized weight kept packed: the host [`PackedTensor`] (what is written to disk, and
+/// what CPU back ends dequantize from), plus on other devices the codes packed into `i32`
+/// words (GPU back ends have no `u8` tensors), `⌊32/bits⌋` codes per word, low bits first.
+#[derive(Clone, Debug)]
+pub struct PackedWeight {
+    packed: Arc<PackedTensor>,
+    quantizer: Arc<Quantizer>,
+    device: Device,
+    words: Option<DeviceWords>,
+}
+
+#[derive(Clone, Debug)]
+struct DeviceWords {
+    words: Tensor<1, Int>,
+    scales: Tensor<1>,
+    mins: Option<Tensor<1>>,
+    block: usize,
+}
+
+impl PackedWeight {
+    /// Holds `packed` for products on `device`.
+    ///
+    /// # Errors
+    /// [`QuantError::Corrupt`] if the codes and scales disagree with the shape.
+    pub fn new(packed: PackedTensor, device: &Device) -> Result<Self, QuantError> {
+        let quantizer = Arc::new(Quantizer::new(packed.config)?);
+        let host = packed.unpack()?;
+        let words = (!is_host_device(device)).then(|| {
+            let per = codes_per_word(packed.config.scheme.bits());
+            let bits = u32::from(packed.config.scheme.bits());
+            let words: Vec<i32> = host
+                .codes
+                .chunks(per)
+                .map(|c| {
+                    let w = c.iter().enumerate().fold(0u32, |w, (j, &code)| {
+                        w | (u32::from(code) << (j as u32 * bits))
+                    });
+                    w as i32
+                })
+                .collect();
+            let nw = words.len();
+            let upload =
+                |v: &[f32]| Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device);
+            DeviceWords {
+                words: Tensor::from_data(TensorData::new(words, [nw]), device),
+                scales: upload(&host.scales),
+                mins: (!host.mins.is_empty()).then(|| upload(&host.mins)),
+                block: host.block,
+            }
+        });
+        Ok(Self {
+            packed: Arc::new(packed),
+            quantizer,
+            device: device.clone(),
+            words,
+        })
+    }
+
+    /// The host storage.
+    pub fn packed(&self) -> &PackedTensor {
+        &self.packed
+    }
+
+    /// The dequantized matrix `[out, in]` on the weight's device.
+    pub fn dequantize(&self) -> Tensor<2> {
+        let shape = self.packed.shape;
+        match &self.words {
+            None => {
+                let v = self.packed.dequantize().expect("checked when built");
+                Tensor::from_data(TensorData::new(v, shape), &self.device)
+            }
+            Some(dw) => {
+                let n = shape[0] * shape[1];
+                let bits = u32::from(self.packed.config.scheme.bits());
+                let per = codes_per_word(self.packed.config.scheme.bits());
+                let nw = dw.words.dims()[0];
+                let shifts: Vec<i32> = (0..per as i32).map(|j| j * bits as i32).collect();
+                let shifts: Tensor<2, Int> =
+                    Tensor::from_data(TensorData::new(shifts, [1, per]), &self.device);
+                let codes = dw
+                    .words
+                    .clone()
+                    .reshape([nw, 1])
+                    .expand([nw, per])
+                    .bitwise_right_shift(shifts.expand([nw, per]))
+                    .bitwise_and_scalar((1i32 << bits) - 1)
+                    .reshape([nw * per])
+                    .slice(0..n);
+                let q = Quantized {
+                    shape,
+                    block: dw.block,
+                    codes,
+                    scales: dw.scales.clone(),
+                    mins: dw.mins.clone(),
+                };
+                self.quantizer.dequantize_with(&q, Kernel::Portable)
+            }
+        }
+    }
+}
+
+fn codes_per_word(bits: u8) -> usize {
+    32 / usize::from(bits)
+}
+
+impl BaseWeight {
+    /// The weight as a dense `[out, in]` tensor (dequantized if packed).
+    pub fn dense(&self) -> Tensor<2> {
+        match self {
+            BaseWeight::Dense(w) => w.clone(),
+            BaseWeight::Packed(p) => p.dequantize(),
+        }
+    }
+
+    /// `[out, in]`.
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            BaseWeight::Dense(w) => w.dims(),
+            BaseWeight::Packed(p) => p.packed.shape,
+        }
+    }
+}
+
+/// The LoRA factors of a [`QLinear`].
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    /// `lora_A` `[r, in]`.
+    pub a: Param<Tensor<2>>,
+    /// `lora_B` `[out, r]`.
+    pub b: Param<Tensor<2>>,
+    /// `s` in `s·B·A` (`alpha / r`, or `alpha / √r` for rsLoRA).
+    pub scaling: f64,
+    /// Dropout on the adapter's input (active only while training on an autodiff device).
+    pub dropout: Dropout,
+}
+
+impl LoraAdapter {
+    /// Builds an adapter from `A [r, in]` and `B [out, r]`.
+    ///
+    /// # Panics
+    /// If the ranks of `a` and `b` differ, or `dropout` is not in `[0, 1)`.
+    pub fn new(a: Tensor<2>, b: Tensor<2>, scaling: f64, dropout: f64) -> Self {
+        assert_eq!(a.dims()[0], b.dims()[1], "lora_A and lora_B ranks differ");
+        Self {
+            a: Param::from_tensor(a),
+            b: Param::from_tensor(b),
+            scaling,
+            dropout: DropoutConfig::new(dropout).init(),
+        }
+    }
+
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// `s·B·A`, `[out, in]`.
+    pub fn delta(&self) -> Tensor<2> {
+        self.b.val().matmul(self.a.val()).mul_scalar(self.scaling)
+    }
+}
+
+/// A linear layer with a frozen (possibly quantized) base and an optional LoRA adapter.
+#[derive(Module, Debug)]
+pub struct QLinear {
+    /// Frozen weight `[out, in]`.
+    #[module(skip)]
+    pub base: BaseWeight,
+    /// Frozen bias `[out]`.
+    pub bias: Option<Tensor<1>>,
+    /// The adapter.
+    pub lora: Option<LoraAdapter>,
+    /// When false the adapter is ignored (the base model alone).
+    pub adapter_enabled: bool,
+}
+
+impl QLinear {
+    /// A layer with `base`, no bias, no adapter.
+    pub fn new(base: BaseWeight) -> Self {
+        Self {
+            base,
+            bias: None,
+            lora: None,
+            adapter_enabled: true,
+        }
+    }
+
+    /// Sets the bias.
+    pub fn with_bias(mut self, bias: Option<Tensor<1>>) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// Sets the adapter.
+    ///
+    /// # Panics
+    /// If its shapes do not fit the base.
+    pub fn with_lora(mut self, lora: Option<LoraAdapter>) -> Self {
+        if let Some(l) = &lora {
+            let [out, inp] = self.base.shape();
+            assert_eq!(l.a.dims()[1], inp, "lora_A columns must equal in_features");
+            assert_eq!(l.b.dims()[0], out, "lora_B rows must equal out_features");
+        }
+        self.lora = lora;
+        self
+    }
+
+    /// `[out, in]`.
+    pub fn shape(&self) -> [usize; 2] {
+        self.base.shape()
+    }
+
+    /// Applies the layer to the last dimension of `x` (`[..., in]` → `[..., out]`).
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let [out, inp] = self.shape();
+        let mut dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let x2: Tensor<2> = x.reshape([rows, inp]);
+        let mut y = x2.clone().matmul(self.base.dense().transpose());
+        if let Some(bias) = &self.bias {
+            y = y + bias.clone().reshape([1, out]);
+        }
+        if let (Some(lora), true) = (&self.lora, self.adapter_enabled) {
+            let h = lora.dropout.forward(x2).matmul(lora.a.val().transpose());
+            y = y + h.matmul(lora.b.val().transpose()).mul_scalar(lora.scaling);
+        }
+        dims[D - 1] = out;
+        y.reshape(dims)
+    }
+
+    /// The dense weight this layer computes with, adapter merged: `W + s·B·A`, `[out, in]`.
+    pub fn merged_weight(&self) -> Tensor<2> {
+        let w = self.base.dense();
+        match (&self.lora, self.adapter_enabled) {
+            (Some(lora), true) => w + lora.delta(),
+            _ => w,
+        }
+    }
+}

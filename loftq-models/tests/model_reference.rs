@@ -1,0 +1,129 @@
+//! The model against transformers and PEFT: logits of the tiny Llama fixtures.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use loftq_core::{DeviceSpec, QuantConfig};
+use loftq_models::io::{Adapter, Checkpoint};
+use loftq_models::nn::{BaseWeight, LoadOptions, load_model, load_model_dir};
+use loftq_models::{LlamaConfig, nn::Llama};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn device() -> Device {
+    DeviceSpec::from_env().device().expect("device")
+}
+
+/// `input_ids` and the named logits of a fixture file.
+fn reference(file: &Path, key: &str) -> (Tensor<2, Int>, Vec<f32>) {
+    let ck = Checkpoint::open(file).unwrap();
+    let (shape, ids) = ck.i64("input_ids").unwrap();
+    let ids: Vec<i32> = ids.into_iter().map(|x| x as i32).collect();
+    let ids = Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device());
+    (ids, ck.f32(key).unwrap().data)
+}
+
+fn logits(model: &Llama, ids: Tensor<2, Int>) -> Vec<f32> {
+    model
+        .forward(ids)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    let dir = fixture("tiny-llama");
+    let model = load_model_dir(&dir, None, &device()).unwrap();
+    let (ids, want) = reference(&dir.join("logits.safetensors"), "logits");
+    let got = logits(&model, ids);
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+}
+
+/// PEFT's LoftQ backbone (dequantized Q) and adapter: with and without the adapter, and with
+/// the backbone re-quantized and held packed (lossless: Q already lies on the grid).
+fn peft_loftq(name: &str, bits: u8) {
+    let dir = fixture(name);
+    let config = LlamaConfig::from_file(&fixture("tiny-llama/config.json")).unwrap();
+    let ckpt = Checkpoint::open(&dir.join("backbone_Q.safetensors")).unwrap();
+    let adapter = Adapter::read(&dir.join("adapter")).unwrap();
+    assert_eq!(adapter.modules.len(), 14);
+    let refs = dir.join("logits.safetensors");
+    let (ids, want_lora) = reference(&refs, "logits_lora");
+    let (_, want_q) = reference(&refs, "logits_q_only");
+    for quantize in [None, Some(QuantConfig::nf(bits))] {
+        let opts = LoadOptions {
+            quantize,
+            adapter: Some(&adapter),
+        };
+        let mut model = load_model(&config, &ckpt, &device(), &opts).unwrap();
+        let packed = model
+            .linears()
+            .iter()
+            .filter(|(_, l)| matches!(l.base, BaseWeight::Packed(_)))
+            .count();
+        assert_eq!(packed, if quantize.is_some() { 14 } else { 0 });
+        let d_lora = max_abs_diff(&logits(&model, ids.clone()), &want_lora);
+        model.set_adapters_enabled(false);
+        let d_q = max_abs_diff(&logits(&model, ids.clone()), &want_q);
+        assert!(
+            d_lora < 1e-4,
+            "{name} {quantize:?}: max |Δ logits_lora| = {d_lora}"
+        );
+        assert!(
+            d_q < 1e-4,
+            "{name} {quantize:?}: max |Δ logits_q_only| = {d_q}"
+        );
+    }
+}
+
+#[test]
+fn peft_loftq_4bit_matches_peft() {
+    peft_loftq("tiny-llama-loftq-4bit", 4);
+}
+
+#[test]
+fn peft_loftq_2bit_matches_peft() {
+    peft_loftq("tiny-llama-loftq-2bit", 2);
+}
+
+#[test]
+fn packed_bases_dequantize_exactly_to_peft_q() {
+    // Packed NF2 codes of PEFT's Q give back Q bit for bit on this device.
+    let dir = fixture("tiny-llama-loftq-2bit");
+    let config = LlamaConfig::from_file(&fixture("tiny-llama/config.json")).unwrap();
+    let ckpt = Checkpoint::open(&dir.join("backbone_Q.safetensors")).unwrap();
+    let opts = LoadOptions {
+        quantize: Some(QuantConfig::nf(2)),
+        adapter: None,
+    };
+    let model = load_model(&config, &ckpt, &device(), &opts).unwrap();
+    for (path, lin) in model.linears() {
+        if path == "lm_head" {
+            continue;
+        }
+        let want = ckpt.f32(&format!("{path}.weight")).unwrap().data;
+        let got = lin
+            .base
+            .dense()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(got, want, "{path}");
+    }
+}
