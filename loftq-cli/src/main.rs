@@ -1,7 +1,9 @@
 //! `loftq`: the command-line tool of loftq-rs.
 //!
-//! This release has `codebook`; `init`, `eval`, `train`, `inspect` and `convert` come with the
-//! model, LoftQ and training work (see README.md).
+//! This release has `codebook` and `eval --logits-for`; `init`, `train`, `inspect` and
+//! `convert` come with the LoftQ, GGUF and training work (see README.md).
+
+mod eval;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
         rounding: RoundingArg,
     },
+    /// Run a model (HF directory, dense or our packed backbone) with an optional PEFT
+    /// adapter, and write its logits for given token ids.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -46,31 +51,43 @@ enum RoundingArg {
     Bnb,
 }
 
-#[allow(clippy::print_stdout)]
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Codebook {
             kind,
             bits,
             rounding,
         } => {
-            let cb = match kind {
-                Kind::Nf => Codebook::normal_float(bits),
-                Kind::Uniform => Codebook::uniform(bits),
-            };
-            let rounding = match rounding {
-                RoundingArg::Peft => Rounding::Peft,
-                RoundingArg::Bnb => Rounding::Bnb,
-            };
-            let thresholds = cb.thresholds(rounding);
-            println!("code\tlevel\tgoes up at (>=)");
-            for (i, level) in cb.levels().iter().enumerate() {
-                let t = thresholds
-                    .get(i)
-                    .map_or(String::new(), |t| format!("{t:.9e}"));
-                println!("{i}\t{level:.9}\t{t}");
-            }
+            codebook(kind, bits, rounding);
+            Ok(())
+        }
+        Command::Eval(args) => eval::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
-    ExitCode::SUCCESS
+}
+
+#[allow(clippy::print_stdout)]
+fn codebook(kind: Kind, bits: u8, rounding: RoundingArg) {
+    let cb = match kind {
+        Kind::Nf => Codebook::normal_float(bits),
+        Kind::Uniform => Codebook::uniform(bits),
+    };
+    let rounding = match rounding {
+        RoundingArg::Peft => Rounding::Peft,
+        RoundingArg::Bnb => Rounding::Bnb,
+    };
+    let thresholds = cb.thresholds(rounding);
+    println!("code\tlevel\tgoes up at (>=)");
+    for (i, level) in cb.levels().iter().enumerate() {
+        let t = thresholds
+            .get(i)
+            .map_or(String::new(), |t| format!("{t:.9e}"));
+        println!("{i}\t{level:.9}\t{t}");
+    }
 }

@@ -13,7 +13,13 @@ use std::process::{Command, ExitCode};
 const TEST_FEATURES: &str = "loftq-core/wgpu";
 
 /// Integration tests whose device comes from `LOFTQ_DEVICE`.
-const DEVICE_TESTS: &[&str] = &["quant_reference", "loftq_reference", "lowrank_and_init"];
+const DEVICE_TESTS: &[&str] = &[
+    "quant_reference",
+    "loftq_reference",
+    "lowrank_and_init",
+    "model_reference",
+    "files",
+];
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

@@ -188,7 +188,7 @@ impl Builder<'_> {
                     name: wname.clone(),
                     source: e,
                 })?;
-                BaseWeight::Packed(Box::new(w))
+                BaseWeight::Packed(w)
             }
             None => BaseWeight::Dense(self.dense(&wname, &shape)?),
         };

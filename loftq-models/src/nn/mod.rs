@@ -9,6 +9,7 @@ mod load;
 mod mlp;
 mod qlinear;
 mod rope;
+mod save;
 
 pub use attention::Attention;
 pub use llama::{DecoderLayer, Llama, RmsNorm};
@@ -16,3 +17,4 @@ pub use load::{LINEAR_NAMES, LoadOptions, load_model, load_model_dir};
 pub use mlp::Mlp;
 pub use qlinear::{BaseWeight, LoraAdapter, PackedWeight, QLinear};
 pub use rope::{RopeTables, inv_freq};
+pub use save::BackboneFormat;

@@ -14,11 +14,13 @@ use loftq_core::{QuantError, Quantizer};
 
 /// The frozen weight of a [`QLinear`], `[out, in]`.
 #[derive(Clone, Debug)]
+// A Burn `Tensor` handle is itself ~640 bytes; boxing would not make this smaller.
+#[allow(clippy::large_enum_variant)]
 pub enum BaseWeight {
     /// A dense matrix (full precision, or a PiSSA residual).
     Dense(Tensor<2>),
     /// Codes and scales; never a dense copy between products.
-    Packed(Box<PackedWeight>),
+    Packed(PackedWeight),
 }
 
 /// A quantized weight kept packed: the host [`PackedTensor`] (what is written to disk, and

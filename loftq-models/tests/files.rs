@@ -1,0 +1,219 @@
+//! Writing and reading back: packed and dense backbones, PEFT adapters; bad files.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use loftq_core::{DeviceSpec, QuantConfig};
+use loftq_models::io::{Adapter, AdapterConfig, Checkpoint, packed_names};
+use loftq_models::nn::{BackboneFormat, LoadOptions, load_model, load_model_dir};
+use loftq_models::{LlamaConfig, ModelError, nn::Llama};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn device() -> Device {
+    DeviceSpec::from_env().device().expect("device")
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("loftq-models-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn ids() -> Tensor<2, Int> {
+    let v: Vec<i32> = (0..32).map(|i| (i * 37 + 5) % 256).collect();
+    Tensor::from_data(TensorData::new(v, [2, 16]), &device())
+}
+
+fn logits(model: &Llama) -> Vec<f32> {
+    model
+        .forward(ids())
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+/// PEFT's 4-bit LoftQ model, quantized to `config` on load, with PEFT's adapter.
+fn loftq_model(config: QuantConfig) -> (LlamaConfig, Llama) {
+    let dir = fixture("tiny-llama-loftq-4bit");
+    let cfg = LlamaConfig::from_file(&fixture("tiny-llama/config.json")).unwrap();
+    let ckpt = Checkpoint::open(&dir.join("backbone_Q.safetensors")).unwrap();
+    let adapter = Adapter::read(&dir.join("adapter")).unwrap();
+    let opts = LoadOptions {
+        quantize: Some(config),
+        adapter: Some(&adapter),
+    };
+    let model = load_model(&cfg, &ckpt, &device(), &opts).unwrap();
+    (cfg, model)
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+#[test]
+fn packed_backbone_and_adapter_round_trip_exactly() {
+    for config in [
+        QuantConfig::nf4(),
+        QuantConfig::nf4().with_double_quant(true),
+    ] {
+        let (_, model) = loftq_model(config);
+        let want = logits(&model);
+        let dir = scratch(&format!("packed-{}", config.label()));
+        model.save_backbone(&dir, BackboneFormat::Packed).unwrap();
+        let adapter = model
+            .adapter(AdapterConfig::new(8, 8.0, vec![]))
+            .expect("adapters present");
+        adapter.write(&dir.join("adapter")).unwrap();
+
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        assert_eq!(packed_names(&ckpt).len(), 14);
+        let back = load_model_dir(&dir, Some(&dir.join("adapter")), &device()).unwrap();
+        assert_eq!(logits(&back), want, "{}", config.label());
+        let read = Adapter::read(&dir.join("adapter")).unwrap();
+        assert_eq!(read.modules, adapter.modules);
+        assert_eq!(read.config.target_modules.as_array().unwrap().len(), 7);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn dense_backbones_load_and_packed_is_smaller() {
+    let (_, mut model) = loftq_model(QuantConfig::nf(2));
+    model.set_adapters_enabled(false);
+    let want = logits(&model);
+    let dir = scratch("dense");
+    let mut sizes = Vec::new();
+    for (format, tol) in [
+        (BackboneFormat::F32, 1e-5),
+        (BackboneFormat::Bf16, 0.1),
+        (BackboneFormat::Packed, 0.0),
+    ] {
+        let out = dir.join(format!("{format:?}"));
+        model.save_backbone(&out, format).unwrap();
+        sizes.push(file_size(&out.join("model.safetensors")));
+        let back = load_model_dir(&out, None, &device()).unwrap();
+        let got = logits(&back);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff <= tol, "{format:?}: {diff}");
+    }
+    // Embeddings and the LM head stay f32 in all three; the 14 linear weights shrink.
+    assert!(sizes[2] < sizes[1] && sizes[1] < sizes[0], "{sizes:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn expect_err(r: Result<Llama, ModelError>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_files_are_errors_that_name_the_file_and_tensor() {
+    let src = fixture("tiny-llama");
+    let dir = scratch("bad");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+
+    // Truncated.
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() - 100]).unwrap();
+    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("valid"),
+        "{msg}"
+    );
+
+    // Header offsets past the end: length field claiming more than the file.
+    let mut lying = bytes.clone();
+    lying[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(dir.join("model.safetensors"), &lying).unwrap();
+    assert!(expect_err(load_model_dir(&dir, None, &device())).contains("model.safetensors"));
+
+    // Missing tensor.
+    let ck = Checkpoint::open(&src.join("model.safetensors")).unwrap();
+    let mut kept = std::collections::BTreeMap::new();
+    for name in ck.names().filter(|n| !n.contains("layers.1.mlp.up_proj")) {
+        let t = ck.f32(name).unwrap();
+        kept.insert(
+            name.to_string(),
+            loftq_models::io::OutTensor::f32(t.shape, &t.data),
+        );
+    }
+    loftq_models::io::write_safetensors(&dir.join("model.safetensors"), &kept, None).unwrap();
+    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    assert!(
+        msg.contains("model.layers.1.mlp.up_proj.weight") && msg.contains("not found"),
+        "{msg}"
+    );
+
+    // Shape mismatch: the config says a wider MLP than the weights have.
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96"),
+    )
+    .unwrap();
+    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    assert!(
+        msg.contains("gate_proj.weight") && msg.contains("[128, 64]"),
+        "{msg}"
+    );
+
+    // Bad JSON.
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": ").unwrap();
+    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    assert!(msg.contains("config.json"), "{msg}");
+
+    // No weights at all.
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    assert!(msg.contains("no model.safetensors"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn adapters_that_do_not_fit_are_errors() {
+    let src = fixture("tiny-llama");
+    let peft = fixture("tiny-llama-loftq-4bit/adapter");
+    let dir = scratch("bad-adapter");
+    let mut adapter = Adapter::read(&peft).unwrap();
+
+    // A module the model does not have.
+    let w = adapter.modules["model.layers.0.mlp.up_proj"].clone();
+    adapter
+        .modules
+        .insert("model.layers.7.mlp.up_proj".into(), w);
+    adapter.write(&dir).unwrap();
+    let msg = expect_err(load_model_dir(&src, Some(&dir), &device()));
+    assert!(msg.contains("model.layers.7.mlp.up_proj"), "{msg}");
+
+    // Factors of the wrong shape.
+    let mut adapter = Adapter::read(&peft).unwrap();
+    let w = adapter.modules["model.layers.0.mlp.up_proj"].clone();
+    adapter
+        .modules
+        .insert("model.layers.0.mlp.down_proj".into(), w);
+    adapter.write(&dir).unwrap();
+    let msg = expect_err(load_model_dir(&src, Some(&dir), &device()));
+    assert!(msg.contains("down_proj"), "{msg}");
+
+    // Missing config.
+    std::fs::remove_file(dir.join("adapter_config.json")).unwrap();
+    let msg = expect_err(load_model_dir(&src, Some(&dir), &device()));
+    assert!(msg.contains("adapter_config.json"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
