@@ -1,31 +1,49 @@
-//! `loftq eval`: run a model and write its logits.
+//! `loftq eval`: write a model's logits for given ids, or print its perplexity on a text.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::Args;
 use loftq_core::DeviceSpec;
 use loftq_core::quant::host_f32;
+use loftq_models::eval::perplexity;
 use loftq_models::io::{Checkpoint, OutTensor, write_safetensors};
-use loftq_models::nn::load_model_dir;
-use loftq_models::{ModelError, Result};
+use loftq_models::nn::{Llama, load_pretrained};
+use loftq_models::{ModelError, Result, Tokenizer};
 
 /// Arguments of `loftq eval`.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Model directory: config.json + model.safetensors (or sharded), dense or packed.
+    /// Model: an HF directory (config.json + safetensors, dense or our packed backbone) or a
+    /// llama.cpp .gguf file.
     #[arg(long)]
     model: PathBuf,
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// A safetensors file with an integer tensor `input_ids` [batch, seq].
-    #[arg(long, value_name = "IDS.safetensors")]
-    logits_for: PathBuf,
+    /// A safetensors file with an integer tensor `input_ids` [batch, seq]; the logits go
+    /// to --out.
+    #[arg(
+        long,
+        value_name = "IDS.safetensors",
+        requires = "out",
+        conflicts_with = "text"
+    )]
+    logits_for: Option<PathBuf>,
     /// Where to write `logits` (f32 [batch, seq, vocab]) and a copy of `input_ids`.
     #[arg(long, value_name = "LOGITS.safetensors")]
-    out: PathBuf,
+    out: Option<PathBuf>,
+    /// A UTF-8 text file: print the perplexity of its first --tokens tokens (no BOS), in one
+    /// pass. The tokenizer is the model's tokenizer.json, or the GGUF vocabulary.
+    #[arg(long, required_unless_present = "logits_for")]
+    text: Option<PathBuf>,
+    /// Tokens of --text to score.
+    #[arg(long, default_value_t = 512)]
+    tokens: usize,
+    /// Read only the first CHARS characters of --text.
+    #[arg(long)]
+    chars: Option<usize>,
     /// Device: cpu, wgpu, or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -37,10 +55,44 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         .device
         .device()
         .map_err(|e| ModelError::Invalid(format!("--device {}: {e}", args.device)))?;
-    let model = load_model_dir(&args.model, args.adapter.as_deref(), &device)?;
-    let inputs = Checkpoint::open(&args.logits_for)?;
+    let model = load_pretrained(&args.model, args.adapter.as_deref(), &device)?;
+    match (&args.logits_for, &args.out, &args.text) {
+        (Some(ids), Some(out), _) => write_logits(&model, ids, out, &device),
+        (_, _, Some(text)) => print_perplexity(&model, args, text),
+        _ => Err(ModelError::Invalid(
+            "give --logits-for IDS --out LOGITS, or --text FILE".into(),
+        )),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn print_perplexity(model: &Llama, args: &EvalArgs, text: &Path) -> Result<()> {
+    let tok = Tokenizer::for_model(&args.model)?;
+    let content = std::fs::read_to_string(text).map_err(|e| ModelError::io(text, e))?;
+    let content: String = match args.chars {
+        Some(n) => content.chars().take(n).collect(),
+        None => content,
+    };
+    let mut ids = tok.encode(&content)?;
+    if ids.len() < 2 {
+        return Err(ModelError::format(text, "fewer than two tokens"));
+    }
+    ids.truncate(args.tokens.max(2));
+    let p = perplexity(model, &ids);
+    println!(
+        "{}: {} tokens, mean NLL {:.4} nats, perplexity {:.3}",
+        text.display(),
+        p.tokens + 1,
+        p.nll,
+        p.ppl
+    );
+    Ok(())
+}
+
+fn write_logits(model: &Llama, ids_path: &Path, out: &Path, device: &Device) -> Result<()> {
+    let inputs = Checkpoint::open(ids_path)?;
     let (shape, ids) = inputs.i64("input_ids")?;
-    let bad = |msg: String| ModelError::tensor(&args.logits_for, "input_ids", msg);
+    let bad = |msg: String| ModelError::tensor(ids_path, "input_ids", msg);
     let &[batch, seq] = shape.as_slice() else {
         return Err(bad(format!("shape {shape:?}, expected [batch, seq]")));
     };
@@ -54,7 +106,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         )));
     }
     let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-    let ids_t: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids32, [batch, seq]), &device);
+    let ids_t: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids32, [batch, seq]), device);
     let logits = model.forward(ids_t).reshape([batch * seq, vocab]);
     let mut tensors = BTreeMap::new();
     tensors.insert(
@@ -69,5 +121,5 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             bytes: ids.iter().flat_map(|x| x.to_le_bytes()).collect(),
         },
     );
-    write_safetensors(&args.out, &tensors, None)
+    write_safetensors(out, &tensors, None)
 }

@@ -1,8 +1,9 @@
 //! `loftq`: the command-line tool of loftq-rs.
 //!
-//! This release has `codebook` and `eval --logits-for`; `init`, `train`, `inspect` and
-//! `convert` come with the LoftQ, GGUF and training work (see README.md).
+//! This release has `codebook`, `convert` (GGUF to HF) and `eval` (logits, perplexity);
+//! `init`, `train` and `inspect` come with the whole-model and training work (README.md).
 
+mod convert;
 mod eval;
 
 use std::process::ExitCode;
@@ -37,6 +38,9 @@ enum Command {
     /// Run a model (HF directory, dense or our packed backbone) with an optional PEFT
     /// adapter, and write its logits for given token ids.
     Eval(eval::EvalArgs),
+    /// Convert a llama.cpp .gguf file into an HF-style directory (config.json,
+    /// model.safetensors, tokenizer.json).
+    Convert(convert::ConvertArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Eval(args) => eval::run(&args),
+        Command::Convert(args) => convert::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

