@@ -1,10 +1,11 @@
 //! `loftq`: the command-line tool of loftq-rs.
 //!
-//! This release has `codebook`, `convert` (GGUF to HF) and `eval` (logits, perplexity);
-//! `init`, `train` and `inspect` come with the whole-model and training work (README.md).
+//! This release has `codebook`, `convert` (GGUF to HF), `eval` (logits, perplexity) and
+//! `inspect`; `init` and `train` come with the whole-model and training work (README.md).
 
 mod convert;
 mod eval;
+mod inspect;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,9 @@ enum Command {
     /// Convert a llama.cpp .gguf file into an HF-style directory (config.json,
     /// model.safetensors, tokenizer.json).
     Convert(convert::ConvertArgs),
+    /// Show what a checkpoint, GGUF file, packed backbone or PEFT adapter holds: tensors,
+    /// dtypes or quantizers, bits per parameter.
+    Inspect(inspect::InspectArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         }
         Command::Eval(args) => eval::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,4 +16,4 @@ pub use self::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, Lo
 pub use self::safetensors::{
     Checkpoint, HostTensor, OutTensor, TensorEntry, floats_from_le, write_atomic, write_safetensors,
 };
-pub use self::source::TensorSource;
+pub use self::source::{SIDE_FILES, TensorSource, copy_side_files};

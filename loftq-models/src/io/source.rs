@@ -79,3 +79,39 @@ fn is_packed_part(name: &str) -> bool {
     .iter()
     .any(|s| name.ends_with(s))
 }
+
+/// Files that travel with a model's weights: the tokenizer and generation settings.
+pub const SIDE_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// Copies the tokenizer (and generation settings) of the model at `src` (an HF directory,
+/// or a `.gguf` file whose vocabulary becomes `tokenizer.json`) into `dir`. Returns the
+/// names written; a model without a tokenizer writes none.
+///
+/// # Errors
+/// [`ModelError::Io`] if a copy fails; GGUF tokenizer errors.
+pub fn copy_side_files(src: &Path, dir: &Path) -> Result<Vec<String>> {
+    let mut written = Vec::new();
+    if src.is_file() && src.extension().is_some_and(|e| e == "gguf") {
+        let model = super::GgufModel::open(src)?;
+        if model.gguf.meta("tokenizer.ggml.model").is_some() {
+            let json = model.tokenizer_json()?.to_string();
+            super::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+            written.push("tokenizer.json".to_string());
+        }
+        return Ok(written);
+    }
+    for name in SIDE_FILES {
+        let from = src.join(name);
+        if from.is_file() {
+            let bytes = std::fs::read(&from).map_err(|e| ModelError::io(&from, e))?;
+            super::write_atomic(&dir.join(name), &bytes)?;
+            written.push(name.to_string());
+        }
+    }
+    Ok(written)
+}
