@@ -36,8 +36,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
         rounding: RoundingArg,
     },
-    /// Run a model (HF directory, dense or our packed backbone) with an optional PEFT
-    /// adapter, and write its logits for given token ids.
+    /// Run a model (HF directory, dense or packed, or a .gguf file) with an optional PEFT
+    /// adapter: write its logits for given token ids, or print its perplexity on a text.
     Eval(eval::EvalArgs),
     /// Convert a llama.cpp .gguf file into an HF-style directory (config.json,
     /// model.safetensors, tokenizer.json).
