@@ -1,11 +1,13 @@
 //! `loftq`: the command-line tool of loftq-rs.
 //!
-//! This release has `codebook`, `convert` (GGUF to HF), `eval` (logits, perplexity) and
-//! `inspect`; `init` and `train` come with the whole-model and training work (README.md).
+//! Commands: `init` (the main job), `eval` (logits, perplexity), `convert` (GGUF to HF),
+//! `inspect`, `codebook`; `train` comes with the training work (README.md).
 
 mod convert;
 mod eval;
+mod init;
 mod inspect;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -36,6 +38,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
         rounding: RoundingArg,
     },
+    /// Quantize every targeted weight of a checkpoint and start its LoRA adapter (LoftQ,
+    /// QLoRA, PiSSA, QPiSSA): writes the backbone, a PEFT adapter and report.json.
+    Init(Box<init::InitArgs>),
     /// Run a model (HF directory, dense or packed, or a .gguf file) with an optional PEFT
     /// adapter: write its logits for given token ids, or print its perplexity on a text.
     Eval(eval::EvalArgs),
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
             codebook(kind, bits, rounding);
             Ok(())
         }
+        Command::Init(args) => init::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Inspect(args) => inspect::run(&args),

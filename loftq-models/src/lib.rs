@@ -8,12 +8,15 @@
 //! - [`nn`]: the Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2) whose linear
 //!   layers are [`nn::QLinear`]: a frozen base, dense or held packed, plus a LoRA adapter.
 //!
+//! - [`init`]: `loftq init`, the whole-checkpoint job (streaming, resumable).
+//!
 //! GGUF files (llama.cpp) are read through [`io::GgufModel`], which presents them under HF
 //! names and layout.
 
 pub mod config;
 mod error;
 pub mod eval;
+pub mod init;
 pub mod io;
 pub mod nn;
 pub mod tokenizer;

@@ -24,6 +24,7 @@ const DEVICE_TESTS: &[&str] = &[
     "model_reference",
     "files",
     "gguf",
+    "init",
 ];
 
 fn cargo() -> Command {

@@ -166,6 +166,16 @@ impl TensorSource for GgufModel {
         v
     }
 
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let g = gguf_name(name)
+            .ok_or_else(|| ModelError::tensor(self.root(), name, "has no GGUF counterpart"))?;
+        self.gguf
+            .tensors
+            .get(&g)
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| ModelError::tensor(self.root(), &g, "not found"))
+    }
+
     fn tensor(&self, name: &str) -> Result<HostTensor> {
         let g = gguf_name(name)
             .ok_or_else(|| ModelError::tensor(self.root(), name, "has no GGUF counterpart"))?;

@@ -8,6 +8,7 @@ mod packed;
 mod peft;
 mod safetensors;
 mod source;
+mod stream;
 
 pub use self::gguf::Gguf;
 pub use self::gguf_llama::{GgufModel, gguf_name, hf_name, unpermute_rows};
@@ -17,3 +18,4 @@ pub use self::safetensors::{
     Checkpoint, HostTensor, OutTensor, TensorEntry, floats_from_le, write_atomic, write_safetensors,
 };
 pub use self::source::{SIDE_FILES, TensorSource, copy_side_files};
+pub use self::stream::StreamWriter;

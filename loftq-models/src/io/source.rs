@@ -21,6 +21,21 @@ pub trait TensorSource {
     /// [`ModelError::Tensor`] if missing or unreadable.
     fn tensor(&self, name: &str) -> Result<HostTensor>;
 
+    /// Shape of tensor `name` without reading its data.
+    ///
+    /// # Errors
+    /// [`ModelError::Tensor`] if missing.
+    fn shape(&self, name: &str) -> Result<Vec<usize>>;
+
+    /// The stored dtype and little-endian bytes of `name`, when the source can hand them
+    /// over unchanged (safetensors); `None` otherwise (GGUF blocks are decoded instead).
+    ///
+    /// # Errors
+    /// [`ModelError::Tensor`] if missing.
+    fn raw(&self, _name: &str) -> Result<Option<(safetensors::Dtype, Vec<u8>)>> {
+        Ok(None)
+    }
+
     /// Packed weight `name`, if the source stores it packed.
     ///
     /// # Errors
@@ -61,6 +76,18 @@ impl TensorSource for Checkpoint {
 
     fn tensor(&self, name: &str) -> Result<HostTensor> {
         self.f32(name)
+    }
+
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        if let Some(p) = read_packed(self, name)? {
+            return Ok(p.shape.to_vec());
+        }
+        Ok(self.bytes(name)?.0.shape.clone())
+    }
+
+    fn raw(&self, name: &str) -> Result<Option<(safetensors::Dtype, Vec<u8>)>> {
+        let (e, b) = self.bytes(name)?;
+        Ok(Some((e.dtype, b.to_vec())))
     }
 
     fn packed(&self, name: &str) -> Result<Option<PackedTensor>> {

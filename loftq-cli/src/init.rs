@@ -1,0 +1,302 @@
+//! `loftq init`: LoftQ (or QLoRA, PiSSA, QPiSSA) on every targeted weight of a checkpoint.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use loftq_core::lowrank::{RsvdConfig, SvdMethod};
+use loftq_core::{DeviceSpec, InitScaling};
+use loftq_models::init::plan::{
+    avg_bits_rules, layer_index, parse_bits, parse_layer_bits, split_list,
+};
+use loftq_models::init::{Backbone, Event, InitSpec, Method, Target, run_init};
+use loftq_models::io::{Checkpoint, GgufModel, TensorSource};
+use loftq_models::{ModelError, Result};
+
+use crate::progress::Progress;
+
+/// Arguments of `loftq init`.
+#[derive(Args)]
+pub struct InitArgs {
+    /// Full-precision model: an HF directory (safetensors, sharded or not) or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output directory (must not exist or be empty, unless --resume): model.safetensors,
+    /// config.json, tokenizer files, adapter/ (PEFT), report.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// How the adapter starts: loftq (alternating quantization and low-rank fit), qlora
+    /// (plain quantization, B = 0), pissa (top-r components in the adapter, dense residual),
+    /// qpissa (pissa with the residual quantized).
+    #[arg(long, value_enum, default_value_t = MethodArg::Loftq)]
+    method: MethodArg,
+    /// Quantizer: nf4, nf3, nf2, int8, int4, int2 (symmetric), int4-asym, uniform4, ...
+    #[arg(long, default_value = "nf4")]
+    bits: String,
+    /// Elements per quantization block (0: one block per row).
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// Quantize the block scales too (bitsandbytes' double quantization).
+    #[arg(long)]
+    double_quant: bool,
+    /// Per-layer quantizers, first match wins, e.g. "0-3:nf4,*:nf2".
+    #[arg(long, conflicts_with = "avg_bits")]
+    layer_bits: Option<String>,
+    /// Mixed NF4/NF2 for this average (the reference's rule: the first ⌊L·(b−2)/2⌋ layers
+    /// at 4 bits), e.g. 2.5.
+    #[arg(long)]
+    avg_bits: Option<f64>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// LoRA alpha (default: the rank, so s = 1).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// rsLoRA scaling s = alpha/√r.
+    #[arg(long)]
+    rslora: bool,
+    /// exact: Q + s·B·A ≈ W for any alpha; peft: ignore s as PEFT does (right only for s = 1).
+    #[arg(long, value_enum, default_value_t = ScalingArg::Exact)]
+    init_scaling: ScalingArg,
+    /// LoftQ iterations (the best iterate is kept).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Truncated SVD: randomized (fast, products on the device) or exact (host, faer).
+    #[arg(long, value_enum, default_value_t = SvdArg::Randomized)]
+    svd: SvdArg,
+    /// Randomized SVD: extra sketch columns (default max(16, rank)).
+    #[arg(long)]
+    oversample: Option<usize>,
+    /// Randomized SVD: power iterations.
+    #[arg(long, default_value_t = 2)]
+    power_iters: usize,
+    /// all-linear (every 2-D weight but embeddings and the LM head) or module names,
+    /// comma-separated (PEFT's suffix rule: q_proj matches model.layers.0.self_attn.q_proj).
+    #[arg(long, default_value = "all-linear")]
+    target: String,
+    /// Module names to leave alone, comma-separated (same rule).
+    #[arg(long, default_value = "")]
+    exclude: String,
+    /// Backbones to write: packed (ours), bf16 (dense, loads anywhere), both (bf16 in bf16/).
+    #[arg(long, value_enum, default_value_t = BackboneArg::Packed)]
+    backbone: BackboneArg,
+    /// Device: cpu, wgpu, cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// CPU threads (default: all).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of the random sketches and of QLoRA's A.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue an interrupted run in --out (same options); the result is byte-identical.
+    #[arg(long)]
+    resume: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    Loftq,
+    Qlora,
+    Pissa,
+    Qpissa,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScalingArg {
+    Exact,
+    Peft,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SvdArg {
+    Randomized,
+    Exact,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackboneArg {
+    Packed,
+    Bf16,
+    Both,
+}
+
+fn invalid(msg: String) -> ModelError {
+    ModelError::Invalid(msg)
+}
+
+fn spec(a: &InitArgs) -> Result<InitSpec> {
+    let quant = parse_bits(&a.bits, a.block_size, a.double_quant)
+        .map_err(|e| invalid(format!("--bits: {e}")))?;
+    let layer_rules = match (&a.layer_bits, a.avg_bits) {
+        (Some(s), _) => parse_layer_bits(s, a.block_size, a.double_quant)
+            .map_err(|e| invalid(format!("--layer-bits: {e}")))?,
+        (None, Some(b)) => {
+            let layers = count_layers(&a.model)?;
+            avg_bits_rules(b, layers, a.block_size, a.double_quant).map_err(invalid)?
+        }
+        (None, None) => Vec::new(),
+    };
+    if a.iters == 0 {
+        return Err(invalid("--iters must be at least 1".into()));
+    }
+    let alpha = a.alpha.unwrap_or(a.rank as f32);
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(invalid(format!("--alpha {alpha} must be positive")));
+    }
+    let svd = match a.svd {
+        SvdArg::Exact => SvdMethod::Exact,
+        SvdArg::Randomized => SvdMethod::Randomized(RsvdConfig {
+            oversample: a.oversample,
+            power_iters: a.power_iters,
+            seed: a.seed,
+        }),
+    };
+    Ok(InitSpec {
+        model: a.model.clone(),
+        out: a.out.clone(),
+        method: match a.method {
+            MethodArg::Loftq => Method::Loftq,
+            MethodArg::Qlora => Method::Qlora,
+            MethodArg::Pissa => Method::Pissa,
+            MethodArg::Qpissa => Method::Qpissa,
+        },
+        quant,
+        layer_rules,
+        rank: a.rank,
+        alpha,
+        rslora: a.rslora,
+        scaling: match a.init_scaling {
+            ScalingArg::Exact => InitScaling::Exact,
+            ScalingArg::Peft => InitScaling::Peft,
+        },
+        iters: a.iters,
+        svd,
+        target: Target::parse(&a.target),
+        exclude: split_list(&a.exclude),
+        backbone: match a.backbone {
+            BackboneArg::Packed => Backbone::Packed,
+            BackboneArg::Bf16 => Backbone::Bf16,
+            BackboneArg::Both => Backbone::Both,
+        },
+        seed: a.seed,
+    })
+}
+
+/// Decoder layers of a model, from its tensor names.
+fn count_layers(model: &std::path::Path) -> Result<usize> {
+    let names = if model.extension().is_some_and(|e| e == "gguf") {
+        GgufModel::open(model)?.tensor_names()
+    } else {
+        Checkpoint::open(model)?.tensor_names()
+    };
+    names
+        .iter()
+        .filter_map(|n| layer_index(n))
+        .max()
+        .map(|l| l + 1)
+        .ok_or_else(|| {
+            invalid(format!(
+                "--avg-bits: no numbered layers in {}",
+                model.display()
+            ))
+        })
+}
+
+/// Runs `loftq init`.
+#[allow(clippy::print_stdout)]
+pub fn run(a: &InitArgs) -> Result<()> {
+    let spec = spec(a)?;
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .map_err(|e| invalid(format!("--threads: {e}")))?;
+    }
+    let device = a
+        .device
+        .device()
+        .map_err(|e| invalid(format!("--device {}: {e}", a.device)))?;
+    let mut bar: Option<Progress> = None;
+    let (mut n, mut sum) = (0usize, 0f64);
+    let mut on_event = |e: Event| match e {
+        Event::Planned {
+            targets,
+            target_params,
+            done,
+        } => {
+            let mut p = Progress::new(target_params);
+            p.note(&format!(
+                "{targets} weight matrices to initialize ({target_params} parameters){}",
+                if done > 0 {
+                    format!("; resuming, {done} already done")
+                } else {
+                    String::new()
+                }
+            ));
+            bar = Some(p);
+        }
+        Event::Tensor(r) => {
+            n += 1;
+            sum += f64::from(r.rel_err_init);
+            if let Some(p) = bar.as_mut() {
+                let msg = format!(
+                    "{} err {:.4} (mean {:.4})",
+                    r.name,
+                    r.rel_err_init,
+                    sum / n as f64
+                );
+                p.inc((r.shape[0] * r.shape[1]) as u64, &msg);
+            }
+        }
+        Event::Assembling => {
+            if let Some(p) = bar.as_mut() {
+                p.note("writing the output files");
+            }
+        }
+    };
+    let result = run_init(&spec, &device, a.resume, &mut on_event);
+    if let Some(p) = bar.as_mut() {
+        p.clear();
+    }
+    let report = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "{:<48} {:>14} {:>12} {:>12} {:>9} {:>6} {:>8}",
+        "tensor", "quantizer", "quant err", "init err", "bits", "iters", "seconds"
+    );
+    for r in &report.tensors {
+        let q = r
+            .rel_err_quant
+            .map_or("-".to_string(), |e| format!("{e:.4}"));
+        println!(
+            "{:<48} {:>14} {q:>12} {:>12.4} {:>9.3} {:>6} {:>8.2}",
+            r.name, r.quantizer, r.rel_err_init, r.bits_per_param, r.iters_used, r.seconds
+        );
+    }
+    let t = &report.totals;
+    let q = t
+        .mean_rel_err_quant
+        .map_or("-".to_string(), |e| format!("{e:.4}"));
+    println!(
+        "{} tensors, {} parameters: mean error {q} (quantized only) → {:.4} (this start); \
+         {:.3} bits/param with the adapter ({:.3} base); {:.1} s; peak RSS {}",
+        t.tensors,
+        t.params,
+        t.mean_rel_err_init,
+        t.avg_bits_per_param,
+        t.avg_base_bits_per_param,
+        t.wall_seconds,
+        t.peak_rss_bytes.map_or("-".to_string(), |b| format!(
+            "{:.2} GiB",
+            b as f64 / (1u64 << 30) as f64
+        ))
+    );
+    println!("wrote {}", spec.out.display());
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! A one-line progress bar on stderr (redrawn in place on a terminal, one line per update
+//! otherwise), with ETA. Small on purpose: `indicatif` would change the features of a crate
+//! Burn's GPU stack shares and cost a rebuild of that stack.
+
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+/// Progress over a known amount of work.
+pub struct Progress {
+    total: u64,
+    done: u64,
+    start: Instant,
+    tty: bool,
+    last_len: usize,
+}
+
+impl Progress {
+    /// Starts at zero out of `total` units.
+    pub fn new(total: u64) -> Self {
+        Self {
+            total: total.max(1),
+            done: 0,
+            start: Instant::now(),
+            tty: std::io::stderr().is_terminal(),
+            last_len: 0,
+        }
+    }
+
+    /// Adds `units` and shows `msg`.
+    pub fn inc(&mut self, units: u64, msg: &str) {
+        self.done = (self.done + units).min(self.total);
+        let frac = self.done as f64 / self.total as f64;
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let eta = if frac > 0.0 {
+            format_secs(elapsed / frac - elapsed)
+        } else {
+            "?".into()
+        };
+        let filled = (frac * 24.0).round() as usize;
+        let line = format!(
+            "[{}{}] {:>3.0}% {} elapsed, eta {eta}  {msg}",
+            "#".repeat(filled),
+            "-".repeat(24 - filled),
+            100.0 * frac,
+            format_secs(elapsed),
+        );
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let pad = self.last_len.saturating_sub(line.len());
+            let _ = write!(err, "\r{line}{}", " ".repeat(pad));
+            self.last_len = line.len();
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+    }
+
+    /// Prints a note on its own line.
+    pub fn note(&mut self, msg: &str) {
+        self.clear();
+        eprintln!("{msg}");
+    }
+
+    /// Removes the bar from a terminal.
+    pub fn clear(&mut self) {
+        if self.tty && self.last_len > 0 {
+            eprint!("\r{}\r", " ".repeat(self.last_len));
+            self.last_len = 0;
+        }
+    }
+}
+
+fn format_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}

@@ -1,0 +1,312 @@
+//! `loftq init`: a whole checkpoint, one tensor at a time, into a quantized backbone, a PEFT
+//! adapter and a report; resumable after a kill, byte-identical for a given seed.
+//!
+//! # Work area
+//! Each finished tensor becomes a small safetensors *piece* in `<out>/.loftq-partial/`,
+//! written atomically: a piece that exists is done. `--resume` skips them; the plan
+//! (`plan.json`) must match. The final files are assembled from the pieces by streaming,
+//! each written under a temporary name and renamed, then the work area is removed.
+
+mod assemble;
+mod piece;
+pub mod plan;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::Device;
+use loftq_core::init::LoraInit;
+use loftq_core::lowrank::SvdMethod;
+use loftq_core::{InitScaling, LoftqConfig, QuantConfig};
+use serde::{Deserialize, Serialize};
+
+pub use plan::{LayerRule, Target};
+
+use crate::io::{Checkpoint, GgufModel, TensorSource};
+use crate::{ModelError, Result};
+
+/// The start to compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Alternating quantization and low-rank fit (LoftQ).
+    Loftq,
+    /// Plain quantization, `B = 0` (QLoRA).
+    Qlora,
+    /// Principal components in the adapter, the residual as a dense base (PiSSA).
+    Pissa,
+    /// PiSSA with the residual quantized.
+    Qpissa,
+}
+
+/// Which backbones to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backbone {
+    /// Our packed format in `<out>/model.safetensors`.
+    Packed,
+    /// Dense bf16 in `<out>/model.safetensors`.
+    Bf16,
+    /// Packed in `<out>/`, bf16 in `<out>/bf16/`.
+    Both,
+}
+
+/// Everything `loftq init` needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InitSpec {
+    /// HF directory or `.gguf` file.
+    pub model: PathBuf,
+    /// Output directory.
+    pub out: PathBuf,
+    /// The start.
+    pub method: Method,
+    /// Quantizer for tensors no layer rule covers.
+    pub quant: QuantConfig,
+    /// Per-layer quantizers (first match wins).
+    pub layer_rules: Vec<LayerRule>,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f32,
+    /// `s = alpha/√r`.
+    pub rslora: bool,
+    /// LoftQ's scaling convention.
+    pub scaling: InitScaling,
+    /// LoftQ iterations.
+    pub iters: usize,
+    /// Truncated SVD.
+    pub svd: SvdMethod,
+    /// Targeted modules.
+    pub target: Target,
+    /// Modules excluded from `target` (same matching rule).
+    pub exclude: Vec<String>,
+    /// Backbones to write.
+    pub backbone: Backbone,
+    /// Seed; each tensor's stream is derived from it and the tensor's name.
+    pub seed: u64,
+}
+
+/// One line of `report.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorReport {
+    /// Weight name.
+    pub name: String,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// Quantizer label (`nf4-b64`), or `dense` for PiSSA.
+    pub quantizer: String,
+    /// Bits per parameter of the base.
+    pub bits_per_param: f64,
+    /// `‖W − Q(W)‖/‖W‖`: the QLoRA start (`null` for PiSSA, which does not quantize).
+    pub rel_err_quant: Option<f32>,
+    /// `‖W − base − s·B·A‖/‖W‖`: this start.
+    pub rel_err_init: f32,
+    /// LoftQ iterations run (the best iterate is kept).
+    pub iters_used: usize,
+    /// Compute time.
+    pub seconds: f64,
+}
+
+/// What happened, for progress displays.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The plan is ready.
+    Planned {
+        /// Tensors to quantize.
+        targets: usize,
+        /// Their parameters.
+        target_params: u64,
+        /// Tensors already done (resume).
+        done: usize,
+    },
+    /// A targeted tensor is done.
+    Tensor(TensorReport),
+    /// Writing the final files.
+    Assembling,
+}
+
+/// The whole job's result (also `report.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// One entry per targeted tensor, in file order.
+    pub tensors: Vec<TensorReport>,
+    /// Totals.
+    pub totals: Totals,
+}
+
+/// Totals of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Totals {
+    /// Targeted tensors.
+    pub tensors: usize,
+    /// Parameters of the targeted tensors.
+    pub params: u64,
+    /// Bits per parameter of the targeted weights, adapter (f32) included.
+    pub avg_bits_per_param: f64,
+    /// Bits per parameter of the bases alone.
+    pub avg_base_bits_per_param: f64,
+    /// Mean of `rel_err_quant` over tensors that have one.
+    pub mean_rel_err_quant: Option<f64>,
+    /// Mean of `rel_err_init`.
+    pub mean_rel_err_init: f64,
+    /// Wall time of this invocation.
+    pub wall_seconds: f64,
+    /// Peak resident memory of the process (Linux), bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// Tensors taken from a previous, interrupted run.
+    pub resumed: usize,
+}
+
+/// The work area inside `out`.
+pub fn work_dir(out: &Path) -> PathBuf {
+    out.join(".loftq-partial")
+}
+
+fn open_source(path: &Path) -> Result<(Box<dyn TensorSource>, Option<crate::LlamaConfig>)> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let g = GgufModel::open(path)?;
+        let cfg = g.config.clone();
+        Ok((Box::new(g), Some(cfg)))
+    } else if path.exists() {
+        Ok((Box::new(Checkpoint::open(path)?), None))
+    } else {
+        Err(ModelError::Invalid(format!(
+            "--model {}: no such file or directory",
+            path.display()
+        )))
+    }
+}
+
+impl InitSpec {
+    /// The LoRA scaling `s`.
+    pub fn lora_scale(&self) -> f32 {
+        if self.rslora {
+            self.alpha / (self.rank as f32).sqrt()
+        } else {
+            self.alpha / self.rank as f32
+        }
+    }
+
+    fn method_for(&self, quant: QuantConfig, seed: u64) -> LoraInit {
+        let svd = match &self.svd {
+            SvdMethod::Randomized(r) => {
+                let mut r = *r;
+                r.seed = seed;
+                SvdMethod::Randomized(r)
+            }
+            SvdMethod::Exact => SvdMethod::Exact,
+        };
+        match self.method {
+            Method::Loftq => {
+                let mut cfg = LoftqConfig::new(quant, self.rank, self.iters);
+                cfg.svd = svd;
+                cfg.alpha = self.alpha;
+                cfg.rslora = self.rslora;
+                cfg.scaling = self.scaling;
+                LoraInit::Loftq(cfg)
+            }
+            Method::Qlora => LoraInit::Zeros { quant, seed },
+            Method::Pissa => LoraInit::Pissa { svd },
+            Method::Qpissa => LoraInit::QPissa { quant, svd },
+        }
+    }
+}
+
+/// Runs `loftq init`.
+///
+/// # Errors
+/// [`ModelError`] naming the tensor or option. On an error the work area is removed (and
+/// `out`, if this call created it); only a killed process leaves a work area to resume.
+pub fn run_init(
+    spec: &InitSpec,
+    device: &Device,
+    resume: bool,
+    events: &mut dyn FnMut(Event),
+) -> Result<Report> {
+    let start = Instant::now();
+    let out = &spec.out;
+    let work = work_dir(out);
+    let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if non_empty && !(resume && work.is_dir()) {
+        return Err(ModelError::Invalid(if resume {
+            format!(
+                "{}: nothing to resume (no work area); use a new --out",
+                out.display()
+            )
+        } else {
+            format!(
+                "{} exists and is not empty; choose a new --out, or --resume an interrupted run",
+                out.display()
+            )
+        }));
+    }
+    let (source, gguf_config) = open_source(&spec.model)?;
+    let plan = piece::Plan::new(spec, source.as_ref())?;
+    let created = !out.exists();
+    if resume && work.is_dir() {
+        // A different job's work area is refused and left as it is.
+        plan.check(&work, spec)?;
+    }
+    std::fs::create_dir_all(&work).map_err(|e| ModelError::io(&work, e))?;
+    let result = (|| {
+        plan.check_or_write(&work, spec)?;
+        let done = plan.done(&work);
+        events(Event::Planned {
+            targets: plan.targets(),
+            target_params: plan.target_params(),
+            done: done
+                .iter()
+                .filter(|&&i| plan.items[i].target.is_some())
+                .count(),
+        });
+        let mut reports = Vec::new();
+        for (i, item) in plan.items.iter().enumerate() {
+            let report = if done.contains(&i) {
+                piece::read_report(&work, i)?
+            } else {
+                let r = piece::compute(spec, source.as_ref(), item, i, &work, device)?;
+                if let Some(r) = &r {
+                    events(Event::Tensor(r.clone()));
+                }
+                r
+            };
+            reports.extend(report);
+        }
+        events(Event::Assembling);
+        let resumed = done.len();
+        assemble::assemble(spec, &plan, reports, gguf_config.as_ref(), start, resumed)
+    })();
+    match result {
+        Ok(report) => {
+            std::fs::remove_dir_all(&work).map_err(|e| ModelError::io(&work, e))?;
+            Ok(report)
+        }
+        Err(e) => {
+            // A refused input is not an interruption: leave nothing behind. (A kill leaves
+            // the work area, which `--resume` continues.)
+            let _ = std::fs::remove_dir_all(&work);
+            if created {
+                let _ = std::fs::remove_dir_all(out);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// FNV-1a of the seed and a name: each tensor's random stream, independent of order.
+pub fn tensor_seed(seed: u64, name: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}

@@ -1,0 +1,299 @@
+//! The plan of a run and its pieces: one small safetensors file per finished tensor.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use loftq_core::init::{Base, init_lora};
+use loftq_core::quant::{PackedTensor, host_f32};
+use loftq_core::{QuantConfig, Quantizer, loftq};
+
+use super::plan::{is_embedding_or_head, module_matches, module_of_weight, quant_for};
+use super::{InitSpec, Method, Target, TensorReport, tensor_seed};
+use crate::io::{Checkpoint, OutTensor, TensorSource, add_packed, write_atomic, write_safetensors};
+use crate::{ModelError, Result};
+
+/// One tensor of the source and what to do with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanItem {
+    /// HF name.
+    pub name: String,
+    /// `Some((shape, quantizer))` if it gets an adapter.
+    pub target: Option<([usize; 2], QuantConfig)>,
+}
+
+/// Every tensor of the source, in name order.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The tensors.
+    pub items: Vec<PlanItem>,
+}
+
+impl Plan {
+    /// Decides the target of every tensor and checks the ranks.
+    ///
+    /// # Errors
+    /// No tensor matching `--target`, a rank larger than a targeted matrix, an input that is
+    /// already quantized.
+    pub fn new(spec: &InitSpec, source: &dyn TensorSource) -> Result<Self> {
+        let names = source.tensor_names();
+        let embed_shape = names
+            .iter()
+            .find(|n| n.contains("embed") && n.ends_with(".weight"))
+            .map(|n| source.shape(n))
+            .transpose()?;
+        let mut items = Vec::with_capacity(names.len());
+        for name in names {
+            if source.packed(&name)?.is_some() {
+                return Err(ModelError::Invalid(format!(
+                    "{}: `{name}` is already quantized; give the full-precision model",
+                    source.root().display()
+                )));
+            }
+            let shape = source.shape(&name)?;
+            let module = module_of_weight(&name);
+            let wanted = match (module, shape.as_slice()) {
+                (Some(m), &[_, _]) => {
+                    let hit = match &spec.target {
+                        Target::AllLinear => {
+                            !is_embedding_or_head(&name) && Some(&shape) != embed_shape.as_ref()
+                        }
+                        Target::Names(list) => list.iter().any(|t| module_matches(m, t)),
+                    };
+                    hit && !spec.exclude.iter().any(|x| module_matches(m, x))
+                }
+                _ => false,
+            };
+            let target = if wanted {
+                let s = [shape[0], shape[1]];
+                if spec.rank == 0 || spec.rank > s[0].min(s[1]) {
+                    return Err(ModelError::Invalid(format!(
+                        "--rank {} does not fit `{name}` of shape {s:?}",
+                        spec.rank
+                    )));
+                }
+                Some((s, quant_for(&name, &spec.layer_rules, spec.quant)))
+            } else {
+                None
+            };
+            items.push(PlanItem { name, target });
+        }
+        let plan = Self { items };
+        if plan.targets() == 0 {
+            return Err(ModelError::Invalid(format!(
+                "no 2-D weight of {} matches --target {:?} (minus --exclude)",
+                source.root().display(),
+                spec.target
+            )));
+        }
+        Ok(plan)
+    }
+
+    /// Number of targeted tensors.
+    pub fn targets(&self) -> usize {
+        self.items.iter().filter(|i| i.target.is_some()).count()
+    }
+
+    /// Parameters of the targeted tensors.
+    pub fn target_params(&self) -> u64 {
+        self.items
+            .iter()
+            .filter_map(|i| i.target.map(|(s, _)| (s[0] * s[1]) as u64))
+            .sum()
+    }
+
+    /// Checks that the work area (from an interrupted run) is this job's.
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`] if it belongs to a different job.
+    pub fn check(&self, work: &Path, spec: &InitSpec) -> Result<()> {
+        match std::fs::read_to_string(work.join("plan.json")) {
+            Ok(old) if old != self.json(spec) => Err(self.mismatch(work)),
+            _ => Ok(()),
+        }
+    }
+
+    fn mismatch(&self, work: &Path) -> ModelError {
+        ModelError::Invalid(format!(
+            "{}: the interrupted run used other options or another model; \
+             resume it with the same ones, or use a new --out",
+            work.display()
+        ))
+    }
+
+    fn json(&self, spec: &InitSpec) -> String {
+        let targets: Vec<(String, Option<String>)> = self
+            .items
+            .iter()
+            .map(|i| (i.name.clone(), i.target.map(|(_, q)| q.label())))
+            .collect();
+        let mut spec_json = serde_json::to_value(spec).expect("spec serializes");
+        spec_json["out"] = serde_json::Value::Null;
+        serde_json::json!({"spec": spec_json, "tensors": targets}).to_string()
+    }
+
+    /// Writes `plan.json`, or checks that an existing one is this job's.
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`] if the work area belongs to a different job.
+    pub fn check_or_write(&self, work: &Path, spec: &InitSpec) -> Result<()> {
+        let path = work.join("plan.json");
+        let json = self.json(spec);
+        match std::fs::read_to_string(&path) {
+            Ok(old) if old == json => Ok(()),
+            Ok(_) => Err(self.mismatch(work)),
+            Err(_) => write_atomic(&path, json.as_bytes()),
+        }
+    }
+
+    /// Indices of the tensors already done.
+    pub fn done(&self, work: &Path) -> HashSet<usize> {
+        (0..self.items.len())
+            .filter(|&i| piece_path(work, i).is_file())
+            .collect()
+    }
+}
+
+/// The piece file of tensor `i`.
+pub fn piece_path(work: &Path, i: usize) -> PathBuf {
+    work.join(format!("piece-{i:06}.safetensors"))
+}
+
+const REPORT_KEY: &str = "loftq.report";
+
+/// The report stored in a finished piece (`None` for pass-through tensors).
+///
+/// # Errors
+/// [`ModelError`] if the piece is unreadable (a damaged work area).
+pub fn read_report(work: &Path, i: usize) -> Result<Option<TensorReport>> {
+    let path = piece_path(work, i);
+    let ck = Checkpoint::open(&path)?;
+    ck.metadata()
+        .get(REPORT_KEY)
+        .map(|s| {
+            serde_json::from_str(s)
+                .map_err(|e| ModelError::format(&path, format!("bad piece report: {e}")))
+        })
+        .transpose()
+}
+
+/// Computes tensor `i` and writes its piece.
+///
+/// # Errors
+/// [`ModelError`] naming the tensor.
+pub fn compute(
+    spec: &InitSpec,
+    source: &dyn TensorSource,
+    item: &PlanItem,
+    i: usize,
+    work: &Path,
+    device: &Device,
+) -> Result<Option<TensorReport>> {
+    let name = &item.name;
+    let mut tensors = BTreeMap::new();
+    let mut meta = HashMap::new();
+    let Some((shape, quant)) = item.target else {
+        let t = match source.raw(name)? {
+            Some((dtype, bytes)) => OutTensor {
+                dtype,
+                shape: source.shape(name)?,
+                bytes,
+            },
+            None => {
+                let t = source.tensor(name)?;
+                OutTensor::f32(t.shape, &t.data)
+            }
+        };
+        tensors.insert(name.clone(), t);
+        write_safetensors(&piece_path(work, i), &tensors, None)?;
+        return Ok(None);
+    };
+    let host = source.tensor(name)?;
+    let w: Tensor<2> = Tensor::from_data(TensorData::new(host.data.clone(), shape), device);
+    let t0 = Instant::now();
+    let seed = tensor_seed(spec.seed, name);
+    let method = spec.method_for(quant, seed);
+    let lerr = |source| ModelError::Loftq {
+        name: name.clone(),
+        source,
+    };
+    let (base, a, b, rel_err_quant, rel_err_init, iters_used) = match &method {
+        loftq_core::init::LoraInit::Loftq(cfg) => {
+            let r = loftq(&w, cfg).map_err(lerr)?;
+            let err = r.rel_err();
+            let used = r.history.len();
+            (
+                Base::Quantized {
+                    packed: r.packed,
+                    dequantized: r.q,
+                },
+                r.lora_a,
+                r.lora_b,
+                Some(r.rel_err_quant),
+                err,
+                used,
+            )
+        }
+        m => {
+            let st = init_lora(&w, m, spec.rank, spec.lora_scale()).map_err(lerr)?;
+            let quant_err = match spec.method {
+                Method::Qlora => Some(st.rel_err),
+                Method::Qpissa => Some(host_quant_error(&host.data, shape, quant, name)?),
+                _ => None,
+            };
+            (st.base, st.lora_a, st.lora_b, quant_err, st.rel_err, 0)
+        }
+    };
+    let module = module_of_weight(name).expect("targets are weights");
+    let (label, bits) = match &base {
+        Base::Quantized { packed, .. } => {
+            add_packed(name, packed, &mut tensors, &mut meta);
+            (packed.config.label(), packed.bits_per_param())
+        }
+        Base::Dense(t) => {
+            tensors.insert(name.clone(), OutTensor::f32(shape.to_vec(), &host_f32(t)));
+            ("dense".to_string(), 32.0)
+        }
+    };
+    tensors.insert(
+        format!("{module}.lora_A.weight"),
+        OutTensor::f32(a.dims().to_vec(), &host_f32(&a)),
+    );
+    tensors.insert(
+        format!("{module}.lora_B.weight"),
+        OutTensor::f32(b.dims().to_vec(), &host_f32(&b)),
+    );
+    let report = TensorReport {
+        name: name.clone(),
+        shape,
+        quantizer: label,
+        bits_per_param: bits,
+        rel_err_quant,
+        rel_err_init,
+        iters_used,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    meta.insert(
+        REPORT_KEY.to_string(),
+        serde_json::to_string(&report).expect("report serializes"),
+    );
+    write_safetensors(&piece_path(work, i), &tensors, Some(meta))?;
+    Ok(Some(report))
+}
+
+fn host_quant_error(w: &[f32], shape: [usize; 2], cfg: QuantConfig, name: &str) -> Result<f32> {
+    let qerr = |source| ModelError::Quant {
+        name: name.to_string(),
+        source,
+    };
+    let q = Quantizer::new(cfg).map_err(qerr)?;
+    let packed = PackedTensor::pack(&q.quantize_host(w, shape).map_err(qerr)?, cfg);
+    let d = packed.dequantize().map_err(qerr)?;
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in w.iter().zip(&d) {
+        num += f64::from(x - y).powi(2);
+        den += f64::from(*x).powi(2);
+    }
+    Ok((num / den.max(f64::MIN_POSITIVE)).sqrt() as f32)
+}

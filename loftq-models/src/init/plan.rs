@@ -1,0 +1,233 @@
+//! Which tensors `loftq init` quantizes, and with which quantizer.
+
+use loftq_core::QuantConfig;
+use loftq_core::quant::{BlockSize, Scheme};
+use serde::{Deserialize, Serialize};
+
+/// Which 2-D weights get an adapter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// Every 2-D `.weight` except embeddings and the LM head (found by name and shape).
+    AllLinear,
+    /// Modules whose path equals one of these or ends with `.<name>` (PEFT's rule), e.g.
+    /// `q_proj`, `mlp.down_proj`, `model.layers.0.self_attn.v_proj`.
+    Names(Vec<String>),
+}
+
+impl Target {
+    /// Parses `all-linear` or a comma-separated list of names.
+    pub fn parse(s: &str) -> Self {
+        if s == "all-linear" {
+            Target::AllLinear
+        } else {
+            Target::Names(split_list(s))
+        }
+    }
+}
+
+/// Comma-separated, trimmed, non-empty items.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// PEFT's module match: the path itself, or a suffix after a dot.
+pub fn module_matches(path: &str, name: &str) -> bool {
+    path == name || path.ends_with(&format!(".{name}"))
+}
+
+/// True for names of embeddings and output heads, which `all-linear` never targets.
+pub fn is_embedding_or_head(name: &str) -> bool {
+    const PARTS: [&str; 6] = [
+        "embed",
+        "lm_head",
+        "wte",
+        "wpe",
+        "word_embeddings",
+        "embeddings.",
+    ];
+    PARTS.iter().any(|p| name.contains(p)) || name == "output.weight"
+}
+
+/// The module path of a weight name (`...q_proj.weight` → `...q_proj`), if it is a weight.
+pub fn module_of_weight(name: &str) -> Option<&str> {
+    name.strip_suffix(".weight")
+}
+
+/// The decoder layer index in a name (`model.layers.12.mlp.up_proj.weight` → 12), for
+/// per-layer precision. Recognises `layers.N`, `layer.N`, `h.N`, `blocks.N`, `blk.N`.
+pub fn layer_index(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find_map(|w| {
+        matches!(w[0], "layers" | "layer" | "h" | "blocks" | "blk")
+            .then(|| w[1].parse().ok())
+            .flatten()
+    })
+}
+
+/// Parses a quantizer name: `nf2`..`nf8`, `int2`..`int8` (symmetric), `int2-asym`..,
+/// `uniform2`..; `block` elements per block (0 = one block per row), double quantization.
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConfig, String> {
+    let num = |p: &str| -> Result<u8, String> {
+        s.strip_prefix(p)
+            .and_then(|r| r.strip_suffix("-asym").unwrap_or(r).parse().ok())
+            .ok_or_else(|| format!("bad quantizer `{s}`"))
+    };
+    let scheme = if s.starts_with("nf") {
+        Scheme::Nf { bits: num("nf")? }
+    } else if s.starts_with("uniform") {
+        Scheme::UniformCodebook {
+            bits: num("uniform")?,
+        }
+    } else if s.starts_with("int") && s.ends_with("-asym") {
+        Scheme::IntAsym { bits: num("int")? }
+    } else if s.starts_with("int") {
+        Scheme::IntSym { bits: num("int")? }
+    } else {
+        return Err(format!(
+            "bad quantizer `{s}` (nf2..nf8, int2..int8, int2-asym.., uniform2..)"
+        ));
+    };
+    let cfg = QuantConfig::new(scheme)
+        .with_block_size(if block == 0 {
+            BlockSize::Row
+        } else {
+            BlockSize::Elements(block)
+        })
+        .with_double_quant(double_quant);
+    cfg.validate().map_err(|e| format!("`{s}`: {e}"))?;
+    Ok(cfg)
+}
+
+/// A per-layer precision rule: layers `from..=to` (or every layer) use `quant`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerRule {
+    /// First layer, inclusive (`None` = every layer).
+    pub layers: Option<(usize, usize)>,
+    /// The quantizer.
+    pub quant: QuantConfig,
+}
+
+/// Parses `--layer-bits "0-3:nf4,*:nf2"` (first matching rule wins).
+///
+/// # Errors
+/// A message naming the bad rule.
+pub fn parse_layer_bits(
+    s: &str,
+    block: usize,
+    double_quant: bool,
+) -> Result<Vec<LayerRule>, String> {
+    split_list(s)
+        .iter()
+        .map(|rule| {
+            let (range, bits) = rule
+                .split_once(':')
+                .ok_or_else(|| format!("layer rule `{rule}` is not RANGE:BITS"))?;
+            let layers = match range.trim() {
+                "*" => None,
+                r => {
+                    let (a, b) = r.split_once('-').unwrap_or((r, r));
+                    let p = |x: &str| {
+                        x.trim()
+                            .parse::<usize>()
+                            .map_err(|_| format!("bad layer range `{r}`"))
+                    };
+                    let (a, b) = (p(a)?, p(b)?);
+                    if a > b {
+                        return Err(format!("bad layer range `{r}`"));
+                    }
+                    Some((a, b))
+                }
+            };
+            Ok(LayerRule {
+                layers,
+                quant: parse_bits(bits.trim(), block, double_quant)?,
+            })
+        })
+        .collect()
+}
+
+/// The reference's mixed precision for an average of `avg` bits over `layers` layers: the
+/// first `⌊L·(avg−2)/2⌋` layers NF4, the rest NF2.
+///
+/// # Errors
+/// If `avg` is not in `[2, 4]`.
+pub fn avg_bits_rules(
+    avg: f64,
+    layers: usize,
+    block: usize,
+    double_quant: bool,
+) -> Result<Vec<LayerRule>, String> {
+    if !(2.0..=4.0).contains(&avg) {
+        return Err(format!("--avg-bits {avg} must be between 2 and 4"));
+    }
+    let n4 = (layers as f64 * (avg - 2.0) / 2.0).floor() as usize;
+    let mut rules = Vec::new();
+    if n4 > 0 {
+        rules.push(LayerRule {
+            layers: Some((0, n4 - 1)),
+            quant: parse_bits("nf4", block, double_quant)?,
+        });
+    }
+    rules.push(LayerRule {
+        layers: None,
+        quant: parse_bits("nf2", block, double_quant)?,
+    });
+    Ok(rules)
+}
+
+/// The quantizer of tensor `name` under `rules`, else `default`.
+pub fn quant_for(name: &str, rules: &[LayerRule], default: QuantConfig) -> QuantConfig {
+    let layer = layer_index(name);
+    rules
+        .iter()
+        .find(|r| match (r.layers, layer) {
+            (None, _) => true,
+            (Some((a, b)), Some(l)) => (a..=b).contains(&l),
+            (Some(_), None) => false,
+        })
+        .map_or(default, |r| r.quant)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_applies_layer_rules() {
+        let rules = parse_layer_bits("0-3:nf4, *:nf2", 64, false).unwrap();
+        let nf2 = parse_bits("nf2", 64, false).unwrap();
+        let nf4 = parse_bits("nf4", 64, false).unwrap();
+        assert_eq!(
+            quant_for("model.layers.3.mlp.up_proj.weight", &rules, nf4),
+            nf4
+        );
+        assert_eq!(
+            quant_for("model.layers.4.mlp.up_proj.weight", &rules, nf4),
+            nf2
+        );
+        // The reference: 30 layers at 2.5 bits → 7 layers NF4.
+        let rules = avg_bits_rules(2.5, 30, 64, false).unwrap();
+        assert_eq!(rules[0].layers, Some((0, 6)));
+        assert_eq!(
+            quant_for("model.layers.7.mlp.up_proj.weight", &rules, nf4),
+            nf2
+        );
+        assert!(parse_layer_bits("3-1:nf4", 64, false).is_err());
+        assert!(parse_bits("nf9", 64, false).is_err());
+        assert!(parse_bits("fp4", 64, false).is_err());
+        assert_eq!(
+            layer_index("encoder.layer.5.attention.self.query.weight"),
+            Some(5)
+        );
+        assert!(module_matches("model.layers.0.self_attn.q_proj", "q_proj"));
+        assert!(!module_matches("model.layers.0.self_attn.q_proj", "proj"));
+        assert!(is_embedding_or_head("model.embed_tokens.weight"));
+    }
+}

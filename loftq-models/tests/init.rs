@@ -1,0 +1,227 @@
+//! `loftq init` as a library call: outputs load and reproduce the in-memory start, runs are
+//! deterministic, interrupted runs resume to byte-identical files, bad input leaves nothing.
+
+mod common;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use common::{device, fixture, scratch};
+use loftq_core::lowrank::{RsvdConfig, SvdMethod};
+use loftq_core::{InitScaling, QuantConfig};
+use loftq_models::init::{Backbone, Event, InitSpec, Method, Report, Target, run_init};
+use loftq_models::io::{Adapter, Checkpoint, OutTensor, write_safetensors};
+use loftq_models::nn::load_pretrained;
+
+fn spec(model: PathBuf, out: PathBuf) -> InitSpec {
+    InitSpec {
+        model,
+        out,
+        method: Method::Loftq,
+        quant: QuantConfig::nf(2),
+        layer_rules: Vec::new(),
+        rank: 8,
+        alpha: 16.0,
+        rslora: false,
+        scaling: InitScaling::Exact,
+        iters: 3,
+        svd: SvdMethod::Randomized(RsvdConfig {
+            oversample: None,
+            power_iters: 2,
+            seed: 0,
+        }),
+        target: Target::AllLinear,
+        exclude: Vec::new(),
+        backbone: Backbone::Both,
+        seed: 7,
+    }
+}
+
+fn run(s: &InitSpec, resume: bool) -> loftq_models::Result<Report> {
+    run_init(s, &device(), resume, &mut |_| {})
+}
+
+const FILES: [&str; 5] = [
+    "model.safetensors",
+    "adapter/adapter_model.safetensors",
+    "adapter/adapter_config.json",
+    "bf16/model.safetensors",
+    "config.json",
+];
+
+fn read_all(dir: &Path) -> Vec<Vec<u8>> {
+    FILES
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect()
+}
+
+#[test]
+fn init_outputs_load_and_report() {
+    let dir = scratch("init-basic");
+    let s = spec(fixture("tiny-llama"), dir.join("out"));
+    let report = run(&s, false).unwrap();
+    assert_eq!(report.tensors.len(), 14);
+    for t in &report.tensors {
+        let q = t.rel_err_quant.unwrap();
+        assert!(t.rel_err_init < q && q < 0.7, "{t:?}");
+        assert_eq!(t.quantizer, "nf2-b64");
+        assert_eq!(t.bits_per_param, 2.5);
+    }
+    assert!((report.totals.avg_base_bits_per_param - 2.5).abs() < 1e-12);
+    assert!(!s.out.join(".loftq-partial").exists());
+    // The packed model with its adapter, and the bf16 one, load; the adapter is PEFT's.
+    let m = load_pretrained(&s.out, Some(&s.out.join("adapter")), &device()).unwrap();
+    assert_eq!(
+        m.linears().iter().filter(|(_, l)| l.lora.is_some()).count(),
+        14
+    );
+    assert!(
+        m.linears()
+            .iter()
+            .all(|(_, l)| l.lora.as_ref().is_none_or(|a| a.scaling == 2.0))
+    );
+    let a = Adapter::read(&s.out.join("adapter")).unwrap();
+    assert_eq!(a.config.init_lora_weights, serde_json::Value::Bool(true));
+    assert_eq!(a.config.r, 8);
+    load_pretrained(&s.out.join("bf16"), None, &device()).unwrap();
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(rep["tensors"].as_array().unwrap().len(), 14);
+    assert!(rep["totals"]["peak_rss_bytes"].as_u64().is_some());
+    // A non-empty --out is refused without --resume.
+    let err = run(&s, false).unwrap_err().to_string();
+    assert!(err.contains("not empty"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn interrupted_runs_resume_to_identical_files() {
+    let dir = scratch("init-resume");
+    let a = spec(fixture("tiny-llama"), dir.join("a"));
+    run(&a, false).unwrap();
+    let want = read_all(&a.out);
+    // Same seed, another directory: byte-identical.
+    let b = spec(fixture("tiny-llama"), dir.join("b"));
+    run(&b, false).unwrap();
+    assert_eq!(read_all(&b.out), want);
+
+    // "Kill" after 5 tensors, and again while assembling, then resume.
+    for kill_at in [5usize, usize::MAX] {
+        let c = spec(fixture("tiny-llama"), dir.join(format!("c{kill_at}")));
+        let mut n = 0;
+        let killed = catch_unwind(AssertUnwindSafe(|| {
+            run_init(&c, &device(), false, &mut |e| match e {
+                Event::Tensor(_) => {
+                    n += 1;
+                    assert!(n < kill_at, "killed");
+                }
+                Event::Assembling => assert!(kill_at != usize::MAX, "killed"),
+                Event::Planned { .. } => {}
+            })
+        }));
+        assert!(killed.is_err());
+        assert!(c.out.join(".loftq-partial").is_dir());
+        // Without --resume the leftovers are refused; with other options too.
+        assert!(run(&c, false).is_err());
+        let mut other = c.clone();
+        other.rank = 4;
+        let err = run(&other, true).unwrap_err().to_string();
+        assert!(err.contains("other options"), "{err}");
+        let report = run(&c, true).unwrap();
+        assert!(report.totals.resumed > 0);
+        assert_eq!(read_all(&c.out), want, "kill at {kill_at}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_input_leaves_nothing_behind() {
+    let dir = scratch("init-bad");
+    // A NaN weight.
+    let src = fixture("tiny-llama");
+    let ck = Checkpoint::open(&src.join("model.safetensors")).unwrap();
+    let model = dir.join("nan-model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(src.join("config.json"), model.join("config.json")).unwrap();
+    let mut all = std::collections::BTreeMap::new();
+    for n in ck.names() {
+        let mut t = ck.f32(n).unwrap();
+        if n == "model.layers.1.mlp.up_proj.weight" {
+            t.data[77] = f32::NAN;
+        }
+        all.insert(n.to_string(), OutTensor::f32(t.shape, &t.data));
+    }
+    write_safetensors(&model.join("model.safetensors"), &all, None).unwrap();
+    let s = spec(model, dir.join("out-nan"));
+    let err = run(&s, false).unwrap_err().to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
+    assert!(!s.out.exists());
+
+    // A rank larger than a matrix; a target that matches nothing; a missing model.
+    let mut big = spec(src.clone(), dir.join("out-rank"));
+    big.rank = 65;
+    assert!(
+        run(&big, false)
+            .unwrap_err()
+            .to_string()
+            .contains("--rank 65")
+    );
+    assert!(!big.out.exists());
+    let mut none = spec(src.clone(), dir.join("out-none"));
+    none.target = Target::Names(vec!["c_attn".into()]);
+    assert!(
+        run(&none, false)
+            .unwrap_err()
+            .to_string()
+            .contains("matches --target")
+    );
+    let missing = spec(dir.join("no-such-model"), dir.join("out-missing"));
+    assert!(
+        run(&missing, false)
+            .unwrap_err()
+            .to_string()
+            .contains("no-such-model")
+    );
+    assert!(!none.out.exists() && !missing.out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn methods_targets_and_layer_rules() {
+    use loftq_models::init::plan::parse_layer_bits;
+    let dir = scratch("init-methods");
+    let src = fixture("tiny-llama");
+    for method in [Method::Qlora, Method::Pissa, Method::Qpissa] {
+        let mut s = spec(src.clone(), dir.join(format!("{method:?}")));
+        s.method = method;
+        s.backbone = Backbone::Packed;
+        s.target = Target::Names(vec!["q_proj".into(), "v_proj".into()]);
+        s.exclude = vec!["model.layers.1.self_attn.v_proj".into()];
+        s.layer_rules = parse_layer_bits("1:nf4", 64, false).unwrap();
+        let r = run(&s, false).unwrap();
+        let names: Vec<&str> = r.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.0.self_attn.v_proj.weight",
+                "model.layers.1.self_attn.q_proj.weight"
+            ]
+        );
+        let q: Vec<&str> = r.tensors.iter().map(|t| t.quantizer.as_str()).collect();
+        match method {
+            Method::Pissa => assert!(q.iter().all(|&x| x == "dense")),
+            _ => assert_eq!(q, ["nf2-b64", "nf2-b64", "nf4-b64"]),
+        }
+        if method == Method::Qlora {
+            assert!(
+                r.tensors
+                    .iter()
+                    .all(|t| Some(t.rel_err_init) == t.rel_err_quant)
+            );
+        }
+        load_pretrained(&s.out, Some(&s.out.join("adapter")), &device()).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
