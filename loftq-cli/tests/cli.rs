@@ -95,3 +95,72 @@ fn eval_refuses_bad_input_without_writing() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn init_then_eval_through_the_binary() {
+    let dir = scratch("init");
+    let model = fixture("tiny-llama");
+    let out = dir.join("out");
+    let o = out.to_str().unwrap();
+    let m = model.to_str().unwrap();
+    let (ok, err) = loftq(&[
+        "init",
+        "--model",
+        m,
+        "--out",
+        o,
+        "--bits",
+        "nf2",
+        "--rank",
+        "4",
+        "--iters",
+        "2",
+        "--layer-bits",
+        "0:nf4,*:nf2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let q: Vec<&str> = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["quantizer"].as_str().unwrap())
+        .collect();
+    assert_eq!(q.iter().filter(|&&x| x == "nf4-b64").count(), 7);
+    assert_eq!(q.iter().filter(|&&x| x == "nf2-b64").count(), 7);
+    let ids = model.join("logits.safetensors");
+    let logits = dir.join("logits.safetensors");
+    let adapter = out.join("adapter");
+    let (ok, err) = loftq(&[
+        "eval",
+        "--model",
+        o,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--logits-for",
+        ids.to_str().unwrap(),
+        "--out",
+        logits.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    // A second run into the same directory is refused, and --resume of a finished run too.
+    let (ok, err) = loftq(&["init", "--model", m, "--out", o]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+    let (ok, err) = loftq(&["init", "--model", m, "--out", o, "--resume"]);
+    assert!(!ok && err.contains("nothing to resume"), "{err}");
+    // Bad flags name themselves.
+    let (ok, err) = loftq(&[
+        "init",
+        "--model",
+        m,
+        "--out",
+        dir.join("x").to_str().unwrap(),
+        "--bits",
+        "nf9",
+    ]);
+    assert!(!ok && err.contains("--bits"), "{err}");
+    assert!(!dir.join("x").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
