@@ -308,21 +308,9 @@ fn loftq_init_write_read_gives_identical_logits() {
 
     // Merged: W' = Q + s·B·A as a dense base, no adapter.
     let mut merged = model.clone();
-    for (i, layer) in merged.layers.iter_mut().enumerate() {
-        let lins = [
-            &mut layer.self_attn.q_proj,
-            &mut layer.self_attn.k_proj,
-            &mut layer.self_attn.v_proj,
-            &mut layer.self_attn.o_proj,
-            &mut layer.mlp.gate_proj,
-            &mut layer.mlp.up_proj,
-            &mut layer.mlp.down_proj,
-        ];
-        for lin in lins {
-            lin.base = BaseWeight::Dense(lin.merged_weight());
-            lin.lora = None;
-        }
-        let _ = i;
+    for (_, lin) in merged.decoder_linears_mut() {
+        lin.base = BaseWeight::Dense(lin.merged_weight());
+        lin.lora = None;
     }
     let d = logits(&merged)
         .iter()

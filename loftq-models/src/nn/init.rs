@@ -35,30 +35,17 @@ impl Llama {
         };
         let device = self.embed_tokens.device();
         let mut report = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let a = &mut layer.self_attn;
-            let m = &mut layer.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
-                let path = format!("model.layers.{i}.{name}");
-                if !target(&path) {
-                    continue;
-                }
-                let rel_err = init_one(lin, method, rank, scale, &device).map_err(|source| {
-                    ModelError::Loftq {
-                        name: path.clone(),
-                        source,
-                    }
-                })?;
-                report.push(LayerInit { path, rel_err });
+        for (path, lin) in self.decoder_linears_mut() {
+            if !target(&path) {
+                continue;
             }
+            let rel_err = init_one(lin, method, rank, scale, &device).map_err(|source| {
+                ModelError::Loftq {
+                    name: path.clone(),
+                    source,
+                }
+            })?;
+            report.push(LayerInit { path, rel_err });
         }
         Ok(report)
     }

@@ -7,6 +7,17 @@ use burn::tensor::{Int, Tensor};
 use super::{Attention, Mlp, QLinear, RopeTables};
 use crate::config::LlamaConfig;
 
+/// The linear layers of a decoder block, as paths inside `model.layers.N`.
+pub const LINEAR_PATHS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// RMSNorm: `x / √(mean(x²) + ε) · weight`.
 #[derive(Module, Debug)]
 pub struct RmsNorm {
@@ -108,19 +119,18 @@ impl Llama {
     pub fn linears(&self) -> Vec<(String, &QLinear)> {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &l.self_attn;
-            let m = &l.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
-                v.push((format!("{p}.{name}"), lin));
+            let (a, m) = (&l.self_attn, &l.mlp);
+            let lins = [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ];
+            for (name, lin) in LINEAR_PATHS.iter().zip(lins) {
+                v.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
         if let Some(head) = &self.lm_head {
@@ -129,20 +139,32 @@ impl Llama {
         v
     }
 
+    /// Every decoder linear layer, mutably, with its module path (the LM head excluded).
+    pub fn decoder_linears_mut(&mut self) -> Vec<(String, &mut QLinear)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            let lins = [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ];
+            for (name, lin) in LINEAR_PATHS.iter().zip(lins) {
+                v.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        v
+    }
+
     /// Turns every adapter on or off (off: the base model alone).
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
-        for l in &mut self.layers {
-            for lin in [
-                &mut l.self_attn.q_proj,
-                &mut l.self_attn.k_proj,
-                &mut l.self_attn.v_proj,
-                &mut l.self_attn.o_proj,
-                &mut l.mlp.gate_proj,
-                &mut l.mlp.up_proj,
-                &mut l.mlp.down_proj,
-            ] {
-                lin.adapter_enabled = enabled;
-            }
+        for (_, lin) in self.decoder_linears_mut() {
+            lin.adapter_enabled = enabled;
         }
         if let Some(head) = &mut self.lm_head {
             head.adapter_enabled = enabled;

@@ -14,7 +14,7 @@ mod save;
 
 pub use attention::Attention;
 pub use init::LayerInit;
-pub use llama::{DecoderLayer, Llama, RmsNorm};
+pub use llama::{DecoderLayer, LINEAR_PATHS, Llama, RmsNorm};
 pub use load::{LINEAR_NAMES, LoadOptions, load_model, load_pretrained};
 pub use mlp::Mlp;
 pub use qlinear::{BaseWeight, LoraAdapter, PackedWeight, QLinear};
