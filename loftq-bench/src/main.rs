@@ -4,6 +4,7 @@
 mod loftq;
 mod quant;
 mod stats;
+mod synth;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +71,22 @@ enum Suite {
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Write a synthetic checkpoint (Gaussian bf16 weights) with a real model's shapes, for
+    /// whole-model `loftq init` runs.
+    Synth {
+        /// smollm2-135m, llama-3.2-1b, llama2-7b.
+        #[arg(long)]
+        arch: String,
+        /// Decoder layers (default: the real model's).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Output directory (config.json, model.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -139,6 +156,23 @@ fn run(suite: Suite) -> Result<(), String> {
             let cases = loftq::run(&shapes, &bits, &ranks, &iters, !no_exact, device);
             println!("{}", loftq::markdown(&cases));
             json.map_or(Ok(()), |p| write_json(&p, &cases))
+        }
+        Suite::Synth {
+            arch,
+            layers,
+            out,
+            seed,
+        } => {
+            let c = synth::config(&arch, layers)?;
+            let t = std::time::Instant::now();
+            let params = synth::write(&c, &out, seed)?;
+            println!(
+                "{arch} shapes, {} layers: {params} parameters written to {} in {:.1} s",
+                c.num_hidden_layers,
+                out.display(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
         }
     }
 }

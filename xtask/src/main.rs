@@ -7,8 +7,11 @@
 //! - `cargo xtask bench [--quick] [--backends cpu,wgpu,cuda] [--out DIR]`: the benchmark suites.
 //! - `cargo xtask assets`: fetch the real model and text (SmolLM2-135M, Shakespeare) once into
 //!   a cache folder, SHA-256 checked; tests that need them skip with a reason without them.
+//! - `cargo xtask demo`: `loftq init` at NF2/NF4 with the QLoRA and LoftQ starts on SmolLM2,
+//!   perplexity of each start (a synthetic model when the download is impossible).
 
 mod assets;
+mod demo;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -127,12 +130,14 @@ fn main() -> ExitCode {
         Some("validate") => validate(cpu_only),
         Some("bench") => bench(&args[1..]),
         Some("assets") => assets::fetch(),
+        Some("demo") => demo::run(),
         _ => Err(
-            "usage: cargo xtask <test|validate|bench|assets> [options]\n\
+            "usage: cargo xtask <test|validate|bench|assets|demo> [options]\n\
                   test [--cpu-only]      tests on cpu, then the device tests on wgpu\n\
                   validate [--cpu-only]  fmt --check, clippy -D warnings, test\n\
                   bench [--quick|--full] [--backends cpu,wgpu,cuda] [--out DIR]\n\
-                  assets                 fetch SmolLM2-135M and Shakespeare into the cache"
+                  assets                 fetch SmolLM2-135M and Shakespeare into the cache\n\
+                  demo                   the main job end to end: init NF2/NF4 QLoRA/LoftQ, perplexity"
                 .into(),
         ),
     };
