@@ -259,19 +259,39 @@ pub fn run_init(
                 .filter(|&&i| plan.items[i].target.is_some())
                 .count(),
         });
+        // A reader thread stays one tensor ahead: reading overlaps computing and writing,
+        // and at most two tensors are in memory.
+        let todo: Vec<usize> = (0..plan.items.len())
+            .filter(|i| !done.contains(i))
+            .collect();
+        let source = source.as_ref();
         let mut reports = Vec::new();
-        for (i, item) in plan.items.iter().enumerate() {
-            let report = if done.contains(&i) {
-                piece::read_report(&work, i)?
-            } else {
-                let r = piece::compute(spec, source.as_ref(), item, i, &work, device)?;
-                if let Some(r) = &r {
-                    events(Event::Tensor(r.clone()));
+        std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let items = &plan.items;
+            let todo_ref = &todo;
+            scope.spawn(move || {
+                for &i in todo_ref {
+                    if tx.send(piece::load(source, &items[i])).is_err() {
+                        return;
+                    }
                 }
-                r
-            };
-            reports.extend(report);
-        }
+            });
+            for (i, item) in plan.items.iter().enumerate() {
+                let report = if done.contains(&i) {
+                    piece::read_report(&work, i)?
+                } else {
+                    let loaded = rx.recv().expect("the reader sends one per tensor to do")?;
+                    let r = piece::compute(spec, item, loaded, i, &work, device)?;
+                    if let Some(r) = &r {
+                        events(Event::Tensor(r.clone()));
+                    }
+                    r
+                };
+                reports.extend(report);
+            }
+            Ok(())
+        })?;
         events(Event::Assembling);
         let resumed = done.len();
         assemble::assemble(spec, &plan, reports, gguf_config.as_ref(), start, resumed)

@@ -178,14 +178,45 @@ pub fn read_report(work: &Path, i: usize) -> Result<Option<TensorReport>> {
         .transpose()
 }
 
-/// Computes tensor `i` and writes its piece.
+/// A tensor read from the source, ready for [`compute`].
+#[derive(Debug)]
+pub enum Loaded {
+    /// A tensor passed through as stored.
+    Pass(OutTensor),
+    /// A targeted weight as `f32`.
+    Weight(crate::io::HostTensor),
+}
+
+/// Reads what [`compute`] needs for `item` (run ahead of it on another thread).
+///
+/// # Errors
+/// [`ModelError`] naming the tensor.
+pub fn load(source: &dyn TensorSource, item: &PlanItem) -> Result<Loaded> {
+    let name = &item.name;
+    if item.target.is_some() {
+        return Ok(Loaded::Weight(source.tensor(name)?));
+    }
+    Ok(Loaded::Pass(match source.raw(name)? {
+        Some((dtype, bytes)) => OutTensor {
+            dtype,
+            shape: source.shape(name)?,
+            bytes,
+        },
+        None => {
+            let t = source.tensor(name)?;
+            OutTensor::f32(t.shape, &t.data)
+        }
+    }))
+}
+
+/// Computes tensor `i` from what [`load`] read and writes its piece.
 ///
 /// # Errors
 /// [`ModelError`] naming the tensor.
 pub fn compute(
     spec: &InitSpec,
-    source: &dyn TensorSource,
     item: &PlanItem,
+    loaded: Loaded,
     i: usize,
     work: &Path,
     device: &Device,
@@ -193,24 +224,21 @@ pub fn compute(
     let name = &item.name;
     let mut tensors = BTreeMap::new();
     let mut meta = HashMap::new();
-    let Some((shape, quant)) = item.target else {
-        let t = match source.raw(name)? {
-            Some((dtype, bytes)) => OutTensor {
-                dtype,
-                shape: source.shape(name)?,
-                bytes,
-            },
-            None => {
-                let t = source.tensor(name)?;
-                OutTensor::f32(t.shape, &t.data)
-            }
-        };
-        tensors.insert(name.clone(), t);
-        write_safetensors(&piece_path(work, i), &tensors, None)?;
-        return Ok(None);
+    let (host, shape, quant) = match (loaded, item.target) {
+        (Loaded::Weight(h), Some((shape, quant))) => (h, shape, quant),
+        (Loaded::Pass(t), _) => {
+            tensors.insert(name.clone(), t);
+            write_safetensors(&piece_path(work, i), &tensors, None)?;
+            return Ok(None);
+        }
+        (Loaded::Weight(_), None) => unreachable!("load() reads weights only for targets"),
     };
-    let host = source.tensor(name)?;
-    let w: Tensor<2> = Tensor::from_data(TensorData::new(host.data.clone(), shape), device);
+    // QPiSSA reports the error of quantizing W itself: measure it before W moves to the device.
+    let qpissa_quant_err = match spec.method {
+        Method::Qpissa => Some(host_quant_error(&host.data, shape, quant, name)?),
+        _ => None,
+    };
+    let w: Tensor<2> = Tensor::from_data(TensorData::new(host.data, shape), device);
     let t0 = Instant::now();
     let seed = tensor_seed(spec.seed, name);
     let method = spec.method_for(quant, seed);
@@ -239,7 +267,7 @@ pub fn compute(
             let st = init_lora(&w, m, spec.rank, spec.lora_scale()).map_err(lerr)?;
             let quant_err = match spec.method {
                 Method::Qlora => Some(st.rel_err),
-                Method::Qpissa => Some(host_quant_error(&host.data, shape, quant, name)?),
+                Method::Qpissa => qpissa_quant_err,
                 _ => None,
             };
             (st.base, st.lora_a, st.lora_b, quant_err, st.rel_err, 0)

@@ -8,7 +8,7 @@ use super::{Checkpoint, HostTensor, read_packed};
 use crate::{ModelError, Result};
 
 /// Named tensors under their Hugging Face names, read one at a time.
-pub trait TensorSource {
+pub trait TensorSource: Send + Sync {
     /// The file or directory, for messages.
     fn root(&self) -> &Path;
 
