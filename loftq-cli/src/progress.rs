@@ -1,5 +1,5 @@
-//! A one-line progress bar on stderr (redrawn in place on a terminal, one line per update
-//! otherwise), with ETA. Small on purpose: `indicatif` would change the features of a crate
+//! A one-line progress bar on stderr (redrawn in place on a terminal, a line per tenth of the
+//! work otherwise), with ETA. Small on purpose: `indicatif` would change the features of a crate
 //! Burn's GPU stack shares and cost a rebuild of that stack.
 
 use std::io::{IsTerminal, Write};
@@ -12,6 +12,7 @@ pub struct Progress {
     start: Instant,
     tty: bool,
     last_len: usize,
+    last_decile: u64,
 }
 
 impl Progress {
@@ -23,6 +24,7 @@ impl Progress {
             start: Instant::now(),
             tty: std::io::stderr().is_terminal(),
             last_len: 0,
+            last_decile: 0,
         }
     }
 
@@ -50,7 +52,12 @@ impl Progress {
             let _ = write!(err, "\r{line}{}", " ".repeat(pad));
             self.last_len = line.len();
         } else {
-            let _ = writeln!(err, "{line}");
+            // In a log, one line per tenth of the work.
+            let decile = self.done * 10 / self.total;
+            if decile > self.last_decile {
+                self.last_decile = decile;
+                let _ = writeln!(err, "{line}");
+            }
         }
         let _ = err.flush();
     }

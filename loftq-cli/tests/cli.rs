@@ -150,6 +150,34 @@ fn init_then_eval_through_the_binary() {
     assert!(!ok && err.contains("not empty"), "{err}");
     let (ok, err) = loftq(&["init", "--model", m, "--out", o, "--resume"]);
     assert!(!ok && err.contains("nothing to resume"), "{err}");
+    // A relative --out, both backbones.
+    let status = Command::new(env!("CARGO_BIN_EXE_loftq"))
+        .current_dir(&dir)
+        .args([
+            "init",
+            "--model",
+            m,
+            "--out",
+            "rel",
+            "--method",
+            "qlora",
+            "--backbone",
+            "both",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    for f in [
+        "rel/config.json",
+        "rel/bf16/config.json",
+        "rel/adapter/adapter_config.json",
+    ] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
     // Bad flags name themselves.
     let (ok, err) = loftq(&[
         "init",

@@ -43,18 +43,13 @@ pub fn assemble(
             bf16_backbone(plan, &pieces, &out.join("bf16"))?;
         }
     }
-    let dirs: Vec<&Path> = match spec.backbone {
-        Backbone::Both => vec![out, Path::new("bf16")],
-        _ => vec![out],
+    let dirs = match spec.backbone {
+        Backbone::Both => vec![out.clone(), out.join("bf16")],
+        _ => vec![out.clone()],
     };
-    for d in dirs {
-        let d = if d.is_relative() {
-            out.join(d)
-        } else {
-            d.to_path_buf()
-        };
-        write_config(spec, gguf_config, &d)?;
-        copy_side_files(&spec.model, &d)?;
+    for d in &dirs {
+        write_config(spec, gguf_config, d)?;
+        copy_side_files(&spec.model, d)?;
     }
     adapter(spec, &pieces, &out.join("adapter"))?;
     let report = Report {
