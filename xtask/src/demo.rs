@@ -7,22 +7,22 @@
 
 use std::path::{Path, PathBuf};
 
+use std::process::Command;
+
 use crate::{TEST_FEATURES, cargo};
 
+/// The `loftq` binary of the tests' build (built once by [`run`]).
+fn binary() -> PathBuf {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    target.join("debug").join("loftq")
+}
+
 fn loftq(args: &[&str]) -> Result<String, String> {
-    let out = cargo()
-        .args([
-            "run",
-            "-q",
-            "-p",
-            "loftq-cli",
-            "--features",
-            TEST_FEATURES,
-            "--",
-        ])
+    let out = Command::new(binary())
         .args(args)
         .output()
-        .map_err(|e| format!("cargo run: {e}"))?;
+        .map_err(|e| format!("{}: {e}", binary().display()))?;
     if !out.status.success() {
         return Err(format!(
             "loftq {}: {}",
@@ -75,6 +75,11 @@ fn errors(dir: &Path) -> String {
 /// Runs the demo.
 #[allow(clippy::print_stdout)]
 pub fn run() -> Result<(), String> {
+    // The same build as the tests (the whole workspace's features), so nothing is rebuilt.
+    crate::run(
+        "building loftq",
+        cargo().args(["build", "-q", "--workspace", "--features", TEST_FEATURES]),
+    )?;
     let root = PathBuf::from("target/demo");
     let (model, text, what) = match crate::assets::fetch() {
         Ok(()) => {
@@ -91,25 +96,11 @@ pub fn run() -> Result<(), String> {
             );
             let synth = root.join("synthetic-model");
             if !synth.join("model.safetensors").is_file() {
-                let status = cargo()
-                    .args([
-                        "run",
-                        "-q",
-                        "-p",
-                        "loftq-bench",
-                        "--features",
-                        "loftq-bench/wgpu",
-                        "--",
-                        "synth",
-                        "--arch",
-                        "smollm2-135m",
-                        "--layers",
-                        "4",
-                        "--out",
-                    ])
+                let status = Command::new(binary().with_file_name("loftq-bench"))
+                    .args(["synth", "--arch", "smollm2-135m", "--layers", "4", "--out"])
                     .arg(&synth)
                     .status()
-                    .map_err(|e| format!("cargo run: {e}"))?;
+                    .map_err(|e| format!("loftq-bench: {e}"))?;
                 if !status.success() {
                     return Err("loftq-bench synth failed".into());
                 }

@@ -81,7 +81,9 @@ fn packed_backbone(pieces: &[Checkpoint], dir: &Path) -> Result<()> {
     let mut w = StreamWriter::create(&dir.join("model.safetensors"), &entries, &meta)?;
     for p in pieces {
         for n in p.names().filter(|n| !is_lora(n)) {
-            if let Err(e) = w.write(n, p.bytes(n)?.1) {
+            let written = w.write(n, p.bytes(n)?.1);
+            p.release(n);
+            if let Err(e) = written {
                 w.abort();
                 return Err(e);
             }
@@ -132,6 +134,9 @@ fn bf16_backbone(plan: &Plan, pieces: &[Checkpoint], dir: &Path) -> Result<()> {
                 }
             };
             w.write(name, &bytes)?;
+            for n in p.names() {
+                p.release(n);
+            }
         }
         Ok(())
     })();
@@ -176,6 +181,7 @@ fn adapter(spec: &InitSpec, pieces: &[Checkpoint], dir: &Path) -> Result<()> {
     for p in pieces {
         for n in p.names().filter(|n| is_lora(n)) {
             w.write(&format!("{PREFIX}{n}"), p.bytes(n)?.1)?;
+            p.release(n);
         }
     }
     w.finish()?;

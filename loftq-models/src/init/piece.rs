@@ -192,6 +192,12 @@ pub enum Loaded {
 /// # Errors
 /// [`ModelError`] naming the tensor.
 pub fn load(source: &dyn TensorSource, item: &PlanItem) -> Result<Loaded> {
+    let loaded = load_inner(source, item);
+    source.release(&item.name);
+    loaded
+}
+
+fn load_inner(source: &dyn TensorSource, item: &PlanItem) -> Result<Loaded> {
     let name = &item.name;
     if item.target.is_some() {
         return Ok(Loaded::Weight(source.tensor(name)?));

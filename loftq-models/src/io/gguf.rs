@@ -211,6 +211,14 @@ impl Gguf {
         self.metadata.get(key)
     }
 
+    /// Drops this process's resident copy of tensor `name`'s pages (see
+    /// [`super::Checkpoint::release`]).
+    pub fn release(&self, name: &str) {
+        if let Some(t) = self.tensors.get(name) {
+            super::safetensors::drop_pages(&self.map, t.start, t.len);
+        }
+    }
+
     /// Tensor `name` dequantized to `f32` (row-major in [`GgufTensor::shape`]).
     ///
     /// # Errors

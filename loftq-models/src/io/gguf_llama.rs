@@ -166,6 +166,12 @@ impl TensorSource for GgufModel {
         v
     }
 
+    fn release(&self, name: &str) {
+        if let Some(g) = gguf_name(name) {
+            self.gguf.release(&g);
+        }
+    }
+
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
         let g = gguf_name(name)
             .ok_or_else(|| ModelError::tensor(self.root(), name, "has no GGUF counterpart"))?;

@@ -254,10 +254,37 @@ impl Checkpoint {
         Ok((entry.shape.clone(), v))
     }
 
+    /// Drops this process's resident copy of tensor `name`'s pages (they are read again
+    /// from the file if touched): a streaming pass over a large checkpoint then keeps its
+    /// resident memory flat instead of growing with every tensor read.
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.tensors.get(name) {
+            drop_pages(&self.files[e.file].1, e.start, e.end - e.start);
+        }
+    }
+
     /// The path of the file holding `entry`.
     fn file_of(&self, entry: &TensorEntry) -> &Path {
         &self.files[entry.file].0
     }
+}
+
+/// `madvise(MADV_DONTNEED)` over `start..start + len` of a read-only file mapping.
+pub(crate) fn drop_pages(map: &Mmap, start: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        if len == 0 || start + len > map.len() {
+            return;
+        }
+        // SAFETY: the map is a private, read-only mapping of a file nobody writes through
+        // it; DONTNEED only discards our resident copy, and the next access faults the same
+        // bytes back in from the file. No reference observes a change.
+        #[allow(unsafe_code)]
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, start, len);
 }
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {

@@ -36,6 +36,10 @@ pub trait TensorSource: Send + Sync {
         Ok(None)
     }
 
+    /// Tells the source that `name` will not be read again soon, so that memory-mapped pages
+    /// can leave the resident set.
+    fn release(&self, _name: &str) {}
+
     /// Packed weight `name`, if the source stores it packed.
     ///
     /// # Errors
@@ -92,6 +96,10 @@ impl TensorSource for Checkpoint {
 
     fn packed(&self, name: &str) -> Result<Option<PackedTensor>> {
         read_packed(self, name)
+    }
+
+    fn release(&self, name: &str) {
+        Checkpoint::release(self, name);
     }
 }
 
