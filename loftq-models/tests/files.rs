@@ -332,3 +332,40 @@ fn loftq_init_write_read_gives_identical_logits() {
     assert!(dist(&want) < dist(&logits(&q_only)));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn stream_writer_checks_order_and_sizes_and_leaves_no_partial_file() {
+    use loftq_models::io::StreamWriter;
+    use safetensors::Dtype;
+    let dir = scratch("stream");
+    let path = dir.join("s.safetensors");
+    let entries = vec![
+        ("a".to_string(), Dtype::F32, vec![2, 2]),
+        ("b".to_string(), Dtype::U8, vec![3]),
+    ];
+    let meta = std::collections::HashMap::from([("k".to_string(), "v".to_string())]);
+    let mut w = StreamWriter::create(&path, &entries, &meta).unwrap();
+    let a: Vec<u8> = [1f32, 2.0, 3.0, 4.0]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    assert!(w.write("b", &[1, 2, 3]).is_err(), "out of order");
+    assert!(w.write("a", &a[..8]).is_err(), "short");
+    w.write("a", &a).unwrap();
+    assert!(!path.exists(), "nothing visible before finish");
+    w.write("b", &[7, 8, 9]).unwrap();
+    w.finish().unwrap();
+    let ck = Checkpoint::open(&path).unwrap();
+    assert_eq!(ck.f32("a").unwrap().data, vec![1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(ck.i64("b").unwrap().1, vec![7, 8, 9]);
+    assert_eq!(ck.metadata().get("k").map(String::as_str), Some("v"));
+    // Unfinished: an error, and the temporary file is gone.
+    let w = StreamWriter::create(&dir.join("t.safetensors"), &entries, &meta).unwrap();
+    assert!(w.finish().is_err());
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("s.safetensors")]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
