@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::gguf::{Gguf, MetaValue};
 use super::{HostTensor, OutTensor, TensorSource, write_atomic, write_safetensors};
 use crate::config::{Family, LlamaConfig, RopeConfig, RopeScaling};
+use crate::nn::LINEAR_PATHS;
 use crate::{ModelError, Result};
 
 /// A GGUF Llama-family model.
@@ -62,19 +63,9 @@ pub fn hf_name(g: &str, layers: usize) -> Option<String> {
     let rest = g.strip_prefix("blk.")?;
     let (layer, _) = rest.split_once('.')?;
     let l: usize = layer.parse().ok().filter(|&l| l < layers)?;
-    let modules = [
-        "input_layernorm",
-        "post_attention_layernorm",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ];
-    modules
+    ["input_layernorm", "post_attention_layernorm"]
         .iter()
+        .chain(LINEAR_PATHS.iter())
         .flat_map(|m| ["weight", "bias"].map(|k| format!("model.layers.{l}.{m}.{k}")))
         .find(|h| gguf_name(h).as_deref() == Some(g))
 }
