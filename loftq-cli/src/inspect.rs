@@ -72,6 +72,25 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         line(k, &sel);
     }
     line("total", &rows.iter().collect::<Vec<_>>());
+    // A `loftq init` output: its adapter and report too.
+    if path.join("adapter").join(ADAPTER_CONFIG).is_file() {
+        adapter(&path.join("adapter"))?;
+    }
+    let report = path.join("report.json");
+    if let Ok(text) = std::fs::read_to_string(&report) {
+        let r: loftq_models::init::Report = serde_json::from_str(&text)
+            .map_err(|e| ModelError::format(&report, format!("bad report: {e}")))?;
+        let t = &r.totals;
+        println!(
+            "{}: {} tensors, mean error {} → {:.4}, {:.3} bits/param with the adapter",
+            report.display(),
+            t.tensors,
+            t.mean_rel_err_quant
+                .map_or("-".to_string(), |e| format!("{e:.4}")),
+            t.mean_rel_err_init,
+            t.avg_bits_per_param
+        );
+    }
     Ok(())
 }
 
@@ -129,7 +148,22 @@ fn adapter(path: &Path) -> Result<()> {
         "  r {}, lora_alpha {}, rslora {}, dropout {}, init_lora_weights {}",
         c.r, c.lora_alpha, c.use_rslora, c.lora_dropout, c.init_lora_weights
     );
-    println!("  target_modules {}", c.target_modules);
+    match c.target_modules.as_array() {
+        Some(list) if list.len() > 8 => {
+            let mut kinds: Vec<&str> = list
+                .iter()
+                .filter_map(|v| v.as_str()?.rsplit('.').next())
+                .collect();
+            kinds.sort_unstable();
+            kinds.dedup();
+            println!(
+                "  target_modules: {} paths ({})",
+                list.len(),
+                kinds.join(", ")
+            );
+        }
+        _ => println!("  target_modules {}", c.target_modules),
+    }
     if let Some(base) = &c.base_model_name_or_path {
         println!("  base model {base}");
     }
