@@ -9,7 +9,7 @@ use loftq_models::init::plan::{
     avg_bits_rules, layer_index, parse_bits, parse_layer_bits, split_list,
 };
 use loftq_models::init::{Backbone, Event, InitSpec, Method, Target, run_init};
-use loftq_models::io::{Checkpoint, GgufModel, TensorSource};
+use loftq_models::io::open_source;
 use loftq_models::{ModelError, Result};
 
 use crate::progress::Progress;
@@ -187,12 +187,8 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
 
 /// Decoder layers of a model, from its tensor names.
 fn count_layers(model: &std::path::Path) -> Result<usize> {
-    let names = if model.extension().is_some_and(|e| e == "gguf") {
-        GgufModel::open(model)?.tensor_names()
-    } else {
-        Checkpoint::open(model)?.tensor_names()
-    };
-    names
+    open_source(model)?
+        .tensor_names()
         .iter()
         .filter_map(|n| layer_index(n))
         .max()

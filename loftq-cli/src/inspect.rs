@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use loftq_models::io::{ADAPTER_CONFIG, Adapter, Checkpoint, Gguf, read_packed};
+use loftq_models::io::{ADAPTER_CONFIG, Adapter, Checkpoint, Gguf, is_gguf, read_packed};
 use loftq_models::{ModelError, Result};
 
 /// Arguments of `loftq inspect`.
@@ -30,7 +30,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     if path.is_dir() && path.join(ADAPTER_CONFIG).is_file() {
         return adapter(path);
     }
-    let rows = if path.extension().is_some_and(|e| e == "gguf") {
+    let rows = if is_gguf(path) {
         gguf_rows(path)?
     } else {
         safetensors_rows(path)?

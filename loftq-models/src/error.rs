@@ -75,6 +75,14 @@ impl ModelError {
         }
     }
 
+    /// A quantizer's error on tensor `name`.
+    pub fn quant(name: &str, source: QuantError) -> Self {
+        Self::Quant {
+            name: name.to_string(),
+            source,
+        }
+    }
+
     /// A problem with tensor `name` in `path`.
     pub fn tensor(path: &Path, name: &str, msg: impl Into<String>) -> Self {
         Self::Tensor {

@@ -48,7 +48,7 @@ impl Tokenizer {
     /// # Errors
     /// As [`Tokenizer::from_file`] and [`Tokenizer::from_gguf`].
     pub fn for_model(path: &Path) -> Result<Self> {
-        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        if crate::io::is_gguf(path) {
             Self::from_gguf(&GgufModel::open(path)?)
         } else {
             Self::from_file(&path.join("tokenizer.json"))

@@ -10,8 +10,8 @@ use super::piece::{Plan, piece_path};
 use super::{Backbone, InitSpec, Report, TensorReport, Totals, peak_rss_bytes};
 use crate::LlamaConfig;
 use crate::io::{
-    AdapterConfig, Checkpoint, FORMAT, FORMAT_KEY, StreamWriter, copy_side_files, floats_from_le,
-    read_packed, write_atomic,
+    AdapterConfig, Checkpoint, FORMAT, FORMAT_KEY, StreamWriter, bf16_le_bytes, copy_side_files,
+    floats_from_le, read_packed, write_atomic,
 };
 use crate::{ModelError, Result};
 
@@ -92,12 +92,6 @@ fn packed_backbone(pieces: &[Checkpoint], dir: &Path) -> Result<()> {
     w.finish()
 }
 
-fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter()
-        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-        .collect()
-}
-
 fn bf16_backbone(plan: &Plan, pieces: &[Checkpoint], dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let mut entries = Vec::new();
@@ -119,16 +113,15 @@ fn bf16_backbone(plan: &Plan, pieces: &[Checkpoint], dir: &Path) -> Result<()> {
         for (item, p) in plan.items.iter().zip(pieces) {
             let name = &item.name;
             let bytes = match read_packed(p, name)? {
-                Some(packed) => {
-                    bf16_bytes(&packed.dequantize().map_err(|e| ModelError::Quant {
-                        name: name.clone(),
-                        source: e,
-                    })?)
-                }
+                Some(packed) => bf16_le_bytes(
+                    &packed
+                        .dequantize()
+                        .map_err(|e| ModelError::quant(name, e))?,
+                ),
                 None => {
                     let (e, raw) = p.bytes(name)?;
                     match floats_from_le(e.dtype, raw) {
-                        Some(v) => bf16_bytes(&v),
+                        Some(v) => bf16_le_bytes(&v),
                         None => raw.to_vec(),
                     }
                 }

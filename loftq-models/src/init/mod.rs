@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use plan::{LayerRule, Target};
 
-use crate::io::{Checkpoint, GgufModel, TensorSource};
+use crate::io::open_source;
 use crate::{ModelError, Result};
 
 /// The start to compute.
@@ -162,21 +162,6 @@ pub fn work_dir(out: &Path) -> PathBuf {
     out.join(".loftq-partial")
 }
 
-fn open_source(path: &Path) -> Result<(Box<dyn TensorSource>, Option<crate::LlamaConfig>)> {
-    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        let g = GgufModel::open(path)?;
-        let cfg = g.config.clone();
-        Ok((Box::new(g), Some(cfg)))
-    } else if path.exists() {
-        Ok((Box::new(Checkpoint::open(path)?), None))
-    } else {
-        Err(ModelError::Invalid(format!(
-            "--model {}: no such file or directory",
-            path.display()
-        )))
-    }
-}
-
 impl InitSpec {
     /// The LoRA scaling `s`.
     pub fn lora_scale(&self) -> f32 {
@@ -240,7 +225,14 @@ pub fn run_init(
             )
         }));
     }
-    let (source, gguf_config) = open_source(&spec.model)?;
+    if !spec.model.exists() {
+        return Err(ModelError::Invalid(format!(
+            "--model {}: no such file or directory",
+            spec.model.display()
+        )));
+    }
+    let source = open_source(&spec.model)?;
+    let gguf_config = source.llama_config().cloned();
     let plan = piece::Plan::new(spec, source.as_ref())?;
     let created = !out.exists();
     if resume && work.is_dir() {

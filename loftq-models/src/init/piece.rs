@@ -317,10 +317,7 @@ pub fn compute(
 }
 
 fn host_quant_error(w: &[f32], shape: [usize; 2], cfg: QuantConfig, name: &str) -> Result<f32> {
-    let qerr = |source| ModelError::Quant {
-        name: name.to_string(),
-        source,
-    };
+    let qerr = |e| ModelError::quant(name, e);
     let q = Quantizer::new(cfg).map_err(qerr)?;
     let packed = PackedTensor::pack(&q.quantize_host(w, shape).map_err(qerr)?, cfg);
     let d = packed.dequantize().map_err(qerr)?;

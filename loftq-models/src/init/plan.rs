@@ -34,10 +34,7 @@ pub fn split_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// PEFT's module match: the path itself, or a suffix after a dot.
-pub fn module_matches(path: &str, name: &str) -> bool {
-    path == name || path.ends_with(&format!(".{name}"))
-}
+pub use crate::io::module_matches;
 
 /// True for names of embeddings and output heads, which `all-linear` never targets.
 pub fn is_embedding_or_head(name: &str) -> bool {

@@ -1,6 +1,9 @@
 //! ggml tensor types: sizes, and dequantization of the ones this crate reads.
 
-use half::{bf16, f16};
+use half::f16;
+use safetensors::Dtype;
+
+use super::floats_from_le;
 
 /// A ggml tensor type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,17 +87,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
     let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
     let mut out = Vec::new();
     match ty {
-        GgmlType::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(h)),
-        GgmlType::BF16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
+        GgmlType::F32 => return floats_from_le(Dtype::F32, bytes),
+        GgmlType::F16 => return floats_from_le(Dtype::F16, bytes),
+        GgmlType::BF16 => return floats_from_le(Dtype::BF16, bytes),
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
             let (stride, qs) = if ty == GgmlType::Q4_0 {
                 (18, 2)

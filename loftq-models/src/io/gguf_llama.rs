@@ -157,6 +157,10 @@ impl TensorSource for GgufModel {
         v
     }
 
+    fn llama_config(&self) -> Option<&LlamaConfig> {
+        Some(&self.config)
+    }
+
     fn release(&self, name: &str) {
         if let Some(g) = gguf_name(name) {
             self.gguf.release(&g);

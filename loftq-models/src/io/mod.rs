@@ -13,9 +13,12 @@ mod stream;
 pub use self::gguf::Gguf;
 pub use self::gguf_llama::{GgufModel, gguf_name, hf_name, unpermute_rows};
 pub use self::packed::{FORMAT, FORMAT_KEY, add_packed, packed_names, read_packed};
-pub use self::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, LoraWeights};
-pub use self::safetensors::{
-    Checkpoint, HostTensor, OutTensor, TensorEntry, floats_from_le, write_atomic, write_safetensors,
+pub use self::peft::{
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, LoraWeights, module_matches,
 };
-pub use self::source::{SIDE_FILES, TensorSource, copy_side_files};
+pub use self::safetensors::{
+    Checkpoint, HostTensor, OutTensor, TensorEntry, bf16_le_bytes, floats_from_le, write_atomic,
+    write_safetensors,
+};
+pub use self::source::{SIDE_FILES, TensorSource, copy_side_files, is_gguf, open_source};
 pub use self::stream::StreamWriter;

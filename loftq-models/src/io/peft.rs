@@ -103,7 +103,7 @@ impl AdapterConfig {
         let alpha = self
             .alpha_pattern
             .iter()
-            .find(|(k, _)| suffix_match(path, k))
+            .find(|(k, _)| module_matches(path, k))
             .map_or(self.lora_alpha, |(_, &a)| a);
         if self.use_rslora {
             alpha / (r as f64).sqrt()
@@ -113,7 +113,9 @@ impl AdapterConfig {
     }
 }
 
-fn suffix_match(path: &str, key: &str) -> bool {
+/// PEFT's module match: `path` is `key`, or ends with `.key` (`q_proj` matches
+/// `model.layers.0.self_attn.q_proj`).
+pub fn module_matches(path: &str, key: &str) -> bool {
     path == key || path.ends_with(&format!(".{key}"))
 }
 

@@ -202,14 +202,6 @@ impl Checkpoint {
         })
     }
 
-    /// Tensor `name` as a matrix of the given shape.
-    ///
-    /// # Errors
-    /// As [`Checkpoint::f32`], and [`ModelError::Tensor`] if the shape differs.
-    pub fn matrix(&self, name: &str, shape: [usize; 2]) -> Result<HostTensor> {
-        self.shaped(name, &shape)
-    }
-
     /// Tensor `name`, which must have exactly `shape`.
     ///
     /// # Errors
@@ -340,6 +332,23 @@ pub fn floats_from_le(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(v)
 }
 
+/// Little-endian `bf16` bytes of `data` (rounded to nearest even).
+pub fn bf16_le_bytes(data: &[f32]) -> Vec<u8> {
+    data.iter()
+        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+        .collect()
+}
+
+/// The temporary name `path` is written under before the rename into place.
+pub(crate) fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.unwrap_or_default(),
+        std::process::id()
+    ))
+}
+
 /// A tensor to write: dtype, shape and little-endian bytes.
 #[derive(Clone, Debug)]
 pub struct OutTensor {
@@ -366,10 +375,7 @@ impl OutTensor {
         Self {
             dtype: Dtype::BF16,
             shape,
-            bytes: data
-                .iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                .collect(),
+            bytes: bf16_le_bytes(data),
         }
     }
 
@@ -435,12 +441,7 @@ pub fn write_safetensors(
 /// [`ModelError::Io`]; the temporary file is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.unwrap_or_default(),
-        std::process::id()
-    ));
+    let tmp = temp_path(path);
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -36,6 +36,12 @@ pub trait TensorSource: Send + Sync {
         Ok(None)
     }
 
+    /// The architecture, when the file itself carries it (GGUF metadata); `None` for
+    /// safetensors, whose architecture is in `config.json`.
+    fn llama_config(&self) -> Option<&crate::LlamaConfig> {
+        None
+    }
+
     /// Tells the source that `name` will not be read again soon, so that memory-mapped pages
     /// can leave the resident set.
     fn release(&self, _name: &str) {}
@@ -82,6 +88,10 @@ impl TensorSource for Checkpoint {
         self.f32(name)
     }
 
+    fn shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        Checkpoint::shaped(self, name, shape)
+    }
+
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
         if let Some(p) = read_packed(self, name)? {
             return Ok(p.shape.to_vec());
@@ -115,6 +125,28 @@ fn is_packed_part(name: &str) -> bool {
     .any(|s| name.ends_with(s))
 }
 
+/// True if `path` is a llama.cpp `.gguf` file.
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "gguf")
+}
+
+/// The weights at `path`: a `.gguf` file, or a safetensors file or HF directory.
+///
+/// # Errors
+/// [`ModelError::Invalid`] if `path` does not exist; the opener's errors.
+pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
+    if is_gguf(path) {
+        Ok(Box::new(super::GgufModel::open(path)?))
+    } else if path.exists() {
+        Ok(Box::new(Checkpoint::open(path)?))
+    } else {
+        Err(ModelError::Invalid(format!(
+            "{}: no such file or directory",
+            path.display()
+        )))
+    }
+}
+
 /// Files that travel with a model's weights: the tokenizer and generation settings.
 pub const SIDE_FILES: [&str; 4] = [
     "tokenizer.json",
@@ -131,7 +163,7 @@ pub const SIDE_FILES: [&str; 4] = [
 /// [`ModelError::Io`] if a copy fails; GGUF tokenizer errors.
 pub fn copy_side_files(src: &Path, dir: &Path) -> Result<Vec<String>> {
     let mut written = Vec::new();
-    if src.is_file() && src.extension().is_some_and(|e| e == "gguf") {
+    if is_gguf(src) {
         let model = super::GgufModel::open(src)?;
         if model.gguf.meta("tokenizer.ggml.model").is_some() {
             let json = model.tokenizer_json()?.to_string();

@@ -52,12 +52,7 @@ impl StreamWriter {
         }
         let mut bytes = Value::Object(header).to_string().into_bytes();
         bytes.resize(bytes.len().next_multiple_of(8), b' ');
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let tmp = path.with_file_name(format!(
-            ".{}.tmp-{}",
-            name.unwrap_or_default(),
-            std::process::id()
-        ));
+        let tmp = super::safetensors::temp_path(path);
         let file = File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let io = |e| ModelError::io(&tmp, e);

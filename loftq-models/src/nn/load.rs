@@ -12,7 +12,7 @@ use super::{
     Attention, BaseWeight, DecoderLayer, Llama, LoraAdapter, Mlp, PackedWeight, QLinear, RmsNorm,
 };
 use crate::config::LlamaConfig;
-use crate::io::{Adapter, Checkpoint, GgufModel, HostTensor, TensorSource};
+use crate::io::{Adapter, HostTensor, TensorSource, is_gguf, open_source};
 use crate::{ModelError, Result};
 
 /// The linear layers of a decoder block, as PEFT's `target_modules` names them.
@@ -112,17 +112,21 @@ pub fn load_model(
 /// directory `adapter`.
 ///
 /// # Errors
-/// As [`load_model`], [`LlamaConfig::from_file`], [`GgufModel::open`] and [`Adapter::read`].
+/// As [`load_model`], [`LlamaConfig::from_file`], [`open_source`] and [`Adapter::read`].
 pub fn load_pretrained(path: &Path, adapter: Option<&Path>, device: &Device) -> Result<Llama> {
     let adapter = adapter.map(Adapter::read).transpose()?;
-    let (config, source): (LlamaConfig, Box<dyn TensorSource>) =
-        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-            let g = GgufModel::open(path)?;
-            (g.config.clone(), Box::new(g))
-        } else {
-            let config = LlamaConfig::from_file(&path.join("config.json"))?;
-            (config, Box::new(Checkpoint::open(path)?))
-        };
+    // An HF directory's config.json is read before its weights: its error is the clearer
+    // one for a directory that is not a model.
+    let hf_config = match is_gguf(path) {
+        true => None,
+        false => Some(LlamaConfig::from_file(&path.join("config.json"))?),
+    };
+    let source = open_source(path)?;
+    let config = match (hf_config, source.llama_config()) {
+        (Some(c), _) => c,
+        (None, Some(c)) => c.clone(),
+        (None, None) => unreachable!("GGUF sources carry their architecture"),
+    };
     load_model(
         &config,
         source.as_ref(),
@@ -171,10 +175,7 @@ impl Builder<'_> {
             None => match self.opts.quantize.filter(|_| quantizable) {
                 Some(cfg) => {
                     let w = self.source.shaped(&wname, &shape)?;
-                    let quant = |e| ModelError::Quant {
-                        name: wname.clone(),
-                        source: e,
-                    };
+                    let quant = |e| ModelError::quant(&wname, e);
                     let q = Quantizer::new(cfg).map_err(quant)?;
                     let host = q.quantize_host(&w.data, shape).map_err(quant)?;
                     Some(PackedTensor::pack(&host, cfg))
@@ -191,10 +192,8 @@ impl Builder<'_> {
                         format!("packed shape {:?}, expected {shape:?}", p.shape),
                     ));
                 }
-                let w = PackedWeight::new(p, self.device).map_err(|e| ModelError::Quant {
-                    name: wname.clone(),
-                    source: e,
-                })?;
+                let w =
+                    PackedWeight::new(p, self.device).map_err(|e| ModelError::quant(&wname, e))?;
                 BaseWeight::Packed(w)
             }
             None => BaseWeight::Dense(self.dense(&wname, &shape)?),
