@@ -1,13 +1,14 @@
 //! `loftq`: the command-line tool of loftq-rs.
 //!
 //! Commands: `init` (the main job), `eval` (logits, perplexity), `convert` (GGUF to HF),
-//! `inspect`, `codebook`; `train` comes with the training work (README.md).
+//! `train` (fine-tune the adapter), `inspect`, `codebook`.
 
 mod convert;
 mod eval;
 mod init;
 mod inspect;
 mod progress;
+mod train;
 
 use std::process::ExitCode;
 
@@ -44,6 +45,10 @@ enum Command {
     /// Run a model (HF directory, dense or packed, or a .gguf file) with an optional PEFT
     /// adapter: write its logits for given token ids, or print its perplexity on a text.
     Eval(eval::EvalArgs),
+    /// Fine-tune the LoRA factors on a frozen (quantized) base: AdamW, warm-up and decay,
+    /// clipping, accumulation, validation perplexity, checkpoints and --resume; the result
+    /// is a PEFT adapter.
+    Train(Box<train::TrainArgs>),
     /// Convert a llama.cpp .gguf file into an HF-style directory (config.json,
     /// model.safetensors, tokenizer.json).
     Convert(convert::ConvertArgs),
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
         }
         Command::Init(args) => init::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Inspect(args) => inspect::run(&args),
     };

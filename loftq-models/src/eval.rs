@@ -22,25 +22,76 @@ pub struct Perplexity {
 /// If `ids` has fewer than two tokens.
 pub fn perplexity(model: &Llama, ids: &[u32]) -> Perplexity {
     assert!(ids.len() >= 2, "perplexity needs at least two tokens");
-    let device = model.embed_tokens.device();
-    let n = ids.len();
-    let input: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-    let input: Tensor<2, Int> = Tensor::from_data(TensorData::new(input, [1, n]), &device);
-    let logits = model.forward(input);
-    let vocab = logits.dims()[2];
-    let logp = log_softmax(logits.reshape([n, vocab]).narrow(0, 0, n - 1), 1);
-    let targets: Vec<i32> = ids[1..].iter().map(|&i| i as i32).collect();
-    let targets: Tensor<2, Int> = Tensor::from_data(TensorData::new(targets, [n - 1, 1]), &device);
-    let picked = logp.gather(1, targets);
-    let v = picked
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("f32");
-    let nll = -v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+    let v = token_nlls(model, ids);
+    let nll = v.iter().sum::<f64>() / v.len() as f64;
     Perplexity {
         nll,
         ppl: nll.exp(),
         tokens: v.len(),
     }
+}
+
+/// Perplexity of `ids` with a sliding window (as transformers' perplexity guide): windows of
+/// `window` tokens whose starts are `stride` apart; each window scores only the tokens that
+/// earlier windows did not, with the rest of the window as context. A window at least as long
+/// as `ids` is one pass ([`perplexity`]).
+///
+/// # Panics
+/// If `ids` has fewer than two tokens, `window < 2` or `stride` is 0 or larger than `window`.
+pub fn perplexity_windows(model: &Llama, ids: &[u32], window: usize, stride: usize) -> Perplexity {
+    assert!(ids.len() >= 2, "perplexity needs at least two tokens");
+    assert!(
+        window >= 2 && stride >= 1 && stride <= window,
+        "bad window/stride"
+    );
+    if window >= ids.len() {
+        return perplexity(model, ids);
+    }
+    let (mut total, mut count) = (0.0, 0usize);
+    // Tokens 1.. are predicted; `scored` is how many of them are done.
+    let mut scored = 0;
+    let mut begin = 0;
+    while scored < ids.len() - 1 {
+        let end = (begin + window).min(ids.len());
+        let nll = token_nlls(model, &ids[begin..end]);
+        // Position j of the window predicts token begin + j + 1.
+        let skip = scored.saturating_sub(begin);
+        for &x in &nll[skip..] {
+            total += x;
+            count += 1;
+        }
+        scored = end - 1;
+        if end == ids.len() {
+            break;
+        }
+        begin += stride;
+    }
+    let nll = total / count as f64;
+    Perplexity {
+        nll,
+        ppl: nll.exp(),
+        tokens: count,
+    }
+}
+
+/// The NLL of each token of `ids` after the first, given the ones before it.
+fn token_nlls(model: &Llama, ids: &[u32]) -> Vec<f64> {
+    let device = model.embed_tokens.device();
+    let n = ids.len();
+    let input: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    let input: Tensor<2, Int> = Tensor::from_data(TensorData::new(input, [1, n]), &device);
+    let hidden = model.hidden_states(input).narrow(1, 0, n - 1);
+    let logits = model.head(hidden);
+    let vocab = logits.dims()[2];
+    let logp = log_softmax(logits.reshape([n - 1, vocab]), 1);
+    let targets: Vec<i32> = ids[1..].iter().map(|&i| i as i32).collect();
+    let targets: Tensor<2, Int> = Tensor::from_data(TensorData::new(targets, [n - 1, 1]), &device);
+    logp.gather(1, targets)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32")
+        .into_iter()
+        .map(|x| -f64::from(x))
+        .collect()
 }

@@ -9,6 +9,7 @@
 //!   layers are [`nn::QLinear`]: a frozen base, dense or held packed, plus a LoRA adapter.
 //!
 //! - [`init`]: `loftq init`, the whole-checkpoint job (streaming, resumable).
+//! - [`train`]: fine-tuning the LoRA factors on a frozen (quantized) base.
 //!
 //! GGUF files (llama.cpp) are read through [`io::GgufModel`], which presents them under HF
 //! names and layout.
@@ -20,6 +21,7 @@ pub mod init;
 pub mod io;
 pub mod nn;
 pub mod tokenizer;
+pub mod train;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};

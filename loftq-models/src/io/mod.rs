@@ -6,7 +6,7 @@ pub mod gguf;
 mod gguf_llama;
 mod packed;
 mod peft;
-mod safetensors;
+pub(crate) mod safetensors;
 mod source;
 mod stream;
 

@@ -1,7 +1,9 @@
 //! Starting adapters on a loaded model in memory (QLoRA, LoftQ, PiSSA, QPiSSA), one linear
 //! layer at a time. The streaming, resumable whole-checkpoint job is `loftq init`.
 
+use burn::tensor::{Tensor, TensorData};
 use loftq_core::init::{Base, LoraInit, init_lora};
+use loftq_core::lowrank::Gaussian;
 
 use super::{BaseWeight, Llama, LoraAdapter, PackedWeight, QLinear};
 use crate::{ModelError, Result};
@@ -48,6 +50,38 @@ impl Llama {
             report.push(LayerInit { path, rel_err });
         }
         Ok(report)
+    }
+
+    /// Attaches a fresh adapter (PEFT's default: `A` uniform in `±1/√in`, `B = 0`) to every
+    /// decoder linear layer accepted by `target`, leaving the bases as they are: plain LoRA on
+    /// a dense model, QLoRA on a quantized one. Returns how many layers got one.
+    pub fn add_lora(
+        &mut self,
+        rank: usize,
+        scaling: f64,
+        dropout: f64,
+        seed: u64,
+        target: impl Fn(&str) -> bool,
+    ) -> usize {
+        let device = self.embed_tokens.device();
+        let mut n = 0;
+        for (path, lin) in self.decoder_linears_mut() {
+            if !target(&path) {
+                continue;
+            }
+            let [out, inp] = lin.shape();
+            let bound = 1.0 / (inp as f64).sqrt();
+            let mut g = Gaussian::new(crate::init::tensor_seed(seed, &path));
+            let a: Vec<f32> = (0..rank * inp)
+                .map(|_| ((2.0 * g.uniform() - 1.0) * bound) as f32)
+                .collect();
+            let a = Tensor::from_data(TensorData::new(a, [rank, inp]), &device);
+            let b = Tensor::zeros([out, rank], &device);
+            lin.lora = Some(LoraAdapter::new(a, b, scaling, dropout));
+            lin.adapter_enabled = true;
+            n += 1;
+        }
+        n
     }
 }
 

@@ -1,7 +1,7 @@
 //! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2) with Hugging Face module
 //! names, so that HF checkpoints and PEFT adapters map by name.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor};
 
 use super::{Attention, Mlp, QLinear, RopeTables};
@@ -62,6 +62,34 @@ impl DecoderLayer {
                 .forward(self.input_layernorm.forward(x), rope);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
+
+    /// The seven linear layers, in [`LINEAR_PATHS`] order.
+    pub fn linears(&self) -> [&QLinear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// The seven linear layers, mutably, in [`LINEAR_PATHS`] order.
+    pub fn linears_mut(&mut self) -> [&mut QLinear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
 }
 
 /// `LlamaForCausalLM`: embeddings, decoder layers, final norm, LM head.
@@ -84,34 +112,47 @@ impl Llama {
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (positions `0..seq`, causal,
     /// no padding).
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let h = self.hidden_states(ids);
+        self.head(self.hidden_states(ids))
+    }
+
+    /// The final normalized hidden states `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let rope = self.rope(ids.dims()[1]);
+        let mut h = self.embed(ids);
+        for layer in &self.layers {
+            h = layer.forward(h, &rope);
+        }
+        self.norm.forward(h)
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` for ids `[batch, seq]`.
+    pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [b, s] = ids.dims();
+        let hidden = self.embed_tokens.dims()[1];
+        self.embed_tokens
+            .clone()
+            .select(0, ids.reshape([b * s]))
+            .reshape([b, s, hidden])
+    }
+
+    /// The rotary tables for positions `0..seq`.
+    pub fn rope(&self, seq: usize) -> RopeTables {
+        let device = self.embed_tokens.device();
+        RopeTables::new(&self.config.rope, self.config.head_dim, seq, &device)
+    }
+
+    /// The LM head (or the tied embeddings) on normalized hidden states: logits
+    /// `[batch, seq, vocab]`.
+    pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
         let [b, s, hidden] = h.dims();
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => {
                 let vocab = self.embed_tokens.dims()[0];
-                h.reshape([b * s, hidden])
-                    .matmul(self.embed_tokens.clone().transpose())
+                super::qlinear::dense_product(h.reshape([b * s, hidden]), &self.embed_tokens)
                     .reshape([b, s, vocab])
             }
         }
-    }
-
-    /// The final normalized hidden states `[batch, seq, hidden]`.
-    pub fn hidden_states(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let [b, s] = ids.dims();
-        let device = ids.device();
-        let hidden = self.embed_tokens.dims()[1];
-        let mut h = self
-            .embed_tokens
-            .clone()
-            .select(0, ids.reshape([b * s]))
-            .reshape([b, s, hidden]);
-        let rope = RopeTables::new(&self.config.rope, self.config.head_dim, s, &device);
-        for layer in &self.layers {
-            h = layer.forward(h, &rope);
-        }
-        self.norm.forward(h)
     }
 
     /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`, ...), in
@@ -119,17 +160,7 @@ impl Llama {
     pub fn linears(&self) -> Vec<(String, &QLinear)> {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            let lins = [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ];
-            for (name, lin) in LINEAR_PATHS.iter().zip(lins) {
+            for (name, lin) in LINEAR_PATHS.iter().zip(l.linears()) {
                 v.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
@@ -143,22 +174,58 @@ impl Llama {
     pub fn decoder_linears_mut(&mut self) -> Vec<(String, &mut QLinear)> {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let a = &mut l.self_attn;
-            let m = &mut l.mlp;
-            let lins = [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ];
-            for (name, lin) in LINEAR_PATHS.iter().zip(lins) {
+            for (name, lin) in LINEAR_PATHS.iter().zip(l.linears_mut()) {
                 v.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
         v
+    }
+
+    /// The LoRA factors `[A, B]` of every adapted layer, in [`Llama::linears`] order: the
+    /// trainable parameters.
+    pub fn lora_params(&self) -> Vec<Tensor<2>> {
+        self.linears()
+            .into_iter()
+            .filter_map(|(_, lin)| lin.lora.as_ref())
+            .flat_map(|l| [l.a.val(), l.b.val()])
+            .collect()
+    }
+
+    /// Replaces the LoRA factors, given in [`Llama::lora_params`] order.
+    ///
+    /// # Panics
+    /// If `params` does not hold one tensor of the same shape for each factor.
+    pub fn set_lora_params(&mut self, params: Vec<Tensor<2>>) {
+        let mut it = params.into_iter();
+        let mut head = self.lm_head.as_mut();
+        let lins = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .chain(head.take());
+        for lin in lins {
+            let Some(lora) = &mut lin.lora else { continue };
+            for p in [&mut lora.a, &mut lora.b] {
+                let t = it.next().expect("one tensor per LoRA factor");
+                assert_eq!(t.dims(), p.dims(), "LoRA factor shape changed");
+                *p = Param::initialized(p.id, t);
+            }
+        }
+        assert!(it.next().is_none(), "more tensors than LoRA factors");
+    }
+
+    /// Sets the dropout seed of every adapter (`None`: no dropout). Each layer gets its own
+    /// seed derived from `seed` and its position.
+    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
+        let mut head = self.lm_head.as_mut();
+        let lins = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .chain(head.take());
+        for (i, lin) in lins.enumerate() {
+            lin.dropout_seed = seed.map(|s| s ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
     }
 
     /// Turns every adapter on or off (off: the base model alone).

@@ -4,6 +4,8 @@
 //! checkpoint tensor maps to a module field by name and nothing else.
 
 mod attention;
+#[cfg(feature = "flex")]
+mod cpu_linear;
 mod init;
 mod llama;
 mod load;

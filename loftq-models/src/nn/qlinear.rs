@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use loftq_core::lowrank::Gaussian;
 use loftq_core::quant::{Kernel, PackedTensor, Quantized, is_host_device};
 use loftq_core::{QuantError, Quantizer};
 
@@ -155,8 +155,9 @@ pub struct LoraAdapter {
     pub b: Param<Tensor<2>>,
     /// `s` in `s·B·A` (`alpha / r`, or `alpha / √r` for rsLoRA).
     pub scaling: f64,
-    /// Dropout on the adapter's input (active only while training on an autodiff device).
-    pub dropout: Dropout,
+    /// Dropout probability on the adapter's input, applied only while
+    /// [`QLinear::dropout_seed`] is set (training).
+    pub dropout: f64,
 }
 
 impl LoraAdapter {
@@ -166,11 +167,12 @@ impl LoraAdapter {
     /// If the ranks of `a` and `b` differ, or `dropout` is not in `[0, 1)`.
     pub fn new(a: Tensor<2>, b: Tensor<2>, scaling: f64, dropout: f64) -> Self {
         assert_eq!(a.dims()[0], b.dims()[1], "lora_A and lora_B ranks differ");
+        assert!((0.0..1.0).contains(&dropout), "dropout must be in [0, 1)");
         Self {
             a: Param::from_tensor(a),
             b: Param::from_tensor(b),
             scaling,
-            dropout: DropoutConfig::new(dropout).init(),
+            dropout,
         }
     }
 
@@ -197,6 +199,11 @@ pub struct QLinear {
     pub lora: Option<LoraAdapter>,
     /// When false the adapter is ignored (the base model alone).
     pub adapter_enabled: bool,
+    /// While set, the adapter's dropout is applied with a mask drawn from this seed. The mask
+    /// depends only on the seed, so a recomputed forward pass (gradient checkpointing) sees
+    /// the same mask as the first one.
+    #[module(skip)]
+    pub dropout_seed: Option<u64>,
 }
 
 impl QLinear {
@@ -207,6 +214,7 @@ impl QLinear {
             bias: None,
             lora: None,
             adapter_enabled: true,
+            dropout_seed: None,
         }
     }
 
@@ -241,16 +249,38 @@ impl QLinear {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
         let x2: Tensor<2> = x.reshape([rows, inp]);
-        let mut y = x2.clone().matmul(self.base.dense().transpose());
+        let mut y = self.base_product(x2.clone());
         if let Some(bias) = &self.bias {
             y = y + bias.clone().reshape([1, out]);
         }
         if let (Some(lora), true) = (&self.lora, self.adapter_enabled) {
-            let h = lora.dropout.forward(x2).matmul(lora.a.val().transpose());
-            y = y + h.matmul(lora.b.val().transpose()).mul_scalar(lora.scaling);
+            let x2 = match self.dropout_seed {
+                Some(seed) if lora.dropout > 0.0 => dropout(x2, lora.dropout, seed),
+                _ => x2,
+            };
+            y = y + lora_branch(x2, lora.a.val(), lora.b.val(), lora.scaling);
         }
         dims[D - 1] = out;
         y.reshape(dims)
+    }
+
+    /// `x·Wᵀ` for `x [rows, in]`: faer on the CPU back end, Burn's matmul elsewhere.
+    fn base_product(&self, x: Tensor<2>) -> Tensor<2> {
+        #[cfg(feature = "flex")]
+        {
+            use super::cpu_linear::{HostMatrix, product};
+            let w = match &self.base {
+                BaseWeight::Dense(w) => HostMatrix::from_tensor(w),
+                BaseWeight::Packed(p) if p.words.is_none() => Some(HostMatrix::Owned(Arc::new(
+                    p.packed.dequantize().expect("checked when built"),
+                ))),
+                BaseWeight::Packed(_) => None,
+            };
+            if let Some(y) = w.and_then(|w| product(&x, &w, self.shape())) {
+                return y;
+            }
+        }
+        x.matmul(self.base.dense().transpose())
     }
 
     /// The dense weight this layer computes with, adapter merged: `W + s·B·A`, `[out, in]`.
@@ -261,4 +291,39 @@ impl QLinear {
             _ => w,
         }
     }
+}
+
+/// Inverted dropout with a host-drawn mask: zeroes each element with probability `p` and
+/// scales the rest by `1/(1-p)`.
+fn dropout(x: Tensor<2>, p: f64, seed: u64) -> Tensor<2> {
+    let [rows, cols] = x.dims();
+    let mut g = Gaussian::new(seed);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..rows * cols)
+        .map(|_| if g.uniform() < p { 0.0 } else { keep as f32 })
+        .collect();
+    let device = x.device();
+    x * Tensor::from_data(TensorData::new(mask, [rows, cols]), &device)
+}
+
+/// `x·Wᵀ` for `x [rows, in]` and a dense `w [out, in]` (faer on the CPU back end).
+pub(crate) fn dense_product(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = super::cpu_linear::HostMatrix::from_tensor(w)
+        .and_then(|hw| super::cpu_linear::product(&x, &hw, w.dims()))
+    {
+        return y;
+    }
+    x.matmul(w.clone().transpose())
+}
+
+/// `s·(x·Aᵀ)·Bᵀ` (faer on the CPU back end).
+fn lora_branch(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scaling: f64) -> Tensor<2> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = super::cpu_linear::lora_product(&x, &a, &b, scaling) {
+        return y;
+    }
+    x.matmul(a.transpose())
+        .matmul(b.transpose())
+        .mul_scalar(scaling)
 }

@@ -1,0 +1,380 @@
+//! `loftq train`: fine-tune the LoRA factors on a frozen (quantized) base.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use loftq_core::DeviceSpec;
+use loftq_models::init::Target;
+use loftq_models::init::plan::{module_matches, parse_bits, split_list};
+use loftq_models::io::{Adapter, AdapterConfig, is_gguf, open_source};
+use loftq_models::nn::{LoadOptions, load_model};
+use loftq_models::train::data::tokenize_file;
+use loftq_models::train::{
+    AdamWConfig, Decay, Recompute, Sampling, Schedule, TokenStream, TrainConfig, TrainEvent,
+    Validation, latest_checkpoint, train,
+};
+use loftq_models::{LlamaConfig, ModelError, Result, Tokenizer};
+
+use crate::progress::Progress;
+
+/// Arguments of `loftq train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The frozen model: an HF directory (dense, or the packed backbone `loftq init` writes)
+    /// or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The PEFT adapter to start from (e.g. `<init out>/adapter`). Without it, a fresh
+    /// adapter is attached (A random, B = 0): plain LoRA, or QLoRA with --quantize.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Training text files (UTF-8), tokenized whole and joined, each followed by EOS.
+    #[arg(long, num_args = 1.., required = true, value_name = "FILE")]
+    text: Vec<PathBuf>,
+    /// Where checkpoints (checkpoint-N/), the final adapter (adapter/) and history.json go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue from the latest checkpoint in --out (same options required).
+    #[arg(long)]
+    resume: bool,
+
+    /// Fresh adapter: rank.
+    #[arg(long, default_value_t = 16, conflicts_with = "adapter")]
+    rank: usize,
+    /// Fresh adapter: lora_alpha (default: the rank, so scaling 1).
+    #[arg(long, conflicts_with = "adapter")]
+    alpha: Option<f64>,
+    /// Fresh adapter: rsLoRA scaling alpha/√r.
+    #[arg(long, conflicts_with = "adapter")]
+    rslora: bool,
+    /// Fresh adapter: `all-linear` or comma-separated module names (PEFT's rule).
+    #[arg(long, default_value = "all-linear", conflicts_with = "adapter")]
+    target: String,
+    /// Fresh adapter: modules to leave out (same rule).
+    #[arg(long, default_value = "", conflicts_with = "adapter")]
+    exclude: String,
+    /// Quantize every dense decoder linear weight on load (QLoRA): nf4, nf3, nf2, int8, int4,
+    /// int2. Weights already packed stay as they are.
+    #[arg(long)]
+    quantize: Option<String>,
+    /// Block size of --quantize.
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// LoRA dropout (default: the adapter's own, 0 for a fresh one).
+    #[arg(long)]
+    dropout: Option<f64>,
+
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// Warm-up steps: lr·min(1, (step+1)/warmup).
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// After the warm-up.
+    #[arg(long, value_enum, default_value_t = DecayArg::Cosine)]
+    decay: DecayArg,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// How rows are cut from the text: random windows, or consecutive rows shuffled each
+    /// epoch.
+    #[arg(long, value_enum, default_value_t = SamplingArg::Random)]
+    sampling: SamplingArg,
+    /// Seed of the batches, dropout and a fresh adapter.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep the whole autodiff graph instead of recomputing each layer in the backward pass:
+    /// faster, but every layer's activations and dequantized weights stay in memory.
+    #[arg(long)]
+    no_recompute: bool,
+
+    /// Validation text (scored from its start). Without it, the last --val-fraction of the
+    /// training tokens is held out.
+    #[arg(long)]
+    val_text: Option<PathBuf>,
+    /// Fraction of the training tokens held out when there is no --val-text (0: none).
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Validation tokens scored.
+    #[arg(long, default_value_t = 2048)]
+    val_tokens: usize,
+    /// Sliding-window length for validation (default: --val-tokens, one pass).
+    #[arg(long)]
+    val_window: Option<usize>,
+    /// Stride of the validation window (default: half the window).
+    #[arg(long)]
+    val_stride: Option<usize>,
+    /// Validate every N steps, and before the first (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    keep_checkpoints: usize,
+
+    /// Device: cpu, wgpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Print every step and validation as a JSON line on stdout instead of the progress bar.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DecayArg {
+    Constant,
+    Cosine,
+    Linear,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SamplingArg {
+    Random,
+    Packed,
+}
+
+fn invalid(msg: String) -> ModelError {
+    ModelError::Invalid(msg)
+}
+
+/// Runs `loftq train`.
+#[allow(clippy::print_stdout)]
+pub fn run(a: &TrainArgs) -> Result<()> {
+    if a.steps == 0 || a.batch == 0 || a.accum == 0 {
+        return Err(invalid(
+            "--steps, --batch and --accum must be at least 1".into(),
+        ));
+    }
+    if a.seq < 2 {
+        return Err(invalid("--seq must be at least 2".into()));
+    }
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        return Err(invalid(format!("--lr {} must be positive", a.lr)));
+    }
+    if let Some(p) = a.dropout
+        && !(0.0..1.0).contains(&p)
+    {
+        return Err(invalid(format!("--dropout {p} must be in [0, 1)")));
+    }
+    if !a.resume && a.out.is_dir() && latest_checkpoint(&a.out)?.is_some() {
+        return Err(invalid(format!(
+            "{} already holds checkpoints; pass --resume to continue, or choose another --out",
+            a.out.display()
+        )));
+    }
+    let device = a
+        .device
+        .device()
+        .map_err(|e| invalid(format!("--device {}: {e}", a.device)))?;
+
+    // The model and its adapter.
+    let adapter = a.adapter.as_deref().map(Adapter::read).transpose()?;
+    let config = match is_gguf(&a.model) {
+        true => None,
+        false => Some(LlamaConfig::from_file(&a.model.join("config.json"))?),
+    };
+    let source = open_source(&a.model)?;
+    let config = config
+        .or_else(|| source.llama_config().cloned())
+        .ok_or_else(|| invalid(format!("{}: no architecture", a.model.display())))?;
+    let quantize = a
+        .quantize
+        .as_deref()
+        .map(|s| parse_bits(s, a.block_size, false))
+        .transpose()
+        .map_err(|e| invalid(format!("--quantize: {e}")))?;
+    let opts = LoadOptions {
+        quantize,
+        adapter: adapter.as_ref(),
+    };
+    let mut model = load_model(&config, source.as_ref(), &device, &opts)?;
+    drop(source);
+    let template = match adapter {
+        Some(ad) => ad.config,
+        None => {
+            let alpha = a.alpha.unwrap_or(a.rank as f64);
+            let mut cfg = AdapterConfig::new(a.rank, alpha, vec![]);
+            cfg.use_rslora = a.rslora;
+            let scaling = cfg.scaling("", a.rank);
+            let target = Target::parse(&a.target);
+            let exclude = split_list(&a.exclude);
+            let n = model.add_lora(a.rank, scaling, 0.0, a.seed, |p| {
+                let hit = match &target {
+                    Target::AllLinear => true,
+                    Target::Names(list) => list.iter().any(|t| module_matches(p, t)),
+                };
+                hit && !exclude.iter().any(|x| module_matches(p, x))
+            });
+            if n == 0 {
+                return Err(invalid(format!(
+                    "no linear layer matches --target {:?} (minus --exclude)",
+                    a.target
+                )));
+            }
+            cfg
+        }
+    };
+    let mut template = template;
+    if let Some(p) = a.dropout {
+        template.lora_dropout = p;
+    }
+    for (_, lin) in model.decoder_linears_mut() {
+        if let Some(l) = &mut lin.lora {
+            l.dropout = template.lora_dropout;
+        }
+    }
+
+    // The text.
+    let tok = Tokenizer::for_model(&a.model)?;
+    let stream = TokenStream::from_files(&tok, &a.text, config.eos_token_id)?;
+    let (stream, val_tokens) = match &a.val_text {
+        Some(path) => (stream, tokenize_file(&tok, path)?),
+        None => {
+            let (s, v) = stream.split_tail(a.val_fraction);
+            (s, v.tokens)
+        }
+    };
+    let val = (val_tokens.len() >= 2).then(|| {
+        let tokens: Vec<u32> = val_tokens.into_iter().take(a.val_tokens.max(2)).collect();
+        let window = a.val_window.unwrap_or(tokens.len()).max(2);
+        Validation {
+            stride: a.val_stride.unwrap_or(window / 2).clamp(1, window),
+            window,
+            tokens,
+        }
+    });
+    let trainable: usize = model
+        .lora_params()
+        .iter()
+        .map(|t| t.dims().iter().product::<usize>())
+        .sum();
+    eprintln!(
+        "{} training tokens from {} file(s); {} validation tokens; {} trainable parameters",
+        stream.tokens.len(),
+        stream.files.len(),
+        val.as_ref().map_or(0, |v| v.tokens.len()),
+        trainable
+    );
+
+    let cfg = TrainConfig {
+        steps: a.steps,
+        batch: a.batch,
+        seq: a.seq,
+        accum: a.accum,
+        schedule: Schedule {
+            lr: a.lr,
+            warmup: a.warmup,
+            decay: match a.decay {
+                DecayArg::Constant => Decay::Constant,
+                DecayArg::Cosine => Decay::Cosine,
+                DecayArg::Linear => Decay::Linear,
+            },
+            total: a.steps,
+        },
+        adamw: AdamWConfig {
+            weight_decay: a.weight_decay,
+            ..AdamWConfig::default()
+        },
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        sampling: match a.sampling {
+            SamplingArg::Random => Sampling::Random,
+            SamplingArg::Packed => Sampling::Packed,
+        },
+        seed: a.seed,
+        recompute: if a.no_recompute {
+            Recompute::None
+        } else {
+            Recompute::Layers
+        },
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        keep_checkpoints: a.keep_checkpoints,
+        resume: a.resume,
+    };
+    let tokens_per_step = (a.batch * a.accum * (a.seq - 1)) as f64;
+    let mut bar = (!a.json).then(|| Progress::new(a.steps as u64));
+    let mut loss_ema: Option<f64> = None;
+    let history = train(
+        &mut model,
+        &template,
+        &stream.tokens,
+        val.as_ref(),
+        &cfg,
+        &a.out,
+        |e| {
+            if a.json {
+                println!("{}", event_json(e));
+                return;
+            }
+            let bar = bar.as_mut().expect("not json");
+            match e {
+                TrainEvent::Resumed { step } => {
+                    bar.inc(*step as u64, "");
+                    bar.note(&format!("resumed after step {step}"));
+                }
+                TrainEvent::Step(r) => {
+                    let ema = loss_ema.map_or(r.loss, |m| 0.9 * m + 0.1 * r.loss);
+                    loss_ema = Some(ema);
+                    bar.inc(
+                        1,
+                        &format!(
+                            "step {} loss {:.3} (avg {ema:.3}) lr {:.2e} {:.0} tok/s",
+                            r.step,
+                            r.loss,
+                            r.lr,
+                            tokens_per_step / r.seconds
+                        ),
+                    );
+                }
+                TrainEvent::Eval(r) => bar.note(&format!(
+                    "step {}: validation NLL {:.4}, perplexity {:.3}",
+                    r.step, r.nll, r.ppl
+                )),
+                TrainEvent::Saved { step, path } => {
+                    bar.note(&format!("step {step}: checkpoint {}", path.display()))
+                }
+            }
+        },
+    )?;
+    if let Some(b) = bar.as_mut() {
+        b.clear();
+    }
+    let secs: f64 = history.steps.iter().map(|s| s.seconds).sum();
+    eprintln!(
+        "done: {} steps, {:.0} tokens/s; adapter in {}",
+        history.steps.len(),
+        history.steps.len() as f64 * tokens_per_step / secs.max(1e-9),
+        a.out.join("adapter").display()
+    );
+    Ok(())
+}
+
+fn event_json(e: &TrainEvent) -> serde_json::Value {
+    match e {
+        TrainEvent::Resumed { step } => serde_json::json!({"event": "resumed", "step": step}),
+        TrainEvent::Step(r) => serde_json::json!({"event": "step", "step": r.step, "loss": r.loss,
+            "lr": r.lr, "grad_norm": r.grad_norm, "seconds": r.seconds}),
+        TrainEvent::Eval(r) => serde_json::json!({"event": "eval", "step": r.step, "nll": r.nll,
+            "ppl": r.ppl}),
+        TrainEvent::Saved { step, path } => {
+            serde_json::json!({"event": "saved", "step": step, "path": path})
+        }
+    }
+}

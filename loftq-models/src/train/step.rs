@@ -1,0 +1,199 @@
+//! The loss of one batch and the gradients of every LoRA factor.
+//!
+//! Layer-wise gradient checkpointing: the forward pass runs without autodiff and keeps only
+//! each decoder layer's input `[batch, seq, hidden]`. The backward pass then recomputes one
+//! layer at a time on the autodiff device, from its saved input, and backpropagates the
+//! gradient of its output through it. So at most one layer's dequantized weights and
+//! activations are alive at once, whatever the depth of the model; the price is a second
+//! forward pass through the decoder layers.
+
+use burn::module::Param;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::nn::{Llama, QLinear};
+
+/// Token windows: `batch` rows of `seq` ids. Each position predicts the next one in its row,
+/// so a row gives `seq - 1` predictions (as transformers' causal-LM loss with
+/// `labels = input_ids`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Row-major `[batch, seq]`.
+    pub ids: Vec<u32>,
+    /// Rows.
+    pub batch: usize,
+    /// Tokens per row (at least 2).
+    pub seq: usize,
+}
+
+/// The loss and the gradient of every trainable LoRA factor.
+#[derive(Debug)]
+pub struct StepGrads {
+    /// Mean next-token negative log-likelihood over the batch (nats).
+    pub loss: f64,
+    /// Predicted tokens.
+    pub tokens: usize,
+    /// `[dL/dA, dL/dB]` for each adapted layer, in [`Llama::lora_params`] order.
+    pub grads: Vec<Tensor<2>>,
+}
+
+/// How much of the forward pass the backward pass recomputes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Each decoder layer is recomputed from its input (see the module documentation): the
+    /// memory of one layer at a time, for a second forward pass through the layers.
+    #[default]
+    Layers,
+    /// One ordinary backward pass: every layer's activations and dequantized weights stay
+    /// alive until the backward pass reaches them. Faster; memory grows with the depth.
+    None,
+}
+
+/// Forward and backward pass of `batch` through `model` (see the module documentation).
+///
+/// # Panics
+/// If `batch.seq < 2` or the ids do not fill `[batch, seq]`.
+pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> StepGrads {
+    let (b, s) = (batch.batch, batch.seq);
+    assert!(s >= 2, "a training row needs at least two tokens");
+    assert_eq!(batch.ids.len(), b * s, "ids must fill [batch, seq]");
+    let device = model.embed_tokens.device();
+    let ids: Vec<i32> = batch.ids.iter().map(|&i| i as i32).collect();
+    let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [b, s]), &device);
+    let targets: Vec<i32> = (0..b)
+        .flat_map(|r| batch.ids[r * s + 1..(r + 1) * s].iter().map(|&i| i as i32))
+        .collect();
+    let targets: Tensor<2, Int> =
+        Tensor::from_data(TensorData::new(targets, [b * (s - 1), 1]), &device);
+
+    let rope = model.rope(s);
+    if recompute == Recompute::None {
+        return whole_graph(model, ids, targets, &rope, [b, s]);
+    }
+    // Forward without autodiff, keeping each layer's input.
+    let mut inputs = Vec::with_capacity(model.layers.len() + 1);
+    inputs.push(model.embed(ids));
+    for layer in &model.layers {
+        let h = layer.forward(inputs.last().expect("pushed").clone(), &rope);
+        inputs.push(h);
+    }
+
+    // Norm, head and loss on the autodiff device.
+    let last = inputs.pop().expect("pushed").autodiff().require_grad();
+    let mut head = model.lm_head.clone().map(|h| tracked(&h));
+    let hidden = model.norm.forward(last.clone()).narrow(1, 0, s - 1);
+    let logits = match &head {
+        Some(h) => h.forward(hidden),
+        None => model.head(hidden),
+    };
+    let loss = nll(logits, targets);
+    let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+    let grads = loss.backward();
+    let mut upstream = last.grad(&grads).expect("the input of the head is tracked");
+    let head_grads = head.as_mut().map(|h| lora_grads(h, &grads, &device));
+    drop(grads);
+
+    // Recompute each layer from its input and push the gradient back through it.
+    let mut per_layer = Vec::with_capacity(model.layers.len());
+    for (i, layer) in model.layers.iter().enumerate().rev() {
+        let mut layer = layer.clone();
+        for lin in layer.linears_mut() {
+            *lin = tracked(lin);
+        }
+        let x = inputs[i].clone().autodiff().require_grad();
+        let y = layer.forward(x.clone(), &rope);
+        let grads = (y * upstream).sum().backward();
+        let mut g = Vec::new();
+        for lin in layer.linears_mut() {
+            g.extend(lora_grads(lin, &grads, &device));
+        }
+        per_layer.push(g);
+        upstream = match i {
+            0 => Tensor::zeros([1, 1, 1], &device),
+            _ => x.grad(&grads).expect("the layer input is tracked"),
+        };
+    }
+    let mut all: Vec<Tensor<2>> = per_layer.into_iter().rev().flatten().collect();
+    all.extend(head_grads.into_iter().flatten());
+    StepGrads {
+        loss: loss_value,
+        tokens: b * (s - 1),
+        grads: all,
+    }
+}
+
+/// The whole model on the autodiff device, one backward pass.
+fn whole_graph(
+    model: &Llama,
+    ids: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+    rope: &crate::nn::RopeTables,
+    [b, s]: [usize; 2],
+) -> StepGrads {
+    let device = model.embed_tokens.device();
+    let mut h = model.embed(ids);
+    let mut layers = Vec::with_capacity(model.layers.len());
+    for layer in &model.layers {
+        let mut layer = layer.clone();
+        for lin in layer.linears_mut() {
+            *lin = tracked(lin);
+        }
+        h = layer.forward(h, rope);
+        layers.push(layer);
+    }
+    let head = model.lm_head.clone().map(|h| tracked(&h));
+    let hidden = model.norm.forward(h).narrow(1, 0, s - 1);
+    let logits = match &head {
+        Some(h) => h.forward(hidden),
+        None => model.head(hidden),
+    };
+    let loss = nll(logits, targets);
+    let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+    let grads = loss.backward();
+    let mut all: Vec<Tensor<2>> = layers
+        .iter()
+        .flat_map(|l| l.linears())
+        .flat_map(|lin| lora_grads(lin, &grads, &device))
+        .collect();
+    if let Some(h) = &head {
+        all.extend(lora_grads(h, &grads, &device));
+    }
+    StepGrads {
+        loss: loss_value,
+        tokens: b * (s - 1),
+        grads: all,
+    }
+}
+
+/// Mean next-token NLL of `logits [b, s-1, vocab]` against `targets [b·(s-1), 1]`.
+fn nll(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    let [b, s1, vocab] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * s1, vocab]), 1);
+    logp.gather(1, targets).mean().neg()
+}
+
+/// A copy of `lin` whose LoRA factors are leaves of the autodiff graph.
+fn tracked(lin: &QLinear) -> QLinear {
+    let mut lin = lin.clone();
+    if let Some(lora) = &mut lin.lora {
+        lora.a = Param::from_tensor(lora.a.val().autodiff().require_grad());
+        lora.b = Param::from_tensor(lora.b.val().autodiff().require_grad());
+    }
+    lin
+}
+
+/// `[dA, dB]` of a tracked layer (zeros where the factor took no part, e.g. a disabled
+/// adapter), or nothing if it has no adapter.
+fn lora_grads(lin: &QLinear, grads: &burn::tensor::Gradients, device: &Device) -> Vec<Tensor<2>> {
+    let Some(lora) = &lin.lora else {
+        return Vec::new();
+    };
+    [lora.a.val(), lora.b.val()]
+        .into_iter()
+        .map(|p| {
+            p.grad(grads)
+                .unwrap_or_else(|| Tensor::zeros(p.dims(), device))
+        })
+        .collect()
+}
