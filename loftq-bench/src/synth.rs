@@ -103,7 +103,7 @@ pub fn write(c: &LlamaConfig, dir: &Path, seed: u64) -> Result<u64, String> {
     w.finish().map_err(|e| e.to_string())?;
     let cfg = serde_json::to_string_pretty(&c.to_hf_json()).expect("json");
     write_atomic(&dir.join("config.json"), cfg.as_bytes()).map_err(|e| e.to_string())?;
-    let tok = byte_tokenizer_json().to_string();
+    let tok = loftq_models::tokenizer::byte_level_json().to_string();
     write_atomic(&dir.join("tokenizer.json"), tok.as_bytes()).map_err(|e| e.to_string())?;
     Ok(params)
 }
@@ -119,33 +119,4 @@ fn gaussian(s: &mut u64) -> f32 {
         sum += (*s >> 40) as f32 / (1u64 << 24) as f32;
     }
     (sum - 2.0) * (3.0f32).sqrt()
-}
-
-/// A byte-level `tokenizer.json` with one token per byte (id = byte value, no merges), so a
-/// synthetic model can be evaluated on any text.
-pub fn byte_tokenizer_json() -> serde_json::Value {
-    // GPT-2's byte-to-character map: printable bytes stand for themselves, the others are
-    // shifted past 255 in order.
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let mut vocab = serde_json::Map::new();
-    let mut shifted = 0;
-    for b in 0u32..256 {
-        let c = if printable(b) {
-            char::from_u32(b)
-        } else {
-            shifted += 1;
-            char::from_u32(255 + shifted)
-        };
-        vocab.insert(c.expect("valid char").to_string(), b.into());
-    }
-    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null,
-        "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": []},
-    })
 }

@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::Args;
 use loftq_core::DeviceSpec;
 use loftq_core::quant::host_f32;
-use loftq_models::eval::perplexity;
+use loftq_models::eval::perplexity_windows;
 use loftq_models::io::{Checkpoint, OutTensor, write_safetensors};
 use loftq_models::nn::{Llama, load_pretrained};
 use loftq_models::{ModelError, Result, Tokenizer};
@@ -41,6 +41,18 @@ pub struct EvalArgs {
     /// Tokens of --text to score.
     #[arg(long, default_value_t = 512)]
     tokens: usize,
+    /// Sliding window for --text: score in windows of this many tokens (default: all
+    /// --tokens in one pass).
+    #[arg(long, requires = "text")]
+    window: Option<usize>,
+    /// Stride between windows (default: half the window); each window scores only the
+    /// tokens the ones before it did not.
+    #[arg(long, requires = "window")]
+    stride: Option<usize>,
+    /// A full-precision model to compare with on --text: its perplexity, and the relative
+    /// error of this model's logits against its logits on the first window.
+    #[arg(long, requires = "text")]
+    reference: Option<PathBuf>,
     /// Read only the first CHARS characters of --text.
     #[arg(long)]
     chars: Option<usize>,
@@ -78,14 +90,56 @@ fn print_perplexity(model: &Llama, args: &EvalArgs, text: &Path) -> Result<()> {
         return Err(ModelError::format(text, "fewer than two tokens"));
     }
     ids.truncate(args.tokens.max(2));
-    let p = perplexity(model, &ids);
+    let window = args.window.unwrap_or(ids.len()).max(2);
+    let stride = args.stride.unwrap_or(window / 2).max(1);
+    if stride > window {
+        return Err(ModelError::Invalid(format!(
+            "--stride {stride} is larger than --window {window}"
+        )));
+    }
+    let p = perplexity_windows(model, &ids, window, stride);
+    let how = match window >= ids.len() {
+        true => "one pass".to_string(),
+        false => format!("window {window}, stride {stride}"),
+    };
     println!(
-        "{}: {} tokens, mean NLL {:.4} nats, perplexity {:.3}",
+        "{}: {} tokens ({how}), mean NLL {:.4} nats, perplexity {:.3}",
         text.display(),
         p.tokens + 1,
         p.nll,
         p.ppl
     );
+    if let Some(path) = &args.reference {
+        let device = model.embed_tokens.device();
+        let reference = load_pretrained(path, None, &device)?;
+        let r = perplexity_windows(&reference, &ids, window, stride);
+        let first = &ids[..window.min(ids.len())];
+        let n = first.len();
+        let input: Vec<i32> = first.iter().map(|&i| i as i32).collect();
+        let input = || Tensor::<2, Int>::from_data(TensorData::new(input.clone(), [1, n]), &device);
+        let vocab = model.config.vocab_size;
+        let ours = host_f32(&model.forward(input()).reshape([n, vocab]));
+        let theirs = host_f32(&reference.forward(input()).reshape([n, vocab]));
+        let diff: f64 = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum();
+        let norm: f64 = theirs.iter().map(|b| f64::from(*b).powi(2)).sum();
+        let max = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        println!(
+            "reference {}: mean NLL {:.4} nats, perplexity {:.3}; logits error ‖Δ‖/‖ref‖ {:.4}, \
+             max |Δ| {max:.4} (first {n} tokens)",
+            path.display(),
+            r.nll,
+            r.ppl,
+            (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+        );
+    }
     Ok(())
 }
 

@@ -192,3 +192,128 @@ fn init_then_eval_through_the_binary() {
     assert!(!dir.join("x").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The tiny model with a byte-level tokenizer, and a text to train on.
+fn tiny_with_tokenizer(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-llama").join(f), model.join(f)).unwrap();
+    }
+    let tok = loftq_models::tokenizer::byte_level_json().to_string();
+    std::fs::write(model.join("tokenizer.json"), tok).unwrap();
+    let text = dir.join("text.txt");
+    let line = "To be, or not to be, that is the question. ";
+    std::fs::write(&text, line.repeat(40)).unwrap();
+    (model, text)
+}
+
+#[test]
+fn train_checkpoints_resumes_and_refuses_bad_input() {
+    let dir = scratch("train");
+    let (model, text) = tiny_with_tokenizer(&dir);
+    let out = dir.join("run");
+    let (m, t, o) = (
+        model.to_str().unwrap(),
+        text.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let args = [
+        "train",
+        "--model",
+        m,
+        "--quantize",
+        "nf4",
+        "--rank",
+        "4",
+        "--text",
+        t,
+        "--out",
+        o,
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--val-tokens",
+        "64",
+        "--dropout",
+        "0.05",
+        "--json",
+    ];
+    let run = Command::new(env!("CARGO_BIN_EXE_loftq"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let count = |kind: &str| events.iter().filter(|e| e["event"] == kind).count();
+    assert_eq!(count("step"), 4);
+    assert_eq!(count("eval"), 3, "steps 0, 2 and 4");
+    assert_eq!(count("saved"), 2);
+    let adapter = out.join("adapter");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    assert!(out.join("history.json").is_file());
+
+    // Again without --resume: refused; with it: nothing left to do, same adapter.
+    let before = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let (ok, err) = loftq(&args);
+    assert!(!ok && err.contains("--resume"), "{err}");
+    let mut resumed = args.to_vec();
+    resumed.push("--resume");
+    let (ok, err) = loftq(&resumed);
+    assert!(ok, "{err}");
+    assert_eq!(
+        before,
+        std::fs::read(adapter.join("adapter_model.safetensors")).unwrap()
+    );
+
+    // The trained adapter evaluates.
+    let (ok, err) = loftq(&[
+        "eval",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--text",
+        t,
+        "--tokens",
+        "64",
+        "--window",
+        "32",
+        "--stride",
+        "16",
+        "--reference",
+        m,
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.is_empty() || !err.contains("error"), "{err}");
+
+    // Bad input names the flag or file and writes nothing.
+    let fresh = dir.join("fresh");
+    let f = fresh.to_str().unwrap();
+    for (extra, needle) in [
+        (["--dropout", "1.5"], "--dropout"),
+        (["--quantize", "nf9"], "--quantize"),
+        (["--lr", "0"], "--lr"),
+    ] {
+        let mut a = vec!["train", "--model", m, "--text", t, "--out", f];
+        a.extend(extra);
+        let (ok, err) = loftq(&a);
+        assert!(!ok && err.contains(needle), "{extra:?}: {err}");
+        assert!(!fresh.exists(), "{extra:?} left {f}");
+    }
+    let (ok, err) = loftq(&["train", "--model", m, "--text", "/no/such.txt", "--out", f]);
+    assert!(!ok && err.contains("/no/such.txt"), "{err}");
+    assert!(!fresh.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

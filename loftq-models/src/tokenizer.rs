@@ -82,3 +82,32 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+/// A byte-level `tokenizer.json` with one token per byte (id = byte value, no merges), so a
+/// synthetic or test model with a vocabulary of at least 256 can read any text.
+pub fn byte_level_json() -> serde_json::Value {
+    // GPT-2's byte-to-character map: printable bytes stand for themselves, the others are
+    // shifted past 255 in order.
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut vocab = serde_json::Map::new();
+    let mut shifted = 0;
+    for b in 0u32..256 {
+        let c = if printable(b) {
+            char::from_u32(b)
+        } else {
+            shifted += 1;
+            char::from_u32(255 + shifted)
+        };
+        vocab.insert(c.expect("valid char").to_string(), b.into());
+    }
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []},
+    })
+}

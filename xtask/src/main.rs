@@ -28,6 +28,7 @@ const DEVICE_TESTS: &[&str] = &[
     "files",
     "gguf",
     "init",
+    "train",
 ];
 
 fn cargo() -> Command {

@@ -240,6 +240,13 @@ pub fn train(
             });
         }
         model.set_dropout_seed(None);
+        if !loss.is_finite() {
+            return Err(ModelError::Invalid(format!(
+                "step {}: the training loss is {loss}; nothing was saved for this step (lower \
+                 --lr, or clip with --max-grad-norm)",
+                step + 1
+            )));
+        }
         let mut grads = sum.expect("accum ≥ 1");
         if cfg.accum > 1 {
             let inv = 1.0 / cfg.accum as f64;

@@ -1,0 +1,107 @@
+//! Training-step speed and memory: one QLoRA step (forward, backward, AdamW) on a real model,
+//! with and without layer recomputation.
+
+use std::path::Path;
+
+use loftq_core::DeviceSpec;
+use loftq_models::init::peak_rss_bytes;
+use loftq_models::init::plan::parse_bits;
+use loftq_models::io::open_source;
+use loftq_models::nn::{LoadOptions, load_model};
+use loftq_models::train::{AdamW, AdamWConfig, Batch, Recompute, loss_and_grads};
+use serde::Serialize;
+
+use crate::stats::{Timing, time};
+
+/// One measured configuration.
+#[derive(Debug, Serialize)]
+pub struct TrainCase {
+    /// `layers` (recompute each layer in the backward pass) or `none` (whole graph).
+    pub recompute: String,
+    /// Rows per step.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq: usize,
+    /// Seconds per step (forward, backward, AdamW update).
+    pub step: Timing,
+    /// Predicted tokens per second at the median.
+    pub tokens_per_s: f64,
+    /// Peak resident memory of the process after this case (GiB; cumulative).
+    pub peak_rss_gib: f64,
+}
+
+/// Times `repeats` steps in each recompute mode.
+pub fn run(
+    model: &Path,
+    quantize: &str,
+    rank: usize,
+    [batch, seq]: [usize; 2],
+    repeats: usize,
+    device: DeviceSpec,
+) -> Result<Vec<TrainCase>, String> {
+    let dev = device.device().map_err(|e| e.to_string())?;
+    let source = open_source(model).map_err(|e| e.to_string())?;
+    let config = match source.llama_config() {
+        Some(c) => c.clone(),
+        None => loftq_models::LlamaConfig::from_file(&model.join("config.json"))
+            .map_err(|e| e.to_string())?,
+    };
+    let quantize = match quantize {
+        "none" => None,
+        q => Some(parse_bits(q, 64, false)?),
+    };
+    let opts = LoadOptions {
+        quantize,
+        adapter: None,
+    };
+    let mut m = load_model(&config, source.as_ref(), &dev, &opts).map_err(|e| e.to_string())?;
+    drop(source);
+    m.add_lora(rank, 1.0, 0.0, 0, |_| true);
+    let vocab = config.vocab_size as u32;
+    let ids = (0..batch * seq)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761) % vocab)
+        .collect();
+    let b = Batch { ids, batch, seq };
+    let mut cases = Vec::new();
+    for mode in [Recompute::Layers, Recompute::None] {
+        let mut opt = AdamW::new(AdamWConfig::default(), &m.lora_params());
+        let step = time(repeats, || {
+            let g = loss_and_grads(&m, &b, mode);
+            let p = opt.update(m.lora_params(), g.grads, 1e-4);
+            m.set_lora_params(p);
+        });
+        cases.push(TrainCase {
+            recompute: format!("{mode:?}").to_lowercase(),
+            batch,
+            seq,
+            tokens_per_s: (batch * (seq - 1)) as f64 / step.median_s,
+            step,
+            peak_rss_gib: peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
+        });
+    }
+    Ok(cases)
+}
+
+/// The results as a Markdown table.
+pub fn markdown(model: &Path, device: DeviceSpec, cases: &[TrainCase]) -> String {
+    let mut s = format!(
+        "Training step on {} ({device}): forward, backward and AdamW update of the LoRA factors\n\n\
+         | recompute | batch × seq | step (median) | min–max | tokens/s | peak RSS so far |\n\
+         |---|---|---|---|---|---|\n",
+        model.display()
+    );
+    for c in cases {
+        s += &format!(
+            "| {} | {} × {} | {:.2} s | {:.2}–{:.2} s | {:.0} | {:.2} GiB |\n",
+            c.recompute,
+            c.batch,
+            c.seq,
+            c.step.median_s,
+            c.step.min_s,
+            c.step.max_s,
+            c.tokens_per_s,
+            c.peak_rss_gib
+        );
+    }
+    s
+}
