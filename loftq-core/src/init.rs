@@ -120,7 +120,7 @@ pub fn init_lora(
             let (b, a) = lr.balanced_factors();
             let k = 1.0 / scale.sqrt();
             let (a, b) = (a.mul_scalar(k), b.mul_scalar(k));
-            let residual = w.clone() - b.clone().matmul(a.clone()).mul_scalar(scale);
+            let residual = w.clone() - crate::matmul(&b, &a).mul_scalar(scale);
             let base = match method {
                 LoraInit::QPissa { quant, .. } => {
                     let quantizer = Quantizer::new(*quant)?;
@@ -135,7 +135,7 @@ pub fn init_lora(
             (base, a, b, scale)
         }
     };
-    let recon = base.dense().clone() + b.clone().matmul(a.clone()).mul_scalar(s);
+    let recon = base.dense().clone() + crate::matmul(&b, &a).mul_scalar(s);
     let rel_err = frobenius(&(w.clone() - recon)) / norm;
     Ok(LoraStart {
         base,

@@ -9,9 +9,12 @@
 //! - [`lowrank`]: truncated SVD, exact (host) and randomized (products on the device).
 //! - [`loftq()`]: the alternating quantization / low-rank initialization.
 //! - [`init`]: one API for QLoRA (zeros), LoftQ, PiSSA and QPiSSA starts.
+//! - `cpu` (with the `flex` feature): faer matrix products for the CPU back end.
 //!
 //! Weights are `[out, in]` matrices (PyTorch layout) throughout.
 
+#[cfg(feature = "flex")]
+pub mod cpu;
 pub mod device;
 mod error;
 pub mod init;
@@ -20,6 +23,14 @@ pub mod lowrank;
 pub mod quant;
 
 pub use device::DeviceSpec;
+
+/// `a·b`: faer on the CPU back end (see `cpu`), Burn's matmul elsewhere.
+pub fn matmul(a: &burn::tensor::Tensor<2>, b: &burn::tensor::Tensor<2>) -> burn::tensor::Tensor<2> {
+    #[cfg(feature = "flex")]
+    return cpu::matmul(a, b);
+    #[cfg(not(feature = "flex"))]
+    a.clone().matmul(b.clone())
+}
 pub use error::QuantError;
 pub use loftq::{InitScaling, LoftqConfig, LoftqError, LoftqResult, loftq};
 pub use quant::{QuantConfig, Quantizer};

@@ -171,7 +171,7 @@ pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError
         }
         let lr = truncated_svd(&residual, cfg.rank, &method, warm.as_ref())?;
         let (b, a) = lr.balanced_factors();
-        let ba = b.clone().matmul(a.clone());
+        let ba = crate::matmul(&b, &a);
         let err = frobenius(&(residual - ba.clone().mul_scalar(product_scale))) / norm;
         history.push(err);
         let improved = best.as_ref().is_none_or(|(i, ..)| err < history[i - 1]);

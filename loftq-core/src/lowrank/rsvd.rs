@@ -1,6 +1,7 @@
 //! Randomized truncated SVD: sketch, power iterations with re-orthonormalisation, and a small
 //! exact SVD of the projected matrix on the host.
 
+use crate::matmul;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -68,11 +69,11 @@ pub fn randomized_svd(
         None => gauss.matrix(n, k, &device),
     };
     // Aᵀ·Q is computed as (Qᵀ·A)ᵀ so that the large matrix is always a contiguous operand.
-    let at_mul = |q: &Tensor<2>| q.clone().transpose().matmul(a.clone()).transpose();
-    let mut q = orthonormalize(a.clone().matmul(omega))?;
+    let at_mul = |q: &Tensor<2>| matmul(&q.clone().transpose(), a).transpose();
+    let mut q = orthonormalize(matmul(a, &omega))?;
     for _ in 0..cfg.power_iters {
         let z = orthonormalize(at_mul(&q))?;
-        q = orthonormalize(a.clone().matmul(z))?;
+        q = orthonormalize(matmul(a, &z))?;
     }
     // Bᵀ = Aᵀ·Q: [n, k]; the SVD of B = Qᵀ·A gives A ≈ (Q·U_B)·S·V_Bᵀ.
     let bt = at_mul(&q);
@@ -85,7 +86,7 @@ pub fn randomized_svd(
     }
     let ub = from_faer(svd.U(), rank, &device);
     Ok(LowRank {
-        u: q.matmul(ub),
+        u: matmul(&q, &ub),
         s,
         v: from_faer(svd.V(), rank, &device),
     })
@@ -96,7 +97,7 @@ fn orthonormalize(mut y: Tensor<2>) -> Result<Tensor<2>, LowRankError> {
     let [_, k] = y.dims();
     let device = y.device();
     for _ in 0..2 {
-        let gram = to_host(&y.clone().transpose().matmul(y.clone()));
+        let gram = to_host(&matmul(&y.clone().transpose(), &y));
         let mut g: Vec<f64> = gram.iter().map(|&x| f64::from(x)).collect();
         let trace: f64 = (0..k).map(|i| g[i * k + i]).sum();
         if !trace.is_finite() {
@@ -126,7 +127,10 @@ fn orthonormalize(mut y: Tensor<2>) -> Result<Tensor<2>, LowRankError> {
             }
         };
         let r_inv: Vec<f32> = r_inv.iter().map(|&x| x as f32).collect();
-        y = y.matmul(Tensor::from_data(TensorData::new(r_inv, [k, k]), &device));
+        y = matmul(
+            &y,
+            &Tensor::from_data(TensorData::new(r_inv, [k, k]), &device),
+        );
     }
     Ok(y)
 }

