@@ -197,13 +197,7 @@ impl Llama {
     /// If `params` does not hold one tensor of the same shape for each factor.
     pub fn set_lora_params(&mut self, params: Vec<Tensor<2>>) {
         let mut it = params.into_iter();
-        let mut head = self.lm_head.as_mut();
-        let lins = self
-            .layers
-            .iter_mut()
-            .flat_map(|l| l.linears_mut())
-            .chain(head.take());
-        for lin in lins {
+        for lin in self.all_linears_mut() {
             let Some(lora) = &mut lin.lora else { continue };
             for p in [&mut lora.a, &mut lora.b] {
                 let t = it.next().expect("one tensor per LoRA factor");
@@ -217,24 +211,23 @@ impl Llama {
     /// Sets the dropout seed of every adapter (`None`: no dropout). Each layer gets its own
     /// seed derived from `seed` and its position.
     pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
-        let mut head = self.lm_head.as_mut();
-        let lins = self
-            .layers
-            .iter_mut()
-            .flat_map(|l| l.linears_mut())
-            .chain(head.take());
-        for (i, lin) in lins.enumerate() {
+        for (i, lin) in self.all_linears_mut().enumerate() {
             lin.dropout_seed = seed.map(|s| s ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         }
     }
 
+    /// Every linear layer, mutably, in [`Llama::linears`] order (the LM head last).
+    fn all_linears_mut(&mut self) -> impl Iterator<Item = &mut QLinear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .chain(self.lm_head.as_mut())
+    }
+
     /// Turns every adapter on or off (off: the base model alone).
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
-        for (_, lin) in self.decoder_linears_mut() {
+        for lin in self.all_linears_mut() {
             lin.adapter_enabled = enabled;
-        }
-        if let Some(head) = &mut self.lm_head {
-            head.adapter_enabled = enabled;
         }
     }
 }

@@ -81,13 +81,7 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
 
     // Norm, head and loss on the autodiff device.
     let last = inputs.pop().expect("pushed").autodiff().require_grad();
-    let mut head = model.lm_head.clone().map(|h| tracked(&h));
-    let hidden = model.norm.forward(last.clone()).narrow(1, 0, s - 1);
-    let logits = match &head {
-        Some(h) => h.forward(hidden),
-        None => model.head(hidden),
-    };
-    let loss = nll(logits, targets);
+    let (mut head, loss) = head_loss(model, last.clone(), targets);
     let loss_value = f64::from(loss.clone().into_scalar::<f32>());
     let grads = loss.backward();
     let mut upstream = last.grad(&grads).expect("the input of the head is tracked");
@@ -142,13 +136,7 @@ fn whole_graph(
         h = layer.forward(h, rope);
         layers.push(layer);
     }
-    let head = model.lm_head.clone().map(|h| tracked(&h));
-    let hidden = model.norm.forward(h).narrow(1, 0, s - 1);
-    let logits = match &head {
-        Some(h) => h.forward(hidden),
-        None => model.head(hidden),
-    };
-    let loss = nll(logits, targets);
+    let (head, loss) = head_loss(model, h, targets);
     let loss_value = f64::from(loss.clone().into_scalar::<f32>());
     let grads = loss.backward();
     let mut all: Vec<Tensor<2>> = layers
@@ -166,11 +154,19 @@ fn whole_graph(
     }
 }
 
-/// Mean next-token NLL of `logits [b, s-1, vocab]` against `targets [b·(s-1), 1]`.
-fn nll(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+/// The final norm, the LM head (tracked, if the model has its own) and the mean next-token
+/// NLL against `targets [b·(s-1), 1]`, from the last layer's output `h [b, s, hidden]`.
+fn head_loss(model: &Llama, h: Tensor<3>, targets: Tensor<2, Int>) -> (Option<QLinear>, Tensor<1>) {
+    let s = h.dims()[1];
+    let head = model.lm_head.as_ref().map(tracked);
+    let hidden = model.norm.forward(h).narrow(1, 0, s - 1);
+    let logits = match &head {
+        Some(h) => h.forward(hidden),
+        None => model.head(hidden),
+    };
     let [b, s1, vocab] = logits.dims();
     let logp = log_softmax(logits.reshape([b * s1, vocab]), 1);
-    logp.gather(1, targets).mean().neg()
+    (head, logp.gather(1, targets).mean().neg())
 }
 
 /// A copy of `lin` whose LoRA factors are leaves of the autodiff graph.
