@@ -136,20 +136,29 @@ enum Suite {
     },
 }
 
-/// GFLOP/s of `[m, n] × [n, k]` on `spec` (median of 5 after a warm-up).
+/// GFLOP/s of `[m, n] × [n, k]` on `spec` (median of 5 after a warm-up): Burn's matmul, and
+/// `loftq_core::matmul` (faer on the CPU back end), which LoftQ and training use.
 #[allow(clippy::print_stdout)]
 fn matmul_suite(m: usize, n: usize, k: usize, spec: DeviceSpec) {
-    use burn::tensor::Tensor;
+    use burn::tensor::{Distribution, Tensor};
     let device = spec.device().expect("device");
-    let a = Tensor::<2>::ones([m, n], &device);
-    let b = Tensor::<2>::ones([n, k], &device);
-    let t = stats::time(5, || {
+    let a = Tensor::<2>::random([m, n], Distribution::Default, &device);
+    let b = Tensor::<2>::random([n, k], Distribution::Default, &device);
+    let burn = stats::time(5, || {
         let _ = a.clone().matmul(b.clone()).into_data();
     });
-    let gflops = 2.0 * (m * n * k) as f64 / t.median_s / 1e9;
+    let ours = stats::time(5, || {
+        let _ = loftq_core::matmul(&a, &b).into_data();
+    });
+    let gflops = |t: &stats::Timing| 2.0 * (m * n * k) as f64 / t.median_s / 1e9;
     println!(
-        "matmul {m}×{n}×{k} on {spec}: {:.1} ms, {gflops:.0} GFLOP/s",
-        t.median_s * 1e3
+        "matmul {m}×{n}×{k} on {spec}: Burn {:.1} ms ({:.0} GFLOP/s); loftq_core::matmul {:.1} ms \
+         ({:.0} GFLOP/s), {:.2}× Burn",
+        burn.median_s * 1e3,
+        gflops(&burn),
+        ours.median_s * 1e3,
+        gflops(&ours),
+        burn.median_s / ours.median_s
     );
 }
 

@@ -88,20 +88,6 @@ impl<'a> HostMat<'a> {
             MatRef::from_row_major_slice(&self.data, rows, cols)
         }
     }
-
-    /// Row-major elements (copied if the view is column-major).
-    pub fn row_major(&self, rows: usize, cols: usize) -> Cow<'_, [f32]> {
-        if self.column_major {
-            let v = self.view(rows, cols);
-            Cow::Owned(
-                (0..rows)
-                    .flat_map(|i| (0..cols).map(move |j| v[(i, j)]))
-                    .collect(),
-            )
-        } else {
-            Cow::Borrowed(&self.data)
-        }
-    }
 }
 
 #[cfg(test)]

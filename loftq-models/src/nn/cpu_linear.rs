@@ -15,6 +15,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+use loftq_core::cpu::HostMat;
 
 /// A row-major `[out, in]` f32 matrix in host memory.
 #[derive(Clone)]
@@ -75,36 +76,39 @@ impl Backward<Flex, 1> for BaseBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (w, [out, inp]) = &ops.state;
         unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
-            let g = contiguous(&g);
-            let rows = g.len() / out;
-            let mut dx = vec![0f32; rows * inp];
-            matmul(
-                MatMut::from_row_major_slice_mut(&mut dx, rows, *inp),
-                Accum::Replace,
-                MatRef::from_row_major_slice(&g, rows, *out),
-                MatRef::from_row_major_slice(w.slice(), *out, *inp),
-                1.0,
-                Par::rayon(0),
-            );
-            FlexTensor::from_data(TensorData::new(dx, [rows, *inp]))
+            let rows = rows_of(&g, *out);
+            let g = HostMat::new(&g);
+            let w = MatRef::from_row_major_slice(w.slice(), *out, *inp);
+            gemm(rows, *inp, g.view(rows, *out), w, 1.0)
         });
     }
 }
 
 fn forward(x: &FlexTensor, w: &HostMatrix, [out, inp]: [usize; 2]) -> FlexTensor {
-    let x = contiguous(x);
-    let rows = x.len() / inp;
-    let mut y = vec![0f32; rows * out];
+    let rows = rows_of(x, inp);
+    let x = HostMat::new(x);
+    // Row-major W [out, in] is column-major Wᵀ [in, out].
+    let wt = MatRef::from_column_major_slice(w.slice(), inp, out);
+    gemm(rows, out, x.view(rows, inp), wt, 1.0)
+}
+
+/// `alpha·lhs·rhs` as a new `[m, n]` flex tensor.
+fn gemm(m: usize, n: usize, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) -> FlexTensor {
+    let mut v = vec![0f32; m * n];
     matmul(
-        MatMut::from_row_major_slice_mut(&mut y, rows, out),
+        MatMut::from_row_major_slice_mut(&mut v, m, n),
         Accum::Replace,
-        MatRef::from_row_major_slice(&x, rows, inp),
-        // Row-major W [out, in] is column-major Wᵀ [in, out].
-        MatRef::from_column_major_slice(w.slice(), inp, out),
-        1.0,
+        lhs,
+        rhs,
+        alpha,
         Par::rayon(0),
     );
-    FlexTensor::from_data(TensorData::new(y, [rows, out]))
+    FlexTensor::from_data(TensorData::new(v, [m, n]))
+}
+
+/// Rows of `t` read as a matrix with `cols` columns.
+fn rows_of(t: &FlexTensor, cols: usize) -> usize {
+    t.layout().num_elements() / cols
 }
 
 /// The LoRA branch `s·(x·Aᵀ)·Bᵀ` for `x [rows, in]`, `a [r, in]`, `b [out, r]`, all on
@@ -161,31 +165,17 @@ fn lora_forward(
 ) -> (FlexTensor, FlexTensor) {
     let (r, inp) = dims2(a);
     let out = dims2(b).0;
-    let x = contiguous(x);
-    let (a, b) = (contiguous(a), contiguous(b));
-    let rows = x.len() / inp;
-    let mut h = vec![0f32; rows * r];
-    matmul(
-        MatMut::from_row_major_slice_mut(&mut h, rows, r),
-        Accum::Replace,
-        MatRef::from_row_major_slice(&x, rows, inp),
-        MatRef::from_column_major_slice(&a, inp, r),
-        1.0,
-        Par::rayon(0),
-    );
-    let mut y = vec![0f32; rows * out];
-    matmul(
-        MatMut::from_row_major_slice_mut(&mut y, rows, out),
-        Accum::Replace,
-        MatRef::from_row_major_slice(&h, rows, r),
-        MatRef::from_column_major_slice(&b, r, out),
+    let rows = rows_of(x, inp);
+    let (x, a, b) = (HostMat::new(x), HostMat::new(a), HostMat::new(b));
+    let h = gemm(rows, r, x.view(rows, inp), a.view(r, inp).transpose(), 1.0);
+    let y = gemm(
+        rows,
+        out,
+        HostMat::new(&h).view(rows, r),
+        b.view(out, r).transpose(),
         s,
-        Par::rayon(0),
     );
-    (
-        FlexTensor::from_data(TensorData::new(h, [rows, r])),
-        FlexTensor::from_data(TensorData::new(y, [rows, out])),
-    )
+    (h, y)
 }
 
 fn dims2(t: &FlexTensor) -> (usize, usize) {
@@ -205,78 +195,32 @@ impl Backward<Flex, 3> for LoraBackward {
         let g = grads.consume::<Flex>(&ops.node);
         let (r, inp) = dims2(a);
         let out = dims2(b).0;
-        let g = contiguous(&g);
-        let rows = g.len() / out;
-        let (x, a, b, h) = (contiguous(x), contiguous(a), contiguous(b), contiguous(h));
-        let product =
-            |m: usize, n: usize, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32| {
-                let mut v = vec![0f32; m * n];
-                matmul(
-                    MatMut::from_row_major_slice_mut(&mut v, m, n),
-                    Accum::Replace,
-                    lhs,
-                    rhs,
-                    alpha,
-                    Par::rayon(0),
-                );
-                FlexTensor::from_data(TensorData::new(v, [m, n]))
-            };
-        // g·B·s, [rows, r]: the gradient of h.
-        let gh = product(
-            rows,
-            r,
-            MatRef::from_row_major_slice(&g, rows, out),
-            MatRef::from_row_major_slice(&b, out, r),
-            *s,
+        let rows = rows_of(&g, out);
+        let (g, x, a, b, h) = (
+            HostMat::new(&g),
+            HostMat::new(x),
+            HostMat::new(a),
+            HostMat::new(b),
+            HostMat::new(h),
         );
-        let ghs = contiguous(&gh);
+        let g = g.view(rows, out);
+        // s·g·B, [rows, r]: the gradient of h.
+        let gh = gemm(rows, r, g, b.view(out, r), *s);
+        let gh = HostMat::new(&gh);
+        let gh = gh.view(rows, r);
         if let Some(n) = pb {
-            // sᵀ·gᵀ·h, [out, r].
-            let gb = product(
-                out,
-                r,
-                MatRef::from_column_major_slice(&g, out, rows),
-                MatRef::from_row_major_slice(&h, rows, r),
-                *s,
-            );
+            // s·gᵀ·h, [out, r].
+            let gb = gemm(out, r, g.transpose(), h.view(rows, r), *s);
             grads.register::<Flex>(n.id, gb);
         }
         if let Some(n) = pa {
             // ghᵀ·x, [r, in].
-            let ga = product(
-                r,
-                inp,
-                MatRef::from_column_major_slice(&ghs, r, rows),
-                MatRef::from_row_major_slice(&x, rows, inp),
-                1.0,
-            );
-            grads.register::<Flex>(n.id, ga);
+            grads.register::<Flex>(n.id, gemm(r, inp, gh.transpose(), x.view(rows, inp), 1.0));
         }
         if let Some(n) = px {
             // gh·A, [rows, in].
-            let gx = product(
-                rows,
-                inp,
-                MatRef::from_row_major_slice(&ghs, rows, r),
-                MatRef::from_row_major_slice(&a, r, inp),
-                1.0,
-            );
-            grads.register::<Flex>(n.id, gx);
+            grads.register::<Flex>(n.id, gemm(rows, inp, gh, a.view(r, inp), 1.0));
         }
-    }
-}
-
-/// The f32 elements of `t` in row-major order (a copy only when it is strided or not f32).
-fn contiguous(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(
-            t.to_contiguous()
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32"),
-        ),
     }
 }
 
