@@ -200,35 +200,21 @@ fn training_lowers_the_loss() {
     assert!(out.join("checkpoint-30/optimizer.safetensors").is_file());
 }
 
+/// A whole run of the tiny QLoRA model into `out`.
+fn fresh_run(cfg: &TrainConfig, out: &std::path::Path) {
+    let (mut model, adapter) = tiny_qlora();
+    train(&mut model, &adapter, &stream(), None, cfg, out, |_| {}).unwrap();
+}
+
 #[test]
 fn resume_gives_identical_results() {
     let steps = 7;
-    let (mut model, cfg) = tiny_qlora();
     let whole = scratch("train-whole");
-    train(
-        &mut model,
-        &cfg,
-        &stream(),
-        None,
-        &config(steps),
-        &whole,
-        |_| {},
-    )
-    .unwrap();
+    fresh_run(&config(steps), &whole);
 
     // The same run "killed" after the checkpoint of step 3: later outputs removed.
-    let (mut model, cfg) = tiny_qlora();
     let cut = scratch("train-cut");
-    train(
-        &mut model,
-        &cfg,
-        &stream(),
-        None,
-        &config(steps),
-        &cut,
-        |_| {},
-    )
-    .unwrap();
+    fresh_run(&config(steps), &cut);
     for p in ["checkpoint-6", "checkpoint-7", "adapter", "history.json"] {
         let p = cut.join(p);
         let _ = std::fs::remove_dir_all(&p);
