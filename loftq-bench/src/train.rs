@@ -6,8 +6,7 @@ use std::path::Path;
 use loftq_core::DeviceSpec;
 use loftq_models::init::peak_rss_bytes;
 use loftq_models::init::plan::parse_bits;
-use loftq_models::io::open_source;
-use loftq_models::nn::{LoadOptions, load_model};
+use loftq_models::nn::{LoadOptions, load_pretrained_with};
 use loftq_models::train::{AdamW, AdamWConfig, Batch, Recompute, loss_and_grads};
 use serde::Serialize;
 
@@ -40,12 +39,6 @@ pub fn run(
     device: DeviceSpec,
 ) -> Result<Vec<TrainCase>, String> {
     let dev = device.device().map_err(|e| e.to_string())?;
-    let source = open_source(model).map_err(|e| e.to_string())?;
-    let config = match source.llama_config() {
-        Some(c) => c.clone(),
-        None => loftq_models::LlamaConfig::from_file(&model.join("config.json"))
-            .map_err(|e| e.to_string())?,
-    };
     let quantize = match quantize {
         "none" => None,
         q => Some(parse_bits(q, 64, false)?),
@@ -54,10 +47,9 @@ pub fn run(
         quantize,
         adapter: None,
     };
-    let mut m = load_model(&config, source.as_ref(), &dev, &opts).map_err(|e| e.to_string())?;
-    drop(source);
+    let mut m = load_pretrained_with(model, &dev, &opts).map_err(|e| e.to_string())?;
     m.add_lora(rank, 1.0, 0.0, 0, |_| true);
-    let vocab = config.vocab_size as u32;
+    let vocab = m.config.vocab_size as u32;
     let ids = (0..batch * seq)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761) % vocab)
         .collect();

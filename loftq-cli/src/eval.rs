@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::Args;
 use loftq_core::DeviceSpec;
 use loftq_core::quant::host_f32;
-use loftq_models::eval::perplexity_windows;
+use loftq_models::eval::{perplexity_windows, token_ids};
 use loftq_models::io::{Checkpoint, OutTensor, write_safetensors};
 use loftq_models::nn::{Llama, load_pretrained};
 use loftq_models::{ModelError, Result, Tokenizer};
@@ -115,8 +115,7 @@ fn print_perplexity(model: &Llama, args: &EvalArgs, text: &Path) -> Result<()> {
         let r = perplexity_windows(&reference, &ids, window, stride);
         let first = &ids[..window.min(ids.len())];
         let n = first.len();
-        let input: Vec<i32> = first.iter().map(|&i| i as i32).collect();
-        let input = || Tensor::<2, Int>::from_data(TensorData::new(input.clone(), [1, n]), &device);
+        let input = || token_ids(first, [1, n], &device);
         let vocab = model.config.vocab_size;
         let ours = host_f32(&model.forward(input()).reshape([n, vocab]));
         let theirs = host_f32(&reference.forward(input()).reshape([n, vocab]));

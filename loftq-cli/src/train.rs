@@ -6,14 +6,14 @@ use clap::{Args, ValueEnum};
 use loftq_core::DeviceSpec;
 use loftq_models::init::Target;
 use loftq_models::init::plan::{module_matches, parse_bits, split_list};
-use loftq_models::io::{Adapter, AdapterConfig, is_gguf, open_source};
-use loftq_models::nn::{LoadOptions, load_model};
+use loftq_models::io::{Adapter, AdapterConfig};
+use loftq_models::nn::{LoadOptions, load_pretrained_with};
 use loftq_models::train::data::tokenize_file;
 use loftq_models::train::{
     AdamWConfig, Decay, Recompute, Sampling, Schedule, TokenStream, TrainConfig, TrainEvent,
     Validation, latest_checkpoint, train,
 };
-use loftq_models::{LlamaConfig, ModelError, Result, Tokenizer};
+use loftq_models::{ModelError, Result, Tokenizer};
 
 use crate::progress::Progress;
 
@@ -186,14 +186,6 @@ pub fn run(a: &TrainArgs) -> Result<()> {
 
     // The model and its adapter.
     let adapter = a.adapter.as_deref().map(Adapter::read).transpose()?;
-    let config = match is_gguf(&a.model) {
-        true => None,
-        false => Some(LlamaConfig::from_file(&a.model.join("config.json"))?),
-    };
-    let source = open_source(&a.model)?;
-    let config = config
-        .or_else(|| source.llama_config().cloned())
-        .ok_or_else(|| invalid(format!("{}: no architecture", a.model.display())))?;
     let quantize = a
         .quantize
         .as_deref()
@@ -204,8 +196,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         quantize,
         adapter: adapter.as_ref(),
     };
-    let mut model = load_model(&config, source.as_ref(), &device, &opts)?;
-    drop(source);
+    let mut model = load_pretrained_with(&a.model, &device, &opts)?;
     let template = match adapter {
         Some(ad) => ad.config,
         None => {
@@ -243,7 +234,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
 
     // The text.
     let tok = Tokenizer::for_model(&a.model)?;
-    let stream = TokenStream::from_files(&tok, &a.text, config.eos_token_id)?;
+    let stream = TokenStream::from_files(&tok, &a.text, model.config.eos_token_id)?;
     let (stream, val_tokens) = match &a.val_text {
         Some(path) => (stream, tokenize_file(&tok, path)?),
         None => {

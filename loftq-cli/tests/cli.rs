@@ -18,15 +18,20 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Runs the binary: success and stderr.
 fn loftq(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loftq"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = loftq_output(args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn loftq_output(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_loftq"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -246,10 +251,7 @@ fn train_checkpoints_resumes_and_refuses_bad_input() {
         "0.05",
         "--json",
     ];
-    let run = Command::new(env!("CARGO_BIN_EXE_loftq"))
-        .args(args)
-        .output()
-        .unwrap();
+    let run = loftq_output(&args);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)

@@ -1,7 +1,7 @@
 //! Evaluation: next-token negative log-likelihood and perplexity.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::nn::Llama;
 
@@ -78,14 +78,12 @@ pub fn perplexity_windows(model: &Llama, ids: &[u32], window: usize, stride: usi
 fn token_nlls(model: &Llama, ids: &[u32]) -> Vec<f64> {
     let device = model.embed_tokens.device();
     let n = ids.len();
-    let input: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-    let input: Tensor<2, Int> = Tensor::from_data(TensorData::new(input, [1, n]), &device);
+    let input = token_ids(ids, [1, n], &device);
     let hidden = model.hidden_states(input).narrow(1, 0, n - 1);
     let logits = model.head(hidden);
     let vocab = logits.dims()[2];
     let logp = log_softmax(logits.reshape([n - 1, vocab]), 1);
-    let targets: Vec<i32> = ids[1..].iter().map(|&i| i as i32).collect();
-    let targets: Tensor<2, Int> = Tensor::from_data(TensorData::new(targets, [n - 1, 1]), &device);
+    let targets = token_ids(&ids[1..], [n - 1, 1], &device);
     logp.gather(1, targets)
         .into_data()
         .convert::<f32>()
@@ -94,4 +92,13 @@ fn token_nlls(model: &Llama, ids: &[u32]) -> Vec<f64> {
         .into_iter()
         .map(|x| -f64::from(x))
         .collect()
+}
+
+/// Token ids as an int tensor of `shape` (row-major) on `device`.
+///
+/// # Panics
+/// If `shape` does not hold `ids.len()` elements.
+pub fn token_ids(ids: &[u32], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    let v: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
 }

@@ -130,6 +130,11 @@ pub(crate) fn lora_product(
         let (_, y) = lora_forward(&xp, &ap, &bp, s);
         return Some(Tensor::from_primitive::<Flex>(y));
     }
+    // Elsewhere than flex (with or without autodiff), leave it to Burn without wrapping
+    // anything.
+    if !loftq_core::quant::is_host_device(&a.device().without_autodiff()) {
+        return None;
+    }
     // On the autodiff device every input is an autodiff tensor (constants included).
     let ad = |t: &Tensor<2>| {
         t.clone()

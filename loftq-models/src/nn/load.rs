@@ -112,9 +112,22 @@ pub fn load_model(
 /// directory `adapter`.
 ///
 /// # Errors
-/// As [`load_model`], [`LlamaConfig::from_file`], [`open_source`] and [`Adapter::read`].
+/// As [`load_pretrained_with`] and [`Adapter::read`].
 pub fn load_pretrained(path: &Path, adapter: Option<&Path>, device: &Device) -> Result<Llama> {
     let adapter = adapter.map(Adapter::read).transpose()?;
+    let opts = LoadOptions {
+        quantize: None,
+        adapter: adapter.as_ref(),
+    };
+    load_pretrained_with(path, device, &opts)
+}
+
+/// Loads a pretrained model (an HF-style directory or a `.gguf` file, as
+/// [`load_pretrained`]) built as `opts` says.
+///
+/// # Errors
+/// As [`load_model`], [`LlamaConfig::from_file`] and [`open_source`].
+pub fn load_pretrained_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Llama> {
     // An HF directory's config.json is read before its weights: its error is the clearer
     // one for a directory that is not a model.
     let hf_config = match is_gguf(path) {
@@ -127,15 +140,7 @@ pub fn load_pretrained(path: &Path, adapter: Option<&Path>, device: &Device) -> 
         (None, Some(c)) => c.clone(),
         (None, None) => unreachable!("GGUF sources carry their architecture"),
     };
-    load_model(
-        &config,
-        source.as_ref(),
-        device,
-        &LoadOptions {
-            quantize: None,
-            adapter: adapter.as_ref(),
-        },
-    )
+    load_model(&config, source.as_ref(), device, opts)
 }
 
 struct Builder<'a> {

@@ -152,8 +152,8 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 
 /// Trains the LoRA factors of `model` on `stream`, writing checkpoints and the final
 /// adapter (PEFT format, `adapter_template` as its config) under `out`: `out/checkpoint-N/`
-/// and `out/adapter/`, plus `out/history.json`. With `resume`, continues from the latest
-/// checkpoint in `out` if `cfg.resume`; the result is the same as an uninterrupted run.
+/// and `out/adapter/`, plus `out/history.json`. With `cfg.resume`, continues from the latest
+/// checkpoint in `out`; the result is the same as an uninterrupted run.
 ///
 /// # Errors
 /// [`ModelError::Invalid`] for a model without adapters, a stream shorter than a row, or a
@@ -294,26 +294,34 @@ pub fn train(
 /// # Errors
 /// [`ModelError::Io`] if `out` cannot be listed.
 pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
-    let entries = match std::fs::read_dir(out) {
-        Ok(e) => e,
+    let found = match checkpoints(out) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(ModelError::io(out, e)),
     };
-    let mut best: Option<(usize, PathBuf)> = None;
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(n) = name
-            .to_str()
-            .and_then(|s| s.strip_prefix("checkpoint-"))
-            .and_then(|s| s.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        if e.path().join(STATE).is_file() && best.as_ref().is_none_or(|(b, _)| n > *b) {
-            best = Some((n, e.path()));
-        }
-    }
-    Ok(best.map(|(_, p)| p))
+    Ok(found
+        .into_iter()
+        .rev()
+        .map(|(_, p)| p)
+        .find(|p| p.join(STATE).is_file()))
+}
+
+/// The `checkpoint-N` directories under `out`, by ascending `N`.
+fn checkpoints(out: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(out)?
+        .flatten()
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
 }
 
 fn save_checkpoint(
@@ -434,22 +442,9 @@ fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Resul
 }
 
 fn prune_checkpoints(out: &Path, keep: usize) {
-    let Ok(entries) = std::fs::read_dir(out) else {
+    let Ok(found) = checkpoints(out) else {
         return;
     };
-    let mut found: Vec<(usize, PathBuf)> = entries
-        .flatten()
-        .filter_map(|e| {
-            let n = e
-                .file_name()
-                .to_str()?
-                .strip_prefix("checkpoint-")?
-                .parse()
-                .ok()?;
-            Some((n, e.path()))
-        })
-        .collect();
-    found.sort();
     let drop = found.len().saturating_sub(keep);
     for (_, p) in found.into_iter().take(drop) {
         let _ = std::fs::remove_dir_all(p);

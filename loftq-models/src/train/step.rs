@@ -9,8 +9,9 @@
 
 use burn::module::Param;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
+use crate::eval::token_ids;
 use crate::nn::{Llama, QLinear};
 
 /// Token windows: `batch` rows of `seq` ids. Each position predicts the next one in its row,
@@ -59,13 +60,11 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
     assert!(s >= 2, "a training row needs at least two tokens");
     assert_eq!(batch.ids.len(), b * s, "ids must fill [batch, seq]");
     let device = model.embed_tokens.device();
-    let ids: Vec<i32> = batch.ids.iter().map(|&i| i as i32).collect();
-    let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [b, s]), &device);
-    let targets: Vec<i32> = (0..b)
-        .flat_map(|r| batch.ids[r * s + 1..(r + 1) * s].iter().map(|&i| i as i32))
+    let ids = token_ids(&batch.ids, [b, s], &device);
+    let targets: Vec<u32> = (0..b)
+        .flat_map(|r| batch.ids[r * s + 1..(r + 1) * s].iter().copied())
         .collect();
-    let targets: Tensor<2, Int> =
-        Tensor::from_data(TensorData::new(targets, [b * (s - 1), 1]), &device);
+    let targets = token_ids(&targets, [b * (s - 1), 1], &device);
 
     let rope = model.rope(s);
     if recompute == Recompute::None {
