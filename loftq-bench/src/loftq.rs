@@ -1,11 +1,30 @@
 //! Per-matrix LoftQ: time and error of randomized vs exact SVD, in the same run.
 
-use std::time::Instant;
-
 use burn::tensor::{Tensor, TensorData};
 use loftq_core::lowrank::{Gaussian, RsvdConfig, SvdMethod};
 use loftq_core::{DeviceSpec, LoftqConfig, QuantConfig, loftq};
 use serde::Serialize;
+
+use crate::stats::{self, Memory, Timing};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct LoftqArgs {
+    /// `[out, in]` shapes.
+    pub shapes: Vec<[usize; 2]>,
+    /// NF bit widths.
+    pub bits: Vec<u8>,
+    /// LoRA ranks.
+    pub ranks: Vec<usize>,
+    /// Iteration counts.
+    pub iters: Vec<usize>,
+    /// Also run the exact SVD (once per case: minutes on large matrices).
+    pub exact: bool,
+    /// Timed repeats of the randomized runs, after one warm-up.
+    pub repeats: usize,
+    /// The randomized SVD's parameters.
+    pub rsvd: RsvdConfig,
+}
 
 /// One measured case.
 #[derive(Debug, Serialize)]
@@ -20,8 +39,12 @@ pub struct LoftqCase {
     pub iters: usize,
     /// `exact` or `randomized`.
     pub svd: String,
-    /// Wall time of `loftq()` (one run after a warm-up of the same shape).
+    /// Wall time of `loftq()`: median of the repeats (randomized) or one run (exact).
     pub seconds: f64,
+    /// Median, min and max over the repeats.
+    pub timing: Timing,
+    /// Peak resident memory during the case, and the memory before it.
+    pub memory: Memory,
     /// `‖W − Q − s·B·A‖ / ‖W‖` of the result.
     pub rel_err: f32,
     /// `‖W − Q(W)‖ / ‖W‖` (plain quantization).
@@ -29,48 +52,42 @@ pub struct LoftqCase {
 }
 
 /// Runs every combination of the given axes on Gaussian weights (std 0.02) on `spec`.
-pub fn run(
-    shapes: &[[usize; 2]],
-    bits: &[u8],
-    ranks: &[usize],
-    iters: &[usize],
-    exact: bool,
-    spec: DeviceSpec,
-) -> Vec<LoftqCase> {
+pub fn run(args: &LoftqArgs, spec: DeviceSpec) -> Vec<LoftqCase> {
     let device = spec.device().expect("device");
     let mut cases = Vec::new();
-    for &shape in shapes {
+    for &shape in &args.shapes {
         let mut g = Gaussian::new(shape[0] as u64 * 31 + shape[1] as u64);
         let data: Vec<f32> = (0..shape[0] * shape[1])
             .map(|_| g.normal() as f32 * 0.02)
             .collect();
         let w = Tensor::<2>::from_data(TensorData::new(data, shape), &device);
-        // Warm-up: first use of the device and of the kernels.
-        let _ = loftq(&w, &LoftqConfig::new(QuantConfig::nf4(), 8, 1));
-        for &b in bits {
-            for &rank in ranks {
-                for &t in iters {
-                    let methods: &[(&str, SvdMethod)] = if exact {
-                        &[
-                            ("randomized", SvdMethod::Randomized(RsvdConfig::default())),
-                            ("exact", SvdMethod::Exact),
-                        ]
-                    } else {
-                        &[("randomized", SvdMethod::Randomized(RsvdConfig::default()))]
-                    };
-                    for (name, svd) in methods {
+        let mut methods = vec![("randomized", SvdMethod::Randomized(args.rsvd))];
+        if args.exact {
+            methods.push(("exact", SvdMethod::Exact));
+        }
+        for &b in &args.bits {
+            for &rank in &args.ranks {
+                for &t in &args.iters {
+                    for &(name, svd) in &methods {
                         let cfg = LoftqConfig {
-                            svd: *svd,
+                            svd,
                             ..LoftqConfig::new(QuantConfig::nf(b), rank, t)
                         };
-                        let start = Instant::now();
-                        let r = loftq(&w, &cfg).expect("loftq");
-                        let _ = r.lora_a.to_data();
-                        let seconds = start.elapsed().as_secs_f64();
+                        let mut result = None;
+                        let repeats = if name == "exact" { 0 } else { args.repeats };
+                        let (timing, memory) = stats::measure(repeats, || {
+                            let r = loftq(&w, &cfg).expect("loftq");
+                            let _ = r.lora_a.to_data();
+                            result = Some(r);
+                        });
+                        let r = result.expect("one run");
                         eprintln!(
-                            "{}x{} nf{b} r{rank} T{t} {name}: {seconds:.2} s, err {:.4}",
+                            "{}x{} nf{b} r{rank} T{t} {name}: {:.2} s ({:.2}–{:.2}), err {:.4}",
                             shape[0],
                             shape[1],
+                            timing.median_s,
+                            timing.min_s,
+                            timing.max_s,
                             r.rel_err()
                         );
                         cases.push(LoftqCase {
@@ -79,7 +96,9 @@ pub fn run(
                             rank,
                             iters: t,
                             svd: name.to_string(),
-                            seconds,
+                            seconds: timing.median_s,
+                            timing,
+                            memory,
                             rel_err: r.rel_err(),
                             rel_err_quant: r.rel_err_quant,
                         });
@@ -94,7 +113,7 @@ pub fn run(
 /// Markdown table with the randomized/exact ratios where both ran.
 pub fn markdown(cases: &[LoftqCase]) -> String {
     let mut s = String::from(
-        "| shape | quantizer | r | T | ‖W−Q‖/‖W‖ | randomized: time, error | exact: time, error | speed-up | error ratio |\n\
+        "| shape | quantizer | r | T | ‖W−Q‖/‖W‖ | randomized: time (min–max), error | exact: time, error | speed-up | error ratio |\n\
          |---|---|---|---|---|---|---|---|---|\n",
     );
     for c in cases.iter().filter(|c| c.svd == "randomized") {
@@ -114,7 +133,7 @@ pub fn markdown(cases: &[LoftqCase]) -> String {
             None => ("–".into(), "–".into(), "–".into()),
         };
         s.push_str(&format!(
-            "| {}×{} | {} | {} | {} | {:.4} | {:.2} s, {:.4} | {ex_cell} | {speed} | {ratio} |\n",
+            "| {}×{} | {} | {} | {} | {:.4} | {:.2} s ({:.2}–{:.2}), {:.4} | {ex_cell} | {speed} | {ratio} |\n",
             c.shape[0],
             c.shape[1],
             c.quantizer,
@@ -122,6 +141,8 @@ pub fn markdown(cases: &[LoftqCase]) -> String {
             c.iters,
             c.rel_err_quant,
             c.seconds,
+            c.timing.min_s,
+            c.timing.max_s,
             c.rel_err
         ));
     }

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use loftq_core::DeviceSpec;
+use loftq_core::lowrank::RsvdConfig;
 
 #[derive(Parser)]
 #[command(
@@ -64,9 +65,24 @@ enum Suite {
         /// Iteration counts T.
         #[arg(long, default_value = "1,5", value_delimiter = ',')]
         iters: Vec<usize>,
-        /// Skip the exact-SVD runs (slow: a full SVD per iteration).
+        /// Skip the exact-SVD runs (slow: a full SVD per iteration, run once per case).
         #[arg(long)]
         no_exact: bool,
+        /// Timed repeats of each randomized case, after one warm-up.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Power iterations of the randomized SVD (cold start).
+        #[arg(long, default_value_t = RsvdConfig::default().power_iters)]
+        power_iters: usize,
+        /// Power iterations of the randomized SVD when warm-started (LoftQ iterations 2..T).
+        #[arg(long, default_value_t = RsvdConfig::default().warm_power_iters)]
+        warm_power_iters: usize,
+        /// Extra sketch columns when warm-started.
+        #[arg(long, default_value_t = RsvdConfig::default().warm_oversample)]
+        warm_oversample: usize,
+        /// Extra sketch columns of the randomized SVD (default: max(16, rank)).
+        #[arg(long)]
+        oversample: Option<usize>,
         /// Device: cpu, wgpu, cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
@@ -211,11 +227,31 @@ fn run(suite: Suite) -> Result<(), String> {
             ranks,
             iters,
             no_exact,
+            repeats,
+            power_iters,
+            warm_power_iters,
+            warm_oversample,
+            oversample,
             device,
             json,
         } => {
             device.device().map_err(|e| e.to_string())?;
-            let cases = loftq::run(&shapes, &bits, &ranks, &iters, !no_exact, device);
+            let args = loftq::LoftqArgs {
+                shapes,
+                bits,
+                ranks,
+                iters,
+                exact: !no_exact,
+                repeats,
+                rsvd: RsvdConfig {
+                    power_iters,
+                    warm_power_iters,
+                    warm_oversample,
+                    oversample,
+                    ..RsvdConfig::default()
+                },
+            };
+            let cases = loftq::run(&args, device);
             println!("{}", loftq::markdown(&cases));
             json.map_or(Ok(()), |p| write_json(&p, &cases))
         }

@@ -66,9 +66,16 @@ pub struct InitArgs {
     /// Randomized SVD: extra sketch columns (default max(16, rank)).
     #[arg(long)]
     oversample: Option<usize>,
-    /// Randomized SVD: power iterations.
-    #[arg(long, default_value_t = 2)]
+    /// Randomized SVD: power iterations of the first LoftQ iteration (cold start).
+    #[arg(long, default_value_t = RsvdConfig::default().power_iters)]
     power_iters: usize,
+    /// Randomized SVD: power iterations of the later LoftQ iterations, which start from the
+    /// previous iteration's singular vectors.
+    #[arg(long, default_value_t = RsvdConfig::default().warm_power_iters)]
+    warm_power_iters: usize,
+    /// Randomized SVD: extra sketch columns of the later LoftQ iterations.
+    #[arg(long, default_value_t = RsvdConfig::default().warm_oversample)]
+    warm_oversample: usize,
     /// all-linear (every 2-D weight but embeddings and the LM head) or module names,
     /// comma-separated (PEFT's suffix rule: q_proj matches model.layers.0.self_attn.q_proj).
     #[arg(long, default_value = "all-linear")]
@@ -151,6 +158,8 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
         SvdArg::Randomized => SvdMethod::Randomized(RsvdConfig {
             oversample: a.oversample,
             power_iters: a.power_iters,
+            warm_power_iters: a.warm_power_iters,
+            warm_oversample: a.warm_oversample,
             seed: a.seed,
         }),
     };

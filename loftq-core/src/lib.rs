@@ -15,12 +15,14 @@
 
 #[cfg(feature = "flex")]
 pub mod cpu;
+mod dense;
 pub mod device;
 mod error;
 pub mod init;
 mod loftq;
 pub mod lowrank;
 pub mod quant;
+mod upper;
 
 pub use device::DeviceSpec;
 

@@ -1,11 +1,12 @@
 //! LoftQ: alternating quantization and low-rank fitting (Li et al., ICLR 2024).
 
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::QuantError;
-use crate::lowrank::{LowRankError, SvdMethod, check_rank, truncated_svd};
-use crate::quant::{PackedTensor, QuantConfig, Quantizer};
+use crate::dense::{Dense, DeviceOps};
+use crate::lowrank::{LowRankError, SvdMethod, check_rank, svd_with};
+use crate::quant::{Codes, PackedTensor, QuantConfig, Quantizer};
 
 /// How the LoRA scale `s` enters the initial factors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,7 +147,30 @@ pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError
     }
     let quantizer = Quantizer::new(cfg.quant)?;
     check_rank(w.dims(), cfg.rank)?;
-    let norm = frobenius(w).max(f32::MIN_POSITIVE);
+    let device = w.device();
+    #[cfg(feature = "flex")]
+    if let Some(x) = crate::cpu::flex(w) {
+        let host = crate::cpu::RowMat::of_flex(&x, w.dims());
+        return alternate(
+            &crate::cpu::HostOps::default(),
+            &host,
+            cfg,
+            &quantizer,
+            &device,
+        );
+    }
+    alternate(&DeviceOps(device.clone()), w, cfg, &quantizer, &device)
+}
+
+/// The alternation of [`loftq`] with any [`Dense`] implementation; results go to `device`.
+pub(crate) fn alternate<D: Dense>(
+    ops: &D,
+    w: &D::M,
+    cfg: &LoftqConfig,
+    quantizer: &Quantizer,
+    device: &Device,
+) -> Result<LoftqResult, LoftqError> {
+    let norm = ops.norm(w).max(f32::MIN_POSITIVE);
     let s = cfg.lora_scale();
     // The product s_eff·B·A that enters the error under each convention, relative to U·S·Vᵀ.
     let (factor_scale, product_scale) = match cfg.scaling {
@@ -154,45 +178,47 @@ pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError
         InitScaling::Peft => (1.0, s),
     };
 
-    let mut res = w.clone();
-    let mut warm: Option<Tensor<2>> = None;
+    // What gets quantized is W, then `res` = W − B·A; `residual` is W − Q.
+    let mut res = ops.buffer(w);
+    let mut residual = ops.buffer(w);
+    let mut warm: Option<D::M> = None;
     let mut history = Vec::with_capacity(cfg.iters);
-    let mut best: Option<(usize, crate::quant::Codes, Tensor<2>, Tensor<2>, Tensor<2>)> = None;
+    let mut best: Option<(usize, Codes, D::M, D::M)> = None;
     let mut rel_err_quant = f32::NAN;
     for t in 1..=cfg.iters {
-        let (codes, q) = quantizer.quantize_dequantize(&res)?;
-        let residual = w.clone() - q.clone();
+        let source = if t == 1 { w } else { &res };
+        let codes = ops.quantize_residual(quantizer, w, source, &mut residual)?;
         if t == 1 {
-            rel_err_quant = frobenius(&residual) / norm;
+            rel_err_quant = ops.norm(&residual) / norm;
         }
         let mut method = cfg.svd;
         if let SvdMethod::Randomized(r) = &mut method {
             r.seed = r.seed.wrapping_add(t as u64);
         }
-        let lr = truncated_svd(&residual, cfg.rank, &method, warm.as_ref())?;
-        let (b, a) = lr.balanced_factors();
-        let ba = crate::matmul(&b, &a);
-        let err = frobenius(&(residual - ba.clone().mul_scalar(product_scale))) / norm;
+        let (lr, basis) = svd_with(ops, &residual, cfg.rank, &method, warm.as_ref())?;
+        let (b, a) = lr.balanced_with(ops);
+        let err = ops.fit_error(w, &residual, (&b, &a), product_scale, &mut res) / norm;
         history.push(err);
-        let improved = best.as_ref().is_none_or(|(i, ..)| err < history[i - 1]);
         let prev_best = best.as_ref().map(|(i, ..)| history[i - 1]);
-        if improved {
-            best = Some((t, codes, q, a, b));
+        if prev_best.is_none_or(|p| err < p) {
+            best = Some((t, codes, a, b));
         }
         if let (Some(tol), Some(prev)) = (cfg.early_stop, prev_best)
             && err > prev * (1.0 - tol)
         {
             break;
         }
-        res = w.clone() - ba;
-        warm = Some(lr.v);
+        warm = Some(basis);
     }
-    let (best_iter, codes, q, a, b) = best.expect("at least one iteration");
+    let (best_iter, codes, a, b) = best.expect("at least one iteration");
+    let codes = codes.into_host();
+    let q = quantizer.dequantize_host(&codes);
+    let q = Tensor::from_data(TensorData::new(q, codes.shape), device);
     Ok(LoftqResult {
-        packed: PackedTensor::pack(&codes.into_host(), cfg.quant),
+        packed: PackedTensor::pack(&codes, cfg.quant),
         q,
-        lora_a: a.mul_scalar(factor_scale),
-        lora_b: b.mul_scalar(factor_scale),
+        lora_a: ops.to_tensor(a, device).mul_scalar(factor_scale),
+        lora_b: ops.to_tensor(b, device).mul_scalar(factor_scale),
         history,
         rel_err_quant,
         best_iter,

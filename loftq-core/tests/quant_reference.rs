@@ -172,6 +172,30 @@ fn portable_and_host_kernels_agree() {
 }
 
 #[test]
+fn fused_residual_equals_weight_minus_dequantized() {
+    // 300 × 301: over the parallel threshold, with blocks that straddle rows and a tail.
+    let (rows, cols) = (300, 301);
+    let x = gaussian(rows, cols, 0.05, 9);
+    for cfg in [
+        QuantConfig::nf4(),
+        QuantConfig::nf(3),
+        QuantConfig::int(4, false),
+        QuantConfig::int8_rowwise(),
+    ] {
+        let quantizer = Quantizer::new(cfg).unwrap();
+        let q = quantizer.quantize_host(&x, [rows, cols]).unwrap();
+        let want: Vec<f32> = x
+            .iter()
+            .zip(quantizer.dequantize_host(&q))
+            .map(|(w, d)| w - d)
+            .collect();
+        let mut got = vec![f32::NAN; x.len()];
+        quantizer.residual_host_into(&q, &x, &mut got);
+        assert_bits_eq(&got, &want, &format!("{} residual", cfg.label()));
+    }
+}
+
+#[test]
 fn non_finite_weights_are_reported_with_position() {
     let dev = device();
     let mut x = gaussian(8, 16, 1.0, 1);

@@ -25,11 +25,7 @@ fn spec(model: PathBuf, out: PathBuf) -> InitSpec {
         rslora: false,
         scaling: InitScaling::Exact,
         iters: 3,
-        svd: SvdMethod::Randomized(RsvdConfig {
-            oversample: None,
-            power_iters: 2,
-            seed: 0,
-        }),
+        svd: SvdMethod::Randomized(RsvdConfig::default()),
         target: Target::AllLinear,
         exclude: Vec::new(),
         backbone: Backbone::Both,

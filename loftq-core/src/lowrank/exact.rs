@@ -2,8 +2,9 @@
 
 use burn::tensor::Tensor;
 
-use super::host::{from_faer, to_faer};
+use super::host::from_faer;
 use super::{LowRank, LowRankError};
+use crate::dense::{Dense, DeviceOps};
 
 /// The rank-`rank` truncation of the full thin SVD of `a`, computed on the host in `f64`.
 ///
@@ -14,18 +15,29 @@ use super::{LowRank, LowRankError};
 /// Accurate to `f64` before the factors are rounded to `f32`; costs `O(m·n·min(m, n))` on the
 /// host, which is why it is the oracle and not the default.
 pub fn exact_svd(a: &Tensor<2>, rank: usize) -> Result<LowRank, LowRankError> {
-    super::check_rank(a.dims(), rank)?;
-    let device = a.device();
-    let svd = to_faer(a)
+    exact(&DeviceOps(a.device()), a, rank)
+}
+
+/// [`exact_svd`] with any [`Dense`] implementation.
+pub(crate) fn exact<D: Dense>(
+    ops: &D,
+    a: &D::M,
+    rank: usize,
+) -> Result<LowRank<D::M>, LowRankError> {
+    let [m, n] = ops.dims(a);
+    super::check_rank([m, n], rank)?;
+    let v = ops.to_rows(a);
+    let svd = faer::Mat::<f64>::from_fn(m, n, |i, j| f64::from(v[i * n + j]))
         .thin_svd()
         .map_err(|_| LowRankError::NoConvergence)?;
+    crate::upper::clear_upper_state();
     let s: Vec<f32> = (0..rank).map(|i| svd.S()[i] as f32).collect();
     if s.iter().any(|x| !x.is_finite()) {
         return Err(LowRankError::NoConvergence);
     }
     Ok(LowRank {
-        u: from_faer(svd.U(), rank, &device),
+        u: from_faer(ops, svd.U(), rank),
         s,
-        v: from_faer(svd.V(), rank, &device),
+        v: from_faer(ops, svd.V(), rank),
     })
 }

@@ -1,8 +1,9 @@
 //! Small dense helpers on the host: Cholesky, triangular inverse, a seeded Gaussian source and
-//! faer conversions.
+//! the conversion of faer's factors.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use faer::Mat;
+
+use crate::dense::Dense;
 
 /// A deterministic standard-normal source (SplitMix64 + Box–Muller), identical on every
 /// platform and back end, so that a seed fixes the randomized SVD's sketch.
@@ -46,27 +47,22 @@ impl Gaussian {
         r * t.cos()
     }
 
-    /// A `[rows, cols]` matrix of standard normal samples on `device`.
+    /// `count` standard normal samples as `f32`.
+    pub fn values(&mut self, count: usize) -> Vec<f32> {
+        (0..count).map(|_| self.normal() as f32).collect()
+    }
+
+    /// A `[rows, cols]` matrix of standard normal samples (row-major order) on `device`.
     pub fn matrix(&mut self, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
-        let v: Vec<f32> = (0..rows * cols).map(|_| self.normal() as f32).collect();
-        Tensor::from_data(TensorData::new(v, [rows, cols]), device)
+        Tensor::from_data(
+            TensorData::new(self.values(rows * cols), [rows, cols]),
+            device,
+        )
     }
 }
 
-/// Row-major host copy of a matrix.
-pub(super) fn to_host(t: &Tensor<2>) -> Vec<f32> {
-    crate::quant::host_f32(t)
-}
-
-/// faer matrix (`f64`) of a device matrix.
-pub(super) fn to_faer(t: &Tensor<2>) -> Mat<f64> {
-    let [m, n] = t.dims();
-    let v = to_host(t);
-    Mat::from_fn(m, n, |i, j| f64::from(v[i * n + j]))
-}
-
-/// Device matrix from the first `cols` columns of a faer matrix, optionally scaled per column.
-pub(super) fn from_faer(a: faer::MatRef<'_, f64>, cols: usize, device: &Device) -> Tensor<2> {
+/// The first `cols` columns of a faer matrix as a [`Dense`] matrix.
+pub(super) fn from_faer<D: Dense>(ops: &D, a: faer::MatRef<'_, f64>, cols: usize) -> D::M {
     let m = a.nrows();
     let mut v = Vec::with_capacity(m * cols);
     for i in 0..m {
@@ -74,7 +70,7 @@ pub(super) fn from_faer(a: faer::MatRef<'_, f64>, cols: usize, device: &Device) 
             v.push(a[(i, j)] as f32);
         }
     }
-    Tensor::from_data(TensorData::new(v, [m, cols]), device)
+    ops.matrix(v, [m, cols])
 }
 
 /// Inverse of the upper Cholesky factor `R` of the symmetric positive definite `g` (`k×k`,

@@ -6,14 +6,18 @@
 
 mod exact;
 mod host;
-mod rsvd;
+pub(crate) mod rsvd;
 
 pub use exact::exact_svd;
 pub use host::Gaussian;
 pub use rsvd::{RsvdConfig, randomized_svd};
 
-use burn::tensor::{Tensor, TensorData};
+#[cfg(feature = "flex")]
+use burn::tensor::Device;
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+
+use crate::dense::{Dense, DeviceOps};
 
 /// How to compute the truncated SVD.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,36 +35,51 @@ impl Default for SvdMethod {
     }
 }
 
-/// A rank-`r` factorisation `U·diag(s)·Vᵀ`.
+/// A rank-`r` factorisation `U·diag(s)·Vᵀ`; `M` is the matrix type (Burn tensors in the
+/// public API).
 ///
 /// # Shapes
 /// `u: [m, r]`, `s: [r]`, `v: [n, r]` for an `[m, n]` input.
 #[derive(Clone, Debug)]
-pub struct LowRank {
+pub struct LowRank<M = Tensor<2>> {
     /// Left singular vectors, orthonormal columns.
-    pub u: Tensor<2>,
+    pub u: M,
     /// Singular values, decreasing.
     pub s: Vec<f32>,
     /// Right singular vectors, orthonormal columns.
-    pub v: Tensor<2>,
+    pub v: M,
 }
 
 impl LowRank {
     /// The balanced factors of LoRA: `B = U·√S` `[m, r]` and `A = √S·Vᵀ` `[r, n]`, so `B·A`
     /// is the rank-`r` approximation (the reference's `L` and `R`).
     pub fn balanced_factors(&self) -> (Tensor<2>, Tensor<2>) {
-        let r = self.s.len();
-        let device = self.u.device();
-        let sqrt: Vec<f32> = self.s.iter().map(|s| s.max(0.0).sqrt()).collect();
-        let root = Tensor::<1>::from_data(TensorData::new(sqrt, [r]), &device);
-        let b = self.u.clone() * root.clone().reshape([1, r]);
-        let a = (self.v.clone() * root.reshape([1, r])).transpose();
-        (b, a)
+        self.balanced_with(&DeviceOps(self.u.device()))
     }
+}
 
+impl<M> LowRank<M> {
     /// Rank.
     pub fn rank(&self) -> usize {
         self.s.len()
+    }
+
+    /// [`LowRank::balanced_factors`] with any [`Dense`] implementation.
+    pub(crate) fn balanced_with<D: Dense<M = M>>(&self, ops: &D) -> (M, M) {
+        let root: Vec<f32> = self.s.iter().map(|s| s.max(0.0).sqrt()).collect();
+        let b = ops.scale_cols(&self.u, &root);
+        let a = ops.transpose(&ops.scale_cols(&self.v, &root));
+        (b, a)
+    }
+
+    /// The factors as tensors on `device`.
+    #[cfg(feature = "flex")]
+    pub(crate) fn into_tensors<D: Dense<M = M>>(self, ops: &D, device: &Device) -> LowRank {
+        LowRank {
+            u: ops.to_tensor(self.u, device),
+            s: self.s,
+            v: ops.to_tensor(self.v, device),
+        }
     }
 }
 
@@ -97,6 +116,25 @@ pub fn check_rank(shape: [usize; 2], rank: usize) -> Result<(), LowRankError> {
         });
     }
     Ok(())
+}
+
+/// [`truncated_svd`] with any [`Dense`] implementation; also returns the warm start for a
+/// next, similar matrix (the randomized method's whole right basis, or `V`).
+pub(crate) fn svd_with<D: Dense>(
+    ops: &D,
+    a: &D::M,
+    rank: usize,
+    method: &SvdMethod,
+    warm: Option<&D::M>,
+) -> Result<(LowRank<D::M>, D::M), LowRankError> {
+    match method {
+        SvdMethod::Exact => {
+            let lr = exact::exact(ops, a, rank)?;
+            let v = lr.v.clone();
+            Ok((lr, v))
+        }
+        SvdMethod::Randomized(cfg) => rsvd::rsvd(ops, a, rank, cfg, warm),
+    }
 }
 
 /// Computes the rank-`rank` truncated SVD of `a` with `method`. `warm` (`[n, k]`, orthonormal

@@ -261,6 +261,47 @@ impl Quantizer {
         });
     }
 
+    /// `out = w − dequant(q)` in one pass: each thread dequantizes a cache-sized run of
+    /// blocks and subtracts it from `w` while it is still in cache (LoftQ's residual).
+    ///
+    /// # Panics
+    /// If `w`, `out` or the buffers of `q` have the wrong length.
+    pub fn residual_host_into(&self, q: &HostQuantized, w: &[f32], out: &mut [f32]) {
+        assert_eq!(w.len(), q.numel(), "weight length");
+        assert_eq!(out.len(), q.numel(), "output length");
+        assert_eq!(q.codes.len(), q.numel(), "code count");
+        assert_eq!(q.scales.len(), q.num_blocks(), "scale count");
+        let block = q.block;
+        // About 64 KiB of output per run.
+        let run_blocks = (16_384 / block).max(1);
+        let per = blocks_per_thread(q.numel(), block).div_ceil(run_blocks) * run_blocks;
+        let work = |first_block: usize, o: &mut [f32], c: &[u8], w: &[f32]| {
+            let runs = o
+                .chunks_mut(run_blocks * block)
+                .zip(c.chunks(run_blocks * block))
+                .zip(w.chunks(run_blocks * block));
+            for (r, ((o, c), w)) in runs.enumerate() {
+                let b = first_block + r * run_blocks;
+                let mins = if q.mins.is_empty() {
+                    &[][..]
+                } else {
+                    &q.mins[b..]
+                };
+                self.dequantize_range(c, &q.scales[b..], mins, block, o);
+                o.iter_mut().zip(w).for_each(|(o, w)| *o = w - *o);
+            }
+        };
+        std::thread::scope(|s| {
+            let chunks = out
+                .chunks_mut(per * block)
+                .zip(q.codes.chunks(per * block))
+                .zip(w.chunks(per * block));
+            for (i, ((o, c), w)) in chunks.enumerate() {
+                s.spawn(move || work(i * per, o, c, w));
+            }
+        });
+    }
+
     #[inline(always)]
     fn dequantize_range_impl(
         &self,

@@ -13,8 +13,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
-use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
+use faer::{MatMut, MatRef};
 use loftq_core::cpu::HostMat;
 
 /// A row-major `[out, in]` f32 matrix in host memory.
@@ -95,13 +94,11 @@ fn forward(x: &FlexTensor, w: &HostMatrix, [out, inp]: [usize; 2]) -> FlexTensor
 /// `alpha·lhs·rhs` as a new `[m, n]` flex tensor.
 fn gemm(m: usize, n: usize, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) -> FlexTensor {
     let mut v = vec![0f32; m * n];
-    matmul(
+    loftq_core::cpu::gemm(
         MatMut::from_row_major_slice_mut(&mut v, m, n),
-        Accum::Replace,
         lhs,
         rhs,
         alpha,
-        Par::rayon(0),
     );
     FlexTensor::from_data(TensorData::new(v, [m, n]))
 }

@@ -5,13 +5,24 @@
 //! time and reach 110–180 GFLOP/s on the same shapes (`loftq-bench matmul`). [`matmul`] uses
 //! them for flex tensors outside autodiff and falls back to Burn's matmul anywhere else.
 
+mod dense;
+
+pub use crate::upper::clear_upper_state;
+pub(crate) use dense::{HostOps, RowMat};
+
 use std::borrow::Cow;
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::{Tensor, TensorData};
-use faer::linalg::matmul::matmul as faer_matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+
+/// `dst = alpha·lhs·rhs` with faer on the rayon pool, then [`clear_upper_state`]. Every faer
+/// product of the project goes through here.
+pub fn gemm(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) {
+    faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, alpha, Par::rayon(0));
+    clear_upper_state();
+}
 
 /// `a·b` (`[m, k]·[k, n]`): faer for flex tensors, Burn's matmul otherwise.
 pub fn matmul(a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
@@ -20,13 +31,11 @@ pub fn matmul(a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
             let ([m, k], [_, n]) = (a.dims(), b.dims());
             let (xa, ya) = (HostMat::new(&x), HostMat::new(&y));
             let mut out = vec![0f32; m * n];
-            faer_matmul(
+            gemm(
                 MatMut::from_row_major_slice_mut(&mut out, m, n),
-                Accum::Replace,
                 xa.view(m, k),
                 ya.view(k, n),
                 1.0,
-                Par::rayon(0),
             );
             Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(out, [m, n])))
         }

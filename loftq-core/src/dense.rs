@@ -1,0 +1,141 @@
+//! The dense operations the randomized SVD and LoftQ are written against, so each algorithm
+//! exists once: [`DeviceOps`] runs them as Burn tensor ops on any device (the large products
+//! stay there); `cpu::HostOps` (with the `flex` feature) runs them on host buffers with faer
+//! products, fused element-wise passes and no per-iteration allocation of a full matrix.
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::QuantError;
+use crate::quant::{Codes, Quantizer};
+
+/// Row-major `f32` matrices and what the algorithms do with them.
+pub(crate) trait Dense {
+    /// A `[rows, cols]` matrix.
+    type M: Clone;
+
+    /// `[rows, cols]`.
+    fn dims(&self, m: &Self::M) -> [usize; 2];
+    /// `a·b`.
+    fn mul(&self, a: &Self::M, b: &Self::M) -> Self::M;
+    /// `aᵀ·b`.
+    fn tmul(&self, a: &Self::M, b: &Self::M) -> Self::M;
+    /// A matrix from row-major values.
+    fn matrix(&self, v: Vec<f32>, shape: [usize; 2]) -> Self::M;
+    /// The row-major values.
+    fn to_rows(&self, m: &Self::M) -> Vec<f32>;
+    /// A matrix for results to be written into (its values are not read).
+    fn buffer(&self, like: &Self::M) -> Self::M;
+    /// `[a | b]`.
+    fn cat_cols(&self, a: &Self::M, b: &Self::M) -> Self::M;
+    /// Columns `0..k`.
+    fn first_cols(&self, m: &Self::M, k: usize) -> Self::M;
+    /// `m·diag(s)`.
+    fn scale_cols(&self, m: &Self::M, s: &[f32]) -> Self::M;
+    /// `mᵀ`.
+    fn transpose(&self, m: &Self::M) -> Self::M;
+    /// `‖m‖_F`, accumulated in `f64`.
+    fn norm(&self, m: &Self::M) -> f32;
+    /// `out = w − dequant(quant(res))`; returns the codes of `res` (`res` may be `w`).
+    fn quantize_residual(
+        &self,
+        quantizer: &Quantizer,
+        w: &Self::M,
+        res: &Self::M,
+        out: &mut Self::M,
+    ) -> Result<Codes, QuantError>;
+    /// `next = w − b·a` for `factors = (b, a)`; returns `‖residual − c·b·a‖_F`.
+    fn fit_error(
+        &self,
+        w: &Self::M,
+        residual: &Self::M,
+        factors: (&Self::M, &Self::M),
+        c: f32,
+        next: &mut Self::M,
+    ) -> f32;
+    /// The tensor on `device`.
+    fn to_tensor(&self, m: Self::M, device: &Device) -> Tensor<2>;
+}
+
+/// [`Dense`] as Burn tensor ops; new matrices go to this device.
+pub(crate) struct DeviceOps(pub Device);
+
+impl Dense for DeviceOps {
+    type M = Tensor<2>;
+
+    fn dims(&self, m: &Tensor<2>) -> [usize; 2] {
+        m.dims()
+    }
+
+    fn mul(&self, a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
+        crate::matmul(a, b)
+    }
+
+    fn tmul(&self, a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
+        // (bᵀ·a)ᵀ keeps the large `a` a contiguous operand.
+        crate::matmul(&b.clone().transpose(), a).transpose()
+    }
+
+    fn matrix(&self, v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(v, shape), &self.0)
+    }
+
+    fn to_rows(&self, m: &Tensor<2>) -> Vec<f32> {
+        crate::quant::host_f32(m)
+    }
+
+    fn buffer(&self, like: &Tensor<2>) -> Tensor<2> {
+        like.clone()
+    }
+
+    fn cat_cols(&self, a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
+        Tensor::cat(vec![a.clone(), b.clone()], 1)
+    }
+
+    fn first_cols(&self, m: &Tensor<2>, k: usize) -> Tensor<2> {
+        let [rows, _] = m.dims();
+        m.clone().slice([0..rows, 0..k])
+    }
+
+    fn scale_cols(&self, m: &Tensor<2>, s: &[f32]) -> Tensor<2> {
+        let row = Tensor::<1>::from_data(TensorData::new(s.to_vec(), [s.len()]), &m.device());
+        m.clone() * row.reshape([1, s.len()])
+    }
+
+    fn transpose(&self, m: &Tensor<2>) -> Tensor<2> {
+        m.clone().transpose()
+    }
+
+    fn norm(&self, m: &Tensor<2>) -> f32 {
+        crate::loftq::frobenius(m)
+    }
+
+    fn quantize_residual(
+        &self,
+        quantizer: &Quantizer,
+        w: &Tensor<2>,
+        res: &Tensor<2>,
+        out: &mut Tensor<2>,
+    ) -> Result<Codes, QuantError> {
+        let (codes, q) = quantizer.quantize_dequantize(res)?;
+        *out = w.clone() - q;
+        Ok(codes)
+    }
+
+    fn fit_error(
+        &self,
+        w: &Tensor<2>,
+        residual: &Tensor<2>,
+        (b, a): (&Tensor<2>, &Tensor<2>),
+        c: f32,
+        next: &mut Tensor<2>,
+    ) -> f32 {
+        let ba = crate::matmul(b, a);
+        let err = self.norm(&(residual.clone() - ba.clone().mul_scalar(c)));
+        *next = w.clone() - ba;
+        err
+    }
+
+    fn to_tensor(&self, m: Tensor<2>, device: &Device) -> Tensor<2> {
+        m.to_device(device)
+    }
+}
