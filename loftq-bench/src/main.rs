@@ -2,9 +2,12 @@
 //! measured in the same run, printed as Markdown and optionally written as JSON.
 
 mod loftq;
+mod machine;
 mod plot;
 mod quant;
+mod report;
 mod stats;
+mod suite;
 mod synth;
 mod train;
 
@@ -22,11 +25,11 @@ use loftq_core::lowrank::RsvdConfig;
 )]
 struct Cli {
     #[command(subcommand)]
-    suite: Suite,
+    suite: Task,
 }
 
 #[derive(Subcommand)]
-enum Suite {
+enum Task {
     /// NF4 quantize + dequantize throughput against a plain copy of the same bytes.
     Quant {
         /// Side of the square f32 matrix.
@@ -134,6 +137,38 @@ enum Suite {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Every suite on one device (quantizer throughput, truncated SVD, per-matrix LoftQ,
+    /// whole-model init on synthetic checkpoints, a training step), as one JSON record with
+    /// the machine and commit. `cargo xtask bench` runs it per back end.
+    Suite {
+        /// smoke (seconds, CI), quick (minutes), full (the 4096×11008 and 7B-shape cases).
+        #[arg(long, value_enum, default_value_t = suite::Profile::Quick)]
+        profile: suite::Profile,
+        /// Device: cpu, wgpu, cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        /// Where synthetic checkpoints are written (and kept for the next run).
+        #[arg(long, default_value = "target/bench-scratch")]
+        scratch: PathBuf,
+        /// The JSON record to write.
+        #[arg(long)]
+        json: PathBuf,
+    },
+    /// Side-by-side Markdown report and SVG plots from `suite` records.
+    Report {
+        /// `suite` JSON records; the first is the baseline of the ratios.
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        /// Directory for `bench.md`, `loftq-time.svg` and `svd-error.svg`.
+        #[arg(long)]
+        out: PathBuf,
+        /// The command that produced the records, quoted in the report.
+        #[arg(long, default_value = "loftq-bench suite")]
+        command: String,
+        /// `BACKEND: reason` for back ends that did not run.
+        #[arg(long)]
+        skipped: Vec<String>,
+    },
     /// Write a synthetic checkpoint (Gaussian bf16 weights) with a real model's shapes, for
     /// whole-model `loftq init` runs.
     Synth {
@@ -193,15 +228,16 @@ fn parse_shape(s: &str) -> Result<[usize; 2], String> {
     Ok([p(a)?, p(b)?])
 }
 
-fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> Result<(), String> {
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).expect("serializable");
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    loftq_models::io::write_atomic(path, text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 #[allow(clippy::print_stdout)]
-fn run(suite: Suite) -> Result<(), String> {
+fn run(suite: Task) -> Result<(), String> {
     match suite {
-        Suite::Quant {
+        Task::Quant {
             size,
             repeats,
             device,
@@ -212,7 +248,7 @@ fn run(suite: Suite) -> Result<(), String> {
             println!("{}", quant::markdown(&report));
             json.map_or(Ok(()), |p| write_json(&p, &report))
         }
-        Suite::Matmul { dims, device } => {
+        Task::Matmul { dims, device } => {
             device.device().map_err(|e| e.to_string())?;
             let d: Vec<usize> = dims.split('x').filter_map(|v| v.parse().ok()).collect();
             let [m, n, k] = d[..] else {
@@ -221,7 +257,7 @@ fn run(suite: Suite) -> Result<(), String> {
             matmul_suite(m, n, k, device);
             Ok(())
         }
-        Suite::Loftq {
+        Task::Loftq {
             shapes,
             bits,
             ranks,
@@ -255,7 +291,7 @@ fn run(suite: Suite) -> Result<(), String> {
             println!("{}", loftq::markdown(&cases));
             json.map_or(Ok(()), |p| write_json(&p, &cases))
         }
-        Suite::Train {
+        Task::Train {
             model,
             quantize,
             rank,
@@ -285,7 +321,7 @@ fn run(suite: Suite) -> Result<(), String> {
             println!("{}", train::markdown(&model, device, &cases));
             json.map_or(Ok(()), |p| write_json(&p, &cases))
         }
-        Suite::Plot {
+        Task::Plot {
             runs,
             window,
             title,
@@ -296,7 +332,47 @@ fn run(suite: Suite) -> Result<(), String> {
             let svg = plot::loss_svg(&runs, window, &title)?;
             std::fs::write(&out, svg).map_err(|e| format!("cannot write {}: {e}", out.display()))
         }
-        Suite::Synth {
+        Task::Suite {
+            profile,
+            device,
+            scratch,
+            json,
+        } => {
+            let run = suite::run(profile, device, &scratch)?;
+            eprintln!("{} cases on {device}", run.cases.len());
+            write_json(&json, &run)
+        }
+        Task::Report {
+            inputs,
+            out,
+            command,
+            skipped,
+        } => {
+            let mut runs = Vec::new();
+            for p in &inputs {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                let run: suite::Run = serde_json::from_str(&text)
+                    .map_err(|e| format!("{}: not a suite record: {e}", p.display()))?;
+                runs.push(run);
+            }
+            std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            let put = |name: &str, text: String| {
+                let p = out.join(name);
+                loftq_models::io::write_atomic(&p, text.as_bytes())
+                    .map_err(|e| format!("cannot write {}: {e}", p.display()))
+            };
+            put("bench.md", report::markdown(&runs, &command, &skipped))?;
+            if let Some(svg) = report::loftq_time_svg(&runs) {
+                put("loftq-time.svg", svg)?;
+            }
+            if let Some(svg) = report::svd_error_svg(&runs) {
+                put("svd-error.svg", svg)?;
+            }
+            println!("{}", out.join("bench.md").display());
+            Ok(())
+        }
+        Task::Synth {
             arch,
             layers,
             out,

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-const COLORS: [&str; 6] = [
+pub(crate) const COLORS: [&str; 6] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
 ];
 
@@ -105,7 +105,7 @@ pub fn loss_svg(runs: &[(String, &Path)], window: usize, title: &str) -> Result<
 }
 
 /// `text` safe inside SVG markup.
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -2,10 +2,10 @@
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Seconds of repeated runs of one case.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Timing {
     /// Median over the repeats.
     pub median_s: f64,
@@ -18,7 +18,7 @@ pub struct Timing {
 }
 
 /// Resident memory around one case (Linux; zeros elsewhere).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Memory {
     /// Resident memory before the case.
     pub rss_before_bytes: u64,

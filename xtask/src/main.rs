@@ -4,7 +4,9 @@
 //!   again on WGPU (`LOFTQ_DEVICE=wgpu`; Mesa's software Vulkan where there is no GPU).
 //! - `cargo xtask validate [--cpu-only]`: `cargo fmt --check`, clippy with `-D warnings`, then
 //!   `test` (cheapest first).
-//! - `cargo xtask bench [--quick] [--backends cpu,wgpu,cuda] [--out DIR]`: the benchmark suites.
+//! - `cargo xtask bench [--smoke|--quick|--full] [--backends cpu,wgpu,cuda] [--out DIR]
+//!   [--compare-peft]`: every benchmark suite on each available back end, then a side-by-side
+//!   report (`DIR/<profile>/bench.md`, SVG plots, one JSON per back end).
 //! - `cargo xtask assets`: fetch the real model and text (SmolLM2-135M, Shakespeare) once into
 //!   a cache folder, SHA-256 checked; tests that need them skip with a reason without them.
 //! - `cargo xtask demo`: `loftq init` at NF2/NF4 with the QLoRA and LoftQ starts on SmolLM2,
@@ -13,8 +15,9 @@
 mod assets;
 mod demo;
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 
 /// Features under which the tests build: the CPU back end plus WGPU, in one build.
 const TEST_FEATURES: &str = "loftq-core/wgpu";
@@ -29,6 +32,7 @@ const DEVICE_TESTS: &[&str] = &[
     "gguf",
     "init",
     "train",
+    "suite",
 ];
 
 fn cargo() -> Command {
@@ -83,44 +87,148 @@ fn validate(cpu_only: bool) -> Result<(), String> {
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
-    let mut backends = vec!["cpu".to_string()];
-    let mut quick = false;
+    let mut backends: Vec<String> = vec!["cpu".into(), "wgpu".into(), "cuda".into()];
+    let mut profile = "quick";
     let mut out = PathBuf::from("bench/results");
+    let mut peft = false;
+    let mut python = "python3".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--quick" => quick = true,
-            "--full" => quick = false,
+            "--smoke" => profile = "smoke",
+            "--quick" => profile = "quick",
+            "--full" => profile = "full",
+            "--compare-peft" => peft = true,
+            "--python" => python = it.next().ok_or("--python needs an interpreter")?.clone(),
             "--backends" => {
                 let list = it.next().ok_or("--backends needs a list, e.g. cpu,wgpu")?;
-                backends = list.split(',').map(str::to_string).collect();
+                backends = list
+                    .split(',')
+                    .map(|b| b.trim().replace("flex", "cpu"))
+                    .collect();
             }
             "--out" => out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
-            other => return Err(format!("bench: unknown argument `{other}`")),
+            other => return Err(format!("bench: unknown argument `{other}`\n{BENCH_USAGE}")),
         }
     }
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let dir = out.join(profile);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let scratch = target_dir().join("bench-scratch");
+    let mut inputs = Vec::new();
+    let mut skipped = Vec::new();
     for backend in &backends {
-        // Build with the test features (one shared build); CUDA only when asked for.
-        let feature = match backend.as_str() {
-            "cpu" | "wgpu" => "loftq-bench/wgpu",
-            b if b.starts_with("cuda") => "loftq-bench/wgpu,loftq-bench/cuda",
-            b => return Err(format!("bench: unknown back end `{b}` (cpu, wgpu, cuda)")),
+        let features = match backend.as_str() {
+            "cpu" | "wgpu" => TEST_FEATURES.to_string(),
+            b if b == "cuda" || b.starts_with("cuda:") => {
+                if Command::new("nvidia-smi")
+                    .arg("-L")
+                    .output()
+                    .map_or(true, |o| !o.status.success())
+                {
+                    skipped.push(format!(
+                        "{backend}: no NVIDIA driver (`nvidia-smi -L` fails)"
+                    ));
+                    continue;
+                }
+                format!("{TEST_FEATURES},loftq-core/cuda")
+            }
+            b => {
+                return Err(format!(
+                    "bench: unknown back end `{b}` (cpu, wgpu, cuda[:N])"
+                ));
+            }
         };
-        let json = out.join(format!("quant-{}.json", backend.replace(':', "-")));
-        let size = if quick { "2048" } else { "4096" };
-        let result = run(
-            &format!("quant suite on {backend}"),
-            cargo()
-                .args(["run", "-p", "loftq-bench", "--features", feature, "--"])
-                .args(["quant", "--size", size, "--device", backend, "--json"])
-                .arg(&json),
-        );
-        if let Err(e) = result {
-            eprintln!("xtask: {backend} skipped: {e}");
+        // The tests' build (one shared compilation); CUDA only when it can run.
+        run(
+            &format!("build for {backend}"),
+            cargo().args(["build", "--workspace", "--features", &features]),
+        )?;
+        let json = dir.join(format!("suite-{}.json", backend.replace(':', "-")));
+        let mut cmd = Command::new(target_dir().join("debug/loftq-bench"));
+        cmd.args([
+            "suite",
+            "--profile",
+            profile,
+            "--device",
+            backend,
+            "--scratch",
+        ])
+        .arg(&scratch)
+        .arg("--json")
+        .arg(&json)
+        .stderr(Stdio::piped());
+        match run_logged(&format!("{profile} suites on {backend}"), &mut cmd) {
+            Ok(()) => inputs.push(json),
+            Err(reason) => {
+                eprintln!("xtask: {backend} skipped: {reason}");
+                skipped.push(format!("{backend}: {reason}"));
+            }
         }
     }
-    Ok(())
+    if peft {
+        let json = dir.join("suite-peft.json");
+        let script = PathBuf::from("bench/peft_loftq.py");
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
+            .args(["--profile", profile, "--json"])
+            .arg(&json)
+            .stderr(Stdio::piped());
+        match run_logged("PEFT's loftq_init", &mut cmd) {
+            Ok(()) => inputs.push(json),
+            Err(reason) => skipped.push(format!("peft: {reason} (see bench/peft_loftq.py)")),
+        }
+    }
+    if inputs.is_empty() {
+        return Err(format!("no back end ran: {}", skipped.join("; ")));
+    }
+    let mut command = format!(
+        "cargo xtask bench --{profile} --backends {}",
+        backends.join(",")
+    );
+    if peft {
+        command += " --compare-peft";
+    }
+    let mut report = Command::new(target_dir().join("debug/loftq-bench"));
+    report
+        .args(["report", "--out"])
+        .arg(&dir)
+        .args(["--command", &command]);
+    for i in &inputs {
+        report.arg("--input").arg(i);
+    }
+    for s in &skipped {
+        report.args(["--skipped", s]);
+    }
+    run("report", &mut report)
+}
+
+const BENCH_USAGE: &str = "usage: cargo xtask bench [--smoke|--quick|--full] [--backends cpu,wgpu,cuda] \
+    [--out DIR] [--compare-peft [--python PYTHON]]";
+
+/// The cargo target directory (`CARGO_TARGET_DIR`, or `target/`).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from)
+}
+
+/// Runs `cmd`, passing its stderr through; on failure the error is its last stderr line.
+fn run_logged(what: &str, cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: {what}: {cmd:?}");
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
+    let mut last = String::new();
+    if let Some(err) = child.stderr.take() {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if !line.trim().is_empty() {
+                last = line;
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("failed ({status}): {}", last.trim()))
+    }
 }
 
 fn main() -> ExitCode {
@@ -136,7 +244,7 @@ fn main() -> ExitCode {
             "usage: cargo xtask <test|validate|bench|assets|demo> [options]\n\
                   test [--cpu-only]      tests on cpu, then the device tests on wgpu\n\
                   validate [--cpu-only]  fmt --check, clippy -D warnings, test\n\
-                  bench [--quick|--full] [--backends cpu,wgpu,cuda] [--out DIR]\n\
+                  bench [--smoke|--quick|--full] [--backends cpu,wgpu,cuda] [--out DIR] [--compare-peft]\n\
                   assets                 fetch SmolLM2-135M and Shakespeare into the cache\n\
                   demo                   the main job end to end: init NF2/NF4 QLoRA/LoftQ, perplexity"
                 .into(),

@@ -133,6 +133,17 @@ mod tests {
         assert!(cholesky_inverse_upper(&[1.0, 2.0, 2.0, 1.0], 2).is_none());
     }
 
+    /// The stream is part of the interface: `bench/peft_loftq.py` regenerates the benchmark
+    /// matrices from it (its `--self-test` checks the same values).
+    #[test]
+    fn gaussian_stream_is_pinned() {
+        let v = Gaussian::new(0).values(4);
+        let want = [1.278_633_6_f32, 0.214_340_58, 0.190_824_1, 0.150_621_67];
+        for (a, b) in v.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{v:?}");
+        }
+    }
+
     #[test]
     fn gaussian_moments() {
         let mut g = Gaussian::new(5);

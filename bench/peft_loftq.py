@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""PEFT's LoftQ on the matrices of `loftq-bench suite`, for `cargo xtask bench --compare-peft`.
+
+Runs `peft.utils.loftq_utils.loftq_init` (exact SVD, as PEFT always does) on the same Gaussian
+matrices as the Rust suite (the same SplitMix64 + Box-Muller stream, std 0.02) and writes the
+same JSON record, so `loftq-bench report` puts PEFT next to the Rust back ends: time, error,
+peak memory.
+
+Environment (CPU only; PEFT 0.18 is the last release whose LoftQ runs without CUDA and
+bitsandbytes):
+
+    python3 -m venv ~/.venvs/peft-loftq
+    ~/.venvs/peft-loftq/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
+    ~/.venvs/peft-loftq/bin/pip install "peft==0.18.1" numpy
+    cargo xtask bench --compare-peft --python ~/.venvs/peft-loftq/bin/python
+
+`--self-test` checks the matrix generator and exits (needs only numpy).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+M30, M27 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+SHAPES = {
+    "smoke": ([(128, 128)], [8]),
+    "quick": ([(768, 768), (1024, 1024), (4096, 4096)], [16, 64]),
+    "full": ([(768, 768), (1024, 1024), (4096, 4096), (4096, 11008)], [16, 64]),
+}
+
+
+def gaussian(count, seed):
+    """`loftq_core::lowrank::Gaussian::new(seed).values(count)` as float32."""
+    pairs = (count + 1) // 2
+    with np.errstate(over="ignore"):
+        state0 = np.uint64(seed) ^ GOLDEN
+        steps = np.arange(1, 2 * pairs + 1, dtype=np.uint64)
+        z = state0 + steps * GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * M30
+        z = (z ^ (z >> np.uint64(27))) * M27
+        z = z ^ (z >> np.uint64(31))
+    u = ((z >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    u1, u2 = u[0::2], u[1::2]
+    r = np.sqrt(-2.0 * np.log(u1))
+    t = 2.0 * np.pi * u2
+    out = np.empty(2 * pairs, dtype=np.float64)
+    out[0::2] = r * np.cos(t)
+    out[1::2] = r * np.sin(t)
+    return out[:count].astype(np.float32)
+
+
+def weight(rows, cols):
+    """The matrix `loftq-bench` measures for this shape."""
+    seed = rows * 31 + cols
+    return gaussian(rows * cols, seed).reshape(rows, cols) * np.float32(0.02)
+
+
+def machine():
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_bytes": mem,
+        "os": platform.platform(),
+        "nvidia": None,
+        "vulkan_drivers": [],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(SHAPES), default="quick")
+    ap.add_argument("--json", help="the record to write")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--self-test", action="store_true")
+    args = ap.parse_args()
+
+    if args.self_test:
+        # The first values of Gaussian::new(0), pinned by the Rust test
+        # `lowrank::host::tests::gaussian_stream_is_pinned`.
+        want = [1.2786336, 0.21434058, 0.1908241, 0.15062167]
+        got = gaussian(4, 0).tolist()
+        assert all(abs(a - b) < 1e-6 for a, b in zip(got, want)), got
+        w = weight(128, 128)
+        assert w.shape == (128, 128) and abs(float(w.std()) - 0.02) < 0.001, w.std()
+        print("generator ok:", got)
+        return 0
+
+    try:
+        import torch
+        import peft
+        from peft.utils.loftq_utils import loftq_init
+    except ImportError as e:
+        print(f"torch and peft are not importable by {sys.executable}: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
+        ap.error("--json is required")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    shapes, ranks = SHAPES[args.profile]
+    started = int(time.time())
+    cases = []
+    for rows, cols in shapes:
+        w = torch.from_numpy(weight(rows, cols))
+        norm = torch.linalg.norm(w).item()
+        for bits in (4, 2):
+            for rank in ranks:
+                for iters in (1, 5):
+                    times, err = [], None
+                    runs = 1 if rows * cols > 1024 * 1024 else args.repeats + 1
+                    for i in range(runs):
+                        t0 = time.perf_counter()
+                        q, a, b = loftq_init(w, num_bits=bits, reduced_rank=rank, num_iter=iters)
+                        dt = time.perf_counter() - t0
+                        if runs == 1 or i > 0:
+                            times.append(dt)
+                        err = torch.linalg.norm(w - q - b @ a).item() / norm
+                    times.sort()
+                    name = f"{rows}x{cols} nf{bits}-b64 r{rank} T{iters} exact"
+                    print(f"{name}: {times[len(times) // 2]:.2f} s, err {err:.4f}", file=sys.stderr)
+                    cases.append({
+                        "suite": "loftq",
+                        "name": name,
+                        "size": float(rows * cols),
+                        "timing": {
+                            "median_s": times[len(times) // 2],
+                            "min_s": times[0],
+                            "max_s": times[-1],
+                            "repeats": len(times),
+                        },
+                        "error": err,
+                        "metric": "‖W−Q−s·BA‖/‖W‖",
+                        "memory": {
+                            "rss_before_bytes": 0,
+                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                        },
+                    })
+    record = {
+        "backend": f"peft {peft.__version__}",
+        "profile": args.profile,
+        "machine": machine(),
+        "commit": f"torch {torch.__version__}",
+        "started_unix": started,
+        "cases": cases,
+    }
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+//! `loftq-bench suite`: every suite on one device, as one JSON record per back end that
+//! `loftq-bench report` compares side by side. `cargo xtask bench` drives it.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Tensor, TensorData};
+use loftq_core::lowrank::{Gaussian, RsvdConfig, SvdMethod, truncated_svd};
+use loftq_core::quant::{Kernel, host_f32};
+use loftq_core::{DeviceSpec, Quantizer};
+use loftq_models::init::{Backbone, InitSpec, Method, Target, run_init};
+use serde::{Deserialize, Serialize};
+
+use crate::machine::Machine;
+use crate::stats::{Memory, Timing, measure};
+use crate::{loftq, synth, train};
+
+/// How much to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Tiny sizes, one repeat: checks that every suite runs (CI, tests).
+    Smoke,
+    /// Minutes on a laptop CPU: up to 4096², SmolLM2-135M shapes.
+    Quick,
+    /// Everything the issue lists: 4096×11008, exact SVD on 4096², 1B and 7B shapes.
+    Full,
+}
+
+/// One measured case; `suite` + `name` identify it across back ends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Case {
+    /// `quant`, `svd`, `loftq`, `init` or `train`.
+    pub suite: String,
+    /// What was measured, e.g. `4096x4096 nf4 r64 T5 randomized`.
+    pub name: String,
+    /// Elements of the matrix (or parameters of the model), for plots.
+    pub size: f64,
+    /// Median, min and max seconds.
+    pub timing: Timing,
+    /// The error metric's value, if the case has one.
+    pub error: Option<f64>,
+    /// What `error` is.
+    pub metric: String,
+    /// Resident memory.
+    pub memory: Memory,
+}
+
+/// One back end's results.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Run {
+    /// `cpu`, `wgpu`, `cuda:0`, or `peft` for the Python reference.
+    pub backend: String,
+    /// The profile.
+    pub profile: Profile,
+    /// The machine.
+    pub machine: Machine,
+    /// `git describe`-style commit of the code measured.
+    pub commit: String,
+    /// Seconds since the Unix epoch at the start.
+    pub started_unix: u64,
+    /// The cases.
+    pub cases: Vec<Case>,
+}
+
+/// Runs every suite of `profile` on `spec`; synthetic checkpoints go under `scratch`.
+pub fn run(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Run, String> {
+    let device = spec.device().map_err(|e| e.to_string())?;
+    // Fail early, with the back end's own message, if the device does not work.
+    let probe: f32 = Tensor::<2>::ones([2, 2], &device).sum().into_scalar();
+    if probe != 4.0 {
+        return Err(format!("{spec}: a 2×2 sum of ones gave {probe}"));
+    }
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut cases = Vec::new();
+    let reps = match profile {
+        Profile::Smoke => 1,
+        _ => 3,
+    };
+    eprintln!("[{spec}] quantizer throughput");
+    cases.extend(quant_cases(profile, reps, spec)?);
+    eprintln!("[{spec}] truncated SVD");
+    cases.extend(svd_cases(profile, reps, spec)?);
+    eprintln!("[{spec}] per-matrix LoftQ");
+    cases.extend(loftq_cases(profile, reps, spec));
+    eprintln!("[{spec}] whole-model init");
+    cases.extend(init_cases(profile, spec, scratch)?);
+    eprintln!("[{spec}] training step");
+    cases.extend(train_cases(profile, spec, scratch)?);
+    Ok(Run {
+        backend: spec.to_string(),
+        profile,
+        machine: Machine::read(spec),
+        commit: crate::machine::commit(),
+        started_unix,
+        cases,
+    })
+}
+
+fn gaussian_matrix(
+    rows: usize,
+    cols: usize,
+    seed: u64,
+    device: &burn::tensor::Device,
+) -> Tensor<2> {
+    let v: Vec<f32> = Gaussian::new(seed)
+        .values(rows * cols)
+        .into_iter()
+        .map(|x| x * 0.02)
+        .collect();
+    Tensor::from_data(TensorData::new(v, [rows, cols]), device)
+}
+
+/// Relative Frobenius distance `‖a − b‖/‖a‖`, on the host in `f64`.
+fn rel_dist(a: &Tensor<2>, b: &Tensor<2>) -> f64 {
+    let (x, y) = (host_f32(a), host_f32(b));
+    let num: f64 = x
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| f64::from(p - q).powi(2))
+        .sum();
+    let den: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum();
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+fn quant_cases(profile: Profile, reps: usize, spec: DeviceSpec) -> Result<Vec<Case>, String> {
+    let n = match profile {
+        Profile::Smoke => 256,
+        Profile::Quick => 2048,
+        Profile::Full => 4096,
+    };
+    let device = spec.device().map_err(|e| e.to_string())?;
+    let w = gaussian_matrix(n, n, 1, &device);
+    let mut out = Vec::new();
+    let (t, m) = measure(reps, || {
+        let _ = (w.clone() * 1.0).into_data();
+    });
+    out.push(case(
+        "quant",
+        format!("copy {n}² f32 to host"),
+        n * n,
+        t,
+        m,
+        None,
+        "",
+    ));
+    for bits in [4u8, 2] {
+        let q = Quantizer::new(loftq_core::QuantConfig::nf(bits)).map_err(|e| e.to_string())?;
+        let mut err = 0.0;
+        let (t, m) = measure(reps, || {
+            let codes = q.quantize_with(&w, Kernel::Auto).expect("finite input");
+            let d = q.dequantize(&codes);
+            err = rel_dist(&w, &d);
+        });
+        let name = format!("nf{bits} quantize+dequantize {n}²");
+        out.push(case("quant", name, n * n, t, m, Some(err), "‖W−Q(W)‖/‖W‖"));
+    }
+    Ok(out)
+}
+
+fn svd_cases(profile: Profile, reps: usize, spec: DeviceSpec) -> Result<Vec<Case>, String> {
+    let (shapes, rank): (&[usize], usize) = match profile {
+        Profile::Smoke => (&[128], 8),
+        Profile::Quick => (&[1024], 64),
+        Profile::Full => (&[1024, 4096], 64),
+    };
+    let device = spec.device().map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for &n in shapes {
+        // A LoftQ residual: what the SVD is used on.
+        let w = gaussian_matrix(n, n, 2, &device);
+        let q = Quantizer::new(loftq_core::QuantConfig::nf(2)).map_err(|e| e.to_string())?;
+        let a = w.clone() - q.quantize_dequantize(&w).map_err(|e| e.to_string())?.1;
+        let mut methods = vec![("exact".to_string(), SvdMethod::Exact)];
+        for p in [0, 1, 2, 4] {
+            let cfg = RsvdConfig {
+                power_iters: p,
+                ..RsvdConfig::default()
+            };
+            methods.push((format!("randomized p{p}"), SvdMethod::Randomized(cfg)));
+        }
+        for (label, method) in methods {
+            let mut err = 0.0;
+            let r = if label == "exact" { 0 } else { reps };
+            let (t, m) = measure(r, || {
+                let lr = truncated_svd(&a, rank, &method, None).expect("svd");
+                let (b, at) = lr.balanced_factors();
+                err = rel_dist(&a, &loftq_core::matmul(&b, &at));
+            });
+            let name = format!("{n}x{n} r{rank} {label}");
+            out.push(case("svd", name, n * n, t, m, Some(err), "‖A−A_r‖/‖A‖"));
+        }
+    }
+    Ok(out)
+}
+
+fn loftq_cases(profile: Profile, reps: usize, spec: DeviceSpec) -> Vec<Case> {
+    let (shapes, ranks, exact_max): (Vec<[usize; 2]>, Vec<usize>, usize) = match profile {
+        Profile::Smoke => (vec![[128, 128]], vec![8], 128 * 128),
+        Profile::Quick => (
+            vec![[768, 768], [1024, 1024], [4096, 4096]],
+            vec![16, 64],
+            1024 * 1024,
+        ),
+        Profile::Full => (
+            vec![[768, 768], [1024, 1024], [4096, 4096], [4096, 11008]],
+            vec![16, 64],
+            4096 * 4096,
+        ),
+    };
+    let mut out = Vec::new();
+    for shape in shapes {
+        let args = loftq::LoftqArgs {
+            shapes: vec![shape],
+            bits: vec![4, 2],
+            ranks: ranks.clone(),
+            iters: vec![1, 5],
+            exact: shape[0] * shape[1] <= exact_max,
+            repeats: reps,
+            rsvd: RsvdConfig::default(),
+        };
+        for c in loftq::run(&args, spec) {
+            let name = format!(
+                "{}x{} {} r{} T{} {}",
+                c.shape[0], c.shape[1], c.quantizer, c.rank, c.iters, c.svd
+            );
+            let err = Some(f64::from(c.rel_err));
+            let size = c.shape[0] * c.shape[1];
+            out.push(case(
+                "loftq",
+                name,
+                size,
+                c.timing,
+                c.memory,
+                err,
+                "‖W−Q−s·BA‖/‖W‖",
+            ));
+        }
+    }
+    out
+}
+
+fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<Case>, String> {
+    let archs: &[(&str, Option<usize>)] = match profile {
+        Profile::Smoke => &[("smollm2-135m", Some(1))],
+        Profile::Quick => &[("smollm2-135m", None)],
+        // A whole 7B checkpoint is 13.5 GB of bf16; 4 of its 32 layers show the per-layer cost.
+        Profile::Full => &[("llama-3.2-1b", None), ("llama2-7b", Some(4))],
+    };
+    let device = spec.device().map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for &(arch, layers) in archs {
+        let cfg = synth::config(arch, layers)?;
+        let model = scratch.join(format!("synth-{arch}-{}", cfg.num_hidden_layers));
+        if !model.join("model.safetensors").exists() {
+            synth::write(&cfg, &model, 0)?;
+        }
+        let (rank, iters) = match profile {
+            Profile::Smoke => (8, 2),
+            _ => (64, 5),
+        };
+        let dest = scratch.join(format!("init-{arch}"));
+        let _ = std::fs::remove_dir_all(&dest);
+        let init = InitSpec {
+            model: model.clone(),
+            out: dest.clone(),
+            method: Method::Loftq,
+            quant: loftq_core::QuantConfig::nf4(),
+            layer_rules: Vec::new(),
+            rank,
+            alpha: rank as f32,
+            rslora: false,
+            scaling: loftq_core::InitScaling::Exact,
+            iters,
+            svd: SvdMethod::default(),
+            target: Target::AllLinear,
+            exclude: Vec::new(),
+            backbone: Backbone::Packed,
+            seed: 0,
+        };
+        let mut report = None;
+        let mut failure = None;
+        let (t, m) = measure(0, || match run_init(&init, &device, false, &mut |_| {}) {
+            Ok(r) => report = Some(r),
+            Err(e) => failure = Some(e.to_string()),
+        });
+        let _ = std::fs::remove_dir_all(&dest);
+        if let Some(e) = failure {
+            return Err(format!("init on {arch}: {e}"));
+        }
+        let r = report.expect("a report");
+        let name = format!(
+            "{arch} ({} layers) nf4 r{rank} T{iters}",
+            cfg.num_hidden_layers
+        );
+        let err = Some(r.totals.mean_rel_err_init);
+        let size = r.totals.params as usize;
+        out.push(case("init", name, size, t, m, err, "mean ‖W−Q−s·BA‖/‖W‖"));
+    }
+    Ok(out)
+}
+
+fn train_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<Case>, String> {
+    let (layers, shapes, repeats): (Option<usize>, &[[usize; 2]], usize) = match profile {
+        Profile::Smoke => (Some(1), &[[1, 16]], 1),
+        Profile::Quick => (None, &[[4, 128]], 2),
+        Profile::Full => (None, &[[4, 128], [2, 256]], 3),
+    };
+    let cfg = synth::config("smollm2-135m", layers)?;
+    let model: PathBuf = scratch.join(format!("synth-smollm2-135m-{}", cfg.num_hidden_layers));
+    if !model.join("model.safetensors").exists() {
+        synth::write(&cfg, &model, 0)?;
+    }
+    let mut out = Vec::new();
+    for &shape in shapes {
+        for c in train::run(&model, "nf4", 16, shape, repeats, spec)? {
+            let name = format!(
+                "smollm2-135m shapes ({} layers) nf4 r16 {}×{} recompute={}",
+                cfg.num_hidden_layers, c.batch, c.seq, c.recompute
+            );
+            let memory = Memory {
+                rss_before_bytes: 0,
+                peak_rss_bytes: (c.peak_rss_gib * (1u64 << 30) as f64) as u64,
+            };
+            let tokens = (c.batch * (c.seq - 1)) as f64;
+            let metric = format!("tokens/s {:.0}", tokens / c.step.median_s);
+            out.push(case(
+                "train",
+                name,
+                c.batch * c.seq,
+                c.step,
+                memory,
+                None,
+                &metric,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn case(
+    suite: &str,
+    name: String,
+    size: usize,
+    timing: Timing,
+    memory: Memory,
+    error: Option<f64>,
+    metric: &str,
+) -> Case {
+    Case {
+        suite: suite.to_string(),
+        name,
+        size: size as f64,
+        timing,
+        error,
+        metric: metric.to_string(),
+        memory,
+    }
+}
