@@ -6,7 +6,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::QuantError;
-use crate::quant::{Codes, Quantizer};
+use crate::quant::{Codes, HostQuantized, Quantizer};
 
 /// Row-major `f32` matrices and what the algorithms do with them.
 pub(crate) trait Dense {
@@ -54,6 +54,14 @@ pub(crate) trait Dense {
     ) -> f32;
     /// The tensor on `device`.
     fn to_tensor(&self, m: Self::M, device: &Device) -> Tensor<2>;
+    /// `dequant(codes)` on `device`, reusing `buffer`'s memory where it can.
+    fn dequantized(
+        &self,
+        quantizer: &Quantizer,
+        codes: &HostQuantized,
+        buffer: Self::M,
+        device: &Device,
+    ) -> Tensor<2>;
 }
 
 /// [`Dense`] as Burn tensor ops; new matrices go to this device.
@@ -137,5 +145,16 @@ impl Dense for DeviceOps {
 
     fn to_tensor(&self, m: Tensor<2>, device: &Device) -> Tensor<2> {
         m.to_device(device)
+    }
+
+    fn dequantized(
+        &self,
+        quantizer: &Quantizer,
+        codes: &HostQuantized,
+        _buffer: Tensor<2>,
+        device: &Device,
+    ) -> Tensor<2> {
+        let v = quantizer.dequantize_host(codes);
+        Tensor::from_data(TensorData::new(v, codes.shape), device)
     }
 }

@@ -1,6 +1,6 @@
 //! LoftQ: alternating quantization and low-rank fitting (Li et al., ICLR 2024).
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::QuantError;
@@ -212,8 +212,7 @@ pub(crate) fn alternate<D: Dense>(
     }
     let (best_iter, codes, a, b) = best.expect("at least one iteration");
     let codes = codes.into_host();
-    let q = quantizer.dequantize_host(&codes);
-    let q = Tensor::from_data(TensorData::new(q, codes.shape), device);
+    let q = ops.dequantized(quantizer, &codes, residual, device);
     Ok(LoftqResult {
         packed: PackedTensor::pack(&codes, cfg.quant),
         q,

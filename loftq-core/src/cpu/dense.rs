@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::QuantError;
 use crate::dense::Dense;
-use crate::quant::{Codes, Quantizer};
+use crate::quant::{Codes, HostQuantized, Quantizer};
 
 /// Elements per task of the element-wise passes.
 const CHUNK: usize = 1 << 16;
@@ -217,6 +217,18 @@ impl<'a> Dense for HostOps<'a> {
             })
             .sum::<f64>()
             .sqrt() as f32
+    }
+
+    fn dequantized(
+        &self,
+        quantizer: &Quantizer,
+        codes: &HostQuantized,
+        mut buffer: RowMat<'a>,
+        device: &Device,
+    ) -> Tensor<2> {
+        let [rows, cols] = codes.shape;
+        quantizer.dequantize_host_into(codes, buffer.reshape(rows, cols));
+        self.to_tensor(buffer, device)
     }
 
     fn to_tensor(&self, m: RowMat<'a>, device: &Device) -> Tensor<2> {

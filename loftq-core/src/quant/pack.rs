@@ -18,7 +18,12 @@ pub fn pack_codes(codes: &[u8], bits: u8) -> Vec<u8> {
     assert!((1..=8).contains(&bits), "codes have 1 to 8 bits");
     match bits {
         8 => codes.to_vec(),
-        4 | 2 | 1 => {
+        // Fixed-width chunks for the common widths, so the loop vectorises.
+        4 => codes
+            .chunks(2)
+            .map(|c| (c[0] & 15) << 4 | c.get(1).map_or(0, |q| q & 15))
+            .collect(),
+        2 | 1 => {
             let per = (8 / bits) as usize;
             let mask = (1u8 << bits) - 1;
             codes
