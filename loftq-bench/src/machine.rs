@@ -88,13 +88,22 @@ impl Machine {
     }
 }
 
-/// The commit measured: short hash, `-dirty` with uncommitted changes.
+/// The commit measured: short hash, `-dirty` with uncommitted changes to anything but results
+/// and documentation.
 pub fn commit() -> String {
     let Some(hash) = output("git", &["rev-parse", "--short=10", "HEAD"]) else {
         return "unknown".into();
     };
-    let dirty = output("git", &["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
+    let status = [
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":!bench/results",
+        ":!*.md",
+    ];
+    let dirty = output("git", &status).is_some_and(|s| !s.is_empty());
     if dirty { format!("{hash}-dirty") } else { hash }
 }
 

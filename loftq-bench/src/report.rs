@@ -139,7 +139,12 @@ pub fn loftq_time_svg(runs: &[Run]) -> Option<String> {
             .filter(|c| c.suite == "loftq" && config(c) == *k)
             .map(|c| c.size as u64)
             .collect();
-        (sizes.len(), k.contains("T5"), k.contains("r64"))
+        (
+            sizes.len(),
+            k.contains("T5"),
+            k.contains("r64"),
+            k.contains("nf4"),
+        )
     })?;
     let series: Vec<Series> = runs
         .iter()
