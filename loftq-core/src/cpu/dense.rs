@@ -4,6 +4,7 @@
 //! faults than the passes themselves).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::marker::PhantomData;
 
 use burn::backend::flex::FlexTensor;
@@ -17,6 +18,36 @@ use crate::quant::{Codes, HostQuantized, Quantizer};
 
 /// Elements per task of the element-wise passes.
 const CHUNK: usize = 1 << 16;
+
+/// Buffers of at least this many elements are kept for reuse when a matrix is dropped: a fresh
+/// 64 MiB buffer costs 16,384 page faults on first touch, more than the pass that fills it, and
+/// `loftq init` runs LoftQ on hundreds of same-sized matrices in a row.
+const POOLED_MIN: usize = 1 << 20;
+/// At most this many buffers are kept (per thread): LoftQ holds two between matrices.
+const POOL_MAX: usize = 2;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A zeroed buffer of `len` values, reusing a pooled allocation when one is large enough.
+fn pooled(len: usize) -> Vec<f32> {
+    let reused = (len >= POOLED_MIN)
+        .then(|| {
+            POOL.with(|p| {
+                let mut p = p.borrow_mut();
+                let i = (0..p.len())
+                    .filter(|&i| p[i].capacity() >= len)
+                    .min_by_key(|&i| p[i].capacity())?;
+                Some(p.swap_remove(i))
+            })
+        })
+        .flatten();
+    let mut v = reused.unwrap_or_default();
+    v.clear();
+    v.resize(len, 0.0);
+    v
+}
 
 /// A row-major `f32` matrix on the host, owned or borrowed from a flex tensor.
 #[derive(Clone, Debug, Default)]
@@ -48,13 +79,32 @@ impl<'a> RowMat<'a> {
     }
 
     /// Resizes to `[rows, cols]` and gives write access, keeping an owned allocation when it
-    /// is large enough.
+    /// is large enough (the values are then stale, not zero).
     fn reshape(&mut self, rows: usize, cols: usize) -> &mut [f32] {
+        let n = rows * cols;
         self.rows = rows;
         self.cols = cols;
+        if !matches!(&self.data, Cow::Owned(v) if v.capacity() >= n) {
+            self.data = Cow::Owned(pooled(n));
+        }
         let data = self.data.to_mut();
-        data.resize(rows * cols, 0.0);
+        data.resize(n, 0.0);
         data
+    }
+}
+
+impl Drop for RowMat<'_> {
+    fn drop(&mut self) {
+        if let Cow::Owned(v) = std::mem::take(&mut self.data)
+            && v.capacity() >= POOLED_MIN
+        {
+            POOL.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_MAX {
+                    p.push(v);
+                }
+            });
+        }
     }
 }
 
@@ -231,11 +281,9 @@ impl<'a> Dense for HostOps<'a> {
         self.to_tensor(buffer, device)
     }
 
-    fn to_tensor(&self, m: RowMat<'a>, device: &Device) -> Tensor<2> {
-        Tensor::from_data(
-            TensorData::new(m.data.into_owned(), [m.rows, m.cols]),
-            device,
-        )
+    fn to_tensor(&self, mut m: RowMat<'a>, device: &Device) -> Tensor<2> {
+        let data = std::mem::take(&mut m.data).into_owned();
+        Tensor::from_data(TensorData::new(data, [m.rows, m.cols]), device)
     }
 }
 
