@@ -84,7 +84,13 @@ pub fn markdown(runs: &[Run], command: &str, skipped: &[String]) -> String {
             }
             for c in &found[1..] {
                 let cell = match (found[0], c) {
-                    (Some(a), Some(b)) => speed(a.timing.median_s / b.timing.median_s),
+                    (Some(a), Some(b)) => {
+                        let mut cell = speed(a.timing.median_s / b.timing.median_s);
+                        if let (Some(x), Some(y)) = (a.error, b.error) {
+                            cell += &format!(", error {:+.4}", y - x);
+                        }
+                        cell
+                    }
                     _ => "–".into(),
                 };
                 let _ = write!(s, " {cell} |");

@@ -84,7 +84,11 @@ fn smoke_suite_runs_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let md = std::fs::read_to_string(report.join("bench.md")).unwrap();
-    assert!(md.contains("## loftq") && md.contains("1.00× faster") && md.contains("Skipped: cuda"));
+    assert!(
+        md.contains("## loftq")
+            && md.contains("1.00× faster, error +0.0000")
+            && md.contains("Skipped: cuda")
+    );
     for svg in ["loftq-time.svg", "svd-error.svg"] {
         let s = std::fs::read_to_string(report.join(svg)).unwrap();
         assert!(s.starts_with("<svg") && s.contains("<circle"), "{svg}");
