@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::plot::{COLORS, escape};
+use crate::plot::{COLORS, Frame, escape, polyline};
 use crate::suite::{Case, Run};
 
 /// The Markdown report; `command` is what produced the runs, `skipped` the back ends that did
@@ -152,25 +152,12 @@ pub fn loftq_time_svg(runs: &[Run]) -> Option<String> {
             k.contains("nf4"),
         )
     })?;
-    let series: Vec<Series> = runs
-        .iter()
-        .map(|r| Series {
-            name: r.backend.clone(),
-            points: r
-                .cases
-                .iter()
-                .filter(|c| c.suite == "loftq" && config(c) == best)
-                .map(|c| {
-                    (
-                        c.size,
-                        c.timing.median_s,
-                        c.name.split(' ').next().unwrap_or("").to_string(),
-                    )
-                })
-                .collect(),
-            line: true,
+    let series = per_backend(runs, true, |c| {
+        (c.suite == "loftq" && config(c) == best).then(|| {
+            let shape = c.name.split(' ').next().unwrap_or("");
+            (c.size, c.timing.median_s, shape.to_string())
         })
-        .collect();
+    });
     Some(chart(
         &format!("Per-matrix LoftQ ({best}): median time"),
         "matrix elements",
@@ -190,22 +177,11 @@ pub fn svd_error_svg(runs: &[Run]) -> Option<String> {
     if largest == 0.0 {
         return None;
     }
-    let series: Vec<Series> = runs
-        .iter()
-        .map(|r| Series {
-            name: r.backend.clone(),
-            points: r
-                .cases
-                .iter()
-                .filter(|c| c.suite == "svd" && c.size == largest && c.error.is_some())
-                .map(|c| {
-                    let label = c.name.split(' ').skip(2).collect::<Vec<_>>().join(" ");
-                    (c.timing.median_s, c.error.unwrap_or(0.0), label)
-                })
-                .collect(),
-            line: false,
-        })
-        .collect();
+    let series = per_backend(runs, false, |c| {
+        let error = c.error.filter(|_| c.suite == "svd" && c.size == largest)?;
+        let label = c.name.split(' ').skip(2).collect::<Vec<_>>().join(" ");
+        Some((c.timing.median_s, error, label))
+    });
     let title = runs
         .iter()
         .flat_map(|r| r.cases.iter())
@@ -219,6 +195,21 @@ pub fn svd_error_svg(runs: &[Run]) -> Option<String> {
         "‖A − A_r‖ / ‖A‖",
         &series,
     ))
+}
+
+/// One series per run: the points `point` picks out of its cases.
+fn per_backend(
+    runs: &[Run],
+    line: bool,
+    point: impl Fn(&Case) -> Option<(f64, f64, String)>,
+) -> Vec<Series> {
+    runs.iter()
+        .map(|r| Series {
+            name: r.backend.clone(),
+            points: r.cases.iter().filter_map(&point).collect(),
+            line,
+        })
+        .collect()
 }
 
 struct Series {
@@ -252,26 +243,28 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
         let pad = (y1 - y0).max(y1.abs() * 0.01) * 0.1;
         (y0 - pad, y1 + pad)
     };
-    let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 150.0, 40.0, 50.0);
-    let px = |x: f64| left + (x.log10() - lx0) / (lx1 - lx0) * (w - left - right);
+    let f = Frame {
+        w: 720.0,
+        h: 420.0,
+        left: 70.0,
+        right: 150.0,
+        top: 40.0,
+        bottom: 50.0,
+    };
+    let px = |x: f64| f.left + (x.log10() - lx0) / (lx1 - lx0) * (f.w - f.left - f.right);
     let py = |y: f64| {
         let v = if log_y { y.log10() } else { y };
-        top + (ty1 - v) / (ty1 - ty0) * (h - top - bottom)
+        f.top + (ty1 - v) / (ty1 - ty0) * (f.h - f.top - f.bottom)
     };
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{left}" y="22" font-size="14">{}</text>
-"#,
-        escape(title)
-    );
+    let mut s = f.open(title);
     for e in lx0 as i32..=lx1 as i32 {
         let x = px(10f64.powi(e));
         let _ = writeln!(
             s,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{top}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">1e{e}</text>"##,
-            h - bottom,
-            h - bottom + 16.0
+            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">1e{e}</text>"##,
+            f.top,
+            f.h - f.bottom,
+            f.h - f.bottom + 16.0
         );
     }
     let ticks: Vec<f64> = if log_y {
@@ -282,43 +275,23 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
             .collect()
     };
     for t in ticks {
-        let y = py(t);
         let label = if log_y {
             format!("{t}")
         } else {
             format!("{t:.4}")
         };
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{label}</text>"##,
-            w - right,
-            left - 6.0,
-            y + 4.0
-        );
+        f.y_grid(&mut s, py(t), &label);
     }
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text><text x="14" y="{:.1}" transform="rotate(-90 14 {:.1})" text-anchor="middle">{}</text>"#,
-        (left + w - right) / 2.0,
-        h - 12.0,
-        escape(x_label),
-        h / 2.0,
-        h / 2.0,
-        escape(y_label)
-    );
+    f.axis_titles(&mut s, x_label, y_label);
     for (i, se) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let mut points = se.points.clone();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         if se.line && points.len() > 1 {
-            let path: Vec<String> = points
-                .iter()
-                .map(|(x, y, _)| format!("{:.1},{:.1}", px(*x), py(*y)))
-                .collect();
-            let _ = writeln!(
-                s,
-                r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
-                path.join(" ")
+            polyline(
+                &mut s,
+                color,
+                points.iter().map(|(x, y, _)| (px(*x), py(*y))),
             );
         }
         for (x, y, label) in &points {
@@ -331,16 +304,7 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
                 escape(label)
             );
         }
-        let ly = top + 16.0 * i as f64 + 10.0;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{0}" x2="{1}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{2}" y="{3}">{4}</text>"#,
-            w - right + 10.0,
-            w - right + 30.0,
-            w - right + 36.0,
-            ly + 4.0,
-            escape(&se.name)
-        );
+        f.legend(&mut s, i, color, &se.name);
     }
     s += "</svg>\n";
     s

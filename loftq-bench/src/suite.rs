@@ -134,7 +134,7 @@ fn quant_cases(profile: Profile, reps: usize, spec: DeviceSpec) -> Result<Vec<Ca
     let w = gaussian_matrix(n, n, 1, &device);
     let mut out = Vec::new();
     let (t, m) = measure(reps, || {
-        let _ = (w.clone() * 1.0).into_data();
+        let _ = w.to_data();
     });
     out.push(case(
         "quant",
@@ -319,18 +319,13 @@ fn train_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec
                 "smollm2-135m shapes ({} layers) nf4 r16 {}×{} recompute={}",
                 cfg.num_hidden_layers, c.batch, c.seq, c.recompute
             );
-            let memory = Memory {
-                rss_before_bytes: 0,
-                peak_rss_bytes: (c.peak_rss_gib * (1u64 << 30) as f64) as u64,
-            };
-            let tokens = (c.batch * (c.seq - 1)) as f64;
-            let metric = format!("tokens/s {:.0}", tokens / c.step.median_s);
+            let metric = format!("tokens/s {:.0}", c.tokens_per_s);
             out.push(case(
                 "train",
                 name,
                 c.batch * c.seq,
                 c.step,
-                memory,
+                c.memory,
                 None,
                 &metric,
             ));

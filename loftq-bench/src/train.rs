@@ -4,13 +4,12 @@
 use std::path::Path;
 
 use loftq_core::DeviceSpec;
-use loftq_models::init::peak_rss_bytes;
 use loftq_models::init::plan::parse_bits;
 use loftq_models::nn::{LoadOptions, load_pretrained_with};
 use loftq_models::train::{AdamW, AdamWConfig, Batch, Recompute, loss_and_grads};
 use serde::Serialize;
 
-use crate::stats::{Timing, time};
+use crate::stats::{Memory, Timing, measure};
 
 /// One measured configuration.
 #[derive(Debug, Serialize)]
@@ -25,8 +24,8 @@ pub struct TrainCase {
     pub step: Timing,
     /// Predicted tokens per second at the median.
     pub tokens_per_s: f64,
-    /// Peak resident memory of the process after this case (GiB; cumulative).
-    pub peak_rss_gib: f64,
+    /// Resident memory; the peak is that of this mode's timed steps.
+    pub memory: Memory,
 }
 
 /// Times `repeats` steps in each recompute mode.
@@ -57,7 +56,7 @@ pub fn run(
     let mut cases = Vec::new();
     for mode in [Recompute::Layers, Recompute::None] {
         let mut opt = AdamW::new(AdamWConfig::default(), &m.lora_params());
-        let step = time(repeats, || {
+        let (step, memory) = measure(repeats.max(1), || {
             let g = loss_and_grads(&m, &b, mode);
             let p = opt.update(m.lora_params(), g.grads, 1e-4);
             m.set_lora_params(p);
@@ -68,7 +67,7 @@ pub fn run(
             seq,
             tokens_per_s: (batch * (seq - 1)) as f64 / step.median_s,
             step,
-            peak_rss_gib: peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
+            memory,
         });
     }
     Ok(cases)
@@ -78,7 +77,7 @@ pub fn run(
 pub fn markdown(model: &Path, device: DeviceSpec, cases: &[TrainCase]) -> String {
     let mut s = format!(
         "Training step on {} ({device}): forward, backward and AdamW update of the LoRA factors\n\n\
-         | recompute | batch × seq | step (median) | min–max | tokens/s | peak RSS so far |\n\
+         | recompute | batch × seq | step (median) | min–max | tokens/s | peak RSS |\n\
          |---|---|---|---|---|---|\n",
         model.display()
     );
@@ -92,7 +91,7 @@ pub fn markdown(model: &Path, device: DeviceSpec, cases: &[TrainCase]) -> String
             c.step.min_s,
             c.step.max_s,
             c.tokens_per_s,
-            c.peak_rss_gib
+            c.memory.peak_rss_bytes as f64 / (1u64 << 30) as f64
         );
     }
     s

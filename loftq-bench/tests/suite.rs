@@ -8,6 +8,16 @@ fn bench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_loftq-bench"))
 }
 
+/// Runs `cmd` and asserts that it succeeded, showing its stderr if not.
+fn succeed(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn smoke_suite_runs_and_reports() {
     let device = std::env::var("LOFTQ_DEVICE").unwrap_or_else(|_| "cpu".into());
@@ -15,24 +25,19 @@ fn smoke_suite_runs_and_reports() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("suite.json");
-    let out = bench()
-        .args([
-            "suite",
-            "--profile",
-            "smoke",
-            "--device",
-            &device,
-            "--scratch",
-        ])
-        .arg(dir.join("scratch"))
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        bench()
+            .args([
+                "suite",
+                "--profile",
+                "smoke",
+                "--device",
+                &device,
+                "--scratch",
+            ])
+            .arg(dir.join("scratch"))
+            .arg("--json")
+            .arg(&json),
     );
 
     let run: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -68,20 +73,15 @@ fn smoke_suite_runs_and_reports() {
     }
 
     let report = dir.join("report");
-    let out = bench()
-        .args(["report", "--input"])
-        .arg(&json)
-        .arg("--input")
-        .arg(&json)
-        .arg("--out")
-        .arg(&report)
-        .args(["--skipped", "cuda: none here"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        bench()
+            .args(["report", "--input"])
+            .arg(&json)
+            .arg("--input")
+            .arg(&json)
+            .arg("--out")
+            .arg(&report)
+            .args(["--skipped", "cuda: none here"]),
     );
     let md = std::fs::read_to_string(report.join("bench.md")).unwrap();
     assert!(

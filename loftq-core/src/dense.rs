@@ -6,7 +6,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::QuantError;
-use crate::quant::{Codes, HostQuantized, Quantizer};
+use crate::quant::{Codes, Quantizer};
 
 /// Row-major `f32` matrices and what the algorithms do with them.
 pub(crate) trait Dense {
@@ -54,11 +54,12 @@ pub(crate) trait Dense {
     ) -> f32;
     /// The tensor on `device`.
     fn to_tensor(&self, m: Self::M, device: &Device) -> Tensor<2>;
-    /// `dequant(codes)` on `device`, reusing `buffer`'s memory where it can.
+    /// `dequant(codes)` on `device`, where the codes are (no transfer for device codes),
+    /// reusing `buffer`'s memory where it can.
     fn dequantized(
         &self,
         quantizer: &Quantizer,
-        codes: &HostQuantized,
+        codes: &Codes,
         buffer: Self::M,
         device: &Device,
     ) -> Tensor<2>;
@@ -150,11 +151,16 @@ impl Dense for DeviceOps {
     fn dequantized(
         &self,
         quantizer: &Quantizer,
-        codes: &HostQuantized,
+        codes: &Codes,
         _buffer: Tensor<2>,
         device: &Device,
     ) -> Tensor<2> {
-        let v = quantizer.dequantize_host(codes);
-        Tensor::from_data(TensorData::new(v, codes.shape), device)
+        match codes {
+            Codes::Device(q) => quantizer.dequantize(q).to_device(device),
+            Codes::Host(h) => {
+                let v = quantizer.dequantize_host(h);
+                Tensor::from_data(TensorData::new(v, h.shape), device)
+            }
+        }
     }
 }

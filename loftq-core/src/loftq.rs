@@ -211,8 +211,8 @@ pub(crate) fn alternate<D: Dense>(
         warm = Some(basis);
     }
     let (best_iter, codes, a, b) = best.expect("at least one iteration");
-    let codes = codes.into_host();
     let q = ops.dequantized(quantizer, &codes, residual, device);
+    let codes = codes.into_host();
     Ok(LoftqResult {
         packed: PackedTensor::pack(&codes, cfg.quant),
         q,

@@ -116,6 +116,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     let scratch = target_dir().join("bench-scratch");
     let mut inputs = Vec::new();
     let mut skipped = Vec::new();
+    let mut built: Vec<String> = Vec::new();
     for backend in &backends {
         let features = match backend.as_str() {
             "cpu" | "wgpu" => TEST_FEATURES.to_string(),
@@ -138,11 +139,15 @@ fn bench(args: &[String]) -> Result<(), String> {
                 ));
             }
         };
-        // The tests' build (one shared compilation); CUDA only when it can run.
-        run(
-            &format!("build for {backend}"),
-            cargo().args(["build", "--workspace", "--features", &features]),
-        )?;
+        // The tests' build (one shared compilation, once per feature set); CUDA only when it
+        // can run.
+        if !built.contains(&features) {
+            run(
+                &format!("build for {backend}"),
+                cargo().args(["build", "--workspace", "--features", &features]),
+            )?;
+            built.push(features);
+        }
         let json = dir.join(format!("suite-{}.json", backend.replace(':', "-")));
         let mut cmd = Command::new(target_dir().join("debug/loftq-bench"));
         cmd.args([

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::QuantError;
 use crate::dense::Dense;
-use crate::quant::{Codes, HostQuantized, Quantizer};
+use crate::quant::{Codes, Quantizer};
 
 /// Elements per task of the element-wise passes.
 const CHUNK: usize = 1 << 16;
@@ -272,12 +272,20 @@ impl<'a> Dense for HostOps<'a> {
     fn dequantized(
         &self,
         quantizer: &Quantizer,
-        codes: &HostQuantized,
+        codes: &Codes,
         mut buffer: RowMat<'a>,
         device: &Device,
     ) -> Tensor<2> {
-        let [rows, cols] = codes.shape;
-        quantizer.dequantize_host_into(codes, buffer.reshape(rows, cols));
+        let downloaded;
+        let host = match codes {
+            Codes::Host(h) => h,
+            Codes::Device(q) => {
+                downloaded = q.to_host();
+                &downloaded
+            }
+        };
+        let [rows, cols] = host.shape;
+        quantizer.dequantize_host_into(host, buffer.reshape(rows, cols));
         self.to_tensor(buffer, device)
     }
 

@@ -1,8 +1,6 @@
 //! Small dense helpers on the host: Cholesky, triangular inverse, a seeded Gaussian source and
 //! the conversion of faer's factors.
 
-use burn::tensor::{Device, Tensor, TensorData};
-
 use crate::dense::Dense;
 
 /// A deterministic standard-normal source (SplitMix64 + Box–Muller), identical on every
@@ -50,14 +48,6 @@ impl Gaussian {
     /// `count` standard normal samples as `f32`.
     pub fn values(&mut self, count: usize) -> Vec<f32> {
         (0..count).map(|_| self.normal() as f32).collect()
-    }
-
-    /// A `[rows, cols]` matrix of standard normal samples (row-major order) on `device`.
-    pub fn matrix(&mut self, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
-        Tensor::from_data(
-            TensorData::new(self.values(rows * cols), [rows, cols]),
-            device,
-        )
     }
 }
 

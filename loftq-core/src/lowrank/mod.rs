@@ -46,7 +46,8 @@ pub struct LowRank<M = Tensor<2>> {
     pub u: M,
     /// Singular values, decreasing.
     pub s: Vec<f32>,
-    /// Right singular vectors, orthonormal columns.
+    /// Right singular vectors, orthonormal columns (zero columns for directions with no
+    /// energy when the randomized method meets a matrix of lower rank).
     pub v: M,
 }
 

@@ -52,13 +52,14 @@ fn sixteen() -> usize {
 /// Rank-`rank` truncated SVD of `a` by randomized subspace iteration.
 ///
 /// # Shapes
-/// `a: [m, n]`, `warm: [n, j]` (optional, orthonormal columns, `j ≤ k`) → `u: [m, rank]`,
-/// `s: [rank]`, `v: [n, rank]`.
+/// `a: [m, n]`, `warm: [n, j]` (optional, orthonormal columns; only the first `k` are used)
+/// → `u: [m, rank]`, `s: [rank]`, `v: [n, rank]`.
 ///
 /// # Algorithm
 /// Halko, Martinsson & Tropp (2011), algorithm 4.4: `Q = orth(A·Ω)` for a Gaussian
 /// `Ω: [n, k]` (its first columns replaced by `warm` when given), then `power_iters` times
-/// `Q = orth(A·orth(Aᵀ·Q))`; finally the thin SVD of `Qᵀ·A` (`k×n`) on the host. The products
+/// (`warm_power_iters` with a warm start) `Q = orth(A·orth(Aᵀ·Q))`; finally the SVD of
+/// `B = Qᵀ·A` (`k×n`) from the eigendecomposition of `B·Bᵀ` on the host. The products
 /// with `A` run on `a`'s device; orthonormalisation is Cholesky-QR done twice (the Gram matrix
 /// `k×k` goes to the host, its inverse factor comes back), with a diagonal shift if the Gram
 /// matrix is numerically singular.
