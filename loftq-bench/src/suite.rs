@@ -281,9 +281,11 @@ fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<
         };
         let mut report = None;
         let mut failure = None;
-        let (t, m) = measure(0, || match run_init(&init, &device, false, &mut |_| {}) {
-            Ok(r) => report = Some(r),
-            Err(e) => failure = Some(e.to_string()),
+        let (t, m) = measure(0, || {
+            match run_init(&init, std::slice::from_ref(&device), false, &mut |_| {}) {
+                Ok(r) => report = Some(r),
+                Err(e) => failure = Some(e.to_string()),
+            }
         });
         let _ = std::fs::remove_dir_all(&dest);
         if let Some(e) = failure {

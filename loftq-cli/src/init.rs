@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use loftq_core::lowrank::{RsvdConfig, SvdMethod};
-use loftq_core::{DeviceSpec, InitScaling};
+use loftq_core::{DeviceList, InitScaling};
 use loftq_models::init::plan::{
     avg_bits_rules, layer_index, parse_bits, parse_layer_bits, split_list,
 };
@@ -86,9 +86,10 @@ pub struct InitArgs {
     /// Backbones to write: packed (ours), bf16 (dense, loads anywhere), both (bf16 in bf16/).
     #[arg(long, value_enum, default_value_t = BackboneArg::Packed)]
     backbone: BackboneArg,
-    /// Device: cpu, wgpu, cuda[:N].
+    /// Device: cpu, wgpu, cuda[:N]; several, comma-separated (cuda:0,cuda:1), each take whole
+    /// tensors. With one kind of device the output is the same as on one of them.
     #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    device: DeviceList,
     /// CPU threads (default: all).
     #[arg(long)]
     threads: Option<usize>,
@@ -112,13 +113,22 @@ enum MethodArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum ScalingArg {
+pub(crate) enum ScalingArg {
     Exact,
     Peft,
 }
 
+impl ScalingArg {
+    pub(crate) fn scaling(self) -> InitScaling {
+        match self {
+            ScalingArg::Exact => InitScaling::Exact,
+            ScalingArg::Peft => InitScaling::Peft,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
-enum SvdArg {
+pub(crate) enum SvdArg {
     Randomized,
     Exact,
 }
@@ -130,7 +140,7 @@ enum BackboneArg {
     Both,
 }
 
-fn invalid(msg: String) -> ModelError {
+pub(crate) fn invalid(msg: String) -> ModelError {
     ModelError::Invalid(msg)
 }
 
@@ -177,10 +187,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
         rank: a.rank,
         alpha,
         rslora: a.rslora,
-        scaling: match a.init_scaling {
-            ScalingArg::Exact => InitScaling::Exact,
-            ScalingArg::Peft => InitScaling::Peft,
-        },
+        scaling: a.init_scaling.scaling(),
         iters: a.iters,
         svd,
         target: Target::parse(&a.target),
@@ -220,9 +227,9 @@ pub fn run(a: &InitArgs) -> Result<()> {
             .build_global()
             .map_err(|e| invalid(format!("--threads: {e}")))?;
     }
-    let device = a
+    let devices = a
         .device
-        .device()
+        .devices()
         .map_err(|e| invalid(format!("--device {}: {e}", a.device)))?;
     let mut bar: Option<Progress> = None;
     let (mut n, mut sum) = (0usize, 0f64);
@@ -262,7 +269,7 @@ pub fn run(a: &InitArgs) -> Result<()> {
             }
         }
     };
-    let result = run_init(&spec, &device, a.resume, &mut on_event);
+    let result = run_init(&spec, &devices, a.resume, &mut on_event);
     if let Some(p) = bar.as_mut() {
         p.clear();
     }

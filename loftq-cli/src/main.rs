@@ -1,13 +1,15 @@
 //! `loftq`: the command-line tool of loftq-rs.
 //!
-//! Commands: `init` (the main job), `eval` (logits, perplexity), `convert` (GGUF to HF),
-//! `train` (fine-tune the adapter), `inspect`, `codebook`.
+//! Commands: `init` (the main job), `refine` (adapters for a base quantized elsewhere),
+//! `eval` (logits, perplexity), `convert` (GGUF to HF), `train` (fine-tune the adapter),
+//! `inspect`, `codebook`.
 
 mod convert;
 mod eval;
 mod init;
 mod inspect;
 mod progress;
+mod refine;
 mod train;
 
 use std::process::ExitCode;
@@ -42,6 +44,10 @@ enum Command {
     /// Quantize every targeted weight of a checkpoint and start its LoRA adapter (LoftQ,
     /// QLoRA, PiSSA, QPiSSA): writes the backbone, a PEFT adapter and report.json.
     Init(Box<init::InitArgs>),
+    /// Fit new LoRA adapters to a backbone that is already quantized (a `loftq init` output
+    /// or a bitsandbytes 4-bit checkpoint), from the full-precision weights; optionally keep
+    /// a layer's adapter only if it brings the logits on a text closer to the original's.
+    Refine(Box<refine::RefineArgs>),
     /// Run a model (HF directory, dense or packed, or a .gguf file) with an optional PEFT
     /// adapter: write its logits for given token ids, or print its perplexity on a text.
     Eval(eval::EvalArgs),
@@ -84,6 +90,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Refine(args) => refine::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

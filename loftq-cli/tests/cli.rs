@@ -168,6 +168,8 @@ fn init_then_eval_through_the_binary() {
             "qlora",
             "--backbone",
             "both",
+            "--device",
+            "cpu,cpu",
         ])
         .output()
         .unwrap();
@@ -194,7 +196,84 @@ fn init_then_eval_through_the_binary() {
         "nf9",
     ]);
     assert!(!ok && err.contains("--bits"), "{err}");
-    assert!(!dir.join("x").exists());
+    let x = dir.join("x");
+    let (ok, err) = loftq(&[
+        "init",
+        "--model",
+        m,
+        "--out",
+        x.to_str().unwrap(),
+        "--device",
+        "cpu,tpu",
+    ]);
+    assert!(
+        !ok && err.contains("--device") && err.contains("tpu"),
+        "{err}"
+    );
+    assert!(!x.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn refine_a_bitsandbytes_base_through_the_binary() {
+    let dir = scratch("refine");
+    let (model, text) = tiny_with_tokenizer(&dir);
+    let out = dir.join("adapter");
+    let base = fixture("tiny-llama-bnb");
+    let args = |out: &std::path::Path| {
+        [
+            "refine",
+            "--base",
+            base.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--rank",
+            "4",
+            "--check-text",
+            text.to_str().unwrap(),
+            "--check-tokens",
+            "32",
+        ]
+        .map(str::to_string)
+    };
+    let a = args(&out);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let (ok, err) = loftq(&a);
+    assert!(ok, "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["tensors"].as_array().unwrap().len(), 14);
+    let [before, after] = [0, 1].map(|i| report["logits_err"][i].as_f64().unwrap());
+    assert!(after <= before, "{report}");
+    // The adapter works with eval on the bitsandbytes base.
+    let (ok, err) = loftq(&[
+        "eval",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--logits-for",
+        fixture("tiny-llama")
+            .join("logits.safetensors")
+            .to_str()
+            .unwrap(),
+        "--out",
+        dir.join("logits.safetensors").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    // Again into the same directory: refused, nothing changed.
+    let (ok, err) = loftq(&a);
+    assert!(!ok && err.contains("not empty"), "{err}");
+    // A bad flag names itself and writes nothing.
+    let bad = dir.join("bad");
+    let mut b = args(&bad);
+    b[12] = "1".into();
+    let b: Vec<&str> = b.iter().map(String::as_str).collect();
+    let (ok, err) = loftq(&b);
+    assert!(!ok && err.contains("--check-tokens"), "{err}");
+    assert!(!bad.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -91,6 +91,43 @@ impl DeviceSpec {
     }
 }
 
+/// Several devices, comma-separated on a command line (`cuda:0,cuda:1`, `cpu,wgpu`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceList(pub Vec<DeviceSpec>);
+
+impl FromStr for DeviceList {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map(DeviceList)
+    }
+}
+
+impl fmt::Display for DeviceList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, ",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl DeviceList {
+    /// Opens every device.
+    ///
+    /// # Errors
+    /// The first device that is not compiled in.
+    pub fn devices(&self) -> Result<Vec<Device>, DeviceError> {
+        self.0.iter().map(|d| d.device()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +142,13 @@ mod tests {
             Err(DeviceError::Unknown(_))
         ));
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn parses_lists() {
+        let list: DeviceList = "cuda:0, cuda:1".parse().unwrap();
+        assert_eq!(list.0, vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]);
+        assert_eq!(list.to_string(), "cuda:0,cuda:1");
+        assert!("cpu,".parse::<DeviceList>().is_err());
     }
 }

@@ -1,9 +1,9 @@
 //! One API for the ways to start a LoRA adapter on a (quantized) base weight.
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::loftq::{LoftqConfig, LoftqError, frobenius, loftq};
-use crate::lowrank::{Gaussian, SvdMethod, truncated_svd};
+use crate::loftq::{InitScaling, LoftqConfig, LoftqError, frobenius, loftq};
+use crate::lowrank::{Gaussian, SvdMethod, check_rank, truncated_svd};
 use crate::quant::{PackedTensor, QuantConfig, Quantizer};
 
 /// How to initialize the adapter (and what becomes the frozen base).
@@ -97,13 +97,7 @@ pub fn init_lora(
         LoraInit::Zeros { quant, seed } => {
             let quantizer = Quantizer::new(*quant)?;
             let (codes, q) = quantizer.quantize_dequantize(w)?;
-            let bound = 1.0 / (inp as f64).sqrt();
-            let mut g = Gaussian::new(*seed);
-            let a: Vec<f32> = (0..rank * inp)
-                .map(|_| ((2.0 * g.uniform() - 1.0) * bound) as f32)
-                .collect();
-            let a = Tensor::from_data(TensorData::new(a, [rank, inp]), &device);
-            let b = Tensor::zeros([out, rank], &device);
+            let (a, b) = qlora_factors([out, inp], rank, *seed, &device);
             let packed = PackedTensor::pack(&codes.into_host(), *quant);
             (
                 Base::Quantized {
@@ -142,5 +136,78 @@ pub fn init_lora(
         lora_a: a,
         lora_b: b,
         rel_err,
+    })
+}
+
+/// QLoRA's adapter for an `[out, in]` layer: `A` uniform in `±1/√in` (PEFT's Kaiming
+/// default) from `seed`, `B = 0`. Returns `(A, B)`.
+pub fn qlora_factors(
+    [out, inp]: [usize; 2],
+    rank: usize,
+    seed: u64,
+    device: &Device,
+) -> (Tensor<2>, Tensor<2>) {
+    let bound = 1.0 / (inp as f64).sqrt();
+    let mut g = Gaussian::new(seed);
+    let a: Vec<f32> = (0..rank * inp)
+        .map(|_| ((2.0 * g.uniform() - 1.0) * bound) as f32)
+        .collect();
+    let a = Tensor::from_data(TensorData::new(a, [rank, inp]), device);
+    (a, Tensor::zeros([out, rank], device))
+}
+
+/// An adapter fitted to a fixed base by [`fit_adapter`].
+#[derive(Clone, Debug)]
+pub struct AdapterFit {
+    /// `lora_A` `[r, in]`.
+    pub lora_a: Tensor<2>,
+    /// `lora_B` `[out, r]`.
+    pub lora_b: Tensor<2>,
+    /// `‖W − Q‖ / ‖W‖`: the base alone.
+    pub rel_err_base: f32,
+    /// `‖W − Q − s·B·A‖ / ‖W‖`.
+    pub rel_err: f32,
+}
+
+/// The best rank-`rank` adapter for the fixed base `q` of `w` (both `[out, in]`): the
+/// truncated SVD of `W − Q`, optimal with [`SvdMethod::Exact`] (Eckart–Young). This is one
+/// LoftQ step without re-quantizing, for a base quantized elsewhere (PEFT's
+/// `replace_lora_weights_loftq`). `scale` is the forward pass's `s`; `scaling` says whether
+/// the factors absorb it ([`InitScaling::Exact`]) or ignore it as PEFT does.
+///
+/// # Errors
+/// A rank that does not fit, shapes that differ, a failed SVD.
+pub fn fit_adapter(
+    w: &Tensor<2>,
+    q: &Tensor<2>,
+    rank: usize,
+    svd: &SvdMethod,
+    scale: f32,
+    scaling: InitScaling,
+) -> Result<AdapterFit, LoftqError> {
+    if w.dims() != q.dims() {
+        return Err(LoftqError::Config(format!(
+            "the base is {:?}, the weight {:?}",
+            q.dims(),
+            w.dims()
+        )));
+    }
+    check_rank(w.dims(), rank)?;
+    let norm = frobenius(w).max(f32::MIN_POSITIVE);
+    let residual = w.clone() - q.clone();
+    let rel_err_base = frobenius(&residual) / norm;
+    let lr = truncated_svd(&residual, rank, svd, None)?;
+    let (b, a) = lr.balanced_factors();
+    let (factor_scale, product_scale) = match scaling {
+        InitScaling::Exact => (1.0 / scale.sqrt(), scale),
+        InitScaling::Peft => (1.0, scale),
+    };
+    let (a, b) = (a.mul_scalar(factor_scale), b.mul_scalar(factor_scale));
+    let fit = residual - crate::matmul(&b, &a).mul_scalar(product_scale);
+    Ok(AdapterFit {
+        lora_a: a,
+        lora_b: b,
+        rel_err_base,
+        rel_err: frobenius(&fit) / norm,
     })
 }

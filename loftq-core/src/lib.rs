@@ -24,7 +24,7 @@ pub mod lowrank;
 pub mod quant;
 mod upper;
 
-pub use device::DeviceSpec;
+pub use device::{DeviceList, DeviceSpec};
 
 /// `a·b`: faer on the CPU back end (see `cpu`), Burn's matmul elsewhere.
 pub fn matmul(a: &burn::tensor::Tensor<2>, b: &burn::tensor::Tensor<2>) -> burn::tensor::Tensor<2> {

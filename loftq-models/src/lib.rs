@@ -20,6 +20,7 @@ pub mod eval;
 pub mod init;
 pub mod io;
 pub mod nn;
+pub mod refine;
 pub mod tokenizer;
 pub mod train;
 

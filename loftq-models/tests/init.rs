@@ -34,7 +34,7 @@ fn spec(model: PathBuf, out: PathBuf) -> InitSpec {
 }
 
 fn run(s: &InitSpec, resume: bool) -> loftq_models::Result<Report> {
-    run_init(s, &device(), resume, &mut |_| {})
+    run_init(s, &[device()], resume, &mut |_| {})
 }
 
 const FILES: [&str; 5] = [
@@ -97,9 +97,9 @@ fn interrupted_runs_resume_to_identical_files() {
     let a = spec(fixture("tiny-llama"), dir.join("a"));
     run(&a, false).unwrap();
     let want = read_all(&a.out);
-    // Same seed, another directory: byte-identical.
+    // Same seed, another directory, two workers on the device: byte-identical.
     let b = spec(fixture("tiny-llama"), dir.join("b"));
-    run(&b, false).unwrap();
+    run_init(&b, &[device(), device()], false, &mut |_| {}).unwrap();
     assert_eq!(read_all(&b.out), want);
 
     // "Kill" after 5 tensors, and again while assembling, then resume.
@@ -107,7 +107,7 @@ fn interrupted_runs_resume_to_identical_files() {
         let c = spec(fixture("tiny-llama"), dir.join(format!("c{kill_at}")));
         let mut n = 0;
         let killed = catch_unwind(AssertUnwindSafe(|| {
-            run_init(&c, &device(), false, &mut |e| match e {
+            run_init(&c, &[device()], false, &mut |e| match e {
                 Event::Tensor(_) => {
                     n += 1;
                     assert!(n < kill_at, "killed");
@@ -151,6 +151,13 @@ fn bad_input_leaves_nothing_behind() {
     write_safetensors(&model.join("model.safetensors"), &all, None).unwrap();
     let s = spec(model, dir.join("out-nan"));
     let err = run(&s, false).unwrap_err().to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
+    assert!(!s.out.exists());
+    // The same with three workers: the others stop, nothing is left.
+    let three = [device(), device(), device()];
+    let err = run_init(&s, &three, false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
     assert!(!s.out.exists());
 

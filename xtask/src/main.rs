@@ -30,6 +30,7 @@ const DEVICE_TESTS: &[&str] = &[
     "model_reference",
     "files",
     "gguf",
+    "refine",
     "init",
     "train",
     "suite",

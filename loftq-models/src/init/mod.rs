@@ -10,6 +10,7 @@
 mod assemble;
 mod piece;
 pub mod plan;
+mod workers;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -197,18 +198,25 @@ impl InitSpec {
     }
 }
 
-/// Runs `loftq init`.
+/// Runs `loftq init` on one or more devices.
+///
+/// Each device takes whole tensors, the next one as it finishes the last. With devices of one
+/// kind (`cuda:0,cuda:1`) the output does not depend on which device took which tensor; with
+/// mixed kinds (`cpu,wgpu`) a tensor's last bits depend on where it ran.
 ///
 /// # Errors
 /// [`ModelError`] naming the tensor or option. On an error the work area is removed (and
 /// `out`, if this call created it); only a killed process leaves a work area to resume.
 pub fn run_init(
     spec: &InitSpec,
-    device: &Device,
+    devices: &[Device],
     resume: bool,
     events: &mut dyn FnMut(Event),
 ) -> Result<Report> {
     let start = Instant::now();
+    if devices.is_empty() {
+        return Err(ModelError::Invalid("--device: no device given".into()));
+    }
     let out = &spec.out;
     let work = work_dir(out);
     let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
@@ -251,39 +259,26 @@ pub fn run_init(
                 .filter(|&&i| plan.items[i].target.is_some())
                 .count(),
         });
-        // A reader thread stays one tensor ahead: reading overlaps computing and writing,
-        // and at most two tensors are in memory.
         let todo: Vec<usize> = (0..plan.items.len())
             .filter(|i| !done.contains(i))
             .collect();
-        let source = source.as_ref();
-        let mut reports = Vec::new();
-        std::thread::scope(|scope| -> Result<()> {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            let items = &plan.items;
-            let todo_ref = &todo;
-            scope.spawn(move || {
-                for &i in todo_ref {
-                    if tx.send(piece::load(source, &items[i])).is_err() {
-                        return;
-                    }
-                }
-            });
-            for (i, item) in plan.items.iter().enumerate() {
-                let report = if done.contains(&i) {
-                    piece::read_report(&work, i)?
-                } else {
-                    let loaded = rx.recv().expect("the reader sends one per tensor to do")?;
-                    let r = piece::compute(spec, item, loaded, i, &work, device)?;
-                    if let Some(r) = &r {
-                        events(Event::Tensor(r.clone()));
-                    }
-                    r
-                };
-                reports.extend(report);
-            }
-            Ok(())
-        })?;
+        let mut reports: Vec<Option<TensorReport>> = vec![None; plan.items.len()];
+        for &i in &done {
+            reports[i] = piece::read_report(&work, i)?;
+        }
+        workers::run(
+            spec,
+            &plan,
+            &todo,
+            source.as_ref(),
+            &work,
+            devices,
+            &mut |i, r| {
+                events(Event::Tensor(r.clone()));
+                reports[i] = Some(r);
+            },
+        )?;
+        let reports = reports.into_iter().flatten().collect();
         events(Event::Assembling);
         let resumed = done.len();
         assemble::assemble(spec, &plan, reports, gguf_config.as_ref(), start, resumed)

@@ -45,7 +45,7 @@ impl Plan {
             .transpose()?;
         let mut items = Vec::with_capacity(names.len());
         for name in names {
-            if source.packed(&name)?.is_some() {
+            if source.quantized(&name)? {
                 return Err(ModelError::Invalid(format!(
                     "{}: `{name}` is already quantized; give the full-precision model",
                     source.root().display()

@@ -1,6 +1,7 @@
 //! File formats: safetensors checkpoints (HF directories, sharded or not), GGUF files,
-//! PEFT adapters, and our packed backbone.
+//! PEFT adapters, our packed backbone, and bitsandbytes' 4-bit checkpoints (read only).
 
+mod bnb;
 pub mod ggml;
 pub mod gguf;
 mod gguf_llama;
@@ -10,6 +11,7 @@ pub(crate) mod safetensors;
 mod source;
 mod stream;
 
+pub use self::bnb::{bnb_names, read_bnb};
 pub use self::gguf::Gguf;
 pub use self::gguf_llama::{GgufModel, gguf_name, hf_name, unpermute_rows};
 pub use self::packed::{FORMAT, FORMAT_KEY, add_packed, packed_names, read_packed};

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use loftq_core::quant::PackedTensor;
 
+use super::bnb::{bnb_shape, is_bnb_part, read_bnb};
 use super::{Checkpoint, HostTensor, read_packed};
 use crate::{ModelError, Result};
 
@@ -54,6 +55,14 @@ pub trait TensorSource: Send + Sync {
         Ok(None)
     }
 
+    /// True if `name` is stored quantized (our packed format, or bitsandbytes 4-bit).
+    ///
+    /// # Errors
+    /// [`ModelError`] if its quantization data are inconsistent.
+    fn quantized(&self, name: &str) -> Result<bool> {
+        Ok(self.packed(name)?.is_some())
+    }
+
     /// Tensor `name`, which must have exactly `shape`.
     ///
     /// # Errors
@@ -79,33 +88,63 @@ impl TensorSource for Checkpoint {
     fn tensor_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.names().map(str::to_string).collect();
         v.extend(super::packed_names(self));
-        v.retain(|n| !is_packed_part(n));
+        v.retain(|n| !is_packed_part(n) && !is_bnb_part(n));
         v.sort();
         v
     }
 
     fn tensor(&self, name: &str) -> Result<HostTensor> {
-        self.f32(name)
+        if let Some(p) = read_packed(self, name)? {
+            let data = p
+                .dequantize()
+                .map_err(|e| ModelError::tensor(self.root(), name, e.to_string()))?;
+            return Ok(HostTensor {
+                shape: p.shape.to_vec(),
+                data,
+            });
+        }
+        match read_bnb(self, name)? {
+            Some(t) => Ok(t),
+            None => self.f32(name),
+        }
     }
 
     fn shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        Checkpoint::shaped(self, name, shape)
+        match bnb_shape(self, name)? {
+            Some(s) if s != shape => Err(ModelError::tensor(
+                self.root(),
+                name,
+                format!("shape {s:?}, expected {shape:?}"),
+            )),
+            Some(_) => self.tensor(name),
+            None => Checkpoint::shaped(self, name, shape),
+        }
     }
 
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
         if let Some(p) = read_packed(self, name)? {
             return Ok(p.shape.to_vec());
         }
+        if let Some(s) = bnb_shape(self, name)? {
+            return Ok(s);
+        }
         Ok(self.bytes(name)?.0.shape.clone())
     }
 
     fn raw(&self, name: &str) -> Result<Option<(safetensors::Dtype, Vec<u8>)>> {
+        if bnb_shape(self, name)?.is_some() {
+            return Ok(None);
+        }
         let (e, b) = self.bytes(name)?;
         Ok(Some((e.dtype, b.to_vec())))
     }
 
     fn packed(&self, name: &str) -> Result<Option<PackedTensor>> {
         read_packed(self, name)
+    }
+
+    fn quantized(&self, name: &str) -> Result<bool> {
+        Ok(read_packed(self, name)?.is_some() || bnb_shape(self, name)?.is_some())
     }
 
     fn release(&self, name: &str) {

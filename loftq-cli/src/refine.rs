@@ -1,0 +1,188 @@
+//! `loftq refine`: new adapters for a backbone quantized elsewhere (ours or bitsandbytes).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use loftq_core::DeviceSpec;
+use loftq_core::lowrank::{RsvdConfig, SvdMethod};
+use loftq_models::Result;
+use loftq_models::init::Target;
+use loftq_models::init::plan::split_list;
+use loftq_models::refine::{Check, RefineEvent, RefineSpec, run_refine};
+
+use crate::init::{ScalingArg, SvdArg, invalid};
+use crate::progress::Progress;
+
+/// Arguments of `loftq refine`.
+#[derive(Args)]
+pub struct RefineArgs {
+    /// The quantized backbone: an HF directory with our packed weights (a `loftq init`
+    /// output) or bitsandbytes 4-bit weights (NF4/FP4, double quantization or not).
+    #[arg(long)]
+    base: PathBuf,
+    /// The full-precision model it was quantized from: an HF directory or a .gguf file.
+    /// Its weights are read one at a time.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output: a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+    /// and report.json. Must not exist or be empty.
+    #[arg(long)]
+    out: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// LoRA alpha (default: the rank, so s = 1).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// rsLoRA scaling s = alpha/√r.
+    #[arg(long)]
+    rslora: bool,
+    /// exact: Q + s·B·A ≈ W for any alpha; peft: ignore s as PEFT does (right only for s = 1).
+    #[arg(long, value_enum, default_value_t = ScalingArg::Exact)]
+    init_scaling: ScalingArg,
+    /// Truncated SVD of W − Q: exact (the optimum) or randomized (fast).
+    #[arg(long, value_enum, default_value_t = SvdArg::Randomized)]
+    svd: SvdArg,
+    /// Randomized SVD: extra sketch columns (default max(16, rank)).
+    #[arg(long)]
+    oversample: Option<usize>,
+    /// Randomized SVD: power iterations.
+    #[arg(long, default_value_t = RsvdConfig::default().power_iters)]
+    power_iters: usize,
+    /// all-linear (every quantized weight of --base) or module names, comma-separated
+    /// (PEFT's suffix rule).
+    #[arg(long, default_value = "all-linear")]
+    target: String,
+    /// Module names to leave alone, comma-separated.
+    #[arg(long, default_value = "")]
+    exclude: String,
+    /// Keep a layer's new adapter only if the logits on this UTF-8 text get closer to the
+    /// full-precision model's (layers visited in order; a refused layer gets QLoRA's B = 0).
+    /// Needs a Llama-architecture model.
+    #[arg(long)]
+    check_text: Option<PathBuf>,
+    /// Tokens of --check-text, in one pass.
+    #[arg(long, default_value_t = 128, requires = "check_text")]
+    check_tokens: usize,
+    /// Device: cpu, wgpu, cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Seed of the randomized SVD and of the QLoRA start of refused layers.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `loftq refine`.
+#[allow(clippy::print_stdout)]
+pub fn run(a: &RefineArgs) -> Result<()> {
+    let alpha = a.alpha.unwrap_or(a.rank as f32);
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(invalid(format!("--alpha {alpha} must be positive")));
+    }
+    if a.check_tokens < 2 {
+        return Err(invalid("--check-tokens must be at least 2".into()));
+    }
+    let spec = RefineSpec {
+        base: a.base.clone(),
+        model: a.model.clone(),
+        out: a.out.clone(),
+        rank: a.rank,
+        alpha,
+        rslora: a.rslora,
+        scaling: a.init_scaling.scaling(),
+        svd: match a.svd {
+            SvdArg::Exact => SvdMethod::Exact,
+            SvdArg::Randomized => SvdMethod::Randomized(RsvdConfig {
+                oversample: a.oversample,
+                power_iters: a.power_iters,
+                ..RsvdConfig::default()
+            }),
+        },
+        target: Target::parse(&a.target),
+        exclude: split_list(&a.exclude),
+        seed: a.seed,
+        check: a.check_text.clone().map(|text| Check {
+            text,
+            tokens: a.check_tokens,
+        }),
+    };
+    let device = a
+        .device
+        .device()
+        .map_err(|e| invalid(format!("--device {}: {e}", a.device)))?;
+    let mut bar: Option<Progress> = None;
+    let mut on_event = |e: RefineEvent| match e {
+        RefineEvent::Planned { targets, params } => {
+            let mut p = Progress::new(params);
+            p.note(&format!(
+                "{targets} quantized weights to fit ({params} parameters)"
+            ));
+            bar = Some(p);
+        }
+        RefineEvent::Fitted(r) => {
+            if let Some(p) = bar.as_mut() {
+                let msg = format!(
+                    "{} err {:.4} → {:.4}",
+                    r.name, r.rel_err_base, r.rel_err_fit
+                );
+                p.inc((r.shape[0] * r.shape[1]) as u64, &msg);
+            }
+        }
+        RefineEvent::Checking(err) => {
+            if let Some(p) = bar.as_mut() {
+                p.clear();
+                p.note(&format!(
+                    "checking layer by layer; logits error of the base alone {err:.4}"
+                ));
+            }
+        }
+        RefineEvent::Decided(name, keep, err) => {
+            if let Some(p) = bar.as_mut() {
+                let verdict = if keep { "kept" } else { "refused" };
+                p.note(&format!("{name}: {verdict}, logits error {err:.4}"));
+            }
+        }
+    };
+    let result = run_refine(&spec, &device, &mut on_event);
+    if let Some(p) = bar.as_mut() {
+        p.clear();
+    }
+    let report = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "{:<48} {:>14} {:>10} {:>10} {:>9}",
+        "tensor", "base", "base err", "fit err", "check"
+    );
+    for r in &report.tensors {
+        let check = match (r.accepted, r.logits_err) {
+            (Some(true), Some(e)) => format!("kept {e:.4}"),
+            (Some(false), Some(e)) => format!("refused {e:.4}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<48} {:>14} {:>10.4} {:>10.4} {check:>9}",
+            r.name, r.quantizer, r.rel_err_base, r.rel_err_fit
+        );
+    }
+    println!(
+        "{} weights: mean error {:.4} (base alone) → {:.4} (with the adapter); {:.1} s",
+        report.tensors.len(),
+        report.mean_rel_err_base,
+        report.mean_rel_err_final,
+        report.wall_seconds
+    );
+    if let (Some([before, after]), Some(kept)) = (report.logits_err, report.accepted) {
+        println!(
+            "check: logits error {before:.4} → {after:.4}; {kept} of {} layers kept their new adapter",
+            report.tensors.len()
+        );
+    }
+    println!("wrote {}", spec.out.display());
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! Tensors spread over devices: one reader thread, one worker thread per device, and the
+//! results handed back to the caller's thread in the order they finish.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::Device;
+
+use super::piece::{self, Loaded, Plan};
+use super::{InitSpec, TensorReport};
+use crate::Result;
+use crate::io::TensorSource;
+
+/// Computes the tensors `todo` of `plan`, each on whichever device is free next, and calls
+/// `on_done` for every targeted tensor finished (pass-through tensors are written silently).
+///
+/// The reader stays one tensor ahead of each device, so reading overlaps computing and at
+/// most two tensors per device are in memory. After the first error no new tensor starts;
+/// the tensors being computed finish, and the error is returned.
+pub(super) fn run(
+    spec: &InitSpec,
+    plan: &Plan,
+    todo: &[usize],
+    source: &dyn TensorSource,
+    work: &Path,
+    devices: &[Device],
+    on_done: &mut dyn FnMut(usize, TensorReport),
+) -> Result<()> {
+    let stop = AtomicBool::new(false);
+    let stop = &stop;
+    std::thread::scope(|scope| {
+        let (to_workers, from_reader) = sync_channel::<(usize, Result<Loaded>)>(devices.len());
+        let (to_caller, finished) = channel();
+        scope.spawn(move || {
+            for &i in todo {
+                if stop.load(Ordering::Relaxed)
+                    || to_workers
+                        .send((i, piece::load(source, &plan.items[i])))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        // Workers share the receiver; when the last one leaves, the reader's `send` fails.
+        let from_reader = Arc::new(Mutex::new(from_reader));
+        for device in devices {
+            let from_reader = Arc::clone(&from_reader);
+            let to_caller = to_caller.clone();
+            scope.spawn(move || {
+                loop {
+                    let next = from_reader
+                        .lock()
+                        .expect("no worker panics holding it")
+                        .recv();
+                    let Ok((i, loaded)) = next else { return };
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let result = loaded
+                        .and_then(|l| piece::compute(spec, &plan.items[i], l, i, work, device));
+                    if to_caller.send((i, result)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop((from_reader, to_caller));
+        let mut first_error = None;
+        for (i, result) in finished {
+            match result {
+                Ok(Some(report)) if first_error.is_none() => on_done(i, report),
+                Ok(_) => {}
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    })
+}
