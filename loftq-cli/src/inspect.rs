@@ -1,9 +1,12 @@
-//! `loftq inspect`: what a checkpoint, GGUF file, packed backbone or adapter holds.
+//! `loftq inspect`: what a checkpoint, GGUF file, packed or bitsandbytes backbone or adapter
+//! holds.
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use loftq_models::io::{ADAPTER_CONFIG, Adapter, Checkpoint, Gguf, is_gguf, read_packed};
+use loftq_models::io::{
+    ADAPTER_CONFIG, Adapter, Checkpoint, Gguf, bnb_summary, is_bnb_part, is_gguf, read_packed,
+};
 use loftq_models::{ModelError, Result};
 
 /// Arguments of `loftq inspect`.
@@ -107,8 +110,21 @@ fn safetensors_rows(path: &Path) -> Result<Vec<Row>> {
             bytes: p.storage_bits() / 8,
         });
     }
+    let bnb = loftq_models::io::bnb_names(&ck);
+    for name in &bnb {
+        let b = bnb_summary(&ck, name)?.expect("listed");
+        rows.push(Row {
+            name: name.clone(),
+            kind: b.label,
+            shape: b.shape,
+            bytes: b.bytes,
+        });
+    }
     for name in ck.names() {
-        if packed.iter().any(|p| name.starts_with(&format!("{p}.q"))) {
+        if packed.iter().any(|p| name.starts_with(&format!("{p}.q")))
+            || bnb.iter().any(|b| b == name)
+            || is_bnb_part(name)
+        {
             continue;
         }
         let e = ck.entry(name).expect("listed");

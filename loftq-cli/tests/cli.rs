@@ -263,6 +263,13 @@ fn refine_a_bitsandbytes_base_through_the_binary() {
         dir.join("logits.safetensors").to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    // inspect tells the two bitsandbytes layouts apart.
+    let o = loftq_output(&["inspect", base.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        shown.contains("bnb-nf4-b64 ") && shown.contains("bnb-nf4-b64-dq"),
+        "{shown}"
+    );
     // Again into the same directory: refused, nothing changed.
     let (ok, err) = loftq(&a);
     assert!(!ok && err.contains("not empty"), "{err}");

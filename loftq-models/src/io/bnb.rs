@@ -57,6 +57,39 @@ pub fn bnb_shape(ckpt: &Checkpoint, name: &str) -> Result<Option<Vec<usize>>> {
     Ok(state(ckpt, name)?.map(|s| s.shape))
 }
 
+/// What [`bnb_summary`] reports of a weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BnbSummary {
+    /// `bnb-nf4-b64`, with `-dq` for double quantization.
+    pub label: String,
+    /// The weight's shape.
+    pub shape: Vec<usize>,
+    /// Bytes of the weight and all its parts.
+    pub bytes: usize,
+}
+
+/// Label, shape and storage of bitsandbytes weight `name`, or `None` if it is not one.
+///
+/// # Errors
+/// [`ModelError::Tensor`] if its state is unreadable.
+pub fn bnb_summary(ckpt: &Checkpoint, name: &str) -> Result<Option<BnbSummary>> {
+    let Some(s) = state(ckpt, name)? else {
+        return Ok(None);
+    };
+    let dq = if s.nested_offset.is_some() { "-dq" } else { "" };
+    let bytes = ckpt
+        .names()
+        .filter(|n| *n == name || (n.starts_with(name) && is_bnb_part(n)))
+        .filter_map(|n| ckpt.entry(n))
+        .map(|e| e.numel() * e.dtype.bitsize() / 8)
+        .sum();
+    Ok(Some(BnbSummary {
+        label: format!("bnb-{}-b{}{dq}", s.quant_type, s.blocksize),
+        shape: s.shape,
+        bytes,
+    }))
+}
+
 fn state(ckpt: &Checkpoint, name: &str) -> Result<Option<State>> {
     let Some(key) = ["nf4", "fp4"]
         .map(|t| format!("{name}{STATE_PREFIX}{t}"))

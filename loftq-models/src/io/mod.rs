@@ -11,7 +11,7 @@ pub(crate) mod safetensors;
 mod source;
 mod stream;
 
-pub use self::bnb::{bnb_names, read_bnb};
+pub use self::bnb::{BnbSummary, bnb_names, bnb_summary, is_bnb_part, read_bnb};
 pub use self::gguf::Gguf;
 pub use self::gguf_llama::{GgufModel, gguf_name, hf_name, unpermute_rows};
 pub use self::packed::{FORMAT, FORMAT_KEY, add_packed, packed_names, read_packed};
