@@ -58,8 +58,8 @@ enum Command {
     /// Convert a llama.cpp .gguf file into an HF-style directory (config.json,
     /// model.safetensors, tokenizer.json).
     Convert(convert::ConvertArgs),
-    /// Show what a checkpoint, GGUF file, packed backbone or PEFT adapter holds: tensors,
-    /// dtypes or quantizers, bits per parameter.
+    /// Show what a checkpoint, GGUF file, packed or bitsandbytes backbone or PEFT adapter holds:
+    /// tensors, dtypes or quantizers, bits per parameter.
     Inspect(inspect::InspectArgs),
 }
 
