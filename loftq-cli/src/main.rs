@@ -76,7 +76,9 @@ enum RoundingArg {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    logging();
+    let result = match cli.command {
         Command::Codebook {
             kind,
             bits,
@@ -99,6 +101,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tracing` logs on stderr, filtered by `LOFTQ_LOG` (e.g. `info`, `loftq_models=debug`);
+/// only warnings and errors when it is unset.
+fn logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOFTQ_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 #[allow(clippy::print_stdout)]

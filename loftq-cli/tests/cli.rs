@@ -405,3 +405,33 @@ fn train_checkpoints_resumes_and_refuses_bad_input() {
     assert!(!fresh.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn logs_follow_loftq_log() {
+    let dir = scratch("logs");
+    let model = fixture("tiny-llama");
+    let run = |out: &str, level: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loftq"));
+        cmd.args(["init", "--model", model.to_str().unwrap(), "--out"])
+            .arg(dir.join(out))
+            .env_remove("LOFTQ_LOG");
+        if let Some(l) = level {
+            cmd.env("LOFTQ_LOG", l);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // Quiet by default; one line per tensor at info, with its errors.
+    assert!(!run("quiet", None).contains("INFO"));
+    let log = run("info", Some("info"));
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("INFO") && l.contains(" initialized "));
+    assert_eq!(lines.count(), 14, "{log}");
+    assert!(
+        log.contains("rel_err_init=") && log.contains("planned"),
+        "{log}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -197,6 +197,16 @@ pub fn run_refine(
     let mut fitted = Vec::with_capacity(targets.len());
     for name in &targets {
         let f = fit_one(spec, base.as_ref(), model.as_ref(), name, device)?;
+        let r = &f.report;
+        tracing::info!(
+            tensor = %r.name,
+            shape = ?r.shape,
+            quantizer = %r.quantizer,
+            rel_err_base = r.rel_err_base,
+            rel_err_fit = r.rel_err_fit,
+            seconds = r.seconds,
+            "fitted"
+        );
         events(RefineEvent::Fitted(f.report.clone()));
         fitted.push(f);
     }
@@ -343,6 +353,7 @@ fn run_check(
     };
     let mut h = llama.embed(input);
     let first = logits_err(&llama, 0, &h);
+    tracing::info!(tokens = n, logits_err = first, "checking; the base alone");
     events(RefineEvent::Checking(first));
     let mut current = first;
     let layers = llama.layers.len();
@@ -384,6 +395,7 @@ fn run_check(
             }
             f.report.accepted = Some(keep);
             f.report.logits_err = Some(current);
+            tracing::info!(tensor = %f.report.name, kept = keep, logits_err = current, "checked");
             events(RefineEvent::Decided(f.report.name.clone(), keep, current));
             next += 1;
         }

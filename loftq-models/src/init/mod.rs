@@ -251,6 +251,15 @@ pub fn run_init(
     let result = (|| {
         plan.check_or_write(&work, spec)?;
         let done = plan.done(&work);
+        tracing::info!(
+            model = %spec.model.display(),
+            out = %out.display(),
+            targets = plan.targets(),
+            params = plan.target_params(),
+            resumed = done.len(),
+            devices = devices.len(),
+            "planned"
+        );
         events(Event::Planned {
             targets: plan.targets(),
             target_params: plan.target_params(),
@@ -279,6 +288,7 @@ pub fn run_init(
             },
         )?;
         let reports = reports.into_iter().flatten().collect();
+        tracing::info!(out = %out.display(), "assembling the output files");
         events(Event::Assembling);
         let resumed = done.len();
         assemble::assemble(spec, &plan, reports, gguf_config.as_ref(), start, resumed)

@@ -46,7 +46,7 @@ pub(super) fn run(
         });
         // Workers share the receiver; when the last one leaves, the reader's `send` fails.
         let from_reader = Arc::new(Mutex::new(from_reader));
-        for device in devices {
+        for (worker, device) in devices.iter().enumerate() {
             let from_reader = Arc::clone(&from_reader);
             let to_caller = to_caller.clone();
             scope.spawn(move || {
@@ -61,6 +61,7 @@ pub(super) fn run(
                     }
                     let result = loaded
                         .and_then(|l| piece::compute(spec, &plan.items[i], l, i, work, device));
+                    log(&plan.items[i].name, worker, &result);
                     if to_caller.send((i, result)).is_err() {
                         return;
                     }
@@ -81,4 +82,22 @@ pub(super) fn run(
         }
         first_error.map_or(Ok(()), Err)
     })
+}
+
+fn log(name: &str, worker: usize, result: &Result<Option<TensorReport>>) {
+    match result {
+        Ok(Some(r)) => tracing::info!(
+            tensor = name,
+            worker,
+            shape = ?r.shape,
+            quantizer = %r.quantizer,
+            rel_err_quant = ?r.rel_err_quant,
+            rel_err_init = r.rel_err_init,
+            iters = r.iters_used,
+            seconds = r.seconds,
+            "initialized"
+        ),
+        Ok(None) => tracing::debug!(tensor = name, worker, "copied"),
+        Err(e) => tracing::warn!(tensor = name, worker, error = %e, "failed; no new tensor starts"),
+    }
 }
