@@ -8,7 +8,7 @@
 //! `replace_lora_weights_loftq` with its logits callback, for any quantized base.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use crate::eval::token_ids;
 use crate::init::plan::{layer_index, module_matches, module_of_weight};
 use crate::init::{Target, peak_rss_bytes, tensor_seed};
-use crate::io::{Adapter, AdapterConfig, HostTensor, LoraWeights, TensorSource, open_source};
+use crate::io::{
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, HostTensor, LoraWeights, TensorSource,
+    open_source,
+};
 use crate::nn::{LINEAR_PATHS, Llama, LoraAdapter, load_pretrained};
 use crate::{ModelError, Result, Tokenizer};
 
@@ -401,12 +404,8 @@ fn run_check(
         }
         h = llama.layers[l].forward(h, &rope);
     }
-    if let Some(f) = fitted.get(next) {
-        return Err(ModelError::Invalid(format!(
-            "--check-text: `{}` is not a decoder layer's linear weight",
-            f.report.name
-        )));
-    }
+    // Every target was decided: `linear_slot` refuses any outside the decoder layers.
+    debug_assert_eq!(next, fitted.len());
     Ok([first, current])
 }
 
@@ -442,21 +441,14 @@ fn write(spec: &RefineSpec, fitted: Vec<Fitted>, report: &RefineReport) -> Resul
         crate::io::write_atomic(&out.join("report.json"), json.as_bytes())
     });
     if result.is_err() {
-        let _ = match created {
-            true => std::fs::remove_dir_all(out),
-            false => remove_files(out),
-        };
+        // Nothing half-written: the directory if this run made it, else the files it writes.
+        if created {
+            let _ = std::fs::remove_dir_all(out);
+        } else {
+            for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "report.json"] {
+                let _ = std::fs::remove_file(out.join(f));
+            }
+        }
     }
     result
-}
-
-fn remove_files(dir: &Path) -> std::io::Result<()> {
-    for f in [
-        crate::io::ADAPTER_CONFIG,
-        crate::io::ADAPTER_WEIGHTS,
-        "report.json",
-    ] {
-        let _ = std::fs::remove_file(dir.join(f));
-    }
-    Ok(())
 }
