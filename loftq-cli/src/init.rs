@@ -45,18 +45,8 @@ pub struct InitArgs {
     /// at 4 bits), e.g. 2.5.
     #[arg(long)]
     avg_bits: Option<f64>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    rank: usize,
-    /// LoRA alpha (default: the rank, so s = 1).
-    #[arg(long)]
-    alpha: Option<f32>,
-    /// rsLoRA scaling s = alpha/√r.
-    #[arg(long)]
-    rslora: bool,
-    /// exact: Q + s·B·A ≈ W for any alpha; peft: ignore s as PEFT does (right only for s = 1).
-    #[arg(long, value_enum, default_value_t = ScalingArg::Exact)]
-    init_scaling: ScalingArg,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// LoftQ iterations (the best iterate is kept).
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -114,6 +104,37 @@ enum MethodArg {
     Qpissa,
 }
 
+/// The adapter's shape and scale, shared by `init` and `refine`.
+#[derive(Args)]
+pub(crate) struct LoraArgs {
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) rank: usize,
+    /// LoRA alpha (default: the rank, so s = 1).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// rsLoRA scaling s = alpha/√r.
+    #[arg(long)]
+    pub(crate) rslora: bool,
+    /// exact: Q + s·B·A ≈ W for any alpha; peft: ignore s as PEFT does (right only for s = 1).
+    #[arg(long, value_enum, default_value_t = ScalingArg::Exact)]
+    pub(crate) init_scaling: ScalingArg,
+}
+
+impl LoraArgs {
+    /// `--alpha`, the rank when absent.
+    ///
+    /// # Errors
+    /// An alpha that is not a positive number.
+    pub(crate) fn alpha(&self) -> Result<f32> {
+        let alpha = self.alpha.unwrap_or(self.rank as f32);
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(invalid(format!("--alpha {alpha} must be positive")));
+        }
+        Ok(alpha)
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum ScalingArg {
     Exact,
@@ -161,10 +182,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
     if a.iters == 0 {
         return Err(invalid("--iters must be at least 1".into()));
     }
-    let alpha = a.alpha.unwrap_or(a.rank as f32);
-    if !(alpha.is_finite() && alpha > 0.0) {
-        return Err(invalid(format!("--alpha {alpha} must be positive")));
-    }
+    let alpha = a.lora.alpha()?;
     let svd = match a.svd {
         SvdArg::Exact => SvdMethod::Exact,
         SvdArg::Randomized => SvdMethod::Randomized(RsvdConfig {
@@ -186,10 +204,10 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
         },
         quant,
         layer_rules,
-        rank: a.rank,
+        rank: a.lora.rank,
         alpha,
-        rslora: a.rslora,
-        scaling: a.init_scaling.scaling(),
+        rslora: a.lora.rslora,
+        scaling: a.lora.init_scaling.scaling(),
         iters: a.iters,
         svd,
         target: Target::parse(&a.target),

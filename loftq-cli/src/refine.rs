@@ -10,7 +10,7 @@ use loftq_models::init::Target;
 use loftq_models::init::plan::split_list;
 use loftq_models::refine::{Check, RefineEvent, RefineSpec, run_refine};
 
-use crate::init::{ScalingArg, SvdArg, invalid};
+use crate::init::{LoraArgs, SvdArg, invalid};
 use crate::progress::Progress;
 
 /// Arguments of `loftq refine`.
@@ -28,18 +28,8 @@ pub struct RefineArgs {
     /// and report.json. Must not exist or be empty.
     #[arg(long)]
     out: PathBuf,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    rank: usize,
-    /// LoRA alpha (default: the rank, so s = 1).
-    #[arg(long)]
-    alpha: Option<f32>,
-    /// rsLoRA scaling s = alpha/√r.
-    #[arg(long)]
-    rslora: bool,
-    /// exact: Q + s·B·A ≈ W for any alpha; peft: ignore s as PEFT does (right only for s = 1).
-    #[arg(long, value_enum, default_value_t = ScalingArg::Exact)]
-    init_scaling: ScalingArg,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// Truncated SVD of W − Q: exact (the optimum) or randomized (fast).
     #[arg(long, value_enum, default_value_t = SvdArg::Randomized)]
     svd: SvdArg,
@@ -78,10 +68,7 @@ pub struct RefineArgs {
 /// Runs `loftq refine`.
 #[allow(clippy::print_stdout)]
 pub fn run(a: &RefineArgs) -> Result<()> {
-    let alpha = a.alpha.unwrap_or(a.rank as f32);
-    if !(alpha.is_finite() && alpha > 0.0) {
-        return Err(invalid(format!("--alpha {alpha} must be positive")));
-    }
+    let alpha = a.lora.alpha()?;
     if a.check_tokens < 2 {
         return Err(invalid("--check-tokens must be at least 2".into()));
     }
@@ -89,10 +76,10 @@ pub fn run(a: &RefineArgs) -> Result<()> {
         base: a.base.clone(),
         model: a.model.clone(),
         out: a.out.clone(),
-        rank: a.rank,
+        rank: a.lora.rank,
         alpha,
-        rslora: a.rslora,
-        scaling: a.init_scaling.scaling(),
+        rslora: a.lora.rslora,
+        scaling: a.lora.init_scaling.scaling(),
         svd: match a.svd {
             SvdArg::Exact => SvdMethod::Exact,
             SvdArg::Randomized => SvdMethod::Randomized(RsvdConfig {

@@ -34,5 +34,5 @@ pub fn matmul(a: &burn::tensor::Tensor<2>, b: &burn::tensor::Tensor<2>) -> burn:
     a.clone().matmul(b.clone())
 }
 pub use error::QuantError;
-pub use loftq::{InitScaling, LoftqConfig, LoftqError, LoftqResult, loftq};
+pub use loftq::{InitScaling, LoftqConfig, LoftqError, LoftqResult, loftq, lora_scale};
 pub use quant::{QuantConfig, Quantizer};

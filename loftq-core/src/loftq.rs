@@ -58,13 +58,14 @@ impl LoftqConfig {
 
     /// The LoRA scale `s` of the forward pass `Q·x + s·B·A·x`.
     pub fn lora_scale(&self) -> f32 {
-        let r = self.rank as f32;
-        if self.rslora {
-            self.alpha / r.sqrt()
-        } else {
-            self.alpha / r
-        }
+        lora_scale(self.alpha, self.rank, self.rslora)
     }
+}
+
+/// LoRA's scale `s`: `alpha / r`, or `alpha / √r` with rsLoRA.
+pub fn lora_scale(alpha: f32, rank: usize, rslora: bool) -> f32 {
+    let r = rank as f32;
+    if rslora { alpha / r.sqrt() } else { alpha / r }
 }
 
 /// Errors of [`loftq`].

@@ -19,11 +19,11 @@ use loftq_core::quant::host_f32;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::token_ids;
-use crate::init::plan::{layer_index, module_matches, module_of_weight};
+use crate::init::plan::{layer_index, module_of_weight};
 use crate::init::{Target, peak_rss_bytes, tensor_seed};
 use crate::io::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, HostTensor, LoraWeights, TensorSource,
-    open_source,
+    dequantize_packed, open_source,
 };
 use crate::nn::{LINEAR_PATHS, Llama, LoraAdapter, load_pretrained};
 use crate::{ModelError, Result, Tokenizer};
@@ -135,18 +135,12 @@ struct Fitted {
 
 impl RefineSpec {
     fn lora_scale(&self) -> f32 {
-        match self.rslora {
-            true => self.alpha / (self.rank as f32).sqrt(),
-            false => self.alpha / self.rank as f32,
-        }
+        loftq_core::lora_scale(self.alpha, self.rank, self.rslora)
     }
 
+    /// `all-linear` means every quantized weight: only linear layers are quantized.
     fn wanted(&self, module: &str) -> bool {
-        let hit = match &self.target {
-            Target::AllLinear => true,
-            Target::Names(list) => list.iter().any(|t| module_matches(module, t)),
-        };
-        hit && !self.exclude.iter().any(|x| module_matches(module, x))
+        self.target.picks(module, &self.exclude, true)
     }
 }
 
@@ -256,11 +250,11 @@ fn fit_one(
     device: &Device,
 ) -> Result<Fitted> {
     let t0 = Instant::now();
-    let quantizer = match base.packed(name)? {
-        Some(p) => p.config.label(),
-        None => "bitsandbytes".to_string(),
+    // A packed weight is read once: its label and values come from the same unpacking.
+    let (quantizer, q) = match base.packed(name)? {
+        Some(p) => (p.config.label(), dequantize_packed(base.root(), name, &p)?),
+        None => ("bitsandbytes".to_string(), base.tensor(name)?),
     };
-    let q = base.tensor(name)?;
     base.release(name);
     let Some([rows, cols]) = q.matrix_shape() else {
         return Err(ModelError::tensor(
@@ -272,14 +266,7 @@ fn fit_one(
     let w = model.shaped(name, &q.shape)?;
     model.release(name);
     let up = |t: HostTensor| Tensor::<2>::from_data(TensorData::new(t.data, [rows, cols]), device);
-    let seed = tensor_seed(spec.seed, name);
-    let svd = match spec.svd {
-        SvdMethod::Randomized(mut r) => {
-            r.seed = seed;
-            SvdMethod::Randomized(r)
-        }
-        SvdMethod::Exact => SvdMethod::Exact,
-    };
+    let svd = spec.svd.with_seed(tensor_seed(spec.seed, name));
     let fit = fit_adapter(
         &up(w),
         &up(q),

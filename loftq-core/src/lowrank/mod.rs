@@ -29,6 +29,16 @@ pub enum SvdMethod {
     Randomized(RsvdConfig),
 }
 
+impl SvdMethod {
+    /// The same method with the randomized sketch's seed set to `seed` (exact: unchanged).
+    pub fn with_seed(self, seed: u64) -> Self {
+        match self {
+            SvdMethod::Randomized(r) => SvdMethod::Randomized(RsvdConfig { seed, ..r }),
+            SvdMethod::Exact => SvdMethod::Exact,
+        }
+    }
+}
+
 impl Default for SvdMethod {
     fn default() -> Self {
         SvdMethod::Randomized(RsvdConfig::default())

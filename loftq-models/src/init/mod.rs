@@ -166,22 +166,11 @@ pub fn work_dir(out: &Path) -> PathBuf {
 impl InitSpec {
     /// The LoRA scaling `s`.
     pub fn lora_scale(&self) -> f32 {
-        if self.rslora {
-            self.alpha / (self.rank as f32).sqrt()
-        } else {
-            self.alpha / self.rank as f32
-        }
+        loftq_core::lora_scale(self.alpha, self.rank, self.rslora)
     }
 
     fn method_for(&self, quant: QuantConfig, seed: u64) -> LoraInit {
-        let svd = match &self.svd {
-            SvdMethod::Randomized(r) => {
-                let mut r = *r;
-                r.seed = seed;
-                SvdMethod::Randomized(r)
-            }
-            SvdMethod::Exact => SvdMethod::Exact,
-        };
+        let svd = self.svd.with_seed(seed);
         match self.method {
             Method::Loftq => {
                 let mut cfg = LoftqConfig::new(quant, self.rank, self.iters);

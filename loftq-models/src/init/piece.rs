@@ -9,8 +9,8 @@ use loftq_core::init::{Base, init_lora};
 use loftq_core::quant::{PackedTensor, host_f32};
 use loftq_core::{QuantConfig, Quantizer, loftq};
 
-use super::plan::{is_embedding_or_head, module_matches, module_of_weight, quant_for};
-use super::{InitSpec, Method, Target, TensorReport, tensor_seed};
+use super::plan::{is_embedding_or_head, module_of_weight, quant_for};
+use super::{InitSpec, Method, TensorReport, tensor_seed};
 use crate::io::{Checkpoint, OutTensor, TensorSource, add_packed, write_atomic, write_safetensors};
 use crate::{ModelError, Result};
 
@@ -55,13 +55,9 @@ impl Plan {
             let module = module_of_weight(&name);
             let wanted = match (module, shape.as_slice()) {
                 (Some(m), &[_, _]) => {
-                    let hit = match &spec.target {
-                        Target::AllLinear => {
-                            !is_embedding_or_head(&name) && Some(&shape) != embed_shape.as_ref()
-                        }
-                        Target::Names(list) => list.iter().any(|t| module_matches(m, t)),
-                    };
-                    hit && !spec.exclude.iter().any(|x| module_matches(m, x))
+                    let linear =
+                        !is_embedding_or_head(&name) && Some(&shape) != embed_shape.as_ref();
+                    spec.target.picks(m, &spec.exclude, linear)
                 }
                 _ => false,
             };

@@ -15,6 +15,16 @@ pub enum Target {
 }
 
 impl Target {
+    /// True if module `module` is targeted and not excluded; `linear` says whether `all-linear`
+    /// covers it (the caller knows what a linear layer is in its input).
+    pub fn picks(&self, module: &str, exclude: &[String], linear: bool) -> bool {
+        let hit = match self {
+            Target::AllLinear => linear,
+            Target::Names(list) => list.iter().any(|t| module_matches(module, t)),
+        };
+        hit && !exclude.iter().any(|x| module_matches(module, x))
+    }
+
     /// Parses `all-linear` or a comma-separated list of names.
     pub fn parse(s: &str) -> Self {
         if s == "all-linear" {

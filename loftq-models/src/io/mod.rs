@@ -14,7 +14,9 @@ mod stream;
 pub use self::bnb::{BnbSummary, bnb_names, bnb_summary, is_bnb_part, read_bnb};
 pub use self::gguf::Gguf;
 pub use self::gguf_llama::{GgufModel, gguf_name, hf_name, unpermute_rows};
-pub use self::packed::{FORMAT, FORMAT_KEY, add_packed, packed_names, read_packed};
+pub use self::packed::{
+    FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_names, read_packed,
+};
 pub use self::peft::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, LoraWeights, module_matches,
 };

@@ -12,12 +12,13 @@
 //! Reading gives back the exact [`PackedTensor`] that was written (tested).
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use loftq_core::QuantConfig;
 use loftq_core::quant::{DoubleQuant, PackedTensor, Scales};
 use serde::{Deserialize, Serialize};
 
-use super::safetensors::{Checkpoint, OutTensor, floats_from_le};
+use super::safetensors::{Checkpoint, HostTensor, OutTensor, floats_from_le};
 use crate::{ModelError, Result};
 
 /// Value of the `loftq.format` metadata key.
@@ -148,4 +149,18 @@ pub fn read_packed(ckpt: &Checkpoint, name: &str) -> Result<Option<PackedTensor>
     p.unpack()
         .map_err(|e| ModelError::tensor(root, name, e.to_string()))?;
     Ok(Some(p))
+}
+
+/// Packed weight `name` (read from `root`) dequantized to `f32`.
+///
+/// # Errors
+/// [`ModelError::Tensor`] if its codes or scales are inconsistent.
+pub fn dequantize_packed(root: &Path, name: &str, p: &PackedTensor) -> Result<HostTensor> {
+    let data = p
+        .dequantize()
+        .map_err(|e| ModelError::tensor(root, name, e.to_string()))?;
+    Ok(HostTensor {
+        shape: p.shape.to_vec(),
+        data,
+    })
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use loftq_core::quant::PackedTensor;
 
 use super::bnb::{bnb_shape, is_bnb_part, read_bnb};
-use super::{Checkpoint, HostTensor, read_packed};
+use super::{Checkpoint, HostTensor, dequantize_packed, read_packed};
 use crate::{ModelError, Result};
 
 /// Named tensors under their Hugging Face names, read one at a time.
@@ -95,13 +95,7 @@ impl TensorSource for Checkpoint {
 
     fn tensor(&self, name: &str) -> Result<HostTensor> {
         if let Some(p) = read_packed(self, name)? {
-            let data = p
-                .dequantize()
-                .map_err(|e| ModelError::tensor(self.root(), name, e.to_string()))?;
-            return Ok(HostTensor {
-                shape: p.shape.to_vec(),
-                data,
-            });
+            return dequantize_packed(self.root(), name, &p);
         }
         match read_bnb(self, name)? {
             Some(t) => Ok(t),
