@@ -19,6 +19,14 @@ pub fn clear_upper_state() {
     }
 }
 
+/// [`clear_upper_state`] for the calling thread only (after a product inside a rayon task).
+pub fn clear_upper_state_here() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        zero_upper();
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn zero_upper() {
     // SAFETY: the caller checked that the CPU has AVX, the only feature the function needs.

@@ -7,7 +7,7 @@
 
 mod dense;
 
-pub use crate::upper::clear_upper_state;
+pub use crate::upper::{clear_upper_state, clear_upper_state_here};
 pub(crate) use dense::{HostOps, RowMat};
 
 use std::borrow::Cow;
@@ -22,6 +22,20 @@ use faer::{Accum, MatMut, MatRef, Par};
 pub fn gemm(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) {
     faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, alpha, Par::rayon(0));
     clear_upper_state();
+}
+
+/// `dst = alpha·lhs·rhs` (or `dst += ...` with `add`) on the calling thread alone, for small
+/// products inside a rayon task; then [`clear_upper_state_here`].
+pub fn gemm_seq(
+    dst: MatMut<'_, f32>,
+    add: bool,
+    lhs: MatRef<'_, f32>,
+    rhs: MatRef<'_, f32>,
+    alpha: f32,
+) {
+    let accum = if add { Accum::Add } else { Accum::Replace };
+    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, alpha, Par::Seq);
+    clear_upper_state_here();
 }
 
 /// `a·b` (`[m, k]·[k, n]`): faer for flex tensors, Burn's matmul otherwise.

@@ -29,12 +29,41 @@ impl Attention {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`, every position attending to itself
     /// and the ones before it.
     pub fn forward(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
-        let [b, s, _] = x.dims();
-        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        self.o_proj
+            .forward(attend([q, k, v], rope, [self.heads, self.kv_heads]))
+    }
+}
+
+/// Causal attention of projected `q [b, s, heads·d]`, `k`, `v` `[b, s, kv_heads·d]`, rotary
+/// embeddings applied to `q` and `k`: `[b, s, heads·d]`. One host kernel on the CPU back end.
+pub(crate) fn attend(
+    [q, k, v]: [Tensor<3>; 3],
+    rope: &RopeTables,
+    [h, kvh]: [usize; 2],
+) -> Tensor<3> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = super::cpu_fused::attention([&q, &k, &v], [&rope.cos, &rope.sin], [h, kvh]) {
+        return y;
+    }
+    attend_generic([q, k, v], rope, [h, kvh])
+}
+
+/// [`attend`] in Burn's generic ops.
+pub(crate) fn attend_generic(
+    [q, k, v]: [Tensor<3>; 3],
+    rope: &RopeTables,
+    [h, kvh]: [usize; 2],
+) -> Tensor<3> {
+    let [b, s, width] = q.dims();
+    let d = width / h;
+    {
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), h));
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), kvh));
-        let v = split(self.v_proj.forward(x), kvh);
+        let q = rope.apply(split(q, h));
+        let k = rope.apply(split(k, kvh));
+        let v = split(v, kvh);
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
 
         let scores = q
@@ -44,8 +73,7 @@ impl Attention {
         let future: Tensor<2, Bool> = Tensor::tril_mask([s, s], 0, &scores.device());
         let scores = scores.mask_fill(future.reshape([1, 1, s, s]).expand([b, h, s, s]), f32::MIN);
         let out = softmax(scores, 3).matmul(v);
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+        out.swap_dims(1, 2).reshape([b, s, h * d])
     }
 }
 

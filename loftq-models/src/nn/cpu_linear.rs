@@ -32,7 +32,7 @@ impl std::fmt::Debug for HostMatrix {
 }
 
 impl HostMatrix {
-    fn slice(&self) -> &[f32] {
+    pub(crate) fn slice(&self) -> &[f32] {
         match self {
             HostMatrix::Owned(v) => v,
             HostMatrix::Flex(t) => t.as_slice::<f32>().expect("checked when built"),

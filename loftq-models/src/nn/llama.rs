@@ -30,6 +30,15 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Normalizes the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        #[cfg(feature = "flex")]
+        if let Some(y) = super::cpu_fused::rms_norm(&x, &self.weight, self.eps) {
+            return y;
+        }
+        self.forward_generic(x)
+    }
+
+    /// [`Self::forward`] in Burn's generic ops (every back end but the CPU's).
+    pub(crate) fn forward_generic<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let rms = x
             .clone()
             .square()
@@ -139,6 +148,34 @@ impl Llama {
     pub fn rope(&self, seq: usize) -> RopeTables {
         let device = self.embed_tokens.device();
         RopeTables::new(&self.config.rope, self.config.head_dim, seq, &device)
+    }
+
+    /// The mean negative log-likelihood of `targets` (one per position) from normalized hidden
+    /// states `h [batch, seq, hidden]`, in one host pass that never holds the whole logits:
+    /// the CPU back end with a head that has no adapter and no bias. `None` otherwise.
+    pub(crate) fn fused_head_nll(&self, h: &Tensor<3>, targets: &[u32]) -> Option<Tensor<1>> {
+        #[cfg(feature = "flex")]
+        {
+            use super::cpu_linear::HostMatrix;
+            let (w, vocab) = match &self.lm_head {
+                None => (
+                    HostMatrix::from_tensor(&self.embed_tokens)?,
+                    self.embed_tokens.dims()[0],
+                ),
+                Some(head)
+                    if head.bias.is_none() && (head.lora.is_none() || !head.adapter_enabled) =>
+                {
+                    (head.host_weight()?, head.shape()[0])
+                }
+                Some(_) => return None,
+            };
+            super::cpu_fused::head_nll(h, &w, vocab, targets)
+        }
+        #[cfg(not(feature = "flex"))]
+        {
+            let _ = (h, targets);
+            None
+        }
     }
 
     /// The LM head (or the tied embeddings) on normalized hidden states: logits

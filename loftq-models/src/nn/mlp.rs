@@ -20,7 +20,17 @@ pub struct Mlp {
 impl Mlp {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(silu_mul(gate, self.up_proj.forward(x)))
     }
+}
+
+/// `silu(gate)·up`: one host kernel on the CPU back end, Burn's ops elsewhere.
+pub(crate) fn silu_mul(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = super::cpu_fused::silu_mul(&gate, &up) {
+        return y;
+    }
+    silu(gate) * up
 }

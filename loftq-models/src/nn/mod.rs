@@ -5,6 +5,10 @@
 
 mod attention;
 #[cfg(feature = "flex")]
+mod cpu_fused;
+#[cfg(feature = "flex")]
+mod cpu_kernels;
+#[cfg(feature = "flex")]
 mod cpu_linear;
 mod init;
 mod llama;

@@ -267,20 +267,27 @@ impl QLinear {
     /// `x·Wᵀ` for `x [rows, in]`: faer on the CPU back end, Burn's matmul elsewhere.
     fn base_product(&self, x: Tensor<2>) -> Tensor<2> {
         #[cfg(feature = "flex")]
+        if let Some(y) = self
+            .host_weight()
+            .and_then(|w| super::cpu_linear::product(&x, &w, self.shape()))
         {
-            use super::cpu_linear::{HostMatrix, product};
-            let w = match &self.base {
-                BaseWeight::Dense(w) => HostMatrix::from_tensor(w),
-                BaseWeight::Packed(p) if p.words.is_none() => Some(HostMatrix::Owned(Arc::new(
-                    p.packed.dequantize().expect("checked when built"),
-                ))),
-                BaseWeight::Packed(_) => None,
-            };
-            if let Some(y) = w.and_then(|w| product(&x, &w, self.shape())) {
-                return y;
-            }
+            return y;
         }
         x.matmul(self.base.dense().transpose())
+    }
+
+    /// The base weight `[out, in]` in host memory, dequantized if packed; `None` off the CPU
+    /// back end.
+    #[cfg(feature = "flex")]
+    pub(crate) fn host_weight(&self) -> Option<super::cpu_linear::HostMatrix> {
+        use super::cpu_linear::HostMatrix;
+        match &self.base {
+            BaseWeight::Dense(w) => HostMatrix::from_tensor(w),
+            BaseWeight::Packed(p) if p.words.is_none() => Some(HostMatrix::Owned(Arc::new(
+                p.packed.dequantize().expect("checked when built"),
+            ))),
+            BaseWeight::Packed(_) => None,
+        }
     }
 
     /// The dense weight this layer computes with, adapter merged: `W + s·B·A`, `[out, in]`.

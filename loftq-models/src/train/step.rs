@@ -64,11 +64,10 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
     let targets: Vec<u32> = (0..b)
         .flat_map(|r| batch.ids[r * s + 1..(r + 1) * s].iter().copied())
         .collect();
-    let targets = token_ids(&targets, [b * (s - 1), 1], &device);
 
     let rope = model.rope(s);
     if recompute == Recompute::None {
-        return whole_graph(model, ids, targets, &rope, [b, s]);
+        return whole_graph(model, ids, &targets, &rope, [b, s]);
     }
     // Forward without autodiff, keeping each layer's input.
     let mut inputs = Vec::with_capacity(model.layers.len() + 1);
@@ -80,7 +79,7 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
 
     // Norm, head and loss on the autodiff device.
     let last = inputs.pop().expect("pushed").autodiff().require_grad();
-    let (mut head, loss) = head_loss(model, last.clone(), targets);
+    let (mut head, loss) = head_loss(model, last.clone(), &targets);
     let loss_value = f64::from(loss.clone().into_scalar::<f32>());
     let grads = loss.backward();
     let mut upstream = last.grad(&grads).expect("the input of the head is tracked");
@@ -120,7 +119,7 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
 fn whole_graph(
     model: &Llama,
     ids: Tensor<2, Int>,
-    targets: Tensor<2, Int>,
+    targets: &[u32],
     rope: &crate::nn::RopeTables,
     [b, s]: [usize; 2],
 ) -> StepGrads {
@@ -154,11 +153,16 @@ fn whole_graph(
 }
 
 /// The final norm, the LM head (tracked, if the model has its own) and the mean next-token
-/// NLL against `targets [b·(s-1), 1]`, from the last layer's output `h [b, s, hidden]`.
-fn head_loss(model: &Llama, h: Tensor<3>, targets: Tensor<2, Int>) -> (Option<QLinear>, Tensor<1>) {
+/// NLL against `targets` (`b·(s-1)` ids), from the last layer's output `h [b, s, hidden]`.
+fn head_loss(model: &Llama, h: Tensor<3>, targets: &[u32]) -> (Option<QLinear>, Tensor<1>) {
     let s = h.dims()[1];
     let head = model.lm_head.as_ref().map(tracked);
     let hidden = model.norm.forward(h).narrow(1, 0, s - 1);
+    if let Some(loss) = model.fused_head_nll(&hidden, targets) {
+        return (head, loss);
+    }
+    let device = hidden.device();
+    let targets = token_ids(targets, [targets.len(), 1], &device);
     let logits = match &head {
         Some(h) => h.forward(hidden),
         None => model.head(hidden),

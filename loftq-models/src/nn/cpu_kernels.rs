@@ -1,0 +1,413 @@
+//! Host kernels for the element-wise parts of a decoder layer and for the loss, forward and
+//! backward: RMSNorm, the SiLU gate, causal attention with rotary embeddings, and the LM head
+//! with its cross-entropy. Burn's CPU back end runs these as chains of single-threaded
+//! element-wise ops, each allocating a fresh tensor; here each is one pass over row-major
+//! slices, split across the rayon pool. [`super::cpu_fused`] wires them into Burn's autodiff.
+
+use faer::{MatMut, MatRef};
+use loftq_core::cpu::{gemm, gemm_seq};
+use rayon::prelude::*;
+
+/// Elements per rayon task in the element-wise kernels.
+const GRAIN: usize = 1 << 14;
+
+/// `eˣ` within a few ulp and without branches, so that loops over slices vectorize (glibc's
+/// `expf` is a scalar call per element). Cephes' range reduction and polynomial.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round x·log₂e to the nearest integer by the 1.5·2²³ trick (no SSE4.1 `round` needed).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits((((n as i32) + 127) << 23) as u32)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// Row-wise RMSNorm of `x [rows, n]`: `x / √(mean(x²) + eps) · w`.
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .with_min_len(GRAIN / n.max(1) + 1)
+        .for_each(|(y, x)| {
+            let r = inv_rms(x, eps);
+            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * r * w;
+            }
+        });
+    y
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps).sqrt()
+}
+
+/// The gradient of [`rms_norm`]'s input: `r·(w∘dy − x̂·mean(w∘dy∘x̂))` with `x̂ = r·x`.
+pub(crate) fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32]) -> Vec<f32> {
+    let n = w.len();
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(n)
+        .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+        .with_min_len(GRAIN / n.max(1) + 1)
+        .for_each(|(dx, (x, dy))| {
+            let r = inv_rms(x, eps);
+            let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, g), w)| x * g * w).sum();
+            let c = dot * r * r / n as f32;
+            for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                *dx = r * (w * g - x * c);
+            }
+        });
+    dx
+}
+
+/// `silu(g)·u`, element-wise.
+pub(crate) fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; g.len()];
+    y.par_chunks_mut(GRAIN)
+        .zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN)))
+        .for_each(|(y, (g, u))| {
+            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(*g) * u;
+            }
+        });
+    y
+}
+
+/// The gradients `(dg, du)` of [`silu_mul`].
+pub(crate) fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+    dg.par_chunks_mut(GRAIN)
+        .zip(du.par_chunks_mut(GRAIN))
+        .zip(
+            g.par_chunks(GRAIN)
+                .zip(u.par_chunks(GRAIN))
+                .zip(dy.par_chunks(GRAIN)),
+        )
+        .for_each(|((dg, du), ((g, u), dy))| {
+            for ((((dg, du), g), u), dy) in dg.iter_mut().zip(du).zip(g).zip(u).zip(dy) {
+                let s = sigmoid(*g);
+                *dg = dy * u * s * (1.0 + g * (1.0 - s));
+                *du = dy * g * s;
+            }
+        });
+    (dg, du)
+}
+
+/// The shape of a causal self-attention: `q [batch, seq, heads·head_dim]`, `k` and `v`
+/// `[batch, seq, kv_heads·head_dim]`, and the rotary tables `cos`, `sin` `[seq, head_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The rotary tables, `[seq, head_dim]` each.
+#[derive(Clone, Copy)]
+pub(crate) struct Rope<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+}
+
+impl Rope<'_> {
+    /// `x·cos + rotate_half(x)·sin` for each row of `x [seq, d]`, in place.
+    fn apply(&self, x: &mut [f32], d: usize) {
+        let half = d / 2;
+        for ((row, cos), sin) in x
+            .chunks_mut(d)
+            .zip(self.cos.chunks(d))
+            .zip(self.sin.chunks(d))
+        {
+            let (x1, x2) = row.split_at_mut(half);
+            for c in 0..half {
+                let (a, b) = (x1[c], x2[c]);
+                x1[c] = a * cos[c] - b * sin[c];
+                x2[c] = b * cos[half + c] + a * sin[half + c];
+            }
+        }
+    }
+
+    /// The transpose of [`Self::apply`] (the gradient of its input), in place.
+    fn unapply(&self, g: &mut [f32], d: usize) {
+        let half = d / 2;
+        for ((row, cos), sin) in g
+            .chunks_mut(d)
+            .zip(self.cos.chunks(d))
+            .zip(self.sin.chunks(d))
+        {
+            let (g1, g2) = row.split_at_mut(half);
+            for c in 0..half {
+                let (a, b) = (g1[c], g2[c]);
+                g1[c] = a * cos[c] + b * sin[half + c];
+                g2[c] = b * cos[half + c] - a * sin[c];
+            }
+        }
+    }
+}
+
+impl AttnShape {
+    /// Head `head` of batch row `b` of `x [batch, seq, n_heads·head_dim]` as `[seq, head_dim]`.
+    fn gather(&self, x: &[f32], n_heads: usize, b: usize, head: usize) -> Vec<f32> {
+        let (s, d) = (self.seq, self.head_dim);
+        let width = n_heads * d;
+        let mut out = Vec::with_capacity(s * d);
+        for t in 0..s {
+            let at = (b * s + t) * width + head * d;
+            out.extend_from_slice(&x[at..at + d]);
+        }
+        out
+    }
+
+    /// Writes `[seq, head_dim]` blocks back into `[batch, seq, n_heads·head_dim]`.
+    fn scatter(&self, blocks: Vec<(usize, usize, Vec<f32>)>, n_heads: usize) -> Vec<f32> {
+        let (s, d) = (self.seq, self.head_dim);
+        let width = n_heads * d;
+        let mut out = vec![0f32; self.batch * s * width];
+        for (b, head, block) in blocks {
+            for (t, row) in block.chunks(d).enumerate() {
+                let at = (b * s + t) * width + head * d;
+                out[at..at + d].copy_from_slice(row);
+            }
+        }
+        out
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// The causal attention probabilities `[seq, seq]` of roped `q` and `k` `[seq, d]`.
+    fn probs(&self, q: &[f32], k: &[f32]) -> Vec<f32> {
+        let (s, d) = (self.seq, self.head_dim);
+        let mut p = vec![0f32; s * s];
+        gemm_seq(
+            MatMut::from_row_major_slice_mut(&mut p, s, s),
+            false,
+            MatRef::from_row_major_slice(q, s, d),
+            MatRef::from_row_major_slice(k, s, d).transpose(),
+            self.scale(),
+        );
+        for (t, row) in p.chunks_mut(s).enumerate() {
+            let (live, future) = row.split_at_mut(t + 1);
+            let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for v in live.iter_mut() {
+                *v = exp(*v - max);
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            live.iter_mut().for_each(|v| *v *= inv);
+            future.fill(0.0);
+        }
+        p
+    }
+}
+
+/// `[s, a]·[s, b]` products on `[seq, d]` blocks.
+fn prod(dst: &mut [f32], add: bool, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) {
+    let (m, n) = (lhs.nrows(), rhs.ncols());
+    gemm_seq(
+        MatMut::from_row_major_slice_mut(dst, m, n),
+        add,
+        lhs,
+        rhs,
+        alpha,
+    );
+}
+
+fn rows(x: &[f32], r: usize, c: usize) -> MatRef<'_, f32> {
+    MatRef::from_row_major_slice(x, r, c)
+}
+
+/// Causal grouped-query attention with rotary embeddings applied to `q` and `k`; the output
+/// is `[batch, seq, heads·head_dim]`, ready for `o_proj`.
+pub(crate) fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    rope: Rope<'_>,
+    sh: AttnShape,
+) -> Vec<f32> {
+    let (s, d, g) = (sh.seq, sh.head_dim, sh.heads / sh.kv_heads);
+    let blocks: Vec<_> = (0..sh.batch * sh.kv_heads)
+        .into_par_iter()
+        .flat_map_iter(|task| {
+            let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
+            let mut kh = sh.gather(k, sh.kv_heads, b, j);
+            rope.apply(&mut kh, d);
+            let vh = sh.gather(v, sh.kv_heads, b, j);
+            (j * g..(j + 1) * g)
+                .map(|i| {
+                    let mut qh = sh.gather(q, sh.heads, b, i);
+                    rope.apply(&mut qh, d);
+                    let p = sh.probs(&qh, &kh);
+                    let mut o = vec![0f32; s * d];
+                    prod(&mut o, false, rows(&p, s, s), rows(&vh, s, d), 1.0);
+                    (b, i, o)
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    sh.scatter(blocks, sh.heads)
+}
+
+/// The gradients `(dq, dk, dv)` of [`attention`] for the output gradient `dout`. The
+/// probabilities are recomputed rather than kept from the forward pass.
+pub(crate) fn attention_backward(
+    [q, k, v]: [&[f32]; 3],
+    rope: Rope<'_>,
+    sh: AttnShape,
+    dout: &[f32],
+) -> [Vec<f32>; 3] {
+    let (s, d, g) = (sh.seq, sh.head_dim, sh.heads / sh.kv_heads);
+    let per_task: Vec<_> = (0..sh.batch * sh.kv_heads)
+        .into_par_iter()
+        .map(|task| {
+            let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
+            let mut kh = sh.gather(k, sh.kv_heads, b, j);
+            rope.apply(&mut kh, d);
+            let vh = sh.gather(v, sh.kv_heads, b, j);
+            let (mut dk, mut dv) = (vec![0f32; s * d], vec![0f32; s * d]);
+            let mut dqs = Vec::with_capacity(g);
+            for i in j * g..(j + 1) * g {
+                let mut qh = sh.gather(q, sh.heads, b, i);
+                rope.apply(&mut qh, d);
+                let p = sh.probs(&qh, &kh);
+                let dof = sh.gather(dout, sh.heads, b, i);
+                let mut o = vec![0f32; s * d];
+                prod(&mut o, false, rows(&p, s, s), rows(&vh, s, d), 1.0);
+                // dP = dO·Vᵀ, then dS = P∘(dP − rowsum(dO∘O))·scale.
+                let mut ds = vec![0f32; s * s];
+                prod(
+                    &mut ds,
+                    false,
+                    rows(&dof, s, d),
+                    rows(&vh, s, d).transpose(),
+                    1.0,
+                );
+                for (t, (row, prow)) in ds.chunks_mut(s).zip(p.chunks(s)).enumerate() {
+                    let at = t * d;
+                    let dot: f32 = dof[at..at + d]
+                        .iter()
+                        .zip(&o[at..at + d])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    for (x, p) in row.iter_mut().zip(prow) {
+                        *x = p * (*x - dot) * sh.scale();
+                    }
+                }
+                let mut dq = vec![0f32; s * d];
+                prod(&mut dq, false, rows(&ds, s, s), rows(&kh, s, d), 1.0);
+                rope.unapply(&mut dq, d);
+                dqs.push((b, i, dq));
+                prod(
+                    &mut dk,
+                    true,
+                    rows(&ds, s, s).transpose(),
+                    rows(&qh, s, d),
+                    1.0,
+                );
+                prod(
+                    &mut dv,
+                    true,
+                    rows(&p, s, s).transpose(),
+                    rows(&dof, s, d),
+                    1.0,
+                );
+            }
+            rope.unapply(&mut dk, d);
+            (dqs, (b, j, dk), (b, j, dv))
+        })
+        .collect();
+    let mut dq = Vec::new();
+    let (mut dk, mut dv) = (Vec::new(), Vec::new());
+    for (q, k, v) in per_task {
+        dq.extend(q);
+        dk.push(k);
+        dv.push(v);
+    }
+    [
+        sh.scatter(dq, sh.heads),
+        sh.scatter(dk, sh.kv_heads),
+        sh.scatter(dv, sh.kv_heads),
+    ]
+}
+
+/// Rows of logits held at once by [`cross_entropy`]: 128 × a 49k vocabulary is 25 MB.
+const CE_ROWS: usize = 128;
+
+/// The mean negative log-likelihood of `targets` under `softmax(h·Eᵀ)` for `h [rows, hidden]`
+/// and `e [vocab, hidden]`, and with `grad` also `dL/dh [rows, hidden]`. The logits are made
+/// a block of rows at a time and never kept.
+///
+/// # Panics
+/// If a target is not below `vocab`.
+pub(crate) fn cross_entropy(
+    h: &[f32],
+    e: MatRef<'_, f32>,
+    targets: &[u32],
+    grad: bool,
+) -> (f64, Option<Vec<f32>>) {
+    let (vocab, hidden) = (e.nrows(), e.ncols());
+    let n = targets.len();
+    assert_eq!(h.len(), n * hidden, "one target per row of h");
+    let mut dh = grad.then(|| vec![0f32; n * hidden]);
+    let mut logits = vec![0f32; CE_ROWS.min(n) * vocab];
+    let mut nll = 0f64;
+    for start in (0..n).step_by(CE_ROWS) {
+        let c = CE_ROWS.min(n - start);
+        let block = &mut logits[..c * vocab];
+        gemm(
+            MatMut::from_row_major_slice_mut(block, c, vocab),
+            rows(&h[start * hidden..(start + c) * hidden], c, hidden),
+            e.transpose(),
+            1.0,
+        );
+        let tgt = &targets[start..start + c];
+        nll += block
+            .par_chunks_mut(vocab)
+            .zip(tgt.par_iter())
+            .map(|(row, &t)| {
+                let t = t as usize;
+                assert!(t < vocab, "target {t} is outside the vocabulary ({vocab})");
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let sum: f32 = row.iter().map(|&v| exp(v - max)).sum();
+                let lse = max + sum.ln();
+                let loss = f64::from(lse - row[t]);
+                if grad {
+                    let inv_n = 1.0 / n as f32;
+                    row.iter_mut().for_each(|v| *v = exp(*v - lse) * inv_n);
+                    row[t] -= inv_n;
+                }
+                loss
+            })
+            .sum::<f64>();
+        if let Some(dh) = &mut dh {
+            gemm(
+                MatMut::from_row_major_slice_mut(
+                    &mut dh[start * hidden..(start + c) * hidden],
+                    c,
+                    hidden,
+                ),
+                rows(block, c, vocab),
+                e,
+                1.0,
+            );
+        }
+    }
+    (nll / n as f64, dh)
+}
