@@ -20,7 +20,19 @@ use faer::{Accum, MatMut, MatRef, Par};
 /// `dst = alpha·lhs·rhs` with faer on the rayon pool, then [`clear_upper_state`]. Every faer
 /// product of the project goes through here.
 pub fn gemm(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) {
-    faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, alpha, Par::rayon(0));
+    gemm_add(dst, false, lhs, rhs, alpha);
+}
+
+/// [`gemm`], or `dst += alpha·lhs·rhs` with `add`.
+pub fn gemm_add(
+    dst: MatMut<'_, f32>,
+    add: bool,
+    lhs: MatRef<'_, f32>,
+    rhs: MatRef<'_, f32>,
+    alpha: f32,
+) {
+    let accum = if add { Accum::Add } else { Accum::Replace };
+    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, alpha, Par::rayon(0));
     clear_upper_state();
 }
 

@@ -423,7 +423,7 @@ fn all_finite(x: &[f32]) -> bool {
 /// and every operation is IEEE-exact.
 macro_rules! multiversion {
     (fn $name:ident / $v512:ident / $v2:ident => $imp:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
-        fn $name(&self, $($arg: $ty),*) -> $ret {
+        pub(crate) fn $name(&self, $($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 if std::arch::is_x86_feature_detected!("avx512f")

@@ -74,6 +74,21 @@ impl PackedTensor {
     /// # Errors
     /// [`QuantError::Corrupt`] when the buffer sizes disagree with the shape and configuration.
     pub fn unpack(&self) -> Result<HostQuantized, QuantError> {
+        let (block, _) = self.check()?;
+        let codes = unpack_codes(&self.data, self.config.scheme.bits(), self.numel())
+            .expect("length checked");
+        Ok(HostQuantized {
+            shape: self.shape,
+            block,
+            codes,
+            scales: self.scales.decode(),
+            mins: self.mins.clone(),
+        })
+    }
+
+    /// The block length and block count, after checking every buffer's size against the shape
+    /// and configuration.
+    fn check(&self) -> Result<(usize, usize), QuantError> {
         let n = self.numel();
         let block = self.config.block_size.len(self.shape[1]);
         if block == 0 {
@@ -84,12 +99,12 @@ impl PackedTensor {
         }
         let nb = n.div_ceil(block);
         let bits = self.config.scheme.bits();
-        let codes = unpack_codes(&self.data, bits, n).ok_or_else(|| {
-            QuantError::Corrupt(format!(
+        if self.data.len() < super::packed_len(n, bits) {
+            return Err(QuantError::Corrupt(format!(
                 "{} bytes of {bits}-bit codes cannot hold {n} values",
                 self.data.len()
-            ))
-        })?;
+            )));
+        }
         let want_mins = if matches!(self.config.scheme, Scheme::IntAsym { .. }) {
             nb
         } else {
@@ -107,19 +122,36 @@ impl PackedTensor {
         {
             return Err(QuantError::Corrupt("double-quant absmax count".into()));
         }
-        Ok(HostQuantized {
-            shape: self.shape,
-            block,
-            codes,
-            scales: self.scales.decode(),
-            mins: self.mins.clone(),
-        })
+        Ok((block, nb))
     }
 
-    /// Dequantizes to a row-major `f32` buffer.
+    /// Dequantizes to a row-major `f32` buffer. Runs of whole blocks are unpacked and
+    /// dequantized together (on the rayon pool with the `flex` feature), so no buffer of all
+    /// the codes is made.
     pub fn dequantize(&self) -> Result<Vec<f32>, QuantError> {
-        let q = self.unpack()?;
-        Ok(Quantizer::new(self.config)?.dequantize_host(&q))
+        let (block, _) = self.check()?;
+        let quantizer = Quantizer::new(self.config)?;
+        let scales = self.scales.decode();
+        let bits = usize::from(self.config.scheme.bits());
+        // Eight blocks always end on a byte boundary, whatever the bit width.
+        let run_blocks = 8 * (1usize << 14).div_ceil(8 * block);
+        let run = run_blocks * block;
+        let mut out = vec![0f32; self.numel()];
+        let one = |(i, o): (usize, &mut [f32])| {
+            let codes = unpack_codes(&self.data[i * run * bits / 8..], bits as u8, o.len())
+                .expect("length checked");
+            let b0 = i * run_blocks;
+            let mins = self.mins.get(b0..).unwrap_or(&[]);
+            quantizer.dequantize_range(&codes, &scales[b0..], mins, block, o);
+        };
+        #[cfg(feature = "flex")]
+        {
+            use rayon::prelude::*;
+            out.par_chunks_mut(run).enumerate().for_each(one);
+        }
+        #[cfg(not(feature = "flex"))]
+        out.chunks_mut(run).enumerate().for_each(one);
+        Ok(out)
     }
 
     /// Number of weights.

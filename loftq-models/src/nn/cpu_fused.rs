@@ -51,7 +51,7 @@ impl Host {
 }
 
 /// Turns the gradient of an operation's output into the gradients of its `N` inputs.
-type BackwardFn<const N: usize> = Arc<dyn Fn(&[f32]) -> [Vec<f32>; N] + Send + Sync>;
+pub(crate) type BackwardFn<const N: usize> = Arc<dyn Fn(&[f32]) -> [Vec<f32>; N] + Send + Sync>;
 
 #[derive(Clone)]
 struct State<const N: usize> {
@@ -90,7 +90,7 @@ type Computed<const N: usize> = (Vec<f32>, Option<BackwardFn<N>>);
 
 /// Runs `op` on the host values of `inputs` (all on flex, or all on the flex autodiff
 /// device, where constants are lifted). `op`'s flag says whether to return a backward pass.
-fn run<const N: usize, const DI: usize, const DO: usize>(
+pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
     inputs: [&Tensor<DI>; N],
     out_shape: [usize; DO],
     op: impl FnOnce([Host; N], bool) -> Computed<N>,

@@ -249,19 +249,36 @@ impl QLinear {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
         let x2: Tensor<2> = x.reshape([rows, inp]);
-        let mut y = self.base_product(x2.clone());
+        let lora = self.lora.as_ref().filter(|_| self.adapter_enabled);
+        let dropout_seed = self
+            .dropout_seed
+            .filter(|_| lora.is_some_and(|l| l.dropout > 0.0));
+        let mut y = match (lora, dropout_seed) {
+            // Base and adapter see the same input: one product operation on the CPU back end.
+            (Some(lora), None) => self.product_with_lora(x2.clone(), lora),
+            _ => self.base_product(x2.clone()),
+        };
+        if let (Some(lora), Some(seed)) = (lora, dropout_seed) {
+            let x2 = dropout(x2, lora.dropout, seed);
+            y = y + lora_branch(x2, lora.a.val(), lora.b.val(), lora.scaling);
+        }
         if let Some(bias) = &self.bias {
             y = y + bias.clone().reshape([1, out]);
         }
-        if let (Some(lora), true) = (&self.lora, self.adapter_enabled) {
-            let x2 = match self.dropout_seed {
-                Some(seed) if lora.dropout > 0.0 => dropout(x2, lora.dropout, seed),
-                _ => x2,
-            };
-            y = y + lora_branch(x2, lora.a.val(), lora.b.val(), lora.scaling);
-        }
         dims[D - 1] = out;
         y.reshape(dims)
+    }
+
+    /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for `x [rows, in]`.
+    fn product_with_lora(&self, x: Tensor<2>, lora: &LoraAdapter) -> Tensor<2> {
+        let (a, b) = (lora.a.val(), lora.b.val());
+        #[cfg(feature = "flex")]
+        if let Some(y) = self.host_weight().and_then(|w| {
+            super::cpu_linear::product_with_lora(&x, Some(&w), [&a, &b], lora.scaling)
+        }) {
+            return y;
+        }
+        self.base_product(x.clone()) + lora_branch(x, a, b, lora.scaling)
     }
 
     /// `x·Wᵀ` for `x [rows, in]`: faer on the CPU back end, Burn's matmul elsewhere.
@@ -327,7 +344,7 @@ pub(crate) fn dense_product(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
 /// `s·(x·Aᵀ)·Bᵀ` (faer on the CPU back end).
 fn lora_branch(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scaling: f64) -> Tensor<2> {
     #[cfg(feature = "flex")]
-    if let Some(y) = super::cpu_linear::lora_product(&x, &a, &b, scaling) {
+    if let Some(y) = super::cpu_linear::product_with_lora(&x, None, [&a, &b], scaling) {
         return y;
     }
     x.matmul(a.transpose())
