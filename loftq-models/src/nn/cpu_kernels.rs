@@ -32,6 +32,58 @@ pub(crate) fn exp(x: f32) -> f32 {
     y * f32::from_bits(big.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
+/// Lanes of the reductions below: independent partial results let them vectorize (one running
+/// float sum cannot be reordered by the compiler).
+const LANES: usize = 8;
+
+/// `Σ f(xᵢ)`.
+#[inline(always)]
+fn sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// `max xᵢ` (−∞ for none).
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.max(v);
+        }
+    }
+    acc.iter().fold(rest, |m, &v| m.max(v))
+}
+
+/// Replaces each `xᵢ` by `exp(xᵢ − shift)` and returns their sum.
+fn exp_in_place(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *v = exp(*v - shift);
+            *a += *v;
+        }
+    }
+    let mut rest = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp(*v - shift);
+        rest += *v;
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
@@ -53,7 +105,7 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 }
 
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let ss: f32 = x.iter().map(|v| v * v).sum();
+    let ss = sum_of(x, |v| v * v);
     1.0 / (ss / x.len() as f32 + eps).sqrt()
 }
 
@@ -206,13 +258,7 @@ impl AttnShape {
         );
         for (t, row) in p.chunks_mut(s).enumerate() {
             let (live, future) = row.split_at_mut(t + 1);
-            let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0f32;
-            for v in live.iter_mut() {
-                *v = exp(*v - max);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / exp_in_place(live, max_of(live));
             live.iter_mut().for_each(|v| *v *= inv);
             future.fill(0.0);
         }
@@ -388,16 +434,17 @@ pub(crate) fn cross_entropy(
             .map(|(row, &t)| {
                 let t = t as usize;
                 assert!(t < vocab, "target {t} is outside the vocabulary ({vocab})");
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let sum: f32 = row.iter().map(|&v| exp(v - max)).sum();
-                let lse = max + sum.ln();
-                let loss = f64::from(lse - row[t]);
+                let max = max_of(row);
+                let target = row[t];
+                let sum = exp_in_place(row, max);
                 if grad {
+                    // softmax / n, minus 1/n at the target.
                     let inv_n = 1.0 / n as f32;
-                    row.iter_mut().for_each(|v| *v = exp(*v - lse) * inv_n);
+                    let c = inv_n / sum;
+                    row.iter_mut().for_each(|v| *v *= c);
                     row[t] -= inv_n;
                 }
-                loss
+                f64::from(max + sum.ln() - target)
             })
             .sum::<f64>();
         if let Some(dh) = &mut dh {
