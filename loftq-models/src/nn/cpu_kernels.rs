@@ -398,9 +398,11 @@ pub(crate) fn attention_backward(
     ]
 }
 
-/// Rows of logits held at once by [`cross_entropy`]: 256 × a 49k vocabulary is 50 MB. Fewer
-/// rows make the head's product slower (107 against 133 GFLOP/s at 128 and 512 rows).
-const CE_ROWS: usize = 256;
+/// Rows of logits held at once by [`cross_entropy`]: 512 × a 49k vocabulary is 100 MB, a
+/// twentieth of the whole graph's peak. Fewer rows make the head's products slower (on this
+/// machine 107 against 133 GFLOP/s for the logits, 147 against 210 for `dL/dh`, at 128 and
+/// 512 rows).
+const CE_ROWS: usize = 512;
 
 /// The mean negative log-likelihood of `targets` under `softmax(h·Eᵀ)` for `h [rows, hidden]`
 /// and `e [vocab, hidden]`, and with `grad` also `dL/dh [rows, hidden]`. The logits are made
