@@ -31,8 +31,7 @@ pub fn gemm_add(
     rhs: MatRef<'_, f32>,
     alpha: f32,
 ) {
-    let accum = if add { Accum::Add } else { Accum::Replace };
-    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, alpha, Par::rayon(0));
+    product(dst, add, [lhs, rhs], alpha, Par::rayon(0));
     clear_upper_state();
 }
 
@@ -45,9 +44,19 @@ pub fn gemm_seq(
     rhs: MatRef<'_, f32>,
     alpha: f32,
 ) {
-    let accum = if add { Accum::Add } else { Accum::Replace };
-    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, alpha, Par::Seq);
+    product(dst, add, [lhs, rhs], alpha, Par::Seq);
     clear_upper_state_here();
+}
+
+fn product(
+    dst: MatMut<'_, f32>,
+    add: bool,
+    [lhs, rhs]: [MatRef<'_, f32>; 2],
+    alpha: f32,
+    par: Par,
+) {
+    let accum = if add { Accum::Add } else { Accum::Replace };
+    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, alpha, par);
 }
 
 /// `a·b` (`[m, k]·[k, n]`): faer for flex tensors, Burn's matmul otherwise.

@@ -240,7 +240,7 @@ pub(crate) fn head_nll(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use burn::tensor::activation::{log_softmax, silu};
     use burn::tensor::{Device, Distribution, Int};
 
@@ -250,11 +250,12 @@ mod tests {
     use crate::nn::attention::attend_generic;
     use crate::nn::llama::RmsNorm;
 
-    fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    pub(crate) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
     }
 
-    fn close(got: Vec<f32>, want: Vec<f32>, what: &str) {
+    /// Max-norm closeness, relative to the largest wanted value.
+    pub(crate) fn close(got: Vec<f32>, want: Vec<f32>, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: lengths");
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         let d = got

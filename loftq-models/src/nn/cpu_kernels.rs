@@ -183,6 +183,17 @@ pub(crate) struct Rope<'a> {
 impl Rope<'_> {
     /// `x·cos + rotate_half(x)·sin` for each row of `x [seq, d]`, in place.
     fn apply(&self, x: &mut [f32], d: usize) {
+        self.rotate(x, d, false);
+    }
+
+    /// The transpose of [`Self::apply`] (the gradient of its input), in place.
+    fn unapply(&self, g: &mut [f32], d: usize) {
+        self.rotate(g, d, true);
+    }
+
+    /// With `(a, b)` the two halves' entries at one position, `(a·cos₁ + b·p, b·cos₂ + a·q)`:
+    /// `p = −sin₁`, `q = sin₂` for the rotation, and `p = sin₂`, `q = −sin₁` for its transpose.
+    fn rotate(&self, x: &mut [f32], d: usize, transpose: bool) {
         let half = d / 2;
         for ((row, cos), sin) in x
             .chunks_mut(d)
@@ -190,27 +201,16 @@ impl Rope<'_> {
             .zip(self.sin.chunks(d))
         {
             let (x1, x2) = row.split_at_mut(half);
+            let (s1, s2) = sin.split_at(half);
             for c in 0..half {
                 let (a, b) = (x1[c], x2[c]);
-                x1[c] = a * cos[c] - b * sin[c];
-                x2[c] = b * cos[half + c] + a * sin[half + c];
-            }
-        }
-    }
-
-    /// The transpose of [`Self::apply`] (the gradient of its input), in place.
-    fn unapply(&self, g: &mut [f32], d: usize) {
-        let half = d / 2;
-        for ((row, cos), sin) in g
-            .chunks_mut(d)
-            .zip(self.cos.chunks(d))
-            .zip(self.sin.chunks(d))
-        {
-            let (g1, g2) = row.split_at_mut(half);
-            for c in 0..half {
-                let (a, b) = (g1[c], g2[c]);
-                g1[c] = a * cos[c] + b * sin[half + c];
-                g2[c] = b * cos[half + c] - a * sin[c];
+                let (p, q) = if transpose {
+                    (s2[c], -s1[c])
+                } else {
+                    (-s1[c], s2[c])
+                };
+                x1[c] = a * cos[c] + b * p;
+                x2[c] = b * cos[half + c] + a * q;
             }
         }
     }
@@ -241,6 +241,45 @@ impl AttnShape {
             }
         }
         out
+    }
+
+    /// [`Self::gather`], with the rotary embedding applied if given.
+    fn head(
+        &self,
+        x: &[f32],
+        n_heads: usize,
+        b: usize,
+        head: usize,
+        rope: Option<Rope<'_>>,
+    ) -> Vec<f32> {
+        let mut h = self.gather(x, n_heads, b, head);
+        if let Some(rope) = rope {
+            rope.apply(&mut h, self.head_dim);
+        }
+        h
+    }
+
+    /// Key head `j` of batch row `b` (rotated) and its value head.
+    fn key_value(
+        &self,
+        [k, v]: [&[f32]; 2],
+        rope: Rope<'_>,
+        b: usize,
+        j: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        (
+            self.head(k, self.kv_heads, b, j, Some(rope)),
+            self.head(v, self.kv_heads, b, j, None),
+        )
+    }
+
+    /// The probabilities `[seq, seq]` and the output `[seq, d]` of one query head.
+    fn output(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (s, d) = (self.seq, self.head_dim);
+        let p = self.probs(q, k);
+        let mut o = vec![0f32; s * d];
+        prod(&mut o, false, rows(&p, s, s), rows(v, s, d), 1.0);
+        (p, o)
     }
 
     fn scale(&self) -> f32 {
@@ -293,22 +332,16 @@ pub(crate) fn attention(
     rope: Rope<'_>,
     sh: AttnShape,
 ) -> Vec<f32> {
-    let (s, d, g) = (sh.seq, sh.head_dim, sh.heads / sh.kv_heads);
+    let g = sh.heads / sh.kv_heads;
     let blocks: Vec<_> = (0..sh.batch * sh.kv_heads)
         .into_par_iter()
         .flat_map_iter(|task| {
             let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
-            let mut kh = sh.gather(k, sh.kv_heads, b, j);
-            rope.apply(&mut kh, d);
-            let vh = sh.gather(v, sh.kv_heads, b, j);
+            let (kh, vh) = sh.key_value([k, v], rope, b, j);
             (j * g..(j + 1) * g)
                 .map(|i| {
-                    let mut qh = sh.gather(q, sh.heads, b, i);
-                    rope.apply(&mut qh, d);
-                    let p = sh.probs(&qh, &kh);
-                    let mut o = vec![0f32; s * d];
-                    prod(&mut o, false, rows(&p, s, s), rows(&vh, s, d), 1.0);
-                    (b, i, o)
+                    let qh = sh.head(q, sh.heads, b, i, Some(rope));
+                    (b, i, sh.output(&qh, &kh, &vh).1)
                 })
                 .collect::<Vec<_>>()
         })
@@ -329,18 +362,13 @@ pub(crate) fn attention_backward(
         .into_par_iter()
         .map(|task| {
             let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
-            let mut kh = sh.gather(k, sh.kv_heads, b, j);
-            rope.apply(&mut kh, d);
-            let vh = sh.gather(v, sh.kv_heads, b, j);
+            let (kh, vh) = sh.key_value([k, v], rope, b, j);
             let (mut dk, mut dv) = (vec![0f32; s * d], vec![0f32; s * d]);
             let mut dqs = Vec::with_capacity(g);
             for i in j * g..(j + 1) * g {
-                let mut qh = sh.gather(q, sh.heads, b, i);
-                rope.apply(&mut qh, d);
-                let p = sh.probs(&qh, &kh);
-                let dof = sh.gather(dout, sh.heads, b, i);
-                let mut o = vec![0f32; s * d];
-                prod(&mut o, false, rows(&p, s, s), rows(&vh, s, d), 1.0);
+                let qh = sh.head(q, sh.heads, b, i, Some(rope));
+                let (p, o) = sh.output(&qh, &kh, &vh);
+                let dof = sh.head(dout, sh.heads, b, i, None);
                 // dP = dO·Vᵀ, then dS = P∘(dP − rowsum(dO∘O))·scale.
                 let mut ds = vec![0f32; s * s];
                 prod(

@@ -146,22 +146,7 @@ mod tests {
     use burn::tensor::{Distribution, Tensor};
 
     use super::*;
-
-    fn host(t: Tensor<2>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-    }
-
-    fn close(a: Vec<f32>, b: Vec<f32>, what: &str) {
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let d = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            d <= 1e-5 * scale.max(1.0),
-            "{what}: max |Δ| {d}, scale {scale}"
-        );
-    }
+    use crate::nn::cpu_fused::tests::{close, host};
 
     /// Values and gradients of both kernels (the base alone, and base plus adapter in one
     /// operation; also the adapter alone) against Burn's own matmuls and autodiff.
