@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
-"""PEFT's LoftQ on the matrices of `loftq-bench suite`, for `cargo xtask bench --compare-peft`.
+"""PEFT on the cases of `loftq-bench suite`, for `cargo xtask bench --compare-peft`.
 
 Runs `peft.utils.loftq_utils.loftq_init` (exact SVD, as PEFT always does) on the same Gaussian
-matrices as the Rust suite (the same SplitMix64 + Box-Muller stream, std 0.02) and writes the
-same JSON record, so `loftq-bench report` puts PEFT next to the Rust back ends: time, error,
-peak memory.
+matrices as the Rust suite (the same SplitMix64 + Box-Muller stream, std 0.02), and the suite's
+training step with transformers + PEFT: SmolLM2-135M's shapes (random weights, f32), LoRA r16
+alpha16 on all linear layers, AdamW, `batch × seq` random ids, with and without gradient
+checkpointing. The base is dense f32, as the reference QLoRA-style step on a CPU dequantizes it;
+the rows carry the Rust cases' names so that the report puts them side by side. It writes the
+same JSON record, so `loftq-bench report` puts PEFT next to the Rust back ends: time, error or
+rate, peak memory.
 
 Environment (CPU only; PEFT 0.18 is the last release whose LoftQ runs without CUDA and
 bitsandbytes):
 
     python3 -m venv ~/.venvs/peft-loftq
     ~/.venvs/peft-loftq/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
-    ~/.venvs/peft-loftq/bin/pip install "peft==0.18.1" numpy
+    ~/.venvs/peft-loftq/bin/pip install "peft==0.18.1" transformers numpy
     cargo xtask bench --compare-peft --python ~/.venvs/peft-loftq/bin/python
 
 `--self-test` checks the matrix generator and exits (needs only numpy).
@@ -30,6 +34,13 @@ import numpy as np
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 M30, M27 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+# The suite's training steps: (decoder layers or None for all, [(batch, seq)], timed steps).
+TRAIN = {
+    "smoke": (1, [(1, 16)], 1),
+    "quick": (None, [(4, 128)], 2),
+    "full": (None, [(4, 128), (2, 256)], 3),
+}
 
 SHAPES = {
     "smoke": ([(128, 128)], [8]),
@@ -92,6 +103,65 @@ def machine():
     }
 
 
+def peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train_cases(profile):
+    """The suite's `train` cases, run by transformers + PEFT."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, shapes, repeats = TRAIN[profile]
+    layers = layers or 30
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_word_embeddings=True, max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    cases = []
+    for checkpointing in (True, False):
+        base = LlamaForCausalLM(config).float()
+        if checkpointing:
+            base.gradient_checkpointing_enable()
+            base.enable_input_require_grads()
+        model = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                                target_modules="all-linear"))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for batch, seq in shapes:
+            ids = torch.randint(0, config.vocab_size, (batch, seq))
+            times = []
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i > 0:
+                    times.append(time.perf_counter() - t0)
+            times.sort()
+            median = times[len(times) // 2]
+            mode = "layers" if checkpointing else "none"
+            name = f"smollm2-135m shapes ({layers} layers) nf4 r16 {batch}×{seq} recompute={mode}"
+            rate = batch * (seq - 1) / median
+            print(f"{name}: {median:.2f} s, {rate:.0f} tokens/s", file=sys.stderr)
+            cases.append({
+                "suite": "train",
+                "name": name,
+                "size": float(batch * seq),
+                "timing": {"median_s": median, "min_s": times[0], "max_s": times[-1],
+                           "repeats": len(times)},
+                "error": None,
+                "metric": f"tokens/s {rate:.0f}",
+                "memory": {"rss_before_bytes": 0, "peak_rss_bytes": peak_rss()},
+            })
+        del model, base, opt
+    return cases
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(SHAPES), default="quick")
@@ -124,6 +194,12 @@ def main():
     shapes, ranks = SHAPES[args.profile]
     started = int(time.time())
     cases = []
+    # First, while the process's peak resident memory (all `getrusage` reports) is still the
+    # training step's own: with checkpointing, then without.
+    try:
+        cases += train_cases(args.profile)
+    except ImportError as e:
+        print(f"training step skipped: transformers is not importable: {e}", file=sys.stderr)
     for rows, cols in shapes:
         w = torch.from_numpy(weight(rows, cols))
         norm = torch.linalg.norm(w).item()
@@ -154,10 +230,7 @@ def main():
                         },
                         "error": err,
                         "metric": "‖W−Q−s·BA‖/‖W‖",
-                        "memory": {
-                            "rss_before_bytes": 0,
-                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                        },
+                        "memory": {"rss_before_bytes": 0, "peak_rss_bytes": peak_rss()},
                     })
     record = {
         "backend": f"peft {peft.__version__}",
