@@ -59,22 +59,20 @@ pub(crate) fn attend_generic(
 ) -> Tensor<3> {
     let [b, s, width] = q.dims();
     let d = width / h;
-    {
-        let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
-        let q = rope.apply(split(q, h));
-        let k = rope.apply(split(k, kvh));
-        let v = split(v, kvh);
-        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+    let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
+    let q = rope.apply(split(q, h));
+    let k = rope.apply(split(k, kvh));
+    let v = split(v, kvh);
+    let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
 
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (d as f64).sqrt());
-        // `tril_mask` is true outside the lower triangle: exactly the future positions.
-        let future: Tensor<2, Bool> = Tensor::tril_mask([s, s], 0, &scores.device());
-        let scores = scores.mask_fill(future.reshape([1, 1, s, s]).expand([b, h, s, s]), f32::MIN);
-        let out = softmax(scores, 3).matmul(v);
-        out.swap_dims(1, 2).reshape([b, s, h * d])
-    }
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (d as f64).sqrt());
+    // `tril_mask` is true outside the lower triangle: exactly the future positions.
+    let future: Tensor<2, Bool> = Tensor::tril_mask([s, s], 0, &scores.device());
+    let scores = scores.mask_fill(future.reshape([1, 1, s, s]).expand([b, h, s, s]), f32::MIN);
+    let out = softmax(scores, 3).matmul(v);
+    out.swap_dims(1, 2).reshape([b, s, h * d])
 }
 
 /// `[b, kv_heads, s, d]` → `[b, kv_heads·groups, s, d]`, each head repeated `groups` times in

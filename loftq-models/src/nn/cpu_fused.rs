@@ -16,7 +16,6 @@ use faer::MatRef;
 use loftq_core::quant::is_host_device;
 
 use super::cpu_kernels::{self as k, AttnShape, Rope};
-use super::cpu_linear::HostMatrix;
 
 /// A contiguous f32 flex tensor, shared (cloning does not copy the elements).
 #[derive(Clone, Debug)]
@@ -38,6 +37,18 @@ impl Host {
         self.0
             .as_slice::<f32>()
             .expect("contiguous f32 by construction")
+    }
+
+    /// Host values computed here (e.g. a dequantized weight), `shape` row-major.
+    pub(crate) fn owned(v: Vec<f32>, shape: &[usize]) -> Self {
+        Self(FlexTensor::from_data(TensorData::new(v, shape.to_vec())))
+    }
+
+    /// A contiguous `f32` flex tensor outside autodiff, shared without a copy; `None`
+    /// otherwise (the caller then leaves the product to Burn).
+    pub(crate) fn of_plain(t: &Tensor<2>) -> Option<Self> {
+        let t = t.clone().try_into_primitive::<Flex>().ok()?;
+        t.as_slice::<f32>().is_some().then_some(Self(t))
     }
 
     /// A constant operand (a frozen weight, a table): `None` off the CPU back end.
@@ -220,21 +231,14 @@ pub(crate) fn attention(
 /// frozen head `e [vocab, hidden]`: a one-element tensor. The logits are never materialized;
 /// on the autodiff device the gradient of `h` is formed in the same pass and kept until the
 /// backward pass scales it.
-pub(crate) fn head_nll(
-    h: &Tensor<3>,
-    e: &HostMatrix,
-    vocab: usize,
-    targets: &[u32],
-) -> Option<Tensor<1>> {
-    let [b, s, hidden] = h.dims();
-    let targets = targets.to_vec();
-    run([h], [1], move |[h], tracked| {
-        let e = MatRef::from_row_major_slice(e.slice(), vocab, hidden);
-        let (loss, dh) = k::cross_entropy(h.slice(), e, &targets, tracked);
+pub(crate) fn head_nll(h: &Tensor<3>, e: &Host, targets: &[u32]) -> Option<Tensor<1>> {
+    let hidden = h.dims()[2];
+    run([h], [1], |[h], tracked| {
+        let e = MatRef::from_row_major_slice(e.slice(), e.slice().len() / hidden, hidden);
+        let (loss, dh) = k::cross_entropy(h.slice(), e, targets, tracked);
         let back = dh.map(|dh| {
             Arc::new(move |g: &[f32]| [dh.iter().map(|v| v * g[0]).collect()]) as BackwardFn<1>
         });
-        debug_assert_eq!(b * s, targets.len());
         (vec![loss as f32], back)
     })
 }
@@ -369,7 +373,7 @@ pub(crate) mod tests {
         let (b, s, hidden, vocab) = (3, 50, 16, 301);
         let e = rnd([vocab, hidden], &Device::flex());
         let targets: Vec<u32> = (0..b * s).map(|i| (i * 37 % vocab) as u32).collect();
-        let hm = HostMatrix::from_tensor(&e).unwrap();
+        let hm = Host::of_plain(&e).unwrap();
         let generic = |h: Tensor<3>| {
             let ids = Tensor::<2, Int>::from_data(
                 TensorData::new(targets.iter().map(|&t| t as i64).collect(), [b * s, 1]),
@@ -379,11 +383,11 @@ pub(crate) mod tests {
             log_softmax(logits, 1).gather(1, ids).mean().neg()
         };
         let h0 = rnd([b, s, hidden], &dev).mul_scalar(3.0);
-        let y = head_nll(&h0.clone().inner(), &hm, vocab, &targets).unwrap();
+        let y = head_nll(&h0.clone().inner(), &hm, &targets).unwrap();
         close(host(y), host(generic(h0.clone().inner())), "loss");
 
         let h = h0.clone().detach().require_grad();
-        let grads = head_nll(&h, &hm, vocab, &targets)
+        let grads = head_nll(&h, &hm, &targets)
             .unwrap()
             .mul_scalar(2.5)
             .backward();

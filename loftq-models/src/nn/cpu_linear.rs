@@ -7,47 +7,11 @@
 
 use std::sync::Arc;
 
-use burn::backend::Flex;
-use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
 use faer::{MatMut, MatRef};
 use loftq_core::cpu::gemm_add;
 
-use super::cpu_fused::{BackwardFn, run};
-
-/// A row-major `[out, in]` f32 matrix in host memory.
-#[derive(Clone)]
-pub(crate) enum HostMatrix {
-    /// Dequantized for this product.
-    Owned(Arc<Vec<f32>>),
-    /// A contiguous flex tensor, shared.
-    Flex(FlexTensor),
-}
-
-impl std::fmt::Debug for HostMatrix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HostMatrix")
-    }
-}
-
-impl HostMatrix {
-    pub(crate) fn slice(&self) -> &[f32] {
-        match self {
-            HostMatrix::Owned(v) => v,
-            HostMatrix::Flex(t) => t.as_slice::<f32>().expect("checked when built"),
-        }
-    }
-
-    /// A dense flex tensor's storage, if it is contiguous f32.
-    pub(crate) fn from_tensor(w: &Tensor<2>) -> Option<Self> {
-        let t = w.clone().try_into_primitive::<Flex>().ok()?;
-        t.as_slice::<f32>().is_some().then_some(HostMatrix::Flex(t))
-    }
-
-    fn view(&self, [out, inp]: [usize; 2]) -> MatRef<'_, f32> {
-        MatRef::from_row_major_slice(self.slice(), out, inp)
-    }
-}
+use super::cpu_fused::{BackwardFn, Host, run};
 
 /// A new `[m, n]` buffer holding `alpha·lhs·rhs`.
 fn product_of(
@@ -86,14 +50,20 @@ fn rows(x: &[f32], cols: usize) -> MatRef<'_, f32> {
 
 /// `x·Wᵀ` for `x [rows, in]` on flex (with or without autodiff) and `w [out, in]`; `None` if
 /// `x` lives elsewhere.
-pub(crate) fn product(x: &Tensor<2>, w: &HostMatrix, shape: [usize; 2]) -> Option<Tensor<2>> {
+pub(crate) fn product(x: &Tensor<2>, w: &Host, shape: [usize; 2]) -> Option<Tensor<2>> {
     let [out, inp] = shape;
     let n = x.dims()[0];
     let w = w.clone();
     run([x], [n, out], move |[x], tracked| {
-        let y = product_of(n, out, rows(x.slice(), inp), w.view(shape).transpose(), 1.0);
+        let y = product_of(
+            n,
+            out,
+            rows(x.slice(), inp),
+            rows(w.slice(), inp).transpose(),
+            1.0,
+        );
         let back = tracked.then(|| {
-            Arc::new(move |g: &[f32]| [product_of(n, inp, rows(g, out), w.view(shape), 1.0)])
+            Arc::new(move |g: &[f32]| [product_of(n, inp, rows(g, out), rows(w.slice(), inp), 1.0)])
                 as BackwardFn<1>
         });
         (y, back)
@@ -105,7 +75,7 @@ pub(crate) fn product(x: &Tensor<2>, w: &HostMatrix, shape: [usize; 2]) -> Optio
 /// pass gives `dx`, `dA` and `dB`. `None` if the inputs live elsewhere than the CPU back end.
 pub(crate) fn product_with_lora(
     x: &Tensor<2>,
-    w: Option<&HostMatrix>,
+    w: Option<&Host>,
     [a, b]: [&Tensor<2>; 2],
     scaling: f64,
 ) -> Option<Tensor<2>> {
@@ -117,7 +87,7 @@ pub(crate) fn product_with_lora(
         let xm = rows(x.slice(), inp);
         let h = product_of(n, r, xm, rows(a.slice(), inp).transpose(), 1.0);
         let mut y = match &w {
-            Some(w) => product_of(n, out, xm, w.view([out, inp]).transpose(), 1.0),
+            Some(w) => product_of(n, out, xm, rows(w.slice(), inp).transpose(), 1.0),
             None => vec![0f32; n * out],
         };
         add_product(&mut y, out, rows(&h, r), rows(b.slice(), r).transpose(), s);
@@ -128,7 +98,7 @@ pub(crate) fn product_with_lora(
                 let gh = product_of(n, r, g, rows(b.slice(), r), s);
                 let gh = rows(&gh, r);
                 let mut dx = match &w {
-                    Some(w) => product_of(n, inp, g, w.view([out, inp]), 1.0),
+                    Some(w) => product_of(n, inp, g, rows(w.slice(), inp), 1.0),
                     None => vec![0f32; n * inp],
                 };
                 add_product(&mut dx, inp, gh, rows(a.slice(), inp), 1.0);
@@ -158,7 +128,7 @@ mod tests {
         let (x0, a0, b0, w0) = (rnd(rows, inp), rnd(r, inp), rnd(out, r), rnd(out, inp));
         let weight = rnd(rows, out);
         let s = 0.7;
-        let w = HostMatrix::from_tensor(&w0.clone().inner()).expect("flex");
+        let w = Host::of_plain(&w0.clone().inner()).expect("flex");
 
         let leaves = || [&x0, &a0, &b0].map(|t| t.clone().detach().require_grad());
         let [x2, a2, b2] = leaves();

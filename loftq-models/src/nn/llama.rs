@@ -156,20 +156,16 @@ impl Llama {
     pub(crate) fn fused_head_nll(&self, h: &Tensor<3>, targets: &[u32]) -> Option<Tensor<1>> {
         #[cfg(feature = "flex")]
         {
-            use super::cpu_linear::HostMatrix;
-            let (w, vocab) = match &self.lm_head {
-                None => (
-                    HostMatrix::from_tensor(&self.embed_tokens)?,
-                    self.embed_tokens.dims()[0],
-                ),
+            let w = match &self.lm_head {
+                None => super::cpu_fused::Host::of_plain(&self.embed_tokens)?,
                 Some(head)
                     if head.bias.is_none() && (head.lora.is_none() || !head.adapter_enabled) =>
                 {
-                    (head.host_weight()?, head.shape()[0])
+                    head.host_weight()?
                 }
                 Some(_) => return None,
             };
-            super::cpu_fused::head_nll(h, &w, vocab, targets)
+            super::cpu_fused::head_nll(h, &w, targets)
         }
         #[cfg(not(feature = "flex"))]
         {

@@ -296,13 +296,14 @@ impl QLinear {
     /// The base weight `[out, in]` in host memory, dequantized if packed; `None` off the CPU
     /// back end.
     #[cfg(feature = "flex")]
-    pub(crate) fn host_weight(&self) -> Option<super::cpu_linear::HostMatrix> {
-        use super::cpu_linear::HostMatrix;
+    pub(crate) fn host_weight(&self) -> Option<super::cpu_fused::Host> {
+        use super::cpu_fused::Host;
         match &self.base {
-            BaseWeight::Dense(w) => HostMatrix::from_tensor(w),
-            BaseWeight::Packed(p) if p.words.is_none() => Some(HostMatrix::Owned(Arc::new(
+            BaseWeight::Dense(w) => Host::of_plain(w),
+            BaseWeight::Packed(p) if p.words.is_none() => Some(Host::owned(
                 p.packed.dequantize().expect("checked when built"),
-            ))),
+                &p.packed.shape,
+            )),
             BaseWeight::Packed(_) => None,
         }
     }
@@ -333,7 +334,7 @@ fn dropout(x: Tensor<2>, p: f64, seed: u64) -> Tensor<2> {
 /// `x·Wᵀ` for `x [rows, in]` and a dense `w [out, in]` (faer on the CPU back end).
 pub(crate) fn dense_product(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     #[cfg(feature = "flex")]
-    if let Some(y) = super::cpu_linear::HostMatrix::from_tensor(w)
+    if let Some(y) = super::cpu_fused::Host::of_plain(w)
         .and_then(|hw| super::cpu_linear::product(&x, &hw, w.dims()))
     {
         return y;
