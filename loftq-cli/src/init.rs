@@ -290,14 +290,9 @@ pub fn run(a: &InitArgs) -> Result<()> {
         }
     };
     let result = run_init(&spec, &devices, a.resume, &mut on_event);
-    if let Some(p) = bar.as_mut() {
-        p.clear();
-    }
-    let report = result?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+    let Some(report) = crate::progress::finish(bar, result, a.json)? else {
         return Ok(());
-    }
+    };
     println!(
         "{:<48} {:>14} {:>12} {:>12} {:>9} {:>6} {:>8}",
         "tensor", "quantizer", "quant err", "init err", "bits", "iters", "seconds"

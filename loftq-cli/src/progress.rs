@@ -77,6 +77,25 @@ impl Progress {
     }
 }
 
+/// The end of a long run: clears the bar, then gives the report back, or with `json` prints it
+/// as JSON on stdout and gives `None` (nothing more to print).
+#[allow(clippy::print_stdout)]
+pub fn finish<R: serde::Serialize>(
+    bar: Option<Progress>,
+    result: loftq_models::Result<R>,
+    json: bool,
+) -> loftq_models::Result<Option<R>> {
+    if let Some(mut p) = bar {
+        p.clear();
+    }
+    let report = result?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+        return Ok(None);
+    }
+    Ok(Some(report))
+}
+
 fn format_secs(s: f64) -> String {
     let s = s.max(0.0).round() as u64;
     if s >= 3600 {

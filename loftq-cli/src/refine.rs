@@ -134,14 +134,9 @@ pub fn run(a: &RefineArgs) -> Result<()> {
         }
     };
     let result = run_refine(&spec, &device, &mut on_event);
-    if let Some(p) = bar.as_mut() {
-        p.clear();
-    }
-    let report = result?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+    let Some(report) = crate::progress::finish(bar, result, a.json)? else {
         return Ok(());
-    }
+    };
     println!(
         "{:<48} {:>14} {:>10} {:>10} {:>9}",
         "tensor", "base", "base err", "fit err", "check"
