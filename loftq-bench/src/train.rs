@@ -56,11 +56,19 @@ pub fn run(
     let mut cases = Vec::new();
     for mode in [Recompute::Layers, Recompute::None] {
         let mut opt = AdamW::new(AdamWConfig::default(), &m.lora_params());
+        let mut failed = None;
         let (step, memory) = measure(repeats.max(1), || {
             let g = loss_and_grads(&m, &b, mode);
             let p = opt.update(m.lora_params(), g.grads, 1e-4);
             m.set_lora_params(p);
+            // GPU back ends queue work: the step ends when its updates are computed.
+            if let Err(e) = dev.sync() {
+                failed = Some(format!("training step on {device}: {e:?}"));
+            }
         });
+        if let Some(e) = failed {
+            return Err(e);
+        }
         cases.push(TrainCase {
             recompute: format!("{mode:?}").to_lowercase(),
             batch,

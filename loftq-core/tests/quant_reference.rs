@@ -5,7 +5,9 @@ mod common;
 
 use burn::tensor::{Tensor, TensorData};
 use common::{Fixture, device, gaussian};
-use loftq_core::quant::{Codebook, Kernel, Rounding, torch_linspace_f32};
+use loftq_core::quant::{
+    Codebook, HostQuantized, Kernel, Rounding, is_host_device, torch_linspace_f32,
+};
 use loftq_core::{QuantConfig, Quantizer};
 
 fn assert_bits_eq(ours: &[f32], theirs: &[f32], what: &str) {
@@ -13,6 +15,45 @@ fn assert_bits_eq(ours: &[f32], theirs: &[f32], what: &str) {
     for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
         assert_eq!(a.to_bits(), b.to_bits(), "{what}[{i}]: {a} vs {b}");
     }
+}
+
+/// The portable kernel against the host kernel where the two cannot agree bit for bit: codes
+/// equal up to a step at a rounding boundary (rarely), and scales, minimums and values within
+/// a few `f32` ulps of their block's magnitude.
+fn assert_kernels_close(
+    x: &[f32],
+    h: &HostQuantized,
+    p: &HostQuantized,
+    dh: &[f32],
+    dp: &[f32],
+    what: &str,
+) {
+    let magnitude: Vec<f32> = x
+        .chunks(h.block)
+        .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .collect();
+    let tol = |block: usize| 8.0 * f32::EPSILON * magnitude[block];
+    for (name, a, b) in [("scales", &h.scales, &p.scales), ("mins", &h.mins, &p.mins)] {
+        assert_eq!(a.len(), b.len(), "{what}: {name}");
+        for (i, (u, v)) in a.iter().zip(b.iter()).enumerate() {
+            assert!((u - v).abs() <= tol(i), "{what}: {name}[{i}] {u} vs {v}");
+        }
+    }
+    let mut differ = 0;
+    for (i, (a, b)) in h.codes.iter().zip(&p.codes).enumerate() {
+        let block = i / h.block;
+        if a == b {
+            let (u, v) = (dh[i], dp[i]);
+            assert!((u - v).abs() <= tol(block), "{what}: value[{i}] {u} vs {v}");
+        } else {
+            assert_eq!(a.abs_diff(*b), 1, "{what}: code[{i}] {a} vs {b}");
+            differ += 1;
+        }
+    }
+    assert!(
+        differ * 100 <= h.codes.len(),
+        "{what}: {differ} codes differ"
+    );
 }
 
 #[test]
@@ -120,10 +161,15 @@ fn bnb_rounding_differs_from_peft_only_at_boundaries() {
     }
 }
 
-/// Every configuration: host and portable kernels agree exactly, tail blocks included.
+/// Every configuration: host and portable kernels agree (exactly on the host), tail blocks
+/// included.
 #[test]
 fn portable_and_host_kernels_agree() {
     let dev = device();
+    // On the host both kernels do the same IEEE operations, so they agree bit for bit. A GPU's
+    // division may be 2.5 ulp off (Vulkan's precision rules) and it may fuse `c·s + m` into one
+    // FMA: an NVIDIA H200 gave int8's `(c − 127)·s / 127` one ulp off.
+    let exact = is_host_device(&dev);
     let configs = [
         QuantConfig::nf(2),
         QuantConfig::nf(3),
@@ -146,9 +192,6 @@ fn portable_and_host_kernels_agree() {
         let host = quantizer.quantize_with(&w, Kernel::Host).unwrap();
         let port = quantizer.quantize_with(&w, Kernel::Portable).unwrap();
         let (h, p) = (host.to_host(), port.to_host());
-        assert_eq!(h.codes, p.codes, "{}: codes", cfg.label());
-        assert_bits_eq(&h.scales, &p.scales, &cfg.label());
-        assert_bits_eq(&h.mins, &p.mins, &cfg.label());
         let dh = quantizer
             .dequantize_with(&host, Kernel::Host)
             .to_data()
@@ -159,7 +202,14 @@ fn portable_and_host_kernels_agree() {
             .to_data()
             .try_to_vec::<f32>()
             .unwrap();
-        assert_bits_eq(&dh, &dp, &format!("{} dequantized", cfg.label()));
+        if exact {
+            assert_eq!(h.codes, p.codes, "{}: codes", cfg.label());
+            assert_bits_eq(&h.scales, &p.scales, &cfg.label());
+            assert_bits_eq(&h.mins, &p.mins, &cfg.label());
+            assert_bits_eq(&dh, &dp, &format!("{} dequantized", cfg.label()));
+        } else {
+            assert_kernels_close(&x, &h, &p, &dh, &dp, &cfg.label());
+        }
         if cfg.block_size == loftq_core::quant::BlockSize::Elements(64) {
             assert!(
                 dh[64..128].iter().all(|&v| v == 0.0),
