@@ -75,7 +75,7 @@ def weight(rows, cols):
     return gaussian(rows * cols, seed).reshape(rows, cols) * np.float32(0.02)
 
 
-def machine():
+def machine(gpu=None):
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -98,7 +98,7 @@ def machine():
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_bytes": mem,
         "os": platform.platform(),
-        "nvidia": None,
+        "nvidia": gpu,
         "vulkan_drivers": [],
     }
 
@@ -107,8 +107,8 @@ def peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def train_cases(profile):
-    """The suite's `train` cases, run by transformers + PEFT."""
+def train_cases(profile, device="cpu"):
+    """The suite's `train` cases, run by transformers + PEFT on `device` (cpu or cuda)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -123,7 +123,7 @@ def train_cases(profile):
     torch.manual_seed(0)
     cases = []
     for checkpointing in (True, False):
-        base = LlamaForCausalLM(config).float()
+        base = LlamaForCausalLM(config).float().to(device)
         if checkpointing:
             base.gradient_checkpointing_enable()
             base.enable_input_require_grads()
@@ -132,7 +132,9 @@ def train_cases(profile):
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         for batch, seq in shapes:
-            ids = torch.randint(0, config.vocab_size, (batch, seq))
+            ids = torch.randint(0, config.vocab_size, (batch, seq)).to(device)
+            if device != "cpu":
+                torch.cuda.reset_peak_memory_stats()
             times = []
             for i in range(repeats + 1):
                 t0 = time.perf_counter()
@@ -140,6 +142,9 @@ def train_cases(profile):
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if device != "cpu":
+                    # CUDA queues the work: the step ends when the update is computed.
+                    torch.cuda.synchronize()
                 if i > 0:
                     times.append(time.perf_counter() - t0)
             times.sort()
@@ -147,7 +152,10 @@ def train_cases(profile):
             mode = "layers" if checkpointing else "none"
             name = f"smollm2-135m shapes ({layers} layers) nf4 r16 {batch}×{seq} recompute={mode}"
             rate = batch * (seq - 1) / median
-            print(f"{name}: {median:.2f} s, {rate:.0f} tokens/s", file=sys.stderr)
+            metric = f"tokens/s {rate:.0f}"
+            if device != "cpu":
+                metric += f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+            print(f"{name} on {device}: {median:.3f} s, {metric}", file=sys.stderr)
             cases.append({
                 "suite": "train",
                 "name": name,
@@ -155,7 +163,7 @@ def train_cases(profile):
                 "timing": {"median_s": median, "min_s": times[0], "max_s": times[-1],
                            "repeats": len(times)},
                 "error": None,
-                "metric": f"tokens/s {rate:.0f}",
+                "metric": metric,
                 "memory": {"rss_before_bytes": 0, "peak_rss_bytes": peak_rss()},
             })
         del model, base, opt
@@ -168,6 +176,10 @@ def main():
     ap.add_argument("--json", help="the record to write")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--self-test", action="store_true")
+    ap.add_argument("--suites", default="train,loftq",
+                    help="comma-separated: train (the training step), loftq (loftq_init)")
+    ap.add_argument("--device", default="cpu",
+                    help="device of the training step: cpu or cuda (loftq_init stays on the CPU)")
     args = ap.parse_args()
 
     if args.self_test:
@@ -196,11 +208,17 @@ def main():
     cases = []
     # First, while the process's peak resident memory (all `getrusage` reports) is still the
     # training step's own: with checkpointing, then without.
-    try:
-        cases += train_cases(args.profile)
-    except ImportError as e:
-        print(f"training step skipped: transformers is not importable: {e}", file=sys.stderr)
-    for rows, cols in shapes:
+    suites = set(args.suites.split(","))
+    if suites - {"train", "loftq"}:
+        ap.error(f"--suites: unknown {sorted(suites - {'train', 'loftq'})} (train, loftq)")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    if "train" in suites:
+        try:
+            cases += train_cases(args.profile, args.device)
+        except ImportError as e:
+            print(f"training step skipped: transformers is not importable: {e}", file=sys.stderr)
+    for rows, cols in shapes if "loftq" in suites else []:
         w = torch.from_numpy(weight(rows, cols))
         norm = torch.linalg.norm(w).item()
         for bits in (4, 2):
@@ -233,9 +251,9 @@ def main():
                         "memory": {"rss_before_bytes": 0, "peak_rss_bytes": peak_rss()},
                     })
     record = {
-        "backend": f"peft {peft.__version__}",
+        "backend": f"peft {peft.__version__}" + ("" if args.device == "cpu" else f" {args.device}"),
         "profile": args.profile,
-        "machine": machine(),
+        "machine": machine(torch.cuda.get_device_name() if args.device != "cpu" else None),
         "commit": f"torch {torch.__version__}",
         "started_unix": started,
         "cases": cases,
