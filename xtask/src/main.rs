@@ -152,7 +152,9 @@ fn bench(args: &[String]) -> Result<(), String> {
                 // Burn's CUDA back end downloads an LLVM bundle from GitHub when it is first
                 // built: offline, that build fails, and the other back ends still run.
                 Err(e) if features != TEST_FEATURES => {
-                    skipped.push(format!("{backend}: {e}"));
+                    skipped.push(format!(
+                        "{backend}: {e}; its first build downloads an LLVM bundle from GitHub"
+                    ));
                     continue;
                 }
                 Err(e) => return Err(e),
