@@ -2,16 +2,17 @@
 
 use std::path::PathBuf;
 
+use burn::tensor::Device;
 use clap::{Args, ValueEnum};
-use loftq_core::DeviceSpec;
+use loftq_core::DeviceList;
 use loftq_models::init::Target;
 use loftq_models::init::plan::{module_matches, parse_bits, split_list};
 use loftq_models::io::{Adapter, AdapterConfig};
-use loftq_models::nn::{LoadOptions, load_pretrained_with};
+use loftq_models::nn::{Llama, LoadOptions, load_pretrained_with};
 use loftq_models::train::data::tokenize_file;
 use loftq_models::train::{
     AdamWConfig, Decay, Recompute, Sampling, Schedule, TokenStream, TrainConfig, TrainEvent,
-    Validation, latest_checkpoint, train,
+    Validation, latest_checkpoint, train_on,
 };
 use loftq_models::{ModelError, Result, Tokenizer};
 
@@ -129,9 +130,14 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2)]
     keep_checkpoints: usize,
 
-    /// Device: cpu, wgpu, or cuda[:N].
+    /// Device: cpu, wgpu, or cuda[:N]. Several, comma-separated (`cuda:0,cuda:1`), train
+    /// data-parallel: one copy of the model per device, the --accum micro-batches of each step
+    /// spread over them, the gradients summed and the update made on the first. The result
+    /// is that of the first device alone with the same options (up to rounding); --accum must
+    /// be at least the number of devices. Copies on one CPU (`cpu,cpu`) share its cores, so
+    /// they are a check, not a speed-up.
     #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    device: DeviceList,
     /// Print every step and validation as a JSON line on stdout instead of the progress bar.
     #[arg(long)]
     json: bool,
@@ -179,12 +185,20 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             a.out.display()
         )));
     }
-    let device = a
+    let devices = a
         .device
-        .device()
+        .devices()
         .map_err(|e| invalid(format!("--device {}: {e}", a.device)))?;
+    if a.accum < devices.len() {
+        return Err(invalid(format!(
+            "--accum {} with {} devices: each device takes whole micro-batches, so --accum \
+             must be at least the number of devices",
+            a.accum,
+            devices.len()
+        )));
+    }
 
-    // The model and its adapter.
+    // The model and its adapter, once per device.
     let adapter = a.adapter.as_deref().map(Adapter::read).transpose()?;
     let quantize = a
         .quantize
@@ -196,41 +210,15 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         quantize,
         adapter: adapter.as_ref(),
     };
-    let mut model = load_pretrained_with(&a.model, &device, &opts)?;
-    let template = match adapter {
-        Some(ad) => ad.config,
-        None => {
-            let alpha = a.alpha.unwrap_or(a.rank as f64);
-            let mut cfg = AdapterConfig::new(a.rank, alpha, vec![]);
-            cfg.use_rslora = a.rslora;
-            let scaling = cfg.scaling("", a.rank);
-            let target = Target::parse(&a.target);
-            let exclude = split_list(&a.exclude);
-            let n = model.add_lora(a.rank, scaling, 0.0, a.seed, |p| {
-                let hit = match &target {
-                    Target::AllLinear => true,
-                    Target::Names(list) => list.iter().any(|t| module_matches(p, t)),
-                };
-                hit && !exclude.iter().any(|x| module_matches(p, x))
-            });
-            if n == 0 {
-                return Err(invalid(format!(
-                    "no linear layer matches --target {:?} (minus --exclude)",
-                    a.target
-                )));
-            }
-            cfg
-        }
-    };
-    let mut template = template;
-    if let Some(p) = a.dropout {
-        template.lora_dropout = p;
+    let mut models = Vec::with_capacity(devices.len());
+    let mut template = None;
+    for device in &devices {
+        let (model, t) = build_model(a, &opts, adapter.as_ref(), device)?;
+        models.push(model);
+        template = Some(t);
     }
-    for (_, lin) in model.decoder_linears_mut() {
-        if let Some(l) = &mut lin.lora {
-            l.dropout = template.lora_dropout;
-        }
-    }
+    let template = template.expect("at least one device");
+    let model = &models[0];
 
     // The text.
     let tok = Tokenizer::for_model(&a.model)?;
@@ -302,8 +290,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let tokens_per_step = (a.batch * a.accum * (a.seq - 1)) as f64;
     let mut bar = (!a.json).then(|| Progress::new(a.steps as u64));
     let mut loss_ema: Option<f64> = None;
-    let history = train(
-        &mut model,
+    let history = train_on(
+        &mut models,
         &template,
         &stream.tokens,
         val.as_ref(),
@@ -355,6 +343,51 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         a.out.join("adapter").display()
     );
     Ok(())
+}
+
+/// The model on `device` with its adapter (read, or fresh from the seed, so every device's
+/// copy starts the same) and the adapter's config.
+fn build_model(
+    a: &TrainArgs,
+    opts: &LoadOptions,
+    adapter: Option<&Adapter>,
+    device: &Device,
+) -> Result<(Llama, AdapterConfig)> {
+    let mut model = load_pretrained_with(&a.model, device, opts)?;
+    let mut template = match adapter {
+        Some(ad) => ad.config.clone(),
+        None => {
+            let alpha = a.alpha.unwrap_or(a.rank as f64);
+            let mut cfg = AdapterConfig::new(a.rank, alpha, vec![]);
+            cfg.use_rslora = a.rslora;
+            let scaling = cfg.scaling("", a.rank);
+            let target = Target::parse(&a.target);
+            let exclude = split_list(&a.exclude);
+            let n = model.add_lora(a.rank, scaling, 0.0, a.seed, |p| {
+                let hit = match &target {
+                    Target::AllLinear => true,
+                    Target::Names(list) => list.iter().any(|t| module_matches(p, t)),
+                };
+                hit && !exclude.iter().any(|x| module_matches(p, x))
+            });
+            if n == 0 {
+                return Err(invalid(format!(
+                    "no linear layer matches --target {:?} (minus --exclude)",
+                    a.target
+                )));
+            }
+            cfg
+        }
+    };
+    if let Some(p) = a.dropout {
+        template.lora_dropout = p;
+    }
+    for (_, lin) in model.decoder_linears_mut() {
+        if let Some(l) = &mut lin.lora {
+            l.dropout = template.lora_dropout;
+        }
+    }
+    Ok((model, template))
 }
 
 fn event_json(e: &TrainEvent) -> serde_json::Value {

@@ -386,10 +386,25 @@ fn train_checkpoints_resumes_and_refuses_bad_input() {
     assert!(ok, "{err}");
     assert!(err.is_empty() || !err.contains("error"), "{err}");
 
+    // Data-parallel on two CPU "devices": the adapter of one device, byte for byte.
+    let adapter_of = |devices: &str, name: &str| {
+        let out = dir.join(name);
+        let mut a = args[..args.len() - 1].to_vec();
+        let o = out.to_str().unwrap();
+        let at = a.iter().position(|x| *x == "--out").unwrap() + 1;
+        a[at] = o;
+        a.extend(["--accum", "2", "--device", devices]);
+        let (ok, err) = loftq(&a);
+        assert!(ok, "{devices}: {err}");
+        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    assert!(adapter_of("cpu", "one") == adapter_of("cpu,cpu", "two"));
+
     // Bad input names the flag or file and writes nothing.
     let fresh = dir.join("fresh");
     let f = fresh.to_str().unwrap();
     for (extra, needle) in [
+        (["--device", "cpu,cpu"], "--accum"),
         (["--dropout", "1.5"], "--dropout"),
         (["--quantize", "nf9"], "--quantize"),
         (["--lr", "0"], "--lr"),

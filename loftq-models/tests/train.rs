@@ -1,5 +1,5 @@
 //! Training: the checkpointed gradients against plain autodiff and finite differences, the
-//! loop lowering the loss, and exact resume.
+//! loop lowering the loss, exact resume, and data parallelism over two devices.
 
 mod common;
 
@@ -13,7 +13,7 @@ use loftq_models::io::{Adapter, AdapterConfig, Checkpoint};
 use loftq_models::nn::{Llama, LoadOptions, load_model};
 use loftq_models::train::{
     AdamWConfig, Batch, Decay, Recompute, Sampling, Schedule, TrainConfig, TrainEvent,
-    loss_and_grads, train,
+    loss_and_grads, train, train_on,
 };
 
 /// The tiny model with PEFT's 4-bit LoftQ adapter, its base re-quantized and held packed.
@@ -164,13 +164,17 @@ fn config(steps: usize) -> TrainConfig {
 
 /// A fresh QLoRA adapter (dropout 0.1) on the tiny model's NF4-quantized weights.
 fn tiny_qlora() -> (Llama, AdapterConfig) {
+    tiny_qlora_on(&device())
+}
+
+fn tiny_qlora_on(device: &burn::tensor::Device) -> (Llama, AdapterConfig) {
     let config = LlamaConfig::from_file(&fixture("tiny-llama/config.json")).unwrap();
     let ckpt = Checkpoint::open(&fixture("tiny-llama/model.safetensors")).unwrap();
     let opts = LoadOptions {
         quantize: Some(QuantConfig::nf(4)),
         adapter: None,
     };
-    let mut model = load_model(&config, &ckpt, &device(), &opts).unwrap();
+    let mut model = load_model(&config, &ckpt, device, &opts).unwrap();
     assert_eq!(model.add_lora(4, 2.0, 0.1, 0, |_| true), 14);
     let mut cfg = AdapterConfig::new(4, 8.0, vec![]);
     cfg.lora_dropout = 0.1;
@@ -243,4 +247,73 @@ fn resume_gives_identical_results() {
     let other = TrainConfig { seed: 4, ..resume };
     let err = train(&mut model, &cfg, &stream(), None, &other, &cut, |_| {}).unwrap_err();
     assert!(err.to_string().contains("other training options"), "{err}");
+}
+
+/// Two replicas (the device under test, and the CPU) taking the micro-batches of each step in
+/// turn give the run of one device: the same losses and the same final adapter.
+#[test]
+fn data_parallel_equals_one_device() {
+    let cfg = TrainConfig {
+        accum: 4,
+        save_every: 0,
+        ..config(5)
+    };
+    let (mut one, adapter) = tiny_qlora();
+    let single = train(
+        &mut one,
+        &adapter,
+        &stream(),
+        None,
+        &cfg,
+        &scratch("train-dp1"),
+        |_| {},
+    )
+    .unwrap();
+
+    let cpu = burn::tensor::Device::flex();
+    let mut models = [tiny_qlora().0, tiny_qlora_on(&cpu).0];
+    // The replica starts elsewhere: the main replica's factors must reach it every step.
+    let zeros: Vec<_> = models[1]
+        .lora_params()
+        .iter()
+        .map(|t| Tensor::zeros(t.dims(), &cpu))
+        .collect();
+    models[1].set_lora_params(zeros);
+    let out = scratch("train-dp2");
+    let parallel = train_on(&mut models, &adapter, &stream(), None, &cfg, &out, |_| {}).unwrap();
+
+    // Bit for bit when both replicas are on the CPU; across devices, their rounding.
+    let tol = if device() == cpu { 1e-6 } else { 1e-4 };
+    for (a, b) in single.steps.iter().zip(&parallel.steps) {
+        assert!(
+            (a.loss - b.loss).abs() <= tol * a.loss.abs(),
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    assert_eq!(single.steps.len(), parallel.steps.len());
+    for (a, b) in one.lora_params().iter().zip(models[0].lora_params().iter()) {
+        let (a, b) = (host(a), host(b));
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= tol as f32 * scale.max(1e-3), "{x} vs {y}");
+        }
+    }
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+
+    // Each device takes whole micro-batches.
+    let few = TrainConfig { accum: 1, ..cfg };
+    let err = train_on(
+        &mut models,
+        &adapter,
+        &stream(),
+        None,
+        &few,
+        &scratch("train-dp3"),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--accum 1"), "{err}");
 }

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{Sampling, draw_batch, mix};
 use super::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
-use super::step::{Recompute, loss_and_grads};
+use super::parallel::micro_batches;
+use super::step::Recompute;
 use crate::eval::{Perplexity, perplexity_windows};
 use crate::io::{AdapterConfig, Checkpoint, OutTensor, write_atomic, write_safetensors};
 use crate::nn::Llama;
@@ -165,8 +166,50 @@ pub fn train(
     val: Option<&Validation>,
     cfg: &TrainConfig,
     out: &Path,
+    on_event: impl FnMut(&TrainEvent),
+) -> Result<History> {
+    let models = std::slice::from_mut(model);
+    train_on(models, adapter_template, stream, val, cfg, out, on_event)
+}
+
+/// [`train`] with data parallelism: `models` are replicas of one model, each on its own
+/// device, the first one the main replica. The `cfg.accum` micro-batches of each step are
+/// spread over the replicas (replica `d` takes micro-batches `d, d + D, ...`), each in its
+/// own thread; their gradients are summed on the main replica's device in micro-batch
+/// order, and the update, validation and checkpoints happen there. The result is that of
+/// one device with the same `cfg` (up to the devices' rounding). The replicas receive the
+/// main replica's LoRA factors before every step.
+///
+/// # Errors
+/// As [`train`]; also [`ModelError::Invalid`] if `models` is empty, if the replicas' adapters
+/// differ in shape from the main one's, or if `cfg.accum` is smaller than the number of
+/// replicas (each device takes whole micro-batches).
+pub fn train_on(
+    models: &mut [Llama],
+    adapter_template: &AdapterConfig,
+    stream: &[u32],
+    val: Option<&Validation>,
+    cfg: &TrainConfig,
+    out: &Path,
     mut on_event: impl FnMut(&TrainEvent),
 ) -> Result<History> {
+    let Some(model) = models.first() else {
+        return Err(ModelError::Invalid("no model to train".into()));
+    };
+    let shapes = |m: &Llama| m.lora_params().iter().map(|t| t.dims()).collect::<Vec<_>>();
+    if models.iter().skip(1).any(|r| shapes(r) != shapes(model)) {
+        return Err(ModelError::Invalid(
+            "the replicas' adapters differ from the first device's".into(),
+        ));
+    }
+    if cfg.accum < models.len() {
+        return Err(ModelError::Invalid(format!(
+            "--accum {} is smaller than the {} devices: each device takes whole micro-batches, \
+             so give at least one per device",
+            cfg.accum,
+            models.len()
+        )));
+    }
     if model.lora_params().is_empty() {
         return Err(ModelError::Invalid(
             "the model has no LoRA adapter to train".into(),
@@ -186,6 +229,7 @@ pub fn train(
     }
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let mut opt = AdamW::new(cfg.adamw, &model.lora_params());
+    let model = &mut models[0];
     let mut history = History {
         tokens_per_step: cfg.batch * cfg.accum * (cfg.seq - 1),
         ..History::default()
@@ -222,24 +266,27 @@ pub fn train(
         let t0 = Instant::now();
         let mut loss = 0.0;
         let mut sum: Option<Vec<Tensor<2>>> = None;
-        for micro in 0..cfg.accum {
-            let batch = draw_batch(
-                stream,
-                cfg.sampling,
-                cfg.batch,
-                cfg.seq,
-                cfg.seed,
-                (step, micro, cfg.accum),
-            );
-            model.set_dropout_seed(Some(mix(cfg.seed, &[step as u64, micro as u64, 1])));
-            let g = loss_and_grads(model, &batch, cfg.recompute);
+        let batches: Vec<_> = (0..cfg.accum)
+            .map(|micro| {
+                let batch = draw_batch(
+                    stream,
+                    cfg.sampling,
+                    cfg.batch,
+                    cfg.seq,
+                    cfg.seed,
+                    (step, micro, cfg.accum),
+                );
+                (batch, mix(cfg.seed, &[step as u64, micro as u64, 1]))
+            })
+            .collect();
+        for g in micro_batches(models, &batches, cfg.recompute) {
             loss += g.loss / cfg.accum as f64;
             sum = Some(match sum {
                 None => g.grads,
                 Some(s) => s.into_iter().zip(g.grads).map(|(a, b)| a + b).collect(),
             });
         }
-        model.set_dropout_seed(None);
+        let model = &mut models[0];
         if !loss.is_finite() {
             return Err(ModelError::Invalid(format!(
                 "step {}: the training loss is {loss}; nothing was saved for this step (lower \
@@ -280,7 +327,7 @@ pub fn train(
             on_event(&TrainEvent::Saved { step: done, path });
         }
     }
-    let adapter = model
+    let adapter = models[0]
         .adapter(adapter_template.clone())
         .expect("checked above: the model has adapters");
     write_dir_atomic(&out.join("adapter"), |dir| adapter.write(dir))?;
