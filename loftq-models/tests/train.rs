@@ -282,8 +282,10 @@ fn data_parallel_equals_one_device() {
     let out = scratch("train-dp2");
     let parallel = train_on(&mut models, &adapter, &stream(), None, &cfg, &out, |_| {}).unwrap();
 
-    // Bit for bit when both replicas are on the CPU; across devices, their rounding.
-    let tol = if device() == cpu { 1e-6 } else { 1e-4 };
+    // Each replica sums its own micro-batches, so the sums' order differs from one device's;
+    // across devices their rounding differs too. AdamW magnifies such differences where the
+    // second moment is small.
+    let tol = if device() == cpu { 1e-5 } else { 1e-4 };
     for (a, b) in single.steps.iter().zip(&parallel.steps) {
         assert!(
             (a.loss - b.loss).abs() <= tol * a.loss.abs(),

@@ -1,26 +1,41 @@
 //! Data parallelism: the micro-batches of a step spread over one model replica per device.
 //!
-//! Each replica runs in its own thread on its own device and takes every `D`-th micro-batch.
-//! The gradients come back to the first device and are summed there in micro-batch order,
-//! so a step gives what gradient accumulation on one device gives. This is the scheme of
-//! burn-train's multi-device strategy (`MultiDevicesTrainStep`: a worker per device, the
-//! gradients moved to the main device and accumulated). Burn 0.22's collective operations
-//! (all-reduce) exist only on its CUDA back end.
+//! Each replica runs in its own thread on its own device, takes every `D`-th micro-batch and
+//! sums its gradients there; the sums come back to the first device and are added there. So a
+//! step gives what gradient accumulation on one device gives, up to the order of the sums.
+//! This is the scheme of burn-train's multi-device strategy (`MultiDevicesTrainStep`: a worker
+//! per device, the gradients moved to the main device and accumulated). Burn 0.22's collective
+//! operations (all-reduce) exist only on its CUDA back end.
 
 use burn::tensor::Tensor;
 
-use super::step::{Batch, Recompute, StepGrads, loss_and_grads};
+use super::step::{Batch, Recompute, loss_and_grads};
 use crate::nn::Llama;
 
+/// The loss and gradients of a step: the sums over its micro-batches.
+pub(crate) struct Sums {
+    /// Sum of the micro-batches' mean losses.
+    pub loss: f64,
+    /// Sum of their gradients, in [`Llama::lora_params`] order, on the main replica's device.
+    pub grads: Vec<Tensor<2>>,
+}
+
 /// Runs each `(batch, dropout seed)` on `models` (the first is the main replica; the others
-/// receive its LoRA factors first) and returns their losses and gradients in the order of
-/// `batches`, the gradients on the main replica's device.
+/// receive its LoRA factors first) and sums the losses and gradients. With one model the
+/// micro-batches run in order and are summed in that order.
+///
+/// # Panics
+/// If there are fewer batches than models, or none.
 pub(crate) fn micro_batches(
     models: &mut [Llama],
     batches: &[(Batch, u64)],
     recompute: Recompute,
-) -> Vec<StepGrads> {
+) -> Sums {
     let devices = models.len();
+    assert!(
+        batches.len() >= devices,
+        "one micro-batch per device at least"
+    );
     let (main, replicas) = models.split_first_mut().expect("at least one model");
     if replicas.is_empty() {
         return run_share(main, batches, 0, 1, recompute);
@@ -36,55 +51,57 @@ pub(crate) fn micro_batches(
                 .collect(),
         );
     }
-    let mut shares = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let workers: Vec<_> = replicas
             .iter_mut()
             .enumerate()
             .map(|(i, r)| s.spawn(move || run_share(r, batches, i + 1, devices, recompute)))
             .collect();
-        let mut shares = vec![run_share(main, batches, 0, devices, recompute)];
+        let mut total = run_share(main, batches, 0, devices, recompute);
         for w in workers {
-            match w.join() {
-                Ok(share) => shares.push(share),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
+            let share = w
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            total.loss += share.loss;
+            total.grads = total
+                .grads
+                .into_iter()
+                .zip(share.grads)
+                .map(|(a, b)| a + b.to_device(&main_device))
+                .collect();
         }
-        shares
-    });
-    // Back into micro-batch order: share `d` holds batches d, d + D, d + 2D, ...
-    let mut out = Vec::with_capacity(batches.len());
-    let mut iters: Vec<_> = shares.iter_mut().map(|s| s.drain(..)).collect();
-    for m in 0..batches.len() {
-        let mut g = iters[m % devices]
-            .next()
-            .expect("one result per micro-batch");
-        g.grads = g
-            .grads
-            .into_iter()
-            .map(|t: Tensor<2>| t.to_device(&main_device))
-            .collect();
-        out.push(g);
-    }
-    out
+        total
+    })
 }
 
-/// Micro-batches `first, first + step, ...` of `batches` on `model`.
+/// Micro-batches `first, first + step, ...` of `batches` on `model`, summed.
 fn run_share(
     model: &mut Llama,
     batches: &[(Batch, u64)],
     first: usize,
     step: usize,
     recompute: Recompute,
-) -> Vec<StepGrads> {
-    let out = batches
-        .iter()
-        .skip(first)
-        .step_by(step)
-        .map(|(batch, seed)| {
-            model.set_dropout_seed(Some(*seed));
-            loss_and_grads(model, batch, recompute)
-        })
-        .collect();
+) -> Sums {
+    let mut sums: Option<Sums> = None;
+    for (batch, seed) in batches.iter().skip(first).step_by(step) {
+        model.set_dropout_seed(Some(*seed));
+        let g = loss_and_grads(model, batch, recompute);
+        sums = Some(match sums {
+            None => Sums {
+                loss: g.loss,
+                grads: g.grads,
+            },
+            Some(s) => Sums {
+                loss: s.loss + g.loss,
+                grads: s
+                    .grads
+                    .into_iter()
+                    .zip(g.grads)
+                    .map(|(a, b)| a + b)
+                    .collect(),
+            },
+        });
+    }
     model.set_dropout_seed(None);
-    out
+    sums.expect("one micro-batch per device at least")
 }

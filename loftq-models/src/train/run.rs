@@ -175,9 +175,10 @@ pub fn train(
 /// [`train`] with data parallelism: `models` are replicas of one model, each on its own
 /// device, the first one the main replica. The `cfg.accum` micro-batches of each step are
 /// spread over the replicas (replica `d` takes micro-batches `d, d + D, ...`), each in its
-/// own thread; their gradients are summed on the main replica's device in micro-batch
-/// order, and the update, validation and checkpoints happen there. The result is that of
-/// one device with the same `cfg` (up to the devices' rounding). The replicas receive the
+/// own thread; each replica sums its gradients, the sums are added on the main replica's
+/// device, and the update, validation and checkpoints happen there. The result is that of
+/// one device with the same `cfg`, up to the devices' rounding and the order of the sums
+/// (the same bits on identical devices with one micro-batch each). The replicas receive the
 /// main replica's LoRA factors before every step.
 ///
 /// # Errors
@@ -264,8 +265,6 @@ pub fn train_on(
     }
     for step in start..cfg.steps {
         let t0 = Instant::now();
-        let mut loss = 0.0;
-        let mut sum: Option<Vec<Tensor<2>>> = None;
         let batches: Vec<_> = (0..cfg.accum)
             .map(|micro| {
                 let batch = draw_batch(
@@ -279,13 +278,8 @@ pub fn train_on(
                 (batch, mix(cfg.seed, &[step as u64, micro as u64, 1]))
             })
             .collect();
-        for g in micro_batches(models, &batches, cfg.recompute) {
-            loss += g.loss / cfg.accum as f64;
-            sum = Some(match sum {
-                None => g.grads,
-                Some(s) => s.into_iter().zip(g.grads).map(|(a, b)| a + b).collect(),
-            });
-        }
+        let sums = micro_batches(models, &batches, cfg.recompute);
+        let loss = sums.loss / cfg.accum as f64;
         let model = &mut models[0];
         if !loss.is_finite() {
             return Err(ModelError::Invalid(format!(
@@ -294,7 +288,7 @@ pub fn train_on(
                 step + 1
             )));
         }
-        let mut grads = sum.expect("accum ≥ 1");
+        let mut grads = sums.grads;
         if cfg.accum > 1 {
             let inv = 1.0 / cfg.accum as f64;
             grads = grads.into_iter().map(|g| g.mul_scalar(inv)).collect();
