@@ -54,7 +54,7 @@ impl Machine {
             ],
         );
         let vulkan_drivers = match spec {
-            DeviceSpec::Wgpu => vulkan_drivers(),
+            DeviceSpec::Wgpu | DeviceSpec::WgpuGpu(_) => vulkan_drivers(),
             _ => Vec::new(),
         };
         Self {

@@ -38,7 +38,7 @@ enum Task {
         /// Timed repeats after one warm-up.
         #[arg(long, default_value_t = 9)]
         repeats: usize,
-        /// Device for the Tensor round trip: cpu, wgpu, cuda[:N].
+        /// Device for the Tensor round trip: cpu, wgpu[:N], cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
         /// Also write the results as JSON here.
@@ -50,7 +50,7 @@ enum Task {
         /// `MxNxK`: `[M, N] × [N, K]`.
         #[arg(long, default_value = "4096x4096x128")]
         dims: String,
-        /// Device: cpu, wgpu, cuda[:N].
+        /// Device: cpu, wgpu[:N], cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -86,7 +86,7 @@ enum Task {
         /// Extra sketch columns of the randomized SVD (default: max(16, rank)).
         #[arg(long)]
         oversample: Option<usize>,
-        /// Device: cpu, wgpu, cuda[:N].
+        /// Device: cpu, wgpu[:N], cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
         /// Also write the results as JSON here.
@@ -115,7 +115,7 @@ enum Task {
         /// Timed steps per mode after one warm-up.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// Device: cpu, wgpu, cuda[:N].
+        /// Device: cpu, wgpu[:N], cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
         /// Also write the results as JSON here.
@@ -144,7 +144,7 @@ enum Task {
         /// smoke (seconds, CI), quick (minutes), full (the 4096×11008 and 7B-shape cases).
         #[arg(long, value_enum, default_value_t = suite::Profile::Quick)]
         profile: suite::Profile,
-        /// Device: cpu, wgpu, cuda[:N].
+        /// Device: cpu, wgpu[:N], cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
         /// Where synthetic checkpoints are written (and kept for the next run).

@@ -56,7 +56,7 @@ pub struct EvalArgs {
     /// Read only the first CHARS characters of --text.
     #[arg(long)]
     chars: Option<usize>,
-    /// Device: cpu, wgpu, or cuda[:N].
+    /// Device: cpu, wgpu[:N] or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
 }

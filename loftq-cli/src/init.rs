@@ -76,7 +76,7 @@ pub struct InitArgs {
     /// Backbones to write: packed (ours), bf16 (dense, loads anywhere), both (bf16 in bf16/).
     #[arg(long, value_enum, default_value_t = BackboneArg::Packed)]
     backbone: BackboneArg,
-    /// Device: cpu, wgpu, cuda[:N]; several, comma-separated (cuda:0,cuda:1), each taking whole
+    /// Device: cpu, wgpu[:N], cuda[:N]; several, comma-separated (cuda:0,cuda:1), each taking whole
     /// tensors. With one kind of device the output is the same as on one of them. On a CPU,
     /// cpu,cpu runs two tensors at once, overlapping one's serial parts with the other's
     /// products (17% faster for a 7B model on 2 cores, 1.5× the memory).

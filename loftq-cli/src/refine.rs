@@ -54,7 +54,7 @@ pub struct RefineArgs {
     /// Tokens of --check-text, in one pass.
     #[arg(long, default_value_t = 128, requires = "check_text")]
     check_tokens: usize,
-    /// Device: cpu, wgpu, cuda[:N].
+    /// Device: cpu, wgpu[:N], cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// Seed of the randomized SVD and of the QLoRA start of refused layers.

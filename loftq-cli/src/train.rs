@@ -130,12 +130,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2)]
     keep_checkpoints: usize,
 
-    /// Device: cpu, wgpu, or cuda[:N]. Several, comma-separated (`cuda:0,cuda:1`), train
-    /// data-parallel: one copy of the model per device, the --accum micro-batches of each step
-    /// spread over them, the gradients summed and the update made on the first. The result
-    /// is that of the first device alone with the same options (up to rounding); --accum must
-    /// be at least the number of devices. Copies on one CPU (`cpu,cpu`) share its cores, so
-    /// they are a check, not a speed-up.
+    /// Device: cpu, wgpu[:N] or cuda[:N]. Several, comma-separated (`wgpu:0,wgpu:1`, the
+    /// discrete GPUs 0 and 1), train data-parallel: one copy of the model per device, the
+    /// --accum micro-batches of each step spread over them, the gradients summed and the
+    /// update made on the first. The result is that of the first device alone with the same
+    /// options (up to rounding); --accum must be at least the number of devices. Copies on
+    /// one CPU (`cpu,cpu`) share its cores, so they are a check, not a speed-up.
     #[arg(long, default_value = "cpu")]
     device: DeviceList,
     /// Print every step and validation as a JSON line on stdout instead of the progress bar.

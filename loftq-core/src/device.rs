@@ -12,6 +12,9 @@ pub enum DeviceSpec {
     Cpu,
     /// WGPU's default adapter (Vulkan, Metal, DirectX 12; Mesa's lavapipe without a GPU).
     Wgpu,
+    /// WGPU's discrete GPU `N` (`wgpu:N`), in the order the graphics API lists them: one of
+    /// several GPUs, e.g. for `loftq train --device wgpu:0,wgpu:1`.
+    WgpuGpu(usize),
     /// CUDA device `N`.
     Cuda(usize),
 }
@@ -19,8 +22,8 @@ pub enum DeviceSpec {
 /// A device name that is unknown or whose back end is not compiled in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
-    /// Not `cpu`, `wgpu`, `cuda` or `cuda:N`.
-    #[error("unknown device `{0}` (expected cpu, wgpu, cuda or cuda:N)")]
+    /// Not `cpu`, `wgpu`, `wgpu:N`, `cuda` or `cuda:N`.
+    #[error("unknown device `{0}` (expected cpu, wgpu, wgpu:N, cuda or cuda:N)")]
     Unknown(String),
     /// The back end exists but this binary was built without its Cargo feature.
     #[error("device `{0}` needs the `{1}` Cargo feature (rebuild with `--features {1}`)")]
@@ -35,11 +38,13 @@ impl FromStr for DeviceSpec {
             "cpu" | "flex" => Ok(DeviceSpec::Cpu),
             "wgpu" | "vulkan" | "metal" => Ok(DeviceSpec::Wgpu),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|i| i.parse().ok())
-                .map(DeviceSpec::Cuda)
-                .ok_or_else(|| DeviceError::Unknown(s.to_string())),
+            other => {
+                let index = |prefix: &str| other.strip_prefix(prefix)?.parse().ok();
+                index("cuda:")
+                    .map(DeviceSpec::Cuda)
+                    .or_else(|| index("wgpu:").map(DeviceSpec::WgpuGpu))
+                    .ok_or_else(|| DeviceError::Unknown(s.to_string()))
+            }
         }
     }
 }
@@ -49,6 +54,7 @@ impl fmt::Display for DeviceSpec {
         match self {
             DeviceSpec::Cpu => write!(f, "cpu"),
             DeviceSpec::Wgpu => write!(f, "wgpu"),
+            DeviceSpec::WgpuGpu(i) => write!(f, "wgpu:{i}"),
             DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
@@ -59,7 +65,7 @@ impl DeviceSpec {
     pub fn feature(self) -> &'static str {
         match self {
             DeviceSpec::Cpu => "flex",
-            DeviceSpec::Wgpu => "wgpu",
+            DeviceSpec::Wgpu | DeviceSpec::WgpuGpu(_) => "wgpu",
             DeviceSpec::Cuda(_) => "cuda",
         }
     }
@@ -71,6 +77,8 @@ impl DeviceSpec {
             DeviceSpec::Cpu => Ok(Device::flex()),
             #[cfg(feature = "wgpu")]
             DeviceSpec::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+            #[cfg(feature = "wgpu")]
+            DeviceSpec::WgpuGpu(i) => Ok(Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(i))),
             #[cfg(feature = "cuda")]
             DeviceSpec::Cuda(i) => Ok(Device::cuda(i)),
             #[allow(unreachable_patterns)]
@@ -137,6 +145,12 @@ mod tests {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
         assert_eq!("CUDA:2".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(2));
         assert_eq!("wgpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Wgpu);
+        assert_eq!(
+            "wgpu:1".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::WgpuGpu(1)
+        );
+        assert_eq!(DeviceSpec::WgpuGpu(1).to_string(), "wgpu:1");
+        assert!("wgpu:".parse::<DeviceSpec>().is_err());
         assert!(matches!(
             "tpu".parse::<DeviceSpec>(),
             Err(DeviceError::Unknown(_))
