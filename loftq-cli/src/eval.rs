@@ -65,7 +65,7 @@ pub struct EvalArgs {
 pub fn run(args: &EvalArgs) -> Result<()> {
     let device = args
         .device
-        .device()
+        .open()
         .map_err(|e| ModelError::Invalid(format!("--device {}: {e}", args.device)))?;
     let model = load_pretrained(&args.model, args.adapter.as_deref(), &device)?;
     match (&args.logits_for, &args.out, &args.text) {

@@ -249,7 +249,7 @@ pub fn run(a: &InitArgs) -> Result<()> {
     }
     let devices = a
         .device
-        .devices()
+        .open()
         .map_err(|e| invalid(format!("--device {}: {e}", a.device)))?;
     let mut bar: Option<Progress> = None;
     let (mut n, mut sum) = (0usize, 0f64);

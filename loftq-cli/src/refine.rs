@@ -98,7 +98,7 @@ pub fn run(a: &RefineArgs) -> Result<()> {
     };
     let device = a
         .device
-        .device()
+        .open()
         .map_err(|e| invalid(format!("--device {}: {e}", a.device)))?;
     let mut bar: Option<Progress> = None;
     let mut on_event = |e: RefineEvent| match e {

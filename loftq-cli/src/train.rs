@@ -187,7 +187,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     }
     let devices = a
         .device
-        .devices()
+        .open()
         .map_err(|e| invalid(format!("--device {}: {e}", a.device)))?;
     if a.accum < devices.len() {
         return Err(invalid(format!(

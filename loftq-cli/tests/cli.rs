@@ -98,6 +98,21 @@ fn eval_refuses_bad_input_without_writing() {
     assert!(!ok);
     assert!(err.contains("config.json"), "{err}");
     assert!(!out.exists());
+    // A GPU that is not there: an error naming it, not a panic.
+    let (ok, err) = loftq(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--logits-for",
+        weights.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "wgpu:7",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("wgpu:7") && !err.contains("panicked"), "{err}");
+    assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

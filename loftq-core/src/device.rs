@@ -28,6 +28,9 @@ pub enum DeviceError {
     /// The back end exists but this binary was built without its Cargo feature.
     #[error("device `{0}` needs the `{1}` Cargo feature (rebuild with `--features {1}`)")]
     NotCompiled(DeviceSpec, &'static str),
+    /// The back end is compiled in, but the device does not answer (no such GPU, no driver).
+    #[error("device `{0}` is not available: {1}")]
+    Unavailable(DeviceSpec, String),
 }
 
 impl FromStr for DeviceSpec {
@@ -86,6 +89,53 @@ impl DeviceSpec {
         }
     }
 
+    /// Opens the device and runs one tiny operation on it, so that a GPU that is missing or
+    /// has no driver is an error here instead of a panic at the first real operation. For
+    /// programs (it replaces the panic hook while it probes); the CPU is not probed.
+    ///
+    /// # Errors
+    /// [`DeviceError::NotCompiled`], or [`DeviceError::Unavailable`] with the back end's
+    /// message.
+    pub fn open(self) -> Result<Device, DeviceError> {
+        let device = self.device()?;
+        if self == DeviceSpec::Cpu {
+            return Ok(device);
+        }
+        // The back end panics, often on its own thread first: keep the first message quiet
+        // and return it.
+        let message = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let seen = message.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let mut m = seen.lock().unwrap_or_else(|e| e.into_inner());
+            m.get_or_insert_with(|| match info.payload().downcast_ref::<String>() {
+                Some(s) => s.clone(),
+                None => info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map_or_else(|| info.to_string(), |s| s.to_string()),
+            });
+        }));
+        let probe = std::panic::catch_unwind(|| {
+            burn::tensor::Tensor::<1>::zeros([1], &device)
+                .into_data()
+                .try_to_vec::<f32>()
+                .map(|_| ())
+                .map_err(|e| format!("{e:?}"))
+        });
+        std::panic::set_hook(previous);
+        let failure = match probe {
+            Ok(Ok(())) => return Ok(device),
+            Ok(Err(e)) => e,
+            Err(_) => message
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_else(|| "the back end panicked".into()),
+        };
+        Err(DeviceError::Unavailable(self, failure))
+    }
+
     /// The device named by the `LOFTQ_DEVICE` environment variable, `cpu` when unset.
     ///
     /// # Panics
@@ -133,6 +183,14 @@ impl DeviceList {
     /// The first device that is not compiled in.
     pub fn devices(&self) -> Result<Vec<Device>, DeviceError> {
         self.0.iter().map(|d| d.device()).collect()
+    }
+
+    /// Opens and probes every device ([`DeviceSpec::open`]).
+    ///
+    /// # Errors
+    /// The first device that is not compiled in or does not answer.
+    pub fn open(&self) -> Result<Vec<Device>, DeviceError> {
+        self.0.iter().map(|d| d.open()).collect()
     }
 }
 
