@@ -70,15 +70,20 @@ fn eval_refuses_bad_input_without_writing() {
     let out = dir.join("logits.safetensors");
     // The model file is not an ids file: no `input_ids`.
     let weights = model.join("model.safetensors");
-    let (ok, err) = loftq(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--logits-for",
-        weights.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let eval = |model: &std::path::Path, extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--logits-for",
+            weights.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend(extra);
+        loftq(&a)
+    };
+    let (ok, err) = eval(&model, &[]);
     assert!(!ok);
     assert!(
         err.contains("input_ids") && err.contains("not found"),
@@ -86,30 +91,12 @@ fn eval_refuses_bad_input_without_writing() {
     );
     assert!(!out.exists());
     // A directory that is not a model.
-    let (ok, err) = loftq(&[
-        "eval",
-        "--model",
-        dir.to_str().unwrap(),
-        "--logits-for",
-        weights.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, err) = eval(&dir, &[]);
     assert!(!ok);
     assert!(err.contains("config.json"), "{err}");
     assert!(!out.exists());
     // A GPU that is not there: an error naming it, not a panic.
-    let (ok, err) = loftq(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--logits-for",
-        weights.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "wgpu:7",
-    ]);
+    let (ok, err) = eval(&model, &["--device", "wgpu:7"]);
     assert!(!ok);
     assert!(err.contains("wgpu:7") && !err.contains("panicked"), "{err}");
     assert!(!out.exists());
