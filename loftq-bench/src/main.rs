@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use loftq_core::DeviceSpec;
 use loftq_core::lowrank::RsvdConfig;
+use loftq_core::{DeviceList, DeviceSpec};
 
 #[derive(Parser)]
 #[command(
@@ -115,9 +115,10 @@ enum Task {
         /// Timed steps per mode after one warm-up.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// Device: cpu, wgpu[:N], cuda[:N].
+        /// Device: cpu, wgpu[:N], cuda[:N]; several, comma-separated (`wgpu:0,wgpu:1`): data
+        /// parallelism, one model copy and one micro-batch of `batch × seq` per device.
         #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
+        device: DeviceList,
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -317,8 +318,8 @@ fn run(suite: Task) -> Result<(), String> {
             if seq < 2 || batch == 0 {
                 return Err("--seq must be at least 2 and --batch at least 1".into());
             }
-            let cases = train::run(&model, &quantize, rank, [batch, seq], repeats, device)?;
-            println!("{}", train::markdown(&model, device, &cases));
+            let cases = train::run(&model, &quantize, rank, [batch, seq], repeats, &device)?;
+            println!("{}", train::markdown(&model, &device, &cases));
             json.map_or(Ok(()), |p| write_json(&p, &cases))
         }
         Task::Plot {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Tensor, TensorData};
 use loftq_core::lowrank::{Gaussian, RsvdConfig, SvdMethod, truncated_svd};
 use loftq_core::quant::{Kernel, host_f32};
-use loftq_core::{DeviceSpec, Quantizer};
+use loftq_core::{DeviceList, DeviceSpec, Quantizer};
 use loftq_models::init::{Backbone, InitSpec, Method, Target, run_init};
 use serde::{Deserialize, Serialize};
 
@@ -316,7 +316,8 @@ fn train_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec
     }
     let mut out = Vec::new();
     for &shape in shapes {
-        for c in train::run(&model, "nf4", 16, shape, repeats, spec)? {
+        let devices = DeviceList(vec![spec]);
+        for c in train::run(&model, "nf4", 16, shape, repeats, &devices)? {
             let name = format!(
                 "smollm2-135m shapes ({} layers) nf4 r16 {}×{} recompute={}",
                 cfg.num_hidden_layers, c.batch, c.seq, c.recompute

@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
-use loftq_core::DeviceSpec;
+use loftq_core::DeviceList;
 use loftq_models::init::plan::parse_bits;
 use loftq_models::nn::{LoadOptions, load_pretrained_with};
-use loftq_models::train::{AdamW, AdamWConfig, Batch, Recompute, loss_and_grads};
+use loftq_models::train::parallel::micro_batches;
+use loftq_models::train::{AdamW, AdamWConfig, Batch, Recompute};
 use serde::Serialize;
 
 use crate::stats::{Memory, Timing, measure};
@@ -16,28 +17,31 @@ use crate::stats::{Memory, Timing, measure};
 pub struct TrainCase {
     /// `layers` (recompute each layer in the backward pass) or `none` (whole graph).
     pub recompute: String,
-    /// Rows per step.
+    /// Devices, comma-separated; with several, each step is one micro-batch per device
+    /// (data parallelism, `loftq_models::train::parallel`).
+    pub devices: String,
+    /// Rows per micro-batch.
     pub batch: usize,
     /// Tokens per row.
     pub seq: usize,
     /// Seconds per step (forward, backward, AdamW update).
     pub step: Timing,
-    /// Predicted tokens per second at the median.
+    /// Predicted tokens per second at the median, over all devices.
     pub tokens_per_s: f64,
     /// Resident memory; the peak is that of this mode's timed steps.
     pub memory: Memory,
 }
 
-/// Times `repeats` steps in each recompute mode.
+/// Times `repeats` steps in each recompute mode, one micro-batch per device of `devices`.
 pub fn run(
     model: &Path,
     quantize: &str,
     rank: usize,
     [batch, seq]: [usize; 2],
     repeats: usize,
-    device: DeviceSpec,
+    devices: &DeviceList,
 ) -> Result<Vec<TrainCase>, String> {
-    let dev = device.device().map_err(|e| e.to_string())?;
+    let devs = devices.open().map_err(|e| e.to_string())?;
     let quantize = match quantize {
         "none" => None,
         q => Some(parse_bits(q, 64, false)?),
@@ -46,24 +50,35 @@ pub fn run(
         quantize,
         adapter: None,
     };
-    let mut m = load_pretrained_with(model, &dev, &opts).map_err(|e| e.to_string())?;
-    m.add_lora(rank, 1.0, 0.0, 0, |_| true);
-    let vocab = m.config.vocab_size as u32;
-    let ids = (0..batch * seq)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761) % vocab)
+    let mut models = Vec::with_capacity(devs.len());
+    for dev in &devs {
+        let mut m = load_pretrained_with(model, dev, &opts).map_err(|e| e.to_string())?;
+        m.add_lora(rank, 1.0, 0.0, 0, |_| true);
+        models.push(m);
+    }
+    let vocab = models[0].config.vocab_size as u32;
+    // One micro-batch of distinct ids per device.
+    let batches: Vec<_> = (0..devs.len())
+        .map(|d| {
+            let ids = (0..batch * seq)
+                .map(|i| ((i + d * batch * seq) as u32).wrapping_mul(2_654_435_761) % vocab)
+                .collect();
+            (Batch { ids, batch, seq }, 0)
+        })
         .collect();
-    let b = Batch { ids, batch, seq };
     let mut cases = Vec::new();
     for mode in [Recompute::Layers, Recompute::None] {
-        let mut opt = AdamW::new(AdamWConfig::default(), &m.lora_params());
+        let mut opt = AdamW::new(AdamWConfig::default(), &models[0].lora_params());
         let mut failed = None;
         let (step, memory) = measure(repeats.max(1), || {
-            let g = loss_and_grads(&m, &b, mode);
-            let p = opt.update(m.lora_params(), g.grads, 1e-4);
-            m.set_lora_params(p);
+            let sums = micro_batches(&mut models, &batches, mode);
+            let p = opt.update(models[0].lora_params(), sums.grads, 1e-4);
+            models[0].set_lora_params(p);
             // GPU back ends queue work: the step ends when its updates are computed.
-            if let Err(e) = dev.sync() {
-                failed = Some(format!("training step on {device}: {e:?}"));
+            for dev in &devs {
+                if let Err(e) = dev.sync() {
+                    failed = Some(format!("training step on {devices}: {e:?}"));
+                }
             }
         });
         if let Some(e) = failed {
@@ -71,9 +86,10 @@ pub fn run(
         }
         cases.push(TrainCase {
             recompute: format!("{mode:?}").to_lowercase(),
+            devices: devices.to_string(),
             batch,
             seq,
-            tokens_per_s: (batch * (seq - 1)) as f64 / step.median_s,
+            tokens_per_s: (devs.len() * batch * (seq - 1)) as f64 / step.median_s,
             step,
             memory,
         });
@@ -82,7 +98,7 @@ pub fn run(
 }
 
 /// The results as a Markdown table.
-pub fn markdown(model: &Path, device: DeviceSpec, cases: &[TrainCase]) -> String {
+pub fn markdown(model: &Path, device: &DeviceList, cases: &[TrainCase]) -> String {
     let mut s = format!(
         "Training step on {} ({device}): forward, backward and AdamW update of the LoRA factors\n\n\
          | recompute | batch × seq | step (median) | min–max | tokens/s | peak RSS |\n\

@@ -6,11 +6,11 @@
 //!   one layer's dense weights and activations are alive at a time.
 //! - [`optim`]: AdamW, the learning-rate schedule, gradient clipping.
 //! - [`run`]: the loop, validation, checkpoints and exact resume; with several devices, the
-//!   micro-batches of a step are spread over one model replica per device (`parallel`).
+//!   micro-batches of a step are spread over one model replica per device ([`parallel`]).
 
 pub mod data;
 pub mod optim;
-mod parallel;
+pub mod parallel;
 mod run;
 pub mod step;
 

@@ -13,7 +13,8 @@ use super::step::{Batch, Recompute, loss_and_grads};
 use crate::nn::Llama;
 
 /// The loss and gradients of a step: the sums over its micro-batches.
-pub(crate) struct Sums {
+#[derive(Debug)]
+pub struct Sums {
     /// Sum of the micro-batches' mean losses.
     pub loss: f64,
     /// Sum of their gradients, in [`Llama::lora_params`] order, on the main replica's device.
@@ -26,11 +27,7 @@ pub(crate) struct Sums {
 ///
 /// # Panics
 /// If there are fewer batches than models, or none.
-pub(crate) fn micro_batches(
-    models: &mut [Llama],
-    batches: &[(Batch, u64)],
-    recompute: Recompute,
-) -> Sums {
+pub fn micro_batches(models: &mut [Llama], batches: &[(Batch, u64)], recompute: Recompute) -> Sums {
     let devices = models.len();
     assert!(
         batches.len() >= devices,
