@@ -99,8 +99,14 @@ pub fn run(
 
 /// The results as a Markdown table.
 pub fn markdown(model: &Path, device: &DeviceList, cases: &[TrainCase]) -> String {
+    let per = if device.0.len() > 1 {
+        "; one micro-batch per device, tokens/s over all"
+    } else {
+        ""
+    };
     let mut s = format!(
-        "Training step on {} ({device}): forward, backward and AdamW update of the LoRA factors\n\n\
+        "Training step on {} ({device}{per}): forward, backward and AdamW update of the LoRA \
+         factors\n\n\
          | recompute | batch × seq | step (median) | min–max | tokens/s | peak RSS |\n\
          |---|---|---|---|---|---|\n",
         model.display()
