@@ -189,69 +189,6 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         .device
         .open()
         .map_err(|e| invalid(format!("--device {}: {e}", a.device)))?;
-    if a.accum < devices.len() {
-        return Err(invalid(format!(
-            "--accum {} with {} devices: each device takes whole micro-batches, so --accum \
-             must be at least the number of devices",
-            a.accum,
-            devices.len()
-        )));
-    }
-
-    // The model and its adapter, once per device.
-    let adapter = a.adapter.as_deref().map(Adapter::read).transpose()?;
-    let quantize = a
-        .quantize
-        .as_deref()
-        .map(|s| parse_bits(s, a.block_size, false))
-        .transpose()
-        .map_err(|e| invalid(format!("--quantize: {e}")))?;
-    let opts = LoadOptions {
-        quantize,
-        adapter: adapter.as_ref(),
-    };
-    let mut models = Vec::with_capacity(devices.len());
-    let mut template = None;
-    for device in &devices {
-        let (model, t) = build_model(a, &opts, adapter.as_ref(), device)?;
-        models.push(model);
-        template = Some(t);
-    }
-    let template = template.expect("at least one device");
-    let model = &models[0];
-
-    // The text.
-    let tok = Tokenizer::for_model(&a.model)?;
-    let stream = TokenStream::from_files(&tok, &a.text, model.config.eos_token_id)?;
-    let (stream, val_tokens) = match &a.val_text {
-        Some(path) => (stream, tokenize_file(&tok, path)?),
-        None => {
-            let (s, v) = stream.split_tail(a.val_fraction);
-            (s, v.tokens)
-        }
-    };
-    let val = (val_tokens.len() >= 2).then(|| {
-        let tokens: Vec<u32> = val_tokens.into_iter().take(a.val_tokens.max(2)).collect();
-        let window = a.val_window.unwrap_or(tokens.len()).max(2);
-        Validation {
-            stride: a.val_stride.unwrap_or(window / 2).clamp(1, window),
-            window,
-            tokens,
-        }
-    });
-    let trainable: usize = model
-        .lora_params()
-        .iter()
-        .map(|t| t.dims().iter().product::<usize>())
-        .sum();
-    eprintln!(
-        "{} training tokens from {} file(s); {} validation tokens; {} trainable parameters",
-        stream.tokens.len(),
-        stream.files.len(),
-        val.as_ref().map_or(0, |v| v.tokens.len()),
-        trainable
-    );
-
     let cfg = TrainConfig {
         steps: a.steps,
         batch: a.batch,
@@ -287,6 +224,60 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         keep_checkpoints: a.keep_checkpoints,
         resume: a.resume,
     };
+    // Before any model is loaded.
+    cfg.check_devices(devices.len())?;
+
+    // The model and its adapter, once per device.
+    let adapter = a.adapter.as_deref().map(Adapter::read).transpose()?;
+    let quantize = a
+        .quantize
+        .as_deref()
+        .map(|s| parse_bits(s, a.block_size, false))
+        .transpose()
+        .map_err(|e| invalid(format!("--quantize: {e}")))?;
+    let opts = LoadOptions {
+        quantize,
+        adapter: adapter.as_ref(),
+    };
+    let (model, template) = build_model(a, &opts, adapter.as_ref(), &devices[0])?;
+    let mut models = vec![model];
+    for device in &devices[1..] {
+        models.push(build_model(a, &opts, adapter.as_ref(), device)?.0);
+    }
+    let model = &models[0];
+
+    // The text.
+    let tok = Tokenizer::for_model(&a.model)?;
+    let stream = TokenStream::from_files(&tok, &a.text, model.config.eos_token_id)?;
+    let (stream, val_tokens) = match &a.val_text {
+        Some(path) => (stream, tokenize_file(&tok, path)?),
+        None => {
+            let (s, v) = stream.split_tail(a.val_fraction);
+            (s, v.tokens)
+        }
+    };
+    let val = (val_tokens.len() >= 2).then(|| {
+        let tokens: Vec<u32> = val_tokens.into_iter().take(a.val_tokens.max(2)).collect();
+        let window = a.val_window.unwrap_or(tokens.len()).max(2);
+        Validation {
+            stride: a.val_stride.unwrap_or(window / 2).clamp(1, window),
+            window,
+            tokens,
+        }
+    });
+    let trainable: usize = model
+        .lora_params()
+        .iter()
+        .map(|t| t.dims().iter().product::<usize>())
+        .sum();
+    eprintln!(
+        "{} training tokens from {} file(s); {} validation tokens; {} trainable parameters",
+        stream.tokens.len(),
+        stream.files.len(),
+        val.as_ref().map_or(0, |v| v.tokens.len()),
+        trainable
+    );
+
     let tokens_per_step = (a.batch * a.accum * (a.seq - 1)) as f64;
     let mut bar = (!a.json).then(|| Progress::new(a.steps as u64));
     let mut loss_ema: Option<f64> = None;

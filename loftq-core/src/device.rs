@@ -177,14 +177,6 @@ impl fmt::Display for DeviceList {
 }
 
 impl DeviceList {
-    /// Opens every device.
-    ///
-    /// # Errors
-    /// The first device that is not compiled in.
-    pub fn devices(&self) -> Result<Vec<Device>, DeviceError> {
-        self.0.iter().map(|d| d.device()).collect()
-    }
-
     /// Opens and probes every device ([`DeviceSpec::open`]).
     ///
     /// # Errors

@@ -70,6 +70,21 @@ impl TrainConfig {
         };
         strip(self) == strip(other)
     }
+
+    /// Checks that every one of `devices` gets a micro-batch in each step (see [`train_on`]).
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`], naming `--accum`, if `accum` is smaller than `devices`.
+    pub fn check_devices(&self, devices: usize) -> Result<()> {
+        if self.accum < devices {
+            return Err(ModelError::Invalid(format!(
+                "--accum {} is smaller than the {devices} devices: each device takes whole \
+                 micro-batches, so give at least one per device",
+                self.accum
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Validation text, scored with a sliding window.
@@ -203,14 +218,7 @@ pub fn train_on(
             "the replicas' adapters differ from the first device's".into(),
         ));
     }
-    if cfg.accum < models.len() {
-        return Err(ModelError::Invalid(format!(
-            "--accum {} is smaller than the {} devices: each device takes whole micro-batches, \
-             so give at least one per device",
-            cfg.accum,
-            models.len()
-        )));
-    }
+    cfg.check_devices(models.len())?;
     if model.lora_params().is_empty() {
         return Err(ModelError::Invalid(
             "the model has no LoRA adapter to train".into(),
