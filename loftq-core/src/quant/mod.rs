@@ -24,7 +24,7 @@ pub use codebook::{Codebook, NF_OFFSET};
 pub use double_quant::{DYNAMIC_BLOCK, DoubleQuant, dynamic_map};
 pub use host::HostQuantized;
 pub use normal::{normal_cdf, normal_ppf, torch_linspace_f32};
-pub use pack::{pack_codes, packed_len, unpack_codes};
+pub use pack::{pack_codes, packed_len, unpack_codes, unpack_codes_into};
 pub use packed::{PackedTensor, Scales};
 pub use quantizer::Quantizer;
 pub use tensor::{Codes, Kernel, Quantized, host_f32, is_host_device};

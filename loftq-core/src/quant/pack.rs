@@ -57,27 +57,57 @@ pub fn pack_codes(codes: &[u8], bits: u8) -> Vec<u8> {
 /// # Panics
 /// If `bits` is not in `1..=8`.
 pub fn unpack_codes(data: &[u8], bits: u8, n: usize) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; n];
+    unpack_codes_into(data, bits, &mut out).then_some(out)
+}
+
+/// [`unpack_codes`] into `out` (`out.len()` codes); false, with `out` untouched, if `data` is
+/// too short.
+///
+/// # Panics
+/// If `bits` is not in `1..=8`.
+pub fn unpack_codes_into(data: &[u8], bits: u8, out: &mut [u8]) -> bool {
     assert!((1..=8).contains(&bits), "codes have 1 to 8 bits");
+    let n = out.len();
     if data.len() < packed_len(n, bits) {
-        return None;
+        return false;
     }
-    let mask = (1u16 << bits) - 1;
-    Some(match bits {
-        8 => data[..n].to_vec(),
-        4 => data
-            .iter()
-            .flat_map(|&b| [b >> 4, b & 0xF])
-            .take(n)
-            .collect(),
-        _ => (0..n)
-            .map(|i| {
+    match bits {
+        8 => out.copy_from_slice(&data[..n]),
+        4 => unpack_whole_bytes::<4>(data, out),
+        2 => unpack_whole_bytes::<2>(data, out),
+        1 => unpack_whole_bytes::<1>(data, out),
+        _ => {
+            let mask = (1u16 << bits) - 1;
+            for (i, q) in out.iter_mut().enumerate() {
                 let bit = i * bits as usize;
                 let hi = u16::from(data[bit / 8]) << 8;
                 let lo = data.get(bit / 8 + 1).map_or(0, |&b| u16::from(b));
-                (((hi | lo) >> (16 - bits as usize - bit % 8)) & mask) as u8
-            })
-            .collect(),
-    })
+                *q = (((hi | lo) >> (16 - bits as usize - bit % 8)) & mask) as u8;
+            }
+        }
+    }
+    true
+}
+
+/// Codes of `BITS` dividing 8: whole bytes in fixed-width chunks (constant shifts, so the loop
+/// vectorises), then the partial byte.
+fn unpack_whole_bytes<const BITS: usize>(data: &[u8], out: &mut [u8]) {
+    let per = 8 / BITS;
+    let mask = (1u8 << BITS) - 1;
+    let n = out.len();
+    let mut chunks = out.chunks_exact_mut(per);
+    for (c, &b) in (&mut chunks).zip(data) {
+        for (i, q) in c.iter_mut().enumerate() {
+            *q = (b >> (8 - BITS * (i + 1))) & mask;
+        }
+    }
+    let rest = chunks.into_remainder();
+    if let Some(&b) = data.get(n / per) {
+        for (i, q) in rest.iter_mut().enumerate() {
+            *q = (b >> (8 - BITS * (i + 1))) & mask;
+        }
+    }
 }
 
 #[cfg(test)]

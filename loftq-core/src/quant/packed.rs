@@ -1,6 +1,9 @@
 //! [`PackedTensor`]: the compact host storage of a quantized matrix.
 
-use super::{DoubleQuant, HostQuantized, QuantConfig, Quantizer, Scheme, pack_codes, unpack_codes};
+use super::{
+    DoubleQuant, HostQuantized, QuantConfig, Quantizer, Scheme, pack_codes, unpack_codes,
+    unpack_codes_into,
+};
 use crate::QuantError;
 
 /// How the per-block scales are stored.
@@ -138,8 +141,9 @@ impl PackedTensor {
         let run = run_blocks * block;
         let mut out = vec![0f32; self.numel()];
         let one = |(i, o): (usize, &mut [f32])| {
-            let codes = unpack_codes(&self.data[i * run * bits / 8..], bits as u8, o.len())
-                .expect("length checked");
+            let mut codes = vec![0u8; o.len()];
+            let whole = unpack_codes_into(&self.data[i * run * bits / 8..], bits as u8, &mut codes);
+            assert!(whole, "length checked");
             let b0 = i * run_blocks;
             let mins = self.mins.get(b0..).unwrap_or(&[]);
             quantizer.dequantize_range(&codes, &scales[b0..], mins, block, o);

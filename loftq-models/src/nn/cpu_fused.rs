@@ -99,12 +99,17 @@ impl<const N: usize> Backward<Flex, N> for HostBackward<N> {
 /// What a host operation computes: its output, and (only when asked for) its backward pass.
 type Computed<const N: usize> = (Vec<f32>, Option<BackwardFn<N>>);
 
+/// Which of an operation's inputs need a gradient: `None` when none does (no backward pass).
+/// The backward pass may leave the others' gradients empty.
+pub(crate) type Wanted<const N: usize> = Option<[bool; N]>;
+
 /// Runs `op` on the host values of `inputs` (all on flex, or all on the flex autodiff
-/// device, where constants are lifted). `op`'s flag says whether to return a backward pass.
+/// device, where constants are lifted). `op` returns a backward pass when its [`Wanted`] is
+/// set.
 pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
     inputs: [&Tensor<DI>; N],
     out_shape: [usize; DO],
-    op: impl FnOnce([Host; N], bool) -> Computed<N>,
+    op: impl FnOnce([Host; N], Wanted<N>) -> Computed<N>,
 ) -> Option<Tensor<DO>> {
     let out = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, out_shape));
     let plain: Option<Vec<FlexTensor>> = inputs
@@ -113,7 +118,7 @@ pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
         .collect();
     if let Some(plain) = plain {
         let hosts = plain.into_iter().map(Host::new).collect::<Vec<_>>();
-        let (y, _) = op(hosts.try_into().expect("N inputs"), false);
+        let (y, _) = op(hosts.try_into().expect("N inputs"), None);
         return Some(Tensor::from_primitive::<Flex>(out(y)));
     }
     if !is_host_device(&inputs[0].device().without_autodiff()) {
@@ -135,6 +140,12 @@ pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
         .try_into()
         .expect("N inputs");
     let shapes: [Vec<usize>; N] = inputs.map(|t| t.dims().to_vec());
+    let wanted: [bool; N] = ads
+        .iter()
+        .map(|t| t.is_tracked())
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("N inputs");
     let hosts: [Host; N] = ads
         .iter()
         .map(|t| Host::new(t.primitive().clone()))
@@ -147,11 +158,11 @@ pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (y, backward) = op(hosts, true);
+            let (y, backward) = op(hosts, Some(wanted));
             let backward = backward.expect("asked for the backward pass");
             prep.finish(State { backward, shapes }, out(y))
         }
-        OpsKind::UnTracked(prep) => prep.finish(out(op(hosts, false).0)),
+        OpsKind::UnTracked(prep) => prep.finish(out(op(hosts, None).0)),
     };
     Some(Tensor::from_primitive::<Autodiff<Flex>>(tensor))
 }
@@ -164,9 +175,9 @@ pub(crate) fn rms_norm<const D: usize>(
 ) -> Option<Tensor<D>> {
     let w = Host::of(weight)?;
     let eps = eps as f32;
-    run([x], x.dims(), move |[x], tracked| {
+    run([x], x.dims(), move |[x], wanted| {
         let y = k::rms_norm(x.slice(), w.slice(), eps);
-        let back = tracked.then(|| {
+        let back = wanted.map(|_| {
             Arc::new(move |dy: &[f32]| [k::rms_norm_backward(x.slice(), w.slice(), eps, dy)])
                 as BackwardFn<1>
         });
@@ -176,9 +187,9 @@ pub(crate) fn rms_norm<const D: usize>(
 
 /// `silu(gate)·up`.
 pub(crate) fn silu_mul<const D: usize>(gate: &Tensor<D>, up: &Tensor<D>) -> Option<Tensor<D>> {
-    run([gate, up], gate.dims(), |[g, u], tracked| {
+    run([gate, up], gate.dims(), |[g, u], wanted| {
         let y = k::silu_mul(g.slice(), u.slice());
-        let back = tracked.then(|| {
+        let back = wanted.map(|_| {
             Arc::new(move |dy: &[f32]| {
                 let (dg, du) = k::silu_mul_backward(g.slice(), u.slice(), dy);
                 [dg, du]
@@ -207,13 +218,13 @@ pub(crate) fn attention(
     run(
         [q, kk, v],
         [batch, seq, width],
-        move |[q, kk, v], tracked| {
+        move |[q, kk, v], wanted| {
             let rope = Rope {
                 cos: cos.slice(),
                 sin: sin.slice(),
             };
             let y = k::attention(q.slice(), kk.slice(), v.slice(), rope, sh);
-            let back = tracked.then(|| {
+            let back = wanted.map(|_| {
                 Arc::new(move |dy: &[f32]| {
                     let rope = Rope {
                         cos: cos.slice(),
@@ -233,9 +244,9 @@ pub(crate) fn attention(
 /// backward pass scales it.
 pub(crate) fn head_nll(h: &Tensor<3>, e: &Host, targets: &[u32]) -> Option<Tensor<1>> {
     let hidden = h.dims()[2];
-    run([h], [1], |[h], tracked| {
+    run([h], [1], |[h], wanted| {
         let e = MatRef::from_row_major_slice(e.slice(), e.slice().len() / hidden, hidden);
-        let (loss, dh) = k::cross_entropy(h.slice(), e, targets, tracked);
+        let (loss, dh) = k::cross_entropy(h.slice(), e, targets, wanted.is_some());
         let back = dh.map(|dh| {
             Arc::new(move |g: &[f32]| [dh.iter().map(|v| v * g[0]).collect()]) as BackwardFn<1>
         });
@@ -365,8 +376,7 @@ pub(crate) mod tests {
         );
     }
 
-    /// The fused loss and its gradient against log-softmax and gather, over more rows than
-    /// one block of logits.
+    /// The fused loss and its gradient against log-softmax and gather.
     #[test]
     fn head_nll_matches_burn() {
         let dev = ad();
@@ -395,6 +405,24 @@ pub(crate) mod tests {
         let h2 = h0.detach().require_grad();
         let grads = generic(h2.clone()).mul_scalar(2.5).backward();
         close(got, host(h2.grad(&grads).unwrap()), "dL/dh");
+    }
+
+    /// Logits made in many row and column blocks give the loss and gradient of one block.
+    #[test]
+    fn cross_entropy_blocks_agree() {
+        let (n, hidden, vocab) = (150, 16, 301);
+        let rnd = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i + seed) * 2_654_435_761) % 1000) as f32 / 250.0 - 2.0)
+                .collect()
+        };
+        let (h, e) = (rnd(n * hidden, 1), rnd(vocab * hidden, 2));
+        let e = MatRef::from_row_major_slice(&e, vocab, hidden);
+        let targets: Vec<u32> = (0..n).map(|i| (i * 37 % vocab) as u32).collect();
+        let (want, want_dh) = k::cross_entropy_in(&h, e, &targets, true, [n, vocab]);
+        let (got, got_dh) = k::cross_entropy_in(&h, e, &targets, true, [7, 64]);
+        assert!((got - want).abs() <= 1e-6 * want.abs(), "{got} vs {want}");
+        close(got_dh.unwrap(), want_dh.unwrap(), "dL/dh");
     }
 
     #[test]

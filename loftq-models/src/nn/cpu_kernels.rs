@@ -66,6 +66,7 @@ fn max_of(x: &[f32]) -> f32 {
     acc.iter().fold(rest, |m, &v| m.max(v))
 }
 
+multiversion! {
 /// Replaces each `xᵢ` by `exp(xᵢ − shift)` and returns their sum, accumulated in `f64`: over a
 /// 49k vocabulary most terms are below half an `f32` ulp of a running sum, and an `f32` sum
 /// (Burn's log-softmax) reads the loss about 1.5e-4 nats low on SmolLM2.
@@ -85,7 +86,9 @@ fn exp_in_place(x: &mut [f32], shift: f32) -> f32 {
     }
     (acc.iter().sum::<f64>() + rest) as f32
 }
+}
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
@@ -97,15 +100,20 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     y.par_chunks_mut(n)
         .zip(x.par_chunks(n))
         .with_min_len(GRAIN / n.max(1) + 1)
-        .for_each(|(y, x)| {
-            let r = inv_rms(x, eps);
-            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                *y = x * r * w;
-            }
-        });
+        .for_each(|(y, x)| rms_norm_row(y, x, w, eps));
     y
 }
 
+multiversion! {
+fn rms_norm_row(y: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let r = inv_rms(x, eps);
+    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+        *y = x * r * w;
+    }
+}
+}
+
+#[inline(always)]
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
     let ss = sum_of(x, |v| v * v);
     1.0 / (ss / x.len() as f32 + eps).sqrt()
@@ -118,15 +126,19 @@ pub(crate) fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32]) -> V
     dx.par_chunks_mut(n)
         .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
         .with_min_len(GRAIN / n.max(1) + 1)
-        .for_each(|(dx, (x, dy))| {
-            let r = inv_rms(x, eps);
-            let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, g), w)| x * g * w).sum();
-            let c = dot * r * r / n as f32;
-            for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                *dx = r * (w * g - x * c);
-            }
-        });
+        .for_each(|(dx, (x, dy))| rms_norm_row_backward(dx, x, w, eps, dy));
     dx
+}
+
+multiversion! {
+fn rms_norm_row_backward(dx: &mut [f32], x: &[f32], w: &[f32], eps: f32, dy: &[f32]) {
+    let r = inv_rms(x, eps);
+    let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, g), w)| x * g * w).sum();
+    let c = dot * r * r / x.len() as f32;
+    for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+        *dx = r * (w * g - x * c);
+    }
+}
 }
 
 /// `silu(g)·u`, element-wise.
@@ -134,12 +146,16 @@ pub(crate) fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; g.len()];
     y.par_chunks_mut(GRAIN)
         .zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN)))
-        .for_each(|(y, (g, u))| {
-            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                *y = g * sigmoid(*g) * u;
-            }
-        });
+        .for_each(|(y, (g, u))| silu_mul_run(y, g, u));
     y
+}
+
+multiversion! {
+fn silu_mul_run(y: &mut [f32], g: &[f32], u: &[f32]) {
+    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+        *y = g * sigmoid(*g) * u;
+    }
+}
 }
 
 /// The gradients `(dg, du)` of [`silu_mul`].
@@ -152,14 +168,18 @@ pub(crate) fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, 
                 .zip(u.par_chunks(GRAIN))
                 .zip(dy.par_chunks(GRAIN)),
         )
-        .for_each(|((dg, du), ((g, u), dy))| {
-            for ((((dg, du), g), u), dy) in dg.iter_mut().zip(du).zip(g).zip(u).zip(dy) {
-                let s = sigmoid(*g);
-                *dg = dy * u * s * (1.0 + g * (1.0 - s));
-                *du = dy * g * s;
-            }
-        });
+        .for_each(|((dg, du), ((g, u), dy))| silu_mul_backward_run(dg, du, g, u, dy));
     (dg, du)
+}
+
+multiversion! {
+fn silu_mul_backward_run(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+    for ((((dg, du), g), u), dy) in dg.iter_mut().zip(du).zip(g).zip(u).zip(dy) {
+        let s = sigmoid(*g);
+        *dg = dy * u * s * (1.0 + g * (1.0 - s));
+        *du = dy * g * s;
+    }
+}
 }
 
 /// The shape of a causal self-attention: `q [batch, seq, heads·head_dim]`, `k` and `v`
@@ -194,11 +214,18 @@ impl Rope<'_> {
     /// With `(a, b)` the two halves' entries at one position, `(a·cos₁ + b·p, b·cos₂ + a·q)`:
     /// `p = −sin₁`, `q = sin₂` for the rotation, and `p = sin₂`, `q = −sin₁` for its transpose.
     fn rotate(&self, x: &mut [f32], d: usize, transpose: bool) {
+        rotate_rows(x, self.cos, self.sin, d, transpose);
+    }
+}
+
+multiversion! {
+/// [`Rope::rotate`] of the rows of `x [seq, d]`.
+fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, transpose: bool) {
         let half = d / 2;
         for ((row, cos), sin) in x
             .chunks_mut(d)
-            .zip(self.cos.chunks(d))
-            .zip(self.sin.chunks(d))
+            .zip(cos.chunks(d))
+            .zip(sin.chunks(d))
         {
             let (x1, x2) = row.split_at_mut(half);
             let (s1, s2) = sin.split_at(half);
@@ -213,7 +240,7 @@ impl Rope<'_> {
                 x2[c] = b * cos[half + c] + a * q;
             }
         }
-    }
+}
 }
 
 impl AttnShape {
@@ -229,15 +256,19 @@ impl AttnShape {
         out
     }
 
-    /// Writes `[seq, head_dim]` blocks back into `[batch, seq, n_heads·head_dim]`.
-    fn scatter(&self, blocks: Vec<(usize, usize, Vec<f32>)>, n_heads: usize) -> Vec<f32> {
+    /// Writes runs of consecutive heads back into `[batch, seq, n_heads·head_dim]`: each entry
+    /// is a batch row, its first head, and that head's `[seq, head_dim]` block followed by the
+    /// next heads' blocks.
+    fn scatter(&self, runs: Vec<(usize, usize, Vec<f32>)>, n_heads: usize) -> Vec<f32> {
         let (s, d) = (self.seq, self.head_dim);
         let width = n_heads * d;
         let mut out = vec![0f32; self.batch * s * width];
-        for (b, head, block) in blocks {
-            for (t, row) in block.chunks(d).enumerate() {
-                let at = (b * s + t) * width + head * d;
-                out[at..at + d].copy_from_slice(row);
+        for (b, first, run) in runs {
+            for (h, block) in run.chunks(s * d).enumerate() {
+                for (t, row) in block.chunks(d).enumerate() {
+                    let at = (b * s + t) * width + (first + h) * d;
+                    out[at..at + d].copy_from_slice(row);
+                }
             }
         }
         out
@@ -259,6 +290,18 @@ impl AttnShape {
         h
     }
 
+    /// The query heads that share key head `j` (`heads / kv_heads` of them) of batch row `b`
+    /// of `x [batch, seq, heads·head_dim]`, stacked: `[group·seq, head_dim]`, rotated if asked.
+    /// One product then serves the whole group.
+    fn group(&self, x: &[f32], b: usize, j: usize, rope: Option<Rope<'_>>) -> Vec<f32> {
+        let g = self.heads / self.kv_heads;
+        let mut out = Vec::with_capacity(g * self.seq * self.head_dim);
+        for i in j * g..(j + 1) * g {
+            out.extend(self.head(x, self.heads, b, i, rope));
+        }
+        out
+    }
+
     /// Key head `j` of batch row `b` (rotated) and its value head.
     fn key_value(
         &self,
@@ -273,12 +316,14 @@ impl AttnShape {
         )
     }
 
-    /// The probabilities `[seq, seq]` and the output `[seq, d]` of one query head.
+    /// The probabilities `[rows, seq]` and the output `[rows, d]` of stacked query heads `q`
+    /// `[rows, d]` (see [`Self::group`]) against one key and value head `[seq, d]`.
     fn output(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (s, d) = (self.seq, self.head_dim);
+        let n = q.len() / d;
         let p = self.probs(q, k);
-        let mut o = vec![0f32; s * d];
-        prod(&mut o, false, rows(&p, s, s), rows(v, s, d), 1.0);
+        let mut o = vec![0f32; n * d];
+        prod(&mut o, false, rows(&p, n, s), rows(v, s, d), 1.0);
         (p, o)
     }
 
@@ -286,25 +331,41 @@ impl AttnShape {
         1.0 / (self.head_dim as f32).sqrt()
     }
 
-    /// The causal attention probabilities `[seq, seq]` of roped `q` and `k` `[seq, d]`.
+    /// The causal attention probabilities `[rows, seq]` of roped stacked query heads `q`
+    /// `[rows, d]` and one key head `k` `[seq, d]`: row `r` is position `r mod seq`.
     fn probs(&self, q: &[f32], k: &[f32]) -> Vec<f32> {
         let (s, d) = (self.seq, self.head_dim);
-        let mut p = vec![0f32; s * s];
+        let n = q.len() / d;
+        let mut p = vec![0f32; n * s];
         gemm_seq(
-            MatMut::from_row_major_slice_mut(&mut p, s, s),
+            MatMut::from_row_major_slice_mut(&mut p, n, s),
             false,
-            MatRef::from_row_major_slice(q, s, d),
+            MatRef::from_row_major_slice(q, n, d),
             MatRef::from_row_major_slice(k, s, d).transpose(),
             self.scale(),
         );
-        for (t, row) in p.chunks_mut(s).enumerate() {
-            let (live, future) = row.split_at_mut(t + 1);
+        for (r, row) in p.chunks_mut(s).enumerate() {
+            let (live, future) = row.split_at_mut(r % s + 1);
             let inv = 1.0 / exp_in_place(live, max_of(live));
             live.iter_mut().for_each(|v| *v *= inv);
             future.fill(0.0);
         }
         p
     }
+}
+
+multiversion! {
+/// `dS = P∘(dP − rowsum(dO∘O))·scale` in place of `dP` (`ds`), for `[rows, seq]` blocks `ds`,
+/// `p` and `[rows, d]` blocks `dout`, `o`.
+fn softmax_backward(ds: &mut [f32], p: &[f32], dout: &[f32], o: &[f32], d: usize, scale: f32) {
+    let s = p.len() / (dout.len() / d);
+    for ((row, prow), (dor, or)) in ds.chunks_mut(s).zip(p.chunks(s)).zip(dout.chunks(d).zip(o.chunks(d))) {
+        let dot: f32 = dor.iter().zip(or).map(|(a, b)| a * b).sum();
+        for (x, p) in row.iter_mut().zip(prow) {
+            *x = p * (*x - dot) * scale;
+        }
+    }
+}
 }
 
 /// `[s, a]·[s, b]` products on `[seq, d]` blocks.
@@ -333,20 +394,16 @@ pub(crate) fn attention(
     sh: AttnShape,
 ) -> Vec<f32> {
     let g = sh.heads / sh.kv_heads;
-    let blocks: Vec<_> = (0..sh.batch * sh.kv_heads)
+    let runs: Vec<_> = (0..sh.batch * sh.kv_heads)
         .into_par_iter()
-        .flat_map_iter(|task| {
+        .map(|task| {
             let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
             let (kh, vh) = sh.key_value([k, v], rope, b, j);
-            (j * g..(j + 1) * g)
-                .map(|i| {
-                    let qh = sh.head(q, sh.heads, b, i, Some(rope));
-                    (b, i, sh.output(&qh, &kh, &vh).1)
-                })
-                .collect::<Vec<_>>()
+            let qg = sh.group(q, b, j, Some(rope));
+            (b, j * g, sh.output(&qg, &kh, &vh).1)
         })
         .collect();
-    sh.scatter(blocks, sh.heads)
+    sh.scatter(runs, sh.heads)
 }
 
 /// The gradients `(dq, dk, dv)` of [`attention`] for the output gradient `dout`. The
@@ -358,64 +415,53 @@ pub(crate) fn attention_backward(
     dout: &[f32],
 ) -> [Vec<f32>; 3] {
     let (s, d, g) = (sh.seq, sh.head_dim, sh.heads / sh.kv_heads);
+    let n = g * s;
     let per_task: Vec<_> = (0..sh.batch * sh.kv_heads)
         .into_par_iter()
         .map(|task| {
             let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
             let (kh, vh) = sh.key_value([k, v], rope, b, j);
-            let (mut dk, mut dv) = (vec![0f32; s * d], vec![0f32; s * d]);
-            let mut dqs = Vec::with_capacity(g);
-            for i in j * g..(j + 1) * g {
-                let qh = sh.head(q, sh.heads, b, i, Some(rope));
-                let (p, o) = sh.output(&qh, &kh, &vh);
-                let dof = sh.head(dout, sh.heads, b, i, None);
-                // dP = dO·Vᵀ, then dS = P∘(dP − rowsum(dO∘O))·scale.
-                let mut ds = vec![0f32; s * s];
-                prod(
-                    &mut ds,
-                    false,
-                    rows(&dof, s, d),
-                    rows(&vh, s, d).transpose(),
-                    1.0,
-                );
-                for (t, (row, prow)) in ds.chunks_mut(s).zip(p.chunks(s)).enumerate() {
-                    let at = t * d;
-                    let dot: f32 = dof[at..at + d]
-                        .iter()
-                        .zip(&o[at..at + d])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    for (x, p) in row.iter_mut().zip(prow) {
-                        *x = p * (*x - dot) * sh.scale();
-                    }
-                }
-                let mut dq = vec![0f32; s * d];
-                prod(&mut dq, false, rows(&ds, s, s), rows(&kh, s, d), 1.0);
-                rope.unapply(&mut dq, d);
-                dqs.push((b, i, dq));
-                prod(
-                    &mut dk,
-                    true,
-                    rows(&ds, s, s).transpose(),
-                    rows(&qh, s, d),
-                    1.0,
-                );
-                prod(
-                    &mut dv,
-                    true,
-                    rows(&p, s, s).transpose(),
-                    rows(&dof, s, d),
-                    1.0,
-                );
+            let qg = sh.group(q, b, j, Some(rope));
+            let (p, o) = sh.output(&qg, &kh, &vh);
+            let dog = sh.group(dout, b, j, None);
+            // dP = dO·Vᵀ, then dS = P∘(dP − rowsum(dO∘O))·scale.
+            let mut ds = vec![0f32; n * s];
+            prod(
+                &mut ds,
+                false,
+                rows(&dog, n, d),
+                rows(&vh, s, d).transpose(),
+                1.0,
+            );
+            softmax_backward(&mut ds, &p, &dog, &o, d, sh.scale());
+            let mut dq = vec![0f32; n * d];
+            prod(&mut dq, false, rows(&ds, n, s), rows(&kh, s, d), 1.0);
+            for block in dq.chunks_mut(s * d) {
+                rope.unapply(block, d);
             }
+            let (mut dk, mut dv) = (vec![0f32; s * d], vec![0f32; s * d]);
+            prod(
+                &mut dk,
+                false,
+                rows(&ds, n, s).transpose(),
+                rows(&qg, n, d),
+                1.0,
+            );
+            prod(
+                &mut dv,
+                false,
+                rows(&p, n, s).transpose(),
+                rows(&dog, n, d),
+                1.0,
+            );
             rope.unapply(&mut dk, d);
-            (dqs, (b, j, dk), (b, j, dv))
+            ((b, j * g, dq), (b, j, dk), (b, j, dv))
         })
         .collect();
     let mut dq = Vec::new();
     let (mut dk, mut dv) = (Vec::new(), Vec::new());
     for (q, k, v) in per_task {
-        dq.extend(q);
+        dq.push(q);
         dk.push(k);
         dv.push(v);
     }
@@ -432,6 +478,10 @@ pub(crate) fn attention_backward(
 /// 512 rows).
 const CE_ROWS: usize = 512;
 
+/// Vocabulary entries per product of the logits: faer's product over the whole 49k vocabulary
+/// runs at 133 GFLOP/s on this machine, in blocks of 8192 at 195.
+const CE_COLS: usize = 8192;
+
 /// The mean negative log-likelihood of `targets` under `softmax(h·Eᵀ)` for `h [rows, hidden]`
 /// and `e [vocab, hidden]`, and with `grad` also `dL/dh [rows, hidden]`. The logits are made
 /// a block of rows at a time and never kept.
@@ -444,21 +494,38 @@ pub(crate) fn cross_entropy(
     targets: &[u32],
     grad: bool,
 ) -> (f64, Option<Vec<f32>>) {
+    cross_entropy_in(h, e, targets, grad, [CE_ROWS, CE_COLS])
+}
+
+/// [`cross_entropy`] with logits made `block_rows` rows at a time, each row block in
+/// products of `block_cols` vocabulary entries.
+pub(crate) fn cross_entropy_in(
+    h: &[f32],
+    e: MatRef<'_, f32>,
+    targets: &[u32],
+    grad: bool,
+    [block_rows, block_cols]: [usize; 2],
+) -> (f64, Option<Vec<f32>>) {
     let (vocab, hidden) = (e.nrows(), e.ncols());
     let n = targets.len();
     assert_eq!(h.len(), n * hidden, "one target per row of h");
     let mut dh = grad.then(|| vec![0f32; n * hidden]);
-    let mut logits = vec![0f32; CE_ROWS.min(n) * vocab];
+    let mut logits = vec![0f32; block_rows.min(n) * vocab];
     let mut nll = 0f64;
-    for start in (0..n).step_by(CE_ROWS) {
-        let c = CE_ROWS.min(n - start);
+    for start in (0..n).step_by(block_rows) {
+        let c = block_rows.min(n - start);
         let block = &mut logits[..c * vocab];
-        gemm(
-            MatMut::from_row_major_slice_mut(block, c, vocab),
-            rows(&h[start * hidden..(start + c) * hidden], c, hidden),
-            e.transpose(),
-            1.0,
-        );
+        let hb = rows(&h[start * hidden..(start + c) * hidden], c, hidden);
+        let mut dst = MatMut::from_row_major_slice_mut(block, c, vocab);
+        for v0 in (0..vocab).step_by(block_cols) {
+            let w = block_cols.min(vocab - v0);
+            gemm(
+                dst.as_mut().submatrix_mut(0, v0, c, w),
+                hb,
+                e.subrows(v0, w).transpose(),
+                1.0,
+            );
+        }
         let tgt = &targets[start..start + c];
         nll += block
             .par_chunks_mut(vocab)
@@ -493,4 +560,71 @@ pub(crate) fn cross_entropy(
         }
     }
     (nll / n as f64, dh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 2_654_435_761) % 10_007) as f32 / 1000.0 - 5.0)
+            .collect()
+    }
+
+    /// The copies [`multiversion!`] compiles for this CPU give the portable copy's bits.
+    #[test]
+    fn vector_copies_give_the_portable_bits() {
+        let n = 1000 + 7;
+        let (g, u, dy) = (values(n, 1), values(n, 2), values(n, 3));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+
+        let (mut a, mut b) = (g.clone(), g.clone());
+        let (sa, sb) = (
+            exp_in_place(&mut a, 1.5),
+            exp_in_place::portable(&mut b, 1.5),
+        );
+        assert_eq!((sa.to_bits(), bits(&a)), (sb.to_bits(), bits(&b)), "exp");
+
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        silu_mul_run(&mut a, &g, &u);
+        silu_mul_run::portable(&mut b, &g, &u);
+        assert_eq!(bits(&a), bits(&b), "silu");
+
+        let (mut a, mut b) = (
+            [vec![0f32; n], vec![0f32; n]],
+            [vec![0f32; n], vec![0f32; n]],
+        );
+        let [a0, a1] = &mut a;
+        silu_mul_backward_run(a0, a1, &g, &u, &dy);
+        let [b0, b1] = &mut b;
+        silu_mul_backward_run::portable(b0, b1, &g, &u, &dy);
+        assert_eq!(a.map(|v| bits(&v)), b.map(|v| bits(&v)), "silu backward");
+
+        let w = values(n, 4);
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        rms_norm_row(&mut a, &g, &w, 1e-5);
+        rms_norm_row::portable(&mut b, &g, &w, 1e-5);
+        assert_eq!(bits(&a), bits(&b), "rms");
+        rms_norm_row_backward(&mut a, &g, &w, 1e-5, &dy);
+        rms_norm_row_backward::portable(&mut b, &g, &w, 1e-5, &dy);
+        assert_eq!(bits(&a), bits(&b), "rms backward");
+
+        let (s, d) = (19, 8);
+        let (cos, sin) = (values(s * d, 5), values(s * d, 6));
+        let (mut a, mut b) = (values(s * d, 7), values(s * d, 7));
+        rotate_rows(&mut a, &cos, &sin, d, true);
+        rotate_rows::portable(&mut b, &cos, &sin, d, true);
+        assert_eq!(bits(&a), bits(&b), "rope");
+
+        let (p, o, dout) = (
+            values(3 * s * s, 8),
+            values(3 * s * d, 9),
+            values(3 * s * d, 10),
+        );
+        let (mut a, mut b) = (values(3 * s * s, 11), values(3 * s * s, 11));
+        softmax_backward(&mut a, &p, &dout, &o, d, 0.3);
+        softmax_backward::portable(&mut b, &p, &dout, &o, d, 0.3);
+        assert_eq!(bits(&a), bits(&b), "softmax backward");
+    }
 }

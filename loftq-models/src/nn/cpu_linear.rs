@@ -54,7 +54,7 @@ pub(crate) fn product(x: &Tensor<2>, w: &Host, shape: [usize; 2]) -> Option<Tens
     let [out, inp] = shape;
     let n = x.dims()[0];
     let w = w.clone();
-    run([x], [n, out], move |[x], tracked| {
+    run([x], [n, out], move |[x], wanted| {
         let y = product_of(
             n,
             out,
@@ -62,7 +62,7 @@ pub(crate) fn product(x: &Tensor<2>, w: &Host, shape: [usize; 2]) -> Option<Tens
             rows(w.slice(), inp).transpose(),
             1.0,
         );
-        let back = tracked.then(|| {
+        let back = wanted.map(|_| {
             Arc::new(move |g: &[f32]| [product_of(n, inp, rows(g, out), rows(w.slice(), inp), 1.0)])
                 as BackwardFn<1>
         });
@@ -83,7 +83,7 @@ pub(crate) fn product_with_lora(
     let ([r, inp], out) = (a.dims(), b.dims()[0]);
     let n = x.dims()[0];
     let w = w.cloned();
-    run([x, a, b], [n, out], move |[x, a, b], tracked| {
+    run([x, a, b], [n, out], move |[x, a, b], wanted| {
         let xm = rows(x.slice(), inp);
         let h = product_of(n, r, xm, rows(a.slice(), inp).transpose(), 1.0);
         let mut y = match &w {
@@ -91,20 +91,25 @@ pub(crate) fn product_with_lora(
             None => vec![0f32; n * out],
         };
         add_product(&mut y, out, rows(&h, r), rows(b.slice(), r).transpose(), s);
-        let back = tracked.then(|| {
+        let back = wanted.map(|[want_x, ..]| {
             Arc::new(move |g: &[f32]| {
                 let g = rows(g, out);
                 // s·g·B: the gradient of h, [rows, r].
                 let gh = product_of(n, r, g, rows(b.slice(), r), s);
                 let gh = rows(&gh, r);
-                let mut dx = match &w {
-                    Some(w) => product_of(n, inp, g, rows(w.slice(), inp), 1.0),
-                    None => vec![0f32; n * inp],
-                };
-                add_product(&mut dx, inp, gh, rows(a.slice(), inp), 1.0);
+                // No dx where the input needs none (the first layer's: the embeddings are
+                // frozen), which saves that layer's largest product.
+                let dx = want_x.then(|| {
+                    let mut dx = match &w {
+                        Some(w) => product_of(n, inp, g, rows(w.slice(), inp), 1.0),
+                        None => vec![0f32; n * inp],
+                    };
+                    add_product(&mut dx, inp, gh, rows(a.slice(), inp), 1.0);
+                    dx
+                });
                 let da = product_of(r, inp, gh.transpose(), rows(x.slice(), inp), 1.0);
                 let db = product_of(out, r, g.transpose(), rows(&h, r), s);
-                [dx, da, db]
+                [dx.unwrap_or_default(), da, db]
             }) as BackwardFn<3>
         });
         (y, back)

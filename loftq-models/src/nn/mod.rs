@@ -3,6 +3,9 @@
 //! Weights keep PyTorch's `[out, in]` layout everywhere (products use the transpose), so a
 //! checkpoint tensor maps to a module field by name and nothing else.
 
+#[cfg(feature = "flex")]
+#[macro_use]
+mod simd;
 mod attention;
 #[cfg(feature = "flex")]
 mod cpu_fused;

@@ -93,7 +93,12 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
         for lin in layer.linears_mut() {
             *lin = tracked(lin);
         }
-        let x = inputs[i].clone().autodiff().require_grad();
+        // The first layer's input needs no gradient (the embeddings are frozen), and an
+        // untracked input lets its products skip `dx`.
+        let x = match i {
+            0 => inputs[i].clone().autodiff(),
+            _ => inputs[i].clone().autodiff().require_grad(),
+        };
         let y = layer.forward(x.clone(), &rope);
         let grads = (y * upstream).sum().backward();
         let mut g = Vec::new();
