@@ -133,25 +133,10 @@ pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
                 .ok()?,
         );
     }
-    let nodes: [_; N] = ads
-        .iter()
-        .map(|t| t.node())
-        .collect::<Vec<_>>()
-        .try_into()
-        .expect("N inputs");
+    let nodes: [_; N] = std::array::from_fn(|i| ads[i].node());
     let shapes: [Vec<usize>; N] = inputs.map(|t| t.dims().to_vec());
-    let wanted: [bool; N] = ads
-        .iter()
-        .map(|t| t.is_tracked())
-        .collect::<Vec<_>>()
-        .try_into()
-        .expect("N inputs");
-    let hosts: [Host; N] = ads
-        .iter()
-        .map(|t| Host::new(t.primitive().clone()))
-        .collect::<Vec<_>>()
-        .try_into()
-        .expect("N inputs");
+    let wanted: [bool; N] = std::array::from_fn(|i| ads[i].is_tracked());
+    let hosts: [Host; N] = std::array::from_fn(|i| Host::new(ads[i].primitive().clone()));
     let tensor = match HostBackward::<N>
         .prepare::<NoCheckpointing>(nodes)
         .compute_bound()
