@@ -340,25 +340,28 @@ pub(crate) mod tests {
         );
     }
 
+    /// One block of positions, and several (the last one partial) of the causal products.
     #[test]
     fn attention_matches_burn_with_grouped_heads_and_rope() {
         let dev = ad();
-        let (b, s, h, kvh, d) = (2, 11, 6, 2, 8);
-        let rope_cfg = RopeConfig {
-            theta: 10_000.0,
-            scaling: RopeScaling::None,
-        };
-        let rope = RopeTables::new(&rope_cfg, d, s, &Device::flex());
-        same(
-            [
-                rnd([b, s, h * d], &dev),
-                rnd([b, s, kvh * d], &dev),
-                rnd([b, s, kvh * d], &dev),
-            ],
-            |[q, k, v]| attention([&q, &k, &v], [&rope.cos, &rope.sin], [h, kvh]),
-            |[q, k, v]| attend_generic([q, k, v], &rope, [h, kvh]),
-            "attention",
-        );
+        for s in [11, 70] {
+            let (b, h, kvh, d) = (2, 6, 2, 8);
+            let rope_cfg = RopeConfig {
+                theta: 10_000.0,
+                scaling: RopeScaling::None,
+            };
+            let rope = RopeTables::new(&rope_cfg, d, s, &Device::flex());
+            same(
+                [
+                    rnd([b, s, h * d], &dev),
+                    rnd([b, s, kvh * d], &dev),
+                    rnd([b, s, kvh * d], &dev),
+                ],
+                |[q, k, v]| attention([&q, &k, &v], [&rope.cos, &rope.sin], [h, kvh]),
+                |[q, k, v]| attend_generic([q, k, v], &rope, [h, kvh]),
+                &format!("attention, {s} positions"),
+            );
+        }
     }
 
     /// The fused loss and its gradient against log-softmax and gather.

@@ -203,30 +203,32 @@ pub(crate) struct Rope<'a> {
 impl Rope<'_> {
     /// `x·cos + rotate_half(x)·sin` for each row of `x [seq, d]`, in place.
     fn apply(&self, x: &mut [f32], d: usize) {
-        self.rotate(x, d, false);
+        self.rotate(x, d, d, false);
     }
 
     /// The transpose of [`Self::apply`] (the gradient of its input), in place.
     fn unapply(&self, g: &mut [f32], d: usize) {
-        self.rotate(g, d, true);
+        self.rotate(g, d, d, true);
     }
 
     /// With `(a, b)` the two halves' entries at one position, `(a·cos₁ + b·p, b·cos₂ + a·q)`:
     /// `p = −sin₁`, `q = sin₂` for the rotation, and `p = sin₂`, `q = −sin₁` for its transpose.
-    fn rotate(&self, x: &mut [f32], d: usize, transpose: bool) {
-        rotate_rows(x, self.cos, self.sin, d, transpose);
+    /// Rows of `width` (a multiple of `d`: several heads at one position), each head rotated.
+    fn rotate(&self, x: &mut [f32], d: usize, width: usize, transpose: bool) {
+        rotate_rows(x, self.cos, self.sin, d, width, transpose);
     }
 }
 
 multiversion! {
-/// [`Rope::rotate`] of the rows of `x [seq, d]`.
-fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, transpose: bool) {
+/// [`Rope::rotate`] of the rows of `x [seq, width]`, each a run of heads of `d`.
+fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, width: usize, transpose: bool) {
         let half = d / 2;
-        for ((row, cos), sin) in x
-            .chunks_mut(d)
+        for ((heads, cos), sin) in x
+            .chunks_mut(width)
             .zip(cos.chunks(d))
             .zip(sin.chunks(d))
         {
+          for row in heads.chunks_mut(d) {
             let (x1, x2) = row.split_at_mut(half);
             let (s1, s2) = sin.split_at(half);
             for c in 0..half {
@@ -239,6 +241,7 @@ fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, transpose: boo
                 x1[c] = a * cos[c] + b * p;
                 x2[c] = b * cos[half + c] + a * q;
             }
+          }
         }
 }
 }
@@ -257,18 +260,17 @@ impl AttnShape {
     }
 
     /// Writes runs of consecutive heads back into `[batch, seq, n_heads·head_dim]`: each entry
-    /// is a batch row, its first head, and that head's `[seq, head_dim]` block followed by the
-    /// next heads' blocks.
+    /// is a batch row, its first head, and `[seq, run·head_dim]` (the run's heads side by
+    /// side at each position, as [`Self::group`] makes them).
     fn scatter(&self, runs: Vec<(usize, usize, Vec<f32>)>, n_heads: usize) -> Vec<f32> {
         let (s, d) = (self.seq, self.head_dim);
         let width = n_heads * d;
         let mut out = vec![0f32; self.batch * s * width];
         for (b, first, run) in runs {
-            for (h, block) in run.chunks(s * d).enumerate() {
-                for (t, row) in block.chunks(d).enumerate() {
-                    let at = (b * s + t) * width + (first + h) * d;
-                    out[at..at + d].copy_from_slice(row);
-                }
+            let w = run.len() / s;
+            for (t, row) in run.chunks(w).enumerate() {
+                let at = (b * s + t) * width + first * d;
+                out[at..at + w].copy_from_slice(row);
             }
         }
         out
@@ -290,14 +292,21 @@ impl AttnShape {
         h
     }
 
-    /// The query heads that share key head `j` (`heads / kv_heads` of them) of batch row `b`
-    /// of `x [batch, seq, heads·head_dim]`, stacked: `[group·seq, head_dim]`, rotated if asked.
-    /// One product then serves the whole group.
+    /// The query heads that share key head `j` (`g = heads / kv_heads` of them) of batch row
+    /// `b` of `x [batch, seq, heads·head_dim]`, rotated if asked: `[seq, g·head_dim]`, read as
+    /// `[seq·g, head_dim]` rows (position `t`'s heads at rows `t·g..(t+1)·g`). One product then
+    /// serves the group, and a block of positions is a block of rows.
     fn group(&self, x: &[f32], b: usize, j: usize, rope: Option<Rope<'_>>) -> Vec<f32> {
-        let g = self.heads / self.kv_heads;
-        let mut out = Vec::with_capacity(g * self.seq * self.head_dim);
-        for i in j * g..(j + 1) * g {
-            out.extend(self.head(x, self.heads, b, i, rope));
+        let (s, d) = (self.seq, self.head_dim);
+        let gd = self.heads / self.kv_heads * d;
+        let width = self.heads * d;
+        let mut out = Vec::with_capacity(s * gd);
+        for t in 0..s {
+            let at = (b * s + t) * width + j * gd;
+            out.extend_from_slice(&x[at..at + gd]);
+        }
+        if let Some(rope) = rope {
+            rope.rotate(&mut out, d, gd, false);
         }
         out
     }
@@ -316,42 +325,56 @@ impl AttnShape {
         )
     }
 
-    /// The probabilities `[rows, seq]` and the output `[rows, d]` of stacked query heads `q`
-    /// `[rows, d]` (see [`Self::group`]) against one key and value head `[seq, d]`.
+    /// The probabilities `[seq·g, seq]` and the output `[seq·g, d]` of a [`Self::group`] of
+    /// roped query heads against one key and value head `[seq, d]`. A block of positions
+    /// needs only the keys up to its end (causality): the products skip the rest.
     fn output(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (s, d) = (self.seq, self.head_dim);
-        let n = q.len() / d;
-        let p = self.probs(q, k);
-        let mut o = vec![0f32; n * d];
-        prod(&mut o, false, rows(&p, n, s), rows(v, s, d), 1.0);
+        let g = q.len() / (s * d);
+        let mut p = vec![0f32; s * g * s];
+        let mut o = vec![0f32; s * g * d];
+        for [r0, r1, t1] in causal_blocks(s, g) {
+            let n = r1 - r0;
+            let mut pb = MatMut::from_row_major_slice_mut(&mut p[r0 * s..r1 * s], n, s);
+            gemm_seq(
+                pb.as_mut().submatrix_mut(0, 0, n, t1),
+                false,
+                rows(&q[r0 * d..r1 * d], n, d),
+                rows(&k[..t1 * d], t1, d).transpose(),
+                self.scale(),
+            );
+            for (i, row) in p[r0 * s..r1 * s].chunks_mut(s).enumerate() {
+                let (live, future) = row.split_at_mut((r0 + i) / g + 1);
+                let inv = 1.0 / exp_in_place(live, max_of(live));
+                live.iter_mut().for_each(|v| *v *= inv);
+                future.fill(0.0);
+            }
+            gemm_seq(
+                MatMut::from_row_major_slice_mut(&mut o[r0 * d..r1 * d], n, d),
+                false,
+                MatRef::from_row_major_slice(&p[r0 * s..r1 * s], n, s).submatrix(0, 0, n, t1),
+                rows(&v[..t1 * d], t1, d),
+                1.0,
+            );
+        }
         (p, o)
     }
 
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
+}
 
-    /// The causal attention probabilities `[rows, seq]` of roped stacked query heads `q`
-    /// `[rows, d]` and one key head `k` `[seq, d]`: row `r` is position `r mod seq`.
-    fn probs(&self, q: &[f32], k: &[f32]) -> Vec<f32> {
-        let (s, d) = (self.seq, self.head_dim);
-        let n = q.len() / d;
-        let mut p = vec![0f32; n * s];
-        gemm_seq(
-            MatMut::from_row_major_slice_mut(&mut p, n, s),
-            false,
-            MatRef::from_row_major_slice(q, n, d),
-            MatRef::from_row_major_slice(k, s, d).transpose(),
-            self.scale(),
-        );
-        for (r, row) in p.chunks_mut(s).enumerate() {
-            let (live, future) = row.split_at_mut(r % s + 1);
-            let inv = 1.0 / exp_in_place(live, max_of(live));
-            live.iter_mut().for_each(|v| *v *= inv);
-            future.fill(0.0);
-        }
-        p
-    }
+/// Query positions per block of the causal products.
+const ATTN_BLOCK: usize = 32;
+
+/// `[first row, end row, keys]` of each block of [`ATTN_BLOCK`] positions of a group of `g`
+/// heads over `s` positions: rows `t·g` for positions `t`, keys up to the block's end.
+fn causal_blocks(s: usize, g: usize) -> impl Iterator<Item = [usize; 3]> {
+    (0..s).step_by(ATTN_BLOCK).map(move |t0| {
+        let t1 = (t0 + ATTN_BLOCK).min(s);
+        [t0 * g, t1 * g, t1]
+    })
 }
 
 multiversion! {
@@ -424,36 +447,44 @@ pub(crate) fn attention_backward(
             let qg = sh.group(q, b, j, Some(rope));
             let (p, o) = sh.output(&qg, &kh, &vh);
             let dog = sh.group(dout, b, j, None);
-            // dP = dO·Vᵀ, then dS = P∘(dP − rowsum(dO∘O))·scale.
             let mut ds = vec![0f32; n * s];
-            prod(
-                &mut ds,
-                false,
-                rows(&dog, n, d),
-                rows(&vh, s, d).transpose(),
-                1.0,
-            );
-            softmax_backward(&mut ds, &p, &dog, &o, d, sh.scale());
             let mut dq = vec![0f32; n * d];
-            prod(&mut dq, false, rows(&ds, n, s), rows(&kh, s, d), 1.0);
-            for block in dq.chunks_mut(s * d) {
-                rope.unapply(block, d);
-            }
             let (mut dk, mut dv) = (vec![0f32; s * d], vec![0f32; s * d]);
-            prod(
-                &mut dk,
-                false,
-                rows(&ds, n, s).transpose(),
-                rows(&qg, n, d),
-                1.0,
-            );
-            prod(
-                &mut dv,
-                false,
-                rows(&p, n, s).transpose(),
-                rows(&dog, n, d),
-                1.0,
-            );
+            for [r0, r1, t1] in causal_blocks(s, g) {
+                let m = r1 - r0;
+                let dob = rows(&dog[r0 * d..r1 * d], m, d);
+                // dP = dO·Vᵀ, then dS = P∘(dP − rowsum(dO∘O))·scale.
+                let dsb = &mut ds[r0 * s..r1 * s];
+                gemm_seq(
+                    MatMut::from_row_major_slice_mut(dsb, m, s).submatrix_mut(0, 0, m, t1),
+                    false,
+                    dob,
+                    rows(&vh[..t1 * d], t1, d).transpose(),
+                    1.0,
+                );
+                let pb = &p[r0 * s..r1 * s];
+                softmax_backward(
+                    dsb,
+                    pb,
+                    &dog[r0 * d..r1 * d],
+                    &o[r0 * d..r1 * d],
+                    d,
+                    sh.scale(),
+                );
+                let dsm = MatRef::from_row_major_slice(dsb, m, s).submatrix(0, 0, m, t1);
+                let pm = MatRef::from_row_major_slice(pb, m, s).submatrix(0, 0, m, t1);
+                prod(
+                    &mut dq[r0 * d..r1 * d],
+                    false,
+                    dsm,
+                    rows(&kh[..t1 * d], t1, d),
+                    1.0,
+                );
+                let qb = rows(&qg[r0 * d..r1 * d], m, d);
+                prod(&mut dk[..t1 * d], true, dsm.transpose(), qb, 1.0);
+                prod(&mut dv[..t1 * d], true, pm.transpose(), dob, 1.0);
+            }
+            rope.rotate(&mut dq, d, g * d, true);
             rope.unapply(&mut dk, d);
             ((b, j * g, dq), (b, j, dk), (b, j, dv))
         })
@@ -613,8 +644,8 @@ mod tests {
         let (s, d) = (19, 8);
         let (cos, sin) = (values(s * d, 5), values(s * d, 6));
         let (mut a, mut b) = (values(s * d, 7), values(s * d, 7));
-        rotate_rows(&mut a, &cos, &sin, d, true);
-        rotate_rows::portable(&mut b, &cos, &sin, d, true);
+        rotate_rows(&mut a, &cos, &sin, d, d, true);
+        rotate_rows::portable(&mut b, &cos, &sin, d, d, true);
         assert_eq!(bits(&a), bits(&b), "rope");
 
         let (p, o, dout) = (
