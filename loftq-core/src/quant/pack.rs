@@ -96,17 +96,18 @@ fn unpack_whole_bytes<const BITS: usize>(data: &[u8], out: &mut [u8]) {
     let per = 8 / BITS;
     let mask = (1u8 << BITS) - 1;
     let n = out.len();
+    // The codes of byte `b`, first code in the high bits.
+    let byte = |b: u8, codes: &mut [u8]| {
+        for (i, q) in codes.iter_mut().enumerate() {
+            *q = (b >> (8 - BITS * (i + 1))) & mask;
+        }
+    };
     let mut chunks = out.chunks_exact_mut(per);
     for (c, &b) in (&mut chunks).zip(data) {
-        for (i, q) in c.iter_mut().enumerate() {
-            *q = (b >> (8 - BITS * (i + 1))) & mask;
-        }
+        byte(b, c);
     }
-    let rest = chunks.into_remainder();
     if let Some(&b) = data.get(n / per) {
-        for (i, q) in rest.iter_mut().enumerate() {
-            *q = (b >> (8 - BITS * (i + 1))) & mask;
-        }
+        byte(b, chunks.into_remainder());
     }
 }
 

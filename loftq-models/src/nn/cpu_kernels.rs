@@ -222,15 +222,11 @@ impl Rope<'_> {
 multiversion! {
 /// [`Rope::rotate`] of the rows of `x [seq, width]`, each a run of heads of `d`.
 fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, width: usize, transpose: bool) {
-        let half = d / 2;
-        for ((heads, cos), sin) in x
-            .chunks_mut(width)
-            .zip(cos.chunks(d))
-            .zip(sin.chunks(d))
-        {
-          for row in heads.chunks_mut(d) {
+    let half = d / 2;
+    for ((heads, cos), sin) in x.chunks_mut(width).zip(cos.chunks(d)).zip(sin.chunks(d)) {
+        let (s1, s2) = sin.split_at(half);
+        for row in heads.chunks_mut(d) {
             let (x1, x2) = row.split_at_mut(half);
-            let (s1, s2) = sin.split_at(half);
             for c in 0..half {
                 let (a, b) = (x1[c], x2[c]);
                 let (p, q) = if transpose {
@@ -241,8 +237,8 @@ fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, width: usize, 
                 x1[c] = a * cos[c] + b * p;
                 x2[c] = b * cos[half + c] + a * q;
             }
-          }
         }
+    }
 }
 }
 
@@ -335,9 +331,9 @@ impl AttnShape {
         let mut o = vec![0f32; s * g * d];
         for [r0, r1, t1] in causal_blocks(s, g) {
             let n = r1 - r0;
-            let mut pb = MatMut::from_row_major_slice_mut(&mut p[r0 * s..r1 * s], n, s);
             gemm_seq(
-                pb.as_mut().submatrix_mut(0, 0, n, t1),
+                MatMut::from_row_major_slice_mut(&mut p[r0 * s..r1 * s], n, s)
+                    .submatrix_mut(0, 0, n, t1),
                 false,
                 rows(&q[r0 * d..r1 * d], n, d),
                 rows(&k[..t1 * d], t1, d).transpose(),
