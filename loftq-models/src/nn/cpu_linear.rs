@@ -12,6 +12,7 @@ use faer::{MatMut, MatRef};
 use loftq_core::cpu::gemm_add;
 
 use super::cpu_fused::{BackwardFn, Host, run};
+use super::qlinear::Output;
 
 /// A new `[m, n]` buffer holding `alpha·lhs·rhs`.
 fn product_of(
@@ -50,18 +51,26 @@ fn rows(x: &[f32], cols: usize) -> MatRef<'_, f32> {
 
 /// `x·Wᵀ` for `x [rows, in]` on flex (with or without autodiff) and `w [out, in]`; `None` if
 /// `x` lives elsewhere.
-pub(crate) fn product(x: &Tensor<2>, w: &Host, shape: [usize; 2]) -> Option<Tensor<2>> {
+pub(crate) fn product(
+    x: &Tensor<2>,
+    w: &Host,
+    shape: [usize; 2],
+    output: Output,
+) -> Option<Tensor<2>> {
     let [out, inp] = shape;
     let n = x.dims()[0];
     let w = w.clone();
     run([x], [n, out], move |[x], wanted| {
-        let y = product_of(
-            n,
-            out,
-            rows(x.slice(), inp),
-            rows(w.slice(), inp).transpose(),
-            1.0,
-        );
+        let y = match output {
+            Output::Value => product_of(
+                n,
+                out,
+                rows(x.slice(), inp),
+                rows(w.slice(), inp).transpose(),
+                1.0,
+            ),
+            Output::GradientOnly => vec![0f32; n * out],
+        };
         let back = wanted.map(|_| {
             Arc::new(move |g: &[f32]| [product_of(n, inp, rows(g, out), rows(w.slice(), inp), 1.0)])
                 as BackwardFn<1>
@@ -78,6 +87,7 @@ pub(crate) fn product_with_lora(
     w: Option<&Host>,
     [a, b]: [&Tensor<2>; 2],
     scaling: f64,
+    output: Output,
 ) -> Option<Tensor<2>> {
     let s = scaling as f32;
     let ([r, inp], out) = (a.dims(), b.dims()[0]);
@@ -85,12 +95,19 @@ pub(crate) fn product_with_lora(
     let w = w.cloned();
     run([x, a, b], [n, out], move |[x, a, b], wanted| {
         let xm = rows(x.slice(), inp);
+        // `h` is kept for `dB` in either case.
         let h = product_of(n, r, xm, rows(a.slice(), inp).transpose(), 1.0);
-        let mut y = match &w {
-            Some(w) => product_of(n, out, xm, rows(w.slice(), inp).transpose(), 1.0),
-            None => vec![0f32; n * out],
+        let y = match (output, &w) {
+            (Output::Value, Some(w)) => {
+                let mut y = product_of(n, out, xm, rows(w.slice(), inp).transpose(), 1.0);
+                add_product(&mut y, out, rows(&h, r), rows(b.slice(), r).transpose(), s);
+                y
+            }
+            (Output::Value, None) => {
+                product_of(n, out, rows(&h, r), rows(b.slice(), r).transpose(), s)
+            }
+            (Output::GradientOnly, _) => vec![0f32; n * out],
         };
-        add_product(&mut y, out, rows(&h, r), rows(b.slice(), r).transpose(), s);
         let back = wanted.map(|[want_x, ..]| {
             Arc::new(move |g: &[f32]| {
                 let g = rows(g, out);
@@ -150,10 +167,10 @@ mod tests {
         for split in [false, true] {
             let [x, a, b] = leaves();
             let y = if split {
-                product(&x, &w, [out, inp]).unwrap()
-                    + product_with_lora(&x, None, [&a, &b], s).unwrap()
+                product(&x, &w, [out, inp], Output::Value).unwrap()
+                    + product_with_lora(&x, None, [&a, &b], s, Output::Value).unwrap()
             } else {
-                product_with_lora(&x, Some(&w), [&a, &b], s).unwrap()
+                product_with_lora(&x, Some(&w), [&a, &b], s, Output::Value).unwrap()
             };
             let grads = (y.clone() * weight.clone()).sum().backward();
             let got = [&x, &a, &b].map(|t| host(t.grad(&grads).unwrap()));
@@ -165,5 +182,40 @@ mod tests {
                 close(g, w, name);
             }
         }
+
+        // Only the gradient path: the value is zeros, the gradients are the same.
+        for with_base in [true, false] {
+            let [x, a, b] = leaves();
+            let base = with_base.then_some(&w);
+            let y = product_with_lora(&x, base, [&a, &b], s, Output::GradientOnly).unwrap();
+            assert!(host(y.clone().inner()).iter().all(|&v| v == 0.0));
+            let grads = (y * weight.clone()).sum().backward();
+            let got = [&x, &a, &b].map(|t| host(t.grad(&grads).unwrap()));
+            if with_base {
+                for (name, (g, w)) in ["dx", "dA", "dB"]
+                    .iter()
+                    .zip(got.into_iter().zip(want.clone()))
+                {
+                    close(g, w, name);
+                }
+            } else {
+                // Without the base, dA and dB are the same as with it.
+                close(got[1].clone(), want[1].clone(), "dA");
+                close(got[2].clone(), want[2].clone(), "dB");
+            }
+        }
+        let x = x0.clone().detach().require_grad();
+        let y = product(&x, &w, [out, inp], Output::GradientOnly).unwrap();
+        assert!(host(y.clone().inner()).iter().all(|&v| v == 0.0));
+        let grads = (y * weight.clone()).sum().backward();
+        let x1 = x0.clone().detach().require_grad();
+        let want_grads = (x1.clone().matmul(w0.clone().detach().transpose()) * weight.clone())
+            .sum()
+            .backward();
+        close(
+            host(x.grad(&grads).unwrap()),
+            host(x1.grad(&want_grads).unwrap()),
+            "dx of the base alone",
+        );
     }
 }

@@ -72,6 +72,22 @@ impl DecoderLayer {
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 
+    /// A tensor with [`forward`](Self::forward)'s graph, for the backward pass of a layer
+    /// whose output is known already (gradient checkpointing). The MLP's last product, whose
+    /// output only joins the residual, is skipped on the CPU back end, so the values are not
+    /// the layer's output. The gradients of `(y·g).sum()` for a fixed `g` are exact, as they
+    /// do not depend on `y`'s values.
+    pub fn forward_for_gradient(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope);
+        h.clone()
+            + self
+                .mlp
+                .forward_for_gradient(self.post_attention_layernorm.forward(h))
+    }
+
     /// The seven linear layers, in [`LINEAR_PATHS`] order.
     pub fn linears(&self) -> [&QLinear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);

@@ -24,6 +24,14 @@ impl Mlp {
         self.down_proj
             .forward(silu_mul(gate, self.up_proj.forward(x)))
     }
+
+    /// [`forward`](Self::forward) whose output's value is not needed, only its gradient path:
+    /// `down_proj`'s product is skipped (see [`QLinear::forward_for_gradient`]).
+    pub fn forward_for_gradient(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward_for_gradient(silu_mul(gate, self.up_proj.forward(x)))
+    }
 }
 
 /// `silu(gate)·up`: one host kernel on the CPU back end, Burn's ops elsewhere.

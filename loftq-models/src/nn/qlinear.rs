@@ -12,6 +12,16 @@ use loftq_core::lowrank::Gaussian;
 use loftq_core::quant::{Kernel, PackedTensor, Quantized, is_host_device};
 use loftq_core::{QuantError, Quantizer};
 
+/// What a product's output is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// Its value, as usual.
+    Value,
+    /// Only the path of gradients back through it: on the CPU back end the value is left as
+    /// zeros and the products that make it are skipped; the backward pass is the same.
+    GradientOnly,
+}
+
 /// The frozen weight of a [`QLinear`], `[out, in]`.
 #[derive(Clone, Debug)]
 // A Burn `Tensor` handle is itself ~640 bytes; boxing would not make this smaller.
@@ -245,6 +255,18 @@ impl QLinear {
 
     /// Applies the layer to the last dimension of `x` (`[..., in]` → `[..., out]`).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_as(x, Output::Value)
+    }
+
+    /// [`forward`](Self::forward) for an output whose value nothing reads, only the gradient
+    /// that flows back through it (a recomputed layer's last product, when the layer's output
+    /// is known already). On the CPU back end the value is left as zeros and its products are
+    /// skipped, while the backward pass is exactly `forward`'s; elsewhere it is `forward`.
+    pub fn forward_for_gradient<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_as(x, Output::GradientOnly)
+    }
+
+    fn forward_as<const D: usize>(&self, x: Tensor<D>, output: Output) -> Tensor<D> {
         let [out, inp] = self.shape();
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
@@ -255,8 +277,8 @@ impl QLinear {
             .filter(|_| lora.is_some_and(|l| l.dropout > 0.0));
         let mut y = match (lora, dropout_seed) {
             // Base and adapter see the same input: one product operation on the CPU back end.
-            (Some(lora), None) => self.product_with_lora(x2.clone(), lora),
-            _ => self.base_product(x2.clone()),
+            (Some(lora), None) => self.product_with_lora(x2.clone(), lora, output),
+            _ => self.base_product(x2.clone(), output),
         };
         if let (Some(lora), Some(seed)) = (lora, dropout_seed) {
             let x2 = dropout(x2, lora.dropout, seed);
@@ -270,23 +292,25 @@ impl QLinear {
     }
 
     /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for `x [rows, in]`.
-    fn product_with_lora(&self, x: Tensor<2>, lora: &LoraAdapter) -> Tensor<2> {
+    fn product_with_lora(&self, x: Tensor<2>, lora: &LoraAdapter, output: Output) -> Tensor<2> {
         let (a, b) = (lora.a.val(), lora.b.val());
         #[cfg(feature = "flex")]
         if let Some(y) = self.host_weight().and_then(|w| {
-            super::cpu_linear::product_with_lora(&x, Some(&w), [&a, &b], lora.scaling)
+            super::cpu_linear::product_with_lora(&x, Some(&w), [&a, &b], lora.scaling, output)
         }) {
             return y;
         }
-        self.base_product(x.clone()) + lora_branch(x, a, b, lora.scaling)
+        self.base_product(x.clone(), output) + lora_branch(x, a, b, lora.scaling)
     }
 
     /// `x·Wᵀ` for `x [rows, in]`: faer on the CPU back end, Burn's matmul elsewhere.
-    fn base_product(&self, x: Tensor<2>) -> Tensor<2> {
+    fn base_product(&self, x: Tensor<2>, output: Output) -> Tensor<2> {
+        #[cfg(not(feature = "flex"))]
+        let _ = output;
         #[cfg(feature = "flex")]
         if let Some(y) = self
             .host_weight()
-            .and_then(|w| super::cpu_linear::product(&x, &w, self.shape()))
+            .and_then(|w| super::cpu_linear::product(&x, &w, self.shape(), output))
         {
             return y;
         }
@@ -335,7 +359,7 @@ fn dropout(x: Tensor<2>, p: f64, seed: u64) -> Tensor<2> {
 pub(crate) fn dense_product(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     #[cfg(feature = "flex")]
     if let Some(y) = super::cpu_fused::Host::of_plain(w)
-        .and_then(|hw| super::cpu_linear::product(&x, &hw, w.dims()))
+        .and_then(|hw| super::cpu_linear::product(&x, &hw, w.dims(), Output::Value))
     {
         return y;
     }
@@ -345,7 +369,9 @@ pub(crate) fn dense_product(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
 /// `s·(x·Aᵀ)·Bᵀ` (faer on the CPU back end).
 fn lora_branch(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scaling: f64) -> Tensor<2> {
     #[cfg(feature = "flex")]
-    if let Some(y) = super::cpu_linear::product_with_lora(&x, None, [&a, &b], scaling) {
+    if let Some(y) =
+        super::cpu_linear::product_with_lora(&x, None, [&a, &b], scaling, Output::Value)
+    {
         return y;
     }
     x.matmul(a.transpose())

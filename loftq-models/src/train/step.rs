@@ -5,7 +5,8 @@
 //! layer at a time on the autodiff device, from its saved input, and backpropagates the
 //! gradient of its output through it. So at most one layer's dequantized weights and
 //! activations are alive at once, whatever the depth of the model; the price is a second
-//! forward pass through the decoder layers.
+//! forward pass through the decoder layers. That pass skips each layer's last product (the
+//! MLP's `down_proj`), whose value only the layer's output needs and the first pass gave.
 
 use burn::module::Param;
 use burn::tensor::activation::log_softmax;
@@ -99,7 +100,9 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
             0 => inputs[i].clone().autodiff(),
             _ => inputs[i].clone().autodiff().require_grad(),
         };
-        let y = layer.forward(x.clone(), &rope);
+        // Only the gradient through the layer is wanted (its output is `inputs[i + 1]`), and
+        // `(y·upstream)`'s gradient with respect to `y` is `upstream` whatever `y` holds.
+        let y = layer.forward_for_gradient(x.clone(), &rope);
         let grads = (y * upstream).sum().backward();
         let mut g = Vec::new();
         for lin in layer.linears_mut() {
