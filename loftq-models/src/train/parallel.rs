@@ -5,7 +5,8 @@
 //! step gives what gradient accumulation on one device gives, up to the order of the sums.
 //! This is the scheme of burn-train's multi-device strategy (`MultiDevicesTrainStep`: a worker
 //! per device, the gradients moved to the main device and accumulated). Burn 0.22's collective
-//! operations (all-reduce) exist only on its CUDA back end.
+//! operations (all-reduce) exist only on its CUDA back end; 0.23 has them on every back end,
+//! and the branch `burn-0.23-collectives` moves this module onto them.
 
 use burn::tensor::Tensor;
 
