@@ -15,6 +15,9 @@ const GRAIN: usize = 1 << 14;
 /// `expf` is a scalar call per element). Cephes' range reduction and polynomial.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
+    // Below −87 the result is under the smallest normal `f32`: zero keeps the products that
+    // use it (attention's `P·V`) out of subnormal numbers, which x86 computes many times slower.
+    let vanishes = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
     // Round x·log₂e to the nearest integer by the 1.5·2²³ trick (no SSE4.1 `round` needed).
     let big = x * std::f32::consts::LOG2_E + 12_582_912.0;
@@ -29,7 +32,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     let y = p * r * r + r + 1.0;
     // 2ⁿ: `big`'s low mantissa bits hold n; integer ops only, which vectorize (a float-to-int
     // cast does not).
-    y * f32::from_bits(big.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
+    let y = y * f32::from_bits(big.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
+    if vanishes { 0.0 } else { y }
 }
 
 /// Lanes of the reductions below: independent partial results let them vectorize (one running
@@ -321,39 +325,48 @@ impl AttnShape {
         )
     }
 
-    /// The probabilities `[seq·g, seq]` and the output `[seq·g, d]` of a [`Self::group`] of
-    /// roped query heads against one key and value head `[seq, d]`. A block of positions
-    /// needs only the keys up to its end (causality): the products skip the rest.
-    fn output(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    /// The probabilities `[n, t1]` of rows `r0..r0 + n` of a [`Self::group`] `qb` of roped
+    /// query heads (`g` per position) against the first `t1` keys `k [t1, d]`, into `pb`. A
+    /// row's keys after its position get zeros.
+    fn probabilities(&self, pb: &mut [f32], qb: &[f32], k: &[f32], r0: usize, g: usize) {
+        let d = self.head_dim;
+        let (n, t1) = (qb.len() / d, k.len() / d);
+        gemm_seq(
+            MatMut::from_row_major_slice_mut(pb, n, t1),
+            false,
+            rows(qb, n, d),
+            rows(k, t1, d).transpose(),
+            self.scale(),
+        );
+        for (i, row) in pb.chunks_mut(t1).enumerate() {
+            let (live, future) = row.split_at_mut((r0 + i) / g + 1);
+            let inv = 1.0 / exp_in_place(live, max_of(live));
+            live.iter_mut().for_each(|v| *v *= inv);
+            future.fill(0.0);
+        }
+    }
+
+    /// The output `[seq·g, d]` of a [`Self::group`] of roped query heads against one key and
+    /// value head `[seq, d]`. A block of positions needs only the keys up to its end
+    /// (causality), and its probabilities are held a block at a time.
+    fn output(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let (s, d) = (self.seq, self.head_dim);
         let g = q.len() / (s * d);
-        let mut p = vec![0f32; s * g * s];
+        let mut pb = vec![0f32; (ATTN_BLOCK * g).min(s * g) * s];
         let mut o = vec![0f32; s * g * d];
         for [r0, r1, t1] in causal_blocks(s, g) {
             let n = r1 - r0;
-            gemm_seq(
-                MatMut::from_row_major_slice_mut(&mut p[r0 * s..r1 * s], n, s)
-                    .submatrix_mut(0, 0, n, t1),
+            let pb = &mut pb[..n * t1];
+            self.probabilities(pb, &q[r0 * d..r1 * d], &k[..t1 * d], r0, g);
+            prod(
+                &mut o[r0 * d..r1 * d],
                 false,
-                rows(&q[r0 * d..r1 * d], n, d),
-                rows(&k[..t1 * d], t1, d).transpose(),
-                self.scale(),
-            );
-            for (i, row) in p[r0 * s..r1 * s].chunks_mut(s).enumerate() {
-                let (live, future) = row.split_at_mut((r0 + i) / g + 1);
-                let inv = 1.0 / exp_in_place(live, max_of(live));
-                live.iter_mut().for_each(|v| *v *= inv);
-                future.fill(0.0);
-            }
-            gemm_seq(
-                MatMut::from_row_major_slice_mut(&mut o[r0 * d..r1 * d], n, d),
-                false,
-                MatRef::from_row_major_slice(&p[r0 * s..r1 * s], n, s).submatrix(0, 0, n, t1),
+                rows(pb, n, t1),
                 rows(&v[..t1 * d], t1, d),
                 1.0,
             );
         }
-        (p, o)
+        o
     }
 
     fn scale(&self) -> f32 {
@@ -419,7 +432,7 @@ pub(crate) fn attention(
             let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
             let (kh, vh) = sh.key_value([k, v], rope, b, j);
             let qg = sh.group(q, b, j, Some(rope));
-            (b, j * g, sh.output(&qg, &kh, &vh).1)
+            (b, j * g, sh.output(&qg, &kh, &vh))
         })
         .collect();
     sh.scatter(runs, sh.heads)
@@ -441,44 +454,39 @@ pub(crate) fn attention_backward(
             let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
             let (kh, vh) = sh.key_value([k, v], rope, b, j);
             let qg = sh.group(q, b, j, Some(rope));
-            let (p, o) = sh.output(&qg, &kh, &vh);
             let dog = sh.group(dout, b, j, None);
-            let mut ds = vec![0f32; n * s];
+            // One block's probabilities, their gradient and output at a time.
+            let block = (ATTN_BLOCK * g).min(n);
+            let (mut pb, mut dsb) = (vec![0f32; block * s], vec![0f32; block * s]);
+            let mut ob = vec![0f32; block * d];
             let mut dq = vec![0f32; n * d];
             let (mut dk, mut dv) = (vec![0f32; s * d], vec![0f32; s * d]);
             for [r0, r1, t1] in causal_blocks(s, g) {
                 let m = r1 - r0;
-                let dob = rows(&dog[r0 * d..r1 * d], m, d);
+                let (pb, dsb, ob) = (&mut pb[..m * t1], &mut dsb[..m * t1], &mut ob[..m * d]);
+                let (qb, dob) = (&qg[r0 * d..r1 * d], &dog[r0 * d..r1 * d]);
+                let (kb, vb) = (rows(&kh[..t1 * d], t1, d), rows(&vh[..t1 * d], t1, d));
+                sh.probabilities(pb, qb, &kh[..t1 * d], r0, g);
+                prod(ob, false, rows(pb, m, t1), vb, 1.0);
                 // dP = dO·Vᵀ, then dS = P∘(dP − rowsum(dO∘O))·scale.
-                let dsb = &mut ds[r0 * s..r1 * s];
-                gemm_seq(
-                    MatMut::from_row_major_slice_mut(dsb, m, s).submatrix_mut(0, 0, m, t1),
-                    false,
-                    dob,
-                    rows(&vh[..t1 * d], t1, d).transpose(),
-                    1.0,
-                );
-                let pb = &p[r0 * s..r1 * s];
-                softmax_backward(
-                    dsb,
-                    pb,
-                    &dog[r0 * d..r1 * d],
-                    &o[r0 * d..r1 * d],
-                    d,
-                    sh.scale(),
-                );
-                let dsm = MatRef::from_row_major_slice(dsb, m, s).submatrix(0, 0, m, t1);
-                let pm = MatRef::from_row_major_slice(pb, m, s).submatrix(0, 0, m, t1);
+                prod(dsb, false, rows(dob, m, d), vb.transpose(), 1.0);
+                softmax_backward(dsb, pb, dob, ob, d, sh.scale());
+                let (dsm, pm) = (rows(dsb, m, t1), rows(pb, m, t1));
+                prod(&mut dq[r0 * d..r1 * d], false, dsm, kb, 1.0);
                 prod(
-                    &mut dq[r0 * d..r1 * d],
-                    false,
-                    dsm,
-                    rows(&kh[..t1 * d], t1, d),
+                    &mut dk[..t1 * d],
+                    true,
+                    dsm.transpose(),
+                    rows(qb, m, d),
                     1.0,
                 );
-                let qb = rows(&qg[r0 * d..r1 * d], m, d);
-                prod(&mut dk[..t1 * d], true, dsm.transpose(), qb, 1.0);
-                prod(&mut dv[..t1 * d], true, pm.transpose(), dob, 1.0);
+                prod(
+                    &mut dv[..t1 * d],
+                    true,
+                    pm.transpose(),
+                    rows(dob, m, d),
+                    1.0,
+                );
             }
             rope.rotate(&mut dq, d, g * d, true);
             rope.unapply(&mut dk, d);
