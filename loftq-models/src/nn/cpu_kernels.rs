@@ -325,10 +325,11 @@ impl AttnShape {
         )
     }
 
-    /// The probabilities `[n, t1]` of rows `r0..r0 + n` of a [`Self::group`] `qb` of roped
-    /// query heads (`g` per position) against the first `t1` keys `k [t1, d]`, into `pb`. A
-    /// row's keys after its position get zeros.
-    fn probabilities(&self, pb: &mut [f32], qb: &[f32], k: &[f32], r0: usize, g: usize) {
+    /// One block of the causal products: the probabilities `pb [n, t1]` of rows
+    /// `r0..r0 + n` of a [`Self::group`] `qb` of roped query heads (`g` per position) against
+    /// the first `t1` keys `k [t1, d]` (a row's keys after its position get zeros), and the
+    /// output `ob [n, d] = pb·v` for the first `t1` values `v`.
+    fn block(&self, pb: &mut [f32], ob: &mut [f32], [qb, k, v]: [&[f32]; 3], r0: usize, g: usize) {
         let d = self.head_dim;
         let (n, t1) = (qb.len() / d, k.len() / d);
         gemm_seq(
@@ -344,6 +345,7 @@ impl AttnShape {
             live.iter_mut().for_each(|v| *v *= inv);
             future.fill(0.0);
         }
+        prod(ob, false, rows(pb, n, t1), rows(v, t1, d), 1.0);
     }
 
     /// The output `[seq·g, d]` of a [`Self::group`] of roped query heads against one key and
@@ -352,18 +354,16 @@ impl AttnShape {
     fn output(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let (s, d) = (self.seq, self.head_dim);
         let g = q.len() / (s * d);
-        let mut pb = vec![0f32; (ATTN_BLOCK * g).min(s * g) * s];
+        let mut pb = vec![0f32; ATTN_BLOCK.min(s) * g * s];
         let mut o = vec![0f32; s * g * d];
         for [r0, r1, t1] in causal_blocks(s, g) {
-            let n = r1 - r0;
-            let pb = &mut pb[..n * t1];
-            self.probabilities(pb, &q[r0 * d..r1 * d], &k[..t1 * d], r0, g);
-            prod(
+            let qkv = [&q[r0 * d..r1 * d], &k[..t1 * d], &v[..t1 * d]];
+            self.block(
+                &mut pb[..(r1 - r0) * t1],
                 &mut o[r0 * d..r1 * d],
-                false,
-                rows(pb, n, t1),
-                rows(&v[..t1 * d], t1, d),
-                1.0,
+                qkv,
+                r0,
+                g,
             );
         }
         o
@@ -456,7 +456,7 @@ pub(crate) fn attention_backward(
             let qg = sh.group(q, b, j, Some(rope));
             let dog = sh.group(dout, b, j, None);
             // One block's probabilities, their gradient and output at a time.
-            let block = (ATTN_BLOCK * g).min(n);
+            let block = ATTN_BLOCK.min(s) * g;
             let (mut pb, mut dsb) = (vec![0f32; block * s], vec![0f32; block * s]);
             let mut ob = vec![0f32; block * d];
             let mut dq = vec![0f32; n * d];
@@ -466,8 +466,7 @@ pub(crate) fn attention_backward(
                 let (pb, dsb, ob) = (&mut pb[..m * t1], &mut dsb[..m * t1], &mut ob[..m * d]);
                 let (qb, dob) = (&qg[r0 * d..r1 * d], &dog[r0 * d..r1 * d]);
                 let (kb, vb) = (rows(&kh[..t1 * d], t1, d), rows(&vh[..t1 * d], t1, d));
-                sh.probabilities(pb, qb, &kh[..t1 * d], r0, g);
-                prod(ob, false, rows(pb, m, t1), vb, 1.0);
+                sh.block(pb, ob, [qb, &kh[..t1 * d], &vh[..t1 * d]], r0, g);
                 // dP = dO·Vᵀ, then dS = P∘(dP − rowsum(dO∘O))·scale.
                 prod(dsb, false, rows(dob, m, d), vb.transpose(), 1.0);
                 softmax_backward(dsb, pb, dob, ob, d, sh.scale());

@@ -4,6 +4,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor};
 
+use super::qlinear::Output;
 use super::{Attention, Mlp, QLinear, RopeTables};
 use crate::config::LlamaConfig;
 
@@ -65,11 +66,7 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        self.forward_as(x, rope, Output::Value)
     }
 
     /// A tensor with [`forward`](Self::forward)'s graph, for the backward pass of a layer
@@ -78,6 +75,10 @@ impl DecoderLayer {
     /// the layer's output. The gradients of `(y·g).sum()` for a fixed `g` are exact, as they
     /// do not depend on `y`'s values.
     pub fn forward_for_gradient(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
+        self.forward_as(x, rope, Output::GradientOnly)
+    }
+
+    fn forward_as(&self, x: Tensor<3>, rope: &RopeTables, output: Output) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn
@@ -85,7 +86,7 @@ impl DecoderLayer {
         h.clone()
             + self
                 .mlp
-                .forward_for_gradient(self.post_attention_layernorm.forward(h))
+                .forward_as(self.post_attention_layernorm.forward(h), output)
     }
 
     /// The seven linear layers, in [`LINEAR_PATHS`] order.

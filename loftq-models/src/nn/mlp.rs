@@ -5,6 +5,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 
 use super::QLinear;
+use super::qlinear::Output;
 
 /// `mlp.{gate_proj, up_proj, down_proj}`.
 #[derive(Module, Debug)]
@@ -20,17 +21,14 @@ pub struct Mlp {
 impl Mlp {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = self.gate_proj.forward(x.clone());
-        self.down_proj
-            .forward(silu_mul(gate, self.up_proj.forward(x)))
+        self.forward_as(x, Output::Value)
     }
 
-    /// [`forward`](Self::forward) whose output's value is not needed, only its gradient path:
-    /// `down_proj`'s product is skipped (see [`QLinear::forward_for_gradient`]).
-    pub fn forward_for_gradient(&self, x: Tensor<3>) -> Tensor<3> {
+    /// [`forward`](Self::forward), `down_proj` for `output` (see [`Output::GradientOnly`]).
+    pub(crate) fn forward_as(&self, x: Tensor<3>, output: Output) -> Tensor<3> {
         let gate = self.gate_proj.forward(x.clone());
         self.down_proj
-            .forward_for_gradient(silu_mul(gate, self.up_proj.forward(x)))
+            .forward_as(silu_mul(gate, self.up_proj.forward(x)), output)
     }
 }
 

@@ -258,15 +258,11 @@ impl QLinear {
         self.forward_as(x, Output::Value)
     }
 
-    /// [`forward`](Self::forward) for an output whose value nothing reads, only the gradient
-    /// that flows back through it (a recomputed layer's last product, when the layer's output
-    /// is known already). On the CPU back end the value is left as zeros and its products are
-    /// skipped, while the backward pass is exactly `forward`'s; elsewhere it is `forward`.
-    pub fn forward_for_gradient<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.forward_as(x, Output::GradientOnly)
-    }
-
-    fn forward_as<const D: usize>(&self, x: Tensor<D>, output: Output) -> Tensor<D> {
+    /// [`forward`](Self::forward) for `output`: with [`Output::GradientOnly`] (an output whose
+    /// value nothing reads, such as a recomputed layer's last product), the CPU back end
+    /// leaves the value as zeros and skips its products, while the backward pass is exactly
+    /// `forward`'s; elsewhere it is `forward`.
+    pub(crate) fn forward_as<const D: usize>(&self, x: Tensor<D>, output: Output) -> Tensor<D> {
         let [out, inp] = self.shape();
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
