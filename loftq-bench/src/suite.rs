@@ -278,6 +278,8 @@ fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<
             exclude: Vec::new(),
             backbone: Backbone::Packed,
             seed: 0,
+            calibration: None,
+            quantizer: Default::default(),
         };
         let mut report = None;
         let mut failure = None;

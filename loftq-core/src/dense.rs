@@ -6,7 +6,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::QuantError;
-use crate::quant::{Codes, Quantizer};
+use crate::quant::{Codes, HostQuantized, Quantizer};
 
 /// Row-major `f32` matrices and what the algorithms do with them.
 pub(crate) trait Dense {
@@ -43,6 +43,14 @@ pub(crate) trait Dense {
         res: &Self::M,
         out: &mut Self::M,
     ) -> Result<Codes, QuantError>;
+    /// `out = w − dequant(codes)` for codes made on the host (GPTQ's).
+    fn residual_from(
+        &self,
+        quantizer: &Quantizer,
+        codes: &HostQuantized,
+        w: &Self::M,
+        out: &mut Self::M,
+    );
     /// `next = w − b·a` for `factors = (b, a)`; returns `‖residual − c·b·a‖_F`.
     fn fit_error(
         &self,
@@ -128,6 +136,17 @@ impl Dense for DeviceOps {
         let (codes, q) = quantizer.quantize_dequantize(res)?;
         *out = w.clone() - q;
         Ok(codes)
+    }
+
+    fn residual_from(
+        &self,
+        quantizer: &Quantizer,
+        codes: &HostQuantized,
+        w: &Tensor<2>,
+        out: &mut Tensor<2>,
+    ) {
+        let q = quantizer.dequantize_host(codes);
+        *out = w.clone() - self.matrix(q, codes.shape);
     }
 
     fn fit_error(

@@ -8,11 +8,14 @@
 //!   on any Burn device.
 //! - [`lowrank`]: truncated SVD, exact (host) and randomized (products on the device).
 //! - [`loftq()`]: the alternating quantization / low-rank initialization.
+//! - [`calib`]: calibrated starts: input statistics, the activation-weighted adapter fit,
+//!   GPTQ, and quantizers allocated under a bit budget.
 //! - [`init`]: one API for QLoRA (zeros), LoftQ, PiSSA and QPiSSA starts.
 //! - `cpu` (with the `flex` feature): faer matrix products for the CPU back end.
 //!
 //! Weights are `[out, in]` matrices (PyTorch layout) throughout.
 
+pub mod calib;
 #[cfg(feature = "flex")]
 pub mod cpu;
 mod dense;

@@ -77,6 +77,9 @@ pub enum LoftqError {
     /// The low-rank solver failed or the rank does not fit the matrix.
     #[error(transparent)]
     LowRank(#[from] LowRankError),
+    /// The calibration statistics are unusable.
+    #[error(transparent)]
+    Calib(#[from] crate::calib::CalibError),
     /// `iters` is zero or `alpha` is not a positive finite number.
     #[error("invalid LoftQ configuration: {0}")]
     Config(String),
@@ -137,15 +140,7 @@ pub(crate) fn frobenius(t: &Tensor<2>) -> f32 {
 /// # Numerical behaviour
 /// `T = 1` with the exact SVD reproduces PEFT's `loftq_init` (same `Q` bit for bit).
 pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError> {
-    if cfg.iters == 0 {
-        return Err(LoftqError::Config("iters must be at least 1".into()));
-    }
-    if !(cfg.alpha.is_finite() && cfg.alpha > 0.0) {
-        return Err(LoftqError::Config(format!(
-            "alpha must be positive, got {}",
-            cfg.alpha
-        )));
-    }
+    check_config(cfg)?;
     let quantizer = Quantizer::new(cfg.quant)?;
     check_rank(w.dims(), cfg.rank)?;
     let device = w.device();
@@ -161,6 +156,20 @@ pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError
         );
     }
     alternate(&DeviceOps(device.clone()), w, cfg, &quantizer, &device)
+}
+
+/// Checks `iters` and `alpha`.
+pub(crate) fn check_config(cfg: &LoftqConfig) -> Result<(), LoftqError> {
+    if cfg.iters == 0 {
+        return Err(LoftqError::Config("iters must be at least 1".into()));
+    }
+    if !(cfg.alpha.is_finite() && cfg.alpha > 0.0) {
+        return Err(LoftqError::Config(format!(
+            "alpha must be positive, got {}",
+            cfg.alpha
+        )));
+    }
+    Ok(())
 }
 
 /// The alternation of [`loftq`] with any [`Dense`] implementation; results go to `device`.

@@ -30,6 +30,8 @@ fn spec(model: PathBuf, out: PathBuf) -> InitSpec {
         exclude: Vec::new(),
         backbone: Backbone::Both,
         seed: 7,
+        calibration: None,
+        quantizer: Default::default(),
     }
 }
 
@@ -113,7 +115,7 @@ fn interrupted_runs_resume_to_identical_files() {
                     assert!(n < kill_at, "killed");
                 }
                 Event::Assembling => assert!(kill_at != usize::MAX, "killed"),
-                Event::Planned { .. } => {}
+                Event::Planned { .. } | Event::Calibrating { .. } => {}
             })
         }));
         assert!(killed.is_err());

@@ -214,6 +214,8 @@ fn refining_a_qlora_base_is_loftq_with_one_iteration() {
         exclude: Vec::new(),
         backbone: Backbone::Packed,
         seed: 0,
+        calibration: None,
+        quantizer: Default::default(),
     };
     run_init(&init, &[device()], false, &mut |_| {}).unwrap();
     let mut s = spec(init.out.clone(), dir.join("out"));

@@ -26,12 +26,14 @@ const TEST_FEATURES: &str = "loftq-core/wgpu";
 const DEVICE_TESTS: &[&str] = &[
     "quant_reference",
     "loftq_reference",
+    "calibrated",
     "lowrank_and_init",
     "model_reference",
     "files",
     "gguf",
     "refine",
     "init",
+    "calibrate",
     "train",
     "suite",
 ];

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::QuantError;
 use crate::dense::Dense;
-use crate::quant::{Codes, Quantizer};
+use crate::quant::{Codes, HostQuantized, Quantizer};
 
 /// Elements per task of the element-wise passes.
 const CHUNK: usize = 1 << 16;
@@ -234,6 +234,17 @@ impl<'a> Dense for HostOps<'a> {
         let codes = quantizer.quantize_host(&res.data, [res.rows, res.cols])?;
         quantizer.residual_host_into(&codes, &w.data, out.reshape(res.rows, res.cols));
         Ok(Codes::Host(codes))
+    }
+
+    fn residual_from(
+        &self,
+        quantizer: &Quantizer,
+        codes: &HostQuantized,
+        w: &RowMat<'a>,
+        out: &mut RowMat<'a>,
+    ) {
+        let [rows, cols] = codes.shape;
+        quantizer.residual_host_into(codes, &w.data, out.reshape(rows, cols));
     }
 
     fn fit_error(

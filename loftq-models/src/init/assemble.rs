@@ -203,7 +203,13 @@ fn totals(spec: &InitSpec, reports: &[TensorReport], start: Instant, resumed: us
         .filter_map(|r| r.rel_err_quant.map(f64::from))
         .collect();
     let n = reports.len().max(1) as f64;
+    let mean_of = |f: fn(&TensorReport) -> Option<f32>| {
+        let v: Vec<f64> = reports.iter().filter_map(|r| f(r).map(f64::from)).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
     Totals {
+        mean_weighted_err_quant: mean_of(|r| r.weighted_err_quant),
+        mean_weighted_err_init: mean_of(|r| r.weighted_err_init),
         tensors: reports.len(),
         params,
         avg_bits_per_param: (base_bits + adapter_bits) / params.max(1) as f64,

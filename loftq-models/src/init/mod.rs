@@ -8,6 +8,7 @@
 //! each written under a temporary name and renamed, then the work area is removed.
 
 mod assemble;
+mod calibrate;
 mod piece;
 pub mod plan;
 mod workers;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::Device;
+use loftq_core::calib::BaseQuantizer;
 use loftq_core::init::LoraInit;
 use loftq_core::lowrank::SvdMethod;
 use loftq_core::{InitScaling, LoftqConfig, QuantConfig};
@@ -85,6 +87,56 @@ pub struct InitSpec {
     pub backbone: Backbone,
     /// Seed; each tensor's stream is derived from it and the tensor's name.
     pub seed: u64,
+    /// Calibration on real text (`None`: every objective is the weights' own error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
+    /// How bases are quantized: round to nearest, or GPTQ (needs `calibration`).
+    #[serde(default, skip_serializing_if = "is_rtn")]
+    pub quantizer: BaseQuantizer,
+}
+
+fn is_rtn(q: &BaseQuantizer) -> bool {
+    *q == BaseQuantizer::Rtn
+}
+
+/// Where the calibration statistics come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Text files, read in order and tokenized with the model's tokenizer.
+    pub files: Vec<PathBuf>,
+    /// Tokens to use at most (whole sequences of `seq` tokens).
+    pub tokens: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// `λ` of the damping `λ·mean(diag H)`.
+    pub damping: f64,
+    /// Whether layer `l` sees the outputs of the quantized layers below it (GPTQ's way) or of
+    /// the full-precision ones.
+    pub inputs: CalibInputs,
+}
+
+impl Calibration {
+    /// `files` with the defaults: 16,384 tokens in sequences of 512, damping 0.01, inputs
+    /// from the quantized layers.
+    pub fn new(files: Vec<PathBuf>) -> Self {
+        Self {
+            files,
+            tokens: 16_384,
+            seq: 512,
+            damping: loftq_core::calib::DEFAULT_DAMPING,
+            inputs: CalibInputs::Quantized,
+        }
+    }
+}
+
+/// Which layers below produce a layer's calibration inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibInputs {
+    /// The quantized layers (with their adapters), as the model will run.
+    Quantized,
+    /// The full-precision layers.
+    Full,
 }
 
 /// One line of `report.json`.
@@ -102,6 +154,12 @@ pub struct TensorReport {
     pub rel_err_quant: Option<f32>,
     /// `‖W − base − s·B·A‖/‖W‖`: this start.
     pub rel_err_init: f32,
+    /// `‖(W − Q(W))·S‖/‖W·S‖`, the QLoRA start on the calibration inputs (calibrated runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weighted_err_quant: Option<f32>,
+    /// `‖(W − base − s·B·A)·S‖/‖W·S‖`: this start on the calibration inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weighted_err_init: Option<f32>,
     /// LoftQ iterations run (the best iterate is kept).
     pub iters_used: usize,
     /// Compute time.
@@ -122,6 +180,13 @@ pub enum Event {
     },
     /// A targeted tensor is done.
     Tensor(TensorReport),
+    /// The calibration pass enters a decoder layer (its statistics, then its tensors).
+    Calibrating {
+        /// The layer, from 0.
+        layer: usize,
+        /// Decoder layers in all.
+        layers: usize,
+    },
     /// Writing the final files.
     Assembling,
 }
@@ -150,6 +215,12 @@ pub struct Totals {
     pub mean_rel_err_quant: Option<f64>,
     /// Mean of `rel_err_init`.
     pub mean_rel_err_init: f64,
+    /// Mean of `weighted_err_quant` (calibrated runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_weighted_err_quant: Option<f64>,
+    /// Mean of `weighted_err_init` (calibrated runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_weighted_err_init: Option<f64>,
     /// Wall time of this invocation.
     pub wall_seconds: f64,
     /// Peak resident memory of the process (Linux), bytes.
@@ -228,6 +299,7 @@ pub fn run_init(
             spec.model.display()
         )));
     }
+    check_calibration(spec)?;
     let source = open_source(&spec.model)?;
     let gguf_config = source.llama_config().cloned();
     let plan = piece::Plan::new(spec, source.as_ref())?;
@@ -257,13 +329,31 @@ pub fn run_init(
                 .filter(|&&i| plan.items[i].target.is_some())
                 .count(),
         });
-        let todo: Vec<usize> = (0..plan.items.len())
-            .filter(|i| !done.contains(i))
-            .collect();
         let mut reports: Vec<Option<TensorReport>> = vec![None; plan.items.len()];
         for &i in &done {
             reports[i] = piece::read_report(&work, i)?;
         }
+        let calibrated = match spec.calibration {
+            Some(_) => calibrate::run(
+                spec,
+                &plan,
+                &done,
+                source.as_ref(),
+                &work,
+                &devices[0],
+                &mut |p| match p {
+                    calibrate::Progress::Layer(e) => events(e),
+                    calibrate::Progress::Tensor(i, r) => {
+                        events(Event::Tensor(r.clone()));
+                        reports[i] = Some(r);
+                    }
+                },
+            )?,
+            None => Default::default(),
+        };
+        let todo: Vec<usize> = (0..plan.items.len())
+            .filter(|i| !done.contains(i) && !calibrated.contains(i))
+            .collect();
         workers::run(
             spec,
             &plan,
@@ -296,6 +386,27 @@ pub fn run_init(
             }
             Err(e)
         }
+    }
+}
+
+/// Refuses calibration settings that cannot work, before any work starts: a method that
+/// does not use the statistics, GPTQ without statistics, unreadable or too short text.
+fn check_calibration(spec: &InitSpec) -> Result<()> {
+    let gptq = matches!(spec.quantizer, BaseQuantizer::Gptq(_));
+    match (&spec.calibration, spec.method) {
+        (None, _) if gptq => Err(ModelError::Invalid(
+            "--quantizer gptq needs --calibration (its statistics)".into(),
+        )),
+        (None, _) => Ok(()),
+        (Some(_), Method::Pissa | Method::Qpissa) => Err(ModelError::Invalid(
+            "--calibration works with --method loftq or qlora (with --quantizer gptq)".into(),
+        )),
+        (Some(_), Method::Qlora) if !gptq => Err(ModelError::Invalid(
+            "--calibration changes nothing for --method qlora with round to nearest; \
+             add --quantizer gptq, or use --method loftq"
+                .into(),
+        )),
+        (Some(c), _) => calibrate::calibration_tokens(&spec.model, c).map(|_| ()),
     }
 }
 

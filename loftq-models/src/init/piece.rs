@@ -5,9 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use loftq_core::init::{Base, init_lora};
+use loftq_core::calib::{
+    BaseQuantizer, CalibratedConfig, Weighting, calibrated, fit_weighted, gptq_base,
+};
+use loftq_core::init::{Base, LoraInit, init_lora, qlora_factors};
+use loftq_core::lowrank::SvdMethod;
 use loftq_core::quant::{PackedTensor, host_f32};
-use loftq_core::{QuantConfig, Quantizer, loftq};
+use loftq_core::{InitScaling, LoftqError, QuantConfig, Quantizer, loftq};
 
 use super::plan::{is_embedding_or_head, module_of_weight, quant_for};
 use super::{InitSpec, Method, TensorReport, tensor_seed};
@@ -222,6 +226,7 @@ pub fn compute(
     i: usize,
     work: &Path,
     device: &Device,
+    weighting: Option<&Weighting>,
 ) -> Result<Option<TensorReport>> {
     let name = &item.name;
     let mut tensors = BTreeMap::new();
@@ -248,33 +253,21 @@ pub fn compute(
         name: name.clone(),
         source,
     };
-    let (base, a, b, rel_err_quant, rel_err_init, iters_used) = match &method {
-        loftq_core::init::LoraInit::Loftq(cfg) => {
-            let r = loftq(&w, cfg).map_err(lerr)?;
-            let err = r.rel_err();
-            let used = r.history.len();
-            (
-                Base::Quantized {
-                    packed: r.packed,
-                    dequantized: r.q,
-                },
-                r.lora_a,
-                r.lora_b,
-                Some(r.rel_err_quant),
-                err,
-                used,
-            )
-        }
-        m => {
-            let st = init_lora(&w, m, spec.rank, spec.lora_scale()).map_err(lerr)?;
-            let quant_err = match spec.method {
-                Method::Qlora => Some(st.rel_err),
-                Method::Qpissa => qpissa_quant_err,
-                _ => None,
-            };
-            (st.base, st.lora_a, st.lora_b, quant_err, st.rel_err, 0)
-        }
+    let (start, weighted) = match weighting {
+        Some(wg) => calibrated_start(spec, &w, &method, wg, quant, seed).map_err(lerr)?,
+        None => (
+            plain_start(spec, &w, &method, qpissa_quant_err).map_err(lerr)?,
+            None,
+        ),
     };
+    let Start {
+        base,
+        a,
+        b,
+        rel_err_quant,
+        rel_err_init,
+        iters_used,
+    } = start;
     let module = module_of_weight(name).expect("targets are weights");
     let (label, bits) = match &base {
         Base::Quantized { packed, .. } => {
@@ -301,6 +294,8 @@ pub fn compute(
         bits_per_param: bits,
         rel_err_quant,
         rel_err_init,
+        weighted_err_quant: weighted.map(|w| w.0),
+        weighted_err_init: weighted.map(|w| w.1),
         iters_used,
         seconds: t0.elapsed().as_secs_f64(),
     };
@@ -310,6 +305,127 @@ pub fn compute(
     );
     write_safetensors(&piece_path(work, i), &tensors, Some(meta))?;
     Ok(Some(report))
+}
+
+/// A computed start before it is written.
+struct Start {
+    base: Base,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    rel_err_quant: Option<f32>,
+    rel_err_init: f32,
+    iters_used: usize,
+}
+
+/// The uncalibrated starts.
+fn plain_start(
+    spec: &InitSpec,
+    w: &Tensor<2>,
+    method: &LoraInit,
+    qpissa_quant_err: Option<f32>,
+) -> std::result::Result<Start, LoftqError> {
+    Ok(match method {
+        LoraInit::Loftq(cfg) => {
+            let r = loftq(w, cfg)?;
+            Start {
+                rel_err_init: r.rel_err(),
+                iters_used: r.history.len(),
+                rel_err_quant: Some(r.rel_err_quant),
+                base: Base::Quantized {
+                    packed: r.packed,
+                    dequantized: r.q,
+                },
+                a: r.lora_a,
+                b: r.lora_b,
+            }
+        }
+        m => {
+            let st = init_lora(w, m, spec.rank, spec.lora_scale())?;
+            let rel_err_quant = match spec.method {
+                Method::Qlora => Some(st.rel_err),
+                Method::Qpissa => qpissa_quant_err,
+                _ => None,
+            };
+            Start {
+                base: st.base,
+                a: st.lora_a,
+                b: st.lora_b,
+                rel_err_quant,
+                rel_err_init: st.rel_err,
+                iters_used: 0,
+            }
+        }
+    })
+}
+
+/// The calibrated starts: LoftQ's alternation with the weighted adapter fit (and GPTQ when
+/// asked), or QLoRA's zero adapter on a GPTQ base. Also returns the weighted errors of
+/// the QLoRA start and of this one.
+fn calibrated_start(
+    spec: &InitSpec,
+    w: &Tensor<2>,
+    method: &LoraInit,
+    weighting: &Weighting,
+    quant: QuantConfig,
+    seed: u64,
+) -> std::result::Result<(Start, Option<(f32, f32)>), LoftqError> {
+    match (method, spec.quantizer) {
+        (LoraInit::Loftq(cfg), base) => {
+            let r = calibrated(
+                w,
+                weighting,
+                &CalibratedConfig {
+                    loftq: cfg.clone(),
+                    base,
+                },
+            )?;
+            let weighted = (r.weighted_err_quant, r.weighted_err());
+            let s = r.start;
+            Ok((
+                Start {
+                    rel_err_init: s.rel_err(),
+                    iters_used: s.history.len(),
+                    rel_err_quant: Some(s.rel_err_quant),
+                    base: Base::Quantized {
+                        packed: s.packed,
+                        dequantized: s.q,
+                    },
+                    a: s.lora_a,
+                    b: s.lora_b,
+                },
+                Some(weighted),
+            ))
+        }
+        (LoraInit::Zeros { .. }, BaseQuantizer::Gptq(g)) => {
+            let rtn = Quantizer::new(quant)?.quantize_dequantize(w)?.1;
+            let (packed, q) = gptq_base(w, weighting, quant, &g)?;
+            let [out, inp] = w.dims();
+            let (a, b) = qlora_factors([out, inp], spec.rank, seed, &w.device());
+            let werr = |q: &Tensor<2>| -> std::result::Result<(f32, f32), LoftqError> {
+                // Rank 1, randomized: only the errors of the base are read.
+                let svd = SvdMethod::default();
+                let f = fit_weighted(w, q, weighting, 1, &svd, 1.0, InitScaling::Exact)?;
+                Ok((f.weighted_err_base, f.fit.rel_err_base))
+            };
+            let (w_rtn, _) = werr(&rtn)?;
+            let (w_gptq, plain) = werr(&q)?;
+            Ok((
+                Start {
+                    base: Base::Quantized {
+                        packed,
+                        dequantized: q,
+                    },
+                    a,
+                    b,
+                    rel_err_quant: Some(plain),
+                    rel_err_init: plain,
+                    iters_used: 0,
+                },
+                Some((w_rtn, w_gptq)),
+            ))
+        }
+        (m, _) => Ok((plain_start(spec, w, m, None)?, None)),
+    }
 }
 
 fn host_quant_error(w: &[f32], shape: [usize; 2], cfg: QuantConfig, name: &str) -> Result<f32> {

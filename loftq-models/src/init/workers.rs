@@ -59,8 +59,9 @@ pub(super) fn run(
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let result = loaded
-                        .and_then(|l| piece::compute(spec, &plan.items[i], l, i, work, device));
+                    let result = loaded.and_then(|l| {
+                        piece::compute(spec, &plan.items[i], l, i, work, device, None)
+                    });
                     log(&plan.items[i].name, worker, &result);
                     if to_caller.send((i, result)).is_err() {
                         return;

@@ -19,6 +19,10 @@ pub const LINEAR_PATHS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// Which input each of [`LINEAR_PATHS`] reads, as the group index of
+/// [`DecoderLayer::forward_observed`]: q/k/v share the normalized input, gate/up too.
+pub const INPUT_GROUPS: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
+
 /// RMSNorm: `x / √(mean(x²) + ε) · weight`.
 #[derive(Module, Debug)]
 pub struct RmsNorm {
@@ -87,6 +91,36 @@ impl DecoderLayer {
             + self
                 .mlp
                 .forward_as(self.post_attention_layernorm.forward(h), output)
+    }
+
+    /// [`forward`](Self::forward), handing the input of each group of linear layers to
+    /// `observe` as `[batch·seq, in]`: the group index is [`INPUT_GROUPS`]'s (0: q/k/v, 1:
+    /// o_proj, 2: gate/up, 3: down_proj). Calibration reads its statistics from here.
+    pub fn forward_observed(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        observe: &mut dyn FnMut(usize, Tensor<2>),
+    ) -> Tensor<3> {
+        let flat = |t: &Tensor<3>| {
+            let [b, s, w] = t.dims();
+            t.clone().reshape([b * s, w])
+        };
+        let a = &self.self_attn;
+        let xn = self.input_layernorm.forward(x.clone());
+        observe(0, flat(&xn));
+        let q = a.q_proj.forward(xn.clone());
+        let k = a.k_proj.forward(xn.clone());
+        let v = a.v_proj.forward(xn);
+        let att = super::attention::attend([q, k, v], rope, [a.heads, a.kv_heads]);
+        observe(1, flat(&att));
+        let h = x + a.o_proj.forward(att);
+        let hn = self.post_attention_layernorm.forward(h.clone());
+        observe(2, flat(&hn));
+        let m = &self.mlp;
+        let act = super::mlp::silu_mul(m.gate_proj.forward(hn.clone()), m.up_proj.forward(hn));
+        observe(3, flat(&act));
+        h + m.down_proj.forward(act)
     }
 
     /// The seven linear layers, in [`LINEAR_PATHS`] order.

@@ -54,35 +54,10 @@ pub fn load_model(
         used: BTreeSet::new(),
     };
     let c = config;
-    let (h, d) = (c.hidden_size, c.head_dim);
+    let h = c.hidden_size;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let q = c.num_attention_heads * d;
-        let kv = c.num_key_value_heads * d;
-        let inter = c.intermediate_size;
-        layers.push(DecoderLayer {
-            input_layernorm: b.norm(&format!("{p}.input_layernorm"), h, c.rms_norm_eps)?,
-            self_attn: Attention {
-                q_proj: b.linear(&format!("{p}.self_attn.q_proj"), [q, h], c.qkv_bias, true)?,
-                k_proj: b.linear(&format!("{p}.self_attn.k_proj"), [kv, h], c.qkv_bias, true)?,
-                v_proj: b.linear(&format!("{p}.self_attn.v_proj"), [kv, h], c.qkv_bias, true)?,
-                o_proj: b.linear(&format!("{p}.self_attn.o_proj"), [h, q], c.o_bias, true)?,
-                heads: c.num_attention_heads,
-                kv_heads: c.num_key_value_heads,
-                head_dim: d,
-            },
-            post_attention_layernorm: b.norm(
-                &format!("{p}.post_attention_layernorm"),
-                h,
-                c.rms_norm_eps,
-            )?,
-            mlp: Mlp {
-                gate_proj: b.linear(&format!("{p}.mlp.gate_proj"), [inter, h], c.mlp_bias, true)?,
-                up_proj: b.linear(&format!("{p}.mlp.up_proj"), [inter, h], c.mlp_bias, true)?,
-                down_proj: b.linear(&format!("{p}.mlp.down_proj"), [h, inter], c.mlp_bias, true)?,
-            },
-        });
+        layers.push(b.layer(c, i)?);
     }
     let embed_tokens = b.dense("model.embed_tokens.weight", &[c.vocab_size, h])?;
     let lm_head = if c.tie_word_embeddings {
@@ -105,6 +80,27 @@ pub fn load_model(
         lm_head,
         config: config.clone(),
     })
+}
+
+/// Builds decoder layer `i` alone (dense or packed bases as stored, no adapter): the
+/// calibration pass holds one layer at a time.
+///
+/// # Errors
+/// As [`load_model`].
+pub fn load_layer(
+    config: &LlamaConfig,
+    source: &dyn TensorSource,
+    i: usize,
+    device: &Device,
+) -> Result<DecoderLayer> {
+    let opts = LoadOptions::default();
+    let mut b = Builder {
+        source,
+        device,
+        opts: &opts,
+        used: BTreeSet::new(),
+    };
+    b.layer(config, i)
 }
 
 /// Loads a pretrained model: an HF-style directory (`config.json` + safetensors, dense or
@@ -151,6 +147,46 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    fn layer(&mut self, c: &LlamaConfig, i: usize) -> Result<DecoderLayer> {
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let p = format!("model.layers.{i}");
+        let q = c.num_attention_heads * d;
+        let kv = c.num_key_value_heads * d;
+        let inter = c.intermediate_size;
+        Ok(DecoderLayer {
+            input_layernorm: self.norm(&format!("{p}.input_layernorm"), h, c.rms_norm_eps)?,
+            self_attn: Attention {
+                q_proj: self.linear(&format!("{p}.self_attn.q_proj"), [q, h], c.qkv_bias, true)?,
+                k_proj: self.linear(&format!("{p}.self_attn.k_proj"), [kv, h], c.qkv_bias, true)?,
+                v_proj: self.linear(&format!("{p}.self_attn.v_proj"), [kv, h], c.qkv_bias, true)?,
+                o_proj: self.linear(&format!("{p}.self_attn.o_proj"), [h, q], c.o_bias, true)?,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: d,
+            },
+            post_attention_layernorm: self.norm(
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                c.rms_norm_eps,
+            )?,
+            mlp: Mlp {
+                gate_proj: self.linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    [inter, h],
+                    c.mlp_bias,
+                    true,
+                )?,
+                up_proj: self.linear(&format!("{p}.mlp.up_proj"), [inter, h], c.mlp_bias, true)?,
+                down_proj: self.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    [h, inter],
+                    c.mlp_bias,
+                    true,
+                )?,
+            },
+        })
+    }
+
     fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<D> {
         Tensor::from_data(TensorData::new(t.data, t.shape), self.device)
     }

@@ -23,8 +23,10 @@ mod save;
 
 pub use attention::Attention;
 pub use init::LayerInit;
-pub use llama::{DecoderLayer, LINEAR_PATHS, Llama, RmsNorm};
-pub use load::{LINEAR_NAMES, LoadOptions, load_model, load_pretrained, load_pretrained_with};
+pub use llama::{DecoderLayer, INPUT_GROUPS, LINEAR_PATHS, Llama, RmsNorm};
+pub use load::{
+    LINEAR_NAMES, LoadOptions, load_layer, load_model, load_pretrained, load_pretrained_with,
+};
 pub use mlp::Mlp;
 pub use qlinear::{BaseWeight, LoraAdapter, PackedWeight, QLinear};
 pub use rope::{RopeTables, inv_freq};

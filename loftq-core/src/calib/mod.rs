@@ -1,0 +1,43 @@
+//! Starts that use calibration data: the statistics `H = Σ xᵀx` of a layer's inputs, the
+//! activation-weighted adapter fit (QERA / CLoQ / EoRA), GPTQ over this crate's quantizers,
+//! and the allocation of quantizers to matrices under an average-bits budget (LQ-LoRA).
+//!
+//! With a factor `S` of `H` (`S·Sᵀ = H`), the output error of a replacement `W'` on the
+//! calibration inputs `X` is `‖X·(W − W')ᵀ‖_F = ‖(W − W')·S‖_F`: every method here minimises
+//! that instead of `‖W − W'‖_F`.
+
+mod allocate;
+mod gptq;
+mod gram;
+mod weighted;
+
+pub use allocate::{Allocation, Choice, allocate};
+pub use gptq::{GptqConfig, gptq};
+pub use gram::{Gram, Weighting};
+pub use weighted::{
+    BaseQuantizer, CalibratedConfig, CalibratedResult, WeightedFit, calibrated, fit_weighted,
+    gptq_base,
+};
+
+/// GPTQ's damping: `λ` in `H + λ·mean(diag H)·I`.
+pub const DEFAULT_DAMPING: f64 = 0.01;
+
+/// What can go wrong with calibration statistics.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CalibError {
+    /// Sizes that do not fit together.
+    #[error("calibration statistics: {0}")]
+    Shape(String),
+    /// A NaN or infinite input or sum.
+    #[error("calibration statistics: a NaN or infinite input")]
+    NonFinite,
+    /// No input reached the layer (all-zero statistics).
+    #[error("calibration statistics: no input energy (no calibration tokens reached the layer?)")]
+    Empty,
+    /// The damped statistics could not be factored.
+    #[error("calibration statistics are not positive definite: increase the damping")]
+    NotPositiveDefinite,
+    /// The bit budget cannot be met.
+    #[error("bit budget: {0}")]
+    Budget(String),
+}

@@ -1,0 +1,282 @@
+//! The calibrated start: LoftQ's alternation with the adapter fitted to the layer's outputs
+//! (`‖(W − Q − s·B·A)·S‖`, QERA / CLoQ / EoRA's closed form) and, optionally, a GPTQ base.
+
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{GptqConfig, Weighting, gptq};
+use crate::LoftqConfig;
+use crate::dense::{Dense, DeviceOps};
+use crate::loftq::{InitScaling, LoftqError, LoftqResult};
+use crate::lowrank::{SvdMethod, check_rank, svd_with};
+use crate::quant::{Codes, PackedTensor, Quantizer};
+
+/// How the base is quantized inside the calibrated alternation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BaseQuantizer {
+    /// Round to nearest, block by block (what LoftQ and QLoRA do).
+    #[default]
+    Rtn,
+    /// GPTQ: errors compensated through the input statistics ([`gptq`]).
+    Gptq(GptqConfig),
+}
+
+/// Configuration of [`calibrated`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibratedConfig {
+    /// Quantizer, rank, iterations, SVD, scaling: as LoftQ.
+    pub loftq: LoftqConfig,
+    /// Round to nearest or GPTQ.
+    pub base: BaseQuantizer,
+}
+
+/// What [`calibrated`] returns: LoftQ's result (its `history` and `rel_err_quant` plain, its
+/// `best_iter` chosen by the weighted error) and the activation-weighted errors.
+#[derive(Clone, Debug)]
+pub struct CalibratedResult {
+    /// Base, factors and plain errors.
+    pub start: LoftqResult,
+    /// `‖(W − Q_t − s·B_t·A_t)·S‖ / ‖W·S‖` after each iteration.
+    pub weighted_history: Vec<f32>,
+    /// `‖(W − Q(W))·S‖ / ‖W·S‖`: round to nearest's weighted error (QLoRA's start).
+    pub weighted_err_quant: f32,
+}
+
+impl CalibratedResult {
+    /// The weighted error of the returned start.
+    pub fn weighted_err(&self) -> f32 {
+        self.weighted_history[self.start.best_iter - 1]
+    }
+}
+
+/// The calibrated start of `w` `[out, in]` for inputs whose statistics give `weighting`.
+///
+/// # Algorithm
+/// With `res = W`, for `t = 1..=T`: `Q_t` = the quantization of `res` (round to nearest, or
+/// GPTQ with `H`); `(B_t, A_t)` = the rank-`r` minimiser of `‖(W − Q_t − B·A)·S‖_F`, in
+/// closed form `B·A = [(W − Q_t)·S]_r · S⁻¹` (truncated SVD of the scaled residual, then
+/// unscaled); `res = W − B_t·A_t`. The iterate with the lowest weighted error is returned;
+/// scaling as [`loftq`](crate::loftq()).
+///
+/// # Shapes
+/// `w: [out, in]`, `weighting` of width `in` → as [`loftq`](crate::loftq()).
+///
+/// # Numerical behaviour
+/// With `H = I` and round to nearest this is LoftQ (same codes, same errors). With the exact
+/// SVD each adapter step is the optimum for its `Q_t`.
+///
+/// # Errors
+/// As [`loftq`](crate::loftq()); [`LoftqError::Config`] if the widths differ.
+pub fn calibrated(
+    w: &Tensor<2>,
+    weighting: &Weighting,
+    cfg: &CalibratedConfig,
+) -> Result<CalibratedResult, LoftqError> {
+    let lcfg = &cfg.loftq;
+    crate::loftq::check_config(lcfg)?;
+    let [_, inp] = w.dims();
+    if weighting.dim() != inp {
+        return Err(LoftqError::Config(format!(
+            "statistics of width {} for a matrix with {inp} columns",
+            weighting.dim()
+        )));
+    }
+    let quantizer = Quantizer::new(lcfg.quant)?;
+    check_rank(w.dims(), lcfg.rank)?;
+    let device = w.device();
+    #[cfg(feature = "flex")]
+    if let Some(x) = crate::cpu::flex(w) {
+        let host = crate::cpu::RowMat::of_flex(&x, w.dims());
+        let ops = crate::cpu::HostOps::default();
+        return alternate(&ops, &host, weighting, cfg, &quantizer, &device);
+    }
+    alternate(
+        &DeviceOps(device.clone()),
+        w,
+        weighting,
+        cfg,
+        &quantizer,
+        &device,
+    )
+}
+
+/// The alternation of [`calibrated`] with any [`Dense`] implementation.
+fn alternate<D: Dense>(
+    ops: &D,
+    w: &D::M,
+    weighting: &Weighting,
+    cfg: &CalibratedConfig,
+    quantizer: &Quantizer,
+    device: &Device,
+) -> Result<CalibratedResult, LoftqError> {
+    let lcfg = &cfg.loftq;
+    let shape = ops.dims(w);
+    let n = weighting.dim();
+    let s = ops.matrix(weighting.factor().to_vec(), [n, n]);
+    let s_inv = ops.matrix(weighting.inverse_factor().to_vec(), [n, n]);
+    let gptq_u = match cfg.base {
+        BaseQuantizer::Rtn => None,
+        BaseQuantizer::Gptq(g) => Some((weighting.gptq_factor()?, g)),
+    };
+    let norm = ops.norm(w).max(f32::MIN_POSITIVE);
+    let ws = ops.mul(w, &s);
+    let wnorm = ops.norm(&ws).max(f32::MIN_POSITIVE);
+    let scale = lcfg.lora_scale();
+    let (factor_scale, product_scale) = match lcfg.scaling {
+        InitScaling::Exact => (1.0 / scale.sqrt(), 1.0),
+        InitScaling::Peft => (1.0, scale),
+    };
+
+    let mut res = ops.buffer(w);
+    let mut residual = ops.buffer(w);
+    let mut scratch = ops.buffer(w);
+    let mut warm: Option<D::M> = None;
+    let (mut history, mut weighted) = (Vec::new(), Vec::new());
+    let mut best: Option<(usize, Codes, D::M, D::M)> = None;
+    let (mut err_quant, mut werr_quant) = (f32::NAN, f32::NAN);
+    for t in 1..=lcfg.iters {
+        let source = if t == 1 { w } else { &res };
+        let codes = match &gptq_u {
+            None => ops.quantize_residual(quantizer, w, source, &mut residual)?,
+            Some((u, g)) => {
+                let host = gptq(quantizer, &ops.to_rows(source), shape, u, g)?;
+                ops.residual_from(quantizer, &host, w, &mut residual);
+                Codes::Host(host)
+            }
+        };
+        let rs = ops.mul(&residual, &s);
+        if t == 1 {
+            err_quant = ops.norm(&residual) / norm;
+            werr_quant = ops.norm(&rs) / wnorm;
+        }
+        let mut method = lcfg.svd;
+        if let SvdMethod::Randomized(r) = &mut method {
+            r.seed = r.seed.wrapping_add(t as u64);
+        }
+        let (lr, basis) = svd_with(ops, &rs, lcfg.rank, &method, warm.as_ref())?;
+        let (b, a_scaled) = lr.balanced_with(ops);
+        let a = ops.mul(&a_scaled, &s_inv);
+        let werr = ops.fit_error(w, &rs, (&b, &a_scaled), product_scale, &mut scratch) / wnorm;
+        let err = ops.fit_error(w, &residual, (&b, &a), product_scale, &mut res) / norm;
+        history.push(err);
+        weighted.push(werr);
+        let prev_best = best.as_ref().map(|(i, ..)| weighted[i - 1]);
+        if prev_best.is_none_or(|p| werr < p) {
+            best = Some((t, codes, a, b));
+        }
+        if let (Some(tol), Some(prev)) = (lcfg.early_stop, prev_best)
+            && werr > prev * (1.0 - tol)
+        {
+            break;
+        }
+        warm = Some(basis);
+    }
+    let (best_iter, codes, a, b) = best.expect("at least one iteration");
+    let q = ops.dequantized(quantizer, &codes, residual, device);
+    Ok(CalibratedResult {
+        start: LoftqResult {
+            packed: PackedTensor::pack(&codes.into_host(), lcfg.quant),
+            q,
+            lora_a: ops.to_tensor(a, device).mul_scalar(factor_scale),
+            lora_b: ops.to_tensor(b, device).mul_scalar(factor_scale),
+            history,
+            rel_err_quant: err_quant,
+            best_iter,
+        },
+        weighted_history: weighted,
+        weighted_err_quant: werr_quant,
+    })
+}
+
+/// The base alone, quantized by GPTQ with the statistics of `weighting` (QLoRA's start on a
+/// GPTQ base): the packed codes and the dequantized matrix on `w`'s device.
+///
+/// # Errors
+/// As [`gptq`]; [`LoftqError::Config`] if the widths differ.
+pub fn gptq_base(
+    w: &Tensor<2>,
+    weighting: &Weighting,
+    quant: crate::QuantConfig,
+    g: &GptqConfig,
+) -> Result<(PackedTensor, Tensor<2>), LoftqError> {
+    let shape = w.dims();
+    if weighting.dim() != shape[1] {
+        return Err(LoftqError::Config(format!(
+            "statistics of width {} for a matrix with {} columns",
+            weighting.dim(),
+            shape[1]
+        )));
+    }
+    let quantizer = Quantizer::new(quant)?;
+    let u = weighting.gptq_factor()?;
+    let host = gptq(&quantizer, &crate::quant::host_f32(w), shape, &u, g)?;
+    let q = quantizer.dequantize_host(&host);
+    let q = Tensor::from_data(burn::tensor::TensorData::new(q, shape), &w.device());
+    Ok((PackedTensor::pack(&host, quant), q))
+}
+
+/// An adapter fitted by [`fit_weighted`].
+#[derive(Clone, Debug)]
+pub struct WeightedFit {
+    /// Factors and plain errors.
+    pub fit: crate::init::AdapterFit,
+    /// `‖(W − Q)·S‖ / ‖W·S‖`.
+    pub weighted_err_base: f32,
+    /// `‖(W − Q − s·B·A)·S‖ / ‖W·S‖`.
+    pub weighted_err: f32,
+}
+
+/// The rank-`rank` adapter that minimises `‖(W − Q − s·B·A)·S‖_F` for a fixed base `q`: the
+/// closed form `B·A = [(W − Q)·S]_r · S⁻¹`, optimal with [`SvdMethod::Exact`]. Scaling as
+/// [`fit_adapter`](crate::init::fit_adapter).
+///
+/// # Errors
+/// Shapes or widths that differ, a rank that does not fit, a failed SVD.
+pub fn fit_weighted(
+    w: &Tensor<2>,
+    q: &Tensor<2>,
+    weighting: &Weighting,
+    rank: usize,
+    svd: &SvdMethod,
+    scale: f32,
+    scaling: InitScaling,
+) -> Result<WeightedFit, LoftqError> {
+    if w.dims() != q.dims() || weighting.dim() != w.dims()[1] {
+        return Err(LoftqError::Config(format!(
+            "the base is {:?}, the weight {:?}, the statistics {} wide",
+            q.dims(),
+            w.dims(),
+            weighting.dim()
+        )));
+    }
+    check_rank(w.dims(), rank)?;
+    let ops = DeviceOps(w.device());
+    let n = weighting.dim();
+    let s = ops.matrix(weighting.factor().to_vec(), [n, n]);
+    let s_inv = ops.matrix(weighting.inverse_factor().to_vec(), [n, n]);
+    let norm = ops.norm(w).max(f32::MIN_POSITIVE);
+    let wnorm = ops.norm(&ops.mul(w, &s)).max(f32::MIN_POSITIVE);
+    let residual = w.clone() - q.clone();
+    let rs = ops.mul(&residual, &s);
+    let (lr, _) = svd_with(&ops, &rs, rank, svd, None)?;
+    let (b, a_scaled) = lr.balanced_with(&ops);
+    let a = ops.mul(&a_scaled, &s_inv);
+    let (factor_scale, product_scale) = match scaling {
+        InitScaling::Exact => (1.0 / scale.sqrt(), scale),
+        InitScaling::Peft => (1.0, scale),
+    };
+    let (a, b) = (a.mul_scalar(factor_scale), b.mul_scalar(factor_scale));
+    let delta = crate::matmul(&b, &a).mul_scalar(product_scale);
+    let fit = residual.clone() - delta;
+    Ok(WeightedFit {
+        weighted_err_base: ops.norm(&rs) / wnorm,
+        weighted_err: ops.norm(&ops.mul(&fit, &s)) / wnorm,
+        fit: crate::init::AdapterFit {
+            lora_a: a,
+            lora_b: b,
+            rel_err_base: ops.norm(&residual) / norm,
+            rel_err: ops.norm(&fit) / norm,
+        },
+    })
+}

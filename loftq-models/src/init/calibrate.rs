@@ -1,0 +1,309 @@
+//! The calibration pass of `loftq init`, decoder layer by decoder layer as GPTQ runs it: the
+//! calibration text's hidden states enter layer `l`; that layer alone is loaded; the Gram
+//! matrices of its linear layers' inputs are summed; its targeted weights are initialized with
+//! them; the hidden states then go through the initialized layer (or the full-precision one)
+//! to layer `l + 1`. Memory: one layer and the calibration hidden states.
+//!
+//! After each layer the hidden states are written to the work area, so `--resume` continues
+//! from the last finished layer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use loftq_core::calib::{Gram, Weighting};
+use loftq_core::quant::host_f32;
+
+use super::piece::{self, Plan, piece_path};
+use super::plan::layer_index;
+use super::{CalibInputs, Calibration, Event, InitSpec, TensorReport};
+use crate::config::LlamaConfig;
+use crate::io::{Checkpoint, OutTensor, TensorSource, read_packed, write_safetensors};
+use crate::nn::{
+    BaseWeight, DecoderLayer, INPUT_GROUPS, LINEAR_PATHS, LoraAdapter, PackedWeight, RopeTables,
+    load_layer,
+};
+use crate::tokenizer::Tokenizer;
+use crate::{ModelError, Result};
+
+/// What [`run`] reports as it goes.
+pub(super) enum Progress {
+    /// A layer starts ([`Event::Calibrating`]).
+    Layer(Event),
+    /// Plan item `.0` is done.
+    Tensor(usize, TensorReport),
+}
+
+/// Sequences pushed through a layer at once.
+const SEQS_PER_PASS: usize = 4;
+const STATE_FILE: &str = "calibration-hidden.safetensors";
+const STATE_KEY: &str = "hidden";
+const LAYER_KEY: &str = "loftq.next_layer";
+
+/// The calibration sequences: whole sequences of `seq` tokens from the files, in order.
+///
+/// # Errors
+/// A file that cannot be read, a model without a tokenizer, fewer than `seq` tokens.
+pub(super) fn calibration_tokens(model: &Path, calib: &Calibration) -> Result<Vec<u32>> {
+    if calib.seq < 2 || calib.tokens < calib.seq {
+        return Err(ModelError::Invalid(format!(
+            "--calibration-seq {} and --calibration-tokens {}: need 2 ≤ seq ≤ tokens",
+            calib.seq, calib.tokens
+        )));
+    }
+    let tok = Tokenizer::for_model(model)?;
+    let mut ids = Vec::new();
+    for f in &calib.files {
+        let text = std::fs::read_to_string(f).map_err(|e| ModelError::io(f, e))?;
+        ids.extend(tok.encode(&text)?);
+        if ids.len() >= calib.tokens {
+            break;
+        }
+    }
+    let n = ids.len().min(calib.tokens) / calib.seq * calib.seq;
+    if n == 0 {
+        return Err(ModelError::Invalid(format!(
+            "--calibration: {} tokens in the files, fewer than one sequence of {}",
+            ids.len(),
+            calib.seq
+        )));
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
+/// The architecture of the source (GGUF metadata, or the directory's `config.json`).
+fn model_config(spec: &InitSpec, source: &dyn TensorSource) -> Result<LlamaConfig> {
+    match source.llama_config() {
+        Some(c) => Ok(c.clone()),
+        None => LlamaConfig::from_file(&spec.model.join("config.json")),
+    }
+}
+
+/// The plan's targets by decoder layer: `(item, position in LINEAR_PATHS)`.
+///
+/// # Errors
+/// A target that is not one of a decoder layer's seven linear layers.
+fn targets_by_layer(plan: &Plan) -> Result<BTreeMap<usize, Vec<(usize, usize)>>> {
+    let mut by_layer: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+    for (i, item) in plan.items.iter().enumerate() {
+        if item.target.is_none() {
+            continue;
+        }
+        let pos = layer_index(&item.name).and_then(|l| {
+            let p = LINEAR_PATHS
+                .iter()
+                .position(|p| item.name == format!("model.layers.{l}.{p}.weight"))?;
+            Some((l, p))
+        });
+        let Some((l, p)) = pos else {
+            return Err(ModelError::Invalid(format!(
+                "--calibration covers the decoder layers' linear weights; `{}` is not one \
+                 (leave it out with --exclude)",
+                item.name
+            )));
+        };
+        by_layer.entry(l).or_default().push((i, p));
+    }
+    Ok(by_layer)
+}
+
+/// Runs the pass over every decoder layer, initializing the plan's targets that are not in
+/// `done`; returns the items it covered (all targets).
+pub(super) fn run(
+    spec: &InitSpec,
+    plan: &Plan,
+    done: &HashSet<usize>,
+    source: &dyn TensorSource,
+    work: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<HashSet<usize>> {
+    let calib = spec
+        .calibration
+        .as_ref()
+        .expect("called for calibrated runs");
+    let config = model_config(spec, source)?;
+    let by_layer = targets_by_layer(plan)?;
+    let ids = calibration_tokens(&spec.model, calib)?;
+    let (seqs, seq, hidden) = (ids.len() / calib.seq, calib.seq, config.hidden_size);
+    let state = work.join(STATE_FILE);
+    let (mut x, first) = match read_state(&state, [seqs, seq, hidden])? {
+        Some(s) => s,
+        None => (embed(source, &ids, hidden)?, 0),
+    };
+    let rope = RopeTables::new(&config.rope, config.head_dim, seq, device);
+    let layers = config.num_hidden_layers;
+    for l in first..layers {
+        progress(Progress::Layer(Event::Calibrating { layer: l, layers }));
+        let mut layer = load_layer(&config, source, l, device)?;
+        let targets = by_layer.get(&l).map_or(&[][..], Vec::as_slice);
+        if targets.iter().any(|(i, _)| !done.contains(i)) {
+            let weightings = statistics(&layer, &x, [seq, hidden], &rope, calib.damping, l)?;
+            for &(i, p) in targets.iter().filter(|(i, _)| !done.contains(i)) {
+                let item = &plan.items[i];
+                let loaded = piece::load(source, item)?;
+                let wg = &weightings[INPUT_GROUPS[p]];
+                if let Some(r) = piece::compute(spec, item, loaded, i, work, device, Some(wg))? {
+                    progress(Progress::Tensor(i, r));
+                }
+            }
+        }
+        if calib.inputs == CalibInputs::Quantized {
+            for &(i, p) in targets {
+                install(
+                    &mut layer,
+                    p,
+                    &piece_path(work, i),
+                    &plan.items[i].name,
+                    spec,
+                    device,
+                )?;
+            }
+        }
+        x = forward(&layer, &x, [seq, hidden], &rope, None)?;
+        write_state(&state, &x, [seqs, seq, hidden], l + 1)?;
+    }
+    let _ = std::fs::remove_file(&state);
+    Ok(by_layer.values().flatten().map(|&(i, _)| i).collect())
+}
+
+/// The embeddings of `ids`, row-major `[tokens, hidden]`.
+fn embed(source: &dyn TensorSource, ids: &[u32], hidden: usize) -> Result<Vec<f32>> {
+    let name = "model.embed_tokens.weight";
+    let shape = source.shape(name)?;
+    let table = source.shaped(name, &[shape.first().copied().unwrap_or(0), hidden])?;
+    source.release(name);
+    let vocab = table.shape[0];
+    let mut x = Vec::with_capacity(ids.len() * hidden);
+    for &t in ids {
+        let t = t as usize;
+        if t >= vocab {
+            return Err(ModelError::Invalid(format!(
+                "token id {t} is outside the embedding table ({vocab} rows)"
+            )));
+        }
+        x.extend_from_slice(&table.data[t * hidden..(t + 1) * hidden]);
+    }
+    Ok(x)
+}
+
+/// The damped weightings of the four input groups of `layer` on the hidden states `x`.
+fn statistics(
+    layer: &DecoderLayer,
+    x: &[f32],
+    shape: [usize; 2],
+    rope: &RopeTables,
+    damping: f64,
+    l: usize,
+) -> Result<Vec<Weighting>> {
+    let widths = [0, 3, 4, 6].map(|p| layer.linears()[p].shape()[1]);
+    let mut grams = widths.map(Gram::new);
+    let mut failed = None;
+    forward(
+        layer,
+        x,
+        shape,
+        rope,
+        Some(&mut |g, t: Tensor<2>| {
+            if let Err(e) = grams[g].add_rows(&host_f32(&t)) {
+                failed.get_or_insert(e);
+            }
+        }),
+    )?;
+    let bad = |e| ModelError::Invalid(format!("decoder layer {l}: {e}"));
+    if let Some(e) = failed {
+        return Err(bad(e));
+    }
+    grams
+        .iter()
+        .map(|g| g.weighting(damping).map_err(bad))
+        .collect()
+}
+
+/// `layer` applied to the hidden states `x` (`[sequences·seq, hidden]` row-major), a few
+/// sequences at a time, optionally observing the inputs of its linear layers.
+fn forward(
+    layer: &DecoderLayer,
+    x: &[f32],
+    [seq, hidden]: [usize; 2],
+    rope: &RopeTables,
+    mut observe: Option<&mut dyn FnMut(usize, Tensor<2>)>,
+) -> Result<Vec<f32>> {
+    let device = rope.cos.device();
+    let mut out = Vec::with_capacity(x.len());
+    for chunk in x.chunks(SEQS_PER_PASS * seq * hidden) {
+        let b = chunk.len() / (seq * hidden);
+        let t = Tensor::<3>::from_data(TensorData::new(chunk.to_vec(), [b, seq, hidden]), &device);
+        let y = match observe.as_mut() {
+            Some(f) => layer.forward_observed(t, rope, &mut **f),
+            None => layer.forward(t, rope),
+        };
+        let v = host_f32(&y.reshape([b * seq, hidden]));
+        if v.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::Invalid(
+                "the calibration hidden states became NaN or infinite".into(),
+            ));
+        }
+        out.extend(v);
+    }
+    Ok(out)
+}
+
+/// Puts the initialized weight of a finished piece into linear layer `p` of `layer`.
+fn install(
+    layer: &mut DecoderLayer,
+    p: usize,
+    piece: &Path,
+    name: &str,
+    spec: &InitSpec,
+    device: &Device,
+) -> Result<()> {
+    let ck = Checkpoint::open(piece)?;
+    let packed = read_packed(&ck, name)?.ok_or_else(|| {
+        ModelError::format(
+            piece,
+            format!("no packed `{name}` in the piece (damaged work area?)"),
+        )
+    })?;
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    let upload =
+        |t: crate::io::HostTensor| Tensor::<2>::from_data(TensorData::new(t.data, t.shape), device);
+    let a = upload(ck.f32(&format!("{module}.lora_A.weight"))?);
+    let b = upload(ck.f32(&format!("{module}.lora_B.weight"))?);
+    let lin = layer
+        .linears_mut()
+        .into_iter()
+        .nth(p)
+        .expect("seven linears");
+    lin.base = BaseWeight::Packed(
+        PackedWeight::new(packed, device).map_err(|e| ModelError::quant(name, e))?,
+    );
+    lin.lora = Some(LoraAdapter::new(a, b, f64::from(spec.lora_scale()), 0.0));
+    lin.adapter_enabled = true;
+    Ok(())
+}
+
+fn read_state(path: &Path, [seqs, seq, hidden]: [usize; 3]) -> Result<Option<(Vec<f32>, usize)>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let ck = Checkpoint::open(path)?;
+    let next: usize = ck
+        .metadata()
+        .get(LAYER_KEY)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ModelError::format(path, "no layer index (damaged work area?)"))?;
+    let t = ck.shaped(STATE_KEY, &[seqs * seq, hidden])?;
+    Ok(Some((t.data, next)))
+}
+
+fn write_state(path: &Path, x: &[f32], [seqs, seq, hidden]: [usize; 3], next: usize) -> Result<()> {
+    let mut tensors = BTreeMap::new();
+    tensors.insert(
+        STATE_KEY.to_string(),
+        OutTensor::f32(vec![seqs * seq, hidden], x),
+    );
+    let meta = HashMap::from([(LAYER_KEY.to_string(), next.to_string())]);
+    write_safetensors(path, &tensors, Some(meta))
+}

@@ -1,0 +1,203 @@
+//! `loftq init --calibration`: the layer-by-layer pass on a tiny model, its weighted errors,
+//! resume after a kill, and the settings it refuses before any work.
+
+mod common;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use common::{device, fixture, scratch};
+use loftq_core::calib::{BaseQuantizer, GptqConfig};
+use loftq_core::lowrank::{RsvdConfig, SvdMethod};
+use loftq_core::{InitScaling, QuantConfig};
+use loftq_models::init::{
+    Backbone, CalibInputs, Calibration, Event, InitSpec, Method, Report, Target, run_init,
+};
+
+/// The tiny Llama fixture with a byte-level tokenizer (its vocabulary is 256), and a text.
+fn model_and_text(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-llama").join(f), model.join(f)).unwrap();
+    }
+    let tok = loftq_models::tokenizer::byte_level_json();
+    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
+    let text = dir.join("text.txt");
+    let line = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. ";
+    std::fs::write(&text, line.repeat(20)).unwrap();
+    (model, text)
+}
+
+fn spec(model: PathBuf, out: PathBuf, text: PathBuf) -> InitSpec {
+    InitSpec {
+        model,
+        out,
+        method: Method::Loftq,
+        quant: QuantConfig::nf(2),
+        layer_rules: Vec::new(),
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        scaling: InitScaling::Exact,
+        iters: 3,
+        svd: SvdMethod::Randomized(RsvdConfig::default()),
+        target: Target::AllLinear,
+        exclude: Vec::new(),
+        backbone: Backbone::Packed,
+        seed: 3,
+        calibration: Some(Calibration {
+            tokens: 512,
+            seq: 64,
+            ..Calibration::new(vec![text])
+        }),
+        quantizer: BaseQuantizer::Rtn,
+    }
+}
+
+fn run(s: &InitSpec, resume: bool) -> loftq_models::Result<Report> {
+    run_init(s, &[device()], resume, &mut |_| {})
+}
+
+fn files(dir: &Path) -> Vec<Vec<u8>> {
+    ["model.safetensors", "adapter/adapter_model.safetensors"]
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect()
+}
+
+#[test]
+fn calibrated_starts_lower_the_weighted_error() {
+    let dir = scratch("calib-basic");
+    let (model, text) = model_and_text(&dir);
+    let mut layers_seen = Vec::new();
+    let s = spec(model.clone(), dir.join("rtn"), text.clone());
+    let rtn = run_init(&s, &[device()], false, &mut |e| {
+        if let Event::Calibrating { layer, layers } = e {
+            layers_seen.push((layer, layers));
+        }
+    })
+    .unwrap();
+    assert_eq!(layers_seen, vec![(0, 2), (1, 2)]);
+    assert_eq!(rtn.tensors.len(), 14);
+    for r in &rtn.tensors {
+        let (q, i) = (r.weighted_err_quant.unwrap(), r.weighted_err_init.unwrap());
+        assert!(i < q, "{}: {i} vs {q}", r.name);
+    }
+    let t = &rtn.totals;
+    assert!(t.mean_weighted_err_init.unwrap() < t.mean_weighted_err_quant.unwrap());
+
+    let mut g = spec(model.clone(), dir.join("gptq"), text.clone());
+    g.quantizer = BaseQuantizer::Gptq(GptqConfig::default());
+    let gptq = run(&g, false).unwrap();
+    let mean = |r: &Report| r.totals.mean_weighted_err_init.unwrap();
+    assert!(
+        mean(&gptq) < mean(&rtn),
+        "{} vs {}",
+        mean(&gptq),
+        mean(&rtn)
+    );
+
+    // A GPTQ base with QLoRA's zero adapter: the base alone beats round to nearest.
+    let mut q = g.clone();
+    q.out = dir.join("gptq-qlora");
+    q.method = Method::Qlora;
+    let base = run(&q, false).unwrap();
+    for r in &base.tensors {
+        assert!(r.weighted_err_init.unwrap() <= r.weighted_err_quant.unwrap() * 1.0001);
+    }
+
+    // Full-precision inputs: a different (valid) run.
+    let mut f = spec(model, dir.join("full"), text);
+    f.calibration.as_mut().unwrap().inputs = CalibInputs::Full;
+    let full = run(&f, false).unwrap();
+    assert_eq!(
+        full.tensors[0].weighted_err_init,
+        rtn.tensors[0].weighted_err_init
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn calibrated_runs_resume_to_identical_files() {
+    let dir = scratch("calib-resume");
+    let (model, text) = model_and_text(&dir);
+    let a = spec(model.clone(), dir.join("a"), text.clone());
+    run(&a, false).unwrap();
+    let want = files(&a.out);
+    // Killed in layer 1's tensors, so the hidden states after layer 0 are on disk.
+    let c = spec(model, dir.join("c"), text);
+    let mut n = 0;
+    let killed = catch_unwind(AssertUnwindSafe(|| {
+        run_init(&c, &[device()], false, &mut |e| {
+            if let Event::Tensor(_) = e {
+                n += 1;
+                assert!(n < 10, "killed");
+            }
+        })
+    }));
+    assert!(killed.is_err());
+    let work = c.out.join(".loftq-partial");
+    assert!(work.join("calibration-hidden.safetensors").is_file());
+    let report = run(&c, true).unwrap();
+    // The tenth piece was written before its event "killed" the run.
+    assert_eq!(report.totals.resumed, 10);
+    assert_eq!(files(&c.out), want);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn refuses_settings_before_any_work() {
+    let dir = scratch("calib-refuse");
+    let (model, text) = model_and_text(&dir);
+    let out = dir.join("out");
+    let base = spec(model.clone(), out.clone(), text.clone());
+    let cases: Vec<(InitSpec, &str)> = vec![
+        (
+            InitSpec {
+                calibration: None,
+                quantizer: BaseQuantizer::Gptq(GptqConfig::default()),
+                ..base.clone()
+            },
+            "needs --calibration",
+        ),
+        (
+            InitSpec {
+                method: Method::Qlora,
+                ..base.clone()
+            },
+            "changes nothing",
+        ),
+        (
+            InitSpec {
+                method: Method::Pissa,
+                ..base.clone()
+            },
+            "--method loftq",
+        ),
+        (
+            InitSpec {
+                calibration: Some(Calibration::new(vec![dir.join("missing.txt")])),
+                ..base.clone()
+            },
+            "missing.txt",
+        ),
+        (
+            InitSpec {
+                calibration: Some(Calibration {
+                    tokens: 100_000,
+                    seq: 10_000,
+                    ..Calibration::new(vec![text])
+                }),
+                ..base.clone()
+            },
+            "fewer than one sequence",
+        ),
+    ];
+    for (s, want) in cases {
+        let err = run(&s, false).unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+        assert!(!out.exists(), "{want}: output left behind");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
