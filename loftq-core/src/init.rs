@@ -198,12 +198,9 @@ pub fn fit_adapter(
     let rel_err_base = frobenius(&residual) / norm;
     let lr = truncated_svd(&residual, rank, svd, None)?;
     let (b, a) = lr.balanced_factors();
-    let (factor_scale, product_scale) = match scaling {
-        InitScaling::Exact => (1.0 / scale.sqrt(), scale),
-        InitScaling::Peft => (1.0, scale),
-    };
+    let factor_scale = scaling.scales(scale).0;
     let (a, b) = (a.mul_scalar(factor_scale), b.mul_scalar(factor_scale));
-    let fit = residual - crate::matmul(&b, &a).mul_scalar(product_scale);
+    let fit = residual - crate::matmul(&b, &a).mul_scalar(scale);
     Ok(AdapterFit {
         lora_a: a,
         lora_b: b,

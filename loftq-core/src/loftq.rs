@@ -4,6 +4,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::QuantError;
+use crate::calib::{GptqConfig, gptq};
 use crate::dense::{Dense, DeviceOps};
 use crate::lowrank::{LowRankError, SvdMethod, check_rank, svd_with};
 use crate::quant::{Codes, PackedTensor, QuantConfig, Quantizer};
@@ -17,6 +18,18 @@ pub enum InitScaling {
     Exact,
     /// Ignore `s` as PEFT's `loftq_init` does: correct only when `s = 1` (`alpha = r`).
     Peft,
+}
+
+impl InitScaling {
+    /// For the forward pass's scale `s`: the factor both fitted factors are multiplied by
+    /// (`1/√s`, or 1 for [`InitScaling::Peft`]), and the scale that the product of the
+    /// *unmultiplied* factors then has in `Q + s·B·A` (1, or `s` for [`InitScaling::Peft`]).
+    pub fn scales(self, s: f32) -> (f32, f32) {
+        match self {
+            InitScaling::Exact => (1.0 / s.sqrt(), 1.0),
+            InitScaling::Peft => (1.0, s),
+        }
+    }
 }
 
 /// Configuration of [`loftq`].
@@ -147,15 +160,18 @@ pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError
     #[cfg(feature = "flex")]
     if let Some(x) = crate::cpu::flex(w) {
         let host = crate::cpu::RowMat::of_flex(&x, w.dims());
-        return alternate(
-            &crate::cpu::HostOps::default(),
-            &host,
-            cfg,
-            &quantizer,
-            &device,
-        );
+        let ops = crate::cpu::HostOps::default();
+        return Ok(alternate(&ops, &host, cfg, &quantizer, &device, None)?.0);
     }
-    alternate(&DeviceOps(device.clone()), w, cfg, &quantizer, &device)
+    Ok(alternate(
+        &DeviceOps(device.clone()),
+        w,
+        cfg,
+        &quantizer,
+        &device,
+        None,
+    )?
+    .0)
 }
 
 /// Checks `iters` and `alpha`.
@@ -172,49 +188,96 @@ pub(crate) fn check_config(cfg: &LoftqConfig) -> Result<(), LoftqError> {
     Ok(())
 }
 
+/// The weighted objective of a calibrated alternation ([`calibrated`](crate::calib::calibrated)):
+/// the factor `S` of the input statistics, its inverse, and GPTQ's factor when the base is
+/// quantized by GPTQ.
+pub(crate) struct Weighted<'g, M> {
+    /// `S` `[in, in]`.
+    pub s: M,
+    /// `S⁻¹` `[in, in]`.
+    pub s_inv: M,
+    /// The upper Cholesky factor of `H⁻¹` (row-major) and GPTQ's settings.
+    pub gptq: Option<(Vec<f32>, &'g GptqConfig)>,
+}
+
+/// The weighted errors of a calibrated alternation.
+pub(crate) struct WeightedErrors {
+    /// `‖(W − Q_t − s·B_t·A_t)·S‖ / ‖W·S‖` after each iteration.
+    pub history: Vec<f32>,
+    /// `‖(W − Q(W))·S‖ / ‖W·S‖`.
+    pub quant: f32,
+}
+
 /// The alternation of [`loftq`] with any [`Dense`] implementation; results go to `device`.
+///
+/// With `weighted`, each adapter step is the closed form `[(W − Q)·S]_r · S⁻¹`, the base is
+/// quantized by GPTQ when asked, and the best iterate is the one with the lowest weighted
+/// error; the weighted errors come back beside the result.
 pub(crate) fn alternate<D: Dense>(
     ops: &D,
     w: &D::M,
     cfg: &LoftqConfig,
     quantizer: &Quantizer,
     device: &Device,
-) -> Result<LoftqResult, LoftqError> {
+    weighted: Option<&Weighted<'_, D::M>>,
+) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     let norm = ops.norm(w).max(f32::MIN_POSITIVE);
-    let s = cfg.lora_scale();
+    let wnorm = weighted.map(|x| ops.norm(&ops.mul(w, &x.s)).max(f32::MIN_POSITIVE));
     // The product s_eff·B·A that enters the error under each convention, relative to U·S·Vᵀ.
-    let (factor_scale, product_scale) = match cfg.scaling {
-        InitScaling::Exact => (1.0 / s.sqrt(), 1.0),
-        InitScaling::Peft => (1.0, s),
-    };
+    let (factor_scale, product_scale) = cfg.scaling.scales(cfg.lora_scale());
 
     // What gets quantized is W, then `res` = W − B·A; `residual` is W − Q.
     let mut res = ops.buffer(w);
     let mut residual = ops.buffer(w);
+    let mut scratch = ops.buffer(w);
     let mut warm: Option<D::M> = None;
     let mut history = Vec::with_capacity(cfg.iters);
+    // The errors the best iterate is chosen by: `history`'s, or the weighted ones.
+    let mut objective = Vec::with_capacity(cfg.iters);
     let mut best: Option<(usize, Codes, D::M, D::M)> = None;
-    let mut rel_err_quant = f32::NAN;
+    let (mut rel_err_quant, mut weighted_quant) = (f32::NAN, f32::NAN);
     for t in 1..=cfg.iters {
         let source = if t == 1 { w } else { &res };
-        let codes = ops.quantize_residual(quantizer, w, source, &mut residual)?;
+        let codes = match weighted.and_then(|x| x.gptq.as_ref()) {
+            None => ops.quantize_residual(quantizer, w, source, &mut residual)?,
+            Some((u, g)) => {
+                let host = gptq(quantizer, &ops.to_rows(source), ops.dims(w), u, g)?;
+                ops.residual_from(quantizer, &host, w, &mut residual);
+                Codes::Host(host)
+            }
+        };
+        // The weighted problem is the plain one for the scaled residual (W − Q)·S.
+        let scaled = weighted.map(|x| ops.mul(&residual, &x.s));
         if t == 1 {
             rel_err_quant = ops.norm(&residual) / norm;
+            if let (Some(rs), Some(wn)) = (&scaled, wnorm) {
+                weighted_quant = ops.norm(rs) / wn;
+            }
         }
         let mut method = cfg.svd;
         if let SvdMethod::Randomized(r) = &mut method {
             r.seed = r.seed.wrapping_add(t as u64);
         }
-        let (lr, basis) = svd_with(ops, &residual, cfg.rank, &method, warm.as_ref())?;
+        let target = scaled.as_ref().unwrap_or(&residual);
+        let (lr, basis) = svd_with(ops, target, cfg.rank, &method, warm.as_ref())?;
         let (b, a) = lr.balanced_with(ops);
+        let (a, score) = match (weighted, &scaled, wnorm) {
+            (Some(x), Some(rs), Some(wn)) => {
+                let werr = ops.fit_error(w, rs, (&b, &a), product_scale, &mut scratch) / wn;
+                (ops.mul(&a, &x.s_inv), Some(werr))
+            }
+            _ => (a, None),
+        };
         let err = ops.fit_error(w, &residual, (&b, &a), product_scale, &mut res) / norm;
         history.push(err);
-        let prev_best = best.as_ref().map(|(i, ..)| history[i - 1]);
-        if prev_best.is_none_or(|p| err < p) {
+        let score = score.unwrap_or(err);
+        objective.push(score);
+        let prev_best = best.as_ref().map(|(i, ..)| objective[i - 1]);
+        if prev_best.is_none_or(|p| score < p) {
             best = Some((t, codes, a, b));
         }
         if let (Some(tol), Some(prev)) = (cfg.early_stop, prev_best)
-            && err > prev * (1.0 - tol)
+            && score > prev * (1.0 - tol)
         {
             break;
         }
@@ -223,7 +286,7 @@ pub(crate) fn alternate<D: Dense>(
     let (best_iter, codes, a, b) = best.expect("at least one iteration");
     let q = ops.dequantized(quantizer, &codes, residual, device);
     let codes = codes.into_host();
-    Ok(LoftqResult {
+    let result = LoftqResult {
         packed: PackedTensor::pack(&codes, cfg.quant),
         q,
         lora_a: ops.to_tensor(a, device).mul_scalar(factor_scale),
@@ -231,5 +294,10 @@ pub(crate) fn alternate<D: Dense>(
         history,
         rel_err_quant,
         best_iter,
-    })
+    };
+    let weighted = weighted.map(|_| WeightedErrors {
+        history: objective,
+        quant: weighted_quant,
+    });
+    Ok((result, weighted))
 }

@@ -15,8 +15,8 @@ pub use allocate::{Allocation, Choice, allocate};
 pub use gptq::{GptqConfig, gptq};
 pub use gram::{Gram, Weighting};
 pub use weighted::{
-    BaseQuantizer, CalibratedConfig, CalibratedResult, WeightedFit, calibrated, fit_weighted,
-    gptq_base,
+    BaseQuantizer, CalibratedConfig, CalibratedResult, WeightedFit, base_errors, calibrated,
+    fit_weighted, gptq_base,
 };
 
 /// GPTQ's damping: `λ` in `H + λ·mean(diag H)·I`.

@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 use super::{GptqConfig, Weighting, gptq};
 use crate::LoftqConfig;
 use crate::dense::{Dense, DeviceOps};
-use crate::loftq::{InitScaling, LoftqError, LoftqResult};
+use crate::loftq::{InitScaling, LoftqError, LoftqResult, Weighted, alternate};
 use crate::lowrank::{SvdMethod, check_rank, svd_with};
-use crate::quant::{Codes, PackedTensor, Quantizer};
+use crate::quant::{PackedTensor, Quantizer};
 
 /// How the base is quantized inside the calibrated alternation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,9 +89,9 @@ pub fn calibrated(
     if let Some(x) = crate::cpu::flex(w) {
         let host = crate::cpu::RowMat::of_flex(&x, w.dims());
         let ops = crate::cpu::HostOps::default();
-        return alternate(&ops, &host, weighting, cfg, &quantizer, &device);
+        return run(&ops, &host, weighting, cfg, &quantizer, &device);
     }
-    alternate(
+    run(
         &DeviceOps(device.clone()),
         w,
         weighting,
@@ -101,8 +101,9 @@ pub fn calibrated(
     )
 }
 
-/// The alternation of [`calibrated`] with any [`Dense`] implementation.
-fn alternate<D: Dense>(
+/// [`calibrated`] with any [`Dense`] implementation: LoftQ's alternation under the weighted
+/// objective.
+fn run<D: Dense>(
     ops: &D,
     w: &D::M,
     weighting: &Weighting,
@@ -110,83 +111,54 @@ fn alternate<D: Dense>(
     quantizer: &Quantizer,
     device: &Device,
 ) -> Result<CalibratedResult, LoftqError> {
-    let lcfg = &cfg.loftq;
-    let shape = ops.dims(w);
+    let n = weighting.dim();
+    let objective = Weighted {
+        s: ops.matrix(weighting.factor().to_vec(), [n, n]),
+        s_inv: ops.matrix(weighting.inverse_factor().to_vec(), [n, n]),
+        gptq: match &cfg.base {
+            BaseQuantizer::Rtn => None,
+            BaseQuantizer::Gptq(g) => Some((weighting.gptq_factor()?, g)),
+        },
+    };
+    let (start, errors) = alternate(ops, w, &cfg.loftq, quantizer, device, Some(&objective))?;
+    let errors = errors.expect("a weighted run returns weighted errors");
+    Ok(CalibratedResult {
+        start,
+        weighted_history: errors.history,
+        weighted_err_quant: errors.quant,
+    })
+}
+
+/// `‖W − Q‖/‖W‖` and `‖(W − Q)·S‖/‖W·S‖` of a base `q` for `w` (both `[out, in]`).
+///
+/// # Errors
+/// [`LoftqError::Config`] if the shapes or the statistics' width differ.
+pub fn base_errors(
+    w: &Tensor<2>,
+    q: &Tensor<2>,
+    weighting: &Weighting,
+) -> Result<(f32, f32), LoftqError> {
+    check_widths(w, q, weighting)?;
+    let ops = DeviceOps(w.device());
     let n = weighting.dim();
     let s = ops.matrix(weighting.factor().to_vec(), [n, n]);
-    let s_inv = ops.matrix(weighting.inverse_factor().to_vec(), [n, n]);
-    let gptq_u = match cfg.base {
-        BaseQuantizer::Rtn => None,
-        BaseQuantizer::Gptq(g) => Some((weighting.gptq_factor()?, g)),
-    };
-    let norm = ops.norm(w).max(f32::MIN_POSITIVE);
-    let ws = ops.mul(w, &s);
-    let wnorm = ops.norm(&ws).max(f32::MIN_POSITIVE);
-    let scale = lcfg.lora_scale();
-    let (factor_scale, product_scale) = match lcfg.scaling {
-        InitScaling::Exact => (1.0 / scale.sqrt(), 1.0),
-        InitScaling::Peft => (1.0, scale),
-    };
+    let residual = w.clone() - q.clone();
+    let plain = ops.norm(&residual) / ops.norm(w).max(f32::MIN_POSITIVE);
+    let weighted =
+        ops.norm(&ops.mul(&residual, &s)) / ops.norm(&ops.mul(w, &s)).max(f32::MIN_POSITIVE);
+    Ok((plain, weighted))
+}
 
-    let mut res = ops.buffer(w);
-    let mut residual = ops.buffer(w);
-    let mut scratch = ops.buffer(w);
-    let mut warm: Option<D::M> = None;
-    let (mut history, mut weighted) = (Vec::new(), Vec::new());
-    let mut best: Option<(usize, Codes, D::M, D::M)> = None;
-    let (mut err_quant, mut werr_quant) = (f32::NAN, f32::NAN);
-    for t in 1..=lcfg.iters {
-        let source = if t == 1 { w } else { &res };
-        let codes = match &gptq_u {
-            None => ops.quantize_residual(quantizer, w, source, &mut residual)?,
-            Some((u, g)) => {
-                let host = gptq(quantizer, &ops.to_rows(source), shape, u, g)?;
-                ops.residual_from(quantizer, &host, w, &mut residual);
-                Codes::Host(host)
-            }
-        };
-        let rs = ops.mul(&residual, &s);
-        if t == 1 {
-            err_quant = ops.norm(&residual) / norm;
-            werr_quant = ops.norm(&rs) / wnorm;
-        }
-        let mut method = lcfg.svd;
-        if let SvdMethod::Randomized(r) = &mut method {
-            r.seed = r.seed.wrapping_add(t as u64);
-        }
-        let (lr, basis) = svd_with(ops, &rs, lcfg.rank, &method, warm.as_ref())?;
-        let (b, a_scaled) = lr.balanced_with(ops);
-        let a = ops.mul(&a_scaled, &s_inv);
-        let werr = ops.fit_error(w, &rs, (&b, &a_scaled), product_scale, &mut scratch) / wnorm;
-        let err = ops.fit_error(w, &residual, (&b, &a), product_scale, &mut res) / norm;
-        history.push(err);
-        weighted.push(werr);
-        let prev_best = best.as_ref().map(|(i, ..)| weighted[i - 1]);
-        if prev_best.is_none_or(|p| werr < p) {
-            best = Some((t, codes, a, b));
-        }
-        if let (Some(tol), Some(prev)) = (lcfg.early_stop, prev_best)
-            && werr > prev * (1.0 - tol)
-        {
-            break;
-        }
-        warm = Some(basis);
+fn check_widths(w: &Tensor<2>, q: &Tensor<2>, weighting: &Weighting) -> Result<(), LoftqError> {
+    if w.dims() != q.dims() || weighting.dim() != w.dims()[1] {
+        return Err(LoftqError::Config(format!(
+            "the base is {:?}, the weight {:?}, the statistics {} wide",
+            q.dims(),
+            w.dims(),
+            weighting.dim()
+        )));
     }
-    let (best_iter, codes, a, b) = best.expect("at least one iteration");
-    let q = ops.dequantized(quantizer, &codes, residual, device);
-    Ok(CalibratedResult {
-        start: LoftqResult {
-            packed: PackedTensor::pack(&codes.into_host(), lcfg.quant),
-            q,
-            lora_a: ops.to_tensor(a, device).mul_scalar(factor_scale),
-            lora_b: ops.to_tensor(b, device).mul_scalar(factor_scale),
-            history,
-            rel_err_quant: err_quant,
-            best_iter,
-        },
-        weighted_history: weighted,
-        weighted_err_quant: werr_quant,
-    })
+    Ok(())
 }
 
 /// The base alone, quantized by GPTQ with the statistics of `weighting` (QLoRA's start on a
@@ -242,14 +214,7 @@ pub fn fit_weighted(
     scale: f32,
     scaling: InitScaling,
 ) -> Result<WeightedFit, LoftqError> {
-    if w.dims() != q.dims() || weighting.dim() != w.dims()[1] {
-        return Err(LoftqError::Config(format!(
-            "the base is {:?}, the weight {:?}, the statistics {} wide",
-            q.dims(),
-            w.dims(),
-            weighting.dim()
-        )));
-    }
+    check_widths(w, q, weighting)?;
     check_rank(w.dims(), rank)?;
     let ops = DeviceOps(w.device());
     let n = weighting.dim();
@@ -262,12 +227,9 @@ pub fn fit_weighted(
     let (lr, _) = svd_with(&ops, &rs, rank, svd, None)?;
     let (b, a_scaled) = lr.balanced_with(&ops);
     let a = ops.mul(&a_scaled, &s_inv);
-    let (factor_scale, product_scale) = match scaling {
-        InitScaling::Exact => (1.0 / scale.sqrt(), scale),
-        InitScaling::Peft => (1.0, scale),
-    };
+    let factor_scale = scaling.scales(scale).0;
     let (a, b) = (a.mul_scalar(factor_scale), b.mul_scalar(factor_scale));
-    let delta = crate::matmul(&b, &a).mul_scalar(product_scale);
+    let delta = crate::matmul(&b, &a).mul_scalar(scale);
     let fit = residual.clone() - delta;
     Ok(WeightedFit {
         weighted_err_base: ops.norm(&rs) / wnorm,

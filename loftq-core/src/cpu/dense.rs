@@ -350,8 +350,19 @@ mod tests {
             svd: SvdMethod::Randomized(cfg),
             ..LoftqConfig::new(QuantConfig::nf(2), 8, 4)
         };
-        let rh = alternate(&HostOps::default(), &host, &lcfg, &quantizer, &device).unwrap();
-        let rd = alternate(&DeviceOps(device.clone()), &t, &lcfg, &quantizer, &device).unwrap();
+        let rh = alternate(&HostOps::default(), &host, &lcfg, &quantizer, &device, None)
+            .unwrap()
+            .0;
+        let rd = alternate(
+            &DeviceOps(device.clone()),
+            &t,
+            &lcfg,
+            &quantizer,
+            &device,
+            None,
+        )
+        .unwrap()
+        .0;
         for (a, b) in rh.history.iter().zip(&rd.history) {
             assert!(close(*a, *b, 1e-4), "history {a} vs {b}");
         }

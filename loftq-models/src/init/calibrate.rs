@@ -108,14 +108,15 @@ fn targets_by_layer(plan: &Plan) -> Result<BTreeMap<usize, Vec<(usize, usize)>>>
     Ok(by_layer)
 }
 
-/// Runs the pass over every decoder layer, initializing the plan's targets that are not in
-/// `done`; returns the items it covered (all targets).
+/// Runs the pass over every decoder layer on the calibration tokens `ids` (from
+/// [`calibration_tokens`]), initializing the plan's targets that have no piece in `work` yet;
+/// returns the items it covered (all targets).
 pub(super) fn run(
     spec: &InitSpec,
     plan: &Plan,
-    done: &HashSet<usize>,
     source: &dyn TensorSource,
     work: &Path,
+    ids: &[u32],
     device: &Device,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<HashSet<usize>> {
@@ -125,12 +126,12 @@ pub(super) fn run(
         .expect("called for calibrated runs");
     let config = model_config(spec, source)?;
     let by_layer = targets_by_layer(plan)?;
-    let ids = calibration_tokens(&spec.model, calib)?;
+    let done = plan.done(work);
     let (seqs, seq, hidden) = (ids.len() / calib.seq, calib.seq, config.hidden_size);
     let state = work.join(STATE_FILE);
     let (mut x, first) = match read_state(&state, [seqs, seq, hidden])? {
         Some(s) => s,
-        None => (embed(source, &ids, hidden)?, 0),
+        None => (embed(source, ids, hidden)?, 0),
     };
     let rope = RopeTables::new(&config.rope, config.head_dim, seq, device);
     let layers = config.num_hidden_layers;
@@ -197,8 +198,15 @@ fn statistics(
     damping: f64,
     l: usize,
 ) -> Result<Vec<Weighting>> {
-    let widths = [0, 3, 4, 6].map(|p| layer.linears()[p].shape()[1]);
-    let mut grams = widths.map(Gram::new);
+    // Each group's width is the input width of its first linear layer.
+    let linears = layer.linears();
+    let mut grams: [Gram; 4] = std::array::from_fn(|g| {
+        let p = INPUT_GROUPS
+            .iter()
+            .position(|&x| x == g)
+            .expect("every group is read");
+        Gram::new(linears[p].shape()[1])
+    });
     let mut failed = None;
     forward(
         layer,

@@ -299,7 +299,7 @@ pub fn run_init(
             spec.model.display()
         )));
     }
-    check_calibration(spec)?;
+    let calibration_ids = check_calibration(spec)?;
     let source = open_source(&spec.model)?;
     let gguf_config = source.llama_config().cloned();
     let plan = piece::Plan::new(spec, source.as_ref())?;
@@ -333,13 +333,13 @@ pub fn run_init(
         for &i in &done {
             reports[i] = piece::read_report(&work, i)?;
         }
-        let calibrated = match spec.calibration {
-            Some(_) => calibrate::run(
+        let calibrated = match &calibration_ids {
+            Some(ids) => calibrate::run(
                 spec,
                 &plan,
-                &done,
                 source.as_ref(),
                 &work,
+                ids,
                 &devices[0],
                 &mut |p| match p {
                     calibrate::Progress::Layer(e) => events(e),
@@ -391,13 +391,14 @@ pub fn run_init(
 
 /// Refuses calibration settings that cannot work, before any work starts: a method that
 /// does not use the statistics, GPTQ without statistics, unreadable or too short text.
-fn check_calibration(spec: &InitSpec) -> Result<()> {
+/// Returns the calibration tokens of a calibrated run.
+fn check_calibration(spec: &InitSpec) -> Result<Option<Vec<u32>>> {
     let gptq = matches!(spec.quantizer, BaseQuantizer::Gptq(_));
     match (&spec.calibration, spec.method) {
         (None, _) if gptq => Err(ModelError::Invalid(
             "--quantizer gptq needs --calibration (its statistics)".into(),
         )),
-        (None, _) => Ok(()),
+        (None, _) => Ok(None),
         (Some(_), Method::Pissa | Method::Qpissa) => Err(ModelError::Invalid(
             "--calibration works with --method loftq or qlora (with --quantizer gptq)".into(),
         )),
@@ -406,7 +407,7 @@ fn check_calibration(spec: &InitSpec) -> Result<()> {
              add --quantizer gptq, or use --method loftq"
                 .into(),
         )),
-        (Some(c), _) => calibrate::calibration_tokens(&spec.model, c).map(|_| ()),
+        (Some(c), _) => calibrate::calibration_tokens(&spec.model, c).map(Some),
     }
 }
 

@@ -6,12 +6,11 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use loftq_core::calib::{
-    BaseQuantizer, CalibratedConfig, Weighting, calibrated, fit_weighted, gptq_base,
+    BaseQuantizer, CalibratedConfig, Weighting, base_errors, calibrated, gptq_base,
 };
 use loftq_core::init::{Base, LoraInit, init_lora, qlora_factors};
-use loftq_core::lowrank::SvdMethod;
 use loftq_core::quant::{PackedTensor, host_f32};
-use loftq_core::{InitScaling, LoftqError, QuantConfig, Quantizer, loftq};
+use loftq_core::{LoftqError, QuantConfig, Quantizer, loftq};
 
 use super::plan::{is_embedding_or_head, module_of_weight, quant_for};
 use super::{InitSpec, Method, TensorReport, tensor_seed};
@@ -401,14 +400,8 @@ fn calibrated_start(
             let (packed, q) = gptq_base(w, weighting, quant, &g)?;
             let [out, inp] = w.dims();
             let (a, b) = qlora_factors([out, inp], spec.rank, seed, &w.device());
-            let werr = |q: &Tensor<2>| -> std::result::Result<(f32, f32), LoftqError> {
-                // Rank 1, randomized: only the errors of the base are read.
-                let svd = SvdMethod::default();
-                let f = fit_weighted(w, q, weighting, 1, &svd, 1.0, InitScaling::Exact)?;
-                Ok((f.weighted_err_base, f.fit.rel_err_base))
-            };
-            let (w_rtn, _) = werr(&rtn)?;
-            let (w_gptq, plain) = werr(&q)?;
+            let (_, w_rtn) = base_errors(w, &rtn, weighting)?;
+            let (plain, w_gptq) = base_errors(w, &q, weighting)?;
             Ok((
                 Start {
                     base: Base::Quantized {
