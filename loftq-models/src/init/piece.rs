@@ -400,7 +400,8 @@ fn calibrated_start(
             let (packed, q) = gptq_base(w, weighting, quant, &g)?;
             let [out, inp] = w.dims();
             let (a, b) = qlora_factors([out, inp], spec.rank, seed, &w.device());
-            let (_, w_rtn) = base_errors(w, &rtn, weighting)?;
+            // `*_quant` are round to nearest's (the QLoRA start), `*_init` this base's.
+            let (plain_rtn, w_rtn) = base_errors(w, &rtn, weighting)?;
             let (plain, w_gptq) = base_errors(w, &q, weighting)?;
             Ok((
                 Start {
@@ -410,7 +411,7 @@ fn calibrated_start(
                     },
                     a,
                     b,
-                    rel_err_quant: Some(plain),
+                    rel_err_quant: Some(plain_rtn),
                     rel_err_init: plain,
                     iters_used: 0,
                 },
