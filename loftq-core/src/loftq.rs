@@ -4,7 +4,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::QuantError;
-use crate::calib::{GptqConfig, gptq};
+use crate::calib::{BaseQuantizer, GptqConfig, Weighting, gptq};
 use crate::dense::{Dense, DeviceOps};
 use crate::lowrank::{LowRankError, SvdMethod, check_rank, svd_with};
 use crate::quant::{Codes, PackedTensor, QuantConfig, Quantizer};
@@ -153,6 +153,16 @@ pub(crate) fn frobenius(t: &Tensor<2>) -> f32 {
 /// # Numerical behaviour
 /// `T = 1` with the exact SVD reproduces PEFT's `loftq_init` (same `Q` bit for bit).
 pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError> {
+    Ok(checked_alternation(w, cfg, None)?.0)
+}
+
+/// Checks `cfg` and runs [`alternate`] on `w`, on host buffers for a CPU tensor and as tensor
+/// ops elsewhere; `calib` makes it the calibrated alternation with these statistics.
+pub(crate) fn checked_alternation(
+    w: &Tensor<2>,
+    cfg: &LoftqConfig,
+    calib: Option<(&Weighting, &BaseQuantizer)>,
+) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     check_config(cfg)?;
     let quantizer = Quantizer::new(cfg.quant)?;
     check_rank(w.dims(), cfg.rank)?;
@@ -161,17 +171,42 @@ pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError
     if let Some(x) = crate::cpu::flex(w) {
         let host = crate::cpu::RowMat::of_flex(&x, w.dims());
         let ops = crate::cpu::HostOps::default();
-        return Ok(alternate(&ops, &host, cfg, &quantizer, &device, None)?.0);
+        return alternate_with(&ops, &host, cfg, &quantizer, &device, calib);
     }
-    Ok(alternate(
+    alternate_with(
         &DeviceOps(device.clone()),
         w,
         cfg,
         &quantizer,
         &device,
-        None,
-    )?
-    .0)
+        calib,
+    )
+}
+
+/// [`alternate`] with the statistics `calib` turned into `ops`' matrices.
+fn alternate_with<D: Dense>(
+    ops: &D,
+    w: &D::M,
+    cfg: &LoftqConfig,
+    quantizer: &Quantizer,
+    device: &Device,
+    calib: Option<(&Weighting, &BaseQuantizer)>,
+) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
+    let weighted = match calib {
+        None => None,
+        Some((weighting, base)) => {
+            let n = weighting.dim();
+            Some(Weighted {
+                s: ops.matrix(weighting.factor().to_vec(), [n, n]),
+                s_inv: ops.matrix(weighting.inverse_factor().to_vec(), [n, n]),
+                gptq: match base {
+                    BaseQuantizer::Rtn => None,
+                    BaseQuantizer::Gptq(g) => Some((weighting.gptq_factor()?, g)),
+                },
+            })
+        }
+    };
+    alternate(ops, w, cfg, quantizer, device, weighted.as_ref())
 }
 
 /// Checks `iters` and `alpha`.
@@ -193,11 +228,11 @@ pub(crate) fn check_config(cfg: &LoftqConfig) -> Result<(), LoftqError> {
 /// quantized by GPTQ.
 pub(crate) struct Weighted<'g, M> {
     /// `S` `[in, in]`.
-    pub s: M,
+    s: M,
     /// `S⁻¹` `[in, in]`.
-    pub s_inv: M,
+    s_inv: M,
     /// The upper Cholesky factor of `H⁻¹` (row-major) and GPTQ's settings.
-    pub gptq: Option<(Vec<f32>, &'g GptqConfig)>,
+    gptq: Option<(Vec<f32>, &'g GptqConfig)>,
 }
 
 /// The weighted errors of a calibrated alternation.

@@ -1,13 +1,13 @@
 //! The calibrated start: LoftQ's alternation with the adapter fitted to the layer's outputs
 //! (`‖(W − Q − s·B·A)·S‖`, QERA / CLoQ / EoRA's closed form) and, optionally, a GPTQ base.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{GptqConfig, Weighting, gptq};
 use crate::LoftqConfig;
 use crate::dense::{Dense, DeviceOps};
-use crate::loftq::{InitScaling, LoftqError, LoftqResult, Weighted, alternate};
+use crate::loftq::{InitScaling, LoftqError, LoftqResult, checked_alternation};
 use crate::lowrank::{SvdMethod, check_rank, svd_with};
 use crate::quant::{PackedTensor, Quantizer};
 
@@ -73,8 +73,6 @@ pub fn calibrated(
     weighting: &Weighting,
     cfg: &CalibratedConfig,
 ) -> Result<CalibratedResult, LoftqError> {
-    let lcfg = &cfg.loftq;
-    crate::loftq::check_config(lcfg)?;
     let [_, inp] = w.dims();
     if weighting.dim() != inp {
         return Err(LoftqError::Config(format!(
@@ -82,45 +80,7 @@ pub fn calibrated(
             weighting.dim()
         )));
     }
-    let quantizer = Quantizer::new(lcfg.quant)?;
-    check_rank(w.dims(), lcfg.rank)?;
-    let device = w.device();
-    #[cfg(feature = "flex")]
-    if let Some(x) = crate::cpu::flex(w) {
-        let host = crate::cpu::RowMat::of_flex(&x, w.dims());
-        let ops = crate::cpu::HostOps::default();
-        return run(&ops, &host, weighting, cfg, &quantizer, &device);
-    }
-    run(
-        &DeviceOps(device.clone()),
-        w,
-        weighting,
-        cfg,
-        &quantizer,
-        &device,
-    )
-}
-
-/// [`calibrated`] with any [`Dense`] implementation: LoftQ's alternation under the weighted
-/// objective.
-fn run<D: Dense>(
-    ops: &D,
-    w: &D::M,
-    weighting: &Weighting,
-    cfg: &CalibratedConfig,
-    quantizer: &Quantizer,
-    device: &Device,
-) -> Result<CalibratedResult, LoftqError> {
-    let n = weighting.dim();
-    let objective = Weighted {
-        s: ops.matrix(weighting.factor().to_vec(), [n, n]),
-        s_inv: ops.matrix(weighting.inverse_factor().to_vec(), [n, n]),
-        gptq: match &cfg.base {
-            BaseQuantizer::Rtn => None,
-            BaseQuantizer::Gptq(g) => Some((weighting.gptq_factor()?, g)),
-        },
-    };
-    let (start, errors) = alternate(ops, w, &cfg.loftq, quantizer, device, Some(&objective))?;
+    let (start, errors) = checked_alternation(w, &cfg.loftq, Some((weighting, &cfg.base)))?;
     let errors = errors.expect("a weighted run returns weighted errors");
     Ok(CalibratedResult {
         start,
