@@ -55,15 +55,13 @@ fn spec(model: PathBuf, out: PathBuf, text: PathBuf) -> InitSpec {
     }
 }
 
-fn run(s: &InitSpec, resume: bool) -> loftq_models::Result<Report> {
-    run_init(s, &[device()], resume, &mut |_| {})
-}
+use common::run_init_here as run;
 
 fn files(dir: &Path) -> Vec<Vec<u8>> {
-    ["model.safetensors", "adapter/adapter_model.safetensors"]
-        .iter()
-        .map(|f| std::fs::read(dir.join(f)).unwrap())
-        .collect()
+    common::read_files(
+        dir,
+        &["model.safetensors", "adapter/adapter_model.safetensors"],
+    )
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use common::{device, fixture, scratch};
 use loftq_core::lowrank::{RsvdConfig, SvdMethod};
 use loftq_core::{InitScaling, QuantConfig};
-use loftq_models::init::{Backbone, Event, InitSpec, Method, Report, Target, run_init};
+use loftq_models::init::{Backbone, Event, InitSpec, Method, Target, run_init};
 use loftq_models::io::{Adapter, Checkpoint, OutTensor, write_safetensors};
 use loftq_models::nn::load_pretrained;
 
@@ -35,9 +35,7 @@ fn spec(model: PathBuf, out: PathBuf) -> InitSpec {
     }
 }
 
-fn run(s: &InitSpec, resume: bool) -> loftq_models::Result<Report> {
-    run_init(s, &[device()], resume, &mut |_| {})
-}
+use common::run_init_here as run;
 
 const FILES: [&str; 5] = [
     "model.safetensors",
@@ -48,10 +46,7 @@ const FILES: [&str; 5] = [
 ];
 
 fn read_all(dir: &Path) -> Vec<Vec<u8>> {
-    FILES
-        .iter()
-        .map(|f| std::fs::read(dir.join(f)).unwrap())
-        .collect()
+    common::read_files(dir, &FILES)
 }
 
 #[test]

@@ -70,3 +70,19 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// `loftq init` on the device under test.
+pub fn run_init_here(
+    spec: &loftq_models::init::InitSpec,
+    resume: bool,
+) -> loftq_models::Result<loftq_models::init::Report> {
+    loftq_models::init::run_init(spec, &[device()], resume, &mut |_| {})
+}
+
+/// The bytes of each of `files` under `dir`, for byte-identity checks.
+pub fn read_files(dir: &std::path::Path, files: &[&str]) -> Vec<Vec<u8>> {
+    files
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect()
+}
