@@ -268,6 +268,7 @@ fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<
             method: Method::Loftq,
             quant: loftq_core::QuantConfig::nf4(),
             layer_rules: Vec::new(),
+            budget: None,
             rank,
             alpha: rank as f32,
             rslora: false,

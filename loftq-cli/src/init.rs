@@ -6,13 +6,10 @@ use clap::{Args, ValueEnum};
 use loftq_core::calib::{BaseQuantizer, GptqConfig};
 use loftq_core::lowrank::{RsvdConfig, SvdMethod};
 use loftq_core::{DeviceList, InitScaling};
-use loftq_models::init::plan::{
-    avg_bits_rules, layer_index, parse_bits, parse_layer_bits, split_list,
-};
+use loftq_models::init::plan::{parse_bits, parse_layer_bits, parse_quantizer, split_list};
 use loftq_models::init::{
-    Backbone, CalibInputs, Calibration, Event, InitSpec, Method, Target, run_init,
+    Backbone, Budget, CalibInputs, Calibration, Event, InitSpec, Method, Target, run_init,
 };
-use loftq_models::io::open_source;
 use loftq_models::{ModelError, Result};
 
 use crate::progress::Progress;
@@ -41,13 +38,28 @@ pub struct InitArgs {
     /// Quantize the block scales too (bitsandbytes' double quantization).
     #[arg(long)]
     double_quant: bool,
-    /// Per-layer quantizers, first match wins, e.g. "0-3:nf4,*:nf2".
+    /// Per-layer quantizers, first match wins, e.g. "0-3:nf4,*:nf2". The LoftQ reference's
+    /// mixed precision for an average of b bits over L layers is "0-K:nf4,*:nf2" with
+    /// K + 1 = ⌊L·(b−2)/2⌋ (SmolLM2's 30 layers at 2.5 bits: "0-6:nf4,*:nf2").
     #[arg(long, conflicts_with = "avg_bits")]
     layer_bits: Option<String>,
-    /// Mixed NF4/NF2 for this average (the reference's rule: the first ⌊L·(b−2)/2⌋ layers
-    /// at 4 bits), e.g. 2.5.
+    /// Average bits per parameter of the quantized weights, scales included (adapters not):
+    /// every matrix gets the --candidates quantizer that minimises the model's total error
+    /// within this budget (with --calibration, the error of its outputs). Scores every
+    /// candidate on every matrix first (one LoftQ iteration each, on the full-precision model
+    /// with --calibration: about one more calibration pass). Overrides --bits.
     #[arg(long)]
     avg_bits: Option<f64>,
+    /// The quantizers --avg-bits chooses from, comma-separated: nf2..nf8, int.., optionally
+    /// with a block size and double quantization as in nf3-b128-dq (a bare name takes
+    /// --block-size and --double-quant).
+    #[arg(
+        long,
+        default_value = "nf2-b64-dq,nf2-b128-dq,nf3-b64-dq,nf3-b128-dq,nf4-b64-dq,nf4-b128-dq,\
+                         nf8-b64-dq,nf8-b128-dq",
+        requires = "avg_bits"
+    )]
+    candidates: String,
     #[command(flatten)]
     lora: LoraArgs,
     /// LoftQ iterations (the best iterate is kept).
@@ -211,14 +223,21 @@ pub(crate) fn invalid(msg: String) -> ModelError {
 fn spec(a: &InitArgs) -> Result<InitSpec> {
     let quant = parse_bits(&a.bits, a.block_size, a.double_quant)
         .map_err(|e| invalid(format!("--bits: {e}")))?;
-    let layer_rules = match (&a.layer_bits, a.avg_bits) {
-        (Some(s), _) => parse_layer_bits(s, a.block_size, a.double_quant)
+    let layer_rules = match &a.layer_bits {
+        Some(s) => parse_layer_bits(s, a.block_size, a.double_quant)
             .map_err(|e| invalid(format!("--layer-bits: {e}")))?,
-        (None, Some(b)) => {
-            let layers = count_layers(&a.model)?;
-            avg_bits_rules(b, layers, a.block_size, a.double_quant).map_err(invalid)?
-        }
-        (None, None) => Vec::new(),
+        None => Vec::new(),
+    };
+    let budget = match a.avg_bits {
+        Some(avg) => Some(Budget {
+            avg_bits: avg,
+            candidates: split_list(&a.candidates)
+                .iter()
+                .map(|c| parse_quantizer(c, a.block_size, a.double_quant))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| invalid(format!("--candidates: {e}")))?,
+        }),
+        None => None,
     };
     if a.iters == 0 {
         return Err(invalid("--iters must be at least 1".into()));
@@ -245,6 +264,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
         },
         quant,
         layer_rules,
+        budget,
         rank: a.lora.rank,
         alpha,
         rslora: a.lora.rslora,
@@ -274,22 +294,6 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
             QuantizerArg::Gptq => BaseQuantizer::Gptq(GptqConfig::default()),
         },
     })
-}
-
-/// Decoder layers of a model, from its tensor names.
-fn count_layers(model: &std::path::Path) -> Result<usize> {
-    open_source(model)?
-        .tensor_names()
-        .iter()
-        .filter_map(|n| layer_index(n))
-        .max()
-        .map(|l| l + 1)
-        .ok_or_else(|| {
-            invalid(format!(
-                "--avg-bits: no numbered layers in {}",
-                model.display()
-            ))
-        })
 }
 
 /// Runs `loftq init`.
@@ -346,6 +350,15 @@ pub fn run(a: &InitArgs) -> Result<()> {
                 ));
             }
         }
+        Event::Scoring { done, total } => {
+            if let Some(p) = bar.as_mut()
+                && (done == 1 || done == total || done % 10 == 0)
+            {
+                p.note(&format!(
+                    "--avg-bits: scored the candidates on {done} of {total} matrices"
+                ));
+            }
+        }
         Event::Assembling => {
             if let Some(p) = bar.as_mut() {
                 p.note("writing the output files");
@@ -391,6 +404,29 @@ pub fn run(a: &InitArgs) -> Result<()> {
         println!(
             "on the calibration inputs, ‖(W − W')·S‖/‖W·S‖: mean {q:.4} (round to nearest) → \
              {i:.4} (this start)"
+        );
+    }
+    if let Some(b) = &spec.budget {
+        let mut chosen: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+        for r in &report.tensors {
+            let e = chosen.entry(r.quantizer.as_str()).or_default();
+            e.0 += 1;
+            e.1 += (r.shape[0] * r.shape[1]) as u64;
+        }
+        let list: Vec<String> = chosen
+            .iter()
+            .map(|(q, (n, p))| {
+                format!(
+                    "{q} ×{n} ({:.1}%)",
+                    100.0 * *p as f64 / t.params.max(1) as f64
+                )
+            })
+            .collect();
+        println!(
+            "--avg-bits {}: {:.4} bits/param reached; {}",
+            b.avg_bits,
+            t.avg_base_bits_per_param,
+            list.join(", ")
         );
     }
     println!("wrote {}", spec.out.display());

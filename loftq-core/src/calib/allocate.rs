@@ -1,10 +1,16 @@
 //! Choosing one quantizer per matrix under an average-bits budget: a multiple-choice knapsack
 //! solved by dynamic programming over the budget (LQ-LoRA used an integer program).
 
-use super::CalibError;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::{BaseQuantizer, CalibError, CalibratedConfig, Weighting, calibrated};
+use crate::dense::{Dense, DeviceOps};
+use crate::loftq::{LoftqConfig, LoftqError, loftq};
+use crate::quant::{PackedTensor, QuantConfig, Quantizer};
 
 /// One way to store one matrix.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Choice {
     /// Storage of the matrix in bits (codes and scales).
     pub bits: u64,
@@ -108,6 +114,86 @@ pub fn allocate(options: &[Vec<Choice>], budget_bits: u64) -> Result<Allocation,
         bits,
         error,
     })
+}
+
+/// What storing `w` `[out, in]` with each of `candidates` costs and leaves, for [`allocate`].
+///
+/// With `fit`, each candidate runs that LoftQ configuration with its quantizer (weighted by
+/// `weighting` when given, round to nearest); without, the base alone is scored (QLoRA's
+/// start). The score is the absolute squared error, `‖W − W'‖²_F`, or `‖(W − W')·S‖²_F`
+/// (the output error on the calibration inputs) with statistics; the bits are those of the
+/// packed base (codes and scales), the adapter not included.
+///
+/// Squared absolute errors add up over matrices, so the allocation minimises the whole
+/// model's error rather than an average of ratios. One iteration (`iters = 1`: the
+/// quantization of `W`, then the best adapter for it) is the cheap estimate `loftq init`
+/// uses.
+///
+/// # Errors
+/// As [`loftq`] and [`calibrated`]; [`LoftqError::Config`] if the statistics' width differs.
+pub fn score(
+    w: &Tensor<2>,
+    weighting: Option<&Weighting>,
+    candidates: &[QuantConfig],
+    fit: Option<&LoftqConfig>,
+) -> Result<Vec<Choice>, LoftqError> {
+    let ops = DeviceOps(w.device());
+    let s = match weighting {
+        Some(wg) if wg.dim() != w.dims()[1] => {
+            return Err(LoftqError::Config(format!(
+                "statistics of width {} for a matrix with {} columns",
+                wg.dim(),
+                w.dims()[1]
+            )));
+        }
+        Some(wg) => Some(ops.matrix(wg.factor().to_vec(), [wg.dim(), wg.dim()])),
+        None => None,
+    };
+    let energy = |t: &Tensor<2>| {
+        let t = match &s {
+            Some(s) => ops.mul(t, s),
+            None => t.clone(),
+        };
+        f64::from(ops.norm(&t)).powi(2)
+    };
+    let reference = energy(w);
+    candidates
+        .iter()
+        .map(|&quant| {
+            let (packed, error) = match (fit, weighting) {
+                (Some(cfg), Some(wg)) => {
+                    let cfg = CalibratedConfig {
+                        loftq: LoftqConfig {
+                            quant,
+                            ..cfg.clone()
+                        },
+                        base: BaseQuantizer::Rtn,
+                    };
+                    let r = calibrated(w, wg, &cfg)?;
+                    let e = f64::from(r.weighted_err()).powi(2) * reference;
+                    (r.start.packed, e)
+                }
+                (Some(cfg), None) => {
+                    let cfg = LoftqConfig {
+                        quant,
+                        ..cfg.clone()
+                    };
+                    let r = loftq(w, &cfg)?;
+                    let e = f64::from(r.rel_err()).powi(2) * reference;
+                    (r.packed, e)
+                }
+                (None, _) => {
+                    let (codes, q) = Quantizer::new(quant)?.quantize_dequantize(w)?;
+                    let e = energy(&(w.clone() - q));
+                    (PackedTensor::pack(&codes.into_host(), quant), e)
+                }
+            };
+            Ok(Choice {
+                bits: packed.storage_bits() as u64,
+                error,
+            })
+        })
+        .collect()
 }
 
 fn gcd(a: u64, b: u64) -> u64 {

@@ -1,6 +1,7 @@
 //! Input statistics of a linear layer, `H = Σ xᵀx`, and the factors the calibrated methods
 //! weight with.
 
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par, Side};
 
 use super::CalibError;
@@ -87,25 +88,35 @@ impl Gram {
         if x.iter().any(|v| !v.is_finite()) {
             return Err(CalibError::NonFinite);
         }
+        // H is symmetric: only the lower triangle is multiplied (half the products), summed,
+        // then mirrored.
         let mut part = Mat::<f32>::zeros(d, d);
         for chunk in x.chunks(ROWS_PER_PRODUCT * d) {
             let rows = chunk.len() / d;
             let m = MatRef::from_row_major_slice(chunk, rows, d);
-            faer::linalg::matmul::matmul(
+            triangular::matmul(
                 part.as_mut(),
+                BlockStructure::TriangularLower,
                 Accum::Replace,
                 m.transpose(),
+                BlockStructure::Rectangular,
                 m,
+                BlockStructure::Rectangular,
                 1.0,
                 Par::rayon(0),
             );
             crate::upper::clear_upper_state();
             for i in 0..d {
-                for j in 0..d {
+                for j in 0..=i {
                     self.sum[i * d + j] += f64::from(part[(i, j)]);
                 }
             }
             self.rows += rows as u64;
+        }
+        for i in 0..d {
+            for j in 0..i {
+                self.sum[j * d + i] = self.sum[i * d + j];
+            }
         }
         Ok(())
     }
@@ -279,6 +290,19 @@ mod tests {
         g.add_rows(&x[..20 * d]).unwrap();
         g.add_rows(&x[20 * d..]).unwrap();
         assert_eq!(g.rows(), n as u64);
+        // The sum itself, both triangles, against a direct one.
+        for i in 0..d {
+            for j in 0..d {
+                let direct: f64 = (0..n)
+                    .map(|r| f64::from(x[r * d + i]) * f64::from(x[r * d + j]))
+                    .sum();
+                let v = g.values()[i * d + j];
+                assert!(
+                    (v - direct).abs() <= 1e-5 * (1.0 + direct.abs()),
+                    "{v} vs {direct}"
+                );
+            }
+        }
         let w = g.weighting(0.1).unwrap();
         let s = w.factor();
         let mean = (0..d).map(|i| g.values()[i * d + i]).sum::<f64>() / d as f64;

@@ -11,7 +11,7 @@ mod gptq;
 mod gram;
 mod weighted;
 
-pub use allocate::{Allocation, Choice, allocate};
+pub use allocate::{Allocation, Choice, allocate, score};
 pub use gptq::{GptqConfig, gptq};
 pub use gram::{Gram, Weighting};
 pub use weighted::{

@@ -139,8 +139,12 @@ pub(super) fn run(
         progress(Progress::Layer(Event::Calibrating { layer: l, layers }));
         let mut layer = load_layer(&config, source, l, device)?;
         let targets = by_layer.get(&l).map_or(&[][..], Vec::as_slice);
+        // With full-precision inputs the pass that observes the layer also moves the hidden
+        // states on; with quantized ones they go through the initialized layer afterwards.
+        let mut next = None;
         if targets.iter().any(|(i, _)| !done.contains(i)) {
-            let weightings = statistics(&layer, &x, [seq, hidden], &rope, calib.damping, l)?;
+            let (weightings, y) = statistics(&layer, &x, [seq, hidden], &rope, calib.damping, l)?;
+            next = Some(y);
             for &(i, p) in targets.iter().filter(|(i, _)| !done.contains(i)) {
                 let item = &plan.items[i];
                 let loaded = piece::load(source, item)?;
@@ -150,19 +154,23 @@ pub(super) fn run(
                 }
             }
         }
-        if calib.inputs == CalibInputs::Quantized {
-            for &(i, p) in targets {
-                install(
-                    &mut layer,
-                    p,
-                    &piece_path(work, i),
-                    &plan.items[i].name,
-                    spec,
-                    device,
-                )?;
+        x = match (calib.inputs, next) {
+            (CalibInputs::Full, Some(y)) => y,
+            (CalibInputs::Full, None) => forward(&layer, &x, [seq, hidden], &rope, None)?,
+            (CalibInputs::Quantized, _) => {
+                for &(i, p) in targets {
+                    install(
+                        &mut layer,
+                        p,
+                        &piece_path(work, i),
+                        &plan.items[i].name,
+                        spec,
+                        device,
+                    )?;
+                }
+                forward(&layer, &x, [seq, hidden], &rope, None)?
             }
-        }
-        x = forward(&layer, &x, [seq, hidden], &rope, None)?;
+        };
         write_state(&state, &x, [seqs, seq, hidden], l + 1)?;
     }
     let _ = std::fs::remove_file(&state);
@@ -189,7 +197,46 @@ fn embed(source: &dyn TensorSource, ids: &[u32], hidden: usize) -> Result<Vec<f3
     Ok(x)
 }
 
-/// The damped weightings of the four input groups of `layer` on the hidden states `x`.
+/// What [`full_precision_pass`] hands each decoder layer's targets and weightings to.
+pub(super) type OnLayer<'a> = dyn FnMut(&[(usize, usize)], &[Weighting]) -> Result<()> + 'a;
+
+/// Runs the full-precision model over the calibration tokens `ids`, layer by layer, and hands
+/// every decoder layer's targets (`(item, position in LINEAR_PATHS)`) and the damped
+/// weightings of its four input groups to `each` (the allocator's statistics). Memory as
+/// [`run`]; nothing is written.
+pub(super) fn full_precision_pass(
+    spec: &InitSpec,
+    plan: &Plan,
+    source: &dyn TensorSource,
+    ids: &[u32],
+    device: &Device,
+    each: &mut OnLayer<'_>,
+) -> Result<()> {
+    let calib = spec
+        .calibration
+        .as_ref()
+        .expect("called for calibrated runs");
+    let config = model_config(spec, source)?;
+    let by_layer = targets_by_layer(plan)?;
+    let (seq, hidden) = (calib.seq, config.hidden_size);
+    let mut x = embed(source, ids, hidden)?;
+    let rope = RopeTables::new(&config.rope, config.head_dim, seq, device);
+    for l in 0..config.num_hidden_layers {
+        let layer = load_layer(&config, source, l, device)?;
+        let targets = by_layer.get(&l).map_or(&[][..], Vec::as_slice);
+        x = if targets.is_empty() {
+            forward(&layer, &x, [seq, hidden], &rope, None)?
+        } else {
+            let (weightings, y) = statistics(&layer, &x, [seq, hidden], &rope, calib.damping, l)?;
+            each(targets, &weightings)?;
+            y
+        };
+    }
+    Ok(())
+}
+
+/// The damped weightings of the four input groups of `layer` on the hidden states `x`, and
+/// the layer's outputs.
 fn statistics(
     layer: &DecoderLayer,
     x: &[f32],
@@ -197,7 +244,7 @@ fn statistics(
     rope: &RopeTables,
     damping: f64,
     l: usize,
-) -> Result<Vec<Weighting>> {
+) -> Result<(Vec<Weighting>, Vec<f32>)> {
     // Each group's width is the input width of its first linear layer.
     let linears = layer.linears();
     let mut grams: [Gram; 4] = std::array::from_fn(|g| {
@@ -208,7 +255,7 @@ fn statistics(
         Gram::new(linears[p].shape()[1])
     });
     let mut failed = None;
-    forward(
+    let y = forward(
         layer,
         x,
         shape,
@@ -223,10 +270,11 @@ fn statistics(
     if let Some(e) = failed {
         return Err(bad(e));
     }
-    grams
+    let weightings = grams
         .iter()
         .map(|g| g.weighting(damping).map_err(bad))
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((weightings, y))
 }
 
 /// `layer` applied to the hidden states `x` (`[sequences·seq, hidden]` row-major), a few

@@ -8,6 +8,7 @@
 //! each written under a temporary name and renamed, then the work area is removed.
 
 mod assemble;
+mod budget;
 mod calibrate;
 mod piece;
 pub mod plan;
@@ -23,6 +24,7 @@ use loftq_core::lowrank::SvdMethod;
 use loftq_core::{InitScaling, LoftqConfig, QuantConfig};
 use serde::{Deserialize, Serialize};
 
+pub use budget::Budget;
 pub use plan::{LayerRule, Target};
 
 use crate::io::open_source;
@@ -67,6 +69,10 @@ pub struct InitSpec {
     pub quant: QuantConfig,
     /// Per-layer quantizers (first match wins).
     pub layer_rules: Vec<LayerRule>,
+    /// A quantizer per matrix chosen under an average-bits budget (replaces `quant` and
+    /// `layer_rules`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
     /// LoRA rank.
     pub rank: usize,
     /// LoRA alpha.
@@ -177,6 +183,13 @@ pub enum Event {
         target_params: u64,
         /// Tensors already done (resume).
         done: usize,
+    },
+    /// The bit budget's candidates are scored on one more matrix.
+    Scoring {
+        /// Matrices scored.
+        done: usize,
+        /// Matrices to score.
+        total: usize,
     },
     /// A targeted tensor is done.
     Tensor(TensorReport),
@@ -300,9 +313,10 @@ pub fn run_init(
         )));
     }
     let calibration_ids = check_calibration(spec)?;
+    budget::check(spec)?;
     let source = open_source(&spec.model)?;
     let gguf_config = source.llama_config().cloned();
-    let plan = piece::Plan::new(spec, source.as_ref())?;
+    let mut plan = piece::Plan::new(spec, source.as_ref())?;
     let created = !out.exists();
     if resume && work.is_dir() {
         // A different job's work area is refused and left as it is.
@@ -329,6 +343,15 @@ pub fn run_init(
                 .filter(|&&i| plan.items[i].target.is_some())
                 .count(),
         });
+        budget::apply(
+            spec,
+            &mut plan,
+            source.as_ref(),
+            &work,
+            calibration_ids.as_deref(),
+            &devices[0],
+            events,
+        )?;
         let mut reports: Vec<Option<TensorReport>> = vec![None; plan.items.len()];
         for &i in &done {
             reports[i] = piece::read_report(&work, i)?;

@@ -160,33 +160,45 @@ pub fn parse_layer_bits(
         .collect()
 }
 
-/// The reference's mixed precision for an average of `avg` bits over `layers` layers: the
-/// first `⌊L·(avg−2)/2⌋` layers NF4, the rest NF2.
+/// Parses a quantizer with its storage: a name as [`parse_bits`] (`nf3`, `int4-asym`), then
+/// optionally `-b<N>` (elements per block) or `-row`, and `-dq` (double quantization), as
+/// [`QuantConfig::label`] writes them: `nf3-b128-dq`. What is not given comes from `block`
+/// and `double_quant`.
 ///
 /// # Errors
-/// If `avg` is not in `[2, 4]`.
-pub fn avg_bits_rules(
-    avg: f64,
-    layers: usize,
-    block: usize,
-    double_quant: bool,
-) -> Result<Vec<LayerRule>, String> {
-    if !(2.0..=4.0).contains(&avg) {
-        return Err(format!("--avg-bits {avg} must be between 2 and 4"));
+/// A message naming the bad value.
+pub fn parse_quantizer(s: &str, block: usize, double_quant: bool) -> Result<QuantConfig, String> {
+    let mut parts: Vec<&str> = s.split('-').collect();
+    let name = match parts.get(1) {
+        Some(&"asym") => format!("{}-asym", parts[0]),
+        _ => parts[0].to_string(),
+    };
+    parts.drain(..name.split('-').count());
+    let (mut block, mut dq) = (block, double_quant);
+    let mut explicit_dq = false;
+    for p in parts {
+        match p {
+            "row" => block = 0,
+            "dq" => {
+                dq = true;
+                explicit_dq = true;
+            }
+            b => {
+                block = b
+                    .strip_prefix('b')
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| {
+                        format!("bad quantizer `{s}` (e.g. nf3, nf3-b128, nf3-b64-dq, nf4-row)")
+                    })?;
+            }
+        }
     }
-    let n4 = (layers as f64 * (avg - 2.0) / 2.0).floor() as usize;
-    let mut rules = Vec::new();
-    if n4 > 0 {
-        rules.push(LayerRule {
-            layers: Some((0, n4 - 1)),
-            quant: parse_bits("nf4", block, double_quant)?,
-        });
+    // A label without `-dq` that names its block is complete: no double quantization.
+    if !explicit_dq && (s.contains("-b") || s.contains("-row")) {
+        dq = false;
     }
-    rules.push(LayerRule {
-        layers: None,
-        quant: parse_bits("nf2", block, double_quant)?,
-    });
-    Ok(rules)
+    parse_bits(&name, block, dq).map_err(|e| e.replace(&format!("`{name}`"), &format!("`{s}`")))
 }
 
 /// The quantizer of tensor `name` under `rules`, else `default`.
@@ -207,6 +219,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn parses_quantizer_labels() {
+        for label in [
+            "nf3-b128-dq",
+            "nf4-b64",
+            "nf2-row",
+            "int4-asym-b32",
+            "int8-row-dq",
+        ] {
+            assert_eq!(parse_quantizer(label, 64, true).unwrap().label(), label);
+        }
+        assert_eq!(
+            parse_quantizer("nf3", 128, true).unwrap().label(),
+            "nf3-b128-dq"
+        );
+        assert_eq!(
+            parse_quantizer("nf3-dq", 64, false).unwrap().label(),
+            "nf3-b64-dq"
+        );
+        assert_eq!(
+            parse_quantizer("int4-asym", 64, false).unwrap().label(),
+            "int4-asym-b64"
+        );
+        for bad in ["nf3-b0", "nf3-x", "nf9", "nf3-b", "fp4-b64"] {
+            assert!(parse_quantizer(bad, 64, false).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn parses_and_applies_layer_rules() {
         let rules = parse_layer_bits("0-3:nf4, *:nf2", 64, false).unwrap();
         let nf2 = parse_bits("nf2", 64, false).unwrap();
@@ -217,13 +257,6 @@ mod tests {
         );
         assert_eq!(
             quant_for("model.layers.4.mlp.up_proj.weight", &rules, nf4),
-            nf2
-        );
-        // The reference: 30 layers at 2.5 bits → 7 layers NF4.
-        let rules = avg_bits_rules(2.5, 30, 64, false).unwrap();
-        assert_eq!(rules[0].layers, Some((0, 6)));
-        assert_eq!(
-            quant_for("model.layers.7.mlp.up_proj.weight", &rules, nf4),
             nf2
         );
         assert!(parse_layer_bits("3-1:nf4", 64, false).is_err());
