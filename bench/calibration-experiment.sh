@@ -9,7 +9,8 @@
 # Runs: {qlora,loftq,calibrated,gptq}-{nf2,nf3,nf4}, budget-<bits> (the allocator over its
 # default candidates, calibrated adapters), fp (the model itself). Each appends one line
 # (run, init seconds, peak RSS, ppl Hamlet, ppl GPL-3) to bench/results/calibration/runs.tsv.
-# $CAL_TOKENS changes the calibration tokens (default 16384).
+# $CAL_TOKENS changes the calibration tokens (default 16384), $CANDIDATES the allocator's
+# candidates, $TAG is appended to the run's name in the results.
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 L=${LOFTQ:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/loftq}
@@ -39,15 +40,15 @@ for run in "$@"; do
     loftq-*) args="--method loftq --bits ${run#loftq-}" ;;
     calibrated-*) args="--method loftq --bits ${run#calibrated-} $CAL" ;;
     gptq-*) args="--method loftq --bits ${run#gptq-} $CAL --quantizer gptq" ;;
-    budget-*) args="--method loftq --avg-bits ${run#budget-} $CAL" ;;
+    budget-*) args="--method loftq --avg-bits ${run#budget-} $CAL ${CANDIDATES:+--candidates $CANDIDATES}" ;;
     *) echo "unknown run $run" >&2; exit 2 ;;
   esac
   # shellcheck disable=SC2086
   $L init --model "$M" --out "$run" $args --json > "$run.json" 2> "$run.err"
   secs=$(python3 -c "import json;t=json.load(open('$run.json'))['totals'];print(round(t['wall_seconds'],1))")
   rss=$(python3 -c "import json;t=json.load(open('$run.json'))['totals'];print(round(t['peak_rss_bytes']/2**30,2))")
-  printf '%s\t%s\t%s\t%s\t%s\n' "$run" "$secs" "$rss" "$(ppl "$run" "$run/adapter" "$T/hamlet_gut.txt")" \
+  printf '%s\t%s\t%s\t%s\t%s\n' "$run${TAG:-}" "$secs" "$rss" "$(ppl "$run" "$run/adapter" "$T/hamlet_gut.txt")" \
     "$(ppl "$run" "$run/adapter" "$OTHER")" >> "$OUT/runs.tsv"
-  cp "$run.json" "$OUT/$run.report.json"
+  cp "$run.json" "$OUT/$run${TAG:-}.report.json"
   rm -rf "$run"
 done

@@ -5,7 +5,7 @@
 # other than Hamlet; perplexity of Hamlet's first 2048 tokens at steps 0, 100 and 200.
 #
 #   cargo xtask assets && cargo build -p loftq-cli --features loftq-core/wgpu
-#   bench/train-experiment.sh loftq-nf2 qlora-nf2 lora loftq-nf4 qlora-nf4
+#   bench/train-experiment.sh loftq-nf2 qlora-nf2 lora loftq-nf4 qlora-nf4 calibrated-nf2
 #
 # Runs go to $WORK (default bench/train-runs); each run's history.json is copied to
 # bench/results/train/<run>.json. About 25 minutes per run on 2 cores.
@@ -31,12 +31,23 @@ for run in "$@"; do
         > init-$bits.log 2>&1
       $L train --model init-$bits --adapter init-$bits/adapter $COMMON --out $run \
         > $run.jsonl 2> $run.err ;;
+    calibrated-nf2|gptq-nf2)
+      # The calibrated starts of docs/calibration.md (randomized SVD, the plays but Hamlet).
+      bits=nf2; q=rtn; [ $run = gptq-nf2 ] && q=gptq
+      cal=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt | head -8)
+      # shellcheck disable=SC2086
+      [ -f init-$run/report.json ] || $L init --model $M --out init-$run --method loftq \
+        --bits $bits --rank 16 --alpha 16 --iters 5 --calibration $cal \
+        --calibration-tokens 16384 --quantizer $q > init-$run.log 2>&1
+      $L train --model init-$run --adapter init-$run/adapter $COMMON --out $run \
+        > $run.jsonl 2> $run.err ;;
     qlora-nf2|qlora-nf4)
       $L train --model $M --quantize ${run#qlora-} --rank 16 --alpha 16 $COMMON --out $run \
         > $run.jsonl 2> $run.err ;;
     lora)
       $L train --model $M --rank 16 --alpha 16 $COMMON --out $run > $run.jsonl 2> $run.err ;;
-    *) echo "unknown run $run (loftq-nf2|loftq-nf4|qlora-nf2|qlora-nf4|lora)" >&2; exit 2 ;;
+    *) echo "unknown run $run (loftq-nf2|loftq-nf4|calibrated-nf2|gptq-nf2|qlora-nf2|qlora-nf4|lora)" >&2
+       exit 2 ;;
   esac
   cp $run/history.json "$ROOT/bench/results/train/$run.json"
 done

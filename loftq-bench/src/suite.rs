@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, TensorData};
 use loftq_core::lowrank::{Gaussian, RsvdConfig, SvdMethod, truncated_svd};
 use loftq_core::quant::{Kernel, host_f32};
 use loftq_core::{DeviceList, DeviceSpec, Quantizer};
-use loftq_models::init::{Backbone, InitSpec, Method, Target, run_init};
+use loftq_models::init::{Calibration, InitSpec, run_init};
 use serde::{Deserialize, Serialize};
 
 use crate::machine::Machine;
@@ -248,62 +248,109 @@ fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<
         // A whole 7B checkpoint is 13.5 GB of bf16; 4 of its 32 layers show the per-layer cost.
         Profile::Full => &[("llama-3.2-1b", None), ("llama2-7b", Some(4))],
     };
-    let device = spec.device().map_err(|e| e.to_string())?;
+    let (rank, iters) = match profile {
+        Profile::Smoke => (8, 2),
+        _ => (64, 5),
+    };
     let mut out = Vec::new();
     for &(arch, layers) in archs {
-        let cfg = synth::config(arch, layers)?;
-        let model = scratch.join(format!("synth-{arch}-{}", cfg.num_hidden_layers));
-        if !model.join("model.safetensors").exists() {
-            synth::write(&cfg, &model, 0)?;
-        }
-        let (rank, iters) = match profile {
-            Profile::Smoke => (8, 2),
-            _ => (64, 5),
-        };
-        let dest = scratch.join(format!("init-{arch}"));
-        let _ = std::fs::remove_dir_all(&dest);
-        let init = InitSpec {
-            model: model.clone(),
-            out: dest.clone(),
-            method: Method::Loftq,
-            quant: loftq_core::QuantConfig::nf4(),
-            layer_rules: Vec::new(),
-            budget: None,
-            rank,
-            alpha: rank as f32,
-            rslora: false,
-            scaling: loftq_core::InitScaling::Exact,
-            iters,
-            svd: SvdMethod::default(),
-            target: Target::AllLinear,
-            exclude: Vec::new(),
-            backbone: Backbone::Packed,
-            seed: 0,
-            calibration: None,
-            quantizer: Default::default(),
-        };
-        let mut report = None;
-        let mut failure = None;
-        let (t, m) = measure(0, || {
-            match run_init(&init, std::slice::from_ref(&device), false, &mut |_| {}) {
-                Ok(r) => report = Some(r),
-                Err(e) => failure = Some(e.to_string()),
-            }
-        });
-        let _ = std::fs::remove_dir_all(&dest);
-        if let Some(e) = failure {
-            return Err(format!("init on {arch}: {e}"));
-        }
-        let r = report.expect("a report");
-        let name = format!(
-            "{arch} ({} layers) nf4 r{rank} T{iters}",
-            cfg.num_hidden_layers
-        );
+        let (model, layers) = synth_model(arch, layers, scratch)?;
+        let init = InitSpec::new(model, scratch.join(format!("init-{arch}")), rank, iters);
+        let (r, t, m) = timed_init(&init, spec)?;
+        let name = format!("{arch} ({layers} layers) nf4 r{rank} T{iters}");
         let err = Some(r.totals.mean_rel_err_init);
         let size = r.totals.params as usize;
         out.push(case("init", name, size, t, m, err, "mean ‖W−Q−s·BA‖/‖W‖"));
     }
+    out.extend(calibrated_cases(profile, spec, scratch)?);
     Ok(out)
+}
+
+/// The calibrated start against plain LoftQ in the same run (NF2, rank 16, 5 iterations,
+/// 16,384 calibration tokens in sequences of 512): its time as a multiple of LoftQ's, and its
+/// peak memory on 4 layers of the 7B shapes.
+fn calibrated_cases(
+    profile: Profile,
+    spec: DeviceSpec,
+    scratch: &Path,
+) -> Result<Vec<Case>, String> {
+    let (archs, tokens, seq): (&[(&str, Option<usize>)], usize, usize) = match profile {
+        Profile::Smoke => (&[("smollm2-135m", Some(1))], 512, 128),
+        Profile::Quick => (&[("smollm2-135m", None)], 16_384, 512),
+        Profile::Full => (
+            &[("smollm2-135m", None), ("llama2-7b", Some(4))],
+            16_384,
+            512,
+        ),
+    };
+    // Byte-level tokens: one per character of the calibration text.
+    let text = scratch.join("calibration.txt");
+    let line = "Now is the winter of our discontent made glorious summer by this sun of York. ";
+    std::fs::write(&text, line.repeat(tokens / line.len() + 1))
+        .map_err(|e| format!("{}: {e}", text.display()))?;
+    let mut out = Vec::new();
+    for &(arch, layers) in archs {
+        let (model, layers) = synth_model(arch, layers, scratch)?;
+        let mut init = InitSpec::new(model, scratch.join(format!("init-calib-{arch}")), 16, 5);
+        init.quant = loftq_core::QuantConfig::nf(2);
+        let (_, plain_t, _) = timed_init(&init, spec)?;
+        init.calibration = Some(Calibration {
+            tokens,
+            seq,
+            ..Calibration::new(vec![text.clone()])
+        });
+        let (r, t, m) = timed_init(&init, spec)?;
+        let name = format!("{arch} ({layers} layers) nf2 r16 T5 calibrated, {tokens} tokens");
+        let metric = format!(
+            "mean weighted error; {:.1}× plain LoftQ's {:.1} s",
+            t.median_s / plain_t.median_s.max(1e-9),
+            plain_t.median_s
+        );
+        let size = r.totals.params as usize;
+        let err = r.totals.mean_weighted_err_init;
+        out.push(case("init", name, size, t, m, err, &metric));
+    }
+    Ok(out)
+}
+
+/// A synthetic checkpoint of `arch` under `scratch` (written once) and its layer count.
+fn synth_model(
+    arch: &str,
+    layers: Option<usize>,
+    scratch: &Path,
+) -> Result<(PathBuf, usize), String> {
+    let cfg = synth::config(arch, layers)?;
+    let model = scratch.join(format!("synth-{arch}-{}", cfg.num_hidden_layers));
+    if !model.join("model.safetensors").exists() {
+        synth::write(&cfg, &model, 0)?;
+    }
+    Ok((model, cfg.num_hidden_layers))
+}
+
+/// One `loftq init` run of `init` on `spec`, timed, its output removed.
+fn timed_init(
+    init: &InitSpec,
+    spec: DeviceSpec,
+) -> Result<(loftq_models::init::Report, Timing, Memory), String> {
+    let device = spec.device().map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&init.out);
+    let mut report = None;
+    let mut failure = None;
+    let (t, m) = measure(0, || {
+        match run_init(init, std::slice::from_ref(&device), false, &mut |_| {}) {
+            Ok(r) => report = Some(r),
+            Err(e) => failure = Some(e.to_string()),
+        }
+    });
+    let _ = std::fs::remove_dir_all(&init.out);
+    match (report, failure) {
+        (Some(r), _) => Ok((r, t, m)),
+        (None, e) => Err(format!(
+            "init of {}: {}",
+            init.model.display(),
+            e.unwrap_or_default()
+        )),
+    }
 }
 
 fn train_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<Case>, String> {
@@ -312,18 +359,14 @@ fn train_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec
         Profile::Quick => (None, &[[4, 128]], 2),
         Profile::Full => (None, &[[4, 128], [2, 256]], 3),
     };
-    let cfg = synth::config("smollm2-135m", layers)?;
-    let model: PathBuf = scratch.join(format!("synth-smollm2-135m-{}", cfg.num_hidden_layers));
-    if !model.join("model.safetensors").exists() {
-        synth::write(&cfg, &model, 0)?;
-    }
+    let (model, n_layers) = synth_model("smollm2-135m", layers, scratch)?;
     let mut out = Vec::new();
     for &shape in shapes {
         let devices = DeviceList(vec![spec]);
         for c in train::run(&model, "nf4", 16, shape, repeats, &devices)? {
             let name = format!(
-                "smollm2-135m shapes ({} layers) nf4 r16 {}×{} recompute={}",
-                cfg.num_hidden_layers, c.batch, c.seq, c.recompute
+                "smollm2-135m shapes ({n_layers} layers) nf4 r16 {}×{} recompute={}",
+                c.batch, c.seq, c.recompute
             );
             let metric = format!("tokens/s {:.0}", c.tokens_per_s);
             out.push(case(

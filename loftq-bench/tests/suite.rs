@@ -71,6 +71,16 @@ fn smoke_suite_runs_and_reports() {
     for p in [0, 1, 2, 4] {
         assert!(err(&format!("128x128 r8 randomized p{p}")) >= exact * 0.999);
     }
+    // The calibrated start reports its weighted error and its time against LoftQ's.
+    let calib = find("smollm2-135m (1 layers) nf2 r16 T5 calibrated, 512 tokens");
+    let e = calib["error"].as_f64().unwrap();
+    assert!(0.0 < e && e < 1.0, "{calib}");
+    assert!(
+        calib["metric"]
+            .as_str()
+            .unwrap()
+            .contains("× plain LoftQ's")
+    );
 
     let report = dir.join("report");
     succeed(

@@ -248,6 +248,32 @@ pub fn work_dir(out: &Path) -> PathBuf {
 }
 
 impl InitSpec {
+    /// LoftQ at NF4 (blocks of 64) with rank `rank` and `iters` iterations on every linear
+    /// layer of `model` into `out`, with `loftq init`'s other defaults: alpha = rank, exact
+    /// scaling, randomized SVD, packed backbone, seed 0, no calibration.
+    pub fn new(model: PathBuf, out: PathBuf, rank: usize, iters: usize) -> Self {
+        Self {
+            model,
+            out,
+            method: Method::Loftq,
+            quant: QuantConfig::nf4(),
+            layer_rules: Vec::new(),
+            budget: None,
+            rank,
+            alpha: rank as f32,
+            rslora: false,
+            scaling: InitScaling::Exact,
+            iters,
+            svd: SvdMethod::default(),
+            target: Target::AllLinear,
+            exclude: Vec::new(),
+            backbone: Backbone::Packed,
+            seed: 0,
+            calibration: None,
+            quantizer: BaseQuantizer::Rtn,
+        }
+    }
+
     /// The LoRA scaling `s`.
     pub fn lora_scale(&self) -> f32 {
         loftq_core::lora_scale(self.alpha, self.rank, self.rslora)
