@@ -1,5 +1,5 @@
 #!/bin/bash
-# The fine-tuning experiment of shared/REFERENCE.md §9 (README "Fine-tuning"): SmolLM2-135M,
+# The fine-tuning experiment of docs/results.md ("Fine-tuning"): SmolLM2-135M,
 # LoRA r16 alpha16 on all linear layers, AdamW lr 3e-4 without weight decay, 10 warm-up steps
 # then constant, no clipping, 200 steps of 4×128-token random windows (seed 0) from the plays
 # other than Hamlet; perplexity of Hamlet's first 2048 tokens at steps 0, 100 and 200.
