@@ -171,34 +171,32 @@ pub(crate) fn checked_alternation(
     if let Some(x) = crate::cpu::flex(w) {
         let host = crate::cpu::RowMat::of_flex(&x, w.dims());
         let ops = crate::cpu::HostOps::default();
-        return alternate_with(&ops, &host, cfg, &quantizer, &device, calib);
+        // The factors are read where they are (a 7B model's widest are 485 MB each).
+        let view = |v, shape| crate::cpu::RowMat::borrowed(v, shape);
+        return alternate_with(&ops, &host, cfg, &quantizer, &device, calib, view);
     }
-    alternate_with(
-        &DeviceOps(device.clone()),
-        w,
-        cfg,
-        &quantizer,
-        &device,
-        calib,
-    )
+    let ops = DeviceOps(device.clone());
+    let upload = |v: &[f32], shape| ops.matrix(v.to_vec(), shape);
+    alternate_with(&ops, w, cfg, &quantizer, &device, calib, upload)
 }
 
-/// [`alternate`] with the statistics `calib` turned into `ops`' matrices.
-fn alternate_with<D: Dense>(
+/// [`alternate`] with the statistics `calib` turned into `ops`' matrices by `matrix`.
+fn alternate_with<'w, D: Dense>(
     ops: &D,
     w: &D::M,
     cfg: &LoftqConfig,
     quantizer: &Quantizer,
     device: &Device,
-    calib: Option<(&Weighting, &BaseQuantizer)>,
+    calib: Option<(&'w Weighting, &BaseQuantizer)>,
+    matrix: impl Fn(&'w [f32], [usize; 2]) -> D::M,
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     let weighted = match calib {
         None => None,
         Some((weighting, base)) => {
             let n = weighting.dim();
             Some(Weighted {
-                s: ops.matrix(weighting.factor().to_vec(), [n, n]),
-                s_inv: ops.matrix(weighting.inverse_factor().to_vec(), [n, n]),
+                s: matrix(weighting.factor(), [n, n]),
+                s_inv: matrix(weighting.inverse_factor(), [n, n]),
                 gptq: match base {
                     BaseQuantizer::Rtn => None,
                     BaseQuantizer::Gptq(g) => Some((weighting.gptq_factor()?, g)),

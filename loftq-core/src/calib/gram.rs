@@ -1,21 +1,24 @@
 //! Input statistics of a linear layer, `H = Σ xᵀx`, and the factors the calibrated methods
 //! weight with.
+//!
+//! Everything is `f32`, as GPTQ's reference computes it: a 7B model's widest input (11,008)
+//! gives a 485 MB matrix, and only the lower triangle is ever multiplied or factored.
 
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::cholesky::llt::factor::{
+    LltRegularization, cholesky_in_place, cholesky_in_place_scratch,
+};
 use faer::linalg::matmul::triangular::{self, BlockStructure};
-use faer::{Accum, Mat, MatRef, Par, Side};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::CalibError;
 
-/// Rows of `x` multiplied at once in `f32` before the partial sum joins the `f64` total.
-const ROWS_PER_PRODUCT: usize = 1024;
-
-/// The Gram matrix `H = Σ xᵀx` of a layer's inputs `x [rows, in]`, accumulated in `f64`.
+/// The Gram matrix `H = Σ xᵀx` of a layer's inputs `x [rows, in]` (its lower triangle).
 ///
 /// Layers that read the same input (q/k/v, gate/up) share one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gram {
-    dim: usize,
-    sum: Vec<f64>,
+    sum: Mat<f32>,
     rows: u64,
 }
 
@@ -23,43 +26,22 @@ impl Gram {
     /// An empty sum for inputs of width `dim`.
     pub fn new(dim: usize) -> Self {
         Self {
-            dim,
-            sum: vec![0.0; dim * dim],
+            sum: Mat::zeros(dim, dim),
             rows: 0,
         }
     }
 
     /// `H = I` (every input direction weighs the same: the plain objective).
     pub fn identity(dim: usize) -> Self {
-        let mut g = Self::new(dim);
-        for i in 0..dim {
-            g.sum[i * dim + i] = 1.0;
+        Self {
+            sum: Mat::identity(dim, dim),
+            rows: 1,
         }
-        g.rows = 1;
-        g
-    }
-
-    /// A sum given as row-major `dim × dim` values over `rows` input rows.
-    ///
-    /// # Errors
-    /// [`CalibError::Shape`] if `values` is not `dim²` long.
-    pub fn from_values(dim: usize, values: Vec<f64>, rows: u64) -> Result<Self, CalibError> {
-        if values.len() != dim * dim {
-            return Err(CalibError::Shape(format!(
-                "{} values for a {dim}×{dim} Gram matrix",
-                values.len()
-            )));
-        }
-        Ok(Self {
-            dim,
-            sum: values,
-            rows,
-        })
     }
 
     /// Input width.
     pub fn dim(&self) -> usize {
-        self.dim
+        self.sum.nrows()
     }
 
     /// Input rows summed so far.
@@ -67,9 +49,13 @@ impl Gram {
         self.rows
     }
 
-    /// The sum, row-major `dim × dim`.
-    pub fn values(&self) -> &[f64] {
-        &self.sum
+    /// `H[i, j]`.
+    pub fn value(&self, i: usize, j: usize) -> f32 {
+        if i >= j {
+            self.sum[(i, j)]
+        } else {
+            self.sum[(j, i)]
+        }
     }
 
     /// Adds the rows of `x` (row-major `[rows, dim]`).
@@ -78,7 +64,7 @@ impl Gram {
     /// [`CalibError::Shape`] if `x.len()` is not a multiple of the width;
     /// [`CalibError::NonFinite`] for a NaN or infinite input.
     pub fn add_rows(&mut self, x: &[f32]) -> Result<(), CalibError> {
-        let d = self.dim;
+        let d = self.dim();
         if d == 0 || !x.len().is_multiple_of(d) {
             return Err(CalibError::Shape(format!(
                 "{} input values are not rows of width {d}",
@@ -88,59 +74,36 @@ impl Gram {
         if x.iter().any(|v| !v.is_finite()) {
             return Err(CalibError::NonFinite);
         }
-        // H is symmetric: only the lower triangle is multiplied (half the products), summed,
-        // then mirrored.
-        let mut part = Mat::<f32>::zeros(d, d);
-        for chunk in x.chunks(ROWS_PER_PRODUCT * d) {
-            let rows = chunk.len() / d;
-            let m = MatRef::from_row_major_slice(chunk, rows, d);
-            triangular::matmul(
-                part.as_mut(),
-                BlockStructure::TriangularLower,
-                Accum::Replace,
-                m.transpose(),
-                BlockStructure::Rectangular,
-                m,
-                BlockStructure::Rectangular,
-                1.0,
-                Par::rayon(0),
-            );
-            crate::upper::clear_upper_state();
-            for i in 0..d {
-                for j in 0..=i {
-                    self.sum[i * d + j] += f64::from(part[(i, j)]);
-                }
-            }
-            self.rows += rows as u64;
-        }
-        for i in 0..d {
-            for j in 0..i {
-                self.sum[j * d + i] = self.sum[i * d + j];
-            }
-        }
+        let rows = x.len() / d;
+        let m = MatRef::from_row_major_slice(x, rows, d);
+        // H is symmetric: only its lower triangle is multiplied (half the products).
+        triangular::matmul(
+            self.sum.as_mut(),
+            BlockStructure::TriangularLower,
+            Accum::Add,
+            m.transpose(),
+            BlockStructure::Rectangular,
+            m,
+            BlockStructure::Rectangular,
+            1.0,
+            Par::rayon(0),
+        );
+        crate::upper::clear_upper_state();
+        self.rows += rows as u64;
         Ok(())
     }
 
-    /// Adds another sum over the same width.
+    /// The weighting of the damped `H + λ·mean(diag H)·I`, `λ = damping` (a copy of the sum
+    /// is factored; [`Gram::into_weighting`] factors it in place).
     ///
     /// # Errors
-    /// [`CalibError::Shape`] if the widths differ.
-    pub fn merge(&mut self, other: &Gram) -> Result<(), CalibError> {
-        if other.dim != self.dim {
-            return Err(CalibError::Shape(format!(
-                "widths {} and {} differ",
-                self.dim, other.dim
-            )));
-        }
-        self.sum
-            .iter_mut()
-            .zip(&other.sum)
-            .for_each(|(a, b)| *a += b);
-        self.rows += other.rows;
-        Ok(())
+    /// As [`Gram::into_weighting`].
+    pub fn weighting(&self, damping: f64) -> Result<Weighting, CalibError> {
+        self.clone().into_weighting(damping)
     }
 
-    /// The weighting of the damped `H + λ·mean(diag H)·I`, `λ = damping`.
+    /// The weighting of the damped `H + λ·mean(diag H)·I`, `λ = damping`, factored in the
+    /// sum's own memory.
     ///
     /// Input directions that never occur (a zero diagonal entry) get weight 1 there, as GPTQ
     /// does, so the factor exists.
@@ -148,57 +111,76 @@ impl Gram {
     /// # Errors
     /// [`CalibError::Empty`] for a sum with no energy, [`CalibError::NotPositiveDefinite`] if
     /// the Cholesky factorisation fails (add damping), [`CalibError::NonFinite`] for a NaN sum.
-    pub fn weighting(&self, damping: f64) -> Result<Weighting, CalibError> {
-        let d = self.dim;
+    pub fn into_weighting(self, damping: f64) -> Result<Weighting, CalibError> {
+        let d = self.dim();
         if !(damping.is_finite() && damping >= 0.0) {
             return Err(CalibError::Shape(format!(
                 "damping must be a finite number ≥ 0, got {damping}"
             )));
         }
-        if self.sum.iter().any(|v| !v.is_finite()) {
+        let mut h = self.sum;
+        let lower_finite = (0..d).all(|j| (j..d).all(|i| h[(i, j)].is_finite()));
+        if !lower_finite {
             return Err(CalibError::NonFinite);
         }
-        let mean_diag = (0..d).map(|i| self.sum[i * d + i]).sum::<f64>() / d.max(1) as f64;
+        let mean_diag = (0..d).map(|i| f64::from(h[(i, i)])).sum::<f64>() / d.max(1) as f64;
         if d == 0 || mean_diag <= 0.0 {
             return Err(CalibError::Empty);
         }
-        let add = damping * mean_diag;
-        let h = Mat::<f64>::from_fn(d, d, |i, j| {
-            let v = self.sum[i * d + j];
-            match (i == j, v == 0.0) {
-                (true, true) => 1.0 + add,
-                (true, false) => v + add,
-                _ => v,
-            }
-        });
-        let llt = h
-            .llt(Side::Lower)
-            .map_err(|_| CalibError::NotPositiveDefinite)?;
-        let l = llt.L().to_owned();
-        let mut l_inv = Mat::<f64>::zeros(d, d);
+        let add = (damping * mean_diag) as f32;
+        for i in 0..d {
+            let v = h[(i, i)];
+            h[(i, i)] = if v == 0.0 { 1.0 + add } else { v + add };
+        }
+        lower_cholesky(h.as_mut())?;
+        // Row-major S (the lower factor), then S⁻¹ from it; the factored matrix is dropped
+        // before the inverse's row-major copy, so at most three `d²` buffers live at once.
+        let s = row_major_lower(h.as_ref());
+        let mut inv = Mat::<f32>::zeros(d, d);
         faer::linalg::triangular_inverse::invert_lower_triangular(
-            l_inv.as_mut(),
-            l.as_ref(),
+            inv.as_mut(),
+            h.as_ref(),
             Par::rayon(0),
         );
         crate::upper::clear_upper_state();
-        let rows = |m: &Mat<f64>| -> Vec<f32> {
-            (0..d)
-                .flat_map(|i| (0..d).map(move |j| (i, j)))
-                .map(|(i, j)| m[(i, j)] as f32)
-                .collect()
-        };
-        let (s, s_inv) = (rows(&l), rows(&l_inv));
+        drop(h);
+        let s_inv = row_major_lower(inv.as_ref());
+        drop(inv);
         if s.iter().chain(&s_inv).any(|v| !v.is_finite()) {
             return Err(CalibError::NotPositiveDefinite);
         }
-        Ok(Weighting {
-            dim: d,
-            s,
-            s_inv,
-            l_inv,
-        })
+        Ok(Weighting { dim: d, s, s_inv })
     }
+}
+
+/// Factors the symmetric `a` (its lower triangle) in place into its lower Cholesky factor.
+fn lower_cholesky(a: MatMut<'_, f32>) -> Result<(), CalibError> {
+    let d = a.nrows();
+    let par = Par::rayon(0);
+    let mut buf = MemBuffer::new(cholesky_in_place_scratch::<f32>(d, par, Default::default()));
+    let factored = cholesky_in_place(
+        a,
+        LltRegularization::default(),
+        par,
+        MemStack::new(&mut buf),
+        Default::default(),
+    );
+    crate::upper::clear_upper_state();
+    factored
+        .map(|_| ())
+        .map_err(|_| CalibError::NotPositiveDefinite)
+}
+
+/// The lower triangle of `m` as a row-major `d × d` buffer, zeros above the diagonal.
+fn row_major_lower(m: MatRef<'_, f32>) -> Vec<f32> {
+    let d = m.nrows();
+    let mut out = vec![0f32; d * d];
+    for (i, row) in out.chunks_mut(d.max(1)).enumerate().take(d) {
+        for (j, v) in row.iter_mut().enumerate().take(i + 1) {
+            *v = m[(i, j)];
+        }
+    }
+    out
 }
 
 /// A factor `S` of the damped statistics (`S·Sᵀ = H`, lower triangular) and its inverse: the
@@ -210,7 +192,6 @@ pub struct Weighting {
     s: Vec<f32>,
     /// `S⁻¹`, row-major.
     s_inv: Vec<f32>,
-    l_inv: Mat<f64>,
 }
 
 impl Weighting {
@@ -235,25 +216,29 @@ impl Weighting {
     /// [`CalibError::NotPositiveDefinite`] if `H⁻¹` is numerically singular.
     pub fn gptq_factor(&self) -> Result<Vec<f32>, CalibError> {
         let d = self.dim;
-        // H⁻¹ = S⁻ᵀ·S⁻¹.
-        let mut h_inv = Mat::<f64>::zeros(d, d);
-        faer::linalg::matmul::matmul(
+        // H⁻¹ = S⁻ᵀ·S⁻¹ (its lower triangle), then its lower factor L: U = Lᵀ.
+        let s_inv = MatRef::from_row_major_slice(&self.s_inv, d, d);
+        let mut h_inv = Mat::<f32>::zeros(d, d);
+        triangular::matmul(
             h_inv.as_mut(),
+            BlockStructure::TriangularLower,
             Accum::Replace,
-            self.l_inv.transpose(),
-            self.l_inv.as_ref(),
+            s_inv.transpose(),
+            BlockStructure::TriangularUpper,
+            s_inv,
+            BlockStructure::TriangularLower,
             1.0,
             Par::rayon(0),
         );
-        let llt = h_inv
-            .llt(Side::Lower)
-            .map_err(|_| CalibError::NotPositiveDefinite)?;
         crate::upper::clear_upper_state();
-        let l = llt.L();
-        let u: Vec<f32> = (0..d)
-            .flat_map(|i| (0..d).map(move |j| (i, j)))
-            .map(|(i, j)| if j >= i { l[(j, i)] as f32 } else { 0.0 })
-            .collect();
+        lower_cholesky(h_inv.as_mut())?;
+        // Row-major U = Lᵀ: U[i, j] = L[j, i] for j ≥ i.
+        let mut u = vec![0f32; d * d];
+        for (i, row) in u.chunks_mut(d.max(1)).enumerate().take(d) {
+            for (j, v) in row.iter_mut().enumerate().skip(i) {
+                *v = h_inv[(j, i)];
+            }
+        }
         if u.iter().any(|v| !v.is_finite()) {
             return Err(CalibError::NotPositiveDefinite);
         }
@@ -296,7 +281,7 @@ mod tests {
                 let direct: f64 = (0..n)
                     .map(|r| f64::from(x[r * d + i]) * f64::from(x[r * d + j]))
                     .sum();
-                let v = g.values()[i * d + j];
+                let v = f64::from(g.value(i, j));
                 assert!(
                     (v - direct).abs() <= 1e-5 * (1.0 + direct.abs()),
                     "{v} vs {direct}"
@@ -305,7 +290,7 @@ mod tests {
         }
         let w = g.weighting(0.1).unwrap();
         let s = w.factor();
-        let mean = (0..d).map(|i| g.values()[i * d + i]).sum::<f64>() / d as f64;
+        let mean = (0..d).map(|i| f64::from(g.value(i, i))).sum::<f64>() / d as f64;
         for i in 0..d {
             for j in 0..d {
                 let sst: f64 = (0..d)

@@ -74,6 +74,16 @@ impl<'a> RowMat<'a> {
         Self { data, rows, cols }
     }
 
+    /// A row-major `[rows, cols]` view of `data`, without a copy.
+    pub(crate) fn borrowed(data: &'a [f32], [rows, cols]: [usize; 2]) -> Self {
+        assert_eq!(data.len(), rows * cols, "values for a {rows}×{cols} matrix");
+        Self {
+            data: Cow::Borrowed(data),
+            rows,
+            cols,
+        }
+    }
+
     fn view(&self) -> MatRef<'_, f32> {
         MatRef::from_row_major_slice(&self.data, self.rows, self.cols)
     }

@@ -143,13 +143,38 @@ pub(super) fn run(
         // states on; with quantized ones they go through the initialized layer afterwards.
         let mut next = None;
         if targets.iter().any(|(i, _)| !done.contains(i)) {
-            let (weightings, y) = statistics(&layer, &x, [seq, hidden], &rope, calib.damping, l)?;
-            next = Some(y);
-            for &(i, p) in targets.iter().filter(|(i, _)| !done.contains(i)) {
+            let (grams, y) =
+                statistics(&layer, &x, [seq, hidden], &rope).map_err(|e| in_layer(l, e))?;
+            if calib.inputs == CalibInputs::Full {
+                next = Some(y);
+            }
+            // Memory: the targets' full-precision copies are not needed any more (each
+            // is read again from the source), and each input group's weighting lives only
+            // while its own tensors are computed.
+            release(&mut layer, targets);
+            let mut grams = grams.map(Some);
+            let mut todo: Vec<(usize, usize)> = targets
+                .iter()
+                .copied()
+                .filter(|(i, _)| !done.contains(i))
+                .collect();
+            todo.sort_by_key(|&(i, p)| (INPUT_GROUPS[p], i));
+            let mut current: Option<(usize, Weighting)> = None;
+            for (i, p) in todo {
+                let g = INPUT_GROUPS[p];
+                if current.as_ref().is_none_or(|(c, _)| *c != g) {
+                    // The previous group's factors go before this one's are made.
+                    drop(current.take());
+                    let gram = grams[g].take().expect("each group is factored once");
+                    let wg = gram
+                        .into_weighting(calib.damping)
+                        .map_err(|e| in_layer(l, e))?;
+                    current = Some((g, wg));
+                }
+                let wg = current.as_ref().map(|(_, w)| w);
                 let item = &plan.items[i];
                 let loaded = piece::load(source, item)?;
-                let wg = &weightings[INPUT_GROUPS[p]];
-                if let Some(r) = piece::compute(spec, item, loaded, i, work, device, Some(wg))? {
+                if let Some(r) = piece::compute(spec, item, loaded, i, work, device, wg)? {
                     progress(Progress::Tensor(i, r));
                 }
             }
@@ -227,7 +252,12 @@ pub(super) fn full_precision_pass(
         x = if targets.is_empty() {
             forward(&layer, &x, [seq, hidden], &rope, None)?
         } else {
-            let (weightings, y) = statistics(&layer, &x, [seq, hidden], &rope, calib.damping, l)?;
+            let (grams, y) =
+                statistics(&layer, &x, [seq, hidden], &rope).map_err(|e| in_layer(l, e))?;
+            let weightings = grams
+                .into_iter()
+                .map(|g| g.into_weighting(calib.damping).map_err(|e| in_layer(l, e)))
+                .collect::<Result<Vec<_>>>()?;
             each(targets, &weightings)?;
             y
         };
@@ -235,16 +265,14 @@ pub(super) fn full_precision_pass(
     Ok(())
 }
 
-/// The damped weightings of the four input groups of `layer` on the hidden states `x`, and
-/// the layer's outputs.
+/// The input statistics of the four input groups of `layer` on the hidden states `x`, and the
+/// layer's outputs.
 fn statistics(
     layer: &DecoderLayer,
     x: &[f32],
     shape: [usize; 2],
     rope: &RopeTables,
-    damping: f64,
-    l: usize,
-) -> Result<(Vec<Weighting>, Vec<f32>)> {
+) -> std::result::Result<([Gram; 4], Vec<f32>), CalibFailure> {
     // Each group's width is the input width of its first linear layer.
     let linears = layer.linears();
     let mut grams: [Gram; 4] = std::array::from_fn(|g| {
@@ -265,16 +293,45 @@ fn statistics(
                 failed.get_or_insert(e);
             }
         }),
-    )?;
-    let bad = |e| ModelError::Invalid(format!("decoder layer {l}: {e}"));
-    if let Some(e) = failed {
-        return Err(bad(e));
+    )
+    .map_err(CalibFailure::Model)?;
+    match failed {
+        Some(e) => Err(CalibFailure::Statistics(e)),
+        None => Ok((grams, y)),
     }
-    let weightings = grams
-        .iter()
-        .map(|g| g.weighting(damping).map_err(bad))
-        .collect::<Result<_>>()?;
-    Ok((weightings, y))
+}
+
+/// What can fail while a layer's statistics are gathered and factored.
+enum CalibFailure {
+    Model(ModelError),
+    Statistics(loftq_core::calib::CalibError),
+}
+
+impl From<loftq_core::calib::CalibError> for CalibFailure {
+    fn from(e: loftq_core::calib::CalibError) -> Self {
+        CalibFailure::Statistics(e)
+    }
+}
+
+/// The error of decoder layer `l`'s statistics.
+fn in_layer(l: usize, e: impl Into<CalibFailure>) -> ModelError {
+    match e.into() {
+        CalibFailure::Model(e) => e,
+        CalibFailure::Statistics(e) => ModelError::Invalid(format!("decoder layer {l}: {e}")),
+    }
+}
+
+/// Drops the full-precision weights of the targeted linear layers `targets` of `layer` (a
+/// 1×1 placeholder stands in until [`install`] puts the initialized weight there).
+fn release(layer: &mut DecoderLayer, targets: &[(usize, usize)]) {
+    let linears = layer.linears_mut();
+    for &(_, p) in targets {
+        let device = match &linears[p].base {
+            BaseWeight::Dense(w) => w.device(),
+            BaseWeight::Packed(_) => continue,
+        };
+        linears[p].base = BaseWeight::Dense(Tensor::zeros([1, 1], &device));
+    }
 }
 
 /// `layer` applied to the hidden states `x` (`[sequences·seq, hidden]` row-major), a few
