@@ -24,6 +24,8 @@ CAL="--calibration $(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt | head -8 | tr '
   --calibration-tokens $TOKENS"
 OUT=$ROOT/bench/results/calibration
 mkdir -p "$WORK" "$OUT"
+[ -f "$OUT/runs.tsv" ] || printf 'run\tinit_seconds\tpeak_rss_gib\tppl_hamlet_2048\tppl_gpl3_2048\n' \
+  > "$OUT/runs.tsv"
 cd "$WORK"
 ppl() { # model [adapter] text
   local a=""; [ -n "$2" ] && a="--adapter $2"
