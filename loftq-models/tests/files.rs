@@ -64,6 +64,71 @@ fn packed_backbone_and_adapter_round_trip_exactly() {
     }
 }
 
+/// A packed header that would make the reader compute sizes from nonsense (0 bits, a shape
+/// whose product overflows, no elements) is an error naming the tensor, not a panic.
+#[test]
+fn bad_packed_headers_are_errors() {
+    let (_, model) = loftq_model(QuantConfig::nf4());
+    let dir = scratch("bad-packed");
+    model.save_backbone(&dir, BackboneFormat::Packed).unwrap();
+    let file = dir.join("model.safetensors");
+    let ck = Checkpoint::open(&file).unwrap();
+    let tensors: std::collections::BTreeMap<String, loftq_models::io::OutTensor> = ck
+        .names()
+        .map(|n| {
+            let (e, b) = ck.bytes(n).unwrap();
+            let t = loftq_models::io::OutTensor {
+                dtype: e.dtype,
+                shape: e.shape.clone(),
+                bytes: b.to_vec(),
+            };
+            (n.to_string(), t)
+        })
+        .collect();
+    let meta = ck.metadata().clone();
+    drop(ck);
+    let key = "loftq.q.model.layers.0.mlp.up_proj.weight";
+    let header: serde_json::Value = serde_json::from_str(&meta[key]).unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 3] = [
+        ("bits 0", |h| set_bits(h, 0)),
+        ("overflow", |h| {
+            h["shape"] = serde_json::json!([usize::MAX, 2])
+        }),
+        ("empty", |h| h["shape"] = serde_json::json!([0, 64])),
+    ];
+    for (what, edit) in edits {
+        let mut h = header.clone();
+        edit(&mut h);
+        let mut m = meta.clone();
+        m.insert(key.to_string(), h.to_string());
+        loftq_models::io::write_safetensors(&file, &tensors, Some(m)).unwrap();
+        let msg = expect_err(load_pretrained(&dir, None, &device()));
+        assert!(
+            msg.contains("model.layers.0.mlp.up_proj.weight") && msg.contains("bad packed header"),
+            "{what}: {msg}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Sets every `bits` field in `v` to `bits`.
+fn set_bits(v: &mut serde_json::Value, bits: u64) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if k == "bits" {
+                    *x = bits.into();
+                } else {
+                    set_bits(x, bits);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| set_bits(x, bits)),
+        _ => {}
+    }
+}
+
 #[test]
 fn dense_backbones_load_and_packed_is_smaller() {
     let (_, mut model) = loftq_model(QuantConfig::nf(2));
@@ -190,6 +255,36 @@ fn adapters_that_do_not_fit_are_errors() {
     adapter.write(&dir).unwrap();
     let msg = expect_err(load_pretrained(&src, Some(&dir), &device()));
     assert!(msg.contains("down_proj"), "{msg}");
+
+    // Settings no model can run with, refused when the adapter is read (they panicked or were
+    // taken before): rank 0, a dropout outside [0, 1), a NaN factor.
+    let good = Adapter::read(&peft).unwrap();
+    for (field, value, says) in [
+        ("r", "0", "rank r is 0"),
+        ("lora_dropout", "5", "lora_dropout 5 is outside [0, 1)"),
+        ("lora_dropout", "-0.1", "outside [0, 1)"),
+    ] {
+        good.write(&dir).unwrap();
+        let path = dir.join("adapter_config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg[field] = serde_json::from_str(value).unwrap();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let msg = expect_err(load_pretrained(&src, Some(&dir), &device()));
+        assert!(
+            msg.contains(says) && msg.contains("adapter_config.json"),
+            "{msg}"
+        );
+    }
+    let mut nan = good.clone();
+    let up = nan.modules.get_mut("model.layers.0.mlp.up_proj").unwrap();
+    up.b.data[3] = f32::NAN;
+    nan.write(&dir).unwrap();
+    let msg = expect_err(load_pretrained(&src, Some(&dir), &device()));
+    assert!(
+        msg.contains("model.layers.0.mlp.up_proj.lora_B") && msg.contains("NaN"),
+        "{msg}"
+    );
 
     // Missing config.
     std::fs::remove_file(dir.join("adapter_config.json")).unwrap();

@@ -106,6 +106,19 @@ pub fn read_packed(ckpt: &Checkpoint, name: &str) -> Result<Option<PackedTensor>
     let root = ckpt.root();
     let header: Header = serde_json::from_str(header)
         .map_err(|e| ModelError::tensor(root, name, format!("bad packed header: {e}")))?;
+    // The header is checked before any size is computed from it.
+    header
+        .config
+        .validate()
+        .map_err(|e| ModelError::tensor(root, name, format!("bad packed header: {e}")))?;
+    let [rows, cols] = header.shape;
+    if rows.checked_mul(cols).is_none_or(|n| n == 0) {
+        return Err(ModelError::tensor(
+            root,
+            name,
+            format!("bad packed header: shape {:?}", header.shape),
+        ));
+    }
     let bytes_u8 = |suffix: &str| -> Result<Vec<u8>> {
         let key = format!("{name}.{suffix}");
         let (e, b) = ckpt.bytes(&key)?;

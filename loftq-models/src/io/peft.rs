@@ -168,6 +168,7 @@ impl Adapter {
                 "fan_in_fan_out adapters (GPT-2 Conv1D) are not supported",
             ));
         }
+        check_config(&config).map_err(|msg| ModelError::format(&cfg_path, msg))?;
         let weights_path = dir.join(ADAPTER_WEIGHTS);
         let ckpt = Checkpoint::open(&weights_path)?;
         let mut modules = BTreeMap::new();
@@ -198,6 +199,18 @@ impl Adapter {
                     name,
                     format!("lora_A has rank {r} but lora_B has rank {rb}"),
                 ));
+            }
+            if r == 0 {
+                return Err(ModelError::tensor(&weights_path, name, "rank 0 factors"));
+            }
+            for (t, n) in [(&a, name), (&b, &b_name)] {
+                if t.data.iter().any(|v| !v.is_finite()) {
+                    return Err(ModelError::tensor(
+                        &weights_path,
+                        n,
+                        "a NaN or infinite value",
+                    ));
+                }
             }
             modules.insert(path, LoraWeights { a, b });
         }
@@ -242,6 +255,24 @@ impl Adapter {
 }
 
 /// `base_model.model.X.lora_A.weight` (or PEFT's older `X.lora_A.default.weight`) → `X`.
+/// The settings a model cannot run with: rank 0 (also in `rank_pattern`), an alpha that is
+/// not a finite number, a dropout outside `[0, 1)`.
+fn check_config(c: &AdapterConfig) -> std::result::Result<(), String> {
+    if c.r == 0 || c.rank_pattern.values().any(|&r| r == 0) {
+        return Err("rank r is 0".into());
+    }
+    if !c.lora_alpha.is_finite() || c.alpha_pattern.values().any(|a| !a.is_finite()) {
+        return Err(format!(
+            "lora_alpha {} is not a finite number",
+            c.lora_alpha
+        ));
+    }
+    if !(0.0..1.0).contains(&c.lora_dropout) {
+        return Err(format!("lora_dropout {} is outside [0, 1)", c.lora_dropout));
+    }
+    Ok(())
+}
+
 fn module_of(key: &str, factor: &str) -> Option<String> {
     let rest = key.strip_prefix(PREFIX).unwrap_or(key);
     let rest = rest
