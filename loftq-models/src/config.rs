@@ -156,7 +156,7 @@ impl LlamaConfig {
         }
         let rope = parse_rope(raw.rope_theta, raw.rope_scaling, raw.rope_parameters)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
-        Ok(Self {
+        let config = Self {
             family,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
@@ -174,7 +174,70 @@ impl LlamaConfig {
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             bos_token_id: first_id(raw.bos_token_id),
             eos_token_id: first_id(raw.eos_token_id),
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// `self`, if [`validate`](Self::validate) passes.
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate).
+    pub fn validated(self) -> Result<Self, String> {
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks the values a model is built from, before anything is sized by them: positive
+    /// sizes (zero decoder layers is a valid, if degenerate, model), whole groups of heads, an even head width, products that fit a `usize`, a
+    /// finite positive norm epsilon and rotary base (read from `config.json` or a GGUF file).
+    ///
+    /// # Errors
+    /// A message naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} is 0"));
+        }
+        let (heads, kv) = (self.num_attention_heads, self.num_key_value_heads);
+        if !heads.is_multiple_of(kv) {
+            return Err(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            ));
+        }
+        let d = self.head_dim;
+        if d == 0 || !d.is_multiple_of(2) {
+            return Err(format!("head_dim {d} must be even and positive"));
+        }
+        let products = [
+            heads.checked_mul(d),
+            self.vocab_size.checked_mul(self.hidden_size),
+            self.intermediate_size.checked_mul(self.hidden_size),
+        ];
+        if products
+            .iter()
+            .any(|p| p.and_then(|n| n.checked_mul(4)).is_none())
+        {
+            return Err(format!(
+                "sizes too large: {heads} heads × {d}, vocabulary {} × {}, MLP {} × {}",
+                self.vocab_size, self.hidden_size, self.intermediate_size, self.hidden_size
+            ));
+        }
+        let eps = self.rms_norm_eps;
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(format!("rms_norm_eps {eps} must be a positive number"));
+        }
+        let theta = self.rope.theta;
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("rope_theta {theta} must be a positive number"));
+        }
+        Ok(())
     }
 
     /// The transformers-4 style `config.json` of this architecture (also read by
@@ -342,6 +405,41 @@ mod tests {
         let bad_heads = format!(r#"{{{BASE}, "num_key_value_heads": 3}}"#);
         assert!(LlamaConfig::from_json(&bad_heads).is_err());
         assert!(LlamaConfig::from_json("{").is_err());
+        // Sizes whose products overflow, an odd head width, a non-positive epsilon: refused
+        // before anything is allocated from them.
+        let huge = r#"{"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 4611686018427387904}"#;
+        assert!(
+            LlamaConfig::from_json(huge)
+                .unwrap_err()
+                .contains("too large")
+        );
+        let odd = format!(r#"{{{BASE}, "head_dim": 15}}"#);
+        assert!(
+            LlamaConfig::from_json(&odd)
+                .unwrap_err()
+                .contains("head_dim 15")
+        );
+        let eps = format!(r#"{{{BASE}, "rms_norm_eps": -1e-6}}"#);
+        assert!(
+            LlamaConfig::from_json(&eps)
+                .unwrap_err()
+                .contains("rms_norm_eps")
+        );
+        let zero =
+            format!(r#"{{{BASE}, "vocab_size": 0}}"#).replacen("\"vocab_size\": 256, ", "", 1);
+        assert!(
+            LlamaConfig::from_json(&zero)
+                .unwrap_err()
+                .contains("vocab_size is 0")
+        );
+        // Values from a GGUF file go through the same check.
+        let mut c = LlamaConfig::from_json(&format!("{{{BASE}}}")).unwrap();
+        c.rope.theta = f64::NAN;
+        assert!(c.validate().unwrap_err().contains("rope_theta"));
+        c.rope.theta = 1e4;
+        c.head_dim = 7;
+        assert!(c.validate().is_err());
         let qwen = format!(r#"{{{BASE}, "model_type": "qwen2"}}"#);
         assert!(LlamaConfig::from_json(&qwen).unwrap().qkv_bias);
     }

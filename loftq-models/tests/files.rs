@@ -217,6 +217,22 @@ fn bad_files_are_errors_that_name_the_file_and_tensor() {
         "{msg}"
     );
 
+    // A config claiming far more layers than the file has: the first missing one is named
+    // (nothing is sized from the claim).
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace(
+            "\"num_hidden_layers\": 2",
+            "\"num_hidden_layers\": 1000000000000000",
+        ),
+    )
+    .unwrap();
+    let msg = expect_err(load_pretrained(&dir, None, &device()));
+    assert!(
+        msg.contains("model.layers.2.") && msg.contains("not found"),
+        "{msg}"
+    );
+
     // Bad JSON.
     std::fs::write(dir.join("config.json"), "{\"hidden_size\": ").unwrap();
     let msg = expect_err(load_pretrained(&dir, None, &device()));

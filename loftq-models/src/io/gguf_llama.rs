@@ -268,7 +268,7 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
     };
     let head_dim = int("attention.key_length").unwrap_or(hidden / heads);
     let qkv_bias = g.tensors.contains_key("blk.0.attn_q.bias");
-    Ok(LlamaConfig {
+    LlamaConfig {
         family,
         vocab_size: vocab.ok_or("cannot tell the vocabulary size")?,
         hidden_size: hidden,
@@ -289,7 +289,8 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
         max_position_embeddings: int("context_length").unwrap_or(2048),
         bos_token_id: tok_id("bos_token_id"),
         eos_token_id: tok_id("eos_token_id"),
-    })
+    }
+    .validated()
 }
 
 fn tokenizer_json(g: &Gguf) -> Result<Value, String> {

@@ -55,7 +55,8 @@ pub fn load_model(
     };
     let c = config;
     let h = c.hidden_size;
-    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    // Not sized from the file: a config may claim more layers than it has tensors for.
+    let mut layers = Vec::new();
     for i in 0..c.num_hidden_layers {
         layers.push(b.layer(c, i)?);
     }
