@@ -25,6 +25,7 @@ pub mod init;
 mod loftq;
 pub mod lowrank;
 pub mod quant;
+pub mod simd;
 mod upper;
 
 pub use device::{DeviceList, DeviceSpec};

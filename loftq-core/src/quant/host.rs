@@ -460,23 +460,18 @@ macro_rules! multiversion {
     (fn $name:ident / $v512:ident / $v2:ident => $imp:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         pub(crate) fn $name(&self, $($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                {
-                    // SAFETY: the CPU supports the features the function was compiled for.
-                    return unsafe { self.$v512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: as above.
-                    return unsafe { self.$v2($($arg),*) };
-                }
+            match crate::simd::level() {
+                // SAFETY: `level` checked every feature each copy was compiled with.
+                crate::simd::Level::Avx512 => return unsafe { self.$v512($($arg),*) },
+                // SAFETY: as above.
+                crate::simd::Level::Avx2 => return unsafe { self.$v2($($arg),*) },
+                crate::simd::Level::Portable => {}
             }
             self.$imp($($arg),*)
         }
 
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
         fn $v512(&self, $($arg: $ty),*) -> $ret {
             self.$imp($($arg),*)
         }

@@ -23,8 +23,8 @@ pub(super) fn codes16(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, the only feature the function needs.
+        if crate::simd::level() == crate::simd::Level::Avx512 {
+            // SAFETY: `level` found AVX-512F (and more), the only feature the function needs.
             unsafe { codes16_avx512(x, scale, rounding, table, bits, codes) };
             return true;
         }
@@ -89,8 +89,8 @@ fn codes16_avx512(
 pub(super) fn absmax_bits(x: &[f32]) -> u32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, the only feature the function needs.
+        if crate::simd::level() == crate::simd::Level::Avx512 {
+            // SAFETY: `level` found AVX-512F (and more), the only feature the function needs.
             return unsafe { absmax_bits_avx512(x) };
         }
     }
@@ -126,8 +126,8 @@ fn absmax_bits_avx512(x: &[f32]) -> u32 {
 pub(super) fn dequant16(codes: &[u8], levels: &[f32; 16], scale: f32, out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, the only feature the function needs.
+        if crate::simd::level() == crate::simd::Level::Avx512 {
+            // SAFETY: `level` found AVX-512F (and more), the only feature the function needs.
             unsafe { dequant16_avx512(codes, levels, scale, out) };
             return true;
         }

@@ -16,7 +16,7 @@ macro_rules! multiversion {
 
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
                 fn avx512($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
@@ -24,18 +24,12 @@ macro_rules! multiversion {
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-                {
-                    // SAFETY: the CPU has every feature `avx512` was compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                match loftq_core::simd::level() {
+                    // SAFETY: `level` checked every feature each copy was compiled with.
+                    loftq_core::simd::Level::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
+                    loftq_core::simd::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    loftq_core::simd::Level::Portable => {}
                 }
             }
             portable($($arg),*)
