@@ -7,12 +7,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use common::{device, fixture, scratch};
+use loftq_core::QuantConfig;
 use loftq_core::calib::{BaseQuantizer, GptqConfig};
-use loftq_core::lowrank::{RsvdConfig, SvdMethod};
-use loftq_core::{InitScaling, QuantConfig};
-use loftq_models::init::{
-    Backbone, CalibInputs, Calibration, Event, InitSpec, Method, Report, Target, run_init,
-};
+use loftq_models::init::{CalibInputs, Calibration, Event, InitSpec, Method, Report, run_init};
 
 /// The tiny Llama fixture with a byte-level tokenizer (its vocabulary is 256), and a text.
 fn model_and_text(dir: &Path) -> (PathBuf, PathBuf) {
@@ -31,28 +28,15 @@ fn model_and_text(dir: &Path) -> (PathBuf, PathBuf) {
 
 fn spec(model: PathBuf, out: PathBuf, text: PathBuf) -> InitSpec {
     InitSpec {
-        model,
-        out,
-        method: Method::Loftq,
         quant: QuantConfig::nf(2),
-        layer_rules: Vec::new(),
-        budget: None,
-        rank: 4,
         alpha: 8.0,
-        rslora: false,
-        scaling: InitScaling::Exact,
-        iters: 3,
-        svd: SvdMethod::Randomized(RsvdConfig::default()),
-        target: Target::AllLinear,
-        exclude: Vec::new(),
-        backbone: Backbone::Packed,
         seed: 3,
         calibration: Some(Calibration {
             tokens: 512,
             seq: 64,
             ..Calibration::new(vec![text])
         }),
-        quantizer: BaseQuantizer::Rtn,
+        ..InitSpec::new(model, out, 4, 3)
     }
 }
 

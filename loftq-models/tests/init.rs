@@ -7,32 +7,18 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use common::{device, fixture, scratch};
-use loftq_core::lowrank::{RsvdConfig, SvdMethod};
-use loftq_core::{InitScaling, QuantConfig};
+use loftq_core::QuantConfig;
 use loftq_models::init::{Backbone, Event, InitSpec, Method, Target, run_init};
 use loftq_models::io::{Adapter, Checkpoint, OutTensor, write_safetensors};
 use loftq_models::nn::load_pretrained;
 
 fn spec(model: PathBuf, out: PathBuf) -> InitSpec {
     InitSpec {
-        model,
-        out,
-        method: Method::Loftq,
         quant: QuantConfig::nf(2),
-        layer_rules: Vec::new(),
-        budget: None,
-        rank: 8,
         alpha: 16.0,
-        rslora: false,
-        scaling: InitScaling::Exact,
-        iters: 3,
-        svd: SvdMethod::Randomized(RsvdConfig::default()),
-        target: Target::AllLinear,
-        exclude: Vec::new(),
         backbone: Backbone::Both,
         seed: 7,
-        calibration: None,
-        quantizer: Default::default(),
+        ..InitSpec::new(model, out, 8, 3)
     }
 }
 

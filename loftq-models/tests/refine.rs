@@ -11,7 +11,7 @@ use common::{device, fixture, scratch};
 use loftq_core::lowrank::{RsvdConfig, SvdMethod, exact_svd};
 use loftq_core::quant::{Rounding, host_f32};
 use loftq_core::{InitScaling, LoftqConfig, QuantConfig, Quantizer, loftq};
-use loftq_models::init::{Backbone, InitSpec, Method, Target, run_init};
+use loftq_models::init::{InitSpec, Method, Target, run_init};
 use loftq_models::io::{Adapter, Checkpoint, OutTensor, open_source, write_safetensors};
 use loftq_models::nn::load_pretrained;
 use loftq_models::refine::{Check, RefineReport, RefineSpec, run_refine};
@@ -199,24 +199,10 @@ fn exact_refine_reaches_the_optimum_and_loads() {
 fn refining_a_qlora_base_is_loftq_with_one_iteration() {
     let dir = scratch("refine-qlora");
     let init = InitSpec {
-        model: fixture("tiny-llama"),
-        out: dir.join("qlora"),
         method: Method::Qlora,
         quant: QuantConfig::nf(2),
-        layer_rules: Vec::new(),
-        budget: None,
-        rank: 8,
-        alpha: 8.0,
-        rslora: false,
-        scaling: InitScaling::Exact,
-        iters: 1,
         svd: SvdMethod::Exact,
-        target: Target::AllLinear,
-        exclude: Vec::new(),
-        backbone: Backbone::Packed,
-        seed: 0,
-        calibration: None,
-        quantizer: Default::default(),
+        ..InitSpec::new(fixture("tiny-llama"), dir.join("qlora"), 8, 1)
     };
     run_init(&init, &[device()], false, &mut |_| {}).unwrap();
     let mut s = spec(init.out.clone(), dir.join("out"));
