@@ -88,7 +88,7 @@ pub(super) fn check(spec: &InitSpec) -> Result<()> {
 
 /// Gives every target of `plan` its quantizer under `spec.budget`: read from the work area
 /// when an interrupted run got that far, else scored (on the calibration tokens `ids` when
-/// there are any) and allocated. Returns the allocated bits of the bases.
+/// there are any) and allocated.
 ///
 /// # Errors
 /// A budget below the cheapest candidates, and the errors of scoring.
@@ -125,17 +125,18 @@ pub(super) fn apply(
         }
         Err(_) => {
             let scores = scores(spec, plan, source, &items, ids, device, events)?;
-            let params: u64 = items
-                .iter()
-                .filter_map(|&i| plan.items[i].target.map(|(s, _)| (s[0] * s[1]) as u64))
-                .sum();
+            let params = plan.target_params();
             let total = (budget.avg_bits * params as f64).floor() as u64;
             let a = allocate(&scores, total).map_err(|e| {
+                // Every matrix at its cheapest candidate.
+                let least: u64 = scores
+                    .iter()
+                    .map(|o| o.iter().map(|c| c.bits).min().unwrap_or(0))
+                    .sum();
                 ModelError::Invalid(format!(
-                    "--avg-bits {}: {e} (the cheapest candidate has {:.3} bits per parameter)",
+                    "--avg-bits {}: {e} (the cheapest candidates need {:.3} bits per parameter)",
                     budget.avg_bits,
-                    scores.iter().flatten().map(|c| c.bits).min().unwrap_or(0) as f64
-                        / params.max(1) as f64
+                    least as f64 / params.max(1) as f64
                 ))
             })?;
             let s = Saved {
