@@ -108,6 +108,37 @@ fn targets_by_layer(plan: &Plan) -> Result<BTreeMap<usize, Vec<(usize, usize)>>>
     Ok(by_layer)
 }
 
+/// What both passes over the model start from.
+struct Setup<'a> {
+    calib: &'a Calibration,
+    config: LlamaConfig,
+    /// The plan's targets by decoder layer ([`targets_by_layer`]).
+    by_layer: BTreeMap<usize, Vec<(usize, usize)>>,
+    rope: RopeTables,
+}
+
+impl<'a> Setup<'a> {
+    fn new(
+        spec: &'a InitSpec,
+        plan: &Plan,
+        source: &dyn TensorSource,
+        device: &Device,
+    ) -> Result<Self> {
+        let calib = spec
+            .calibration
+            .as_ref()
+            .expect("called for calibrated runs");
+        let config = model_config(spec, source)?;
+        let rope = RopeTables::new(&config.rope, config.head_dim, calib.seq, device);
+        Ok(Self {
+            calib,
+            by_layer: targets_by_layer(plan)?,
+            config,
+            rope,
+        })
+    }
+}
+
 /// Runs the pass over every decoder layer on the calibration tokens `ids` (from
 /// [`calibration_tokens`]), initializing the plan's targets that have no piece in `work` yet;
 /// returns the items it covered (all targets).
@@ -120,12 +151,12 @@ pub(super) fn run(
     device: &Device,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<HashSet<usize>> {
-    let calib = spec
-        .calibration
-        .as_ref()
-        .expect("called for calibrated runs");
-    let config = model_config(spec, source)?;
-    let by_layer = targets_by_layer(plan)?;
+    let Setup {
+        calib,
+        config,
+        by_layer,
+        rope,
+    } = Setup::new(spec, plan, source, device)?;
     let done = plan.done(work);
     let (seqs, seq, hidden) = (ids.len() / calib.seq, calib.seq, config.hidden_size);
     let state = work.join(STATE_FILE);
@@ -133,7 +164,6 @@ pub(super) fn run(
         Some(s) => s,
         None => (embed(source, ids, hidden)?, 0),
     };
-    let rope = RopeTables::new(&config.rope, config.head_dim, seq, device);
     let layers = config.num_hidden_layers;
     for l in first..layers {
         progress(Progress::Layer(Event::Calibrating { layer: l, layers }));
@@ -237,15 +267,14 @@ pub(super) fn full_precision_pass(
     device: &Device,
     each: &mut OnLayer<'_>,
 ) -> Result<()> {
-    let calib = spec
-        .calibration
-        .as_ref()
-        .expect("called for calibrated runs");
-    let config = model_config(spec, source)?;
-    let by_layer = targets_by_layer(plan)?;
+    let Setup {
+        calib,
+        config,
+        by_layer,
+        rope,
+    } = Setup::new(spec, plan, source, device)?;
     let (seq, hidden) = (calib.seq, config.hidden_size);
     let mut x = embed(source, ids, hidden)?;
-    let rope = RopeTables::new(&config.rope, config.head_dim, seq, device);
     for l in 0..config.num_hidden_layers {
         let layer = load_layer(&config, source, l, device)?;
         let targets = by_layer.get(&l).map_or(&[][..], Vec::as_slice);
