@@ -19,6 +19,14 @@ pub(crate) trait Dense {
     fn mul(&self, a: &Self::M, b: &Self::M) -> Self::M;
     /// `aᵀ·b`.
     fn tmul(&self, a: &Self::M, b: &Self::M) -> Self::M;
+    /// `a·b` for a lower-triangular `b` (its upper triangle is zero).
+    fn mul_lower(&self, a: &Self::M, b: &Self::M) -> Self::M {
+        self.mul(a, b)
+    }
+    /// [`mul_lower`](Self::mul_lower) into `out` (whose values are not read).
+    fn mul_lower_into(&self, a: &Self::M, b: &Self::M, out: &mut Self::M) {
+        *out = self.mul_lower(a, b);
+    }
     /// A matrix from row-major values.
     fn matrix(&self, v: Vec<f32>, shape: [usize; 2]) -> Self::M;
     /// The row-major values.

@@ -255,7 +255,7 @@ pub(crate) fn alternate<D: Dense>(
     weighted: Option<&Weighted<'_, D::M>>,
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     let norm = ops.norm(w).max(f32::MIN_POSITIVE);
-    let wnorm = weighted.map(|x| ops.norm(&ops.mul(w, &x.s)).max(f32::MIN_POSITIVE));
+    let wnorm = weighted.map(|x| ops.norm(&ops.mul_lower(w, &x.s)).max(f32::MIN_POSITIVE));
     // The product s_eff·B·A that enters the error under each convention, relative to U·S·Vᵀ.
     let (factor_scale, product_scale) = cfg.scaling.scales(cfg.lora_scale());
 
@@ -263,6 +263,8 @@ pub(crate) fn alternate<D: Dense>(
     let mut res = ops.buffer(w);
     let mut residual = ops.buffer(w);
     let mut scratch = ops.buffer(w);
+    // (W − Q)·S, rewritten each iteration of a weighted run.
+    let mut scaled = ops.buffer(w);
     let mut warm: Option<D::M> = None;
     let mut history = Vec::with_capacity(cfg.iters);
     // The errors the best iterate is chosen by: `history`'s, or the weighted ones.
@@ -280,10 +282,13 @@ pub(crate) fn alternate<D: Dense>(
             }
         };
         // The weighted problem is the plain one for the scaled residual (W − Q)·S.
-        let scaled = weighted.map(|x| ops.mul(&residual, &x.s));
+        let scaled = weighted.map(|x| {
+            ops.mul_lower_into(&residual, &x.s, &mut scaled);
+            &scaled
+        });
         if t == 1 {
             rel_err_quant = ops.norm(&residual) / norm;
-            if let (Some(rs), Some(wn)) = (&scaled, wnorm) {
+            if let (Some(rs), Some(wn)) = (scaled, wnorm) {
                 weighted_quant = ops.norm(rs) / wn;
             }
         }
@@ -291,13 +296,13 @@ pub(crate) fn alternate<D: Dense>(
         if let SvdMethod::Randomized(r) = &mut method {
             r.seed = r.seed.wrapping_add(t as u64);
         }
-        let target = scaled.as_ref().unwrap_or(&residual);
+        let target = scaled.unwrap_or(&residual);
         let (lr, basis) = svd_with(ops, target, cfg.rank, &method, warm.as_ref())?;
         let (b, a) = lr.balanced_with(ops);
-        let (a, score) = match (weighted, &scaled, wnorm) {
+        let (a, score) = match (weighted, scaled, wnorm) {
             (Some(x), Some(rs), Some(wn)) => {
                 let werr = ops.fit_error(w, rs, (&b, &a), product_scale, &mut scratch) / wn;
-                (ops.mul(&a, &x.s_inv), Some(werr))
+                (ops.mul_lower(&a, &x.s_inv), Some(werr))
             }
             _ => (a, None),
         };

@@ -107,3 +107,37 @@ fn packed_bases_dequantize_exactly_to_peft_q() {
         assert_eq!(got, want, "{path}");
     }
 }
+
+/// The calibration pass's observe-only forward sees what the full one sees, and the full
+/// one's output is the layer's.
+#[test]
+fn observing_a_layer_sees_what_its_forward_computes() {
+    use loftq_models::nn::{RopeTables, load_layer};
+    let dir = fixture("tiny-llama");
+    let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
+    let layer = load_layer(&config, &ckpt, 1, &device()).unwrap();
+    let (b, s, h) = (2, 5, config.hidden_size);
+    let rope = RopeTables::new(&config.rope, config.head_dim, s, &device());
+    let x: Vec<f32> = (0..b * s * h)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+        .collect();
+    let x = Tensor::<3>::from_data(TensorData::new(x, [b, s, h]), &device());
+    let mut full = Vec::new();
+    let y = layer.forward_observed(x.clone(), &rope, &mut |g, t| {
+        full.push((g, t.into_data().try_to_vec::<f32>().unwrap()));
+    });
+    let mut only = Vec::new();
+    layer.observe_inputs(x.clone(), &rope, &mut |g, t| {
+        only.push((g, t.into_data().try_to_vec::<f32>().unwrap()));
+    });
+    assert_eq!(full.iter().map(|o| o.0).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert_eq!(full, only);
+    let plain = layer
+        .forward(x, &rope)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let y = y.into_data().try_to_vec::<f32>().unwrap();
+    assert!(max_abs_diff(&y, &plain) < 1e-6);
+}

@@ -175,10 +175,10 @@ fn lower_cholesky(a: MatMut<'_, f32>) -> Result<(), CalibError> {
 fn row_major_lower(m: MatRef<'_, f32>) -> Vec<f32> {
     let d = m.nrows();
     let mut out = vec![0f32; d * d];
+    // Row-major `m` is column-major `mᵀ`: one strided copy, then the upper part cleared.
+    MatMut::from_column_major_slice_mut(&mut out, d, d).copy_from(m.transpose());
     for (i, row) in out.chunks_mut(d.max(1)).enumerate().take(d) {
-        for (j, v) in row.iter_mut().enumerate().take(i + 1) {
-            *v = m[(i, j)];
-        }
+        row[i + 1..].fill(0.0);
     }
     out
 }

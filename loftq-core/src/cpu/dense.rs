@@ -168,6 +168,23 @@ impl<'a> Dense for HostOps<'a> {
         product(a.view(), b.view())
     }
 
+    fn mul_lower(&self, a: &RowMat<'a>, b: &RowMat<'a>) -> RowMat<'a> {
+        let mut out = RowMat::default();
+        self.mul_lower_into(a, b, &mut out);
+        out
+    }
+
+    fn mul_lower_into(&self, a: &RowMat<'a>, b: &RowMat<'a>, out: &mut RowMat<'a>) {
+        // Half the products of a general one: the calibrated alternation multiplies by `S`
+        // and `S⁻¹` every iteration.
+        let data = out.reshape(a.rows, b.cols);
+        super::gemm_lower(
+            MatMut::from_row_major_slice_mut(data, a.rows, b.cols),
+            a.view(),
+            b.view(),
+        );
+    }
+
     fn tmul(&self, a: &RowMat<'a>, b: &RowMat<'a>) -> RowMat<'a> {
         // (bᵀ·a)ᵀ: with the large `a` as the row-major right operand and a row-major result,
         // faer runs 3× faster than with `aᵀ` on the left; the transpose is of a small matrix.

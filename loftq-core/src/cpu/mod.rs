@@ -23,6 +23,23 @@ pub fn gemm(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, al
     gemm_add(dst, false, lhs, rhs, alpha);
 }
 
+/// `dst = lhs·rhs` for a lower-triangular `rhs` (its upper triangle is not read).
+pub fn gemm_lower(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) {
+    use faer::linalg::matmul::triangular::{BlockStructure, matmul};
+    matmul(
+        dst,
+        BlockStructure::Rectangular,
+        Accum::Replace,
+        lhs,
+        BlockStructure::Rectangular,
+        rhs,
+        BlockStructure::TriangularLower,
+        1.0,
+        Par::rayon(0),
+    );
+    clear_upper_state();
+}
+
 /// [`gemm`], or `dst += alpha·lhs·rhs` with `add`.
 pub fn gemm_add(
     dst: MatMut<'_, f32>,

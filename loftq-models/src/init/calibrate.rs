@@ -173,11 +173,11 @@ pub(super) fn run(
         // states on; with quantized ones they go through the initialized layer afterwards.
         let mut next = None;
         if targets.iter().any(|(i, _)| !done.contains(i)) {
+            // With quantized inputs the full-precision outputs are not needed.
+            let full = calib.inputs == CalibInputs::Full;
             let (grams, y) =
-                statistics(&layer, &x, [seq, hidden], &rope).map_err(|e| in_layer(l, e))?;
-            if calib.inputs == CalibInputs::Full {
-                next = Some(y);
-            }
+                statistics(&layer, &x, [seq, hidden], &rope, full).map_err(|e| in_layer(l, e))?;
+            next = full.then_some(y);
             // Memory: the targets' full-precision copies are not needed any more (each
             // is read again from the source), and each input group's weighting lives only
             // while its own tensors are computed.
@@ -211,7 +211,7 @@ pub(super) fn run(
         }
         x = match (calib.inputs, next) {
             (CalibInputs::Full, Some(y)) => y,
-            (CalibInputs::Full, None) => forward(&layer, &x, [seq, hidden], &rope, None)?,
+            (CalibInputs::Full, None) => forward(&layer, &x, [seq, hidden], &rope, Pass::Plain)?,
             (CalibInputs::Quantized, _) => {
                 for &(i, p) in targets {
                     install(
@@ -223,7 +223,7 @@ pub(super) fn run(
                         device,
                     )?;
                 }
-                forward(&layer, &x, [seq, hidden], &rope, None)?
+                forward(&layer, &x, [seq, hidden], &rope, Pass::Plain)?
             }
         };
         write_state(&state, &x, [seqs, seq, hidden], l + 1)?;
@@ -279,10 +279,10 @@ pub(super) fn full_precision_pass(
         let layer = load_layer(&config, source, l, device)?;
         let targets = by_layer.get(&l).map_or(&[][..], Vec::as_slice);
         x = if targets.is_empty() {
-            forward(&layer, &x, [seq, hidden], &rope, None)?
+            forward(&layer, &x, [seq, hidden], &rope, Pass::Plain)?
         } else {
             let (grams, y) =
-                statistics(&layer, &x, [seq, hidden], &rope).map_err(|e| in_layer(l, e))?;
+                statistics(&layer, &x, [seq, hidden], &rope, true).map_err(|e| in_layer(l, e))?;
             let weightings = grams
                 .into_iter()
                 .map(|g| g.into_weighting(calib.damping).map_err(|e| in_layer(l, e)))
@@ -294,13 +294,14 @@ pub(super) fn full_precision_pass(
     Ok(())
 }
 
-/// The input statistics of the four input groups of `layer` on the hidden states `x`, and the
-/// layer's outputs.
+/// The input statistics of the four input groups of `layer` on the hidden states `x`, and,
+/// with `output`, the layer's outputs (else nothing).
 fn statistics(
     layer: &DecoderLayer,
     x: &[f32],
     shape: [usize; 2],
     rope: &RopeTables,
+    output: bool,
 ) -> std::result::Result<([Gram; 4], Vec<f32>), CalibFailure> {
     // Each group's width is the input width of its first linear layer.
     let linears = layer.linears();
@@ -312,18 +313,16 @@ fn statistics(
         Gram::new(linears[p].shape()[1])
     });
     let mut failed = None;
-    let y = forward(
-        layer,
-        x,
-        shape,
-        rope,
-        Some(&mut |g, t: Tensor<2>| {
-            if let Err(e) = grams[g].add_rows(&host_f32(&t)) {
-                failed.get_or_insert(e);
-            }
-        }),
-    )
-    .map_err(CalibFailure::Model)?;
+    let mut observe = |g: usize, t: Tensor<2>| {
+        if let Err(e) = grams[g].add_rows(&host_f32(&t)) {
+            failed.get_or_insert(e);
+        }
+    };
+    let pass = match output {
+        true => Pass::Observed(&mut observe),
+        false => Pass::ObserveOnly(&mut observe),
+    };
+    let y = forward(layer, x, shape, rope, pass).map_err(CalibFailure::Model)?;
     match failed {
         Some(e) => Err(CalibFailure::Statistics(e)),
         None => Ok((grams, y)),
@@ -363,23 +362,40 @@ fn release(layer: &mut DecoderLayer, targets: &[(usize, usize)]) {
     }
 }
 
+/// What [`forward`] does with a decoder layer.
+enum Pass<'f> {
+    /// Its outputs.
+    Plain,
+    /// Its outputs, observing the inputs of its linear layers.
+    Observed(&'f mut dyn FnMut(usize, Tensor<2>)),
+    /// The inputs of its linear layers alone.
+    ObserveOnly(&'f mut dyn FnMut(usize, Tensor<2>)),
+}
+
 /// `layer` applied to the hidden states `x` (`[sequences·seq, hidden]` row-major), a few
-/// sequences at a time, optionally observing the inputs of its linear layers.
+/// sequences at a time, as `pass` says; its outputs (none when the pass only observes).
 fn forward(
     layer: &DecoderLayer,
     x: &[f32],
     [seq, hidden]: [usize; 2],
     rope: &RopeTables,
-    mut observe: Option<&mut dyn FnMut(usize, Tensor<2>)>,
+    mut pass: Pass<'_>,
 ) -> Result<Vec<f32>> {
     let device = rope.cos.device();
-    let mut out = Vec::with_capacity(x.len());
+    let mut out = Vec::with_capacity(match pass {
+        Pass::ObserveOnly(_) => 0,
+        _ => x.len(),
+    });
     for chunk in x.chunks(SEQS_PER_PASS * seq * hidden) {
         let b = chunk.len() / (seq * hidden);
         let t = Tensor::<3>::from_data(TensorData::new(chunk.to_vec(), [b, seq, hidden]), &device);
-        let y = match observe.as_mut() {
-            Some(f) => layer.forward_observed(t, rope, &mut **f),
-            None => layer.forward(t, rope),
+        let y = match &mut pass {
+            Pass::Plain => layer.forward(t, rope),
+            Pass::Observed(f) => layer.forward_observed(t, rope, &mut **f),
+            Pass::ObserveOnly(f) => {
+                layer.observe_inputs(t, rope, &mut **f);
+                continue;
+            }
         };
         let v = host_f32(&y.reshape([b * seq, hidden]));
         if v.iter().any(|v| !v.is_finite()) {

@@ -102,6 +102,29 @@ impl DecoderLayer {
         rope: &RopeTables,
         observe: &mut dyn FnMut(usize, Tensor<2>),
     ) -> Tensor<3> {
+        let (h, act) = self.observed(x, rope, observe);
+        h + self.mlp.down_proj.forward(act)
+    }
+
+    /// [`forward_observed`](Self::forward_observed) without the layer's output: it stops
+    /// after observing down_proj's input (a quarter of the products fewer).
+    pub fn observe_inputs(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        observe: &mut dyn FnMut(usize, Tensor<2>),
+    ) {
+        self.observed(x, rope, observe);
+    }
+
+    /// The residual stream after attention and down_proj's input, every group's input
+    /// observed on the way.
+    fn observed(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        observe: &mut dyn FnMut(usize, Tensor<2>),
+    ) -> (Tensor<3>, Tensor<3>) {
         let flat = |t: &Tensor<3>| {
             let [b, s, w] = t.dims();
             t.clone().reshape([b * s, w])
@@ -120,7 +143,7 @@ impl DecoderLayer {
         let m = &self.mlp;
         let act = super::mlp::silu_mul(m.gate_proj.forward(hn.clone()), m.up_proj.forward(hn));
         observe(3, flat(&act));
-        h + m.down_proj.forward(act)
+        (h, act)
     }
 
     /// The seven linear layers, in [`LINEAR_PATHS`] order.
