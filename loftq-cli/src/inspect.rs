@@ -7,7 +7,7 @@ use clap::Args;
 use loftq_models::io::{
     ADAPTER_CONFIG, Adapter, Checkpoint, Gguf, bnb_summary, is_bnb_part, is_gguf, read_packed,
 };
-use loftq_models::{ModelError, Result};
+use loftq_models::{LlamaConfig, ModelError, Result};
 
 /// Arguments of `loftq inspect`.
 #[derive(Args)]
@@ -33,6 +33,23 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     if path.is_dir() && path.join(ADAPTER_CONFIG).is_file() {
         return adapter(path);
     }
+    // A model directory's config: a file that is not JSON is an error; one that is JSON but
+    // not an architecture this tool runs is shown as such.
+    let config = path.join("config.json");
+    let arch = if path.is_dir() && config.is_file() {
+        let text = std::fs::read_to_string(&config).map_err(|e| ModelError::io(&config, e))?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| ModelError::format(&config, format!("not JSON: {e}")))?;
+        Some(match LlamaConfig::from_json(&text) {
+            Ok(c) => format!(
+                "{:?}, {} layers, hidden {}, {} heads",
+                c.family, c.num_hidden_layers, c.hidden_size, c.num_attention_heads
+            ),
+            Err(e) => format!("not runnable here: {e}"),
+        })
+    } else {
+        None
+    };
     let rows = if is_gguf(path) {
         gguf_rows(path)?
     } else {
@@ -42,6 +59,9 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         return Err(ModelError::format(path, "no tensors"));
     }
     println!("{}", path.display());
+    if let Some(a) = arch {
+        println!("  config.json: {a}");
+    }
     if args.tensors {
         for r in &rows {
             let n: usize = r.shape.iter().product();

@@ -114,6 +114,9 @@ struct RawConfig {
     max_position_embeddings: Option<usize>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
+    hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
 }
 
 impl LlamaConfig {
@@ -143,6 +146,26 @@ impl LlamaConfig {
                 ));
             }
         };
+        // Settings that change the computation and are not implemented are refused.
+        if let Some(act) = raw
+            .hidden_act
+            .as_deref()
+            .filter(|a| !matches!(*a, "silu" | "swish"))
+        {
+            return Err(format!("hidden_act `{act}` is not supported (silu)"));
+        }
+        let max_positions = raw.max_position_embeddings.unwrap_or(2048);
+        let window = match family {
+            Family::Mistral => raw.sliding_window,
+            Family::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            _ => None,
+        };
+        if let Some(w) = window.filter(|&w| w < max_positions) {
+            return Err(format!(
+                "sliding_window {w} (attention to the last {w} tokens only) is not supported: \
+                 inputs longer than {w} tokens would be computed with full attention"
+            ));
+        }
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
@@ -171,7 +194,7 @@ impl LlamaConfig {
             qkv_bias: attention_bias || family == Family::Qwen2,
             o_bias: attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings: max_positions,
             bos_token_id: first_id(raw.bos_token_id),
             eos_token_id: first_id(raw.eos_token_id),
         };
@@ -238,6 +261,23 @@ impl LlamaConfig {
             return Err(format!("rope_theta {theta} must be a positive number"));
         }
         Ok(())
+    }
+
+    /// The `[out, in]` shape of a decoder layer's linear weight `model.layers.N.<path>.weight`
+    /// (`path` one of [`LINEAR_PATHS`](crate::nn::LINEAR_PATHS)); `None` for other names.
+    pub fn linear_shape(&self, name: &str) -> Option<[usize; 2]> {
+        let (h, inter) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
+        Some(match path.strip_suffix(".weight")? {
+            "self_attn.q_proj" => [q, h],
+            "self_attn.k_proj" | "self_attn.v_proj" => [kv, h],
+            "self_attn.o_proj" => [h, q],
+            "mlp.gate_proj" | "mlp.up_proj" => [inter, h],
+            "mlp.down_proj" => [h, inter],
+            _ => return None,
+        })
     }
 
     /// The transformers-4 style `config.json` of this architecture (also read by

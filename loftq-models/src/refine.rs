@@ -263,7 +263,7 @@ fn fit_one(
             String::from("not a matrix"),
         ));
     };
-    let w = model.shaped(name, &q.shape)?;
+    let w = crate::io::check_finite(model, name, model.shaped(name, &q.shape)?)?;
     model.release(name);
     let up = |t: HostTensor| Tensor::<2>::from_data(TensorData::new(t.data, [rows, cols]), device);
     let svd = spec.svd.with_seed(tensor_seed(spec.seed, name));

@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 pub use budget::Budget;
 pub use plan::{LayerRule, Target};
 
-use crate::io::open_source;
+use crate::LlamaConfig;
+use crate::io::{TensorSource, open_source};
 use crate::{ModelError, Result};
 
 /// The start to compute.
@@ -297,6 +298,66 @@ impl InitSpec {
     }
 }
 
+/// Checks the architecture (the GGUF metadata, or the directory's `config.json` when there is
+/// one) and that every target has the shape it gives, before any work: a checkpoint that
+/// disagrees with its config would otherwise be initialized and fail only when it is used.
+fn check_shapes(
+    spec: &InitSpec,
+    gguf: Option<&LlamaConfig>,
+    plan: &piece::Plan,
+    weights: &dyn TensorSource,
+) -> Result<()> {
+    let file = spec.model.join("config.json");
+    let config = match gguf {
+        Some(c) => c.clone(),
+        None if file.is_file() => LlamaConfig::from_file(&file)?,
+        None => return Ok(()),
+    };
+    let source = if gguf.is_some() { &spec.model } else { &file };
+    if let Some(last) = config.num_hidden_layers.checked_sub(1) {
+        let name = format!("model.layers.{last}.input_layernorm.weight");
+        if !plan.items.iter().any(|i| i.name == name) {
+            return Err(ModelError::format(
+                source,
+                format!(
+                    "{} layers, but {} has no `{name}`",
+                    config.num_hidden_layers,
+                    spec.model.display()
+                ),
+            ));
+        }
+    }
+    for item in &plan.items {
+        let Some((shape, _)) = item.target else {
+            continue;
+        };
+        if let Some(l) = plan::layer_index(&item.name)
+            && l >= config.num_hidden_layers
+        {
+            return Err(ModelError::format(
+                source,
+                format!(
+                    "`{}` is in layer {l}, but the model has {} layers",
+                    item.name, config.num_hidden_layers
+                ),
+            ));
+        }
+        if let Some(want) = config.linear_shape(&item.name)
+            && want != shape
+        {
+            return Err(ModelError::format(
+                source,
+                format!(
+                    "`{}` in {} is {shape:?}, the architecture gives {want:?}",
+                    item.name,
+                    weights.file_of(&item.name).display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `loftq init` on one or more devices.
 ///
 /// Each device takes whole tensors, the next one as it finishes the last. With devices of one
@@ -343,6 +404,7 @@ pub fn run_init(
     let source = open_source(&spec.model)?;
     let gguf_config = source.llama_config().cloned();
     let mut plan = piece::Plan::new(spec, source.as_ref())?;
+    check_shapes(spec, gguf_config.as_ref(), &plan, source.as_ref())?;
     let created = !out.exists();
     if resume && work.is_dir() {
         // A different job's work area is refused and left as it is.

@@ -14,7 +14,9 @@ use loftq_core::{LoftqError, QuantConfig, Quantizer, loftq};
 
 use super::plan::{is_embedding_or_head, module_of_weight, quant_for};
 use super::{InitSpec, Method, TensorReport, tensor_seed};
-use crate::io::{Checkpoint, OutTensor, TensorSource, add_packed, write_atomic, write_safetensors};
+use crate::io::{
+    Checkpoint, OutTensor, TensorSource, add_packed, check_finite, write_atomic, write_safetensors,
+};
 use crate::{ModelError, Result};
 
 /// One tensor of the source and what to do with it.
@@ -199,7 +201,11 @@ pub fn load(source: &dyn TensorSource, item: &PlanItem) -> Result<Loaded> {
 fn load_inner(source: &dyn TensorSource, item: &PlanItem) -> Result<Loaded> {
     let name = &item.name;
     if item.target.is_some() {
-        return Ok(Loaded::Weight(source.tensor(name)?));
+        return Ok(Loaded::Weight(check_finite(
+            source,
+            name,
+            source.tensor(name)?,
+        )?));
     }
     Ok(Loaded::Pass(match source.raw(name)? {
         Some((dtype, bytes)) => OutTensor {

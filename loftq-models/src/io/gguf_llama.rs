@@ -100,7 +100,22 @@ impl GgufModel {
     pub fn open(path: &Path) -> Result<Self> {
         let gguf = Gguf::open(path)?;
         let config = config_from_gguf(&gguf).map_err(|m| ModelError::format(path, m))?;
-        Ok(Self { gguf, config })
+        let model = Self { gguf, config };
+        // Every linear weight has the shape the metadata gives, checked from the table
+        // alone, before a command computes with (or converts) any of them.
+        for name in model.tensor_names() {
+            if let Some(want) = model.config.linear_shape(&name) {
+                let got = model.shape(&name)?;
+                if got != want {
+                    return Err(ModelError::tensor(
+                        path,
+                        &name,
+                        format!("shape {got:?}, the metadata's architecture gives {want:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(model)
     }
 
     /// `tokenizer.json` (Hugging Face `tokenizers` format) built from the GGUF vocabulary.

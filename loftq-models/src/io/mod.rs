@@ -24,5 +24,7 @@ pub use self::safetensors::{
     Checkpoint, HostTensor, OutTensor, TensorEntry, bf16_le_bytes, floats_from_le, write_atomic,
     write_safetensors,
 };
-pub use self::source::{SIDE_FILES, TensorSource, copy_side_files, is_gguf, open_source};
+pub use self::source::{
+    SIDE_FILES, TensorSource, check_finite, copy_side_files, is_gguf, open_source,
+};
 pub use self::stream::StreamWriter;

@@ -103,7 +103,8 @@ pub fn read_packed(ckpt: &Checkpoint, name: &str) -> Result<Option<PackedTensor>
     let Some(header) = ckpt.metadata().get(&meta_key(name)) else {
         return Ok(None);
     };
-    let root = ckpt.root();
+    // The header lives in the metadata of the file that holds the codes.
+    let root = ckpt.file_holding(&format!("{name}.qcodes"));
     let header: Header = serde_json::from_str(header)
         .map_err(|e| ModelError::tensor(root, name, format!("bad packed header: {e}")))?;
     // The header is checked before any size is computed from it.

@@ -203,6 +203,35 @@ impl Adapter {
             if r == 0 {
                 return Err(ModelError::tensor(&weights_path, name, "rank 0 factors"));
             }
+            let want = config
+                .rank_pattern
+                .iter()
+                .find(|(k, _)| module_matches(&path, k))
+                .map_or(config.r, |(_, &r)| r);
+            if r != want {
+                return Err(ModelError::tensor(
+                    &weights_path,
+                    name,
+                    format!("rank {r}, but {ADAPTER_CONFIG} says r = {want}"),
+                ));
+            }
+            // A list of target modules must cover every adapted module (a string is a
+            // regular expression or `all-linear`, left to the model to match).
+            if let Some(list) = config.target_modules.as_array()
+                && !list
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .any(|k| module_matches(&path, k))
+            {
+                return Err(ModelError::tensor(
+                    &weights_path,
+                    name,
+                    format!(
+                        "module `{path}` is not in {ADAPTER_CONFIG}'s target_modules {}",
+                        config.target_modules
+                    ),
+                ));
+            }
             for (t, n) in [(&a, name), (&b, &b_name)] {
                 if t.data.iter().any(|v| !v.is_finite()) {
                     return Err(ModelError::tensor(

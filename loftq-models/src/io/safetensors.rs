@@ -148,6 +148,13 @@ impl Checkpoint {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// The file that holds tensor `name` (for a directory, the shard), else the root.
+    pub fn file_holding(&self, name: &str) -> &Path {
+        self.tensors
+            .get(name)
+            .map_or(&self.root, |e| self.file_of(e))
+    }
+
     /// The entry of `name`, if present.
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.tensors.get(name)

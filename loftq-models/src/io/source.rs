@@ -1,6 +1,6 @@
 //! [`TensorSource`]: where a model's weights come from (safetensors or GGUF), by HF name.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use loftq_core::quant::PackedTensor;
 
@@ -12,6 +12,11 @@ use crate::{ModelError, Result};
 pub trait TensorSource: Send + Sync {
     /// The file or directory, for messages.
     fn root(&self) -> &Path;
+
+    /// The file that holds tensor `name` (a directory's shard), for messages.
+    fn file_of(&self, _name: &str) -> PathBuf {
+        self.root().to_path_buf()
+    }
 
     /// Every tensor name (a packed weight `X` is listed as `X`).
     fn tensor_names(&self) -> Vec<String>;
@@ -83,6 +88,10 @@ pub trait TensorSource: Send + Sync {
 impl TensorSource for Checkpoint {
     fn root(&self) -> &Path {
         Checkpoint::root(self)
+    }
+
+    fn file_of(&self, name: &str) -> PathBuf {
+        self.file_holding(name).to_path_buf()
     }
 
     fn tensor_names(&self) -> Vec<String> {
@@ -161,6 +170,26 @@ fn is_packed_part(name: &str) -> bool {
 /// True if `path` is a llama.cpp `.gguf` file.
 pub fn is_gguf(path: &Path) -> bool {
     path.is_file() && path.extension().is_some_and(|e| e == "gguf")
+}
+
+/// `t`, if all its values are finite; else an error naming the file, tensor and position.
+pub fn check_finite(source: &dyn TensorSource, name: &str, t: HostTensor) -> Result<HostTensor> {
+    match t.data.iter().position(|v| !v.is_finite()) {
+        None => Ok(t),
+        Some(i) => {
+            let cols = t.shape.last().copied().unwrap_or(1).max(1);
+            Err(ModelError::tensor(
+                &source.file_of(name),
+                name,
+                format!(
+                    "non-finite weight {} at row {}, column {}",
+                    t.data[i],
+                    i / cols,
+                    i % cols
+                ),
+            ))
+        }
+    }
 }
 
 /// The weights at `path`: a `.gguf` file, or a safetensors file or HF directory.

@@ -429,6 +429,22 @@ fn load_checkpoint(
             state.config
         )));
     }
+    // The step is the directory's own (`checkpoint-N`) and within the run.
+    let named = dir.file_name().and_then(|n| {
+        n.to_str()?
+            .strip_prefix("checkpoint-")?
+            .parse::<usize>()
+            .ok()
+    });
+    if named != Some(state.step) || state.step > cfg.steps {
+        return Err(ModelError::format(
+            &path,
+            format!(
+                "step {} does not match the directory or lies past --steps {}",
+                state.step, cfg.steps
+            ),
+        ));
+    }
     let adapter = crate::io::Adapter::read(dir)?;
     let device = model.embed_tokens.device();
     let mut params = Vec::new();
