@@ -401,6 +401,31 @@ mod tests {
         "num_hidden_layers": 2, "num_attention_heads": 4"#;
 
     #[test]
+    fn settings_that_are_not_implemented_are_refused() {
+        let parse = |extra: &str| LlamaConfig::from_json(&format!("{{{BASE}, {extra}}}"));
+        // An active window shorter than the positions: refused, naming the field.
+        let mistral = parse(
+            r#""model_type": "mistral", "sliding_window": 4096,
+            "max_position_embeddings": 32768"#,
+        );
+        assert!(mistral.unwrap_err().contains("sliding_window 4096"));
+        // Qwen2 only uses its window when asked; Mistral without one, or one covering every
+        // position, computes full attention as transformers does.
+        let qwen =
+            r#""model_type": "qwen2", "sliding_window": 4096, "max_position_embeddings": 32768"#;
+        assert!(parse(qwen).is_ok());
+        assert!(parse(&format!(r#"{qwen}, "use_sliding_window": true"#)).is_err());
+        assert!(parse(r#""model_type": "mistral", "sliding_window": null"#).is_ok());
+        assert!(parse(r#""model_type": "mistral", "sliding_window": 2048"#).is_ok());
+        assert!(
+            parse(r#""hidden_act": "gelu""#)
+                .unwrap_err()
+                .contains("gelu")
+        );
+        assert!(parse(r#""hidden_act": "silu""#).is_ok());
+    }
+
+    #[test]
     fn transformers_4_and_5_spellings_agree() {
         let v4 = format!(
             r#"{{{BASE}, "rope_theta": 500000.0, "rope_scaling": {{"rope_type": "llama3",

@@ -217,8 +217,8 @@ fn bad_files_are_errors_that_name_the_file_and_tensor() {
         "{msg}"
     );
 
-    // A config claiming far more layers than the file has: the first missing one is named
-    // (nothing is sized from the claim).
+    // A config claiming far more layers than the file has: the config is named, with the
+    // last layer it claims (nothing is sized from the claim).
     std::fs::write(
         dir.join("config.json"),
         cfg.replace(
@@ -229,7 +229,7 @@ fn bad_files_are_errors_that_name_the_file_and_tensor() {
     .unwrap();
     let msg = expect_err(load_pretrained(&dir, None, &device()));
     assert!(
-        msg.contains("model.layers.2.") && msg.contains("not found"),
+        msg.contains("config.json") && msg.contains("num_hidden_layers is 1000000000000000"),
         "{msg}"
     );
 
