@@ -210,20 +210,7 @@ fn train_args(root: &Path, model: &Path, out: &Path) -> Vec<String> {
 
 /// The tiny Llama as an all-`f32` GGUF file (no vocabulary).
 fn tiny_gguf() -> Vec<u8> {
-    let ck = Checkpoint::open(&fixture("tiny-llama/model.safetensors")).unwrap();
-    let tensors: Vec<RawTensor> = ck
-        .names()
-        .map(|name| {
-            let t = ck.f32(name).unwrap();
-            RawTensor {
-                name: gguf_name(name).unwrap(),
-                dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
-                ty: GgmlType::F32,
-                bytes: t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            }
-        })
-        .collect();
-    gguf_bytes(&gguf_meta(&[]), &tensors)
+    gguf_bytes(&gguf_meta(&[]), &gguf_tensors())
 }
 
 /// The tiny Llama's GGUF metadata, with `over` replacing or adding keys.
@@ -603,30 +590,14 @@ fn corpus(base: &Base) -> Vec<Case> {
         "init",
         "model.safetensors",
         Role::Packed,
-        &|p| {
-            st_edit(p, |h| {
-                let m = h["__metadata__"].as_object_mut().unwrap();
-                let key = m.keys().find(|k| k.contains("q_proj")).unwrap().clone();
-                let mut q: Value = serde_json::from_str(m[&key].as_str().unwrap()).unwrap();
-                set_bits(&mut q, 0);
-                m[&key] = json!(q.to_string());
-            })
-        },
+        &|p| packed_header(p, "q_proj", |h| set_bits(h, 0)),
     );
     add(
         "init-packed-shape-overflow".into(),
         "init",
         "model.safetensors",
         Role::Packed,
-        &|p| {
-            st_edit(p, |h| {
-                let m = h["__metadata__"].as_object_mut().unwrap();
-                let key = m.keys().find(|k| k.contains("k_proj")).unwrap().clone();
-                let mut q: Value = serde_json::from_str(m[&key].as_str().unwrap()).unwrap();
-                q["shape"] = json!([u64::MAX / 3, 7]);
-                m[&key] = json!(q.to_string());
-            })
-        },
+        &|p| packed_header(p, "k_proj", |h| h["shape"] = json!([u64::MAX / 3, 7])),
     );
     add(
         "init-packed-no-metadata".into(),
@@ -984,6 +955,17 @@ fn corpus(base: &Base) -> Vec<Case> {
         std::fs::write(p, "").unwrap()
     });
     cases
+}
+
+/// Edits the packed header (JSON in the metadata) of the first weight named with `part`.
+fn packed_header(p: &Path, part: &str, edit: impl FnOnce(&mut Value)) {
+    st_edit(p, |h| {
+        let m = h["__metadata__"].as_object_mut().unwrap();
+        let key = m.keys().find(|k| k.contains(part)).unwrap().clone();
+        let mut q: Value = serde_json::from_str(m[&key].as_str().unwrap()).unwrap();
+        edit(&mut q);
+        m[&key] = json!(q.to_string());
+    })
 }
 
 fn set_bits(q: &mut Value, bits: u64) {

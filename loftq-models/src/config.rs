@@ -263,6 +263,13 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The tensor the last decoder layer must have (`None` with no layers): a checkpoint
+    /// without it has fewer layers than `num_hidden_layers` says.
+    pub fn last_layer_tensor(&self) -> Option<String> {
+        let last = self.num_hidden_layers.checked_sub(1)?;
+        Some(format!("model.layers.{last}.input_layernorm.weight"))
+    }
+
     /// The `[out, in]` shape of a decoder layer's linear weight `model.layers.N.<path>.weight`
     /// (`path` one of [`LINEAR_PATHS`](crate::nn::LINEAR_PATHS)); `None` for other names.
     pub fn linear_shape(&self, name: &str) -> Option<[usize; 2]> {

@@ -314,18 +314,17 @@ fn check_shapes(
         None => return Ok(()),
     };
     let source = if gguf.is_some() { &spec.model } else { &file };
-    if let Some(last) = config.num_hidden_layers.checked_sub(1) {
-        let name = format!("model.layers.{last}.input_layernorm.weight");
-        if !plan.items.iter().any(|i| i.name == name) {
-            return Err(ModelError::format(
-                source,
-                format!(
-                    "{} layers, but {} has no `{name}`",
-                    config.num_hidden_layers,
-                    spec.model.display()
-                ),
-            ));
-        }
+    if let Some(name) = config.last_layer_tensor()
+        && !plan.items.iter().any(|i| i.name == name)
+    {
+        return Err(ModelError::format(
+            source,
+            format!(
+                "{} layers, but {} has no `{name}`",
+                config.num_hidden_layers,
+                spec.model.display()
+            ),
+        ));
     }
     for item in &plan.items {
         let Some((shape, _)) = item.target else {

@@ -135,17 +135,16 @@ pub fn load_pretrained_with(path: &Path, device: &Device, opts: &LoadOptions) ->
     let config = match (hf_config, source.llama_config()) {
         (Some(c), _) => {
             // A layer count beyond the checkpoint's is the config's error, said as such.
-            if let Some(last) = c.num_hidden_layers.checked_sub(1) {
-                let name = format!("model.layers.{last}.input_layernorm.weight");
-                if source.shape(&name).is_err() {
-                    return Err(ModelError::format(
-                        &path.join("config.json"),
-                        format!(
-                            "num_hidden_layers is {}, but the checkpoint has no `{name}`",
-                            c.num_hidden_layers
-                        ),
-                    ));
-                }
+            if let Some(name) = c.last_layer_tensor()
+                && source.shape(&name).is_err()
+            {
+                return Err(ModelError::format(
+                    &path.join("config.json"),
+                    format!(
+                        "num_hidden_layers is {}, but the checkpoint has no `{name}`",
+                        c.num_hidden_layers
+                    ),
+                ));
             }
             c
         }
