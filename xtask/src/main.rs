@@ -55,11 +55,23 @@ fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
 }
 
 fn test(cpu_only: bool) -> Result<(), String> {
+    // Tests that cannot run append a line here (tests/common `skip`); libtest counts them as
+    // passed, so the summary below names them.
+    let log = std::env::temp_dir().join(format!("loftq-skips-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let result = test_passes(cpu_only, &log);
+    report_skips(&log);
+    let _ = std::fs::remove_file(&log);
+    result
+}
+
+fn test_passes(cpu_only: bool, log: &std::path::Path) -> Result<(), String> {
     run(
         "tests on cpu",
         cargo()
             .args(["test", "--workspace", "--features", TEST_FEATURES])
-            .env("LOFTQ_DEVICE", "cpu"),
+            .env("LOFTQ_DEVICE", "cpu")
+            .env("LOFTQ_SKIP_LOG", log),
     )?;
     if cpu_only {
         eprintln!("xtask: skipping the wgpu pass (--cpu-only)");
@@ -70,7 +82,33 @@ fn test(cpu_only: bool) -> Result<(), String> {
     for t in DEVICE_TESTS {
         cmd.args(["--test", t]);
     }
-    run("device tests on wgpu", cmd.env("LOFTQ_DEVICE", "wgpu"))
+    run(
+        "device tests on wgpu",
+        cmd.env("LOFTQ_DEVICE", "wgpu").env("LOFTQ_SKIP_LOG", log),
+    )
+}
+
+/// Prints the tests that skipped, each once with its first reason.
+fn report_skips(log: &std::path::Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    for line in text.lines() {
+        let (name, reason) = line.split_once(": ").unwrap_or((line, ""));
+        if !seen.iter().any(|(n, _)| *n == name) {
+            seen.push((name, reason));
+        }
+    }
+    if seen.is_empty() {
+        eprintln!("xtask: no test skipped");
+        return;
+    }
+    eprintln!(
+        "xtask: {} test(s) SKIPPED (cargo counts them as passed):",
+        seen.len()
+    );
+    for (name, reason) in seen {
+        eprintln!("  {name}: {reason}");
+    }
 }
 
 fn validate(cpu_only: bool) -> Result<(), String> {

@@ -28,7 +28,8 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 /// A file fetched by `cargo xtask assets` (`$LOFTQ_ASSETS`, else `~/.cache/loftq-assets`),
-/// or `None` with the reason printed: tests that need it skip.
+/// or `None` after [`skip`]: tests that need it skip. With `LOFTQ_REQUIRE_ASSETS` set (CI does
+/// after fetching them) a missing asset fails the test instead.
 pub fn asset(rel: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("LOFTQ_ASSETS")
         .map(PathBuf::from)
@@ -37,13 +38,49 @@ pub fn asset(rel: &str) -> Option<PathBuf> {
         });
     let path = dir.join(rel);
     if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "SKIPPED: {} is missing; run `cargo xtask assets` (needs PyPI) to fetch it",
-            path.display()
-        );
-        None
+        return Some(path);
+    }
+    let reason = format!(
+        "{} is missing; run `cargo xtask assets` (needs PyPI) to fetch it",
+        path.display()
+    );
+    assert!(
+        std::env::var_os("LOFTQ_REQUIRE_ASSETS").is_none(),
+        "{reason} (LOFTQ_REQUIRE_ASSETS is set: the assets were fetched, so this test must run)"
+    );
+    skip(&reason);
+    None
+}
+
+/// Says that the calling test skipped and why: on stderr, and as a line in the file
+/// `$LOFTQ_SKIP_LOG` when set, which `cargo xtask test` counts and names in its summary
+/// (libtest itself reports a skipped test as passed).
+pub fn skip(reason: &str) {
+    use std::io::Write;
+    let exe = std::env::current_exe().ok();
+    let binary = exe
+        .as_deref()
+        .and_then(|p| p.file_stem())
+        .and_then(|s| s.to_str())
+        .map(|s| s.split('-').next().unwrap_or(s).to_string())
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let name = format!("{binary}::{}", thread.name().unwrap_or("?"));
+    eprintln!("SKIPPED {name}: {reason}");
+    if let Some(log) = std::env::var_os("LOFTQ_SKIP_LOG") {
+        // One short append per line: concurrent test processes do not interleave.
+        let line = format!("{name}: {reason}\n");
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            eprintln!(
+                "cannot record the skip in {}: {e}",
+                PathBuf::from(log).display()
+            );
+        }
     }
 }
 
