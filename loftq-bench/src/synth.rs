@@ -44,6 +44,7 @@ pub fn config(arch: &str, layers: Option<usize>) -> Result<LlamaConfig, String> 
         max_position_embeddings: 4096,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
+        sliding_window: None,
     })
 }
 

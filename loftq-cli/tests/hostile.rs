@@ -679,10 +679,10 @@ fn corpus(base: &Base) -> Vec<Case> {
             Box::new(|c| c["rope_parameters"]["rope_type"] = json!("warp9")),
         ),
         (
-            "sliding-window",
+            "sliding-window-0",
             Box::new(|c| {
                 c["model_type"] = json!("mistral");
-                c["sliding_window"] = json!(4);
+                c["sliding_window"] = json!(0);
             }),
         ),
         (

@@ -16,7 +16,7 @@ use crate::{ModelError, Result};
 pub enum Family {
     /// Llama 2/3, SmolLM2, TinyLlama and other `LlamaForCausalLM` checkpoints.
     Llama,
-    /// Mistral (full attention: the sliding window is not applied).
+    /// Mistral (sliding-window attention on every layer when `sliding_window` is set).
     Mistral,
     /// Qwen2: biases on `q_proj`, `k_proj` and `v_proj`.
     Qwen2,
@@ -92,6 +92,20 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token, if declared.
     pub eos_token_id: Option<u32>,
+    /// Sliding-window attention on some layers (Mistral, Qwen2's `use_sliding_window`), or
+    /// `None` for full causal attention everywhere.
+    #[serde(default)]
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+/// Sliding-window attention: from layer `first_layer` on, position `i` attends to positions
+/// `j` with `i - size < j ≤ i` only (transformers' `sliding_window_overlay`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    /// Positions each query sees, itself included.
+    pub size: usize,
+    /// The first layer that uses the window (Mistral: 0; Qwen2: `max_window_layers`).
+    pub first_layer: usize,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +131,8 @@ struct RawConfig {
     hidden_act: Option<String>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
 }
 
 impl LlamaConfig {
@@ -155,17 +171,7 @@ impl LlamaConfig {
             return Err(format!("hidden_act `{act}` is not supported (silu)"));
         }
         let max_positions = raw.max_position_embeddings.unwrap_or(2048);
-        let window = match family {
-            Family::Mistral => raw.sliding_window,
-            Family::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
-            _ => None,
-        };
-        if let Some(w) = window.filter(|&w| w < max_positions) {
-            return Err(format!(
-                "sliding_window {w} (attention to the last {w} tokens only) is not supported: \
-                 inputs longer than {w} tokens would be computed with full attention"
-            ));
-        }
+        let sliding_window = sliding_window(family, &raw)?;
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
@@ -197,6 +203,7 @@ impl LlamaConfig {
             max_position_embeddings: max_positions,
             bos_token_id: first_id(raw.bos_token_id),
             eos_token_id: first_id(raw.eos_token_id),
+            sliding_window,
         };
         config.validate()?;
         Ok(config)
@@ -263,6 +270,13 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The attention window of decoder layer `layer`, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|w| layer >= w.first_layer)
+            .map(|w| w.size)
+    }
+
     /// The tensor the last decoder layer must have (`None` with no layers): a checkpoint
     /// without it has fewer layers than `num_hidden_layers` says.
     pub fn last_layer_tensor(&self) -> Option<String> {
@@ -313,7 +327,7 @@ impl LlamaConfig {
                 "original_max_position_embeddings": original_max_position_embeddings,
             }),
         };
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "architectures": [arch],
             "model_type": model_type,
             "vocab_size": self.vocab_size,
@@ -334,8 +348,58 @@ impl LlamaConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "float32",
-        })
+        });
+        if let Some(w) = self.sliding_window {
+            v["sliding_window"] = w.size.into();
+            if self.family == Family::Qwen2 {
+                v["use_sliding_window"] = true.into();
+                v["max_window_layers"] = w.first_layer.into();
+            }
+        }
+        v
     }
+}
+
+/// The sliding window as transformers applies it: Mistral on every layer; Qwen2 only with
+/// `use_sliding_window`, on the layers `layer_types` marks `sliding_attention` (by default those
+/// from `max_window_layers` on); Llama never.
+fn sliding_window(family: Family, raw: &RawConfig) -> Result<Option<SlidingWindow>, String> {
+    let (size, first_layer) = match family {
+        Family::Llama => return Ok(None),
+        Family::Mistral => (raw.sliding_window, 0),
+        Family::Qwen2 if raw.use_sliding_window == Some(true) => {
+            (raw.sliding_window, raw.max_window_layers.unwrap_or(28))
+        }
+        Family::Qwen2 => return Ok(None),
+    };
+    let Some(size) = size else {
+        return Ok(None);
+    };
+    if size == 0 {
+        return Err("sliding_window 0 leaves a position nothing to attend to".into());
+    }
+    let first_layer = match (&raw.layer_types, family) {
+        (Some(types), Family::Qwen2) => {
+            if types.len() != raw.num_hidden_layers {
+                return Err(format!(
+                    "layer_types has {} entries for {} layers",
+                    types.len(),
+                    raw.num_hidden_layers
+                ));
+            }
+            let full = types.iter().take_while(|t| *t == "full_attention").count();
+            // Only full layers followed by sliding ones can be expressed (what transformers
+            // derives from max_window_layers).
+            if let Some(t) = types[full..].iter().find(|t| *t != "sliding_attention") {
+                return Err(format!(
+                    "layer_types {types:?}: `{t}` after a sliding layer is not supported"
+                ));
+            }
+            full
+        }
+        _ => first_layer,
+    };
+    Ok(Some(SlidingWindow { size, first_layer }))
 }
 
 fn first_id(v: Option<Value>) -> Option<u32> {
@@ -410,20 +474,42 @@ mod tests {
     #[test]
     fn settings_that_are_not_implemented_are_refused() {
         let parse = |extra: &str| LlamaConfig::from_json(&format!("{{{BASE}, {extra}}}"));
-        // An active window shorter than the positions: refused, naming the field.
-        let mistral = parse(
-            r#""model_type": "mistral", "sliding_window": 4096,
-            "max_position_embeddings": 32768"#,
+        // Mistral's window is on every layer; Qwen2 uses its window only when asked, from
+        // max_window_layers on (28 by default) or as layer_types says.
+        let window = |extra: &str| parse(extra).map(|c| (c.window(0), c.window(1)));
+        let mistral = r#""model_type": "mistral", "max_position_embeddings": 32768"#;
+        assert_eq!(
+            window(&format!(r#"{mistral}, "sliding_window": 4096"#)),
+            Ok((Some(4096), Some(4096)))
         );
-        assert!(mistral.unwrap_err().contains("sliding_window 4096"));
-        // Qwen2 only uses its window when asked; Mistral without one, or one covering every
-        // position, computes full attention as transformers does.
-        let qwen =
-            r#""model_type": "qwen2", "sliding_window": 4096, "max_position_embeddings": 32768"#;
-        assert!(parse(qwen).is_ok());
-        assert!(parse(&format!(r#"{qwen}, "use_sliding_window": true"#)).is_err());
-        assert!(parse(r#""model_type": "mistral", "sliding_window": null"#).is_ok());
-        assert!(parse(r#""model_type": "mistral", "sliding_window": 2048"#).is_ok());
+        assert_eq!(
+            window(&format!(r#"{mistral}, "sliding_window": null"#)),
+            Ok((None, None))
+        );
+        let qwen = r#""model_type": "qwen2", "sliding_window": 4096"#;
+        assert_eq!(window(qwen), Ok((None, None)));
+        let on = format!(r#"{qwen}, "use_sliding_window": true"#);
+        assert_eq!(window(&on), Ok((None, None)));
+        assert_eq!(
+            window(&format!(r#"{on}, "max_window_layers": 1"#)),
+            Ok((None, Some(4096)))
+        );
+        assert_eq!(
+            window(&format!(
+                r#"{on}, "layer_types": ["sliding_attention", "sliding_attention"]"#
+            )),
+            Ok((Some(4096), Some(4096)))
+        );
+        // Patterns that cannot be expressed, and a window of nothing, are refused by name.
+        let mixed = format!(r#"{on}, "layer_types": ["sliding_attention", "full_attention"]"#);
+        assert!(parse(&mixed).unwrap_err().contains("layer_types"));
+        assert!(
+            parse(r#""model_type": "mistral", "sliding_window": 0"#)
+                .unwrap_err()
+                .contains("sliding_window 0")
+        );
+        // Llama ignores the field, as transformers does.
+        assert_eq!(window(r#""sliding_window": 8"#), Ok((None, None)));
         assert!(
             parse(r#""hidden_act": "gelu""#)
                 .unwrap_err()

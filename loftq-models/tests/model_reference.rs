@@ -34,6 +34,28 @@ fn tiny_llama_matches_transformers() {
     assert!(diff < 1e-4, "max |Δlogit| = {diff}");
 }
 
+/// Sliding-window attention shorter than the input (Mistral on every layer, Qwen2 from its
+/// `max_window_layers` on), against transformers; the same weights with full attention give
+/// other logits, so the window is what the test checks.
+#[test]
+fn sliding_windows_match_transformers() {
+    for (name, window) in [("tiny-mistral-sliding", 5), ("tiny-qwen2-sliding", 3)] {
+        let dir = fixture(name);
+        let mut model = load_pretrained(&dir, None, &device()).unwrap();
+        let windows: Vec<_> = model.layers.iter().map(|l| l.self_attn.window).collect();
+        let first = usize::from(name.contains("qwen2"));
+        assert_eq!(windows[first..], vec![Some(window); 2 - first], "{name}");
+        let (ids, want) = reference(&dir.join("logits.safetensors"), "logits");
+        let diff = max_abs_diff(&logits(&model, ids.clone()), &want);
+        assert!(diff < 1e-4, "{name}: max |Δlogit| = {diff}");
+        for l in &mut model.layers {
+            l.self_attn.window = None;
+        }
+        let full = max_abs_diff(&logits(&model, ids), &want);
+        assert!(full > 1e-2, "{name}: full attention is as close ({full})");
+    }
+}
+
 /// PEFT's LoftQ backbone (dequantized Q) and adapter: with and without the adapter, and with
 /// the backbone re-quantized and held packed (lossless: Q already lies on the grid).
 fn peft_loftq(name: &str, bits: u8) {

@@ -304,6 +304,8 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
         max_position_embeddings: int("context_length").unwrap_or(2048),
         bos_token_id: tok_id("bos_token_id"),
         eos_token_id: tok_id("eos_token_id"),
+        // llama.cpp computes these architectures with full attention.
+        sliding_window: None,
     }
     .validated()
 }

@@ -358,7 +358,7 @@ pub(crate) mod tests {
                     rnd([b, s, kvh * d], &dev),
                 ],
                 |[q, k, v]| attention([&q, &k, &v], [&rope.cos, &rope.sin], [h, kvh]),
-                |[q, k, v]| attend_generic([q, k, v], &rope, [h, kvh]),
+                |[q, k, v]| attend_generic([q, k, v], &rope, [h, kvh], None),
                 &format!("attention, {s} positions"),
             );
         }

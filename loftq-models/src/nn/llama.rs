@@ -135,7 +135,7 @@ impl DecoderLayer {
         let q = a.q_proj.forward(xn.clone());
         let k = a.k_proj.forward(xn.clone());
         let v = a.v_proj.forward(xn);
-        let att = super::attention::attend([q, k, v], rope, [a.heads, a.kv_heads]);
+        let att = super::attention::attend([q, k, v], rope, [a.heads, a.kv_heads], a.window);
         observe(1, flat(&att));
         let h = x + a.o_proj.forward(att);
         let hn = self.post_attention_layernorm.forward(h.clone());

@@ -178,6 +178,7 @@ impl Builder<'_> {
                 heads: c.num_attention_heads,
                 kv_heads: c.num_key_value_heads,
                 head_dim: d,
+                window: c.window(i),
             },
             post_attention_layernorm: self.norm(
                 &format!("{p}.post_attention_layernorm"),
