@@ -161,6 +161,49 @@ fn bnb_rounding_differs_from_peft_only_at_boundaries() {
     }
 }
 
+/// bitsandbytes 0.50's own NF4 with double quantization, made on the CPU by
+/// `tests/fixtures/make_bnb_double_quant.py`: the 4-bit codes, the 8-bit codes of the block
+/// scales, their second-level absmax and the offset, bit for bit; and the double quantization
+/// alone on 65,536 scales, so that its rounding is checked on many values.
+#[test]
+fn double_quant_equals_bitsandbytes() {
+    use loftq_core::quant::{DoubleQuant, PackedTensor, Scales};
+    let f = Fixture::open("bnb_double_quant.safetensors");
+    let (w, shape) = f.f32("w");
+    let config = QuantConfig::nf4()
+        .with_rounding(Rounding::Bnb)
+        .with_double_quant(true);
+    let q = Quantizer::new(config)
+        .unwrap()
+        .quantize_host(&w, [shape[0], shape[1]])
+        .unwrap();
+    // bitsandbytes packs two codes per byte, the first in the high nibble.
+    let theirs: Vec<u8> = f
+        .u8("w.codes")
+        .iter()
+        .flat_map(|b| [b >> 4, b & 15])
+        .collect();
+    assert_eq!(q.codes, theirs, "4-bit codes");
+    let Scales::Double(dq) = PackedTensor::pack(&q, config).scales else {
+        panic!("double quantization was asked for");
+    };
+    assert_eq!(dq.codes, f.u8("w.scale_codes"), "8-bit scale codes");
+    assert_bits_eq(
+        &dq.absmax,
+        &f.f32("w.scale_absmax").0,
+        "second-level absmax",
+    );
+    assert_bits_eq(&[dq.offset], &f.f32("w.offset").0, "offset");
+
+    let (scales, _) = f.f32("s");
+    let dq = DoubleQuant::encode(&scales);
+    let want = f.u8("s.codes");
+    let differ = dq.codes.iter().zip(&want).filter(|(a, b)| a != b).count();
+    assert_eq!(differ, 0, "{differ} of {} scale codes differ", want.len());
+    assert_bits_eq(&dq.absmax, &f.f32("s.absmax").0, "second-level absmax");
+    assert_bits_eq(&[dq.offset], &f.f32("s.offset").0, "offset");
+}
+
 /// Every configuration: host and portable kernels agree (exactly on the host), tail blocks
 /// included.
 #[test]

@@ -1,5 +1,7 @@
 //! Double quantization of block scales (bitsandbytes' `compress_statistics=True`).
 
+use std::sync::OnceLock;
+
 use super::normal::torch_linspace_f32;
 
 /// Scales per second-level block, as in bitsandbytes.
@@ -41,32 +43,67 @@ pub struct DoubleQuant {
     pub absmax: Vec<f32>,
 }
 
+/// Bins of [`code_table`] over `[-1, 1]`.
+const TABLE_BINS: usize = 1 << 16;
+
+/// bitsandbytes' CPU rounding to the dynamic map (0.50, `cpu_ops.cpp`): `[-1, 1]` is cut into
+/// 65,536 evenly spaced points `-1 + 2i/65535`, each given the code of the nearest map value
+/// (midpoints in `f32`, ties to the lower code), and a value takes the code of its nearest
+/// point. Near a midpoint, or between the map's smallest values, this is not always the
+/// nearest map value; it is what bitsandbytes stores.
+fn code_table() -> &'static [u8; TABLE_BINS] {
+    static TABLE: OnceLock<Box<[u8; TABLE_BINS]>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let map = dynamic_map();
+        let mids: Vec<f32> = map.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+        let mut table = Box::new([0u8; TABLE_BINS]);
+        let mut code = 0;
+        for (i, slot) in table.iter_mut().enumerate() {
+            let point = -1.0 + (2.0 * i as f32) / (TABLE_BINS - 1) as f32;
+            while code < mids.len() && mids[code] < point {
+                code += 1;
+            }
+            *slot = code as u8;
+        }
+        table
+    })
+}
+
+/// The code of `v` (a scale already divided by its block's absmax), as bitsandbytes rounds.
+fn code_of(v: f32) -> u8 {
+    let t = (v.clamp(-1.0, 1.0) + 1.0) * 0.5;
+    // Non-negative and at most 65,535.5: truncation is the floor bitsandbytes takes.
+    let bin = (t * (TABLE_BINS - 1) as f32 + 0.5) as usize;
+    code_table()[bin.min(TABLE_BINS - 1)]
+}
+
 impl DoubleQuant {
-    /// Quantizes `scales`.
+    /// Quantizes `scales` as bitsandbytes' `quantize_4bit(..., compress_statistics=True)`
+    /// does on the CPU: the mean is subtracted, then blocks of 256 are scaled by their absmax
+    /// and coded with the dynamic map (a block whose absmax is 0 gets code 0 throughout).
     ///
     /// # Numerical behaviour
-    /// The error of each decoded scale is at most half a gap of the dynamic map times its
-    /// block's absmax (about 1% of the spread of the scales around their mean for typical
-    /// weights).
+    /// The error of each decoded scale is at most about half a gap of the dynamic map times
+    /// its block's absmax (about 1% of the spread of the scales around their mean for typical
+    /// weights). Codes equal bitsandbytes 0.50's on the CPU bit for bit
+    /// (`tests/quant_reference.rs`).
     pub fn encode(scales: &[f32]) -> Self {
         let offset = if scales.is_empty() {
             0.0
         } else {
             (scales.iter().map(|&s| f64::from(s)).sum::<f64>() / scales.len() as f64) as f32
         };
-        let map = dynamic_map();
-        let mids: Vec<f32> = map.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
         let mut codes = Vec::with_capacity(scales.len());
         let mut absmax = Vec::with_capacity(scales.len().div_ceil(DYNAMIC_BLOCK));
         for chunk in scales.chunks(DYNAMIC_BLOCK) {
             let a = chunk.iter().fold(0.0f32, |m, &s| m.max((s - offset).abs()));
             absmax.push(a);
-            let inv = if a > 0.0 { 1.0 / a } else { 0.0 };
-            codes.extend(chunk.iter().map(|&s| {
-                let v = (s - offset) * inv;
-                // Nearest map value: count of midpoints strictly below v.
-                mids.partition_point(|&m| m < v) as u8
-            }));
+            if a == 0.0 {
+                codes.extend(std::iter::repeat_n(0, chunk.len()));
+                continue;
+            }
+            let inv = 1.0 / a;
+            codes.extend(chunk.iter().map(|&s| code_of((s - offset) * inv)));
         }
         Self {
             offset,
