@@ -248,6 +248,11 @@ pub fn work_dir(out: &Path) -> PathBuf {
     out.join(".loftq-partial")
 }
 
+/// Whether the work area holds this job's plan (written before any piece).
+fn plan_written(work: &Path) -> bool {
+    work.join("plan.json").is_file()
+}
+
 impl InitSpec {
     /// LoftQ at NF4 (blocks of 64) with rank `rank` and `iters` iterations on every linear
     /// layer of `model` into `out`, with `loftq init`'s other defaults: alpha = rank, exact
@@ -365,7 +370,8 @@ fn check_shapes(
 ///
 /// # Errors
 /// [`ModelError`] naming the tensor or option. On an error the work area is removed (and
-/// `out`, if this call created it); only a killed process leaves a work area to resume.
+/// `out`, if this call created it), except when writing under `out` failed after the plan was
+/// written (a full disk): then, as after a kill, the work area stays for `--resume`.
 pub fn run_init(
     spec: &InitSpec,
     devices: &[Device],
@@ -487,9 +493,21 @@ pub fn run_init(
             std::fs::remove_dir_all(&work).map_err(|e| ModelError::io(&work, e))?;
             Ok(report)
         }
+        // A write under `out` that failed (a full disk, a quota) interrupts the run as a kill
+        // does: the work done so far stays for `--resume`.
+        Err(ModelError::Io { path, source }) if path.starts_with(out) && plan_written(&work) => {
+            let msg = format!(
+                "{source} (the work done so far is kept in {}: make room, then run again with \
+                 --resume)",
+                work.display()
+            );
+            Err(ModelError::io(
+                &path,
+                std::io::Error::new(source.kind(), msg),
+            ))
+        }
         Err(e) => {
-            // A refused input is not an interruption: leave nothing behind. (A kill leaves
-            // the work area, which `--resume` continues.)
+            // A refused input is not an interruption: leave nothing behind.
             let _ = std::fs::remove_dir_all(&work);
             if created {
                 let _ = std::fs::remove_dir_all(out);
