@@ -361,3 +361,45 @@ fn convert_survives_a_full_disk_and_kills() {
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A file system too small for the output (a 256 kB tmpfs; needs root, as CI runs): `init`
+/// refuses before any work, naming `--out`, the space free and the space needed.
+#[test]
+fn init_refuses_a_disk_too_small_before_the_work() {
+    let root = scratch("small-disk");
+    let model = model(&root);
+    let disk = root.join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs", s(&disk)])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|st| st.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root)");
+        if let Some(log) = std::env::var_os("LOFTQ_SKIP_LOG") {
+            use std::io::Write;
+            let line = "faults::init_refuses_a_disk_too_small_before_the_work: cannot mount a \
+                        tmpfs (needs root)\n";
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+        }
+        return;
+    }
+    let out = disk.join("out");
+    let t = Instant::now();
+    let (code, err) = run(&init_args(&model, &out), None);
+    let took = t.elapsed();
+    let _ = Command::new("umount").arg(&disk).status();
+    assert_clean(code, &err, "init on a small disk");
+    assert_ne!(code, Some(0), "init on a small disk finished");
+    for word in ["--out", "free", "writes about"] {
+        assert!(err.contains(word), "no `{word}` in\n{err}");
+    }
+    assert!(!out.exists(), "init on a small disk left {}", out.display());
+    assert!(took < Duration::from_secs(5), "refused after {took:?}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -12,6 +12,7 @@ mod budget;
 mod calibrate;
 mod piece;
 pub mod plan;
+mod space;
 mod workers;
 
 use std::path::{Path, PathBuf};
@@ -410,6 +411,11 @@ pub fn run_init(
     let gguf_config = source.llama_config().cloned();
     let mut plan = piece::Plan::new(spec, source.as_ref())?;
     check_shapes(spec, gguf_config.as_ref(), &plan, source.as_ref())?;
+    space::check(
+        out,
+        &work,
+        space::output_bytes(spec, &plan, source.as_ref())?,
+    )?;
     let created = !out.exists();
     if resume && work.is_dir() {
         // A different job's work area is refused and left as it is.

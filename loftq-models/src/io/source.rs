@@ -42,6 +42,12 @@ pub trait TensorSource: Send + Sync {
         Ok(None)
     }
 
+    /// Bytes per value [`raw`](Self::raw) would hand over for `name`, read from the header
+    /// alone; 4 (`f32`) where the source decodes instead.
+    fn stored_value_bytes(&self, _name: &str) -> usize {
+        4
+    }
+
     /// The architecture, when the file itself carries it (GGUF metadata); `None` for
     /// safetensors, whose architecture is in `config.json`.
     fn llama_config(&self) -> Option<&crate::LlamaConfig> {
@@ -144,6 +150,13 @@ impl TensorSource for Checkpoint {
 
     fn packed(&self, name: &str) -> Result<Option<PackedTensor>> {
         read_packed(self, name)
+    }
+
+    fn stored_value_bytes(&self, name: &str) -> usize {
+        match self.entry(name) {
+            Some(e) if !matches!(bnb_shape(self, name), Ok(Some(_))) => e.dtype.bitsize() / 8,
+            _ => 4,
+        }
     }
 
     fn quantized(&self, name: &str) -> Result<bool> {

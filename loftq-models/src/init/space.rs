@@ -1,0 +1,180 @@
+//! Free space, checked before the work: `init` holds its pieces and the assembled output at
+//! once, so it needs about twice the output's size under `--out`.
+
+use std::path::Path;
+
+use loftq_core::QuantConfig;
+use loftq_core::quant::Scheme;
+
+use super::piece::Plan;
+use super::{Backbone, InitSpec};
+use crate::io::TensorSource;
+use crate::{ModelError, Result};
+
+/// Bytes of one matrix `[rows, cols]` packed with `cfg`: codes, scales (or their double
+/// quantization) and minimums.
+fn packed_bytes(cfg: &QuantConfig, [rows, cols]: [usize; 2]) -> u64 {
+    let numel = (rows * cols) as u64;
+    let block = cfg.block_size.len(cols).max(1) as u64;
+    let blocks = numel.div_ceil(block);
+    let codes = (numel * u64::from(cfg.scheme.bits())).div_ceil(8);
+    let scales = if cfg.double_quant {
+        blocks + 4 * blocks.div_ceil(256) + 4
+    } else {
+        4 * blocks
+    };
+    let mins = if matches!(cfg.scheme, Scheme::IntAsym { .. }) {
+        4 * blocks
+    } else {
+        0
+    };
+    codes + scales + mins
+}
+
+/// About the bytes the finished output holds: each target packed (and in bf16 with
+/// `--backbone bf16|both`) with its `f32` factors, every other tensor as the source stores
+/// it. An estimate from below: headers, metadata and side files are left out.
+pub fn output_bytes(spec: &InitSpec, plan: &Plan, source: &dyn TensorSource) -> Result<u64> {
+    let mut total = 0u64;
+    for item in &plan.items {
+        match &item.target {
+            Some(([rows, cols], cfg)) => {
+                let dense = 2 * (rows * cols) as u64;
+                total += match spec.backbone {
+                    Backbone::Packed => packed_bytes(cfg, [*rows, *cols]),
+                    Backbone::Bf16 => dense,
+                    Backbone::Both => packed_bytes(cfg, [*rows, *cols]) + dense,
+                };
+                total += 4 * (spec.rank * (rows + cols)) as u64;
+            }
+            None => {
+                let numel: usize = source.shape(&item.name)?.iter().product();
+                total += (numel * source.stored_value_bytes(&item.name)) as u64;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Bytes free to this user on the file system that holds `path` (or its nearest existing
+/// ancestor); `None` where that cannot be asked.
+fn available(path: &Path) -> Option<u64> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    #[cfg(unix)]
+    {
+        let st = rustix::fs::statvfs(existing).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = existing;
+        None
+    }
+}
+
+/// Refuses a run whose output and work area (about twice [`output_bytes`], less the work
+/// already done under `work`) would not fit in the space free under `out`.
+///
+/// # Errors
+/// [`ModelError::Invalid`] naming `--out`, the space free and the space needed.
+pub fn check(out: &Path, work: &Path, output: u64) -> Result<()> {
+    let Some(free) = available(out) else {
+        return Ok(());
+    };
+    let done = dir_bytes(work);
+    let need = (2 * output).saturating_sub(done);
+    if need > free {
+        return Err(ModelError::Invalid(format!(
+            "--out {}: {} free, and this run writes about {} (the output, {}, and its work \
+             area at once); free some space or choose another --out",
+            out.display(),
+            human(free),
+            human(need),
+            human(output)
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes of the files directly in `dir` (the work area is flat).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.0} kB", b / 1e3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_sizes_follow_the_format() {
+        // NF4 in blocks of 64: half a byte per value, one f32 per 64 values.
+        assert_eq!(packed_bytes(&QuantConfig::nf4(), [64, 64]), 2048 + 4 * 64);
+        // Double-quantized: one byte per block, an f32 per 256 blocks, the offset.
+        let dq = QuantConfig::nf4().with_double_quant(true);
+        assert_eq!(packed_bytes(&dq, [64, 64]), 2048 + 64 + 4 + 4);
+        // int3 asymmetric: 3 bits a value, a step and a minimum per block.
+        assert_eq!(
+            packed_bytes(&QuantConfig::int(3, false), [8, 64]),
+            192 + 8 * 8
+        );
+    }
+
+    /// The estimate against what `init` writes on the tiny Llama: from below, and close.
+    #[test]
+    fn the_estimate_is_close_to_the_output() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let out = std::env::temp_dir().join(format!("loftq-space-out-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        for backbone in [Backbone::Packed, Backbone::Both] {
+            let mut spec = InitSpec::new(fixtures.join("tiny-llama"), out.clone(), 4, 1);
+            spec.backbone = backbone;
+            let source = crate::io::open_source(&spec.model).unwrap();
+            let plan = Plan::new(&spec, source.as_ref()).unwrap();
+            let estimate = output_bytes(&spec, &plan, source.as_ref()).unwrap();
+            let device = burn::tensor::Device::default();
+            super::super::run_init(&spec, &[device], false, &mut |_| {}).unwrap();
+            let written: u64 = ["model.safetensors", "bf16/model.safetensors"]
+                .iter()
+                .chain(&["adapter/adapter_model.safetensors"])
+                .filter_map(|f| std::fs::metadata(out.join(f)).ok())
+                .map(|m| m.len())
+                .sum();
+            let ratio = estimate as f64 / written as f64;
+            assert!(
+                (0.8..=1.0).contains(&ratio),
+                "{backbone:?}: {estimate} vs {written}"
+            );
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_run_that_does_not_fit_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("loftq-space-{}", std::process::id()));
+        let out = dir.join("out");
+        assert!(check(&out, &out.join(".loftq-partial"), 1 << 20).is_ok());
+        if let Some(free) = available(&out) {
+            let err = check(&out, &out.join(".loftq-partial"), free).unwrap_err();
+            assert!(err.to_string().contains("--out"), "{err}");
+            assert!(err.to_string().contains("free"), "{err}");
+        }
+    }
+}
