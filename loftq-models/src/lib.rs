@@ -17,6 +17,8 @@
 pub mod config;
 mod error;
 pub mod eval;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod init;
 pub mod io;
 pub mod nn;

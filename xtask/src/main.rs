@@ -9,11 +9,14 @@
 //!   report (`DIR/<profile>/bench.md`, SVG plots, one JSON per back end).
 //! - `cargo xtask assets`: fetch the real model and text (SmolLM2-135M, Shakespeare) once into
 //!   a cache folder, SHA-256 checked; tests that need them skip with a reason without them.
+//! - `cargo xtask fuzz [--seconds N] [--targets a,b]`: AFL++ on the file readers (see
+//!   [`fuzz`]).
 //! - `cargo xtask demo`: `loftq init` at NF2/NF4 with the QLoRA and LoftQ starts on SmolLM2,
 //!   perplexity of each start (a synthetic model when the download is impossible).
 
 mod assets;
 mod demo;
+mod fuzz;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -297,13 +300,15 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("assets") => assets::fetch(),
         Some("demo") => demo::run(),
+        Some("fuzz") => fuzz::run(&args[1..]),
         _ => Err(
             "usage: cargo xtask <test|validate|bench|assets|demo> [options]\n\
                   test [--cpu-only]      tests on cpu, then the device tests on wgpu\n\
                   validate [--cpu-only]  fmt --check, clippy -D warnings, test\n\
                   bench [--smoke|--quick|--full] [--backends cpu,wgpu,cuda] [--out DIR] [--compare-peft]\n\
                   assets                 fetch SmolLM2-135M and Shakespeare into the cache\n\
-                  demo                   the main job end to end: init NF2/NF4 QLoRA/LoftQ, perplexity"
+                  demo                   the main job end to end: init NF2/NF4 QLoRA/LoftQ, perplexity\n\
+                  fuzz [--seconds N] [--targets a,b] [--jobs J]  AFL++ on every file reader"
                 .into(),
         ),
     };
