@@ -46,6 +46,11 @@ fn meta(k: &str, v: MetaValue) -> (&str, MetaValue) {
 
 /// The tiny-llama fixture as a GGUF file; linear weights in `ty` (F32 or Q8_0).
 fn tiny_gguf(ty: GgmlType) -> Vec<u8> {
+    tiny_gguf_with(ty, Vec::new())
+}
+
+/// [`tiny_gguf`] with more metadata.
+fn tiny_gguf_with(ty: GgmlType, extra: Vec<(&str, MetaValue)>) -> Vec<u8> {
     let ck = Checkpoint::open(&fixture("tiny-llama/model.safetensors")).unwrap();
     let mut tensors = Vec::new();
     for name in ck.names() {
@@ -87,9 +92,40 @@ fn tiny_gguf(ty: GgmlType) -> Vec<u8> {
             ),
             meta("llama.context_length", u(128)),
             meta("llama.vocab_size", u(256)),
-        ],
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect::<Vec<_>>(),
         &tensors,
     )
+}
+
+/// A vocabulary `init` could not write as `tokenizer.json` (SentencePiece, not supported yet)
+/// is refused before the first tensor is computed, not after the last.
+#[test]
+fn init_refuses_an_unsupported_vocabulary_before_the_work() {
+    let dir = scratch("gguf-vocab");
+    let path = dir.join("sp.gguf");
+    let tokens = MetaValue::Array(vec![MetaValue::Str("<unk>".into()); 256]);
+    let extra = vec![
+        meta("tokenizer.ggml.model", MetaValue::Str("llama".into())),
+        meta("tokenizer.ggml.tokens", tokens),
+    ];
+    std::fs::write(&path, tiny_gguf_with(GgmlType::F32, extra)).unwrap();
+    let out = dir.join("out");
+    let spec = loftq_models::init::InitSpec::new(path.clone(), out.clone(), 4, 1);
+    let mut computed = 0;
+    let err = loftq_models::init::run_init(&spec, &[device()], false, &mut |e| {
+        if matches!(e, loftq_models::init::Event::Tensor(_)) {
+            computed += 1;
+        }
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("sp.gguf") && err.contains("llama"), "{err}");
+    assert_eq!(computed, 0, "tensors were computed before the refusal");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

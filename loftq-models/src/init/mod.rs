@@ -416,6 +416,9 @@ pub fn run_init(
         &work,
         space::output_bytes(spec, &plan, source.as_ref())?,
     )?;
+    // The side files (the GGUF vocabulary as tokenizer.json) are written last: one that
+    // cannot be written is refused now, not after the work.
+    crate::io::check_side_files(&spec.model)?;
     let created = !out.exists();
     if resume && work.is_dir() {
         // A different job's work area is refused and left as it is.

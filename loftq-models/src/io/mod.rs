@@ -25,6 +25,6 @@ pub use self::safetensors::{
     write_safetensors,
 };
 pub use self::source::{
-    SIDE_FILES, TensorSource, check_finite, copy_side_files, is_gguf, open_source,
+    SIDE_FILES, TensorSource, check_finite, check_side_files, copy_side_files, is_gguf, open_source,
 };
 pub use self::stream::StreamWriter;

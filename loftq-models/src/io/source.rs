@@ -230,6 +230,30 @@ pub const SIDE_FILES: [&str; 4] = [
     "generation_config.json",
 ];
 
+/// Checks that [`copy_side_files`] will be able to write what it should for `src`: the
+/// vocabulary of a GGUF file as `tokenizer.json`, the side files of a directory readable. Run
+/// before any work, so that a job does not fail at its very end.
+///
+/// # Errors
+/// As [`GgufModel::tokenizer_json`](super::GgufModel::tokenizer_json), or an I/O error
+/// naming the side file.
+pub fn check_side_files(src: &Path) -> Result<()> {
+    if is_gguf(src) {
+        let model = super::GgufModel::open(src)?;
+        if model.gguf.meta("tokenizer.ggml.model").is_some() {
+            model.tokenizer_json()?;
+        }
+        return Ok(());
+    }
+    for name in SIDE_FILES {
+        let from = src.join(name);
+        if from.exists() {
+            std::fs::File::open(&from).map_err(|e| ModelError::io(&from, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Copies the tokenizer (and generation settings) of the model at `src` (an HF directory,
 /// or a `.gguf` file whose vocabulary becomes `tokenizer.json`) into `dir`. Returns the
 /// names written; a model without a tokenizer writes none.
