@@ -184,7 +184,7 @@ fn bad_gguf_files_are_errors() {
     version[4..8].copy_from_slice(&9u32.to_le_bytes());
     assert!(open_err(&version, "version").contains("version 9"));
     // A k-quant tensor: readable table, clear error when the tensor is read.
-    let q4k = gguf_bytes(
+    let q8k = gguf_bytes(
         &[
             meta("general.architecture", MetaValue::Str("llama".into())),
             meta("llama.block_count", MetaValue::U64(0)),
@@ -196,13 +196,14 @@ fn bad_gguf_files_are_errors() {
         &[RawTensor {
             name: "token_embd.weight".into(),
             dims: vec![256, 256],
-            ty: GgmlType(12),
-            bytes: vec![0; 256 * 144],
+            ty: GgmlType(15),
+            bytes: vec![0; 256 * 292],
         }],
     );
-    let msg = open_err(&q4k, "q4k");
+    // Q8_K is llama.cpp's intermediate type, never a stored weight: not decoded.
+    let msg = open_err(&q8k, "q8k");
     assert!(
-        msg.contains("token_embd.weight") && msg.contains("Q4_K"),
+        msg.contains("token_embd.weight") && msg.contains("Q8_K"),
         "{msg}"
     );
     let gpt2 = gguf_bytes(
@@ -210,4 +211,43 @@ fn bad_gguf_files_are_errors() {
         &[],
     );
     assert!(open_err(&gpt2, "arch").contains("gpt2"));
+}
+
+/// Every block type the reader decodes, against gguf-py's own dequantization (llama.cpp's
+/// Python package), bit for bit: `tests/fixtures/make_ggml_types.py`.
+#[test]
+fn block_types_decode_as_gguf_py() {
+    use loftq_models::io::ggml::dequantize;
+    let ck = Checkpoint::open(&fixture("ggml_types.safetensors")).unwrap();
+    let types = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+    ];
+    for ty in types {
+        let name = ty.name();
+        let (_, bytes) = ck.bytes(&format!("{name}.bytes")).unwrap();
+        let want = ck.f32(&format!("{name}.values")).unwrap().data;
+        let got = dequantize(ty, bytes).unwrap_or_else(|| panic!("{name} is not decoded"));
+        assert_eq!(got.len(), want.len(), "{name}");
+        let differ = got
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(differ, None, "{name}: first difference at {differ:?}");
+        assert_eq!(
+            ty.byte_len(want.len()),
+            Some(bytes.len()),
+            "{name}: block layout"
+        );
+    }
 }

@@ -18,8 +18,26 @@ impl GgmlType {
     pub const Q4_0: Self = Self(2);
     /// `Q4_1`: blocks of 32, `f16` scale and minimum, 4-bit codes.
     pub const Q4_1: Self = Self(3);
+    /// `Q5_0`: blocks of 32, `f16` scale, 5-bit codes offset by 16 (high bits in a `u32`).
+    pub const Q5_0: Self = Self(6);
+    /// `Q5_1`: blocks of 32, `f16` scale and minimum, 5-bit codes.
+    pub const Q5_1: Self = Self(7);
     /// `Q8_0`: blocks of 32, `f16` scale, `i8` codes.
     pub const Q8_0: Self = Self(8);
+    /// `Q2_K`: super-blocks of 256, 16 groups with 4-bit scales and minimums, 2-bit codes.
+    pub const Q2_K: Self = Self(10);
+    /// `Q3_K`: super-blocks of 256, 16 groups with 6-bit signed scales, 3-bit codes.
+    pub const Q3_K: Self = Self(11);
+    /// `Q4_K`: super-blocks of 256, 8 groups with 6-bit scales and minimums, 4-bit codes.
+    pub const Q4_K: Self = Self(12);
+    /// `Q5_K`: as `Q4_K` with 5-bit codes.
+    pub const Q5_K: Self = Self(13);
+    /// `Q6_K`: super-blocks of 256, 16 groups with `i8` scales, 6-bit codes offset by 32.
+    pub const Q6_K: Self = Self(14);
+    /// `IQ4_NL`: blocks of 32, `f16` scale, 4-bit indices into a fixed non-linear table.
+    pub const IQ4_NL: Self = Self(20);
+    /// `IQ4_XS`: super-blocks of 256, 8 groups with 6-bit signed scales, `IQ4_NL`'s table.
+    pub const IQ4_XS: Self = Self(23);
     /// `BF16`.
     pub const BF16: Self = Self(30);
 
@@ -54,6 +72,8 @@ impl GgmlType {
             13 => (256, 176),
             14 => (256, 210),
             15 => (256, 292),
+            20 => (32, 18),
+            23 => (256, 136),
             24 => (1, 1),
             25 => (1, 2),
             26 => (1, 4),
@@ -73,53 +93,184 @@ impl GgmlType {
 
     /// True if [`dequantize`] reads this type.
     pub fn is_supported(self) -> bool {
-        matches!(self.0, 0 | 1 | 2 | 3 | 8 | 30)
+        matches!(self.0, 0..=3 | 6..=8 | 10..=14 | 20 | 23 | 30)
     }
 }
 
-/// Decodes `bytes` of type `ty` to `f32`, or `None` if the type is not supported.
+/// `IQ4_NL`'s (and `IQ4_XS`'s) values of the 16 codes.
+const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The `f16` at `b[at..at + 2]`, as `f32`.
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Code `e` of 32 packed two to a byte: the low nibbles are codes 0–15, the high 16–31.
+fn nibble(qs: &[u8], e: usize) -> u8 {
+    if e < 16 { qs[e] & 0xF } else { qs[e - 16] >> 4 }
+}
+
+/// Decodes `bytes` of type `ty` to `f32`, or `None` if the type is not supported or `bytes`
+/// is not a whole number of blocks.
 ///
 /// # Algorithm
-/// As llama.cpp's reference `dequantize_row_*`: `Q4_0` `x = (q − 8)·d`, `Q4_1` `x = q·d + m`,
-/// `Q8_0` `x = q·d`, the low nibbles giving the first 16 values of a block and the high
-/// nibbles the last 16.
+/// As llama.cpp's reference `dequantize_row_*` and gguf-py's `dequantize`, operation for
+/// operation in `f32` (so the values are the same bits): for example `Q4_0` `x = (q − 8)·d`,
+/// `Q4_1` `x = q·d + m`, `Q4_K` `x = (d·sc)·q − dmin·m` per group of 32. Checked bit for bit
+/// against gguf-py on every type (`tests/gguf.rs`).
 pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
-    let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
-    let mut out = Vec::new();
     match ty {
         GgmlType::F32 => return floats_from_le(Dtype::F32, bytes),
         GgmlType::F16 => return floats_from_le(Dtype::F16, bytes),
         GgmlType::BF16 => return floats_from_le(Dtype::BF16, bytes),
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let (stride, qs) = if ty == GgmlType::Q4_0 {
-                (18, 2)
-            } else {
-                (20, 4)
-            };
-            out.reserve(bytes.len() / stride * 32);
-            for b in bytes.chunks_exact(stride) {
-                let d = h(&b[0..2]);
-                let (m, off) = if ty == GgmlType::Q4_0 {
-                    (0.0, 8)
-                } else {
-                    (h(&b[2..4]), 0)
-                };
-                let q = &b[qs..qs + 16];
-                let val = |c: u8| (i32::from(c) - off) as f32 * d + m;
-                out.extend(q.iter().map(|&c| val(c & 0xF)));
-                out.extend(q.iter().map(|&c| val(c >> 4)));
+        _ => {}
+    }
+    let (per, size) = ty.block_layout()?;
+    if !ty.is_supported() || !bytes.len().is_multiple_of(size) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / size * per);
+    for b in bytes.chunks_exact(size) {
+        match ty {
+            GgmlType::Q4_0 => {
+                let d = f16_at(b, 0);
+                out.extend((0..32).map(|e| d * f32::from(nibble(&b[2..], e) as i8 - 8)));
             }
-        }
-        GgmlType::Q8_0 => {
-            out.reserve(bytes.len() / 34 * 32);
-            for b in bytes.chunks_exact(34) {
-                let d = h(&b[0..2]);
+            GgmlType::Q4_1 => {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                out.extend((0..32).map(|e| d * f32::from(nibble(&b[4..], e)) + m));
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let d = f16_at(b, 0);
+                let at = if ty == GgmlType::Q5_0 { 2 } else { 4 };
+                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                let qs = &b[at + 4..at + 20];
+                let code = |e: usize| nibble(qs, e) | ((((qh >> e) & 1) as u8) << 4);
+                if ty == GgmlType::Q5_0 {
+                    out.extend((0..32).map(|e| d * f32::from(code(e) as i8 - 16)));
+                } else {
+                    let m = f16_at(b, 2);
+                    out.extend((0..32).map(|e| d * f32::from(code(e)) + m));
+                }
+            }
+            GgmlType::Q8_0 => {
+                let d = f16_at(b, 0);
                 out.extend(b[2..].iter().map(|&c| f32::from(c as i8) * d));
             }
+            GgmlType::Q2_K => q2_k(b, &mut out),
+            GgmlType::Q3_K => q3_k(b, &mut out),
+            GgmlType::Q4_K | GgmlType::Q5_K => q45_k(b, ty == GgmlType::Q5_K, &mut out),
+            GgmlType::Q6_K => q6_k(b, &mut out),
+            GgmlType::IQ4_NL => {
+                let d = f16_at(b, 0);
+                out.extend(
+                    (0..32).map(|e| d * f32::from(IQ4_VALUES[usize::from(nibble(&b[2..], e))])),
+                );
+            }
+            GgmlType::IQ4_XS => iq4_xs(b, &mut out),
+            _ => return None,
         }
-        _ => return None,
     }
     Some(out)
+}
+
+/// Element `e` (0..256) of a K-quant super-block whose 2-bit fields are packed four to a byte
+/// in two halves of 128: byte `half·32 + e % 32`, shift `2·((e % 128) / 32)`.
+fn crumb(q: &[u8], e: usize) -> u8 {
+    (q[(e / 128) * 32 + e % 32] >> (2 * ((e % 128) / 32))) & 3
+}
+
+/// `Q2_K` (84 bytes): `scales[16]` (scale low nibble, minimum high), `qs[64]`, `d`, `dmin`.
+fn q2_k(b: &[u8], out: &mut Vec<f32>) {
+    let (scales, qs) = (&b[..16], &b[16..80]);
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    out.extend((0..256).map(|e| {
+        let s = scales[e / 16];
+        let dl = d * f32::from(s & 0xF);
+        let ml = dmin * f32::from(s >> 4);
+        dl * f32::from(crumb(qs, e)) - ml
+    }));
+}
+
+/// `Q3_K` (110 bytes): `hmask[32]`, `qs[64]`, 16 six-bit scales in 12 bytes, `d`.
+fn q3_k(b: &[u8], out: &mut Vec<f32>) {
+    let (hmask, qs, s) = (&b[..32], &b[32..96], &b[96..108]);
+    let d = f16_at(b, 108);
+    let scale = |g: usize| {
+        let low = (s[g % 8] >> (4 * (g / 8))) & 0xF;
+        let high = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
+        f32::from((low | (high << 4)) as i8 - 32)
+    };
+    out.extend((0..256).map(|e| {
+        let high = (hmask[e % 32] >> (e / 32)) & 1;
+        // The code is offset by 4 when its high bit is clear.
+        let q = crumb(qs, e) as i8 - (((high ^ 1) << 2) as i8);
+        (d * scale(e / 16)) * f32::from(q)
+    }));
+}
+
+/// The eight 6-bit scales and minimums of `Q4_K` and `Q5_K`, packed in 12 bytes.
+fn scale_min_k4(s: &[u8], g: usize) -> (u8, u8) {
+    if g < 4 {
+        (s[g] & 63, s[g + 4] & 63)
+    } else {
+        (
+            (s[g + 4] & 0xF) | ((s[g - 4] >> 2) & 0x30),
+            (s[g + 4] >> 4) | ((s[g] >> 2) & 0x30),
+        )
+    }
+}
+
+/// `Q4_K` (144 bytes: `d`, `dmin`, scales, `qs[128]`) and `Q5_K` (176: the same with
+/// `qh[32]` before `qs`).
+fn q45_k(b: &[u8], five: bool, out: &mut Vec<f32>) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let s = &b[4..16];
+    let (qh, qs) = if five {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&b[..0], &b[16..144])
+    };
+    out.extend((0..256).map(|e| {
+        let g = e / 32;
+        let (sc, m) = scale_min_k4(s, g);
+        let low = (qs[(g / 2) * 32 + e % 32] >> (4 * (g % 2))) & 0xF;
+        let high = if five {
+            ((qh[e % 32] >> g) & 1) << 4
+        } else {
+            0
+        };
+        (d * f32::from(sc)) * f32::from(low | high) - dmin * f32::from(m)
+    }));
+}
+
+/// `Q6_K` (210 bytes): `ql[128]`, `qh[64]`, `scales[16]` (`i8`), `d`.
+fn q6_k(b: &[u8], out: &mut Vec<f32>) {
+    let (ql, qh, scales) = (&b[..128], &b[128..192], &b[192..208]);
+    let d = f16_at(b, 208);
+    out.extend((0..256).map(|e| {
+        let (half, r) = (e / 128, e % 128);
+        let low = (ql[half * 64 + r % 64] >> (4 * (r / 64))) & 0xF;
+        let high = crumb(qh, e);
+        let q = (low | (high << 4)) as i8 - 32;
+        (d * f32::from(scales[e / 16] as i8)) * f32::from(q)
+    }));
+}
+
+/// `IQ4_XS` (136 bytes): `d`, high scale bits (`u16`), low scale nibbles `[4]`, `qs[128]`.
+fn iq4_xs(b: &[u8], out: &mut Vec<f32>) {
+    let d = f16_at(b, 0);
+    let high = u16::from_le_bytes([b[2], b[3]]);
+    let (low, qs) = (&b[4..8], &b[8..136]);
+    out.extend((0..256).map(|e| {
+        let j = e / 32;
+        let s = ((low[j / 2] >> (4 * (j % 2))) & 0xF) | ((((high >> (2 * j)) & 3) as u8) << 4);
+        let dl = d * f32::from(s as i8 - 32);
+        let q = nibble(&qs[j * 16..j * 16 + 16], e % 32);
+        dl * f32::from(IQ4_VALUES[usize::from(q)])
+    }));
 }
 
 #[cfg(test)]
@@ -151,7 +302,8 @@ mod tests {
         assert_eq!(v[31], 3.75);
         assert_eq!(GgmlType::Q4_1.byte_len(64), Some(40));
         assert_eq!(GgmlType::Q4_1.byte_len(33), None);
-        assert!(dequantize(GgmlType(12), &[0; 144]).is_none());
+        assert!(dequantize(GgmlType(15), &[0; 292]).is_none());
+        assert!(dequantize(GgmlType::Q4_K, &[0; 143]).is_none());
         assert_eq!(GgmlType(12).name(), "Q4_K");
     }
 }
