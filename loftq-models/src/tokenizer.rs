@@ -25,8 +25,12 @@ impl Tokenizer {
     /// # Errors
     /// [`ModelError::Format`] if the file cannot be read or parsed.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| ModelError::format(path, format!("bad tokenizer: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let bad = |e: serde_json::Error| ModelError::format(path, format!("bad tokenizer: {e}"));
+        // The JSON is checked first: tokenizers 0.23 panics on a syntax error inside
+        // `decoder` (found by fuzzing), and a parsed value cannot have one.
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(value).map_err(bad)?;
         Ok(Self { inner })
     }
 
