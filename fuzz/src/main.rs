@@ -154,8 +154,8 @@ fn safetensors_seeds(tmp: &Path, seeds: &mut Seeds) -> Result<(), String> {
     Ok(())
 }
 
-/// A one-layer Llama (hidden 32) whose tensors use every GGUF type the reader takes, with a
-/// small byte-level BPE vocabulary.
+/// A one-layer Llama (hidden 32) whose tensors use the row-blocked GGUF types, one block of
+/// each other type the reader takes beside it, and a small byte-level BPE vocabulary.
 fn gguf_seed() -> Vec<u8> {
     let (hidden, ff, vocab) = (32u64, 64u64, 8u64);
     let u = MetaValue::U64;
@@ -220,6 +220,28 @@ fn gguf_seed() -> Vec<u8> {
             }
         })
         .collect();
+    // One block of every other type the reader decodes, outside the model (read by the raw
+    // GGUF reader only).
+    for ty in [
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::IQ4_NL,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::IQ4_XS,
+    ] {
+        let (per, _) = ty.block_layout().expect("a known type");
+        let len = ty.byte_len(per).expect("one block");
+        tensors.push(RawTensor {
+            name: format!("extra.{}", ty.name().to_lowercase()),
+            dims: vec![per as u64],
+            ty,
+            bytes: (0..len).map(|i| (i * 37 % 61) as u8).collect(),
+        });
+    }
     tensors.push(RawTensor {
         name: "output_norm.weight".into(),
         dims: vec![hidden],
