@@ -9,13 +9,12 @@ use safetensors::Dtype;
 use super::piece::{Plan, piece_path};
 use super::{Backbone, InitSpec, Report, TensorReport, Totals, peak_rss_bytes};
 use crate::LlamaConfig;
+use crate::io::PEFT_PREFIX as PREFIX;
 use crate::io::{
     AdapterConfig, Checkpoint, FORMAT, FORMAT_KEY, StreamWriter, bf16_le_bytes, copy_side_files,
     floats_from_le, read_packed, write_atomic,
 };
 use crate::{ModelError, Result};
-
-const PREFIX: &str = "base_model.model.";
 
 fn is_lora(name: &str) -> bool {
     name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
@@ -73,7 +72,7 @@ fn packed_backbone(pieces: &[Checkpoint], dir: &Path) -> Result<()> {
             entries.push((n.to_string(), e.dtype, e.shape.clone()));
         }
         for (k, v) in p.metadata() {
-            if k.starts_with("loftq.q.") {
+            if k.starts_with(crate::io::HEADER_PREFIX) {
                 meta.insert(k.clone(), v.clone());
             }
         }

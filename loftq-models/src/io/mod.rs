@@ -28,3 +28,6 @@ pub use self::source::{
     SIDE_FILES, TensorSource, check_finite, check_side_files, copy_side_files, is_gguf, open_source,
 };
 pub use self::stream::StreamWriter;
+
+pub(crate) use self::packed::HEADER_PREFIX;
+pub(crate) use self::peft::PREFIX as PEFT_PREFIX;

@@ -34,8 +34,11 @@ struct Header {
     scales_offset: Option<f32>,
 }
 
+/// Prefix of the metadata key holding a packed weight's header (`loftq.q.<name>`).
+pub(crate) const HEADER_PREFIX: &str = "loftq.q.";
+
 fn meta_key(name: &str) -> String {
-    format!("loftq.q.{name}")
+    format!("{HEADER_PREFIX}{name}")
 }
 
 /// Adds the tensors and metadata of packed weight `name` to a file being assembled.
@@ -89,7 +92,7 @@ pub fn packed_names(ckpt: &Checkpoint) -> Vec<String> {
     let mut v: Vec<String> = ckpt
         .metadata()
         .keys()
-        .filter_map(|k| k.strip_prefix("loftq.q.").map(str::to_string))
+        .filter_map(|k| k.strip_prefix(HEADER_PREFIX).map(str::to_string))
         .collect();
     v.sort();
     v

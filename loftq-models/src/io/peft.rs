@@ -16,7 +16,8 @@ use crate::{ModelError, Result};
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// File name of the adapter weights.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
-const PREFIX: &str = "base_model.model.";
+/// What PEFT puts before a module path in adapter tensor names.
+pub(crate) const PREFIX: &str = "base_model.model.";
 
 /// The fields of `adapter_config.json` this project reads and writes. Unknown fields are
 /// kept in `extra` and written back.
