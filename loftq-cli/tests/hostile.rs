@@ -778,6 +778,16 @@ fn corpus(base: &Base) -> Vec<Case> {
             "bad-merge",
             Box::new(|p| json_edit(p, |t| t["model"]["merges"] = json!(["a"]))),
         ),
+        (
+            // A syntax error inside `decoder` made the tokenizers crate panic (fuzzing).
+            "decoder-syntax",
+            Box::new(|p| {
+                let text = std::fs::read_to_string(p).unwrap();
+                assert!(text.contains("\"decoder\":{\""));
+                let broken = text.replacen("\"decoder\":{\"", "\"decoder\":{", 1);
+                std::fs::write(p, broken).unwrap();
+            }),
+        ),
     ];
     for (label, damage) in tok_edits {
         add(
