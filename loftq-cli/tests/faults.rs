@@ -238,7 +238,9 @@ fn init_survives_a_full_disk_and_kills() {
         let what = format!("init killed after {i}/10 of its run");
         let killed = run_killed(&init_args(&model, &out), took * i / 10);
         assert_whole(&out, &want, &what);
-        if !killed {
+        // Killed after the work area was removed (the outputs were complete): finished.
+        let finished = out.exists() && !out.join(".loftq-partial").exists();
+        if !killed || finished {
             assert_eq!(finals(&out), want, "{what}: finished");
             continue;
         }
@@ -362,10 +364,10 @@ fn convert_survives_a_full_disk_and_kills() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
-/// A file system too small for the output (a 256 kB tmpfs; needs root, as CI runs): `init`
-/// refuses before any work, naming `--out`, the space free and the space needed.
+/// A file system too small for the output (a 256 kB tmpfs; needs root, as CI runs): `init` and
+/// `train` refuse before any work, naming `--out`, the space free and the space needed.
 #[test]
-fn init_refuses_a_disk_too_small_before_the_work() {
+fn a_disk_too_small_is_refused_before_the_work() {
     let root = scratch("small-disk");
     let model = model(&root);
     let disk = root.join("disk");
@@ -379,7 +381,7 @@ fn init_refuses_a_disk_too_small_before_the_work() {
         eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root)");
         if let Some(log) = std::env::var_os("LOFTQ_SKIP_LOG") {
             use std::io::Write;
-            let line = "faults::init_refuses_a_disk_too_small_before_the_work: cannot mount a \
+            let line = "faults::a_disk_too_small_is_refused_before_the_work: cannot mount a \
                         tmpfs (needs root)\n";
             let _ = std::fs::OpenOptions::new()
                 .create(true)
@@ -393,6 +395,9 @@ fn init_refuses_a_disk_too_small_before_the_work() {
     let t = Instant::now();
     let (code, err) = run(&init_args(&model, &out), None);
     let took = t.elapsed();
+    // train: five checkpoints of the adapter and AdamW's moments do not fit either.
+    let run_dir = disk.join("run");
+    let (train_code, train_err) = run(&train_args(&root, &model, &run_dir), None);
     let _ = Command::new("umount").arg(&disk).status();
     assert_clean(code, &err, "init on a small disk");
     assert_ne!(code, Some(0), "init on a small disk finished");
@@ -401,5 +406,13 @@ fn init_refuses_a_disk_too_small_before_the_work() {
     }
     assert!(!out.exists(), "init on a small disk left {}", out.display());
     assert!(took < Duration::from_secs(5), "refused after {took:?}");
+    assert_clean(train_code, &train_err, "train on a small disk");
+    assert_ne!(train_code, Some(0), "train on a small disk finished");
+    assert!(train_err.contains("checkpoints"), "{train_err}");
+    assert!(
+        !run_dir.exists(),
+        "train on a small disk left {}",
+        run_dir.display()
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -8,8 +8,9 @@ use loftq_core::quant::Scheme;
 
 use super::piece::Plan;
 use super::{Backbone, InitSpec};
+use crate::Result;
 use crate::io::TensorSource;
-use crate::{ModelError, Result};
+use crate::io::space::{check_free, human};
 
 /// Bytes of one matrix `[rows, cols]` packed with `cfg`: codes, scales (or their double
 /// quantization) and minimums.
@@ -56,44 +57,19 @@ pub fn output_bytes(spec: &InitSpec, plan: &Plan, source: &dyn TensorSource) -> 
     Ok(total)
 }
 
-/// Bytes free to this user on the file system that holds `path` (or its nearest existing
-/// ancestor); `None` where that cannot be asked.
-fn available(path: &Path) -> Option<u64> {
-    let existing = path.ancestors().find(|p| p.exists())?;
-    #[cfg(unix)]
-    {
-        let st = rustix::fs::statvfs(existing).ok()?;
-        Some(st.f_bavail.saturating_mul(st.f_frsize))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = existing;
-        None
-    }
-}
-
 /// Refuses a run whose output and work area (about twice [`output_bytes`], less the work
 /// already done under `work`) would not fit in the space free under `out`.
 ///
 /// # Errors
-/// [`ModelError::Invalid`] naming `--out`, the space free and the space needed.
+/// As [`check_free`].
 pub fn check(out: &Path, work: &Path, output: u64) -> Result<()> {
-    let Some(free) = available(out) else {
-        return Ok(());
-    };
-    let done = dir_bytes(work);
-    let need = (2 * output).saturating_sub(done);
-    if need > free {
-        return Err(ModelError::Invalid(format!(
-            "--out {}: {} free, and this run writes about {} (the output, {}, and its work \
-             area at once); free some space or choose another --out",
-            out.display(),
-            human(free),
-            human(need),
-            human(output)
-        )));
-    }
-    Ok(())
+    let need = (2 * output).saturating_sub(dir_bytes(work));
+    let what = format!(
+        "about {} (the output, {}, and its work area at once)",
+        human(need),
+        human(output)
+    );
+    check_free(out, need, &what)
 }
 
 /// Bytes of the files directly in `dir` (the work area is flat).
@@ -106,17 +82,6 @@ fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else {
-        format!("{:.0} kB", b / 1e3)
-    }
 }
 
 #[cfg(test)]
@@ -171,7 +136,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("loftq-space-{}", std::process::id()));
         let out = dir.join("out");
         assert!(check(&out, &out.join(".loftq-partial"), 1 << 20).is_ok());
-        if let Some(free) = available(&out) {
+        if let Some(free) = crate::io::space::available(&out) {
             let err = check(&out, &out.join(".loftq-partial"), free).unwrap_err();
             assert!(err.to_string().contains("--out"), "{err}");
             assert!(err.to_string().contains("free"), "{err}");

@@ -9,6 +9,7 @@ mod packed;
 mod peft;
 pub(crate) mod safetensors;
 mod source;
+pub mod space;
 mod stream;
 
 pub use self::bnb::{BnbSummary, bnb_names, bnb_summary, is_bnb_part, read_bnb};

@@ -236,6 +236,7 @@ pub fn train_on(
             "--batch and --accum must be at least 1".into(),
         ));
     }
+    check_space(model, cfg, out)?;
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let mut opt = AdamW::new(cfg.adamw, &model.lora_params());
     let model = &mut models[0];
@@ -336,6 +337,30 @@ pub fn train_on(
     let json = serde_json::to_string_pretty(&history).expect("history serializes");
     write_atomic(&out.join("history.json"), json.as_bytes())?;
     Ok(history)
+}
+
+/// Refuses a run whose checkpoints (the adapter and AdamW's two moments, `f32`; one more than
+/// `keep_checkpoints` exists while the oldest is replaced) and final adapter would not fit under
+/// `out`.
+fn check_space(model: &Llama, cfg: &TrainConfig, out: &Path) -> Result<()> {
+    let values: usize = model
+        .lora_params()
+        .iter()
+        .map(|t| t.dims().iter().product::<usize>())
+        .sum();
+    let adapter = 4 * values as u64;
+    let written = match cfg.save_every {
+        0 => 1,
+        every => cfg.steps.div_ceil(every) + 1,
+    };
+    let checkpoints = (cfg.keep_checkpoints.max(1) + 1).min(written) as u64;
+    let need = adapter * (3 * checkpoints + 1);
+    let what = format!(
+        "about {} ({checkpoints} checkpoints of {} and the adapter)",
+        crate::io::space::human(need),
+        crate::io::space::human(3 * adapter)
+    );
+    crate::io::space::check_free(out, need, &what)
 }
 
 /// The checkpoint directory with the most steps under `out`, if any.
