@@ -186,12 +186,10 @@ fn crumb(q: &[u8], e: usize) -> u8 {
 fn q2_k(b: &[u8], out: &mut Vec<f32>) {
     let (scales, qs) = (&b[..16], &b[16..80]);
     let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
-    out.extend((0..256).map(|e| {
-        let s = scales[e / 16];
-        let dl = d * f32::from(s & 0xF);
-        let ml = dmin * f32::from(s >> 4);
-        dl * f32::from(crumb(qs, e)) - ml
-    }));
+    for (g, &s) in scales.iter().enumerate() {
+        let (dl, ml) = (d * f32::from(s & 0xF), dmin * f32::from(s >> 4));
+        out.extend((g * 16..g * 16 + 16).map(|e| dl * f32::from(crumb(qs, e)) - ml));
+    }
 }
 
 /// `Q3_K` (110 bytes): `hmask[32]`, `qs[64]`, 16 six-bit scales in 12 bytes, `d`.
@@ -203,12 +201,15 @@ fn q3_k(b: &[u8], out: &mut Vec<f32>) {
         let high = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
         f32::from((low | (high << 4)) as i8 - 32)
     };
-    out.extend((0..256).map(|e| {
-        let high = (hmask[e % 32] >> (e / 32)) & 1;
-        // The code is offset by 4 when its high bit is clear.
-        let q = crumb(qs, e) as i8 - (((high ^ 1) << 2) as i8);
-        (d * scale(e / 16)) * f32::from(q)
-    }));
+    for g in 0..16 {
+        let dl = d * scale(g);
+        out.extend((g * 16..g * 16 + 16).map(|e| {
+            let high = (hmask[e % 32] >> (e / 32)) & 1;
+            // The code is offset by 4 when its high bit is clear.
+            let q = crumb(qs, e) as i8 - (((high ^ 1) << 2) as i8);
+            dl * f32::from(q)
+        }));
+    }
 }
 
 /// The eight 6-bit scales and minimums of `Q4_K` and `Q5_K`, packed in 12 bytes.
@@ -233,30 +234,30 @@ fn q45_k(b: &[u8], five: bool, out: &mut Vec<f32>) {
     } else {
         (&b[..0], &b[16..144])
     };
-    out.extend((0..256).map(|e| {
-        let g = e / 32;
+    for g in 0..8 {
         let (sc, m) = scale_min_k4(s, g);
-        let low = (qs[(g / 2) * 32 + e % 32] >> (4 * (g % 2))) & 0xF;
-        let high = if five {
-            ((qh[e % 32] >> g) & 1) << 4
-        } else {
-            0
-        };
-        (d * f32::from(sc)) * f32::from(low | high) - dmin * f32::from(m)
-    }));
+        let (dl, ml) = (d * f32::from(sc), dmin * f32::from(m));
+        out.extend((0..32).map(|l| {
+            let low = (qs[(g / 2) * 32 + l] >> (4 * (g % 2))) & 0xF;
+            let high = if five { ((qh[l] >> g) & 1) << 4 } else { 0 };
+            dl * f32::from(low | high) - ml
+        }));
+    }
 }
 
 /// `Q6_K` (210 bytes): `ql[128]`, `qh[64]`, `scales[16]` (`i8`), `d`.
 fn q6_k(b: &[u8], out: &mut Vec<f32>) {
     let (ql, qh, scales) = (&b[..128], &b[128..192], &b[192..208]);
     let d = f16_at(b, 208);
-    out.extend((0..256).map(|e| {
-        let (half, r) = (e / 128, e % 128);
-        let low = (ql[half * 64 + r % 64] >> (4 * (r / 64))) & 0xF;
-        let high = crumb(qh, e);
-        let q = (low | (high << 4)) as i8 - 32;
-        (d * f32::from(scales[e / 16] as i8)) * f32::from(q)
-    }));
+    for (g, &sc) in scales.iter().enumerate() {
+        let dl = d * f32::from(sc as i8);
+        out.extend((g * 16..g * 16 + 16).map(|e| {
+            let (half, r) = (e / 128, e % 128);
+            let low = (ql[half * 64 + r % 64] >> (4 * (r / 64))) & 0xF;
+            let q = (low | (crumb(qh, e) << 4)) as i8 - 32;
+            dl * f32::from(q)
+        }));
+    }
 }
 
 /// `IQ4_XS` (136 bytes): `d`, high scale bits (`u16`), low scale nibbles `[4]`, `qs[128]`.
@@ -264,13 +265,12 @@ fn iq4_xs(b: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(b, 0);
     let high = u16::from_le_bytes([b[2], b[3]]);
     let (low, qs) = (&b[4..8], &b[8..136]);
-    out.extend((0..256).map(|e| {
-        let j = e / 32;
+    for j in 0..8 {
         let s = ((low[j / 2] >> (4 * (j % 2))) & 0xF) | ((((high >> (2 * j)) & 3) as u8) << 4);
         let dl = d * f32::from(s as i8 - 32);
-        let q = nibble(&qs[j * 16..j * 16 + 16], e % 32);
-        dl * f32::from(IQ4_VALUES[usize::from(q)])
-    }));
+        let group = &qs[j * 16..j * 16 + 16];
+        out.extend((0..32).map(|l| dl * f32::from(IQ4_VALUES[usize::from(nibble(group, l))])));
+    }
 }
 
 #[cfg(test)]
