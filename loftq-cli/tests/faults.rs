@@ -8,34 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../loftq-models/tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::{s, tiny_gguf, tiny_model};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("loftq-faults-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A tiny model directory with a tokenizer, and a text to train on.
-fn model(root: &Path) -> PathBuf {
-    let model = root.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("tiny-llama").join(f), model.join(f)).unwrap();
-    }
-    let tok = loftq_models::tokenizer::byte_level_json().to_string();
-    std::fs::write(model.join("tokenizer.json"), tok).unwrap();
-    std::fs::write(root.join("text.txt"), "To be, or not to be. ".repeat(40)).unwrap();
-    model
 }
 
 fn init_args(model: &Path, out: &Path) -> Vec<String> {
@@ -195,7 +175,7 @@ fn limits(largest: u64) -> Vec<u64> {
 #[test]
 fn init_survives_a_full_disk_and_kills() {
     let root = scratch("init");
-    let model = model(&root);
+    let model = tiny_model(&root);
     let reference = root.join("reference");
     let (code, err) = run(&init_args(&model, &reference), None);
     assert_eq!(code, Some(0), "{err}");
@@ -261,7 +241,7 @@ fn init_survives_a_full_disk_and_kills() {
 #[test]
 fn train_survives_a_full_disk_and_kills() {
     let root = scratch("train");
-    let model = model(&root);
+    let model = tiny_model(&root);
     let reference = root.join("reference");
     let (code, err) = run(&train_args(&root, &model, &reference), None);
     assert_eq!(code, Some(0), "{err}");
@@ -305,36 +285,9 @@ fn train_survives_a_full_disk_and_kills() {
 
 #[test]
 fn convert_survives_a_full_disk_and_kills() {
-    use loftq_models::io::ggml::GgmlType;
-    use loftq_models::io::gguf::MetaValue;
-    use loftq_models::io::gguf::write::{RawTensor, gguf_bytes};
-    use loftq_models::io::{Checkpoint, gguf_name};
-
     let root = scratch("convert");
-    let ck = Checkpoint::open(&fixture("tiny-llama/model.safetensors")).unwrap();
-    let tensors: Vec<RawTensor> = ck
-        .names()
-        .map(|name| {
-            let t = ck.f32(name).unwrap();
-            RawTensor {
-                name: gguf_name(name).unwrap(),
-                dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
-                ty: GgmlType::F32,
-                bytes: t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            }
-        })
-        .collect();
-    let u = MetaValue::U64;
-    let meta = [
-        ("general.architecture", MetaValue::Str("llama".into())),
-        ("llama.block_count", u(2)),
-        ("llama.embedding_length", u(64)),
-        ("llama.feed_forward_length", u(128)),
-        ("llama.attention.head_count", u(4)),
-        ("llama.vocab_size", u(256)),
-    ];
     let gguf = root.join("tiny.gguf");
-    std::fs::write(&gguf, gguf_bytes(&meta, &tensors)).unwrap();
+    std::fs::write(&gguf, tiny_gguf()).unwrap();
     let args =
         |out: &Path| -> Vec<String> { vec!["convert".into(), s(&gguf).into(), s(out).into()] };
     let reference = root.join("reference");
@@ -369,7 +322,7 @@ fn convert_survives_a_full_disk_and_kills() {
 #[test]
 fn a_disk_too_small_is_refused_before_the_work() {
     let root = scratch("small-disk");
-    let model = model(&root);
+    let model = tiny_model(&root);
     let disk = root.join("disk");
     std::fs::create_dir_all(&disk).unwrap();
     let mounted = Command::new("mount")

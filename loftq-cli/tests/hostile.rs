@@ -6,17 +6,17 @@
 //! The corpus is generated here, from the tiny Llama fixture, so the test is its own script:
 //! `cargo test -p loftq-cli --test hostile` (it prints one line per file).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use loftq_models::io::Checkpoint;
 use loftq_models::io::ggml::GgmlType;
 use loftq_models::io::gguf::MetaValue;
 use loftq_models::io::gguf::write::{RawTensor, gguf_bytes};
-use loftq_models::io::gguf_name;
 use serde_json::{Value, json};
+
+mod common;
+use common::{fixture, gguf_meta, gguf_tensors, s, tiny_gguf, tiny_model};
 
 const LIMIT: Duration = Duration::from_secs(5);
 
@@ -63,12 +63,6 @@ const SYNTACTIC: &[&str] = &[
     "quant-type",
 ];
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../loftq-models/tests/fixtures")
-        .join(name)
-}
-
 /// What a malformed file is handed to.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Role {
@@ -102,14 +96,8 @@ impl Base {
     fn new(root: &Path) -> Self {
         let _ = std::fs::remove_dir_all(root);
         std::fs::create_dir_all(root).unwrap();
-        let model = root.join("model");
-        std::fs::create_dir_all(&model).unwrap();
-        for f in ["config.json", "model.safetensors"] {
-            std::fs::copy(fixture("tiny-llama").join(f), model.join(f)).unwrap();
-        }
+        let model = tiny_model(root);
         let tok = loftq_models::tokenizer::byte_level_json().to_string();
-        std::fs::write(model.join("tokenizer.json"), &tok).unwrap();
-        std::fs::write(root.join("text.txt"), "To be, or not to be. ".repeat(40)).unwrap();
         let init = root.join("init");
         run_ok(&[
             "init",
@@ -158,10 +146,6 @@ impl Base {
     }
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn copy_tree(from: &Path, to: &Path) {
     if from.is_dir() {
         std::fs::create_dir_all(to).unwrap();
@@ -206,37 +190,6 @@ fn train_args(root: &Path, model: &Path, out: &Path) -> Vec<String> {
     ]
     .map(String::from)
     .to_vec()
-}
-
-/// The tiny Llama as an all-`f32` GGUF file (no vocabulary).
-fn tiny_gguf() -> Vec<u8> {
-    gguf_bytes(&gguf_meta(&[]), &gguf_tensors())
-}
-
-/// The tiny Llama's GGUF metadata, with `over` replacing or adding keys.
-fn gguf_meta(over: &[(&'static str, MetaValue)]) -> Vec<(&'static str, MetaValue)> {
-    let u = MetaValue::U64;
-    let mut m: BTreeMap<&str, MetaValue> = [
-        ("general.architecture", MetaValue::Str("llama".into())),
-        ("llama.block_count", u(2)),
-        ("llama.embedding_length", u(64)),
-        ("llama.feed_forward_length", u(128)),
-        ("llama.attention.head_count", u(4)),
-        ("llama.attention.head_count_kv", u(4)),
-        ("llama.rope.freq_base", MetaValue::F64(10000.0)),
-        (
-            "llama.attention.layer_norm_rms_epsilon",
-            MetaValue::F64(1e-6),
-        ),
-        ("llama.context_length", u(128)),
-        ("llama.vocab_size", u(256)),
-    ]
-    .into_iter()
-    .collect();
-    for (k, v) in over {
-        m.insert(k, v.clone());
-    }
-    m.into_iter().collect()
 }
 
 // Editing helpers.
@@ -1024,21 +977,6 @@ fn poke(p: &Path, at: usize, v: &[u8]) {
     let mut b = std::fs::read(p).unwrap();
     b[at..at + v.len()].copy_from_slice(v);
     std::fs::write(p, b).unwrap();
-}
-
-fn gguf_tensors() -> Vec<RawTensor> {
-    let ck = Checkpoint::open(&fixture("tiny-llama/model.safetensors")).unwrap();
-    ck.names()
-        .map(|name| {
-            let t = ck.f32(name).unwrap();
-            RawTensor {
-                name: gguf_name(name).unwrap(),
-                dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
-                ty: GgmlType::F32,
-                bytes: t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            }
-        })
-        .collect()
 }
 
 fn rewrite_gguf(p: &Path, over: &[(&'static str, MetaValue)]) {
