@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{s, tiny_gguf, tiny_model};
+use common::{s, skip, tiny_gguf, tiny_model};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("loftq-faults-{}-{name}", std::process::id()));
@@ -331,17 +331,7 @@ fn a_disk_too_small_is_refused_before_the_work() {
         .status()
         .is_ok_and(|st| st.success());
     if !mounted {
-        eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root)");
-        if let Some(log) = std::env::var_os("LOFTQ_SKIP_LOG") {
-            use std::io::Write;
-            let line = "faults::a_disk_too_small_is_refused_before_the_work: cannot mount a \
-                        tmpfs (needs root)\n";
-            let _ = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .and_then(|mut f| f.write_all(line.as_bytes()));
-        }
+        skip("cannot mount a small tmpfs here (needs root)");
         return;
     }
     let out = disk.join("out");

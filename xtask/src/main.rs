@@ -302,7 +302,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(),
         Some("fuzz") => fuzz::run(&args[1..]),
         _ => Err(
-            "usage: cargo xtask <test|validate|bench|assets|demo> [options]\n\
+            "usage: cargo xtask <test|validate|bench|assets|demo|fuzz> [options]\n\
                   test [--cpu-only]      tests on cpu, then the device tests on wgpu\n\
                   validate [--cpu-only]  fmt --check, clippy -D warnings, test\n\
                   bench [--smoke|--quick|--full] [--backends cpu,wgpu,cuda] [--out DIR] [--compare-peft]\n\

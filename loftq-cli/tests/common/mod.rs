@@ -10,6 +10,11 @@ use loftq_models::io::gguf::MetaValue;
 use loftq_models::io::gguf::write::{RawTensor, gguf_bytes};
 use loftq_models::io::gguf_name;
 
+#[path = "../../../loftq-models/tests/common/skip.rs"]
+mod skip;
+#[allow(unused_imports)] // not every test binary skips
+pub use skip::skip;
+
 /// A fixture of `loftq-models`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
