@@ -29,7 +29,9 @@ pub struct InitArgs {
     /// qpissa (pissa with the residual quantized).
     #[arg(long, value_enum, default_value_t = MethodArg::Loftq)]
     method: MethodArg,
-    /// Quantizer: nf4, nf3, nf2, int8, int4, int2 (symmetric), int4-asym, uniform4, ...
+    /// Quantizer: nf4, nf3, nf2, int8, int4, int2 (symmetric), int4-asym, uniform4, ...; or
+    /// llama.cpp's q4_0, q4_1, q5_0, q5_1, q8_0, byte for byte as llama.cpp quantizes (blocks
+    /// of 32 with f16 scales: --block-size and --double-quant do not apply).
     #[arg(long, default_value = "nf4")]
     bits: String,
     /// Elements per quantization block (0: one block per row).

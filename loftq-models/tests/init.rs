@@ -212,3 +212,26 @@ fn methods_targets_and_layer_rules() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn llama_cpp_formats_start_lower_than_plain_quantization() {
+    use loftq_core::quant::GgmlFormat;
+    let dir = scratch("init-ggml");
+    for (format, bpw) in [(GgmlFormat::Q4_0, 4.5), (GgmlFormat::Q5_1, 6.0)] {
+        let mut s = spec(fixture("tiny-llama"), dir.join(format.name()));
+        s.quant = QuantConfig::ggml(format);
+        s.backbone = Backbone::Packed;
+        let r = run(&s, false).unwrap();
+        assert_eq!(r.tensors.len(), 14);
+        for t in &r.tensors {
+            assert_eq!(t.quantizer, format.name());
+            assert_eq!(t.bits_per_param, bpw);
+            assert!(t.rel_err_init < t.rel_err_quant.unwrap(), "{t:?}");
+        }
+        // The packed backbone keeps the format and loads with its adapter.
+        let m = load_pretrained(&s.out, Some(&s.out.join("adapter")), &device()).unwrap();
+        let adapted = m.linears().iter().filter(|(_, l)| l.lora.is_some()).count();
+        assert_eq!(adapted, 14);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -28,6 +28,7 @@ const TEST_FEATURES: &str = "loftq-core/wgpu";
 /// Integration tests whose device comes from `LOFTQ_DEVICE`.
 const DEVICE_TESTS: &[&str] = &[
     "quant_reference",
+    "ggml_quant",
     "loftq_reference",
     "calibrated",
     "lowrank_and_init",

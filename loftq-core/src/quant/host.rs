@@ -82,7 +82,7 @@ impl Quantizer {
         }
         let block = self.block_len(shape)?;
         let nb = n.div_ceil(block);
-        let asym = matches!(self.config.scheme, Scheme::IntAsym { .. });
+        let asym = self.config.scheme.has_mins();
         out.shape = shape;
         out.block = block;
         out.codes.resize(n, 0);
@@ -123,6 +123,14 @@ impl Quantizer {
                     let (step, min) = self.quantize_affine(xb, cb, bits);
                     scales[b] = step;
                     mins[b] = min;
+                }
+                Scheme::Ggml { format } => {
+                    ok &= all_finite(xb);
+                    let (d, m) = format.quantize_block(xb, cb);
+                    scales[b] = d;
+                    if let Some(slot) = mins.get_mut(b) {
+                        *slot = m;
+                    }
                 }
                 _ => {
                     let bits = super::simd::absmax_bits(xb);
@@ -327,6 +335,12 @@ impl Quantizer {
                         *o = f32::from(c) * s + m;
                     }
                 }
+                Scheme::Ggml { format } => {
+                    let m = mins.get(b).copied().unwrap_or(0.0);
+                    for (o, &c) in ob.iter_mut().zip(cb) {
+                        *o = format.value(c, s, m);
+                    }
+                }
                 _ if self
                     .levels16
                     .is_some_and(|t| super::simd::dequant16(cb, &t, s, ob)) => {}
@@ -352,6 +366,7 @@ impl Quantizer {
             Rounding::Bnb => v * (1.0 / s),
         };
         match self.config.scheme {
+            Scheme::Ggml { format } => format.code_fixed(x, scale, min),
             Scheme::IntAsym { bits } => {
                 if scale == 0.0 || !scale.is_finite() {
                     return (0, min);

@@ -12,6 +12,7 @@
 
 mod codebook;
 mod double_quant;
+mod ggml;
 mod host;
 mod normal;
 mod pack;
@@ -22,6 +23,7 @@ mod tensor;
 
 pub use codebook::{Codebook, NF_OFFSET};
 pub use double_quant::{DYNAMIC_BLOCK, DoubleQuant, dynamic_map};
+pub use ggml::{GGML_BLOCK, GgmlFormat, round_f16};
 pub use host::HostQuantized;
 pub use normal::{normal_cdf, normal_ppf, torch_linspace_f32};
 pub use pack::{pack_codes, packed_len, unpack_codes, unpack_codes_into};
@@ -58,6 +60,12 @@ pub enum Scheme {
         /// Bits per weight, 1 to 8.
         bits: u8,
     },
+    /// One of llama.cpp's block formats (blocks of 32, `f16` scales), byte-identical with
+    /// llama.cpp's own quantizer, so a GGUF file written from it holds exactly these values.
+    Ggml {
+        /// Which format.
+        format: GgmlFormat,
+    },
 }
 
 impl Scheme {
@@ -68,6 +76,26 @@ impl Scheme {
             | Scheme::UniformCodebook { bits }
             | Scheme::IntSym { bits }
             | Scheme::IntAsym { bits } => bits,
+            Scheme::Ggml { format } => format.bits(),
+        }
+    }
+
+    /// True if every block has a minimum besides its scale.
+    pub fn has_mins(self) -> bool {
+        match self {
+            Scheme::IntAsym { .. } => true,
+            Scheme::Ggml { format } => format.has_min(),
+            _ => false,
+        }
+    }
+
+    /// Bits each stored scale (and minimum) takes in the format's own files: 16 for the
+    /// llama.cpp formats (`f16`), 32 otherwise.
+    pub fn scale_bits(self) -> usize {
+        if matches!(self, Scheme::Ggml { .. }) {
+            16
+        } else {
+            32
         }
     }
 
@@ -78,6 +106,7 @@ impl Scheme {
             Scheme::UniformCodebook { bits } => format!("uniform{bits}"),
             Scheme::IntSym { bits } => format!("int{bits}"),
             Scheme::IntAsym { bits } => format!("int{bits}-asym"),
+            Scheme::Ggml { format } => format.name().to_string(),
         }
     }
 }
@@ -157,11 +186,22 @@ impl QuantConfig {
         })
     }
 
-    /// A scheme with the defaults: blocks of 64, PEFT rounding, `f32` scales.
+    /// llama.cpp's block format `format` (blocks of 32).
+    pub fn ggml(format: GgmlFormat) -> Self {
+        Self::new(Scheme::Ggml { format })
+    }
+
+    /// A scheme with the defaults: blocks of 64 (32 for the llama.cpp formats, whose block is
+    /// fixed), PEFT rounding, `f32` scales.
     pub fn new(scheme: Scheme) -> Self {
+        let block = if matches!(scheme, Scheme::Ggml { .. }) {
+            GGML_BLOCK
+        } else {
+            64
+        };
         Self {
             scheme,
-            block_size: BlockSize::Elements(64),
+            block_size: BlockSize::Elements(block),
             rounding: Rounding::Peft,
             double_quant: false,
         }
@@ -199,6 +239,15 @@ impl QuantConfig {
                 self.scheme.name()
             )));
         }
+        if let Scheme::Ggml { format } = self.scheme
+            && (self.block_size != BlockSize::Elements(GGML_BLOCK) || self.double_quant)
+        {
+            return Err(QuantError::InvalidConfig(format!(
+                "{} has blocks of {GGML_BLOCK} with f16 scales; other block sizes and double \
+                 quantization do not apply",
+                format.name()
+            )));
+        }
         if self.block_size == BlockSize::Elements(0) {
             return Err(QuantError::InvalidConfig(
                 "block size must be at least 1".into(),
@@ -209,6 +258,9 @@ impl QuantConfig {
 
     /// Name for reports and file metadata, e.g. `nf4-b64`, `nf4-b64-dq`, `int8-row`.
     pub fn label(&self) -> String {
+        if let Scheme::Ggml { format } = self.scheme {
+            return format.name().to_string();
+        }
         let block = match self.block_size {
             BlockSize::Elements(n) => format!("b{n}"),
             BlockSize::Row => "row".into(),

@@ -1,8 +1,7 @@
 //! [`PackedTensor`]: the compact host storage of a quantized matrix.
 
 use super::{
-    DoubleQuant, HostQuantized, QuantConfig, Quantizer, Scheme, pack_codes, unpack_codes,
-    unpack_codes_into,
+    DoubleQuant, HostQuantized, QuantConfig, Quantizer, pack_codes, unpack_codes, unpack_codes_into,
 };
 use crate::QuantError;
 
@@ -30,13 +29,6 @@ impl Scales {
             Scales::Double(dq) => dq.codes.len(),
         }
     }
-
-    fn storage_bits(&self) -> usize {
-        match self {
-            Scales::F32(v) => 32 * v.len(),
-            Scales::Double(dq) => dq.storage_bits(),
-        }
-    }
 }
 
 /// A quantized `[rows, cols]` matrix with its codes packed into bytes.
@@ -50,7 +42,7 @@ pub struct PackedTensor {
     pub data: Vec<u8>,
     /// Per-block scales.
     pub scales: Scales,
-    /// Per-block minimums ([`Scheme::IntAsym`] only; `f32`, never double-quantized).
+    /// Per-block minimums ([`super::Scheme::has_mins`] only; `f32`, never double-quantized).
     pub mins: Vec<f32>,
 }
 
@@ -108,11 +100,7 @@ impl PackedTensor {
                 self.data.len()
             )));
         }
-        let want_mins = if matches!(self.config.scheme, Scheme::IntAsym { .. }) {
-            nb
-        } else {
-            0
-        };
+        let want_mins = if self.config.scheme.has_mins() { nb } else { 0 };
         if self.scales.len() != nb || self.mins.len() != want_mins {
             return Err(QuantError::Corrupt(format!(
                 "{} scales and {} minimums for {nb} blocks",
@@ -163,9 +151,15 @@ impl PackedTensor {
         self.shape[0] * self.shape[1]
     }
 
-    /// Total storage in bits: codes, scales (with their second level), minimums.
+    /// Total storage in bits: codes, scales (with their second level), minimums; the
+    /// llama.cpp formats count their scales as the `f16`s their files hold.
     pub fn storage_bits(&self) -> usize {
-        8 * self.data.len() + self.scales.storage_bits() + 32 * self.mins.len()
+        let scale_bits = self.config.scheme.scale_bits();
+        let scales = match &self.scales {
+            Scales::F32(v) => scale_bits * v.len(),
+            Scales::Double(dq) => dq.storage_bits(),
+        };
+        8 * self.data.len() + scales + scale_bits * self.mins.len()
     }
 
     /// Exact bits per weight of this matrix (NF4, blocks of 64: 4.5 with `f32` scales,

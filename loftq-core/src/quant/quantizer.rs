@@ -32,7 +32,7 @@ impl Quantizer {
         let codebook = match config.scheme {
             Scheme::Nf { bits } => Some(Codebook::normal_float(bits)),
             Scheme::UniformCodebook { bits } => Some(Codebook::uniform(bits)),
-            Scheme::IntSym { .. } | Scheme::IntAsym { .. } => None,
+            Scheme::IntSym { .. } | Scheme::IntAsym { .. } | Scheme::Ggml { .. } => None,
         };
         let (levels, thresholds) = match &codebook {
             Some(cb) => (cb.levels().to_vec(), cb.thresholds(config.rounding)),
@@ -45,6 +45,7 @@ impl Quantizer {
         let zero_code = match config.scheme {
             Scheme::IntSym { bits } => qmax(bits) as u8,
             Scheme::IntAsym { .. } => 0,
+            Scheme::Ggml { format } => format.offset() as u8,
             _ => thresholds.iter().filter(|&&t| 0.0 >= t).count() as u8,
         };
         let table16 = (!search.is_empty() && search.len() < 16).then(|| {
@@ -96,6 +97,14 @@ impl Quantizer {
     /// Block length for a matrix of the given shape.
     pub fn block_len(&self, shape: [usize; 2]) -> Result<usize, QuantError> {
         let block = self.config.block_size.len(shape[1]);
+        if let super::Scheme::Ggml { format } = self.config.scheme
+            && !shape[1].is_multiple_of(block)
+        {
+            return Err(QuantError::InvalidConfig(format!(
+                "{} needs rows whose length is a multiple of {block}, shape is {shape:?}",
+                format.name()
+            )));
+        }
         if block == 0 {
             return Err(QuantError::InvalidConfig(format!(
                 "row blocks need at least one column, shape is {shape:?}"

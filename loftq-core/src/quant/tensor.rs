@@ -11,7 +11,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::host::non_finite_error;
 use super::quantizer::qmax;
-use super::{HostQuantized, Quantizer, Rounding, Scheme};
+use super::{GgmlFormat, HostQuantized, Quantizer, Rounding, Scheme, round_f16};
 use crate::QuantError;
 
 /// Which implementation runs.
@@ -61,7 +61,7 @@ pub struct Quantized {
     pub codes: Tensor<1, Int>,
     /// One scale per block.
     pub scales: Tensor<1>,
-    /// One minimum per block ([`Scheme::IntAsym`] only).
+    /// One minimum per block (schemes with [`Scheme::has_mins`] only).
     pub mins: Option<Tensor<1>>,
 }
 
@@ -253,6 +253,7 @@ impl Quantizer {
             }
         };
         match self.config.scheme {
+            Scheme::Ggml { format } => portable_ggml(x, format),
             Scheme::IntAsym { bits } => {
                 let top = ((1u32 << bits) - 1) as f32;
                 let min = x.clone().min_dim(1);
@@ -346,7 +347,12 @@ impl Quantizer {
                     .mul(scales)
                     .div_scalar(qm as f32)
             }
-            Scheme::IntAsym { .. } => {
+            Scheme::Ggml { format } if !format.has_min() => codes
+                .sub_scalar(format.offset())
+                .float()
+                .reshape([count, len])
+                .mul(scales),
+            Scheme::IntAsym { .. } | Scheme::Ggml { .. } => {
                 let mins = q
                     .mins
                     .clone()
@@ -367,5 +373,72 @@ impl Quantizer {
             }
         };
         values.reshape([count * len])
+    }
+}
+
+/// llama.cpp's formats with tensor ops, in the order of [`GgmlFormat::quantize_block`]: codes
+/// from the `f32` scale, the stored scales rounded to `f16` (on the host: one value per block).
+fn portable_ggml(
+    x: Tensor<2>,
+    format: GgmlFormat,
+) -> (Tensor<1, Int>, Tensor<1>, Option<Tensor<1>>) {
+    let [nb, len] = x.dims();
+    let device = x.device();
+    let top = ((1u32 << format.bits()) - 1) as f32;
+    let inverse = |d: &Tensor<2>| {
+        let zero = d.clone().equal_elem(0.0);
+        d.clone()
+            .mask_fill(zero.clone(), 1.0)
+            .recip()
+            .mask_fill(zero, 0.0)
+    };
+    let to_f16 = |t: Tensor<2>| {
+        let v: Vec<f32> = f32_vec(&t.reshape([nb]))
+            .into_iter()
+            .map(round_f16)
+            .collect();
+        Tensor::<1>::from_data(TensorData::new(v, [nb]), &device)
+    };
+    match format {
+        GgmlFormat::Q4_0 | GgmlFormat::Q5_0 => {
+            // The first value of largest magnitude, with its sign.
+            let half = format.offset() as f32;
+            let abs = x.clone().abs();
+            let not_max = abs.clone().not_equal(abs.max_dim(1).expand([nb, len]));
+            let first = Tensor::<1, Int>::arange(0..len as i64, &device)
+                .reshape([1, len])
+                .expand([nb, len])
+                .mask_fill(not_max, len as i32)
+                .min_dim(1);
+            let d = x.clone().gather(1, first).div_scalar(-half);
+            let codes = (x * inverse(&d))
+                .add_scalar(half + 0.5)
+                .floor()
+                .clamp(0.0, top);
+            (codes.int().reshape([nb * len]), to_f16(d), None)
+        }
+        GgmlFormat::Q4_1 | GgmlFormat::Q5_1 => {
+            let min = x.clone().min_dim(1);
+            let d = (x.clone().max_dim(1) - min.clone()).div_scalar(top);
+            let codes = ((x - min.clone()) * inverse(&d))
+                .add_scalar(0.5)
+                .floor()
+                .clamp(0.0, top);
+            (
+                codes.int().reshape([nb * len]),
+                to_f16(d),
+                Some(to_f16(min)),
+            )
+        }
+        GgmlFormat::Q8_0 => {
+            let d = x.clone().abs().max_dim(1).div_scalar(127.0);
+            let v = x * inverse(&d);
+            // Half away from zero: floor(a) + floor(2·(a − floor(a))), exact in f32.
+            let a = v.clone().abs();
+            let fl = a.clone().floor();
+            let r = fl.clone() + (a - fl).mul_scalar(2.0).floor();
+            let codes = (r * v.sign()).clamp(-127.0, 127.0).add_scalar(128.0);
+            (codes.int().reshape([nb * len]), to_f16(d), None)
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Which tensors `loftq init` quantizes, and with which quantizer.
 
 use loftq_core::QuantConfig;
-use loftq_core::quant::{BlockSize, Scheme};
+use loftq_core::quant::{BlockSize, GgmlFormat, Scheme};
 use serde::{Deserialize, Serialize};
 
 /// Which 2-D weights get an adapter.
@@ -77,10 +77,20 @@ pub fn layer_index(name: &str) -> Option<usize> {
 
 /// Parses a quantizer name: `nf2`..`nf8`, `int2`..`int8` (symmetric), `int2-asym`..,
 /// `uniform2`..; `block` elements per block (0 = one block per row), double quantization.
+/// llama.cpp's `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q8_0` have their own fixed blocks of 32 and
+/// `f16` scales: `block` does not apply to them, double quantization is refused.
 ///
 /// # Errors
 /// A message naming the bad value.
 pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConfig, String> {
+    if let Some(format) = GgmlFormat::from_name(s) {
+        if double_quant {
+            return Err(format!(
+                "`{s}` is llama.cpp's format with f16 scales; double quantization does not apply"
+            ));
+        }
+        return Ok(QuantConfig::ggml(format));
+    }
     let num = |p: &str| -> Result<u8, String> {
         s.strip_prefix(p)
             .and_then(|r| r.strip_suffix("-asym").unwrap_or(r).parse().ok())
@@ -98,7 +108,8 @@ pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConf
         Scheme::IntSym { bits: num("int")? }
     } else {
         return Err(format!(
-            "bad quantizer `{s}` (nf2..nf8, int2..int8, int2-asym.., uniform2..)"
+            "bad quantizer `{s}` (nf2..nf8, int2..int8, int2-asym.., uniform2.., q4_0, q4_1, \
+             q5_0, q5_1, q8_0)"
         ));
     };
     let cfg = QuantConfig::new(scheme)
@@ -194,8 +205,10 @@ pub fn parse_quantizer(s: &str, block: usize, double_quant: bool) -> Result<Quan
             }
         }
     }
-    // A label without `-dq` that names its block is complete: no double quantization.
-    if !explicit_dq && (s.contains("-b") || s.contains("-row")) {
+    // A label without `-dq` that names its block is complete: no double quantization (the
+    // llama.cpp formats name their block).
+    let fixed_block = GgmlFormat::from_name(&name).is_some();
+    if !explicit_dq && (s.contains("-b") || s.contains("-row") || fixed_block) {
         dq = false;
     }
     parse_bits(&name, block, dq).map_err(|e| e.replace(&format!("`{name}`"), &format!("`{s}`")))
@@ -226,6 +239,8 @@ mod tests {
             "nf2-row",
             "int4-asym-b32",
             "int8-row-dq",
+            "q4_0",
+            "q5_1",
         ] {
             assert_eq!(parse_quantizer(label, 64, true).unwrap().label(), label);
         }
@@ -241,7 +256,16 @@ mod tests {
             parse_quantizer("int4-asym", 64, false).unwrap().label(),
             "int4-asym-b64"
         );
-        for bad in ["nf3-b0", "nf3-x", "nf9", "nf3-b", "fp4-b64"] {
+        // llama.cpp's formats keep their blocks of 32 and refuse double quantization.
+        assert_eq!(parse_bits("q8_0", 128, false).unwrap().label(), "q8_0");
+        assert!(
+            parse_bits("q4_0", 64, true)
+                .unwrap_err()
+                .contains("double quantization")
+        );
+        for bad in [
+            "nf3-b0", "nf3-x", "nf9", "nf3-b", "fp4-b64", "q4_k", "q4_0-dq",
+        ] {
             assert!(parse_quantizer(bad, 64, false).is_err(), "{bad}");
         }
     }

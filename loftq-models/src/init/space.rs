@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use loftq_core::QuantConfig;
-use loftq_core::quant::Scheme;
 
 use super::piece::Plan;
 use super::{Backbone, InitSpec};
@@ -24,11 +23,7 @@ fn packed_bytes(cfg: &QuantConfig, [rows, cols]: [usize; 2]) -> u64 {
     } else {
         4 * blocks
     };
-    let mins = if matches!(cfg.scheme, Scheme::IntAsym { .. }) {
-        4 * blocks
-    } else {
-        0
-    };
+    let mins = if cfg.scheme.has_mins() { 4 * blocks } else { 0 };
     codes + scales + mins
 }
 

@@ -1,0 +1,288 @@
+//! llama.cpp's block formats as quantizers: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`.
+//!
+//! Each block is 32 consecutive values of a row with an `f16` scale `d` (and for `Q4_1`/`Q5_1`
+//! an `f16` minimum `m`). The codes are computed from the `f32` scale before it is rounded to
+//! `f16`, then the value of a code is taken with the rounded scale — as llama.cpp's reference
+//! quantizers (`quantize_row_q4_0_ref`, ...) and gguf-py's `quants` do, operation for
+//! operation in `f32`, so codes and bytes are identical (checked against gguf-py,
+//! `tests/ggml_quant.rs`).
+//!
+//! Codes are stored unsigned: `Q4_0` `q + 8`, `Q5_0` `q + 16`, `Q8_0` `q + 128`.
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+/// Values per block in every format here.
+pub const GGML_BLOCK: usize = 32;
+
+/// A llama.cpp block format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum GgmlFormat {
+    /// `x ≈ (q − 8)·d`, `d = max/−8` with `max` the value of largest magnitude (signed).
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// `x ≈ q·d + m`, `d = (max − min)/15`, `m = min`.
+    #[serde(rename = "q4_1")]
+    Q4_1,
+    /// `x ≈ (q − 16)·d`, `d = max/−16`.
+    #[serde(rename = "q5_0")]
+    Q5_0,
+    /// `x ≈ q·d + m`, `d = (max − min)/31`.
+    #[serde(rename = "q5_1")]
+    Q5_1,
+    /// `x ≈ q·d`, `d = absmax/127`, `q` rounded half away from zero.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl GgmlFormat {
+    /// Every format, in ggml's type order.
+    pub const ALL: [GgmlFormat; 5] = [
+        GgmlFormat::Q4_0,
+        GgmlFormat::Q4_1,
+        GgmlFormat::Q5_0,
+        GgmlFormat::Q5_1,
+        GgmlFormat::Q8_0,
+    ];
+
+    /// Bits per code.
+    pub fn bits(self) -> u8 {
+        match self {
+            GgmlFormat::Q4_0 | GgmlFormat::Q4_1 => 4,
+            GgmlFormat::Q5_0 | GgmlFormat::Q5_1 => 5,
+            GgmlFormat::Q8_0 => 8,
+        }
+    }
+
+    /// Lower-case name, as `--bits` takes it (`q4_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlFormat::Q4_0 => "q4_0",
+            GgmlFormat::Q4_1 => "q4_1",
+            GgmlFormat::Q5_0 => "q5_0",
+            GgmlFormat::Q5_1 => "q5_1",
+            GgmlFormat::Q8_0 => "q8_0",
+        }
+    }
+
+    /// The format named `name` (`q4_0`, any case).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(name))
+    }
+
+    /// ggml's type number (`GGML_TYPE_Q4_0` = 2, ...), as GGUF files store it.
+    pub fn type_id(self) -> u32 {
+        match self {
+            GgmlFormat::Q4_0 => 2,
+            GgmlFormat::Q4_1 => 3,
+            GgmlFormat::Q5_0 => 6,
+            GgmlFormat::Q5_1 => 7,
+            GgmlFormat::Q8_0 => 8,
+        }
+    }
+
+    /// True for the formats with a per-block minimum (`Q4_1`, `Q5_1`).
+    pub fn has_min(self) -> bool {
+        matches!(self, GgmlFormat::Q4_1 | GgmlFormat::Q5_1)
+    }
+
+    /// What is subtracted from a stored code to get the signed level (0 for the formats with
+    /// a minimum).
+    pub fn offset(self) -> i32 {
+        match self {
+            GgmlFormat::Q4_0 => 8,
+            GgmlFormat::Q5_0 => 16,
+            GgmlFormat::Q8_0 => 128,
+            GgmlFormat::Q4_1 | GgmlFormat::Q5_1 => 0,
+        }
+    }
+
+    /// Largest stored code.
+    fn top(self) -> f32 {
+        ((1u32 << self.bits()) - 1) as f32
+    }
+
+    /// Bytes of one block in a GGUF file.
+    pub fn block_bytes(self) -> usize {
+        let scales = if self.has_min() { 4 } else { 2 };
+        scales + GGML_BLOCK * usize::from(self.bits()) / 8
+    }
+
+    /// Quantizes one block (at most 32 finite values) into `codes`; returns `(d, m)`, both
+    /// already rounded to `f16` (`m` is 0 without a minimum).
+    #[inline(always)]
+    pub fn quantize_block(self, x: &[f32], codes: &mut [u8]) -> (f32, f32) {
+        let inverse = |d: f32| if d == 0.0 { 0.0 } else { 1.0 / d };
+        match self {
+            GgmlFormat::Q4_0 | GgmlFormat::Q5_0 => {
+                // The first value of largest magnitude, with its sign (numpy's argmax).
+                let mut max = x.first().copied().unwrap_or(0.0);
+                for &v in x {
+                    if v.abs() > max.abs() {
+                        max = v;
+                    }
+                }
+                let half = self.offset() as f32;
+                let d = max / -half;
+                let id = inverse(d);
+                let top = self.top();
+                for (c, &v) in codes.iter_mut().zip(x) {
+                    *c = (v * id + (half + 0.5)).trunc().clamp(0.0, top) as u8;
+                }
+                (round_f16(d), 0.0)
+            }
+            GgmlFormat::Q4_1 | GgmlFormat::Q5_1 => {
+                let first = x.first().copied().unwrap_or(0.0);
+                let (min, max) = x.iter().fold((first, first), |(lo, hi), &v| {
+                    (if v < lo { v } else { lo }, if v > hi { v } else { hi })
+                });
+                let top = self.top();
+                let d = (max - min) / top;
+                let id = inverse(d);
+                for (c, &v) in codes.iter_mut().zip(x) {
+                    *c = ((v - min) * id + 0.5).trunc().clamp(0.0, top) as u8;
+                }
+                (round_f16(d), round_f16(min))
+            }
+            GgmlFormat::Q8_0 => {
+                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = inverse(d);
+                for (c, &v) in codes.iter_mut().zip(x) {
+                    // `round` is half away from zero, as gguf-py's `np_roundf`.
+                    *c = ((v * id).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+                }
+                (round_f16(d), 0.0)
+            }
+        }
+    }
+
+    /// The value of stored code `c` in a block with scale `d` and minimum `m`.
+    #[inline(always)]
+    pub fn value(self, c: u8, d: f32, m: f32) -> f32 {
+        if self.has_min() {
+            f32::from(c) * d + m
+        } else {
+            (i32::from(c) - self.offset()) as f32 * d
+        }
+    }
+
+    /// The nearest code to `x` in a block whose `d` and `m` are fixed (values outside the
+    /// block's range clamp to its end codes), with its value.
+    pub fn code_fixed(self, x: f32, d: f32, m: f32) -> (u8, f32) {
+        let off = self.offset() as f32;
+        let c = if d == 0.0 || !d.is_finite() {
+            off
+        } else if self.has_min() {
+            ((x - m) / d).round_ties_even().clamp(0.0, self.top())
+        } else {
+            let lo = if self == GgmlFormat::Q8_0 {
+                -127.0
+            } else {
+                -off
+            };
+            (x / d).round_ties_even().clamp(lo, self.top() - off) + off
+        };
+        let c = c as u8;
+        (c, self.value(c, d, m))
+    }
+
+    /// The GGUF bytes of whole blocks: `codes` (a multiple of 32), one `d` per block and, for
+    /// the formats with a minimum, one `m` per block.
+    ///
+    /// # Panics
+    /// If the lengths disagree or a scale is not exactly an `f16`.
+    pub fn encode(self, codes: &[u8], scales: &[f32], mins: &[f32]) -> Vec<u8> {
+        assert_eq!(codes.len(), GGML_BLOCK * scales.len(), "codes per scale");
+        assert_eq!(mins.len(), if self.has_min() { scales.len() } else { 0 });
+        let mut out = Vec::with_capacity(scales.len() * self.block_bytes());
+        let half_bytes = |v: f32| {
+            let h = f16::from_f32(v);
+            assert!(
+                h.to_f32().to_bits() == v.to_bits(),
+                "scale {v} is not an f16"
+            );
+            h.to_le_bytes()
+        };
+        for (b, c) in codes.chunks_exact(GGML_BLOCK).enumerate() {
+            out.extend(half_bytes(scales[b]));
+            if self.has_min() {
+                out.extend(half_bytes(mins[b]));
+            }
+            match self.bits() {
+                8 => out.extend(c.iter().map(|&q| q ^ 0x80)),
+                bits => {
+                    if bits == 5 {
+                        let qh = (0..GGML_BLOCK).fold(0u32, |h, j| h | (u32::from(c[j] >> 4) << j));
+                        out.extend(qh.to_le_bytes());
+                    }
+                    out.extend((0..16).map(|j| (c[j] & 0xF) | ((c[j + 16] & 0xF) << 4)));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `v` rounded to the nearest `f16` (ties to even, as numpy's `astype(float16)`), as `f32`.
+pub fn round_f16(v: f32) -> f32 {
+    f16::from_f32(v).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for f in GgmlFormat::ALL {
+            assert_eq!(GgmlFormat::from_name(f.name()), Some(f));
+            assert_eq!(GgmlFormat::from_name(&f.name().to_uppercase()), Some(f));
+        }
+        assert_eq!(GgmlFormat::from_name("q4_k"), None);
+    }
+
+    #[test]
+    fn fixed_codes_reproduce_the_block_codes() {
+        // With the scale fixed from the block, the nearest code is the block's own code for
+        // every value that the block kernel put in range (up to f16 rounding of the scale).
+        let x: Vec<f32> = (0..32)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.013)
+            .collect();
+        for f in GgmlFormat::ALL {
+            let mut codes = [0u8; 32];
+            let (d, m) = f.quantize_block(&x, &mut codes);
+            for (&v, &c) in x.iter().zip(&codes) {
+                let (cf, vf) = f.code_fixed(v, d, m);
+                assert!(
+                    (i32::from(cf) - i32::from(c)).abs() <= 1,
+                    "{f:?}: {v} got {cf}, block code {c}"
+                );
+                // Q4_0 and Q5_0 reach one level less on the side opposite the block's max.
+                let (lo, hi) = (f.value(0, d, m), f.value(f.top() as u8, d, m));
+                let clamped = v.clamp(lo.min(hi), lo.max(hi));
+                assert!(
+                    (vf - clamped).abs() <= d.abs() * 0.5 + 1e-6,
+                    "{f:?}: {v} → {vf}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn zero_block_encodes_zeros() {
+        for f in GgmlFormat::ALL {
+            let mut codes = [0u8; 32];
+            let (d, m) = f.quantize_block(&[0.0; 32], &mut codes);
+            assert_eq!((d, m), (0.0, 0.0));
+            assert!(codes.iter().all(|&c| f.value(c, d, m) == 0.0));
+            assert_eq!(
+                f.encode(&codes, &[d], &[m][..usize::from(f.has_min())])
+                    .len(),
+                f.block_bytes()
+            );
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! llama.cpp's block formats (`Q4_0` ... `Q8_0`) against gguf-py, llama.cpp's own Python
+//! package: the bytes of a quantized matrix and its values, on the device named by
+//! `LOFTQ_DEVICE` (fixture made by `fixtures/make_ggml_quant.py`).
+
+mod common;
+
+use burn::tensor::{Tensor, TensorData};
+use common::{Fixture, device};
+use loftq_core::quant::{GgmlFormat, Kernel, PackedTensor, is_host_device};
+use loftq_core::{QuantConfig, QuantError, Quantizer};
+
+const CASES: [&str; 5] = ["gauss", "bf16_ties", "zeros", "midpoints", "tiny"];
+
+fn upper(f: GgmlFormat) -> String {
+    f.name().to_uppercase()
+}
+
+#[test]
+fn bytes_and_values_equal_gguf_py() {
+    let fx = Fixture::open("ggml_quant.safetensors");
+    let dev = device();
+    let exact = is_host_device(&dev);
+    for case in CASES {
+        let (x, shape) = fx.f32(&format!("{case}.x"));
+        let shape = [shape[0], shape[1]];
+        let w = Tensor::<2>::from_data(TensorData::new(x.clone(), shape), &dev);
+        for f in GgmlFormat::ALL {
+            let what = format!("{case} {}", f.name());
+            let want = fx.u8(&format!("{case}.{}", upper(f)));
+            let (values, _) = fx.f32(&format!("{case}.{}.values", upper(f)));
+            let q = Quantizer::new(QuantConfig::ggml(f)).unwrap();
+            let host = q.quantize_host(&x, shape).unwrap();
+            let bytes = f.encode(&host.codes, &host.scales, &host.mins);
+            assert!(bytes == want, "{what}: bytes differ from gguf-py");
+            let deq = q.dequantize_host(&host);
+            for (i, (a, b)) in deq.iter().zip(&values).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{what}: value[{i}] {a} vs {b}");
+            }
+            // The portable (tensor-op) kernel: the same bytes wherever division is exact.
+            let port = q.quantize_with(&w, Kernel::Portable).unwrap().to_host();
+            if exact {
+                let bytes = f.encode(&port.codes, &port.scales, &port.mins);
+                assert!(bytes == want, "{what}: portable kernel's bytes differ");
+            } else {
+                let differ = host.codes.iter().zip(&port.codes).filter(|(a, b)| a != b);
+                assert!(differ.count() * 100 <= host.codes.len(), "{what}: codes");
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_storage_counts_f16_scales() {
+    let fx = Fixture::open("ggml_quant.safetensors");
+    let (x, shape) = fx.f32("gauss.x");
+    let shape = [shape[0], shape[1]];
+    for (f, bpw) in GgmlFormat::ALL.into_iter().zip([4.5, 5.0, 5.5, 6.0, 8.5]) {
+        let cfg = QuantConfig::ggml(f);
+        let q = Quantizer::new(cfg).unwrap();
+        let host = q.quantize_host(&x, shape).unwrap();
+        let packed = PackedTensor::pack(&host, cfg);
+        assert_eq!(packed.bits_per_param(), bpw, "{}", f.name());
+        assert_eq!(
+            packed.storage_bits(),
+            8 * f.encode(&host.codes, &host.scales, &host.mins).len(),
+            "{}: GGUF bytes",
+            f.name()
+        );
+        assert_eq!(packed.unpack().unwrap(), host, "{}", f.name());
+        assert_eq!(packed.dequantize().unwrap(), q.dequantize_host(&host));
+    }
+}
+
+#[test]
+fn rows_must_be_whole_blocks_and_blocks_fixed() {
+    let q = Quantizer::new(QuantConfig::ggml(GgmlFormat::Q4_0)).unwrap();
+    let err = q.quantize_host(&[0.5; 40], [2, 20]).unwrap_err();
+    assert!(
+        matches!(&err, QuantError::InvalidConfig(m) if m.contains("multiple of 32")),
+        "{err}"
+    );
+    let cfg = QuantConfig::ggml(GgmlFormat::Q8_0);
+    assert!(
+        cfg.with_block_size(loftq_core::quant::BlockSize::Elements(64))
+            .validate()
+            .is_err()
+    );
+    assert!(cfg.with_double_quant(true).validate().is_err());
+    let mut x = vec![0.1f32; 64];
+    x[33] = f32::NAN;
+    let err = q.quantize_host(&x, [2, 32]).unwrap_err();
+    assert!(
+        matches!(err, QuantError::NonFinite { row: 1, col: 1, .. }),
+        "{err}"
+    );
+}
