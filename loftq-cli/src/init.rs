@@ -90,7 +90,9 @@ pub struct InitArgs {
     /// Module names to leave alone, comma-separated (same rule).
     #[arg(long, default_value = "")]
     exclude: String,
-    /// Backbones to write: packed (ours), bf16 (dense, loads anywhere), both (bf16 in bf16/).
+    /// Backbones to write: packed (ours), bf16 (dense, loads anywhere), both (bf16 in bf16/),
+    /// gguf (packed, plus model.gguf and adapter.gguf for llama.cpp: needs a .gguf --model
+    /// and --bits q4_0, q4_1, q5_0, q5_1 or q8_0).
     #[arg(long, value_enum, default_value_t = BackboneArg::Packed)]
     backbone: BackboneArg,
     /// Device: cpu, wgpu[:N], cuda[:N]; several, comma-separated (cuda:0,cuda:1), each taking whole
@@ -216,6 +218,7 @@ enum BackboneArg {
     Packed,
     Bf16,
     Both,
+    Gguf,
 }
 
 pub(crate) fn invalid(msg: String) -> ModelError {
@@ -279,6 +282,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
             BackboneArg::Packed => Backbone::Packed,
             BackboneArg::Bf16 => Backbone::Bf16,
             BackboneArg::Both => Backbone::Both,
+            BackboneArg::Gguf => Backbone::Gguf,
         },
         seed: a.seed,
         calibration: (!a.calibration.is_empty()).then(|| Calibration {

@@ -6,6 +6,7 @@
 
 mod convert;
 mod eval;
+mod export;
 mod init;
 mod inspect;
 mod progress;
@@ -58,6 +59,10 @@ enum Command {
     /// Convert a llama.cpp .gguf file into an HF-style directory (config.json,
     /// model.safetensors, tokenizer.json).
     Convert(convert::ConvertArgs),
+    /// Write llama.cpp files: an init output in one of llama.cpp's formats as a GGUF base
+    /// (metadata, vocabulary and other tensors carried over from the source GGUF), and a PEFT
+    /// adapter as a llama.cpp LoRA adapter GGUF.
+    Export(export::ExportArgs),
     /// Show what a checkpoint, GGUF file, packed or bitsandbytes backbone or PEFT adapter holds:
     /// tensors, dtypes or quantizers, bits per parameter.
     Inspect(inspect::InspectArgs),
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Export(args) => export::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Refine(args) => refine::run(&args),
     };

@@ -4,40 +4,23 @@
 mod common;
 
 use common::*;
-use half::f16;
+use loftq_core::quant::GgmlFormat;
+use loftq_core::{QuantConfig, Quantizer};
 use loftq_models::io::ggml::GgmlType;
+use loftq_models::io::gguf::Gguf;
 use loftq_models::io::gguf::MetaValue;
 use loftq_models::io::gguf::write::{RawTensor, gguf_bytes};
-use loftq_models::io::{Checkpoint, GgufModel, gguf_name};
+use loftq_models::io::{
+    Adapter, Checkpoint, GgufModel, gguf_name, permute_rows, write_gguf_base, write_lora_gguf,
+};
 use loftq_models::nn::load_pretrained;
 
-/// llama.cpp's permutation of q/k rows (the inverse of what the reader undoes).
-fn permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let half = rows / heads / 2;
-    let mut out = vec![0.0; w.len()];
-    for h in 0..heads {
-        for i in 0..2 {
-            for j in 0..half {
-                let src = h * 2 * half + i * half + j;
-                let dst = h * 2 * half + 2 * j + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
-/// Q8_0 blocks of `v` (llama.cpp's reference quantizer: d = absmax/127, round to nearest).
+/// Q8_0 blocks of `v`, as llama.cpp quantizes them.
 fn q8_0(v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for b in v.chunks(32) {
-        let amax = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let d = amax / 127.0;
-        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-        out.extend(f16::from_f32(d).to_le_bytes());
-        out.extend(b.iter().map(|x| (x * id).round() as i8 as u8));
-    }
-    out
+    let f = GgmlFormat::Q8_0;
+    let q = Quantizer::new(QuantConfig::ggml(f)).unwrap();
+    let h = q.quantize_host(v, [1, v.len()]).unwrap();
+    f.encode(&h.codes, &h.scales, &h.mins)
 }
 
 fn meta(k: &str, v: MetaValue) -> (&str, MetaValue) {
@@ -58,7 +41,7 @@ fn tiny_gguf_with(ty: GgmlType, extra: Vec<(&str, MetaValue)>) -> Vec<u8> {
         let mut data = t.data.clone();
         let heads = 4;
         if name.contains("q_proj") || name.contains("k_proj") {
-            data = permute(&data, t.shape[0], t.shape[1], heads);
+            data = permute_rows(&data, t.shape[0], heads, true);
         }
         let is_linear = name.contains("_proj");
         let (ty, bytes) = if is_linear && ty == GgmlType::Q8_0 {
@@ -250,4 +233,109 @@ fn block_types_decode_as_gguf_py() {
             "{name}: block layout"
         );
     }
+}
+
+/// A LoftQ start in Q4_0 written back as GGUF: the base holds the packed codes byte for byte
+/// (and loads to the same logits as the packed output), every other tensor and metadata
+/// entry is the source's, and the LoRA GGUF holds the adapter in llama.cpp's layout.
+#[test]
+fn q4_0_start_writes_a_gguf_base_and_lora_adapter() {
+    let dir = scratch("gguf-export");
+    let src = dir.join("tiny.gguf");
+    std::fs::write(&src, tiny_gguf(GgmlType::F32)).unwrap();
+    let out = dir.join("out");
+    let mut spec = loftq_models::init::InitSpec::new(src.clone(), out.clone(), 4, 2);
+    spec.quant = QuantConfig::ggml(GgmlFormat::Q4_0);
+    spec.backbone = loftq_models::init::Backbone::Gguf;
+    spec.alpha = 16.0;
+    run_init_here(&spec, false).unwrap();
+    // `loftq export` from the packed output writes the same two files.
+    let source = GgufModel::open(&src).unwrap();
+    let ckpt = Checkpoint::open(&out.join("model.safetensors")).unwrap();
+    write_gguf_base(&source, &ckpt, &dir.join("model.gguf")).unwrap();
+    let adapter = Adapter::read(&out.join("adapter")).unwrap();
+    write_lora_gguf(&adapter, "llama", &source.config, &dir.join("adapter.gguf")).unwrap();
+    for f in ["model.gguf", "adapter.gguf"] {
+        let (a, b) = (
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(dir.join(f)).unwrap(),
+        );
+        assert!(a == b, "{f}: init and export differ");
+    }
+
+    let base = Gguf::open(&out.join("model.gguf")).unwrap();
+    let mut want_meta = source.gguf.metadata.clone();
+    want_meta.insert("general.file_type".into(), MetaValue::U64(2));
+    assert_eq!(base.metadata, want_meta);
+    for (g, t) in &source.gguf.tensors {
+        let got = &base.tensors[g];
+        assert_eq!(got.shape, t.shape, "{g}");
+        if g.contains("attn_") && !g.contains("norm") || g.contains("ffn_") && !g.contains("norm") {
+            assert_eq!(got.ty.name(), "Q4_0", "{g}");
+        } else {
+            assert_eq!(base.raw_tensor(g), source.gguf.raw_tensor(g), "{g}");
+        }
+    }
+    // The base in GGUF runs as the packed output does.
+    let shape = [1, 12];
+    let tokens: Vec<i32> = (0..12).map(|i| i * 37 % 256).collect();
+    let packed = load_pretrained(&out, None, &device()).unwrap();
+    let gguf = load_pretrained(&out.join("model.gguf"), None, &device()).unwrap();
+    let (a, b) = (
+        logits(&packed, ids(tokens.clone(), shape[0], shape[1])),
+        logits(&gguf, ids(tokens, shape[0], shape[1])),
+    );
+    assert!(max_abs_diff(&a, &b) < 1e-5, "{}", max_abs_diff(&a, &b));
+
+    let lora = Gguf::open(&out.join("adapter.gguf")).unwrap();
+    let s = |k: &str| lora.meta(k).and_then(MetaValue::as_str).map(str::to_string);
+    assert_eq!(s("general.type").as_deref(), Some("adapter"));
+    assert_eq!(s("adapter.type").as_deref(), Some("lora"));
+    // alpha / r = 16 / 4, llama.cpp's scale.
+    assert_eq!(
+        lora.meta("adapter.lora.alpha").and_then(MetaValue::as_f64),
+        Some(16.0)
+    );
+    assert_eq!(lora.tensors.len(), 2 * adapter.modules.len());
+    let q = &adapter.modules["model.layers.1.self_attn.q_proj"];
+    let (sa, a) = lora.f32("blk.1.attn_q.weight.lora_a").unwrap();
+    assert_eq!((sa, a), (q.a.shape.clone(), q.a.data.clone()));
+    let (sb, b) = lora.f32("blk.1.attn_q.weight.lora_b").unwrap();
+    assert_eq!(sb, q.b.shape);
+    assert_eq!(permute_rows(&b, sb[0], 4, false), q.b.data);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--backbone gguf` that cannot be written is refused before any tensor is computed.
+#[test]
+fn gguf_output_is_refused_before_the_work() {
+    let dir = scratch("gguf-out-refused");
+    let src = dir.join("tiny.gguf");
+    std::fs::write(&src, tiny_gguf(GgmlType::F32)).unwrap();
+    let cases = [
+        (src.clone(), QuantConfig::nf4(), "nf4-b64 is not one"),
+        (
+            fixture("tiny-llama"),
+            QuantConfig::ggml(GgmlFormat::Q4_0),
+            "needs a .gguf --model",
+        ),
+    ];
+    for (model, quant, want) in cases {
+        let out = dir.join("out");
+        let mut spec = loftq_models::init::InitSpec::new(model, out.clone(), 4, 1);
+        spec.quant = quant;
+        spec.backbone = loftq_models::init::Backbone::Gguf;
+        let mut computed = 0;
+        let err = loftq_models::init::run_init(&spec, &[device()], false, &mut |e| {
+            if matches!(e, loftq_models::init::Event::Tensor(_)) {
+                computed += 1;
+            }
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(want), "{err}");
+        assert_eq!(computed, 0);
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

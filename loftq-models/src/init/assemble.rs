@@ -35,7 +35,7 @@ pub fn assemble(
         .collect::<Result<_>>()?;
     let out = &spec.out;
     match spec.backbone {
-        Backbone::Packed => packed_backbone(&pieces, out)?,
+        Backbone::Packed | Backbone::Gguf => packed_backbone(&pieces, out)?,
         Backbone::Bf16 => bf16_backbone(plan, &pieces, out)?,
         Backbone::Both => {
             packed_backbone(&pieces, out)?;
@@ -51,6 +51,9 @@ pub fn assemble(
         copy_side_files(&spec.model, d)?;
     }
     adapter(spec, &pieces, &out.join("adapter"))?;
+    if spec.backbone == Backbone::Gguf {
+        llama_cpp_files(spec, out)?;
+    }
     let report = Report {
         totals: totals(spec, &reports, start, resumed),
         tensors: reports,
@@ -58,6 +61,21 @@ pub fn assemble(
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
     write_atomic(&out.join("report.json"), json.as_bytes())?;
     Ok(report)
+}
+
+/// `model.gguf` and `adapter.gguf` from the packed output and the source GGUF.
+fn llama_cpp_files(spec: &InitSpec, out: &Path) -> Result<()> {
+    let source = crate::io::GgufModel::open(&spec.model)?;
+    let arch = source
+        .gguf
+        .meta("general.architecture")
+        .and_then(crate::io::gguf::MetaValue::as_str)
+        .unwrap_or("llama")
+        .to_string();
+    let ckpt = Checkpoint::open(&out.join("model.safetensors"))?;
+    crate::io::write_gguf_base(&source, &ckpt, &out.join("model.gguf"))?;
+    let adapter = crate::io::Adapter::read(&out.join("adapter"))?;
+    crate::io::write_lora_gguf(&adapter, &arch, &source.config, &out.join("adapter.gguf"))
 }
 
 fn packed_backbone(pieces: &[Checkpoint], dir: &Path) -> Result<()> {

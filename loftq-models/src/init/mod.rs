@@ -56,6 +56,10 @@ pub enum Backbone {
     Bf16,
     /// Packed in `<out>/`, bf16 in `<out>/bf16/`.
     Both,
+    /// Packed in `<out>/`, and for llama.cpp `<out>/model.gguf` (the source GGUF with the
+    /// targets in their llama.cpp format) and `<out>/adapter.gguf` (a LoRA adapter GGUF).
+    /// Needs a `.gguf` model and llama.cpp formats (`q4_0`, ...).
+    Gguf,
 }
 
 /// Everything `loftq init` needs.
@@ -407,6 +411,7 @@ pub fn run_init(
     }
     let calibration_ids = check_calibration(spec)?;
     budget::check(spec)?;
+    check_gguf_out(spec)?;
     let source = open_source(&spec.model)?;
     let gguf_config = source.llama_config().cloned();
     let mut plan = piece::Plan::new(spec, source.as_ref())?;
@@ -546,6 +551,39 @@ fn check_calibration(spec: &InitSpec) -> Result<Option<Vec<u32>>> {
         )),
         (Some(c), _) => calibrate::calibration_tokens(&spec.model, c).map(Some),
     }
+}
+
+/// Refuses `--backbone gguf` where it cannot be written, before any work: the metadata and
+/// vocabulary come from a GGUF source, and every quantizer must be one of llama.cpp's.
+fn check_gguf_out(spec: &InitSpec) -> Result<()> {
+    if spec.backbone != Backbone::Gguf {
+        return Ok(());
+    }
+    if !crate::io::is_gguf(&spec.model) {
+        return Err(ModelError::Invalid(format!(
+            "--backbone gguf needs a .gguf --model (its metadata and vocabulary are carried \
+             over); {} is not one (llama.cpp's convert_hf_to_gguf.py makes one)",
+            spec.model.display()
+        )));
+    }
+    let quants = std::iter::once(spec.quant)
+        .chain(spec.layer_rules.iter().map(|r| r.quant))
+        .chain(
+            spec.budget
+                .iter()
+                .flat_map(|b| b.candidates.iter().copied()),
+        );
+    for q in quants {
+        let quantized = !matches!(spec.method, Method::Pissa);
+        if quantized && !matches!(q.scheme, loftq_core::quant::Scheme::Ggml { .. }) {
+            return Err(ModelError::Invalid(format!(
+                "--backbone gguf needs llama.cpp's formats (--bits q4_0, q4_1, q5_0, q5_1, \
+                 q8_0); {} is not one",
+                q.label()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).

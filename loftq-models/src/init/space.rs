@@ -29,15 +29,21 @@ fn packed_bytes(cfg: &QuantConfig, [rows, cols]: [usize; 2]) -> u64 {
 
 /// About the bytes the finished output holds: each target packed (and in bf16 with
 /// `--backbone bf16|both`) with its `f32` factors, every other tensor as the source stores
-/// it. An estimate from below: headers, metadata and side files are left out.
+/// it; `--backbone gguf` holds all of it twice (the GGUF base and adapter besides the packed
+/// output). An estimate from below: headers, metadata and side files are left out.
 pub fn output_bytes(spec: &InitSpec, plan: &Plan, source: &dyn TensorSource) -> Result<u64> {
     let mut total = 0u64;
+    let copies = if spec.backbone == Backbone::Gguf {
+        2
+    } else {
+        1
+    };
     for item in &plan.items {
         match &item.target {
             Some(([rows, cols], cfg)) => {
                 let dense = 2 * (rows * cols) as u64;
                 total += match spec.backbone {
-                    Backbone::Packed => packed_bytes(cfg, [*rows, *cols]),
+                    Backbone::Packed | Backbone::Gguf => packed_bytes(cfg, [*rows, *cols]),
                     Backbone::Bf16 => dense,
                     Backbone::Both => packed_bytes(cfg, [*rows, *cols]) + dense,
                 };
@@ -49,7 +55,7 @@ pub fn output_bytes(spec: &InitSpec, plan: &Plan, source: &dyn TensorSource) -> 
             }
         }
     }
-    Ok(total)
+    Ok(total * copies)
 }
 
 /// Refuses a run whose output and work area (about twice [`output_bytes`], less the work

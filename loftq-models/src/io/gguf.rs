@@ -89,6 +89,9 @@ pub struct Gguf {
     pub metadata: BTreeMap<String, MetaValue>,
     /// Tensor table by name.
     pub tensors: BTreeMap<String, GgufTensor>,
+    /// Each metadata entry's bytes after its key (type and value), in file order, so a
+    /// writer can carry it over exactly, types included.
+    raw_metadata: Vec<(String, std::ops::Range<usize>)>,
 }
 
 impl std::fmt::Debug for Gguf {
@@ -190,7 +193,7 @@ impl Gguf {
         // SAFETY: read-only private map; see `Checkpoint::open`.
         #[allow(unsafe_code)]
         let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        let (version, metadata, tensors) =
+        let (version, metadata, tensors, raw_metadata) =
             parse(&map).map_err(|msg| ModelError::format(path, msg))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -198,6 +201,7 @@ impl Gguf {
             version,
             metadata,
             tensors,
+            raw_metadata,
         })
     }
 
@@ -209,6 +213,32 @@ impl Gguf {
     /// A metadata value.
     pub fn meta(&self, key: &str) -> Option<&MetaValue> {
         self.metadata.get(key)
+    }
+
+    /// Every metadata entry as `(key, bytes)`, the bytes being its GGUF type and value as
+    /// the file stores them, in file order.
+    pub fn raw_metadata(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.raw_metadata
+            .iter()
+            .map(|(k, r)| (k.as_str(), &self.map[r.clone()]))
+    }
+
+    /// Tensor names in the order of their data in the file.
+    pub fn tensor_order(&self) -> Vec<&str> {
+        let mut v: Vec<(&str, usize)> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.start))
+            .collect();
+        v.sort_by_key(|&(_, start)| start);
+        v.into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// Tensor `name`'s bytes as stored (its [`GgufTensor::ty`]).
+    pub fn raw_tensor(&self, name: &str) -> Option<&[u8]> {
+        self.tensors
+            .get(name)
+            .map(|t| &self.map[t.start..t.start + t.len])
     }
 
     /// Drops this process's resident copy of tensor `name`'s pages (see
@@ -247,6 +277,7 @@ type Parsed = (
     u32,
     BTreeMap<String, MetaValue>,
     BTreeMap<String, GgufTensor>,
+    Vec<(String, std::ops::Range<usize>)>,
 );
 
 fn parse(buf: &[u8]) -> Result<Parsed, String> {
@@ -261,13 +292,18 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
     let n_tensors = c.count(24, "tensor")?;
     let n_kv = c.count(12, "metadata")?;
     let mut metadata = BTreeMap::new();
+    let mut raw = Vec::with_capacity(n_kv);
     for _ in 0..n_kv {
         let key = c.string()?;
+        let at = c.pos;
         let ty = c.u32()?;
         let v = c
             .value(ty, 0)
             .map_err(|e| format!("metadata `{key}`: {e}"))?;
-        metadata.insert(key, v);
+        if metadata.insert(key.clone(), v).is_some() {
+            return Err(format!("metadata `{key}` is listed twice"));
+        }
+        raw.push((key, at..c.pos));
     }
     let alignment = match metadata.get("general.alignment") {
         None => 32,
@@ -331,90 +367,8 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
             return Err(bad("listed twice".into()));
         }
     }
-    Ok((version, metadata, tensors))
+    Ok((version, metadata, tensors, raw))
 }
 
-/// Writes a GGUF v3 file (for tests and tools): metadata and `f32`/raw tensors.
-pub mod write {
-    use super::MetaValue;
-    use crate::io::ggml::GgmlType;
-
-    /// A tensor to write: GGUF dims (fastest first), type, raw bytes.
-    pub struct RawTensor {
-        /// Name.
-        pub name: String,
-        /// Dims, fastest-varying first (GGUF order).
-        pub dims: Vec<u64>,
-        /// Type.
-        pub ty: GgmlType,
-        /// Data bytes.
-        pub bytes: Vec<u8>,
-    }
-
-    fn put_str(out: &mut Vec<u8>, s: &str) {
-        out.extend((s.len() as u64).to_le_bytes());
-        out.extend(s.as_bytes());
-    }
-
-    fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
-        match v {
-            MetaValue::U64(x) => out.extend(x.to_le_bytes()),
-            MetaValue::I64(x) => out.extend(x.to_le_bytes()),
-            MetaValue::F64(x) => out.extend(x.to_le_bytes()),
-            MetaValue::Bool(b) => out.push(u8::from(*b)),
-            MetaValue::Str(s) => put_str(out, s),
-            MetaValue::Array(items) => {
-                out.extend(items.first().map_or(8, type_of).to_le_bytes());
-                out.extend((items.len() as u64).to_le_bytes());
-                for i in items {
-                    put_value(out, i);
-                }
-            }
-        }
-    }
-
-    fn type_of(v: &MetaValue) -> u32 {
-        match v {
-            MetaValue::U64(_) => 10,
-            MetaValue::I64(_) => 11,
-            MetaValue::F64(_) => 12,
-            MetaValue::Bool(_) => 7,
-            MetaValue::Str(_) => 8,
-            MetaValue::Array(_) => 9,
-        }
-    }
-
-    /// The bytes of a GGUF v3 file (alignment 32). Integers are written as 64-bit and floats
-    /// as `f64`, which readers accept for any numeric key.
-    pub fn gguf_bytes(metadata: &[(&str, MetaValue)], tensors: &[RawTensor]) -> Vec<u8> {
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend((tensors.len() as u64).to_le_bytes());
-        out.extend((metadata.len() as u64).to_le_bytes());
-        for (k, v) in metadata {
-            put_str(&mut out, k);
-            out.extend(type_of(v).to_le_bytes());
-            put_value(&mut out, v);
-        }
-        let mut offset = 0u64;
-        let mut offsets = Vec::new();
-        for t in tensors {
-            put_str(&mut out, &t.name);
-            out.extend((t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                out.extend(d.to_le_bytes());
-            }
-            out.extend(t.ty.0.to_le_bytes());
-            out.extend(offset.to_le_bytes());
-            offsets.push(offset);
-            offset = (offset + t.bytes.len() as u64).next_multiple_of(32);
-        }
-        out.resize(out.len().next_multiple_of(32), 0);
-        let start = out.len();
-        for (t, o) in tensors.iter().zip(offsets) {
-            out.resize(start + o as usize, 0);
-            out.extend(&t.bytes);
-        }
-        out
-    }
-}
+/// Writing GGUF files (see [`super::gguf_write`]).
+pub use super::gguf_write as write;

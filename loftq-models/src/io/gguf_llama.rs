@@ -76,20 +76,50 @@ pub fn hf_name(g: &str, layers: usize) -> Option<String> {
 /// # Panics
 /// If `rows` is not a multiple of `2·heads` or `w.len() != rows·cols`.
 pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    assert!(rows.is_multiple_of(2 * heads) && w.len() == rows * cols);
+    assert_eq!(w.len(), rows * cols);
+    permute_rows(w, rows, heads, false)
+}
+
+/// Moves the rows of a `q_proj`/`k_proj` matrix (or any per-row data of one, such as its
+/// encoded blocks) between HF's order and llama.cpp's (`to_gguf`), see [`unpermute_rows`].
+///
+/// # Panics
+/// If `rows` is not a multiple of `2·heads` or `w.len()` of `rows`.
+pub fn permute_rows<T: Copy + Default>(
+    w: &[T],
+    rows: usize,
+    heads: usize,
+    to_gguf: bool,
+) -> Vec<T> {
+    assert!(rows.is_multiple_of(2 * heads) && w.len().is_multiple_of(rows.max(1)));
+    let cols = w.len() / rows.max(1);
     let per = rows / heads;
     let half = per / 2;
-    let mut out = vec![0.0; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..heads {
         for i in 0..2 {
             for j in 0..half {
-                let dst = h * per + i * half + j;
-                let src = h * per + 2 * j + i;
+                let hf = h * per + i * half + j;
+                let gguf = h * per + 2 * j + i;
+                let (dst, src) = if to_gguf { (gguf, hf) } else { (hf, gguf) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
             }
         }
     }
     out
+}
+
+/// The rotary heads whose rows llama.cpp permutes in HF tensor `name` (`q_proj` and `k_proj`
+/// weights and biases), or `None`.
+pub fn rotary_heads(config: &LlamaConfig, name: &str) -> Option<usize> {
+    let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+    if module.ends_with("self_attn.q_proj") {
+        Some(config.num_attention_heads)
+    } else if module.ends_with("self_attn.k_proj") {
+        Some(config.num_key_value_heads)
+    } else {
+        None
+    }
 }
 
 impl GgufModel {
@@ -196,17 +226,7 @@ impl TensorSource for GgufModel {
         let g = gguf_name(name)
             .ok_or_else(|| ModelError::tensor(self.root(), name, "has no GGUF counterpart"))?;
         let (shape, mut data) = self.gguf.f32(&g)?;
-        let heads = if name.ends_with("self_attn.q_proj.weight")
-            || name.ends_with("self_attn.q_proj.bias")
-        {
-            Some(self.config.num_attention_heads)
-        } else if name.ends_with("self_attn.k_proj.weight")
-            || name.ends_with("self_attn.k_proj.bias")
-        {
-            Some(self.config.num_key_value_heads)
-        } else {
-            None
-        };
+        let heads = rotary_heads(&self.config, name);
         if let Some(h) = heads {
             let rows = shape[0];
             let cols = data.len() / rows.max(1);

@@ -4,7 +4,9 @@
 mod bnb;
 pub mod ggml;
 pub mod gguf;
+mod gguf_export;
 mod gguf_llama;
+pub mod gguf_write;
 mod packed;
 mod peft;
 pub(crate) mod safetensors;
@@ -14,7 +16,10 @@ mod stream;
 
 pub use self::bnb::{BnbSummary, bnb_names, bnb_summary, is_bnb_part, read_bnb};
 pub use self::gguf::Gguf;
-pub use self::gguf_llama::{GgufModel, gguf_name, hf_name, unpermute_rows};
+pub use self::gguf_export::{write_gguf_base, write_lora_gguf};
+pub use self::gguf_llama::{
+    GgufModel, gguf_name, hf_name, permute_rows, rotary_heads, unpermute_rows,
+};
 pub use self::packed::{
     FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_names, read_packed,
 };

@@ -356,6 +356,60 @@ pub(crate) fn temp_path(path: &Path) -> PathBuf {
     ))
 }
 
+/// A file written under its temporary name ([`temp_path`]) and renamed into place by
+/// [`AtomicFile::finish`], so a reader never sees it half-written.
+#[derive(Debug)]
+pub(crate) struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: std::io::BufWriter<File>,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file of `path`.
+    pub(crate) fn create(path: &Path) -> Result<Self> {
+        let tmp = temp_path(path);
+        let file = File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+            out: std::io::BufWriter::with_capacity(1 << 20, file),
+        })
+    }
+
+    /// The final path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `bytes`.
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        self.out
+            .write_all(bytes)
+            .map_err(|e| ModelError::io(&self.tmp, e))
+    }
+
+    /// Flushes, syncs and renames the file into place (removing it on failure).
+    pub(crate) fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        let done = (|| {
+            self.out.flush()?;
+            self.out.get_ref().sync_all()?;
+            std::fs::rename(&self.tmp, &self.path)
+        })();
+        done.map_err(|e| {
+            let _ = std::fs::remove_file(&self.tmp);
+            ModelError::io(&self.path, e)
+        })
+    }
+
+    /// Abandons the file (removes the temporary).
+    pub(crate) fn abort(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
 /// A tensor to write: dtype, shape and little-endian bytes.
 #[derive(Clone, Debug)]
 pub struct OutTensor {

@@ -5,21 +5,18 @@
 //! so a reader never sees a partial file.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::Dtype;
 use serde_json::{Map, Value, json};
 
+use super::safetensors::AtomicFile;
 use crate::{ModelError, Result};
 
 /// Streams tensors into a safetensors file.
 #[derive(Debug)]
 pub struct StreamWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    out: BufWriter<File>,
+    file: AtomicFile,
     entries: Vec<(String, usize)>,
     next: usize,
 }
@@ -52,17 +49,11 @@ impl StreamWriter {
         }
         let mut bytes = Value::Object(header).to_string().into_bytes();
         bytes.resize(bytes.len().next_multiple_of(8), b' ');
-        let tmp = super::safetensors::temp_path(path);
-        let file = File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        let io = |e| ModelError::io(&tmp, e);
-        out.write_all(&(bytes.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        out.write_all(&bytes).map_err(io)?;
+        let mut file = AtomicFile::create(path)?;
+        file.write(&(bytes.len() as u64).to_le_bytes())?;
+        file.write(&bytes)?;
         Ok(Self {
-            path: path.to_path_buf(),
-            tmp,
-            out,
+            file,
             entries,
             next: 0,
         })
@@ -76,14 +67,14 @@ impl StreamWriter {
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let Some((want, len)) = self.entries.get(self.next) else {
             return Err(ModelError::tensor(
-                &self.path,
+                self.file.path(),
                 name,
                 "more tensors than declared",
             ));
         };
         if want != name || *len != bytes.len() {
             return Err(ModelError::tensor(
-                &self.path,
+                self.file.path(),
                 name,
                 format!(
                     "expected `{want}` of {len} bytes, got {} bytes",
@@ -91,9 +82,7 @@ impl StreamWriter {
                 ),
             ));
         }
-        self.out
-            .write_all(bytes)
-            .map_err(|e| ModelError::io(&self.tmp, e))?;
+        self.file.write(bytes)?;
         self.next += 1;
         Ok(())
     }
@@ -102,26 +91,17 @@ impl StreamWriter {
     ///
     /// # Errors
     /// [`ModelError::Format`] if tensors are missing; [`ModelError::Io`].
-    pub fn finish(mut self) -> Result<()> {
-        if self.next != self.entries.len() {
-            let missing = self.entries[self.next].0.clone();
-            let _ = std::fs::remove_file(&self.tmp);
-            return Err(ModelError::tensor(&self.path, &missing, "never written"));
+    pub fn finish(self) -> Result<()> {
+        if let Some((missing, _)) = self.entries.get(self.next) {
+            let (path, name) = (self.file.path().to_path_buf(), missing.clone());
+            self.file.abort();
+            return Err(ModelError::tensor(&path, &name, "never written"));
         }
-        let tmp = self.tmp.clone();
-        let done = (|| {
-            self.out.flush()?;
-            self.out.get_ref().sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        })();
-        done.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            ModelError::io(&self.path, e)
-        })
+        self.file.finish()
     }
 
     /// Abandons the file (removes the temporary).
     pub fn abort(self) {
-        let _ = std::fs::remove_file(&self.tmp);
+        self.file.abort();
     }
 }

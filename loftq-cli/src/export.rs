@@ -1,0 +1,75 @@
+//! `loftq export`: an init output and/or a PEFT adapter as llama.cpp files.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use loftq_models::io::gguf::MetaValue;
+use loftq_models::io::{Adapter, Checkpoint, GgufModel, write_gguf_base, write_lora_gguf};
+use loftq_models::{ModelError, Result};
+
+/// Arguments of `loftq export`.
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The .gguf file the start was made from (`loftq init --model`): its metadata,
+    /// vocabulary and every tensor that was not quantized are carried over byte for byte;
+    /// its architecture names the adapter's base.
+    #[arg(long)]
+    source: PathBuf,
+    /// A `loftq init` output whose backbone is packed in one of llama.cpp's formats
+    /// (--bits q4_0, q4_1, q5_0, q5_1, q8_0): written as OUT/model.gguf.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A PEFT adapter directory (from init or train): written as OUT/adapter.gguf, a
+    /// llama.cpp LoRA adapter (`llama-cli -m model.gguf --lora adapter.gguf`).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Output directory (created if needed); files that exist there are refused.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Runs `loftq export`.
+pub fn run(args: &ExportArgs) -> Result<()> {
+    if args.model.is_none() && args.adapter.is_none() {
+        return Err(ModelError::Invalid(
+            "nothing to export: give --model (an init output) and/or --adapter".into(),
+        ));
+    }
+    let source = GgufModel::open(&args.source)?;
+    let arch = source
+        .gguf
+        .meta("general.architecture")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("llama")
+        .to_string();
+    // Everything is read and checked before the first file is written.
+    let model = args
+        .model
+        .as_ref()
+        .map(|d| Checkpoint::open(&d.join("model.safetensors")))
+        .transpose()?;
+    let adapter = args
+        .adapter
+        .as_ref()
+        .map(|d| Adapter::read(d))
+        .transpose()?;
+    let (base_out, lora_out) = (args.out.join("model.gguf"), args.out.join("adapter.gguf"));
+    for (given, path) in [(model.is_some(), &base_out), (adapter.is_some(), &lora_out)] {
+        if given && path.exists() {
+            return Err(ModelError::Invalid(format!(
+                "{} exists; choose another --out",
+                path.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(&args.out).map_err(|e| ModelError::io(&args.out, e))?;
+    if let Some(ckpt) = &model {
+        write_gguf_base(&source, ckpt, &base_out)?;
+        eprintln!("wrote {}", base_out.display());
+    }
+    if let Some(a) = &adapter {
+        write_lora_gguf(a, &arch, &source.config, &lora_out)?;
+        eprintln!("wrote {}", lora_out.display());
+    }
+    Ok(())
+}

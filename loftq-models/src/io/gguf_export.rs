@@ -1,0 +1,241 @@
+//! llama.cpp files out: a GGUF base whose quantized targets are in llama.cpp's own formats,
+//! and a LoRA adapter GGUF (`llama-cli -m base.gguf --lora adapter.gguf`).
+
+use std::path::Path;
+
+use loftq_core::quant::{GGML_BLOCK, GgmlFormat, PackedTensor, Scheme};
+
+use super::ggml::GgmlType;
+use super::gguf_llama::{GgufModel, gguf_name, hf_name, permute_rows, rotary_heads};
+use super::gguf_write::{GgufWriter, KvEntry, TensorInfo};
+use super::{Adapter, Checkpoint, TensorSource, read_packed};
+use crate::{LlamaConfig, ModelError, Result};
+
+/// llama.cpp's `LLAMA_FTYPE_MOSTLY_*` of a file mostly in `format` (`general.file_type`).
+fn file_type(format: GgmlFormat) -> u32 {
+    match format {
+        GgmlFormat::Q4_0 => 2,
+        GgmlFormat::Q4_1 => 3,
+        GgmlFormat::Q8_0 => 7,
+        GgmlFormat::Q5_0 => 8,
+        GgmlFormat::Q5_1 => 9,
+    }
+}
+
+/// Where a tensor of the written base comes from.
+enum Origin {
+    /// The source's bytes, unchanged.
+    Source,
+    /// A packed weight of the checkpoint, encoded in its llama.cpp format.
+    Packed(GgmlFormat),
+    /// A dense weight of the checkpoint that differs from the source (a PiSSA residual),
+    /// as `f32`.
+    Dense,
+}
+
+/// The GGUF bytes of packed weight `p` (HF row order), rows in llama.cpp's order.
+fn encode_packed(p: &PackedTensor, format: GgmlFormat, heads: Option<usize>) -> Result<Vec<u8>> {
+    let host = p.unpack().map_err(|e| ModelError::Invalid(e.to_string()))?;
+    let bytes = format.encode(&host.codes, &host.scales, &host.mins);
+    Ok(match heads {
+        Some(h) => permute_rows(&bytes, p.shape[0], h, true),
+        None => bytes,
+    })
+}
+
+/// Writes `out`, a GGUF holding the model of init output `checkpoint` made from `source`:
+/// its packed weights encoded in their llama.cpp formats (byte for byte what llama.cpp's
+/// quantizer gives for those values), every other tensor and every metadata entry carried
+/// over from `source` byte for byte, and `general.file_type` set to the targets' format. A
+/// dense weight of the checkpoint that differs from the source's (a PiSSA residual) is
+/// written as `f32`.
+///
+/// # Errors
+/// [`ModelError::Tensor`] naming a packed weight in a format llama.cpp does not have
+/// (NF4, ...) or a checkpoint tensor the source lacks; I/O errors. Nothing is left at `out`
+/// on error.
+pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) -> Result<()> {
+    let config = &source.config;
+    let layers = config.num_hidden_layers;
+    let mut infos = Vec::new();
+    let mut origins = Vec::new();
+    let mut formats = Vec::new();
+    for g in source.gguf.tensor_order() {
+        let t = &source.gguf.tensors[g];
+        let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
+        let hf = hf_name(g, layers);
+        let packed = match &hf {
+            Some(h) => read_packed(checkpoint, h)?,
+            None => None,
+        };
+        let (origin, ty, len) = match (&hf, packed) {
+            (Some(h), Some(p)) => {
+                let Scheme::Ggml { format } = p.config.scheme else {
+                    return Err(ModelError::tensor(
+                        checkpoint.root(),
+                        h,
+                        format!(
+                            "is quantized as {}, which llama.cpp cannot read; a GGUF base needs \
+                             one of llama.cpp's formats (--bits q4_0, q4_1, q5_0, q5_1, q8_0)",
+                            p.config.label()
+                        ),
+                    ));
+                };
+                formats.push(format);
+                let len = p.numel() / GGML_BLOCK * format.block_bytes();
+                (Origin::Packed(format), GgmlType(format.type_id()), len)
+            }
+            (Some(h), None) if checkpoint.entry(h).is_some() => {
+                let ours = checkpoint.f32(h)?;
+                let theirs = source.tensor(h)?;
+                if ours
+                    .data
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .eq(theirs.data.iter().map(|v| v.to_bits()))
+                {
+                    (
+                        Origin::Source,
+                        t.ty,
+                        source.gguf.raw_tensor(g).map_or(0, <[u8]>::len),
+                    )
+                } else {
+                    (Origin::Dense, GgmlType::F32, 4 * ours.data.len())
+                }
+            }
+            _ => (
+                Origin::Source,
+                t.ty,
+                source.gguf.raw_tensor(g).map_or(0, <[u8]>::len),
+            ),
+        };
+        infos.push(TensorInfo {
+            name: g.to_string(),
+            dims,
+            ty,
+            len,
+        });
+        origins.push(origin);
+    }
+    let mut kv: Vec<KvEntry> = source
+        .gguf
+        .raw_metadata()
+        // The writer has its own alignment; the file type is set below.
+        .filter(|(k, _)| !matches!(*k, "general.alignment" | "general.file_type"))
+        .map(|(k, b)| KvEntry::raw(k, b))
+        .collect();
+    if let Some(&f) = formats.first() {
+        kv.push(KvEntry::u32("general.file_type", file_type(f)));
+    }
+    let mut w = GgufWriter::create(out, &kv, infos.clone())?;
+    let result = (|| {
+        for (info, origin) in infos.iter().zip(&origins) {
+            let g = info.name.as_str();
+            let hf = hf_name(g, layers).unwrap_or_default();
+            let heads = rotary_heads(config, &hf);
+            match origin {
+                Origin::Source => {
+                    let bytes = source.gguf.raw_tensor(g).expect("listed");
+                    w.write(g, bytes)?;
+                }
+                Origin::Packed(format) => {
+                    let p = read_packed(checkpoint, &hf)?.expect("read before");
+                    w.write(g, &encode_packed(&p, *format, heads)?)?;
+                }
+                Origin::Dense => {
+                    let t = checkpoint.f32(&hf)?;
+                    let rows = t.shape[0];
+                    let data = match heads {
+                        Some(h) => permute_rows(&t.data, rows, h, true),
+                        None => t.data,
+                    };
+                    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    w.write(g, &bytes)?;
+                }
+            }
+            source.gguf.release(g);
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => w.finish(),
+        Err(e) => {
+            w.abort();
+            Err(e)
+        }
+    }
+}
+
+/// Writes `adapter` as a llama.cpp LoRA adapter GGUF for a base of architecture `arch`
+/// (`general.architecture`) and shape `config`: `general.type = adapter`,
+/// `adapter.type = lora`, `adapter.lora.alpha`, and per module `<base tensor>.lora_a`
+/// (`[in, r]` in GGUF order) and `.lora_b` (`[r, out]`), `f32`, `lora_b`'s rows of `q_proj`
+/// and `k_proj` in llama.cpp's order.
+///
+/// llama.cpp scales every module by `alpha / r`; a module whose scaling differs from the
+/// first module's (rsLoRA with several ranks, `alpha_pattern`) has the ratio folded into its
+/// `lora_b`, so the product is the adapter's `s·B·A` in every case.
+///
+/// # Errors
+/// [`ModelError::Tensor`] naming a module with no llama.cpp counterpart; I/O errors.
+pub fn write_lora_gguf(
+    adapter: &Adapter,
+    arch: &str,
+    config: &LlamaConfig,
+    out: &Path,
+) -> Result<()> {
+    let first = adapter
+        .modules
+        .iter()
+        .next()
+        .ok_or_else(|| ModelError::Invalid("the adapter has no modules to write".into()))?;
+    let alpha = adapter.scaling(first.0).expect("listed") * first.1.a.shape[0] as f64;
+    let kv = [
+        KvEntry::str("general.architecture", arch),
+        KvEntry::str("general.type", "adapter"),
+        KvEntry::str("adapter.type", "lora"),
+        KvEntry::f32("adapter.lora.alpha", alpha as f32),
+    ];
+    let mut infos = Vec::new();
+    let mut data = Vec::new();
+    for (path, w) in &adapter.modules {
+        let weight = format!("{path}.weight");
+        let g = gguf_name(&weight).ok_or_else(|| {
+            ModelError::tensor(Path::new(path), &weight, "has no llama.cpp counterpart")
+        })?;
+        let (r, cols) = (w.a.shape[0], w.a.shape[1]);
+        let rows = w.b.shape[0];
+        let factor = adapter.scaling(path).expect("listed") * r as f64 / alpha;
+        let mut b = w.b.data.clone();
+        if factor != 1.0 {
+            b.iter_mut()
+                .for_each(|v| *v = (f64::from(*v) * factor) as f32);
+        }
+        if let Some(h) = rotary_heads(config, &weight) {
+            b = permute_rows(&b, rows, h, true);
+        }
+        for (suffix, dims, values) in [("lora_a", [cols, r], &w.a.data), ("lora_b", [r, rows], &b)]
+        {
+            infos.push(TensorInfo {
+                name: format!("{g}.{suffix}"),
+                dims: dims.iter().map(|&d| d as u64).collect(),
+                ty: GgmlType::F32,
+                len: 4 * values.len(),
+            });
+            data.push(
+                values
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            );
+        }
+    }
+    let mut writer = GgufWriter::create(out, &kv, infos.clone())?;
+    for (info, bytes) in infos.iter().zip(&data) {
+        if let Err(e) = writer.write(&info.name, bytes) {
+            writer.abort();
+            return Err(e);
+        }
+    }
+    writer.finish()
+}
