@@ -16,7 +16,7 @@ pub struct ExportArgs {
     #[arg(long)]
     source: PathBuf,
     /// A `loftq init` output whose backbone is packed in one of llama.cpp's formats
-    /// (--bits q4_0, q4_1, q5_0, q5_1, q8_0): written as OUT/model.gguf.
+    /// (--bits q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl): written as OUT/model.gguf.
     #[arg(long)]
     model: Option<PathBuf>,
     /// A PEFT adapter directory (from init or train): written as OUT/adapter.gguf, a

@@ -30,7 +30,7 @@ pub struct InitArgs {
     #[arg(long, value_enum, default_value_t = MethodArg::Loftq)]
     method: MethodArg,
     /// Quantizer: nf4, nf3, nf2, int8, int4, int2 (symmetric), int4-asym, uniform4, ...; or
-    /// llama.cpp's q4_0, q4_1, q5_0, q5_1, q8_0, byte for byte as llama.cpp quantizes (blocks
+    /// llama.cpp's q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, byte for byte as llama.cpp quantizes (blocks
     /// of 32 with f16 scales: --block-size and --double-quant do not apply).
     #[arg(long, default_value = "nf4")]
     bits: String,
@@ -92,7 +92,7 @@ pub struct InitArgs {
     exclude: String,
     /// Backbones to write: packed (ours), bf16 (dense, loads anywhere), both (bf16 in bf16/),
     /// gguf (packed, plus model.gguf and adapter.gguf for llama.cpp: needs a .gguf --model
-    /// and --bits q4_0, q4_1, q5_0, q5_1 or q8_0).
+    /// and --bits q4_0, q4_1, q5_0, q5_1, q8_0 or iq4_nl).
     #[arg(long, value_enum, default_value_t = BackboneArg::Packed)]
     backbone: BackboneArg,
     /// Device: cpu, wgpu[:N], cuda[:N]; several, comma-separated (cuda:0,cuda:1), each taking whole

@@ -5,6 +5,8 @@ use std::process::Command;
 
 use loftq_models::io::Checkpoint;
 
+mod common;
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../loftq-models/tests/fixtures")
@@ -450,5 +452,106 @@ fn logs_follow_loftq_log() {
         log.contains("rel_err_init=") && log.contains("planned"),
         "{log}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `init --backbone gguf` and `export` write llama.cpp's files; what cannot be written is
+/// refused, naming the flag or tensor, with nothing left behind.
+#[test]
+fn gguf_output_through_the_binary() {
+    let dir = scratch("gguf-out");
+    let src = dir.join("tiny.gguf");
+    std::fs::write(&src, common::tiny_gguf()).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let (ok, err) = loftq(&[
+        "init",
+        "--model",
+        &p("tiny.gguf"),
+        "--out",
+        &p("q40"),
+        "--bits",
+        "q4_0",
+        "--rank",
+        "4",
+        "--backbone",
+        "gguf",
+    ]);
+    assert!(ok, "{err}");
+    for f in [
+        "model.gguf",
+        "adapter.gguf",
+        "model.safetensors",
+        "adapter/adapter_config.json",
+    ] {
+        assert!(dir.join("q40").join(f).is_file(), "{f}");
+    }
+    // export: the same files from the packed output and its adapter.
+    let (ok, err) = loftq(&[
+        "export",
+        "--source",
+        &p("tiny.gguf"),
+        "--model",
+        &p("q40"),
+        "--adapter",
+        &p("q40/adapter"),
+        "--out",
+        &p("exported"),
+    ]);
+    assert!(ok, "{err}");
+    for f in ["model.gguf", "adapter.gguf"] {
+        let a = std::fs::read(dir.join("q40").join(f)).unwrap();
+        assert!(
+            a == std::fs::read(dir.join("exported").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let (ok, err) = loftq(&[
+        "init",
+        "--model",
+        &p("tiny.gguf"),
+        "--out",
+        &p("nf4"),
+        "--rank",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    let refusals: [(&[&str], &str); 4] = [
+        (
+            &["--model", &p("nf4")],
+            "nf4-b64, which llama.cpp cannot read",
+        ),
+        (
+            &["--adapter", &p("q40/adapter")],
+            "exists; choose another --out",
+        ),
+        (&[], "nothing to export"),
+        (&["--model", &p("missing")], "missing"),
+    ];
+    for (extra, want) in refusals {
+        let out = if want.contains("exists") {
+            p("exported")
+        } else {
+            p("refused")
+        };
+        let mut args = vec!["export", "--source", src.to_str().unwrap(), "--out", &out];
+        args.extend_from_slice(extra);
+        let (ok, err) = loftq(&args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+        assert!(
+            std::fs::read_dir(dir.join("refused")).map_or(true, |mut d| d.next().is_none()),
+            "{args:?} left files"
+        );
+    }
+    let (ok, err) = loftq(&[
+        "init",
+        "--model",
+        &p("tiny.gguf"),
+        "--out",
+        &p("bad"),
+        "--backbone",
+        "gguf",
+    ]);
+    assert!(!ok && err.contains("llama.cpp's formats"), "{err}");
+    assert!(!dir.join("bad").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

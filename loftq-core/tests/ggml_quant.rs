@@ -1,6 +1,7 @@
 //! llama.cpp's block formats (`Q4_0` ... `Q8_0`) against gguf-py, llama.cpp's own Python
-//! package: the bytes of a quantized matrix and its values, on the device named by
-//! `LOFTQ_DEVICE` (fixture made by `fixtures/make_ggml_quant.py`).
+//! package, and `IQ4_NL` against llama.cpp's library itself: the bytes of a quantized matrix
+//! and its values, on the device named by `LOFTQ_DEVICE` (fixtures made by
+//! `fixtures/make_ggml_quant.py` and `fixtures/make_ggml_iq4_nl.py`).
 
 mod common;
 
@@ -16,8 +17,9 @@ fn upper(f: GgmlFormat) -> String {
 }
 
 #[test]
-fn bytes_and_values_equal_gguf_py() {
+fn bytes_and_values_equal_llama_cpp() {
     let fx = Fixture::open("ggml_quant.safetensors");
+    let iq4 = Fixture::open("ggml_iq4_nl.safetensors");
     let dev = device();
     let exact = is_host_device(&dev);
     for case in CASES {
@@ -26,12 +28,13 @@ fn bytes_and_values_equal_gguf_py() {
         let w = Tensor::<2>::from_data(TensorData::new(x.clone(), shape), &dev);
         for f in GgmlFormat::ALL {
             let what = format!("{case} {}", f.name());
-            let want = fx.u8(&format!("{case}.{}", upper(f)));
-            let (values, _) = fx.f32(&format!("{case}.{}.values", upper(f)));
+            let reference = if f == GgmlFormat::Iq4Nl { &iq4 } else { &fx };
+            let want = reference.u8(&format!("{case}.{}", upper(f)));
+            let (values, _) = reference.f32(&format!("{case}.{}.values", upper(f)));
             let q = Quantizer::new(QuantConfig::ggml(f)).unwrap();
             let host = q.quantize_host(&x, shape).unwrap();
             let bytes = f.encode(&host.codes, &host.scales, &host.mins);
-            assert!(bytes == want, "{what}: bytes differ from gguf-py");
+            assert!(bytes == want, "{what}: bytes differ from llama.cpp's");
             let deq = q.dequantize_host(&host);
             for (i, (a, b)) in deq.iter().zip(&values).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{what}: value[{i}] {a} vs {b}");
@@ -54,7 +57,10 @@ fn packed_storage_counts_f16_scales() {
     let fx = Fixture::open("ggml_quant.safetensors");
     let (x, shape) = fx.f32("gauss.x");
     let shape = [shape[0], shape[1]];
-    for (f, bpw) in GgmlFormat::ALL.into_iter().zip([4.5, 5.0, 5.5, 6.0, 8.5]) {
+    for (f, bpw) in GgmlFormat::ALL
+        .into_iter()
+        .zip([4.5, 5.0, 5.5, 6.0, 8.5, 4.5])
+    {
         let cfg = QuantConfig::ggml(f);
         let q = Quantizer::new(cfg).unwrap();
         let host = q.quantize_host(&x, shape).unwrap();

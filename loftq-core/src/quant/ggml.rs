@@ -1,4 +1,4 @@
-//! llama.cpp's block formats as quantizers: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`.
+//! llama.cpp's block formats as quantizers: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `IQ4_NL`.
 //!
 //! Each block is 32 consecutive values of a row with an `f16` scale `d` (and for `Q4_1`/`Q5_1`
 //! an `f16` minimum `m`). The codes are computed from the `f32` scale before it is rounded to
@@ -7,7 +7,10 @@
 //! operation in `f32`, so codes and bytes are identical (checked against gguf-py,
 //! `tests/ggml_quant.rs`).
 //!
-//! Codes are stored unsigned: `Q4_0` `q + 8`, `Q5_0` `q + 16`, `Q8_0` `q + 128`.
+//! Codes are stored unsigned: `Q4_0` `q + 8`, `Q5_0` `q + 16`, `Q8_0` `q + 128`; `IQ4_NL`'s
+//! code is its index into a fixed table of 16 non-uniform levels, its scale the best of 16
+//! candidates under a weighted least-squares fit (`quantize_row_iq4_nl_impl` without an
+//! importance matrix, checked against llama.cpp's quantizer itself).
 
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -33,22 +36,60 @@ pub enum GgmlFormat {
     /// `x ≈ q·d`, `d = absmax/127`, `q` rounded half away from zero.
     #[serde(rename = "q8_0")]
     Q8_0,
+    /// `x ≈ d·T[q]` with `T` 16 non-uniform levels from −127 to 113.
+    #[serde(rename = "iq4_nl")]
+    Iq4Nl,
+}
+
+/// `IQ4_NL`'s levels (llama.cpp's `kvalues_iq4nl`).
+pub const IQ4_NL_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// Below this block magnitude `IQ4_NL`'s scale is zero (llama.cpp's `GROUP_MAX_EPS`).
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// The index of the level nearest `x` (the lower one on ties between two), as llama.cpp's
+/// `best_index_int8`.
+fn nearest_level(x: f32) -> usize {
+    let v = |i: usize| f32::from(IQ4_NL_LEVELS[i]);
+    if x <= v(0) {
+        return 0;
+    }
+    if x >= v(15) {
+        return 15;
+    }
+    let (mut lo, mut hi) = (0, 15);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if x < v(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    if x - v(hi - 1) < v(hi) - x {
+        hi - 1
+    } else {
+        hi
+    }
 }
 
 impl GgmlFormat {
     /// Every format, in ggml's type order.
-    pub const ALL: [GgmlFormat; 5] = [
+    pub const ALL: [GgmlFormat; 6] = [
         GgmlFormat::Q4_0,
         GgmlFormat::Q4_1,
         GgmlFormat::Q5_0,
         GgmlFormat::Q5_1,
         GgmlFormat::Q8_0,
+        GgmlFormat::Iq4Nl,
     ];
 
     /// Bits per code.
     pub fn bits(self) -> u8 {
         match self {
-            GgmlFormat::Q4_0 | GgmlFormat::Q4_1 => 4,
+            GgmlFormat::Q4_0 | GgmlFormat::Q4_1 | GgmlFormat::Iq4Nl => 4,
             GgmlFormat::Q5_0 | GgmlFormat::Q5_1 => 5,
             GgmlFormat::Q8_0 => 8,
         }
@@ -62,6 +103,7 @@ impl GgmlFormat {
             GgmlFormat::Q5_0 => "q5_0",
             GgmlFormat::Q5_1 => "q5_1",
             GgmlFormat::Q8_0 => "q8_0",
+            GgmlFormat::Iq4Nl => "iq4_nl",
         }
     }
 
@@ -80,6 +122,7 @@ impl GgmlFormat {
             GgmlFormat::Q5_0 => 6,
             GgmlFormat::Q5_1 => 7,
             GgmlFormat::Q8_0 => 8,
+            GgmlFormat::Iq4Nl => 20,
         }
     }
 
@@ -89,14 +132,20 @@ impl GgmlFormat {
     }
 
     /// What is subtracted from a stored code to get the signed level (0 for the formats with
-    /// a minimum).
+    /// a minimum); for `IQ4_NL` the code of the level nearest zero.
     pub fn offset(self) -> i32 {
         match self {
-            GgmlFormat::Q4_0 => 8,
+            GgmlFormat::Q4_0 | GgmlFormat::Iq4Nl => 8,
             GgmlFormat::Q5_0 => 16,
             GgmlFormat::Q8_0 => 128,
             GgmlFormat::Q4_1 | GgmlFormat::Q5_1 => 0,
         }
+    }
+
+    /// The level of each code before scaling, when the levels are not `code − offset`
+    /// (`IQ4_NL`).
+    pub fn levels(self) -> Option<[f32; 16]> {
+        (self == GgmlFormat::Iq4Nl).then(|| IQ4_NL_LEVELS.map(f32::from))
     }
 
     /// Largest stored code.
@@ -146,6 +195,7 @@ impl GgmlFormat {
                 }
                 (round_f16(d), round_f16(min))
             }
+            GgmlFormat::Iq4Nl => iq4_nl_block(x, codes),
             GgmlFormat::Q8_0 => {
                 let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let d = amax / 127.0;
@@ -162,7 +212,9 @@ impl GgmlFormat {
     /// The value of stored code `c` in a block with scale `d` and minimum `m`.
     #[inline(always)]
     pub fn value(self, c: u8, d: f32, m: f32) -> f32 {
-        if self.has_min() {
+        if self == GgmlFormat::Iq4Nl {
+            d * f32::from(IQ4_NL_LEVELS[usize::from(c & 15)])
+        } else if self.has_min() {
             f32::from(c) * d + m
         } else {
             (i32::from(c) - self.offset()) as f32 * d
@@ -173,7 +225,14 @@ impl GgmlFormat {
     /// block's range clamp to its end codes), with its value.
     pub fn code_fixed(self, x: f32, d: f32, m: f32) -> (u8, f32) {
         let off = self.offset() as f32;
-        let c = if d == 0.0 || !d.is_finite() {
+        let c = if self == GgmlFormat::Iq4Nl {
+            let v = if d == 0.0 || !d.is_finite() {
+                0.0
+            } else {
+                x / d
+            };
+            nearest_level(v) as f32
+        } else if d == 0.0 || !d.is_finite() {
             off
         } else if self.has_min() {
             ((x - m) / d).round_ties_even().clamp(0.0, self.top())
@@ -226,6 +285,48 @@ impl GgmlFormat {
     }
 }
 
+/// `IQ4_NL` on one block: the scale with the least `x²`-weighted squared error among the
+/// absmax scale's refit and 15 candidates around it, then the codes for that scale; returns
+/// `(d, 0)`. The same `f32` operations in the same order as llama.cpp's
+/// `quantize_row_iq4_nl_impl` with no importance matrix and 7 tries each way.
+fn iq4_nl_block(x: &[f32], codes: &mut [u8]) -> (f32, f32) {
+    const NTRY: i32 = 7;
+    let level = |l: usize| f32::from(IQ4_NL_LEVELS[l]);
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let mut d = 0f32;
+    if amax >= GROUP_MAX_EPS {
+        // The weighted fit for the codes `id·x` gives; returns (Σ w·q·x, Σ w·q²).
+        let fit = |id: f32| {
+            x.iter().fold((0f32, 0f32), |(sqx, sq2), &v| {
+                let q = level(nearest_level(id * v));
+                let w = v * v;
+                (sqx + w * q * v, sq2 + w * q * q)
+            })
+        };
+        let (sumqx, sumq2) = fit(1.0 / (-max / level(0)));
+        d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
+        let mut best = d * sumqx;
+        for itry in -NTRY..=NTRY {
+            let (sumqx, sumq2) = fit((itry + i32::from(IQ4_NL_LEVELS[0])) as f32 / max);
+            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+                d = sumqx / sumq2;
+                best = d * sumqx;
+            }
+        }
+    }
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = nearest_level(id * v) as u8;
+    }
+    (round_f16(d), 0.0)
+}
+
 /// `v` rounded to the nearest `f16` (ties to even, as numpy's `astype(float16)`), as `f32`.
 pub fn round_f16(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
@@ -263,8 +364,10 @@ mod tests {
                 // Q4_0 and Q5_0 reach one level less on the side opposite the block's max.
                 let (lo, hi) = (f.value(0, d, m), f.value(f.top() as u8, d, m));
                 let clamped = v.clamp(lo.min(hi), lo.max(hi));
+                // Half the widest gap between neighbouring levels.
+                let half_gap = if f == GgmlFormat::Iq4Nl { 12.0 } else { 0.5 };
                 assert!(
-                    (vf - clamped).abs() <= d.abs() * 0.5 + 1e-6,
+                    (vf - clamped).abs() <= d.abs() * half_gap + 1e-6,
                     "{f:?}: {v} → {vf}"
                 );
             }

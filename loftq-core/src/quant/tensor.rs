@@ -347,6 +347,12 @@ impl Quantizer {
                     .mul(scales)
                     .div_scalar(qm as f32)
             }
+            Scheme::Ggml { format } if format.levels().is_some() => {
+                let levels = format.levels().expect("checked").to_vec();
+                let levels: Tensor<1> =
+                    Tensor::from_data(TensorData::new(levels, [16]), &q.device());
+                levels.select(0, codes).reshape([count, len]).mul(scales)
+            }
             Scheme::Ggml { format } if !format.has_min() => codes
                 .sub_scalar(format.offset())
                 .float()
@@ -400,6 +406,21 @@ fn portable_ggml(
         Tensor::<1>::from_data(TensorData::new(v, [nb]), &device)
     };
     match format {
+        GgmlFormat::Iq4Nl => {
+            // A search over 16 scales per block: the host kernel, on every back end.
+            let v = f32_vec(&x.reshape([nb * len]));
+            let mut codes = vec![0u8; nb * len];
+            let mut d = vec![0f32; nb];
+            for (b, (xb, cb)) in v.chunks(len).zip(codes.chunks_mut(len)).enumerate() {
+                d[b] = format.quantize_block(xb, cb).0;
+            }
+            let codes: Vec<i32> = codes.into_iter().map(i32::from).collect();
+            (
+                Tensor::from_data(TensorData::new(codes, [nb * len]), &device),
+                Tensor::from_data(TensorData::new(d, [nb]), &device),
+                None,
+            )
+        }
         GgmlFormat::Q4_0 | GgmlFormat::Q5_0 => {
             // The first value of largest magnitude, with its sign.
             let half = format.offset() as f32;

@@ -109,7 +109,7 @@ pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConf
     } else {
         return Err(format!(
             "bad quantizer `{s}` (nf2..nf8, int2..int8, int2-asym.., uniform2.., q4_0, q4_1, \
-             q5_0, q5_1, q8_0)"
+             q5_0, q5_1, q8_0, iq4_nl)"
         ));
     };
     let cfg = QuantConfig::new(scheme)

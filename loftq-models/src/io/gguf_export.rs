@@ -19,6 +19,7 @@ fn file_type(format: GgmlFormat) -> u32 {
         GgmlFormat::Q8_0 => 7,
         GgmlFormat::Q5_0 => 8,
         GgmlFormat::Q5_1 => 9,
+        GgmlFormat::Iq4Nl => 25,
     }
 }
 
@@ -76,7 +77,7 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
                         h,
                         format!(
                             "is quantized as {}, which llama.cpp cannot read; a GGUF base needs \
-                             one of llama.cpp's formats (--bits q4_0, q4_1, q5_0, q5_1, q8_0)",
+                             one of llama.cpp's formats (--bits q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl)",
                             p.config.label()
                         ),
                     ));
