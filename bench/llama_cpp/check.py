@@ -4,6 +4,8 @@ output. Offline; prints one JSON object per check.
   quantize SOURCE.gguf OURS.gguf FTYPE   llama.cpp's quantizer (llama_model_quantize) on the
       source's weights, dequantized to f32 by gguf-py, against the blocks of OURS (written by
       `loftq init --method qlora --bits FTYPE --backbone gguf`): identical blocks per tensor.
+  f32 IN.gguf OUT.gguf   IN with every tensor dequantized to f32 by gguf-py: llama.cpp then
+      computes in f32 (without its 8-bit activations for quantized weights).
   ppl LOFTQ BASE.gguf [ADAPTER.gguf] LOFTQ_MODEL [LOFTQ_ADAPTER]   llama.cpp's logits and
       perplexity on the first --tokens tokens of --text (llama.cpp's tokenizer, no BOS) against
       `LOFTQ eval --logits-for` on the same ids.
@@ -88,8 +90,10 @@ def ppl(args):
     from llama_cpp import Llama
     from safetensors.numpy import load_file, save_file
 
+    # An f32 KV cache: the remaining difference is llama.cpp's arithmetic on quantized
+    # weights (activations rounded to 8 bits for the dot products).
     llm = Llama(model_path=args.base, lora_path=args.lora, n_ctx=args.tokens, n_batch=512,
-                logits_all=True, verbose=False, n_threads=2, seed=0)
+                logits_all=True, verbose=False, n_threads=2, seed=0, type_k=0, type_v=0)
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
     ids = llm.tokenize(text.encode(), add_bos=False, special=False)[: args.tokens]
@@ -123,6 +127,9 @@ def main():
     q.add_argument("source")
     q.add_argument("ours")
     q.add_argument("ftype", choices=sorted(FTYPES))
+    c = sub.add_parser("f32")
+    c.add_argument("input")
+    c.add_argument("output")
     e = sub.add_parser("ppl")
     e.add_argument("--loftq", required=True)
     e.add_argument("--base", required=True)
@@ -132,7 +139,12 @@ def main():
     e.add_argument("--text", required=True)
     e.add_argument("--tokens", type=int, default=2048)
     args = p.parse_args()
-    quantize(args) if args.cmd == "quantize" else ppl(args)
+    if args.cmd == "quantize":
+        quantize(args)
+    elif args.cmd == "f32":
+        f32_copy(args.input, args.output)
+    else:
+        ppl(args)
 
 
 if __name__ == "__main__":

@@ -62,14 +62,29 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             )));
         }
     }
+    let created = !args.out.exists();
     std::fs::create_dir_all(&args.out).map_err(|e| ModelError::io(&args.out, e))?;
-    if let Some(ckpt) = &model {
-        write_gguf_base(&source, ckpt, &base_out)?;
-        eprintln!("wrote {}", base_out.display());
+    let result = (|| {
+        if let Some(ckpt) = &model {
+            write_gguf_base(&source, ckpt, &base_out)?;
+            eprintln!("wrote {}", base_out.display());
+        }
+        if let Some(a) = &adapter {
+            write_lora_gguf(a, &arch, &source.config, &lora_out)?;
+            eprintln!("wrote {}", lora_out.display());
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        // What this run wrote goes; a directory it made goes with it.
+        for (given, path) in [(model.is_some(), &base_out), (adapter.is_some(), &lora_out)] {
+            if given {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if created {
+            let _ = std::fs::remove_dir(&args.out);
+        }
     }
-    if let Some(a) = &adapter {
-        write_lora_gguf(a, &arch, &source.config, &lora_out)?;
-        eprintln!("wrote {}", lora_out.display());
-    }
-    Ok(())
+    result
 }

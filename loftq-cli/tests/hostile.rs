@@ -376,16 +376,35 @@ fn commands(base: &Base, role: Role, dir: &Path, out: &Path) -> Vec<Vec<String>>
             v(&["inspect", &d]),
             eval(&model, &["--adapter", &d]),
             train(&base.init(), Some(dir)),
+            v(&[
+                "export",
+                "--source",
+                s(&base.root.join("tiny.gguf")),
+                "--adapter",
+                &d,
+                "--out",
+                &o,
+            ]),
         ],
         Role::Bnb => vec![v(&["inspect", &d]), refine(&d, &model)],
         Role::Gguf => {
             let ids = fixture("tiny-llama/logits.safetensors");
             let logits = v(&["eval", "--model", &d, "--logits-for", s(&ids), "--out", &o]);
+            let adapter = base.init().join("adapter");
             vec![
                 v(&["inspect", &d]),
                 v(&["convert", &d, &o]),
                 logits,
                 init(&d),
+                v(&[
+                    "export",
+                    "--source",
+                    &d,
+                    "--adapter",
+                    s(&adapter),
+                    "--out",
+                    &o,
+                ]),
             ]
         }
         Role::Checkpoint => {

