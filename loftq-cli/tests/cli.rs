@@ -542,6 +542,29 @@ fn gguf_output_through_the_binary() {
             "{args:?} left files"
         );
     }
+    // --merge: one dense checkpoint that eval reads; a non-empty --out is refused.
+    let merge = |out: &str| {
+        loftq(&[
+            "export",
+            "--merge",
+            "--model",
+            &p("q40"),
+            "--adapter",
+            &p("q40/adapter"),
+            "--out",
+            out,
+        ])
+    };
+    let (ok, err) = merge(&p("merged"));
+    assert!(ok, "{err}");
+    let merged = Checkpoint::open(&dir.join("merged/model.safetensors")).unwrap();
+    let e = merged
+        .entry("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    assert_eq!(e.dtype, safetensors::Dtype::BF16);
+    assert!(dir.join("merged/config.json").is_file());
+    let (ok, err) = merge(&p("q40"));
+    assert!(!ok && err.contains("not empty"), "{err}");
     let (ok, err) = loftq(&[
         "init",
         "--model",

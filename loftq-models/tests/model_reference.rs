@@ -163,3 +163,44 @@ fn observing_a_layer_sees_what_its_forward_computes() {
     let y = y.into_data().try_to_vec::<f32>().unwrap();
     assert!(max_abs_diff(&y, &plain) < 1e-6);
 }
+
+/// PEFT's LoftQ start merged into one dense checkpoint (`W + s·B·A`) gives PEFT's logits with
+/// the adapter (made by transformers + PEFT); in bf16 within bf16's rounding.
+#[test]
+fn merged_adapter_matches_peft() {
+    use loftq_models::io::write_merged;
+    let dir = common::scratch("merge");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let src = fixture("tiny-llama-loftq-4bit");
+    std::fs::copy(
+        src.join("backbone_Q.safetensors"),
+        model.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(fixture("tiny-llama/config.json"), model.join("config.json")).unwrap();
+    let adapter = Adapter::read(&src.join("adapter")).unwrap();
+    let (ids, want) = reference(&src.join("logits.safetensors"), "logits_lora");
+    for (dtype, tol) in [
+        (safetensors::Dtype::F32, 1e-4),
+        (safetensors::Dtype::BF16, 0.05),
+    ] {
+        let out = dir.join(format!("merged-{dtype}"));
+        write_merged(&model, &adapter, dtype, &out).unwrap();
+        let merged = load_pretrained(&out, None, &device()).unwrap();
+        let d = max_abs_diff(&logits(&merged, ids.clone()), &want);
+        assert!(d < tol, "{dtype}: max |Δ logits| = {d}");
+    }
+    // An adapter whose module the model lacks is refused before anything is written.
+    let mut bad = adapter.clone();
+    let w = bad.modules.values().next().unwrap().clone();
+    bad.modules.insert("model.layers.9.mlp.up_proj".into(), w);
+    let err = write_merged(&model, &bad, safetensors::Dtype::F32, &dir.join("bad"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layers.9") && !dir.join("bad").exists(),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -7,6 +7,7 @@ pub mod gguf;
 mod gguf_export;
 mod gguf_llama;
 pub mod gguf_write;
+mod merge;
 mod packed;
 mod peft;
 pub(crate) mod safetensors;
@@ -20,6 +21,7 @@ pub use self::gguf_export::{write_gguf_base, write_lora_gguf};
 pub use self::gguf_llama::{
     GgufModel, gguf_name, hf_name, permute_rows, rotary_heads, unpermute_rows,
 };
+pub use self::merge::write_merged;
 pub use self::packed::{
     FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_names, read_packed,
 };
