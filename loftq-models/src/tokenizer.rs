@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::io::GgufModel;
+use crate::io::{Gguf, GgufModel};
 use crate::{ModelError, Result};
 
 /// A text tokenizer.
@@ -39,10 +39,18 @@ impl Tokenizer {
     /// # Errors
     /// As [`GgufModel::tokenizer_json`].
     pub fn from_gguf(model: &GgufModel) -> Result<Self> {
-        let json = model.tokenizer_json()?.to_string();
+        Self::from_vocabulary(&model.gguf)
+    }
+
+    /// The tokenizer of any GGUF file's vocabulary (a vocabulary-only file included).
+    ///
+    /// # Errors
+    /// As [`crate::io::vocabulary_json`].
+    pub fn from_vocabulary(gguf: &Gguf) -> Result<Self> {
+        let json = crate::io::vocabulary_json(gguf)?.to_string();
         let inner: tokenizers::Tokenizer = json
             .parse()
-            .map_err(|e| ModelError::format(model.gguf.path(), format!("bad tokenizer: {e}")))?;
+            .map_err(|e| ModelError::format(gguf.path(), format!("bad tokenizer: {e}")))?;
         Ok(Self { inner })
     }
 

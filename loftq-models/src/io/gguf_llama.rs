@@ -154,7 +154,7 @@ impl GgufModel {
     /// [`ModelError::Format`] if the file has no tokenizer or one this crate cannot express
     /// (only byte-level BPE, `tokenizer.ggml.model = gpt2`, is supported).
     pub fn tokenizer_json(&self) -> Result<Value> {
-        tokenizer_json(&self.gguf).map_err(|m| ModelError::format(self.gguf.path(), m))
+        vocabulary_json(&self.gguf)
     }
 
     /// Writes an HF-style directory: `config.json`, `model.safetensors` (every tensor
@@ -330,6 +330,21 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
     .validated()
 }
 
+/// `tokenizer.json` (Hugging Face `tokenizers` format) built from the vocabulary of any GGUF
+/// file, a vocabulary-only one included.
+///
+/// # Errors
+/// [`ModelError::Format`] naming the file if it has no vocabulary or one this crate cannot
+/// express (only byte-level BPE, `tokenizer.ggml.model = gpt2`, with the pre-tokenizers of
+/// GPT-2, Llama 3, Qwen2 and the digit-splitting ones of SmolLM2 and StarCoder).
+pub fn vocabulary_json(g: &Gguf) -> Result<Value> {
+    tokenizer_json(g).map_err(|m| ModelError::format(g.path(), m))
+}
+
+/// llama.cpp's `LLAMA3` pre-tokenizer regex (its `llama-bpe`); Qwen2's is the same with
+/// single digits.
+const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 fn tokenizer_json(g: &Gguf) -> Result<Value, String> {
     let model = g
         .meta("tokenizer.ggml.model")
@@ -379,12 +394,27 @@ fn tokenizer_json(g: &Gguf) -> Result<Value, String> {
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     // llama.cpp's `smollm`, `starcoder`, `refact`, `command-r`, `codeshell` pre-tokenizers
     // split digits one by one before the GPT-2 regex.
+    // Llama 3 and Qwen2 split with their own regex first, then map bytes without GPT-2's.
+    let split = |pattern: String| {
+        json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+            ],
+        })
+    };
+    // Llama 3 takes a pre-token that is in the vocabulary whole, before any merge (llama.cpp's
+    // `ignore_merges`).
+    let ignore_merges = matches!(pre, "llama-bpe" | "llama3" | "llama-v3");
     let pre_tokenizer = match pre {
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => json!({
             "type": "Sequence",
             "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level],
         }),
-        "gpt2" | "default" | "mpt" | "olmo" => byte_level.clone(),
+        "llama-bpe" | "llama3" | "llama-v3" => split(LLAMA3_SPLIT.to_string()),
+        "qwen2" => split(LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")),
+        "gpt2" | "gpt-2" | "default" | "mpt" | "olmo" => byte_level.clone(),
         other => return Err(format!("pre-tokenizer `{other}` is not supported")),
     };
     Ok(json!({
@@ -399,7 +429,7 @@ fn tokenizer_json(g: &Gguf) -> Result<Value, String> {
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-            "ignore_merges": false, "vocab": vocab, "merges": merges,
+            "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges,
         },
     }))
 }

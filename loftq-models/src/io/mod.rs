@@ -19,7 +19,7 @@ pub use self::bnb::{BnbSummary, bnb_names, bnb_summary, is_bnb_part, read_bnb};
 pub use self::gguf::Gguf;
 pub use self::gguf_export::{write_gguf_base, write_lora_gguf};
 pub use self::gguf_llama::{
-    GgufModel, gguf_name, hf_name, permute_rows, rotary_heads, unpermute_rows,
+    GgufModel, gguf_name, hf_name, permute_rows, rotary_heads, unpermute_rows, vocabulary_json,
 };
 pub use self::merge::write_merged;
 pub use self::packed::{
