@@ -83,7 +83,7 @@ fn tiny_gguf_with(ty: GgmlType, extra: Vec<(&str, MetaValue)>) -> Vec<u8> {
     )
 }
 
-/// A vocabulary `init` could not write as `tokenizer.json` (SentencePiece, not supported yet)
+/// A vocabulary `init` could not write as `tokenizer.json` (T5's unigram, not supported)
 /// is refused before the first tensor is computed, not after the last.
 #[test]
 fn init_refuses_an_unsupported_vocabulary_before_the_work() {
@@ -91,7 +91,7 @@ fn init_refuses_an_unsupported_vocabulary_before_the_work() {
     let path = dir.join("sp.gguf");
     let tokens = MetaValue::Array(vec![MetaValue::Str("<unk>".into()); 256]);
     let extra = vec![
-        meta("tokenizer.ggml.model", MetaValue::Str("llama".into())),
+        meta("tokenizer.ggml.model", MetaValue::Str("t5".into())),
         meta("tokenizer.ggml.tokens", tokens),
     ];
     std::fs::write(&path, tiny_gguf_with(GgmlType::F32, extra)).unwrap();
@@ -105,7 +105,7 @@ fn init_refuses_an_unsupported_vocabulary_before_the_work() {
     })
     .unwrap_err()
     .to_string();
-    assert!(err.contains("sp.gguf") && err.contains("llama"), "{err}");
+    assert!(err.contains("sp.gguf") && err.contains("`t5`"), "{err}");
     assert_eq!(computed, 0, "tensors were computed before the refusal");
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();

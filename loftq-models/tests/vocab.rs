@@ -1,5 +1,6 @@
 //! GGUF vocabularies against llama.cpp: the token ids of llama.cpp's own tokenizer test
 //! strings and of the first 4 kB of Hamlet, for GPT-2's, Qwen2's and Llama 3's byte-level BPE
+//! and Llama 2's SentencePiece
 //! (vocabulary files and the test strings from llama.cpp's `models/`; the Hamlet ids from
 //! llama.cpp through llama-cpp-python, `fixtures/vocab/make_vocab.py`).
 
@@ -33,10 +34,10 @@ fn tokenizer(name: &str, dir: &std::path::Path) -> Tokenizer {
 }
 
 #[test]
-fn bpe_vocabularies_give_llama_cpp_token_ids() {
+fn vocabularies_give_llama_cpp_token_ids() {
     let dir = common::scratch("vocab");
     let read = |f: &str| std::fs::read_to_string(vocab_dir().join(f)).unwrap();
-    for name in ["gpt-2", "qwen2", "llama-bpe"] {
+    for name in ["gpt-2", "qwen2", "llama-bpe", "llama-spm"] {
         let tok = tokenizer(name, &dir);
         let inp = read(&format!("{name}.inp"));
         let cases: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();

@@ -151,8 +151,7 @@ impl GgufModel {
     /// `tokenizer.json` (Hugging Face `tokenizers` format) built from the GGUF vocabulary.
     ///
     /// # Errors
-    /// [`ModelError::Format`] if the file has no tokenizer or one this crate cannot express
-    /// (only byte-level BPE, `tokenizer.ggml.model = gpt2`, is supported).
+    /// As [`vocabulary_json`].
     pub fn tokenizer_json(&self) -> Result<Value> {
         vocabulary_json(&self.gguf)
     }
@@ -335,8 +334,9 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
 ///
 /// # Errors
 /// [`ModelError::Format`] naming the file if it has no vocabulary or one this crate cannot
-/// express (only byte-level BPE, `tokenizer.ggml.model = gpt2`, with the pre-tokenizers of
-/// GPT-2, Llama 3, Qwen2 and the digit-splitting ones of SmolLM2 and StarCoder).
+/// express: byte-level BPE (`tokenizer.ggml.model = gpt2`) with the pre-tokenizers of GPT-2,
+/// Llama 3, Qwen2 and the digit-splitting ones of SmolLM2 and StarCoder, and SentencePiece
+/// (`llama`) are.
 pub fn vocabulary_json(g: &Gguf) -> Result<Value> {
     tokenizer_json(g).map_err(|m| ModelError::format(g.path(), m))
 }
@@ -350,11 +350,6 @@ fn tokenizer_json(g: &Gguf) -> Result<Value, String> {
         .meta("tokenizer.ggml.model")
         .and_then(MetaValue::as_str)
         .ok_or("no tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(format!(
-            "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)"
-        ));
-    }
     let strings = |key: &str| -> Result<Vec<String>, String> {
         g.meta(key)
             .and_then(MetaValue::as_array)
@@ -368,12 +363,35 @@ fn tokenizer_json(g: &Gguf) -> Result<Value, String> {
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<u64> = g
         .meta("tokenizer.ggml.token_type")
         .and_then(MetaValue::as_array)
         .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
         .unwrap_or_default();
+    match model {
+        "gpt2" => {}
+        "llama" => {
+            let scores: Vec<f64> = g
+                .meta("tokenizer.ggml.scores")
+                .and_then(MetaValue::as_array)
+                .ok_or("no tokenizer.ggml.scores")?
+                .iter()
+                .map(|v| v.as_f64().ok_or("tokenizer.ggml.scores holds a non-number"))
+                .collect::<Result<_, _>>()?;
+            let prefix = !matches!(
+                g.meta("tokenizer.ggml.add_space_prefix"),
+                Some(MetaValue::Bool(false))
+            );
+            return super::gguf_vocab::spm_json(&tokens, &scores, &types, prefix);
+        }
+        other => {
+            return Err(format!(
+                "tokenizer model `{other}` is not supported (byte-level BPE `gpt2` and \
+                 SentencePiece `llama` are)"
+            ));
+        }
+    }
+    let merges = strings("tokenizer.ggml.merges")?;
     let mut vocab = serde_json::Map::new();
     let mut added = Vec::new();
     for (id, tok) in tokens.iter().enumerate() {
