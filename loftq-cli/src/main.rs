@@ -61,7 +61,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Write llama.cpp files: an init output in one of llama.cpp's formats as a GGUF base
     /// (metadata, vocabulary and other tensors carried over from the source GGUF), and a PEFT
-    /// adapter as a llama.cpp LoRA adapter GGUF.
+    /// adapter as a llama.cpp LoRA adapter GGUF; or, with --merge, a model and its adapter as
+    /// one dense Hugging Face checkpoint.
     Export(export::ExportArgs),
     /// Show what a checkpoint, GGUF file, packed or bitsandbytes backbone or PEFT adapter holds:
     /// tensors, dtypes or quantizers, bits per parameter.
