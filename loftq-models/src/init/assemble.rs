@@ -100,10 +100,7 @@ fn packed_backbone(pieces: &[Checkpoint], dir: &Path) -> Result<()> {
         for n in p.names().filter(|n| !is_lora(n)) {
             let written = w.write(n, p.bytes(n)?.1);
             p.release(n);
-            if let Err(e) = written {
-                w.abort();
-                return Err(e);
-            }
+            written?;
         }
     }
     w.finish()
@@ -126,37 +123,28 @@ fn bf16_backbone(plan: &Plan, pieces: &[Checkpoint], dir: &Path) -> Result<()> {
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let mut w = StreamWriter::create(&dir.join("model.safetensors"), &entries, &meta)?;
-    let result = (|| {
-        for (item, p) in plan.items.iter().zip(pieces) {
-            let name = &item.name;
-            let bytes = match read_packed(p, name)? {
-                Some(packed) => bf16_le_bytes(
-                    &packed
-                        .dequantize()
-                        .map_err(|e| ModelError::quant(name, e))?,
-                ),
-                None => {
-                    let (e, raw) = p.bytes(name)?;
-                    match floats_from_le(e.dtype, raw) {
-                        Some(v) => bf16_le_bytes(&v),
-                        None => raw.to_vec(),
-                    }
+    for (item, p) in plan.items.iter().zip(pieces) {
+        let name = &item.name;
+        let bytes = match read_packed(p, name)? {
+            Some(packed) => bf16_le_bytes(
+                &packed
+                    .dequantize()
+                    .map_err(|e| ModelError::quant(name, e))?,
+            ),
+            None => {
+                let (e, raw) = p.bytes(name)?;
+                match floats_from_le(e.dtype, raw) {
+                    Some(v) => bf16_le_bytes(&v),
+                    None => raw.to_vec(),
                 }
-            };
-            w.write(name, &bytes)?;
-            for n in p.names() {
-                p.release(n);
             }
-        }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => w.finish(),
-        Err(e) => {
-            w.abort();
-            Err(e)
+        };
+        w.write(name, &bytes)?;
+        for n in p.names() {
+            p.release(n);
         }
     }
+    w.finish()
 }
 
 fn write_config(spec: &InitSpec, gguf: Option<&LlamaConfig>, dir: &Path) -> Result<()> {

@@ -35,8 +35,13 @@ enum Origin {
 }
 
 /// The GGUF bytes of packed weight `p` (HF row order), rows in llama.cpp's order.
-fn encode_packed(p: &PackedTensor, format: GgmlFormat, heads: Option<usize>) -> Result<Vec<u8>> {
-    let host = p.unpack().map_err(|e| ModelError::Invalid(e.to_string()))?;
+fn encode_packed(
+    name: &str,
+    p: &PackedTensor,
+    format: GgmlFormat,
+    heads: Option<usize>,
+) -> Result<Vec<u8>> {
+    let host = p.unpack().map_err(|e| ModelError::quant(name, e))?;
     let bytes = format.encode(&host.codes, &host.scales, &host.mins);
     Ok(match heads {
         Some(h) => permute_rows(&bytes, p.shape[0], h, true),
@@ -128,43 +133,31 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
     if let Some(&f) = formats.first() {
         kv.push(KvEntry::u32("general.file_type", file_type(f)));
     }
-    let mut w = GgufWriter::create(out, &kv, infos.clone())?;
-    let result = (|| {
-        for (info, origin) in infos.iter().zip(&origins) {
-            let g = info.name.as_str();
-            let hf = hf_name(g, layers).unwrap_or_default();
-            let heads = rotary_heads(config, &hf);
-            match origin {
-                Origin::Source => {
-                    let bytes = source.gguf.raw_tensor(g).expect("listed");
-                    w.write(g, bytes)?;
-                }
-                Origin::Packed(format) => {
-                    let p = read_packed(checkpoint, &hf)?.expect("read before");
-                    w.write(g, &encode_packed(&p, *format, heads)?)?;
-                }
-                Origin::Dense => {
-                    let t = checkpoint.f32(&hf)?;
-                    let rows = t.shape[0];
-                    let data = match heads {
-                        Some(h) => permute_rows(&t.data, rows, h, true),
-                        None => t.data,
-                    };
-                    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    w.write(g, &bytes)?;
-                }
+    let mut w = GgufWriter::create(out, &kv, &infos)?;
+    for (info, origin) in infos.iter().zip(&origins) {
+        let g = info.name.as_str();
+        let hf = hf_name(g, layers).unwrap_or_default();
+        let heads = rotary_heads(config, &hf);
+        match origin {
+            Origin::Source => w.write(g, source.gguf.raw_tensor(g).expect("listed"))?,
+            Origin::Packed(format) => {
+                let p = read_packed(checkpoint, &hf)?.expect("read before");
+                w.write(g, &encode_packed(&hf, &p, *format, heads)?)?;
             }
-            source.gguf.release(g);
+            Origin::Dense => {
+                let t = checkpoint.f32(&hf)?;
+                let rows = t.shape[0];
+                let data = match heads {
+                    Some(h) => permute_rows(&t.data, rows, h, true),
+                    None => t.data,
+                };
+                let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                w.write(g, &bytes)?;
+            }
         }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => w.finish(),
-        Err(e) => {
-            w.abort();
-            Err(e)
-        }
+        source.gguf.release(g);
     }
+    w.finish()
 }
 
 /// Writes `adapter` as a llama.cpp LoRA adapter GGUF for a base of architecture `arch`
@@ -231,12 +224,9 @@ pub fn write_lora_gguf(
             );
         }
     }
-    let mut writer = GgufWriter::create(out, &kv, infos.clone())?;
+    let mut writer = GgufWriter::create(out, &kv, &infos)?;
     for (info, bytes) in infos.iter().zip(&data) {
-        if let Err(e) = writer.write(&info.name, bytes) {
-            writer.abort();
-            return Err(e);
-        }
+        writer.write(&info.name, bytes)?;
     }
     writer.finish()
 }

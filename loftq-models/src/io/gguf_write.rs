@@ -6,7 +6,8 @@ use std::path::Path;
 use super::ggml::GgmlType;
 use super::gguf::MetaValue;
 use super::safetensors::AtomicFile;
-use crate::{ModelError, Result};
+use super::stream::Declared;
+use crate::Result;
 
 /// Data alignment of every file written here (GGUF's default).
 pub const ALIGNMENT: usize = 32;
@@ -131,77 +132,46 @@ fn header(kv: &[KvEntry], tensors: &[TensorInfo]) -> (Vec<u8>, Vec<usize>) {
 }
 
 /// A GGUF file written tensor by tensor, in the order of its table, under a temporary name
-/// until [`GgufWriter::finish`] renames it into place.
+/// until [`GgufWriter::finish`] renames it into place (dropped before, it removes it).
 #[derive(Debug)]
 pub struct GgufWriter {
     file: AtomicFile,
-    tensors: Vec<TensorInfo>,
-    next: usize,
+    order: Declared,
 }
 
 impl GgufWriter {
     /// Starts `path` with its metadata and tensor table.
     ///
     /// # Errors
-    /// [`ModelError::Io`] if the temporary file cannot be created or written.
-    pub fn create(path: &Path, kv: &[KvEntry], tensors: Vec<TensorInfo>) -> Result<Self> {
+    /// [`crate::ModelError::Io`] if the temporary file cannot be created or written.
+    pub fn create(path: &Path, kv: &[KvEntry], tensors: &[TensorInfo]) -> Result<Self> {
         let mut file = AtomicFile::create(path)?;
-        file.write(&header(kv, &tensors).0)?;
+        file.write(&header(kv, tensors).0)?;
+        let order = tensors.iter().map(|t| (t.name.clone(), t.len)).collect();
         Ok(Self {
             file,
-            tensors,
-            next: 0,
+            order: Declared::new(order),
         })
     }
 
     /// Writes the next tensor's data (and the padding after it).
     ///
     /// # Errors
-    /// [`ModelError::Tensor`] if `name` is not the next tensor or its length is wrong;
-    /// [`ModelError::Io`].
+    /// [`crate::ModelError::Tensor`] if `name` is not the next tensor or its length is wrong;
+    /// [`crate::ModelError::Io`].
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let Some(want) = self.tensors.get(self.next) else {
-            return Err(ModelError::tensor(
-                self.file.path(),
-                name,
-                "more tensors than declared",
-            ));
-        };
-        if want.name != name || want.len != bytes.len() {
-            return Err(ModelError::tensor(
-                self.file.path(),
-                name,
-                format!(
-                    "expected `{}` of {} bytes, got {} bytes",
-                    want.name,
-                    want.len,
-                    bytes.len()
-                ),
-            ));
-        }
+        self.order.advance(self.file.path(), name, bytes.len())?;
         self.file.write(bytes)?;
         let pad = bytes.len().next_multiple_of(ALIGNMENT) - bytes.len();
-        self.file.write(&[0u8; ALIGNMENT][..pad])?;
-        self.next += 1;
-        Ok(())
-    }
-
-    /// Abandons the file (removes the temporary).
-    pub fn abort(self) {
-        self.file.abort();
+        self.file.write(&[0u8; ALIGNMENT][..pad])
     }
 
     /// Syncs and renames the file into place.
     ///
     /// # Errors
-    /// [`ModelError::Tensor`] naming the first tensor never written; [`ModelError::Io`].
+    /// [`crate::ModelError::Tensor`] naming the first tensor never written; [`crate::ModelError::Io`].
     pub fn finish(self) -> Result<()> {
-        if let Some(missing) = self.tensors.get(self.next) {
-            let name = missing.name.clone();
-            let path = self.file.path().to_path_buf();
-            self.file.abort();
-            return Err(ModelError::tensor(&path, &name, "never written"));
-        }
+        self.order.check_complete(self.file.path())?;
         self.file.finish()
     }
 }

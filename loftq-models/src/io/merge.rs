@@ -80,21 +80,15 @@ pub fn write_merged(model: &Path, adapter: &Adapter, dtype: Dtype, out: &Path) -
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let mut writer = StreamWriter::create(&out.join("model.safetensors"), &entries, &meta)?;
     for n in &names {
-        let result = (|| {
-            let mut t = source.tensor(n)?;
-            if let Some(path) = n.strip_suffix(".weight")
-                && let Some(w) = adapter.modules.get(path)
-            {
-                let s = adapter.scaling(path).expect("listed") as f32;
-                merge_into(&mut t, &w.a, &w.b, s);
-            }
-            source.release(n);
-            writer.write(n, &encode(&t.data, dtype))
-        })();
-        if let Err(e) = result {
-            writer.abort();
-            return Err(e);
+        let mut t = source.tensor(n)?;
+        if let Some(path) = n.strip_suffix(".weight")
+            && let Some(w) = adapter.modules.get(path)
+        {
+            let s = adapter.scaling(path).expect("listed") as f32;
+            merge_into(&mut t, &w.a, &w.b, s);
         }
+        source.release(n);
+        writer.write(n, &encode(&t.data, dtype))?;
     }
     writer.finish()?;
     let config = match source.llama_config() {

@@ -357,23 +357,26 @@ pub(crate) fn temp_path(path: &Path) -> PathBuf {
 }
 
 /// A file written under its temporary name ([`temp_path`]) and renamed into place by
-/// [`AtomicFile::finish`], so a reader never sees it half-written.
+/// [`AtomicFile::finish`], so a reader never sees it half-written. Dropped unfinished (an
+/// error, a panic), it removes its temporary. Errors name the final path.
 #[derive(Debug)]
 pub(crate) struct AtomicFile {
     path: PathBuf,
     tmp: PathBuf,
     out: std::io::BufWriter<File>,
+    renamed: bool,
 }
 
 impl AtomicFile {
     /// Creates the temporary file of `path`.
     pub(crate) fn create(path: &Path) -> Result<Self> {
         let tmp = temp_path(path);
-        let file = File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        let file = File::create(&tmp).map_err(|e| ModelError::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             tmp,
             out: std::io::BufWriter::with_capacity(1 << 20, file),
+            renamed: false,
         })
     }
 
@@ -387,26 +390,30 @@ impl AtomicFile {
         use std::io::Write;
         self.out
             .write_all(bytes)
-            .map_err(|e| ModelError::io(&self.tmp, e))
+            .map_err(|e| ModelError::io(&self.path, e))
     }
 
-    /// Flushes, syncs and renames the file into place (removing it on failure).
+    /// Flushes, syncs and renames the file into place.
     pub(crate) fn finish(mut self) -> Result<()> {
         use std::io::Write;
-        let done = (|| {
-            self.out.flush()?;
-            self.out.get_ref().sync_all()?;
-            std::fs::rename(&self.tmp, &self.path)
-        })();
-        done.map_err(|e| {
-            let _ = std::fs::remove_file(&self.tmp);
-            ModelError::io(&self.path, e)
-        })
+        self.out
+            .flush()
+            .map_err(|e| ModelError::io(&self.path, e))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| ModelError::io(&self.path, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| ModelError::io(&self.path, e))?;
+        self.renamed = true;
+        Ok(())
     }
+}
 
-    /// Abandons the file (removes the temporary).
-    pub(crate) fn abort(self) {
-        let _ = std::fs::remove_file(&self.tmp);
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -501,16 +508,7 @@ pub fn write_safetensors(
 /// # Errors
 /// [`ModelError::Io`]; the temporary file is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        ModelError::io(path, e)
-    })
+    let mut f = AtomicFile::create(path)?;
+    f.write(bytes)?;
+    f.finish()
 }

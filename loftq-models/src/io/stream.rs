@@ -13,12 +13,50 @@ use serde_json::{Map, Value, json};
 use super::safetensors::AtomicFile;
 use crate::{ModelError, Result};
 
-/// Streams tensors into a safetensors file.
+/// The tensors a streamed file declares in its header, `(name, bytes)` in order, and which of
+/// them comes next: shared by the safetensors and GGUF writers.
+#[derive(Debug)]
+pub(crate) struct Declared {
+    entries: Vec<(String, usize)>,
+    next: usize,
+}
+
+impl Declared {
+    pub(crate) fn new(entries: Vec<(String, usize)>) -> Self {
+        Self { entries, next: 0 }
+    }
+
+    /// Checks that `name`, `len` bytes long, is the next tensor of `file`, and moves past it.
+    pub(crate) fn advance(&mut self, file: &Path, name: &str, len: usize) -> Result<()> {
+        let Some((want, want_len)) = self.entries.get(self.next) else {
+            return Err(ModelError::tensor(file, name, "more tensors than declared"));
+        };
+        if want != name || *want_len != len {
+            return Err(ModelError::tensor(
+                file,
+                name,
+                format!("expected `{want}` of {want_len} bytes, got {len} bytes"),
+            ));
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// An error naming the first tensor of `file` never written, if any.
+    pub(crate) fn check_complete(&self, file: &Path) -> Result<()> {
+        match self.entries.get(self.next) {
+            Some((missing, _)) => Err(ModelError::tensor(file, missing, "never written")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Streams tensors into a safetensors file. Dropped before [`StreamWriter::finish`], it
+/// removes its temporary file.
 #[derive(Debug)]
 pub struct StreamWriter {
     file: AtomicFile,
-    entries: Vec<(String, usize)>,
-    next: usize,
+    order: Declared,
 }
 
 impl StreamWriter {
@@ -54,8 +92,7 @@ impl StreamWriter {
         file.write(&bytes)?;
         Ok(Self {
             file,
-            entries,
-            next: 0,
+            order: Declared::new(entries),
         })
     }
 
@@ -65,26 +102,8 @@ impl StreamWriter {
     /// [`ModelError::Tensor`] if `name` is not the next tensor or its size is wrong;
     /// [`ModelError::Io`] on write failure.
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let Some((want, len)) = self.entries.get(self.next) else {
-            return Err(ModelError::tensor(
-                self.file.path(),
-                name,
-                "more tensors than declared",
-            ));
-        };
-        if want != name || *len != bytes.len() {
-            return Err(ModelError::tensor(
-                self.file.path(),
-                name,
-                format!(
-                    "expected `{want}` of {len} bytes, got {} bytes",
-                    bytes.len()
-                ),
-            ));
-        }
-        self.file.write(bytes)?;
-        self.next += 1;
-        Ok(())
+        self.order.advance(self.file.path(), name, bytes.len())?;
+        self.file.write(bytes)
     }
 
     /// Flushes, syncs and renames the file into place.
@@ -92,16 +111,7 @@ impl StreamWriter {
     /// # Errors
     /// [`ModelError::Format`] if tensors are missing; [`ModelError::Io`].
     pub fn finish(self) -> Result<()> {
-        if let Some((missing, _)) = self.entries.get(self.next) {
-            let (path, name) = (self.file.path().to_path_buf(), missing.clone());
-            self.file.abort();
-            return Err(ModelError::tensor(&path, &name, "never written"));
-        }
+        self.order.check_complete(self.file.path())?;
         self.file.finish()
-    }
-
-    /// Abandons the file (removes the temporary).
-    pub fn abort(self) {
-        self.file.abort();
     }
 }
