@@ -8,7 +8,7 @@ use loftq_core::quant::{GGML_BLOCK, GgmlFormat, PackedTensor, Scheme};
 use super::ggml::GgmlType;
 use super::gguf_llama::{GgufModel, gguf_name, hf_name, permute_rows, rotary_heads};
 use super::gguf_write::{GgufWriter, KvEntry, TensorInfo};
-use super::{Adapter, Checkpoint, TensorSource, read_packed};
+use super::{Adapter, Checkpoint, TensorSource, packed_header, read_packed};
 use crate::{LlamaConfig, ModelError, Result};
 
 /// llama.cpp's `LLAMA_FTYPE_MOSTLY_*` of a file mostly in `format` (`general.file_type`).
@@ -65,30 +65,32 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
     let layers = config.num_hidden_layers;
     let mut infos = Vec::new();
     let mut origins = Vec::new();
-    let mut formats = Vec::new();
+    // The first target's format names the file's type.
+    let mut file_format = None;
     for g in source.gguf.tensor_order() {
         let t = &source.gguf.tensors[g];
         let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
         let hf = hf_name(g, layers);
+        // The header alone: the codes are read once, when written.
         let packed = match &hf {
-            Some(h) => read_packed(checkpoint, h)?,
+            Some(h) => packed_header(checkpoint, h)?,
             None => None,
         };
         let (origin, ty, len) = match (&hf, packed) {
-            (Some(h), Some(p)) => {
-                let Scheme::Ggml { format } = p.config.scheme else {
+            (Some(h), Some((quant, [rows, cols]))) => {
+                let Scheme::Ggml { format } = quant.scheme else {
                     return Err(ModelError::tensor(
                         checkpoint.root(),
                         h,
                         format!(
                             "is quantized as {}, which llama.cpp cannot read; a GGUF base needs \
                              one of llama.cpp's formats (--bits q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl)",
-                            p.config.label()
+                            quant.label()
                         ),
                     ));
                 };
-                formats.push(format);
-                let len = p.numel() / GGML_BLOCK * format.block_bytes();
+                file_format.get_or_insert(format);
+                let len = rows * cols / GGML_BLOCK * format.block_bytes();
                 (Origin::Packed(format), GgmlType(format.type_id()), len)
             }
             (Some(h), None) if checkpoint.entry(h).is_some() => {
@@ -130,7 +132,7 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
         .filter(|(k, _)| !matches!(*k, "general.alignment" | "general.file_type"))
         .map(|(k, b)| KvEntry::raw(k, b))
         .collect();
-    if let Some(&f) = formats.first() {
+    if let Some(f) = file_format {
         kv.push(KvEntry::u32("general.file_type", file_type(f)));
     }
     let mut w = GgufWriter::create(out, &kv, &infos)?;

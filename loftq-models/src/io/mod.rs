@@ -24,7 +24,7 @@ pub use self::gguf_llama::{
 };
 pub use self::merge::write_merged;
 pub use self::packed::{
-    FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_names, read_packed,
+    FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_header, packed_names, read_packed,
 };
 pub use self::peft::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, LoraWeights, module_matches,

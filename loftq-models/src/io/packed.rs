@@ -98,11 +98,17 @@ pub fn packed_names(ckpt: &Checkpoint) -> Vec<String> {
     v
 }
 
-/// Reads packed weight `name`, or `None` if `ckpt` holds no packed weight of that name.
+/// The quantizer and shape of packed weight `name`, from its header alone (checked), or
+/// `None` if `ckpt` holds no packed weight of that name.
 ///
 /// # Errors
-/// [`ModelError`] naming the tensor if the header or the buffers are inconsistent.
-pub fn read_packed(ckpt: &Checkpoint, name: &str) -> Result<Option<PackedTensor>> {
+/// [`ModelError`] naming the tensor if the header is malformed.
+pub fn packed_header(ckpt: &Checkpoint, name: &str) -> Result<Option<(QuantConfig, [usize; 2])>> {
+    Ok(header(ckpt, name)?.map(|h| (h.config, h.shape)))
+}
+
+/// The checked header of packed weight `name`.
+fn header(ckpt: &Checkpoint, name: &str) -> Result<Option<Header>> {
     let Some(header) = ckpt.metadata().get(&meta_key(name)) else {
         return Ok(None);
     };
@@ -123,6 +129,18 @@ pub fn read_packed(ckpt: &Checkpoint, name: &str) -> Result<Option<PackedTensor>
             format!("bad packed header: shape {:?}", header.shape),
         ));
     }
+    Ok(Some(header))
+}
+
+/// Reads packed weight `name`, or `None` if `ckpt` holds no packed weight of that name.
+///
+/// # Errors
+/// [`ModelError`] naming the tensor if the header or the buffers are inconsistent.
+pub fn read_packed(ckpt: &Checkpoint, name: &str) -> Result<Option<PackedTensor>> {
+    let Some(header) = header(ckpt, name)? else {
+        return Ok(None);
+    };
+    let root = ckpt.file_holding(&format!("{name}.qcodes"));
     let bytes_u8 = |suffix: &str| -> Result<Vec<u8>> {
         let key = format!("{name}.{suffix}");
         let (e, b) = ckpt.bytes(&key)?;
