@@ -83,6 +83,24 @@ fn tiny_gguf_with(ty: GgmlType, extra: Vec<(&str, MetaValue)>) -> Vec<u8> {
     )
 }
 
+/// Runs `init` expecting a refusal: no tensor computed, no output left; the message.
+fn refused_before_work(spec: &loftq_models::init::InitSpec) -> String {
+    let mut computed = 0;
+    let err = loftq_models::init::run_init(spec, &[device()], false, &mut |e| {
+        if matches!(e, loftq_models::init::Event::Tensor(_)) {
+            computed += 1;
+        }
+    })
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        computed, 0,
+        "tensors were computed before the refusal: {err}"
+    );
+    assert!(!spec.out.exists(), "{err}");
+    err
+}
+
 /// A vocabulary `init` could not write as `tokenizer.json` (T5's unigram, not supported)
 /// is refused before the first tensor is computed, not after the last.
 #[test]
@@ -95,19 +113,9 @@ fn init_refuses_an_unsupported_vocabulary_before_the_work() {
         meta("tokenizer.ggml.tokens", tokens),
     ];
     std::fs::write(&path, tiny_gguf_with(GgmlType::F32, extra)).unwrap();
-    let out = dir.join("out");
-    let spec = loftq_models::init::InitSpec::new(path.clone(), out.clone(), 4, 1);
-    let mut computed = 0;
-    let err = loftq_models::init::run_init(&spec, &[device()], false, &mut |e| {
-        if matches!(e, loftq_models::init::Event::Tensor(_)) {
-            computed += 1;
-        }
-    })
-    .unwrap_err()
-    .to_string();
+    let spec = loftq_models::init::InitSpec::new(path.clone(), dir.join("out"), 4, 1);
+    let err = refused_before_work(&spec);
     assert!(err.contains("sp.gguf") && err.contains("`t5`"), "{err}");
-    assert_eq!(computed, 0, "tensors were computed before the refusal");
-    assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -321,21 +329,11 @@ fn gguf_output_is_refused_before_the_work() {
         ),
     ];
     for (model, quant, want) in cases {
-        let out = dir.join("out");
-        let mut spec = loftq_models::init::InitSpec::new(model, out.clone(), 4, 1);
+        let mut spec = loftq_models::init::InitSpec::new(model, dir.join("out"), 4, 1);
         spec.quant = quant;
         spec.backbone = loftq_models::init::Backbone::Gguf;
-        let mut computed = 0;
-        let err = loftq_models::init::run_init(&spec, &[device()], false, &mut |e| {
-            if matches!(e, loftq_models::init::Event::Tensor(_)) {
-                computed += 1;
-            }
-        })
-        .unwrap_err()
-        .to_string();
+        let err = refused_before_work(&spec);
         assert!(err.contains(want), "{err}");
-        assert_eq!(computed, 0);
-        assert!(!out.exists());
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -8,7 +8,7 @@ use loftq_core::quant::{GGML_BLOCK, GgmlFormat, PackedTensor, Scheme};
 use super::ggml::GgmlType;
 use super::gguf_llama::{GgufModel, gguf_name, hf_name, permute_rows, rotary_heads};
 use super::gguf_write::{GgufWriter, KvEntry, TensorInfo};
-use super::{Adapter, Checkpoint, TensorSource, packed_header, read_packed};
+use super::{Adapter, Checkpoint, TensorSource, f32_le_bytes, packed_header, read_packed};
 use crate::{LlamaConfig, ModelError, Result};
 
 /// llama.cpp's `LLAMA_FTYPE_MOSTLY_*` of a file mostly in `format` (`general.file_type`).
@@ -153,8 +153,7 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
                     Some(h) => permute_rows(&t.data, rows, h, true),
                     None => t.data,
                 };
-                let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                w.write(g, &bytes)?;
+                w.write(g, &f32_le_bytes(&data))?;
             }
         }
         source.gguf.release(g);
@@ -218,12 +217,7 @@ pub fn write_lora_gguf(
                 ty: GgmlType::F32,
                 len: 4 * values.len(),
             });
-            data.push(
-                values
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            );
+            data.push(f32_le_bytes(values));
         }
     }
     let mut writer = GgufWriter::create(out, &kv, &infos)?;

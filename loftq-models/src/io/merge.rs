@@ -35,7 +35,7 @@ fn encode(data: &[f32], dtype: Dtype) -> Vec<u8> {
             .iter()
             .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
             .collect(),
-        _ => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        _ => super::f32_le_bytes(data),
     }
 }
 

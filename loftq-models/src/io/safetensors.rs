@@ -339,6 +339,11 @@ pub fn floats_from_le(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(v)
 }
 
+/// Little-endian `f32` bytes of `data`.
+pub fn f32_le_bytes(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
 /// Little-endian `bf16` bytes of `data` (rounded to nearest even).
 pub fn bf16_le_bytes(data: &[f32]) -> Vec<u8> {
     data.iter()
@@ -434,7 +439,7 @@ impl OutTensor {
         Self {
             dtype: Dtype::F32,
             shape,
-            bytes: data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            bytes: f32_le_bytes(data),
         }
     }
 
