@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use loftq_models::io::GgufModel;
+use loftq_models::io::{GgufModel, write_dir_atomic};
 use loftq_models::{ModelError, Result};
 
 /// Arguments of `loftq convert`.
@@ -25,18 +25,5 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         )));
     }
     let model = GgufModel::open(&args.input)?;
-    // Write beside the target, then rename: a failure leaves no half-written directory.
-    let tmp = args
-        .out
-        .with_extension(format!("tmp-{}", std::process::id()));
-    let result = model.convert(&tmp).and_then(|()| {
-        if args.out.exists() {
-            std::fs::remove_dir(&args.out).map_err(|e| ModelError::io(&args.out, e))?;
-        }
-        std::fs::rename(&tmp, &args.out).map_err(|e| ModelError::io(&args.out, e))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    write_dir_atomic(&args.out, |tmp| model.convert(tmp))
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use loftq_models::io::gguf::MetaValue;
 use loftq_models::io::{
-    Adapter, Checkpoint, GgufModel, write_gguf_base, write_lora_gguf, write_merged,
+    Adapter, Checkpoint, GgufModel, write_dir_atomic, write_gguf_base, write_lora_gguf,
+    write_merged,
 };
 use loftq_models::{ModelError, Result};
 
@@ -61,21 +62,9 @@ fn merge(args: &ExportArgs, model: &std::path::Path, adapter: &std::path::Path) 
         DtypeArg::F16 => safetensors::Dtype::F16,
         DtypeArg::F32 => safetensors::Dtype::F32,
     };
-    let tmp = args
-        .out
-        .with_extension(format!("tmp-{}", std::process::id()));
-    let result = write_merged(model, &adapter, dtype, &tmp).and_then(|()| {
-        if args.out.exists() {
-            std::fs::remove_dir(&args.out).map_err(|e| ModelError::io(&args.out, e))?;
-        }
-        std::fs::rename(&tmp, &args.out).map_err(|e| ModelError::io(&args.out, e))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    } else {
-        eprintln!("wrote {}", args.out.display());
-    }
-    result
+    write_dir_atomic(&args.out, |tmp| write_merged(model, &adapter, dtype, tmp))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
 }
 
 /// Runs `loftq export`.

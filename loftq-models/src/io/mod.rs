@@ -31,7 +31,7 @@ pub use self::peft::{
 };
 pub use self::safetensors::{
     Checkpoint, HostTensor, OutTensor, TensorEntry, bf16_le_bytes, f32_le_bytes, floats_from_le,
-    write_atomic, write_safetensors,
+    write_atomic, write_dir_atomic, write_safetensors,
 };
 pub use self::source::{
     SIDE_FILES, TensorSource, check_finite, check_side_files, copy_side_files, is_gguf, open_source,

@@ -508,6 +508,25 @@ pub fn write_safetensors(
     write_atomic(path, &bytes)
 }
 
+/// Fills directory `out` (absent or empty) with `write`, which is given a temporary sibling
+/// directory renamed to `out` once it succeeds: a failure leaves no half-written directory.
+///
+/// # Errors
+/// Those of `write`, and [`ModelError::Io`] for the rename; the temporary is removed.
+pub fn write_dir_atomic(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+    let result = write(&tmp).and_then(|()| {
+        if out.exists() {
+            std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename.
 ///
 /// # Errors
