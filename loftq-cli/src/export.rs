@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use loftq_models::io::gguf::MetaValue;
 use loftq_models::io::{
     Adapter, Checkpoint, GgufModel, write_dir_atomic, write_gguf_base, write_lora_gguf,
     write_merged,
@@ -78,12 +77,6 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         ));
     }
     let source = GgufModel::open(args.source.as_ref().expect("clap requires it"))?;
-    let arch = source
-        .gguf
-        .meta("general.architecture")
-        .and_then(MetaValue::as_str)
-        .unwrap_or("llama")
-        .to_string();
     // Everything is read and checked before the first file is written.
     let model = args
         .model
@@ -112,7 +105,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             eprintln!("wrote {}", base_out.display());
         }
         if let Some(a) = &adapter {
-            write_lora_gguf(a, &arch, &source.config, &lora_out)?;
+            write_lora_gguf(a, &source, &lora_out)?;
             eprintln!("wrote {}", lora_out.display());
         }
         Ok(())

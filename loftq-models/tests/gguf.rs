@@ -262,7 +262,7 @@ fn q4_0_start_writes_a_gguf_base_and_lora_adapter() {
     let ckpt = Checkpoint::open(&out.join("model.safetensors")).unwrap();
     write_gguf_base(&source, &ckpt, &dir.join("model.gguf")).unwrap();
     let adapter = Adapter::read(&out.join("adapter")).unwrap();
-    write_lora_gguf(&adapter, "llama", &source.config, &dir.join("adapter.gguf")).unwrap();
+    write_lora_gguf(&adapter, &source, &dir.join("adapter.gguf")).unwrap();
     for f in ["model.gguf", "adapter.gguf"] {
         let (a, b) = (
             std::fs::read(out.join(f)).unwrap(),

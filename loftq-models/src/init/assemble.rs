@@ -66,16 +66,10 @@ pub fn assemble(
 /// `model.gguf` and `adapter.gguf` from the packed output and the source GGUF.
 fn llama_cpp_files(spec: &InitSpec, out: &Path) -> Result<()> {
     let source = crate::io::GgufModel::open(&spec.model)?;
-    let arch = source
-        .gguf
-        .meta("general.architecture")
-        .and_then(crate::io::gguf::MetaValue::as_str)
-        .unwrap_or("llama")
-        .to_string();
     let ckpt = Checkpoint::open(&out.join("model.safetensors"))?;
     crate::io::write_gguf_base(&source, &ckpt, &out.join("model.gguf"))?;
     let adapter = crate::io::Adapter::read(&out.join("adapter"))?;
-    crate::io::write_lora_gguf(&adapter, &arch, &source.config, &out.join("adapter.gguf"))
+    crate::io::write_lora_gguf(&adapter, &source, &out.join("adapter.gguf"))
 }
 
 fn packed_backbone(pieces: &[Checkpoint], dir: &Path) -> Result<()> {

@@ -6,10 +6,11 @@ use std::path::Path;
 use loftq_core::quant::{GGML_BLOCK, GgmlFormat, PackedTensor, Scheme};
 
 use super::ggml::GgmlType;
+use super::gguf::MetaValue;
 use super::gguf_llama::{GgufModel, gguf_name, hf_name, permute_rows, rotary_heads};
 use super::gguf_write::{GgufWriter, KvEntry, TensorInfo};
 use super::{Adapter, Checkpoint, TensorSource, f32_le_bytes, packed_header, read_packed};
-use crate::{LlamaConfig, ModelError, Result};
+use crate::{ModelError, Result};
 
 /// llama.cpp's `LLAMA_FTYPE_MOSTLY_*` of a file mostly in `format` (`general.file_type`).
 fn file_type(format: GgmlFormat) -> u32 {
@@ -161,8 +162,8 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
     w.finish()
 }
 
-/// Writes `adapter` as a llama.cpp LoRA adapter GGUF for a base of architecture `arch`
-/// (`general.architecture`) and shape `config`: `general.type = adapter`,
+/// Writes `adapter` as a llama.cpp LoRA adapter GGUF for `base` (its `general.architecture`
+/// and shapes): `general.type = adapter`,
 /// `adapter.type = lora`, `adapter.lora.alpha`, and per module `<base tensor>.lora_a`
 /// (`[in, r]` in GGUF order) and `.lora_b` (`[r, out]`), `f32`, `lora_b`'s rows of `q_proj`
 /// and `k_proj` in llama.cpp's order.
@@ -173,12 +174,13 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
 ///
 /// # Errors
 /// [`ModelError::Tensor`] naming a module with no llama.cpp counterpart; I/O errors.
-pub fn write_lora_gguf(
-    adapter: &Adapter,
-    arch: &str,
-    config: &LlamaConfig,
-    out: &Path,
-) -> Result<()> {
+pub fn write_lora_gguf(adapter: &Adapter, base: &GgufModel, out: &Path) -> Result<()> {
+    let config = &base.config;
+    let arch = base
+        .gguf
+        .meta("general.architecture")
+        .and_then(MetaValue::as_str)
+        .expect("GgufModel::open checks the architecture");
     let first = adapter
         .modules
         .iter()
