@@ -1,12 +1,12 @@
 //! `loftq export`: an init output and/or a PEFT adapter as llama.cpp files, or a model and its
 //! adapter merged into one dense checkpoint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use loftq_models::io::{
-    Adapter, Checkpoint, GgufModel, write_dir_atomic, write_gguf_base, write_lora_gguf,
-    write_merged,
+    Adapter, Checkpoint, GgufModel, GgufWeightType, TensorSource, open_source, write_dir_atomic,
+    write_gguf_base, write_lora_gguf, write_merged, write_merged_gguf,
 };
 use loftq_models::{ModelError, Result};
 
@@ -15,17 +15,19 @@ use loftq_models::{ModelError, Result};
 pub struct ExportArgs {
     /// The .gguf file the start was made from (`loftq init --model`): its metadata,
     /// vocabulary and every tensor that was not quantized are carried over byte for byte;
-    /// its architecture names the adapter's base. Needed for the GGUF files, not for --merge.
+    /// its architecture names the adapter's base. With --merge: write a merged GGUF.
     #[arg(long, required_unless_present = "merge")]
     source: Option<PathBuf>,
-    /// Merge instead: write OUT as a Hugging Face directory whose weights are --model's with
-    /// --adapter's `s·B·A` added (model.safetensors in --dtype, config.json, tokenizer).
-    /// --model may be any model `eval` reads (dense, packed, bitsandbytes, .gguf).
-    #[arg(long, requires_all = ["model", "adapter"], conflicts_with = "source")]
+    /// Merge --adapter's `s·B·A` into --model's weights (--model: any model `eval` reads,
+    /// dense, packed, bitsandbytes or .gguf; with --source, the source by default). Without
+    /// --source, OUT is a Hugging Face directory (model.safetensors, config.json, tokenizer);
+    /// with --source, OUT/model.gguf is the source with its linear weights merged, in --dtype.
+    #[arg(long, requires = "adapter")]
     merge: bool,
-    /// Weight type of the merged checkpoint.
-    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16, requires = "merge")]
-    dtype: DtypeArg,
+    /// Weight type of the merge: bf16, f16, f32, or (a GGUF only) one of llama.cpp's
+    /// formats q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, quantized from the merged weights.
+    #[arg(long, default_value = "bf16", requires = "merge", value_parser = parse_dtype)]
+    dtype: GgufWeightType,
     /// A `loftq init` output whose backbone is packed in one of llama.cpp's formats
     /// (--bits q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl): written as OUT/model.gguf.
     #[arg(long)]
@@ -35,41 +37,82 @@ pub struct ExportArgs {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Output directory (created if needed); files that exist there are refused (with
-    /// --merge, a directory that is not empty).
+    /// --merge into a Hugging Face directory, a directory that is not empty).
     #[arg(long)]
     out: PathBuf,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
-    Bf16,
-    F16,
-    F32,
+fn parse_dtype(s: &str) -> std::result::Result<GgufWeightType, String> {
+    GgufWeightType::from_name(s).ok_or_else(|| {
+        format!("unknown type {s:?}: bf16, f16, f32, q4_0, q4_1, q5_0, q5_1, q8_0 or iq4_nl")
+    })
 }
 
-/// `--merge`: the merged checkpoint, into a temporary directory renamed into place.
-fn merge(args: &ExportArgs, model: &std::path::Path, adapter: &std::path::Path) -> Result<()> {
+/// `--merge` without --source: the merged Hugging Face checkpoint, into a temporary directory
+/// renamed into place.
+fn merge(args: &ExportArgs, model: &Path, adapter: &Adapter) -> Result<()> {
     if std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some()) {
         return Err(ModelError::Invalid(format!(
             "{} exists and is not empty; choose a new --out",
             args.out.display()
         )));
     }
-    let adapter = Adapter::read(adapter)?;
     let dtype = match args.dtype {
-        DtypeArg::Bf16 => safetensors::Dtype::BF16,
-        DtypeArg::F16 => safetensors::Dtype::F16,
-        DtypeArg::F32 => safetensors::Dtype::F32,
+        GgufWeightType::Bf16 => safetensors::Dtype::BF16,
+        GgufWeightType::F16 => safetensors::Dtype::F16,
+        GgufWeightType::F32 => safetensors::Dtype::F32,
+        GgufWeightType::Ggml(f) => {
+            return Err(ModelError::Invalid(format!(
+                "--dtype {}: a Hugging Face checkpoint holds bf16, f16 or f32; give --source \
+                 M.gguf for a merged GGUF in a llama.cpp format",
+                f.name()
+            )));
+        }
     };
-    write_dir_atomic(&args.out, |tmp| write_merged(model, &adapter, dtype, tmp))?;
+    write_dir_atomic(&args.out, |tmp| write_merged(model, adapter, dtype, tmp))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }
 
+/// `--merge --source`: OUT/model.gguf, the source with its linear weights merged.
+fn merge_gguf(args: &ExportArgs, source: &Path, adapter: &Adapter) -> Result<()> {
+    let out = args.out.join("model.gguf");
+    if out.exists() {
+        return Err(ModelError::Invalid(format!(
+            "{} exists; choose another --out",
+            out.display()
+        )));
+    }
+    let gguf = GgufModel::open(source)?;
+    let model = match &args.model {
+        Some(m) => Some(open_source(m)?),
+        None => None,
+    };
+    let model: &dyn TensorSource = model.as_deref().unwrap_or(&gguf);
+    let created = !args.out.exists();
+    std::fs::create_dir_all(&args.out).map_err(|e| ModelError::io(&args.out, e))?;
+    let result = write_merged_gguf(&gguf, model, adapter, args.dtype, &out);
+    match &result {
+        Ok(()) => eprintln!("wrote {}", out.display()),
+        Err(_) if created => {
+            let _ = std::fs::remove_dir(&args.out);
+        }
+        Err(_) => {}
+    }
+    result
+}
+
 /// Runs `loftq export`.
 pub fn run(args: &ExportArgs) -> Result<()> {
-    if let (true, Some(m), Some(a)) = (args.merge, &args.model, &args.adapter) {
-        return merge(args, m, a);
+    if args.merge {
+        let adapter = Adapter::read(args.adapter.as_ref().expect("clap requires it"))?;
+        return match (&args.source, &args.model) {
+            (Some(source), _) => merge_gguf(args, source, &adapter),
+            (None, Some(model)) => merge(args, model, &adapter),
+            (None, None) => Err(ModelError::Invalid(
+                "--merge needs --model (a Hugging Face merge) or --source (a GGUF merge)".into(),
+            )),
+        };
     }
     if args.model.is_none() && args.adapter.is_none() {
         return Err(ModelError::Invalid(

@@ -314,6 +314,66 @@ fn q4_0_start_writes_a_gguf_base_and_lora_adapter() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A merged GGUF: the packed Q4_0 start plus its adapter as one file, whose logits are the
+/// start's with the adapter; in Q8_0, the same within Q8_0's error; everything else carried.
+#[test]
+fn merged_gguf_runs_as_base_plus_adapter() {
+    use loftq_models::io::{GgufWeightType, write_merged_gguf};
+    let dir = scratch("gguf-merged");
+    let src = dir.join("tiny.gguf");
+    std::fs::write(&src, tiny_gguf(GgmlType::F32)).unwrap();
+    let out = dir.join("out");
+    let mut spec = loftq_models::init::InitSpec::new(src.clone(), out.clone(), 4, 2);
+    spec.quant = QuantConfig::ggml(GgmlFormat::Q4_0);
+    run_init_here(&spec, false).unwrap();
+    let source = GgufModel::open(&src).unwrap();
+    let ckpt = Checkpoint::open(&out.join("model.safetensors")).unwrap();
+    let adapter = Adapter::read(&out.join("adapter")).unwrap();
+    let tokens: Vec<i32> = (0..12).map(|i| i * 37 % 256).collect();
+    let start = load_pretrained(&out, Some(&out.join("adapter")), &device()).unwrap();
+    let want = logits(&start, ids(tokens.clone(), 1, 12));
+    let mut got = Vec::new();
+    let ty_id = |ty| match ty {
+        GgufWeightType::Ggml(f) => f.type_id(),
+        _ => 0,
+    };
+    for ty in [GgufWeightType::F32, GgufWeightType::Ggml(GgmlFormat::Q8_0)] {
+        let path = dir.join(format!("merged-{ty:?}.gguf"));
+        write_merged_gguf(&source, &ckpt, &adapter, ty, &path).unwrap();
+        let merged = Gguf::open(&path).unwrap();
+        for (g, t) in &source.gguf.tensors {
+            let linear = (g.contains("attn_") || g.contains("ffn_")) && !g.contains("norm")
+                || g == "output.weight";
+            if linear {
+                assert_eq!(merged.tensors[g].ty, GgmlType(ty_id(ty)), "{g}");
+                continue;
+            }
+            assert!(merged.raw_tensor(g) == source.gguf.raw_tensor(g), "{g}");
+            assert_eq!(merged.tensors[g].ty, t.ty, "{g}");
+        }
+        let m = load_pretrained(&path, None, &device()).unwrap();
+        got.push(logits(&m, ids(tokens.clone(), 1, 12)));
+    }
+    let d = max_abs_diff(&got[0], &want);
+    assert!(d < 1e-4, "f32 merge: {d}");
+    let d8 = max_abs_diff(&got[1], &want);
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(
+        d8 > 0.0 && d8 < 0.02 * scale,
+        "q8_0 merge: {d8} (logits up to {scale})"
+    );
+
+    // An adapter module the model lacks: refused, nothing written.
+    let mut bad = adapter.clone();
+    let (k, v) = bad.modules.pop_first().unwrap();
+    bad.modules.insert(k.replace("layers.0", "layers.9"), v);
+    let path = dir.join("refused.gguf");
+    let e = write_merged_gguf(&source, &ckpt, &bad, GgufWeightType::F16, &path).unwrap_err();
+    assert!(e.to_string().contains("not in the model"), "{e}");
+    assert!(!path.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `--backbone gguf` that cannot be written is refused before any tensor is computed.
 #[test]
 fn gguf_output_is_refused_before_the_work() {

@@ -13,7 +13,7 @@ use super::{Adapter, Checkpoint, TensorSource, f32_le_bytes, packed_header, read
 use crate::{ModelError, Result};
 
 /// llama.cpp's `LLAMA_FTYPE_MOSTLY_*` of a file mostly in `format` (`general.file_type`).
-fn file_type(format: GgmlFormat) -> u32 {
+pub(super) fn file_type(format: GgmlFormat) -> u32 {
     match format {
         GgmlFormat::Q4_0 => 2,
         GgmlFormat::Q4_1 => 3,

@@ -5,7 +5,12 @@ use std::path::Path;
 
 use safetensors::Dtype;
 
-use super::{Adapter, HostTensor, StreamWriter, copy_side_files, open_source};
+use loftq_core::quant::{GGML_BLOCK, GgmlFormat};
+
+use super::ggml::GgmlType;
+use super::gguf_llama::{GgufModel, hf_name, permute_rows, rotary_heads};
+use super::gguf_write::{GgufWriter, KvEntry, TensorInfo};
+use super::{Adapter, HostTensor, StreamWriter, TensorSource, copy_side_files, open_source};
 use crate::{ModelError, Result};
 
 /// `w + s·B·A` in place (`w [out, in]`, `A [r, in]`, `B [out, r]`), in `f32` as PEFT's
@@ -25,6 +30,207 @@ fn merge_into(w: &mut HostTensor, a: &HostTensor, b: &HostTensor, s: f32) {
             *x += d * s;
         }
     }
+}
+
+/// Tensor `name` of `source` with the adapter's `s·B·A` added when it adapts it.
+fn merged_tensor(source: &dyn TensorSource, adapter: &Adapter, name: &str) -> Result<HostTensor> {
+    let mut t = source.tensor(name)?;
+    if let Some(path) = name.strip_suffix(".weight")
+        && let Some(w) = adapter.modules.get(path)
+    {
+        let s = adapter.scaling(path).expect("listed") as f32;
+        merge_into(&mut t, &w.a, &w.b, s);
+    }
+    source.release(name);
+    Ok(t)
+}
+
+/// Every module of the adapter must meet a weight of its shape: checked before writing.
+fn check_adapter(source: &dyn TensorSource, adapter: &Adapter) -> Result<()> {
+    for (path, w) in &adapter.modules {
+        let name = format!("{path}.weight");
+        let shape = source.shape(&name).map_err(|_| {
+            ModelError::tensor(source.root(), &name, "is adapted but not in the model")
+        })?;
+        if shape != [w.b.shape[0], w.a.shape[1]] {
+            return Err(ModelError::tensor(
+                source.root(),
+                &name,
+                format!(
+                    "shape {shape:?}, the adapter's B·A is [{}, {}]",
+                    w.b.shape[0], w.a.shape[1]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The type of a merged GGUF's linear weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufWeightType {
+    /// `F32`.
+    F32,
+    /// `F16`, rounded to nearest even.
+    F16,
+    /// `BF16`, rounded to nearest even.
+    Bf16,
+    /// One of llama.cpp's block formats, quantized as llama.cpp's reference quantizer does.
+    Ggml(GgmlFormat),
+}
+
+impl GgufWeightType {
+    /// `f32`, `f16`, `bf16` or a llama.cpp format name (`q8_0`, `q4_0`, ...).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "f32" => Some(Self::F32),
+            "f16" => Some(Self::F16),
+            "bf16" => Some(Self::Bf16),
+            _ => GgmlFormat::from_name(name).map(Self::Ggml),
+        }
+    }
+
+    fn ggml_type(self) -> GgmlType {
+        match self {
+            Self::F32 => GgmlType::F32,
+            Self::F16 => GgmlType::F16,
+            Self::Bf16 => GgmlType::BF16,
+            Self::Ggml(f) => GgmlType(f.type_id()),
+        }
+    }
+
+    /// llama.cpp's `general.file_type` of a file mostly of this type.
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Bf16 => 32,
+            Self::Ggml(f) => super::gguf_export::file_type(f),
+        }
+    }
+
+    /// The bytes of `data`, whole rows of `cols` values.
+    fn encode(self, data: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => encode(data, Dtype::F32),
+            Self::F16 => encode(data, Dtype::F16),
+            Self::Bf16 => encode(data, Dtype::BF16),
+            Self::Ggml(f) => {
+                let blocks = data.len() / GGML_BLOCK;
+                let mut codes = vec![0u8; data.len()];
+                let (mut scales, mut mins) = (Vec::with_capacity(blocks), Vec::new());
+                for (x, c) in data
+                    .chunks_exact(GGML_BLOCK)
+                    .zip(codes.chunks_exact_mut(GGML_BLOCK))
+                {
+                    let (d, m) = f.quantize_block(x, c);
+                    scales.push(d);
+                    if f.has_min() {
+                        mins.push(m);
+                    }
+                }
+                f.encode(&codes, &scales, &mins)
+            }
+        }
+    }
+
+    fn len(self, values: usize) -> usize {
+        match self {
+            Self::F32 => 4 * values,
+            Self::F16 | Self::Bf16 => 2 * values,
+            Self::Ggml(f) => values / GGML_BLOCK * f.block_bytes(),
+        }
+    }
+}
+
+/// Writes `out`, a GGUF file: `source` (metadata, vocabulary, norms and embeddings carried
+/// over byte for byte) whose linear weights are `model`'s with `adapter`'s `s·B·A` added, in
+/// `ty`, q/k rows in llama.cpp's order. `model` is any model `eval` reads (`source` itself,
+/// a `loftq init` output, ...). One tensor in memory at a time; written atomically.
+///
+/// # Errors
+/// [`ModelError::Tensor`] naming an adapter module the model lacks or whose shape disagrees,
+/// or a weight whose rows are not whole blocks of `ty`; I/O errors.
+pub fn write_merged_gguf(
+    source: &GgufModel,
+    model: &dyn TensorSource,
+    adapter: &Adapter,
+    ty: GgufWeightType,
+    out: &Path,
+) -> Result<()> {
+    check_adapter(model, adapter)?;
+    let config = &source.config;
+    let layers = config.num_hidden_layers;
+    // The linear weights by GGUF name, with their HF names.
+    let mut linear = HashMap::new();
+    let mut infos = Vec::new();
+    for g in source.gguf.tensor_order() {
+        let t = &source.gguf.tensors[g];
+        let hf = hf_name(g, layers).filter(|h| is_linear_weight(h));
+        let (ty_g, len) = match &hf {
+            Some(h) => {
+                let shape = model.shape(h)?;
+                if shape.len() != 2 || shape.as_slice() != t.shape.as_slice() {
+                    return Err(ModelError::tensor(
+                        model.root(),
+                        h,
+                        format!("shape {shape:?}, the GGUF's is {:?}", t.shape),
+                    ));
+                }
+                if matches!(ty, GgufWeightType::Ggml(_)) && !shape[1].is_multiple_of(GGML_BLOCK) {
+                    return Err(ModelError::tensor(
+                        model.root(),
+                        h,
+                        format!(
+                            "rows of {} values are not whole blocks of {GGML_BLOCK}",
+                            shape[1]
+                        ),
+                    ));
+                }
+                linear.insert(g.to_string(), h.clone());
+                (ty.ggml_type(), ty.len(shape[0] * shape[1]))
+            }
+            None => (t.ty, source.gguf.raw_tensor(g).map_or(0, <[u8]>::len)),
+        };
+        infos.push(TensorInfo {
+            name: g.to_string(),
+            dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
+            ty: ty_g,
+            len,
+        });
+    }
+    let mut kv: Vec<KvEntry> = source
+        .gguf
+        .raw_metadata()
+        .filter(|(k, _)| !matches!(*k, "general.alignment" | "general.file_type"))
+        .map(|(k, b)| KvEntry::raw(k, b))
+        .collect();
+    kv.push(KvEntry::u32("general.file_type", ty.file_type()));
+    let mut w = GgufWriter::create(out, &kv, &infos)?;
+    for info in &infos {
+        let g = info.name.as_str();
+        match linear.get(g) {
+            Some(h) => {
+                let t = merged_tensor(model, adapter, h)?;
+                let data = match rotary_heads(config, h) {
+                    Some(heads) => permute_rows(&t.data, t.shape[0], heads, true),
+                    None => t.data,
+                };
+                w.write(g, &ty.encode(&data))?;
+            }
+            None => w.write(g, source.gguf.raw_tensor(g).expect("listed"))?,
+        }
+        source.gguf.release(g);
+    }
+    w.finish()
+}
+
+/// Whether HF tensor `name` is the weight of a linear layer (decoder or LM head).
+fn is_linear_weight(name: &str) -> bool {
+    name == "lm_head.weight"
+        || crate::nn::LINEAR_PATHS
+            .iter()
+            .any(|p| name.strip_suffix(".weight").is_some_and(|m| m.ends_with(p)))
 }
 
 /// The bytes of `data` as `dtype` (`F32`, `BF16` or `F16`, rounded to nearest even).
@@ -59,35 +265,12 @@ pub fn write_merged(model: &Path, adapter: &Adapter, dtype: Dtype, out: &Path) -
     for n in &names {
         entries.push((n.clone(), dtype, source.shape(n)?));
     }
-    // Every module of the adapter must meet a weight of its shape, checked before writing.
-    for (path, w) in &adapter.modules {
-        let name = format!("{path}.weight");
-        let shape = source.shape(&name).map_err(|_| {
-            ModelError::tensor(source.root(), &name, "is adapted but not in the model")
-        })?;
-        if shape != [w.b.shape[0], w.a.shape[1]] {
-            return Err(ModelError::tensor(
-                source.root(),
-                &name,
-                format!(
-                    "shape {shape:?}, the adapter's B·A is [{}, {}]",
-                    w.b.shape[0], w.a.shape[1]
-                ),
-            ));
-        }
-    }
+    check_adapter(source.as_ref(), adapter)?;
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let mut writer = StreamWriter::create(&out.join("model.safetensors"), &entries, &meta)?;
     for n in &names {
-        let mut t = source.tensor(n)?;
-        if let Some(path) = n.strip_suffix(".weight")
-            && let Some(w) = adapter.modules.get(path)
-        {
-            let s = adapter.scaling(path).expect("listed") as f32;
-            merge_into(&mut t, &w.a, &w.b, s);
-        }
-        source.release(n);
+        let t = merged_tensor(source.as_ref(), adapter, n)?;
         writer.write(n, &encode(&t.data, dtype))?;
     }
     writer.finish()?;

@@ -22,7 +22,7 @@ pub use self::gguf_export::{write_gguf_base, write_lora_gguf};
 pub use self::gguf_llama::{
     GgufModel, gguf_name, hf_name, permute_rows, rotary_heads, unpermute_rows, vocabulary_json,
 };
-pub use self::merge::write_merged;
+pub use self::merge::{GgufWeightType, write_merged, write_merged_gguf};
 pub use self::packed::{
     FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_header, packed_names, read_packed,
 };
