@@ -9,6 +9,9 @@ output. Offline; prints one JSON object per check.
   ppl LOFTQ BASE.gguf [ADAPTER.gguf] LOFTQ_MODEL [LOFTQ_ADAPTER]   llama.cpp's logits and
       perplexity on the first --tokens tokens of --text (llama.cpp's tokenizer, no BOS) against
       `LOFTQ eval --logits-for` on the same ids.
+  generate MODEL.gguf --prompt P [--loftq LOFTQ]   llama.cpp's greedy continuation of P (its
+      own tokenizer and BOS rule) and its tokens/s; with --loftq, `loftq generate` on the same
+      file: identical tokens, and both speeds on the same CPU.
 
 Build llama-cpp-python without AMX where the kernel does not grant AMX tiles (a sandbox):
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \\
@@ -21,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -120,6 +124,71 @@ def ppl(args):
                       "top1_agree": float((theirs.argmax(-1) == ours.argmax(-1)).mean())}))
 
 
+def greedy(llm, ids, n):
+    """llama.cpp's greedy continuation of ids (the first largest logit, as its greedy
+    sampler), with the seconds of the prompt's pass and of the n - 1 later steps."""
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(ids)
+    out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    prefill = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(n - 1):
+        llm.eval(out[-1:])
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    return out, prefill, time.perf_counter() - started
+
+
+def chat_text(llm, prompt):
+    """The prompt as one user turn in the file's chat template, rendered as transformers'
+    apply_chat_template renders it (jinja2, trim_blocks, lstrip_blocks, loop controls)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    text = lambda t: llm._model.token_get_text(t)
+    return env.from_string(llm.metadata["tokenizer.chat_template"]).render(
+        messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+        bos_token=text(llm.token_bos()), eos_token=text(llm.token_eos()))
+
+
+def generate(args):
+    """Greedy text from the same prompt ids in llama.cpp and in `loftq generate`, and each
+    one's prompt and decoding speed on this CPU."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=args.model, lora_path=args.lora, n_ctx=512, n_batch=512,
+                logits_all=True, verbose=False, n_threads=args.threads, seed=0, type_k=0,
+                type_v=0)
+    ids = llm.tokenize(args.prompt.encode(), add_bos=llm._model.add_bos_token(), special=True)
+    theirs, prefill, decode = greedy(llm, ids, args.tokens)
+    row = {"check": "generate", "model": args.model, "lora": args.lora, "threads": args.threads,
+           "prompt_ids": ids, "ids_llama_cpp": theirs,
+           "llama_cpp_prefill_tok_s": len(ids) / prefill,
+           "llama_cpp_decode_tok_s": (args.tokens - 1) / decode}
+    if args.fixture:
+        chat = chat_text(llm, args.prompt)
+        chat_ids = llm.tokenize(chat.encode(), add_bos=False, special=True)
+        with open(args.fixture, "w") as f:
+            json.dump({"prompt": args.prompt, "prompt_ids": ids, "greedy_ids": theirs,
+                       "chat_text": chat, "chat_ids": chat_ids,
+                       "chat_greedy_ids": greedy(llm, chat_ids, args.tokens)[0]}, f)
+            f.write("\n")
+    if args.loftq:
+        cmd = [args.loftq, "generate", "--model", args.model, "--prompt", args.prompt,
+               "--max-tokens", str(args.tokens), "--ignore-eos", "--json"]
+        if args.adapter:
+            cmd += ["--adapter", args.adapter]
+        ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        same = next((i for i, (a, b) in enumerate(zip(theirs, ours["ids"])) if a != b), None)
+        row.update({"prompt_ids_equal": ours["prompt_ids"] == ids, "ids_loftq": ours["ids"],
+                    "identical_tokens": len(theirs) if same is None else same,
+                    "loftq_prefill_tok_s": ours["prefill_tokens_per_s"],
+                    "loftq_decode_tok_s": ours["decode_tokens_per_s"]})
+        row["decode_speed_ratio"] = row["loftq_decode_tok_s"] / row["llama_cpp_decode_tok_s"]
+    print(json.dumps(row))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -138,11 +207,22 @@ def main():
     e.add_argument("--adapter")
     e.add_argument("--text", required=True)
     e.add_argument("--tokens", type=int, default=2048)
+    g = sub.add_parser("generate")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--tokens", type=int, default=64)
+    g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--lora")
+    g.add_argument("--loftq")
+    g.add_argument("--adapter")
+    g.add_argument("--fixture", help="also write the prompt and llama.cpp's ids here")
     args = p.parse_args()
     if args.cmd == "quantize":
         quantize(args)
     elif args.cmd == "f32":
         f32_copy(args.input, args.output)
+    elif args.cmd == "generate":
+        generate(args)
     else:
         ppl(args)
 

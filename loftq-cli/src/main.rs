@@ -1,12 +1,13 @@
 //! `loftq`: the command-line tool of loftq-rs.
 //!
 //! Commands: `init` (the main job), `refine` (adapters for a base quantized elsewhere),
-//! `eval` (logits, perplexity), `convert` (GGUF to HF), `train` (fine-tune the adapter),
-//! `inspect`, `codebook`.
+//! `eval` (logits, perplexity), `generate` (text), `convert` (GGUF to HF), `export` (llama.cpp
+//! files, merged checkpoints), `train` (fine-tune the adapter), `inspect`, `codebook`.
 
 mod convert;
 mod eval;
 mod export;
+mod generate;
 mod init;
 mod inspect;
 mod progress;
@@ -64,6 +65,9 @@ enum Command {
     /// adapter as a llama.cpp LoRA adapter GGUF; or, with --merge, a model and its adapter as
     /// one dense Hugging Face checkpoint.
     Export(export::ExportArgs),
+    /// Generate text from a prompt (raw, or as a chat turn in the model's template) with a KV
+    /// cache: greedy or sampled (temperature, top-k, top-p, seed), streamed, with tokens/s.
+    Generate(Box<generate::GenerateArgs>),
     /// Show what a checkpoint, GGUF file, packed or bitsandbytes backbone or PEFT adapter holds:
     /// tensors, dtypes or quantizers, bits per parameter.
     Inspect(inspect::InspectArgs),
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Refine(args) => refine::run(&args),
     };

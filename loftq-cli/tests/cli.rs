@@ -578,3 +578,99 @@ fn gguf_output_through_the_binary() {
     assert!(!dir.join("bad").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `generate`: the streamed text is the JSON report's text; greedy runs repeat; a chat
+/// template (from tokenizer_config.json) wraps the prompt; bad flags are refused up front.
+#[test]
+fn generate_streams_text_and_reports_ids() {
+    let dir = scratch("generate");
+    let model = common::tiny_model(&dir);
+    let m = common::s(&model);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "To be",
+            "--max-tokens",
+            "12",
+        ];
+        args.extend_from_slice(extra);
+        loftq_output(&args)
+    };
+    let json = |extra: &[&str]| {
+        let mut a = extra.to_vec();
+        a.push("--json");
+        let out = run(&a);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let greedy = json(&["--ignore-eos"]);
+    // The byte-level tokenizer: one token per byte, no BOS for a raw prompt.
+    assert_eq!(
+        greedy["prompt_ids"],
+        serde_json::json!([84, 111, 32, 98, 101])
+    );
+    assert_eq!(greedy["ids"].as_array().unwrap().len(), 12);
+    assert_eq!(json(&["--ignore-eos"])["ids"], greedy["ids"]);
+    let streamed = run(&["--ignore-eos"]);
+    assert!(streamed.status.success());
+    let text = String::from_utf8_lossy(&streamed.stdout);
+    assert_eq!(
+        text.trim_end_matches('\n'),
+        greedy["text"].as_str().unwrap()
+    );
+    let stats = String::from_utf8_lossy(&streamed.stderr);
+    assert!(stats.contains("new tokens at"), "{stats}");
+
+    let sampled = json(&[
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(
+        sampled["ids"],
+        json(&[
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "3"
+        ])["ids"]
+    );
+
+    // No template yet: --chat is refused; with one, the prompt is the rendered turn.
+    let out = run(&["--chat"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no chat template"));
+    let template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}";
+    let config = serde_json::json!({ "chat_template": template });
+    std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let chat = json(&["--chat", "--system", "S"]);
+    let want: Vec<u32> = "<system>S<user>To be<a>".bytes().map(u32::from).collect();
+    assert_eq!(chat["prompt_ids"], serde_json::json!(want));
+
+    for (flag, value, want) in [
+        ("--temperature", "-1", "--temperature"),
+        ("--top-p", "1.5", "--top-p"),
+        ("--top-k", "0", "--top-k"),
+    ] {
+        let out = run(&[flag, value]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{flag}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -10,15 +10,19 @@
 //!
 //! - [`init`]: `loftq init`, the whole-checkpoint job (streaming, resumable).
 //! - [`train`]: fine-tuning the LoRA factors on a frozen (quantized) base.
+//! - [`generate`]: text from a prompt, with a KV cache and seeded sampling; [`chat`]: the
+//!   model's chat template, BOS and stop tokens.
 //!
 //! GGUF files (llama.cpp) are read through [`io::GgufModel`], which presents them under HF
 //! names and layout.
 
+pub mod chat;
 pub mod config;
 mod error;
 pub mod eval;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod generate;
 pub mod init;
 pub mod io;
 pub mod nn;

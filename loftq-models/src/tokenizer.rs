@@ -79,6 +79,19 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with the special tokens the tokenizer adds around a sequence (BOS
+    /// for Llama 2 and 3), as transformers' `tokenizer(text)`.
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`] if the tokenizer fails.
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| ModelError::Invalid(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// The text of `ids`.
     ///
     /// # Errors

@@ -112,3 +112,54 @@ fn smollm2_nf4_matches_peft_and_packs_small() {
     assert_eq!(back.tensor_names().len(), src.tensor_names().len());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `generate` against llama.cpp (`tests/fixtures/smollm2-generate.json`, written by
+/// `bench/llama_cpp/check.py generate --fixture` from llama.cpp run on this file's weights
+/// dequantized to f32): the same prompt ids, the same 64 greedy tokens; the chat template
+/// rendered as jinja2 renders it, and the same 64 greedy tokens after it.
+#[test]
+fn smollm2_greedy_generation_matches_llama_cpp() {
+    use loftq_models::chat::PromptFormat;
+    use loftq_models::generate::{GenerateParams, generate};
+
+    let Some(gguf) = asset(GGUF) else {
+        return;
+    };
+    let text = std::fs::read_to_string(fixture("smollm2-generate.json")).unwrap();
+    let want: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids_of = |k: &str| -> Vec<u32> {
+        want[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let tok = Tokenizer::for_model(&gguf).unwrap();
+    let format = PromptFormat::for_model(&gguf, &tok).unwrap();
+    let prompt = want["prompt"].as_str().unwrap();
+    let model = load_pretrained(&gguf, None, &device()).unwrap();
+    let params = GenerateParams {
+        max_new_tokens: 64,
+        ..GenerateParams::default()
+    };
+    for (chat, ids_key, greedy_key) in [
+        (false, "prompt_ids", "greedy_ids"),
+        (true, "chat_ids", "chat_greedy_ids"),
+    ] {
+        let ids = format.encode(&tok, prompt, chat, None).unwrap();
+        assert_eq!(ids, ids_of(ids_key), "{ids_key}");
+        let g = generate(&model, &ids, &params, &mut |_| {}).unwrap();
+        assert_eq!(g.ids, ids_of(greedy_key), "{greedy_key}");
+    }
+    let rendered = format.template.as_ref().unwrap().render(
+        &[loftq_models::chat::Message {
+            role: "user".into(),
+            content: prompt.into(),
+        }],
+        true,
+    );
+    assert_eq!(rendered.unwrap(), want["chat_text"].as_str().unwrap());
+    // The stop tokens: SmolLM2's EOS is its end of turn, `<|im_end|>`.
+    assert_eq!(format.stop, [2]);
+}

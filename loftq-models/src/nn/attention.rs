@@ -108,7 +108,7 @@ fn hidden_positions(s: usize, window: Option<usize>, device: &Device) -> Tensor<
 
 /// `[b, kv_heads, s, d]` → `[b, kv_heads·groups, s, d]`, each head repeated `groups` times in
 /// place (as transformers' `repeat_kv`).
-fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+pub(crate) fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
     if groups == 1 {
         return x;
     }

@@ -7,6 +7,7 @@
 #[macro_use]
 mod simd;
 mod attention;
+mod cache;
 #[cfg(feature = "flex")]
 mod cpu_fused;
 #[cfg(feature = "flex")]
@@ -22,6 +23,7 @@ mod rope;
 mod save;
 
 pub use attention::Attention;
+pub use cache::KvCache;
 pub use init::LayerInit;
 pub use llama::{DecoderLayer, INPUT_GROUPS, LINEAR_PATHS, Llama, RmsNorm};
 pub use load::{

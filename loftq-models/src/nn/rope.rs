@@ -53,10 +53,22 @@ pub struct RopeTables {
 impl RopeTables {
     /// Tables for `seq` positions.
     pub fn new(rope: &RopeConfig, head_dim: usize, seq: usize, device: &Device) -> Self {
+        Self::positions(rope, head_dim, 0..seq, device)
+    }
+
+    /// Tables for the positions `range` (row `i` is position `range.start + i`): the new
+    /// tokens of a decoding step.
+    pub fn positions(
+        rope: &RopeConfig,
+        head_dim: usize,
+        range: std::ops::Range<usize>,
+        device: &Device,
+    ) -> Self {
         let freqs = inv_freq(rope, head_dim);
+        let seq = range.len();
         let mut cos = Vec::with_capacity(seq * head_dim);
         let mut sin = Vec::with_capacity(seq * head_dim);
-        for pos in 0..seq {
+        for pos in range {
             let angles: Vec<f64> = freqs.iter().map(|f| pos as f64 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos() as f32));
