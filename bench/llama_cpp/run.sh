@@ -3,7 +3,8 @@
 # for each llama.cpp format, the plain (qlora) and LoftQ starts written with
 # `loftq init --backbone gguf`, then bench/llama_cpp/check.py: llama.cpp's own quantizer on the
 # same weights (identical blocks) and llama.cpp's perplexity on Hamlet's first 2048 tokens
-# against `loftq eval`. Results: bench/results/llama_cpp/{quantize,ppl}.jsonl.
+# against `loftq eval`; merged GGUFs in llama.cpp; greedy generation and its speed against
+# `loftq generate`. Results: bench/results/llama_cpp/{quantize,ppl,generate}.jsonl.
 #
 #   bench/llama_cpp/run.sh [PYTHON]   # PYTHON with llama-cpp-python, gguf, numpy, safetensors
 set -euo pipefail
@@ -46,3 +47,21 @@ check ppl --loftq $L --text $H --base $W/calibrated-q4_0/model.gguf \
 $L init --model $G --out $W/gptq-iq4_nl --method qlora --quantizer gptq --bits iq4_nl \
   --calibration $C --calibration-tokens 2048 --backbone gguf > /dev/null
 check ppl --loftq $L --text $H --base $W/gptq-iq4_nl/model.gguf --model $W/gptq-iq4_nl >> $R/ppl.jsonl
+# The LoftQ Q4_0 start merged into one GGUF (f32, and re-quantized to q8_0) in llama.cpp,
+# against `loftq eval` on the start with its adapter.
+for t in f32 q8_0; do
+  $L export --merge --source $G --model $W/loftq-q4_0 --adapter $W/loftq-q4_0/adapter \
+    --dtype $t --out $W/merged-$t 2> /dev/null
+  check ppl --loftq $L --text $H --base $W/merged-$t/model.gguf --model $W/loftq-q4_0 \
+    --adapter $W/loftq-q4_0/adapter >> $R/ppl.jsonl
+done
+# Greedy generation, 64 tokens, on weights llama.cpp computes in f32 (the source's, and the
+# LoftQ Q4_0 start's with its LoRA GGUF): identical tokens, and tokens/s of both, 3 runs each.
+: > $R/generate.jsonl
+$PY bench/llama_cpp/check.py f32 $G $W/source-f32.gguf
+P="Once upon a time, in a small village by the sea,"
+for i in 1 2 3; do
+  check generate $W/source-f32.gguf --prompt "$P" --loftq $L >> $R/generate.jsonl
+  check generate $W/loftq-q4_0/f32.gguf --lora $W/loftq-q4_0/adapter.gguf \
+    --adapter $W/loftq-q4_0/adapter --prompt "$P" --loftq $L >> $R/generate.jsonl
+done

@@ -21,7 +21,8 @@ pub struct ExportArgs {
     /// Merge --adapter's `s·B·A` into --model's weights (--model: any model `eval` reads,
     /// dense, packed, bitsandbytes or .gguf; with --source, the source by default). Without
     /// --source, OUT is a Hugging Face directory (model.safetensors, config.json, tokenizer);
-    /// with --source, OUT/model.gguf is the source with its linear weights merged, in --dtype.
+    /// with --source, OUT/model.gguf is the source (metadata, vocabulary, norms) with the
+    /// merged linear weights and the embeddings in --dtype.
     #[arg(long, requires = "adapter")]
     merge: bool,
     /// Weight type of the merge: bf16, f16, f32, or (a GGUF only) one of llama.cpp's

@@ -356,25 +356,41 @@ fn commands(base: &Base, role: Role, dir: &Path, out: &Path) -> Vec<Vec<String>>
         a
     };
     let refine = |b: &str, m: &str| v(&["refine", "--base", b, "--model", m, "--out", &o]);
+    let generate = |model: &str, extra: &[&str]| {
+        let mut a = v(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "To be",
+            "--max-tokens",
+            "2",
+        ]);
+        a.extend(v(extra));
+        a
+    };
     let model = s(&base.model()).to_string();
     match role {
         Role::Model => vec![
             v(&["inspect", &d]),
             eval(&d, &[]),
+            generate(&d, &[]),
             init(&d),
             train(dir, None),
         ],
-        Role::Tokenizer => vec![eval(&d, &[]), train(dir, None)],
+        Role::Tokenizer => vec![eval(&d, &[]), generate(&d, &[]), train(dir, None)],
         Role::Values => vec![init(&d), refine(s(&base.init()), &d)],
         Role::Packed => vec![
             v(&["inspect", &d]),
             eval(&d, &[]),
+            generate(&d, &[]),
             refine(&d, &model),
             train(dir, Some(&base.init().join("adapter"))),
         ],
         Role::Adapter => vec![
             v(&["inspect", &d]),
             eval(&model, &["--adapter", &d]),
+            generate(&model, &["--adapter", &d]),
             train(&base.init(), Some(dir)),
             v(&[
                 "export",
@@ -395,6 +411,7 @@ fn commands(base: &Base, role: Role, dir: &Path, out: &Path) -> Vec<Vec<String>>
                 v(&["inspect", &d]),
                 v(&["convert", &d, &o]),
                 logits,
+                generate(&d, &[]),
                 init(&d),
                 v(&[
                     "export",

@@ -29,11 +29,15 @@ fn meta(k: &str, v: MetaValue) -> (&str, MetaValue) {
 
 /// The tiny-llama fixture as a GGUF file; linear weights in `ty` (F32 or Q8_0).
 fn tiny_gguf(ty: GgmlType) -> Vec<u8> {
-    tiny_gguf_with(ty, Vec::new())
+    tiny_gguf_with(ty, Vec::new(), Vec::new())
 }
 
-/// [`tiny_gguf`] with more metadata.
-fn tiny_gguf_with(ty: GgmlType, extra: Vec<(&str, MetaValue)>) -> Vec<u8> {
+/// [`tiny_gguf`] with more metadata and tensors.
+fn tiny_gguf_with(
+    ty: GgmlType,
+    extra: Vec<(&str, MetaValue)>,
+    extra_tensors: Vec<RawTensor>,
+) -> Vec<u8> {
     let ck = Checkpoint::open(&fixture("tiny-llama/model.safetensors")).unwrap();
     let mut tensors = Vec::new();
     for name in ck.names() {
@@ -59,6 +63,7 @@ fn tiny_gguf_with(ty: GgmlType, extra: Vec<(&str, MetaValue)>) -> Vec<u8> {
             bytes,
         });
     }
+    tensors.extend(extra_tensors);
     let u = MetaValue::U64;
     gguf_bytes(
         &[
@@ -112,7 +117,7 @@ fn init_refuses_an_unsupported_vocabulary_before_the_work() {
         meta("tokenizer.ggml.model", MetaValue::Str("t5".into())),
         meta("tokenizer.ggml.tokens", tokens),
     ];
-    std::fs::write(&path, tiny_gguf_with(GgmlType::F32, extra)).unwrap();
+    std::fs::write(&path, tiny_gguf_with(GgmlType::F32, extra, Vec::new())).unwrap();
     let spec = loftq_models::init::InitSpec::new(path.clone(), dir.join("out"), 4, 1);
     let err = refused_before_work(&spec);
     assert!(err.contains("sp.gguf") && err.contains("`t5`"), "{err}");
@@ -314,8 +319,70 @@ fn q4_0_start_writes_a_gguf_base_and_lora_adapter() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Llama 3.1's `rope_freqs.weight` (divisors as llama.cpp's converter writes them) reads as
+/// the Llama 3 scaling it came from: the logits of the HF directory with that `rope_scaling`.
+#[test]
+fn rope_freqs_read_as_llama3_scaling() {
+    use loftq_models::config::RopeScaling;
+    let dir = scratch("gguf-rope-freqs");
+    // head_dim 16, θ = 10⁴; a short original context so that every kind of frequency occurs.
+    let (factor, orig) = (8.0f64, 64.0f64);
+    let factors: Vec<f32> = (0..8)
+        .map(|i| {
+            let freq = 1.0 / 10_000f32.powf((2 * i) as f32 / 16.0);
+            let wavelen = 2.0 * std::f64::consts::PI / f64::from(freq);
+            let ff = if wavelen < orig / 4.0 {
+                1.0
+            } else if wavelen > orig {
+                factor
+            } else {
+                let s = (orig / wavelen - 1.0) / 3.0;
+                1.0 / ((1.0 - s) / factor + s)
+            };
+            ff as f32
+        })
+        .collect();
+    let t = RawTensor {
+        name: "rope_freqs.weight".into(),
+        dims: vec![8],
+        ty: GgmlType::F32,
+        bytes: factors.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    };
+    let path = dir.join("tiny-3.1.gguf");
+    std::fs::write(&path, tiny_gguf_with(GgmlType::F32, Vec::new(), vec![t])).unwrap();
+    let m = GgufModel::open(&path).unwrap();
+    let want = RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: orig,
+    };
+    assert_eq!(m.config.rope.scaling, want);
+    // The same weights as an HF directory with that scaling give the same logits.
+    let hf = dir.join("hf");
+    m.convert(&hf).unwrap();
+    let config = loftq_models::LlamaConfig::from_file(&hf.join("config.json")).unwrap();
+    assert_eq!(config.rope.scaling, want);
+    let tokens: Vec<i32> = (0..40).map(|i| i * 37 % 256).collect();
+    let a = logits(
+        &load_pretrained(&path, None, &device()).unwrap(),
+        ids(tokens.clone(), 1, 40),
+    );
+    let b = logits(
+        &load_pretrained(&hf, None, &device()).unwrap(),
+        ids(tokens.clone(), 1, 40),
+    );
+    assert!(max_abs_diff(&a, &b) < 1e-5);
+    let plain = load_pretrained(&fixture("tiny-llama"), None, &device()).unwrap();
+    assert!(
+        max_abs_diff(&a, &logits(&plain, ids(tokens, 1, 40))) > 1e-3,
+        "scaling unused"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A merged GGUF: the packed Q4_0 start plus its adapter as one file, whose logits are the
-/// start's with the adapter; in Q8_0, the same within Q8_0's error; everything else carried.
+/// start's with the adapter; in Q8_0, the same within Q8_0's error; the norms carried.
 #[test]
 fn merged_gguf_runs_as_base_plus_adapter() {
     use loftq_models::io::{GgufWeightType, write_merged_gguf};
@@ -343,7 +410,8 @@ fn merged_gguf_runs_as_base_plus_adapter() {
         let merged = Gguf::open(&path).unwrap();
         for (g, t) in &source.gguf.tensors {
             let linear = (g.contains("attn_") || g.contains("ffn_")) && !g.contains("norm")
-                || g == "output.weight";
+                || g == "output.weight"
+                || g == "token_embd.weight";
             if linear {
                 assert_eq!(merged.tensors[g].ty, GgmlType(ty_id(ty)), "{g}");
                 continue;

@@ -271,12 +271,6 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
     if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(format!("head counts {heads}/{kv_heads} are inconsistent"));
     }
-    if g.tensors.contains_key("rope_freqs.weight") {
-        return Err(
-            "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1+) are not supported yet"
-                .into(),
-        );
-    }
     let scaling = match g
         .meta(&format!("{arch}.rope.scaling.type"))
         .and_then(MetaValue::as_str)
@@ -301,6 +295,16 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
             .and_then(|v| u32::try_from(v).ok())
     };
     let head_dim = int("attention.key_length").unwrap_or(hidden / heads);
+    let theta = float("rope.freq_base").unwrap_or(10_000.0);
+    // Llama 3.1+: the scaling as one divisor per frequency.
+    let scaling = match (g.tensors.contains_key("rope_freqs.weight"), scaling) {
+        (true, RopeScaling::None) => {
+            let (_, factors) = g.f32("rope_freqs.weight").map_err(|e| e.to_string())?;
+            super::gguf_rope::llama3_from_factors(&factors, theta, head_dim)?
+        }
+        (true, _) => return Err("both rope_freqs.weight and a RoPE scaling type".into()),
+        (false, s) => s,
+    };
     let qkv_bias = g.tensors.contains_key("blk.0.attn_q.bias");
     LlamaConfig {
         family,
@@ -312,10 +316,7 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
         num_key_value_heads: kv_heads,
         head_dim,
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        rope: RopeConfig {
-            theta: float("rope.freq_base").unwrap_or(10_000.0),
-            scaling,
-        },
+        rope: RopeConfig { theta, scaling },
         tie_word_embeddings: !g.tensors.contains_key("output.weight"),
         qkv_bias: qkv_bias || family == Family::Qwen2,
         o_bias: g.tensors.contains_key("blk.0.attn_output.bias"),

@@ -143,9 +143,10 @@ impl GgufWeightType {
     }
 }
 
-/// Writes `out`, a GGUF file: `source` (metadata, vocabulary, norms and embeddings carried
-/// over byte for byte) whose linear weights are `model`'s with `adapter`'s `s·B·A` added, in
-/// `ty`, q/k rows in llama.cpp's order. `model` is any model `eval` reads (`source` itself,
+/// Writes `out`, a GGUF file: `source` (metadata, vocabulary and norms carried over byte for
+/// byte) whose linear weights are `model`'s with `adapter`'s `s·B·A` added, in `ty`, q/k rows
+/// in llama.cpp's order; the token embeddings are `model`'s in `ty` too (tied, they are the LM
+/// head, and a GGUF mostly of one type is what llama.cpp's own tools write). `model` is any model `eval` reads (`source` itself,
 /// a `loftq init` output, ...). One tensor in memory at a time; written atomically.
 ///
 /// # Errors
@@ -166,7 +167,9 @@ pub fn write_merged_gguf(
     let mut infos = Vec::new();
     for g in source.gguf.tensor_order() {
         let t = &source.gguf.tensors[g];
-        let hf = hf_name(g, layers).filter(|h| is_linear_weight(h));
+        // The embeddings too: tied, they are the LM head.
+        let hf =
+            hf_name(g, layers).filter(|h| is_linear_weight(h) || h == "model.embed_tokens.weight");
         let (ty_g, len) = match &hf {
             Some(h) => {
                 let shape = model.shape(h)?;

@@ -6,6 +6,7 @@ pub mod ggml;
 pub mod gguf;
 mod gguf_export;
 mod gguf_llama;
+mod gguf_rope;
 mod gguf_vocab;
 pub mod gguf_write;
 mod merge;
