@@ -35,6 +35,7 @@ const DEVICE_TESTS: &[&str] = &[
     "model_reference",
     "files",
     "gguf",
+    "generate",
     "refine",
     "init",
     "calibrate",
