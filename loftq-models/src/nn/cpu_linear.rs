@@ -14,6 +14,24 @@ use loftq_core::cpu::gemm_add;
 use super::cpu_fused::{BackwardFn, Host, run};
 use super::qlinear::Output;
 
+/// Inputs of at most this many rows take [`super::cpu_kernels::matvec`].
+const MATVEC_ROWS: usize = 2;
+
+/// `x·Wᵀ` for `x [n, cols]` and `w [out, cols]`, both row-major: a plain pass over the
+/// weight for one or two rows (decoding a token), faer's product otherwise.
+fn times_transposed(n: usize, x: &[f32], w: &[f32], cols: usize) -> Vec<f32> {
+    if n <= MATVEC_ROWS {
+        return super::cpu_kernels::matvec(n, x, w, cols);
+    }
+    product_of(
+        n,
+        w.len() / cols,
+        rows(x, cols),
+        rows(w, cols).transpose(),
+        1.0,
+    )
+}
+
 /// A new `[m, n]` buffer holding `alpha·lhs·rhs`.
 fn product_of(
     m: usize,
@@ -62,13 +80,7 @@ pub(crate) fn product(
     let w = w.clone();
     run([x], [n, out], move |[x], wanted| {
         let y = match output {
-            Output::Value => product_of(
-                n,
-                out,
-                rows(x.slice(), inp),
-                rows(w.slice(), inp).transpose(),
-                1.0,
-            ),
+            Output::Value => times_transposed(n, x.slice(), w.slice(), inp),
             Output::GradientOnly => vec![0f32; n * out],
         };
         let back = wanted.map(|_| {
@@ -94,12 +106,17 @@ pub(crate) fn product_with_lora(
     let n = x.dims()[0];
     let w = w.cloned();
     run([x, a, b], [n, out], move |[x, a, b], wanted| {
-        let xm = rows(x.slice(), inp);
         // `h` is kept for `dB` in either case.
-        let h = product_of(n, r, xm, rows(a.slice(), inp).transpose(), 1.0);
+        let h = times_transposed(n, x.slice(), a.slice(), inp);
         let y = match (output, &w) {
+            (Output::Value, Some(w)) if n <= MATVEC_ROWS => {
+                let mut y = times_transposed(n, x.slice(), w.slice(), inp);
+                let hb = times_transposed(n, &h, b.slice(), r);
+                y.iter_mut().zip(&hb).for_each(|(y, v)| *y += s * v);
+                y
+            }
             (Output::Value, Some(w)) => {
-                let mut y = product_of(n, out, xm, rows(w.slice(), inp).transpose(), 1.0);
+                let mut y = times_transposed(n, x.slice(), w.slice(), inp);
                 add_product(&mut y, out, rows(&h, r), rows(b.slice(), r).transpose(), s);
                 y
             }
