@@ -628,7 +628,7 @@ fn generate_streams_text_and_reports_ids() {
     let stats = String::from_utf8_lossy(&streamed.stderr);
     assert!(stats.contains("new tokens at"), "{stats}");
 
-    let sampled = json(&[
+    let sampling = [
         "--temperature",
         "1.0",
         "--top-k",
@@ -637,20 +637,8 @@ fn generate_streams_text_and_reports_ids() {
         "0.9",
         "--seed",
         "3",
-    ]);
-    assert_eq!(
-        sampled["ids"],
-        json(&[
-            "--temperature",
-            "1.0",
-            "--top-k",
-            "50",
-            "--top-p",
-            "0.9",
-            "--seed",
-            "3"
-        ])["ids"]
-    );
+    ];
+    assert_eq!(json(&sampling)["ids"], json(&sampling)["ids"]);
 
     // No template yet: --chat is refused; with one, the prompt is the rendered turn.
     let out = run(&["--chat"]);

@@ -186,7 +186,8 @@ pub fn generate(
         let n = input.len();
         let logits = model.forward_cached(token_ids(&input, [1, n], &device), &mut cache);
         let next = sampler.sample(&host_f32(&logits));
-        if out.ids.is_empty() && !out.stopped {
+        if out.ids.is_empty() {
+            // The prompt's pass and the first token.
             out.prefill = started.elapsed();
         }
         if params.stop.contains(&next) {

@@ -72,11 +72,7 @@ impl Tokenizer {
     /// # Errors
     /// [`ModelError::Invalid`] if the tokenizer fails.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| ModelError::Invalid(format!("tokenizer: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        self.encode_as(text, false)
     }
 
     /// Token ids of `text` with the special tokens the tokenizer adds around a sequence (BOS
@@ -85,9 +81,13 @@ impl Tokenizer {
     /// # Errors
     /// [`ModelError::Invalid`] if the tokenizer fails.
     pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_as(text, true)
+    }
+
+    fn encode_as(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
             .inner
-            .encode(text, true)
+            .encode(text, add_special_tokens)
             .map_err(|e| ModelError::Invalid(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }

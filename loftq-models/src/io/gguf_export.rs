@@ -6,7 +6,7 @@ use std::path::Path;
 use loftq_core::quant::{GGML_BLOCK, GgmlFormat, PackedTensor, Scheme};
 
 use super::ggml::GgmlType;
-use super::gguf::MetaValue;
+use super::gguf::{Gguf, MetaValue};
 use super::gguf_llama::{GgufModel, gguf_name, hf_name, permute_rows, rotary_heads};
 use super::gguf_write::{GgufWriter, KvEntry, TensorInfo};
 use super::{Adapter, Checkpoint, TensorSource, f32_le_bytes, packed_header, read_packed};
@@ -22,6 +22,35 @@ pub(super) fn file_type(format: GgmlFormat) -> u32 {
         GgmlFormat::Q5_1 => 9,
         GgmlFormat::Iq4Nl => 25,
     }
+}
+
+/// The table entry of tensor `g` of `source` in a written file: its shape, and its type and
+/// size when `written` says how it is re-encoded (`None`: its bytes unchanged).
+pub(super) fn tensor_info(
+    source: &Gguf,
+    g: &str,
+    written: Option<(GgmlType, usize)>,
+) -> TensorInfo {
+    let t = &source.tensors[g];
+    let (ty, len) = written.unwrap_or_else(|| (t.ty, source.raw_tensor(g).map_or(0, <[u8]>::len)));
+    TensorInfo {
+        name: g.to_string(),
+        dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
+        ty,
+        len,
+    }
+}
+
+/// `source`'s metadata for a written file, every entry raw, but for the alignment (the
+/// writer's own) and `general.file_type`, which becomes `file_type` when given.
+pub(super) fn carried_metadata(source: &Gguf, file_type: Option<u32>) -> Vec<KvEntry> {
+    let mut kv: Vec<KvEntry> = source
+        .raw_metadata()
+        .filter(|(k, _)| !matches!(*k, "general.alignment" | "general.file_type"))
+        .map(|(k, b)| KvEntry::raw(k, b))
+        .collect();
+    kv.extend(file_type.map(|f| KvEntry::u32("general.file_type", f)));
+    kv
 }
 
 /// Where a tensor of the written base comes from.
@@ -69,15 +98,13 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
     // The first target's format names the file's type.
     let mut file_format = None;
     for g in source.gguf.tensor_order() {
-        let t = &source.gguf.tensors[g];
-        let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
         let hf = hf_name(g, layers);
         // The header alone: the codes are read once, when written.
         let packed = match &hf {
             Some(h) => packed_header(checkpoint, h)?,
             None => None,
         };
-        let (origin, ty, len) = match (&hf, packed) {
+        let (origin, written) = match (&hf, packed) {
             (Some(h), Some((quant, [rows, cols]))) => {
                 let Scheme::Ggml { format } = quant.scheme else {
                     return Err(ModelError::tensor(
@@ -92,7 +119,10 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
                 };
                 file_format.get_or_insert(format);
                 let len = rows * cols / GGML_BLOCK * format.block_bytes();
-                (Origin::Packed(format), GgmlType(format.type_id()), len)
+                (
+                    Origin::Packed(format),
+                    Some((GgmlType(format.type_id()), len)),
+                )
             }
             (Some(h), None) if checkpoint.entry(h).is_some() => {
                 let ours = checkpoint.f32(h)?;
@@ -103,39 +133,17 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
                     .map(|v| v.to_bits())
                     .eq(theirs.data.iter().map(|v| v.to_bits()))
                 {
-                    (
-                        Origin::Source,
-                        t.ty,
-                        source.gguf.raw_tensor(g).map_or(0, <[u8]>::len),
-                    )
+                    (Origin::Source, None)
                 } else {
-                    (Origin::Dense, GgmlType::F32, 4 * ours.data.len())
+                    (Origin::Dense, Some((GgmlType::F32, 4 * ours.data.len())))
                 }
             }
-            _ => (
-                Origin::Source,
-                t.ty,
-                source.gguf.raw_tensor(g).map_or(0, <[u8]>::len),
-            ),
+            _ => (Origin::Source, None),
         };
-        infos.push(TensorInfo {
-            name: g.to_string(),
-            dims,
-            ty,
-            len,
-        });
+        infos.push(tensor_info(&source.gguf, g, written));
         origins.push(origin);
     }
-    let mut kv: Vec<KvEntry> = source
-        .gguf
-        .raw_metadata()
-        // The writer has its own alignment; the file type is set below.
-        .filter(|(k, _)| !matches!(*k, "general.alignment" | "general.file_type"))
-        .map(|(k, b)| KvEntry::raw(k, b))
-        .collect();
-    if let Some(f) = file_format {
-        kv.push(KvEntry::u32("general.file_type", file_type(f)));
-    }
+    let kv = carried_metadata(&source.gguf, file_format.map(file_type));
     let mut w = GgufWriter::create(out, &kv, &infos)?;
     for (info, origin) in infos.iter().zip(&origins) {
         let g = info.name.as_str();

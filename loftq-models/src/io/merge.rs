@@ -6,10 +6,12 @@ use std::path::Path;
 use safetensors::Dtype;
 
 use loftq_core::quant::{GGML_BLOCK, GgmlFormat};
+use loftq_core::{QuantConfig, QuantError, Quantizer};
 
 use super::ggml::GgmlType;
+use super::gguf_export::{carried_metadata, tensor_info};
 use super::gguf_llama::{GgufModel, hf_name, permute_rows, rotary_heads};
-use super::gguf_write::{GgufWriter, KvEntry, TensorInfo};
+use super::gguf_write::GgufWriter;
 use super::{Adapter, HostTensor, StreamWriter, TensorSource, copy_side_files, open_source};
 use crate::{ModelError, Result};
 
@@ -109,29 +111,20 @@ impl GgufWeightType {
         }
     }
 
-    /// The bytes of `data`, whole rows of `cols` values.
-    fn encode(self, data: &[f32]) -> Vec<u8> {
-        match self {
+    /// The bytes of `data` `[rows, cols]`.
+    ///
+    /// # Errors
+    /// A llama.cpp format's quantizer refuses a value that is not finite.
+    fn encode(self, data: &[f32], shape: [usize; 2]) -> std::result::Result<Vec<u8>, QuantError> {
+        Ok(match self {
             Self::F32 => encode(data, Dtype::F32),
             Self::F16 => encode(data, Dtype::F16),
             Self::Bf16 => encode(data, Dtype::BF16),
             Self::Ggml(f) => {
-                let blocks = data.len() / GGML_BLOCK;
-                let mut codes = vec![0u8; data.len()];
-                let (mut scales, mut mins) = (Vec::with_capacity(blocks), Vec::new());
-                for (x, c) in data
-                    .chunks_exact(GGML_BLOCK)
-                    .zip(codes.chunks_exact_mut(GGML_BLOCK))
-                {
-                    let (d, m) = f.quantize_block(x, c);
-                    scales.push(d);
-                    if f.has_min() {
-                        mins.push(m);
-                    }
-                }
-                f.encode(&codes, &scales, &mins)
+                let q = Quantizer::new(QuantConfig::ggml(f))?.quantize_host(data, shape)?;
+                f.encode(&q.codes, &q.scales, &q.mins)
             }
-        }
+        })
     }
 
     fn len(self, values: usize) -> usize {
@@ -170,7 +163,7 @@ pub fn write_merged_gguf(
         // The embeddings too: tied, they are the LM head.
         let hf =
             hf_name(g, layers).filter(|h| is_linear_weight(h) || h == "model.embed_tokens.weight");
-        let (ty_g, len) = match &hf {
+        let written = match &hf {
             Some(h) => {
                 let shape = model.shape(h)?;
                 if shape.len() != 2 || shape.as_slice() != t.shape.as_slice() {
@@ -191,35 +184,28 @@ pub fn write_merged_gguf(
                     ));
                 }
                 linear.insert(g.to_string(), h.clone());
-                (ty.ggml_type(), ty.len(shape[0] * shape[1]))
+                Some((ty.ggml_type(), ty.len(shape[0] * shape[1])))
             }
-            None => (t.ty, source.gguf.raw_tensor(g).map_or(0, <[u8]>::len)),
+            None => None,
         };
-        infos.push(TensorInfo {
-            name: g.to_string(),
-            dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
-            ty: ty_g,
-            len,
-        });
+        infos.push(tensor_info(&source.gguf, g, written));
     }
-    let mut kv: Vec<KvEntry> = source
-        .gguf
-        .raw_metadata()
-        .filter(|(k, _)| !matches!(*k, "general.alignment" | "general.file_type"))
-        .map(|(k, b)| KvEntry::raw(k, b))
-        .collect();
-    kv.push(KvEntry::u32("general.file_type", ty.file_type()));
+    let kv = carried_metadata(&source.gguf, Some(ty.file_type()));
     let mut w = GgufWriter::create(out, &kv, &infos)?;
     for info in &infos {
         let g = info.name.as_str();
         match linear.get(g) {
             Some(h) => {
                 let t = merged_tensor(model, adapter, h)?;
+                let [rows, cols] = [t.shape[0], t.shape[1]];
                 let data = match rotary_heads(config, h) {
-                    Some(heads) => permute_rows(&t.data, t.shape[0], heads, true),
+                    Some(heads) => permute_rows(&t.data, rows, heads, true),
                     None => t.data,
                 };
-                w.write(g, &ty.encode(&data))?;
+                let bytes = ty
+                    .encode(&data, [rows, cols])
+                    .map_err(|e| ModelError::quant(h, e))?;
+                w.write(g, &bytes)?;
             }
             None => w.write(g, source.gguf.raw_tensor(g).expect("listed"))?,
         }

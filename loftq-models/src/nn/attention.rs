@@ -76,39 +76,66 @@ pub(crate) fn attend_generic(
     let [b, s, width] = q.dims();
     let d = width / h;
     let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
-    let q = rope.apply(split(q, h));
-    let k = rope.apply(split(k, kvh));
-    let v = split(v, kvh);
-    let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-
-    let scores = q
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar(1.0 / (d as f64).sqrt());
-    let hidden = hidden_positions(s, window, &scores.device());
-    let scores = scores.mask_fill(hidden.reshape([1, 1, s, s]).expand([b, h, s, s]), f32::MIN);
-    let out = softmax(scores, 3).matmul(v);
-    out.swap_dims(1, 2).reshape([b, s, h * d])
+    attend_rotated(
+        rope.apply(split(q, h)),
+        rope.apply(split(k, kvh)),
+        split(v, kvh),
+        window,
+    )
 }
 
-/// `[s, s]`, true where query `i` may not see key `j`: the future (`j > i`) and, with a
-/// window `w`, the positions `j ≤ i - w`.
-fn hidden_positions(s: usize, window: Option<usize>, device: &Device) -> Tensor<2, Bool> {
-    // `tril_mask` is true outside the lower triangle: exactly the future positions.
-    let future: Tensor<2, Bool> = Tensor::tril_mask([s, s], 0, device);
-    match window {
-        None => future,
-        Some(w) => {
-            let w = w as i64;
-            // `triu_mask` is true where `j - i < offset`: here `i - j ≥ w`.
-            let past: Tensor<2, Bool> = Tensor::triu_mask([s, s], 1 - w, device);
-            future.bool_or(past)
-        }
+/// Attention of rotated queries `q [b, heads, n, d]` over rotated keys and values
+/// `[b, kv_heads, t, d]`, the queries being the last `n` of the `t` positions, each seeing
+/// itself and the positions before it (the last `window` of them, if set): `[b, n, heads·d]`.
+pub(crate) fn attend_rotated(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    window: Option<usize>,
+) -> Tensor<3> {
+    let [b, h, n, d] = q.dims();
+    let [_, kvh, t, _] = k.dims();
+    let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+    let mut scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (d as f64).sqrt());
+    if let Some(hidden) = hidden_keys(t - n, n, window, &scores.device()) {
+        let hidden = hidden.reshape([1, 1, n, t]).expand([b, h, n, t]);
+        scores = scores.mask_fill(hidden, f32::MIN);
     }
+    let out = softmax(scores, 3).matmul(v);
+    out.swap_dims(1, 2).reshape([b, n, h * d])
+}
+
+/// `[n, start + n]`, true where the query at position `start + i` may not see key `j`: a
+/// later position (`j > start + i`) or, with a window `w`, one at `j ≤ start + i - w`. `None`
+/// when every key is visible (one query within the window).
+fn hidden_keys(
+    start: usize,
+    n: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Option<Tensor<2, Bool>> {
+    if n == 1 && window.is_none_or(|w| w > start) {
+        return None;
+    }
+    let shape = [n, start + n];
+    // `tril_mask` is true where `j - i > offset`: the keys after each query's position.
+    let future: Tensor<2, Bool> = Tensor::tril_mask(shape, start as i64, device);
+    Some(match window {
+        None => future,
+        // `triu_mask` is true where `j - i < offset`: here `start + i - j ≥ w`.
+        Some(w) => future.bool_or(Tensor::triu_mask(
+            shape,
+            start as i64 + 1 - w as i64,
+            device,
+        )),
+    })
 }
 
 /// `[b, kv_heads, s, d]` → `[b, kv_heads·groups, s, d]`, each head repeated `groups` times in
 /// place (as transformers' `repeat_kv`).
-pub(crate) fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
     if groups == 1 {
         return x;
     }
@@ -116,4 +143,25 @@ pub(crate) fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
     x.reshape([b, kvh, 1, s, d])
         .expand([b, kvh, groups, s, d])
         .reshape([b, kvh * groups, s, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_keys_follow_causality_and_the_window() {
+        let device = Device::default();
+        let ints = |m: Tensor<2, Bool>| {
+            let data = m.int().into_data().convert::<i32>();
+            data.try_to_vec::<i32>().unwrap()
+        };
+        assert!(hidden_keys(5, 1, None, &device).is_none());
+        assert!(hidden_keys(5, 1, Some(6), &device).is_none());
+        // Query 2 sees 1, 2; query 3 sees 2, 3.
+        let m = hidden_keys(2, 2, Some(2), &device).unwrap();
+        assert_eq!(ints(m), [1, 0, 0, 1, 1, 1, 0, 0]);
+        let causal = hidden_keys(0, 3, None, &device).unwrap();
+        assert_eq!(ints(causal), [0, 1, 1, 0, 0, 1, 0, 0, 0]);
+    }
 }
