@@ -28,7 +28,9 @@ import time
 
 import numpy as np
 
-FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "iq4_nl": 25}
+FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "iq4_nl": 25,
+          "q4_k": 14, "q5_k": 16, "q6_k": 18}
+FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def f32_copy(source, path):
@@ -64,25 +66,32 @@ def quantize(args):
         f32_copy(args.source, f32)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = FTYPES[args.ftype]
+        # The K-quant file types are mixes (Q4_K_S gives some ffn_down Q5_K): `pure` makes
+        # every tensor the type itself, or its fallback where rows are not whole super-blocks.
+        params.pure = args.ftype.endswith("_k")
         params.nthread = 2
         rc = llama_cpp.llama_model_quantize(f32.encode(), theirs.encode(), params)
         assert rc == 0, f"llama_model_quantize returned {rc}"
         a = {t.name: t for t in gguf.GGUFReader(args.ours).tensors}
         b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
-        tensors = blocks = same_blocks = same_tensors = 0
-        for name, t in a.items():
-            if t.tensor_type.name.lower() != args.ftype or b[name].tensor_type != t.tensor_type:
-                continue
-            x = np.asarray(t.data).reshape(-1, gguf.GGML_QUANT_SIZES[t.tensor_type][1])
-            y = np.asarray(b[name].data).reshape(x.shape)
-            same = (x == y).all(axis=1)
-            tensors += 1
-            same_tensors += int(same.all())
-            blocks += len(same)
-            same_blocks += int(same.sum())
-        print(json.dumps({"check": "quantize", "ftype": args.ftype, "tensors": tensors,
-                          "identical_tensors": same_tensors, "blocks": blocks,
-                          "identical_blocks": same_blocks}))
+        # Every tensor of the type asked for, and of a K-quant's fallback type (rows that are
+        # not whole super-blocks), in both files.
+        types = [args.ftype] + [FALLBACK[args.ftype]] * (args.ftype in FALLBACK)
+        for ty in types:
+            tensors = blocks = same_blocks = same_tensors = 0
+            for name, t in a.items():
+                if t.tensor_type.name.lower() != ty or b[name].tensor_type != t.tensor_type:
+                    continue
+                x = np.asarray(t.data).reshape(-1, gguf.GGML_QUANT_SIZES[t.tensor_type][1])
+                y = np.asarray(b[name].data).reshape(x.shape)
+                same = (x == y).all(axis=1)
+                tensors += 1
+                same_tensors += int(same.all())
+                blocks += len(same)
+                same_blocks += int(same.sum())
+            print(json.dumps({"check": "quantize", "ftype": args.ftype, "type": ty,
+                              "tensors": tensors, "identical_tensors": same_tensors,
+                              "blocks": blocks, "identical_blocks": same_blocks}))
 
 
 def log_softmax(s):

@@ -22,11 +22,11 @@ check() { $PY bench/llama_cpp/check.py "$@" 2>/dev/null | grep '^{'; }
 mkdir -p $R
 : > $R/quantize.jsonl
 check ppl --loftq $L --text $H --base $G --model $G > $R/ppl.jsonl
-for f in q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl; do
+for f in q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl q4_k q5_k q6_k; do
   $L init --model $G --out $W/qlora-$f --method qlora --bits $f --backbone gguf > /dev/null
   check quantize $G $W/qlora-$f/model.gguf $f >> $R/quantize.jsonl
 done
-for f in q4_0 iq4_nl; do
+for f in q4_0 iq4_nl q4_k; do
   $L init --model $G --out $W/loftq-$f --bits $f --backbone gguf > /dev/null
   check ppl --loftq $L --text $H --base $W/qlora-$f/model.gguf \
     --model $W/qlora-$f >> $R/ppl.jsonl

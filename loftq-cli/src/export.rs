@@ -26,11 +26,13 @@ pub struct ExportArgs {
     #[arg(long, requires = "adapter")]
     merge: bool,
     /// Weight type of the merge: bf16, f16, f32, or (a GGUF only) one of llama.cpp's
-    /// formats q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, quantized from the merged weights.
+    /// formats q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, iq4_nl, quantized from the
+    /// merged weights (a K-quant on rows that are not whole super-blocks of 256 takes
+    /// llama-quantize's fallback: q4_k → q5_0, q5_k → q5_1, q6_k → q8_0).
     #[arg(long, default_value = "bf16", requires = "merge", value_parser = parse_dtype)]
     dtype: GgufWeightType,
     /// A `loftq init` output whose backbone is packed in one of llama.cpp's formats
-    /// (--bits q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl): written as OUT/model.gguf.
+    /// (--bits q4_0 ... q8_0, q4_k, q5_k, q6_k, iq4_nl): written as OUT/model.gguf.
     #[arg(long)]
     model: Option<PathBuf>,
     /// A PEFT adapter directory (from init or train): written as OUT/adapter.gguf, a
@@ -45,7 +47,10 @@ pub struct ExportArgs {
 
 fn parse_dtype(s: &str) -> std::result::Result<GgufWeightType, String> {
     GgufWeightType::from_name(s).ok_or_else(|| {
-        format!("unknown type {s:?}: bf16, f16, f32, q4_0, q4_1, q5_0, q5_1, q8_0 or iq4_nl")
+        format!(
+            "unknown type {s:?}: bf16, f16, f32 or one of {}",
+            loftq_core::quant::GgmlFormat::NAMES
+        )
     })
 }
 

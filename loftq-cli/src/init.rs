@@ -30,8 +30,11 @@ pub struct InitArgs {
     #[arg(long, value_enum, default_value_t = MethodArg::Loftq)]
     method: MethodArg,
     /// Quantizer: nf4, nf3, nf2, int8, int4, int2 (symmetric), int4-asym, uniform4, ...; or
-    /// llama.cpp's q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, byte for byte as llama.cpp quantizes (blocks
-    /// of 32 with f16 scales: --block-size and --double-quant do not apply).
+    /// llama.cpp's q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl (blocks of 32, f16 scales) and
+    /// K-quants q4_k, q5_k, q6_k (super-blocks of 256), byte for byte as llama.cpp quantizes
+    /// (--block-size and --double-quant do not apply). A K-quant on a matrix whose rows are not
+    /// whole super-blocks takes llama-quantize's fallback: q4_k → q5_0, q5_k → q5_1,
+    /// q6_k → q8_0.
     #[arg(long, default_value = "nf4")]
     bits: String,
     /// Elements per quantization block (0: one block per row).
@@ -92,7 +95,7 @@ pub struct InitArgs {
     exclude: String,
     /// Backbones to write: packed (ours), bf16 (dense, loads anywhere), both (bf16 in bf16/),
     /// gguf (packed, plus model.gguf and adapter.gguf for llama.cpp: needs a .gguf --model
-    /// and --bits q4_0, q4_1, q5_0, q5_1, q8_0 or iq4_nl).
+    /// and one of llama.cpp's formats in --bits).
     #[arg(long, value_enum, default_value_t = BackboneArg::Packed)]
     backbone: BackboneArg,
     /// Device: cpu, wgpu[:N], cuda[:N]; several, comma-separated (cuda:0,cuda:1), each taking whole
@@ -412,28 +415,31 @@ pub fn run(a: &InitArgs) -> Result<()> {
              {i:.4} (this start)"
         );
     }
+    let mut chosen: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+    for r in &report.tensors {
+        let e = chosen.entry(r.quantizer.as_str()).or_default();
+        e.0 += 1;
+        e.1 += (r.shape[0] * r.shape[1]) as u64;
+    }
+    let list: Vec<String> = chosen
+        .iter()
+        .map(|(q, (n, p))| {
+            format!(
+                "{q} ×{n} ({:.1}%)",
+                100.0 * *p as f64 / t.params.max(1) as f64
+            )
+        })
+        .collect();
     if let Some(b) = &spec.budget {
-        let mut chosen: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
-        for r in &report.tensors {
-            let e = chosen.entry(r.quantizer.as_str()).or_default();
-            e.0 += 1;
-            e.1 += (r.shape[0] * r.shape[1]) as u64;
-        }
-        let list: Vec<String> = chosen
-            .iter()
-            .map(|(q, (n, p))| {
-                format!(
-                    "{q} ×{n} ({:.1}%)",
-                    100.0 * *p as f64 / t.params.max(1) as f64
-                )
-            })
-            .collect();
         println!(
             "--avg-bits {}: {:.4} bits/param reached; {}",
             b.avg_bits,
             t.avg_base_bits_per_param,
             list.join(", ")
         );
+    } else if chosen.len() > 1 {
+        // --layer-bits, or a K-quant's fallback on rows that are not whole super-blocks.
+        println!("quantizers: {}", list.join(", "));
     }
     println!("wrote {}", spec.out.display());
     Ok(())

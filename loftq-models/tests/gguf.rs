@@ -20,7 +20,7 @@ fn q8_0(v: &[f32]) -> Vec<u8> {
     let f = GgmlFormat::Q8_0;
     let q = Quantizer::new(QuantConfig::ggml(f)).unwrap();
     let h = q.quantize_host(v, [1, v.len()]).unwrap();
-    f.encode(&h.codes, &h.scales, &h.mins)
+    f.encode(&h.codes, &h.scales, &h.mins).unwrap()
 }
 
 fn meta(k: &str, v: MetaValue) -> (&str, MetaValue) {
@@ -401,10 +401,15 @@ fn merged_gguf_runs_as_base_plus_adapter() {
     let want = logits(&start, ids(tokens.clone(), 1, 12));
     let mut got = Vec::new();
     let ty_id = |ty| match ty {
-        GgufWeightType::Ggml(f) => f.type_id(),
+        GgufWeightType::Ggml(f) => f.fallback().type_id(),
         _ => 0,
     };
-    for ty in [GgufWeightType::F32, GgufWeightType::Ggml(GgmlFormat::Q8_0)] {
+    // Q4_K on rows of 64 and 128 values (not whole super-blocks): Q5_0, as llama-quantize.
+    for ty in [
+        GgufWeightType::F32,
+        GgufWeightType::Ggml(GgmlFormat::Q8_0),
+        GgufWeightType::Ggml(GgmlFormat::Q4K),
+    ] {
         let path = dir.join(format!("merged-{ty:?}.gguf"));
         write_merged_gguf(&source, &ckpt, &adapter, ty, &path).unwrap();
         let merged = Gguf::open(&path).unwrap();

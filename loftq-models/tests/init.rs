@@ -217,9 +217,14 @@ fn methods_targets_and_layer_rules() {
 fn llama_cpp_formats_start_lower_than_plain_quantization() {
     use loftq_core::quant::GgmlFormat;
     let dir = scratch("init-ggml");
-    for (format, bpw) in [(GgmlFormat::Q4_0, 4.5), (GgmlFormat::Q5_1, 6.0)] {
-        let mut s = spec(fixture("tiny-llama"), dir.join(format.name()));
-        s.quant = QuantConfig::ggml(format);
+    // Q6_K on rows of 64 and 128 values (not whole super-blocks): Q8_0, as llama-quantize.
+    for (asked, format, bpw) in [
+        (GgmlFormat::Q4_0, GgmlFormat::Q4_0, 4.5),
+        (GgmlFormat::Q5_1, GgmlFormat::Q5_1, 6.0),
+        (GgmlFormat::Q6K, GgmlFormat::Q8_0, 8.5),
+    ] {
+        let mut s = spec(fixture("tiny-llama"), dir.join(asked.name()));
+        s.quant = QuantConfig::ggml(asked);
         s.backbone = Backbone::Packed;
         let r = run(&s, false).unwrap();
         assert_eq!(r.tensors.len(), 14);

@@ -209,6 +209,40 @@ mod tests {
         assert!(median < 0.9, "median ratio {median}");
     }
 
+    /// llama.cpp's K-quants (super-blocks of 256, group scales fixed by their own fit):
+    /// round to nearest's codes with `H = I`, and no larger weighted error on a correlated
+    /// problem.
+    #[test]
+    fn k_quants_keep_their_scales() {
+        use crate::quant::GgmlFormat;
+        let (rows, cols, n) = (8, 256, 1024);
+        let mut g = Gaussian::new(17);
+        let w = g.values(rows * cols);
+        let mix = g.values(cols * cols);
+        let x = host_product(&g.values(n * cols), &mix, [n, cols, cols]);
+        let mut gram = Gram::new(cols);
+        gram.add_rows(&x).unwrap();
+        let weighting = gram.weighting(0.01).unwrap();
+        let u = weighting.gptq_factor().unwrap();
+        let identity = Gram::identity(cols)
+            .weighting(0.01)
+            .unwrap()
+            .gptq_factor()
+            .unwrap();
+        for f in [GgmlFormat::Q4K, GgmlFormat::Q5K, GgmlFormat::Q6K] {
+            let q = Quantizer::new(QuantConfig::ggml(f)).unwrap();
+            let rtn = q.quantize_host(&w, [rows, cols]).unwrap();
+            let cfg = GptqConfig { block_cols: 64 };
+            let same = gptq(&q, &w, [rows, cols], &identity, &cfg).unwrap();
+            assert_eq!(same, rtn, "{}", f.name());
+            let gq = gptq(&q, &w, [rows, cols], &u, &cfg).unwrap();
+            let s = weighting.factor();
+            let e_rtn = weighted_err(&w, &q.dequantize_host(&rtn), s, [rows, cols]);
+            let e_gptq = weighted_err(&w, &q.dequantize_host(&gq), s, [rows, cols]);
+            assert!(e_gptq < e_rtn, "{}: {e_gptq} ≥ {e_rtn}", f.name());
+        }
+    }
+
     #[test]
     fn batch_width_does_not_change_the_result() {
         let (rows, cols) = (8, 70);

@@ -1,7 +1,8 @@
-//! llama.cpp's block formats as quantizers: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `IQ4_NL`.
+//! llama.cpp's block formats as quantizers: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `IQ4_NL`,
+//! and the K-quants `Q4_K`, `Q5_K`, `Q6_K` (see [`super::kquant`]).
 //!
 //! Each block is 32 consecutive values of a row with an `f16` scale `d` (and for `Q4_1`/`Q5_1`
-//! an `f16` minimum `m`). The codes are computed from the `f32` scale before it is rounded to
+//! an `f16` minimum `m`); a K-quant's group (32 or 16 values) has an effective scale `d·sc`. The codes are computed from the `f32` scale before it is rounded to
 //! `f16`, then the value of a code is taken with the rounded scale — as llama.cpp's reference
 //! quantizers (`quantize_row_q4_0_ref`, ...) and gguf-py's `quants` do, operation for
 //! operation in `f32`, so codes and bytes are identical (checked against gguf-py,
@@ -15,7 +16,10 @@
 use half::f16;
 use serde::{Deserialize, Serialize};
 
-/// Values per block in every format here.
+use super::kquant::{self, K_SUPER};
+use crate::QuantError;
+
+/// Values per block of the formats without super-blocks.
 pub const GGML_BLOCK: usize = 32;
 
 /// A llama.cpp block format.
@@ -39,6 +43,15 @@ pub enum GgmlFormat {
     /// `x ≈ d·T[q]` with `T` 16 non-uniform levels from −127 to 113.
     #[serde(rename = "iq4_nl")]
     Iq4Nl,
+    /// Super-blocks of 256: 8 groups of 32, `x ≈ (d·sc)·q − dmin·m`, 6-bit `sc` and `m`.
+    #[serde(rename = "q4_k")]
+    Q4K,
+    /// As `Q4_K` with 5-bit codes.
+    #[serde(rename = "q5_k")]
+    Q5K,
+    /// Super-blocks of 256: 16 groups of 16, `x ≈ (d·sc)·(q − 32)`, `i8` `sc`.
+    #[serde(rename = "q6_k")]
+    Q6K,
 }
 
 /// `IQ4_NL`'s levels (llama.cpp's `kvalues_iq4nl`).
@@ -77,21 +90,60 @@ fn nearest_level(x: f32) -> usize {
 
 impl GgmlFormat {
     /// Every format, in ggml's type order.
-    pub const ALL: [GgmlFormat; 6] = [
+    pub const ALL: [GgmlFormat; 9] = [
         GgmlFormat::Q4_0,
         GgmlFormat::Q4_1,
         GgmlFormat::Q5_0,
         GgmlFormat::Q5_1,
         GgmlFormat::Q8_0,
+        GgmlFormat::Q4K,
+        GgmlFormat::Q5K,
+        GgmlFormat::Q6K,
         GgmlFormat::Iq4Nl,
     ];
+
+    /// The names of [`GgmlFormat::ALL`], for messages.
+    pub const NAMES: &'static str = "q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, iq4_nl";
 
     /// Bits per code.
     pub fn bits(self) -> u8 {
         match self {
-            GgmlFormat::Q4_0 | GgmlFormat::Q4_1 | GgmlFormat::Iq4Nl => 4,
-            GgmlFormat::Q5_0 | GgmlFormat::Q5_1 => 5,
+            GgmlFormat::Q4_0 | GgmlFormat::Q4_1 | GgmlFormat::Iq4Nl | GgmlFormat::Q4K => 4,
+            GgmlFormat::Q5_0 | GgmlFormat::Q5_1 | GgmlFormat::Q5K => 5,
+            GgmlFormat::Q6K => 6,
             GgmlFormat::Q8_0 => 8,
+        }
+    }
+
+    /// True for the K-quants (super-blocks of 256).
+    pub fn is_k(self) -> bool {
+        matches!(self, GgmlFormat::Q4K | GgmlFormat::Q5K | GgmlFormat::Q6K)
+    }
+
+    /// Values that share one (effective) scale: 16 for `Q6_K`, 32 otherwise.
+    pub fn block(self) -> usize {
+        if self == GgmlFormat::Q6K {
+            16
+        } else {
+            GGML_BLOCK
+        }
+    }
+
+    /// Values quantized together, and what a row's length must be a multiple of: 256 for the
+    /// K-quants, 32 otherwise.
+    pub fn super_block(self) -> usize {
+        if self.is_k() { K_SUPER } else { GGML_BLOCK }
+    }
+
+    /// The format llama.cpp's `llama-quantize` puts in place of a K-quant on a matrix whose
+    /// rows are not whole super-blocks (`Q4_K` → `Q5_0`, `Q5_K` → `Q5_1`, `Q6_K` → `Q8_0`);
+    /// the format itself otherwise.
+    pub fn fallback(self) -> Self {
+        match self {
+            GgmlFormat::Q4K => GgmlFormat::Q5_0,
+            GgmlFormat::Q5K => GgmlFormat::Q5_1,
+            GgmlFormat::Q6K => GgmlFormat::Q8_0,
+            f => f,
         }
     }
 
@@ -104,6 +156,9 @@ impl GgmlFormat {
             GgmlFormat::Q5_1 => "q5_1",
             GgmlFormat::Q8_0 => "q8_0",
             GgmlFormat::Iq4Nl => "iq4_nl",
+            GgmlFormat::Q4K => "q4_k",
+            GgmlFormat::Q5K => "q5_k",
+            GgmlFormat::Q6K => "q6_k",
         }
     }
 
@@ -122,13 +177,19 @@ impl GgmlFormat {
             GgmlFormat::Q5_0 => 6,
             GgmlFormat::Q5_1 => 7,
             GgmlFormat::Q8_0 => 8,
+            GgmlFormat::Q4K => 12,
+            GgmlFormat::Q5K => 13,
+            GgmlFormat::Q6K => 14,
             GgmlFormat::Iq4Nl => 20,
         }
     }
 
-    /// True for the formats with a per-block minimum (`Q4_1`, `Q5_1`).
+    /// True for the formats with a per-block minimum (`Q4_1`, `Q5_1`, `Q4_K`, `Q5_K`).
     pub fn has_min(self) -> bool {
-        matches!(self, GgmlFormat::Q4_1 | GgmlFormat::Q5_1)
+        matches!(
+            self,
+            GgmlFormat::Q4_1 | GgmlFormat::Q5_1 | GgmlFormat::Q4K | GgmlFormat::Q5K
+        )
     }
 
     /// What is subtracted from a stored code to get the signed level (0 for the formats with
@@ -138,7 +199,8 @@ impl GgmlFormat {
             GgmlFormat::Q4_0 | GgmlFormat::Iq4Nl => 8,
             GgmlFormat::Q5_0 => 16,
             GgmlFormat::Q8_0 => 128,
-            GgmlFormat::Q4_1 | GgmlFormat::Q5_1 => 0,
+            GgmlFormat::Q6K => 32,
+            GgmlFormat::Q4_1 | GgmlFormat::Q5_1 | GgmlFormat::Q4K | GgmlFormat::Q5K => 0,
         }
     }
 
@@ -153,14 +215,61 @@ impl GgmlFormat {
         ((1u32 << self.bits()) - 1) as f32
     }
 
-    /// Bytes of one block in a GGUF file.
+    /// Bytes of one block (a super-block for the K-quants) in a GGUF file.
     pub fn block_bytes(self) -> usize {
-        let scales = if self.has_min() { 4 } else { 2 };
-        scales + GGML_BLOCK * usize::from(self.bits()) / 8
+        match self {
+            GgmlFormat::Q4K => 144,
+            GgmlFormat::Q5K => 176,
+            GgmlFormat::Q6K => 210,
+            _ => {
+                let scales = if self.has_min() { 4 } else { 2 };
+                scales + GGML_BLOCK * usize::from(self.bits()) / 8
+            }
+        }
+    }
+
+    /// Bytes of `numel` values (whole super-blocks) in a GGUF file.
+    pub fn byte_len(self, numel: usize) -> usize {
+        numel / self.super_block() * self.block_bytes()
+    }
+
+    /// Quantizes a run of whole super-blocks (`x.len()` a multiple of
+    /// [`GgmlFormat::super_block`], or for the formats without them any run of blocks) of
+    /// finite values: codes, and one scale (and minimum) per [`GgmlFormat::block`].
+    #[inline(always)]
+    pub fn quantize_run(self, x: &[f32], codes: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+        if self.is_k() {
+            let groups = K_SUPER / self.block();
+            for (b, (xs, cs)) in x
+                .chunks_exact(K_SUPER)
+                .zip(codes.chunks_exact_mut(K_SUPER))
+                .enumerate()
+            {
+                let g = b * groups..(b + 1) * groups;
+                let m = mins.get_mut(g.clone()).unwrap_or(&mut []);
+                kquant::quantize_super(self, xs, cs, &mut scales[g], m);
+            }
+            return;
+        }
+        for (b, (xb, cb)) in x
+            .chunks(GGML_BLOCK)
+            .zip(codes.chunks_mut(GGML_BLOCK))
+            .enumerate()
+        {
+            let (d, m) = self.quantize_block(xb, cb);
+            scales[b] = d;
+            if let Some(slot) = mins.get_mut(b) {
+                *slot = m;
+            }
+        }
     }
 
     /// Quantizes one block (at most 32 finite values) into `codes`; returns `(d, m)`, both
     /// already rounded to `f16` (`m` is 0 without a minimum).
+    ///
+    /// # Panics
+    /// For a K-quant, whose blocks are quantized a super-block at a time
+    /// ([`GgmlFormat::quantize_run`]).
     #[inline(always)]
     pub fn quantize_block(self, x: &[f32], codes: &mut [u8]) -> (f32, f32) {
         let inverse = |d: f32| if d == 0.0 { 0.0 } else { 1.0 / d };
@@ -196,6 +305,9 @@ impl GgmlFormat {
                 (round_f16(d), round_f16(min))
             }
             GgmlFormat::Iq4Nl => iq4_nl_block(x, codes),
+            GgmlFormat::Q4K | GgmlFormat::Q5K | GgmlFormat::Q6K => {
+                panic!("{} is quantized a super-block at a time", self.name())
+            }
             GgmlFormat::Q8_0 => {
                 let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let d = amax / 127.0;
@@ -248,27 +360,45 @@ impl GgmlFormat {
         (c, self.value(c, d, m))
     }
 
-    /// The GGUF bytes of whole blocks: `codes` (a multiple of 32), one `d` per block and, for
-    /// the formats with a minimum, one `m` per block.
+    /// The GGUF bytes of whole super-blocks: `codes` (a multiple of
+    /// [`GgmlFormat::super_block`]), one scale per [`GgmlFormat::block`] and, for the formats
+    /// with a minimum, one minimum per block.
     ///
-    /// # Panics
-    /// If the lengths disagree or a scale is not exactly an `f16`.
-    pub fn encode(self, codes: &[u8], scales: &[f32], mins: &[f32]) -> Vec<u8> {
-        assert_eq!(codes.len(), GGML_BLOCK * scales.len(), "codes per scale");
-        assert_eq!(mins.len(), if self.has_min() { scales.len() } else { 0 });
+    /// # Errors
+    /// [`QuantError::Corrupt`] if the lengths disagree or the scales are not what the format
+    /// stores (an `f16`; for a K-quant, an `f16` times small integers).
+    pub fn encode(self, codes: &[u8], scales: &[f32], mins: &[f32]) -> Result<Vec<u8>, QuantError> {
+        let want_mins = if self.has_min() { scales.len() } else { 0 };
+        if codes.len() != self.block() * scales.len()
+            || !codes.len().is_multiple_of(self.super_block())
+            || mins.len() != want_mins
+        {
+            return Err(QuantError::Corrupt(format!(
+                "{} codes, {} scales and {} minimums are not whole {} blocks",
+                codes.len(),
+                scales.len(),
+                mins.len(),
+                self.name()
+            )));
+        }
+        if self.is_k() {
+            return kquant::encode(self, codes, scales, mins);
+        }
         let mut out = Vec::with_capacity(scales.len() * self.block_bytes());
         let half_bytes = |v: f32| {
             let h = f16::from_f32(v);
-            assert!(
-                h.to_f32().to_bits() == v.to_bits(),
-                "scale {v} is not an f16"
-            );
-            h.to_le_bytes()
+            if h.to_f32().to_bits() != v.to_bits() {
+                return Err(QuantError::Corrupt(format!(
+                    "{} scale {v} is not an f16",
+                    self.name()
+                )));
+            }
+            Ok(h.to_le_bytes())
         };
         for (b, c) in codes.chunks_exact(GGML_BLOCK).enumerate() {
-            out.extend(half_bytes(scales[b]));
+            out.extend(half_bytes(scales[b])?);
             if self.has_min() {
-                out.extend(half_bytes(mins[b]));
+                out.extend(half_bytes(mins[b])?);
             }
             match self.bits() {
                 8 => out.extend(c.iter().map(|&q| q ^ 0x80)),
@@ -281,7 +411,7 @@ impl GgmlFormat {
                 }
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -342,20 +472,31 @@ mod tests {
             assert_eq!(GgmlFormat::from_name(f.name()), Some(f));
             assert_eq!(GgmlFormat::from_name(&f.name().to_uppercase()), Some(f));
         }
-        assert_eq!(GgmlFormat::from_name("q4_k"), None);
+        assert_eq!(GgmlFormat::from_name("q3_k"), None);
+    }
+
+    /// One super-block of each format: codes, scales, minimums.
+    fn quantize(f: GgmlFormat, x: &[f32]) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+        let blocks = x.len() / f.block();
+        let mut codes = vec![0u8; x.len()];
+        let mut scales = vec![0f32; blocks];
+        let mut mins = vec![0f32; if f.has_min() { blocks } else { 0 }];
+        f.quantize_run(x, &mut codes, &mut scales, &mut mins);
+        (codes, scales, mins)
     }
 
     #[test]
     fn fixed_codes_reproduce_the_block_codes() {
         // With the scale fixed from the block, the nearest code is the block's own code for
         // every value that the block kernel put in range (up to f16 rounding of the scale).
-        let x: Vec<f32> = (0..32)
-            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.013)
-            .collect();
         for f in GgmlFormat::ALL {
-            let mut codes = [0u8; 32];
-            let (d, m) = f.quantize_block(&x, &mut codes);
-            for (&v, &c) in x.iter().zip(&codes) {
+            let x: Vec<f32> = (0..f.super_block())
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.013)
+                .collect();
+            let (codes, scales, mins) = quantize(f, &x);
+            for (i, (&v, &c)) in x.iter().zip(&codes).enumerate() {
+                let (d, m) = (scales[i / f.block()], mins.get(i / f.block()).copied());
+                let m = m.unwrap_or(0.0);
                 let (cf, vf) = f.code_fixed(v, d, m);
                 assert!(
                     (i32::from(cf) - i32::from(c)).abs() <= 1,
@@ -377,15 +518,27 @@ mod tests {
     #[test]
     fn zero_block_encodes_zeros() {
         for f in GgmlFormat::ALL {
-            let mut codes = [0u8; 32];
-            let (d, m) = f.quantize_block(&[0.0; 32], &mut codes);
-            assert_eq!((d, m), (0.0, 0.0));
-            assert!(codes.iter().all(|&c| f.value(c, d, m) == 0.0));
-            assert_eq!(
-                f.encode(&codes, &[d], &[m][..usize::from(f.has_min())])
-                    .len(),
-                f.block_bytes()
-            );
+            let (codes, scales, mins) = quantize(f, &vec![0.0; f.super_block()]);
+            assert!(scales.iter().chain(&mins).all(|&v| v == 0.0));
+            for (i, &c) in codes.iter().enumerate() {
+                let m = mins.get(i / f.block()).copied().unwrap_or(0.0);
+                assert_eq!(f.value(c, scales[i / f.block()], m), 0.0);
+            }
+            let bytes = f.encode(&codes, &scales, &mins).unwrap();
+            assert_eq!(bytes.len(), f.block_bytes());
+            assert_eq!(bytes.len(), f.byte_len(f.super_block()));
+        }
+    }
+
+    #[test]
+    fn scales_that_are_not_the_format_are_refused() {
+        for f in GgmlFormat::ALL {
+            let x: Vec<f32> = (0..f.super_block()).map(|i| (i as f32).sin()).collect();
+            let (codes, mut scales, mins) = quantize(f, &x);
+            assert!(f.encode(&codes, &scales, &mins).is_ok(), "{f:?}");
+            scales[0] *= 1.0 + 1e-6;
+            assert!(f.encode(&codes, &scales, &mins).is_err(), "{f:?}");
+            assert!(f.encode(&codes[1..], &scales, &mins).is_err(), "{f:?}");
         }
     }
 }

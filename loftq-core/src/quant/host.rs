@@ -89,9 +89,15 @@ impl Quantizer {
         out.scales.resize(nb, 0.0);
         out.mins.resize(if asym { nb } else { 0 }, 0.0);
 
+        // Runs are whole super-blocks for the formats quantized a super-block at a time.
+        let unit = match self.config.scheme {
+            Scheme::Ggml { format } => format.super_block(),
+            _ => block,
+        };
         let ok = split_blocks(
             x,
             block,
+            unit,
             &mut out.codes,
             &mut out.scales,
             &mut out.mins,
@@ -115,6 +121,13 @@ impl Quantizer {
         scales: &mut [f32],
         mins: &mut [f32],
     ) -> bool {
+        if let Scheme::Ggml { format } = self.config.scheme {
+            let ok = all_finite(x);
+            if ok {
+                format.quantize_run(x, codes, scales, mins);
+            }
+            return ok;
+        }
         let mut ok = true;
         for (b, (xb, cb)) in x.chunks(block).zip(codes.chunks_mut(block)).enumerate() {
             match self.config.scheme {
@@ -123,14 +136,6 @@ impl Quantizer {
                     let (step, min) = self.quantize_affine(xb, cb, bits);
                     scales[b] = step;
                     mins[b] = min;
-                }
-                Scheme::Ggml { format } => {
-                    ok &= all_finite(xb);
-                    let (d, m) = format.quantize_block(xb, cb);
-                    scales[b] = d;
-                    if let Some(slot) = mins.get_mut(b) {
-                        *slot = m;
-                    }
                 }
                 _ => {
                     let bits = super::simd::absmax_bits(xb);
@@ -428,16 +433,18 @@ fn blocks_per_thread(n: usize, block: usize) -> usize {
     nb.div_ceil(threads)
 }
 
-/// Runs `f` on disjoint runs of whole blocks in parallel; true if every run returned true.
+/// Runs `f` on disjoint runs of whole units (`unit` a multiple of `block`) in parallel; true if
+/// every run returned true.
 fn split_blocks(
     x: &[f32],
     block: usize,
+    unit: usize,
     codes: &mut [u8],
     scales: &mut [f32],
     mins: &mut [f32],
     f: impl Fn(&[f32], &mut [u8], &mut [f32], &mut [f32]) -> bool + Sync,
 ) -> bool {
-    let per = blocks_per_thread(x.len(), block);
+    let per = blocks_per_thread(x.len(), unit) * unit / block;
     if per * block >= x.len() {
         return f(x, codes, scales, mins);
     }

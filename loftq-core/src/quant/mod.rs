@@ -14,6 +14,7 @@ mod codebook;
 mod double_quant;
 mod ggml;
 mod host;
+mod kquant;
 mod normal;
 mod pack;
 mod packed;
@@ -25,6 +26,7 @@ pub use codebook::{Codebook, NF_OFFSET};
 pub use double_quant::{DYNAMIC_BLOCK, DoubleQuant, dynamic_map};
 pub use ggml::{GGML_BLOCK, GgmlFormat, round_f16};
 pub use host::HostQuantized;
+pub use kquant::K_SUPER;
 pub use normal::{normal_cdf, normal_ppf, torch_linspace_f32};
 pub use pack::{pack_codes, packed_len, unpack_codes, unpack_codes_into};
 pub use packed::{PackedTensor, Scales};
@@ -60,8 +62,9 @@ pub enum Scheme {
         /// Bits per weight, 1 to 8.
         bits: u8,
     },
-    /// One of llama.cpp's block formats (blocks of 32, `f16` scales), byte-identical with
-    /// llama.cpp's own quantizer, so a GGUF file written from it holds exactly these values.
+    /// One of llama.cpp's block formats (blocks of 32 with `f16` scales, or the K-quants'
+    /// super-blocks of 256), byte-identical with llama.cpp's own quantizer, so a GGUF file
+    /// written from it holds exactly these values.
     Ggml {
         /// Which format.
         format: GgmlFormat,
@@ -86,16 +89,6 @@ impl Scheme {
             Scheme::IntAsym { .. } => true,
             Scheme::Ggml { format } => format.has_min(),
             _ => false,
-        }
-    }
-
-    /// Bits each stored scale (and minimum) takes in the format's own files: 16 for the
-    /// llama.cpp formats (`f16`), 32 otherwise.
-    pub fn scale_bits(self) -> usize {
-        if matches!(self, Scheme::Ggml { .. }) {
-            16
-        } else {
-            32
         }
     }
 
@@ -186,18 +179,17 @@ impl QuantConfig {
         })
     }
 
-    /// llama.cpp's block format `format` (blocks of 32).
+    /// llama.cpp's block format `format` (its own fixed blocks).
     pub fn ggml(format: GgmlFormat) -> Self {
         Self::new(Scheme::Ggml { format })
     }
 
-    /// A scheme with the defaults: blocks of 64 (32 for the llama.cpp formats, whose block is
+    /// A scheme with the defaults: blocks of 64 (the llama.cpp formats' own, which are
     /// fixed), PEFT rounding, `f32` scales.
     pub fn new(scheme: Scheme) -> Self {
-        let block = if matches!(scheme, Scheme::Ggml { .. }) {
-            GGML_BLOCK
-        } else {
-            64
+        let block = match scheme {
+            Scheme::Ggml { format } => format.block(),
+            _ => 64,
         };
         Self {
             scheme,
@@ -240,12 +232,13 @@ impl QuantConfig {
             )));
         }
         if let Scheme::Ggml { format } = self.scheme
-            && (self.block_size != BlockSize::Elements(GGML_BLOCK) || self.double_quant)
+            && (self.block_size != BlockSize::Elements(format.block()) || self.double_quant)
         {
             return Err(QuantError::InvalidConfig(format!(
-                "{} has blocks of {GGML_BLOCK} with f16 scales; other block sizes and double \
+                "{} has its own blocks of {} with f16 scales; other block sizes and double \
                  quantization do not apply",
-                format.name()
+                format.name(),
+                format.block()
             )));
         }
         if self.block_size == BlockSize::Elements(0) {

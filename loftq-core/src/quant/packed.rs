@@ -152,14 +152,17 @@ impl PackedTensor {
     }
 
     /// Total storage in bits: codes, scales (with their second level), minimums; the
-    /// llama.cpp formats count their scales as the `f16`s their files hold.
+    /// llama.cpp formats count what their files hold (`f16` scales, the K-quants' 6- or 8-bit
+    /// group scales and `f16` super-block scales).
     pub fn storage_bits(&self) -> usize {
-        let scale_bits = self.config.scheme.scale_bits();
+        if let super::Scheme::Ggml { format } = self.config.scheme {
+            return 8 * format.byte_len(self.numel());
+        }
         let scales = match &self.scales {
-            Scales::F32(v) => scale_bits * v.len(),
+            Scales::F32(v) => 32 * v.len(),
             Scales::Double(dq) => dq.storage_bits(),
         };
-        8 * self.data.len() + scales + scale_bits * self.mins.len()
+        8 * self.data.len() + scales + 32 * self.mins.len()
     }
 
     /// Exact bits per weight of this matrix (NF4, blocks of 64: 4.5 with `f32` scales,

@@ -98,11 +98,12 @@ impl Quantizer {
     pub fn block_len(&self, shape: [usize; 2]) -> Result<usize, QuantError> {
         let block = self.config.block_size.len(shape[1]);
         if let super::Scheme::Ggml { format } = self.config.scheme
-            && !shape[1].is_multiple_of(block)
+            && !shape[1].is_multiple_of(format.super_block())
         {
             return Err(QuantError::InvalidConfig(format!(
-                "{} needs rows whose length is a multiple of {block}, shape is {shape:?}",
-                format.name()
+                "{} needs rows whose length is a multiple of {}, shape is {shape:?}",
+                format.name(),
+                format.super_block()
             )));
         }
         if block == 0 {

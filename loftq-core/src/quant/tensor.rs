@@ -202,6 +202,13 @@ impl Quantizer {
     fn quantize_portable(&self, w: &Tensor<2>, shape: [usize; 2]) -> Result<Quantized, QuantError> {
         let n = shape[0] * shape[1];
         let block = self.block_len(shape)?;
+        if let Scheme::Ggml { format } = self.config.scheme
+            && (format.is_k() || format == GgmlFormat::Iq4Nl)
+        {
+            // A search over trial scales per block: the host kernel, on every back end.
+            let q = self.quantize_host(&host_f32(w), shape)?;
+            return Ok(Quantized::from_host(&q, &w.device()));
+        }
         let bad = w
             .clone()
             .is_nan()
@@ -406,21 +413,6 @@ fn portable_ggml(
         Tensor::<1>::from_data(TensorData::new(v, [nb]), &device)
     };
     match format {
-        GgmlFormat::Iq4Nl => {
-            // A search over 16 scales per block: the host kernel, on every back end.
-            let v = f32_vec(&x.reshape([nb * len]));
-            let mut codes = vec![0u8; nb * len];
-            let mut d = vec![0f32; nb];
-            for (b, (xb, cb)) in v.chunks(len).zip(codes.chunks_mut(len)).enumerate() {
-                d[b] = format.quantize_block(xb, cb).0;
-            }
-            let codes: Vec<i32> = codes.into_iter().map(i32::from).collect();
-            (
-                Tensor::from_data(TensorData::new(codes, [nb * len]), &device),
-                Tensor::from_data(TensorData::new(d, [nb]), &device),
-                None,
-            )
-        }
         GgmlFormat::Q4_0 | GgmlFormat::Q5_0 => {
             // The first value of largest magnitude, with its sign.
             let half = format.offset() as f32;
@@ -460,6 +452,9 @@ fn portable_ggml(
             let r = fl.clone() + (a - fl).mul_scalar(2.0).floor();
             let codes = (r * v.sign()).clamp(-127.0, 127.0).add_scalar(128.0);
             (codes.int().reshape([nb * len]), to_f16(d), None)
+        }
+        GgmlFormat::Iq4Nl | GgmlFormat::Q4K | GgmlFormat::Q5K | GgmlFormat::Q6K => {
+            unreachable!("quantized on the host")
         }
     }
 }

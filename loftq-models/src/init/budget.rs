@@ -13,6 +13,7 @@ use loftq_core::init::LoraInit;
 use serde::{Deserialize, Serialize};
 
 use super::piece::{self, Loaded, Plan};
+use super::plan::fit_rows;
 use super::{Event, InitSpec, Method, calibrate, tensor_seed};
 use crate::io::{TensorSource, write_atomic};
 use crate::{ModelError, Result};
@@ -151,7 +152,7 @@ pub(super) fn apply(
     };
     for (&i, &c) in saved.items.iter().zip(&saved.choice) {
         if let Some((shape, _)) = plan.items[i].target {
-            plan.items[i].target = Some((shape, budget.candidates[c]));
+            plan.items[i].target = Some((shape, fit_rows(budget.candidates[c], shape[1])));
         }
     }
     Ok(())
@@ -186,12 +187,16 @@ fn scores(
             }
             _ => None,
         };
-        let choices = score(&w, wg, &budget.candidates, fit.as_ref()).map_err(|source| {
-            ModelError::Loftq {
+        let candidates: Vec<_> = budget
+            .candidates
+            .iter()
+            .map(|&c| fit_rows(c, shape[1]))
+            .collect();
+        let choices =
+            score(&w, wg, &candidates, fit.as_ref()).map_err(|source| ModelError::Loftq {
                 name: item.name.clone(),
                 source,
-            }
-        })?;
+            })?;
         out[i] = Some(choices);
         done += 1;
         events(Event::Scoring { done, total });

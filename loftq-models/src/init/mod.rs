@@ -577,8 +577,8 @@ fn check_gguf_out(spec: &InitSpec) -> Result<()> {
         let quantized = !matches!(spec.method, Method::Pissa);
         if quantized && !matches!(q.scheme, loftq_core::quant::Scheme::Ggml { .. }) {
             return Err(ModelError::Invalid(format!(
-                "--backbone gguf needs llama.cpp's formats (--bits q4_0, q4_1, q5_0, q5_1, \
-                 q8_0, iq4_nl); {} is not one",
+                "--backbone gguf needs llama.cpp's formats (--bits {}); {} is not one",
+                loftq_core::quant::GgmlFormat::NAMES,
                 q.label()
             )));
         }

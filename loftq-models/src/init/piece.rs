@@ -74,7 +74,7 @@ impl Plan {
                         spec.rank
                     )));
                 }
-                Some((s, quant_for(&name, &spec.layer_rules, spec.quant)))
+                Some((s, quant_for(&name, s[1], &spec.layer_rules, spec.quant)))
             } else {
                 None
             };

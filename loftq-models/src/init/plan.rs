@@ -77,8 +77,9 @@ pub fn layer_index(name: &str) -> Option<usize> {
 
 /// Parses a quantizer name: `nf2`..`nf8`, `int2`..`int8` (symmetric), `int2-asym`..,
 /// `uniform2`..; `block` elements per block (0 = one block per row), double quantization.
-/// llama.cpp's `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q8_0` have their own fixed blocks of 32 and
-/// `f16` scales: `block` does not apply to them, double quantization is refused.
+/// llama.cpp's formats (`q4_0` ... `q8_0`, `iq4_nl`, the K-quants `q4_k`, `q5_k`, `q6_k`) have
+/// their own fixed blocks and `f16` scales: `block` does not apply to them, double
+/// quantization is refused.
 ///
 /// # Errors
 /// A message naming the bad value.
@@ -108,8 +109,8 @@ pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConf
         Scheme::IntSym { bits: num("int")? }
     } else {
         return Err(format!(
-            "bad quantizer `{s}` (nf2..nf8, int2..int8, int2-asym.., uniform2.., q4_0, q4_1, \
-             q5_0, q5_1, q8_0, iq4_nl)"
+            "bad quantizer `{s}` (nf2..nf8, int2..int8, int2-asym.., uniform2.., {})",
+            GgmlFormat::NAMES
         ));
     };
     let cfg = QuantConfig::new(scheme)
@@ -214,17 +215,36 @@ pub fn parse_quantizer(s: &str, block: usize, double_quant: bool) -> Result<Quan
     parse_bits(&name, block, dq).map_err(|e| e.replace(&format!("`{name}`"), &format!("`{s}`")))
 }
 
-/// The quantizer of tensor `name` under `rules`, else `default`.
-pub fn quant_for(name: &str, rules: &[LayerRule], default: QuantConfig) -> QuantConfig {
+/// The quantizer of tensor `name` `[_, cols]` under `rules`, else `default`, as it applies
+/// to rows of `cols` values ([`fit_rows`]).
+pub fn quant_for(
+    name: &str,
+    cols: usize,
+    rules: &[LayerRule],
+    default: QuantConfig,
+) -> QuantConfig {
     let layer = layer_index(name);
-    rules
+    let quant = rules
         .iter()
         .find(|r| match (r.layers, layer) {
             (None, _) => true,
             (Some((a, b)), Some(l)) => (a..=b).contains(&l),
             (Some(_), None) => false,
         })
-        .map_or(default, |r| r.quant)
+        .map_or(default, |r| r.quant);
+    fit_rows(quant, cols)
+}
+
+/// `quant` as it applies to rows of `cols` values: a K-quant on rows that are not whole
+/// super-blocks of 256 becomes llama.cpp's fallback for it (`q4_k` → `q5_0`, `q5_k` → `q5_1`,
+/// `q6_k` → `q8_0`), as `llama-quantize` does; any other quantizer is unchanged.
+pub fn fit_rows(quant: QuantConfig, cols: usize) -> QuantConfig {
+    match quant.scheme {
+        Scheme::Ggml { format } if !cols.is_multiple_of(format.super_block()) => {
+            QuantConfig::ggml(format.fallback())
+        }
+        _ => quant,
+    }
 }
 
 #[cfg(test)]
@@ -241,6 +261,8 @@ mod tests {
             "int8-row-dq",
             "q4_0",
             "q5_1",
+            "q4_k",
+            "q6_k",
         ] {
             assert_eq!(parse_quantizer(label, 64, true).unwrap().label(), label);
         }
@@ -264,7 +286,7 @@ mod tests {
                 .contains("double quantization")
         );
         for bad in [
-            "nf3-b0", "nf3-x", "nf9", "nf3-b", "fp4-b64", "q4_k", "q4_0-dq",
+            "nf3-b0", "nf3-x", "nf9", "nf3-b", "fp4-b64", "q3_k", "q4_0-dq", "q6_k-dq",
         ] {
             assert!(parse_quantizer(bad, 64, false).is_err(), "{bad}");
         }
@@ -276,14 +298,30 @@ mod tests {
         let nf2 = parse_bits("nf2", 64, false).unwrap();
         let nf4 = parse_bits("nf4", 64, false).unwrap();
         assert_eq!(
-            quant_for("model.layers.3.mlp.up_proj.weight", &rules, nf4),
+            quant_for("model.layers.3.mlp.up_proj.weight", 64, &rules, nf4),
             nf4
         );
         assert_eq!(
-            quant_for("model.layers.4.mlp.up_proj.weight", &rules, nf4),
+            quant_for("model.layers.4.mlp.up_proj.weight", 64, &rules, nf4),
             nf2
         );
         assert!(parse_layer_bits("3-1:nf4", 64, false).is_err());
+        // K-quants fall back on rows that are not whole super-blocks, as llama-quantize does.
+        let q4k = parse_bits("q4_k", 64, false).unwrap();
+        let rules = parse_layer_bits("*:q6_k", 64, false).unwrap();
+        assert_eq!(
+            quant_for("model.layers.0.mlp.down_proj.weight", 1536, &[], q4k),
+            q4k
+        );
+        assert_eq!(
+            quant_for("model.layers.0.self_attn.q_proj.weight", 576, &[], q4k).label(),
+            "q5_0"
+        );
+        assert_eq!(
+            quant_for("model.layers.0.self_attn.q_proj.weight", 576, &rules, q4k).label(),
+            "q8_0"
+        );
+        assert_eq!(fit_rows(nf4, 576), nf4);
         assert!(parse_bits("nf9", 64, false).is_err());
         assert!(parse_bits("fp4", 64, false).is_err());
         assert_eq!(

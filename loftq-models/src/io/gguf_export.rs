@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use loftq_core::quant::{GGML_BLOCK, GgmlFormat, PackedTensor, Scheme};
+use loftq_core::quant::{GgmlFormat, PackedTensor, Scheme};
 
 use super::ggml::GgmlType;
 use super::gguf::{Gguf, MetaValue};
@@ -21,6 +21,10 @@ pub(super) fn file_type(format: GgmlFormat) -> u32 {
         GgmlFormat::Q5_0 => 8,
         GgmlFormat::Q5_1 => 9,
         GgmlFormat::Iq4Nl => 25,
+        // The `_S` mixes, the closest to one type throughout.
+        GgmlFormat::Q4K => 14,
+        GgmlFormat::Q5K => 16,
+        GgmlFormat::Q6K => 18,
     }
 }
 
@@ -72,7 +76,9 @@ fn encode_packed(
     heads: Option<usize>,
 ) -> Result<Vec<u8>> {
     let host = p.unpack().map_err(|e| ModelError::quant(name, e))?;
-    let bytes = format.encode(&host.codes, &host.scales, &host.mins);
+    let bytes = format
+        .encode(&host.codes, &host.scales, &host.mins)
+        .map_err(|e| ModelError::quant(name, e))?;
     Ok(match heads {
         Some(h) => permute_rows(&bytes, p.shape[0], h, true),
         None => bytes,
@@ -112,13 +118,17 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
                         h,
                         format!(
                             "is quantized as {}, which llama.cpp cannot read; a GGUF base needs \
-                             one of llama.cpp's formats (--bits q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl)",
-                            quant.label()
+                             one of llama.cpp's formats (--bits {})",
+                            quant.label(),
+                            GgmlFormat::NAMES
                         ),
                     ));
                 };
-                file_format.get_or_insert(format);
-                let len = rows * cols / GGML_BLOCK * format.block_bytes();
+                // A K-quant names the file's type over its fallbacks on other shapes.
+                if file_format.is_none_or(|f: GgmlFormat| format.is_k() && !f.is_k()) {
+                    file_format = Some(format);
+                }
+                let len = format.byte_len(rows * cols);
                 (
                     Origin::Packed(format),
                     Some((GgmlType(format.type_id()), len)),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use safetensors::Dtype;
 
-use loftq_core::quant::{GGML_BLOCK, GgmlFormat};
+use loftq_core::quant::GgmlFormat;
 use loftq_core::{QuantConfig, QuantError, Quantizer};
 
 use super::ggml::GgmlType;
@@ -92,6 +92,16 @@ impl GgufWeightType {
         }
     }
 
+    /// The type a matrix with rows of `cols` values gets: a K-quant's fallback
+    /// ([`GgmlFormat::fallback`]) when the rows are not whole super-blocks, as llama.cpp's
+    /// `llama-quantize` does.
+    fn for_rows(self, cols: usize) -> Self {
+        match self {
+            Self::Ggml(f) if !cols.is_multiple_of(f.super_block()) => Self::Ggml(f.fallback()),
+            t => t,
+        }
+    }
+
     fn ggml_type(self) -> GgmlType {
         match self {
             Self::F32 => GgmlType::F32,
@@ -122,7 +132,7 @@ impl GgufWeightType {
             Self::Bf16 => encode(data, Dtype::BF16),
             Self::Ggml(f) => {
                 let q = Quantizer::new(QuantConfig::ggml(f))?.quantize_host(data, shape)?;
-                f.encode(&q.codes, &q.scales, &q.mins)
+                f.encode(&q.codes, &q.scales, &q.mins)?
             }
         })
     }
@@ -131,7 +141,7 @@ impl GgufWeightType {
         match self {
             Self::F32 => 4 * values,
             Self::F16 | Self::Bf16 => 2 * values,
-            Self::Ggml(f) => values / GGML_BLOCK * f.block_bytes(),
+            Self::Ggml(f) => f.byte_len(values),
         }
     }
 }
@@ -173,17 +183,22 @@ pub fn write_merged_gguf(
                         format!("shape {shape:?}, the GGUF's is {:?}", t.shape),
                     ));
                 }
-                if matches!(ty, GgufWeightType::Ggml(_)) && !shape[1].is_multiple_of(GGML_BLOCK) {
+                let ty = ty.for_rows(shape[1]);
+                if let GgufWeightType::Ggml(f) = ty
+                    && !shape[1].is_multiple_of(f.super_block())
+                {
                     return Err(ModelError::tensor(
                         model.root(),
                         h,
                         format!(
-                            "rows of {} values are not whole blocks of {GGML_BLOCK}",
-                            shape[1]
+                            "rows of {} values are not whole {} blocks of {}",
+                            shape[1],
+                            f.name(),
+                            f.super_block()
                         ),
                     ));
                 }
-                linear.insert(g.to_string(), h.clone());
+                linear.insert(g.to_string(), (h.clone(), ty));
                 Some((ty.ggml_type(), ty.len(shape[0] * shape[1])))
             }
             None => None,
@@ -195,7 +210,7 @@ pub fn write_merged_gguf(
     for info in &infos {
         let g = info.name.as_str();
         match linear.get(g) {
-            Some(h) => {
+            Some((h, ty)) => {
                 let t = merged_tensor(model, adapter, h)?;
                 let [rows, cols] = [t.shape[0], t.shape[1]];
                 let data = match rotary_heads(config, h) {
