@@ -47,6 +47,15 @@ check ppl --loftq $L --text $H --base $W/calibrated-q4_0/model.gguf \
 $L init --model $G --out $W/gptq-iq4_nl --method qlora --quantizer gptq --bits iq4_nl \
   --calibration $C --calibration-tokens 2048 --backbone gguf > /dev/null
 check ppl --loftq $L --text $H --base $W/gptq-iq4_nl/model.gguf --model $W/gptq-iq4_nl >> $R/ppl.jsonl
+# A Hugging Face directory (the source converted by `loftq convert`) written back as a GGUF
+# (`loftq convert DIR F.gguf`), and a LoftQ Q4_K start with `--backbone gguf` from it.
+$L convert $G $W/hf
+$L convert $W/hf $W/hf.gguf
+check ppl --loftq $L --text $H --base $W/hf.gguf --model $W/hf >> $R/ppl.jsonl
+$L init --model $W/hf --out $W/hf-loftq-q4_k --bits q4_k --backbone gguf > /dev/null
+check ppl --loftq $L --text $H --base $W/hf-loftq-q4_k/model.gguf \
+  --lora $W/hf-loftq-q4_k/adapter.gguf --model $W/hf-loftq-q4_k \
+  --adapter $W/hf-loftq-q4_k/adapter >> $R/ppl.jsonl
 # The LoftQ Q4_0 start merged into one GGUF (f32, and re-quantized to q8_0) in llama.cpp,
 # against `loftq eval` on the start with its adapter.
 for t in f32 q8_0; do

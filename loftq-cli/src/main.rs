@@ -58,7 +58,7 @@ enum Command {
     /// is a PEFT adapter.
     Train(Box<train::TrainArgs>),
     /// Convert a llama.cpp .gguf file into an HF-style directory (config.json,
-    /// model.safetensors, tokenizer.json).
+    /// model.safetensors, tokenizer.json), or an HF directory into a .gguf file.
     Convert(convert::ConvertArgs),
     /// Write llama.cpp files: an init output in one of llama.cpp's formats as a GGUF base
     /// (metadata, vocabulary and other tensors carried over from the source GGUF), and a PEFT

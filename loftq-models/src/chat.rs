@@ -38,6 +38,11 @@ impl ChatTemplate {
         }
     }
 
+    /// The template's source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The conversation as the model's prompt text, ending with the assistant's header when
     /// `add_generation_prompt`.
     ///

@@ -470,3 +470,101 @@ fn gguf_output_is_refused_before_the_work() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An HF directory of tiny-llama's weights with the vocabulary of llama.cpp's file `name`
+/// (`fixtures/vocab`) as its `tokenizer.json`; returns it and that file.
+fn hf_with_vocabulary(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, Gguf) {
+    use std::io::Read;
+    let gz = std::fs::File::open(fixture("vocab").join(format!("{name}.gguf.gz"))).unwrap();
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut bytes)
+        .unwrap();
+    let vocab = dir.join(format!("{name}.gguf"));
+    std::fs::write(&vocab, bytes).unwrap();
+    let vocab = Gguf::open(&vocab).unwrap();
+    let hf = dir.join(format!("{name}-hf"));
+    std::fs::create_dir_all(&hf).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-llama").join(f), hf.join(f)).unwrap();
+    }
+    let tok = loftq_models::io::vocabulary_json(&vocab).unwrap();
+    std::fs::write(hf.join("tokenizer.json"), tok.to_string()).unwrap();
+    (hf, vocab)
+}
+
+/// `loftq convert DIR out.gguf`: the vocabulary entries equal llama.cpp's own files for GPT-2's,
+/// Llama 3's and Qwen2's byte-level BPE; the GGUF tokenizes and computes as the directory.
+#[test]
+fn hf_directory_converts_to_gguf() {
+    use loftq_models::io::write_gguf_from_hf;
+    use loftq_models::tokenizer::Tokenizer;
+    let dir = scratch("hf-to-gguf");
+    for name in ["gpt-2", "llama-bpe", "qwen2"] {
+        let (hf, vocab) = hf_with_vocabulary(&dir, name);
+        let out = dir.join(format!("{name}-out.gguf"));
+        write_gguf_from_hf(&hf, &out).unwrap();
+        let g = Gguf::open(&out).unwrap();
+        for key in [
+            "tokenizer.ggml.model",
+            "tokenizer.ggml.pre",
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges",
+        ] {
+            assert!(g.meta(key) == vocab.meta(key), "{name}: {key}");
+        }
+        let text = "Hello world, 12345 tokens — naïve 日本語\n\n  end";
+        let (a, b) = (
+            Tokenizer::from_file(&hf.join("tokenizer.json")).unwrap(),
+            Tokenizer::for_model(&out).unwrap(),
+        );
+        assert_eq!(a.encode(text).unwrap(), b.encode(text).unwrap(), "{name}");
+        let tokens: Vec<i32> = (0..12).map(|i| i * 37 % 256).collect();
+        let (m1, m2) = (
+            load_pretrained(&hf, None, &device()).unwrap(),
+            load_pretrained(&out, None, &device()).unwrap(),
+        );
+        let (l1, l2) = (
+            logits(&m1, ids(tokens.clone(), 1, 12)),
+            logits(&m2, ids(tokens, 1, 12)),
+        );
+        assert!(max_abs_diff(&l1, &l2) < 1e-5, "{name}: logits");
+    }
+    // A SentencePiece vocabulary is refused by name, and nothing is written.
+    let (hf, _) = hf_with_vocabulary(&dir, "llama-spm");
+    let out = dir.join("spm.gguf");
+    let err = write_gguf_from_hf(&hf, &out).unwrap_err().to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("byte-level"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `init --backbone gguf` from an HF directory: the source is converted first (then removed),
+/// and the base GGUF computes as the packed output.
+#[test]
+fn gguf_output_from_an_hf_directory() {
+    let dir = scratch("gguf-from-hf-init");
+    let (hf, _) = hf_with_vocabulary(&dir, "gpt-2");
+    let out = dir.join("out");
+    let mut spec = loftq_models::init::InitSpec::new(hf, out.clone(), 4, 2);
+    spec.quant = QuantConfig::ggml(GgmlFormat::Q4_0);
+    spec.backbone = loftq_models::init::Backbone::Gguf;
+    run_init_here(&spec, false).unwrap();
+    assert!(!out.join(".loftq-source.gguf").exists());
+    let base = Gguf::open(&out.join("model.gguf")).unwrap();
+    assert_eq!(base.tensors["blk.0.attn_q.weight"].ty.name(), "Q4_0");
+    let tokens: Vec<i32> = (0..12).map(|i| i * 37 % 256).collect();
+    let packed = load_pretrained(&out, None, &device()).unwrap();
+    let gguf = load_pretrained(&out.join("model.gguf"), None, &device()).unwrap();
+    let (a, b) = (
+        logits(&packed, ids(tokens.clone(), 1, 12)),
+        logits(&gguf, ids(tokens, 1, 12)),
+    );
+    assert!(max_abs_diff(&a, &b) < 1e-5, "{}", max_abs_diff(&a, &b));
+    assert!(out.join("adapter.gguf").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -554,17 +554,14 @@ fn check_calibration(spec: &InitSpec) -> Result<Option<Vec<u32>>> {
 }
 
 /// Refuses `--backbone gguf` where it cannot be written, before any work: the metadata and
-/// vocabulary come from a GGUF source, and every quantizer must be one of llama.cpp's.
+/// vocabulary come from a GGUF source or are made from an HF directory (whose config and
+/// tokenizer must convert), and every quantizer must be one of llama.cpp's.
 fn check_gguf_out(spec: &InitSpec) -> Result<()> {
     if spec.backbone != Backbone::Gguf {
         return Ok(());
     }
     if !crate::io::is_gguf(&spec.model) {
-        return Err(ModelError::Invalid(format!(
-            "--backbone gguf needs a .gguf --model (its metadata and vocabulary are carried \
-             over); {} is not one (llama.cpp's convert_hf_to_gguf.py makes one)",
-            spec.model.display()
-        )));
+        crate::io::gguf_metadata(&spec.model)?;
     }
     let quants = std::iter::once(spec.quant)
         .chain(spec.layer_rules.iter().map(|r| r.quant))

@@ -30,9 +30,11 @@ fn packed_bytes(cfg: &QuantConfig, [rows, cols]: [usize; 2]) -> u64 {
 /// About the bytes the finished output holds: each target packed (and in bf16 with
 /// `--backbone bf16|both`) with its `f32` factors, every other tensor as the source stores
 /// it; `--backbone gguf` holds all of it twice (the GGUF base and adapter besides the packed
-/// output). An estimate from below: headers, metadata and side files are left out.
+/// output), and from an HF source once more for the source converted to GGUF while the base is
+/// written. An estimate from below: headers, metadata and side files are left out.
 pub fn output_bytes(spec: &InitSpec, plan: &Plan, source: &dyn TensorSource) -> Result<u64> {
     let mut total = 0u64;
+    let mut source_bytes = 0u64;
     let copies = if spec.backbone == Backbone::Gguf {
         2
     } else {
@@ -41,6 +43,7 @@ pub fn output_bytes(spec: &InitSpec, plan: &Plan, source: &dyn TensorSource) -> 
     for item in &plan.items {
         match &item.target {
             Some(([rows, cols], cfg)) => {
+                source_bytes += ((rows * cols) * source.stored_value_bytes(&item.name)) as u64;
                 let dense = 2 * (rows * cols) as u64;
                 total += match spec.backbone {
                     Backbone::Packed | Backbone::Gguf => packed_bytes(cfg, [*rows, *cols]),
@@ -51,11 +54,14 @@ pub fn output_bytes(spec: &InitSpec, plan: &Plan, source: &dyn TensorSource) -> 
             }
             None => {
                 let numel: usize = source.shape(&item.name)?.iter().product();
-                total += (numel * source.stored_value_bytes(&item.name)) as u64;
+                let bytes = (numel * source.stored_value_bytes(&item.name)) as u64;
+                total += bytes;
+                source_bytes += bytes;
             }
         }
     }
-    Ok(total * copies)
+    let converted = spec.backbone == Backbone::Gguf && !crate::io::is_gguf(&spec.model);
+    Ok(total * copies + if converted { source_bytes } else { 0 })
 }
 
 /// Refuses a run whose output and work area (about twice [`output_bytes`], less the work

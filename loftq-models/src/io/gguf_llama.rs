@@ -157,8 +157,9 @@ impl GgufModel {
     }
 
     /// Writes an HF-style directory: `config.json`, `model.safetensors` (every tensor
-    /// dequantized to `f32`, HF names and row order) and `tokenizer.json` when the file has
-    /// a byte-level BPE vocabulary. Each file is written atomically.
+    /// dequantized to `f32`, HF names and row order), `tokenizer.json` when the file has
+    /// a vocabulary, and `chat_template.jinja` when it has a chat template. Each file is
+    /// written atomically.
     ///
     /// # Errors
     /// [`ModelError`] naming the tensor for unsupported types; I/O errors.
@@ -180,6 +181,13 @@ impl GgufModel {
         if let Some(tok) = tokenizer {
             let text = serde_json::to_string(&tok).expect("json");
             write_atomic(&out.join("tokenizer.json"), text.as_bytes())?;
+        }
+        if let Some(t) = self
+            .gguf
+            .meta("tokenizer.chat_template")
+            .and_then(MetaValue::as_str)
+        {
+            write_atomic(&out.join("chat_template.jinja"), t.as_bytes())?;
         }
         Ok(())
     }
@@ -344,7 +352,7 @@ pub fn vocabulary_json(g: &Gguf) -> Result<Value> {
 
 /// llama.cpp's `LLAMA3` pre-tokenizer regex (its `llama-bpe`); Qwen2's is the same with
 /// single digits.
-const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(super) const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn tokenizer_json(g: &Gguf) -> Result<Value, String> {
     let model = g

@@ -42,6 +42,32 @@ impl KvEntry {
         Self::raw(key, &[4u32.to_le_bytes(), v.to_le_bytes()].concat())
     }
 
+    /// A `bool` entry.
+    pub fn bool(key: &str, v: bool) -> Self {
+        Self::raw(
+            key,
+            &[7u32.to_le_bytes().as_slice(), &[u8::from(v)]].concat(),
+        )
+    }
+
+    /// An array of `string`s.
+    pub fn strs(key: &str, v: &[String]) -> Self {
+        let mut bytes = [9u32.to_le_bytes(), 8u32.to_le_bytes()].concat();
+        bytes.extend((v.len() as u64).to_le_bytes());
+        for s in v {
+            put_str(&mut bytes, s);
+        }
+        Self::raw(key, &bytes)
+    }
+
+    /// An array of `int32`s.
+    pub fn i32s(key: &str, v: &[i32]) -> Self {
+        let mut bytes = [9u32.to_le_bytes(), 5u32.to_le_bytes()].concat();
+        bytes.extend((v.len() as u64).to_le_bytes());
+        bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        Self::raw(key, &bytes)
+    }
+
     /// A `float32` entry.
     pub fn f32(key: &str, v: f32) -> Self {
         Self::raw(key, &[6u32.to_le_bytes(), v.to_le_bytes()].concat())

@@ -223,11 +223,12 @@ pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
 }
 
 /// Files that travel with a model's weights: the tokenizer and generation settings.
-pub const SIDE_FILES: [&str; 4] = [
+pub const SIDE_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "chat_template.jinja",
 ];
 
 /// Checks that [`copy_side_files`] will be able to write what it should for `src`: the
@@ -268,6 +269,14 @@ pub fn copy_side_files(src: &Path, dir: &Path) -> Result<Vec<String>> {
             let json = model.tokenizer_json()?.to_string();
             super::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
             written.push("tokenizer.json".to_string());
+        }
+        if let Some(t) = model
+            .gguf
+            .meta("tokenizer.chat_template")
+            .and_then(super::gguf::MetaValue::as_str)
+        {
+            super::write_atomic(&dir.join("chat_template.jinja"), t.as_bytes())?;
+            written.push("chat_template.jinja".to_string());
         }
         return Ok(written);
     }
