@@ -94,8 +94,9 @@ pub struct InitArgs {
     #[arg(long, default_value = "")]
     exclude: String,
     /// Backbones to write: packed (ours), bf16 (dense, loads anywhere), both (bf16 in bf16/),
-    /// gguf (packed, plus model.gguf and adapter.gguf for llama.cpp: needs a .gguf --model
-    /// and one of llama.cpp's formats in --bits).
+    /// gguf (packed, plus model.gguf and adapter.gguf for llama.cpp: one of llama.cpp's
+    /// formats in --bits; from a .gguf --model its metadata and other tensors are carried
+    /// over, an HF directory is converted as `loftq convert DIR F.gguf` does).
     #[arg(long, value_enum, default_value_t = BackboneArg::Packed)]
     backbone: BackboneArg,
     /// Device: cpu, wgpu[:N], cuda[:N]; several, comma-separated (cuda:0,cuda:1), each taking whole

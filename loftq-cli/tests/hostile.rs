@@ -377,9 +377,14 @@ fn commands(base: &Base, role: Role, dir: &Path, out: &Path) -> Vec<Vec<String>>
             generate(&d, &[]),
             init(&d),
             train(dir, None),
+            v(&["convert", &d, &format!("{o}.gguf")]),
         ],
         Role::Tokenizer => vec![eval(&d, &[]), generate(&d, &[]), train(dir, None)],
-        Role::Values => vec![init(&d), refine(s(&base.init()), &d)],
+        Role::Values => vec![
+            init(&d),
+            refine(s(&base.init()), &d),
+            v(&["convert", &d, &format!("{o}.gguf")]),
+        ],
         Role::Packed => vec![
             v(&["inspect", &d]),
             eval(&d, &[]),

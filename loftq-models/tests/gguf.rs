@@ -378,6 +378,19 @@ fn rope_freqs_read_as_llama3_scaling() {
         max_abs_diff(&a, &logits(&plain, ids(tokens, 1, 40))) > 1e-3,
         "scaling unused"
     );
+    // Back to GGUF from the directory (with a vocabulary): the converter's divisors.
+    let (with_vocab, _) = hf_with_vocabulary(&dir, "gpt-2");
+    std::fs::copy(with_vocab.join("tokenizer.json"), hf.join("tokenizer.json")).unwrap();
+    let back = dir.join("back.gguf");
+    loftq_models::io::write_gguf_from_hf(&hf, &back).unwrap();
+    assert_eq!(
+        Gguf::open(&back)
+            .unwrap()
+            .f32("rope_freqs.weight")
+            .unwrap()
+            .1,
+        factors
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -455,10 +468,11 @@ fn gguf_output_is_refused_before_the_work() {
     std::fs::write(&src, tiny_gguf(GgmlType::F32)).unwrap();
     let cases = [
         (src.clone(), QuantConfig::nf4(), "nf4-b64 is not one"),
+        // An HF directory without a vocabulary to convert.
         (
             fixture("tiny-llama"),
             QuantConfig::ggml(GgmlFormat::Q4_0),
-            "needs a .gguf --model",
+            "tokenizer.json",
         ),
     ];
     for (model, quant, want) in cases {

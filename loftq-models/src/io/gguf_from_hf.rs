@@ -13,8 +13,7 @@ use super::gguf_llama::{gguf_name, permute_rows, rotary_heads};
 use super::gguf_write::{GgufWriter, KvEntry, TensorInfo};
 use super::{Checkpoint, TensorSource};
 use crate::chat::PromptFormat;
-use crate::config::{Family, RopeConfig, RopeScaling};
-use crate::nn::inv_freq;
+use crate::config::{Family, RopeScaling};
 use crate::{LlamaConfig, ModelError, Result, Tokenizer};
 
 /// llama.cpp's token types.
@@ -34,6 +33,19 @@ pub fn write_gguf_from_hf(dir: &Path, out: &Path) -> Result<()> {
     let source = Checkpoint::open(dir)?;
     let mut names = source.tensor_names();
     names.sort_by_key(|n| order_key(n));
+    // The checkpoint must be the architecture the metadata describes.
+    let config_file = dir.join("config.json");
+    if let Some(last) = config.last_layer_tensor()
+        && !names.contains(&last)
+    {
+        return Err(ModelError::format(
+            &config_file,
+            format!(
+                "{} layers, but the checkpoint has no `{last}`",
+                config.num_hidden_layers
+            ),
+        ));
+    }
     let mut infos = Vec::new();
     let mut plan = Vec::new();
     for name in &names {
@@ -53,6 +65,31 @@ pub fn write_gguf_from_hf(dir: &Path, out: &Path) -> Result<()> {
         }
         let entry = source.entry(name).expect("listed");
         let shape = entry.shape.clone();
+        let layer = crate::init::plan::layer_index(name);
+        if layer.is_some_and(|l| l >= config.num_hidden_layers) {
+            return Err(ModelError::format(
+                &config_file,
+                format!("`{name}` is past the {} layers", config.num_hidden_layers),
+            ));
+        }
+        if let Some(want) = config.linear_shape(name)
+            && want.as_slice() != shape.as_slice()
+        {
+            return Err(ModelError::tensor(
+                &source.file_of(name),
+                name,
+                format!("shape {shape:?}, the architecture gives {want:?}"),
+            ));
+        }
+        if let Some(h) = rotary_heads(&config, name)
+            && !shape[0].is_multiple_of(2 * h)
+        {
+            return Err(ModelError::tensor(
+                dir,
+                name,
+                format!("shape {shape:?} is not {h} heads of rotary pairs"),
+            ));
+        }
         let numel: usize = shape.iter().product();
         let ty = match (shape.len(), entry.dtype) {
             (2, safetensors::Dtype::F16) => GgmlType::F16,
@@ -79,8 +116,9 @@ pub fn write_gguf_from_hf(dir: &Path, out: &Path) -> Result<()> {
     }
     let mut w = GgufWriter::create(out, &kv, &infos)?;
     for (info, (name, ty)) in infos.iter().zip(&plan) {
+        let t = super::check_finite(&source, name, source.tensor(name)?)?;
         let bytes = if *ty == GgmlType::F32 {
-            super::f32_le_bytes(&source.tensor(name)?.data)
+            super::f32_le_bytes(&t.data)
         } else {
             // f16 and bf16 as stored.
             source.raw(name)?.expect("a safetensors tensor").1
@@ -117,13 +155,23 @@ fn order_key(name: &str) -> (usize, usize, String) {
 
 /// Llama 3.1's scaling as llama.cpp's converter stores it: one divisor per frequency.
 fn llama3_factors(config: &LlamaConfig) -> Vec<f32> {
-    let plain = RopeConfig {
-        theta: config.rope.theta,
-        scaling: RopeScaling::None,
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = config.rope.scaling
+    else {
+        return Vec::new();
     };
-    let a = inv_freq(&plain, config.head_dim);
-    let b = inv_freq(&config.rope, config.head_dim);
-    a.iter().zip(&b).map(|(a, b)| (a / b) as f32).collect()
+    super::gguf_rope::converter_factors(
+        config.rope.theta,
+        config.head_dim,
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    )
 }
 
 /// The config and the GGUF metadata of HF directory `dir`, checked before any tensor is read.

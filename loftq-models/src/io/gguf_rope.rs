@@ -83,36 +83,37 @@ pub fn llama3_from_factors(
     Ok(scaling)
 }
 
+/// The divisors (`rope_freqs.weight`) of a Llama 3 scaling with `factor` `f`, `low` and `high`
+/// frequency factors and original context `orig`, as llama.cpp's `convert_hf_to_gguf.py`
+/// computes them (frequencies in `f32`, the blend in `f64`, stored as `f32`).
+pub(super) fn converter_factors(
+    theta: f64,
+    dim: usize,
+    f: f64,
+    low: f64,
+    high: f64,
+    orig: f64,
+) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / dim as f32);
+            let wavelen = 2.0 * std::f64::consts::PI / f64::from(freq);
+            let ff = if wavelen < orig / high {
+                1.0
+            } else if wavelen > orig / low {
+                f
+            } else {
+                let smooth = (orig / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / f + smooth)
+            };
+            ff as f32
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The divisors as llama.cpp's `convert_hf_to_gguf.py` computes them (frequencies in
-    /// `f32`, the blend in `f64`, stored as `f32`).
-    fn converter_factors(
-        theta: f64,
-        dim: usize,
-        f: f64,
-        low: f64,
-        high: f64,
-        orig: f64,
-    ) -> Vec<f32> {
-        (0..dim / 2)
-            .map(|i| {
-                let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / dim as f32);
-                let wavelen = 2.0 * std::f64::consts::PI / f64::from(freq);
-                let ff = if wavelen < orig / high {
-                    1.0
-                } else if wavelen > orig / low {
-                    f
-                } else {
-                    let smooth = (orig / wavelen - low) / (high - low);
-                    1.0 / ((1.0 - smooth) / f + smooth)
-                };
-                ff as f32
-            })
-            .collect()
-    }
 
     #[test]
     fn llama3_parameters_come_back_from_the_divisors() {
