@@ -26,14 +26,17 @@ use crate::QuantError;
 /// Values per K-quant super-block.
 pub const K_SUPER: usize = 256;
 
-/// Round half to even, as llama.cpp's `nearest_int` (which adds 1.5·2²³).
+/// Round half to even by adding 1.5·2²³ and reading the low mantissa bits: llama.cpp's
+/// `nearest_int`, bit for bit (beyond ±2²² it wraps as llama.cpp's does), and one addition
+/// where `round_ties_even` is a library call on baseline x86-64.
 #[inline(always)]
 fn nearest(v: f32) -> i32 {
-    v.round_ties_even() as i32
+    ((v + 12_582_912.0).to_bits() & 0x007F_FFFF) as i32 - 0x0040_0000
 }
 
 /// Quantizes one super-block of `format` (256 finite values): codes, and the effective scale
 /// (and minimum) of each group.
+#[inline(always)]
 pub(super) fn quantize_super(
     format: GgmlFormat,
     x: &[f32],
@@ -51,6 +54,7 @@ pub(super) fn quantize_super(
 
 /// `Q4_K` / `Q5_K` (`nmax` 15 / 31): eight groups of 32 with an affine fit each, their scales
 /// and minimums quantized to 6 bits against `d = max/63` and `dmin = max/63`.
+#[inline(always)]
 fn affine_super(
     x: &[f32],
     nmax: i32,
@@ -113,6 +117,7 @@ fn affine_super(
 /// scale, then `nstep + 1` trial scales `(rmin + rdelta·i + nmax)/(max − min)`, each refitted by
 /// weighted least squares, the one with the least weighted squared error kept (llama.cpp's
 /// `make_qkx2_quants`). Returns `(scale, −min)`.
+#[inline(always)]
 fn fit_affine(
     x: &[f32],
     w: &[f32],
@@ -189,6 +194,7 @@ fn fit_affine(
 
 /// `Q6_K`: sixteen groups of 16 with a symmetric fit each, their scales quantized to `i8`
 /// against `d = −max/128` (`max` the group scale of largest magnitude).
+#[inline(always)]
 fn q6k_super(x: &[f32], codes: &mut [u8], scales: &mut [f32]) {
     let mut fit = [0f32; 16];
     let (mut max_scale, mut max_abs) = (0f32, 0f32);
@@ -232,6 +238,7 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 /// One group's symmetric fit `x ≈ scale·(q − 32)`, codes `0..64`: the scale `max/−32` and 18
 /// trials around it, each refitted by `x²`-weighted least squares, the best fit kept (llama.cpp's
 /// `make_qx_quants` with `nmax = 32`, `rmse_type = 1`). Returns the scale.
+#[inline(always)]
 fn fit_symmetric(x: &[f32], codes: &mut [u8]) -> f32 {
     const NMAX: i32 = 32;
     let (mut amax, mut max) = (0f32, 0f32);
