@@ -5,17 +5,20 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use loftq_models::io::{
-    Adapter, Checkpoint, GgufModel, GgufWeightType, TensorSource, open_source, write_dir_atomic,
-    write_gguf_base, write_lora_gguf, write_merged, write_merged_gguf,
+    Adapter, Checkpoint, GgufModel, GgufWeightType, TensorSource, is_gguf, open_source,
+    write_dir_atomic, write_gguf_base, write_gguf_from_hf, write_lora_gguf, write_merged,
+    write_merged_gguf,
 };
 use loftq_models::{ModelError, Result};
 
 /// Arguments of `loftq export`.
 #[derive(Args)]
 pub struct ExportArgs {
-    /// The .gguf file the start was made from (`loftq init --model`): its metadata,
-    /// vocabulary and every tensor that was not quantized are carried over byte for byte;
-    /// its architecture names the adapter's base. With --merge: write a merged GGUF.
+    /// The model the start was made from (`loftq init --model`): a .gguf file, whose
+    /// metadata, vocabulary and every tensor that was not quantized are carried over byte for
+    /// byte, or a Hugging Face directory, converted as `loftq convert DIR F.gguf` does (into a
+    /// temporary file beside OUT); its architecture names the adapter's base. With --merge:
+    /// write a merged GGUF.
     #[arg(long, required_unless_present = "merge")]
     source: Option<PathBuf>,
     /// Merge --adapter's `s·B·A` into --model's weights (--model: any model `eval` reads,
@@ -89,15 +92,16 @@ fn merge_gguf(args: &ExportArgs, source: &Path, adapter: &Adapter) -> Result<()>
             out.display()
         )));
     }
-    let gguf = GgufModel::open(source)?;
+    let source = Source::open(source, &args.out)?;
+    let gguf = &source.model;
     let model = match &args.model {
         Some(m) => Some(open_source(m)?),
         None => None,
     };
-    let model: &dyn TensorSource = model.as_deref().unwrap_or(&gguf);
+    let model: &dyn TensorSource = model.as_deref().unwrap_or(gguf);
     let created = !args.out.exists();
     std::fs::create_dir_all(&args.out).map_err(|e| ModelError::io(&args.out, e))?;
-    let result = write_merged_gguf(&gguf, model, adapter, args.dtype, &out);
+    let result = write_merged_gguf(gguf, model, adapter, args.dtype, &out);
     match &result {
         Ok(()) => eprintln!("wrote {}", out.display()),
         Err(_) if created => {
@@ -106,6 +110,42 @@ fn merge_gguf(args: &ExportArgs, source: &Path, adapter: &Adapter) -> Result<()>
         Err(_) => {}
     }
     result
+}
+
+/// The GGUF of `--source`: the file itself, or an HF directory converted into a temporary
+/// file beside `out`, removed when this is dropped.
+struct Source {
+    model: GgufModel,
+    temp: Option<PathBuf>,
+}
+
+impl Source {
+    fn open(path: &Path, out: &Path) -> Result<Self> {
+        if is_gguf(path) {
+            return Ok(Self {
+                model: GgufModel::open(path)?,
+                temp: None,
+            });
+        }
+        let name = out
+            .file_name()
+            .map_or("out".into(), |n| n.to_string_lossy());
+        let temp = out.with_file_name(format!(".{name}.loftq-source.gguf"));
+        let _ = std::fs::remove_file(&temp);
+        write_gguf_from_hf(path, &temp)?;
+        Ok(Self {
+            model: GgufModel::open(&temp)?,
+            temp: Some(temp),
+        })
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Some(t) = &self.temp {
+            let _ = std::fs::remove_file(t);
+        }
+    }
 }
 
 /// Runs `loftq export`.
@@ -125,7 +165,8 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             "nothing to export: give --model (an init output) and/or --adapter".into(),
         ));
     }
-    let source = GgufModel::open(args.source.as_ref().expect("clap requires it"))?;
+    let source = Source::open(args.source.as_ref().expect("clap requires it"), &args.out)?;
+    let source = &source.model;
     // Everything is read and checked before the first file is written.
     let model = args
         .model
@@ -150,11 +191,11 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out).map_err(|e| ModelError::io(&args.out, e))?;
     let result = (|| {
         if let Some(ckpt) = &model {
-            write_gguf_base(&source, ckpt, &base_out)?;
+            write_gguf_base(source, ckpt, &base_out)?;
             eprintln!("wrote {}", base_out.display());
         }
         if let Some(a) = &adapter {
-            write_lora_gguf(a, &source, &lora_out)?;
+            write_lora_gguf(a, source, &lora_out)?;
             eprintln!("wrote {}", lora_out.display());
         }
         Ok(())

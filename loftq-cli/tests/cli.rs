@@ -662,3 +662,59 @@ fn generate_streams_text_and_reports_ids() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A Hugging Face directory in the llama.cpp world: `convert DIR F.gguf`, `init --backbone
+/// gguf` from it, and `export --source DIR` writing the same files as init (the converted
+/// source removed in both).
+#[test]
+fn gguf_files_from_a_hugging_face_directory() {
+    let dir = scratch("gguf-from-hf");
+    let (model, _) = tiny_with_tokenizer(&dir);
+    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let m = model.to_string_lossy().into_owned();
+    let (ok, err) = loftq(&["convert", &m, &p("tiny.gguf")]);
+    assert!(ok, "{err}");
+    let (ok, err) = loftq(&["convert", &m, &p("tiny.gguf")]);
+    assert!(!ok && err.contains("new .gguf file"), "{err}");
+    let (ok, err) = loftq(&[
+        "init",
+        "--model",
+        &m,
+        "--out",
+        &p("q40"),
+        "--bits",
+        "q4_0",
+        "--rank",
+        "4",
+        "--backbone",
+        "gguf",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, err) = loftq(&[
+        "export",
+        "--source",
+        &m,
+        "--model",
+        &p("q40"),
+        "--adapter",
+        &p("q40/adapter"),
+        "--out",
+        &p("exported"),
+    ]);
+    assert!(ok, "{err}");
+    for f in ["model.gguf", "adapter.gguf"] {
+        let a = std::fs::read(dir.join("q40").join(f)).unwrap();
+        assert!(
+            a == std::fs::read(dir.join("exported").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .chain(std::fs::read_dir(dir.join("q40")).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("loftq-source"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
