@@ -44,7 +44,7 @@ pub fn split_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-pub use crate::io::module_matches;
+pub use crate::io::{layer_index, module_matches};
 
 /// True for names of embeddings and output heads, which `all-linear` never targets.
 pub fn is_embedding_or_head(name: &str) -> bool {
@@ -62,17 +62,6 @@ pub fn is_embedding_or_head(name: &str) -> bool {
 /// The module path of a weight name (`...q_proj.weight` → `...q_proj`), if it is a weight.
 pub fn module_of_weight(name: &str) -> Option<&str> {
     name.strip_suffix(".weight")
-}
-
-/// The decoder layer index in a name (`model.layers.12.mlp.up_proj.weight` → 12), for
-/// per-layer precision. Recognises `layers.N`, `layer.N`, `h.N`, `blocks.N`, `blk.N`.
-pub fn layer_index(name: &str) -> Option<usize> {
-    let parts: Vec<&str> = name.split('.').collect();
-    parts.windows(2).find_map(|w| {
-        matches!(w[0], "layers" | "layer" | "h" | "blocks" | "blk")
-            .then(|| w[1].parse().ok())
-            .flatten()
-    })
 }
 
 /// Parses a quantizer name: `nf2`..`nf8`, `int2`..`int8` (symmetric), `int2-asym`..,

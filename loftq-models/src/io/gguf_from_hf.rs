@@ -65,7 +65,7 @@ pub fn write_gguf_from_hf(dir: &Path, out: &Path) -> Result<()> {
         }
         let entry = source.entry(name).expect("listed");
         let shape = entry.shape.clone();
-        let layer = crate::init::plan::layer_index(name);
+        let layer = super::layer_index(name);
         if layer.is_some_and(|l| l >= config.num_hidden_layers) {
             return Err(ModelError::format(
                 &config_file,
@@ -146,7 +146,7 @@ pub fn write_gguf_from_hf(dir: &Path, out: &Path) -> Result<()> {
 
 /// llama.cpp's order: the embeddings, the layers in order, the final norm and head.
 fn order_key(name: &str) -> (usize, usize, String) {
-    match crate::init::plan::layer_index(name) {
+    match super::layer_index(name) {
         Some(l) => (1, l, name.to_string()),
         None if name.contains("embed_tokens") => (0, 0, name.to_string()),
         None => (2, 0, name.to_string()),

@@ -120,6 +120,18 @@ pub fn module_matches(path: &str, key: &str) -> bool {
     path == key || path.ends_with(&format!(".{key}"))
 }
 
+/// The decoder layer index in a name (`model.layers.12.mlp.up_proj.weight` → 12), for
+/// per-layer precision and file order. Recognises `layers.N`, `layer.N`, `h.N`, `blocks.N`,
+/// `blk.N`.
+pub fn layer_index(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find_map(|w| {
+        matches!(w[0], "layers" | "layer" | "h" | "blocks" | "blk")
+            .then(|| w[1].parse().ok())
+            .flatten()
+    })
+}
+
 /// The factors of one adapted module, PEFT layout.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraWeights {
