@@ -147,6 +147,16 @@ impl GgmlFormat {
         }
     }
 
+    /// The format a matrix with rows of `cols` values gets: this one, or its
+    /// [`GgmlFormat::fallback`] when the rows are not whole super-blocks.
+    pub fn for_rows(self, cols: usize) -> Self {
+        if cols.is_multiple_of(self.super_block()) {
+            self
+        } else {
+            self.fallback()
+        }
+    }
+
     /// Lower-case name, as `--bits` takes it (`q4_0`).
     pub fn name(self) -> &'static str {
         match self {

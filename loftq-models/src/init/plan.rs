@@ -229,7 +229,7 @@ pub fn quant_for(
 /// `q6_k` → `q8_0`), as `llama-quantize` does; any other quantizer is unchanged.
 pub fn fit_rows(quant: QuantConfig, cols: usize) -> QuantConfig {
     match quant.scheme {
-        Scheme::Ggml { format } if !cols.is_multiple_of(format.super_block()) => {
+        Scheme::Ggml { format } if format.for_rows(cols) != format => {
             QuantConfig::ggml(format.fallback())
         }
         _ => quant,

@@ -92,12 +92,11 @@ impl GgufWeightType {
         }
     }
 
-    /// The type a matrix with rows of `cols` values gets: a K-quant's fallback
-    /// ([`GgmlFormat::fallback`]) when the rows are not whole super-blocks, as llama.cpp's
-    /// `llama-quantize` does.
+    /// The type a matrix with rows of `cols` values gets ([`GgmlFormat::for_rows`]: a
+    /// K-quant's fallback where the rows are not whole super-blocks, as `llama-quantize`).
     fn for_rows(self, cols: usize) -> Self {
         match self {
-            Self::Ggml(f) if !cols.is_multiple_of(f.super_block()) => Self::Ggml(f.fallback()),
+            Self::Ggml(f) => Self::Ggml(f.for_rows(cols)),
             t => t,
         }
     }
