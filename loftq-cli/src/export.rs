@@ -5,9 +5,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use loftq_models::io::{
-    Adapter, Checkpoint, GgufModel, GgufWeightType, TensorSource, is_gguf, open_source,
-    write_dir_atomic, write_gguf_base, write_gguf_from_hf, write_lora_gguf, write_merged,
-    write_merged_gguf,
+    Adapter, Checkpoint, GgufWeightType, SourceGguf, TensorSource, open_source, write_dir_atomic,
+    write_gguf_base, write_lora_gguf, write_merged, write_merged_gguf,
 };
 use loftq_models::{ModelError, Result};
 
@@ -92,7 +91,7 @@ fn merge_gguf(args: &ExportArgs, source: &Path, adapter: &Adapter) -> Result<()>
             out.display()
         )));
     }
-    let source = Source::open(source, &args.out)?;
+    let source = open_source_gguf(source, &args.out)?;
     let gguf = &source.model;
     let model = match &args.model {
         Some(m) => Some(open_source(m)?),
@@ -112,40 +111,15 @@ fn merge_gguf(args: &ExportArgs, source: &Path, adapter: &Adapter) -> Result<()>
     result
 }
 
-/// The GGUF of `--source`: the file itself, or an HF directory converted into a temporary
-/// file beside `out`, removed when this is dropped.
-struct Source {
-    model: GgufModel,
-    temp: Option<PathBuf>,
-}
-
-impl Source {
-    fn open(path: &Path, out: &Path) -> Result<Self> {
-        if is_gguf(path) {
-            return Ok(Self {
-                model: GgufModel::open(path)?,
-                temp: None,
-            });
-        }
-        let name = out
-            .file_name()
-            .map_or("out".into(), |n| n.to_string_lossy());
-        let temp = out.with_file_name(format!(".{name}.loftq-source.gguf"));
-        let _ = std::fs::remove_file(&temp);
-        write_gguf_from_hf(path, &temp)?;
-        Ok(Self {
-            model: GgufModel::open(&temp)?,
-            temp: Some(temp),
-        })
-    }
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        if let Some(t) = &self.temp {
-            let _ = std::fs::remove_file(t);
-        }
-    }
+/// The GGUF of `--source`; an HF directory is converted into a temporary file beside `out`.
+fn open_source_gguf(path: &Path, out: &Path) -> Result<SourceGguf> {
+    let name = out
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy());
+    SourceGguf::open(
+        path,
+        &out.with_file_name(format!(".{name}.loftq-source.gguf")),
+    )
 }
 
 /// Runs `loftq export`.
@@ -165,7 +139,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             "nothing to export: give --model (an init output) and/or --adapter".into(),
         ));
     }
-    let source = Source::open(args.source.as_ref().expect("clap requires it"), &args.out)?;
+    let source = open_source_gguf(args.source.as_ref().expect("clap requires it"), &args.out)?;
     let source = &source.model;
     // Everything is read and checked before the first file is written.
     let model = args

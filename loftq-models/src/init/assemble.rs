@@ -66,23 +66,11 @@ pub fn assemble(
 /// `model.gguf` and `adapter.gguf` from the packed output and the source GGUF (an HF source
 /// converted first, in the output's work area).
 fn llama_cpp_files(spec: &InitSpec, out: &Path) -> Result<()> {
-    let converted = out.join(".loftq-source.gguf");
-    let path = if crate::io::is_gguf(&spec.model) {
-        spec.model.clone()
-    } else {
-        let _ = std::fs::remove_file(&converted);
-        crate::io::write_gguf_from_hf(&spec.model, &converted)?;
-        converted.clone()
-    };
-    let written = (|| {
-        let source = crate::io::GgufModel::open(&path)?;
-        let ckpt = Checkpoint::open(&out.join("model.safetensors"))?;
-        crate::io::write_gguf_base(&source, &ckpt, &out.join("model.gguf"))?;
-        let adapter = crate::io::Adapter::read(&out.join("adapter"))?;
-        crate::io::write_lora_gguf(&adapter, &source, &out.join("adapter.gguf"))
-    })();
-    let _ = std::fs::remove_file(&converted);
-    written
+    let source = crate::io::SourceGguf::open(&spec.model, &out.join(".loftq-source.gguf"))?;
+    let ckpt = Checkpoint::open(&out.join("model.safetensors"))?;
+    crate::io::write_gguf_base(&source.model, &ckpt, &out.join("model.gguf"))?;
+    let adapter = crate::io::Adapter::read(&out.join("adapter"))?;
+    crate::io::write_lora_gguf(&adapter, &source.model, &out.join("adapter.gguf"))
 }
 
 fn packed_backbone(pieces: &[Checkpoint], dir: &Path) -> Result<()> {

@@ -4,12 +4,12 @@
 //! chat template; every tensor under its llama.cpp name in its own type (`f32`, `f16`, `bf16`;
 //! vectors as `f32`), `q_proj`/`k_proj` rows in llama.cpp's order.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use super::ggml::GgmlType;
-use super::gguf_llama::{gguf_name, permute_rows, rotary_heads};
+use super::gguf_llama::{GgufModel, gguf_name, permute_rows, rotary_heads};
 use super::gguf_write::{GgufWriter, KvEntry, TensorInfo};
 use super::{Checkpoint, TensorSource};
 use crate::chat::PromptFormat;
@@ -21,6 +21,47 @@ const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
+
+/// The GGUF a model is described by: a `.gguf` file itself, or an HF directory converted
+/// ([`write_gguf_from_hf`]) into a temporary file that is removed when this is dropped.
+pub struct SourceGguf {
+    /// The opened file.
+    pub model: GgufModel,
+    temp: Option<PathBuf>,
+}
+
+impl SourceGguf {
+    /// Opens `path`, a `.gguf` file, or converts the HF directory `path` into `temp` first.
+    ///
+    /// # Errors
+    /// As [`GgufModel::open`] and [`write_gguf_from_hf`].
+    pub fn open(path: &Path, temp: &Path) -> Result<Self> {
+        if super::is_gguf(path) {
+            return Ok(Self {
+                model: GgufModel::open(path)?,
+                temp: None,
+            });
+        }
+        let _ = std::fs::remove_file(temp);
+        write_gguf_from_hf(path, temp)?;
+        GgufModel::open(temp)
+            .map(|model| Self {
+                model,
+                temp: Some(temp.to_path_buf()),
+            })
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(temp);
+            })
+    }
+}
+
+impl Drop for SourceGguf {
+    fn drop(&mut self) {
+        if let Some(t) = &self.temp {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+}
 
 /// Writes `out`, the GGUF of HF directory `dir` (see the module doc). One tensor in memory at a
 /// time; written atomically.

@@ -21,7 +21,7 @@ mod stream;
 pub use self::bnb::{BnbSummary, bnb_names, bnb_summary, is_bnb_part, read_bnb};
 pub use self::gguf::Gguf;
 pub use self::gguf_export::{write_gguf_base, write_lora_gguf};
-pub use self::gguf_from_hf::{gguf_metadata, write_gguf_from_hf};
+pub use self::gguf_from_hf::{SourceGguf, gguf_metadata, write_gguf_from_hf};
 pub use self::gguf_llama::{
     GgufModel, gguf_name, hf_name, permute_rows, rotary_heads, unpermute_rows, vocabulary_json,
 };
