@@ -2,11 +2,11 @@
 //! and the K-quants `Q4_K`, `Q5_K`, `Q6_K` (see [`super::kquant`]).
 //!
 //! Each block is 32 consecutive values of a row with an `f16` scale `d` (and for `Q4_1`/`Q5_1`
-//! an `f16` minimum `m`); a K-quant's group (32 or 16 values) has an effective scale `d·sc`. The codes are computed from the `f32` scale before it is rounded to
-//! `f16`, then the value of a code is taken with the rounded scale — as llama.cpp's reference
-//! quantizers (`quantize_row_q4_0_ref`, ...) and gguf-py's `quants` do, operation for
-//! operation in `f32`, so codes and bytes are identical (checked against gguf-py,
-//! `tests/ggml_quant.rs`).
+//! an `f16` minimum `m`); a K-quant's group (32 or 16 values) has an effective scale `d·sc`.
+//! The codes are computed from the `f32` scale before it is rounded to `f16`, then the value of
+//! a code is taken with the rounded scale — as llama.cpp's reference quantizers
+//! (`quantize_row_q4_0_ref`, ...) and gguf-py's `quants` do, operation for operation in `f32`,
+//! so codes and bytes are identical (checked against gguf-py, `tests/ggml_quant.rs`).
 //!
 //! Codes are stored unsigned: `Q4_0` `q + 8`, `Q5_0` `q + 16`, `Q8_0` `q + 128`; `IQ4_NL`'s
 //! code is its index into a fixed table of 16 non-uniform levels, its scale the best of 16
@@ -274,14 +274,10 @@ impl GgmlFormat {
         }
     }
 
-    /// Quantizes one block (at most 32 finite values) into `codes`; returns `(d, m)`, both
-    /// already rounded to `f16` (`m` is 0 without a minimum).
-    ///
-    /// # Panics
-    /// For a K-quant, whose blocks are quantized a super-block at a time
-    /// ([`GgmlFormat::quantize_run`]).
+    /// Quantizes one block (at most 32 finite values) of a format without super-blocks into
+    /// `codes`; returns `(d, m)`, both already rounded to `f16` (`m` is 0 without a minimum).
     #[inline(always)]
-    pub fn quantize_block(self, x: &[f32], codes: &mut [u8]) -> (f32, f32) {
+    fn quantize_block(self, x: &[f32], codes: &mut [u8]) -> (f32, f32) {
         let inverse = |d: f32| if d == 0.0 { 0.0 } else { 1.0 / d };
         match self {
             GgmlFormat::Q4_0 | GgmlFormat::Q5_0 => {
@@ -316,7 +312,7 @@ impl GgmlFormat {
             }
             GgmlFormat::Iq4Nl => iq4_nl_block(x, codes),
             GgmlFormat::Q4K | GgmlFormat::Q5K | GgmlFormat::Q6K => {
-                panic!("{} is quantized a super-block at a time", self.name())
+                unreachable!("quantize_run takes the K-quants a super-block at a time")
             }
             GgmlFormat::Q8_0 => {
                 let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));

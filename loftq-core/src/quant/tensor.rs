@@ -389,7 +389,7 @@ impl Quantizer {
     }
 }
 
-/// llama.cpp's formats with tensor ops, in the order of [`GgmlFormat::quantize_block`]: codes
+/// llama.cpp's formats with tensor ops, in the order of [`GgmlFormat::quantize_run`]: codes
 /// from the `f32` scale, the stored scales rounded to `f16` (on the host: one value per block).
 fn portable_ggml(
     x: Tensor<2>,

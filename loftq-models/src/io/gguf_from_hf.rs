@@ -144,10 +144,10 @@ pub fn write_gguf_from_hf(dir: &Path, out: &Path) -> Result<()> {
             ty,
             len: numel * size,
         });
-        plan.push((name.clone(), ty));
+        plan.push((name.clone(), ty, shape[0]));
     }
-    if let RopeScaling::Llama3 { .. } = config.rope.scaling {
-        let factors = llama3_factors(&config);
+    let rope_freqs = llama3_factors(&config);
+    if let Some(factors) = &rope_freqs {
         infos.push(TensorInfo {
             name: "rope_freqs.weight".into(),
             dims: vec![factors.len() as u64],
@@ -156,7 +156,7 @@ pub fn write_gguf_from_hf(dir: &Path, out: &Path) -> Result<()> {
         });
     }
     let mut w = GgufWriter::create(out, &kv, &infos)?;
-    for (info, (name, ty)) in infos.iter().zip(&plan) {
+    for (info, (name, ty, rows)) in infos.iter().zip(&plan) {
         let t = super::check_finite(&source, name, source.tensor(name)?)?;
         let bytes = if *ty == GgmlType::F32 {
             super::f32_le_bytes(&t.data)
@@ -165,22 +165,14 @@ pub fn write_gguf_from_hf(dir: &Path, out: &Path) -> Result<()> {
             source.raw(name)?.expect("a safetensors tensor").1
         };
         let bytes = match rotary_heads(&config, name) {
-            Some(h) => permute_rows(
-                &bytes,
-                *info.dims.last().expect("a shape") as usize,
-                h,
-                true,
-            ),
+            Some(h) => permute_rows(&bytes, *rows, h, true),
             None => bytes,
         };
         w.write(&info.name, &bytes)?;
         TensorSource::release(&source, name);
     }
-    if let RopeScaling::Llama3 { .. } = config.rope.scaling {
-        w.write(
-            "rope_freqs.weight",
-            &super::f32_le_bytes(&llama3_factors(&config)),
-        )?;
+    if let Some(factors) = &rope_freqs {
+        w.write("rope_freqs.weight", &super::f32_le_bytes(factors))?;
     }
     w.finish()
 }
@@ -194,8 +186,9 @@ fn order_key(name: &str) -> (usize, usize, String) {
     }
 }
 
-/// Llama 3.1's scaling as llama.cpp's converter stores it: one divisor per frequency.
-fn llama3_factors(config: &LlamaConfig) -> Vec<f32> {
+/// Llama 3.1's scaling as llama.cpp's converter stores it, one divisor per frequency; `None`
+/// for another scaling.
+fn llama3_factors(config: &LlamaConfig) -> Option<Vec<f32>> {
     let RopeScaling::Llama3 {
         factor,
         low_freq_factor,
@@ -203,16 +196,16 @@ fn llama3_factors(config: &LlamaConfig) -> Vec<f32> {
         original_max_position_embeddings,
     } = config.rope.scaling
     else {
-        return Vec::new();
+        return None;
     };
-    super::gguf_rope::converter_factors(
+    Some(super::gguf_rope::converter_factors(
         config.rope.theta,
         config.head_dim,
         factor,
         low_freq_factor,
         high_freq_factor,
         original_max_position_embeddings,
-    )
+    ))
 }
 
 /// The config and the GGUF metadata of HF directory `dir`, checked before any tensor is read.
