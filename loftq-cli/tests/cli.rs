@@ -463,48 +463,7 @@ fn gguf_output_through_the_binary() {
     let src = dir.join("tiny.gguf");
     std::fs::write(&src, common::tiny_gguf()).unwrap();
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
-    let (ok, err) = loftq(&[
-        "init",
-        "--model",
-        &p("tiny.gguf"),
-        "--out",
-        &p("q40"),
-        "--bits",
-        "q4_0",
-        "--rank",
-        "4",
-        "--backbone",
-        "gguf",
-    ]);
-    assert!(ok, "{err}");
-    for f in [
-        "model.gguf",
-        "adapter.gguf",
-        "model.safetensors",
-        "adapter/adapter_config.json",
-    ] {
-        assert!(dir.join("q40").join(f).is_file(), "{f}");
-    }
-    // export: the same files from the packed output and its adapter.
-    let (ok, err) = loftq(&[
-        "export",
-        "--source",
-        &p("tiny.gguf"),
-        "--model",
-        &p("q40"),
-        "--adapter",
-        &p("q40/adapter"),
-        "--out",
-        &p("exported"),
-    ]);
-    assert!(ok, "{err}");
-    for f in ["model.gguf", "adapter.gguf"] {
-        let a = std::fs::read(dir.join("q40").join(f)).unwrap();
-        assert!(
-            a == std::fs::read(dir.join("exported").join(f)).unwrap(),
-            "{f}"
-        );
-    }
+    q4_0_start_and_export(&dir, &p("tiny.gguf"));
     let (ok, err) = loftq(&[
         "init",
         "--model",
@@ -663,23 +622,15 @@ fn generate_streams_text_and_reports_ids() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A Hugging Face directory in the llama.cpp world: `convert DIR F.gguf`, `init --backbone
-/// gguf` from it, and `export --source DIR` writing the same files as init (the converted
-/// source removed in both).
-#[test]
-fn gguf_files_from_a_hugging_face_directory() {
-    let dir = scratch("gguf-from-hf");
-    let (model, _) = tiny_with_tokenizer(&dir);
-    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
-    let m = model.to_string_lossy().into_owned();
-    let (ok, err) = loftq(&["convert", &m, &p("tiny.gguf")]);
-    assert!(ok, "{err}");
-    let (ok, err) = loftq(&["convert", &m, &p("tiny.gguf")]);
-    assert!(!ok && err.contains("new .gguf file"), "{err}");
+/// `init --bits q4_0 --backbone gguf --out DIR/q40` from `source`, then `export --source
+/// source` of that output into `DIR/exported`: init's llama.cpp files, and the same bytes from
+/// export.
+fn q4_0_start_and_export(dir: &std::path::Path, source: &str) {
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
     let (ok, err) = loftq(&[
         "init",
         "--model",
-        &m,
+        source,
         "--out",
         &p("q40"),
         "--bits",
@@ -690,10 +641,18 @@ fn gguf_files_from_a_hugging_face_directory() {
         "gguf",
     ]);
     assert!(ok, "{err}");
+    for f in [
+        "model.gguf",
+        "adapter.gguf",
+        "model.safetensors",
+        "adapter/adapter_config.json",
+    ] {
+        assert!(dir.join("q40").join(f).is_file(), "{f}");
+    }
     let (ok, err) = loftq(&[
         "export",
         "--source",
-        &m,
+        source,
         "--model",
         &p("q40"),
         "--adapter",
@@ -709,6 +668,22 @@ fn gguf_files_from_a_hugging_face_directory() {
             "{f}"
         );
     }
+}
+
+/// A Hugging Face directory in the llama.cpp world: `convert DIR F.gguf`, `init --backbone
+/// gguf` from it, and `export --source DIR` writing the same files as init (the converted
+/// source removed in both).
+#[test]
+fn gguf_files_from_a_hugging_face_directory() {
+    let dir = scratch("gguf-from-hf");
+    let (model, _) = tiny_with_tokenizer(&dir);
+    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let m = model.to_string_lossy().into_owned();
+    let (ok, err) = loftq(&["convert", &m, &p("tiny.gguf")]);
+    assert!(ok, "{err}");
+    let (ok, err) = loftq(&["convert", &m, &p("tiny.gguf")]);
+    assert!(!ok && err.contains("new .gguf file"), "{err}");
+    q4_0_start_and_export(&dir, &m);
     let left: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .chain(std::fs::read_dir(dir.join("q40")).unwrap())

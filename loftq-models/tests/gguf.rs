@@ -488,15 +488,7 @@ fn gguf_output_is_refused_before_the_work() {
 /// An HF directory of tiny-llama's weights with the vocabulary of llama.cpp's file `name`
 /// (`fixtures/vocab`) as its `tokenizer.json`; returns it and that file.
 fn hf_with_vocabulary(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, Gguf) {
-    use std::io::Read;
-    let gz = std::fs::File::open(fixture("vocab").join(format!("{name}.gguf.gz"))).unwrap();
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(gz)
-        .read_to_end(&mut bytes)
-        .unwrap();
-    let vocab = dir.join(format!("{name}.gguf"));
-    std::fs::write(&vocab, bytes).unwrap();
-    let vocab = Gguf::open(&vocab).unwrap();
+    let vocab = Gguf::open(&vocab_gguf(name, dir)).unwrap();
     let hf = dir.join(format!("{name}-hf"));
     std::fs::create_dir_all(&hf).unwrap();
     for f in ["config.json", "model.safetensors"] {

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::PathBuf;
 
 use loftq_models::io::Gguf;
@@ -23,13 +22,7 @@ fn ids(line: &str) -> Vec<u32> {
 }
 
 fn tokenizer(name: &str, dir: &std::path::Path) -> Tokenizer {
-    let gz = std::fs::File::open(vocab_dir().join(format!("{name}.gguf.gz"))).unwrap();
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(gz)
-        .read_to_end(&mut bytes)
-        .unwrap();
-    let path = dir.join(format!("{name}.gguf"));
-    std::fs::write(&path, bytes).unwrap();
+    let path = common::vocab_gguf(name, dir);
     Tokenizer::from_vocabulary(&Gguf::open(&path).unwrap()).unwrap()
 }
 

@@ -94,3 +94,17 @@ pub fn read_files(dir: &std::path::Path, files: &[&str]) -> Vec<Vec<u8>> {
         .map(|f| std::fs::read(dir.join(f)).unwrap())
         .collect()
 }
+
+/// llama.cpp's vocabulary file `name` (`fixtures/vocab/<name>.gguf.gz`) unpacked into `dir`;
+/// its path.
+pub fn vocab_gguf(name: &str, dir: &std::path::Path) -> PathBuf {
+    use std::io::Read;
+    let gz = std::fs::File::open(fixture("vocab").join(format!("{name}.gguf.gz"))).unwrap();
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut bytes)
+        .unwrap();
+    let path = dir.join(format!("{name}.gguf"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
