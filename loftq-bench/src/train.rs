@@ -71,7 +71,7 @@ pub fn run(
         let mut opt = AdamW::new(AdamWConfig::default(), &models[0].lora_params());
         let mut failed = None;
         let (step, memory) = measure(repeats.max(1), || {
-            let sums = micro_batches(&mut models, &batches, mode);
+            let sums = micro_batches(&mut models, &batches, mode, None);
             let p = opt.update(models[0].lora_params(), sums.grads, 1e-4);
             models[0].set_lora_params(p);
             // GPU back ends queue work: the step ends when its updates are computed.

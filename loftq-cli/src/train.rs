@@ -1,4 +1,5 @@
-//! `loftq train`: fine-tune the LoRA factors on a frozen (quantized) base.
+//! `loftq train`: fine-tune the LoRA factors on a frozen (quantized) base, on the text's next
+//! tokens or, with `--distill-from`, on a full-precision teacher's outputs.
 
 use std::path::PathBuf;
 
@@ -11,8 +12,9 @@ use loftq_models::io::{Adapter, AdapterConfig};
 use loftq_models::nn::{Llama, LoadOptions, load_pretrained_with};
 use loftq_models::train::data::tokenize_file;
 use loftq_models::train::{
-    AdamWConfig, Decay, Recompute, Sampling, Schedule, TokenStream, TrainConfig, TrainEvent,
-    Validation, latest_checkpoint, train_on,
+    AdamWConfig, BlockwiseConfig, BlockwiseEvent, Decay, DistillLoss, Objective, Recompute,
+    Sampling, Schedule, TokenStream, TrainConfig, TrainEvent, Validation, distill_blockwise,
+    distill_on, latest_checkpoint, train_on,
 };
 use loftq_models::{ModelError, Result, Tokenizer};
 
@@ -38,6 +40,30 @@ pub struct TrainArgs {
     /// Continue from the latest checkpoint in --out (same options required).
     #[arg(long)]
     resume: bool,
+
+    /// Distill instead of fine-tuning: fit the adapters so that the model's next-token
+    /// distributions match this full-precision teacher's (HF directory or .gguf; the model
+    /// --model was quantized from) on the text, by their KL divergence at every position. No
+    /// labels are used, so any text in the model's language will do. Costs one extra forward
+    /// pass of the teacher per micro-batch and the teacher's weights in memory (one copy per
+    /// --device). Validation reports the teacher-student KL beside the perplexity.
+    #[arg(long, value_name = "MODEL")]
+    distill_from: Option<PathBuf>,
+    /// With --distill-from: add this weight times the mean squared difference of the final
+    /// normalized hidden states to the KL divergence (RILQ's model-level loss; 0: KL alone).
+    #[arg(long, default_value_t = 0.0, requires = "distill_from")]
+    hidden_weight: f64,
+    /// With --distill-from: fit block-wise instead (ApiQ): one decoder layer's adapters at a
+    /// time, to the teacher layer's output (mean squared error), the student's inputs coming
+    /// from its layers fitted already. --steps steps of --batch rows per layer, from
+    /// --blockwise-rows rows of --seq tokens drawn once; lr --lr with cosine decay per layer.
+    /// No logits and one layer's graph at a time; keeps both models' hidden states of the
+    /// rows. Writes adapter/ and blockwise.json (one pass over the layers: no checkpoints).
+    #[arg(long, requires = "distill_from", conflicts_with_all = ["resume", "hidden_weight"])]
+    blockwise: bool,
+    /// Rows of --blockwise.
+    #[arg(long, default_value_t = 64, requires = "blockwise")]
+    blockwise_rows: usize,
 
     /// Fresh adapter: rank.
     #[arg(long, default_value_t = 16, conflicts_with = "adapter")]
@@ -174,6 +200,12 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     if !(a.lr.is_finite() && a.lr > 0.0) {
         return Err(invalid(format!("--lr {} must be positive", a.lr)));
     }
+    if !(a.hidden_weight.is_finite() && a.hidden_weight >= 0.0) {
+        return Err(invalid(format!(
+            "--hidden-weight {} must be a finite number ≥ 0",
+            a.hidden_weight
+        )));
+    }
     if let Some(p) = a.dropout
         && !(0.0..1.0).contains(&p)
     {
@@ -219,12 +251,25 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         } else {
             Recompute::Layers
         },
+        objective: match a.distill_from {
+            Some(_) => Objective::Distill(DistillLoss {
+                hidden_weight: a.hidden_weight,
+            }),
+            None => Objective::NextToken,
+        },
         eval_every: a.eval_every,
         save_every: a.save_every,
         keep_checkpoints: a.keep_checkpoints,
         resume: a.resume,
     };
     // Before any model is loaded.
+    if a.blockwise && devices.len() > 1 {
+        return Err(invalid(format!(
+            "--blockwise runs on one device; --device {} names {}",
+            a.device,
+            devices.len()
+        )));
+    }
     cfg.check_devices(devices.len())?;
 
     // The model and its adapter, once per device.
@@ -243,6 +288,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let mut models = vec![model];
     for device in &devices[1..] {
         models.push(build_model(a, &opts, adapter.as_ref(), device)?.0);
+    }
+    // The teacher, once per device, full precision and without adapters.
+    let mut teachers = Vec::new();
+    if let Some(path) = &a.distill_from {
+        for device in &devices {
+            teachers.push(load_pretrained_with(path, device, &LoadOptions::default())?);
+        }
     }
     let model = &models[0];
 
@@ -278,51 +330,70 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         trainable
     );
 
-    let tokens_per_step = (a.batch * a.accum * (a.seq - 1)) as f64;
+    if a.blockwise {
+        let (model, teacher) = (&mut models[0], &teachers[0]);
+        return blockwise(a, &cfg, model, teacher, &template, &stream.tokens, val);
+    }
+    let positions = if teachers.is_empty() {
+        a.seq - 1
+    } else {
+        a.seq
+    };
+    let tokens_per_step = (a.batch * a.accum * positions) as f64;
     let mut bar = (!a.json).then(|| Progress::new(a.steps as u64));
     let mut loss_ema: Option<f64> = None;
-    let history = train_on(
-        &mut models,
-        &template,
-        &stream.tokens,
-        val.as_ref(),
-        &cfg,
-        &a.out,
-        |e| {
-            if a.json {
-                println!("{}", event_json(e));
-                return;
+    let on_event = |e: &TrainEvent| {
+        if a.json {
+            println!("{}", event_json(e));
+            return;
+        }
+        let bar = bar.as_mut().expect("not json");
+        match e {
+            TrainEvent::Resumed { step } => {
+                bar.inc(*step as u64, "");
+                bar.note(&format!("resumed after step {step}"));
             }
-            let bar = bar.as_mut().expect("not json");
-            match e {
-                TrainEvent::Resumed { step } => {
-                    bar.inc(*step as u64, "");
-                    bar.note(&format!("resumed after step {step}"));
-                }
-                TrainEvent::Step(r) => {
-                    let ema = loss_ema.map_or(r.loss, |m| 0.9 * m + 0.1 * r.loss);
-                    loss_ema = Some(ema);
-                    bar.inc(
-                        1,
-                        &format!(
-                            "step {} loss {:.3} (avg {ema:.3}) lr {:.2e} {:.0} tok/s",
-                            r.step,
-                            r.loss,
-                            r.lr,
-                            tokens_per_step / r.seconds
-                        ),
-                    );
-                }
-                TrainEvent::Eval(r) => bar.note(&format!(
-                    "step {}: validation NLL {:.4}, perplexity {:.3}",
-                    r.step, r.nll, r.ppl
-                )),
-                TrainEvent::Saved { step, path } => {
-                    bar.note(&format!("step {step}: checkpoint {}", path.display()))
-                }
+            TrainEvent::Step(r) => {
+                let ema = loss_ema.map_or(r.loss, |m| 0.9 * m + 0.1 * r.loss);
+                loss_ema = Some(ema);
+                bar.inc(
+                    1,
+                    &format!(
+                        "step {} loss {:.3} (avg {ema:.3}) lr {:.2e} {:.0} tok/s",
+                        r.step,
+                        r.loss,
+                        r.lr,
+                        tokens_per_step / r.seconds
+                    ),
+                );
             }
-        },
-    )?;
+            TrainEvent::Eval(r) => bar.note(&format!(
+                "step {}: validation NLL {:.4}, perplexity {:.3}{}",
+                r.step,
+                r.nll,
+                r.ppl,
+                r.kl.map_or(String::new(), |kl| format!(", KL from the teacher {kl:.4}"))
+            )),
+            TrainEvent::Saved { step, path } => {
+                bar.note(&format!("step {step}: checkpoint {}", path.display()))
+            }
+        }
+    };
+    let (text, val) = (&stream.tokens, val.as_ref());
+    let history = if teachers.is_empty() {
+        train_on(&mut models, &template, text, val, &cfg, &a.out, on_event)?
+    } else {
+        distill_on(
+            &mut models,
+            &teachers,
+            &template,
+            text,
+            val,
+            &cfg,
+            &a.out,
+            on_event,
+        )?
+    };
     if let Some(b) = bar.as_mut() {
         b.clear();
     }
@@ -331,6 +402,78 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         "done: {} steps, {:.0} tokens/s; adapter in {}",
         history.steps.len(),
         history.steps.len() as f64 * tokens_per_step / secs.max(1e-9),
+        a.out.join("adapter").display()
+    );
+    Ok(())
+}
+
+/// `--blockwise`: the layers fitted one at a time.
+#[allow(clippy::print_stdout)]
+fn blockwise(
+    a: &TrainArgs,
+    cfg: &TrainConfig,
+    model: &mut Llama,
+    teacher: &Llama,
+    template: &AdapterConfig,
+    stream: &[u32],
+    val: Option<Validation>,
+) -> Result<()> {
+    let bw = BlockwiseConfig {
+        rows: a.blockwise_rows,
+        seq: a.seq,
+        batch: a.batch,
+        steps: a.steps,
+        lr: a.lr,
+        adamw: cfg.adamw,
+        seed: a.seed,
+    };
+    let layers = model.layers.len() as u64;
+    let mut bar = (!a.json).then(|| Progress::new(layers));
+    let report = distill_blockwise(
+        model,
+        teacher,
+        template,
+        stream,
+        val.as_ref(),
+        &bw,
+        &a.out,
+        |e| {
+            if a.json {
+                let v = match e {
+                    BlockwiseEvent::Layer(f) => {
+                        serde_json::json!({"event": "layer", "layer": f.layer,
+                    "mse_before": f.mse_before, "mse_after": f.mse_after, "seconds": f.seconds})
+                    }
+                    BlockwiseEvent::Eval(r) => event_json(&TrainEvent::Eval(r.clone())),
+                };
+                println!("{v}");
+                return;
+            }
+            let bar = bar.as_mut().expect("not json");
+            match e {
+                BlockwiseEvent::Layer(f) => bar.inc(
+                    1,
+                    &format!(
+                        "layer {}: output error {:.3e} → {:.3e}",
+                        f.layer, f.mse_before, f.mse_after
+                    ),
+                ),
+                BlockwiseEvent::Eval(r) => bar.note(&format!(
+                    "{}: validation perplexity {:.3}, KL from the teacher {:.4}",
+                    if r.step == 0 { "before" } else { "after" },
+                    r.ppl,
+                    r.kl.unwrap_or(f64::NAN)
+                )),
+            }
+        },
+    )?;
+    if let Some(b) = bar.as_mut() {
+        b.clear();
+    }
+    let secs: f64 = report.layers.iter().map(|l| l.seconds).sum();
+    eprintln!(
+        "done: {} layers in {secs:.1} s; adapter in {}",
+        report.layers.len(),
         a.out.join("adapter").display()
     );
     Ok(())
@@ -386,8 +529,14 @@ fn event_json(e: &TrainEvent) -> serde_json::Value {
         TrainEvent::Resumed { step } => serde_json::json!({"event": "resumed", "step": step}),
         TrainEvent::Step(r) => serde_json::json!({"event": "step", "step": r.step, "loss": r.loss,
             "lr": r.lr, "grad_norm": r.grad_norm, "seconds": r.seconds}),
-        TrainEvent::Eval(r) => serde_json::json!({"event": "eval", "step": r.step, "nll": r.nll,
-            "ppl": r.ppl}),
+        TrainEvent::Eval(r) => {
+            let mut v = serde_json::json!({"event": "eval", "step": r.step, "nll": r.nll,
+                "ppl": r.ppl});
+            if let Some(kl) = r.kl {
+                v["kl"] = kl.into();
+            }
+            v
+        }
         TrainEvent::Saved { step, path } => {
             serde_json::json!({"event": "saved", "step": step, "path": path})
         }

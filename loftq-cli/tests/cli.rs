@@ -426,6 +426,97 @@ fn train_checkpoints_resumes_and_refuses_bad_input() {
 }
 
 #[test]
+fn train_distills_from_a_teacher() {
+    let dir = scratch("distill");
+    let (model, text) = tiny_with_tokenizer(&dir);
+    let (m, t) = (model.to_str().unwrap(), text.to_str().unwrap());
+    let out = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let (kl, bw, bad) = (out("kl"), out("blockwise"), out("bad"));
+    let base = [
+        "train",
+        "--model",
+        m,
+        "--quantize",
+        "nf2",
+        "--rank",
+        "4",
+        "--text",
+        t,
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--val-tokens",
+        "64",
+        "--lr",
+        "1e-3",
+        "--json",
+        "--distill-from",
+        m,
+    ];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend(extra);
+        let run = loftq_output(&a);
+        let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+        let events: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (run.status.success(), events, stderr)
+    };
+
+    // The KL objective: validation reports it, and it falls.
+    let (ok, events, err) = with(&["--out", &kl, "--hidden-weight", "0.1", "--eval-every", "3"]);
+    assert!(ok, "{err}");
+    let kls: Vec<f64> = events
+        .iter()
+        .filter(|e| e["event"] == "eval")
+        .map(|e| e["kl"].as_f64().unwrap())
+        .collect();
+    assert_eq!(kls.len(), 2, "before and after");
+    assert!(kls[1] < kls[0], "KL {kls:?}");
+    assert!(dir.join("kl/adapter/adapter_model.safetensors").is_file());
+
+    // Block-wise: one event per layer, each layer's error lower, the report written.
+    let (ok, events, err) = with(&["--out", &bw, "--blockwise", "--blockwise-rows", "4"]);
+    assert!(ok, "{err}");
+    let layers: Vec<_> = events.iter().filter(|e| e["event"] == "layer").collect();
+    assert_eq!(layers.len(), 2, "{events:?} {err}");
+    for l in layers {
+        assert!(l["mse_after"].as_f64() < l["mse_before"].as_f64(), "{l}");
+    }
+    assert!(dir.join("blockwise/blockwise.json").is_file());
+    assert!(dir.join("blockwise/adapter/adapter_config.json").is_file());
+
+    // Bad input names the flag or file and writes nothing.
+    for (extra, needle) in [
+        (
+            vec!["--blockwise", "--device", "cpu,cpu", "--accum", "2"],
+            "--blockwise",
+        ),
+        (vec!["--hidden-weight=-1"], "--hidden-weight"),
+        (vec!["--blockwise", "--resume"], "--resume"),
+    ] {
+        let mut extra = extra;
+        extra.extend(["--out", &bad]);
+        let (ok, _, err) = with(&extra);
+        assert!(!ok && err.contains(needle), "{extra:?}: {err}");
+        assert!(!dir.join("bad").exists(), "{extra:?} wrote output");
+    }
+    let mut a = base.to_vec();
+    let teacher = a.len() - 1;
+    a[teacher] = "/no/such/teacher";
+    a.extend(["--out", &bad]);
+    let (ok, err) = loftq(&a);
+    assert!(!ok && err.contains("/no/such/teacher"), "{err}");
+    assert!(!dir.join("bad").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn logs_follow_loftq_log() {
     let dir = scratch("logs");
     let model = fixture("tiny-llama");

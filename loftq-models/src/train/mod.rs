@@ -5,19 +5,28 @@
 //! - [`step`]: the loss and LoRA gradients of a batch, with layer-wise recomputation so that
 //!   one layer's dense weights and activations are alive at a time.
 //! - [`optim`]: AdamW, the learning-rate schedule, gradient clipping.
+//! - [`distill`]: the distillation objective, the adapters fitted to a full-precision
+//!   teacher's outputs.
+//! - [`blockwise`]: distillation one decoder layer at a time (ApiQ).
 //! - [`run`]: the loop, validation, checkpoints and exact resume; with several devices, the
 //!   micro-batches of a step are spread over one model replica per device ([`parallel`]).
 
+pub mod blockwise;
 pub mod data;
+pub mod distill;
 pub mod optim;
 pub mod parallel;
 mod run;
 pub mod step;
 
+pub use blockwise::{
+    BlockwiseConfig, BlockwiseEvent, BlockwiseReport, LayerFit, distill_blockwise, fit_layers,
+};
 pub use data::{Sampling, TokenStream};
+pub use distill::{DistillLoss, Objective, TeacherOutputs, teacher_outputs};
 pub use optim::{AdamW, AdamWConfig, Decay, Schedule};
 pub use run::{
-    EvalRecord, History, StepRecord, TrainConfig, TrainEvent, Validation, latest_checkpoint, train,
-    train_on,
+    EvalRecord, History, StepRecord, TrainConfig, TrainEvent, Validation, distill_on,
+    latest_checkpoint, train, train_on,
 };
-pub use step::{Batch, Recompute, StepGrads, loss_and_grads};
+pub use step::{Batch, Recompute, StepGrads, distill_loss_and_grads, loss_and_grads};

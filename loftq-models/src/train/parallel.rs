@@ -10,8 +10,18 @@
 
 use burn::tensor::Tensor;
 
-use super::step::{Batch, Recompute, loss_and_grads};
+use super::distill::{DistillLoss, teacher_outputs};
+use super::step::{Batch, Recompute, distill_loss_and_grads, loss_and_grads};
 use crate::nn::Llama;
+
+/// The teachers of a distillation step: one per model replica, on that replica's device.
+#[derive(Clone, Copy, Debug)]
+pub struct Teachers<'a> {
+    /// The teacher models, in the replicas' order.
+    pub models: &'a [Llama],
+    /// The loss.
+    pub loss: DistillLoss,
+}
 
 /// The loss and gradients of a step: the sums over its micro-batches.
 #[derive(Debug)]
@@ -23,20 +33,31 @@ pub struct Sums {
 }
 
 /// Runs each `(batch, dropout seed)` on `models` (the first is the main replica; the others
-/// receive its LoRA factors first) and sums the losses and gradients. With one model the
+/// receive its LoRA factors first) and sums the losses and gradients: next-token losses, or,
+/// with `teachers`, distillation losses against each replica's teacher. With one model the
 /// micro-batches run in order and are summed in that order.
 ///
 /// # Panics
-/// If there are fewer batches than models, or none.
-pub fn micro_batches(models: &mut [Llama], batches: &[(Batch, u64)], recompute: Recompute) -> Sums {
+/// If there are fewer batches than models, or none, or `teachers` has not one model per
+/// replica.
+pub fn micro_batches(
+    models: &mut [Llama],
+    batches: &[(Batch, u64)],
+    recompute: Recompute,
+    teachers: Option<Teachers>,
+) -> Sums {
     let devices = models.len();
     assert!(
         batches.len() >= devices,
         "one micro-batch per device at least"
     );
+    if let Some(t) = &teachers {
+        assert_eq!(t.models.len(), devices, "one teacher per replica");
+    }
+    let teacher = |i: usize| teachers.map(|t| (&t.models[i], t.loss));
     let (main, replicas) = models.split_first_mut().expect("at least one model");
     if replicas.is_empty() {
-        return run_share(main, batches, 0, 1, recompute);
+        return run_share(main, teacher(0), batches, 0, 1, recompute);
     }
     let main_device = main.embed_tokens.device();
     let params = main.lora_params();
@@ -53,9 +74,12 @@ pub fn micro_batches(models: &mut [Llama], batches: &[(Batch, u64)], recompute: 
         let workers: Vec<_> = replicas
             .iter_mut()
             .enumerate()
-            .map(|(i, r)| s.spawn(move || run_share(r, batches, i + 1, devices, recompute)))
+            .map(|(i, r)| {
+                let t = teacher(i + 1);
+                s.spawn(move || run_share(r, t, batches, i + 1, devices, recompute))
+            })
             .collect();
-        let mut total = run_share(main, batches, 0, devices, recompute);
+        let mut total = run_share(main, teacher(0), batches, 0, devices, recompute);
         for w in workers {
             let share = w
                 .join()
@@ -75,6 +99,7 @@ pub fn micro_batches(models: &mut [Llama], batches: &[(Batch, u64)], recompute: 
 /// Micro-batches `first, first + step, ...` of `batches` on `model`, summed.
 fn run_share(
     model: &mut Llama,
+    teacher: Option<(&Llama, DistillLoss)>,
     batches: &[(Batch, u64)],
     first: usize,
     step: usize,
@@ -83,7 +108,14 @@ fn run_share(
     let mut sums: Option<Sums> = None;
     for (batch, seed) in batches.iter().skip(first).step_by(step) {
         model.set_dropout_seed(Some(*seed));
-        let g = loss_and_grads(model, batch, recompute);
+        let g = match teacher {
+            // The teacher's outputs live only for this micro-batch.
+            Some((t, loss)) => {
+                let outputs = teacher_outputs(t, batch, loss);
+                distill_loss_and_grads(model, batch, recompute, &outputs)
+            }
+            None => loss_and_grads(model, batch, recompute),
+        };
         sums = Some(match sums {
             None => Sums {
                 loss: g.loss,

@@ -9,8 +9,9 @@ use loftq_core::quant::host_f32;
 use serde::{Deserialize, Serialize};
 
 use super::data::{Sampling, draw_batch, mix};
+use super::distill::{Objective, check_teacher, mean_kl};
 use super::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
-use super::parallel::micro_batches;
+use super::parallel::{Teachers, micro_batches};
 use super::step::Recompute;
 use crate::eval::{Perplexity, perplexity_windows};
 use crate::io::{AdapterConfig, Checkpoint, OutTensor, write_atomic, write_safetensors};
@@ -41,6 +42,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Recompute each layer in the backward pass (bounded memory) or keep the whole graph.
     pub recompute: Recompute,
+    /// Next-token prediction, or distillation from a teacher ([`distill_on`]).
+    #[serde(default)]
+    pub objective: Objective,
     /// Validate every this many steps (and before the first, and after the last); 0: only
     /// after the last.
     #[serde(skip)]
@@ -122,6 +126,9 @@ pub struct EvalRecord {
     pub nll: f64,
     /// Perplexity.
     pub ppl: f64,
+    /// Distillation: the mean `KL(teacher ‖ model)` per position on the validation text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
 }
 
 /// Everything a run has recorded; saved with each checkpoint.
@@ -131,7 +138,7 @@ pub struct History {
     pub steps: Vec<StepRecord>,
     /// Per validation.
     pub evals: Vec<EvalRecord>,
-    /// Training tokens per step (predicted positions).
+    /// Training tokens per step (the positions the loss averages over).
     pub tokens_per_step: usize,
 }
 
@@ -207,8 +214,92 @@ pub fn train_on(
     val: Option<&Validation>,
     cfg: &TrainConfig,
     out: &Path,
+    on_event: impl FnMut(&TrainEvent),
+) -> Result<History> {
+    run(
+        models,
+        &[],
+        adapter_template,
+        stream,
+        val,
+        cfg,
+        out,
+        on_event,
+    )
+}
+
+/// [`train_on`] with the distillation objective (`cfg.objective`): each replica's adapters
+/// are fitted to the outputs of its teacher, `teachers[d]` on the same device as `models[d]`
+/// (the full-precision model the student was quantized from). Validation reports the
+/// teacher–student KL beside the perplexity.
+///
+/// # Errors
+/// As [`train_on`]; also [`ModelError::Invalid`] if `cfg.objective` is not distillation, if
+/// there is not one teacher per replica, or if a teacher cannot teach its student
+/// ([`check_teacher`]).
+#[allow(clippy::too_many_arguments)]
+pub fn distill_on(
+    models: &mut [Llama],
+    teachers: &[Llama],
+    adapter_template: &AdapterConfig,
+    stream: &[u32],
+    val: Option<&Validation>,
+    cfg: &TrainConfig,
+    out: &Path,
+    on_event: impl FnMut(&TrainEvent),
+) -> Result<History> {
+    let Objective::Distill(loss) = cfg.objective else {
+        return Err(ModelError::Invalid(
+            "distillation needs the distillation objective".into(),
+        ));
+    };
+    if teachers.len() != models.len() {
+        return Err(ModelError::Invalid(format!(
+            "{} teachers for {} model replicas: give one per device",
+            teachers.len(),
+            models.len()
+        )));
+    }
+    for (s, t) in models.iter().zip(teachers) {
+        check_teacher(s, t, loss)?;
+    }
+    run(
+        models,
+        teachers,
+        adapter_template,
+        stream,
+        val,
+        cfg,
+        out,
+        on_event,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    models: &mut [Llama],
+    teachers: &[Llama],
+    adapter_template: &AdapterConfig,
+    stream: &[u32],
+    val: Option<&Validation>,
+    cfg: &TrainConfig,
+    out: &Path,
     mut on_event: impl FnMut(&TrainEvent),
 ) -> Result<History> {
+    let teachers = match cfg.objective {
+        Objective::Distill(loss) if teachers.len() == models.len() => Some(Teachers {
+            models: teachers,
+            loss,
+        }),
+        Objective::NextToken if teachers.is_empty() => None,
+        _ => {
+            return Err(ModelError::Invalid(
+                "a distillation run needs one teacher per replica (distill_on), a next-token \
+                 run none (train_on)"
+                    .into(),
+            ));
+        }
+    };
     let Some(model) = models.first() else {
         return Err(ModelError::Invalid("no model to train".into()));
     };
@@ -240,8 +331,12 @@ pub fn train_on(
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let mut opt = AdamW::new(cfg.adamw, &model.lora_params());
     let model = &mut models[0];
+    let positions = match teachers {
+        Some(_) => cfg.seq,
+        None => cfg.seq - 1,
+    };
     let mut history = History {
-        tokens_per_step: cfg.batch * cfg.accum * (cfg.seq - 1),
+        tokens_per_step: cfg.batch * cfg.accum * positions,
         ..History::default()
     };
     let mut start = 0;
@@ -263,6 +358,7 @@ pub fn train_on(
             step,
             nll: p.nll,
             ppl: p.ppl,
+            kl: teachers.and_then(|t| mean_kl(model, &t.models[0], &v.tokens, v.window)),
         };
         history.evals.push(rec.clone());
         Some(rec)
@@ -287,7 +383,7 @@ pub fn train_on(
                 (batch, mix(cfg.seed, &[step as u64, micro as u64, 1]))
             })
             .collect();
-        let sums = micro_batches(models, &batches, cfg.recompute);
+        let sums = micro_batches(models, &batches, cfg.recompute, teachers);
         let loss = sums.loss / cfg.accum as f64;
         let model = &mut models[0];
         if !loss.is_finite() {
@@ -515,7 +611,7 @@ fn load_checkpoint(
 
 /// Writes a directory through `fill` into a temporary sibling, then renames it into place
 /// (replacing an older one).
-fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = crate::io::safetensors::temp_path(dir);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;

