@@ -6,6 +6,7 @@
 #
 #   cargo xtask assets && cargo build -p loftq-cli --features loftq-core/wgpu
 #   bench/train-experiment.sh loftq-nf2 qlora-nf2 lora loftq-nf4 qlora-nf4 calibrated-nf2
+#   bench/train-experiment.sh distilled-nf2   # after bench/distill-experiment.sh calibrated-nf2
 #
 # Runs go to $WORK (default bench/train-runs); each run's history.json is copied to
 # bench/results/train/<run>.json. About 25 minutes per run on 2 cores.
@@ -41,12 +42,18 @@ for run in "$@"; do
         --calibration-tokens 16384 --quantizer $q > init-$run.log 2>&1
       $L train --model init-$run --adapter init-$run/adapter $COMMON --out $run \
         > $run.jsonl 2> $run.err ;;
+    distilled-nf2)
+      # The calibrated NF2 start distilled by bench/distill-experiment.sh calibrated-nf2.
+      [ -f distill-calibrated-nf2/adapter/adapter_config.json ] || {
+        echo "run bench/distill-experiment.sh calibrated-nf2 first" >&2; exit 2; }
+      $L train --model init-calibrated-nf2 --adapter distill-calibrated-nf2/adapter $COMMON \
+        --out $run > $run.jsonl 2> $run.err ;;
     qlora-nf2|qlora-nf4)
       $L train --model $M --quantize ${run#qlora-} --rank 16 --alpha 16 $COMMON --out $run \
         > $run.jsonl 2> $run.err ;;
     lora)
       $L train --model $M --rank 16 --alpha 16 $COMMON --out $run > $run.jsonl 2> $run.err ;;
-    *) echo "unknown run $run (loftq-nf2|loftq-nf4|calibrated-nf2|gptq-nf2|qlora-nf2|qlora-nf4|lora)" >&2
+    *) echo "unknown run $run (loftq-nf2|loftq-nf4|calibrated-nf2|gptq-nf2|distilled-nf2|qlora-nf2|qlora-nf4|lora)" >&2
        exit 2 ;;
   esac
   cp $run/history.json "$ROOT/bench/results/train/$run.json"

@@ -119,6 +119,10 @@ enum Task {
         /// parallelism, one model copy and one micro-batch of `batch × seq` per device.
         #[arg(long, default_value = "cpu")]
         device: DeviceList,
+        /// Also time the distillation step on the same batches (`loftq train --distill-from`:
+        /// the model itself, unquantized, as the teacher), with its ratio to the next-token step.
+        #[arg(long)]
+        distill: bool,
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -300,6 +304,7 @@ fn run(suite: Task) -> Result<(), String> {
             seq,
             repeats,
             device,
+            distill,
             json,
         } => {
             let model = model.unwrap_or_else(|| {
@@ -318,7 +323,15 @@ fn run(suite: Task) -> Result<(), String> {
             if seq < 2 || batch == 0 {
                 return Err("--seq must be at least 2 and --batch at least 1".into());
             }
-            let cases = train::run(&model, &quantize, rank, [batch, seq], repeats, &device)?;
+            let cases = train::run(
+                &model,
+                &quantize,
+                rank,
+                [batch, seq],
+                repeats,
+                &device,
+                distill,
+            )?;
             println!("{}", train::markdown(&model, &device, &cases));
             json.map_or(Ok(()), |p| write_json(&p, &cases))
         }

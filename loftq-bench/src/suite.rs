@@ -363,7 +363,7 @@ fn train_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec
     let mut out = Vec::new();
     for &shape in shapes {
         let devices = DeviceList(vec![spec]);
-        for c in train::run(&model, "nf4", 16, shape, repeats, &devices)? {
+        for c in train::run(&model, "nf4", 16, shape, repeats, &devices, false)? {
             let name = format!(
                 "smollm2-135m shapes ({n_layers} layers) nf4 r16 {}×{} recompute={}",
                 c.batch, c.seq, c.recompute

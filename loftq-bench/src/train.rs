@@ -1,13 +1,15 @@
 //! Training-step speed and memory: one QLoRA step (forward, backward, AdamW) on a real model,
-//! with and without layer recomputation.
+//! with and without layer recomputation; optionally the distillation step on the same batch
+//! (the model itself, unquantized, as the teacher).
 
 use std::path::Path;
 
 use loftq_core::DeviceList;
 use loftq_models::init::plan::parse_bits;
+use loftq_models::nn::Llama;
 use loftq_models::nn::{LoadOptions, load_pretrained_with};
-use loftq_models::train::parallel::micro_batches;
-use loftq_models::train::{AdamW, AdamWConfig, Batch, Recompute};
+use loftq_models::train::parallel::{Teachers, micro_batches};
+use loftq_models::train::{AdamW, AdamWConfig, Batch, DistillLoss, Recompute};
 use serde::Serialize;
 
 use crate::stats::{Memory, Timing, measure};
@@ -15,6 +17,9 @@ use crate::stats::{Memory, Timing, measure};
 /// One measured configuration.
 #[derive(Debug, Serialize)]
 pub struct TrainCase {
+    /// `next-token` (the text's own next tokens) or `distill` (KL from the teacher at every
+    /// position; the teacher's forward pass is part of the step).
+    pub objective: String,
     /// `layers` (recompute each layer in the backward pass) or `none` (whole graph).
     pub recompute: String,
     /// Devices, comma-separated; with several, each step is one micro-batch per device
@@ -26,13 +31,15 @@ pub struct TrainCase {
     pub seq: usize,
     /// Seconds per step (forward, backward, AdamW update).
     pub step: Timing,
-    /// Predicted tokens per second at the median, over all devices.
+    /// Positions per second at the median, over all devices.
     pub tokens_per_s: f64,
     /// Resident memory; the peak is that of this mode's timed steps.
     pub memory: Memory,
 }
 
-/// Times `repeats` steps in each recompute mode, one micro-batch per device of `devices`.
+/// Times `repeats` steps in each recompute mode, one micro-batch per device of `devices`;
+/// with `distill`, then the distillation steps of the same batches, the teachers loaded only
+/// after the next-token steps are measured (so their peak memory excludes the teacher).
 pub fn run(
     model: &Path,
     quantize: &str,
@@ -40,6 +47,7 @@ pub fn run(
     [batch, seq]: [usize; 2],
     repeats: usize,
     devices: &DeviceList,
+    distill: bool,
 ) -> Result<Vec<TrainCase>, String> {
     let devs = devices.open().map_err(|e| e.to_string())?;
     let quantize = match quantize {
@@ -67,32 +75,51 @@ pub fn run(
         })
         .collect();
     let mut cases = Vec::new();
-    for mode in [Recompute::Layers, Recompute::None] {
-        let mut opt = AdamW::new(AdamWConfig::default(), &models[0].lora_params());
-        let mut failed = None;
-        let (step, memory) = measure(repeats.max(1), || {
-            let sums = micro_batches(&mut models, &batches, mode, None);
-            let p = opt.update(models[0].lora_params(), sums.grads, 1e-4);
-            models[0].set_lora_params(p);
-            // GPU back ends queue work: the step ends when its updates are computed.
-            for dev in &devs {
-                if let Err(e) = dev.sync() {
-                    failed = Some(format!("training step on {devices}: {e:?}"));
-                }
+    let mut teachers: Vec<Llama> = Vec::new();
+    for objective in ["next-token", "distill"] {
+        if objective == "distill" {
+            if !distill {
+                break;
             }
-        });
-        if let Some(e) = failed {
-            return Err(e);
+            for dev in &devs {
+                let t = load_pretrained_with(model, dev, &LoadOptions::default())
+                    .map_err(|e| e.to_string())?;
+                teachers.push(t);
+            }
         }
-        cases.push(TrainCase {
-            recompute: format!("{mode:?}").to_lowercase(),
-            devices: devices.to_string(),
-            batch,
-            seq,
-            tokens_per_s: (devs.len() * batch * (seq - 1)) as f64 / step.median_s,
-            step,
-            memory,
+        let with = (!teachers.is_empty()).then(|| Teachers {
+            models: &teachers,
+            loss: DistillLoss::default(),
         });
+        for mode in [Recompute::Layers, Recompute::None] {
+            let mut opt = AdamW::new(AdamWConfig::default(), &models[0].lora_params());
+            let mut failed = None;
+            let (step, memory) = measure(repeats.max(1), || {
+                let sums = micro_batches(&mut models, &batches, mode, with);
+                let p = opt.update(models[0].lora_params(), sums.grads, 1e-4);
+                models[0].set_lora_params(p);
+                // GPU back ends queue work: the step ends when its updates are computed.
+                for dev in &devs {
+                    if let Err(e) = dev.sync() {
+                        failed = Some(format!("training step on {devices}: {e:?}"));
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let positions = if with.is_some() { seq } else { seq - 1 };
+            cases.push(TrainCase {
+                objective: objective.to_string(),
+                recompute: format!("{mode:?}").to_lowercase(),
+                devices: devices.to_string(),
+                batch,
+                seq,
+                tokens_per_s: (devs.len() * batch * positions) as f64 / step.median_s,
+                step,
+                memory,
+            });
+        }
     }
     Ok(cases)
 }
@@ -107,13 +134,19 @@ pub fn markdown(model: &Path, device: &DeviceList, cases: &[TrainCase]) -> Strin
     let mut s = format!(
         "Training step on {} ({device}{per}): forward, backward and AdamW update of the LoRA \
          factors\n\n\
-         | recompute | batch × seq | step (median) | min–max | tokens/s | peak RSS |\n\
-         |---|---|---|---|---|---|\n",
+         | objective | recompute | batch × seq | step (median) | × next-token | min–max | \
+         tokens/s | peak RSS |\n\
+         |---|---|---|---|---|---|---|---|\n",
         model.display()
     );
     for c in cases {
+        let plain = cases
+            .iter()
+            .find(|p| p.objective == "next-token" && p.recompute == c.recompute)
+            .map_or(f64::NAN, |p| c.step.median_s / p.step.median_s);
         s += &format!(
-            "| {} | {} × {} | {:.2} s | {:.2}–{:.2} s | {:.0} | {:.2} GiB |\n",
+            "| {} | {} | {} × {} | {:.2} s | {plain:.2} | {:.2}–{:.2} s | {:.0} | {:.2} GiB |\n",
+            c.objective,
             c.recompute,
             c.batch,
             c.seq,

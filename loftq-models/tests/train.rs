@@ -472,11 +472,7 @@ fn a_student_equal_to_its_teacher_has_zero_loss() {
     // this size.
     let other = teacher_outputs(&teacher, &elsewhere, DistillLoss { hidden_weight: 1.0 });
     let off = distill_loss_and_grads(&student, &batch, Recompute::Layers, &other);
-    let biggest = |g: &[Tensor<2>]| {
-        g.iter()
-            .flat_map(host)
-            .fold(0f32, |m, x| m.max(x.abs()))
-    };
+    let biggest = |g: &[Tensor<2>]| g.iter().flat_map(host).fold(0f32, |m, x| m.max(x.abs()));
     let (zero, some) = (biggest(&got.grads), biggest(&off.grads));
     assert!(some > 1e-3, "off-teacher gradient {some}");
     assert!(
@@ -544,7 +540,13 @@ fn distillation_lowers_the_kl_and_resumes_exactly() {
     let losses =
         |h: &loftq_models::train::History| h.steps.iter().map(|s| s.loss).collect::<Vec<_>>();
     assert_eq!(losses(&again), losses(&history));
-    assert_eq!(again.evals, history.evals);
+    // The validation KL is one large sum, which a GPU may order differently from run to run.
+    assert_eq!(again.evals.len(), history.evals.len());
+    for (a, b) in again.evals.iter().zip(&history.evals) {
+        assert_eq!((a.step, a.nll, a.ppl), (b.step, b.nll, b.ppl));
+        let (x, y) = (a.kl.unwrap(), b.kl.unwrap());
+        assert!((x - y).abs() <= 1e-6 * y, "step {}: KL {x} vs {y}", a.step);
+    }
     let bytes =
         |d: &std::path::Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(bytes(&whole) == bytes(&cut), "resumed adapter differs");
