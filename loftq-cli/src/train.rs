@@ -441,8 +441,9 @@ fn blockwise(
             if a.json {
                 let v = match e {
                     BlockwiseEvent::Layer(f) => {
-                        serde_json::json!({"event": "layer", "layer": f.layer,
-                    "mse_before": f.mse_before, "mse_after": f.mse_after, "seconds": f.seconds})
+                        let mut v = serde_json::to_value(f).expect("a layer fit serializes");
+                        v["event"] = "layer".into();
+                        v
                     }
                     BlockwiseEvent::Eval(r) => event_json(&TrainEvent::Eval(r.clone())),
                 };

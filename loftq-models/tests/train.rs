@@ -113,6 +113,28 @@ fn check_grads(model: &Llama, batch: &Batch, mode: Recompute, loss: f64, want: &
     }
 }
 
+/// `(loss(+h) − loss(−h)) / 2h` with entry `index` of LoRA factor `factor` moved by `±h`,
+/// `h = 1e-2`.
+fn central_difference(
+    model: &Llama,
+    factor: usize,
+    index: usize,
+    loss: impl Fn(&Llama) -> f64,
+) -> f64 {
+    let loss_at = |delta: f32| {
+        let mut m = model.clone();
+        let mut params = m.lora_params();
+        let mut v = host(&params[factor]);
+        v[index] += delta;
+        let dims = params[factor].dims();
+        params[factor] = Tensor::from_data(TensorData::new(v, dims), &device());
+        m.set_lora_params(params);
+        loss(&m)
+    };
+    let h = 1e-2;
+    (loss_at(h) - loss_at(-h)) / (2.0 * f64::from(h))
+}
+
 #[test]
 fn gradients_match_finite_differences() {
     let model = tiny_loftq();
@@ -121,18 +143,9 @@ fn gradients_match_finite_differences() {
     // A few entries of the first layer's q_proj B (factor 1) and down_proj A (factor 12).
     for (factor, index) in [(1usize, 3usize), (1, 40), (12, 7), (12, 300)] {
         let g = host(&got.grads[factor])[index];
-        let loss_at = |delta: f32| {
-            let mut m = model.clone();
-            let mut params = m.lora_params();
-            let mut v = host(&params[factor]);
-            v[index] += delta;
-            let dims = params[factor].dims();
-            params[factor] = Tensor::from_data(TensorData::new(v, dims), &device());
-            m.set_lora_params(params);
-            loss_and_grads(&m, &batch, Recompute::Layers).loss
-        };
-        let h = 1e-2;
-        let fd = (loss_at(h) - loss_at(-h)) / (2.0 * f64::from(h));
+        let fd = central_difference(&model, factor, index, |m| {
+            loss_and_grads(m, &batch, Recompute::Layers).loss
+        });
         let tol = 2e-3 + 0.03 * fd.abs();
         assert!(
             (f64::from(g) - fd).abs() < tol,
@@ -437,18 +450,9 @@ fn distillation_loss_and_gradients_are_right() {
             .max_by(|&i, &j| row[i].abs().total_cmp(&row[j].abs()))
             .unwrap();
         let g = f64::from(row[index]);
-        let loss_at = |delta: f32| {
-            let mut m = student.clone();
-            let mut params = m.lora_params();
-            let mut v = host(&params[factor]);
-            v[index] += delta;
-            let dims = params[factor].dims();
-            params[factor] = Tensor::from_data(TensorData::new(v, dims), &device());
-            m.set_lora_params(params);
-            distill_loss_and_grads(&m, &batch, Recompute::Layers, &t).loss
-        };
-        let h = 1e-2;
-        let fd = (loss_at(h) - loss_at(-h)) / (2.0 * f64::from(h));
+        let fd = central_difference(&student, factor, index, |m| {
+            distill_loss_and_grads(m, &batch, Recompute::Layers, &t).loss
+        });
         let tol = 0.03 * fd.abs().max(g.abs());
         assert!(
             (g - fd).abs() < tol,

@@ -83,6 +83,7 @@ pub fn mean_kl(student: &Llama, teacher: &Llama, ids: &[u32], window: usize) -> 
     let window = window.max(1);
     let (mut total, mut count) = (0.0, 0usize);
     let only_kl = DistillLoss::default();
+    let device = student.embed_tokens.device();
     for chunk in ids.chunks(window) {
         let batch = Batch {
             ids: chunk.to_vec(),
@@ -90,7 +91,6 @@ pub fn mean_kl(student: &Llama, teacher: &Llama, ids: &[u32], window: usize) -> 
             seq: chunk.len(),
         };
         let t = teacher_outputs(teacher, &batch, only_kl);
-        let device = student.embed_tokens.device();
         let hidden = student.hidden_states(token_ids(chunk, [1, chunk.len()], &device));
         let logits = student.head(hidden.clone());
         let kl = distill_loss(hidden, logits, &t).into_scalar::<f32>();

@@ -248,21 +248,6 @@ pub fn distill_on(
     out: &Path,
     on_event: impl FnMut(&TrainEvent),
 ) -> Result<History> {
-    let Objective::Distill(loss) = cfg.objective else {
-        return Err(ModelError::Invalid(
-            "distillation needs the distillation objective".into(),
-        ));
-    };
-    if teachers.len() != models.len() {
-        return Err(ModelError::Invalid(format!(
-            "{} teachers for {} model replicas: give one per device",
-            teachers.len(),
-            models.len()
-        )));
-    }
-    for (s, t) in models.iter().zip(teachers) {
-        check_teacher(s, t, loss)?;
-    }
     run(
         models,
         teachers,
@@ -287,16 +272,27 @@ fn run(
     mut on_event: impl FnMut(&TrainEvent),
 ) -> Result<History> {
     let teachers = match cfg.objective {
-        Objective::Distill(loss) if teachers.len() == models.len() => Some(Teachers {
-            models: teachers,
-            loss,
-        }),
+        Objective::Distill(loss) => {
+            if teachers.len() != models.len() {
+                return Err(ModelError::Invalid(format!(
+                    "{} teachers for {} model replicas: distillation (distill_on) needs one per \
+                     device",
+                    teachers.len(),
+                    models.len()
+                )));
+            }
+            for (s, t) in models.iter().zip(teachers) {
+                check_teacher(s, t, loss)?;
+            }
+            Some(Teachers {
+                models: teachers,
+                loss,
+            })
+        }
         Objective::NextToken if teachers.is_empty() => None,
-        _ => {
+        Objective::NextToken => {
             return Err(ModelError::Invalid(
-                "a distillation run needs one teacher per replica (distill_on), a next-token \
-                 run none (train_on)"
-                    .into(),
+                "teachers were given, but distillation needs the distillation objective".into(),
             ));
         }
     };
