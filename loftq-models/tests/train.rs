@@ -9,7 +9,7 @@ use burn::module::Param;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{device, fixture, scratch};
-use loftq_core::QuantConfig;
+use loftq_core::{DeviceSpec, QuantConfig};
 use loftq_models::LlamaConfig;
 use loftq_models::io::{Adapter, AdapterConfig, Checkpoint};
 use loftq_models::nn::{Llama, LoadOptions, load_model};
@@ -543,13 +543,25 @@ fn distillation_lowers_the_kl_and_resumes_exactly() {
     let again = distill_run(&resume, &cut);
     let losses =
         |h: &loftq_models::train::History| h.steps.iter().map(|s| s.loss).collect::<Vec<_>>();
-    assert_eq!(losses(&again), losses(&history));
-    // The validation KL is one large sum, which a GPU may order differently from run to run.
+    // The loss and the validation KL are large sums over the vocabulary, which a GPU may order
+    // differently from run to run (lavapipe did, in the last bit); on the CPU they are exact.
+    let tol = if DeviceSpec::from_env() == DeviceSpec::Cpu {
+        0.0
+    } else {
+        1e-6
+    };
+    let close = |x: f64, y: f64| (x - y).abs() <= tol * y.abs();
+    let (a, b) = (losses(&again), losses(&history));
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| close(*x, *y)),
+        "{a:?} vs {b:?}"
+    );
     assert_eq!(again.evals.len(), history.evals.len());
     for (a, b) in again.evals.iter().zip(&history.evals) {
         assert_eq!((a.step, a.nll, a.ppl), (b.step, b.nll, b.ppl));
         let (x, y) = (a.kl.unwrap(), b.kl.unwrap());
-        assert!((x - y).abs() <= 1e-6 * y, "step {}: KL {x} vs {y}", a.step);
+        assert!(close(x, y), "step {}: KL {x} vs {y}", a.step);
     }
     let bytes =
         |d: &std::path::Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
