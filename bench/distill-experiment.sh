@@ -9,9 +9,10 @@
 #   cargo xtask assets && cargo build -p loftq-cli --features loftq-core/wgpu
 #   bench/distill-experiment.sh calibrated-nf2 loftq-nf2 qlora-nf2
 #
-# Each run appends (run, steps, seconds, ppl Hamlet, ppl GPL-3) to
-# bench/results/distill/runs.tsv and copies its history.json there. The distilled adapter stays
-# in $WORK/distill-<run>/adapter (bench/train-experiment.sh distilled-nf2 starts from it).
+# Each run appends (run, steps, lr, seconds, ppl Hamlet, ppl GPL-3) to
+# bench/results/distill/runs.tsv and copies its history.json there (as <run>.json at the default
+# lr, else <run>-lr<LR>.json). The distilled adapter stays in $WORK/distill-<run> (with -lr<LR>
+# off the default lr); bench/train-experiment.sh distilled-nf2 starts from the default one.
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 L=${LOFTQ:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/loftq}
@@ -29,15 +30,16 @@ COMMON="--distill-from $M --text $FILES --val-text $T/hamlet_gut.txt --val-token
   --seed 0 --eval-every 50 --save-every 50 --no-recompute --json"
 OUT=$ROOT/bench/results/distill
 mkdir -p "$WORK" "$OUT"
-[ -f "$OUT/runs.tsv" ] || printf 'run\tsteps\tseconds\tppl_hamlet_2048\tppl_gpl3_2048\n' \
-  > "$OUT/runs.tsv"
+[ -f "$OUT/runs.tsv" ] ||
+  printf 'run\tsteps\tlr\tseconds\tppl_hamlet_2048\tppl_gpl3_2048\n' > "$OUT/runs.tsv"
 cd "$WORK"
 ppl() { # model adapter text
   $L eval --model "$1" --adapter "$2" --text "$3" --tokens 2048 |
     sed -n 's/.*perplexity \([0-9.]*\).*/\1/p'
 }
 for run in "$@"; do
-  out=distill-$run
+  name=$run; [ "$LR" = 1e-3 ] || name=$run-lr$LR
+  out=distill-$name
   case $run in
     loftq-nf2) init=init-nf2
       # The start of bench/train-experiment.sh loftq-nf2.
@@ -58,8 +60,8 @@ for run in "$@"; do
   # shellcheck disable=SC2086
   $L train --model $init --adapter $init/adapter $COMMON --out $out > $out.jsonl 2> $out.err
   secs=$(( $(date +%s) - start ))
-  printf '%s\t%s\t%s\t%s\t%s\n' "$run" "$STEPS" "$secs" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$STEPS" "$LR" "$secs" \
     "$(ppl $init $out/adapter "$T/hamlet_gut.txt")" "$(ppl $init $out/adapter "$OTHER")" \
     >> "$OUT/runs.tsv"
-  cp $out/history.json "$OUT/$run.json"
+  cp $out/history.json "$OUT/$name.json"
 done

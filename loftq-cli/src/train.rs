@@ -7,18 +7,19 @@ use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use loftq_core::DeviceList;
 use loftq_models::init::Target;
-use loftq_models::init::plan::{module_matches, parse_bits, split_list};
+use loftq_models::init::plan::{parse_bits, split_list};
 use loftq_models::io::{Adapter, AdapterConfig};
-use loftq_models::nn::{Llama, LoadOptions, load_pretrained_with};
+use loftq_models::nn::{FreshLora, Llama, LoadOptions, load_pretrained_with};
 use loftq_models::train::data::tokenize_file;
 use loftq_models::train::{
-    AdamWConfig, BlockwiseConfig, BlockwiseEvent, Decay, DistillLoss, Objective, Recompute,
-    Sampling, Schedule, TokenStream, TrainConfig, TrainEvent, Validation, distill_blockwise,
-    distill_on, latest_checkpoint, train_on,
+    AdamWConfig, Decay, DistillLoss, Objective, Recompute, Sampling, Schedule, TokenStream,
+    TrainConfig, TrainEvent, Validation, distill_on, latest_checkpoint, train_on,
 };
 use loftq_models::{ModelError, Result, Tokenizer};
 
 use crate::progress::Progress;
+
+mod blockwise;
 
 /// Arguments of `loftq train`.
 #[derive(Args)]
@@ -57,8 +58,10 @@ pub struct TrainArgs {
     /// time, to the teacher layer's output (mean squared error), the student's inputs coming
     /// from its layers fitted already. --steps steps of --batch rows per layer, from
     /// --blockwise-rows rows of --seq tokens drawn once; lr --lr with cosine decay per layer.
-    /// No logits and one layer's graph at a time; keeps both models' hidden states of the
-    /// rows. Writes adapter/ and blockwise.json (one pass over the layers: no checkpoints).
+    /// Both models are read from disk one layer at a time, so only one layer of each is in
+    /// memory (with the embeddings and heads, and both models' hidden states of the rows); no
+    /// logits but the validation's. Validation before and after comes from the same pass.
+    /// Writes adapter/ and blockwise.json (one pass over the layers: no checkpoints).
     #[arg(long, requires = "distill_from", conflicts_with_all = ["resume", "hidden_weight"])]
     blockwise: bool,
     /// Rows of --blockwise.
@@ -284,6 +287,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         quantize,
         adapter: adapter.as_ref(),
     };
+    if a.blockwise {
+        return blockwise::run(a, &cfg, opts, &devices[0]);
+    }
     let (model, template) = build_model(a, &opts, adapter.as_ref(), &devices[0])?;
     let mut models = vec![model];
     for device in &devices[1..] {
@@ -298,25 +304,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     }
     let model = &models[0];
 
-    // The text.
-    let tok = Tokenizer::for_model(&a.model)?;
-    let stream = TokenStream::from_files(&tok, &a.text, model.config.eos_token_id)?;
-    let (stream, val_tokens) = match &a.val_text {
-        Some(path) => (stream, tokenize_file(&tok, path)?),
-        None => {
-            let (s, v) = stream.split_tail(a.val_fraction);
-            (s, v.tokens)
-        }
-    };
-    let val = (val_tokens.len() >= 2).then(|| {
-        let tokens: Vec<u32> = val_tokens.into_iter().take(a.val_tokens.max(2)).collect();
-        let window = a.val_window.unwrap_or(tokens.len()).max(2);
-        Validation {
-            stride: a.val_stride.unwrap_or(window / 2).clamp(1, window),
-            window,
-            tokens,
-        }
-    });
+    let (stream, val) = read_text(a, model.config.eos_token_id)?;
     let trainable: usize = model
         .lora_params()
         .iter()
@@ -330,10 +318,6 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         trainable
     );
 
-    if a.blockwise {
-        let (model, teacher) = (&mut models[0], &teachers[0]);
-        return blockwise(a, &cfg, model, teacher, &template, &stream.tokens, val);
-    }
     let positions = if teachers.is_empty() {
         a.seq - 1
     } else {
@@ -407,77 +391,27 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--blockwise`: the layers fitted one at a time.
-#[allow(clippy::print_stdout)]
-fn blockwise(
-    a: &TrainArgs,
-    cfg: &TrainConfig,
-    model: &mut Llama,
-    teacher: &Llama,
-    template: &AdapterConfig,
-    stream: &[u32],
-    val: Option<Validation>,
-) -> Result<()> {
-    let bw = BlockwiseConfig {
-        rows: a.blockwise_rows,
-        seq: a.seq,
-        batch: a.batch,
-        steps: a.steps,
-        lr: a.lr,
-        adamw: cfg.adamw,
-        seed: a.seed,
+/// The training text and the validation: --val-text, or the tail of the training text.
+fn read_text(a: &TrainArgs, eos: Option<u32>) -> Result<(TokenStream, Option<Validation>)> {
+    let tok = Tokenizer::for_model(&a.model)?;
+    let stream = TokenStream::from_files(&tok, &a.text, eos)?;
+    let (stream, val_tokens) = match &a.val_text {
+        Some(path) => (stream, tokenize_file(&tok, path)?),
+        None => {
+            let (s, v) = stream.split_tail(a.val_fraction);
+            (s, v.tokens)
+        }
     };
-    let layers = model.layers.len() as u64;
-    let mut bar = (!a.json).then(|| Progress::new(layers));
-    let report = distill_blockwise(
-        model,
-        teacher,
-        template,
-        stream,
-        val.as_ref(),
-        &bw,
-        &a.out,
-        |e| {
-            if a.json {
-                let v = match e {
-                    BlockwiseEvent::Layer(f) => {
-                        let mut v = serde_json::to_value(f).expect("a layer fit serializes");
-                        v["event"] = "layer".into();
-                        v
-                    }
-                    BlockwiseEvent::Eval(r) => event_json(&TrainEvent::Eval(r.clone())),
-                };
-                println!("{v}");
-                return;
-            }
-            let bar = bar.as_mut().expect("not json");
-            match e {
-                BlockwiseEvent::Layer(f) => bar.inc(
-                    1,
-                    &format!(
-                        "layer {}: output error {:.3e} → {:.3e}",
-                        f.layer, f.mse_before, f.mse_after
-                    ),
-                ),
-                BlockwiseEvent::Eval(r) => bar.note(&format!(
-                    "{}: validation perplexity {:.3}, KL from the teacher {:.4}",
-                    if r.step == 0 { "before" } else { "after" },
-                    r.ppl,
-                    r.kl.unwrap_or(f64::NAN)
-                )),
-            }
-        },
-    )?;
-    if let Some(b) = bar.as_mut() {
-        b.clear();
-    }
-    let secs: f64 = report.layers.iter().map(|l| l.seconds).sum();
-    eprintln!(
-        "done: {} layers in {secs:.1} s; adapter in {}",
-        report.layers.len(),
-        a.out.join("adapter").display()
-    );
-    Ok(())
+    let val = (val_tokens.len() >= 2).then(|| {
+        let tokens: Vec<u32> = val_tokens.into_iter().take(a.val_tokens.max(2)).collect();
+        let window = a.val_window.unwrap_or(tokens.len()).max(2);
+        Validation {
+            stride: a.val_stride.unwrap_or(window / 2).clamp(1, window),
+            window,
+            tokens,
+        }
+    });
+    Ok((stream, val))
 }
 
 /// The model on `device` with its adapter (read, or fresh from the seed, so every device's
@@ -492,26 +426,13 @@ fn build_model(
     let mut template = match adapter {
         Some(ad) => ad.config.clone(),
         None => {
-            let alpha = a.alpha.unwrap_or(a.rank as f64);
-            let mut cfg = AdapterConfig::new(a.rank, alpha, vec![]);
-            cfg.use_rslora = a.rslora;
-            let scaling = cfg.scaling("", a.rank);
-            let target = Target::parse(&a.target);
-            let exclude = split_list(&a.exclude);
-            let n = model.add_lora(a.rank, scaling, 0.0, a.seed, |p| {
-                let hit = match &target {
-                    Target::AllLinear => true,
-                    Target::Names(list) => list.iter().any(|t| module_matches(p, t)),
-                };
-                hit && !exclude.iter().any(|x| module_matches(p, x))
-            });
+            let fresh = Fresh::of(a);
+            let l = fresh.lora;
+            let n = model.add_lora(l.rank, l.scaling, l.dropout, l.seed, |p| fresh.picks(p));
             if n == 0 {
-                return Err(invalid(format!(
-                    "no linear layer matches --target {:?} (minus --exclude)",
-                    a.target
-                )));
+                return Err(fresh.no_match(a));
             }
-            cfg
+            fresh.config
         }
     };
     if let Some(p) = a.dropout {
@@ -523,6 +444,46 @@ fn build_model(
         }
     }
     Ok((model, template))
+}
+
+/// A fresh adapter, as --rank, --alpha, --rslora, --target and --exclude say.
+struct Fresh {
+    config: AdapterConfig,
+    lora: FreshLora,
+    target: Target,
+    exclude: Vec<String>,
+}
+
+impl Fresh {
+    fn of(a: &TrainArgs) -> Fresh {
+        let alpha = a.alpha.unwrap_or(a.rank as f64);
+        let mut config = AdapterConfig::new(a.rank, alpha, vec![]);
+        config.use_rslora = a.rslora;
+        let lora = FreshLora {
+            rank: a.rank,
+            scaling: config.scaling("", a.rank),
+            dropout: 0.0,
+            seed: a.seed,
+        };
+        Fresh {
+            config,
+            lora,
+            target: Target::parse(&a.target),
+            exclude: split_list(&a.exclude),
+        }
+    }
+
+    /// Whether the module at `path` (a decoder linear layer) gets an adapter.
+    fn picks(&self, path: &str) -> bool {
+        self.target.picks(path, &self.exclude, true)
+    }
+
+    fn no_match(&self, a: &TrainArgs) -> ModelError {
+        invalid(format!(
+            "no linear layer matches --target {:?} (minus --exclude)",
+            a.target
+        ))
+    }
 }
 
 fn event_json(e: &TrainEvent) -> serde_json::Value {

@@ -488,6 +488,12 @@ fn train_distills_from_a_teacher() {
     for l in layers {
         assert!(l["mse_after"].as_f64() < l["mse_before"].as_f64(), "{l}");
     }
+    let evals: Vec<_> = events.iter().filter(|e| e["event"] == "eval").collect();
+    assert_eq!(evals.len(), 2, "before and after: {events:?}");
+    assert!(
+        evals[1]["kl"].as_f64() < evals[0]["kl"].as_f64(),
+        "{evals:?}"
+    );
     assert!(dir.join("blockwise/blockwise.json").is_file());
     assert!(dir.join("blockwise/adapter/adapter_config.json").is_file());
 
@@ -499,6 +505,7 @@ fn train_distills_from_a_teacher() {
         ),
         (vec!["--hidden-weight=-1"], "--hidden-weight"),
         (vec!["--blockwise", "--resume"], "--resume"),
+        (vec!["--blockwise", "--target", "no_such_proj"], "--target"),
     ] {
         let mut extra = extra;
         extra.extend(["--out", &bad]);

@@ -21,14 +21,8 @@ pub struct Perplexity {
 /// # Panics
 /// If `ids` has fewer than two tokens.
 pub fn perplexity(model: &Llama, ids: &[u32]) -> Perplexity {
-    assert!(ids.len() >= 2, "perplexity needs at least two tokens");
-    let v = token_nlls(model, ids);
-    let nll = v.iter().sum::<f64>() / v.len() as f64;
-    Perplexity {
-        nll,
-        ppl: nll.exp(),
-        tokens: v.len(),
-    }
+    let n = ids.len().max(2);
+    perplexity_windows(model, ids, n, n)
 }
 
 /// Perplexity of `ids` with a sliding window (as transformers' perplexity guide): windows of
@@ -40,31 +34,11 @@ pub fn perplexity(model: &Llama, ids: &[u32]) -> Perplexity {
 /// If `ids` has fewer than two tokens, `window < 2` or `stride` is 0 or larger than `window`.
 pub fn perplexity_windows(model: &Llama, ids: &[u32], window: usize, stride: usize) -> Perplexity {
     assert!(ids.len() >= 2, "perplexity needs at least two tokens");
-    assert!(
-        window >= 2 && stride >= 1 && stride <= window,
-        "bad window/stride"
-    );
-    if window >= ids.len() {
-        return perplexity(model, ids);
-    }
     let (mut total, mut count) = (0.0, 0usize);
-    // Tokens 1.. are predicted; `scored` is how many of them are done.
-    let mut scored = 0;
-    let mut begin = 0;
-    while scored < ids.len() - 1 {
-        let end = (begin + window).min(ids.len());
-        let nll = token_nlls(model, &ids[begin..end]);
-        // Position j of the window predicts token begin + j + 1.
-        let skip = scored.saturating_sub(begin);
-        for &x in &nll[skip..] {
-            total += x;
-            count += 1;
-        }
-        scored = end - 1;
-        if end == ids.len() {
-            break;
-        }
-        begin += stride;
+    for w in windows(ids.len(), window, stride) {
+        let nll = token_nlls(model, &ids[w.begin..w.end]);
+        total += nll[w.skip..].iter().sum::<f64>();
+        count += nll.len() - w.skip;
     }
     let nll = total / count as f64;
     Perplexity {
@@ -74,23 +48,76 @@ pub fn perplexity_windows(model: &Llama, ids: &[u32], window: usize, stride: usi
     }
 }
 
+/// One window of a sliding-window evaluation: tokens `begin..end`, whose positions `skip..`
+/// (counted from `begin`, up to the last but one) predict tokens no earlier window scored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Window {
+    pub begin: usize,
+    pub end: usize,
+    pub skip: usize,
+}
+
+/// The windows of [`perplexity_windows`] over `len` tokens: one window when `window` covers
+/// them all.
+///
+/// # Panics
+/// If `len < 2`, `window < 2` or `stride` is 0 or larger than `window`.
+pub(crate) fn windows(len: usize, window: usize, stride: usize) -> Vec<Window> {
+    assert!(len >= 2, "perplexity needs at least two tokens");
+    assert!(
+        window >= 2 && stride >= 1 && stride <= window,
+        "bad window/stride"
+    );
+    let mut v = Vec::new();
+    // Tokens 1.. are predicted; `scored` is how many of them are done.
+    let (mut scored, mut begin) = (0, 0);
+    while scored < len - 1 {
+        let end = (begin + window).min(len);
+        v.push(Window {
+            begin,
+            end,
+            skip: scored.saturating_sub(begin),
+        });
+        scored = end - 1;
+        begin += stride;
+    }
+    v
+}
+
 /// The NLL of each token of `ids` after the first, given the ones before it.
 fn token_nlls(model: &Llama, ids: &[u32]) -> Vec<f64> {
     let device = model.embed_tokens.device();
-    let n = ids.len();
-    let input = token_ids(ids, [1, n], &device);
-    let hidden = model.hidden_states(input).narrow(1, 0, n - 1);
-    let logits = model.head(hidden);
+    let hidden = model.hidden_states(token_ids(ids, [1, ids.len()], &device));
+    nlls(&log_probs(model, hidden), ids)
+}
+
+/// Log-probabilities `[n - 1, vocab]` of the next token at positions `0..n-1` from the final
+/// normalized hidden states `[1, n, hidden]` of one window.
+pub(crate) fn log_probs(model: &Llama, normed: Tensor<3>) -> Tensor<2> {
+    let n = normed.dims()[1];
+    let logits = model.head(normed.narrow(1, 0, n - 1));
     let vocab = logits.dims()[2];
-    let logp = log_softmax(logits.reshape([n - 1, vocab]), 1);
-    let targets = token_ids(&ids[1..], [n - 1, 1], &device);
-    logp.gather(1, targets)
-        .into_data()
+    log_softmax(logits.reshape([n - 1, vocab]), 1)
+}
+
+/// The NLL of each token of `ids` after the first from [`log_probs`] of the window `ids`.
+pub(crate) fn nlls(logp: &Tensor<2>, ids: &[u32]) -> Vec<f64> {
+    let n = ids.len();
+    let targets = token_ids(&ids[1..], [n - 1, 1], &logp.device());
+    host_f64(logp.clone().gather(1, targets))
+        .into_iter()
+        .map(|x| -x)
+        .collect()
+}
+
+/// A tensor's values on the host, as `f64`.
+pub(crate) fn host_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data()
         .convert::<f32>()
         .try_to_vec::<f32>()
         .expect("f32")
         .into_iter()
-        .map(|x| -f64::from(x))
+        .map(f64::from)
         .collect()
 }
 

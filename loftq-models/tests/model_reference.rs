@@ -138,7 +138,7 @@ fn observing_a_layer_sees_what_its_forward_computes() {
     let dir = fixture("tiny-llama");
     let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
     let ckpt = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
-    let layer = load_layer(&config, &ckpt, 1, &device()).unwrap();
+    let layer = load_layer(&config, &ckpt, 1, &device(), &Default::default()).unwrap();
     let (b, s, h) = (2, 5, config.hidden_size);
     let rope = RopeTables::new(&config.rope, config.head_dim, s, &device());
     let x: Vec<f32> = (0..b * s * h)

@@ -11,12 +11,13 @@ use burn::tensor::{Int, Tensor, TensorData};
 use common::{device, fixture, scratch};
 use loftq_core::{DeviceSpec, QuantConfig};
 use loftq_models::LlamaConfig;
+use loftq_models::eval::perplexity_windows;
 use loftq_models::io::{Adapter, AdapterConfig, Checkpoint};
-use loftq_models::nn::{Llama, LoadOptions, load_model};
+use loftq_models::nn::{LayerReader, LayerSource, Llama, LoadOptions, load_model};
 use loftq_models::train::{
     AdamWConfig, Batch, BlockwiseConfig, Decay, DistillLoss, Objective, Recompute, Sampling,
-    Schedule, TrainConfig, TrainEvent, Validation, distill_loss_and_grads, distill_on, fit_layers,
-    loss_and_grads, teacher_outputs, train, train_on,
+    Schedule, TrainConfig, TrainEvent, Validation, distill_blockwise, distill_loss_and_grads,
+    distill_on, fit_layers, loss_and_grads, teacher_outputs, train, train_on,
 };
 
 /// The tiny model with PEFT's 4-bit LoftQ adapter, its base re-quantized and held packed.
@@ -617,16 +618,11 @@ fn blockwise_fitting_recovers_the_teachers_layers() {
     student.add_lora(4, 2.0, 0.0, 0, |_| true);
     let knocked = tiny_nf2_student().lora_params();
     student.set_lora_params(knocked);
-    let fits = fit_layers(
-        &mut student,
-        &teacher,
-        &stream(),
-        &blockwise_config(),
-        |_| {},
-    )
-    .unwrap();
-    assert_eq!(fits.len(), teacher.layers.len());
-    for f in &fits {
+    let cfg = blockwise_config();
+    let report = fit_layers(&student, &teacher, &stream(), None, &cfg, |_, _| {}).unwrap();
+    assert_eq!(report.layers.len(), teacher.layers.len());
+    assert!(report.evals.is_empty());
+    for f in &report.layers {
         assert!(f.mse_before > 1e-6, "layer {}: nothing to fit", f.layer);
         assert!(
             f.mse_after < 0.01 * f.mse_before,
@@ -644,24 +640,126 @@ fn blockwise_fitting_recovers_the_teachers_layers() {
     let text: Vec<u32> = (0..4000u32)
         .map(|i| (i.wrapping_mul(2_246_822_519).wrapping_add(7) >> 9) % 256)
         .collect();
+    let val = Validation {
+        tokens: text[3000..3100].to_vec(),
+        window: 40,
+        stride: 24,
+    };
     let before = host_kl(&nf2, &teacher, &batch);
-    let fits = fit_layers(&mut nf2, &teacher, &text, &blockwise_config(), |_| {}).unwrap();
-    for f in &fits {
+    let ppl_before = perplexity_windows(&nf2, &val.tokens, val.window, val.stride);
+    let mut fitted = Vec::new();
+    let report = fit_layers(&nf2, &teacher, &text, Some(&val), &cfg, |_, l| {
+        fitted.push(l)
+    })
+    .unwrap();
+    for f in &report.layers {
         assert!(f.mse_after < f.mse_before, "layer {}", f.layer);
     }
+    nf2.layers = fitted;
     let after = host_kl(&nf2, &teacher, &batch);
     assert!(after < 0.7 * before, "KL {before} → {after}");
+    // The validation carried through the same pass scores the model before and after as
+    // the whole model does.
+    let ppl_after = perplexity_windows(&nf2, &val.tokens, val.window, val.stride);
+    let [b, a] = [&report.evals[0], &report.evals[1]];
+    assert_eq!((b.step, a.step), (0, teacher.layers.len()));
+    for (got, want) in [(b.nll, ppl_before.nll), (a.nll, ppl_after.nll)] {
+        assert!((got - want).abs() <= 1e-5 * want, "NLL {got} vs {want}");
+    }
+    assert!(a.kl.unwrap() < b.kl.unwrap(), "{:?}", report.evals);
 
     // Layers must pair up.
     let mut shallow = tiny_nf2_student();
     shallow.layers.pop();
     shallow.config.num_hidden_layers -= 1;
-    let err = fit_layers(
-        &mut shallow,
-        &teacher,
-        &stream(),
-        &blockwise_config(),
-        |_| {},
-    );
+    let err = fit_layers(&shallow, &teacher, &stream(), None, &cfg, |_, _| {});
     assert!(err.unwrap_err().to_string().contains("layers"));
+    // A student without adapters has nothing to fit.
+    let err = fit_layers(&teacher, &teacher, &stream(), None, &cfg, |_, _| {});
+    assert!(err.unwrap_err().to_string().contains("no LoRA"));
+}
+
+/// Read from disk one layer at a time, block-wise distillation does what it does on the
+/// models in memory, and writes the adapter the fitted layers hold.
+#[test]
+fn blockwise_reads_one_layer_at_a_time() {
+    let teacher = tiny_teacher();
+    let nf2 = tiny_nf2_student();
+    let template = AdapterConfig::new(4, 8.0, vec![]);
+    let start = nf2.adapter(template.clone()).unwrap();
+    let dir = fixture("tiny-llama");
+    let opts = LoadOptions {
+        quantize: Some(QuantConfig::nf(2)),
+        adapter: Some(&start),
+    };
+    let student_reader = LayerReader::open(&dir, &device(), opts).unwrap();
+    let teacher_reader = LayerReader::open(&dir, &device(), LoadOptions::default()).unwrap();
+    assert!(student_reader.ends().layers.is_empty());
+    let val = Validation {
+        tokens: stream()[..50].to_vec(),
+        window: 50,
+        stride: 25,
+    };
+    let cfg = BlockwiseConfig {
+        steps: 10,
+        ..blockwise_config()
+    };
+    let out = scratch("blockwise-read");
+    let read = distill_blockwise(
+        &student_reader,
+        &teacher_reader,
+        &template,
+        &stream(),
+        Some(&val),
+        &cfg,
+        &out,
+        |_| {},
+    )
+    .unwrap();
+    let mut fitted = Vec::new();
+    let held = fit_layers(&nf2, &teacher, &stream(), Some(&val), &cfg, |_, l| {
+        fitted.push(l)
+    })
+    .unwrap();
+    // Loading order aside the operations are the same; a GPU may order its sums differently.
+    let tol = if DeviceSpec::from_env() == DeviceSpec::Cpu {
+        0.0
+    } else {
+        1e-5
+    };
+    let close = |x: f64, y: f64| (x - y).abs() <= tol * y.abs();
+    for (r, h) in read.layers.iter().zip(&held.layers) {
+        assert!(close(r.mse_after, h.mse_after), "{r:?} vs {h:?}");
+    }
+    for (r, h) in read.evals.iter().zip(&held.evals) {
+        assert!(
+            close(r.nll, h.nll) && close(r.kl.unwrap(), h.kl.unwrap()),
+            "{r:?} vs {h:?}"
+        );
+    }
+    let mut nf2 = nf2;
+    nf2.layers = fitted;
+    let written = Adapter::read(&out.join("adapter")).unwrap();
+    let want = nf2.adapter(template).unwrap();
+    assert_eq!(written.config.target_modules, want.config.target_modules);
+    assert_eq!(written.modules.len(), want.modules.len());
+    for (path, w) in &want.modules {
+        let g = &written.modules[path];
+        let diff =
+            g.b.data
+                .iter()
+                .zip(&w.b.data)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+        assert!(
+            diff <= if tol == 0.0 { 0.0 } else { 1e-4 },
+            "{path}: {diff}"
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("blockwise.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["layers"].as_array().unwrap().len(),
+        teacher.layers.len()
+    );
 }

@@ -20,8 +20,8 @@ use super::{CalibInputs, Calibration, Event, InitSpec, TensorReport};
 use crate::config::LlamaConfig;
 use crate::io::{Checkpoint, OutTensor, TensorSource, read_packed, write_safetensors};
 use crate::nn::{
-    BaseWeight, DecoderLayer, INPUT_GROUPS, LINEAR_PATHS, LoraAdapter, PackedWeight, RopeTables,
-    load_layer,
+    BaseWeight, DecoderLayer, INPUT_GROUPS, LINEAR_PATHS, LoadOptions, LoraAdapter, PackedWeight,
+    RopeTables, load_layer,
 };
 use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
@@ -167,7 +167,7 @@ pub(super) fn run(
     let layers = config.num_hidden_layers;
     for l in first..layers {
         progress(Progress::Layer(Event::Calibrating { layer: l, layers }));
-        let mut layer = load_layer(&config, source, l, device)?;
+        let mut layer = load_layer(&config, source, l, device, &LoadOptions::default())?;
         let targets = by_layer.get(&l).map_or(&[][..], Vec::as_slice);
         // With full-precision inputs the pass that observes the layer also moves the hidden
         // states on; with quantized ones they go through the initialized layer afterwards.
@@ -276,7 +276,7 @@ pub(super) fn full_precision_pass(
     let (seq, hidden) = (calib.seq, config.hidden_size);
     let mut x = embed(source, ids, hidden)?;
     for l in 0..config.num_hidden_layers {
-        let layer = load_layer(&config, source, l, device)?;
+        let layer = load_layer(&config, source, l, device, &LoadOptions::default())?;
         let targets = by_layer.get(&l).map_or(&[][..], Vec::as_slice);
         x = if targets.is_empty() {
             forward(&layer, &x, [seq, hidden], &rope, Pass::Plain)?

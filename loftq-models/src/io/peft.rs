@@ -3,7 +3,7 @@
 //! Keys are `base_model.model.<module path>.lora_A.weight` `[r, in]` and
 //! `....lora_B.weight` `[out, r]`, exactly as PEFT saves them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -152,6 +152,23 @@ pub struct Adapter {
 }
 
 impl Adapter {
+    /// An adapter of `modules` with `config` as the template, its `target_modules` set to the
+    /// modules' names (the last part of each path). `None` for no module.
+    pub fn from_modules(
+        mut config: AdapterConfig,
+        modules: BTreeMap<String, LoraWeights>,
+    ) -> Option<Adapter> {
+        if modules.is_empty() {
+            return None;
+        }
+        let names: BTreeSet<&str> = modules
+            .keys()
+            .map(|p| p.rsplit('.').next().unwrap_or(p))
+            .collect();
+        config.target_modules = names.into_iter().collect::<Vec<_>>().into();
+        Some(Adapter { config, modules })
+    }
+
     /// Reads an adapter directory.
     ///
     /// # Errors

@@ -5,7 +5,7 @@ use burn::tensor::{Tensor, TensorData};
 use loftq_core::init::{Base, LoraInit, init_lora};
 use loftq_core::lowrank::Gaussian;
 
-use super::{BaseWeight, Llama, LoraAdapter, PackedWeight, QLinear};
+use super::{BaseWeight, DecoderLayer, LINEAR_PATHS, Llama, LoraAdapter, PackedWeight, QLinear};
 use crate::{ModelError, Result};
 
 /// What [`Llama::init_adapters`] did to one layer.
@@ -63,21 +63,58 @@ impl Llama {
         seed: u64,
         target: impl Fn(&str) -> bool,
     ) -> usize {
-        let device = self.embed_tokens.device();
+        let lora = FreshLora {
+            rank,
+            scaling,
+            dropout,
+            seed,
+        };
         let mut n = 0;
-        for (path, lin) in self.decoder_linears_mut() {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            n += layer.add_lora(i, &lora, &target);
+        }
+        n
+    }
+}
+
+/// A fresh adapter's settings (see [`Llama::add_lora`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FreshLora {
+    /// Rank.
+    pub rank: usize,
+    /// `alpha / r` (or `alpha / √r`).
+    pub scaling: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+    /// Seed; each layer's `A` is drawn from it and the module path, so a layer gets the same
+    /// start whether the model is built whole or one layer at a time.
+    pub seed: u64,
+}
+
+impl DecoderLayer {
+    /// [`Llama::add_lora`] for decoder layer `index` alone.
+    pub fn add_lora(
+        &mut self,
+        index: usize,
+        lora: &FreshLora,
+        target: impl Fn(&str) -> bool,
+    ) -> usize {
+        let device = self.input_layernorm.weight.device();
+        let mut n = 0;
+        for (name, lin) in LINEAR_PATHS.iter().zip(self.linears_mut()) {
+            let path = format!("model.layers.{index}.{name}");
             if !target(&path) {
                 continue;
             }
             let [out, inp] = lin.shape();
             let bound = 1.0 / (inp as f64).sqrt();
-            let mut g = Gaussian::new(crate::init::tensor_seed(seed, &path));
-            let a: Vec<f32> = (0..rank * inp)
+            let mut g = Gaussian::new(crate::init::tensor_seed(lora.seed, &path));
+            let a: Vec<f32> = (0..lora.rank * inp)
                 .map(|_| ((2.0 * g.uniform() - 1.0) * bound) as f32)
                 .collect();
-            let a = Tensor::from_data(TensorData::new(a, [rank, inp]), &device);
-            let b = Tensor::zeros([out, rank], &device);
-            lin.lora = Some(LoraAdapter::new(a, b, scaling, dropout));
+            let a = Tensor::from_data(TensorData::new(a, [lora.rank, inp]), &device);
+            let b = Tensor::zeros([out, lora.rank], &device);
+            lin.lora = Some(LoraAdapter::new(a, b, lora.scaling, lora.dropout));
             lin.adapter_enabled = true;
             n += 1;
         }

@@ -9,7 +9,8 @@ use loftq_core::quant::PackedTensor;
 use loftq_core::{QuantConfig, Quantizer};
 
 use super::{
-    Attention, BaseWeight, DecoderLayer, Llama, LoraAdapter, Mlp, PackedWeight, QLinear, RmsNorm,
+    Attention, BaseWeight, DecoderLayer, LINEAR_PATHS, Llama, LoraAdapter, Mlp, PackedWeight,
+    QLinear, RmsNorm,
 };
 use crate::config::LlamaConfig;
 use crate::io::{Adapter, HostTensor, TensorSource, is_gguf, open_source};
@@ -53,38 +54,45 @@ pub fn load_model(
         opts,
         used: BTreeSet::new(),
     };
-    let c = config;
-    let h = c.hidden_size;
     // Not sized from the file: a config may claim more layers than it has tensors for.
     let mut layers = Vec::new();
-    for i in 0..c.num_hidden_layers {
-        layers.push(b.layer(c, i)?);
+    for i in 0..config.num_hidden_layers {
+        layers.push(b.layer(config, i)?);
     }
-    let embed_tokens = b.dense("model.embed_tokens.weight", &[c.vocab_size, h])?;
-    let lm_head = if c.tie_word_embeddings {
-        None
-    } else {
-        Some(b.linear("lm_head", [c.vocab_size, h], false, false)?)
-    };
-    let norm = b.norm("model.norm", h, c.rms_norm_eps)?;
-    if let Some(adapter) = opts.adapter
-        && let Some(extra) = adapter.modules.keys().find(|k| !b.used.contains(*k))
-    {
-        return Err(ModelError::Invalid(format!(
-            "the adapter has factors for `{extra}`, which is not a linear layer of this model"
-        )));
-    }
-    Ok(Llama {
-        embed_tokens,
-        layers,
-        norm,
-        lm_head,
-        config: config.clone(),
-    })
+    let mut model = b.ends(config)?;
+    check_adapter_used(opts, |k| b.used.contains(k))?;
+    model.layers = layers;
+    Ok(model)
 }
 
-/// Builds decoder layer `i` alone (dense or packed bases as stored, no adapter): the
-/// calibration pass holds one layer at a time.
+/// Builds the ends of the model alone: the embedding, final norm and head, with no decoder
+/// layer; [`load_layer`] reads those one at a time. Every module the adapter names must be the
+/// head or a decoder linear layer of `config`.
+///
+/// # Errors
+/// As [`load_model`].
+pub fn load_ends(
+    config: &LlamaConfig,
+    source: &dyn TensorSource,
+    device: &Device,
+    opts: &LoadOptions,
+) -> Result<Llama> {
+    let mut b = Builder {
+        source,
+        device,
+        opts,
+        used: BTreeSet::new(),
+    };
+    let model = b.ends(config)?;
+    let layers: BTreeSet<String> = (0..config.num_hidden_layers)
+        .flat_map(|i| LINEAR_PATHS.map(|p| format!("model.layers.{i}.{p}")))
+        .collect();
+    check_adapter_used(opts, |k| b.used.contains(k) || layers.contains(k))?;
+    Ok(model)
+}
+
+/// Builds decoder layer `i` alone (dense or packed bases as stored, quantized and adapted as
+/// `opts` says): the layer-by-layer passes hold one layer at a time.
 ///
 /// # Errors
 /// As [`load_model`].
@@ -93,15 +101,27 @@ pub fn load_layer(
     source: &dyn TensorSource,
     i: usize,
     device: &Device,
+    opts: &LoadOptions,
 ) -> Result<DecoderLayer> {
-    let opts = LoadOptions::default();
     let mut b = Builder {
         source,
         device,
-        opts: &opts,
+        opts,
         used: BTreeSet::new(),
     };
     b.layer(config, i)
+}
+
+/// An adapter module that `used` does not accept is an error.
+fn check_adapter_used(opts: &LoadOptions, used: impl Fn(&str) -> bool) -> Result<()> {
+    if let Some(adapter) = opts.adapter
+        && let Some(extra) = adapter.modules.keys().find(|k| !used(k))
+    {
+        return Err(ModelError::Invalid(format!(
+            "the adapter has factors for `{extra}`, which is not a linear layer of this model"
+        )));
+    }
+    Ok(())
 }
 
 /// Loads a pretrained model: an HF-style directory (`config.json` + safetensors, dense or
@@ -125,6 +145,17 @@ pub fn load_pretrained(path: &Path, adapter: Option<&Path>, device: &Device) -> 
 /// # Errors
 /// As [`load_model`], [`LlamaConfig::from_file`] and [`open_source`].
 pub fn load_pretrained_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Llama> {
+    let (config, source) = open_pretrained(path)?;
+    load_model(&config, source.as_ref(), device, opts)
+}
+
+/// The architecture and tensors of a pretrained model (an HF-style directory or a `.gguf`
+/// file), checked against each other, nothing loaded yet.
+///
+/// # Errors
+/// As [`LlamaConfig::from_file`] and [`open_source`]; a config that claims more layers than
+/// the checkpoint has.
+pub fn open_pretrained(path: &Path) -> Result<(LlamaConfig, Box<dyn TensorSource>)> {
     // An HF directory's config.json is read before its weights: its error is the clearer
     // one for a directory that is not a model.
     let hf_config = match is_gguf(path) {
@@ -151,7 +182,7 @@ pub fn load_pretrained_with(path: &Path, device: &Device, opts: &LoadOptions) ->
         (None, Some(c)) => c.clone(),
         (None, None) => unreachable!("GGUF sources carry their architecture"),
     };
-    load_model(&config, source.as_ref(), device, opts)
+    Ok((config, source))
 }
 
 struct Builder<'a> {
@@ -162,6 +193,25 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// The model without its decoder layers.
+    fn ends(&mut self, c: &LlamaConfig) -> Result<Llama> {
+        let h = c.hidden_size;
+        let embed_tokens = self.dense("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(self.linear("lm_head", [c.vocab_size, h], false, false)?)
+        };
+        let norm = self.norm("model.norm", h, c.rms_norm_eps)?;
+        Ok(Llama {
+            embed_tokens,
+            layers: Vec::new(),
+            norm,
+            lm_head,
+            config: c.clone(),
+        })
+    }
+
     fn layer(&mut self, c: &LlamaConfig, i: usize) -> Result<DecoderLayer> {
         let (h, d) = (c.hidden_size, c.head_dim);
         let p = format!("model.layers.{i}");

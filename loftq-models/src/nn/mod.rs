@@ -15,6 +15,7 @@ mod cpu_kernels;
 #[cfg(feature = "flex")]
 mod cpu_linear;
 mod init;
+mod layerwise;
 mod llama;
 mod load;
 mod mlp;
@@ -24,12 +25,14 @@ mod save;
 
 pub use attention::Attention;
 pub use cache::KvCache;
-pub use init::LayerInit;
+pub use init::{FreshLora, LayerInit};
+pub use layerwise::{LayerReader, LayerSource};
 pub use llama::{DecoderLayer, INPUT_GROUPS, LINEAR_PATHS, Llama, RmsNorm};
 pub use load::{
-    LINEAR_NAMES, LoadOptions, load_layer, load_model, load_pretrained, load_pretrained_with,
+    LINEAR_NAMES, LoadOptions, load_ends, load_layer, load_model, load_pretrained,
+    load_pretrained_with, open_pretrained,
 };
 pub use mlp::Mlp;
 pub use qlinear::{BaseWeight, LoraAdapter, PackedWeight, QLinear};
 pub use rope::{RopeTables, inv_freq};
-pub use save::BackboneFormat;
+pub use save::{BackboneFormat, adapter_of};

@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::tensor::Tensor;
 use loftq_core::quant::host_f32;
 
-use super::{BaseWeight, Llama};
+use super::{BaseWeight, Llama, QLinear};
 use crate::io::HostTensor;
 use crate::io::{
     Adapter, AdapterConfig, LoraWeights, OutTensor, add_packed, write_atomic, write_safetensors,
@@ -96,28 +96,35 @@ impl Llama {
 
     /// The adapters of the model as a PEFT adapter, with `config` as the template
     /// (`target_modules` set to the adapted modules' names). `None` if no layer has one.
-    pub fn adapter(&self, mut config: AdapterConfig) -> Option<Adapter> {
-        let mut modules = BTreeMap::new();
-        let mut names = std::collections::BTreeSet::new();
-        for (path, lin) in self.linears() {
-            let Some(lora) = &lin.lora else { continue };
-            let host = |t: Tensor<2>| HostTensor {
-                shape: t.dims().to_vec(),
-                data: host_f32(&t),
-            };
-            modules.insert(
-                path.clone(),
-                LoraWeights {
-                    a: host(lora.a.val()),
-                    b: host(lora.b.val()),
-                },
-            );
-            names.insert(path.rsplit('.').next().unwrap_or(&path).to_string());
-        }
-        if modules.is_empty() {
-            return None;
-        }
-        config.target_modules = names.into_iter().collect::<Vec<_>>().into();
-        Some(Adapter { config, modules })
+    pub fn adapter(&self, config: AdapterConfig) -> Option<Adapter> {
+        adapter_of(config, self.linears())
+    }
+}
+
+/// The adapters of `linears` (module path, layer) as a PEFT adapter, with `config` as the
+/// template (`target_modules` set to the adapted modules' names). `None` if none has one.
+pub fn adapter_of<'a>(
+    config: AdapterConfig,
+    linears: impl IntoIterator<Item = (String, &'a QLinear)>,
+) -> Option<Adapter> {
+    let modules = linears
+        .into_iter()
+        .filter_map(|(path, lin)| Some((path, lin.lora_weights()?)))
+        .collect();
+    Adapter::from_modules(config, modules)
+}
+
+impl QLinear {
+    /// The adapter's factors on the host, if the layer has one.
+    pub fn lora_weights(&self) -> Option<LoraWeights> {
+        let lora = self.lora.as_ref()?;
+        let host = |t: Tensor<2>| HostTensor {
+            shape: t.dims().to_vec(),
+            data: host_f32(&t),
+        };
+        Some(LoraWeights {
+            a: host(lora.a.val()),
+            b: host(lora.b.val()),
+        })
     }
 }

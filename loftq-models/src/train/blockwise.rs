@@ -6,8 +6,11 @@
 //! kept (`2 × rows × seq × hidden` values). Layer `l`'s adapters are fitted with AdamW on the
 //! mean squared error against the teacher's layer `l`; then both hidden states move one layer
 //! up, the student's through its fitted layer, so each layer also learns to correct what the
-//! layers below it left. One layer's graph is alive at a time, and no logits are computed.
+//! layers below it left. The models are [`LayerSource`]s: read from disk one layer at a time,
+//! only layer `l` of each is in memory (with the embeddings and heads), and one layer's graph
+//! is alive at a time. No logits are computed but the validation's, at the end.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -15,13 +18,14 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::data::{Sampling, draw_batch};
-use super::distill::mean_kl;
+use super::distill::{DistillLoss, check_teacher};
 use super::optim::{AdamW, AdamWConfig, Decay, Schedule};
-use super::run::{EvalRecord, Validation, write_dir_atomic};
+use super::run::write_dir_atomic;
 use super::step::{lora_grads, tracked};
-use crate::eval::{perplexity_windows, token_ids};
-use crate::io::{AdapterConfig, write_atomic};
-use crate::nn::{DecoderLayer, Llama, RopeTables};
+use super::validate::{EvalRecord, Scores, Validation};
+use crate::eval::token_ids;
+use crate::io::{Adapter, AdapterConfig, write_atomic};
+use crate::nn::{DecoderLayer, LINEAR_PATHS, LayerSource, RopeTables};
 use crate::{ModelError, Result};
 
 /// What a block-wise run did: `blockwise.json` in its output directory.
@@ -34,16 +38,16 @@ pub struct BlockwiseReport {
     pub evals: Vec<EvalRecord>,
 }
 
-/// [`fit_layers`], with validation before and after, writing the adapter (PEFT format,
-/// `adapter_template` as its config) to `out/adapter` and the report to `out/blockwise.json`,
-/// each atomically.
+/// [`fit_layers`], writing the adapter (PEFT format, `adapter_template` as its config) to
+/// `out/adapter` and the report to `out/blockwise.json`, each atomically. Only one layer of
+/// each model is read at a time; the fitted factors are kept on the host.
 ///
 /// # Errors
 /// Those of [`fit_layers`]; [`ModelError::Io`] when writing fails.
 #[allow(clippy::too_many_arguments)]
 pub fn distill_blockwise(
-    student: &mut Llama,
-    teacher: &Llama,
+    student: &dyn LayerSource,
+    teacher: &dyn LayerSource,
     adapter_template: &AdapterConfig,
     stream: &[u32],
     val: Option<&Validation>,
@@ -51,35 +55,31 @@ pub fn distill_blockwise(
     out: &Path,
     mut on_event: impl FnMut(BlockwiseEvent),
 ) -> Result<BlockwiseReport> {
-    let validate = |model: &Llama, step: usize| {
-        val.map(|v| {
-            let p = perplexity_windows(model, &v.tokens, v.window, v.stride);
-            EvalRecord {
-                step,
-                nll: p.nll,
-                ppl: p.ppl,
-                kl: mean_kl(model, teacher, &v.tokens, v.window),
+    let mut modules = BTreeMap::new();
+    let report = fit_layers(student, teacher, stream, val, cfg, |fit, layer| {
+        for (name, lin) in LINEAR_PATHS.iter().zip(layer.linears()) {
+            if let Some(w) = lin.lora_weights() {
+                modules.insert(format!("model.layers.{}.{name}", fit.layer), w);
             }
-        })
-    };
-    let mut evals = Vec::new();
-    if let Some(e) = validate(student, 0) {
-        on_event(BlockwiseEvent::Eval(&e));
-        evals.push(e);
-    }
-    let layers = fit_layers(student, teacher, stream, cfg, |f| {
-        on_event(BlockwiseEvent::Layer(f))
+        }
+        on_event(BlockwiseEvent::Layer(fit));
     })?;
-    if let Some(e) = validate(student, student.layers.len()) {
-        on_event(BlockwiseEvent::Eval(&e));
-        evals.push(e);
+    for e in &report.evals {
+        on_event(BlockwiseEvent::Eval(e));
     }
-    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
-    let adapter = student
-        .adapter(adapter_template.clone())
+    // An adapter on the head is carried as it came.
+    if let Some(w) = student
+        .ends()
+        .lm_head
+        .as_ref()
+        .and_then(|h| h.lora_weights())
+    {
+        modules.insert("lm_head".into(), w);
+    }
+    let adapter = Adapter::from_modules(adapter_template.clone(), modules)
         .expect("fit_layers checked the adapters");
+    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     write_dir_atomic(&out.join("adapter"), |dir| adapter.write(dir))?;
-    let report = BlockwiseReport { layers, evals };
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
     write_atomic(&out.join("blockwise.json"), json.as_bytes())?;
     Ok(report)
@@ -90,7 +90,8 @@ pub fn distill_blockwise(
 pub enum BlockwiseEvent<'a> {
     /// A layer was fitted.
     Layer(&'a LayerFit),
-    /// A validation finished (step 0: before; the layer count: after).
+    /// A validation result, after the last layer (step 0: before fitting; the layer count:
+    /// after).
     Eval(&'a EvalRecord),
 }
 
@@ -126,21 +127,36 @@ pub struct LayerFit {
     pub seconds: f64,
 }
 
+/// One validation window as it climbs the layers: the student's hidden states through its
+/// layers as they were and as fitted, and the teacher's.
+struct Climb<'v> {
+    ids: &'v [u32],
+    window: crate::eval::Window,
+    rope: RopeTables,
+    teacher_rope: RopeTables,
+    before: Tensor<3>,
+    after: Tensor<3>,
+    teacher: Tensor<3>,
+}
+
 /// Fits the adapters of `student`'s decoder layers to `teacher`'s, one layer at a time, on
-/// rows drawn from `stream` (see the module documentation). `on_layer` hears of each layer as
-/// it is done.
+/// rows drawn from `stream` (see the module documentation), and scores `val` before and after
+/// in the same pass. `on_layer` gets each fitted layer (its adapters trained) as it is done.
 ///
 /// # Errors
-/// [`ModelError::Invalid`] if the models differ in depth or width, the student has no
-/// adapters, the stream is shorter than a row, or the sizes are zero or inconsistent.
+/// [`ModelError::Invalid`] if the models differ in depth, width or vocabulary, no layer of the
+/// student has adapters, the stream is shorter than a row, or the sizes are zero or
+/// inconsistent; a layer's read error.
 pub fn fit_layers(
-    student: &mut Llama,
-    teacher: &Llama,
+    student: &dyn LayerSource,
+    teacher: &dyn LayerSource,
     stream: &[u32],
+    val: Option<&Validation>,
     cfg: &BlockwiseConfig,
-    mut on_layer: impl FnMut(&LayerFit),
-) -> Result<Vec<LayerFit>> {
-    let (s, t) = (&student.config, &teacher.config);
+    mut on_layer: impl FnMut(&LayerFit, DecoderLayer),
+) -> Result<BlockwiseReport> {
+    let (se, te) = (student.ends(), teacher.ends());
+    let (s, t) = (&se.config, &te.config);
     if s.num_hidden_layers != t.num_hidden_layers || s.hidden_size != t.hidden_size {
         return Err(ModelError::Invalid(format!(
             "block-wise distillation pairs the layers: the teacher has {} layers of width {}, \
@@ -148,11 +164,7 @@ pub fn fit_layers(
             t.num_hidden_layers, t.hidden_size, s.num_hidden_layers, s.hidden_size
         )));
     }
-    if student.lora_params().is_empty() {
-        return Err(ModelError::Invalid(
-            "the model has no LoRA adapter to train".into(),
-        ));
-    }
+    check_teacher(se, te, DistillLoss::default())?;
     if cfg.rows == 0 || cfg.batch == 0 || cfg.batch > cfg.rows || cfg.steps == 0 {
         return Err(ModelError::Invalid(format!(
             "block-wise distillation needs 1 ≤ batch ({}) ≤ rows ({}) and steps ≥ 1",
@@ -174,41 +186,93 @@ pub fn fit_layers(
         cfg.seed,
         (0, 0, 1),
     );
-    let device = student.embed_tokens.device();
+    let device = se.embed_tokens.device();
+    let teacher_device = te.embed_tokens.device();
     let ids = token_ids(&rows.ids, [cfg.rows, cfg.seq], &device);
-    let mut xs = student.embed(ids.clone());
-    let mut xt = teacher.embed(ids.to_device(&teacher.embed_tokens.device()));
-    let rope = student.rope(cfg.seq);
-    let teacher_rope = teacher.rope(cfg.seq);
+    let mut xs = se.embed(ids.clone());
+    let mut xt = te.embed(ids.to_device(&teacher_device));
+    let rope = se.rope(cfg.seq);
+    let teacher_rope = te.rope(cfg.seq);
+    let mut climbs: Vec<Climb> = val.map_or_else(Vec::new, |v| {
+        v.windows()
+            .into_iter()
+            .map(|w| {
+                let ids = &v.tokens[w.begin..w.end];
+                let n = ids.len();
+                let x = se.embed(token_ids(ids, [1, n], &device));
+                Climb {
+                    ids,
+                    window: w,
+                    rope: se.rope(n),
+                    teacher_rope: te.rope(n),
+                    before: x.clone(),
+                    after: x,
+                    teacher: te.embed(token_ids(ids, [1, n], &teacher_device)),
+                }
+            })
+            .collect()
+    });
     let schedule = Schedule {
         lr: cfg.lr,
         warmup: 0,
         decay: Decay::Cosine,
         total: cfg.steps,
     };
-    let mut fits = Vec::with_capacity(student.layers.len());
-    for l in 0..student.layers.len() {
+    let mut fits = Vec::with_capacity(s.num_hidden_layers);
+    let mut adapted = false;
+    for l in 0..s.num_hidden_layers {
         let t0 = Instant::now();
-        let yt = teacher.layers[l]
-            .forward(xt, &teacher_rope)
-            .to_device(&device);
-        let layer = &mut student.layers[l];
+        let (layer, teacher_layer) = (student.layer(l)?, teacher.layer(l)?);
+        let yt = teacher_layer.forward(xt, &teacher_rope).to_device(&device);
         let mse_before = mse(layer.forward(xs.clone(), &rope), yt.clone());
-        if layer.linears().iter().any(|lin| lin.lora.is_some()) {
-            fit_layer(layer, &xs, &yt, &rope, cfg, &schedule);
+        let mut fitted = layer.clone();
+        if fitted.linears().iter().any(|lin| lin.lora.is_some()) {
+            adapted = true;
+            fit_layer(&mut fitted, &xs, &yt, &rope, cfg, &schedule);
         }
-        xs = layer.forward(xs, &rope);
+        xs = fitted.forward(xs, &rope);
+        for c in &mut climbs {
+            c.before = layer.forward(c.before.clone(), &c.rope);
+            c.after = fitted.forward(c.after.clone(), &c.rope);
+            c.teacher = teacher_layer.forward(c.teacher.clone(), &c.teacher_rope);
+        }
         let fit = LayerFit {
             layer: l,
             mse_before,
             mse_after: mse(xs.clone(), yt.clone()),
             seconds: t0.elapsed().as_secs_f64(),
         };
-        on_layer(&fit);
+        on_layer(&fit, fitted);
         fits.push(fit);
-        xt = yt.to_device(&teacher.embed_tokens.device());
+        xt = yt.to_device(&teacher_device);
     }
-    Ok(fits)
+    if !adapted {
+        return Err(ModelError::Invalid(
+            "the model has no LoRA adapter to train".into(),
+        ));
+    }
+    let mut evals = Vec::new();
+    if !climbs.is_empty() {
+        for (step, fitted) in [(0, false), (fits.len(), true)] {
+            let mut sums = Scores::default();
+            for c in &climbs {
+                let h = if fitted { &c.after } else { &c.before };
+                let t = te.norm.forward(c.teacher.clone());
+                sums.add(
+                    c.ids,
+                    c.window,
+                    se,
+                    se.norm.forward(h.clone()),
+                    Some((te, t)),
+                );
+            }
+            evals.push(sums.record(step));
+        }
+    }
+    Ok(BlockwiseReport {
+        layers: fits,
+        evals,
+    })
 }
 
 /// `cfg.steps` AdamW steps on one layer's adapters against the targets `yt`.

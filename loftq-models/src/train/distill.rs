@@ -76,30 +76,6 @@ pub fn distill_loss(hidden: Tensor<3>, logits: Tensor<3>, teacher: &TeacherOutpu
     loss
 }
 
-/// The mean `KL(teacher ‖ student)` per position over `ids`, in consecutive windows of at
-/// most `window` tokens (each window a fresh context): the validation figure of a
-/// distillation run. `None` for fewer than one token.
-pub fn mean_kl(student: &Llama, teacher: &Llama, ids: &[u32], window: usize) -> Option<f64> {
-    let window = window.max(1);
-    let (mut total, mut count) = (0.0, 0usize);
-    let only_kl = DistillLoss::default();
-    let device = student.embed_tokens.device();
-    for chunk in ids.chunks(window) {
-        let batch = Batch {
-            ids: chunk.to_vec(),
-            batch: 1,
-            seq: chunk.len(),
-        };
-        let t = teacher_outputs(teacher, &batch, only_kl);
-        let hidden = student.hidden_states(token_ids(chunk, [1, chunk.len()], &device));
-        let logits = student.head(hidden.clone());
-        let kl = distill_loss(hidden, logits, &t).into_scalar::<f32>();
-        total += f64::from(kl) * chunk.len() as f64;
-        count += chunk.len();
-    }
-    (count > 0).then(|| total / count as f64)
-}
-
 /// Checks that `teacher` can teach `student`: the same vocabulary, and the same hidden size
 /// when the loss compares hidden states.
 ///

@@ -8,8 +8,10 @@
 //! - [`distill`]: the distillation objective, the adapters fitted to a full-precision
 //!   teacher's outputs.
 //! - [`blockwise`]: distillation one decoder layer at a time (ApiQ).
-//! - [`run`]: the loop, validation, checkpoints and exact resume; with several devices, the
+//! - [`run`]: the loop, checkpoints and exact resume; with several devices, the
 //!   micro-batches of a step are spread over one model replica per device ([`parallel`]).
+//! - `validate`: the perplexity of held-out text and the teacher–student KL at the same
+//!   positions ([`Validation`]).
 
 pub mod blockwise;
 pub mod data;
@@ -18,6 +20,7 @@ pub mod optim;
 pub mod parallel;
 mod run;
 pub mod step;
+mod validate;
 
 pub use blockwise::{
     BlockwiseConfig, BlockwiseEvent, BlockwiseReport, LayerFit, distill_blockwise, fit_layers,
@@ -26,7 +29,7 @@ pub use data::{Sampling, TokenStream};
 pub use distill::{DistillLoss, Objective, TeacherOutputs, teacher_outputs};
 pub use optim::{AdamW, AdamWConfig, Decay, Schedule};
 pub use run::{
-    EvalRecord, History, StepRecord, TrainConfig, TrainEvent, Validation, distill_on,
-    latest_checkpoint, train, train_on,
+    History, StepRecord, TrainConfig, TrainEvent, distill_on, latest_checkpoint, train, train_on,
 };
 pub use step::{Batch, Recompute, StepGrads, distill_loss_and_grads, loss_and_grads};
+pub use validate::{EvalRecord, Validation};

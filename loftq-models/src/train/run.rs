@@ -9,11 +9,11 @@ use loftq_core::quant::host_f32;
 use serde::{Deserialize, Serialize};
 
 use super::data::{Sampling, draw_batch, mix};
-use super::distill::{Objective, check_teacher, mean_kl};
+use super::distill::{Objective, check_teacher};
 use super::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
 use super::parallel::{Teachers, micro_batches};
 use super::step::Recompute;
-use crate::eval::{Perplexity, perplexity_windows};
+use super::validate::{EvalRecord, Validation};
 use crate::io::{AdapterConfig, Checkpoint, OutTensor, write_atomic, write_safetensors};
 use crate::nn::Llama;
 use crate::{ModelError, Result};
@@ -91,17 +91,6 @@ impl TrainConfig {
     }
 }
 
-/// Validation text, scored with a sliding window.
-#[derive(Clone, Debug)]
-pub struct Validation {
-    /// Tokens to score.
-    pub tokens: Vec<u32>,
-    /// Window length (one pass if at least the token count).
-    pub window: usize,
-    /// Stride between windows.
-    pub stride: usize,
-}
-
 /// One line of the training history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
@@ -115,20 +104,6 @@ pub struct StepRecord {
     pub grad_norm: f64,
     /// Wall seconds of the step.
     pub seconds: f64,
-}
-
-/// A validation result.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EvalRecord {
-    /// After this many updates.
-    pub step: usize,
-    /// Mean NLL.
-    pub nll: f64,
-    /// Perplexity.
-    pub ppl: f64,
-    /// Distillation: the mean `KL(teacher ‖ model)` per position on the validation text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kl: Option<f64>,
 }
 
 /// Everything a run has recorded; saved with each checkpoint.
@@ -349,13 +324,7 @@ fn run(
         if history.evals.iter().any(|e| e.step == step) {
             return None;
         }
-        let p: Perplexity = perplexity_windows(model, &v.tokens, v.window, v.stride);
-        let rec = EvalRecord {
-            step,
-            nll: p.nll,
-            ppl: p.ppl,
-            kl: teachers.and_then(|t| mean_kl(model, &t.models[0], &v.tokens, v.window)),
-        };
+        let rec = v.evaluate(model, teachers.map(|t| &t.models[0]), step);
         history.evals.push(rec.clone());
         Some(rec)
     };

@@ -1,0 +1,116 @@
+//! `loftq train --blockwise`: the adapters fitted one decoder layer at a time, both models
+//! read from disk one layer at a time.
+
+use burn::tensor::Device;
+use loftq_models::Result;
+use loftq_models::nn::{LINEAR_PATHS, LayerReader, LayerSource, LoadOptions};
+use loftq_models::train::{
+    BlockwiseConfig, BlockwiseEvent, TrainConfig, TrainEvent, distill_blockwise,
+};
+
+use super::{Fresh, TrainArgs, event_json, read_text};
+use crate::progress::Progress;
+
+/// Runs `loftq train --blockwise` on `device`, the student built as `opts` says (with a fresh
+/// adapter when `opts` has none).
+#[allow(clippy::print_stdout)]
+pub(super) fn run(
+    a: &TrainArgs,
+    cfg: &TrainConfig,
+    opts: LoadOptions,
+    device: &Device,
+) -> Result<()> {
+    let teacher_path = a
+        .distill_from
+        .as_ref()
+        .expect("clap: --blockwise requires it");
+    let mut template = opts.adapter.map(|ad| ad.config.clone());
+    let mut student = LayerReader::open(&a.model, device, opts)?;
+    if template.is_none() {
+        let fresh = Fresh::of(a);
+        let layers = student.ends().config.num_hidden_layers;
+        let any = (0..layers)
+            .flat_map(|i| LINEAR_PATHS.map(|p| format!("model.layers.{i}.{p}")))
+            .any(|p| fresh.picks(&p));
+        if !any {
+            return Err(fresh.no_match(a));
+        }
+        template = Some(fresh.config.clone());
+        student = student.with_hook(move |i, layer| {
+            layer.add_lora(i, &fresh.lora, |p| fresh.picks(p));
+        });
+    }
+    let mut template = template.expect("read or fresh");
+    if let Some(p) = a.dropout {
+        template.lora_dropout = p;
+    }
+    let teacher = LayerReader::open(teacher_path, device, LoadOptions::default())?;
+    let config = &student.ends().config;
+    let (stream, val) = read_text(a, config.eos_token_id)?;
+    eprintln!(
+        "{} training tokens from {} file(s); {} validation tokens; {} layers, read one at a time",
+        stream.tokens.len(),
+        stream.files.len(),
+        val.as_ref().map_or(0, |v| v.tokens.len()),
+        config.num_hidden_layers
+    );
+    let bw = BlockwiseConfig {
+        rows: a.blockwise_rows,
+        seq: a.seq,
+        batch: a.batch,
+        steps: a.steps,
+        lr: a.lr,
+        adamw: cfg.adamw,
+        seed: a.seed,
+    };
+    let mut bar = (!a.json).then(|| Progress::new(config.num_hidden_layers as u64));
+    let report = distill_blockwise(
+        &student,
+        &teacher,
+        &template,
+        &stream.tokens,
+        val.as_ref(),
+        &bw,
+        &a.out,
+        |e| {
+            if a.json {
+                let v = match e {
+                    BlockwiseEvent::Layer(f) => {
+                        let mut v = serde_json::to_value(f).expect("a layer fit serializes");
+                        v["event"] = "layer".into();
+                        v
+                    }
+                    BlockwiseEvent::Eval(r) => event_json(&TrainEvent::Eval(r.clone())),
+                };
+                println!("{v}");
+                return;
+            }
+            let bar = bar.as_mut().expect("not json");
+            match e {
+                BlockwiseEvent::Layer(f) => bar.inc(
+                    1,
+                    &format!(
+                        "layer {}: output error {:.3e} → {:.3e}",
+                        f.layer, f.mse_before, f.mse_after
+                    ),
+                ),
+                BlockwiseEvent::Eval(r) => bar.note(&format!(
+                    "{}: validation perplexity {:.3}, KL from the teacher {:.4}",
+                    if r.step == 0 { "before" } else { "after" },
+                    r.ppl,
+                    r.kl.unwrap_or(f64::NAN)
+                )),
+            }
+        },
+    )?;
+    if let Some(b) = bar.as_mut() {
+        b.clear();
+    }
+    let secs: f64 = report.layers.iter().map(|l| l.seconds).sum();
+    eprintln!(
+        "done: {} layers in {secs:.1} s; adapter in {}",
+        report.layers.len(),
+        a.out.join("adapter").display()
+    );
+    Ok(())
+}
