@@ -12,8 +12,9 @@ use loftq_models::io::{Adapter, AdapterConfig};
 use loftq_models::nn::{FreshLora, Llama, LoadOptions, load_pretrained_with};
 use loftq_models::train::data::tokenize_file;
 use loftq_models::train::{
-    AdamWConfig, Decay, DistillLoss, Objective, Recompute, Sampling, Schedule, TokenStream,
-    TrainConfig, TrainEvent, Validation, distill_on, latest_checkpoint, train_on,
+    AdamWConfig, BLOCKWISE_CHECKPOINT, Decay, DistillLoss, Objective, Recompute, Sampling,
+    Schedule, TokenStream, TrainConfig, TrainEvent, Validation, distill_on, latest_checkpoint,
+    train_on,
 };
 use loftq_models::{ModelError, Result, Tokenizer};
 
@@ -61,8 +62,9 @@ pub struct TrainArgs {
     /// Both models are read from disk one layer at a time, so only one layer of each is in
     /// memory (with the embeddings and heads, and both models' hidden states of the rows); no
     /// logits but the validation's. Validation before and after comes from the same pass.
-    /// Writes adapter/ and blockwise.json (one pass over the layers: no checkpoints).
-    #[arg(long, requires = "distill_from", conflicts_with_all = ["resume", "hidden_weight"])]
+    /// Writes adapter/ and blockwise.json, and blockwise-checkpoint/ after each layer
+    /// (--resume continues it).
+    #[arg(long, requires = "distill_from", conflicts_with = "hidden_weight")]
     blockwise: bool,
     /// Rows of --blockwise.
     #[arg(long, default_value_t = 64, requires = "blockwise")]
@@ -214,7 +216,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     {
         return Err(invalid(format!("--dropout {p} must be in [0, 1)")));
     }
-    if !a.resume && a.out.is_dir() && latest_checkpoint(&a.out)?.is_some() {
+    let held = a.out.is_dir()
+        && (latest_checkpoint(&a.out)?.is_some() || a.out.join(BLOCKWISE_CHECKPOINT).is_dir());
+    if !a.resume && held {
         return Err(invalid(format!(
             "{} already holds checkpoints; pass --resume to continue, or choose another --out",
             a.out.display()

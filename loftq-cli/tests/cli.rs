@@ -496,6 +496,25 @@ fn train_distills_from_a_teacher() {
     );
     assert!(dir.join("blockwise/blockwise.json").is_file());
     assert!(dir.join("blockwise/adapter/adapter_config.json").is_file());
+    // Its checkpoint is not overwritten without --resume; with it, the fitted layers are
+    // taken as they are and the same adapter is written.
+    let adapter = std::fs::read(dir.join("blockwise/adapter/adapter_model.safetensors")).unwrap();
+    let (ok, _, err) = with(&["--out", &bw, "--blockwise", "--blockwise-rows", "4"]);
+    assert!(!ok && err.contains("--resume"), "{err}");
+    let again = [
+        "--out",
+        &bw,
+        "--blockwise",
+        "--blockwise-rows",
+        "4",
+        "--resume",
+    ];
+    let (ok, events, err) = with(&again);
+    assert!(ok, "{err}");
+    assert_eq!(events[0]["event"], "resumed", "{events:?}");
+    assert_eq!(events[0]["layers"], 2);
+    let rewritten = std::fs::read(dir.join("blockwise/adapter/adapter_model.safetensors")).unwrap();
+    assert!(adapter == rewritten, "the resumed adapter differs");
 
     // Bad input names the flag or file and writes nothing.
     for (extra, needle) in [
@@ -504,7 +523,6 @@ fn train_distills_from_a_teacher() {
             "--blockwise",
         ),
         (vec!["--hidden-weight=-1"], "--hidden-weight"),
-        (vec!["--blockwise", "--resume"], "--resume"),
         (vec!["--blockwise", "--target", "no_such_proj"], "--target"),
     ] {
         let mut extra = extra;

@@ -87,23 +87,23 @@ pub(crate) fn windows(len: usize, window: usize, stride: usize) -> Vec<Window> {
 /// The NLL of each token of `ids` after the first, given the ones before it.
 fn token_nlls(model: &Llama, ids: &[u32]) -> Vec<f64> {
     let device = model.embed_tokens.device();
-    let hidden = model.hidden_states(token_ids(ids, [1, ids.len()], &device));
-    nlls(&log_probs(model, hidden), ids)
-}
-
-/// Log-probabilities `[n - 1, vocab]` of the next token at positions `0..n-1` from the final
-/// normalized hidden states `[1, n, hidden]` of one window.
-pub(crate) fn log_probs(model: &Llama, normed: Tensor<3>) -> Tensor<2> {
-    let n = normed.dims()[1];
-    let logits = model.head(normed.narrow(1, 0, n - 1));
-    let vocab = logits.dims()[2];
-    log_softmax(logits.reshape([n - 1, vocab]), 1)
-}
-
-/// The NLL of each token of `ids` after the first from [`log_probs`] of the window `ids`.
-pub(crate) fn nlls(logp: &Tensor<2>, ids: &[u32]) -> Vec<f64> {
     let n = ids.len();
-    let targets = token_ids(&ids[1..], [n - 1, 1], &logp.device());
+    let hidden = model.hidden_states(token_ids(ids, [1, n], &device));
+    nlls(&log_probs(model, hidden.narrow(1, 0, n - 1)), &ids[1..])
+}
+
+/// Next-token log-probabilities `[m, vocab]` from final normalized hidden states `[1, m,
+/// hidden]`.
+pub(crate) fn log_probs(model: &Llama, normed: Tensor<3>) -> Tensor<2> {
+    let m = normed.dims()[1];
+    let logits = model.head(normed);
+    let vocab = logits.dims()[2];
+    log_softmax(logits.reshape([m, vocab]), 1)
+}
+
+/// The NLL of `targets` (one per row) under [`log_probs`].
+pub(crate) fn nlls(logp: &Tensor<2>, targets: &[u32]) -> Vec<f64> {
+    let targets = token_ids(targets, [targets.len(), 1], &logp.device());
     host_f64(logp.clone().gather(1, targets))
         .into_iter()
         .map(|x| -x)

@@ -62,6 +62,7 @@ pub(super) fn run(
         lr: a.lr,
         adamw: cfg.adamw,
         seed: a.seed,
+        resume: a.resume,
     };
     let mut bar = (!a.json).then(|| Progress::new(config.num_hidden_layers as u64));
     let report = distill_blockwise(
@@ -81,12 +82,19 @@ pub(super) fn run(
                         v
                     }
                     BlockwiseEvent::Eval(r) => event_json(&TrainEvent::Eval(r.clone())),
+                    BlockwiseEvent::Resumed { layers } => {
+                        serde_json::json!({"event": "resumed", "layers": layers})
+                    }
                 };
                 println!("{v}");
                 return;
             }
             let bar = bar.as_mut().expect("not json");
             match e {
+                BlockwiseEvent::Resumed { layers } => {
+                    bar.inc(layers as u64, "");
+                    bar.note(&format!("resumed after {layers} layers"));
+                }
                 BlockwiseEvent::Layer(f) => bar.inc(
                     1,
                     &format!(

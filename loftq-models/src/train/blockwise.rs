@@ -9,12 +9,16 @@
 //! layers below it left. The models are [`LayerSource`]s: read from disk one layer at a time,
 //! only layer `l` of each is in memory (with the embeddings and heads), and one layer's graph
 //! is alive at a time. No logits are computed but the validation's, at the end.
+//!
+//! After each layer the fitted factors so far and the fits are checkpointed; a resumed run
+//! rebuilds the hidden states by running the fitted layers forward (no fitting), then fits the
+//! rest, and ends exactly as an uninterrupted run.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::data::{Sampling, draw_batch};
@@ -24,7 +28,7 @@ use super::run::write_dir_atomic;
 use super::step::{lora_grads, tracked};
 use super::validate::{EvalRecord, Scores, Validation};
 use crate::eval::token_ids;
-use crate::io::{Adapter, AdapterConfig, write_atomic};
+use crate::io::{Adapter, AdapterConfig, LoraWeights, write_atomic};
 use crate::nn::{DecoderLayer, LINEAR_PATHS, LayerSource, RopeTables};
 use crate::{ModelError, Result};
 
@@ -38,12 +42,19 @@ pub struct BlockwiseReport {
     pub evals: Vec<EvalRecord>,
 }
 
+/// The directory in a block-wise run's output that holds its progress: `adapter/` (the layers
+/// fitted so far) and `state.json` (the run's settings and those layers' fits).
+pub const BLOCKWISE_CHECKPOINT: &str = "blockwise-checkpoint";
+
 /// [`fit_layers`], writing the adapter (PEFT format, `adapter_template` as its config) to
-/// `out/adapter` and the report to `out/blockwise.json`, each atomically. Only one layer of
-/// each model is read at a time; the fitted factors are kept on the host.
+/// `out/adapter` and the report to `out/blockwise.json`, each atomically, and a checkpoint
+/// ([`BLOCKWISE_CHECKPOINT`]) after each layer. With `cfg.resume`, a checkpoint in `out` is
+/// continued. Only one layer of each model is read at a time; the fitted factors are kept on
+/// the host.
 ///
 /// # Errors
-/// Those of [`fit_layers`]; [`ModelError::Io`] when writing fails.
+/// Those of [`fit_layers`]; [`ModelError::Invalid`] for a checkpoint of other settings, or
+/// one found without `cfg.resume`; [`ModelError::Io`] when writing fails.
 #[allow(clippy::too_many_arguments)]
 pub fn distill_blockwise(
     student: &dyn LayerSource,
@@ -55,14 +66,33 @@ pub fn distill_blockwise(
     out: &Path,
     mut on_event: impl FnMut(BlockwiseEvent),
 ) -> Result<BlockwiseReport> {
-    let mut modules = BTreeMap::new();
-    let report = fit_layers(student, teacher, stream, val, cfg, |fit, layer| {
+    let ckpt = out.join(BLOCKWISE_CHECKPOINT);
+    let done = match ckpt.is_dir() {
+        true if !cfg.resume => {
+            return Err(ModelError::Invalid(format!(
+                "{} holds the checkpoint of a block-wise run: resume it, or write elsewhere",
+                ckpt.display()
+            )));
+        }
+        true => read_checkpoint(&ckpt, cfg)?,
+        false => Fitted::default(),
+    };
+    if !done.layers.is_empty() {
+        on_event(BlockwiseEvent::Resumed {
+            layers: done.layers.len(),
+        });
+    }
+    let (mut modules, mut fits) = (done.modules.clone(), done.layers.clone());
+    let report = fit_layers(student, teacher, stream, val, cfg, &done, |fit, layer| {
         for (name, lin) in LINEAR_PATHS.iter().zip(layer.linears()) {
             if let Some(w) = lin.lora_weights() {
                 modules.insert(format!("model.layers.{}.{name}", fit.layer), w);
             }
         }
+        fits.push(fit.clone());
+        write_checkpoint(&ckpt, adapter_template, &modules, cfg, &fits)?;
         on_event(BlockwiseEvent::Layer(fit));
+        Ok(())
     })?;
     for e in &report.evals {
         on_event(BlockwiseEvent::Eval(e));
@@ -88,6 +118,11 @@ pub fn distill_blockwise(
 /// What [`distill_blockwise`] reports as it goes.
 #[derive(Clone, Copy, Debug)]
 pub enum BlockwiseEvent<'a> {
+    /// The layers below `layers` were fitted by the run resumed.
+    Resumed {
+        /// Layers already fitted.
+        layers: usize,
+    },
     /// A layer was fitted.
     Layer(&'a LayerFit),
     /// A validation result, after the last layer (step 0: before fitting; the layer count:
@@ -96,7 +131,7 @@ pub enum BlockwiseEvent<'a> {
 }
 
 /// How each layer is fitted.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BlockwiseConfig {
     /// Calibration rows drawn from the text.
     pub rows: usize,
@@ -112,6 +147,74 @@ pub struct BlockwiseConfig {
     pub adamw: AdamWConfig,
     /// Seed of the rows.
     pub seed: u64,
+    /// Continue the checkpoint in the output directory, if there is one
+    /// ([`distill_blockwise`]).
+    #[serde(skip)]
+    pub resume: bool,
+}
+
+/// Layers fitted already (by a run now resumed): their fits and factors by module path.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fitted {
+    /// The fits of layers `0..n`.
+    pub layers: Vec<LayerFit>,
+    /// Their adapters' factors.
+    pub modules: BTreeMap<String, LoraWeights>,
+}
+
+/// `state.json` of a checkpoint.
+#[derive(Serialize, Deserialize)]
+struct State {
+    config: BlockwiseConfig,
+    layers: Vec<LayerFit>,
+}
+
+fn write_checkpoint(
+    dir: &Path,
+    template: &AdapterConfig,
+    modules: &BTreeMap<String, LoraWeights>,
+    cfg: &BlockwiseConfig,
+    fits: &[LayerFit],
+) -> Result<()> {
+    write_dir_atomic(dir, |tmp| {
+        if let Some(a) = Adapter::from_modules(template.clone(), modules.clone()) {
+            a.write(&tmp.join("adapter"))?;
+        }
+        let state = State {
+            config: cfg.clone(),
+            layers: fits.to_vec(),
+        };
+        let json = serde_json::to_string_pretty(&state).expect("state serializes");
+        write_atomic(&tmp.join("state.json"), json.as_bytes())
+    })
+}
+
+fn read_checkpoint(dir: &Path, cfg: &BlockwiseConfig) -> Result<Fitted> {
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let state: State =
+        serde_json::from_str(&text).map_err(|e| ModelError::format(&path, e.to_string()))?;
+    let same = BlockwiseConfig {
+        resume: cfg.resume,
+        ..state.config.clone()
+    };
+    if &same != cfg {
+        return Err(ModelError::Invalid(format!(
+            "{} is the checkpoint of a block-wise run with other settings ({:?}, now {:?})",
+            dir.display(),
+            state.config,
+            cfg
+        )));
+    }
+    let adapter = dir.join("adapter");
+    let modules = match adapter.is_dir() {
+        true => Adapter::read(&adapter)?.modules,
+        false => BTreeMap::new(),
+    };
+    Ok(Fitted {
+        layers: state.layers,
+        modules,
+    })
 }
 
 /// One fitted layer.
@@ -141,19 +244,22 @@ struct Climb<'v> {
 
 /// Fits the adapters of `student`'s decoder layers to `teacher`'s, one layer at a time, on
 /// rows drawn from `stream` (see the module documentation), and scores `val` before and after
-/// in the same pass. `on_layer` gets each fitted layer (its adapters trained) as it is done.
+/// in the same pass. The layers `done` holds are not fitted again: their factors are put in
+/// and the hidden states run through them. `on_layer` gets each layer it fits (its adapters
+/// trained) as it is done; its error stops the run.
 ///
 /// # Errors
 /// [`ModelError::Invalid`] if the models differ in depth, width or vocabulary, no layer of the
-/// student has adapters, the stream is shorter than a row, or the sizes are zero or
-/// inconsistent; a layer's read error.
+/// student has adapters, `done` does not fit the student, the stream is shorter than a row,
+/// or the sizes are zero or inconsistent; a layer's read error; `on_layer`'s.
 pub fn fit_layers(
     student: &dyn LayerSource,
     teacher: &dyn LayerSource,
     stream: &[u32],
     val: Option<&Validation>,
     cfg: &BlockwiseConfig,
-    mut on_layer: impl FnMut(&LayerFit, DecoderLayer),
+    done: &Fitted,
+    mut on_layer: impl FnMut(&LayerFit, DecoderLayer) -> Result<()>,
 ) -> Result<BlockwiseReport> {
     let (se, te) = (student.ends(), teacher.ends());
     let (s, t) = (&se.config, &te.config);
@@ -224,11 +330,18 @@ pub fn fit_layers(
         let t0 = Instant::now();
         let (layer, teacher_layer) = (student.layer(l)?, teacher.layer(l)?);
         let yt = teacher_layer.forward(xt, &teacher_rope).to_device(&device);
-        let mse_before = mse(layer.forward(xs.clone(), &rope), yt.clone());
+        let resumed = done.layers.get(l);
+        let mse_before = match resumed {
+            Some(fit) => fit.mse_before,
+            None => mse(layer.forward(xs.clone(), &rope), yt.clone()),
+        };
         let mut fitted = layer.clone();
         if fitted.linears().iter().any(|lin| lin.lora.is_some()) {
             adapted = true;
-            fit_layer(&mut fitted, &xs, &yt, &rope, cfg, &schedule);
+            match resumed {
+                Some(_) => put_factors(&mut fitted, l, &done.modules)?,
+                None => fit_layer(&mut fitted, &xs, &yt, &rope, cfg, &schedule),
+            }
         }
         xs = fitted.forward(xs, &rope);
         for c in &mut climbs {
@@ -236,14 +349,19 @@ pub fn fit_layers(
             c.after = fitted.forward(c.after.clone(), &c.rope);
             c.teacher = teacher_layer.forward(c.teacher.clone(), &c.teacher_rope);
         }
-        let fit = LayerFit {
-            layer: l,
-            mse_before,
-            mse_after: mse(xs.clone(), yt.clone()),
-            seconds: t0.elapsed().as_secs_f64(),
-        };
-        on_layer(&fit, fitted);
-        fits.push(fit);
+        match resumed {
+            Some(fit) => fits.push(fit.clone()),
+            None => {
+                let fit = LayerFit {
+                    layer: l,
+                    mse_before,
+                    mse_after: mse(xs.clone(), yt.clone()),
+                    seconds: t0.elapsed().as_secs_f64(),
+                };
+                on_layer(&fit, fitted)?;
+                fits.push(fit);
+            }
+        }
         xt = yt.to_device(&teacher_device);
     }
     if !adapted {
@@ -306,6 +424,32 @@ fn fit_layer(
         let updated = opt.update(layer_params(layer), g, schedule.lr(step));
         set_layer_params(layer, updated);
     }
+}
+
+/// Puts the factors `modules` holds for layer `l` into its adapters.
+fn put_factors(
+    layer: &mut DecoderLayer,
+    l: usize,
+    modules: &BTreeMap<String, LoraWeights>,
+) -> Result<()> {
+    for (name, lin) in LINEAR_PATHS.iter().zip(layer.linears_mut()) {
+        let path = format!("model.layers.{l}.{name}");
+        let (Some(lora), Some(w)) = (&mut lin.lora, modules.get(&path)) else {
+            continue;
+        };
+        for (p, t) in [(&mut lora.a, &w.a), (&mut lora.b, &w.b)] {
+            if p.dims().as_slice() != t.shape.as_slice() {
+                return Err(ModelError::Invalid(format!(
+                    "the checkpoint's factors of `{path}` are {:?}, the adapter's {:?}",
+                    t.shape,
+                    p.dims()
+                )));
+            }
+            let data = TensorData::new(t.data.clone(), [t.shape[0], t.shape[1]]);
+            *p = burn::module::Param::initialized(p.id, Tensor::from_data(data, &p.device()));
+        }
+    }
+    Ok(())
 }
 
 /// The mean squared difference of two hidden states.

@@ -23,7 +23,8 @@ pub mod step;
 mod validate;
 
 pub use blockwise::{
-    BlockwiseConfig, BlockwiseEvent, BlockwiseReport, LayerFit, distill_blockwise, fit_layers,
+    BLOCKWISE_CHECKPOINT, BlockwiseConfig, BlockwiseEvent, BlockwiseReport, Fitted, LayerFit,
+    distill_blockwise, fit_layers,
 };
 pub use data::{Sampling, TokenStream};
 pub use distill::{DistillLoss, Objective, TeacherOutputs, teacher_outputs};

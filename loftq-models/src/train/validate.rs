@@ -66,6 +66,10 @@ impl Validation {
     }
 }
 
+/// Positions whose logits are alive at once: `[ROWS, vocab]` per model (100 MB for a
+/// 49,152-token vocabulary) instead of a whole window's.
+const ROWS: usize = 512;
+
 /// Sums over the scored positions of the windows seen so far.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Scores {
@@ -76,7 +80,8 @@ pub(crate) struct Scores {
 
 impl Scores {
     /// Adds window `w` (tokens `ids`) from the model's final normalized hidden states
-    /// `[1, n, hidden]` and, when distilling, the teacher's.
+    /// `[1, n, hidden]` and, when distilling, the teacher's. The logits are made [`ROWS`]
+    /// positions at a time.
     pub(crate) fn add(
         &mut self,
         ids: &[u32],
@@ -85,16 +90,21 @@ impl Scores {
         normed: Tensor<3>,
         teacher: Option<(&Llama, Tensor<3>)>,
     ) {
-        let logp = log_probs(model, normed);
-        self.nll += nlls(&logp, ids)[w.skip..].iter().sum::<f64>();
-        self.count += ids.len() - 1 - w.skip;
-        if let Some((t, t_normed)) = teacher {
-            let tp = log_probs(t, t_normed).to_device(&logp.device());
-            let n = ids.len() - 1 - w.skip;
-            let tp = tp.narrow(0, w.skip, n);
-            let rows = (tp.clone().exp() * (tp - logp.narrow(0, w.skip, n))).sum_dim(1);
-            *self.kl.get_or_insert(0.0) += host_f64(rows).iter().sum::<f64>();
+        let end = ids.len() - 1;
+        for start in (w.skip..end).step_by(ROWS) {
+            let m = ROWS.min(end - start);
+            let logp = log_probs(model, normed.clone().narrow(1, start, m));
+            self.nll += nlls(&logp, &ids[start + 1..start + 1 + m])
+                .iter()
+                .sum::<f64>();
+            if let Some((t, t_normed)) = &teacher {
+                let tp = log_probs(t, t_normed.clone().narrow(1, start, m));
+                let tp = tp.to_device(&logp.device());
+                let rows = (tp.clone().exp() * (tp - logp)).sum_dim(1);
+                *self.kl.get_or_insert(0.0) += host_f64(rows).iter().sum::<f64>();
+            }
         }
+        self.count += end - w.skip;
     }
 
     /// The means, as the record of `step`.
