@@ -8,6 +8,7 @@
 #
 #   cargo xtask assets && cargo build -p loftq-cli --features loftq-core/wgpu
 #   bench/distill-experiment.sh calibrated-nf2 loftq-nf2 qlora-nf2
+#   bench/distill-experiment.sh blockwise-calibrated-nf2   # block-wise first, then the KL
 #
 # Each run appends (run, steps, lr, seconds, ppl Hamlet, ppl GPL-3) to
 # bench/results/distill/runs.tsv and copies its history.json there (as <run>.json at the default
@@ -39,6 +40,7 @@ ppl() { # model adapter text
 }
 for run in "$@"; do
   name=$run; [ "$LR" = 1e-3 ] || name=$run-lr$LR
+  from=''
   out=distill-$name
   case $run in
     loftq-nf2) init=init-nf2
@@ -50,15 +52,27 @@ for run in "$@"; do
       [ -f $init/report.json ] || $L init --model $M --out $init --method loftq --bits nf2 \
         --rank 16 --alpha 16 --iters 5 --calibration $CAL --calibration-tokens 16384 \
         --quantizer rtn > $init.log 2>&1 ;;
+    blockwise-calibrated-nf2) init=init-calibrated-nf2
+      # The calibrated start (made by the calibrated-nf2 run) fitted block-wise first (16 rows,
+      # 10 steps of 4 rows per layer), then distilled by the KL from there.
+      [ -f $init/report.json ] || { echo "run calibrated-nf2 first" >&2; exit 2; }
+      # shellcheck disable=SC2086
+      [ -f bw-$init/blockwise.json ] || $L train --model $init --adapter $init/adapter \
+        --distill-from "$M" --text $FILES --val-text "$T/hamlet_gut.txt" --blockwise \
+        --blockwise-rows 16 --steps 10 --batch 4 --seq 128 --lr 1e-3 --seed 0 --json \
+        --out bw-$init > bw-$init.jsonl 2> bw-$init.err
+      from=bw-$init/adapter ;;
     qlora-nf2) init=init-qlora-nf2
       [ -f $init/report.json ] || $L init --model $M --out $init --method qlora --bits nf2 \
         --rank 16 --alpha 16 > $init.log 2>&1 ;;
-    *) echo "unknown run $run (loftq-nf2|calibrated-nf2|qlora-nf2)" >&2; exit 2 ;;
+    *) echo "unknown run $run (loftq-nf2|calibrated-nf2|blockwise-calibrated-nf2|qlora-nf2)" >&2
+      exit 2 ;;
   esac
   rm -rf $out
   start=$(date +%s)
   # shellcheck disable=SC2086
-  $L train --model $init --adapter $init/adapter $COMMON --out $out > $out.jsonl 2> $out.err
+  $L train --model $init --adapter "${from:-$init/adapter}" $COMMON --out $out > $out.jsonl \
+    2> $out.err
   secs=$(( $(date +%s) - start ))
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$STEPS" "$LR" "$secs" \
     "$(ppl $init $out/adapter "$T/hamlet_gut.txt")" "$(ppl $init $out/adapter "$OTHER")" \
