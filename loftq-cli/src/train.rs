@@ -3,24 +3,23 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use loftq_core::DeviceList;
-use loftq_models::init::Target;
-use loftq_models::init::plan::{parse_bits, split_list};
-use loftq_models::io::{Adapter, AdapterConfig};
-use loftq_models::nn::{FreshLora, Llama, LoadOptions, load_pretrained_with};
-use loftq_models::train::data::tokenize_file;
+use loftq_models::init::plan::parse_bits;
+use loftq_models::io::Adapter;
+use loftq_models::nn::{LoadOptions, load_pretrained_with};
 use loftq_models::train::{
     AdamWConfig, BLOCKWISE_CHECKPOINT, Decay, DistillLoss, Objective, Recompute, Sampling,
-    Schedule, TokenStream, TrainConfig, TrainEvent, Validation, distill_on, latest_checkpoint,
-    train_on,
+    Schedule, TrainConfig, TrainEvent, distill_on, latest_checkpoint, train_on,
 };
-use loftq_models::{ModelError, Result, Tokenizer};
+use loftq_models::{ModelError, Result};
 
 use crate::progress::Progress;
 
 mod blockwise;
+mod inputs;
+
+use inputs::{Fresh, build_model, read_text};
 
 /// Arguments of `loftq train`.
 #[derive(Args)]
@@ -393,101 +392,6 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         a.out.join("adapter").display()
     );
     Ok(())
-}
-
-/// The training text and the validation: --val-text, or the tail of the training text.
-fn read_text(a: &TrainArgs, eos: Option<u32>) -> Result<(TokenStream, Option<Validation>)> {
-    let tok = Tokenizer::for_model(&a.model)?;
-    let stream = TokenStream::from_files(&tok, &a.text, eos)?;
-    let (stream, val_tokens) = match &a.val_text {
-        Some(path) => (stream, tokenize_file(&tok, path)?),
-        None => {
-            let (s, v) = stream.split_tail(a.val_fraction);
-            (s, v.tokens)
-        }
-    };
-    let val = (val_tokens.len() >= 2).then(|| {
-        let tokens: Vec<u32> = val_tokens.into_iter().take(a.val_tokens.max(2)).collect();
-        let window = a.val_window.unwrap_or(tokens.len()).max(2);
-        Validation {
-            stride: a.val_stride.unwrap_or(window / 2).clamp(1, window),
-            window,
-            tokens,
-        }
-    });
-    Ok((stream, val))
-}
-
-/// The model on `device` with its adapter (read, or fresh from the seed, so every device's
-/// copy starts the same) and the adapter's config.
-fn build_model(
-    a: &TrainArgs,
-    opts: &LoadOptions,
-    adapter: Option<&Adapter>,
-    device: &Device,
-) -> Result<(Llama, AdapterConfig)> {
-    let mut model = load_pretrained_with(&a.model, device, opts)?;
-    let mut template = match adapter {
-        Some(ad) => ad.config.clone(),
-        None => {
-            let fresh = Fresh::of(a);
-            let l = fresh.lora;
-            let n = model.add_lora(l.rank, l.scaling, l.dropout, l.seed, |p| fresh.picks(p));
-            if n == 0 {
-                return Err(fresh.no_match(a));
-            }
-            fresh.config
-        }
-    };
-    if let Some(p) = a.dropout {
-        template.lora_dropout = p;
-    }
-    for (_, lin) in model.decoder_linears_mut() {
-        if let Some(l) = &mut lin.lora {
-            l.dropout = template.lora_dropout;
-        }
-    }
-    Ok((model, template))
-}
-
-/// A fresh adapter, as --rank, --alpha, --rslora, --target and --exclude say.
-struct Fresh {
-    config: AdapterConfig,
-    lora: FreshLora,
-    target: Target,
-    exclude: Vec<String>,
-}
-
-impl Fresh {
-    fn of(a: &TrainArgs) -> Fresh {
-        let alpha = a.alpha.unwrap_or(a.rank as f64);
-        let mut config = AdapterConfig::new(a.rank, alpha, vec![]);
-        config.use_rslora = a.rslora;
-        let lora = FreshLora {
-            rank: a.rank,
-            scaling: config.scaling("", a.rank),
-            dropout: 0.0,
-            seed: a.seed,
-        };
-        Fresh {
-            config,
-            lora,
-            target: Target::parse(&a.target),
-            exclude: split_list(&a.exclude),
-        }
-    }
-
-    /// Whether the module at `path` (a decoder linear layer) gets an adapter.
-    fn picks(&self, path: &str) -> bool {
-        self.target.picks(path, &self.exclude, true)
-    }
-
-    fn no_match(&self, a: &TrainArgs) -> ModelError {
-        invalid(format!(
-            "no linear layer matches --target {:?} (minus --exclude)",
-            a.target
-        ))
-    }
 }
 
 fn event_json(e: &TrainEvent) -> serde_json::Value {
