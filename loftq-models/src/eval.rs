@@ -89,7 +89,21 @@ fn token_nlls(model: &Llama, ids: &[u32]) -> Vec<f64> {
     let device = model.embed_tokens.device();
     let n = ids.len();
     let hidden = model.hidden_states(token_ids(ids, [1, n], &device));
-    nlls(&log_probs(model, hidden.narrow(1, 0, n - 1)), &ids[1..])
+    let mut v = Vec::with_capacity(n - 1);
+    for (start, m) in row_chunks(0, n - 1) {
+        let logp = log_probs(model, hidden.clone().narrow(1, start, m));
+        v.extend(nlls(&logp, &ids[start + 1..start + 1 + m]));
+    }
+    v
+}
+
+/// Positions whose logits are alive at once: `[ROWS, vocab]` (100 MB for a 49,152-token
+/// vocabulary, 260 MB for 128,256) instead of a whole window's.
+const ROWS: usize = 512;
+
+/// Positions `from..to` in chunks of at most [`ROWS`]: `(start, len)`.
+pub(crate) fn row_chunks(from: usize, to: usize) -> impl Iterator<Item = (usize, usize)> {
+    (from..to).step_by(ROWS).map(move |s| (s, ROWS.min(to - s)))
 }
 
 /// Next-token log-probabilities `[m, vocab]` from final normalized hidden states `[1, m,

@@ -4,7 +4,7 @@
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{Window, host_f64, log_probs, nlls, token_ids, windows};
+use crate::eval::{Window, host_f64, log_probs, nlls, row_chunks, token_ids, windows};
 use crate::nn::Llama;
 
 /// Validation text, scored with a sliding window.
@@ -66,10 +66,6 @@ impl Validation {
     }
 }
 
-/// Positions whose logits are alive at once: `[ROWS, vocab]` per model (100 MB for a
-/// 49,152-token vocabulary) instead of a whole window's.
-const ROWS: usize = 512;
-
 /// Sums over the scored positions of the windows seen so far.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Scores {
@@ -80,7 +76,7 @@ pub(crate) struct Scores {
 
 impl Scores {
     /// Adds window `w` (tokens `ids`) from the model's final normalized hidden states
-    /// `[1, n, hidden]` and, when distilling, the teacher's. The logits are made [`ROWS`]
+    /// `[1, n, hidden]` and, when distilling, the teacher's, making the logits a chunk of
     /// positions at a time.
     pub(crate) fn add(
         &mut self,
@@ -91,8 +87,7 @@ impl Scores {
         teacher: Option<(&Llama, Tensor<3>)>,
     ) {
         let end = ids.len() - 1;
-        for start in (w.skip..end).step_by(ROWS) {
-            let m = ROWS.min(end - start);
+        for (start, m) in row_chunks(w.skip, end) {
             let logp = log_probs(model, normed.clone().narrow(1, start, m));
             self.nll += nlls(&logp, &ids[start + 1..start + 1 + m])
                 .iter()
