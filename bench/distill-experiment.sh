@@ -3,7 +3,8 @@
 # rank 16, its adapters fitted to the full-precision model (`loftq train --distill-from`, KL
 # at every position) for $STEPS (default 200) steps of 4×128-token random windows (seed 0) from
 # the plays other than Hamlet; AdamW lr $LR (default 1e-3), 10 warm-up steps, cosine decay,
-# gradient norm clipped to 1. Then the start perplexity on the first 2048 tokens of Hamlet and
+# gradient norm clipped to 1; $HIDDEN_WEIGHT (default 0) times the final hidden states' mean
+# squared difference added to the KL. Then the start perplexity on the first 2048 tokens of Hamlet and
 # of the GPL-3 licence, as bench/calibration-experiment.sh measures the undistilled starts.
 #
 #   cargo xtask assets && cargo build -p loftq-cli --features loftq-core/wgpu
@@ -24,11 +25,12 @@ OTHER=${OTHER_TEXT:-/usr/share/common-licenses/GPL-3}
 WORK=${WORK:-$ROOT/bench/train-runs}
 STEPS=${STEPS:-200}
 LR=${LR:-1e-3}
+HW=${HIDDEN_WEIGHT:-0}
 FILES=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt)
 CAL=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt | head -8)
 COMMON="--distill-from $M --text $FILES --val-text $T/hamlet_gut.txt --val-tokens 2048
   --steps $STEPS --batch 4 --seq 128 --lr $LR --warmup 10 --decay cosine --max-grad-norm 1
-  --seed 0 --eval-every 50 --save-every 50 --no-recompute --json"
+  --seed 0 --eval-every 50 --save-every 50 --no-recompute --json --hidden-weight $HW"
 OUT=$ROOT/bench/results/distill
 mkdir -p "$WORK" "$OUT"
 [ -f "$OUT/runs.tsv" ] ||
@@ -39,7 +41,7 @@ ppl() { # model adapter text
     sed -n 's/.*perplexity \([0-9.]*\).*/\1/p'
 }
 for run in "$@"; do
-  name=$run; [ "$LR" = 1e-3 ] || name=$run-lr$LR
+  name=$run; [ "$LR" = 1e-3 ] || name=$name-lr$LR; [ "$HW" = 0 ] || name=$name-hw$HW
   from=''
   out=distill-$name
   case $run in
@@ -74,7 +76,7 @@ for run in "$@"; do
   $L train --model $init --adapter "${from:-$init/adapter}" $COMMON --out $out > $out.jsonl \
     2> $out.err
   secs=$(( $(date +%s) - start ))
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$STEPS" "$LR" "$secs" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$STEPS" "$LR" "$secs" \
     "$(ppl $init $out/adapter "$T/hamlet_gut.txt")" "$(ppl $init $out/adapter "$OTHER")" \
     >> "$OUT/runs.tsv"
   cp $out/history.json "$OUT/$name.json"
