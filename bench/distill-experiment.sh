@@ -9,12 +9,12 @@
 #
 #   cargo xtask assets && cargo build -p loftq-cli --features loftq-core/wgpu
 #   bench/distill-experiment.sh calibrated-nf2 loftq-nf2 qlora-nf2
-#   bench/distill-experiment.sh blockwise-calibrated-nf2   # block-wise first, then the KL
+#   bench/distill-experiment.sh blockwise-kl-calibrated-nf2   # block-wise first, then the KL
 #
-# Each run appends (run, steps, lr, seconds, ppl Hamlet, ppl GPL-3) to
-# bench/results/distill/runs.tsv and copies its history.json there (as <run>.json at the default
-# lr, else <run>-lr<LR>.json). The distilled adapter stays in $WORK/distill-<run> (with -lr<LR>
-# off the default lr); bench/train-experiment.sh distilled-nf2 starts from the default one.
+# Each run appends (name, steps, lr, seconds, ppl Hamlet, ppl GPL-3) to
+# bench/results/distill/runs.tsv and copies its history.json there as <name>.json, the name
+# being <run>, then -lr<LR> and -hw<W> off the defaults. The distilled adapter stays in
+# $WORK/distill-<name>; bench/train-experiment.sh distilled-nf2 starts from distill-calibrated-nf2.
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 L=${LOFTQ:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/loftq}
@@ -54,7 +54,7 @@ for run in "$@"; do
       [ -f $init/report.json ] || $L init --model $M --out $init --method loftq --bits nf2 \
         --rank 16 --alpha 16 --iters 5 --calibration $CAL --calibration-tokens 16384 \
         --quantizer rtn > $init.log 2>&1 ;;
-    blockwise-calibrated-nf2) init=init-calibrated-nf2
+    blockwise-kl-calibrated-nf2) init=init-calibrated-nf2
       # The calibrated start (made by the calibrated-nf2 run) fitted block-wise first (16 rows,
       # 10 steps of 4 rows per layer), then distilled by the KL from there.
       [ -f $init/report.json ] || { echo "run calibrated-nf2 first" >&2; exit 2; }
@@ -67,7 +67,7 @@ for run in "$@"; do
     qlora-nf2) init=init-qlora-nf2
       [ -f $init/report.json ] || $L init --model $M --out $init --method qlora --bits nf2 \
         --rank 16 --alpha 16 > $init.log 2>&1 ;;
-    *) echo "unknown run $run (loftq-nf2|calibrated-nf2|blockwise-calibrated-nf2|qlora-nf2)" >&2
+    *) echo "unknown run $run (loftq-nf2|calibrated-nf2|blockwise-kl-calibrated-nf2|qlora-nf2)" >&2
       exit 2 ;;
   esac
   rm -rf $out
