@@ -611,6 +611,27 @@ fn blockwise_config() -> BlockwiseConfig {
     }
 }
 
+/// [`fit_layers`] from scratch, with the fitted layers it hands out.
+fn fit_keeping_layers(
+    student: &Llama,
+    teacher: &Llama,
+    text: &[u32],
+    val: &Validation,
+    cfg: &BlockwiseConfig,
+) -> (
+    loftq_models::train::BlockwiseReport,
+    Vec<loftq_models::nn::DecoderLayer>,
+) {
+    let mut fitted = Vec::new();
+    let done = Fitted::default();
+    let report = fit_layers(student, teacher, text, Some(val), cfg, &done, |_, l| {
+        fitted.push(l);
+        Ok(())
+    })
+    .unwrap();
+    (report, fitted)
+}
+
 /// The teacher's own weights under adapters knocked off `B = 0`: fitting layer by layer
 /// brings every layer's output back to the teacher's.
 #[test]
@@ -659,20 +680,7 @@ fn blockwise_fitting_recovers_the_teachers_layers() {
     };
     let before = host_kl(&nf2, &teacher, &batch);
     let ppl_before = perplexity_windows(&nf2, &val.tokens, val.window, val.stride);
-    let mut fitted = Vec::new();
-    let report = fit_layers(
-        &nf2,
-        &teacher,
-        &text,
-        Some(&val),
-        &cfg,
-        &Fitted::default(),
-        |_, l| {
-            fitted.push(l);
-            Ok(())
-        },
-    )
-    .unwrap();
+    let (report, fitted) = fit_keeping_layers(&nf2, &teacher, &text, &val, &cfg);
     for f in &report.layers {
         assert!(f.mse_after < f.mse_before, "layer {}", f.layer);
     }
@@ -753,20 +761,7 @@ fn blockwise_reads_one_layer_at_a_time() {
         |_| {},
     )
     .unwrap();
-    let mut fitted = Vec::new();
-    let held = fit_layers(
-        &nf2,
-        &teacher,
-        &stream(),
-        Some(&val),
-        &cfg,
-        &Fitted::default(),
-        |_, l| {
-            fitted.push(l);
-            Ok(())
-        },
-    )
-    .unwrap();
+    let (held, fitted) = fit_keeping_layers(&nf2, &teacher, &stream(), &val, &cfg);
     // Loading order aside the operations are the same; a GPU may order its sums differently.
     let tol = if DeviceSpec::from_env() == DeviceSpec::Cpu {
         0.0

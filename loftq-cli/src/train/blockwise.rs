@@ -3,7 +3,7 @@
 
 use burn::tensor::Device;
 use loftq_models::Result;
-use loftq_models::nn::{LINEAR_PATHS, LayerReader, LayerSource, LoadOptions};
+use loftq_models::nn::{LayerReader, LayerSource, LoadOptions, decoder_linear_paths};
 use loftq_models::train::{
     BlockwiseConfig, BlockwiseEvent, TrainConfig, TrainEvent, distill_blockwise,
 };
@@ -29,9 +29,7 @@ pub(super) fn run(
     if template.is_none() {
         let fresh = Fresh::of(a);
         let layers = student.ends().config.num_hidden_layers;
-        let any = (0..layers)
-            .flat_map(|i| LINEAR_PATHS.map(|p| format!("model.layers.{i}.{p}")))
-            .any(|p| fresh.picks(&p));
+        let any = decoder_linear_paths(layers).any(|p| fresh.picks(&p));
         if !any {
             return Err(fresh.no_match(a));
         }

@@ -5,7 +5,9 @@ use burn::tensor::{Tensor, TensorData};
 use loftq_core::init::{Base, LoraInit, init_lora};
 use loftq_core::lowrank::Gaussian;
 
-use super::{BaseWeight, DecoderLayer, LINEAR_PATHS, Llama, LoraAdapter, PackedWeight, QLinear};
+use super::{
+    BaseWeight, DecoderLayer, LINEAR_PATHS, Llama, LoraAdapter, PackedWeight, QLinear, linear_path,
+};
 use crate::{ModelError, Result};
 
 /// What [`Llama::init_adapters`] did to one layer.
@@ -102,7 +104,7 @@ impl DecoderLayer {
         let device = self.input_layernorm.weight.device();
         let mut n = 0;
         for (name, lin) in LINEAR_PATHS.iter().zip(self.linears_mut()) {
-            let path = format!("model.layers.{index}.{name}");
+            let path = linear_path(index, name);
             if !target(&path) {
                 continue;
             }

@@ -19,6 +19,17 @@ pub const LINEAR_PATHS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// The module path of decoder layer `i`'s linear layer `name` (one of [`LINEAR_PATHS`]), e.g.
+/// `model.layers.0.self_attn.q_proj`.
+pub fn linear_path(i: usize, name: &str) -> String {
+    format!("model.layers.{i}.{name}")
+}
+
+/// Every decoder linear module path of a model of `layers` layers, in checkpoint order.
+pub fn decoder_linear_paths(layers: usize) -> impl Iterator<Item = String> {
+    (0..layers).flat_map(|i| LINEAR_PATHS.map(|p| linear_path(i, p)))
+}
+
 /// Which input each of [`LINEAR_PATHS`] reads, as the group index of
 /// [`DecoderLayer::forward_observed`]: q/k/v share the normalized input, gate/up too.
 pub const INPUT_GROUPS: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
@@ -268,7 +279,7 @@ impl Llama {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             for (name, lin) in LINEAR_PATHS.iter().zip(l.linears()) {
-                v.push((format!("model.layers.{i}.{name}"), lin));
+                v.push((linear_path(i, name), lin));
             }
         }
         if let Some(head) = &self.lm_head {
@@ -282,7 +293,7 @@ impl Llama {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
             for (name, lin) in LINEAR_PATHS.iter().zip(l.linears_mut()) {
-                v.push((format!("model.layers.{i}.{name}"), lin));
+                v.push((linear_path(i, name), lin));
             }
         }
         v

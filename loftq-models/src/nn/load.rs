@@ -9,8 +9,8 @@ use loftq_core::quant::PackedTensor;
 use loftq_core::{QuantConfig, Quantizer};
 
 use super::{
-    Attention, BaseWeight, DecoderLayer, LINEAR_PATHS, Llama, LoraAdapter, Mlp, PackedWeight,
-    QLinear, RmsNorm,
+    Attention, BaseWeight, DecoderLayer, Llama, LoraAdapter, Mlp, PackedWeight, QLinear, RmsNorm,
+    decoder_linear_paths,
 };
 use crate::config::LlamaConfig;
 use crate::io::{Adapter, HostTensor, TensorSource, is_gguf, open_source};
@@ -48,12 +48,7 @@ pub fn load_model(
     device: &Device,
     opts: &LoadOptions,
 ) -> Result<Llama> {
-    let mut b = Builder {
-        source,
-        device,
-        opts,
-        used: BTreeSet::new(),
-    };
+    let mut b = Builder::new(source, device, opts);
     // Not sized from the file: a config may claim more layers than it has tensors for.
     let mut layers = Vec::new();
     for i in 0..config.num_hidden_layers {
@@ -77,16 +72,9 @@ pub fn load_ends(
     device: &Device,
     opts: &LoadOptions,
 ) -> Result<Llama> {
-    let mut b = Builder {
-        source,
-        device,
-        opts,
-        used: BTreeSet::new(),
-    };
+    let mut b = Builder::new(source, device, opts);
     let model = b.ends(config)?;
-    let layers: BTreeSet<String> = (0..config.num_hidden_layers)
-        .flat_map(|i| LINEAR_PATHS.map(|p| format!("model.layers.{i}.{p}")))
-        .collect();
+    let layers: BTreeSet<String> = decoder_linear_paths(config.num_hidden_layers).collect();
     check_adapter_used(opts, |k| b.used.contains(k) || layers.contains(k))?;
     Ok(model)
 }
@@ -103,12 +91,7 @@ pub fn load_layer(
     device: &Device,
     opts: &LoadOptions,
 ) -> Result<DecoderLayer> {
-    let mut b = Builder {
-        source,
-        device,
-        opts,
-        used: BTreeSet::new(),
-    };
+    let mut b = Builder::new(source, device, opts);
     b.layer(config, i)
 }
 
@@ -192,7 +175,16 @@ struct Builder<'a> {
     used: BTreeSet<String>,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    fn new(source: &'a dyn TensorSource, device: &'a Device, opts: &'a LoadOptions<'a>) -> Self {
+        Builder {
+            source,
+            device,
+            opts,
+            used: BTreeSet::new(),
+        }
+    }
+
     /// The model without its decoder layers.
     fn ends(&mut self, c: &LlamaConfig) -> Result<Llama> {
         let h = c.hidden_size;

@@ -27,7 +27,9 @@ pub use attention::Attention;
 pub use cache::KvCache;
 pub use init::{FreshLora, LayerInit};
 pub use layerwise::{LayerReader, LayerSource};
-pub use llama::{DecoderLayer, INPUT_GROUPS, LINEAR_PATHS, Llama, RmsNorm};
+pub use llama::{
+    DecoderLayer, INPUT_GROUPS, LINEAR_PATHS, Llama, RmsNorm, decoder_linear_paths, linear_path,
+};
 pub use load::{
     LINEAR_NAMES, LoadOptions, load_ends, load_layer, load_model, load_pretrained,
     load_pretrained_with, open_pretrained,

@@ -29,7 +29,7 @@ use super::step::{lora_grads, tracked};
 use super::validate::{EvalRecord, Scores, Validation};
 use crate::eval::token_ids;
 use crate::io::{Adapter, AdapterConfig, LoraWeights, write_atomic};
-use crate::nn::{DecoderLayer, LINEAR_PATHS, LayerSource, RopeTables};
+use crate::nn::{DecoderLayer, LINEAR_PATHS, LayerSource, RopeTables, linear_path};
 use crate::{ModelError, Result};
 
 /// What a block-wise run did: `blockwise.json` in its output directory.
@@ -86,7 +86,7 @@ pub fn distill_blockwise(
     let report = fit_layers(student, teacher, stream, val, cfg, &done, |fit, layer| {
         for (name, lin) in LINEAR_PATHS.iter().zip(layer.linears()) {
             if let Some(w) = lin.lora_weights() {
-                modules.insert(format!("model.layers.{}.{name}", fit.layer), w);
+                modules.insert(linear_path(fit.layer, name), w);
             }
         }
         fits.push(fit.clone());
@@ -433,7 +433,7 @@ fn put_factors(
     modules: &BTreeMap<String, LoraWeights>,
 ) -> Result<()> {
     for (name, lin) in LINEAR_PATHS.iter().zip(layer.linears_mut()) {
-        let path = format!("model.layers.{l}.{name}");
+        let path = linear_path(l, name);
         let (Some(lora), Some(w)) = (&mut lin.lora, modules.get(&path)) else {
             continue;
         };
