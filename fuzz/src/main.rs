@@ -13,7 +13,7 @@ use loftq_models::LlamaConfig;
 use loftq_models::fuzz::{TARGETS, join2, target};
 use loftq_models::io::ggml::GgmlType;
 use loftq_models::io::gguf::MetaValue;
-use loftq_models::io::gguf::write::{RawTensor, gguf_bytes};
+use loftq_models::io::gguf_write::{RawTensor, gguf_bytes};
 use loftq_models::io::{Adapter, AdapterConfig, Checkpoint, HostTensor, LoraWeights, OutTensor};
 use loftq_models::io::{add_packed, write_safetensors};
 

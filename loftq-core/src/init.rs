@@ -2,7 +2,8 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::loftq::{InitScaling, LoftqConfig, LoftqError, frobenius, loftq};
+use crate::dense::frobenius;
+use crate::loftq::{InitScaling, LoftqConfig, LoftqError, loftq};
 use crate::lowrank::{Gaussian, SvdMethod, check_rank, truncated_svd};
 use crate::quant::{PackedTensor, QuantConfig, Quantizer};
 

@@ -1,35 +1,26 @@
 //! # loftq-models
 //!
-//! File formats and models of loftq-rs:
+//! The job floor of loftq-rs: what is done to a whole model, as a library under the CLI.
 //!
-//! - [`io`]: Hugging Face safetensors checkpoints (memory-mapped, sharded or not, f32/f16/bf16),
-//!   PEFT adapter directories (read and write), and our packed backbone format.
-//! - [`config`]: the architecture from a HF `config.json` (transformers 4 and 5 spellings).
-//! - [`nn`]: the Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2) whose linear
-//!   layers are [`nn::QLinear`]: a frozen base, dense or held packed, plus a LoRA adapter.
+//! - [`init`]: `loftq init`, the whole-checkpoint job (streaming, resumable; LoftQ, QLoRA,
+//!   PiSSA, calibrated adapters, GPTQ, a bit budget).
+//! - [`refine`]: more alternation steps on an initialized directory.
+//! - [`train`]: fine-tuning the LoRA factors on a frozen (quantized) base; distillation from the
+//!   full-precision model, whole or block by block.
+//! - [`eval`]: perplexity; [`generate`]: text from a prompt, with a KV cache and seeded sampling.
 //!
-//! - [`init`]: `loftq init`, the whole-checkpoint job (streaming, resumable).
-//! - [`train`]: fine-tuning the LoRA factors on a frozen (quantized) base.
-//! - [`generate`]: text from a prompt, with a KV cache and seeded sampling; [`chat`]: the
-//!   model's chat template, BOS and stop tokens.
-//!
-//! GGUF files (llama.cpp) are read through [`io::GgufModel`], which presents them under HF
-//! names and layout.
+//! The floors below are re-exported under their own names: the files ([`io`], [`config`],
+//! [`tokenizer`], [`chat`]; crate `loftq-formats`) and the model ([`nn`]; crate `loftq-nn`).
+//! Arrows only go down: files know nothing of the model, the model nothing of the jobs.
 
-pub mod chat;
-pub mod config;
-mod error;
 pub mod eval;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod generate;
 pub mod init;
-pub mod io;
-pub mod nn;
 pub mod refine;
-pub mod tokenizer;
 pub mod train;
 
-pub use config::LlamaConfig;
-pub use error::{ModelError, Result};
-pub use tokenizer::Tokenizer;
+pub use loftq_formats::{LlamaConfig, ModelError, Result, Tokenizer};
+pub use loftq_formats::{chat, config, io, tokenizer};
+pub use loftq_nn as nn;

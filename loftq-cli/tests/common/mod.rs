@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use loftq_models::io::Checkpoint;
 use loftq_models::io::ggml::GgmlType;
 use loftq_models::io::gguf::MetaValue;
-use loftq_models::io::gguf::write::{RawTensor, gguf_bytes};
 use loftq_models::io::gguf_name;
+use loftq_models::io::gguf_write::{RawTensor, gguf_bytes};
 
 #[path = "../../../loftq-models/tests/common/skip.rs"]
 mod skip;

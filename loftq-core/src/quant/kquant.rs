@@ -20,11 +20,8 @@
 
 use half::f16;
 
-use super::ggml::{GgmlFormat, round_f16};
+use super::ggml_format::{GgmlFormat, K_SUPER, round_f16};
 use crate::QuantError;
-
-/// Values per K-quant super-block.
-pub const K_SUPER: usize = 256;
 
 /// Round half to even by adding 1.5·2²³ and reading the low mantissa bits: llama.cpp's
 /// `nearest_int`, bit for bit (beyond ±2²² it wraps as llama.cpp's does), and one addition
@@ -233,7 +230,7 @@ fn q6k_super(x: &[f32], codes: &mut [u8], scales: &mut [f32]) {
 }
 
 /// Below this magnitude a group is all zeros (llama.cpp's `GROUP_MAX_EPS`).
-const GROUP_MAX_EPS: f32 = 1e-15;
+pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// One group's symmetric fit `x ≈ scale·(q − 32)`, codes `0..64`: the scale `max/−32` and 18
 /// trials around it, each refitted by `x²`-weighted least squares, the best fit kept (llama.cpp's

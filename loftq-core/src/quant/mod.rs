@@ -13,8 +13,11 @@
 mod codebook;
 mod double_quant;
 mod ggml;
+mod ggml_format;
 mod host;
+mod iq4nl;
 mod kquant;
+mod label;
 mod normal;
 mod pack;
 mod packed;
@@ -24,9 +27,9 @@ mod tensor;
 
 pub use codebook::{Codebook, NF_OFFSET};
 pub use double_quant::{DYNAMIC_BLOCK, DoubleQuant, dynamic_map};
-pub use ggml::{GGML_BLOCK, GgmlFormat, round_f16};
+pub use ggml_format::{GGML_BLOCK, GgmlFormat, K_SUPER, round_f16};
 pub use host::HostQuantized;
-pub use kquant::K_SUPER;
+pub use label::{fit_rows, parse_bits, parse_quantizer};
 pub use normal::{normal_cdf, normal_ppf, torch_linspace_f32};
 pub use pack::{pack_codes, packed_len, unpack_codes, unpack_codes_into};
 pub use packed::{PackedTensor, Scales};

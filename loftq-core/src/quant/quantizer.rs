@@ -1,6 +1,6 @@
 //! [`Quantizer`]: a checked [`QuantConfig`] with its tables precomputed.
 
-use super::{Codebook, QuantConfig, Scheme};
+use super::{Codebook, QuantConfig, Rounding, Scheme};
 use crate::QuantError;
 
 /// A ready-to-use quantizer: configuration plus levels and decision thresholds.
@@ -112,6 +112,40 @@ impl Quantizer {
             )));
         }
         Ok(block)
+    }
+
+    /// The code and dequantized value of one value `x` in a block whose scale (absmax, or
+    /// the step for [`Scheme::IntAsym`]) and minimum are already fixed: the same arithmetic as
+    /// the block kernels, so a value quantized here gets the code the kernels give it.
+    /// Values outside the block's range clamp to its end codes (GPTQ's updated weights).
+    pub(crate) fn code_fixed(&self, x: f32, scale: f32, min: f32) -> (u8, f32) {
+        let div = |v: f32, s: f32| match self.config.rounding {
+            Rounding::Peft => v / s,
+            Rounding::Bnb => v * (1.0 / s),
+        };
+        match self.config.scheme {
+            Scheme::Ggml { format } => format.code_fixed(x, scale, min),
+            Scheme::IntAsym { bits } => {
+                if scale == 0.0 || !scale.is_finite() {
+                    return (0, min);
+                }
+                let top = ((1u32 << bits) - 1) as f32;
+                let c = div(x - min, scale).round_ties_even().clamp(0.0, top) as u8;
+                (c, f32::from(c) * scale + min)
+            }
+            _ if scale == 0.0 || !scale.is_finite() => (self.zero_code, 0.0),
+            Scheme::IntSym { bits } => {
+                let q = qmax(bits);
+                let qf = q as f32;
+                let c = ((div(x, scale) * qf).round_ties_even().clamp(-qf, qf) + qf) as u8;
+                (c, (i32::from(c).wrapping_sub(q) as f32 * scale) / qf)
+            }
+            _ => {
+                let v = div(x, scale);
+                let c = self.thresholds.iter().filter(|&&t| v >= t).count();
+                (c as u8, self.levels[c] * scale)
+            }
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Which tensors `loftq init` quantizes, and with which quantizer.
 
 use loftq_core::QuantConfig;
-use loftq_core::quant::{BlockSize, GgmlFormat, Scheme};
+pub use loftq_core::quant::{fit_rows, parse_bits, parse_quantizer};
 use serde::{Deserialize, Serialize};
 
 /// Which 2-D weights get an adapter.
@@ -64,55 +64,6 @@ pub fn module_of_weight(name: &str) -> Option<&str> {
     name.strip_suffix(".weight")
 }
 
-/// Parses a quantizer name: `nf2`..`nf8`, `int2`..`int8` (symmetric), `int2-asym`..,
-/// `uniform2`..; `block` elements per block (0 = one block per row), double quantization.
-/// llama.cpp's formats (`q4_0` ... `q8_0`, `iq4_nl`, the K-quants `q4_k`, `q5_k`, `q6_k`) have
-/// their own fixed blocks and `f16` scales: `block` does not apply to them, double
-/// quantization is refused.
-///
-/// # Errors
-/// A message naming the bad value.
-pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConfig, String> {
-    if let Some(format) = GgmlFormat::from_name(s) {
-        if double_quant {
-            return Err(format!(
-                "`{s}` is llama.cpp's format with f16 scales; double quantization does not apply"
-            ));
-        }
-        return Ok(QuantConfig::ggml(format));
-    }
-    let num = |p: &str| -> Result<u8, String> {
-        s.strip_prefix(p)
-            .and_then(|r| r.strip_suffix("-asym").unwrap_or(r).parse().ok())
-            .ok_or_else(|| format!("bad quantizer `{s}`"))
-    };
-    let scheme = if s.starts_with("nf") {
-        Scheme::Nf { bits: num("nf")? }
-    } else if s.starts_with("uniform") {
-        Scheme::UniformCodebook {
-            bits: num("uniform")?,
-        }
-    } else if s.starts_with("int") && s.ends_with("-asym") {
-        Scheme::IntAsym { bits: num("int")? }
-    } else if s.starts_with("int") {
-        Scheme::IntSym { bits: num("int")? }
-    } else {
-        return Err(format!(
-            "bad quantizer `{s}` (nf2..nf8, int2..int8, int2-asym.., uniform2.., {})",
-            GgmlFormat::NAMES
-        ));
-    };
-    let cfg = QuantConfig::new(scheme)
-        .with_block_size(if block == 0 {
-            BlockSize::Row
-        } else {
-            BlockSize::Elements(block)
-        })
-        .with_double_quant(double_quant);
-    cfg.validate().map_err(|e| format!("`{s}`: {e}"))?;
-    Ok(cfg)
-}
-
 /// A per-layer precision rule: layers `from..=to` (or every layer) use `quant`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerRule {
@@ -161,49 +112,6 @@ pub fn parse_layer_bits(
         .collect()
 }
 
-/// Parses a quantizer with its storage: a name as [`parse_bits`] (`nf3`, `int4-asym`), then
-/// optionally `-b<N>` (elements per block) or `-row`, and `-dq` (double quantization), as
-/// [`QuantConfig::label`] writes them: `nf3-b128-dq`. What is not given comes from `block`
-/// and `double_quant`.
-///
-/// # Errors
-/// A message naming the bad value.
-pub fn parse_quantizer(s: &str, block: usize, double_quant: bool) -> Result<QuantConfig, String> {
-    let mut parts: Vec<&str> = s.split('-').collect();
-    let name = match parts.get(1) {
-        Some(&"asym") => format!("{}-asym", parts[0]),
-        _ => parts[0].to_string(),
-    };
-    parts.drain(..name.split('-').count());
-    let (mut block, mut dq) = (block, double_quant);
-    let mut explicit_dq = false;
-    for p in parts {
-        match p {
-            "row" => block = 0,
-            "dq" => {
-                dq = true;
-                explicit_dq = true;
-            }
-            b => {
-                block = b
-                    .strip_prefix('b')
-                    .and_then(|n| n.parse().ok())
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| {
-                        format!("bad quantizer `{s}` (e.g. nf3, nf3-b128, nf3-b64-dq, nf4-row)")
-                    })?;
-            }
-        }
-    }
-    // A label without `-dq` that names its block is complete: no double quantization (the
-    // llama.cpp formats name their block).
-    let fixed_block = GgmlFormat::from_name(&name).is_some();
-    if !explicit_dq && (s.contains("-b") || s.contains("-row") || fixed_block) {
-        dq = false;
-    }
-    parse_bits(&name, block, dq).map_err(|e| e.replace(&format!("`{name}`"), &format!("`{s}`")))
-}
-
 /// The quantizer of tensor `name` `[_, cols]` under `rules`, else `default`, as it applies
 /// to rows of `cols` values ([`fit_rows`]).
 pub fn quant_for(
@@ -224,62 +132,9 @@ pub fn quant_for(
     fit_rows(quant, cols)
 }
 
-/// `quant` as it applies to rows of `cols` values: a K-quant on rows that are not whole
-/// super-blocks of 256 becomes llama.cpp's fallback for it (`q4_k` → `q5_0`, `q5_k` → `q5_1`,
-/// `q6_k` → `q8_0`), as `llama-quantize` does; any other quantizer is unchanged.
-pub fn fit_rows(quant: QuantConfig, cols: usize) -> QuantConfig {
-    match quant.scheme {
-        Scheme::Ggml { format } if format.for_rows(cols) != format => {
-            QuantConfig::ggml(format.fallback())
-        }
-        _ => quant,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_quantizer_labels() {
-        for label in [
-            "nf3-b128-dq",
-            "nf4-b64",
-            "nf2-row",
-            "int4-asym-b32",
-            "int8-row-dq",
-            "q4_0",
-            "q5_1",
-            "q4_k",
-            "q6_k",
-        ] {
-            assert_eq!(parse_quantizer(label, 64, true).unwrap().label(), label);
-        }
-        assert_eq!(
-            parse_quantizer("nf3", 128, true).unwrap().label(),
-            "nf3-b128-dq"
-        );
-        assert_eq!(
-            parse_quantizer("nf3-dq", 64, false).unwrap().label(),
-            "nf3-b64-dq"
-        );
-        assert_eq!(
-            parse_quantizer("int4-asym", 64, false).unwrap().label(),
-            "int4-asym-b64"
-        );
-        // llama.cpp's formats keep their blocks of 32 and refuse double quantization.
-        assert_eq!(parse_bits("q8_0", 128, false).unwrap().label(), "q8_0");
-        assert!(
-            parse_bits("q4_0", 64, true)
-                .unwrap_err()
-                .contains("double quantization")
-        );
-        for bad in [
-            "nf3-b0", "nf3-x", "nf9", "nf3-b", "fp4-b64", "q3_k", "q4_0-dq", "q6_k-dq",
-        ] {
-            assert!(parse_quantizer(bad, 64, false).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn parses_and_applies_layer_rules() {

@@ -24,11 +24,10 @@ use serde::{Deserialize, Serialize};
 use super::data::{Sampling, draw_batch};
 use super::distill::{DistillLoss, check_teacher};
 use super::optim::{AdamW, AdamWConfig, Decay, Schedule};
-use super::run::write_dir_atomic;
 use super::step::{lora_grads, tracked};
 use super::validate::{EvalRecord, Scores, Validation};
 use crate::eval::token_ids;
-use crate::io::{Adapter, AdapterConfig, LoraWeights, write_atomic};
+use crate::io::{Adapter, AdapterConfig, LoraWeights, write_atomic, write_dir_atomic};
 use crate::nn::{DecoderLayer, LINEAR_PATHS, LayerSource, RopeTables, linear_path};
 use crate::{ModelError, Result};
 

@@ -5,8 +5,20 @@ use std::path::{Path, PathBuf};
 use loftq_core::lowrank::Gaussian;
 use serde::{Deserialize, Serialize};
 
-use super::Batch;
 use crate::{ModelError, Result, Tokenizer};
+
+/// Token windows: `batch` rows of `seq` ids. Each position predicts the next one in its row,
+/// so a row gives `seq - 1` predictions (as transformers' causal-LM loss with
+/// `labels = input_ids`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Row-major `[batch, seq]`.
+    pub ids: Vec<u32>,
+    /// Rows.
+    pub batch: usize,
+    /// Tokens per row (at least 2).
+    pub seq: usize,
+}
 
 /// A token stream: each file's tokens followed by the end-of-sequence id, if any.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
-use super::step::Batch;
+use super::data::Batch;
 use crate::eval::token_ids;
 use crate::nn::Llama;
 use crate::{ModelError, Result};

@@ -14,6 +14,8 @@
 //!   positions ([`Validation`]).
 
 pub mod blockwise;
+mod checkpoint;
+mod config;
 pub mod data;
 pub mod distill;
 pub mod optim;
@@ -26,11 +28,11 @@ pub use blockwise::{
     BLOCKWISE_CHECKPOINT, BlockwiseConfig, BlockwiseEvent, BlockwiseReport, Fitted, LayerFit,
     distill_blockwise, fit_layers,
 };
-pub use data::{Sampling, TokenStream};
+pub use checkpoint::latest_checkpoint;
+pub use config::{History, StepRecord, TrainConfig, TrainEvent};
+pub use data::{Batch, Sampling, TokenStream};
 pub use distill::{DistillLoss, Objective, TeacherOutputs, teacher_outputs};
 pub use optim::{AdamW, AdamWConfig, Decay, Schedule};
-pub use run::{
-    History, StepRecord, TrainConfig, TrainEvent, distill_on, latest_checkpoint, train, train_on,
-};
-pub use step::{Batch, Recompute, StepGrads, distill_loss_and_grads, loss_and_grads};
+pub use run::{distill_on, train, train_on};
+pub use step::{Recompute, StepGrads, distill_loss_and_grads, loss_and_grads};
 pub use validate::{EvalRecord, Validation};

@@ -10,8 +10,9 @@
 
 use burn::tensor::Tensor;
 
+use super::data::Batch;
 use super::distill::{DistillLoss, teacher_outputs};
-use super::step::{Batch, Recompute, distill_loss_and_grads, loss_and_grads};
+use super::step::{Recompute, distill_loss_and_grads, loss_and_grads};
 use crate::nn::Llama;
 
 /// The teachers of a distillation step: one per model replica, on that replica's device.

@@ -12,22 +12,10 @@ use burn::module::Param;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
 
+use super::data::Batch;
 use super::distill::{TeacherOutputs, distill_loss};
 use crate::eval::token_ids;
 use crate::nn::{Llama, QLinear};
-
-/// Token windows: `batch` rows of `seq` ids. Each position predicts the next one in its row,
-/// so a row gives `seq - 1` predictions (as transformers' causal-LM loss with
-/// `labels = input_ids`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Batch {
-    /// Row-major `[batch, seq]`.
-    pub ids: Vec<u32>,
-    /// Rows.
-    pub batch: usize,
-    /// Tokens per row (at least 2).
-    pub seq: usize,
-}
 
 /// The loss and the gradient of every trainable LoRA factor.
 #[derive(Debug)]

@@ -1,0 +1,428 @@
+//! [`LlamaConfig`]: the architecture, read straight from a Hugging Face `config.json`.
+//!
+//! Both spellings of the rotary settings are accepted: transformers 4 (`rope_theta` and
+//! `rope_scaling` at the top level) and transformers 5 (`rope_parameters`).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{ModelError, Result};
+
+mod names;
+mod rope;
+mod window;
+
+pub use names::{LINEAR_PATHS, decoder_linear_paths, linear_path};
+use rope::parse_rope;
+pub use rope::{RopeConfig, RopeScaling, inv_freq};
+pub use window::SlidingWindow;
+use window::sliding_window;
+
+/// The model families this crate runs; they share the Llama block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Llama 2/3, SmolLM2, TinyLlama and other `LlamaForCausalLM` checkpoints.
+    Llama,
+    /// Mistral (sliding-window attention on every layer when `sliding_window` is set).
+    Mistral,
+    /// Qwen2: biases on `q_proj`, `k_proj` and `v_proj`.
+    Qwen2,
+}
+
+/// The architecture of a Llama-family causal LM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Which family (decides the q/k/v biases).
+    pub family: Family,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary settings.
+    pub rope: RopeConfig,
+    /// `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Biases on `q_proj`, `k_proj`, `v_proj` (and `o_proj` when `attention_bias` is set).
+    pub qkv_bias: bool,
+    /// Bias on `o_proj`.
+    pub o_bias: bool,
+    /// Biases in the MLP projections.
+    pub mlp_bias: bool,
+    /// Longest context the checkpoint declares.
+    pub max_position_embeddings: usize,
+    /// Beginning-of-sequence token, if declared.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token, if declared.
+    pub eos_token_id: Option<u32>,
+    /// Sliding-window attention on some layers (Mistral, Qwen2's `use_sliding_window`), or
+    /// `None` for full causal attention everywhere.
+    #[serde(default)]
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    max_position_embeddings: Option<usize>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
+}
+
+impl LlamaConfig {
+    /// Reads `config.json`.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] if the file cannot be read, [`ModelError::Format`] if it is not a
+    /// Llama-family config this crate supports.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json(&text).map_err(|msg| ModelError::format(path, msg))
+    }
+
+    /// Parses the text of a `config.json`.
+    ///
+    /// # Errors
+    /// A message naming the missing or unsupported field.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("bad config: {e}"))?;
+        let family = match raw.model_type.as_deref() {
+            Some("llama") | None => Family::Llama,
+            Some("mistral") => Family::Mistral,
+            Some("qwen2") => Family::Qwen2,
+            Some(other) => {
+                return Err(format!(
+                    "model_type `{other}` is not supported (llama, mistral, qwen2)"
+                ));
+            }
+        };
+        // Settings that change the computation and are not implemented are refused.
+        if let Some(act) = raw
+            .hidden_act
+            .as_deref()
+            .filter(|a| !matches!(*a, "silu" | "swish"))
+        {
+            return Err(format!("hidden_act `{act}` is not supported (silu)"));
+        }
+        let max_positions = raw.max_position_embeddings.unwrap_or(2048);
+        let sliding_window = sliding_window(family, &raw)?;
+        let heads = raw.num_attention_heads;
+        let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            ));
+        }
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(format!("head_dim {head_dim} must be even and positive"));
+        }
+        let rope = parse_rope(raw.rope_theta, raw.rope_scaling, raw.rope_parameters)?;
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let config = Self {
+            family,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: attention_bias || family == Family::Qwen2,
+            o_bias: attention_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            max_position_embeddings: max_positions,
+            bos_token_id: first_id(raw.bos_token_id),
+            eos_token_id: first_id(raw.eos_token_id),
+            sliding_window,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// `self`, if [`validate`](Self::validate) passes.
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate).
+    pub fn validated(self) -> Result<Self, String> {
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks the values a model is built from, before anything is sized by them: positive
+    /// sizes (zero decoder layers is a valid, if degenerate, model), whole groups of heads, an even head width, products that fit a `usize`, a
+    /// finite positive norm epsilon and rotary base (read from `config.json` or a GGUF file).
+    ///
+    /// # Errors
+    /// A message naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} is 0"));
+        }
+        let (heads, kv) = (self.num_attention_heads, self.num_key_value_heads);
+        if !heads.is_multiple_of(kv) {
+            return Err(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            ));
+        }
+        let d = self.head_dim;
+        if d == 0 || !d.is_multiple_of(2) {
+            return Err(format!("head_dim {d} must be even and positive"));
+        }
+        let products = [
+            heads.checked_mul(d),
+            self.vocab_size.checked_mul(self.hidden_size),
+            self.intermediate_size.checked_mul(self.hidden_size),
+        ];
+        if products
+            .iter()
+            .any(|p| p.and_then(|n| n.checked_mul(4)).is_none())
+        {
+            return Err(format!(
+                "sizes too large: {heads} heads × {d}, vocabulary {} × {}, MLP {} × {}",
+                self.vocab_size, self.hidden_size, self.intermediate_size, self.hidden_size
+            ));
+        }
+        let eps = self.rms_norm_eps;
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(format!("rms_norm_eps {eps} must be a positive number"));
+        }
+        let theta = self.rope.theta;
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("rope_theta {theta} must be a positive number"));
+        }
+        Ok(())
+    }
+
+    /// The attention window of decoder layer `layer`, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|w| layer >= w.first_layer)
+            .map(|w| w.size)
+    }
+
+    /// The tensor the last decoder layer must have (`None` with no layers): a checkpoint
+    /// without it has fewer layers than `num_hidden_layers` says.
+    pub fn last_layer_tensor(&self) -> Option<String> {
+        let last = self.num_hidden_layers.checked_sub(1)?;
+        Some(format!("model.layers.{last}.input_layernorm.weight"))
+    }
+
+    /// The `[out, in]` shape of a decoder layer's linear weight `model.layers.N.<path>.weight`
+    /// (`path` one of [`LINEAR_PATHS`]); `None` for other names.
+    pub fn linear_shape(&self, name: &str) -> Option<[usize; 2]> {
+        let (h, inter) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
+        Some(match path.strip_suffix(".weight")? {
+            "self_attn.q_proj" => [q, h],
+            "self_attn.k_proj" | "self_attn.v_proj" => [kv, h],
+            "self_attn.o_proj" => [h, q],
+            "mlp.gate_proj" | "mlp.up_proj" => [inter, h],
+            "mlp.down_proj" => [h, inter],
+            _ => return None,
+        })
+    }
+
+    /// The transformers-4 style `config.json` of this architecture (also read by
+    /// transformers 5).
+    pub fn to_hf_json(&self) -> Value {
+        let (model_type, arch) = match self.family {
+            Family::Llama => ("llama", "LlamaForCausalLM"),
+            Family::Mistral => ("mistral", "MistralForCausalLM"),
+            Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        };
+        let rope_scaling = match &self.rope.scaling {
+            RopeScaling::None => Value::Null,
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        });
+        if let Some(w) = self.sliding_window {
+            v["sliding_window"] = w.size.into();
+            if self.family == Family::Qwen2 {
+                v["use_sliding_window"] = true.into();
+                v["max_window_layers"] = w.first_layer.into();
+            }
+        }
+        v
+    }
+}
+
+fn first_id(v: Option<Value>) -> Option<u32> {
+    match v? {
+        Value::Number(n) => n.as_u64().and_then(|x| u32::try_from(x).ok()),
+        Value::Array(items) => items.first().and_then(|x| x.as_u64())?.try_into().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) const BASE: &str = r#""vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4"#;
+
+    #[test]
+    fn transformers_4_and_5_spellings_agree() {
+        let v4 = format!(
+            r#"{{{BASE}, "rope_theta": 500000.0, "rope_scaling": {{"rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}}}"#
+        );
+        let v5 = format!(
+            r#"{{{BASE}, "rope_parameters": {{"rope_type": "llama3", "rope_theta": 500000.0,
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}}}"#
+        );
+        let a = LlamaConfig::from_json(&v4).unwrap();
+        let b = LlamaConfig::from_json(&v5).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.rope.theta, 500000.0);
+        assert!(matches!(
+            a.rope.scaling,
+            RopeScaling::Llama3 { factor: 8.0, .. }
+        ));
+        assert_eq!(a.head_dim, 16);
+        assert_eq!(a.num_key_value_heads, 4);
+        // Our own output reads back to the same architecture.
+        let c = LlamaConfig::from_json(&a.to_hf_json().to_string()).unwrap();
+        assert_eq!(a, c);
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_run() {
+        let bad_type = format!(r#"{{{BASE}, "model_type": "gpt2"}}"#);
+        assert!(
+            LlamaConfig::from_json(&bad_type)
+                .unwrap_err()
+                .contains("gpt2")
+        );
+        let bad_rope =
+            format!(r#"{{{BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 2}}}}"#);
+        assert!(
+            LlamaConfig::from_json(&bad_rope)
+                .unwrap_err()
+                .contains("yarn")
+        );
+        let bad_heads = format!(r#"{{{BASE}, "num_key_value_heads": 3}}"#);
+        assert!(LlamaConfig::from_json(&bad_heads).is_err());
+        assert!(LlamaConfig::from_json("{").is_err());
+        // Sizes whose products overflow, an odd head width, a non-positive epsilon: refused
+        // before anything is allocated from them.
+        let huge = r#"{"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 4611686018427387904}"#;
+        assert!(
+            LlamaConfig::from_json(huge)
+                .unwrap_err()
+                .contains("too large")
+        );
+        let odd = format!(r#"{{{BASE}, "head_dim": 15}}"#);
+        assert!(
+            LlamaConfig::from_json(&odd)
+                .unwrap_err()
+                .contains("head_dim 15")
+        );
+        let eps = format!(r#"{{{BASE}, "rms_norm_eps": -1e-6}}"#);
+        assert!(
+            LlamaConfig::from_json(&eps)
+                .unwrap_err()
+                .contains("rms_norm_eps")
+        );
+        let zero =
+            format!(r#"{{{BASE}, "vocab_size": 0}}"#).replacen("\"vocab_size\": 256, ", "", 1);
+        assert!(
+            LlamaConfig::from_json(&zero)
+                .unwrap_err()
+                .contains("vocab_size is 0")
+        );
+        // Values from a GGUF file go through the same check.
+        let mut c = LlamaConfig::from_json(&format!("{{{BASE}}}")).unwrap();
+        c.rope.theta = f64::NAN;
+        assert!(c.validate().unwrap_err().contains("rope_theta"));
+        c.rope.theta = 1e4;
+        c.head_dim = 7;
+        assert!(c.validate().is_err());
+        let qwen = format!(r#"{{{BASE}, "model_type": "qwen2"}}"#);
+        assert!(LlamaConfig::from_json(&qwen).unwrap().qkv_bias);
+    }
+}

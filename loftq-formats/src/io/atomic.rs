@@ -1,0 +1,138 @@
+//! Writes that a reader (or a crash) never sees half done: a file or a directory is written
+//! under a temporary sibling name and renamed into place.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::{ModelError, Result};
+
+/// The temporary name `path` is written under before the rename into place.
+pub(crate) fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.unwrap_or_default(),
+        std::process::id()
+    ))
+}
+
+/// A file written under its temporary name ([`temp_path`]) and renamed into place by
+/// [`AtomicFile::finish`], so a reader never sees it half-written. Dropped unfinished (an
+/// error, a panic), it removes its temporary. Errors name the final path.
+#[derive(Debug)]
+pub(crate) struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: std::io::BufWriter<File>,
+    renamed: bool,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file of `path`.
+    pub(crate) fn create(path: &Path) -> Result<Self> {
+        let tmp = temp_path(path);
+        let file = File::create(&tmp).map_err(|e| ModelError::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+            out: std::io::BufWriter::with_capacity(1 << 20, file),
+            renamed: false,
+        })
+    }
+
+    /// The final path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `bytes`.
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        self.out
+            .write_all(bytes)
+            .map_err(|e| ModelError::io(&self.path, e))
+    }
+
+    /// Flushes, syncs and renames the file into place.
+    pub(crate) fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        self.out
+            .flush()
+            .map_err(|e| ModelError::io(&self.path, e))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| ModelError::io(&self.path, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| ModelError::io(&self.path, e))?;
+        self.renamed = true;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+///
+/// # Errors
+/// [`ModelError::Io`]; the temporary file is removed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    f.write(bytes)?;
+    f.finish()
+}
+
+/// Fills directory `out` through `fill`, which is given a fresh temporary sibling, then puts it
+/// in place. An existing `out` is replaced: on Linux the two are swapped in one step
+/// (`renameat2` with `RENAME_EXCHANGE`), elsewhere, or where the file system refuses the swap,
+/// the old one is first renamed aside. A crash leaves `out` old or new, and at worst a hidden
+/// temporary beside it; a failure of `fill` leaves `out` as it was.
+///
+/// # Errors
+/// Those of `fill`, and [`ModelError::Io`] for the directories; the temporary is removed.
+pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(out);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    let result =
+        fill(&tmp).and_then(|()| replace_dir(&tmp, out).map_err(|e| ModelError::io(out, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Moves directory `new` to `out`, replacing what is there; `new` is gone afterwards.
+fn replace_dir(new: &Path, out: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(out).is_err() {
+        return std::fs::rename(new, out);
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use rustix::fs::{CWD, RenameFlags, renameat_with};
+        if renameat_with(CWD, new, CWD, out, RenameFlags::EXCHANGE).is_ok() {
+            // `new` now holds the old directory.
+            let _ = std::fs::remove_dir_all(new);
+            return Ok(());
+        }
+    }
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
+    let old = out.with_file_name(format!(
+        ".{}.old-{}",
+        name.unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&old);
+    std::fs::rename(out, &old)?;
+    if let Err(e) = std::fs::rename(new, out) {
+        let _ = std::fs::rename(&old, out);
+        return Err(e);
+    }
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! `loftq train`'s checkpoints: `out/checkpoint-N/` with the adapter, AdamW's moments and the
+//! trainer state, written atomically; the newest is found and read back for an exact resume.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Tensor, TensorData};
+use loftq_core::quant::host_f32;
+use serde::{Deserialize, Serialize};
+
+use super::config::{History, TrainConfig};
+use super::optim::AdamW;
+use crate::io::{
+    AdapterConfig, Checkpoint, OutTensor, write_atomic, write_dir_atomic, write_safetensors,
+};
+use crate::nn::Llama;
+use crate::{ModelError, Result};
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct TrainerState {
+    pub(super) step: usize,
+    pub(super) config: TrainConfig,
+    pub(super) history: History,
+}
+
+const STATE: &str = "trainer_state.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+
+/// The checkpoint directory with the most steps under `out`, if any.
+///
+/// # Errors
+/// [`ModelError::Io`] if `out` cannot be listed.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
+    let found = match checkpoints(out) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ModelError::io(out, e)),
+    };
+    Ok(found
+        .into_iter()
+        .rev()
+        .map(|(_, p)| p)
+        .find(|p| p.join(STATE).is_file()))
+}
+
+/// The `checkpoint-N` directories under `out`, by ascending `N`.
+fn checkpoints(out: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(out)?
+        .flatten()
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+pub(super) fn save_checkpoint(
+    out: &Path,
+    model: &Llama,
+    template: &AdapterConfig,
+    opt: &AdamW,
+    cfg: &TrainConfig,
+    step: usize,
+    history: &History,
+) -> Result<PathBuf> {
+    let dir = out.join(format!("checkpoint-{step}"));
+    write_dir_atomic(&dir, |tmp| {
+        let adapter = model.adapter(template.clone()).expect("has adapters");
+        adapter.write(tmp)?;
+        let mut tensors = BTreeMap::new();
+        for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+            tensors.insert(
+                format!("m.{i}"),
+                OutTensor::f32(m.dims().to_vec(), &host_f32(m)),
+            );
+            tensors.insert(
+                format!("v.{i}"),
+                OutTensor::f32(v.dims().to_vec(), &host_f32(v)),
+            );
+        }
+        let meta = [("adamw_step".to_string(), opt.step.to_string())].into();
+        write_safetensors(&tmp.join(OPTIMIZER), &tensors, Some(meta))?;
+        let state = TrainerState {
+            step,
+            config: cfg.clone(),
+            history: history.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state).expect("state serializes");
+        write_atomic(&tmp.join(STATE), json.as_bytes())
+    })?;
+    prune_checkpoints(out, cfg.keep_checkpoints.max(1));
+    Ok(dir)
+}
+
+pub(super) fn load_checkpoint(
+    dir: &Path,
+    model: &mut Llama,
+    opt: &mut AdamW,
+    cfg: &TrainConfig,
+) -> Result<TrainerState> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| ModelError::format(&path, format!("bad trainer state: {e}")))?;
+    if !state.config.same_run(cfg) {
+        return Err(ModelError::Invalid(format!(
+            "{} was written with other training options ({:?}); resume with the same options or \
+             use another --out",
+            dir.display(),
+            state.config
+        )));
+    }
+    // The step is the directory's own (`checkpoint-N`) and within the run.
+    let named = dir.file_name().and_then(|n| {
+        n.to_str()?
+            .strip_prefix("checkpoint-")?
+            .parse::<usize>()
+            .ok()
+    });
+    if named != Some(state.step) || state.step > cfg.steps {
+        return Err(ModelError::format(
+            &path,
+            format!(
+                "step {} does not match the directory or lies past --steps {}",
+                state.step, cfg.steps
+            ),
+        ));
+    }
+    let adapter = crate::io::Adapter::read(dir)?;
+    let device = model.embed_tokens.device();
+    let mut params = Vec::new();
+    for (p, lin) in model.linears() {
+        if lin.lora.is_none() {
+            continue;
+        }
+        let w = adapter.modules.get(&p).ok_or_else(|| {
+            ModelError::format(dir, format!("the checkpoint has no factors for `{p}`"))
+        })?;
+        for t in [&w.a, &w.b] {
+            params.push(Tensor::<2>::from_data(
+                TensorData::new(t.data.clone(), t.shape.clone()),
+                &device,
+            ));
+        }
+    }
+    let shapes: Vec<[usize; 2]> = model.lora_params().iter().map(|t| t.dims()).collect();
+    if params.iter().map(|t| t.dims()).ne(shapes.iter().copied()) {
+        return Err(ModelError::format(
+            dir,
+            "the checkpoint's factors do not fit the model",
+        ));
+    }
+    model.set_lora_params(params);
+    let opath = dir.join(OPTIMIZER);
+    let ck = Checkpoint::open(&opath)?;
+    let load = |name: String, shape: [usize; 2]| -> Result<Tensor<2>> {
+        let t = ck.shaped(&name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(t.data, t.shape), &device))
+    };
+    for (i, &shape) in shapes.iter().enumerate() {
+        opt.m[i] = load(format!("m.{i}"), shape)?;
+        opt.v[i] = load(format!("v.{i}"), shape)?;
+    }
+    opt.step = ck
+        .metadata()
+        .get("adamw_step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ModelError::format(&opath, "no adamw_step in the metadata"))?;
+    Ok(state)
+}
+
+fn prune_checkpoints(out: &Path, keep: usize) {
+    let Ok(found) = checkpoints(out) else {
+        return;
+    };
+    let drop = found.len().saturating_sub(keep);
+    for (_, p) in found.into_iter().take(drop) {
+        let _ = std::fs::remove_dir_all(p);
+    }
+}

@@ -1,0 +1,329 @@
+//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2) with Hugging Face module
+//! names, so that HF checkpoints and PEFT adapters map by name.
+
+use burn::module::{Module, Param};
+use burn::tensor::{Int, Tensor};
+
+use super::Output;
+use super::{Attention, Mlp, QLinear, RopeTables};
+use loftq_formats::config::{LINEAR_PATHS, LlamaConfig, linear_path};
+
+/// Which input each of [`LINEAR_PATHS`] reads, as the group index of
+/// [`DecoderLayer::forward_observed`]: q/k/v share the normalized input, gate/up too.
+pub const INPUT_GROUPS: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
+
+/// RMSNorm: `x / √(mean(x²) + ε) · weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// `[hidden]` (frozen).
+    pub weight: Tensor<1>,
+    /// ε.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Normalizes the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        #[cfg(feature = "flex")]
+        if let Some(y) = super::cpu_fused::rms_norm(&x, &self.weight, self.eps) {
+            return y;
+        }
+        self.forward_generic(x)
+    }
+
+    /// [`Self::forward`] in Burn's generic ops (every back end but the CPU's).
+    pub(crate) fn forward_generic<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let rms = x
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt();
+        x.div(rms) * self.weight.clone().unsqueeze()
+    }
+}
+
+/// `model.layers.N`: pre-norm attention and MLP with residual connections.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// `input_layernorm`.
+    pub input_layernorm: RmsNorm,
+    /// `self_attn`.
+    pub self_attn: Attention,
+    /// `post_attention_layernorm`.
+    pub post_attention_layernorm: RmsNorm,
+    /// `mlp`.
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
+        self.forward_as(x, rope, Output::Value)
+    }
+
+    /// A tensor with [`forward`](Self::forward)'s graph, for the backward pass of a layer
+    /// whose output is known already (gradient checkpointing). The MLP's last product, whose
+    /// output only joins the residual, is skipped on the CPU back end, so the values are not
+    /// the layer's output. The gradients of `(y·g).sum()` for a fixed `g` are exact, as they
+    /// do not depend on `y`'s values.
+    pub fn forward_for_gradient(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
+        self.forward_as(x, rope, Output::GradientOnly)
+    }
+
+    fn forward_as(&self, x: Tensor<3>, rope: &RopeTables, output: Output) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope);
+        h.clone()
+            + self
+                .mlp
+                .forward_as(self.post_attention_layernorm.forward(h), output)
+    }
+
+    /// [`forward`](Self::forward), handing the input of each group of linear layers to
+    /// `observe` as `[batch·seq, in]`: the group index is [`INPUT_GROUPS`]'s (0: q/k/v, 1:
+    /// o_proj, 2: gate/up, 3: down_proj). Calibration reads its statistics from here.
+    pub fn forward_observed(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        observe: &mut dyn FnMut(usize, Tensor<2>),
+    ) -> Tensor<3> {
+        let (h, act) = self.observed(x, rope, observe);
+        h + self.mlp.down_proj.forward(act)
+    }
+
+    /// [`forward_observed`](Self::forward_observed) without the layer's output: it stops
+    /// after observing down_proj's input (a quarter of the products fewer).
+    pub fn observe_inputs(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        observe: &mut dyn FnMut(usize, Tensor<2>),
+    ) {
+        self.observed(x, rope, observe);
+    }
+
+    /// The residual stream after attention and down_proj's input, every group's input
+    /// observed on the way.
+    fn observed(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        observe: &mut dyn FnMut(usize, Tensor<2>),
+    ) -> (Tensor<3>, Tensor<3>) {
+        let flat = |t: &Tensor<3>| {
+            let [b, s, w] = t.dims();
+            t.clone().reshape([b * s, w])
+        };
+        let a = &self.self_attn;
+        let xn = self.input_layernorm.forward(x.clone());
+        observe(0, flat(&xn));
+        let q = a.q_proj.forward(xn.clone());
+        let k = a.k_proj.forward(xn.clone());
+        let v = a.v_proj.forward(xn);
+        let att = super::attention::attend([q, k, v], rope, [a.heads, a.kv_heads], a.window);
+        observe(1, flat(&att));
+        let h = x + a.o_proj.forward(att);
+        let hn = self.post_attention_layernorm.forward(h.clone());
+        observe(2, flat(&hn));
+        let m = &self.mlp;
+        let act = super::mlp::silu_mul(m.gate_proj.forward(hn.clone()), m.up_proj.forward(hn));
+        observe(3, flat(&act));
+        (h, act)
+    }
+
+    /// The seven linear layers, in [`LINEAR_PATHS`] order.
+    pub fn linears(&self) -> [&QLinear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// The seven linear layers, mutably, in [`LINEAR_PATHS`] order.
+    pub fn linears_mut(&mut self) -> [&mut QLinear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+}
+
+/// `LlamaForCausalLM`: embeddings, decoder layers, final norm, LM head.
+#[derive(Module, Debug)]
+pub struct Llama {
+    /// `model.embed_tokens.weight` `[vocab, hidden]` (frozen).
+    pub embed_tokens: Tensor<2>,
+    /// `model.layers`.
+    pub layers: Vec<DecoderLayer>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head`; `None` when tied to the embeddings.
+    pub lm_head: Option<QLinear>,
+    /// The architecture.
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+impl Llama {
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (positions `0..seq`, causal,
+    /// no padding).
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.head(self.hidden_states(ids))
+    }
+
+    /// The final normalized hidden states `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let rope = self.rope(ids.dims()[1]);
+        let mut h = self.embed(ids);
+        for layer in &self.layers {
+            h = layer.forward(h, &rope);
+        }
+        self.norm.forward(h)
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` for ids `[batch, seq]`.
+    pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [b, s] = ids.dims();
+        let hidden = self.embed_tokens.dims()[1];
+        self.embed_tokens
+            .clone()
+            .select(0, ids.reshape([b * s]))
+            .reshape([b, s, hidden])
+    }
+
+    /// The rotary tables for positions `0..seq`.
+    pub fn rope(&self, seq: usize) -> RopeTables {
+        let device = self.embed_tokens.device();
+        RopeTables::new(&self.config.rope, self.config.head_dim, seq, &device)
+    }
+
+    /// The mean negative log-likelihood of `targets` (one per position) from normalized hidden
+    /// states `h [batch, seq, hidden]`, in one host pass that never holds the whole logits:
+    /// the CPU back end with a head that has no adapter and no bias. `None` otherwise.
+    pub fn fused_head_nll(&self, h: &Tensor<3>, targets: &[u32]) -> Option<Tensor<1>> {
+        #[cfg(feature = "flex")]
+        {
+            let w = match &self.lm_head {
+                None => super::cpu_fused::Host::of_plain(&self.embed_tokens)?,
+                Some(head)
+                    if head.bias.is_none() && (head.lora.is_none() || !head.adapter_enabled) =>
+                {
+                    head.host_weight()?
+                }
+                Some(_) => return None,
+            };
+            super::cpu_fused::head_nll(h, &w, targets)
+        }
+        #[cfg(not(feature = "flex"))]
+        {
+            let _ = (h, targets);
+            None
+        }
+    }
+
+    /// The LM head (or the tied embeddings) on normalized hidden states: logits
+    /// `[batch, seq, vocab]`.
+    pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
+        let [b, s, hidden] = h.dims();
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => {
+                let vocab = self.embed_tokens.dims()[0];
+                super::qlinear::dense_product(h.reshape([b * s, hidden]), &self.embed_tokens)
+                    .reshape([b, s, vocab])
+            }
+        }
+    }
+
+    /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`, ...), in
+    /// checkpoint order; the LM head last if untied.
+    pub fn linears(&self) -> Vec<(String, &QLinear)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, lin) in LINEAR_PATHS.iter().zip(l.linears()) {
+                v.push((linear_path(i, name), lin));
+            }
+        }
+        if let Some(head) = &self.lm_head {
+            v.push(("lm_head".to_string(), head));
+        }
+        v
+    }
+
+    /// Every decoder linear layer, mutably, with its module path (the LM head excluded).
+    pub fn decoder_linears_mut(&mut self) -> Vec<(String, &mut QLinear)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for (name, lin) in LINEAR_PATHS.iter().zip(l.linears_mut()) {
+                v.push((linear_path(i, name), lin));
+            }
+        }
+        v
+    }
+
+    /// The LoRA factors `[A, B]` of every adapted layer, in [`Llama::linears`] order: the
+    /// trainable parameters.
+    pub fn lora_params(&self) -> Vec<Tensor<2>> {
+        self.linears()
+            .into_iter()
+            .filter_map(|(_, lin)| lin.lora.as_ref())
+            .flat_map(|l| [l.a.val(), l.b.val()])
+            .collect()
+    }
+
+    /// Replaces the LoRA factors, given in [`Llama::lora_params`] order.
+    ///
+    /// # Panics
+    /// If `params` does not hold one tensor of the same shape for each factor.
+    pub fn set_lora_params(&mut self, params: Vec<Tensor<2>>) {
+        let mut it = params.into_iter();
+        for lin in self.all_linears_mut() {
+            let Some(lora) = &mut lin.lora else { continue };
+            for p in [&mut lora.a, &mut lora.b] {
+                let t = it.next().expect("one tensor per LoRA factor");
+                assert_eq!(t.dims(), p.dims(), "LoRA factor shape changed");
+                *p = Param::initialized(p.id, t);
+            }
+        }
+        assert!(it.next().is_none(), "more tensors than LoRA factors");
+    }
+
+    /// Sets the dropout seed of every adapter (`None`: no dropout). Each layer gets its own
+    /// seed derived from `seed` and its position.
+    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
+        for (i, lin) in self.all_linears_mut().enumerate() {
+            lin.dropout_seed = seed.map(|s| s ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+    }
+
+    /// Every linear layer, mutably, in [`Llama::linears`] order (the LM head last).
+    fn all_linears_mut(&mut self) -> impl Iterator<Item = &mut QLinear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .chain(self.lm_head.as_mut())
+    }
+
+    /// Turns every adapter on or off (off: the base model alone).
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for lin in self.all_linears_mut() {
+            lin.adapter_enabled = enabled;
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! Building a [`Llama`] from a checkpoint: dense or packed bases, optional quantization on
+//! load, optional PEFT adapter.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use loftq_core::quant::PackedTensor;
+use loftq_core::{QuantConfig, Quantizer};
+
+use super::{
+    Attention, BaseWeight, DecoderLayer, Llama, LoraAdapter, Mlp, PackedWeight, QLinear, RmsNorm,
+    decoder_linear_paths,
+};
+use loftq_formats::config::LlamaConfig;
+use loftq_formats::io::{Adapter, HostTensor, TensorSource, is_gguf, open_source};
+use loftq_formats::{ModelError, Result};
+
+/// The linear layers of a decoder block, as PEFT's `target_modules` names them.
+pub const LINEAR_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// How to build the model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions<'a> {
+    /// Quantize every dense decoder linear weight with this configuration and hold it packed
+    /// (weights already packed in the checkpoint are used as they are).
+    pub quantize: Option<QuantConfig>,
+    /// The adapter to attach; every module it names must exist in the model.
+    pub adapter: Option<&'a Adapter>,
+}
+
+/// Builds the model described by `config` from `source` on `device`.
+///
+/// # Errors
+/// [`ModelError`] naming the file and tensor when a tensor is missing, has the wrong shape,
+/// or an adapter module does not match a linear layer of the model.
+pub fn load_model(
+    config: &LlamaConfig,
+    source: &dyn TensorSource,
+    device: &Device,
+    opts: &LoadOptions,
+) -> Result<Llama> {
+    let mut b = Builder::new(source, device, opts);
+    // Not sized from the file: a config may claim more layers than it has tensors for.
+    let mut layers = Vec::new();
+    for i in 0..config.num_hidden_layers {
+        layers.push(b.layer(config, i)?);
+    }
+    let mut model = b.ends(config)?;
+    check_adapter_used(opts, |k| b.used.contains(k))?;
+    model.layers = layers;
+    Ok(model)
+}
+
+/// Builds the ends of the model alone: the embedding, final norm and head, with no decoder
+/// layer; [`load_layer`] reads those one at a time. Every module the adapter names must be the
+/// head or a decoder linear layer of `config`.
+///
+/// # Errors
+/// As [`load_model`].
+pub fn load_ends(
+    config: &LlamaConfig,
+    source: &dyn TensorSource,
+    device: &Device,
+    opts: &LoadOptions,
+) -> Result<Llama> {
+    let mut b = Builder::new(source, device, opts);
+    let model = b.ends(config)?;
+    let layers: BTreeSet<String> = decoder_linear_paths(config.num_hidden_layers).collect();
+    check_adapter_used(opts, |k| b.used.contains(k) || layers.contains(k))?;
+    Ok(model)
+}
+
+/// Builds decoder layer `i` alone (dense or packed bases as stored, quantized and adapted as
+/// `opts` says): the layer-by-layer passes hold one layer at a time.
+///
+/// # Errors
+/// As [`load_model`].
+pub fn load_layer(
+    config: &LlamaConfig,
+    source: &dyn TensorSource,
+    i: usize,
+    device: &Device,
+    opts: &LoadOptions,
+) -> Result<DecoderLayer> {
+    let mut b = Builder::new(source, device, opts);
+    b.layer(config, i)
+}
+
+/// An adapter module that `used` does not accept is an error.
+fn check_adapter_used(opts: &LoadOptions, used: impl Fn(&str) -> bool) -> Result<()> {
+    if let Some(adapter) = opts.adapter
+        && let Some(extra) = adapter.modules.keys().find(|k| !used(k))
+    {
+        return Err(ModelError::Invalid(format!(
+            "the adapter has factors for `{extra}`, which is not a linear layer of this model"
+        )));
+    }
+    Ok(())
+}
+
+/// Loads a pretrained model: an HF-style directory (`config.json` + safetensors, dense or
+/// our packed format) or a llama.cpp `.gguf` file, and, if given, the PEFT adapter
+/// directory `adapter`.
+///
+/// # Errors
+/// As [`load_pretrained_with`] and [`Adapter::read`].
+pub fn load_pretrained(path: &Path, adapter: Option<&Path>, device: &Device) -> Result<Llama> {
+    let adapter = adapter.map(Adapter::read).transpose()?;
+    let opts = LoadOptions {
+        quantize: None,
+        adapter: adapter.as_ref(),
+    };
+    load_pretrained_with(path, device, &opts)
+}
+
+/// Loads a pretrained model (an HF-style directory or a `.gguf` file, as
+/// [`load_pretrained`]) built as `opts` says.
+///
+/// # Errors
+/// As [`load_model`], [`LlamaConfig::from_file`] and [`open_source`].
+pub fn load_pretrained_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Llama> {
+    let (config, source) = open_pretrained(path)?;
+    load_model(&config, source.as_ref(), device, opts)
+}
+
+/// The architecture and tensors of a pretrained model (an HF-style directory or a `.gguf`
+/// file), checked against each other, nothing loaded yet.
+///
+/// # Errors
+/// As [`LlamaConfig::from_file`] and [`open_source`]; a config that claims more layers than
+/// the checkpoint has.
+pub fn open_pretrained(path: &Path) -> Result<(LlamaConfig, Box<dyn TensorSource>)> {
+    // An HF directory's config.json is read before its weights: its error is the clearer
+    // one for a directory that is not a model.
+    let hf_config = match is_gguf(path) {
+        true => None,
+        false => Some(LlamaConfig::from_file(&path.join("config.json"))?),
+    };
+    let source = open_source(path)?;
+    let config = match (hf_config, source.llama_config()) {
+        (Some(c), _) => {
+            // A layer count beyond the checkpoint's is the config's error, said as such.
+            if let Some(name) = c.last_layer_tensor()
+                && source.shape(&name).is_err()
+            {
+                return Err(ModelError::format(
+                    &path.join("config.json"),
+                    format!(
+                        "num_hidden_layers is {}, but the checkpoint has no `{name}`",
+                        c.num_hidden_layers
+                    ),
+                ));
+            }
+            c
+        }
+        (None, Some(c)) => c.clone(),
+        (None, None) => unreachable!("GGUF sources carry their architecture"),
+    };
+    Ok((config, source))
+}
+
+struct Builder<'a> {
+    source: &'a dyn TensorSource,
+    device: &'a Device,
+    opts: &'a LoadOptions<'a>,
+    used: BTreeSet<String>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(source: &'a dyn TensorSource, device: &'a Device, opts: &'a LoadOptions<'a>) -> Self {
+        Builder {
+            source,
+            device,
+            opts,
+            used: BTreeSet::new(),
+        }
+    }
+
+    /// The model without its decoder layers.
+    fn ends(&mut self, c: &LlamaConfig) -> Result<Llama> {
+        let h = c.hidden_size;
+        let embed_tokens = self.dense("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(self.linear("lm_head", [c.vocab_size, h], false, false)?)
+        };
+        let norm = self.norm("model.norm", h, c.rms_norm_eps)?;
+        Ok(Llama {
+            embed_tokens,
+            layers: Vec::new(),
+            norm,
+            lm_head,
+            config: c.clone(),
+        })
+    }
+
+    fn layer(&mut self, c: &LlamaConfig, i: usize) -> Result<DecoderLayer> {
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let p = format!("model.layers.{i}");
+        let q = c.num_attention_heads * d;
+        let kv = c.num_key_value_heads * d;
+        let inter = c.intermediate_size;
+        Ok(DecoderLayer {
+            input_layernorm: self.norm(&format!("{p}.input_layernorm"), h, c.rms_norm_eps)?,
+            self_attn: Attention {
+                q_proj: self.linear(&format!("{p}.self_attn.q_proj"), [q, h], c.qkv_bias, true)?,
+                k_proj: self.linear(&format!("{p}.self_attn.k_proj"), [kv, h], c.qkv_bias, true)?,
+                v_proj: self.linear(&format!("{p}.self_attn.v_proj"), [kv, h], c.qkv_bias, true)?,
+                o_proj: self.linear(&format!("{p}.self_attn.o_proj"), [h, q], c.o_bias, true)?,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: d,
+                window: c.window(i),
+            },
+            post_attention_layernorm: self.norm(
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                c.rms_norm_eps,
+            )?,
+            mlp: Mlp {
+                gate_proj: self.linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    [inter, h],
+                    c.mlp_bias,
+                    true,
+                )?,
+                up_proj: self.linear(&format!("{p}.mlp.up_proj"), [inter, h], c.mlp_bias, true)?,
+                down_proj: self.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    [h, inter],
+                    c.mlp_bias,
+                    true,
+                )?,
+            },
+        })
+    }
+
+    fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(t.data, t.shape), self.device)
+    }
+
+    fn dense<const D: usize>(&self, name: &str, shape: &[usize]) -> Result<Tensor<D>> {
+        Ok(self.upload(self.source.shaped(name, shape)?))
+    }
+
+    fn norm(&self, path: &str, hidden: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.dense(&format!("{path}.weight"), &[hidden])?,
+            eps,
+        })
+    }
+
+    fn linear(
+        &mut self,
+        path: &str,
+        shape: [usize; 2],
+        bias: bool,
+        quantizable: bool,
+    ) -> Result<QLinear> {
+        let wname = format!("{path}.weight");
+        let root = self.source.root();
+        let packed = match self.source.packed(&wname)? {
+            Some(p) => Some(p),
+            None => match self.opts.quantize.filter(|_| quantizable) {
+                Some(cfg) => {
+                    let w = self.source.shaped(&wname, &shape)?;
+                    let quant = |e| ModelError::quant(&wname, e);
+                    let q = Quantizer::new(cfg).map_err(quant)?;
+                    let host = q.quantize_host(&w.data, shape).map_err(quant)?;
+                    Some(PackedTensor::pack(&host, cfg))
+                }
+                None => None,
+            },
+        };
+        let base = match packed {
+            Some(p) => {
+                if p.shape != shape {
+                    return Err(ModelError::tensor(
+                        root,
+                        &wname,
+                        format!("packed shape {:?}, expected {shape:?}", p.shape),
+                    ));
+                }
+                let w =
+                    PackedWeight::new(p, self.device).map_err(|e| ModelError::quant(&wname, e))?;
+                BaseWeight::Packed(w)
+            }
+            None => BaseWeight::Dense(self.dense(&wname, &shape)?),
+        };
+        let bias = if bias {
+            Some(self.dense(&format!("{path}.bias"), &[shape[0]])?)
+        } else {
+            None
+        };
+        let lora = match self
+            .opts
+            .adapter
+            .and_then(|a| Some((a, a.modules.get(path)?)))
+        {
+            Some((adapter, w)) => {
+                let r = w.a.shape[0];
+                if w.a.shape != [r, shape[1]] || w.b.shape != [shape[0], r] {
+                    return Err(ModelError::Invalid(format!(
+                        "adapter factors of `{path}` are {:?} and {:?}, the layer is {shape:?}",
+                        w.a.shape, w.b.shape
+                    )));
+                }
+                self.used.insert(path.to_string());
+                let scaling = adapter.config.scaling(path, r);
+                Some(LoraAdapter::new(
+                    self.upload(w.a.clone()),
+                    self.upload(w.b.clone()),
+                    scaling,
+                    adapter.config.lora_dropout,
+                ))
+            }
+            None => None,
+        };
+        Ok(QLinear::new(base).with_bias(bias).with_lora(lora))
+    }
+}

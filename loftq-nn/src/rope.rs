@@ -1,0 +1,61 @@
+//! Rotary position embeddings in Hugging Face's `rotate_half` layout: the first half of each
+//! head is paired with the second half (not adjacent pairs as in llama.cpp).
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use loftq_formats::config::{RopeConfig, inv_freq};
+
+/// `cos` and `sin` tables `[seq, head_dim]` for positions `0..seq` (each half repeated, as
+/// `torch.cat((freqs, freqs), -1)`).
+#[derive(Clone, Debug)]
+pub struct RopeTables {
+    /// `cos(pos · f)`.
+    pub cos: Tensor<2>,
+    /// `sin(pos · f)`.
+    pub sin: Tensor<2>,
+}
+
+impl RopeTables {
+    /// Tables for `seq` positions.
+    pub fn new(rope: &RopeConfig, head_dim: usize, seq: usize, device: &Device) -> Self {
+        Self::positions(rope, head_dim, 0..seq, device)
+    }
+
+    /// Tables for the positions `range` (row `i` is position `range.start + i`): the new
+    /// tokens of a decoding step.
+    pub fn positions(
+        rope: &RopeConfig,
+        head_dim: usize,
+        range: std::ops::Range<usize>,
+        device: &Device,
+    ) -> Self {
+        let freqs = inv_freq(rope, head_dim);
+        let seq = range.len();
+        let mut cos = Vec::with_capacity(seq * head_dim);
+        let mut sin = Vec::with_capacity(seq * head_dim);
+        for pos in range {
+            let angles: Vec<f64> = freqs.iter().map(|f| pos as f64 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos() as f32));
+                sin.extend(angles.iter().map(|a| a.sin() as f32));
+            }
+        }
+        let make = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [seq, head_dim]), device);
+        Self {
+            cos: make(cos),
+            sin: make(sin),
+        }
+    }
+
+    /// Rotates `x` `[batch, heads, seq, head_dim]`: `x·cos + rotate_half(x)·sin`.
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, h, s, d] = x.dims();
+        let half = d / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let cos = self.cos.clone().reshape([1, 1, s, d]).expand([b, h, s, d]);
+        let sin = self.sin.clone().reshape([1, 1, s, d]).expand([b, h, s, d]);
+        x * cos + rotated * sin
+    }
+}
