@@ -314,12 +314,7 @@ pub(crate) fn attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i + seed) * 2_654_435_761) % 10_007) as f32 / 1000.0 - 5.0)
-            .collect()
-    }
+    use crate::cpu_kernels::tests::values;
 
     /// The copies [`multiversion!`] compiles for this CPU give the portable copy's bits.
     #[test]

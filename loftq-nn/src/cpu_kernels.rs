@@ -331,10 +331,11 @@ pub(crate) fn cross_entropy_in(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
+    /// Deterministic test values in `[-5, 5)`.
+    pub(crate) fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
             .map(|i| (((i + seed) * 2_654_435_761) % 10_007) as f32 / 1000.0 - 5.0)
             .collect()

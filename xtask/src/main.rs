@@ -13,10 +13,12 @@
 //!   [`fuzz`]).
 //! - `cargo xtask demo`: `loftq init` at NF2/NF4 with the QLoRA and LoftQ starts on SmolLM2,
 //!   perplexity of each start (a synthetic model when the download is impossible).
+//! - `cargo xtask layout`: the source layout rules of `docs/architecture.md` (see [`layout`]).
 
 mod assets;
 mod demo;
 mod fuzz;
+mod layout;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -293,6 +295,26 @@ fn run_logged(what: &str, cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// `cargo xtask layout`: the source layout rules ([`layout`]), each breach on a line.
+fn check_layout() -> Result<(), String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no repository root")?;
+    let problems = layout::check(root);
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    if problems.is_empty() {
+        eprintln!(
+            "xtask: layout: no circles, no file over {} lines",
+            layout::MAX_LINES
+        );
+        Ok(())
+    } else {
+        Err(format!("layout: {} problems", problems.len()))
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cpu_only = args.iter().any(|a| a == "--cpu-only");
@@ -303,14 +325,16 @@ fn main() -> ExitCode {
         Some("assets") => assets::fetch(),
         Some("demo") => demo::run(),
         Some("fuzz") => fuzz::run(&args[1..]),
+        Some("layout") => check_layout(),
         _ => Err(
-            "usage: cargo xtask <test|validate|bench|assets|demo|fuzz> [options]\n\
+            "usage: cargo xtask <test|validate|bench|assets|demo|fuzz|layout> [options]\n\
                   test [--cpu-only]      tests on cpu, then the device tests on wgpu\n\
                   validate [--cpu-only]  fmt --check, clippy -D warnings, test\n\
                   bench [--smoke|--quick|--full] [--backends cpu,wgpu,cuda] [--out DIR] [--compare-peft]\n\
                   assets                 fetch SmolLM2-135M and Shakespeare into the cache\n\
                   demo                   the main job end to end: init NF2/NF4 QLoRA/LoftQ, perplexity\n\
-                  fuzz [--seconds N] [--targets a,b] [--jobs J]  AFL++ on every file reader"
+                  fuzz [--seconds N] [--targets a,b] [--jobs J]  AFL++ on every file reader\n\
+                  layout                 no circles of imports between files, no file over 500 lines"
                 .into(),
         ),
     };
