@@ -15,7 +15,7 @@ for v in old new; do
     "$bin" init --model "$model" --out "$work/$v/qlora-nf4" --bits nf4 --rank 16 --method qlora
     "$bin" init --model "$model" --out "$work/$v/calibrated-nf2" --bits nf2 --rank 16 \
         --method loftq --calibration-tokens 2048 --calibration "${calibration[@]}"
-done 2>/dev/null
+done >/dev/null 2>&1
 status=0
 diff <(cd "$work/old" && find . -type f | sort) <(cd "$work/new" && find . -type f | sort) || status=1
 while read -r f; do

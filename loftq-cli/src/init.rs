@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use loftq_core::calib::{BaseQuantizer, GptqConfig};
-use loftq_core::lowrank::{RsvdConfig, SvdMethod};
 use loftq_core::{DeviceList, InitScaling};
 use loftq_models::init::plan::{parse_bits, parse_layer_bits, parse_quantizer, split_list};
 use loftq_models::init::{
@@ -13,6 +12,7 @@ use loftq_models::init::{
 use loftq_models::{ModelError, Result};
 
 use crate::progress::Progress;
+use crate::svd::SvdArgs;
 
 /// Arguments of `loftq init`.
 #[derive(Args)]
@@ -70,22 +70,8 @@ pub struct InitArgs {
     /// LoftQ iterations (the best iterate is kept).
     #[arg(long, default_value_t = 5)]
     iters: usize,
-    /// Truncated SVD: randomized (fast, products on the device) or exact (host, faer).
-    #[arg(long, value_enum, default_value_t = SvdArg::Randomized)]
-    svd: SvdArg,
-    /// Randomized SVD: extra sketch columns (default max(16, rank)).
-    #[arg(long)]
-    oversample: Option<usize>,
-    /// Randomized SVD: power iterations of the first LoftQ iteration (cold start).
-    #[arg(long, default_value_t = RsvdConfig::default().power_iters)]
-    power_iters: usize,
-    /// Randomized SVD: power iterations of the later LoftQ iterations, which start from the
-    /// previous iteration's singular vectors.
-    #[arg(long, default_value_t = RsvdConfig::default().warm_power_iters)]
-    warm_power_iters: usize,
-    /// Randomized SVD: extra sketch columns of the later LoftQ iterations.
-    #[arg(long, default_value_t = RsvdConfig::default().warm_oversample)]
-    warm_oversample: usize,
+    #[command(flatten)]
+    svd: SvdArgs,
     /// all-linear (every 2-D weight but embeddings and the LM head) or module names,
     /// comma-separated (PEFT's suffix rule: q_proj matches model.layers.0.self_attn.q_proj).
     #[arg(long, default_value = "all-linear")]
@@ -212,12 +198,6 @@ impl ScalingArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum SvdArg {
-    Randomized,
-    Exact,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum BackboneArg {
     Packed,
     Bf16,
@@ -252,16 +232,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
         return Err(invalid("--iters must be at least 1".into()));
     }
     let alpha = a.lora.alpha()?;
-    let svd = match a.svd {
-        SvdArg::Exact => SvdMethod::Exact,
-        SvdArg::Randomized => SvdMethod::Randomized(RsvdConfig {
-            oversample: a.oversample,
-            power_iters: a.power_iters,
-            warm_power_iters: a.warm_power_iters,
-            warm_oversample: a.warm_oversample,
-            seed: a.seed,
-        }),
-    };
+    let svd = a.svd.method(a.seed);
     Ok(InitSpec {
         model: a.model.clone(),
         out: a.out.clone(),

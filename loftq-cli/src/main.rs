@@ -12,6 +12,7 @@ mod init;
 mod inspect;
 mod progress;
 mod refine;
+mod svd;
 mod train;
 
 use std::process::ExitCode;

@@ -4,14 +4,14 @@ use std::path::PathBuf;
 
 use clap::Args;
 use loftq_core::DeviceSpec;
-use loftq_core::lowrank::{RsvdConfig, SvdMethod};
 use loftq_models::Result;
 use loftq_models::init::Target;
 use loftq_models::init::plan::split_list;
 use loftq_models::refine::{Check, RefineEvent, RefineSpec, run_refine};
 
-use crate::init::{LoraArgs, SvdArg, invalid};
+use crate::init::{LoraArgs, invalid};
 use crate::progress::Progress;
+use crate::svd::SvdArgs;
 
 /// Arguments of `loftq refine`.
 #[derive(Args)]
@@ -30,15 +30,8 @@ pub struct RefineArgs {
     out: PathBuf,
     #[command(flatten)]
     lora: LoraArgs,
-    /// Truncated SVD of W − Q: exact (the optimum) or randomized (fast).
-    #[arg(long, value_enum, default_value_t = SvdArg::Randomized)]
-    svd: SvdArg,
-    /// Randomized SVD: extra sketch columns (default max(16, rank)).
-    #[arg(long)]
-    oversample: Option<usize>,
-    /// Randomized SVD: power iterations.
-    #[arg(long, default_value_t = RsvdConfig::default().power_iters)]
-    power_iters: usize,
+    #[command(flatten)]
+    svd: SvdArgs,
     /// all-linear (every quantized weight of --base) or module names, comma-separated
     /// (PEFT's suffix rule).
     #[arg(long, default_value = "all-linear")]
@@ -80,14 +73,7 @@ pub fn run(a: &RefineArgs) -> Result<()> {
         alpha,
         rslora: a.lora.rslora,
         scaling: a.lora.init_scaling.scaling(),
-        svd: match a.svd {
-            SvdArg::Exact => SvdMethod::Exact,
-            SvdArg::Randomized => SvdMethod::Randomized(RsvdConfig {
-                oversample: a.oversample,
-                power_iters: a.power_iters,
-                ..RsvdConfig::default()
-            }),
-        },
+        svd: a.svd.method(a.seed),
         target: Target::parse(&a.target),
         exclude: split_list(&a.exclude),
         seed: a.seed,
