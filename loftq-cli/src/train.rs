@@ -331,7 +331,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let mut loss_ema: Option<f64> = None;
     let on_event = |e: &TrainEvent| {
         if a.json {
-            println!("{}", event_json(e));
+            println!("{}", serde_json::to_string(e).expect("an event serializes"));
             return;
         }
         let bar = bar.as_mut().expect("not json");
@@ -392,23 +392,4 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         a.out.join("adapter").display()
     );
     Ok(())
-}
-
-fn event_json(e: &TrainEvent) -> serde_json::Value {
-    match e {
-        TrainEvent::Resumed { step } => serde_json::json!({"event": "resumed", "step": step}),
-        TrainEvent::Step(r) => serde_json::json!({"event": "step", "step": r.step, "loss": r.loss,
-            "lr": r.lr, "grad_norm": r.grad_norm, "seconds": r.seconds}),
-        TrainEvent::Eval(r) => {
-            let mut v = serde_json::json!({"event": "eval", "step": r.step, "nll": r.nll,
-                "ppl": r.ppl});
-            if let Some(kl) = r.kl {
-                v["kl"] = kl.into();
-            }
-            v
-        }
-        TrainEvent::Saved { step, path } => {
-            serde_json::json!({"event": "saved", "step": step, "path": path})
-        }
-    }
 }

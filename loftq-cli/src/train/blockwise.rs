@@ -4,11 +4,9 @@
 use burn::tensor::Device;
 use loftq_models::Result;
 use loftq_models::nn::{LayerReader, LayerSource, LoadOptions, decoder_linear_paths};
-use loftq_models::train::{
-    BlockwiseConfig, BlockwiseEvent, TrainConfig, TrainEvent, distill_blockwise,
-};
+use loftq_models::train::{BlockwiseConfig, BlockwiseEvent, TrainConfig, distill_blockwise};
 
-use super::{Fresh, TrainArgs, event_json, read_text};
+use super::{Fresh, TrainArgs, read_text};
 use crate::progress::Progress;
 
 /// Runs `loftq train --blockwise` on `device`, the student built as `opts` says (with a fresh
@@ -73,18 +71,10 @@ pub(super) fn run(
         &a.out,
         |e| {
             if a.json {
-                let v = match e {
-                    BlockwiseEvent::Layer(f) => {
-                        let mut v = serde_json::to_value(f).expect("a layer fit serializes");
-                        v["event"] = "layer".into();
-                        v
-                    }
-                    BlockwiseEvent::Eval(r) => event_json(&TrainEvent::Eval(r.clone())),
-                    BlockwiseEvent::Resumed { layers } => {
-                        serde_json::json!({"event": "resumed", "layers": layers})
-                    }
-                };
-                println!("{v}");
+                println!(
+                    "{}",
+                    serde_json::to_string(&e).expect("an event serializes")
+                );
                 return;
             }
             let bar = bar.as_mut().expect("not json");

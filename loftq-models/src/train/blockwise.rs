@@ -114,8 +114,10 @@ pub fn distill_blockwise(
     Ok(report)
 }
 
-/// What [`distill_blockwise`] reports as it goes.
-#[derive(Clone, Copy, Debug)]
+/// What [`distill_blockwise`] reports as it goes. Serialized as one JSON object tagged by
+/// `event` (`layer`, `eval`, `resumed`), as `loftq train --blockwise --json` prints it.
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
 pub enum BlockwiseEvent<'a> {
     /// The layers below `layers` were fitted by the run resumed.
     Resumed {

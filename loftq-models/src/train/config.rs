@@ -111,8 +111,10 @@ pub struct History {
     pub tokens_per_step: usize,
 }
 
-/// What the loop reports as it goes.
-#[derive(Clone, Debug)]
+/// What the loop reports as it goes. Serialized as one JSON object tagged by `event`
+/// (`{"event": "step", "step": 3, "loss": ...}`), as `loftq train --json` prints it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
 pub enum TrainEvent {
     /// Continuing from a checkpoint.
     Resumed {
