@@ -102,15 +102,18 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         let _ = stdout.write_all(text.get(stream.printed..).unwrap_or_default().as_bytes());
     }
     if args.json {
-        let report = serde_json::json!({
-            "prompt_ids": ids,
-            "ids": g.ids,
-            "text": text,
-            "stopped": g.stopped,
-            "prefill_tokens_per_s": g.prefill_tokens_per_second(),
-            "decode_tokens_per_s": g.decode_tokens_per_second(),
-        });
-        println!("{report}");
+        let report = Report {
+            prompt_ids: &ids,
+            ids: &g.ids,
+            text: &text,
+            stopped: g.stopped,
+            prefill_tokens_per_s: g.prefill_tokens_per_second(),
+            decode_tokens_per_s: g.decode_tokens_per_second(),
+        };
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("a report serializes")
+        );
     } else {
         println!();
         eprintln!(
@@ -169,4 +172,15 @@ impl TextStream {
         self.printed = text.len();
         piece
     }
+}
+
+/// What `loftq generate --json` prints: the token ids, the text and both speeds.
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    prompt_ids: &'a [u32],
+    ids: &'a [u32],
+    text: &'a str,
+    stopped: bool,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
 }
