@@ -27,8 +27,8 @@ pub struct InitArgs {
     /// How the adapter starts: loftq (alternating quantization and low-rank fit), qlora
     /// (plain quantization, B = 0), pissa (top-r components in the adapter, dense residual),
     /// qpissa (pissa with the residual quantized).
-    #[arg(long, value_enum, default_value_t = MethodArg::Loftq)]
-    method: MethodArg,
+    #[arg(long, value_enum, default_value_t = Method::Loftq)]
+    method: Method,
     /// Quantizer: nf4, nf3, nf2, int8, int4, int2 (symmetric), int4-asym, uniform4, ...; or
     /// llama.cpp's q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl (blocks of 32, f16 scales) and
     /// K-quants q4_k, q5_k, q6_k (super-blocks of 256), byte for byte as llama.cpp quantizes
@@ -83,8 +83,8 @@ pub struct InitArgs {
     /// gguf (packed, plus model.gguf and adapter.gguf for llama.cpp: one of llama.cpp's
     /// formats in --bits; from a .gguf --model its metadata and other tensors are carried
     /// over, an HF directory is converted as `loftq convert DIR F.gguf` does).
-    #[arg(long, value_enum, default_value_t = BackboneArg::Packed)]
-    backbone: BackboneArg,
+    #[arg(long, value_enum, default_value_t = Backbone::Packed)]
+    backbone: Backbone,
     /// Device: cpu, wgpu[:N], cuda[:N]; several, comma-separated (cuda:0,cuda:1), each taking whole
     /// tensors. With one kind of device the output is the same as on one of them. On a CPU,
     /// cpu,cpu runs two tensors at once, overlapping one's serial parts with the other's
@@ -112,8 +112,8 @@ pub struct InitArgs {
     calibration_seq: usize,
     /// Which layers feed a layer's calibration inputs: the quantized ones below it (as the
     /// model will run), or the full-precision ones.
-    #[arg(long, value_enum, default_value_t = InputsArg::Quantized)]
-    calibration_inputs: InputsArg,
+    #[arg(long, value_enum, default_value_t = CalibInputs::Quantized)]
+    calibration_inputs: CalibInputs,
     /// Damping λ of the statistics: H + λ·mean(diag H)·I (GPTQ's 0.01). Larger values move
     /// the objective towards the plain weight error.
     #[arg(long, default_value_t = loftq_core::calib::DEFAULT_DAMPING)]
@@ -132,23 +132,9 @@ pub struct InitArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum InputsArg {
-    Quantized,
-    Full,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum QuantizerArg {
     Rtn,
     Gptq,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum MethodArg {
-    Loftq,
-    Qlora,
-    Pissa,
-    Qpissa,
 }
 
 /// The adapter's shape and scale, shared by `init` and `refine`.
@@ -197,14 +183,6 @@ impl ScalingArg {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum BackboneArg {
-    Packed,
-    Bf16,
-    Both,
-    Gguf,
-}
-
 pub(crate) fn invalid(msg: String) -> ModelError {
     ModelError::Invalid(msg)
 }
@@ -236,12 +214,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
     Ok(InitSpec {
         model: a.model.clone(),
         out: a.out.clone(),
-        method: match a.method {
-            MethodArg::Loftq => Method::Loftq,
-            MethodArg::Qlora => Method::Qlora,
-            MethodArg::Pissa => Method::Pissa,
-            MethodArg::Qpissa => Method::Qpissa,
-        },
+        method: a.method,
         quant,
         layer_rules,
         budget,
@@ -253,22 +226,14 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
         svd,
         target: Target::parse(&a.target),
         exclude: split_list(&a.exclude),
-        backbone: match a.backbone {
-            BackboneArg::Packed => Backbone::Packed,
-            BackboneArg::Bf16 => Backbone::Bf16,
-            BackboneArg::Both => Backbone::Both,
-            BackboneArg::Gguf => Backbone::Gguf,
-        },
+        backbone: a.backbone,
         seed: a.seed,
         calibration: (!a.calibration.is_empty()).then(|| Calibration {
             files: a.calibration.clone(),
             tokens: a.calibration_tokens,
             seq: a.calibration_seq,
             damping: a.damping,
-            inputs: match a.calibration_inputs {
-                InputsArg::Quantized => CalibInputs::Quantized,
-                InputsArg::Full => CalibInputs::Full,
-            },
+            inputs: a.calibration_inputs,
         }),
         quantizer: match a.quantizer {
             QuantizerArg::Rtn => BaseQuantizer::Rtn,

@@ -38,6 +38,7 @@ use crate::{ModelError, Result};
 
 /// The start to compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Alternating quantization and low-rank fit (LoftQ).
@@ -52,6 +53,7 @@ pub enum Method {
 
 /// Which backbones to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Backbone {
     /// Our packed format in `<out>/model.safetensors`.
@@ -147,6 +149,7 @@ impl Calibration {
 
 /// Which layers below produce a layer's calibration inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum CalibInputs {
     /// The quantized layers (with their adapters), as the model will run.
