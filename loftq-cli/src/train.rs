@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use loftq_core::DeviceList;
 use loftq_models::init::plan::parse_bits;
 use loftq_models::io::Adapter;
@@ -114,8 +114,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 10)]
     warmup: usize,
     /// After the warm-up.
-    #[arg(long, value_enum, default_value_t = DecayArg::Cosine)]
-    decay: DecayArg,
+    #[arg(long, value_enum, default_value_t = Decay::Cosine)]
+    decay: Decay,
     /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
@@ -124,8 +124,8 @@ pub struct TrainArgs {
     max_grad_norm: f64,
     /// How rows are cut from the text: random windows, or consecutive rows shuffled each
     /// epoch.
-    #[arg(long, value_enum, default_value_t = SamplingArg::Random)]
-    sampling: SamplingArg,
+    #[arg(long, value_enum, default_value_t = Sampling::Random)]
+    sampling: Sampling,
     /// Seed of the batches, dropout and a fresh adapter.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -171,19 +171,6 @@ pub struct TrainArgs {
     /// Print every step and validation as a JSON line on stdout instead of the progress bar.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DecayArg {
-    Constant,
-    Cosine,
-    Linear,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum SamplingArg {
-    Random,
-    Packed,
 }
 
 fn invalid(msg: String) -> ModelError {
@@ -235,11 +222,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         schedule: Schedule {
             lr: a.lr,
             warmup: a.warmup,
-            decay: match a.decay {
-                DecayArg::Constant => Decay::Constant,
-                DecayArg::Cosine => Decay::Cosine,
-                DecayArg::Linear => Decay::Linear,
-            },
+            decay: a.decay,
             total: a.steps,
         },
         adamw: AdamWConfig {
@@ -247,10 +230,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             ..AdamWConfig::default()
         },
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
-        sampling: match a.sampling {
-            SamplingArg::Random => Sampling::Random,
-            SamplingArg::Packed => Sampling::Packed,
-        },
+        sampling: a.sampling,
         seed: a.seed,
         recompute: if a.no_recompute {
             Recompute::None

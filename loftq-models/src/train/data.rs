@@ -80,6 +80,7 @@ pub fn tokenize_file(tok: &Tokenizer, path: &Path) -> Result<Vec<u32>> {
 
 /// How training rows are cut from the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Sampling {
     /// Each row starts at a uniformly random position (windows may overlap).

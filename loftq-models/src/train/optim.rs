@@ -96,6 +96,7 @@ impl AdamW {
 
 /// How the learning rate moves after the warm-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Decay {
     /// Constant.
