@@ -8,9 +8,14 @@ use crate::{ModelError, Result};
 
 /// The temporary name `path` is written under before the rename into place.
 pub(crate) fn temp_path(path: &Path) -> PathBuf {
+    hidden_sibling(path, "tmp")
+}
+
+/// `.<name>.<tag>-<pid>` beside `path`: this process's own scratch name for it.
+fn hidden_sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     path.with_file_name(format!(
-        ".{}.tmp-{}",
+        ".{}.{tag}-{}",
         name.unwrap_or_default(),
         std::process::id()
     ))
@@ -121,12 +126,7 @@ fn replace_dir(new: &Path, out: &Path) -> std::io::Result<()> {
             return Ok(());
         }
     }
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
-    let old = out.with_file_name(format!(
-        ".{}.old-{}",
-        name.unwrap_or_default(),
-        std::process::id()
-    ));
+    let old = hidden_sibling(out, "old");
     let _ = std::fs::remove_dir_all(&old);
     std::fs::rename(out, &old)?;
     if let Err(e) = std::fs::rename(new, out) {
@@ -135,4 +135,31 @@ fn replace_dir(new: &Path, out: &Path) -> std::io::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_replaced_whole_or_left_alone() {
+        let root = std::env::temp_dir().join(format!("loftq-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let out = root.join("adapter");
+        let fill = |text: &'static str| {
+            move |dir: &Path| {
+                std::fs::write(dir.join("f"), text).map_err(|e| ModelError::io(dir, e))
+            }
+        };
+        write_dir_atomic(&out, fill("one")).unwrap();
+        write_dir_atomic(&out, fill("two")).unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "two");
+        let failed = write_dir_atomic(&out, |_| Err(ModelError::Invalid("no".into())));
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "two");
+        // Nothing is left beside it: no temporary, no old copy.
+        let names: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
