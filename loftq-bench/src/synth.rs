@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use loftq_models::config::LINEAR_PATHS;
 use loftq_models::config::{Family, LlamaConfig, RopeConfig, RopeScaling};
 use loftq_models::io::{StreamWriter, write_atomic};
-use loftq_models::nn::LINEAR_PATHS;
 use safetensors::Dtype;
 
 /// Shapes of a known architecture with `layers` decoder layers.

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use loftq_core::DeviceList;
-use loftq_models::init::plan::parse_bits;
+use loftq_core::quant::parse_bits;
 use loftq_models::nn::Llama;
 use loftq_models::nn::{LoadOptions, load_pretrained_with};
 use loftq_models::train::parallel::{Teachers, micro_batches};

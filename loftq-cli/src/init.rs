@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use loftq_core::calib::{BaseQuantizer, GptqConfig};
+use loftq_core::quant::{parse_bits, parse_quantizer};
 use loftq_core::{DeviceList, InitScaling};
-use loftq_models::init::plan::{parse_bits, parse_layer_bits, parse_quantizer, split_list};
+use loftq_models::init::plan::{parse_layer_bits, split_list};
 use loftq_models::init::{
     Backbone, Budget, CalibInputs, Calibration, Event, InitSpec, Method, Target, run_init,
 };

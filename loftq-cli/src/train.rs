@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use loftq_core::DeviceList;
-use loftq_models::init::plan::parse_bits;
+use loftq_core::quant::parse_bits;
 use loftq_models::io::Adapter;
 use loftq_models::nn::{LoadOptions, load_pretrained_with};
 use loftq_models::train::{

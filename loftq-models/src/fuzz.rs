@@ -129,7 +129,7 @@ pub fn config(data: &[u8]) -> bool {
     let _ = cfg.last_layer_tensor();
     for layer in [0, cfg.num_hidden_layers.saturating_sub(1)] {
         let _ = cfg.window(layer);
-        for m in crate::nn::LINEAR_PATHS {
+        for m in crate::config::LINEAR_PATHS {
             let _ = cfg.linear_shape(&format!("model.layers.{layer}.{m}.weight"));
         }
     }

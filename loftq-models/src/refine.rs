@@ -18,14 +18,16 @@ use loftq_core::lowrank::SvdMethod;
 use loftq_core::quant::host_f32;
 use serde::{Deserialize, Serialize};
 
+use crate::config::LINEAR_PATHS;
 use crate::eval::token_ids;
 use crate::init::plan::{layer_index, module_of_weight};
-use crate::init::{Target, peak_rss_bytes, tensor_seed};
+use crate::init::{Target, peak_rss_bytes};
 use crate::io::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, HostTensor, LoraWeights, TensorSource,
     dequantize_packed, open_source,
 };
-use crate::nn::{LINEAR_PATHS, Llama, LoraAdapter, load_pretrained};
+use crate::nn::tensor_seed;
+use crate::nn::{Llama, LoraAdapter, load_pretrained};
 use crate::{ModelError, Result, Tokenizer};
 
 /// Everything `loftq refine` needs.

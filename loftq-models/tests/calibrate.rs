@@ -193,8 +193,8 @@ fn refuses_settings_before_any_work() {
 /// allocation resumes to identical files, and what cannot work is refused.
 #[test]
 fn bit_budgets_are_met_and_resume() {
+    use loftq_core::quant::parse_quantizer;
     use loftq_models::init::Budget;
-    use loftq_models::init::plan::parse_quantizer;
     let dir = scratch("calib-budget");
     let (model, text) = model_and_text(&dir);
     let candidates: Vec<QuantConfig> = ["nf2-b64", "nf3-b64", "nf4-b64"]

@@ -5,9 +5,8 @@ use burn::tensor::{Tensor, TensorData};
 use loftq_core::init::{Base, LoraInit, init_lora};
 use loftq_core::lowrank::Gaussian;
 
-use super::{
-    BaseWeight, DecoderLayer, LINEAR_PATHS, Llama, LoraAdapter, PackedWeight, QLinear, linear_path,
-};
+use super::{BaseWeight, DecoderLayer, Llama, LoraAdapter, PackedWeight, QLinear};
+use loftq_formats::config::{LINEAR_PATHS, linear_path};
 use loftq_formats::{ModelError, Result};
 
 /// What [`Llama::init_adapters`] did to one layer.

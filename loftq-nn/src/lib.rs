@@ -41,7 +41,6 @@ pub use load::{
     LINEAR_NAMES, LoadOptions, load_ends, load_layer, load_model, load_pretrained,
     load_pretrained_with, open_pretrained,
 };
-pub use loftq_formats::config::{LINEAR_PATHS, decoder_linear_paths, linear_path};
 pub use mlp::Mlp;
 pub use qlinear::{BaseWeight, LoraAdapter, PackedWeight, QLinear};
 pub use rope::RopeTables;

@@ -10,9 +10,8 @@ use loftq_core::{QuantConfig, Quantizer};
 
 use super::{
     Attention, BaseWeight, DecoderLayer, Llama, LoraAdapter, Mlp, PackedWeight, QLinear, RmsNorm,
-    decoder_linear_paths,
 };
-use loftq_formats::config::LlamaConfig;
+use loftq_formats::config::{LlamaConfig, decoder_linear_paths};
 use loftq_formats::io::{Adapter, HostTensor, TensorSource, is_gguf, open_source};
 use loftq_formats::{ModelError, Result};
 

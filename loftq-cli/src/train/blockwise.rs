@@ -3,7 +3,8 @@
 
 use burn::tensor::Device;
 use loftq_models::Result;
-use loftq_models::nn::{LayerReader, LayerSource, LoadOptions, decoder_linear_paths};
+use loftq_models::config::decoder_linear_paths;
+use loftq_models::nn::{LayerReader, LayerSource, LoadOptions};
 use loftq_models::train::{BlockwiseConfig, BlockwiseEvent, TrainConfig, distill_blockwise};
 
 use super::{Fresh, TrainArgs, read_text};

@@ -13,10 +13,11 @@ use loftq_core::init::LoraInit;
 use serde::{Deserialize, Serialize};
 
 use super::piece::{self, Loaded, Plan};
-use super::plan::fit_rows;
-use super::{Event, InitSpec, Method, calibrate, tensor_seed};
+use super::{Event, InitSpec, Method, calibrate};
 use crate::io::{TensorSource, write_atomic};
+use crate::nn::tensor_seed;
 use crate::{ModelError, Result};
+use loftq_core::quant::fit_rows;
 
 /// An average-bits budget and the quantizers to choose from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

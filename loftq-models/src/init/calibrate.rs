@@ -17,11 +17,11 @@ use loftq_core::quant::host_f32;
 use super::piece::{self, Plan, piece_path};
 use super::plan::layer_index;
 use super::{CalibInputs, Calibration, Event, InitSpec, TensorReport};
-use crate::config::LlamaConfig;
+use crate::config::{LINEAR_PATHS, LlamaConfig};
 use crate::io::{Checkpoint, OutTensor, TensorSource, read_packed, write_safetensors};
 use crate::nn::{
-    BaseWeight, DecoderLayer, INPUT_GROUPS, LINEAR_PATHS, LoadOptions, LoraAdapter, PackedWeight,
-    RopeTables, load_layer,
+    BaseWeight, DecoderLayer, INPUT_GROUPS, LoadOptions, LoraAdapter, PackedWeight, RopeTables,
+    load_layer,
 };
 use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};

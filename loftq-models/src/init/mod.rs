@@ -30,8 +30,6 @@ pub use budget::Budget;
 pub use plan::{LayerRule, Target};
 pub use report::{Event, Report, TensorReport, Totals, peak_rss_bytes};
 
-pub use crate::nn::tensor_seed;
-
 use crate::LlamaConfig;
 use crate::io::{TensorSource, open_source};
 use crate::{ModelError, Result};

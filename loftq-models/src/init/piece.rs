@@ -13,10 +13,11 @@ use loftq_core::quant::{PackedTensor, host_f32};
 use loftq_core::{LoftqError, QuantConfig, Quantizer, loftq};
 
 use super::plan::{is_embedding_or_head, module_of_weight, quant_for};
-use super::{InitSpec, Method, TensorReport, tensor_seed};
+use super::{InitSpec, Method, TensorReport};
 use crate::io::{
     Checkpoint, OutTensor, TensorSource, add_packed, check_finite, write_atomic, write_safetensors,
 };
+use crate::nn::tensor_seed;
 use crate::{ModelError, Result};
 
 /// One tensor of the source and what to do with it.

@@ -1,7 +1,7 @@
 //! Which tensors `loftq init` quantizes, and with which quantizer.
 
 use loftq_core::QuantConfig;
-pub use loftq_core::quant::{fit_rows, parse_bits, parse_quantizer};
+use loftq_core::quant::{fit_rows, parse_bits};
 use serde::{Deserialize, Serialize};
 
 /// Which 2-D weights get an adapter.

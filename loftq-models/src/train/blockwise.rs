@@ -26,9 +26,10 @@ use super::distill::{DistillLoss, check_teacher};
 use super::optim::{AdamW, AdamWConfig, Decay, Schedule};
 use super::step::{lora_grads, tracked};
 use super::validate::{EvalRecord, Scores, Validation};
+use crate::config::{LINEAR_PATHS, linear_path};
 use crate::eval::token_ids;
 use crate::io::{Adapter, AdapterConfig, LoraWeights, write_atomic, write_dir_atomic};
-use crate::nn::{DecoderLayer, LINEAR_PATHS, LayerSource, RopeTables, linear_path};
+use crate::nn::{DecoderLayer, LayerSource, RopeTables};
 use crate::{ModelError, Result};
 
 /// What a block-wise run did: `blockwise.json` in its output directory.
