@@ -74,18 +74,8 @@ enum Task {
         /// Timed repeats of each randomized case, after one warm-up.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// Power iterations of the randomized SVD (cold start).
-        #[arg(long, default_value_t = RsvdConfig::default().power_iters)]
-        power_iters: usize,
-        /// Power iterations of the randomized SVD when warm-started (LoftQ iterations 2..T).
-        #[arg(long, default_value_t = RsvdConfig::default().warm_power_iters)]
-        warm_power_iters: usize,
-        /// Extra sketch columns when warm-started.
-        #[arg(long, default_value_t = RsvdConfig::default().warm_oversample)]
-        warm_oversample: usize,
-        /// Extra sketch columns of the randomized SVD (default: max(16, rank)).
-        #[arg(long)]
-        oversample: Option<usize>,
+        #[command(flatten)]
+        rsvd: RsvdConfig,
         /// Device: cpu, wgpu[:N], cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
@@ -269,10 +259,7 @@ fn run(suite: Task) -> Result<(), String> {
             iters,
             no_exact,
             repeats,
-            power_iters,
-            warm_power_iters,
-            warm_oversample,
-            oversample,
+            rsvd,
             device,
             json,
         } => {
@@ -284,13 +271,7 @@ fn run(suite: Task) -> Result<(), String> {
                 iters,
                 exact: !no_exact,
                 repeats,
-                rsvd: RsvdConfig {
-                    power_iters,
-                    warm_power_iters,
-                    warm_oversample,
-                    oversample,
-                    ..RsvdConfig::default()
-                },
+                rsvd,
             };
             let cases = loftq::run(&args, device);
             println!("{}", loftq::markdown(&cases));

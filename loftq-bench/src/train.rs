@@ -52,7 +52,7 @@ pub fn run(
     let devs = devices.open().map_err(|e| e.to_string())?;
     let quantize = match quantize {
         "none" => None,
-        q => Some(parse_bits(q, 64, false)?),
+        q => Some(parse_bits(q, 64, false).map_err(|e| e.to_string())?),
     };
     let opts = LoadOptions {
         quantize,

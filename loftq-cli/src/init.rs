@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
-use loftq_core::calib::{BaseQuantizer, GptqConfig};
+use clap::Args;
+use loftq_core::args::SvdArgs;
+use loftq_core::calib::BaseQuantizer;
 use loftq_core::quant::{parse_bits, parse_quantizer};
 use loftq_core::{DeviceList, InitScaling};
 use loftq_models::init::plan::{parse_layer_bits, split_list};
@@ -13,7 +14,6 @@ use loftq_models::init::{
 use loftq_models::{ModelError, Result};
 
 use crate::progress::Progress;
-use crate::svd::SvdArgs;
 
 /// Arguments of `loftq init`.
 #[derive(Args)]
@@ -122,20 +122,14 @@ pub struct InitArgs {
     /// How bases are quantized: rtn (round to nearest, block by block) or gptq (column by
     /// column, each column's error compensated through the calibration statistics; needs
     /// --calibration; about the cost of one more LoftQ iteration per quantization).
-    #[arg(long, value_enum, default_value_t = QuantizerArg::Rtn)]
-    quantizer: QuantizerArg,
+    #[arg(long, value_enum, default_value = "rtn")]
+    quantizer: BaseQuantizer,
     /// Continue an interrupted run in --out (same options); the result is byte-identical.
     #[arg(long)]
     resume: bool,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum QuantizerArg {
-    Rtn,
-    Gptq,
 }
 
 /// The adapter's shape and scale, shared by `init` and `refine`.
@@ -151,8 +145,8 @@ pub(crate) struct LoraArgs {
     #[arg(long)]
     pub(crate) rslora: bool,
     /// exact: Q + s·B·A ≈ W for any alpha; peft: ignore s as PEFT does (right only for s = 1).
-    #[arg(long, value_enum, default_value_t = ScalingArg::Exact)]
-    pub(crate) init_scaling: ScalingArg,
+    #[arg(long, value_enum, default_value_t = InitScaling::Exact)]
+    pub(crate) init_scaling: InitScaling,
 }
 
 impl LoraArgs {
@@ -166,21 +160,6 @@ impl LoraArgs {
             return Err(invalid(format!("--alpha {alpha} must be positive")));
         }
         Ok(alpha)
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum ScalingArg {
-    Exact,
-    Peft,
-}
-
-impl ScalingArg {
-    pub(crate) fn scaling(self) -> InitScaling {
-        match self {
-            ScalingArg::Exact => InitScaling::Exact,
-            ScalingArg::Peft => InitScaling::Peft,
-        }
     }
 }
 
@@ -222,7 +201,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
         rank: a.lora.rank,
         alpha,
         rslora: a.lora.rslora,
-        scaling: a.lora.init_scaling.scaling(),
+        scaling: a.lora.init_scaling,
         iters: a.iters,
         svd,
         target: Target::parse(&a.target),
@@ -236,10 +215,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
             damping: a.damping,
             inputs: a.calibration_inputs,
         }),
-        quantizer: match a.quantizer {
-            QuantizerArg::Rtn => BaseQuantizer::Rtn,
-            QuantizerArg::Gptq => BaseQuantizer::Gptq(GptqConfig::default()),
-        },
+        quantizer: a.quantizer,
     })
 }
 

@@ -12,12 +12,12 @@ mod init;
 mod inspect;
 mod progress;
 mod refine;
-mod svd;
 mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use loftq_core::QuantConfig;
 use loftq_core::quant::{Codebook, Rounding};
 
 #[derive(Parser)]
@@ -34,15 +34,12 @@ struct Cli {
 enum Command {
     /// Print a codebook's levels and decision thresholds.
     Codebook {
-        /// nf (NormalFloat, as bitsandbytes/PEFT) or uniform (PEFT's linspace(-1, 1, 2^bits)).
-        #[arg(value_enum)]
-        kind: Kind,
-        /// Bits per code, 1 to 8.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=8))]
-        bits: u8,
-        /// Threshold rule: peft (nearest level, lower on ties) or bnb (midpoints).
-        #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
-        rounding: RoundingArg,
+        /// A quantizer with a codebook: nf1..nf8 (NormalFloat, as bitsandbytes and PEFT) or
+        /// uniform1..uniform8 (PEFT's linspace(-1, 1, 2^bits)).
+        quantizer: QuantConfig,
+        /// Threshold rule.
+        #[arg(long, value_enum, default_value_t = Rounding::Peft)]
+        rounding: Rounding,
     },
     /// Quantize every targeted weight of a checkpoint and start its LoRA adapter (LoftQ,
     /// QLoRA, PiSSA, QPiSSA): writes the backbone, a PEFT adapter and report.json.
@@ -74,30 +71,14 @@ enum Command {
     Inspect(inspect::InspectArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Kind {
-    Nf,
-    Uniform,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum RoundingArg {
-    Peft,
-    Bnb,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging();
     let result = match cli.command {
         Command::Codebook {
-            kind,
-            bits,
+            quantizer,
             rounding,
-        } => {
-            codebook(kind, bits, rounding);
-            Ok(())
-        }
+        } => codebook(quantizer, rounding),
         Command::Init(args) => init::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Train(args) => train::run(&args),
@@ -128,14 +109,13 @@ fn logging() {
 }
 
 #[allow(clippy::print_stdout)]
-fn codebook(kind: Kind, bits: u8, rounding: RoundingArg) {
-    let cb = match kind {
-        Kind::Nf => Codebook::normal_float(bits),
-        Kind::Uniform => Codebook::uniform(bits),
-    };
-    let rounding = match rounding {
-        RoundingArg::Peft => Rounding::Peft,
-        RoundingArg::Bnb => Rounding::Bnb,
+fn codebook(quantizer: QuantConfig, rounding: Rounding) -> loftq_models::Result<()> {
+    let Some(cb) = Codebook::of(quantizer.scheme) else {
+        return Err(init::invalid(format!(
+            "`{}` has no codebook (its levels are computed per block); \
+             nf1..nf8 and uniform1..uniform8 have one",
+            quantizer.scheme.name()
+        )));
     };
     let thresholds = cb.thresholds(rounding);
     println!("code\tlevel\tgoes up at (>=)");
@@ -145,4 +125,5 @@ fn codebook(kind: Kind, bits: u8, rounding: RoundingArg) {
             .map_or(String::new(), |t| format!("{t:.9e}"));
         println!("{i}\t{level:.9}\t{t}");
     }
+    Ok(())
 }

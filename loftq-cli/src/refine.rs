@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use loftq_core::DeviceSpec;
+use loftq_core::args::SvdArgs;
 use loftq_models::Result;
 use loftq_models::init::Target;
 use loftq_models::init::plan::split_list;
@@ -11,7 +12,6 @@ use loftq_models::refine::{Check, RefineEvent, RefineSpec, run_refine};
 
 use crate::init::{LoraArgs, invalid};
 use crate::progress::Progress;
-use crate::svd::SvdArgs;
 
 /// Arguments of `loftq refine`.
 #[derive(Args)]
@@ -72,7 +72,7 @@ pub fn run(a: &RefineArgs) -> Result<()> {
         rank: a.lora.rank,
         alpha,
         rslora: a.lora.rslora,
-        scaling: a.lora.init_scaling.scaling(),
+        scaling: a.lora.init_scaling,
         svd: a.svd.method(a.seed),
         target: Target::parse(&a.target),
         exclude: split_list(&a.exclude),

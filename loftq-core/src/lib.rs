@@ -12,9 +12,12 @@
 //!   GPTQ, and quantizers allocated under a bit budget.
 //! - [`init`]: one API for QLoRA (zeros), LoftQ, PiSSA and QPiSSA starts.
 //! - `cpu` (with the `flex` feature): faer matrix products for the CPU back end.
+//! - `args` (with the `clap` feature): command-line parsers for these settings.
 //!
 //! Weights are `[out, in]` matrices (PyTorch layout) throughout.
 
+#[cfg(feature = "clap")]
+pub mod args;
 pub mod calib;
 #[cfg(feature = "flex")]
 pub mod cpu;

@@ -11,6 +11,7 @@ use crate::quant::{Codes, PackedTensor, QuantConfig, Quantizer};
 
 /// How the LoRA scale `s` enters the initial factors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum InitScaling {
     /// Divide both factors by `√s`, so that `Q + s·B·A ≈ W` for any `alpha` (correct).

@@ -306,3 +306,25 @@ fn refine_a_bitsandbytes_base_through_the_binary() {
     assert!(!bad.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn codebook_prints_the_levels_of_a_quantizer_label() {
+    let out = loftq_output(&["codebook", "nf4", "--rounding", "bnb"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let levels: Vec<f32> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').nth(1).unwrap().parse().unwrap())
+        .collect();
+    let want = loftq_core::quant::Codebook::normal_float(4);
+    assert_eq!(levels.len(), 16);
+    for (got, want) in levels.iter().zip(want.levels()) {
+        assert!((got - want).abs() < 1e-8, "{got} against {want}");
+    }
+    // Integer schemes compute their levels per block; a bad label names itself.
+    let (ok, err) = loftq(&["codebook", "int4"]);
+    assert!(!ok && err.contains("`int4` has no codebook"), "{err}");
+    let (ok, err) = loftq(&["codebook", "nf9"]);
+    assert!(!ok && err.contains("`nf9`"), "{err}");
+}

@@ -14,9 +14,14 @@ pub struct GptqConfig {
     pub block_cols: usize,
 }
 
+impl GptqConfig {
+    /// GPTQ's lazy batches of 128 columns.
+    pub const DEFAULT: Self = Self { block_cols: 128 };
+}
+
 impl Default for GptqConfig {
     fn default() -> Self {
-        Self { block_cols: 128 }
+        Self::DEFAULT
     }
 }
 

@@ -1,8 +1,8 @@
 //! Codebooks: the sorted `f32` levels in `[-1, 1]` that a normalised weight is rounded to, and
 //! the decision thresholds that make the rounding a few comparisons instead of a search.
 
-use super::Rounding;
 use super::normal::{normal_ppf, torch_linspace_f32};
+use super::{Rounding, Scheme};
 
 /// The NormalFloat offset of QLoRA (bitsandbytes and PEFT): the outermost quantile used.
 pub const NF_OFFSET: f32 = 0.967_708_3;
@@ -14,6 +14,20 @@ pub struct Codebook {
 }
 
 impl Codebook {
+    /// The codebook of `scheme`, if it rounds to one (NF and uniform codebooks; integers and
+    /// llama.cpp's formats compute their levels).
+    ///
+    /// # Panics
+    /// If the scheme's bit width is not in `1..=8` (a validated [`QuantConfig`](crate::QuantConfig)'s
+    /// is).
+    pub fn of(scheme: Scheme) -> Option<Self> {
+        match scheme {
+            Scheme::Nf { bits } => Some(Self::normal_float(bits)),
+            Scheme::UniformCodebook { bits } => Some(Self::uniform(bits)),
+            Scheme::IntSym { .. } | Scheme::IntAsym { .. } | Scheme::Ggml { .. } => None,
+        }
+    }
+
     /// The NormalFloat codebook with `2^bits` levels (NF2, NF3, NF4, NF8, ...).
     ///
     /// # Algorithm

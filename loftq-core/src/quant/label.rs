@@ -5,7 +5,34 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::{BlockSize, GgmlFormat, Scheme};
-use crate::QuantConfig;
+use crate::{QuantConfig, QuantError};
+
+/// A quantizer label that does not parse; each variant names the label as given.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LabelError {
+    /// Not a quantizer name, or a storage suffix that is not `-b<N>`, `-row` or `-dq`.
+    #[error("bad quantizer `{label}` ({expected})")]
+    Unknown {
+        /// The label.
+        label: String,
+        /// What would have parsed.
+        expected: String,
+    },
+    /// Double quantization asked of a llama.cpp format (their scales are `f16`).
+    #[error("`{label}` is llama.cpp's format with f16 scales; double quantization does not apply")]
+    DoubleQuantGgml {
+        /// The label.
+        label: String,
+    },
+    /// A well-formed label whose configuration is refused (e.g. `nf9`).
+    #[error("`{label}`: {source}")]
+    Invalid {
+        /// The label.
+        label: String,
+        /// Why the configuration is refused.
+        source: QuantError,
+    },
+}
 
 /// Parses a quantizer name: `nf2`..`nf8`, `int2`..`int8` (symmetric), `int2-asym`..,
 /// `uniform2`..; `block` elements per block (0 = one block per row), double quantization.
@@ -14,36 +41,50 @@ use crate::QuantConfig;
 /// quantization is refused.
 ///
 /// # Errors
-/// A message naming the bad value.
-pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConfig, String> {
-    if let Some(format) = GgmlFormat::from_name(s) {
+/// [`LabelError`], naming `s`.
+pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConfig, LabelError> {
+    parse_name(s, s, block, double_quant)
+}
+
+/// [`parse_bits`] of `name`, the errors naming `label` (the whole label `name` came from).
+fn parse_name(
+    name: &str,
+    label: &str,
+    block: usize,
+    double_quant: bool,
+) -> Result<QuantConfig, LabelError> {
+    if let Some(format) = GgmlFormat::from_name(name) {
         if double_quant {
-            return Err(format!(
-                "`{s}` is llama.cpp's format with f16 scales; double quantization does not apply"
-            ));
+            return Err(LabelError::DoubleQuantGgml {
+                label: label.to_string(),
+            });
         }
         return Ok(QuantConfig::ggml(format));
     }
-    let num = |p: &str| -> Result<u8, String> {
-        s.strip_prefix(p)
-            .and_then(|r| r.strip_suffix("-asym").unwrap_or(r).parse().ok())
-            .ok_or_else(|| format!("bad quantizer `{s}`"))
+    let unknown = || LabelError::Unknown {
+        label: label.to_string(),
+        expected: format!(
+            "nf2..nf8, int2..int8, int2-asym.., uniform2.., {}",
+            GgmlFormat::NAMES
+        ),
     };
-    let scheme = if s.starts_with("nf") {
+    let num = |p: &str| -> Result<u8, LabelError> {
+        name.strip_prefix(p)
+            .and_then(|r| r.strip_suffix("-asym").unwrap_or(r).parse().ok())
+            .ok_or_else(unknown)
+    };
+    let scheme = if name.starts_with("nf") {
         Scheme::Nf { bits: num("nf")? }
-    } else if s.starts_with("uniform") {
+    } else if name.starts_with("uniform") {
         Scheme::UniformCodebook {
             bits: num("uniform")?,
         }
-    } else if s.starts_with("int") && s.ends_with("-asym") {
+    } else if name.starts_with("int") && name.ends_with("-asym") {
         Scheme::IntAsym { bits: num("int")? }
-    } else if s.starts_with("int") {
+    } else if name.starts_with("int") {
         Scheme::IntSym { bits: num("int")? }
     } else {
-        return Err(format!(
-            "bad quantizer `{s}` (nf2..nf8, int2..int8, int2-asym.., uniform2.., {})",
-            GgmlFormat::NAMES
-        ));
+        return Err(unknown());
     };
     let cfg = QuantConfig::new(scheme)
         .with_block_size(if block == 0 {
@@ -52,7 +93,10 @@ pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConf
             BlockSize::Elements(block)
         })
         .with_double_quant(double_quant);
-    cfg.validate().map_err(|e| format!("`{s}`: {e}"))?;
+    cfg.validate().map_err(|source| LabelError::Invalid {
+        label: label.to_string(),
+        source,
+    })?;
     Ok(cfg)
 }
 
@@ -62,8 +106,12 @@ pub fn parse_bits(s: &str, block: usize, double_quant: bool) -> Result<QuantConf
 /// and `double_quant`.
 ///
 /// # Errors
-/// A message naming the bad value.
-pub fn parse_quantizer(s: &str, block: usize, double_quant: bool) -> Result<QuantConfig, String> {
+/// [`LabelError`], naming `s`.
+pub fn parse_quantizer(
+    s: &str,
+    block: usize,
+    double_quant: bool,
+) -> Result<QuantConfig, LabelError> {
     let mut parts: Vec<&str> = s.split('-').collect();
     let name = match parts.get(1) {
         Some(&"asym") => format!("{}-asym", parts[0]),
@@ -84,8 +132,9 @@ pub fn parse_quantizer(s: &str, block: usize, double_quant: bool) -> Result<Quan
                     .strip_prefix('b')
                     .and_then(|n| n.parse().ok())
                     .filter(|&n| n > 0)
-                    .ok_or_else(|| {
-                        format!("bad quantizer `{s}` (e.g. nf3, nf3-b128, nf3-b64-dq, nf4-row)")
+                    .ok_or_else(|| LabelError::Unknown {
+                        label: s.to_string(),
+                        expected: "e.g. nf3, nf3-b128, nf3-b64-dq, nf4-row".to_string(),
                     })?;
             }
         }
@@ -96,7 +145,7 @@ pub fn parse_quantizer(s: &str, block: usize, double_quant: bool) -> Result<Quan
     if !explicit_dq && (s.contains("-b") || s.contains("-row") || fixed_block) {
         dq = false;
     }
-    parse_bits(&name, block, dq).map_err(|e| e.replace(&format!("`{name}`"), &format!("`{s}`")))
+    parse_name(&name, s, block, dq)
 }
 
 /// `quant` as it applies to rows of `cols` values: a K-quant on rows that are not whole
@@ -120,9 +169,9 @@ impl fmt::Display for QuantConfig {
 /// A label as [`parse_quantizer`] reads it, with blocks of 64 and no double quantization
 /// where the label does not say.
 impl FromStr for QuantConfig {
-    type Err = String;
+    type Err = LabelError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, LabelError> {
         parse_quantizer(s, 64, false)
     }
 }
@@ -160,11 +209,14 @@ mod tests {
         );
         // llama.cpp's formats keep their blocks of 32 and refuse double quantization.
         assert_eq!(parse_bits("q8_0", 128, false).unwrap().label(), "q8_0");
-        assert!(
-            parse_bits("q4_0", 64, true)
-                .unwrap_err()
-                .contains("double quantization")
-        );
+        assert!(matches!(
+            parse_bits("q4_0", 64, true),
+            Err(LabelError::DoubleQuantGgml { .. })
+        ));
+        // Errors name the whole label, not the name inside it.
+        let e = parse_quantizer("nf9-b128", 64, false).unwrap_err();
+        assert!(matches!(&e, LabelError::Invalid { label, .. } if label == "nf9-b128"));
+        assert!(e.to_string().starts_with("`nf9-b128`: "), "{e}");
         for bad in [
             "nf3-b0", "nf3-x", "nf9", "nf3-b", "fp4-b64", "q3_k", "q4_0-dq", "q6_k-dq",
         ] {

@@ -29,7 +29,7 @@ pub use codebook::{Codebook, NF_OFFSET};
 pub use double_quant::{DYNAMIC_BLOCK, DoubleQuant, dynamic_map};
 pub use ggml_format::{GGML_BLOCK, GgmlFormat, K_SUPER, round_f16};
 pub use host::HostQuantized;
-pub use label::{fit_rows, parse_bits, parse_quantizer};
+pub use label::{LabelError, fit_rows, parse_bits, parse_quantizer};
 pub use normal::{normal_cdf, normal_ppf, torch_linspace_f32};
 pub use pack::{pack_codes, packed_len, unpack_codes, unpack_codes_into};
 pub use packed::{PackedTensor, Scales};
@@ -114,6 +114,7 @@ impl Scheme {
 /// so its outputs can be reproduced exactly; [`Rounding::Bnb`] reproduces what bitsandbytes
 /// computes when it quantizes NF4 itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Rounding {
     /// `v = x / scale` (true division); the nearest level, the lower one on ties.

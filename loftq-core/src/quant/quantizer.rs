@@ -29,11 +29,7 @@ impl Quantizer {
     /// Checks `config` and precomputes its tables.
     pub fn new(config: QuantConfig) -> Result<Self, QuantError> {
         config.validate()?;
-        let codebook = match config.scheme {
-            Scheme::Nf { bits } => Some(Codebook::normal_float(bits)),
-            Scheme::UniformCodebook { bits } => Some(Codebook::uniform(bits)),
-            Scheme::IntSym { .. } | Scheme::IntAsym { .. } | Scheme::Ggml { .. } => None,
-        };
+        let codebook = Codebook::of(config.scheme);
         let (levels, thresholds) = match &codebook {
             Some(cb) => (cb.levels().to_vec(), cb.thresholds(config.rounding)),
             None => (vec![], vec![]),

@@ -106,7 +106,7 @@ pub fn parse_layer_bits(
             };
             Ok(LayerRule {
                 layers,
-                quant: parse_bits(bits.trim(), block, double_quant)?,
+                quant: parse_bits(bits.trim(), block, double_quant).map_err(|e| e.to_string())?,
             })
         })
         .collect()
