@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use loftq_models::io::{GgufModel, is_gguf, write_dir_atomic, write_gguf_from_hf};
-use loftq_models::{ModelError, Result};
+
+use crate::error::{Result, invalid};
 
 /// Arguments of `loftq convert`.
 #[derive(Args)]
@@ -24,19 +25,19 @@ pub struct ConvertArgs {
 pub fn run(args: &ConvertArgs) -> Result<()> {
     if !is_gguf(&args.input) {
         if args.out.exists() || args.out.extension().is_none_or(|e| e != "gguf") {
-            return Err(ModelError::Invalid(format!(
+            return Err(invalid(format!(
                 "{}: the output of a directory's conversion is a new .gguf file",
                 args.out.display()
             )));
         }
-        return write_gguf_from_hf(&args.input, &args.out);
+        return Ok(write_gguf_from_hf(&args.input, &args.out)?);
     }
     if std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(ModelError::Invalid(format!(
+        return Err(invalid(format!(
             "{} exists and is not empty; choose a new directory",
             args.out.display()
         )));
     }
     let model = GgufModel::open(&args.input)?;
-    write_dir_atomic(&args.out, |tmp| model.convert(tmp))
+    Ok(write_dir_atomic(&args.out, |tmp| model.convert(tmp))?)
 }

@@ -10,7 +10,9 @@ use loftq_core::quant::host_f32;
 use loftq_models::eval::{perplexity_windows, token_ids};
 use loftq_models::io::{Checkpoint, OutTensor, write_safetensors};
 use loftq_models::nn::{Llama, load_pretrained};
-use loftq_models::{ModelError, Result, Tokenizer};
+use loftq_models::{ModelError, Tokenizer};
+
+use crate::error::{CliError, Result, invalid};
 
 /// Arguments of `loftq eval`.
 #[derive(Args)]
@@ -66,13 +68,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let device = args
         .device
         .open()
-        .map_err(|e| ModelError::Invalid(format!("--device {}: {e}", args.device)))?;
+        .map_err(|e| invalid(format!("--device {}: {e}", args.device)))?;
     let model = load_pretrained(&args.model, args.adapter.as_deref(), &device)?;
     match (&args.logits_for, &args.out, &args.text) {
         (Some(ids), Some(out), _) => write_logits(&model, ids, out, &device),
         (_, _, Some(text)) => print_perplexity(&model, args, text),
-        _ => Err(ModelError::Invalid(
-            "give --logits-for IDS --out LOGITS, or --text FILE".into(),
+        _ => Err(invalid(
+            "give --logits-for IDS --out LOGITS, or --text FILE",
         )),
     }
 }
@@ -87,13 +89,13 @@ fn print_perplexity(model: &Llama, args: &EvalArgs, text: &Path) -> Result<()> {
     };
     let mut ids = tok.encode(&content)?;
     if ids.len() < 2 {
-        return Err(ModelError::format(text, "fewer than two tokens"));
+        return Err(ModelError::format(text, "fewer than two tokens").into());
     }
     ids.truncate(args.tokens.max(2));
     let window = args.window.unwrap_or(ids.len()).max(2);
     let stride = args.stride.unwrap_or(window / 2).max(1);
     if stride > window {
-        return Err(ModelError::Invalid(format!(
+        return Err(invalid(format!(
             "--stride {stride} is larger than --window {window}"
         )));
     }
@@ -145,7 +147,7 @@ fn print_perplexity(model: &Llama, args: &EvalArgs, text: &Path) -> Result<()> {
 fn write_logits(model: &Llama, ids_path: &Path, out: &Path, device: &Device) -> Result<()> {
     let inputs = Checkpoint::open(ids_path)?;
     let (shape, ids) = inputs.i64("input_ids")?;
-    let bad = |msg: String| ModelError::tensor(ids_path, "input_ids", msg);
+    let bad = |msg: String| CliError::from(ModelError::tensor(ids_path, "input_ids", msg));
     let &[batch, seq] = shape.as_slice() else {
         return Err(bad(format!("shape {shape:?}, expected [batch, seq]")));
     };
@@ -174,5 +176,5 @@ fn write_logits(model: &Llama, ids_path: &Path, out: &Path, device: &Device) -> 
             bytes: ids.iter().flat_map(|x| x.to_le_bytes()).collect(),
         },
     );
-    write_safetensors(out, &tensors, None)
+    Ok(write_safetensors(out, &tensors, None)?)
 }

@@ -4,11 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use loftq_models::ModelError;
 use loftq_models::io::{
     Adapter, Checkpoint, GgufWeightType, SourceGguf, TensorSource, open_source, write_dir_atomic,
     write_gguf_base, write_lora_gguf, write_merged, write_merged_gguf,
 };
-use loftq_models::{ModelError, Result};
+
+use crate::error::{Result, invalid};
 
 /// Arguments of `loftq export`.
 #[derive(Args)]
@@ -60,7 +62,7 @@ fn parse_dtype(s: &str) -> std::result::Result<GgufWeightType, String> {
 /// renamed into place.
 fn merge(args: &ExportArgs, model: &Path, adapter: &Adapter) -> Result<()> {
     if std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(ModelError::Invalid(format!(
+        return Err(invalid(format!(
             "{} exists and is not empty; choose a new --out",
             args.out.display()
         )));
@@ -70,7 +72,7 @@ fn merge(args: &ExportArgs, model: &Path, adapter: &Adapter) -> Result<()> {
         GgufWeightType::F16 => safetensors::Dtype::F16,
         GgufWeightType::F32 => safetensors::Dtype::F32,
         GgufWeightType::Ggml(f) => {
-            return Err(ModelError::Invalid(format!(
+            return Err(invalid(format!(
                 "--dtype {}: a Hugging Face checkpoint holds bf16, f16 or f32; give --source \
                  M.gguf for a merged GGUF in a llama.cpp format",
                 f.name()
@@ -86,7 +88,7 @@ fn merge(args: &ExportArgs, model: &Path, adapter: &Adapter) -> Result<()> {
 fn merge_gguf(args: &ExportArgs, source: &Path, adapter: &Adapter) -> Result<()> {
     let out = args.out.join("model.gguf");
     if out.exists() {
-        return Err(ModelError::Invalid(format!(
+        return Err(invalid(format!(
             "{} exists; choose another --out",
             out.display()
         )));
@@ -108,7 +110,7 @@ fn merge_gguf(args: &ExportArgs, source: &Path, adapter: &Adapter) -> Result<()>
         }
         Err(_) => {}
     }
-    result
+    Ok(result?)
 }
 
 /// The GGUF of `--source`; an HF directory is converted into a temporary file beside `out`.
@@ -116,10 +118,10 @@ fn open_source_gguf(path: &Path, out: &Path) -> Result<SourceGguf> {
     let name = out
         .file_name()
         .map_or("out".into(), |n| n.to_string_lossy());
-    SourceGguf::open(
+    Ok(SourceGguf::open(
         path,
         &out.with_file_name(format!(".{name}.loftq-source.gguf")),
-    )
+    )?)
 }
 
 /// Runs `loftq export`.
@@ -129,14 +131,14 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         return match (&args.source, &args.model) {
             (Some(source), _) => merge_gguf(args, source, &adapter),
             (None, Some(model)) => merge(args, model, &adapter),
-            (None, None) => Err(ModelError::Invalid(
-                "--merge needs --model (a Hugging Face merge) or --source (a GGUF merge)".into(),
+            (None, None) => Err(invalid(
+                "--merge needs --model (a Hugging Face merge) or --source (a GGUF merge)",
             )),
         };
     }
     if args.model.is_none() && args.adapter.is_none() {
-        return Err(ModelError::Invalid(
-            "nothing to export: give --model (an init output) and/or --adapter".into(),
+        return Err(invalid(
+            "nothing to export: give --model (an init output) and/or --adapter",
         ));
     }
     let source = open_source_gguf(args.source.as_ref().expect("clap requires it"), &args.out)?;
@@ -155,7 +157,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     let (base_out, lora_out) = (args.out.join("model.gguf"), args.out.join("adapter.gguf"));
     for (given, path) in [(model.is_some(), &base_out), (adapter.is_some(), &lora_out)] {
         if given && path.exists() {
-            return Err(ModelError::Invalid(format!(
+            return Err(invalid(format!(
                 "{} exists; choose another --out",
                 path.display()
             )));

@@ -8,7 +8,9 @@ use loftq_core::DeviceSpec;
 use loftq_models::chat::PromptFormat;
 use loftq_models::generate::{GenerateParams, SamplingParams, generate};
 use loftq_models::nn::load_pretrained;
-use loftq_models::{ModelError, Result, Tokenizer};
+use loftq_models::{ModelError, Tokenizer};
+
+use crate::error::{Result, invalid};
 
 /// Arguments of `loftq generate`.
 #[derive(Args)]
@@ -74,7 +76,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let device = args
         .device
         .open()
-        .map_err(|e| ModelError::Invalid(format!("--device {}: {e}", args.device)))?;
+        .map_err(|e| invalid(format!("--device {}: {e}", args.device)))?;
     let model = load_pretrained(&args.model, args.adapter.as_deref(), &device)?;
     let params = GenerateParams {
         max_new_tokens: args.max_tokens,
@@ -129,7 +131,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 }
 
 fn sampling(args: &GenerateArgs) -> Result<SamplingParams> {
-    let bad = |flag: &str, why: &str| Err(ModelError::Invalid(format!("{flag}: {why}")));
+    let bad = |flag: &str, why: &str| Err(invalid(format!("{flag}: {why}")));
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return bad("--temperature", "must be finite and at least 0");
     }

@@ -11,7 +11,8 @@ use loftq_models::init::plan::{parse_layer_bits, split_list};
 use loftq_models::init::{
     Backbone, Budget, CalibInputs, Calibration, Event, InitSpec, Method, Target, run_init,
 };
-use loftq_models::{ModelError, Result};
+
+use crate::error::{Result, invalid};
 
 use crate::progress::Progress;
 
@@ -163,10 +164,6 @@ impl LoraArgs {
     }
 }
 
-pub(crate) fn invalid(msg: String) -> ModelError {
-    ModelError::Invalid(msg)
-}
-
 fn spec(a: &InitArgs) -> Result<InitSpec> {
     let quant = parse_bits(&a.bits, a.block_size, a.double_quant)
         .map_err(|e| invalid(format!("--bits: {e}")))?;
@@ -187,7 +184,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
         None => None,
     };
     if a.iters == 0 {
-        return Err(invalid("--iters must be at least 1".into()));
+        return Err(invalid("--iters must be at least 1"));
     }
     let alpha = a.lora.alpha()?;
     let svd = a.svd.method(a.seed);

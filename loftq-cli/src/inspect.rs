@@ -7,7 +7,9 @@ use clap::Args;
 use loftq_models::io::{
     ADAPTER_CONFIG, Adapter, Checkpoint, Gguf, bnb_summary, is_bnb_part, is_gguf, read_packed,
 };
-use loftq_models::{LlamaConfig, ModelError, Result};
+use loftq_models::{LlamaConfig, ModelError};
+
+use crate::error::Result;
 
 /// Arguments of `loftq inspect`.
 #[derive(Args)]
@@ -56,7 +58,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         safetensors_rows(path)?
     };
     if rows.is_empty() {
-        return Err(ModelError::format(path, "no tensors"));
+        return Err(ModelError::format(path, "no tensors").into());
     }
     println!("{}", path.display());
     if let Some(a) = arch {

@@ -5,6 +5,7 @@
 //! files, merged checkpoints), `train` (fine-tune the adapter), `inspect`, `codebook`.
 
 mod convert;
+mod error;
 mod eval;
 mod export;
 mod generate;
@@ -92,6 +93,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            if let Some(hint) = e.hint() {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -109,9 +113,9 @@ fn logging() {
 }
 
 #[allow(clippy::print_stdout)]
-fn codebook(quantizer: QuantConfig, rounding: Rounding) -> loftq_models::Result<()> {
+fn codebook(quantizer: QuantConfig, rounding: Rounding) -> error::Result<()> {
     let Some(cb) = Codebook::of(quantizer.scheme) else {
-        return Err(init::invalid(format!(
+        return Err(error::invalid(format!(
             "`{}` has no codebook (its levels are computed per block); \
              nf1..nf8 and uniform1..uniform8 have one",
             quantizer.scheme.name()

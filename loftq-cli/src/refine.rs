@@ -2,15 +2,16 @@
 
 use std::path::PathBuf;
 
+use crate::error::Result;
 use clap::Args;
 use loftq_core::DeviceSpec;
 use loftq_core::args::SvdArgs;
-use loftq_models::Result;
 use loftq_models::init::Target;
 use loftq_models::init::plan::split_list;
 use loftq_models::refine::{Check, RefineEvent, RefineSpec, run_refine};
 
-use crate::init::{LoraArgs, invalid};
+use crate::error::invalid;
+use crate::init::LoraArgs;
 use crate::progress::Progress;
 
 /// Arguments of `loftq refine`.
@@ -63,7 +64,7 @@ pub struct RefineArgs {
 pub fn run(a: &RefineArgs) -> Result<()> {
     let alpha = a.lora.alpha()?;
     if a.check_tokens < 2 {
-        return Err(invalid("--check-tokens must be at least 2".into()));
+        return Err(invalid("--check-tokens must be at least 2"));
     }
     let spec = RefineSpec {
         base: a.base.clone(),

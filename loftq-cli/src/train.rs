@@ -12,7 +12,8 @@ use loftq_models::train::{
     AdamWConfig, BLOCKWISE_CHECKPOINT, Decay, DistillLoss, Objective, Recompute, Sampling,
     Schedule, TrainConfig, TrainEvent, distill_on, latest_checkpoint, train_on,
 };
-use loftq_models::{ModelError, Result};
+
+use crate::error::{Result, invalid};
 
 use crate::progress::Progress;
 
@@ -173,20 +174,14 @@ pub struct TrainArgs {
     json: bool,
 }
 
-fn invalid(msg: String) -> ModelError {
-    ModelError::Invalid(msg)
-}
-
 /// Runs `loftq train`.
 #[allow(clippy::print_stdout)]
 pub fn run(a: &TrainArgs) -> Result<()> {
     if a.steps == 0 || a.batch == 0 || a.accum == 0 {
-        return Err(invalid(
-            "--steps, --batch and --accum must be at least 1".into(),
-        ));
+        return Err(invalid("--steps, --batch and --accum must be at least 1"));
     }
     if a.seq < 2 {
-        return Err(invalid("--seq must be at least 2".into()));
+        return Err(invalid("--seq must be at least 2"));
     }
     if !(a.lr.is_finite() && a.lr > 0.0) {
         return Err(invalid(format!("--lr {} must be positive", a.lr)));
@@ -256,7 +251,12 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             devices.len()
         )));
     }
-    cfg.check_devices(devices.len())?;
+    cfg.check_devices(devices.len()).map_err(|e| {
+        invalid(format!(
+            "--accum {} for --device {}: {e}",
+            a.accum, a.device
+        ))
+    })?;
 
     // The model and its adapter, once per device.
     let adapter = a.adapter.as_deref().map(Adapter::read).transpose()?;

@@ -47,10 +47,13 @@ impl ChatTemplate {
     /// `add_generation_prompt`.
     ///
     /// # Errors
-    /// [`ModelError::Invalid`] when the template does not parse or fails (its own
+    /// [`ModelError::Text`] when the template does not parse or fails (its own
     /// `raise_exception` included), with minijinja's message.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let bad = |e: minijinja::Error| ModelError::Invalid(format!("chat template: {e:#}"));
+        let bad = |e: minijinja::Error| ModelError::Text {
+            what: "chat template",
+            msg: format!("{e:#}"),
+        };
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -197,8 +200,8 @@ impl PromptFormat {
     /// (`system` first when given), else the raw text after BOS when the model expects it.
     ///
     /// # Errors
-    /// [`ModelError::Invalid`] when `chat` is asked of a model without a template, or the
-    /// template or the tokenizer fails.
+    /// [`ModelError::Settings`] when `chat` is asked of a model without a template;
+    /// [`ModelError::Text`] when the template or the tokenizer fails.
     pub fn encode(
         &self,
         tok: &Tokenizer,
@@ -212,7 +215,7 @@ impl PromptFormat {
             return Ok(ids);
         }
         let template = self.template.as_ref().ok_or_else(|| {
-            ModelError::Invalid("the model has no chat template; use a raw prompt".into())
+            ModelError::Settings("the model has no chat template; use a raw prompt".into())
         })?;
         let turn = |role: &str, content: &str| Message {
             role: role.into(),

@@ -50,9 +50,63 @@ pub enum ModelError {
         /// LoftQ's error.
         source: LoftqError,
     },
-    /// A configuration or option that cannot work (unsupported architecture, bad combination).
+    /// A file or directory that should exist does not.
+    #[error("{}: no such file or directory", path.display())]
+    NotFound {
+        /// The path.
+        path: PathBuf,
+    },
+    /// An output directory this run cannot use: not empty, too little space, another run's
+    /// state in it.
+    #[error("{}: {msg}", path.display())]
+    Output {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A write under an output failed (a full disk, a quota) after work was done; what was
+    /// done is kept in `work` for the run to be resumed.
+    #[error(
+        "{}: {source} (the work done so far is kept in {}: make room, then resume the run)",
+        path.display(),
+        work.display()
+    )]
+    Interrupted {
+        /// The file whose write failed.
+        path: PathBuf,
+        /// The work area that holds what was done.
+        work: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The tokenizer or a chat template failed.
+    #[error("{what}: {msg}")]
+    Text {
+        /// `tokenizer` or `chat template`.
+        what: &'static str,
+        /// Its error.
+        msg: String,
+    },
+    /// Two inputs that must agree do not: a model and its adapter, a teacher and its student,
+    /// a checkpoint and the run resuming it.
     #[error("{0}")]
-    Invalid(String),
+    Mismatch(String),
+    /// Settings that cannot work, together or with this model (a rank larger than a matrix,
+    /// GPTQ without calibration statistics, an unsupported dtype).
+    #[error("{0}")]
+    Settings(String),
+    /// Input data the job cannot use (a text shorter than one sequence, an empty prompt).
+    #[error("{0}")]
+    Data(String),
+    /// Training diverged: the loss of `step` is not finite; nothing of that step was saved.
+    #[error("step {step}: the training loss is {loss}; nothing was saved for this step")]
+    Diverged {
+        /// The step (1-based).
+        step: usize,
+        /// The loss.
+        loss: f64,
+    },
 }
 
 /// Results of this crate.
@@ -80,6 +134,14 @@ impl ModelError {
         Self::Quant {
             name: name.to_string(),
             source,
+        }
+    }
+
+    /// Output directory `path` cannot be used: `msg` says why.
+    pub fn output(path: &Path, msg: impl Into<String>) -> Self {
+        Self::Output {
+            path: path.to_path_buf(),
+            msg: msg.into(),
         }
     }
 

@@ -70,7 +70,7 @@ impl Tokenizer {
     /// Token ids of `text`, without special tokens (no BOS/EOS).
     ///
     /// # Errors
-    /// [`ModelError::Invalid`] if the tokenizer fails.
+    /// [`ModelError::Text`] if the tokenizer fails.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.encode_as(text, false)
     }
@@ -79,7 +79,7 @@ impl Tokenizer {
     /// for Llama 2 and 3), as transformers' `tokenizer(text)`.
     ///
     /// # Errors
-    /// [`ModelError::Invalid`] if the tokenizer fails.
+    /// [`ModelError::Text`] if the tokenizer fails.
     pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
         self.encode_as(text, true)
     }
@@ -88,18 +88,22 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
-            .map_err(|e| ModelError::Invalid(format!("tokenizer: {e}")))?;
+            .map_err(|e| ModelError::Text {
+                what: "tokenizer",
+                msg: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// The text of `ids`.
     ///
     /// # Errors
-    /// [`ModelError::Invalid`] if the tokenizer fails.
+    /// [`ModelError::Text`] if the tokenizer fails.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| ModelError::Invalid(format!("tokenizer: {e}")))
+        self.inner.decode(ids, false).map_err(|e| ModelError::Text {
+            what: "tokenizer",
+            msg: e.to_string(),
+        })
     }
 
     /// Vocabulary size including added tokens.

@@ -153,7 +153,7 @@ impl Generation {
 /// comes. Stops at a stop token, after `max_new_tokens`, or at the model's context length.
 ///
 /// # Errors
-/// [`ModelError::Invalid`] for an empty prompt or one that fills the context already.
+/// [`ModelError::Data`] for an empty prompt or one that fills the context already.
 pub fn generate(
     model: &Llama,
     prompt: &[u32],
@@ -162,10 +162,10 @@ pub fn generate(
 ) -> Result<Generation> {
     let context = model.config.max_position_embeddings;
     if prompt.is_empty() {
-        return Err(ModelError::Invalid("the prompt has no token".into()));
+        return Err(ModelError::Data("the prompt has no token".into()));
     }
     if prompt.len() >= context {
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::Data(format!(
             "the prompt has {} tokens; the model's context holds {context}",
             prompt.len()
         )));

@@ -159,10 +159,10 @@ pub fn run_refine(
 ) -> Result<RefineReport> {
     let start = Instant::now();
     if std::fs::read_dir(&spec.out).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(ModelError::Invalid(format!(
-            "{} exists and is not empty; choose a new --out",
-            spec.out.display()
-        )));
+        return Err(ModelError::output(
+            &spec.out,
+            "exists and is not empty; write elsewhere",
+        ));
     }
     let base = open_source(&spec.base)?;
     let model = open_source(&spec.model)?;
@@ -178,9 +178,9 @@ pub fn run_refine(
     // Model order (layer 2 before layer 10), which the check's cache relies on.
     targets.sort_by_key(|n| (layer_index(n), n.clone()));
     if targets.is_empty() {
-        return Err(ModelError::Invalid(format!(
-            "{}: no quantized weight matches --target {:?} (minus --exclude); \
-             --base must be a quantized backbone",
+        return Err(ModelError::Settings(format!(
+            "{}: no quantized weight matches the targets {:?} (minus the exclusions); the base \
+             must be a quantized backbone",
             spec.base.display(),
             spec.target
         )));
@@ -405,8 +405,8 @@ fn linear_slot(module: &str, layers: usize) -> Result<(usize, usize)> {
         Some((l, LINEAR_PATHS.iter().position(|p| *p == rest)?))
     });
     slot.ok_or_else(|| {
-        ModelError::Invalid(format!(
-            "--check-text: `{module}` is not a decoder layer's linear layer"
+        ModelError::Settings(format!(
+            "the check: `{module}` is not a decoder layer's linear layer"
         ))
     })
 }

@@ -146,7 +146,7 @@ fn refuses_settings_before_any_work() {
                 quantizer: BaseQuantizer::Gptq(GptqConfig::default()),
                 ..base.clone()
             },
-            "needs --calibration",
+            "needs calibration text",
         ),
         (
             InitSpec {
@@ -160,7 +160,7 @@ fn refuses_settings_before_any_work() {
                 method: Method::Pissa,
                 ..base.clone()
             },
-            "--method loftq",
+            "the loftq and qlora methods",
         ),
         (
             InitSpec {
@@ -262,13 +262,13 @@ fn bit_budgets_are_met_and_resume() {
     let e = run(&with_budget("poor", 2.0, false), false).unwrap_err();
     // The candidates cost 2.5 bits per parameter at least (NF2, blocks of 64, f32 scales).
     assert!(
-        e.to_string().contains("--avg-bits 2") && e.to_string().contains("need 2.500 bits"),
+        e.to_string().contains("a budget of 2 bits") && e.to_string().contains("need 2.500)"),
         "{e}"
     );
     assert!(!dir.join("poor").exists());
     let mut p = with_budget("pissa", 3.0, false);
     p.method = Method::Pissa;
     let e = run(&p, false).unwrap_err();
-    assert!(e.to_string().contains("--method loftq or qlora"), "{e}");
+    assert!(e.to_string().contains("the loftq and qlora methods"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -102,12 +102,12 @@ fn interrupted_runs_resume_to_identical_files() {
         }));
         assert!(killed.is_err());
         assert!(c.out.join(".loftq-partial").is_dir());
-        // Without --resume the leftovers are refused; with other options too.
+        // Without resuming, the leftovers are refused; with other options too.
         assert!(run(&c, false).is_err());
         let mut other = c.clone();
         other.rank = 4;
         let err = run(&other, true).unwrap_err().to_string();
-        assert!(err.contains("other options"), "{err}");
+        assert!(err.contains("other settings"), "{err}");
         let report = run(&c, true).unwrap();
         assert!(report.totals.resumed > 0);
         assert_eq!(read_all(&c.out), want, "kill at {kill_at}");
@@ -152,7 +152,7 @@ fn bad_input_leaves_nothing_behind() {
         run(&big, false)
             .unwrap_err()
             .to_string()
-            .contains("--rank 65")
+            .contains("rank 65 does not fit")
     );
     assert!(!big.out.exists());
     let mut none = spec(src.clone(), dir.join("out-none"));
@@ -161,7 +161,7 @@ fn bad_input_leaves_nothing_behind() {
         run(&none, false)
             .unwrap_err()
             .to_string()
-            .contains("matches --target")
+            .contains("matches the targets")
     );
     let missing = spec(dir.join("no-such-model"), dir.join("out-missing"));
     assert!(

@@ -29,7 +29,7 @@ impl LayerSource for Llama {
 
     fn layer(&self, l: usize) -> Result<DecoderLayer> {
         self.layers.get(l).cloned().ok_or_else(|| {
-            ModelError::Invalid(format!(
+            ModelError::Mismatch(format!(
                 "the model has {} layers, not {}",
                 self.layers.len(),
                 l + 1

@@ -99,7 +99,7 @@ fn check_adapter_used(opts: &LoadOptions, used: impl Fn(&str) -> bool) -> Result
     if let Some(adapter) = opts.adapter
         && let Some(extra) = adapter.modules.keys().find(|k| !used(k))
     {
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::Mismatch(format!(
             "the adapter has factors for `{extra}`, which is not a linear layer of this model"
         )));
     }
@@ -309,7 +309,7 @@ impl<'a> Builder<'a> {
             Some((adapter, w)) => {
                 let r = w.a.shape[0];
                 if w.a.shape != [r, shape[1]] || w.b.shape != [shape[0], r] {
-                    return Err(ModelError::Invalid(format!(
+                    return Err(ModelError::Mismatch(format!(
                         "adapter factors of `{path}` are {:?} and {:?}, the layer is {shape:?}",
                         w.a.shape, w.b.shape
                     )));

@@ -1,8 +1,8 @@
 //! `loftq train --blockwise`: the adapters fitted one decoder layer at a time, both models
 //! read from disk one layer at a time.
 
+use crate::error::Result;
 use burn::tensor::Device;
-use loftq_models::Result;
 use loftq_models::config::decoder_linear_paths;
 use loftq_models::nn::{LayerReader, LayerSource, LoadOptions};
 use loftq_models::train::{BlockwiseConfig, BlockwiseEvent, TrainConfig, distill_blockwise};

@@ -1,15 +1,16 @@
 //! What `loftq train` reads: the model with its adapter (read or fresh) and the text.
 
 use burn::tensor::Device;
+use loftq_models::Tokenizer;
 use loftq_models::init::Target;
 use loftq_models::init::plan::split_list;
 use loftq_models::io::{Adapter, AdapterConfig};
 use loftq_models::nn::{FreshLora, Llama, LoadOptions, load_pretrained_with};
 use loftq_models::train::data::tokenize_file;
 use loftq_models::train::{TokenStream, Validation};
-use loftq_models::{ModelError, Result, Tokenizer};
 
-use super::{TrainArgs, invalid};
+use super::TrainArgs;
+use crate::error::{CliError, Result, invalid};
 
 /// The training text and the validation: --val-text, or the tail of the training text.
 pub(super) fn read_text(
@@ -101,7 +102,7 @@ impl Fresh {
         self.target.picks(path, &self.exclude, true)
     }
 
-    pub(super) fn no_match(&self, a: &TrainArgs) -> ModelError {
+    pub(super) fn no_match(&self, a: &TrainArgs) -> CliError {
         invalid(format!(
             "no linear layer matches --target {:?} (minus --exclude)",
             a.target

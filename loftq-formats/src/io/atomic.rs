@@ -154,7 +154,7 @@ mod tests {
         write_dir_atomic(&out, fill("one")).unwrap();
         write_dir_atomic(&out, fill("two")).unwrap();
         assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "two");
-        let failed = write_dir_atomic(&out, |_| Err(ModelError::Invalid("no".into())));
+        let failed = write_dir_atomic(&out, |_| Err(ModelError::Data("no".into())));
         assert!(failed.is_err());
         assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "two");
         // Nothing is left beside it: no temporary, no old copy.

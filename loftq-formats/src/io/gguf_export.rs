@@ -118,7 +118,7 @@ pub fn write_gguf_base(source: &GgufModel, checkpoint: &Checkpoint, out: &Path) 
                         h,
                         format!(
                             "is quantized as {}, which llama.cpp cannot read; a GGUF base needs \
-                             one of llama.cpp's formats (--bits {})",
+                             one of llama.cpp's formats ({})",
                             quant.label(),
                             GgmlFormat::NAMES
                         ),
@@ -203,7 +203,7 @@ pub fn write_lora_gguf(adapter: &Adapter, base: &GgufModel, out: &Path) -> Resul
         .modules
         .iter()
         .next()
-        .ok_or_else(|| ModelError::Invalid("the adapter has no modules to write".into()))?;
+        .ok_or_else(|| ModelError::Data("the adapter has no modules to write".into()))?;
     let alpha = adapter.scaling(first.0).expect("listed") * first.1.a.shape[0] as f64;
     let kv = [
         KvEntry::str("general.architecture", arch),

@@ -255,10 +255,10 @@ fn encode(data: &[f32], dtype: Dtype) -> Vec<u8> {
 ///
 /// # Errors
 /// [`ModelError::Tensor`] naming an adapter module the model lacks or whose shape disagrees;
-/// [`ModelError::Invalid`] for a dtype other than `F32`, `BF16`, `F16`; I/O errors.
+/// [`ModelError::Settings`] for a dtype other than `F32`, `BF16`, `F16`; I/O errors.
 pub fn write_merged(model: &Path, adapter: &Adapter, dtype: Dtype, out: &Path) -> Result<()> {
     if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::Settings(format!(
             "merged weights are written as f32, bf16 or f16, not {dtype}"
         )));
     }

@@ -208,17 +208,16 @@ pub fn check_finite(source: &dyn TensorSource, name: &str, t: HostTensor) -> Res
 /// The weights at `path`: a `.gguf` file, or a safetensors file or HF directory.
 ///
 /// # Errors
-/// [`ModelError::Invalid`] if `path` does not exist; the opener's errors.
+/// [`ModelError::NotFound`] if `path` does not exist; the opener's errors.
 pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
     if is_gguf(path) {
         Ok(Box::new(super::GgufModel::open(path)?))
     } else if path.exists() {
         Ok(Box::new(Checkpoint::open(path)?))
     } else {
-        Err(ModelError::Invalid(format!(
-            "{}: no such file or directory",
-            path.display()
-        )))
+        Err(ModelError::NotFound {
+            path: path.to_path_buf(),
+        })
     }
 }
 

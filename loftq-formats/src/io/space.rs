@@ -25,18 +25,19 @@ pub fn available(path: &Path) -> Option<u64> {
 /// free; `what` says what the bytes are, for the message.
 ///
 /// # Errors
-/// [`ModelError::Invalid`] naming `--out`, the space free and what needs more.
+/// [`ModelError::Output`] naming the directory, the space free and what needs more.
 pub fn check_free(out: &Path, need: u64, what: &str) -> Result<()> {
     let Some(free) = available(out) else {
         return Ok(());
     };
     if need > free {
-        return Err(ModelError::Invalid(format!(
-            "--out {}: {} free, and this run writes {what}; free some space or choose another \
-             --out",
-            out.display(),
-            human(free)
-        )));
+        return Err(ModelError::output(
+            out,
+            format!(
+                "{} free, and this run writes {what}; free some space or write elsewhere",
+                human(free)
+            ),
+        ));
     }
     Ok(())
 }

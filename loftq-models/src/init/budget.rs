@@ -72,16 +72,18 @@ pub(super) fn check(spec: &InitSpec) -> Result<()> {
         return Ok(());
     };
     if !matches!(spec.method, Method::Loftq | Method::Qlora) {
-        return Err(ModelError::Invalid(
-            "--avg-bits works with --method loftq or qlora".into(),
+        return Err(ModelError::Settings(
+            "a bit budget works with the loftq and qlora methods".into(),
         ));
     }
     if b.candidates.is_empty() {
-        return Err(ModelError::Invalid("--candidates: none given".into()));
+        return Err(ModelError::Settings(
+            "a bit budget needs at least one candidate quantizer".into(),
+        ));
     }
     if !(b.avg_bits.is_finite() && b.avg_bits > 0.0) {
-        return Err(ModelError::Invalid(format!(
-            "--avg-bits {} must be a positive number of bits",
+        return Err(ModelError::Settings(format!(
+            "a budget of {} bits per parameter: it must be positive",
             b.avg_bits
         )));
     }
@@ -135,8 +137,8 @@ pub(super) fn apply(
                     .iter()
                     .map(|o| o.iter().map(|c| c.bits).min().unwrap_or(0))
                     .sum();
-                ModelError::Invalid(format!(
-                    "--avg-bits {}: {e} (the cheapest candidates need {:.3} bits per parameter)",
+                ModelError::Settings(format!(
+                    "a budget of {} bits per parameter: {e} (the cheapest candidates need {:.3})",
                     budget.avg_bits,
                     least as f64 / params.max(1) as f64
                 ))

@@ -46,8 +46,8 @@ const LAYER_KEY: &str = "loftq.next_layer";
 /// A file that cannot be read, a model without a tokenizer, fewer than `seq` tokens.
 pub(super) fn calibration_tokens(model: &Path, calib: &Calibration) -> Result<Vec<u32>> {
     if calib.seq < 2 || calib.tokens < calib.seq {
-        return Err(ModelError::Invalid(format!(
-            "--calibration-seq {} and --calibration-tokens {}: need 2 ≤ seq ≤ tokens",
+        return Err(ModelError::Settings(format!(
+            "calibration sequences of {} tokens out of {}: need 2 ≤ sequence ≤ tokens",
             calib.seq, calib.tokens
         )));
     }
@@ -62,8 +62,8 @@ pub(super) fn calibration_tokens(model: &Path, calib: &Calibration) -> Result<Ve
     }
     let n = ids.len().min(calib.tokens) / calib.seq * calib.seq;
     if n == 0 {
-        return Err(ModelError::Invalid(format!(
-            "--calibration: {} tokens in the files, fewer than one sequence of {}",
+        return Err(ModelError::Data(format!(
+            "the calibration files hold {} tokens, fewer than one sequence of {}",
             ids.len(),
             calib.seq
         )));
@@ -97,9 +97,9 @@ fn targets_by_layer(plan: &Plan) -> Result<BTreeMap<usize, Vec<(usize, usize)>>>
             Some((l, p))
         });
         let Some((l, p)) = pos else {
-            return Err(ModelError::Invalid(format!(
-                "--calibration covers the decoder layers' linear weights; `{}` is not one \
-                 (leave it out with --exclude)",
+            return Err(ModelError::Settings(format!(
+                "calibration covers the decoder layers' linear weights; `{}` is not one \
+                 (exclude it)",
                 item.name
             )));
         };
@@ -243,7 +243,7 @@ fn embed(source: &dyn TensorSource, ids: &[u32], hidden: usize) -> Result<Vec<f3
     for &t in ids {
         let t = t as usize;
         if t >= vocab {
-            return Err(ModelError::Invalid(format!(
+            return Err(ModelError::Data(format!(
                 "token id {t} is outside the embedding table ({vocab} rows)"
             )));
         }
@@ -345,7 +345,7 @@ impl From<loftq_core::calib::CalibError> for CalibFailure {
 fn in_layer(l: usize, e: impl Into<CalibFailure>) -> ModelError {
     match e.into() {
         CalibFailure::Model(e) => e,
-        CalibFailure::Statistics(e) => ModelError::Invalid(format!("decoder layer {l}: {e}")),
+        CalibFailure::Statistics(e) => ModelError::Data(format!("decoder layer {l}: {e}")),
     }
 }
 
@@ -399,7 +399,7 @@ fn forward(
         };
         let v = host_f32(&y.reshape([b * seq, hidden]));
         if v.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::Invalid(
+            return Err(ModelError::Data(
                 "the calibration hidden states became NaN or infinite".into(),
             ));
         }

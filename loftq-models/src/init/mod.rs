@@ -293,29 +293,25 @@ pub fn run_init(
 ) -> Result<Report> {
     let start = Instant::now();
     if devices.is_empty() {
-        return Err(ModelError::Invalid("--device: no device given".into()));
+        return Err(ModelError::Settings("no device given".into()));
     }
     let out = &spec.out;
     let work = work_dir(out);
     let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
     if non_empty && !(resume && work.is_dir()) {
-        return Err(ModelError::Invalid(if resume {
-            format!(
-                "{}: nothing to resume (no work area); use a new --out",
-                out.display()
-            )
-        } else {
-            format!(
-                "{} exists and is not empty; choose a new --out, or --resume an interrupted run",
-                out.display()
-            )
-        }));
+        return Err(ModelError::output(
+            out,
+            if resume {
+                "nothing to resume (no work area); write elsewhere"
+            } else {
+                "exists and is not empty; write elsewhere, or resume an interrupted run"
+            },
+        ));
     }
     if !spec.model.exists() {
-        return Err(ModelError::Invalid(format!(
-            "--model {}: no such file or directory",
-            spec.model.display()
-        )));
+        return Err(ModelError::NotFound {
+            path: spec.model.clone(),
+        });
     }
     let calibration_ids = check_calibration(spec)?;
     budget::check(spec)?;
@@ -418,15 +414,7 @@ pub fn run_init(
         // A write under `out` that failed (a full disk, a quota) interrupts the run as a kill
         // does: the work done so far stays for `--resume`.
         Err(ModelError::Io { path, source }) if path.starts_with(out) && plan_written(&work) => {
-            let msg = format!(
-                "{source} (the work done so far is kept in {}: make room, then run again with \
-                 --resume)",
-                work.display()
-            );
-            Err(ModelError::io(
-                &path,
-                std::io::Error::new(source.kind(), msg),
-            ))
+            Err(ModelError::Interrupted { path, work, source })
         }
         Err(e) => {
             // A refused input is not an interruption: leave nothing behind.
@@ -445,16 +433,16 @@ pub fn run_init(
 fn check_calibration(spec: &InitSpec) -> Result<Option<Vec<u32>>> {
     let gptq = matches!(spec.quantizer, BaseQuantizer::Gptq(_));
     match (&spec.calibration, spec.method) {
-        (None, _) if gptq => Err(ModelError::Invalid(
-            "--quantizer gptq needs --calibration (its statistics)".into(),
+        (None, _) if gptq => Err(ModelError::Settings(
+            "the GPTQ quantizer needs calibration text (its statistics)".into(),
         )),
         (None, _) => Ok(None),
-        (Some(_), Method::Pissa | Method::Qpissa) => Err(ModelError::Invalid(
-            "--calibration works with --method loftq or qlora (with --quantizer gptq)".into(),
+        (Some(_), Method::Pissa | Method::Qpissa) => Err(ModelError::Settings(
+            "calibration works with the loftq and qlora methods (qlora with GPTQ)".into(),
         )),
-        (Some(_), Method::Qlora) if !gptq => Err(ModelError::Invalid(
-            "--calibration changes nothing for --method qlora with round to nearest; \
-             add --quantizer gptq, or use --method loftq"
+        (Some(_), Method::Qlora) if !gptq => Err(ModelError::Settings(
+            "calibration changes nothing for qlora with round to nearest; quantize with GPTQ, \
+             or use the loftq method"
                 .into(),
         )),
         (Some(c), _) => calibrate::calibration_tokens(&spec.model, c).map(Some),
@@ -481,8 +469,8 @@ fn check_gguf_out(spec: &InitSpec) -> Result<()> {
     for q in quants {
         let quantized = !matches!(spec.method, Method::Pissa);
         if quantized && !matches!(q.scheme, loftq_core::quant::Scheme::Ggml { .. }) {
-            return Err(ModelError::Invalid(format!(
-                "--backbone gguf needs llama.cpp's formats (--bits {}); {} is not one",
+            return Err(ModelError::Settings(format!(
+                "a GGUF backbone needs llama.cpp's formats ({}); {} is not one",
                 loftq_core::quant::GgmlFormat::NAMES,
                 q.label()
             )));

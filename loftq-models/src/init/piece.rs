@@ -52,10 +52,11 @@ impl Plan {
         let mut items = Vec::with_capacity(names.len());
         for name in names {
             if source.quantized(&name)? {
-                return Err(ModelError::Invalid(format!(
-                    "{}: `{name}` is already quantized; give the full-precision model",
-                    source.root().display()
-                )));
+                return Err(ModelError::tensor(
+                    source.root(),
+                    &name,
+                    "is already quantized; give the full-precision model",
+                ));
             }
             let shape = source.shape(&name)?;
             let module = module_of_weight(&name);
@@ -70,8 +71,8 @@ impl Plan {
             let target = if wanted {
                 let s = [shape[0], shape[1]];
                 if spec.rank == 0 || spec.rank > s[0].min(s[1]) {
-                    return Err(ModelError::Invalid(format!(
-                        "--rank {} does not fit `{name}` of shape {s:?}",
+                    return Err(ModelError::Settings(format!(
+                        "rank {} does not fit `{name}` of shape {s:?}",
                         spec.rank
                     )));
                 }
@@ -83,8 +84,8 @@ impl Plan {
         }
         let plan = Self { items };
         if plan.targets() == 0 {
-            return Err(ModelError::Invalid(format!(
-                "no 2-D weight of {} matches --target {:?} (minus --exclude)",
+            return Err(ModelError::Settings(format!(
+                "no 2-D weight of {} matches the targets {:?} (minus the exclusions)",
                 source.root().display(),
                 spec.target
             )));
@@ -108,7 +109,7 @@ impl Plan {
     /// Checks that the work area (from an interrupted run) is this job's.
     ///
     /// # Errors
-    /// [`ModelError::Invalid`] if it belongs to a different job.
+    /// [`ModelError::Output`] if it belongs to a different job.
     pub fn check(&self, work: &Path, spec: &InitSpec) -> Result<()> {
         match std::fs::read_to_string(work.join("plan.json")) {
             Ok(old) if old != self.json(spec) => Err(self.mismatch(work)),
@@ -117,11 +118,11 @@ impl Plan {
     }
 
     fn mismatch(&self, work: &Path) -> ModelError {
-        ModelError::Invalid(format!(
-            "{}: the interrupted run used other options or another model; \
-             resume it with the same ones, or use a new --out",
-            work.display()
-        ))
+        ModelError::output(
+            work,
+            "the interrupted run used other settings or another model; resume it with the \
+             same ones, or write elsewhere",
+        )
     }
 
     fn json(&self, spec: &InitSpec) -> String {
@@ -138,7 +139,7 @@ impl Plan {
     /// Writes `plan.json`, or checks that an existing one is this job's.
     ///
     /// # Errors
-    /// [`ModelError::Invalid`] if the work area belongs to a different job.
+    /// [`ModelError::Output`] if the work area belongs to a different job.
     pub fn check_or_write(&self, work: &Path, spec: &InitSpec) -> Result<()> {
         let path = work.join("plan.json");
         let json = self.json(spec);

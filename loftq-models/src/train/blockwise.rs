@@ -53,7 +53,7 @@ pub const BLOCKWISE_CHECKPOINT: &str = "blockwise-checkpoint";
 /// the host.
 ///
 /// # Errors
-/// Those of [`fit_layers`]; [`ModelError::Invalid`] for a checkpoint of other settings, or
+/// Those of [`fit_layers`]; [`ModelError::Output`] for a checkpoint of other settings, or
 /// one found without `cfg.resume`; [`ModelError::Io`] when writing fails.
 #[allow(clippy::too_many_arguments)]
 pub fn distill_blockwise(
@@ -69,10 +69,10 @@ pub fn distill_blockwise(
     let ckpt = out.join(BLOCKWISE_CHECKPOINT);
     let done = match ckpt.is_dir() {
         true if !cfg.resume => {
-            return Err(ModelError::Invalid(format!(
-                "{} holds the checkpoint of a block-wise run: resume it, or write elsewhere",
-                ckpt.display()
-            )));
+            return Err(ModelError::output(
+                &ckpt,
+                "holds the checkpoint of a block-wise run: resume it, or write elsewhere",
+            ));
         }
         true => read_checkpoint(&ckpt, cfg)?,
         false => Fitted::default(),
@@ -201,12 +201,13 @@ fn read_checkpoint(dir: &Path, cfg: &BlockwiseConfig) -> Result<Fitted> {
         ..state.config.clone()
     };
     if &same != cfg {
-        return Err(ModelError::Invalid(format!(
-            "{} is the checkpoint of a block-wise run with other settings ({:?}, now {:?})",
-            dir.display(),
-            state.config,
-            cfg
-        )));
+        return Err(ModelError::output(
+            dir,
+            format!(
+                "the checkpoint of a block-wise run with other settings ({:?}, now {:?})",
+                state.config, cfg
+            ),
+        ));
     }
     let adapter = dir.join("adapter");
     let modules = match adapter.is_dir() {
@@ -251,9 +252,9 @@ struct Climb<'v> {
 /// trained) as it is done; its error stops the run.
 ///
 /// # Errors
-/// [`ModelError::Invalid`] if the models differ in depth, width or vocabulary, no layer of the
-/// student has adapters, `done` does not fit the student, the stream is shorter than a row,
-/// or the sizes are zero or inconsistent; a layer's read error; `on_layer`'s.
+/// [`ModelError::Mismatch`] if the models differ in depth, width or vocabulary or `done` does
+/// not fit the student; [`ModelError::Settings`] if no layer of the student has adapters or
+/// the sizes are zero or inconsistent; [`ModelError::Data`] if the stream is shorter than a row; a layer's read error; `on_layer`'s.
 pub fn fit_layers(
     student: &dyn LayerSource,
     teacher: &dyn LayerSource,
@@ -266,7 +267,7 @@ pub fn fit_layers(
     let (se, te) = (student.ends(), teacher.ends());
     let (s, t) = (&se.config, &te.config);
     if s.num_hidden_layers != t.num_hidden_layers || s.hidden_size != t.hidden_size {
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::Mismatch(format!(
             "block-wise distillation pairs the layers: the teacher has {} layers of width {}, \
              the student {} of width {}",
             t.num_hidden_layers, t.hidden_size, s.num_hidden_layers, s.hidden_size
@@ -274,13 +275,13 @@ pub fn fit_layers(
     }
     check_teacher(se, te, DistillLoss::default())?;
     if cfg.rows == 0 || cfg.batch == 0 || cfg.batch > cfg.rows || cfg.steps == 0 {
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::Settings(format!(
             "block-wise distillation needs 1 ≤ batch ({}) ≤ rows ({}) and steps ≥ 1",
             cfg.batch, cfg.rows
         )));
     }
     if cfg.seq < 1 || stream.len() < cfg.seq {
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::Data(format!(
             "the text has {} tokens, fewer than one row of {}",
             stream.len(),
             cfg.seq
@@ -367,7 +368,7 @@ pub fn fit_layers(
         xt = yt.to_device(&teacher_device);
     }
     if !adapted {
-        return Err(ModelError::Invalid(
+        return Err(ModelError::Settings(
             "the model has no LoRA adapter to train".into(),
         ));
     }
@@ -441,7 +442,7 @@ fn put_factors(
         };
         for (p, t) in [(&mut lora.a, &w.a), (&mut lora.b, &w.b)] {
             if p.dims().as_slice() != t.shape.as_slice() {
-                return Err(ModelError::Invalid(format!(
+                return Err(ModelError::Mismatch(format!(
                     "the checkpoint's factors of `{path}` are {:?}, the adapter's {:?}",
                     t.shape,
                     p.dims()

@@ -110,12 +110,14 @@ pub(super) fn load_checkpoint(
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| ModelError::format(&path, format!("bad trainer state: {e}")))?;
     if !state.config.same_run(cfg) {
-        return Err(ModelError::Invalid(format!(
-            "{} was written with other training options ({:?}); resume with the same options or \
-             use another --out",
-            dir.display(),
-            state.config
-        )));
+        return Err(ModelError::output(
+            dir,
+            format!(
+                "written with other training settings ({:?}); resume with the same ones or \
+                 write elsewhere",
+                state.config
+            ),
+        ));
     }
     // The step is the directory's own (`checkpoint-N`) and within the run.
     let named = dir.file_name().and_then(|n| {
@@ -128,7 +130,7 @@ pub(super) fn load_checkpoint(
         return Err(ModelError::format(
             &path,
             format!(
-                "step {} does not match the directory or lies past --steps {}",
+                "step {} does not match the directory or lies past the run's {} steps",
                 state.step, cfg.steps
             ),
         ));

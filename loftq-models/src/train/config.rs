@@ -72,11 +72,11 @@ impl TrainConfig {
     /// Checks that every one of `devices` gets a micro-batch in each step (see [`train_on`]).
     ///
     /// # Errors
-    /// [`ModelError::Invalid`], naming `--accum`, if `accum` is smaller than `devices`.
+    /// [`ModelError::Settings`] if `accum` is smaller than `devices`.
     pub fn check_devices(&self, devices: usize) -> Result<()> {
         if self.accum < devices {
-            return Err(ModelError::Invalid(format!(
-                "--accum {} is smaller than the {devices} devices: each device takes whole \
+            return Err(ModelError::Settings(format!(
+                "{} micro-batches per step for {devices} devices: each device takes whole \
                  micro-batches, so give at least one per device",
                 self.accum
             )));

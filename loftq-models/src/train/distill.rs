@@ -80,18 +80,18 @@ pub fn distill_loss(hidden: Tensor<3>, logits: Tensor<3>, teacher: &TeacherOutpu
 /// when the loss compares hidden states.
 ///
 /// # Errors
-/// [`ModelError::Invalid`] saying what differs.
+/// [`ModelError::Mismatch`] saying what differs.
 pub fn check_teacher(student: &Llama, teacher: &Llama, loss: DistillLoss) -> Result<()> {
     let (s, t) = (&student.config, &teacher.config);
     if s.vocab_size != t.vocab_size {
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::Mismatch(format!(
             "the teacher's vocabulary has {} tokens, the student's {}: distillation needs the \
              same tokenizer",
             t.vocab_size, s.vocab_size
         )));
     }
     if loss.hidden_weight > 0.0 && s.hidden_size != t.hidden_size {
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::Mismatch(format!(
             "the hidden-state loss compares hidden states of the same size; the teacher's are \
              {}, the student's {}",
             t.hidden_size, s.hidden_size

@@ -20,8 +20,10 @@ use crate::{ModelError, Result};
 /// checkpoint in `out`; the result is the same as an uninterrupted run.
 ///
 /// # Errors
-/// [`ModelError::Invalid`] for a model without adapters, a stream shorter than a row, or a
-/// checkpoint from another configuration; [`ModelError::Io`] when writing fails.
+/// [`ModelError::Settings`] for a model without adapters or zero sizes, [`ModelError::Data`]
+/// for a stream shorter than a row, [`ModelError::Output`] for a checkpoint from another
+/// configuration, [`ModelError::Diverged`] for a loss that is not finite;
+/// [`ModelError::Io`] when writing fails.
 pub fn train(
     model: &mut Llama,
     adapter_template: &AdapterConfig,
@@ -45,7 +47,7 @@ pub fn train(
 /// main replica's LoRA factors before every step.
 ///
 /// # Errors
-/// As [`train`]; also [`ModelError::Invalid`] if `models` is empty, if the replicas' adapters
+/// As [`train`]; also [`ModelError::Settings`] if `models` is empty, if the replicas' adapters
 /// differ in shape from the main one's, or if `cfg.accum` is smaller than the number of
 /// replicas (each device takes whole micro-batches).
 pub fn train_on(
@@ -75,7 +77,7 @@ pub fn train_on(
 /// teacher–student KL beside the perplexity.
 ///
 /// # Errors
-/// As [`train_on`]; also [`ModelError::Invalid`] if `cfg.objective` is not distillation, if
+/// As [`train_on`]; also [`ModelError::Settings`] if `cfg.objective` is not distillation, if
 /// there is not one teacher per replica, or if a teacher cannot teach its student
 /// ([`check_teacher`]).
 #[allow(clippy::too_many_arguments)]
@@ -115,7 +117,7 @@ fn run(
     let teachers = match cfg.objective {
         Objective::Distill(loss) => {
             if teachers.len() != models.len() {
-                return Err(ModelError::Invalid(format!(
+                return Err(ModelError::Settings(format!(
                     "{} teachers for {} model replicas: distillation (distill_on) needs one per \
                      device",
                     teachers.len(),
@@ -132,36 +134,36 @@ fn run(
         }
         Objective::NextToken if teachers.is_empty() => None,
         Objective::NextToken => {
-            return Err(ModelError::Invalid(
+            return Err(ModelError::Settings(
                 "teachers were given, but distillation needs the distillation objective".into(),
             ));
         }
     };
     let Some(model) = models.first() else {
-        return Err(ModelError::Invalid("no model to train".into()));
+        return Err(ModelError::Settings("no model to train".into()));
     };
     let shapes = |m: &Llama| m.lora_params().iter().map(|t| t.dims()).collect::<Vec<_>>();
     if models.iter().skip(1).any(|r| shapes(r) != shapes(model)) {
-        return Err(ModelError::Invalid(
+        return Err(ModelError::Mismatch(
             "the replicas' adapters differ from the first device's".into(),
         ));
     }
     cfg.check_devices(models.len())?;
     if model.lora_params().is_empty() {
-        return Err(ModelError::Invalid(
+        return Err(ModelError::Settings(
             "the model has no LoRA adapter to train".into(),
         ));
     }
     if stream.len() < cfg.seq || cfg.seq < 2 {
-        return Err(ModelError::Invalid(format!(
-            "the training text has {} tokens, fewer than one row of --seq {}",
+        return Err(ModelError::Data(format!(
+            "the training text has {} tokens, fewer than one row of {}",
             stream.len(),
             cfg.seq
         )));
     }
     if cfg.batch == 0 || cfg.accum == 0 {
-        return Err(ModelError::Invalid(
-            "--batch and --accum must be at least 1".into(),
+        return Err(ModelError::Settings(
+            "the batch and the accumulation must be at least 1".into(),
         ));
     }
     check_space(model, cfg, out)?;
@@ -218,11 +220,10 @@ fn run(
         let loss = sums.loss / cfg.accum as f64;
         let model = &mut models[0];
         if !loss.is_finite() {
-            return Err(ModelError::Invalid(format!(
-                "step {}: the training loss is {loss}; nothing was saved for this step (lower \
-                 --lr, or clip with --max-grad-norm)",
-                step + 1
-            )));
+            return Err(ModelError::Diverged {
+                step: step + 1,
+                loss,
+            });
         }
         let mut grads = sums.grads;
         if cfg.accum > 1 {

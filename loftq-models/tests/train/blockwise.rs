@@ -227,9 +227,7 @@ impl LayerSource for Failing<'_> {
 
     fn layer(&self, l: usize) -> loftq_models::Result<loftq_models::nn::DecoderLayer> {
         if l == self.fail_at {
-            return Err(loftq_models::ModelError::Invalid(
-                "the disk went away".into(),
-            ));
+            return Err(loftq_models::ModelError::Data("the disk went away".into()));
         }
         self.model.layer(l)
     }

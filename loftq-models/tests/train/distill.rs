@@ -236,7 +236,7 @@ fn distillation_lowers_the_kl_and_resumes_exactly() {
         ..resume.clone()
     };
     let err = train(&mut model, &adapter, &stream(), None, &plain, &cut, |_| {}).unwrap_err();
-    assert!(err.to_string().contains("other training options"), "{err}");
+    assert!(err.to_string().contains("other training settings"), "{err}");
     // Distillation without a teacher, or a teacher for next-token training: refused.
     let err = train(&mut model, &adapter, &stream(), None, &resume, &cut, |_| {}).unwrap_err();
     assert!(err.to_string().contains("teacher"), "{err}");
