@@ -3,15 +3,16 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use loftq_core::DeviceList;
 use loftq_core::args::SvdArgs;
 use loftq_core::calib::BaseQuantizer;
 use loftq_core::quant::{parse_bits, parse_quantizer};
-use loftq_core::{DeviceList, InitScaling};
 use loftq_models::init::plan::{parse_layer_bits, split_list};
 use loftq_models::init::{
-    Backbone, Budget, CalibInputs, Calibration, Event, InitSpec, Method, Target, run_init,
+    Backbone, Budget, CalibInputs, Calibration, Event, InitSpec, Method, run_init,
 };
 
+use crate::args::{LoraArgs, TargetArgs};
 use crate::error::{Result, invalid};
 
 use crate::progress::Progress;
@@ -74,13 +75,8 @@ pub struct InitArgs {
     iters: usize,
     #[command(flatten)]
     svd: SvdArgs,
-    /// all-linear (every 2-D weight but embeddings and the LM head) or module names,
-    /// comma-separated (PEFT's suffix rule: q_proj matches model.layers.0.self_attn.q_proj).
-    #[arg(long, default_value = "all-linear")]
-    target: String,
-    /// Module names to leave alone, comma-separated (same rule).
-    #[arg(long, default_value = "")]
-    exclude: String,
+    #[command(flatten)]
+    targets: TargetArgs,
     /// Backbones to write: packed (ours), bf16 (dense, loads anywhere), both (bf16 in bf16/),
     /// gguf (packed, plus model.gguf and adapter.gguf for llama.cpp: one of llama.cpp's
     /// formats in --bits; from a .gguf --model its metadata and other tensors are carried
@@ -133,37 +129,6 @@ pub struct InitArgs {
     json: bool,
 }
 
-/// The adapter's shape and scale, shared by `init` and `refine`.
-#[derive(Args)]
-pub(crate) struct LoraArgs {
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    pub(crate) rank: usize,
-    /// LoRA alpha (default: the rank, so s = 1).
-    #[arg(long)]
-    alpha: Option<f32>,
-    /// rsLoRA scaling s = alpha/√r.
-    #[arg(long)]
-    pub(crate) rslora: bool,
-    /// exact: Q + s·B·A ≈ W for any alpha; peft: ignore s as PEFT does (right only for s = 1).
-    #[arg(long, value_enum, default_value_t = InitScaling::Exact)]
-    pub(crate) init_scaling: InitScaling,
-}
-
-impl LoraArgs {
-    /// `--alpha`, the rank when absent.
-    ///
-    /// # Errors
-    /// An alpha that is not a positive number.
-    pub(crate) fn alpha(&self) -> Result<f32> {
-        let alpha = self.alpha.unwrap_or(self.rank as f32);
-        if !(alpha.is_finite() && alpha > 0.0) {
-            return Err(invalid(format!("--alpha {alpha} must be positive")));
-        }
-        Ok(alpha)
-    }
-}
-
 fn spec(a: &InitArgs) -> Result<InitSpec> {
     let quant = parse_bits(&a.bits, a.block_size, a.double_quant)
         .map_err(|e| invalid(format!("--bits: {e}")))?;
@@ -186,7 +151,6 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
     if a.iters == 0 {
         return Err(invalid("--iters must be at least 1"));
     }
-    let alpha = a.lora.alpha()?;
     let svd = a.svd.method(a.seed);
     Ok(InitSpec {
         model: a.model.clone(),
@@ -195,14 +159,11 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
         quant,
         layer_rules,
         budget,
-        rank: a.lora.rank,
-        alpha,
-        rslora: a.lora.rslora,
-        scaling: a.lora.init_scaling,
+        lora: a.lora.spec()?,
         iters: a.iters,
         svd,
-        target: Target::parse(&a.target),
-        exclude: split_list(&a.exclude),
+        target: a.targets.target(),
+        exclude: a.targets.exclude(),
         backbone: a.backbone,
         seed: a.seed,
         calibration: (!a.calibration.is_empty()).then(|| Calibration {

@@ -4,6 +4,7 @@
 //! `eval` (logits, perplexity), `generate` (text), `convert` (GGUF to HF), `export` (llama.cpp
 //! files, merged checkpoints), `train` (fine-tune the adapter), `inspect`, `codebook`.
 
+mod args;
 mod convert;
 mod error;
 mod eval;

@@ -2,16 +2,13 @@
 
 use std::path::PathBuf;
 
-use crate::error::Result;
 use clap::Args;
 use loftq_core::DeviceSpec;
 use loftq_core::args::SvdArgs;
-use loftq_models::init::Target;
-use loftq_models::init::plan::split_list;
 use loftq_models::refine::{Check, RefineEvent, RefineSpec, run_refine};
 
-use crate::error::invalid;
-use crate::init::LoraArgs;
+use crate::args::{LoraArgs, TargetArgs};
+use crate::error::{Result, invalid};
 use crate::progress::Progress;
 
 /// Arguments of `loftq refine`.
@@ -33,13 +30,8 @@ pub struct RefineArgs {
     lora: LoraArgs,
     #[command(flatten)]
     svd: SvdArgs,
-    /// all-linear (every quantized weight of --base) or module names, comma-separated
-    /// (PEFT's suffix rule).
-    #[arg(long, default_value = "all-linear")]
-    target: String,
-    /// Module names to leave alone, comma-separated.
-    #[arg(long, default_value = "")]
-    exclude: String,
+    #[command(flatten)]
+    targets: TargetArgs,
     /// Keep a layer's new adapter only if the logits on this UTF-8 text get closer to the
     /// full-precision model's (layers visited in order; a refused layer gets QLoRA's B = 0).
     /// Needs a Llama-architecture model.
@@ -62,7 +54,6 @@ pub struct RefineArgs {
 /// Runs `loftq refine`.
 #[allow(clippy::print_stdout)]
 pub fn run(a: &RefineArgs) -> Result<()> {
-    let alpha = a.lora.alpha()?;
     if a.check_tokens < 2 {
         return Err(invalid("--check-tokens must be at least 2"));
     }
@@ -70,13 +61,10 @@ pub fn run(a: &RefineArgs) -> Result<()> {
         base: a.base.clone(),
         model: a.model.clone(),
         out: a.out.clone(),
-        rank: a.lora.rank,
-        alpha,
-        rslora: a.lora.rslora,
-        scaling: a.lora.init_scaling,
+        lora: a.lora.spec()?,
         svd: a.svd.method(a.seed),
-        target: Target::parse(&a.target),
-        exclude: split_list(&a.exclude),
+        target: a.targets.target(),
+        exclude: a.targets.exclude(),
         seed: a.seed,
         check: a.check_text.clone().map(|text| Check {
             text,

@@ -3,7 +3,8 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::dense::frobenius;
-use crate::loftq::{InitScaling, LoftqConfig, LoftqError, loftq};
+use crate::loftq::{LoftqConfig, LoftqError, loftq};
+use crate::lora::InitScaling;
 use crate::lowrank::{Gaussian, SvdMethod, check_rank, truncated_svd};
 use crate::quant::{PackedTensor, QuantConfig, Quantizer};
 
@@ -88,7 +89,7 @@ pub fn init_lora(
         LoraInit::Loftq(cfg) => {
             let r = loftq(w, cfg)?;
             // The forward pass always scales by s; only the Peft convention ignores it at init.
-            let s = cfg.lora_scale();
+            let s = cfg.lora.scale();
             let base = Base::Quantized {
                 packed: r.packed,
                 dequantized: r.q,

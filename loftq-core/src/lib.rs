@@ -26,6 +26,7 @@ pub mod device;
 mod error;
 pub mod init;
 mod loftq;
+mod lora;
 pub mod lowrank;
 pub mod quant;
 pub mod simd;
@@ -41,5 +42,6 @@ pub fn matmul(a: &burn::tensor::Tensor<2>, b: &burn::tensor::Tensor<2>) -> burn:
     a.clone().matmul(b.clone())
 }
 pub use error::QuantError;
-pub use loftq::{InitScaling, LoftqConfig, LoftqError, LoftqResult, loftq, lora_scale};
+pub use loftq::{LoftqConfig, LoftqError, LoftqResult, loftq};
+pub use lora::{InitScaling, LoraSpec, lora_scale};
 pub use quant::{QuantConfig, Quantizer};

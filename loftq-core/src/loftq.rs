@@ -6,50 +6,22 @@ use serde::{Deserialize, Serialize};
 use crate::QuantError;
 use crate::calib::{BaseQuantizer, GptqConfig, Weighting, gptq};
 use crate::dense::{Dense, DeviceOps};
+use crate::lora::LoraSpec;
 use crate::lowrank::{LowRankError, SvdMethod, check_rank, svd_with};
 use crate::quant::{Codes, PackedTensor, QuantConfig, Quantizer};
-
-/// How the LoRA scale `s` enters the initial factors.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "snake_case")]
-pub enum InitScaling {
-    /// Divide both factors by `√s`, so that `Q + s·B·A ≈ W` for any `alpha` (correct).
-    #[default]
-    Exact,
-    /// Ignore `s` as PEFT's `loftq_init` does: correct only when `s = 1` (`alpha = r`).
-    Peft,
-}
-
-impl InitScaling {
-    /// For the forward pass's scale `s`: the factor both fitted factors are multiplied by
-    /// (`1/√s`, or 1 for [`InitScaling::Peft`]), and the scale that the product of the
-    /// *unmultiplied* factors then has in `Q + s·B·A` (1, or `s` for [`InitScaling::Peft`]).
-    pub fn scales(self, s: f32) -> (f32, f32) {
-        match self {
-            InitScaling::Exact => (1.0 / s.sqrt(), 1.0),
-            InitScaling::Peft => (1.0, s),
-        }
-    }
-}
 
 /// Configuration of [`loftq`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoftqConfig {
     /// The quantizer of the frozen base.
     pub quant: QuantConfig,
-    /// LoRA rank `r`.
-    pub rank: usize,
+    /// The adapter: rank, alpha, rsLoRA, scaling convention.
+    #[serde(flatten)]
+    pub lora: LoraSpec,
     /// Alternating iterations `T` (1 = quantize once, then fit the residual).
     pub iters: usize,
     /// Truncated SVD method.
     pub svd: SvdMethod,
-    /// LoRA `alpha`; the scale is `alpha / r`, or `alpha / √r` with `rslora`.
-    pub alpha: f32,
-    /// rsLoRA scaling.
-    pub rslora: bool,
-    /// Scaling convention of the initial factors.
-    pub scaling: InitScaling,
     /// Stop when an iteration improves the error by less than this fraction (`None`: run all `T`).
     pub early_stop: Option<f32>,
 }
@@ -60,26 +32,12 @@ impl LoftqConfig {
     pub fn new(quant: QuantConfig, rank: usize, iters: usize) -> Self {
         Self {
             quant,
-            rank,
+            lora: LoraSpec::new(rank),
             iters,
             svd: SvdMethod::default(),
-            alpha: rank as f32,
-            rslora: false,
-            scaling: InitScaling::Exact,
             early_stop: None,
         }
     }
-
-    /// The LoRA scale `s` of the forward pass `Q·x + s·B·A·x`.
-    pub fn lora_scale(&self) -> f32 {
-        lora_scale(self.alpha, self.rank, self.rslora)
-    }
-}
-
-/// LoRA's scale `s`: `alpha / r`, or `alpha / √r` with rsLoRA.
-pub fn lora_scale(alpha: f32, rank: usize, rslora: bool) -> f32 {
-    let r = rank as f32;
-    if rslora { alpha / r.sqrt() } else { alpha / r }
 }
 
 /// Errors of [`loftq`].
@@ -151,7 +109,7 @@ pub(crate) fn checked_alternation(
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     check_config(cfg)?;
     let quantizer = Quantizer::new(cfg.quant)?;
-    check_rank(w.dims(), cfg.rank)?;
+    check_rank(w.dims(), cfg.lora.rank)?;
     let device = w.device();
     #[cfg(feature = "flex")]
     if let Some(x) = crate::cpu::flex(w) {
@@ -198,10 +156,10 @@ pub(crate) fn check_config(cfg: &LoftqConfig) -> Result<(), LoftqError> {
     if cfg.iters == 0 {
         return Err(LoftqError::Config("iters must be at least 1".into()));
     }
-    if !(cfg.alpha.is_finite() && cfg.alpha > 0.0) {
+    if !(cfg.lora.alpha.is_finite() && cfg.lora.alpha > 0.0) {
         return Err(LoftqError::Config(format!(
             "alpha must be positive, got {}",
-            cfg.alpha
+            cfg.lora.alpha
         )));
     }
     Ok(())
@@ -243,7 +201,7 @@ pub(crate) fn alternate<D: Dense>(
     let norm = ops.norm(w).max(f32::MIN_POSITIVE);
     let wnorm = weighted.map(|x| ops.norm(&ops.mul_lower(w, &x.s)).max(f32::MIN_POSITIVE));
     // The product s_eff·B·A that enters the error under each convention, relative to U·S·Vᵀ.
-    let (factor_scale, product_scale) = cfg.scaling.scales(cfg.lora_scale());
+    let (factor_scale, product_scale) = cfg.lora.scaling.scales(cfg.lora.scale());
 
     // What gets quantized is W, then `res` = W − B·A; `residual` is W − Q.
     let mut res = ops.buffer(w);
@@ -283,7 +241,7 @@ pub(crate) fn alternate<D: Dense>(
             r.seed = r.seed.wrapping_add(t as u64);
         }
         let target = scaled.unwrap_or(&residual);
-        let (lr, basis) = svd_with(ops, target, cfg.rank, &method, warm.as_ref())?;
+        let (lr, basis) = svd_with(ops, target, cfg.lora.rank, &method, warm.as_ref())?;
         let (b, a) = lr.balanced_with(ops);
         let (a, score) = match (weighted, scaled, wnorm) {
             (Some(x), Some(rs), Some(wn)) => {

@@ -148,7 +148,7 @@ fn identity_statistics_reduce_to_loftq() {
     for (bits, iters) in [(4, 1), (2, 3)] {
         let mut lcfg = LoftqConfig::new(QuantConfig::nf(bits), 8, iters);
         lcfg.svd = SvdMethod::Exact;
-        lcfg.alpha = 16.0;
+        lcfg.lora.alpha = 16.0;
         let plain = loftq(&wt, &lcfg).unwrap();
         let cal = calibrated(
             &wt,

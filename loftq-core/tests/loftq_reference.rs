@@ -103,12 +103,10 @@ fn exact_scaling_holds_for_any_alpha() {
         .sum::<f64>()
         .sqrt();
     for (alpha, rslora) in [(32.0, false), (16.0, true), (4.0, false)] {
-        let base = LoftqConfig {
-            alpha,
-            rslora,
-            ..exact(QuantConfig::nf(2), 8, 2)
-        };
-        let s = base.lora_scale();
+        let mut base = exact(QuantConfig::nf(2), 8, 2);
+        base.lora.alpha = alpha;
+        base.lora.rslora = rslora;
+        let s = base.lora.scale();
         let err = |cfg: &LoftqConfig| {
             let r = loftq(&w, cfg).unwrap();
             let recon = r.q.clone() + r.lora_b.clone().matmul(r.lora_a.clone()).mul_scalar(s);
@@ -124,10 +122,9 @@ fn exact_scaling_holds_for_any_alpha() {
             "reported {} vs {e_exact}",
             r.rel_err()
         );
-        let (e_peft, _) = err(&LoftqConfig {
-            scaling: InitScaling::Peft,
-            ..base.clone()
-        });
+        let mut peft = base.clone();
+        peft.lora.scaling = InitScaling::Peft;
+        let (e_peft, _) = err(&peft);
         assert!(
             e_exact < e_peft,
             "alpha {alpha}: exact {e_exact} vs peft {e_peft}"
@@ -186,16 +183,9 @@ fn bad_configurations_are_errors() {
     let w = Tensor::<2>::from_data(TensorData::new(gaussian(16, 32, 1.0, 1), [16, 32]), &dev);
     assert!(loftq(&w, &LoftqConfig::new(QuantConfig::nf4(), 17, 1)).is_err());
     assert!(loftq(&w, &LoftqConfig::new(QuantConfig::nf4(), 4, 0)).is_err());
-    assert!(
-        loftq(
-            &w,
-            &LoftqConfig {
-                alpha: f32::NAN,
-                ..LoftqConfig::new(QuantConfig::nf4(), 4, 1)
-            }
-        )
-        .is_err()
-    );
+    let mut nan = LoftqConfig::new(QuantConfig::nf4(), 4, 1);
+    nan.lora.alpha = f32::NAN;
+    assert!(loftq(&w, &nan).is_err());
 }
 
 /// Randomized (2 power iterations, warm start) within 1% (NF4) / 3% (NF2) of exact LoftQ.

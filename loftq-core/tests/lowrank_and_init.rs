@@ -133,11 +133,11 @@ fn lora_start_methods() {
         scale,
     )
     .unwrap();
-    let cfg = LoftqConfig {
-        alpha: scale * rank as f32,
+    let mut cfg = LoftqConfig {
         svd: SvdMethod::Exact,
         ..LoftqConfig::new(quant, rank, 5)
     };
+    cfg.lora.alpha = scale * rank as f32;
     let loftq = init_lora(&w, &LoraInit::Loftq(cfg), rank, scale).unwrap();
     // Starting from the quantization error beats starting from zero at 2 bits.
     assert!(

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use loftq_core::InitScaling;
+use loftq_core::LoraSpec;
 use loftq_core::init::{fit_adapter, qlora_factors};
 use loftq_core::lowrank::SvdMethod;
 use loftq_core::quant::host_f32;
@@ -40,14 +40,8 @@ pub struct RefineSpec {
     pub model: PathBuf,
     /// Output: a PEFT adapter directory, plus `report.json`.
     pub out: PathBuf,
-    /// LoRA rank.
-    pub rank: usize,
-    /// LoRA alpha.
-    pub alpha: f32,
-    /// `s = alpha/√r`.
-    pub rslora: bool,
-    /// Whether the factors absorb `s`.
-    pub scaling: InitScaling,
+    /// The adapter: rank, alpha, rsLoRA, whether the factors absorb `s`.
+    pub lora: LoraSpec,
     /// Truncated SVD.
     pub svd: SvdMethod,
     /// Targeted modules (among the quantized weights of the base).
@@ -136,10 +130,6 @@ struct Fitted {
 }
 
 impl RefineSpec {
-    fn lora_scale(&self) -> f32 {
-        loftq_core::lora_scale(self.alpha, self.rank, self.rslora)
-    }
-
     /// `all-linear` means every quantized weight: only linear layers are quantized.
     fn wanted(&self, module: &str) -> bool {
         self.target.picks(module, &self.exclude, true)
@@ -272,10 +262,10 @@ fn fit_one(
     let fit = fit_adapter(
         &up(w),
         &up(q),
-        spec.rank,
+        spec.lora.rank,
         &svd,
-        spec.lora_scale(),
-        spec.scaling,
+        spec.lora.scale(),
+        spec.lora.scaling,
     )
     .map_err(|source| ModelError::Loftq {
         name: name.to_string(),
@@ -360,7 +350,7 @@ fn run_check(
             let up = |t: &HostTensor| {
                 Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device)
             };
-            let scale = f64::from(spec.lora_scale());
+            let scale = f64::from(spec.lora.scale());
             llama.layers[l].linears_mut()[j].lora =
                 Some(LoraAdapter::new(up(&f.a), up(&f.b), scale, 0.0));
             let err = logits_err(&llama, l, &h);
@@ -372,16 +362,16 @@ fn run_check(
                 let [rows, cols] = f.report.shape;
                 let (a, b) = qlora_factors(
                     [rows, cols],
-                    spec.rank,
+                    spec.lora.rank,
                     tensor_seed(spec.seed, &f.report.name),
                     device,
                 );
                 f.a = HostTensor {
-                    shape: vec![spec.rank, cols],
+                    shape: vec![spec.lora.rank, cols],
                     data: host_f32(&a),
                 };
                 f.b = HostTensor {
-                    shape: vec![rows, spec.rank],
+                    shape: vec![rows, spec.lora.rank],
                     data: host_f32(&b),
                 };
             }
@@ -415,8 +405,8 @@ fn write(spec: &RefineSpec, fitted: Vec<Fitted>, report: &RefineReport) -> Resul
     let out = &spec.out;
     let created = !out.exists();
     let modules: Vec<String> = fitted.iter().map(|f| f.module.clone()).collect();
-    let mut config = AdapterConfig::new(spec.rank, f64::from(spec.alpha), modules);
-    config.use_rslora = spec.rslora;
+    let mut config = AdapterConfig::new(spec.lora.rank, f64::from(spec.lora.alpha), modules);
+    config.use_rslora = spec.lora.rslora;
     config.base_model_name_or_path = Some(spec.base.display().to_string());
     let adapter = Adapter {
         config,

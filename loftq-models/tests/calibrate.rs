@@ -27,9 +27,8 @@ fn model_and_text(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn spec(model: PathBuf, out: PathBuf, text: PathBuf) -> InitSpec {
-    InitSpec {
+    let mut spec = InitSpec {
         quant: QuantConfig::nf(2),
-        alpha: 8.0,
         seed: 3,
         calibration: Some(Calibration {
             tokens: 512,
@@ -37,7 +36,9 @@ fn spec(model: PathBuf, out: PathBuf, text: PathBuf) -> InitSpec {
             ..Calibration::new(vec![text])
         }),
         ..InitSpec::new(model, out, 4, 3)
-    }
+    };
+    spec.lora.alpha = 8.0;
+    spec
 }
 
 use common::run_init_here as run;

@@ -388,7 +388,7 @@ fn loftq_init_write_read_gives_identical_logits() {
     let mut model = orig.clone();
     let mut cfg = LoftqConfig::new(QuantConfig::nf(2), 8, 3);
     cfg.svd = SvdMethod::Exact;
-    cfg.alpha = 16.0; // s = 2: the exact convention divides the factors by √2.
+    cfg.lora.alpha = 16.0; // s = 2: the exact convention divides the factors by √2.
     let report = model
         .init_adapters(&LoraInit::Loftq(cfg.clone()), 8, 1.0, |_| true)
         .unwrap();

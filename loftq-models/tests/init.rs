@@ -13,13 +13,14 @@ use loftq_models::io::{Adapter, Checkpoint, OutTensor, write_safetensors};
 use loftq_models::nn::load_pretrained;
 
 fn spec(model: PathBuf, out: PathBuf) -> InitSpec {
-    InitSpec {
+    let mut spec = InitSpec {
         quant: QuantConfig::nf(2),
-        alpha: 16.0,
         backbone: Backbone::Both,
         seed: 7,
         ..InitSpec::new(model, out, 8, 3)
-    }
+    };
+    spec.lora.alpha = 16.0;
+    spec
 }
 
 use common::run_init_here as run;
@@ -105,7 +106,7 @@ fn interrupted_runs_resume_to_identical_files() {
         // Without resuming, the leftovers are refused; with other options too.
         assert!(run(&c, false).is_err());
         let mut other = c.clone();
-        other.rank = 4;
+        other.lora.rank = 4;
         let err = run(&other, true).unwrap_err().to_string();
         assert!(err.contains("other settings"), "{err}");
         let report = run(&c, true).unwrap();
@@ -147,7 +148,7 @@ fn bad_input_leaves_nothing_behind() {
 
     // A rank larger than a matrix; a target that matches nothing; a missing model.
     let mut big = spec(src.clone(), dir.join("out-rank"));
-    big.rank = 65;
+    big.lora.rank = 65;
     assert!(
         run(&big, false)
             .unwrap_err()

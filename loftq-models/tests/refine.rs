@@ -10,7 +10,7 @@ use burn::tensor::{Tensor, TensorData};
 use common::{device, fixture, scratch};
 use loftq_core::lowrank::{RsvdConfig, SvdMethod, exact_svd};
 use loftq_core::quant::{Rounding, host_f32};
-use loftq_core::{InitScaling, LoftqConfig, QuantConfig, Quantizer, loftq};
+use loftq_core::{LoftqConfig, LoraSpec, QuantConfig, Quantizer, loftq};
 use loftq_models::init::{InitSpec, Method, Target, run_init};
 use loftq_models::io::{Adapter, Checkpoint, OutTensor, open_source, write_safetensors};
 use loftq_models::nn::load_pretrained;
@@ -27,10 +27,10 @@ fn spec(base: PathBuf, out: PathBuf) -> RefineSpec {
         base,
         model: fixture("tiny-llama"),
         out,
-        rank: 8,
-        alpha: 16.0,
-        rslora: false,
-        scaling: InitScaling::Exact,
+        lora: LoraSpec {
+            alpha: 16.0,
+            ..LoraSpec::new(8)
+        },
         svd: SvdMethod::Exact,
         target: Target::AllLinear,
         exclude: Vec::new(),
@@ -162,7 +162,7 @@ fn exact_refine_reaches_the_optimum_and_loads() {
         assert_eq!(t.quantizer, "bitsandbytes");
         assert!(t.accepted.is_none());
         let (w, q) = (fp.f32(&t.name).unwrap(), base.tensor(&t.name).unwrap());
-        let best = optimum(&w.data, &q.data, t.shape, s.rank);
+        let best = optimum(&w.data, &q.data, t.shape, s.lora.rank);
         assert!((t.rel_err_fit - best).abs() < 2e-4, "{t:?} vs {best}");
         assert!(t.rel_err_fit < t.rel_err_base);
     }
@@ -206,7 +206,7 @@ fn refining_a_qlora_base_is_loftq_with_one_iteration() {
     };
     run_init(&init, &[device()], false, &mut |_| {}).unwrap();
     let mut s = spec(init.out.clone(), dir.join("out"));
-    s.alpha = 8.0;
+    s.lora.alpha = 8.0;
     let report = refine(&s).unwrap();
     let fp = Checkpoint::open(&fixture("tiny-llama/model.safetensors")).unwrap();
     for t in &report.tensors {
@@ -241,7 +241,7 @@ fn the_check_keeps_only_layers_that_bring_the_logits_closer() {
     let (model, text) = model_with_tokenizer(&dir);
     let mut s = spec(bnb(), dir.join("out"));
     s.model = model.clone();
-    s.rank = 2;
+    s.lora.rank = 2;
     s.check = Some(Check { text, tokens: 64 });
     let report = refine(&s).unwrap();
     let [before, after] = report.logits_err.unwrap();
@@ -297,7 +297,7 @@ fn bad_refine_input_is_refused() {
     assert!(err.contains("no quantized weight"), "{err}");
     // A rank larger than a matrix names the tensor.
     let mut big = spec(bnb(), dir.join("big"));
-    big.rank = 65;
+    big.lora.rank = 65;
     let err = refine(&big).unwrap_err().to_string();
     assert!(err.contains("model.layers.0"), "{err}");
     // A model whose tensor has another shape.

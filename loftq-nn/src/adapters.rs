@@ -33,7 +33,7 @@ impl Llama {
         target: impl Fn(&str) -> bool,
     ) -> Result<Vec<LayerInit>> {
         let scale = match method {
-            LoraInit::Loftq(cfg) => cfg.lora_scale(),
+            LoraInit::Loftq(cfg) => cfg.lora.scale(),
             _ => scale,
         };
         let device = self.embed_tokens.device();

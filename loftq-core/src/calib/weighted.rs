@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use super::{GptqConfig, Weighting, gptq};
 use crate::LoftqConfig;
 use crate::dense::{Dense, DeviceOps};
-use crate::loftq::{InitScaling, LoftqError, LoftqResult, checked_alternation};
+use crate::loftq::{LoftqError, LoftqResult, checked_alternation};
+use crate::lora::InitScaling;
 use crate::lowrank::{SvdMethod, check_rank, svd_with};
 use crate::quant::{PackedTensor, Quantizer};
 

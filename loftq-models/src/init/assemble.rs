@@ -178,8 +178,8 @@ fn adapter(spec: &InitSpec, pieces: &[Checkpoint], dir: &Path) -> Result<()> {
         }
     }
     w.finish()?;
-    let mut cfg = AdapterConfig::new(spec.rank, f64::from(spec.alpha), modules);
-    cfg.use_rslora = spec.rslora;
+    let mut cfg = AdapterConfig::new(spec.lora.rank, f64::from(spec.lora.alpha), modules);
+    cfg.use_rslora = spec.lora.rslora;
     cfg.base_model_name_or_path = Some(spec.model.display().to_string());
     let json = serde_json::to_string_pretty(&cfg).expect("json");
     write_atomic(&dir.join(crate::io::ADAPTER_CONFIG), json.as_bytes())
@@ -196,7 +196,7 @@ fn totals(spec: &InitSpec, reports: &[TensorReport], start: Instant, resumed: us
         .sum();
     let adapter_bits: f64 = reports
         .iter()
-        .map(|r| 32.0 * (spec.rank * (r.shape[0] + r.shape[1])) as f64)
+        .map(|r| 32.0 * (spec.lora.rank * (r.shape[0] + r.shape[1])) as f64)
         .sum();
     let quant: Vec<f64> = reports
         .iter()

@@ -437,7 +437,7 @@ fn install(
     lin.base = BaseWeight::Packed(
         PackedWeight::new(packed, device).map_err(|e| ModelError::quant(name, e))?,
     );
-    lin.lora = Some(LoraAdapter::new(a, b, f64::from(spec.lora_scale()), 0.0));
+    lin.lora = Some(LoraAdapter::new(a, b, f64::from(spec.lora.scale()), 0.0));
     lin.adapter_enabled = true;
     Ok(())
 }

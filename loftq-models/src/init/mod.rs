@@ -23,7 +23,7 @@ use burn::tensor::Device;
 use loftq_core::calib::BaseQuantizer;
 use loftq_core::init::LoraInit;
 use loftq_core::lowrank::SvdMethod;
-use loftq_core::{InitScaling, LoftqConfig, QuantConfig};
+use loftq_core::{LoftqConfig, LoraSpec, QuantConfig};
 use serde::{Deserialize, Serialize};
 
 pub use budget::Budget;
@@ -83,14 +83,9 @@ pub struct InitSpec {
     /// `layer_rules`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
-    /// LoRA rank.
-    pub rank: usize,
-    /// LoRA alpha.
-    pub alpha: f32,
-    /// `s = alpha/√r`.
-    pub rslora: bool,
-    /// LoftQ's scaling convention.
-    pub scaling: InitScaling,
+    /// The adapter: rank, alpha, rsLoRA, scaling convention.
+    #[serde(flatten)]
+    pub lora: LoraSpec,
     /// LoftQ iterations.
     pub iters: usize,
     /// Truncated SVD.
@@ -178,10 +173,7 @@ impl InitSpec {
             quant: QuantConfig::nf4(),
             layer_rules: Vec::new(),
             budget: None,
-            rank,
-            alpha: rank as f32,
-            rslora: false,
-            scaling: InitScaling::Exact,
+            lora: LoraSpec::new(rank),
             iters,
             svd: SvdMethod::default(),
             target: Target::AllLinear,
@@ -193,22 +185,16 @@ impl InitSpec {
         }
     }
 
-    /// The LoRA scaling `s`.
-    pub fn lora_scale(&self) -> f32 {
-        loftq_core::lora_scale(self.alpha, self.rank, self.rslora)
-    }
-
     fn method_for(&self, quant: QuantConfig, seed: u64) -> LoraInit {
         let svd = self.svd.with_seed(seed);
         match self.method {
-            Method::Loftq => {
-                let mut cfg = LoftqConfig::new(quant, self.rank, self.iters);
-                cfg.svd = svd;
-                cfg.alpha = self.alpha;
-                cfg.rslora = self.rslora;
-                cfg.scaling = self.scaling;
-                LoraInit::Loftq(cfg)
-            }
+            Method::Loftq => LoraInit::Loftq(LoftqConfig {
+                quant,
+                lora: self.lora,
+                iters: self.iters,
+                svd,
+                early_stop: None,
+            }),
             Method::Qlora => LoraInit::Zeros { quant, seed },
             Method::Pissa => LoraInit::Pissa { svd },
             Method::Qpissa => LoraInit::QPissa { quant, svd },

@@ -70,10 +70,10 @@ impl Plan {
             };
             let target = if wanted {
                 let s = [shape[0], shape[1]];
-                if spec.rank == 0 || spec.rank > s[0].min(s[1]) {
+                if spec.lora.rank == 0 || spec.lora.rank > s[0].min(s[1]) {
                     return Err(ModelError::Settings(format!(
                         "rank {} does not fit `{name}` of shape {s:?}",
-                        spec.rank
+                        spec.lora.rank
                     )));
                 }
                 Some((s, quant_for(&name, s[1], &spec.layer_rules, spec.quant)))
@@ -347,7 +347,7 @@ fn plain_start(
             }
         }
         m => {
-            let st = init_lora(w, m, spec.rank, spec.lora_scale())?;
+            let st = init_lora(w, m, spec.lora.rank, spec.lora.scale())?;
             let rel_err_quant = match spec.method {
                 Method::Qlora => Some(st.rel_err),
                 Method::Qpissa => qpissa_quant_err,
@@ -407,7 +407,7 @@ fn calibrated_start(
             let rtn = Quantizer::new(quant)?.quantize_dequantize(w)?.1;
             let (packed, q) = gptq_base(w, weighting, quant, &g)?;
             let [out, inp] = w.dims();
-            let (a, b) = qlora_factors([out, inp], spec.rank, seed, &w.device());
+            let (a, b) = qlora_factors([out, inp], spec.lora.rank, seed, &w.device());
             // `*_quant` are round to nearest's (the QLoRA start), `*_init` this base's.
             let (plain_rtn, w_rtn) = base_errors(w, &rtn, weighting)?;
             let (plain, w_gptq) = base_errors(w, &q, weighting)?;

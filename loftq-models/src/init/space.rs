@@ -50,7 +50,7 @@ pub fn output_bytes(spec: &InitSpec, plan: &Plan, source: &dyn TensorSource) -> 
                     Backbone::Bf16 => dense,
                     Backbone::Both => packed_bytes(cfg, [*rows, *cols]) + dense,
                 };
-                total += 4 * (spec.rank * (rows + cols)) as u64;
+                total += 4 * (spec.lora.rank * (rows + cols)) as u64;
             }
             None => {
                 let numel: usize = source.shape(&item.name)?.iter().product();

@@ -15,7 +15,7 @@ fn q4_0_start_writes_a_gguf_base_and_lora_adapter() {
     let mut spec = loftq_models::init::InitSpec::new(src.clone(), out.clone(), 4, 2);
     spec.quant = QuantConfig::ggml(GgmlFormat::Q4_0);
     spec.backbone = loftq_models::init::Backbone::Gguf;
-    spec.alpha = 16.0;
+    spec.lora.alpha = 16.0;
     run_init_here(&spec, false).unwrap();
     // `loftq export` from the packed output writes the same two files.
     let source = GgufModel::open(&src).unwrap();
