@@ -33,8 +33,8 @@ pub use self::packed::{
     FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_header, packed_names, read_packed,
 };
 pub use self::peft::{
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, LoraWeights, layer_index,
-    module_matches,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, AdapterWriter, LoraWeights,
+    layer_index, module_matches,
 };
 pub use self::safetensors::{
     Checkpoint, HostTensor, OutTensor, TensorEntry, bf16_le_bytes, f32_le_bytes, floats_from_le,

@@ -4,13 +4,15 @@
 //! `....lora_B.weight` `[out, r]`, exactly as PEFT saves them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::atomic::write_atomic;
-use super::safetensors::{Checkpoint, HostTensor, OutTensor, write_safetensors};
+use super::safetensors::{Checkpoint, HostTensor, f32_le_bytes};
+use super::stream::StreamWriter;
 use crate::{ModelError, Result};
 
 /// File name of the adapter configuration.
@@ -290,27 +292,77 @@ impl Adapter {
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` (`f32`) into `dir`
-    /// (created if needed), each file atomically.
+    /// (created if needed), each file atomically, through [`AdapterWriter`].
     ///
     /// # Errors
     /// [`ModelError::Io`] if writing fails.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let mut tensors = BTreeMap::new();
-        for (path, w) in &self.modules {
-            tensors.insert(
-                format!("{PREFIX}{path}.lora_A.weight"),
-                OutTensor::f32(w.a.shape.clone(), &w.a.data),
-            );
-            tensors.insert(
-                format!("{PREFIX}{path}.lora_B.weight"),
-                OutTensor::f32(w.b.shape.clone(), &w.b.data),
-            );
+        let factors = || {
+            self.modules.iter().flat_map(|(path, w)| {
+                [
+                    (format!("{path}.lora_A.weight"), &w.a),
+                    (format!("{path}.lora_B.weight"), &w.b),
+                ]
+            })
+        };
+        let declared: Vec<_> = factors()
+            .map(|(name, t)| (name, Dtype::F32, t.shape.clone()))
+            .collect();
+        let mut w = AdapterWriter::create(dir, &declared)?;
+        for (name, t) in factors() {
+            w.write(&name, &f32_le_bytes(&t.data))?;
         }
+        w.finish(&self.config)
+    }
+}
+
+/// A PEFT adapter directory written one factor at a time, in bounded memory: the factors are
+/// declared first, by the model's names (`<module path>.lora_A.weight`, `....lora_B.weight`;
+/// the writer adds PEFT's prefix), then written in that order. [`AdapterWriter::finish`]
+/// renames `adapter_model.safetensors` into place and writes `adapter_config.json`, each
+/// atomically. The one writer of the format: [`Adapter::write`] and `loftq init`'s streaming
+/// assembly both use it.
+#[derive(Debug)]
+pub struct AdapterWriter {
+    dir: PathBuf,
+    weights: StreamWriter,
+}
+
+impl AdapterWriter {
+    /// Starts the adapter in `dir` (created if needed) with the factors `(name, dtype, shape)`.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] if the directory or the temporary file cannot be created.
+    pub fn create(dir: &Path, factors: &[(String, Dtype, Vec<usize>)]) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let entries: Vec<_> = factors
+            .iter()
+            .map(|(name, dtype, shape)| (format!("{PREFIX}{name}"), *dtype, shape.clone()))
+            .collect();
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors, Some(meta))?;
-        let json = serde_json::to_string_pretty(&self.config).expect("config serializes");
-        write_atomic(&dir.join(ADAPTER_CONFIG), json.as_bytes())
+        let weights = StreamWriter::create(&dir.join(ADAPTER_WEIGHTS), &entries, &meta)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            weights,
+        })
+    }
+
+    /// Writes the next factor's bytes.
+    ///
+    /// # Errors
+    /// As [`StreamWriter::write`].
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.weights.write(&format!("{PREFIX}{name}"), bytes)
+    }
+
+    /// Puts the weights in place, then writes `config`.
+    ///
+    /// # Errors
+    /// As [`StreamWriter::finish`]; [`ModelError::Io`] if the config cannot be written.
+    pub fn finish(self, config: &AdapterConfig) -> Result<()> {
+        self.weights.finish()?;
+        let json = serde_json::to_string_pretty(config).expect("config serializes");
+        write_atomic(&self.dir.join(ADAPTER_CONFIG), json.as_bytes())
     }
 }
 

@@ -6,10 +6,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use super::atomic::write_atomic;
+use super::stream::StreamWriter;
 use crate::{ModelError, Result};
 
 /// A tensor copied to the host as `f32`, row-major.
@@ -392,48 +392,25 @@ impl OutTensor {
     }
 }
 
-impl View for &OutTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
-/// Writes `tensors` to `path` atomically: a temporary file beside it, then a rename, so a
-/// reader never sees a half-written file.
+/// Writes `tensors` to `path` atomically, through [`StreamWriter`] (the one safetensors
+/// writer): a temporary file beside it, then a rename, so a reader never sees a half-written
+/// file.
 ///
 /// # Errors
-/// [`ModelError::Io`] if writing fails (the temporary file is removed), [`ModelError::Format`]
+/// [`ModelError::Io`] if writing fails (the temporary file is removed), [`ModelError::Tensor`]
 /// if a tensor's byte length does not match its shape.
 pub fn write_safetensors(
     path: &Path,
     tensors: &BTreeMap<String, OutTensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    let declared: Vec<_> = tensors
+        .iter()
+        .map(|(name, t)| (name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let mut w = StreamWriter::create(path, &declared, &metadata.unwrap_or_default())?;
     for (name, t) in tensors {
-        let want = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
-        if want != t.bytes.len() {
-            return Err(ModelError::tensor(
-                path,
-                name,
-                format!(
-                    "{} bytes for shape {:?} of {}",
-                    t.bytes.len(),
-                    t.shape,
-                    t.dtype
-                ),
-            ));
-        }
+        w.write(name, &t.bytes)?;
     }
-    let bytes = safetensors::serialize(tensors.iter(), metadata)
-        .map_err(|e| ModelError::format(path, e.to_string()))?;
-    write_atomic(path, &bytes)
+    w.finish()
 }

@@ -9,10 +9,9 @@ use safetensors::Dtype;
 use super::piece::{Plan, piece_path};
 use super::{Backbone, InitSpec, Report, TensorReport, Totals, peak_rss_bytes};
 use crate::LlamaConfig;
-use crate::io::PEFT_PREFIX as PREFIX;
 use crate::io::{
-    AdapterConfig, Checkpoint, FORMAT, FORMAT_KEY, StreamWriter, bf16_le_bytes, copy_side_files,
-    floats_from_le, read_packed, write_atomic,
+    AdapterConfig, AdapterWriter, Checkpoint, FORMAT, FORMAT_KEY, StreamWriter, bf16_le_bytes,
+    copy_side_files, floats_from_le, read_packed, write_atomic,
 };
 use crate::{ModelError, Result};
 
@@ -157,32 +156,28 @@ fn write_config(spec: &InitSpec, gguf: Option<&LlamaConfig>, dir: &Path) -> Resu
 }
 
 fn adapter(spec: &InitSpec, pieces: &[Checkpoint], dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let mut entries = Vec::new();
     let mut modules = Vec::new();
     for p in pieces {
         for n in p.names().filter(|n| is_lora(n)) {
             let e = p.entry(n).expect("listed");
-            entries.push((format!("{PREFIX}{n}"), e.dtype, e.shape.clone()));
+            entries.push((n.to_string(), e.dtype, e.shape.clone()));
             if let Some(m) = n.strip_suffix(".lora_A.weight") {
                 modules.push(m.to_string());
             }
         }
     }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let mut w = StreamWriter::create(&dir.join(crate::io::ADAPTER_WEIGHTS), &entries, &meta)?;
+    let mut w = AdapterWriter::create(dir, &entries)?;
     for p in pieces {
         for n in p.names().filter(|n| is_lora(n)) {
-            w.write(&format!("{PREFIX}{n}"), p.bytes(n)?.1)?;
+            w.write(n, p.bytes(n)?.1)?;
             p.release(n);
         }
     }
-    w.finish()?;
     let mut cfg = AdapterConfig::new(spec.lora.rank, f64::from(spec.lora.alpha), modules);
     cfg.use_rslora = spec.lora.rslora;
     cfg.base_model_name_or_path = Some(spec.model.display().to_string());
-    let json = serde_json::to_string_pretty(&cfg).expect("json");
-    write_atomic(&dir.join(crate::io::ADAPTER_CONFIG), json.as_bytes())
+    w.finish(&cfg)
 }
 
 fn totals(spec: &InitSpec, reports: &[TensorReport], start: Instant, resumed: usize) -> Totals {
