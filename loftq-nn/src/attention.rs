@@ -4,6 +4,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Tensor};
 
+use super::kernels;
 use super::{QLinear, RopeTables};
 
 /// `self_attn.{q_proj, k_proj, v_proj, o_proj}`.
@@ -57,9 +58,8 @@ pub(crate) fn attend(
     let seq = q.dims()[1];
     // A window at least as long as the input changes nothing.
     let window = window.filter(|&w| w < seq);
-    #[cfg(feature = "flex")]
     if window.is_none()
-        && let Some(y) = super::cpu_fused::attention([&q, &k, &v], [&rope.cos, &rope.sin], [h, kvh])
+        && let Some(y) = kernels::attention([&q, &k, &v], [&rope.cos, &rope.sin], [h, kvh])
     {
         return y;
     }

@@ -3,6 +3,7 @@
 
 use faer::MatMut;
 use loftq_core::cpu::gemm_seq;
+use loftq_core::multiversion;
 use rayon::prelude::*;
 
 use super::cpu_kernels::{exp_in_place, max_of, prod, rows};

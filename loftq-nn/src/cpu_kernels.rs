@@ -6,6 +6,7 @@
 
 use faer::{MatMut, MatRef};
 use loftq_core::cpu::{gemm, gemm_seq};
+use loftq_core::multiversion;
 use rayon::prelude::*;
 
 /// Elements per rayon task in the element-wise kernels.

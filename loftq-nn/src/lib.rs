@@ -10,9 +10,6 @@
 //! Weights keep PyTorch's `[out, in]` layout everywhere (products use the transpose), so a
 //! checkpoint tensor maps to a module field by name and nothing else.
 
-#[cfg(feature = "flex")]
-#[macro_use]
-mod simd;
 mod adapters;
 mod attention;
 mod cache;
@@ -24,6 +21,7 @@ mod cpu_fused;
 mod cpu_kernels;
 #[cfg(feature = "flex")]
 mod cpu_linear;
+mod kernels;
 mod layerwise;
 mod llama;
 mod load;

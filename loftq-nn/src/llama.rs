@@ -5,6 +5,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor};
 
 use super::Output;
+use super::kernels;
 use super::{Attention, Mlp, QLinear, RopeTables};
 use loftq_formats::config::{LINEAR_PATHS, LlamaConfig, linear_path};
 
@@ -24,8 +25,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Normalizes the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        #[cfg(feature = "flex")]
-        if let Some(y) = super::cpu_fused::rms_norm(&x, &self.weight, self.eps) {
+        if let Some(y) = kernels::rms_norm(&x, &self.weight, self.eps) {
             return y;
         }
         self.forward_generic(x)
@@ -217,24 +217,14 @@ impl Llama {
     /// states `h [batch, seq, hidden]`, in one host pass that never holds the whole logits:
     /// the CPU back end with a head that has no adapter and no bias. `None` otherwise.
     pub fn fused_head_nll(&self, h: &Tensor<3>, targets: &[u32]) -> Option<Tensor<1>> {
-        #[cfg(feature = "flex")]
-        {
-            let w = match &self.lm_head {
-                None => super::cpu_fused::Host::of_plain(&self.embed_tokens)?,
-                Some(head)
-                    if head.bias.is_none() && (head.lora.is_none() || !head.adapter_enabled) =>
-                {
-                    head.host_weight()?
-                }
-                Some(_) => return None,
-            };
-            super::cpu_fused::head_nll(h, &w, targets)
-        }
-        #[cfg(not(feature = "flex"))]
-        {
-            let _ = (h, targets);
-            None
-        }
+        let w = match &self.lm_head {
+            None => kernels::plain(&self.embed_tokens)?,
+            Some(head) if head.bias.is_none() && (head.lora.is_none() || !head.adapter_enabled) => {
+                head.host_weight()?
+            }
+            Some(_) => return None,
+        };
+        kernels::head_nll(h, &w, targets)
     }
 
     /// The LM head (or the tied embeddings) on normalized hidden states: logits

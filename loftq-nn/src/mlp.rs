@@ -6,6 +6,7 @@ use burn::tensor::activation::silu;
 
 use super::Output;
 use super::QLinear;
+use super::kernels;
 
 /// `mlp.{gate_proj, up_proj, down_proj}`.
 #[derive(Module, Debug)]
@@ -34,8 +35,7 @@ impl Mlp {
 
 /// `silu(gate)·up`: one host kernel on the CPU back end, Burn's ops elsewhere.
 pub(crate) fn silu_mul(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
-    #[cfg(feature = "flex")]
-    if let Some(y) = super::cpu_fused::silu_mul(&gate, &up) {
+    if let Some(y) = kernels::silu_mul(&gate, &up) {
         return y;
     }
     silu(gate) * up

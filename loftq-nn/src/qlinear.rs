@@ -13,6 +13,7 @@ use loftq_core::quant::{Kernel, PackedTensor, Quantized, is_host_device};
 use loftq_core::{QuantError, Quantizer};
 
 use super::Output;
+use super::kernels::{self, HostWeight};
 
 /// The frozen weight of a [`QLinear`], `[out, in]`.
 #[derive(Clone, Debug)]
@@ -282,10 +283,10 @@ impl QLinear {
     /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for `x [rows, in]`.
     fn product_with_lora(&self, x: Tensor<2>, lora: &LoraAdapter, output: Output) -> Tensor<2> {
         let (a, b) = (lora.a.val(), lora.b.val());
-        #[cfg(feature = "flex")]
-        if let Some(y) = self.host_weight().and_then(|w| {
-            super::cpu_linear::product_with_lora(&x, Some(&w), [&a, &b], lora.scaling, output)
-        }) {
+        if let Some(y) = self
+            .host_weight()
+            .and_then(|w| kernels::product_with_lora(&x, Some(&w), [&a, &b], lora.scaling, output))
+        {
             return y;
         }
         self.base_product(x.clone(), output) + lora_branch(x, a, b, lora.scaling)
@@ -293,12 +294,9 @@ impl QLinear {
 
     /// `x·Wᵀ` for `x [rows, in]`: faer on the CPU back end, Burn's matmul elsewhere.
     fn base_product(&self, x: Tensor<2>, output: Output) -> Tensor<2> {
-        #[cfg(not(feature = "flex"))]
-        let _ = output;
-        #[cfg(feature = "flex")]
         if let Some(y) = self
             .host_weight()
-            .and_then(|w| super::cpu_linear::product(&x, &w, self.shape(), output))
+            .and_then(|w| kernels::product(&x, &w, self.shape(), output))
         {
             return y;
         }
@@ -307,15 +305,10 @@ impl QLinear {
 
     /// The base weight `[out, in]` in host memory, dequantized if packed; `None` off the CPU
     /// back end.
-    #[cfg(feature = "flex")]
-    pub(crate) fn host_weight(&self) -> Option<super::cpu_fused::Host> {
-        use super::cpu_fused::Host;
+    pub(crate) fn host_weight(&self) -> Option<HostWeight> {
         match &self.base {
-            BaseWeight::Dense(w) => Host::of_plain(w),
-            BaseWeight::Packed(p) if p.words.is_none() => Some(Host::owned(
-                p.packed.dequantize().expect("checked when built"),
-                &p.packed.shape,
-            )),
+            BaseWeight::Dense(w) => kernels::plain(w),
+            BaseWeight::Packed(p) if p.words.is_none() => kernels::dequantized(&p.packed),
             BaseWeight::Packed(_) => None,
         }
     }
@@ -345,9 +338,8 @@ fn dropout(x: Tensor<2>, p: f64, seed: u64) -> Tensor<2> {
 
 /// `x·Wᵀ` for `x [rows, in]` and a dense `w [out, in]` (faer on the CPU back end).
 pub(crate) fn dense_product(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-    #[cfg(feature = "flex")]
-    if let Some(y) = super::cpu_fused::Host::of_plain(w)
-        .and_then(|hw| super::cpu_linear::product(&x, &hw, w.dims(), Output::Value))
+    if let Some(y) =
+        kernels::plain(w).and_then(|hw| kernels::product(&x, &hw, w.dims(), Output::Value))
     {
         return y;
     }
@@ -356,10 +348,7 @@ pub(crate) fn dense_product(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
 
 /// `s·(x·Aᵀ)·Bᵀ` (faer on the CPU back end).
 fn lora_branch(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scaling: f64) -> Tensor<2> {
-    #[cfg(feature = "flex")]
-    if let Some(y) =
-        super::cpu_linear::product_with_lora(&x, None, [&a, &b], scaling, Output::Value)
-    {
+    if let Some(y) = kernels::product_with_lora(&x, None, [&a, &b], scaling, Output::Value) {
         return y;
     }
     x.matmul(a.transpose())

@@ -439,44 +439,54 @@ fn all_finite(x: &[f32]) -> bool {
     x.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
-/// Defines `$name`, which runs `$imp` compiled for AVX-512 or AVX2 when the CPU has them
-/// (runtime detection). The results are identical: Rust never contracts `a·b + c` into an FMA,
-/// and every operation is IEEE-exact.
-macro_rules! multiversion {
-    (fn $name:ident / $v512:ident / $v2:ident => $imp:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
-        pub(crate) fn $name(&self, $($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            match crate::simd::level() {
-                // SAFETY: `level` checked every feature each copy was compiled with.
-                crate::simd::Level::Avx512 => return unsafe { self.$v512($($arg),*) },
-                // SAFETY: as above.
-                crate::simd::Level::Avx2 => return unsafe { self.$v2($($arg),*) },
-                crate::simd::Level::Portable => {}
-            }
-            self.$imp($($arg),*)
-        }
+impl Quantizer {
+    /// Quantizes consecutive blocks; returns false if a value was not finite.
+    pub(crate) fn quantize_range(
+        &self,
+        x: &[f32],
+        block: usize,
+        codes: &mut [u8],
+        scales: &mut [f32],
+        mins: &mut [f32],
+    ) -> bool {
+        quantize_range(self, x, block, codes, scales, mins)
+    }
 
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-        fn $v512(&self, $($arg: $ty),*) -> $ret {
-            self.$imp($($arg),*)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        fn $v2(&self, $($arg: $ty),*) -> $ret {
-            self.$imp($($arg),*)
-        }
-    };
+    /// Dequantizes consecutive blocks into `out`.
+    pub(crate) fn dequantize_range(
+        &self,
+        codes: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        block: usize,
+        out: &mut [f32],
+    ) {
+        dequantize_range(self, codes, scales, mins, block, out)
+    }
 }
 
-#[allow(unsafe_code)]
-impl Quantizer {
-    multiversion!(fn quantize_range / quantize_range_avx512 / quantize_range_avx2 => quantize_range_impl(
-        x: &[f32], block: usize, codes: &mut [u8], scales: &mut [f32], mins: &mut [f32]
-    ) -> bool);
+crate::multiversion! {
+    fn quantize_range(
+        q: &Quantizer,
+        x: &[f32],
+        block: usize,
+        codes: &mut [u8],
+        scales: &mut [f32],
+        mins: &mut [f32],
+    ) -> bool {
+        q.quantize_range_impl(x, block, codes, scales, mins)
+    }
+}
 
-    multiversion!(fn dequantize_range / dequantize_range_avx512 / dequantize_range_avx2 => dequantize_range_impl(
-        codes: &[u8], scales: &[f32], mins: &[f32], block: usize, out: &mut [f32]
-    ) -> ());
+crate::multiversion! {
+    fn dequantize_range(
+        q: &Quantizer,
+        codes: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        block: usize,
+        out: &mut [f32],
+    ) {
+        q.dequantize_range_impl(codes, scales, mins, block, out)
+    }
 }
