@@ -101,7 +101,7 @@ impl Quantizer {
             &mut out.codes,
             &mut out.scales,
             &mut out.mins,
-            |x, codes, scales, mins| self.quantize_range(x, block, codes, scales, mins),
+            |x, codes, scales, mins| quantize_range(self, x, block, codes, scales, mins),
         );
         if !ok {
             return Err(non_finite_error(x, shape[1]));
@@ -111,43 +111,6 @@ impl Quantizer {
 }
 
 impl Quantizer {
-    /// Quantizes consecutive blocks; returns false if a value was not finite.
-    #[inline(always)]
-    fn quantize_range_impl(
-        &self,
-        x: &[f32],
-        block: usize,
-        codes: &mut [u8],
-        scales: &mut [f32],
-        mins: &mut [f32],
-    ) -> bool {
-        if let Scheme::Ggml { format } = self.config.scheme {
-            let ok = all_finite(x);
-            if ok {
-                format.quantize_run(x, codes, scales, mins);
-            }
-            return ok;
-        }
-        let mut ok = true;
-        for (b, (xb, cb)) in x.chunks(block).zip(codes.chunks_mut(block)).enumerate() {
-            match self.config.scheme {
-                Scheme::IntAsym { bits } => {
-                    ok &= all_finite(xb);
-                    let (step, min) = self.quantize_affine(xb, cb, bits);
-                    scales[b] = step;
-                    mins[b] = min;
-                }
-                _ => {
-                    let bits = super::simd::absmax_bits(xb);
-                    // NaN and ±inf have the largest magnitude bit patterns.
-                    ok &= bits < f32::INFINITY.to_bits();
-                    scales[b] = self.quantize_absmax(xb, f32::from_bits(bits), cb);
-                }
-            }
-        }
-        ok
-    }
-
     /// Absmax-scaled schemes (codebooks and symmetric integers); returns the absmax.
     #[inline(always)]
     fn quantize_absmax(&self, x: &[f32], absmax: f32, codes: &mut [u8]) -> f32 {
@@ -255,7 +218,7 @@ impl Quantizer {
         let block = q.block;
         let per = blocks_per_thread(q.numel(), block);
         if per * block >= q.numel() {
-            return self.dequantize_range(&q.codes, &q.scales, &q.mins, block, out);
+            return dequantize_range(self, &q.codes, &q.scales, &q.mins, block, out);
         }
         std::thread::scope(|s| {
             for (i, (o, c)) in out
@@ -269,7 +232,7 @@ impl Quantizer {
                 } else {
                     &q.mins[i * per..]
                 };
-                s.spawn(move || self.dequantize_range(c, scales, mins, block, o));
+                s.spawn(move || dequantize_range(self, c, scales, mins, block, o));
             }
         });
     }
@@ -300,7 +263,7 @@ impl Quantizer {
                 } else {
                     &q.mins[b..]
                 };
-                self.dequantize_range(c, &q.scales[b..], mins, block, o);
+                dequantize_range(self, c, &q.scales[b..], mins, block, o);
                 o.iter_mut().zip(w).for_each(|(o, w)| *o = w - *o);
             }
         };
@@ -313,50 +276,6 @@ impl Quantizer {
                 s.spawn(move || work(i * per, o, c, w));
             }
         });
-    }
-
-    #[inline(always)]
-    fn dequantize_range_impl(
-        &self,
-        codes: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        block: usize,
-        out: &mut [f32],
-    ) {
-        for (b, (cb, ob)) in codes.chunks(block).zip(out.chunks_mut(block)).enumerate() {
-            let s = scales[b];
-            match self.config.scheme {
-                Scheme::IntSym { bits } => {
-                    let q = qmax(bits);
-                    let qf = q as f32;
-                    for (o, &c) in ob.iter_mut().zip(cb) {
-                        *o = (i32::from(c).wrapping_sub(q) as f32 * s) / qf;
-                    }
-                }
-                Scheme::IntAsym { .. } => {
-                    let m = mins[b];
-                    for (o, &c) in ob.iter_mut().zip(cb) {
-                        *o = f32::from(c) * s + m;
-                    }
-                }
-                Scheme::Ggml { format } => {
-                    let m = mins.get(b).copied().unwrap_or(0.0);
-                    for (o, &c) in ob.iter_mut().zip(cb) {
-                        *o = format.value(c, s, m);
-                    }
-                }
-                _ if self
-                    .levels16
-                    .is_some_and(|t| super::simd::dequant16(cb, &t, s, ob)) => {}
-                _ => {
-                    let levels = &self.levels;
-                    for (o, &c) in ob.iter_mut().zip(cb) {
-                        *o = levels[usize::from(c) & (levels.len() - 1)] * s;
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -439,54 +358,131 @@ fn all_finite(x: &[f32]) -> bool {
     x.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
-impl Quantizer {
-    /// Quantizes consecutive blocks; returns false if a value was not finite.
-    pub(crate) fn quantize_range(
-        &self,
+crate::multiversion! {
+    /// Quantizes consecutive blocks of `x` with `quantizer`; returns false if a value was not
+    /// finite.
+    pub(super) fn quantize_range(
+        quantizer: &Quantizer,
         x: &[f32],
         block: usize,
         codes: &mut [u8],
         scales: &mut [f32],
         mins: &mut [f32],
     ) -> bool {
-        quantize_range(self, x, block, codes, scales, mins)
+        if let Scheme::Ggml { format } = quantizer.config.scheme {
+            let ok = all_finite(x);
+            if ok {
+                format.quantize_run(x, codes, scales, mins);
+            }
+            return ok;
+        }
+        let mut ok = true;
+        for (b, (xb, cb)) in x.chunks(block).zip(codes.chunks_mut(block)).enumerate() {
+            match quantizer.config.scheme {
+                Scheme::IntAsym { bits } => {
+                    ok &= all_finite(xb);
+                    let (step, min) = quantizer.quantize_affine(xb, cb, bits);
+                    scales[b] = step;
+                    mins[b] = min;
+                }
+                _ => {
+                    let bits = crate::quant::simd::absmax_bits(xb);
+                    // NaN and ±inf have the largest magnitude bit patterns.
+                    ok &= bits < f32::INFINITY.to_bits();
+                    scales[b] = quantizer.quantize_absmax(xb, f32::from_bits(bits), cb);
+                }
+            }
+        }
+        ok
     }
+}
 
-    /// Dequantizes consecutive blocks into `out`.
-    pub(crate) fn dequantize_range(
-        &self,
+crate::multiversion! {
+    /// Dequantizes consecutive blocks with `quantizer` into `out`.
+    pub(super) fn dequantize_range(
+        quantizer: &Quantizer,
         codes: &[u8],
         scales: &[f32],
         mins: &[f32],
         block: usize,
         out: &mut [f32],
     ) {
-        dequantize_range(self, codes, scales, mins, block, out)
+        for (b, (cb, ob)) in codes.chunks(block).zip(out.chunks_mut(block)).enumerate() {
+            let s = scales[b];
+            match quantizer.config.scheme {
+                Scheme::IntSym { bits } => {
+                    let q = qmax(bits);
+                    let qf = q as f32;
+                    for (o, &c) in ob.iter_mut().zip(cb) {
+                        *o = (i32::from(c).wrapping_sub(q) as f32 * s) / qf;
+                    }
+                }
+                Scheme::IntAsym { .. } => {
+                    let m = mins[b];
+                    for (o, &c) in ob.iter_mut().zip(cb) {
+                        *o = f32::from(c) * s + m;
+                    }
+                }
+                Scheme::Ggml { format } => {
+                    let m = mins.get(b).copied().unwrap_or(0.0);
+                    for (o, &c) in ob.iter_mut().zip(cb) {
+                        *o = format.value(c, s, m);
+                    }
+                }
+                _ if quantizer
+                    .levels16
+                    .is_some_and(|t| crate::quant::simd::dequant16(cb, &t, s, ob)) => {}
+                _ => {
+                    let levels = &quantizer.levels;
+                    for (o, &c) in ob.iter_mut().zip(cb) {
+                        *o = levels[usize::from(c) & (levels.len() - 1)] * s;
+                    }
+                }
+            }
+        }
     }
 }
 
-crate::multiversion! {
-    fn quantize_range(
-        q: &Quantizer,
-        x: &[f32],
-        block: usize,
-        codes: &mut [u8],
-        scales: &mut [f32],
-        mins: &mut [f32],
-    ) -> bool {
-        q.quantize_range_impl(x, block, codes, scales, mins)
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::QuantConfig;
+    use crate::quant::GgmlFormat;
 
-crate::multiversion! {
-    fn dequantize_range(
-        q: &Quantizer,
-        codes: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        block: usize,
-        out: &mut [f32],
-    ) {
-        q.dequantize_range_impl(codes, scales, mins, block, out)
+    type Quantize = fn(&Quantizer, &[f32], usize, &mut [u8], &mut [f32], &mut [f32]) -> bool;
+
+    /// The copies `multiversion!` compiles for this CPU give the portable copy's codes, scales
+    /// and values, for every kind of scheme (codebook, integers, llama.cpp's blocks).
+    #[test]
+    fn vector_copies_give_the_portable_bits() {
+        let x: Vec<f32> = (0..4096)
+            .map(|i| ((i as f32 * 0.37).sin() * 3.0) / (1.0 + (i % 7) as f32))
+            .collect();
+        for config in [
+            QuantConfig::nf(4),
+            QuantConfig::nf(2),
+            QuantConfig::int(4, true),
+            QuantConfig::int(3, false),
+            QuantConfig::ggml(GgmlFormat::Q4_1),
+        ] {
+            let q = Quantizer::new(config).unwrap();
+            let block = 32;
+            let n = x.len() / block;
+            let run = |f: Quantize| {
+                let (mut c, mut s, mut m) = (vec![0u8; x.len()], vec![0f32; n], vec![0f32; n]);
+                assert!(f(&q, &x, block, &mut c, &mut s, &mut m));
+                (c, s, m)
+            };
+            let (c, s, m) = run(quantize_range);
+            assert_eq!(
+                (c.clone(), s.clone(), m.clone()),
+                run(quantize_range::portable)
+            );
+            let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            dequantize_range(&q, &c, &s, &m, block, &mut a);
+            dequantize_range::portable(&q, &c, &s, &m, block, &mut b);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "{config}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! [`PackedTensor`]: the compact host storage of a quantized matrix.
 
+use super::host::dequantize_range;
 use super::{
     DoubleQuant, HostQuantized, QuantConfig, Quantizer, pack_codes, unpack_codes, unpack_codes_into,
 };
@@ -134,7 +135,7 @@ impl PackedTensor {
             assert!(whole, "length checked");
             let b0 = i * run_blocks;
             let mins = self.mins.get(b0..).unwrap_or(&[]);
-            quantizer.dequantize_range(&codes, &scales[b0..], mins, block, o);
+            dequantize_range(&quantizer, &codes, &scales[b0..], mins, block, o);
         };
         #[cfg(feature = "flex")]
         {
