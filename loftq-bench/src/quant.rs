@@ -93,34 +93,30 @@ pub fn run(size: usize, repeats: usize, spec: DeviceSpec) -> QuantReport {
 
 /// Markdown summary.
 pub fn markdown(r: &QuantReport) -> String {
-    let ms = |t: &Timing| format!("{:.1} ms", t.median_s * 1e3);
-    format!(
-        "| case | median | min–max |\n|---|---|---|\n\
-         | copy {0}² f32, 1 thread | {1} | {2:.1}–{3:.1} ms |\n\
-         | copy {0}² f32, all cores | {4} | {5:.1}–{6:.1} ms |\n\
-         | {7} quantize (host kernel) | {8} | {9:.1}–{10:.1} ms |\n\
-         | {7} dequantize (host kernel) | {11} | {12:.1}–{13:.1} ms |\n\
-         | {7} quantize+dequantize via Tensor on {14} | {15} | {16:.1}–{17:.1} ms |\n\n\
-         quantize+dequantize: {18:.0} M elements/s, {19:.2}× the fastest copy\n",
-        r.size,
-        ms(&r.copy_1t),
-        r.copy_1t.min_s * 1e3,
-        r.copy_1t.max_s * 1e3,
-        ms(&r.copy_mt),
-        r.copy_mt.min_s * 1e3,
-        r.copy_mt.max_s * 1e3,
-        r.quantizer,
-        ms(&r.quantize),
-        r.quantize.min_s * 1e3,
-        r.quantize.max_s * 1e3,
-        ms(&r.dequantize),
-        r.dequantize.min_s * 1e3,
-        r.dequantize.max_s * 1e3,
-        r.device,
-        ms(&r.device_roundtrip),
-        r.device_roundtrip.min_s * 1e3,
-        r.device_roundtrip.max_s * 1e3,
-        r.elements_per_s / 1e6,
-        r.ratio_to_copy,
-    )
+    let row = |case: String, t: &Timing| {
+        format!(
+            "| {case} | {:.1} ms | {:.1}–{:.1} ms |\n",
+            t.median_s * 1e3,
+            t.min_s * 1e3,
+            t.max_s * 1e3
+        )
+    };
+    let (n, q) = (r.size, &r.quantizer);
+    [
+        "| case | median | min–max |\n|---|---|---|\n".to_string(),
+        row(format!("copy {n}² f32, 1 thread"), &r.copy_1t),
+        row(format!("copy {n}² f32, all cores"), &r.copy_mt),
+        row(format!("{q} quantize (host kernel)"), &r.quantize),
+        row(format!("{q} dequantize (host kernel)"), &r.dequantize),
+        row(
+            format!("{q} quantize+dequantize via Tensor on {}", r.device),
+            &r.device_roundtrip,
+        ),
+        format!(
+            "\nquantize+dequantize: {:.0} M elements/s, {:.2}× the fastest copy\n",
+            r.elements_per_s / 1e6,
+            r.ratio_to_copy
+        ),
+    ]
+    .concat()
 }
