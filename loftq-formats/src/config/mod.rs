@@ -10,10 +10,12 @@ use serde_json::Value;
 
 use crate::{ModelError, Result};
 
+mod error;
 mod names;
 mod rope;
 mod window;
 
+pub use error::ConfigError;
 pub use names::{LINEAR_PATHS, decoder_linear_paths, linear_path};
 use rope::parse_rope;
 pub use rope::{RopeConfig, RopeScaling, inv_freq};
@@ -110,23 +112,26 @@ impl LlamaConfig {
     /// Llama-family config this crate supports.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        Self::from_json(&text).map_err(|msg| ModelError::format(path, msg))
+        Self::from_json(&text).map_err(|e| ModelError::format(path, e.to_string()))
     }
 
     /// Parses the text of a `config.json`.
     ///
     /// # Errors
-    /// A message naming the missing or unsupported field.
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("bad config: {e}"))?;
+    /// [`ConfigError`] naming the missing, unsupported or bad field.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
         let family = match raw.model_type.as_deref() {
             Some("llama") | None => Family::Llama,
             Some("mistral") => Family::Mistral,
             Some("qwen2") => Family::Qwen2,
             Some(other) => {
-                return Err(format!(
-                    "model_type `{other}` is not supported (llama, mistral, qwen2)"
-                ));
+                return Err(ConfigError::Unsupported {
+                    field: "model_type",
+                    value: other.to_string(),
+                    supported: "llama, mistral, qwen2",
+                });
             }
         };
         // Settings that change the computation and are not implemented are refused.
@@ -135,20 +140,31 @@ impl LlamaConfig {
             .as_deref()
             .filter(|a| !matches!(*a, "silu" | "swish"))
         {
-            return Err(format!("hidden_act `{act}` is not supported (silu)"));
+            return Err(ConfigError::Unsupported {
+                field: "hidden_act",
+                value: act.to_string(),
+                supported: "silu",
+            });
         }
         let max_positions = raw.max_position_embeddings.unwrap_or(2048);
         let sliding_window = sliding_window(family, &raw)?;
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-            return Err(format!(
-                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            return Err(ConfigError::value(
+                "num_key_value_heads",
+                format!(
+                    "num_attention_heads {heads} is not a multiple of num_key_value_heads \
+                     {kv_heads}"
+                ),
             ));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(format!("head_dim {head_dim} must be even and positive"));
+            return Err(ConfigError::value(
+                "head_dim",
+                format!("head_dim {head_dim} must be even and positive"),
+            ));
         }
         let rope = parse_rope(raw.rope_theta, raw.rope_scaling, raw.rope_parameters)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -180,7 +196,7 @@ impl LlamaConfig {
     ///
     /// # Errors
     /// As [`validate`](Self::validate).
-    pub fn validated(self) -> Result<Self, String> {
+    pub fn validated(self) -> Result<Self, ConfigError> {
         self.validate()?;
         Ok(self)
     }
@@ -190,8 +206,8 @@ impl LlamaConfig {
     /// finite positive norm epsilon and rotary base (read from `config.json` or a GGUF file).
     ///
     /// # Errors
-    /// A message naming the field.
-    pub fn validate(&self) -> Result<(), String> {
+    /// [`ConfigError::Value`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let sizes = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -200,17 +216,23 @@ impl LlamaConfig {
             ("num_key_value_heads", self.num_key_value_heads),
         ];
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} is 0"));
+            return Err(ConfigError::value(name, format!("{name} is 0")));
         }
         let (heads, kv) = (self.num_attention_heads, self.num_key_value_heads);
         if !heads.is_multiple_of(kv) {
-            return Err(format!(
-                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            return Err(ConfigError::value(
+                "num_key_value_heads",
+                format!(
+                    "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+                ),
             ));
         }
         let d = self.head_dim;
         if d == 0 || !d.is_multiple_of(2) {
-            return Err(format!("head_dim {d} must be even and positive"));
+            return Err(ConfigError::value(
+                "head_dim",
+                format!("head_dim {d} must be even and positive"),
+            ));
         }
         let products = [
             heads.checked_mul(d),
@@ -221,18 +243,27 @@ impl LlamaConfig {
             .iter()
             .any(|p| p.and_then(|n| n.checked_mul(4)).is_none())
         {
-            return Err(format!(
-                "sizes too large: {heads} heads × {d}, vocabulary {} × {}, MLP {} × {}",
-                self.vocab_size, self.hidden_size, self.intermediate_size, self.hidden_size
+            return Err(ConfigError::value(
+                "hidden_size",
+                format!(
+                    "sizes too large: {heads} heads × {d}, vocabulary {} × {}, MLP {} × {}",
+                    self.vocab_size, self.hidden_size, self.intermediate_size, self.hidden_size
+                ),
             ));
         }
         let eps = self.rms_norm_eps;
         if !(eps.is_finite() && eps > 0.0) {
-            return Err(format!("rms_norm_eps {eps} must be a positive number"));
+            return Err(ConfigError::value(
+                "rms_norm_eps",
+                format!("rms_norm_eps {eps} must be a positive number"),
+            ));
         }
         let theta = self.rope.theta;
         if !(theta.is_finite() && theta > 0.0) {
-            return Err(format!("rope_theta {theta} must be a positive number"));
+            return Err(ConfigError::value(
+                "rope_theta",
+                format!("rope_theta {theta} must be a positive number"),
+            ));
         }
         Ok(())
     }
@@ -375,6 +406,7 @@ mod tests {
         assert!(
             LlamaConfig::from_json(&bad_type)
                 .unwrap_err()
+                .to_string()
                 .contains("gpt2")
         );
         let bad_rope =
@@ -382,6 +414,7 @@ mod tests {
         assert!(
             LlamaConfig::from_json(&bad_rope)
                 .unwrap_err()
+                .to_string()
                 .contains("yarn")
         );
         let bad_heads = format!(r#"{{{BASE}, "num_key_value_heads": 3}}"#);
@@ -394,18 +427,21 @@ mod tests {
         assert!(
             LlamaConfig::from_json(huge)
                 .unwrap_err()
+                .to_string()
                 .contains("too large")
         );
         let odd = format!(r#"{{{BASE}, "head_dim": 15}}"#);
         assert!(
             LlamaConfig::from_json(&odd)
                 .unwrap_err()
+                .to_string()
                 .contains("head_dim 15")
         );
         let eps = format!(r#"{{{BASE}, "rms_norm_eps": -1e-6}}"#);
         assert!(
             LlamaConfig::from_json(&eps)
                 .unwrap_err()
+                .to_string()
                 .contains("rms_norm_eps")
         );
         let zero =
@@ -413,12 +449,19 @@ mod tests {
         assert!(
             LlamaConfig::from_json(&zero)
                 .unwrap_err()
+                .to_string()
                 .contains("vocab_size is 0")
         );
         // Values from a GGUF file go through the same check.
         let mut c = LlamaConfig::from_json(&format!("{{{BASE}}}")).unwrap();
         c.rope.theta = f64::NAN;
-        assert!(c.validate().unwrap_err().contains("rope_theta"));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Value {
+                field: "rope_theta",
+                ..
+            })
+        ));
         c.rope.theta = 1e4;
         c.head_dim = 7;
         assert!(c.validate().is_err());

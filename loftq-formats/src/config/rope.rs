@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::ConfigError;
+
 /// Rotary position embedding settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RopeConfig {
@@ -75,7 +77,7 @@ pub(super) fn parse_rope(
     theta: Option<f64>,
     scaling: Option<Value>,
     params: Option<Value>,
-) -> Result<RopeConfig, String> {
+) -> Result<RopeConfig, ConfigError> {
     // transformers 5 puts everything in `rope_parameters`; 4 splits theta and scaling.
     let (theta, spec) = match params {
         Some(Value::Object(p)) => (
@@ -86,7 +88,10 @@ pub(super) fn parse_rope(
     };
     let theta = theta.unwrap_or(10_000.0);
     if !(theta.is_finite() && theta > 0.0) {
-        return Err(format!("rope_theta {theta} must be positive"));
+        return Err(ConfigError::value(
+            "rope_theta",
+            format!("rope_theta {theta} must be positive"),
+        ));
     }
     let Some(Value::Object(spec)) = spec else {
         return Ok(RopeConfig {
@@ -99,11 +104,16 @@ pub(super) fn parse_rope(
         .or_else(|| spec.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
-    let num = |key: &str| -> Result<f64, String> {
+    let num = |key: &str| -> Result<f64, ConfigError> {
         spec.get(key)
             .and_then(Value::as_f64)
             .filter(|x| x.is_finite() && *x > 0.0)
-            .ok_or_else(|| format!("rope scaling `{kind}` needs a positive `{key}`"))
+            .ok_or_else(|| {
+                ConfigError::value(
+                    "rope_scaling",
+                    format!("rope scaling `{kind}` needs a positive `{key}`"),
+                )
+            })
     };
     let scaling = match kind {
         "default" => RopeScaling::None,
@@ -117,9 +127,11 @@ pub(super) fn parse_rope(
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
         other => {
-            return Err(format!(
-                "rope_type `{other}` is not supported (default, linear, llama3)"
-            ));
+            return Err(ConfigError::Unsupported {
+                field: "rope_type",
+                value: other.to_string(),
+                supported: "default, linear, llama3",
+            });
         }
     };
     Ok(RopeConfig { theta, scaling })

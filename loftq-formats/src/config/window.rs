@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Family, RawConfig};
+use super::{ConfigError, Family, RawConfig};
 
 /// Sliding-window attention: from layer `first_layer` on, position `i` attends to positions
 /// `j` with `i - size < j ≤ i` only (transformers' `sliding_window_overlay`).
@@ -20,7 +20,7 @@ pub struct SlidingWindow {
 pub(super) fn sliding_window(
     family: Family,
     raw: &RawConfig,
-) -> Result<Option<SlidingWindow>, String> {
+) -> Result<Option<SlidingWindow>, ConfigError> {
     let (size, first_layer) = match family {
         Family::Llama => return Ok(None),
         Family::Mistral => (raw.sliding_window, 0),
@@ -33,23 +33,30 @@ pub(super) fn sliding_window(
         return Ok(None);
     };
     if size == 0 {
-        return Err("sliding_window 0 leaves a position nothing to attend to".into());
+        return Err(ConfigError::value(
+            "sliding_window",
+            "sliding_window 0 leaves a position nothing to attend to",
+        ));
     }
     let first_layer = match (&raw.layer_types, family) {
         (Some(types), Family::Qwen2) => {
             if types.len() != raw.num_hidden_layers {
-                return Err(format!(
-                    "layer_types has {} entries for {} layers",
-                    types.len(),
-                    raw.num_hidden_layers
+                return Err(ConfigError::value(
+                    "layer_types",
+                    format!(
+                        "layer_types has {} entries for {} layers",
+                        types.len(),
+                        raw.num_hidden_layers
+                    ),
                 ));
             }
             let full = types.iter().take_while(|t| *t == "full_attention").count();
             // Only full layers followed by sliding ones can be expressed (what transformers
             // derives from max_window_layers).
             if let Some(t) = types[full..].iter().find(|t| *t != "sliding_attention") {
-                return Err(format!(
-                    "layer_types {types:?}: `{t}` after a sliding layer is not supported"
+                return Err(ConfigError::value(
+                    "layer_types",
+                    format!("layer_types {types:?}: `{t}` after a sliding layer is not supported"),
                 ));
             }
             full
@@ -95,10 +102,16 @@ mod tests {
         );
         // Patterns that cannot be expressed, and a window of nothing, are refused by name.
         let mixed = format!(r#"{on}, "layer_types": ["sliding_attention", "full_attention"]"#);
-        assert!(parse(&mixed).unwrap_err().contains("layer_types"));
+        assert!(
+            parse(&mixed)
+                .unwrap_err()
+                .to_string()
+                .contains("layer_types")
+        );
         assert!(
             parse(r#""model_type": "mistral", "sliding_window": 0"#)
                 .unwrap_err()
+                .to_string()
                 .contains("sliding_window 0")
         );
         // Llama ignores the field, as transformers does.
@@ -106,6 +119,7 @@ mod tests {
         assert!(
             parse(r#""hidden_act": "gelu""#)
                 .unwrap_err()
+                .to_string()
                 .contains("gelu")
         );
         assert!(parse(r#""hidden_act": "silu""#).is_ok());

@@ -336,6 +336,7 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
         sliding_window: None,
     }
     .validated()
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

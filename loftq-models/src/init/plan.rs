@@ -1,7 +1,7 @@
 //! Which tensors `loftq init` quantizes, and with which quantizer.
 
 use loftq_core::QuantConfig;
-use loftq_core::quant::{fit_rows, parse_bits};
+use loftq_core::quant::{LabelError, fit_rows, parse_bits};
 use serde::{Deserialize, Serialize};
 
 /// Which 2-D weights get an adapter.
@@ -73,40 +73,51 @@ pub struct LayerRule {
     pub quant: QuantConfig,
 }
 
-/// Parses `--layer-bits "0-3:nf4,*:nf2"` (first matching rule wins).
+/// A per-layer precision rule that does not parse.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LayerRuleError {
+    /// Not `RANGE:BITS`.
+    #[error("layer rule `{0}` is not RANGE:BITS")]
+    Form(String),
+    /// A range that is not `*`, `N` or `A-B` with `A ≤ B`.
+    #[error("bad layer range `{0}`")]
+    Range(String),
+    /// A quantizer label that does not parse.
+    #[error(transparent)]
+    Quantizer(#[from] LabelError),
+}
+
+/// Parses layer rules such as `"0-3:nf4,*:nf2"` (first matching rule wins).
 ///
 /// # Errors
-/// A message naming the bad rule.
+/// [`LayerRuleError`] naming the bad rule, range or quantizer.
 pub fn parse_layer_bits(
     s: &str,
     block: usize,
     double_quant: bool,
-) -> Result<Vec<LayerRule>, String> {
+) -> Result<Vec<LayerRule>, LayerRuleError> {
     split_list(s)
         .iter()
         .map(|rule| {
             let (range, bits) = rule
                 .split_once(':')
-                .ok_or_else(|| format!("layer rule `{rule}` is not RANGE:BITS"))?;
+                .ok_or_else(|| LayerRuleError::Form(rule.clone()))?;
             let layers = match range.trim() {
                 "*" => None,
                 r => {
+                    let bad = || LayerRuleError::Range(r.to_string());
                     let (a, b) = r.split_once('-').unwrap_or((r, r));
-                    let p = |x: &str| {
-                        x.trim()
-                            .parse::<usize>()
-                            .map_err(|_| format!("bad layer range `{r}`"))
-                    };
+                    let p = |x: &str| x.trim().parse::<usize>().map_err(|_| bad());
                     let (a, b) = (p(a)?, p(b)?);
                     if a > b {
-                        return Err(format!("bad layer range `{r}`"));
+                        return Err(bad());
                     }
                     Some((a, b))
                 }
             };
             Ok(LayerRule {
                 layers,
-                quant: parse_bits(bits.trim(), block, double_quant).map_err(|e| e.to_string())?,
+                quant: parse_bits(bits.trim(), block, double_quant)?,
             })
         })
         .collect()
