@@ -13,6 +13,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
 use faer::MatRef;
+use loftq_core::cpu::{flex, flex_autodiff};
 use loftq_core::quant::is_host_device;
 
 use super::cpu_attention::{self as attn, AttnShape, Rope};
@@ -48,16 +49,16 @@ impl Host {
     /// A contiguous `f32` flex tensor outside autodiff, shared without a copy; `None`
     /// otherwise (the caller then leaves the product to Burn).
     pub(crate) fn of_plain(t: &Tensor<2>) -> Option<Self> {
-        let t = t.clone().try_into_primitive::<Flex>().ok()?;
+        let t = flex(t)?;
         t.as_slice::<f32>().is_some().then_some(Self(t))
     }
 
     /// A constant operand (a frozen weight, a table): `None` off the CPU back end.
     pub(crate) fn of<const D: usize>(t: &Tensor<D>) -> Option<Self> {
-        if let Ok(p) = t.clone().try_into_primitive::<Flex>() {
+        if let Some(p) = flex(t) {
             return Some(Self::new(p));
         }
-        let ad = t.clone().try_into_primitive::<Autodiff<Flex>>().ok()?;
+        let ad = flex_autodiff(t)?;
         Some(Self::new(ad.primitive().clone()))
     }
 }
@@ -113,10 +114,7 @@ pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
     op: impl FnOnce([Host; N], Wanted<N>) -> Computed<N>,
 ) -> Option<Tensor<DO>> {
     let out = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, out_shape));
-    let plain: Option<Vec<FlexTensor>> = inputs
-        .iter()
-        .map(|t| (*t).clone().try_into_primitive::<Flex>().ok())
-        .collect();
+    let plain: Option<Vec<FlexTensor>> = inputs.iter().map(|t| flex(t)).collect();
     if let Some(plain) = plain {
         let hosts = plain.into_iter().map(Host::new).collect::<Vec<_>>();
         let (y, _) = op(hosts.try_into().expect("N inputs"), None);
@@ -127,12 +125,7 @@ pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
     }
     let mut ads = Vec::with_capacity(N);
     for t in inputs {
-        ads.push(
-            t.clone()
-                .autodiff()
-                .try_into_primitive::<Autodiff<Flex>>()
-                .ok()?,
-        );
+        ads.push(flex_autodiff(&t.clone().autodiff())?);
     }
     let nodes: [_; N] = std::array::from_fn(|i| ads[i].node());
     let shapes: [Vec<usize>; N] = inputs.map(|t| t.dims().to_vec());

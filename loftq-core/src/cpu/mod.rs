@@ -12,9 +12,9 @@ pub(crate) use dense::{HostOps, RowMat};
 
 use std::borrow::Cow;
 
-use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{Tensor, TensorData};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{BackendPrimitive, Float, Tensor, TensorData};
 use faer::{Accum, MatMut, MatRef, Par};
 
 /// `dst = alpha·lhs·rhs` with faer on the rayon pool, then [`clear_upper_state`]. Every faer
@@ -95,9 +95,19 @@ pub fn matmul(a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
     }
 }
 
-/// The flex primitive of a tensor outside autodiff.
-pub fn flex(t: &Tensor<2>) -> Option<FlexTensor> {
+/// The CPU back end's primitive of a tensor outside autodiff; `None` for a tensor of another
+/// back end or on the autodiff device. With [`flex_autodiff`], the one way the workspace asks
+/// whether a tensor is on the CPU back end.
+pub fn flex<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
     t.clone().try_into_primitive::<Flex>().ok()
+}
+
+/// The CPU back end's autodiff primitive of a tensor on its autodiff device; `None` for a
+/// plain tensor or one of another back end.
+pub fn flex_autodiff<const D: usize>(
+    t: &Tensor<D>,
+) -> Option<<Float as BackendPrimitive<Autodiff<Flex>>>::Primitive> {
+    t.clone().try_into_primitive::<Autodiff<Flex>>().ok()
 }
 
 /// The elements of a 2-D f32 flex tensor as faer can read them: row-major, column-major (a
