@@ -14,7 +14,6 @@ use loftq_models::init::{
 
 use crate::args::{LoraArgs, TargetArgs};
 use crate::error::{Result, invalid};
-
 use crate::progress::Progress;
 
 /// Arguments of `loftq init`.

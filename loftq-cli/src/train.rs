@@ -14,7 +14,6 @@ use loftq_models::train::{
 };
 
 use crate::error::{Result, invalid};
-
 use crate::progress::Progress;
 
 mod blockwise;

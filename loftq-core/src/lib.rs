@@ -43,5 +43,5 @@ pub fn matmul(a: &burn::tensor::Tensor<2>, b: &burn::tensor::Tensor<2>) -> burn:
 }
 pub use error::QuantError;
 pub use loftq::{LoftqConfig, LoftqError, LoftqResult, loftq};
-pub use lora::{InitScaling, LoraSpec, lora_scale};
+pub use lora::{InitScaling, LoraSpec};
 pub use quant::{QuantConfig, Quantizer};

@@ -27,9 +27,15 @@ impl LoraSpec {
         }
     }
 
-    /// The scale `s` of the forward pass `Q·x + s·B·A·x`.
+    /// The scale `s` of the forward pass `Q·x + s·B·A·x`: `alpha / r`, or `alpha / √r` with
+    /// rsLoRA.
     pub fn scale(&self) -> f32 {
-        lora_scale(self.alpha, self.rank, self.rslora)
+        let r = self.rank as f32;
+        if self.rslora {
+            self.alpha / r.sqrt()
+        } else {
+            self.alpha / r
+        }
     }
 }
 
@@ -55,10 +61,4 @@ impl InitScaling {
             InitScaling::Peft => (1.0, s),
         }
     }
-}
-
-/// LoRA's scale `s`: `alpha / r`, or `alpha / √r` with rsLoRA.
-pub fn lora_scale(alpha: f32, rank: usize, rslora: bool) -> f32 {
-    let r = rank as f32;
-    if rslora { alpha / r.sqrt() } else { alpha / r }
 }

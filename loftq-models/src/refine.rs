@@ -405,11 +405,8 @@ fn write(spec: &RefineSpec, fitted: Vec<Fitted>, report: &RefineReport) -> Resul
     let out = &spec.out;
     let created = !out.exists();
     let modules: Vec<String> = fitted.iter().map(|f| f.module.clone()).collect();
-    let mut config = AdapterConfig::new(spec.lora.rank, f64::from(spec.lora.alpha), modules);
-    config.use_rslora = spec.lora.rslora;
-    config.base_model_name_or_path = Some(spec.base.display().to_string());
     let adapter = Adapter {
-        config,
+        config: AdapterConfig::of_lora(&spec.lora, modules, &spec.base),
         modules: fitted
             .into_iter()
             .map(|f| (f.module, LoraWeights { a: f.a, b: f.b }))

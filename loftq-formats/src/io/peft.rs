@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use loftq_core::LoraSpec;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -79,6 +80,15 @@ fn default_init() -> Value {
 }
 
 impl AdapterConfig {
+    /// The config of the adapter `lora` describes (its rank, alpha and rsLoRA) on
+    /// `target_modules`, started from the model at `base`: what `init` and `refine` write.
+    pub fn of_lora(lora: &LoraSpec, target_modules: Vec<String>, base: &Path) -> Self {
+        let mut config = Self::new(lora.rank, f64::from(lora.alpha), target_modules);
+        config.use_rslora = lora.rslora;
+        config.base_model_name_or_path = Some(base.display().to_string());
+        config
+    }
+
     /// A LoRA config as this project writes it: `init_lora_weights: true` (the saved weights
     /// are the initialization), bias none, no dropout.
     pub fn new(r: usize, lora_alpha: f64, target_modules: Vec<String>) -> Self {

@@ -174,10 +174,7 @@ fn adapter(spec: &InitSpec, pieces: &[Checkpoint], dir: &Path) -> Result<()> {
             p.release(n);
         }
     }
-    let mut cfg = AdapterConfig::new(spec.lora.rank, f64::from(spec.lora.alpha), modules);
-    cfg.use_rslora = spec.lora.rslora;
-    cfg.base_model_name_or_path = Some(spec.model.display().to_string());
-    w.finish(&cfg)
+    w.finish(&AdapterConfig::of_lora(&spec.lora, modules, &spec.model))
 }
 
 fn totals(spec: &InitSpec, reports: &[TensorReport], start: Instant, resumed: usize) -> Totals {

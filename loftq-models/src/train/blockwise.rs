@@ -254,7 +254,8 @@ struct Climb<'v> {
 /// # Errors
 /// [`ModelError::Mismatch`] if the models differ in depth, width or vocabulary or `done` does
 /// not fit the student; [`ModelError::Settings`] if no layer of the student has adapters or
-/// the sizes are zero or inconsistent; [`ModelError::Data`] if the stream is shorter than a row; a layer's read error; `on_layer`'s.
+/// the sizes are zero or inconsistent; [`ModelError::Data`] if the stream is shorter than a
+/// row; a layer's read error; `on_layer`'s.
 pub fn fit_layers(
     student: &dyn LayerSource,
     teacher: &dyn LayerSource,
