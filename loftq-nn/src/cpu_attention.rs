@@ -1,8 +1,7 @@
 //! Causal self-attention with rotary embeddings on the host, forward and backward, one
 //! `(batch row, kv head)` group of query heads per rayon task, in blocks of query rows.
 
-use faer::MatMut;
-use loftq_core::cpu::gemm_seq;
+use loftq_core::cpu::{Threads, gemm_rows};
 use loftq_core::multiversion;
 use rayon::prelude::*;
 
@@ -154,13 +153,8 @@ impl AttnShape {
     fn block(&self, pb: &mut [f32], ob: &mut [f32], [qb, k, v]: [&[f32]; 3], r0: usize, g: usize) {
         let d = self.head_dim;
         let (n, t1) = (qb.len() / d, k.len() / d);
-        gemm_seq(
-            MatMut::from_row_major_slice_mut(pb, n, t1),
-            false,
-            rows(qb, n, d),
-            rows(k, t1, d).transpose(),
-            self.scale(),
-        );
+        let (q, k) = (rows(qb, n, d), rows(k, t1, d));
+        gemm_rows(pb, false, [q, k.transpose()], self.scale(), Threads::Here);
         for (i, row) in pb.chunks_mut(t1).enumerate() {
             let (live, future) = row.split_at_mut((r0 + i) / g + 1);
             let inv = 1.0 / exp_in_place(live, max_of(live));

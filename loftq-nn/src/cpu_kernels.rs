@@ -5,7 +5,7 @@
 //! slices, split across the rayon pool. [`super::cpu_fused`] wires them into Burn's autodiff.
 
 use faer::{MatMut, MatRef};
-use loftq_core::cpu::{gemm, gemm_seq};
+use loftq_core::cpu::{Threads, gemm, gemm_rows};
 use loftq_core::multiversion;
 use rayon::prelude::*;
 
@@ -227,14 +227,7 @@ pub(super) fn prod(
     rhs: MatRef<'_, f32>,
     alpha: f32,
 ) {
-    let (m, n) = (lhs.nrows(), rhs.ncols());
-    gemm_seq(
-        MatMut::from_row_major_slice_mut(dst, m, n),
-        add,
-        lhs,
-        rhs,
-        alpha,
-    );
+    gemm_rows(dst, add, [lhs, rhs], alpha, Threads::Here);
 }
 
 pub(super) fn rows(x: &[f32], r: usize, c: usize) -> MatRef<'_, f32> {

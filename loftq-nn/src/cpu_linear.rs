@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use burn::tensor::Tensor;
-use faer::{MatMut, MatRef};
-use loftq_core::cpu::gemm_add;
+use faer::MatRef;
+use loftq_core::cpu::{Threads, gemm_rows};
 
 use super::Output;
 use super::cpu_fused::{BackwardFn, Host, run};
@@ -41,26 +41,14 @@ fn product_of(
     alpha: f32,
 ) -> Vec<f32> {
     let mut v = vec![0f32; m * n];
-    gemm_add(
-        MatMut::from_row_major_slice_mut(&mut v, m, n),
-        false,
-        lhs,
-        rhs,
-        alpha,
-    );
+    gemm_rows(&mut v, false, [lhs, rhs], alpha, Threads::Pool);
     v
 }
 
 /// `dst += alpha·lhs·rhs` for a row-major `dst [m, n]`.
 fn add_product(dst: &mut [f32], n: usize, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) {
-    let m = dst.len() / n;
-    gemm_add(
-        MatMut::from_row_major_slice_mut(dst, m, n),
-        true,
-        lhs,
-        rhs,
-        alpha,
-    );
+    debug_assert_eq!(dst.len(), lhs.nrows() * n);
+    gemm_rows(dst, true, [lhs, rhs], alpha, Threads::Pool);
 }
 
 fn rows(x: &[f32], cols: usize) -> MatRef<'_, f32> {

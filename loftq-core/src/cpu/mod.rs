@@ -20,7 +20,8 @@ use faer::{Accum, MatMut, MatRef, Par};
 /// `dst = alpha·lhs·rhs` with faer on the rayon pool, then [`clear_upper_state`]. Every faer
 /// product of the project goes through here.
 pub fn gemm(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) {
-    gemm_add(dst, false, lhs, rhs, alpha);
+    faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, alpha, Par::rayon(0));
+    clear_upper_state();
 }
 
 /// `dst = lhs·rhs` for a lower-triangular `rhs` (its upper triangle is not read).
@@ -40,40 +41,36 @@ pub fn gemm_lower(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f3
     clear_upper_state();
 }
 
-/// [`gemm`], or `dst += alpha·lhs·rhs` with `add`.
-pub fn gemm_add(
-    dst: MatMut<'_, f32>,
-    add: bool,
-    lhs: MatRef<'_, f32>,
-    rhs: MatRef<'_, f32>,
-    alpha: f32,
-) {
-    product(dst, add, [lhs, rhs], alpha, Par::rayon(0));
-    clear_upper_state();
+/// The threads a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// The rayon pool; then [`clear_upper_state`].
+    Pool,
+    /// The calling thread alone, for small products inside a rayon task; then
+    /// [`clear_upper_state_here`].
+    Here,
 }
 
-/// `dst = alpha·lhs·rhs` (or `dst += ...` with `add`) on the calling thread alone, for small
-/// products inside a rayon task; then [`clear_upper_state_here`].
-pub fn gemm_seq(
-    dst: MatMut<'_, f32>,
-    add: bool,
-    lhs: MatRef<'_, f32>,
-    rhs: MatRef<'_, f32>,
-    alpha: f32,
-) {
-    product(dst, add, [lhs, rhs], alpha, Par::Seq);
-    clear_upper_state_here();
-}
-
-fn product(
-    dst: MatMut<'_, f32>,
+/// `dst = alpha·lhs·rhs`, or `dst += alpha·lhs·rhs` with `add`, for a row-major `dst` of
+/// `lhs.nrows() × rhs.ncols()`.
+pub fn gemm_rows(
+    dst: &mut [f32],
     add: bool,
     [lhs, rhs]: [MatRef<'_, f32>; 2],
     alpha: f32,
-    par: Par,
+    threads: Threads,
 ) {
+    let dst = MatMut::from_row_major_slice_mut(dst, lhs.nrows(), rhs.ncols());
     let accum = if add { Accum::Add } else { Accum::Replace };
+    let par = match threads {
+        Threads::Pool => Par::rayon(0),
+        Threads::Here => Par::Seq,
+    };
     faer::linalg::matmul::matmul(dst, accum, lhs, rhs, alpha, par);
+    match threads {
+        Threads::Pool => clear_upper_state(),
+        Threads::Here => clear_upper_state_here(),
+    }
 }
 
 /// `a·b` (`[m, k]·[k, n]`): faer for flex tensors, Burn's matmul otherwise.
