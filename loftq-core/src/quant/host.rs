@@ -125,9 +125,8 @@ impl Quantizer {
                     ((v * q).round_ties_even().clamp(-q, q) + q) as u8
                 })
             }
-            _ if self.table16.is_some_and(|t| {
-                super::simd::codes16(x, absmax, self.config.rounding, &t, self.bits(), codes)
-            }) => {}
+            _ if (self.table16.as_ref())
+                .is_some_and(|t| t.codes(x, absmax, self.config.rounding, codes)) => {}
             _ => match self.thresholds.len() {
                 1 => self.codes_linear::<1>(x, absmax, codes),
                 3 => self.codes_linear::<3>(x, absmax, codes),

@@ -1,5 +1,6 @@
 //! [`Quantizer`]: a checked [`QuantConfig`] with its tables precomputed.
 
+use super::simd::Table16;
 use super::{Codebook, QuantConfig, Rounding, Scheme};
 use crate::QuantError;
 
@@ -20,7 +21,7 @@ pub struct Quantizer {
     /// Code of a normalised zero (all-zero blocks).
     pub(super) zero_code: u8,
     /// `search` padded to 16 entries, for codebooks of at most 16 levels (SIMD lookup).
-    pub(super) table16: Option<[f32; 16]>,
+    pub(super) table16: Option<Table16>,
     /// `levels` padded to 16 entries, for codebooks of at most 16 levels (SIMD lookup).
     pub(super) levels16: Option<[f32; 16]>,
 }
@@ -44,11 +45,7 @@ impl Quantizer {
             Scheme::Ggml { format } => format.offset() as u8,
             _ => thresholds.iter().filter(|&&t| 0.0 >= t).count() as u8,
         };
-        let table16 = (!search.is_empty() && search.len() < 16).then(|| {
-            let mut t = [f32::INFINITY; 16];
-            t[..search.len()].copy_from_slice(&search);
-            t
-        });
+        let table16 = Table16::new(&search, config.scheme.bits());
         let levels16 = (!levels.is_empty() && levels.len() <= 16).then(|| {
             let mut t = [0f32; 16];
             t[..levels.len()].copy_from_slice(&levels);

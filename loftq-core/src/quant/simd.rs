@@ -9,77 +9,81 @@
 
 use super::Rounding;
 
-/// Codes of `x` normalised by `scale` against `table` (the sorted thresholds padded with `+∞`
-/// to 16), for codes of `bits ≤ 4` bits. Returns false (and does nothing) when the CPU lacks
-/// AVX-512, so the caller falls back to the portable loop.
-#[inline]
-pub(super) fn codes16(
-    x: &[f32],
-    scale: f32,
-    rounding: Rounding,
-    table: &[f32; 16],
+/// The sorted thresholds of a codebook of `bits ≤ 4` bits, padded with `+∞` to 16.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Table16 {
+    thresholds: [f32; 16],
     bits: u8,
-    codes: &mut [u8],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::simd::level() == crate::simd::Level::Avx512 {
-            // SAFETY: `level` found AVX-512F (and more), the only feature the function needs.
-            unsafe { codes16_avx512(x, scale, rounding, table, bits, codes) };
-            return true;
-        }
-    }
-    let _ = (x, scale, rounding, table, bits, codes);
-    false
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn codes16_avx512(
-    x: &[f32],
-    scale: f32,
-    rounding: Rounding,
-    table: &[f32; 16],
-    bits: u8,
-    codes: &mut [u8],
-) {
-    use std::arch::x86_64::*;
-    debug_assert_eq!(x.len(), codes.len());
-    let inv = 1.0 / scale;
-    // SAFETY: loads and stores stay inside `x`, `codes` and `table` (16 lanes each, the loop
-    // stops before a partial chunk); the intrinsics need only AVX-512F.
-    unsafe {
-        let t = _mm512_loadu_ps(table.as_ptr());
-        let s = _mm512_set1_ps(scale);
-        let r = _mm512_set1_ps(inv);
-        let mut chunks = x.chunks_exact(16).zip(codes.chunks_exact_mut(16));
-        for (xc, cc) in &mut chunks {
-            let v = _mm512_loadu_ps(xc.as_ptr());
-            let v = match rounding {
-                Rounding::Peft => _mm512_div_ps(v, s),
-                Rounding::Bnb => _mm512_mul_ps(v, r),
-            };
-            let mut c = _mm512_setzero_si512();
-            let mut step = 1i32 << (bits - 1);
-            while step > 0 {
-                let idx = _mm512_or_si512(c, _mm512_set1_epi32(step - 1));
-                let th = _mm512_permutexvar_ps(idx, t);
-                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, th);
-                c = _mm512_mask_or_epi32(c, up, c, _mm512_set1_epi32(step));
-                step >>= 1;
-            }
-            _mm512_mask_cvtepi32_storeu_epi8(cc.as_mut_ptr().cast(), 0xFFFF, c);
-        }
+impl Table16 {
+    /// `search` (the padded thresholds of a `bits`-bit codebook) if it fits in 16 lanes.
+    pub(super) fn new(search: &[f32], bits: u8) -> Option<Self> {
+        (!search.is_empty() && search.len() < 16).then(|| {
+            let mut thresholds = [f32::INFINITY; 16];
+            thresholds[..search.len()].copy_from_slice(search);
+            Self { thresholds, bits }
+        })
     }
-    let done = x.len() / 16 * 16;
-    for (c, &xi) in codes[done..].iter_mut().zip(&x[done..]) {
-        let v = match rounding {
-            Rounding::Peft => xi / scale,
-            Rounding::Bnb => xi * inv,
-        };
-        *c = table
-            .iter()
-            .fold(0u8, |n, &tk| n.wrapping_add(u8::from(v >= tk)));
+
+    /// Codes of `x` normalised by `scale`. Returns false (and does nothing) when the CPU
+    /// lacks AVX-512, so the caller falls back to the portable loop.
+    #[inline]
+    pub(super) fn codes(&self, x: &[f32], scale: f32, rounding: Rounding, out: &mut [u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::simd::level() == crate::simd::Level::Avx512 {
+                // SAFETY: `level` found AVX-512F (and more), the only feature the method needs.
+                unsafe { self.codes_avx512(x, scale, rounding, out) };
+                return true;
+            }
+        }
+        let _ = (x, scale, rounding, out);
+        false
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn codes_avx512(&self, x: &[f32], scale: f32, rounding: Rounding, codes: &mut [u8]) {
+        use std::arch::x86_64::*;
+        let (table, bits) = (&self.thresholds, self.bits);
+        debug_assert_eq!(x.len(), codes.len());
+        let inv = 1.0 / scale;
+        // SAFETY: loads and stores stay inside `x`, `codes` and `table` (16 lanes each, the loop
+        // stops before a partial chunk); the intrinsics need only AVX-512F.
+        unsafe {
+            let t = _mm512_loadu_ps(table.as_ptr());
+            let s = _mm512_set1_ps(scale);
+            let r = _mm512_set1_ps(inv);
+            let mut chunks = x.chunks_exact(16).zip(codes.chunks_exact_mut(16));
+            for (xc, cc) in &mut chunks {
+                let v = _mm512_loadu_ps(xc.as_ptr());
+                let v = match rounding {
+                    Rounding::Peft => _mm512_div_ps(v, s),
+                    Rounding::Bnb => _mm512_mul_ps(v, r),
+                };
+                let mut c = _mm512_setzero_si512();
+                let mut step = 1i32 << (bits - 1);
+                while step > 0 {
+                    let idx = _mm512_or_si512(c, _mm512_set1_epi32(step - 1));
+                    let th = _mm512_permutexvar_ps(idx, t);
+                    let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, th);
+                    c = _mm512_mask_or_epi32(c, up, c, _mm512_set1_epi32(step));
+                    step >>= 1;
+                }
+                _mm512_mask_cvtepi32_storeu_epi8(cc.as_mut_ptr().cast(), 0xFFFF, c);
+            }
+        }
+        let done = x.len() / 16 * 16;
+        for (c, &xi) in codes[done..].iter_mut().zip(&x[done..]) {
+            let v = match rounding {
+                Rounding::Peft => xi / scale,
+                Rounding::Bnb => xi * inv,
+            };
+            *c = table
+                .iter()
+                .fold(0u8, |n, &tk| n.wrapping_add(u8::from(v >= tk)));
+        }
     }
 }
 
