@@ -9,9 +9,12 @@ use super::{Attention, DecoderLayer, Llama, RopeTables};
 /// The rotated keys and values `[batch, kv_heads, positions, head_dim]` of every layer.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<[Tensor<4>; 2]>>,
+    layers: Vec<LayerKv>,
     len: usize,
 }
+
+/// One layer's rotated keys and values, `None` before the first position.
+type LayerKv = Option<[Tensor<4>; 2]>;
 
 impl KvCache {
     /// An empty cache.
@@ -59,12 +62,7 @@ impl Llama {
 impl DecoderLayer {
     /// [`DecoderLayer::forward`] for the positions after those whose keys and values `kv`
     /// holds (the new ones are appended); `rope` has the new positions' tables.
-    fn forward_cached(
-        &self,
-        x: Tensor<3>,
-        rope: &RopeTables,
-        kv: &mut Option<[Tensor<4>; 2]>,
-    ) -> Tensor<3> {
+    fn forward_cached(&self, x: Tensor<3>, rope: &RopeTables, kv: &mut LayerKv) -> Tensor<3> {
         let xn = self.input_layernorm.forward(x.clone());
         let attn = self.self_attn.forward_cached(xn, rope, kv);
         let h = x + attn;
@@ -73,12 +71,7 @@ impl DecoderLayer {
 }
 
 impl Attention {
-    fn forward_cached(
-        &self,
-        x: Tensor<3>,
-        rope: &RopeTables,
-        kv: &mut Option<[Tensor<4>; 2]>,
-    ) -> Tensor<3> {
+    fn forward_cached(&self, x: Tensor<3>, rope: &RopeTables, kv: &mut LayerKv) -> Tensor<3> {
         let [b, n, _] = x.dims();
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);

@@ -47,15 +47,13 @@ pub fn load_model(
     device: &Device,
     opts: &LoadOptions,
 ) -> Result<Llama> {
-    let mut b = Builder::new(source, device, opts);
+    let mut model = load_ends(config, source, device, opts)?;
     // Not sized from the file: a config may claim more layers than it has tensors for.
-    let mut layers = Vec::new();
     for i in 0..config.num_hidden_layers {
-        layers.push(b.layer(config, i)?);
+        model
+            .layers
+            .push(load_layer(config, source, i, device, opts)?);
     }
-    let mut model = b.ends(config)?;
-    check_adapter_used(opts, |k| b.used.contains(k))?;
-    model.layers = layers;
     Ok(model)
 }
 
