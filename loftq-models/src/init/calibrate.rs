@@ -137,6 +137,17 @@ impl<'a> Setup<'a> {
             rope,
         })
     }
+
+    /// Decoder layer `l` in full precision, and the plan's targets in it.
+    fn layer(
+        &self,
+        source: &dyn TensorSource,
+        l: usize,
+        device: &Device,
+    ) -> Result<(DecoderLayer, &[(usize, usize)])> {
+        let layer = load_layer(&self.config, source, l, device, &LoadOptions::default())?;
+        Ok((layer, self.by_layer.get(&l).map_or(&[][..], Vec::as_slice)))
+    }
 }
 
 /// Runs the pass over every decoder layer on the calibration tokens `ids` (from
@@ -151,12 +162,8 @@ pub(super) fn run(
     device: &Device,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<HashSet<usize>> {
-    let Setup {
-        calib,
-        config,
-        by_layer,
-        rope,
-    } = Setup::new(spec, plan, source, device)?;
+    let setup = Setup::new(spec, plan, source, device)?;
+    let (calib, config, rope) = (setup.calib, &setup.config, &setup.rope);
     let done = plan.done(work);
     let (seqs, seq, hidden) = (ids.len() / calib.seq, calib.seq, config.hidden_size);
     let state = work.join(STATE_FILE);
@@ -167,8 +174,7 @@ pub(super) fn run(
     let layers = config.num_hidden_layers;
     for l in first..layers {
         progress(Progress::Layer(Event::Calibrating { layer: l, layers }));
-        let mut layer = load_layer(&config, source, l, device, &LoadOptions::default())?;
-        let targets = by_layer.get(&l).map_or(&[][..], Vec::as_slice);
+        let (mut layer, targets) = setup.layer(source, l, device)?;
         // With full-precision inputs the pass that observes the layer also moves the hidden
         // states on; with quantized ones they go through the initialized layer afterwards.
         let mut next = None;
@@ -176,7 +182,7 @@ pub(super) fn run(
             // With quantized inputs the full-precision outputs are not needed.
             let full = calib.inputs == CalibInputs::Full;
             let (grams, y) =
-                statistics(&layer, &x, [seq, hidden], &rope, full).map_err(|e| in_layer(l, e))?;
+                statistics(&layer, &x, [seq, hidden], rope, full).map_err(|e| in_layer(l, e))?;
             next = full.then_some(y);
             // Memory: the targets' full-precision copies are not needed any more (each
             // is read again from the source), and each input group's weighting lives only
@@ -211,7 +217,7 @@ pub(super) fn run(
         }
         x = match (calib.inputs, next) {
             (CalibInputs::Full, Some(y)) => y,
-            (CalibInputs::Full, None) => forward(&layer, &x, [seq, hidden], &rope, Pass::Plain)?,
+            (CalibInputs::Full, None) => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
             (CalibInputs::Quantized, _) => {
                 for &(i, p) in targets {
                     install(
@@ -223,13 +229,13 @@ pub(super) fn run(
                         device,
                     )?;
                 }
-                forward(&layer, &x, [seq, hidden], &rope, Pass::Plain)?
+                forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?
             }
         };
         write_state(&state, &x, [seqs, seq, hidden], l + 1)?;
     }
     let _ = std::fs::remove_file(&state);
-    Ok(by_layer.values().flatten().map(|&(i, _)| i).collect())
+    Ok(setup.by_layer.values().flatten().map(|&(i, _)| i).collect())
 }
 
 /// The embeddings of `ids`, row-major `[tokens, hidden]`.
@@ -267,22 +273,17 @@ pub(super) fn full_precision_pass(
     device: &Device,
     each: &mut OnLayer<'_>,
 ) -> Result<()> {
-    let Setup {
-        calib,
-        config,
-        by_layer,
-        rope,
-    } = Setup::new(spec, plan, source, device)?;
+    let setup = Setup::new(spec, plan, source, device)?;
+    let (calib, config, rope) = (setup.calib, &setup.config, &setup.rope);
     let (seq, hidden) = (calib.seq, config.hidden_size);
     let mut x = embed(source, ids, hidden)?;
     for l in 0..config.num_hidden_layers {
-        let layer = load_layer(&config, source, l, device, &LoadOptions::default())?;
-        let targets = by_layer.get(&l).map_or(&[][..], Vec::as_slice);
+        let (layer, targets) = setup.layer(source, l, device)?;
         x = if targets.is_empty() {
-            forward(&layer, &x, [seq, hidden], &rope, Pass::Plain)?
+            forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?
         } else {
             let (grams, y) =
-                statistics(&layer, &x, [seq, hidden], &rope, true).map_err(|e| in_layer(l, e))?;
+                statistics(&layer, &x, [seq, hidden], rope, true).map_err(|e| in_layer(l, e))?;
             let weightings = grams
                 .into_iter()
                 .map(|g| g.into_weighting(calib.damping).map_err(|e| in_layer(l, e)))
