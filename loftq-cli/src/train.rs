@@ -10,7 +10,7 @@ use loftq_models::io::Adapter;
 use loftq_models::nn::{LoadOptions, load_pretrained_with};
 use loftq_models::train::{
     AdamWConfig, BLOCKWISE_CHECKPOINT, Decay, DistillLoss, Objective, Recompute, Sampling,
-    Schedule, TrainConfig, TrainEvent, distill_on, latest_checkpoint, train_on,
+    Schedule, TrainConfig, TrainEvent, TrainJob, distill_on, latest_checkpoint,
 };
 
 use crate::error::{Result, invalid};
@@ -345,21 +345,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             }
         }
     };
-    let (text, val) = (&stream.tokens, val.as_ref());
-    let history = if teachers.is_empty() {
-        train_on(&mut models, &template, text, val, &cfg, &a.out, on_event)?
-    } else {
-        distill_on(
-            &mut models,
-            &teachers,
-            &template,
-            text,
-            val,
-            &cfg,
-            &a.out,
-            on_event,
-        )?
-    };
+    let job = TrainJob::new(&template, &stream.tokens, &cfg, &a.out).validated(val.as_ref());
+    // With no teachers this is plain training (`train_on`).
+    let history = distill_on(&mut models, &teachers, job, on_event)?;
     if let Some(b) = bar.as_mut() {
         b.clear();
     }

@@ -5,7 +5,9 @@ use crate::error::Result;
 use burn::tensor::Device;
 use loftq_models::config::decoder_linear_paths;
 use loftq_models::nn::{LayerReader, LayerSource, LoadOptions};
-use loftq_models::train::{BlockwiseConfig, BlockwiseEvent, TrainConfig, distill_blockwise};
+use loftq_models::train::{
+    BlockwiseConfig, BlockwiseEvent, TrainConfig, TrainJob, distill_blockwise,
+};
 
 use super::{Fresh, TrainArgs, read_text};
 use crate::progress::Progress;
@@ -62,44 +64,36 @@ pub(super) fn run(
         resume: a.resume,
     };
     let mut bar = (!a.json).then(|| Progress::new(config.num_hidden_layers as u64));
-    let report = distill_blockwise(
-        &student,
-        &teacher,
-        &template,
-        &stream.tokens,
-        val.as_ref(),
-        &bw,
-        &a.out,
-        |e| {
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&e).expect("an event serializes")
-                );
-                return;
+    let job = TrainJob::new(&template, &stream.tokens, &bw, &a.out).validated(val.as_ref());
+    let report = distill_blockwise(&student, &teacher, job, |e| {
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string(&e).expect("an event serializes")
+            );
+            return;
+        }
+        let bar = bar.as_mut().expect("not json");
+        match e {
+            BlockwiseEvent::Resumed { layers } => {
+                bar.inc(layers as u64, "");
+                bar.note(&format!("resumed after {layers} layers"));
             }
-            let bar = bar.as_mut().expect("not json");
-            match e {
-                BlockwiseEvent::Resumed { layers } => {
-                    bar.inc(layers as u64, "");
-                    bar.note(&format!("resumed after {layers} layers"));
-                }
-                BlockwiseEvent::Layer(f) => bar.inc(
-                    1,
-                    &format!(
-                        "layer {}: output error {:.3e} → {:.3e}",
-                        f.layer, f.mse_before, f.mse_after
-                    ),
+            BlockwiseEvent::Layer(f) => bar.inc(
+                1,
+                &format!(
+                    "layer {}: output error {:.3e} → {:.3e}",
+                    f.layer, f.mse_before, f.mse_after
                 ),
-                BlockwiseEvent::Eval(r) => bar.note(&format!(
-                    "{}: validation perplexity {:.3}, KL from the teacher {:.4}",
-                    if r.step == 0 { "before" } else { "after" },
-                    r.ppl,
-                    r.kl.unwrap_or(f64::NAN)
-                )),
-            }
-        },
-    )?;
+            ),
+            BlockwiseEvent::Eval(r) => bar.note(&format!(
+                "{}: validation perplexity {:.3}, KL from the teacher {:.4}",
+                if r.step == 0 { "before" } else { "after" },
+                r.ppl,
+                r.kl.unwrap_or(f64::NAN)
+            )),
+        }
+    })?;
     if let Some(b) = bar.as_mut() {
         b.clear();
     }

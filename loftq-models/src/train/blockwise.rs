@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{Sampling, draw_batch};
 use super::distill::{DistillLoss, check_teacher};
+use super::job::TrainJob;
 use super::optim::{AdamW, AdamWConfig, Decay, Schedule};
 use super::step::{lora_grads, tracked};
 use super::validate::{EvalRecord, Scores, Validation};
@@ -46,26 +47,22 @@ pub struct BlockwiseReport {
 /// fitted so far) and `state.json` (the run's settings and those layers' fits).
 pub const BLOCKWISE_CHECKPOINT: &str = "blockwise-checkpoint";
 
-/// [`fit_layers`], writing the adapter (PEFT format, `adapter_template` as its config) to
-/// `out/adapter` and the report to `out/blockwise.json`, each atomically, and a checkpoint
-/// ([`BLOCKWISE_CHECKPOINT`]) after each layer. With `cfg.resume`, a checkpoint in `out` is
-/// continued. Only one layer of each model is read at a time; the fitted factors are kept on
+/// [`fit_layers`] on `job.stream` (validating on `job.val`), writing the adapter (PEFT format,
+/// `job.template` as its config) to `out/adapter` and the report to `out/blockwise.json`, each
+/// atomically, and a checkpoint ([`BLOCKWISE_CHECKPOINT`]) after each layer, `out` being
+/// `job.out`. With `cfg.resume`, a checkpoint in `out` is continued. Only one layer of each model is read at a time; the fitted factors are kept on
 /// the host.
 ///
 /// # Errors
 /// Those of [`fit_layers`]; [`ModelError::Output`] for a checkpoint of other settings, or
 /// one found without `cfg.resume`; [`ModelError::Io`] when writing fails.
-#[allow(clippy::too_many_arguments)]
 pub fn distill_blockwise(
     student: &dyn LayerSource,
     teacher: &dyn LayerSource,
-    adapter_template: &AdapterConfig,
-    stream: &[u32],
-    val: Option<&Validation>,
-    cfg: &BlockwiseConfig,
-    out: &Path,
+    job: TrainJob<'_, BlockwiseConfig>,
     mut on_event: impl FnMut(BlockwiseEvent),
 ) -> Result<BlockwiseReport> {
+    let (cfg, out) = (job.cfg, job.out);
     let ckpt = out.join(BLOCKWISE_CHECKPOINT);
     let done = match ckpt.is_dir() {
         true if !cfg.resume => {
@@ -83,17 +80,25 @@ pub fn distill_blockwise(
         });
     }
     let (mut modules, mut fits) = (done.modules.clone(), done.layers.clone());
-    let report = fit_layers(student, teacher, stream, val, cfg, &done, |fit, layer| {
-        for (name, lin) in LINEAR_PATHS.iter().zip(layer.linears()) {
-            if let Some(w) = lin.lora_weights() {
-                modules.insert(linear_path(fit.layer, name), w);
+    let report = fit_layers(
+        student,
+        teacher,
+        job.stream,
+        job.val,
+        cfg,
+        &done,
+        |fit, layer| {
+            for (name, lin) in LINEAR_PATHS.iter().zip(layer.linears()) {
+                if let Some(w) = lin.lora_weights() {
+                    modules.insert(linear_path(fit.layer, name), w);
+                }
             }
-        }
-        fits.push(fit.clone());
-        write_checkpoint(&ckpt, adapter_template, &modules, cfg, &fits)?;
-        on_event(BlockwiseEvent::Layer(fit));
-        Ok(())
-    })?;
+            fits.push(fit.clone());
+            write_checkpoint(&ckpt, job.template, &modules, cfg, &fits)?;
+            on_event(BlockwiseEvent::Layer(fit));
+            Ok(())
+        },
+    )?;
     for e in &report.evals {
         on_event(BlockwiseEvent::Eval(e));
     }
@@ -106,7 +111,7 @@ pub fn distill_blockwise(
     {
         modules.insert("lm_head".into(), w);
     }
-    let adapter = Adapter::from_modules(adapter_template.clone(), modules)
+    let adapter = Adapter::from_modules(job.template.clone(), modules)
         .expect("fit_layers checked the adapters");
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     write_dir_atomic(&out.join("adapter"), |dir| adapter.write(dir))?;

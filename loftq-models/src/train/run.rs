@@ -7,17 +7,18 @@ use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint};
 use super::config::{History, StepRecord, TrainConfig, TrainEvent};
 use super::data::{draw_batch, mix};
 use super::distill::{Objective, check_teacher};
+use super::job::TrainJob;
 use super::optim::{AdamW, clip_grad_norm};
 use super::parallel::{Teachers, micro_batches};
-use super::validate::{EvalRecord, Validation};
-use crate::io::{AdapterConfig, write_atomic, write_dir_atomic};
+use super::validate::EvalRecord;
+use crate::io::{write_atomic, write_dir_atomic};
 use crate::nn::Llama;
 use crate::{ModelError, Result};
 
-/// Trains the LoRA factors of `model` on `stream`, writing checkpoints and the final
-/// adapter (PEFT format, `adapter_template` as its config) under `out`: `out/checkpoint-N/`
-/// and `out/adapter/`, plus `out/history.json`. With `cfg.resume`, continues from the latest
-/// checkpoint in `out`; the result is the same as an uninterrupted run.
+/// Trains the LoRA factors of `model` on `job.stream`, writing checkpoints and the final
+/// adapter (PEFT format, `job.template` as its config) under `job.out`: `checkpoint-N/` and
+/// `adapter/`, plus `history.json`. With `job.cfg.resume`, continues from the latest
+/// checkpoint there; the result is the same as an uninterrupted run.
 ///
 /// # Errors
 /// [`ModelError::Settings`] for a model without adapters or zero sizes, [`ModelError::Data`]
@@ -26,15 +27,10 @@ use crate::{ModelError, Result};
 /// [`ModelError::Io`] when writing fails.
 pub fn train(
     model: &mut Llama,
-    adapter_template: &AdapterConfig,
-    stream: &[u32],
-    val: Option<&Validation>,
-    cfg: &TrainConfig,
-    out: &Path,
+    job: TrainJob<'_, TrainConfig>,
     on_event: impl FnMut(&TrainEvent),
 ) -> Result<History> {
-    let models = std::slice::from_mut(model);
-    train_on(models, adapter_template, stream, val, cfg, out, on_event)
+    train_on(std::slice::from_mut(model), job, on_event)
 }
 
 /// [`train`] with data parallelism: `models` are replicas of one model, each on its own
@@ -52,68 +48,29 @@ pub fn train(
 /// replicas (each device takes whole micro-batches).
 pub fn train_on(
     models: &mut [Llama],
-    adapter_template: &AdapterConfig,
-    stream: &[u32],
-    val: Option<&Validation>,
-    cfg: &TrainConfig,
-    out: &Path,
+    job: TrainJob<'_, TrainConfig>,
     on_event: impl FnMut(&TrainEvent),
 ) -> Result<History> {
-    run(
-        models,
-        &[],
-        adapter_template,
-        stream,
-        val,
-        cfg,
-        out,
-        on_event,
-    )
+    distill_on(models, &[], job, on_event)
 }
 
 /// [`train_on`] with the distillation objective (`cfg.objective`): each replica's adapters
 /// are fitted to the outputs of its teacher, `teachers[d]` on the same device as `models[d]`
 /// (the full-precision model the student was quantized from). Validation reports the
-/// teacher–student KL beside the perplexity.
+/// teacher–student KL beside the perplexity. With no teachers and the next-token objective,
+/// this is [`train_on`].
 ///
 /// # Errors
 /// As [`train_on`]; also [`ModelError::Settings`] if `cfg.objective` is not distillation, if
 /// there is not one teacher per replica, or if a teacher cannot teach its student
 /// ([`check_teacher`]).
-#[allow(clippy::too_many_arguments)]
 pub fn distill_on(
     models: &mut [Llama],
     teachers: &[Llama],
-    adapter_template: &AdapterConfig,
-    stream: &[u32],
-    val: Option<&Validation>,
-    cfg: &TrainConfig,
-    out: &Path,
-    on_event: impl FnMut(&TrainEvent),
-) -> Result<History> {
-    run(
-        models,
-        teachers,
-        adapter_template,
-        stream,
-        val,
-        cfg,
-        out,
-        on_event,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run(
-    models: &mut [Llama],
-    teachers: &[Llama],
-    adapter_template: &AdapterConfig,
-    stream: &[u32],
-    val: Option<&Validation>,
-    cfg: &TrainConfig,
-    out: &Path,
+    job: TrainJob<'_, TrainConfig>,
     mut on_event: impl FnMut(&TrainEvent),
 ) -> Result<History> {
+    let (template, stream, val, cfg, out) = (job.template, job.stream, job.val, job.cfg, job.out);
     let teachers = match cfg.objective {
         Objective::Distill(loss) => {
             if teachers.len() != models.len() {
@@ -254,12 +211,12 @@ fn run(
             on_event(&TrainEvent::Eval(r));
         }
         if (cfg.save_every > 0 && done % cfg.save_every == 0) || last {
-            let path = save_checkpoint(out, model, adapter_template, &opt, cfg, done, &history)?;
+            let path = save_checkpoint(out, model, template, &opt, cfg, done, &history)?;
             on_event(&TrainEvent::Saved { step: done, path });
         }
     }
     let adapter = models[0]
-        .adapter(adapter_template.clone())
+        .adapter(template.clone())
         .expect("checked above: the model has adapters");
     write_dir_atomic(&out.join("adapter"), |dir| adapter.write(dir))?;
     let json = serde_json::to_string_pretty(&history).expect("history serializes");

@@ -159,18 +159,10 @@ fn blockwise_reads_one_layer_at_a_time() {
         ..blockwise_config()
     };
     let out = scratch("blockwise-read");
-    let read = distill_blockwise(
-        &student_reader,
-        &teacher_reader,
-        &template,
-        &stream(),
-        Some(&val),
-        &cfg,
-        &out,
-        |_| {},
-    )
-    .unwrap();
-    let (held, fitted) = fit_keeping_layers(&nf2, &teacher, &stream(), &val, &cfg);
+    let stream = stream();
+    let job = TrainJob::new(&template, &stream, &cfg, &out).validated(Some(&val));
+    let read = distill_blockwise(&student_reader, &teacher_reader, job, |_| {}).unwrap();
+    let (held, fitted) = fit_keeping_layers(&nf2, &teacher, &stream, &val, &cfg);
     // Loading order aside the operations are the same; a GPU may order its sums differently.
     let tol = if DeviceSpec::from_env() == DeviceSpec::Cpu {
         0.0
@@ -249,8 +241,9 @@ fn blockwise_resumes_exactly() {
         ..blockwise_config()
     };
     let run = |student: &dyn LayerSource, cfg: &BlockwiseConfig, out: &std::path::Path| {
-        let (s, v) = (&stream(), Some(&val));
-        distill_blockwise(student, &teacher, &template, s, v, cfg, out, |_| {})
+        let s = stream();
+        let job = TrainJob::new(&template, &s, cfg, out).validated(Some(&val));
+        distill_blockwise(student, &teacher, job, |_| {})
     };
     let whole = scratch("blockwise-whole");
     let want = run(&nf2, &cfg, &whole).unwrap();
@@ -280,8 +273,9 @@ fn blockwise_resumes_exactly() {
         resume: true,
         ..cfg.clone()
     };
-    let (s, v) = (&stream(), Some(&val));
-    let got = distill_blockwise(&nf2, &teacher, &template, s, v, &resume, &cut, |e| {
+    let s = stream();
+    let job = TrainJob::new(&template, &s, &resume, &cut).validated(Some(&val));
+    let got = distill_blockwise(&nf2, &teacher, job, |e| {
         if let BlockwiseEvent::Resumed { layers } = e {
             resumed = layers;
         }

@@ -168,17 +168,9 @@ fn distill_run(cfg: &TrainConfig, out: &std::path::Path) -> loftq_models::train:
         stride: 16,
     };
     let mut models = [model];
-    distill_on(
-        &mut models,
-        &[tiny_teacher()],
-        &adapter,
-        &stream(),
-        Some(&val),
-        cfg,
-        out,
-        |_| {},
-    )
-    .unwrap()
+    let stream = stream();
+    let job = TrainJob::new(&adapter, &stream, cfg, out).validated(Some(&val));
+    distill_on(&mut models, &[tiny_teacher()], job, |_| {}).unwrap()
 }
 
 #[test]
@@ -235,22 +227,24 @@ fn distillation_lowers_the_kl_and_resumes_exactly() {
         objective: Objective::NextToken,
         ..resume.clone()
     };
-    let err = train(&mut model, &adapter, &stream(), None, &plain, &cut, |_| {}).unwrap_err();
-    assert!(err.to_string().contains("other training settings"), "{err}");
-    // Distillation without a teacher, or a teacher for next-token training: refused.
-    let err = train(&mut model, &adapter, &stream(), None, &resume, &cut, |_| {}).unwrap_err();
-    assert!(err.to_string().contains("teacher"), "{err}");
-    let mut models = [model];
-    let err = distill_on(
-        &mut models,
-        &[tiny_teacher()],
-        &adapter,
-        &stream(),
-        None,
-        &plain,
-        &cut,
+    let err = train(
+        &mut model,
+        TrainJob::new(&adapter, &stream(), &plain, &cut),
         |_| {},
     )
     .unwrap_err();
+    assert!(err.to_string().contains("other training settings"), "{err}");
+    // Distillation without a teacher, or a teacher for next-token training: refused.
+    let err = train(
+        &mut model,
+        TrainJob::new(&adapter, &stream(), &resume, &cut),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("teacher"), "{err}");
+    let mut models = [model];
+    let stream = stream();
+    let job = TrainJob::new(&adapter, &stream, &plain, &cut);
+    let err = distill_on(&mut models, &[tiny_teacher()], job, |_| {}).unwrap_err();
     assert!(err.to_string().contains("distillation objective"), "{err}");
 }

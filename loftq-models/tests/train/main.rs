@@ -18,8 +18,8 @@ use loftq_models::io::{Adapter, AdapterConfig, Checkpoint};
 use loftq_models::nn::{LayerReader, LayerSource, Llama, LoadOptions, load_model};
 use loftq_models::train::{
     AdamWConfig, BLOCKWISE_CHECKPOINT, Batch, BlockwiseConfig, BlockwiseEvent, Decay, DistillLoss,
-    Fitted, Objective, Recompute, Sampling, Schedule, TrainConfig, TrainEvent, Validation,
-    distill_blockwise, distill_loss_and_grads, distill_on, fit_layers, loss_and_grads,
+    Fitted, Objective, Recompute, Sampling, Schedule, TrainConfig, TrainEvent, TrainJob,
+    Validation, distill_blockwise, distill_loss_and_grads, distill_on, fit_layers, loss_and_grads,
     teacher_outputs, train, train_on,
 };
 
@@ -217,7 +217,12 @@ fn stream() -> Vec<u32> {
 fn training_lowers_the_loss() {
     let (mut model, cfg) = tiny_qlora();
     let out = scratch("train-loss");
-    let history = train(&mut model, &cfg, &stream(), None, &config(30), &out, |_| {}).unwrap();
+    let history = train(
+        &mut model,
+        TrainJob::new(&cfg, &stream(), &config(30), &out),
+        |_| {},
+    )
+    .unwrap();
     let first = history.steps[0].loss;
     let last = history.steps.last().unwrap().loss;
     // The tiny model's weights are random and small, so even a perfect adapter moves its
@@ -232,7 +237,12 @@ fn training_lowers_the_loss() {
 /// A whole run of the tiny QLoRA model into `out`.
 fn fresh_run(cfg: &TrainConfig, out: &std::path::Path) {
     let (mut model, adapter) = tiny_qlora();
-    train(&mut model, &adapter, &stream(), None, cfg, out, |_| {}).unwrap();
+    train(
+        &mut model,
+        TrainJob::new(&adapter, &stream(), cfg, out),
+        |_| {},
+    )
+    .unwrap();
 }
 
 #[test]
@@ -255,11 +265,15 @@ fn resume_gives_identical_results() {
         resume: true,
         ..config(steps)
     };
-    let history = train(&mut model, &cfg, &stream(), None, &resume, &cut, |e| {
-        if let TrainEvent::Resumed { step } = e {
-            resumed_at = Some(*step);
-        }
-    })
+    let history = train(
+        &mut model,
+        TrainJob::new(&cfg, &stream(), &resume, &cut),
+        |e| {
+            if let TrainEvent::Resumed { step } = e {
+                resumed_at = Some(*step);
+            }
+        },
+    )
     .unwrap();
     assert_eq!(resumed_at, Some(3));
     assert_eq!(history.steps.len(), steps);
@@ -270,7 +284,12 @@ fn resume_gives_identical_results() {
     // Other options are refused.
     let (mut model, cfg) = tiny_qlora();
     let other = TrainConfig { seed: 4, ..resume };
-    let err = train(&mut model, &cfg, &stream(), None, &other, &cut, |_| {}).unwrap_err();
+    let err = train(
+        &mut model,
+        TrainJob::new(&cfg, &stream(), &other, &cut),
+        |_| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("other training settings"), "{err}");
 }
 
@@ -284,13 +303,10 @@ fn data_parallel_equals_one_device() {
         ..config(5)
     };
     let (mut one, adapter) = tiny_qlora();
+    let out = scratch("train-dp1");
     let single = train(
         &mut one,
-        &adapter,
-        &stream(),
-        None,
-        &cfg,
-        &scratch("train-dp1"),
+        TrainJob::new(&adapter, &stream(), &cfg, &out),
         |_| {},
     )
     .unwrap();
@@ -305,7 +321,12 @@ fn data_parallel_equals_one_device() {
         .collect();
     models[1].set_lora_params(zeros);
     let out = scratch("train-dp2");
-    let parallel = train_on(&mut models, &adapter, &stream(), None, &cfg, &out, |_| {}).unwrap();
+    let parallel = train_on(
+        &mut models,
+        TrainJob::new(&adapter, &stream(), &cfg, &out),
+        |_| {},
+    )
+    .unwrap();
 
     // Each replica sums its own micro-batches, so the sums' order differs from one device's;
     // across devices their rounding differs too. AdamW magnifies such differences where the
@@ -332,16 +353,9 @@ fn data_parallel_equals_one_device() {
 
     // Each device takes whole micro-batches.
     let few = TrainConfig { accum: 1, ..cfg };
-    let err = train_on(
-        &mut models,
-        &adapter,
-        &stream(),
-        None,
-        &few,
-        &scratch("train-dp3"),
-        |_| {},
-    )
-    .unwrap_err();
+    let (stream, out) = (stream(), scratch("train-dp3"));
+    let job = TrainJob::new(&adapter, &stream, &few, &out);
+    let err = train_on(&mut models, job, |_| {}).unwrap_err();
     assert!(
         matches!(err, loftq_models::ModelError::Settings(ref m) if m.contains("1 micro-batches per step for 2 devices")),
         "{err}"
