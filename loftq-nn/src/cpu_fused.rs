@@ -13,55 +13,11 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
 use faer::MatRef;
-use loftq_core::cpu::{flex, flex_autodiff};
+use loftq_core::cpu::{Host, flex, flex_autodiff};
 use loftq_core::quant::is_host_device;
 
 use super::cpu_attention::{self as attn, AttnShape, Rope};
 use super::cpu_kernels as k;
-
-/// A contiguous f32 flex tensor, shared (cloning does not copy the elements).
-#[derive(Clone, Debug)]
-pub(crate) struct Host(FlexTensor);
-
-impl Host {
-    fn new(t: FlexTensor) -> Self {
-        if t.as_slice::<f32>().is_some() {
-            Self(t)
-        } else {
-            Self(FlexTensor::from_data(
-                t.to_contiguous().into_data().convert::<f32>(),
-            ))
-        }
-    }
-
-    /// The elements, row-major.
-    pub(crate) fn slice(&self) -> &[f32] {
-        self.0
-            .as_slice::<f32>()
-            .expect("contiguous f32 by construction")
-    }
-
-    /// Host values computed here (e.g. a dequantized weight), `shape` row-major.
-    pub(crate) fn owned(v: Vec<f32>, shape: &[usize]) -> Self {
-        Self(FlexTensor::from_data(TensorData::new(v, shape.to_vec())))
-    }
-
-    /// A contiguous `f32` flex tensor outside autodiff, shared without a copy; `None`
-    /// otherwise (the caller then leaves the product to Burn).
-    pub(crate) fn of_plain(t: &Tensor<2>) -> Option<Self> {
-        let t = flex(t)?;
-        t.as_slice::<f32>().is_some().then_some(Self(t))
-    }
-
-    /// A constant operand (a frozen weight, a table): `None` off the CPU back end.
-    pub(crate) fn of<const D: usize>(t: &Tensor<D>) -> Option<Self> {
-        if let Some(p) = flex(t) {
-            return Some(Self::new(p));
-        }
-        let ad = flex_autodiff(t)?;
-        Some(Self::new(ad.primitive().clone()))
-    }
-}
 
 /// Turns the gradient of an operation's output into the gradients of its `N` inputs.
 pub(crate) type BackwardFn<const N: usize> = Arc<dyn Fn(&[f32]) -> [Vec<f32>; N] + Send + Sync>;
@@ -87,7 +43,7 @@ impl<const N: usize> Backward<Flex, N> for HostBackward<N> {
     type State = State<N>;
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = Host::new(grads.consume::<Flex>(&ops.node));
+        let g = Host::rows(grads.consume::<Flex>(&ops.node));
         let out = (ops.state.backward)(g.slice());
         for ((parent, v), shape) in ops.parents.iter().zip(out).zip(&ops.state.shapes) {
             if let Some(node) = parent {
@@ -116,7 +72,7 @@ pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
     let out = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, out_shape));
     let plain: Option<Vec<FlexTensor>> = inputs.iter().map(|t| flex(t)).collect();
     if let Some(plain) = plain {
-        let hosts = plain.into_iter().map(Host::new).collect::<Vec<_>>();
+        let hosts = plain.into_iter().map(Host::rows).collect::<Vec<_>>();
         let (y, _) = op(hosts.try_into().expect("N inputs"), None);
         return Some(Tensor::from_primitive::<Flex>(out(y)));
     }
@@ -130,7 +86,7 @@ pub(crate) fn run<const N: usize, const DI: usize, const DO: usize>(
     let nodes: [_; N] = std::array::from_fn(|i| ads[i].node());
     let shapes: [Vec<usize>; N] = inputs.map(|t| t.dims().to_vec());
     let wanted: [bool; N] = std::array::from_fn(|i| ads[i].is_tracked());
-    let hosts: [Host; N] = std::array::from_fn(|i| Host::new(ads[i].primitive().clone()));
+    let hosts: [Host; N] = std::array::from_fn(|i| Host::rows(ads[i].primitive().clone()));
     let tensor = match HostBackward::<N>
         .prepare::<NoCheckpointing>(nodes)
         .compute_bound()

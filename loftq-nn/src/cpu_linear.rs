@@ -12,7 +12,9 @@ use faer::MatRef;
 use loftq_core::cpu::{Threads, gemm_rows};
 
 use super::Output;
-use super::cpu_fused::{BackwardFn, Host, run};
+use loftq_core::cpu::Host;
+
+use super::cpu_fused::{BackwardFn, run};
 
 /// Inputs of at most this many rows take [`super::cpu_kernels::matvec`].
 const MATVEC_ROWS: usize = 2;

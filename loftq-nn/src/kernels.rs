@@ -14,7 +14,7 @@ use crate::{cpu_fused as fused, cpu_linear as linear};
 /// A weight in host memory for the CPU products: shared, not copied, when it was a tensor of
 /// the CPU back end. There is none without the `flex` feature.
 #[cfg(feature = "flex")]
-pub(crate) type HostWeight = fused::Host;
+pub(crate) type HostWeight = loftq_core::cpu::Host;
 /// A weight in host memory for the CPU products: there is none without the `flex` feature.
 #[cfg(not(feature = "flex"))]
 #[derive(Clone, Debug)]
@@ -38,12 +38,12 @@ macro_rules! on_cpu {
 /// `w` as a host weight when it is a contiguous `f32` tensor of the CPU back end outside
 /// autodiff.
 pub(crate) fn plain(w: &Tensor<2>) -> Option<HostWeight> {
-    on_cpu!(fused::Host::of_plain(w); w)
+    on_cpu!(HostWeight::of_plain(w); w)
 }
 
 /// The dequantized values of a weight packed in host memory (what the CPU back end keeps).
 pub(crate) fn dequantized(p: &PackedTensor) -> Option<HostWeight> {
-    on_cpu!(Some(fused::Host::owned(
+    on_cpu!(Some(HostWeight::owned(
         p.dequantize().expect("checked when built"),
         &p.shape,
     )); p)

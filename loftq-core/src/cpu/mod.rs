@@ -6,11 +6,11 @@
 //! them for flex tensors outside autodiff and falls back to Burn's matmul anywhere else.
 
 mod dense;
+mod host;
 
 pub use crate::upper::{clear_upper_state, clear_upper_state_here};
 pub(crate) use dense::{HostOps, RowMat};
-
-use std::borrow::Cow;
+pub use host::Host;
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
@@ -78,7 +78,7 @@ pub fn matmul(a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
     match (flex(a), flex(b)) {
         (Some(x), Some(y)) => {
             let ([m, k], [_, n]) = (a.dims(), b.dims());
-            let (xa, ya) = (HostMat::new(&x), HostMat::new(&y));
+            let (xa, ya) = (Host::matrix(x), Host::matrix(y));
             let mut out = vec![0f32; m * n];
             gemm(
                 MatMut::from_row_major_slice_mut(&mut out, m, n),
@@ -105,57 +105,6 @@ pub fn flex_autodiff<const D: usize>(
     t: &Tensor<D>,
 ) -> Option<<Float as BackendPrimitive<Autodiff<Flex>>>::Primitive> {
     t.clone().try_into_primitive::<Autodiff<Flex>>().ok()
-}
-
-/// The elements of a 2-D f32 flex tensor as faer can read them: row-major, column-major (a
-/// transposed view), or a row-major copy.
-pub struct HostMat<'a> {
-    data: Cow<'a, [f32]>,
-    column_major: bool,
-}
-
-impl<'a> HostMat<'a> {
-    /// Borrows `t`'s storage when it is contiguous or a transposed contiguous matrix.
-    pub fn new(t: &'a FlexTensor) -> Self {
-        if let Some(s) = t.as_slice::<f32>() {
-            return Self {
-                data: Cow::Borrowed(s),
-                column_major: false,
-            };
-        }
-        let layout = t.layout();
-        let dims = layout.shape();
-        if dims.num_dims() == 2 && layout.strides() == [1, dims[0] as isize] {
-            let start = layout.start_offset();
-            let n = dims[0] * dims[1];
-            let storage = t.storage::<f32>();
-            if start + n <= storage.len() {
-                return Self {
-                    data: Cow::Borrowed(&storage[start..start + n]),
-                    column_major: true,
-                };
-            }
-        }
-        let copy = t
-            .to_contiguous()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32");
-        Self {
-            data: Cow::Owned(copy),
-            column_major: false,
-        }
-    }
-
-    /// The matrix as `[rows, cols]`.
-    pub fn view(&self, rows: usize, cols: usize) -> MatRef<'_, f32> {
-        if self.column_major {
-            MatRef::from_column_major_slice(&self.data, rows, cols)
-        } else {
-            MatRef::from_row_major_slice(&self.data, rows, cols)
-        }
-    }
 }
 
 #[cfg(test)]
