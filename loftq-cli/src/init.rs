@@ -9,7 +9,7 @@ use loftq_core::calib::BaseQuantizer;
 use loftq_core::quant::{parse_bits, parse_quantizer};
 use loftq_models::init::plan::{parse_layer_bits, split_list};
 use loftq_models::init::{
-    Backbone, Budget, CalibInputs, Calibration, Event, InitSpec, Method, run_init,
+    Backbone, Budget, CalibInputs, Calibration, Event, InitMethod, InitSpec, run_init,
 };
 
 use crate::args::{LoraArgs, TargetArgs};
@@ -29,8 +29,8 @@ pub struct InitArgs {
     /// How the adapter starts: loftq (alternating quantization and low-rank fit), qlora
     /// (plain quantization, B = 0), pissa (top-r components in the adapter, dense residual),
     /// qpissa (pissa with the residual quantized).
-    #[arg(long, value_enum, default_value_t = Method::Loftq)]
-    method: Method,
+    #[arg(long, value_enum, default_value_t = InitMethod::Loftq)]
+    method: InitMethod,
     /// Quantizer: nf4, nf3, nf2, int8, int4, int2 (symmetric), int4-asym, uniform4, ...; or
     /// llama.cpp's q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl (blocks of 32, f16 scales) and
     /// K-quants q4_k, q5_k, q6_k (super-blocks of 256), byte for byte as llama.cpp quantizes

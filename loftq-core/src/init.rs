@@ -35,6 +35,34 @@ pub enum LoraInit {
     },
 }
 
+/// A start method by name, without its settings: the kind of a [`LoraInit`]
+/// ([`LoraInit::method`]), as `plan.json` and `--method` spell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum InitMethod {
+    /// Alternating quantization and low-rank fit (LoftQ).
+    Loftq,
+    /// Plain quantization, `B = 0` (QLoRA).
+    Qlora,
+    /// Principal components in the adapter, the residual as a dense base (PiSSA).
+    Pissa,
+    /// PiSSA with the residual quantized.
+    Qpissa,
+}
+
+impl LoraInit {
+    /// The method, without its settings.
+    pub fn method(&self) -> InitMethod {
+        match self {
+            Self::Zeros { .. } => InitMethod::Qlora,
+            Self::Loftq(_) => InitMethod::Loftq,
+            Self::Pissa { .. } => InitMethod::Pissa,
+            Self::QPissa { .. } => InitMethod::Qpissa,
+        }
+    }
+}
+
 /// The frozen base of an initialized layer.
 #[derive(Clone, Debug)]
 pub enum Base {

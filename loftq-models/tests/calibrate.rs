@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use common::{device, fixture, scratch};
 use loftq_core::QuantConfig;
 use loftq_core::calib::{BaseQuantizer, GptqConfig};
-use loftq_models::init::{CalibInputs, Calibration, Event, InitSpec, Method, Report, run_init};
+use loftq_models::init::{CalibInputs, Calibration, Event, InitMethod, InitSpec, Report, run_init};
 
 /// The tiny Llama fixture with a byte-level tokenizer (its vocabulary is 256), and a text.
 fn model_and_text(dir: &Path) -> (PathBuf, PathBuf) {
@@ -85,7 +85,7 @@ fn calibrated_starts_lower_the_weighted_error() {
     // A GPTQ base with QLoRA's zero adapter: the base alone beats round to nearest.
     let mut q = g.clone();
     q.out = dir.join("gptq-qlora");
-    q.method = Method::Qlora;
+    q.method = InitMethod::Qlora;
     let base = run(&q, false).unwrap();
     for (r, plain) in base.tensors.iter().zip(&rtn.tensors) {
         assert!(r.weighted_err_init.unwrap() <= r.weighted_err_quant.unwrap() * 1.0001);
@@ -151,14 +151,14 @@ fn refuses_settings_before_any_work() {
         ),
         (
             InitSpec {
-                method: Method::Qlora,
+                method: InitMethod::Qlora,
                 ..base.clone()
             },
             "changes nothing",
         ),
         (
             InitSpec {
-                method: Method::Pissa,
+                method: InitMethod::Pissa,
                 ..base.clone()
             },
             "the loftq and qlora methods",
@@ -268,7 +268,7 @@ fn bit_budgets_are_met_and_resume() {
     );
     assert!(!dir.join("poor").exists());
     let mut p = with_budget("pissa", 3.0, false);
-    p.method = Method::Pissa;
+    p.method = InitMethod::Pissa;
     let e = run(&p, false).unwrap_err();
     assert!(e.to_string().contains("the loftq and qlora methods"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::{device, fixture, scratch};
 use loftq_core::QuantConfig;
-use loftq_models::init::{Backbone, Event, InitSpec, Method, Target, run_init};
+use loftq_models::init::{Backbone, Event, InitMethod, InitSpec, Target, run_init};
 use loftq_models::io::{Adapter, Checkpoint, OutTensor, write_safetensors};
 use loftq_models::nn::load_pretrained;
 
@@ -180,7 +180,7 @@ fn methods_targets_and_layer_rules() {
     use loftq_models::init::plan::parse_layer_bits;
     let dir = scratch("init-methods");
     let src = fixture("tiny-llama");
-    for method in [Method::Qlora, Method::Pissa, Method::Qpissa] {
+    for method in [InitMethod::Qlora, InitMethod::Pissa, InitMethod::Qpissa] {
         let mut s = spec(src.clone(), dir.join(format!("{method:?}")));
         s.method = method;
         s.backbone = Backbone::Packed;
@@ -199,10 +199,10 @@ fn methods_targets_and_layer_rules() {
         );
         let q: Vec<&str> = r.tensors.iter().map(|t| t.quantizer.as_str()).collect();
         match method {
-            Method::Pissa => assert!(q.iter().all(|&x| x == "dense")),
+            InitMethod::Pissa => assert!(q.iter().all(|&x| x == "dense")),
             _ => assert_eq!(q, ["nf2-b64", "nf2-b64", "nf4-b64"]),
         }
-        if method == Method::Qlora {
+        if method == InitMethod::Qlora {
             assert!(
                 r.tensors
                     .iter()

@@ -11,7 +11,7 @@ use common::{device, fixture, scratch};
 use loftq_core::lowrank::{RsvdConfig, SvdMethod, exact_svd};
 use loftq_core::quant::{Rounding, host_f32};
 use loftq_core::{LoftqConfig, LoraSpec, QuantConfig, Quantizer, loftq};
-use loftq_models::init::{InitSpec, Method, Target, run_init};
+use loftq_models::init::{InitMethod, InitSpec, Target, run_init};
 use loftq_models::io::{Adapter, Checkpoint, OutTensor, open_source, write_safetensors};
 use loftq_models::nn::load_pretrained;
 use loftq_models::refine::{Check, RefineReport, RefineSpec, run_refine};
@@ -199,7 +199,7 @@ fn exact_refine_reaches_the_optimum_and_loads() {
 fn refining_a_qlora_base_is_loftq_with_one_iteration() {
     let dir = scratch("refine-qlora");
     let init = InitSpec {
-        method: Method::Qlora,
+        method: InitMethod::Qlora,
         quant: QuantConfig::nf(2),
         svd: SvdMethod::Exact,
         ..InitSpec::new(fixture("tiny-llama"), dir.join("qlora"), 8, 1)

@@ -13,7 +13,7 @@ use loftq_core::init::LoraInit;
 use serde::{Deserialize, Serialize};
 
 use super::piece::{self, Loaded, Plan};
-use super::{Event, InitSpec, Method, calibrate};
+use super::{Event, InitMethod, InitSpec, calibrate};
 use crate::io::{TensorSource, write_atomic};
 use crate::nn::tensor_seed;
 use crate::{ModelError, Result};
@@ -71,7 +71,7 @@ pub(super) fn check(spec: &InitSpec) -> Result<()> {
     let Some(b) = &spec.budget else {
         return Ok(());
     };
-    if !matches!(spec.method, Method::Loftq | Method::Qlora) {
+    if !matches!(spec.method, InitMethod::Loftq | InitMethod::Qlora) {
         return Err(ModelError::Settings(
             "a bit budget works with the loftq and qlora methods".into(),
         ));

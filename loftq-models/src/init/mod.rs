@@ -27,27 +27,14 @@ use loftq_core::{LoftqConfig, LoraSpec, QuantConfig};
 use serde::{Deserialize, Serialize};
 
 pub use budget::Budget;
+/// Re-exported: [`InitSpec::method`] is one.
+pub use loftq_core::init::InitMethod;
 pub use plan::{LayerRule, Target};
 pub use report::{Event, Report, TensorReport, Totals, peak_rss_bytes};
 
 use crate::LlamaConfig;
 use crate::io::{TensorSource, open_source};
 use crate::{ModelError, Result};
-
-/// The start to compute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// Alternating quantization and low-rank fit (LoftQ).
-    Loftq,
-    /// Plain quantization, `B = 0` (QLoRA).
-    Qlora,
-    /// Principal components in the adapter, the residual as a dense base (PiSSA).
-    Pissa,
-    /// PiSSA with the residual quantized.
-    Qpissa,
-}
 
 /// Which backbones to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +61,7 @@ pub struct InitSpec {
     /// Output directory.
     pub out: PathBuf,
     /// The start.
-    pub method: Method,
+    pub method: InitMethod,
     /// Quantizer for tensors no layer rule covers.
     pub quant: QuantConfig,
     /// Per-layer quantizers (first match wins).
@@ -169,7 +156,7 @@ impl InitSpec {
         Self {
             model,
             out,
-            method: Method::Loftq,
+            method: InitMethod::Loftq,
             quant: QuantConfig::nf4(),
             layer_rules: Vec::new(),
             budget: None,
@@ -188,16 +175,16 @@ impl InitSpec {
     fn method_for(&self, quant: QuantConfig, seed: u64) -> LoraInit {
         let svd = self.svd.with_seed(seed);
         match self.method {
-            Method::Loftq => LoraInit::Loftq(LoftqConfig {
+            InitMethod::Loftq => LoraInit::Loftq(LoftqConfig {
                 quant,
                 lora: self.lora,
                 iters: self.iters,
                 svd,
                 early_stop: None,
             }),
-            Method::Qlora => LoraInit::Zeros { quant, seed },
-            Method::Pissa => LoraInit::Pissa { svd },
-            Method::Qpissa => LoraInit::QPissa { quant, svd },
+            InitMethod::Qlora => LoraInit::Zeros { quant, seed },
+            InitMethod::Pissa => LoraInit::Pissa { svd },
+            InitMethod::Qpissa => LoraInit::QPissa { quant, svd },
         }
     }
 }
@@ -423,10 +410,10 @@ fn check_calibration(spec: &InitSpec) -> Result<Option<Vec<u32>>> {
             "the GPTQ quantizer needs calibration text (its statistics)".into(),
         )),
         (None, _) => Ok(None),
-        (Some(_), Method::Pissa | Method::Qpissa) => Err(ModelError::Settings(
+        (Some(_), InitMethod::Pissa | InitMethod::Qpissa) => Err(ModelError::Settings(
             "calibration works with the loftq and qlora methods (qlora with GPTQ)".into(),
         )),
-        (Some(_), Method::Qlora) if !gptq => Err(ModelError::Settings(
+        (Some(_), InitMethod::Qlora) if !gptq => Err(ModelError::Settings(
             "calibration changes nothing for qlora with round to nearest; quantize with GPTQ, \
              or use the loftq method"
                 .into(),
@@ -453,7 +440,7 @@ fn check_gguf_out(spec: &InitSpec) -> Result<()> {
                 .flat_map(|b| b.candidates.iter().copied()),
         );
     for q in quants {
-        let quantized = !matches!(spec.method, Method::Pissa);
+        let quantized = !matches!(spec.method, InitMethod::Pissa);
         if quantized && !matches!(q.scheme, loftq_core::quant::Scheme::Ggml { .. }) {
             return Err(ModelError::Settings(format!(
                 "a GGUF backbone needs llama.cpp's formats ({}); {} is not one",
@@ -463,4 +450,21 @@ fn check_gguf_out(spec: &InitSpec) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_method_builds_its_own_start() {
+        use InitMethod::*;
+        for method in [Loftq, Qlora, Pissa, Qpissa] {
+            let spec = InitSpec {
+                method,
+                ..InitSpec::new("m".into(), "o".into(), 8, 2)
+            };
+            assert_eq!(spec.method_for(QuantConfig::nf4(), 1).method(), method);
+        }
+    }
 }

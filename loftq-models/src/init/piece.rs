@@ -13,7 +13,7 @@ use loftq_core::quant::{PackedTensor, host_f32};
 use loftq_core::{LoftqError, QuantConfig, Quantizer, loftq};
 
 use super::plan::{is_embedding_or_head, module_of_weight, quant_for};
-use super::{InitSpec, Method, TensorReport};
+use super::{InitMethod, InitSpec, TensorReport};
 use crate::io::{
     Checkpoint, OutTensor, TensorSource, add_packed, check_finite, write_atomic, write_safetensors,
 };
@@ -249,7 +249,7 @@ pub fn compute(
     };
     // QPiSSA reports the error of quantizing W itself: measure it before W moves to the device.
     let qpissa_quant_err = match spec.method {
-        Method::Qpissa => Some(host_quant_error(&host.data, shape, quant, name)?),
+        InitMethod::Qpissa => Some(host_quant_error(&host.data, shape, quant, name)?),
         _ => None,
     };
     let w: Tensor<2> = Tensor::from_data(TensorData::new(host.data, shape), device);
@@ -349,8 +349,8 @@ fn plain_start(
         m => {
             let st = init_lora(w, m, spec.lora.rank, spec.lora.scale())?;
             let rel_err_quant = match spec.method {
-                Method::Qlora => Some(st.rel_err),
-                Method::Qpissa => qpissa_quant_err,
+                InitMethod::Qlora => Some(st.rel_err),
+                InitMethod::Qpissa => qpissa_quant_err,
                 _ => None,
             };
             Start {
