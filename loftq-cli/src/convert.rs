@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use loftq_models::io::{GgufModel, is_gguf, write_dir_atomic, write_gguf_from_hf};
+use loftq_models::io::{
+    GgufModel, is_gguf, require_empty_dir, write_dir_atomic, write_gguf_from_hf,
+};
 
 use crate::error::{Result, invalid};
 
@@ -32,12 +34,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         }
         return Ok(write_gguf_from_hf(&args.input, &args.out)?);
     }
-    if std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(invalid(format!(
-            "{} exists and is not empty; choose a new directory",
-            args.out.display()
-        )));
-    }
+    require_empty_dir(&args.out)?;
     let model = GgufModel::open(&args.input)?;
     Ok(write_dir_atomic(&args.out, |tmp| model.convert(tmp))?)
 }

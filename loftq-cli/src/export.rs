@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use loftq_models::ModelError;
 use loftq_models::io::{
-    Adapter, Checkpoint, GgufWeightType, SourceGguf, TensorSource, open_source, write_dir_atomic,
-    write_gguf_base, write_lora_gguf, write_merged, write_merged_gguf,
+    Adapter, Checkpoint, GgufWeightType, SourceGguf, TensorSource, open_source, require_empty_dir,
+    write_dir_atomic, write_gguf_base, write_lora_gguf, write_merged, write_merged_gguf,
 };
 
 use crate::error::{Result, invalid};
@@ -61,12 +61,7 @@ fn parse_dtype(s: &str) -> std::result::Result<GgufWeightType, String> {
 /// `--merge` without --source: the merged Hugging Face checkpoint, into a temporary directory
 /// renamed into place.
 fn merge(args: &ExportArgs, model: &Path, adapter: &Adapter) -> Result<()> {
-    if std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(invalid(format!(
-            "{} exists and is not empty; choose a new --out",
-            args.out.display()
-        )));
-    }
+    require_empty_dir(&args.out)?;
     let dtype = match args.dtype {
         GgufWeightType::Bf16 => safetensors::Dtype::BF16,
         GgufWeightType::F16 => safetensors::Dtype::F16,

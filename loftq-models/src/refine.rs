@@ -24,7 +24,7 @@ use crate::init::plan::{layer_index, module_of_weight};
 use crate::init::{Target, peak_rss_bytes};
 use crate::io::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, HostTensor, LoraWeights, TensorSource,
-    dequantize_packed, open_source,
+    dequantize_packed, open_source, require_empty_dir,
 };
 use crate::nn::tensor_seed;
 use crate::nn::{Llama, LoraAdapter, load_pretrained};
@@ -148,12 +148,7 @@ pub fn run_refine(
     events: &mut dyn FnMut(RefineEvent),
 ) -> Result<RefineReport> {
     let start = Instant::now();
-    if std::fs::read_dir(&spec.out).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(ModelError::output(
-            &spec.out,
-            "exists and is not empty; write elsewhere",
-        ));
-    }
+    require_empty_dir(&spec.out)?;
     let base = open_source(&spec.base)?;
     let model = open_source(&spec.model)?;
     let mut targets = Vec::new();

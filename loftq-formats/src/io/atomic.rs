@@ -92,6 +92,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.finish()
 }
 
+/// Whether `dir` is a directory with something in it.
+pub fn is_non_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// Refuses an output directory that holds anything: a command that writes a new directory
+/// never mixes its files with other files, nor replaces them.
+///
+/// # Errors
+/// [`ModelError::Output`] naming `out` when it is a directory that is not empty.
+pub fn require_empty_dir(out: &Path) -> Result<()> {
+    match is_non_empty_dir(out) {
+        true => Err(ModelError::output(
+            out,
+            "exists and is not empty; write elsewhere",
+        )),
+        false => Ok(()),
+    }
+}
+
 /// Fills directory `out` through `fill`, which is given a fresh temporary sibling, then puts it
 /// in place. An existing `out` is replaced: on Linux the two are swapped in one step
 /// (`renameat2` with `RENAME_EXCHANGE`), elsewhere, or where the file system refuses the swap,

@@ -19,7 +19,7 @@ mod source;
 pub mod space;
 mod stream;
 
-pub use self::atomic::{write_atomic, write_dir_atomic};
+pub use self::atomic::{is_non_empty_dir, require_empty_dir, write_atomic, write_dir_atomic};
 pub use self::bnb::{BnbSummary, bnb_names, bnb_summary, is_bnb_part, read_bnb};
 pub use self::gguf::Gguf;
 pub use self::gguf_export::{write_gguf_base, write_lora_gguf};

@@ -33,7 +33,7 @@ pub use plan::{LayerRule, Target};
 pub use report::{Event, Report, TensorReport, Totals, peak_rss_bytes};
 
 use crate::LlamaConfig;
-use crate::io::{TensorSource, open_source};
+use crate::io::{TensorSource, is_non_empty_dir, open_source};
 use crate::{ModelError, Result};
 
 /// Which backbones to write.
@@ -270,8 +270,7 @@ pub fn run_init(
     }
     let out = &spec.out;
     let work = work_dir(out);
-    let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
-    if non_empty && !(resume && work.is_dir()) {
+    if is_non_empty_dir(out) && !(resume && work.is_dir()) {
         return Err(ModelError::output(
             out,
             if resume {
