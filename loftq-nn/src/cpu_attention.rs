@@ -67,6 +67,9 @@ fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, width: usize, 
 }
 }
 
+/// A task's batch row, key head, and its query group, key and value heads.
+type TaskHeads = (usize, usize, [Vec<f32>; 3]);
+
 impl AttnShape {
     /// Head `head` of batch row `b` of `x [batch, seq, n_heads·head_dim]` as `[seq, head_dim]`.
     fn gather(&self, x: &[f32], n_heads: usize, b: usize, head: usize) -> Vec<f32> {
@@ -132,18 +135,16 @@ impl AttnShape {
         out
     }
 
-    /// Key head `j` of batch row `b` (rotated) and its value head.
-    fn key_value(
-        &self,
-        [k, v]: [&[f32]; 2],
-        rope: Rope<'_>,
-        b: usize,
-        j: usize,
-    ) -> (Vec<f32>, Vec<f32>) {
-        (
+    /// The inputs of one of the `batch·kv_heads` tasks: its batch row `b` and key head `j`,
+    /// the rotated query [`Self::group`] of `j`, the rotated key head and the value head.
+    fn task(&self, task: usize, [q, k, v]: [&[f32]; 3], rope: Rope<'_>) -> TaskHeads {
+        let (b, j) = (task / self.kv_heads, task % self.kv_heads);
+        let heads = [
+            self.group(q, b, j, Some(rope)),
             self.head(k, self.kv_heads, b, j, Some(rope)),
             self.head(v, self.kv_heads, b, j, None),
-        )
+        ];
+        (b, j, heads)
     }
 
     /// One block of the causal products: the probabilities `pb [n, t1]` of rows
@@ -229,9 +230,7 @@ pub(crate) fn attention(
     let runs: Vec<_> = (0..sh.batch * sh.kv_heads)
         .into_par_iter()
         .map(|task| {
-            let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
-            let (kh, vh) = sh.key_value([k, v], rope, b, j);
-            let qg = sh.group(q, b, j, Some(rope));
+            let (b, j, [qg, kh, vh]) = sh.task(task, [q, k, v], rope);
             (b, j * g, sh.output(&qg, &kh, &vh))
         })
         .collect();
@@ -251,9 +250,7 @@ pub(crate) fn attention_backward(
     let per_task: Vec<_> = (0..sh.batch * sh.kv_heads)
         .into_par_iter()
         .map(|task| {
-            let (b, j) = (task / sh.kv_heads, task % sh.kv_heads);
-            let (kh, vh) = sh.key_value([k, v], rope, b, j);
-            let qg = sh.group(q, b, j, Some(rope));
+            let (b, j, [qg, kh, vh]) = sh.task(task, [q, k, v], rope);
             let dog = sh.group(dout, b, j, None);
             // One block's probabilities, their gradient and output at a time.
             let block = ATTN_BLOCK.min(s) * g;
@@ -272,20 +269,9 @@ pub(crate) fn attention_backward(
                 softmax_backward(dsb, pb, dob, ob, d, sh.scale());
                 let (dsm, pm) = (rows(dsb, m, t1), rows(pb, m, t1));
                 prod(&mut dq[r0 * d..r1 * d], false, dsm, kb, 1.0);
-                prod(
-                    &mut dk[..t1 * d],
-                    true,
-                    dsm.transpose(),
-                    rows(qb, m, d),
-                    1.0,
-                );
-                prod(
-                    &mut dv[..t1 * d],
-                    true,
-                    pm.transpose(),
-                    rows(dob, m, d),
-                    1.0,
-                );
+                let (qm, dom) = (rows(qb, m, d), rows(dob, m, d));
+                prod(&mut dk[..t1 * d], true, dsm.transpose(), qm, 1.0);
+                prod(&mut dv[..t1 * d], true, pm.transpose(), dom, 1.0);
             }
             rope.rotate(&mut dq, d, g * d, true);
             rope.unapply(&mut dk, d);
