@@ -114,14 +114,7 @@ fn gaussian_matrix(
 
 /// Relative Frobenius distance `‖a − b‖/‖a‖`, on the host in `f64`.
 fn rel_dist(a: &Tensor<2>, b: &Tensor<2>) -> f64 {
-    let (x, y) = (host_f32(a), host_f32(b));
-    let num: f64 = x
-        .iter()
-        .zip(&y)
-        .map(|(p, q)| f64::from(p - q).powi(2))
-        .sum();
-    let den: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum();
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    loftq_core::rel_dist(&host_f32(a), &host_f32(b))
 }
 
 fn quant_cases(profile: Profile, reps: usize, spec: DeviceSpec) -> Result<Vec<Case>, String> {

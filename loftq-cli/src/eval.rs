@@ -121,12 +121,6 @@ fn print_perplexity(model: &Llama, args: &EvalArgs, text: &Path) -> Result<()> {
         let vocab = model.config.vocab_size;
         let ours = host_f32(&model.forward(input()).reshape([n, vocab]));
         let theirs = host_f32(&reference.forward(input()).reshape([n, vocab]));
-        let diff: f64 = ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum();
-        let norm: f64 = theirs.iter().map(|b| f64::from(*b).powi(2)).sum();
         let max = ours
             .iter()
             .zip(&theirs)
@@ -138,7 +132,7 @@ fn print_perplexity(model: &Llama, args: &EvalArgs, text: &Path) -> Result<()> {
             path.display(),
             r.nll,
             r.ppl,
-            (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+            loftq_core::rel_dist(&theirs, &ours)
         );
     }
     Ok(())

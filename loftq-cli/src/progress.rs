@@ -77,6 +77,14 @@ impl Progress {
     }
 }
 
+/// The end of a run that printed its own events: clears the bar, then prints `msg`.
+pub fn done(bar: Option<&mut Progress>, msg: &str) {
+    if let Some(p) = bar {
+        p.clear();
+    }
+    eprintln!("{msg}");
+}
+
 /// The end of a long run: clears the bar, then gives the report back, or with `json` prints it
 /// as JSON on stdout and gives `None` (nothing more to print).
 #[allow(clippy::print_stdout)]

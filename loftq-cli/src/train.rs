@@ -14,7 +14,7 @@ use loftq_models::train::{
 };
 
 use crate::error::{Result, invalid};
-use crate::progress::Progress;
+use crate::progress::{Progress, done};
 
 mod blockwise;
 mod inputs;
@@ -348,15 +348,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let job = TrainJob::new(&template, &stream.tokens, &cfg, &a.out).validated(val.as_ref());
     // With no teachers this is plain training (`train_on`).
     let history = distill_on(&mut models, &teachers, job, on_event)?;
-    if let Some(b) = bar.as_mut() {
-        b.clear();
-    }
     let secs: f64 = history.steps.iter().map(|s| s.seconds).sum();
-    eprintln!(
+    let msg = format!(
         "done: {} steps, {:.0} tokens/s; adapter in {}",
         history.steps.len(),
         history.steps.len() as f64 * tokens_per_step / secs.max(1e-9),
         a.out.join("adapter").display()
     );
+    done(bar.as_mut(), &msg);
     Ok(())
 }

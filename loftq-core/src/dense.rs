@@ -206,3 +206,16 @@ pub(crate) fn frobenius(t: &Tensor<2>) -> f32 {
         .expect("f32 data");
     v.iter().map(|&x| f64::from(x)).sum::<f64>().sqrt() as f32
 }
+
+/// `‖other − reference‖ / ‖reference‖` (Frobenius) of two host buffers of one length, summed
+/// in `f64` in order.
+pub fn rel_dist(reference: &[f32], other: &[f32]) -> f64 {
+    debug_assert_eq!(reference.len(), other.len());
+    let diff: f64 = reference
+        .iter()
+        .zip(other)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum();
+    let norm: f64 = reference.iter().map(|a| f64::from(*a).powi(2)).sum();
+    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+}

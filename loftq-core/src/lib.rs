@@ -32,6 +32,7 @@ pub mod quant;
 pub mod simd;
 mod upper;
 
+pub use dense::rel_dist;
 pub use device::{DeviceList, DeviceSpec};
 
 /// `a·b`: faer on the CPU back end (see `cpu`), Burn's matmul elsewhere.

@@ -312,7 +312,6 @@ fn run_check(
         host_f32(&t.reshape([seq, vocab]))
     };
     let reference = vocab_rows(load_pretrained(&spec.model, None, device)?.forward(input.clone()));
-    let ref_norm: f64 = reference.iter().map(|&x| f64::from(x).powi(2)).sum();
     let mut llama = load_pretrained(&spec.base, None, device)?;
     let rope = llama.rope(n);
     let logits_err = |llama: &Llama, from: usize, h: &Tensor<3>| -> f32 {
@@ -321,12 +320,7 @@ fn run_check(
             h = layer.forward(h, &rope);
         }
         let logits = vocab_rows(llama.head(llama.norm.forward(h)));
-        let diff: f64 = logits
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum();
-        (diff / ref_norm.max(f64::MIN_POSITIVE)).sqrt() as f32
+        loftq_core::rel_dist(&reference, &logits) as f32
     };
     let mut h = llama.embed(input);
     let first = logits_err(&llama, 0, &h);

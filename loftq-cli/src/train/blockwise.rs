@@ -10,7 +10,7 @@ use loftq_models::train::{
 };
 
 use super::{Fresh, TrainArgs, read_text};
-use crate::progress::Progress;
+use crate::progress::{Progress, done};
 
 /// Runs `loftq train --blockwise` on `device`, the student built as `opts` says (with a fresh
 /// adapter when `opts` has none).
@@ -94,14 +94,12 @@ pub(super) fn run(
             )),
         }
     })?;
-    if let Some(b) = bar.as_mut() {
-        b.clear();
-    }
     let secs: f64 = report.layers.iter().map(|l| l.seconds).sum();
-    eprintln!(
+    let msg = format!(
         "done: {} layers in {secs:.1} s; adapter in {}",
         report.layers.len(),
         a.out.join("adapter").display()
     );
+    done(bar.as_mut(), &msg);
     Ok(())
 }

@@ -435,10 +435,5 @@ fn host_quant_error(w: &[f32], shape: [usize; 2], cfg: QuantConfig, name: &str) 
     let q = Quantizer::new(cfg).map_err(qerr)?;
     let packed = PackedTensor::pack(&q.quantize_host(w, shape).map_err(qerr)?, cfg);
     let d = packed.dequantize().map_err(qerr)?;
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in w.iter().zip(&d) {
-        num += f64::from(x - y).powi(2);
-        den += f64::from(*x).powi(2);
-    }
-    Ok((num / den.max(f64::MIN_POSITIVE)).sqrt() as f32)
+    Ok(loftq_core::rel_dist(w, &d) as f32)
 }
