@@ -259,7 +259,7 @@ fn gguf_seed() -> Vec<u8> {
 fn config_seeds(seeds: &mut Seeds) -> Result<(), String> {
     let base = include_str!("../../loftq-models/tests/fixtures/tiny-llama/config.json");
     seeds.push(("config", "llama-v5", base.as_bytes().to_vec()));
-    let cfg = LlamaConfig::from_json(base)?;
+    let cfg = LlamaConfig::from_json(base).map_err(|e| e.to_string())?;
     let mut v = cfg.to_hf_json();
     v["num_key_value_heads"] = 2.into();
     v["rope_theta"] = 500000.0.into();
