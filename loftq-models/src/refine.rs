@@ -18,7 +18,7 @@ use loftq_core::lowrank::SvdMethod;
 use loftq_core::quant::host_f32;
 use serde::{Deserialize, Serialize};
 
-use crate::config::LINEAR_PATHS;
+use crate::config::LlamaConfig;
 use crate::eval::token_ids;
 use crate::init::plan::{layer_index, module_of_weight};
 use crate::init::{Target, peak_rss_bytes};
@@ -332,7 +332,7 @@ fn run_check(
     for l in 0..layers {
         while next < fitted.len() {
             let f = &mut fitted[next];
-            let (layer, j) = linear_slot(&f.module, layers)?;
+            let (layer, j) = linear_slot(&f.module, &llama.config)?;
             if layer != l {
                 break;
             }
@@ -377,11 +377,13 @@ fn run_check(
     Ok([first, current])
 }
 
-/// `model.layers.3.mlp.up_proj` → `(3, index in LINEAR_PATHS)`.
-fn linear_slot(module: &str, layers: usize) -> Result<(usize, usize)> {
+/// `model.layers.3.mlp.up_proj` → `(3, index in the family's linear paths)`.
+fn linear_slot(module: &str, config: &LlamaConfig) -> Result<(usize, usize)> {
+    let layers = config.num_hidden_layers;
     let slot = layer_index(module).filter(|&l| l < layers).and_then(|l| {
         let rest = module.strip_prefix(&format!("model.layers.{l}."))?;
-        Some((l, LINEAR_PATHS.iter().position(|p| *p == rest)?))
+        let paths = config.family.linear_paths();
+        Some((l, paths.iter().position(|p| *p == rest)?))
     });
     slot.ok_or_else(|| {
         ModelError::Settings(format!(

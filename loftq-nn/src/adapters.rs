@@ -6,7 +6,7 @@ use loftq_core::init::{Base, LoraInit, init_lora};
 use loftq_core::lowrank::Gaussian;
 
 use super::{BaseWeight, DecoderLayer, Llama, LoraAdapter, PackedWeight, QLinear};
-use loftq_formats::config::{LINEAR_PATHS, linear_path};
+use loftq_formats::config::linear_path;
 use loftq_formats::{ModelError, Result};
 
 /// What [`Llama::init_adapters`] did to one layer.
@@ -102,7 +102,8 @@ impl DecoderLayer {
     ) -> usize {
         let device = self.input_layernorm.weight.device();
         let mut n = 0;
-        for (name, lin) in LINEAR_PATHS.iter().zip(self.linears_mut()) {
+        let paths = self.linear_paths();
+        for (name, lin) in paths.iter().zip(self.linears_mut()) {
             let path = linear_path(index, name);
             if !target(&path) {
                 continue;

@@ -7,15 +7,12 @@ use burn::tensor::{Bool, Device, Tensor};
 use super::kernels;
 use super::{QLinear, RopeTables};
 
-/// `self_attn.{q_proj, k_proj, v_proj, o_proj}`.
+/// `self_attn.{q_proj, k_proj, v_proj, o_proj}`, or Phi-3's `self_attn.{qkv_proj, o_proj}`.
 #[derive(Module, Debug)]
 pub struct Attention {
-    /// `[heads·head_dim, hidden]`.
-    pub q_proj: QLinear,
-    /// `[kv_heads·head_dim, hidden]`.
-    pub k_proj: QLinear,
-    /// `[kv_heads·head_dim, hidden]`.
-    pub v_proj: QLinear,
+    /// `q_proj [heads·head_dim, hidden]`, `k_proj` and `v_proj` `[kv_heads·head_dim, hidden]`;
+    /// or one `qkv_proj` with their rows stacked in that order.
+    pub qkv: Vec<QLinear>,
     /// `[hidden, heads·head_dim]`.
     pub o_proj: QLinear,
     /// Query heads.
@@ -34,15 +31,27 @@ impl Attention {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`, every position attending to itself
     /// and the ones before it (the last [`window`](Self::window) of them, if set).
     pub fn forward(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
-        let q = self.q_proj.forward(x.clone());
-        let k = self.k_proj.forward(x.clone());
-        let v = self.v_proj.forward(x);
-        self.o_proj.forward(attend(
-            [q, k, v],
-            rope,
-            [self.heads, self.kv_heads],
-            self.window,
-        ))
+        let qkv = self.project(x);
+        self.o_proj
+            .forward(attend(qkv, rope, [self.heads, self.kv_heads], self.window))
+    }
+
+    /// The queries `[batch, seq, heads·head_dim]`, keys and values
+    /// `[batch, seq, kv_heads·head_dim]` of `x [batch, seq, hidden]`.
+    pub fn project(&self, x: Tensor<3>) -> [Tensor<3>; 3] {
+        match self.qkv.as_slice() {
+            [q, k, v] => [q.forward(x.clone()), k.forward(x.clone()), v.forward(x)],
+            [qkv] => {
+                let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                let y = qkv.forward(x);
+                [
+                    y.clone().narrow(2, 0, q),
+                    y.clone().narrow(2, q, kv),
+                    y.narrow(2, q + kv, kv),
+                ]
+            }
+            other => unreachable!("{} q/k/v projections", other.len()),
+        }
     }
 }
 

@@ -75,9 +75,12 @@ impl Attention {
         let [b, n, _] = x.dims();
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), h));
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), kvh));
-        let v = split(self.v_proj.forward(x), kvh);
+        let [q, k, v] = self.project(x);
+        let (q, k, v) = (
+            rope.apply(split(q, h)),
+            rope.apply(split(k, kvh)),
+            split(v, kvh),
+        );
         let [k, v] = match kv.take() {
             Some([pk, pv]) => [Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)],
             None => [k, v],

@@ -34,7 +34,7 @@ pub use adapters::{FreshLora, LayerInit, tensor_seed};
 pub use attention::Attention;
 pub use cache::KvCache;
 pub use layerwise::{LayerReader, LayerSource};
-pub use llama::{DecoderLayer, INPUT_GROUPS, Llama, RmsNorm};
+pub use llama::{DecoderLayer, Llama, RmsNorm};
 pub use load::{
     LINEAR_NAMES, LoadOptions, load_ends, load_layer, load_model, load_pretrained,
     load_pretrained_with, open_pretrained,

@@ -7,11 +7,7 @@ use burn::tensor::{Int, Tensor};
 use super::Output;
 use super::kernels;
 use super::{Attention, Mlp, QLinear, RopeTables};
-use loftq_formats::config::{LINEAR_PATHS, LlamaConfig, linear_path};
-
-/// Which input each of [`LINEAR_PATHS`] reads, as the group index of
-/// [`DecoderLayer::forward_observed`]: q/k/v share the normalized input, gate/up too.
-pub const INPUT_GROUPS: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
+use loftq_formats::config::{LlamaConfig, linear_layout, linear_path};
 
 /// RMSNorm: `x / √(mean(x²) + ε) · weight`.
 #[derive(Module, Debug)]
@@ -83,8 +79,8 @@ impl DecoderLayer {
     }
 
     /// [`forward`](Self::forward), handing the input of each group of linear layers to
-    /// `observe` as `[batch·seq, in]`: the group index is [`INPUT_GROUPS`]'s (0: q/k/v, 1:
-    /// o_proj, 2: gate/up, 3: down_proj). Calibration reads its statistics from here.
+    /// `observe` as `[batch·seq, in]`: the group index is [`Self::input_groups`]' (0: q/k/v,
+    /// 1: o_proj, 2: gate/up, 3: down_proj). Calibration reads its statistics from here.
     pub fn forward_observed(
         &self,
         x: Tensor<3>,
@@ -121,46 +117,46 @@ impl DecoderLayer {
         let a = &self.self_attn;
         let xn = self.input_layernorm.forward(x.clone());
         observe(0, flat(&xn));
-        let q = a.q_proj.forward(xn.clone());
-        let k = a.k_proj.forward(xn.clone());
-        let v = a.v_proj.forward(xn);
-        let att = super::attention::attend([q, k, v], rope, [a.heads, a.kv_heads], a.window);
+        let att = super::attention::attend(a.project(xn), rope, [a.heads, a.kv_heads], a.window);
         observe(1, flat(&att));
         let h = x + a.o_proj.forward(att);
         let hn = self.post_attention_layernorm.forward(h.clone());
         observe(2, flat(&hn));
-        let m = &self.mlp;
-        let act = super::mlp::silu_mul(m.gate_proj.forward(hn.clone()), m.up_proj.forward(hn));
+        let act = self.mlp.activation(hn);
         observe(3, flat(&act));
         (h, act)
     }
 
-    /// The seven linear layers, in [`LINEAR_PATHS`] order.
-    pub fn linears(&self) -> [&QLinear; 7] {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
+    /// Whether q/k/v are one matrix, and gate/up another (Phi-3).
+    pub fn fused(&self) -> bool {
+        self.self_attn.qkv.len() == 1
     }
 
-    /// The seven linear layers, mutably, in [`LINEAR_PATHS`] order.
-    pub fn linears_mut(&mut self) -> [&mut QLinear; 7] {
+    /// The paths of the linear layers inside `model.layers.N`, in [`Self::linears`] order:
+    /// seven (`self_attn.q_proj`, ...), or four when [`fused`](Self::fused).
+    pub fn linear_paths(&self) -> &'static [&'static str] {
+        linear_layout(self.fused()).0
+    }
+
+    /// The input group of each of [`Self::linears`] (see [`Self::forward_observed`]).
+    pub fn input_groups(&self) -> &'static [usize] {
+        linear_layout(self.fused()).1
+    }
+
+    /// The linear layers, in checkpoint order (q/k/v, o, gate/up, down).
+    pub fn linears(&self) -> Vec<&QLinear> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let attn = a.qkv.iter().chain([&a.o_proj]);
+        attn.chain(&m.gate_up).chain([&m.down_proj]).collect()
+    }
+
+    /// The linear layers, mutably, in [`Self::linears`] order.
+    pub fn linears_mut(&mut self) -> Vec<&mut QLinear> {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ]
+        let attn = a.qkv.iter_mut().chain([&mut a.o_proj]);
+        attn.chain(&mut m.gate_up)
+            .chain([&mut m.down_proj])
+            .collect()
     }
 }
 
@@ -246,7 +242,7 @@ impl Llama {
     pub fn linears(&self) -> Vec<(String, &QLinear)> {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            for (name, lin) in LINEAR_PATHS.iter().zip(l.linears()) {
+            for (name, lin) in l.linear_paths().iter().zip(l.linears()) {
                 v.push((linear_path(i, name), lin));
             }
         }
@@ -260,7 +256,8 @@ impl Llama {
     pub fn decoder_linears_mut(&mut self) -> Vec<(String, &mut QLinear)> {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            for (name, lin) in LINEAR_PATHS.iter().zip(l.linears_mut()) {
+            let paths = l.linear_paths();
+            for (name, lin) in paths.iter().zip(l.linears_mut()) {
                 v.push((linear_path(i, name), lin));
             }
         }

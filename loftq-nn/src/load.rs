@@ -71,7 +71,8 @@ pub fn load_ends(
 ) -> Result<Llama> {
     let mut b = Builder::new(source, device, opts);
     let model = b.ends(config)?;
-    let layers: BTreeSet<String> = decoder_linear_paths(config.num_hidden_layers).collect();
+    let layers: BTreeSet<String> =
+        decoder_linear_paths(config.family, config.num_hidden_layers).collect();
     check_adapter_used(opts, |k| b.used.contains(k) || layers.contains(k))?;
     Ok(model)
 }
@@ -207,12 +208,30 @@ impl<'a> Builder<'a> {
         let q = c.num_attention_heads * d;
         let kv = c.num_key_value_heads * d;
         let inter = c.intermediate_size;
+        // Phi-3 stacks q/k/v in one matrix, and gate/up in another.
+        let (qkv, gate_up) = match c.family.fused() {
+            true => (
+                vec![("qkv_proj", q + 2 * kv)],
+                vec![("gate_up_proj", 2 * inter)],
+            ),
+            false => (
+                vec![("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
+                vec![("gate_proj", inter), ("up_proj", inter)],
+            ),
+        };
+        let mut linears = |part: &str, list: Vec<(&str, usize)>, bias: bool| {
+            (list.into_iter())
+                .map(|(name, rows)| {
+                    self.linear(&format!("{p}.{part}.{name}"), [rows, h], bias, true)
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        let qkv = linears("self_attn", qkv, c.qkv_bias)?;
+        let gate_up = linears("mlp", gate_up, c.mlp_bias)?;
         Ok(DecoderLayer {
             input_layernorm: self.norm(&format!("{p}.input_layernorm"), h, c.rms_norm_eps)?,
             self_attn: Attention {
-                q_proj: self.linear(&format!("{p}.self_attn.q_proj"), [q, h], c.qkv_bias, true)?,
-                k_proj: self.linear(&format!("{p}.self_attn.k_proj"), [kv, h], c.qkv_bias, true)?,
-                v_proj: self.linear(&format!("{p}.self_attn.v_proj"), [kv, h], c.qkv_bias, true)?,
+                qkv,
                 o_proj: self.linear(&format!("{p}.self_attn.o_proj"), [h, q], c.o_bias, true)?,
                 heads: c.num_attention_heads,
                 kv_heads: c.num_key_value_heads,
@@ -225,13 +244,7 @@ impl<'a> Builder<'a> {
                 c.rms_norm_eps,
             )?,
             mlp: Mlp {
-                gate_proj: self.linear(
-                    &format!("{p}.mlp.gate_proj"),
-                    [inter, h],
-                    c.mlp_bias,
-                    true,
-                )?,
-                up_proj: self.linear(&format!("{p}.mlp.up_proj"), [inter, h], c.mlp_bias, true)?,
+                gate_up,
                 down_proj: self.linear(
                     &format!("{p}.mlp.down_proj"),
                     [h, inter],

@@ -8,13 +8,12 @@ use super::Output;
 use super::QLinear;
 use super::kernels;
 
-/// `mlp.{gate_proj, up_proj, down_proj}`.
+/// `mlp.{gate_proj, up_proj, down_proj}`, or Phi-3's `mlp.{gate_up_proj, down_proj}`.
 #[derive(Module, Debug)]
 pub struct Mlp {
-    /// `[intermediate, hidden]`.
-    pub gate_proj: QLinear,
-    /// `[intermediate, hidden]`.
-    pub up_proj: QLinear,
+    /// `gate_proj` and `up_proj`, `[intermediate, hidden]` each; or one `gate_up_proj` with
+    /// their rows stacked in that order.
+    pub gate_up: Vec<QLinear>,
     /// `[hidden, intermediate]`.
     pub down_proj: QLinear,
 }
@@ -27,9 +26,21 @@ impl Mlp {
 
     /// [`forward`](Self::forward), `down_proj` for `output` (see [`Output::GradientOnly`]).
     pub(crate) fn forward_as(&self, x: Tensor<3>, output: Output) -> Tensor<3> {
-        let gate = self.gate_proj.forward(x.clone());
-        self.down_proj
-            .forward_as(silu_mul(gate, self.up_proj.forward(x)), output)
+        self.down_proj.forward_as(self.activation(x), output)
+    }
+
+    /// `silu(gate)·up` for `x [batch, seq, hidden]`: down_proj's input.
+    pub fn activation(&self, x: Tensor<3>) -> Tensor<3> {
+        let [gate, up] = match self.gate_up.as_slice() {
+            [gate, up] => [gate.forward(x.clone()), up.forward(x)],
+            [gate_up] => {
+                let inter = self.down_proj.shape()[1];
+                let y = gate_up.forward(x);
+                [y.clone().narrow(2, 0, inter), y.narrow(2, inter, inter)]
+            }
+            other => unreachable!("{} gate/up projections", other.len()),
+        };
+        silu_mul(gate, up)
     }
 }
 

@@ -29,8 +29,8 @@ pub(super) fn run(
     let mut student = LayerReader::open(&a.model, device, opts)?;
     if template.is_none() {
         let fresh = Fresh::of(a);
-        let layers = student.ends().config.num_hidden_layers;
-        let any = decoder_linear_paths(layers).any(|p| fresh.picks(&p));
+        let c = &student.ends().config;
+        let any = decoder_linear_paths(c.family, c.num_hidden_layers).any(|p| fresh.picks(&p));
         if !any {
             return Err(fresh.no_match(a));
         }

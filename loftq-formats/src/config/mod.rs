@@ -16,7 +16,9 @@ mod rope;
 mod window;
 
 pub use error::ConfigError;
-pub use names::{LINEAR_PATHS, decoder_linear_paths, linear_path};
+pub use names::{
+    FUSED_LINEAR_PATHS, LINEAR_PATHS, decoder_linear_paths, linear_layout, linear_path,
+};
 use rope::parse_rope;
 pub use rope::{RopeConfig, RopeScaling, inv_freq};
 pub use window::SlidingWindow;
@@ -32,6 +34,9 @@ pub enum Family {
     Mistral,
     /// Qwen2: biases on `q_proj`, `k_proj` and `v_proj`.
     Qwen2,
+    /// Phi-3: q/k/v fused in `qkv_proj`, gate/up in `gate_up_proj`; a sliding window on every
+    /// layer when `sliding_window` is set.
+    Phi3,
 }
 
 /// The architecture of a Llama-family causal LM.
@@ -102,6 +107,7 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
     layer_types: Option<Vec<String>>,
+    partial_rotary_factor: Option<f64>,
 }
 
 impl LlamaConfig {
@@ -126,14 +132,25 @@ impl LlamaConfig {
             Some("llama") | None => Family::Llama,
             Some("mistral") => Family::Mistral,
             Some("qwen2") => Family::Qwen2,
+            Some("phi3") => Family::Phi3,
             Some(other) => {
                 return Err(ConfigError::Unsupported {
                     field: "model_type",
                     value: other.to_string(),
-                    supported: "llama, mistral, qwen2",
+                    supported: "llama, mistral, qwen2, phi3",
                 });
             }
         };
+        let partial = (raw.rope_parameters.as_ref())
+            .and_then(|p| p.get("partial_rotary_factor")?.as_f64())
+            .or(raw.partial_rotary_factor);
+        if let Some(f) = partial.filter(|&f| f != 1.0) {
+            return Err(ConfigError::Unsupported {
+                field: "partial_rotary_factor",
+                value: f.to_string(),
+                supported: "1 (rotary embeddings on the whole head)",
+            });
+        }
         // Settings that change the computation and are not implemented are refused.
         if let Some(act) = raw
             .hidden_act
@@ -283,18 +300,20 @@ impl LlamaConfig {
     }
 
     /// The `[out, in]` shape of a decoder layer's linear weight `model.layers.N.<path>.weight`
-    /// (`path` one of [`LINEAR_PATHS`]); `None` for other names.
+    /// (`path` one of [`Family::linear_paths`]); `None` for other names.
     pub fn linear_shape(&self, name: &str) -> Option<[usize; 2]> {
         let (h, inter) = (self.hidden_size, self.intermediate_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
         Some(match path.strip_suffix(".weight")? {
-            "self_attn.q_proj" => [q, h],
-            "self_attn.k_proj" | "self_attn.v_proj" => [kv, h],
+            "self_attn.q_proj" if !self.family.fused() => [q, h],
+            "self_attn.k_proj" | "self_attn.v_proj" if !self.family.fused() => [kv, h],
             "self_attn.o_proj" => [h, q],
-            "mlp.gate_proj" | "mlp.up_proj" => [inter, h],
+            "mlp.gate_proj" | "mlp.up_proj" if !self.family.fused() => [inter, h],
             "mlp.down_proj" => [h, inter],
+            "self_attn.qkv_proj" if self.family.fused() => [q + 2 * kv, h],
+            "mlp.gate_up_proj" if self.family.fused() => [2 * inter, h],
             _ => return None,
         })
     }
@@ -306,6 +325,7 @@ impl LlamaConfig {
             Family::Llama => ("llama", "LlamaForCausalLM"),
             Family::Mistral => ("mistral", "MistralForCausalLM"),
             Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Family::Phi3 => ("phi3", "Phi3ForCausalLM"),
         };
         let rope_scaling = match &self.rope.scaling {
             RopeScaling::None => Value::Null,

@@ -23,7 +23,7 @@ pub(super) fn sliding_window(
 ) -> Result<Option<SlidingWindow>, ConfigError> {
     let (size, first_layer) = match family {
         Family::Llama => return Ok(None),
-        Family::Mistral => (raw.sliding_window, 0),
+        Family::Mistral | Family::Phi3 => (raw.sliding_window, 0),
         Family::Qwen2 if raw.use_sliding_window == Some(true) => {
             (raw.sliding_window, raw.max_window_layers.unwrap_or(28))
         }

@@ -231,8 +231,8 @@ pub fn write_merged_gguf(
 /// Whether HF tensor `name` is the weight of a linear layer (decoder or LM head).
 fn is_linear_weight(name: &str) -> bool {
     name == "lm_head.weight"
-        || crate::config::LINEAR_PATHS
-            .iter()
+        || (crate::config::LINEAR_PATHS.iter())
+            .chain(&crate::config::FUSED_LINEAR_PATHS)
             .any(|p| name.strip_suffix(".weight").is_some_and(|m| m.ends_with(p)))
 }
 

@@ -206,19 +206,14 @@ fn scores(
         Ok(())
     };
     match ids {
-        Some(ids) => calibrate::full_precision_pass(
-            spec,
-            plan,
-            source,
-            ids,
-            device,
-            &mut |targets, weightings| {
-                for &(i, p) in targets {
-                    one(i, Some(&weightings[crate::nn::INPUT_GROUPS[p]]))?;
+        Some(ids) => {
+            calibrate::full_precision_pass(spec, plan, source, ids, device, &mut |targets| {
+                for &(i, w) in targets {
+                    one(i, Some(w))?;
                 }
                 Ok(())
-            },
-        )?,
+            })?
+        }
         None => {
             for &i in items {
                 one(i, None)?;

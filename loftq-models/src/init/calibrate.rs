@@ -17,11 +17,10 @@ use loftq_core::quant::host_f32;
 use super::piece::{self, Plan, piece_path};
 use super::plan::layer_index;
 use super::{CalibInputs, Calibration, Event, InitSpec, TensorReport};
-use crate::config::{LINEAR_PATHS, LlamaConfig};
+use crate::config::{Family, LlamaConfig};
 use crate::io::{Checkpoint, OutTensor, TensorSource, read_packed, write_safetensors};
 use crate::nn::{
-    BaseWeight, DecoderLayer, INPUT_GROUPS, LoadOptions, LoraAdapter, PackedWeight, RopeTables,
-    load_layer,
+    BaseWeight, DecoderLayer, LoadOptions, LoraAdapter, PackedWeight, RopeTables, load_layer,
 };
 use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
@@ -80,19 +79,18 @@ fn model_config(spec: &InitSpec, source: &dyn TensorSource) -> Result<LlamaConfi
     }
 }
 
-/// The plan's targets by decoder layer: `(item, position in LINEAR_PATHS)`.
+/// The plan's targets by decoder layer: `(item, position in the family's linear paths)`.
 ///
 /// # Errors
-/// A target that is not one of a decoder layer's seven linear layers.
-fn targets_by_layer(plan: &Plan) -> Result<BTreeMap<usize, Vec<(usize, usize)>>> {
+/// A target that is not one of a decoder layer's linear layers.
+fn targets_by_layer(plan: &Plan, family: Family) -> Result<BTreeMap<usize, Vec<(usize, usize)>>> {
     let mut by_layer: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
     for (i, item) in plan.items.iter().enumerate() {
         if item.target.is_none() {
             continue;
         }
         let pos = layer_index(&item.name).and_then(|l| {
-            let p = LINEAR_PATHS
-                .iter()
+            let p = (family.linear_paths().iter())
                 .position(|p| item.name == format!("model.layers.{l}.{p}.weight"))?;
             Some((l, p))
         });
@@ -132,7 +130,7 @@ impl<'a> Setup<'a> {
         let rope = RopeTables::new(&config.rope, config.head_dim, calib.seq, device);
         Ok(Self {
             calib,
-            by_layer: targets_by_layer(plan)?,
+            by_layer: targets_by_layer(plan, config.family)?,
             config,
             rope,
         })
@@ -194,10 +192,11 @@ pub(super) fn run(
                 .copied()
                 .filter(|(i, _)| !done.contains(i))
                 .collect();
-            todo.sort_by_key(|&(i, p)| (INPUT_GROUPS[p], i));
+            let groups = config.family.input_groups();
+            todo.sort_by_key(|&(i, p)| (groups[p], i));
             let mut current: Option<(usize, Weighting)> = None;
             for (i, p) in todo {
-                let g = INPUT_GROUPS[p];
+                let g = groups[p];
                 if current.as_ref().is_none_or(|(c, _)| *c != g) {
                     // The previous group's factors go before this one's are made.
                     drop(current.take());
@@ -258,12 +257,12 @@ fn embed(source: &dyn TensorSource, ids: &[u32], hidden: usize) -> Result<Vec<f3
     Ok(x)
 }
 
-/// What [`full_precision_pass`] hands each decoder layer's targets and weightings to.
-pub(super) type OnLayer<'a> = dyn FnMut(&[(usize, usize)], &[Weighting]) -> Result<()> + 'a;
+/// What [`full_precision_pass`] hands each decoder layer's targets, with their weightings, to.
+pub(super) type OnLayer<'a> = dyn FnMut(&[(usize, &Weighting)]) -> Result<()> + 'a;
 
 /// Runs the full-precision model over the calibration tokens `ids`, layer by layer, and hands
-/// every decoder layer's targets (`(item, position in LINEAR_PATHS)`) and the damped
-/// weightings of its four input groups to `each` (the allocator's statistics). Memory as
+/// every decoder layer's targets (their plan items) with the damped weighting of each one's
+/// input to `each` (the allocator's statistics). Memory as
 /// [`run`]; nothing is written.
 pub(super) fn full_precision_pass(
     spec: &InitSpec,
@@ -288,7 +287,11 @@ pub(super) fn full_precision_pass(
                 .into_iter()
                 .map(|g| g.into_weighting(calib.damping).map_err(|e| in_layer(l, e)))
                 .collect::<Result<Vec<_>>>()?;
-            each(targets, &weightings)?;
+            let groups = layer.input_groups();
+            let pairs: Vec<_> = (targets.iter())
+                .map(|&(i, p)| (i, &weightings[groups[p]]))
+                .collect();
+            each(&pairs)?;
             y
         };
     }
@@ -305,10 +308,9 @@ fn statistics(
     output: bool,
 ) -> std::result::Result<([Gram; 4], Vec<f32>), CalibFailure> {
     // Each group's width is the input width of its first linear layer.
-    let linears = layer.linears();
+    let (linears, groups) = (layer.linears(), layer.input_groups());
     let mut grams: [Gram; 4] = std::array::from_fn(|g| {
-        let p = INPUT_GROUPS
-            .iter()
+        let p = (groups.iter())
             .position(|&x| x == g)
             .expect("every group is read");
         Gram::new(linears[p].shape()[1])
@@ -353,7 +355,7 @@ fn in_layer(l: usize, e: impl Into<CalibFailure>) -> ModelError {
 /// Drops the full-precision weights of the targeted linear layers `targets` of `layer` (a
 /// 1×1 placeholder stands in until [`install`] puts the initialized weight there).
 fn release(layer: &mut DecoderLayer, targets: &[(usize, usize)]) {
-    let linears = layer.linears_mut();
+    let mut linears = layer.linears_mut();
     for &(_, p) in targets {
         let device = match &linears[p].base {
             BaseWeight::Dense(w) => w.device(),
@@ -434,7 +436,7 @@ fn install(
         .linears_mut()
         .into_iter()
         .nth(p)
-        .expect("seven linears");
+        .expect("a linear layer of the family");
     lin.base = BaseWeight::Packed(
         PackedWeight::new(packed, device).map_err(|e| ModelError::quant(name, e))?,
     );

@@ -27,7 +27,7 @@ use super::job::TrainJob;
 use super::optim::{AdamW, AdamWConfig, Decay, Schedule};
 use super::step::{lora_grads, tracked};
 use super::validate::{EvalRecord, Scores, Validation};
-use crate::config::{LINEAR_PATHS, linear_path};
+use crate::config::linear_path;
 use crate::eval::token_ids;
 use crate::io::{Adapter, AdapterConfig, LoraWeights, write_atomic, write_dir_atomic};
 use crate::nn::{DecoderLayer, LayerSource, RopeTables};
@@ -88,7 +88,7 @@ pub fn distill_blockwise(
         cfg,
         &done,
         |fit, layer| {
-            for (name, lin) in LINEAR_PATHS.iter().zip(layer.linears()) {
+            for (name, lin) in layer.linear_paths().iter().zip(layer.linears()) {
                 if let Some(w) = lin.lora_weights() {
                     modules.insert(linear_path(fit.layer, name), w);
                 }
@@ -441,7 +441,8 @@ fn put_factors(
     l: usize,
     modules: &BTreeMap<String, LoraWeights>,
 ) -> Result<()> {
-    for (name, lin) in LINEAR_PATHS.iter().zip(layer.linears_mut()) {
+    let paths = layer.linear_paths();
+    for (name, lin) in paths.iter().zip(layer.linears_mut()) {
         let path = linear_path(l, name);
         let (Some(lora), Some(w)) = (&mut lin.lora, modules.get(&path)) else {
             continue;
