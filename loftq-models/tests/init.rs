@@ -241,3 +241,66 @@ fn llama_cpp_formats_start_lower_than_plain_quantization() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Phi-3's fused `qkv_proj` and `gate_up_proj` are started as one matrix each, as PEFT
+/// adapts them: LoftQ's start gives logits closer to the model's than plain quantization,
+/// and a calibrated start lowers every matrix's weighted error.
+#[test]
+fn phi3_fused_layers_are_started_whole() {
+    use loftq_models::init::Calibration;
+    let dir = scratch("init-phi3");
+    let model = fixture("tiny-phi3");
+    let refs = Checkpoint::open(&model.join("logits.safetensors")).unwrap();
+    let want = refs.f32("logits").unwrap().data;
+    let (shape, ids) = refs.i64("input_ids").unwrap();
+    let ids: Vec<i32> = ids.into_iter().map(|x| x as i32).collect();
+    let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(ids, [shape[0], shape[1]]),
+        &device(),
+    );
+    let mut dist = Vec::new();
+    for method in [InitMethod::Loftq, InitMethod::Qlora] {
+        let mut s = spec(model.clone(), dir.join(format!("{method:?}")));
+        (s.method, s.backbone) = (method, Backbone::Packed);
+        let r = run(&s, false).unwrap();
+        let names: Vec<_> = r.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(r.tensors.len(), 8, "{names:?}");
+        assert!(names.contains(&"model.layers.1.self_attn.qkv_proj.weight"));
+        assert!(names.contains(&"model.layers.1.mlp.gate_up_proj.weight"));
+        let m = load_pretrained(&s.out, Some(&s.out.join("adapter")), &device()).unwrap();
+        dist.push(loftq_core::rel_dist(
+            &want,
+            &common::logits(&m, ids.clone()),
+        ));
+    }
+    assert!(
+        dist[0] < dist[1],
+        "LoftQ {} against QLoRA {}",
+        dist[0],
+        dist[1]
+    );
+
+    let calibrated = dir.join("calibrated-model");
+    std::fs::create_dir_all(&calibrated).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model.join(f), calibrated.join(f)).unwrap();
+    }
+    let tok = loftq_models::tokenizer::byte_level_json();
+    std::fs::write(calibrated.join("tokenizer.json"), tok.to_string()).unwrap();
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "Now is the winter of our discontent. ".repeat(40)).unwrap();
+    let mut s = spec(calibrated, dir.join("calibrated"));
+    s.backbone = Backbone::Packed;
+    s.calibration = Some(Calibration {
+        tokens: 512,
+        seq: 64,
+        ..Calibration::new(vec![text])
+    });
+    let r = run(&s, false).unwrap();
+    assert_eq!(r.tensors.len(), 8);
+    for t in &r.tensors {
+        let (q, i) = (t.weighted_err_quant.unwrap(), t.weighted_err_init.unwrap());
+        assert!(i < q, "{}: {i} vs {q}", t.name);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -56,6 +56,34 @@ fn sliding_windows_match_transformers() {
     }
 }
 
+/// Phi-3 (q/k/v fused in `qkv_proj`, gate/up in `gate_up_proj`, a sliding window of 5) against
+/// transformers, and with a PEFT adapter on the fused layers against PEFT.
+#[test]
+fn phi3_matches_transformers_and_peft() {
+    let dir = fixture("tiny-phi3");
+    let refs = dir.join("logits.safetensors");
+    let (ids, want) = reference(&refs, "logits");
+    let (_, want_lora) = reference(&refs, "logits_lora");
+    assert!(
+        max_abs_diff(&want, &want_lora) > 1e-2,
+        "the adapter changes nothing"
+    );
+    let model = load_pretrained(&dir, None, &device()).unwrap();
+    let layout = |l: &loftq_models::nn::DecoderLayer| (l.linear_paths().len(), l.self_attn.window);
+    assert!(model.layers.iter().all(|l| layout(l) == (4, Some(5))));
+    let diff = max_abs_diff(&logits(&model, ids.clone()), &want);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    let model = load_pretrained(&dir, Some(&dir.join("adapter")), &device()).unwrap();
+    let adapted = model
+        .linears()
+        .iter()
+        .filter(|(_, l)| l.lora.is_some())
+        .count();
+    assert_eq!(adapted, 8);
+    let diff = max_abs_diff(&logits(&model, ids), &want_lora);
+    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+}
+
 /// PEFT's LoftQ backbone (dequantized Q) and adapter: with and without the adapter, and with
 /// the backbone re-quantized and held packed (lossless: Q already lies on the grid).
 fn peft_loftq(name: &str, bits: u8) {
