@@ -13,8 +13,13 @@ use loftq_models::{LlamaConfig, nn::Llama};
 
 /// `input_ids` and the named logits of a fixture file.
 fn reference(file: &Path, key: &str) -> (Tensor<2, Int>, Vec<f32>) {
+    reference_of(file, "input_ids", key)
+}
+
+/// The inputs `ids_key` and the logits `key` of a fixture file.
+fn reference_of(file: &Path, ids_key: &str, key: &str) -> (Tensor<2, Int>, Vec<f32>) {
     let ck = Checkpoint::open(file).unwrap();
-    let (shape, ids) = ck.i64("input_ids").unwrap();
+    let (shape, ids) = ck.i64(ids_key).unwrap();
     let ids: Vec<i32> = ids.into_iter().map(|x| x as i32).collect();
     let ids = Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device());
     (ids, ck.f32(key).unwrap().data)
@@ -82,6 +87,31 @@ fn phi3_matches_transformers_and_peft() {
     assert_eq!(adapted, 8);
     let diff = max_abs_diff(&logits(&model, ids), &want_lora);
     assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+}
+
+/// LongRoPE (the scaling of Phi-3's long-context variants) against transformers: 16 positions
+/// take the short factors, 48 (past the original 32) the long ones; plain RoPE gives other
+/// logits in both cases.
+#[test]
+fn phi3_longrope_matches_transformers() {
+    let dir = fixture("tiny-phi3-longrope");
+    let refs = dir.join("logits.safetensors");
+    let mut model = load_pretrained(&dir, None, &device()).unwrap();
+    let cases = [
+        ("input_ids", "logits_short"),
+        ("input_ids_long", "logits_long"),
+    ];
+    for (ids_key, key) in cases {
+        let (ids, want) = reference_of(&refs, ids_key, key);
+        let diff = max_abs_diff(&logits(&model, ids), &want);
+        assert!(diff < 1e-4, "{key}: max |Δlogit| = {diff}");
+    }
+    model.config.rope.scaling = loftq_models::config::RopeScaling::None;
+    for (ids_key, key) in cases {
+        let (ids, want) = reference_of(&refs, ids_key, key);
+        let plain = max_abs_diff(&logits(&model, ids), &want);
+        assert!(plain > 1e-3, "{key}: plain RoPE is as close ({plain})");
+    }
 }
 
 /// PEFT's LoftQ backbone (dequantized Q) and adapter: with and without the adapter, and with

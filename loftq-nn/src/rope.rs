@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use loftq_formats::config::{RopeConfig, inv_freq};
+use loftq_formats::config::{RopeConfig, inv_freq_for};
 
 /// `cos` and `sin` tables `[seq, head_dim]` for positions `0..seq` (each half repeated, as
 /// `torch.cat((freqs, freqs), -1)`).
@@ -29,15 +29,17 @@ impl RopeTables {
         range: std::ops::Range<usize>,
         device: &Device,
     ) -> Self {
-        let freqs = inv_freq(rope, head_dim);
+        // LongRoPE's factors depend on the last position, as in transformers.
+        let freqs = inv_freq_for(rope, head_dim, range.end);
+        let scale = rope.scaling.attention_factor();
         let seq = range.len();
         let mut cos = Vec::with_capacity(seq * head_dim);
         let mut sin = Vec::with_capacity(seq * head_dim);
         for pos in range {
             let angles: Vec<f64> = freqs.iter().map(|f| pos as f64 * f).collect();
             for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos() as f32));
-                sin.extend(angles.iter().map(|a| a.sin() as f32));
+                cos.extend(angles.iter().map(|a| (a.cos() * scale) as f32));
+                sin.extend(angles.iter().map(|a| (a.sin() * scale) as f32));
             }
         }
         let make = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [seq, head_dim]), device);

@@ -36,22 +36,64 @@ pub enum RopeScaling {
         /// Context length the model was trained with before scaling.
         original_max_position_embeddings: f64,
     },
+    /// LongRoPE (`"longrope"`, Phi-3's long-context variants): each frequency divided by its
+    /// own factor, `short_factor` while the positions stay within the original context and
+    /// `long_factor` beyond it; `cos` and `sin` multiplied by `attention_factor`.
+    LongRope {
+        /// Divisors for inputs within `original_max_position_embeddings` positions.
+        short_factor: Vec<f64>,
+        /// Divisors for longer inputs.
+        long_factor: Vec<f64>,
+        /// Context length the model was trained with before scaling.
+        original_max_position_embeddings: usize,
+        /// Scale of `cos` and `sin`.
+        attention_factor: f64,
+    },
 }
 
-/// Inverse frequencies `1 / θ^(2i/d)` for `i < d/2`, rescaled as the config says.
+impl RopeScaling {
+    /// The scale of the rotary tables' `cos` and `sin` (1 but for LongRoPE).
+    pub fn attention_factor(&self) -> f64 {
+        match self {
+            RopeScaling::LongRope {
+                attention_factor, ..
+            } => *attention_factor,
+            _ => 1.0,
+        }
+    }
+}
+
+/// Inverse frequencies `1 / θ^(2i/d)` for `i < d/2`, rescaled as the config says (LongRoPE:
+/// its short factors).
 ///
 /// # Numerical behaviour
 /// Computed in `f64`; transformers computes them in `f32`. The difference in the angles is
 /// below `1e-6` relative, far under the `1e-4` logits tolerance.
 pub fn inv_freq(rope: &RopeConfig, head_dim: usize) -> Vec<f64> {
+    inv_freq_for(rope, head_dim, 0)
+}
+
+/// [`inv_freq`] for tables covering the first `positions` positions: LongRoPE takes its long
+/// factors when they reach past the original context, as transformers does for a forward
+/// pass whose last position is `positions - 1`.
+pub fn inv_freq_for(rope: &RopeConfig, head_dim: usize, positions: usize) -> Vec<f64> {
     let half = head_dim / 2;
     (0..half)
         .map(|i| {
             let f = 1.0 / rope.theta.powf((2 * i) as f64 / head_dim as f64);
-            match rope.scaling {
+            match &rope.scaling {
                 RopeScaling::None => f,
                 RopeScaling::Linear { factor } => f / factor,
-                RopeScaling::Llama3 {
+                RopeScaling::LongRope {
+                    short_factor,
+                    long_factor,
+                    original_max_position_embeddings: orig,
+                    ..
+                } => match positions > *orig {
+                    true => f / long_factor[i],
+                    false => f / short_factor[i],
+                },
+                &RopeScaling::Llama3 {
                     factor,
                     low_freq_factor,
                     high_freq_factor,
@@ -73,10 +115,14 @@ pub fn inv_freq(rope: &RopeConfig, head_dim: usize) -> Vec<f64> {
         .collect()
 }
 
+/// The rotary settings of a `config.json`: `rope_theta` and `rope_scaling` (transformers 4) or
+/// `rope_parameters` (5); `positions` are the top-level `max_position_embeddings` and
+/// `original_max_position_embeddings`, which LongRoPE reads when its own entry lacks them.
 pub(super) fn parse_rope(
     theta: Option<f64>,
     scaling: Option<Value>,
     params: Option<Value>,
+    positions: [Option<usize>; 2],
 ) -> Result<RopeConfig, ConfigError> {
     // transformers 5 puts everything in `rope_parameters`; 4 splits theta and scaling.
     let (theta, spec) = match params {
@@ -126,15 +172,58 @@ pub(super) fn parse_rope(
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
+        // `su` is the name Phi-3's first configs gave it.
+        "longrope" | "su" => long_rope(&spec, positions)?,
         other => {
             return Err(ConfigError::Unsupported {
                 field: "rope_type",
                 value: other.to_string(),
-                supported: "default, linear, llama3",
+                supported: "default, linear, llama3, longrope",
             });
         }
     };
     Ok(RopeConfig { theta, scaling })
+}
+
+/// LongRoPE's settings, with transformers' defaults: the original context from the entry or
+/// the top level; `attention_factor` from the entry, else `√(1 + ln s / ln original)` for the
+/// extension `s` (`factor`, else `max_position_embeddings / original`), 1 when `s ≤ 1`.
+fn long_rope(
+    spec: &serde_json::Map<String, Value>,
+    [max, original]: [Option<usize>; 2],
+) -> Result<RopeScaling, ConfigError> {
+    let bad = |msg: String| ConfigError::value("rope_scaling", msg);
+    let factors = |key: &str| -> Result<Vec<f64>, ConfigError> {
+        let list = spec.get(key).and_then(Value::as_array);
+        let v: Option<Vec<f64>> = list.and_then(|l| l.iter().map(Value::as_f64).collect());
+        v.filter(|v| !v.is_empty() && v.iter().all(|x| x.is_finite() && *x > 0.0))
+            .ok_or_else(|| bad(format!("longrope needs a list of positive `{key}`")))
+    };
+    let (short_factor, long_factor) = (factors("short_factor")?, factors("long_factor")?);
+    let original = (spec.get("original_max_position_embeddings"))
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .or(original)
+        .filter(|&o| o > 1)
+        .ok_or_else(|| bad("longrope needs original_max_position_embeddings above 1".into()))?;
+    let extension = match spec.get("factor").and_then(Value::as_f64) {
+        Some(f) => f,
+        None => max.unwrap_or(original) as f64 / original as f64,
+    };
+    let attention_factor = match spec.get("attention_factor").and_then(Value::as_f64) {
+        Some(a) => a,
+        None if extension <= 1.0 => 1.0,
+        None => (1.0 + extension.ln() / (original as f64).ln()).sqrt(),
+    };
+    if !(attention_factor.is_finite() && attention_factor > 0.0) {
+        return Err(bad(format!("longrope attention_factor {attention_factor}")));
+    }
+    Ok(RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        original_max_position_embeddings: original,
+        attention_factor,
+    })
 }
 
 #[cfg(test)]
@@ -161,5 +250,32 @@ mod tests {
         assert_eq!(a[0], b[0]);
         assert!((b[63] - a[63] / 8.0).abs() < 1e-15);
         assert!(b.iter().zip(&a).all(|(x, y)| x <= y && *x >= y / 8.0));
+    }
+
+    /// Phi-3.5's spelling (transformers 4): `rope_scaling.type`, the original context at the
+    /// top level, the attention factor derived from the extension 131072 / 4096.
+    #[test]
+    fn longrope_reads_transformers_4_configs() {
+        let spec = serde_json::json!({
+            "type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 8.0]
+        });
+        let rope = parse_rope(Some(1e4), Some(spec), None, [Some(131072), Some(4096)]).unwrap();
+        let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } = rope.scaling.clone()
+        else {
+            panic!("{rope:?}");
+        };
+        assert_eq!(original_max_position_embeddings, 4096);
+        let want = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+        assert!((attention_factor - want).abs() < 1e-12);
+        let (short, long) = (inv_freq_for(&rope, 4, 4096), inv_freq_for(&rope, 4, 4097));
+        assert_eq!(short, inv_freq(&rope, 4));
+        assert_eq!([short[1] * 1.5, long[1] * 8.0], [1e-2, 1e-2]);
+        let missing = serde_json::json!({"type": "longrope", "short_factor": [1.0, 1.5]});
+        let err = parse_rope(None, Some(missing), None, [None, Some(4096)]).unwrap_err();
+        assert!(err.to_string().contains("long_factor"), "{err}");
     }
 }

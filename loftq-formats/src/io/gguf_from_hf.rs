@@ -251,6 +251,12 @@ pub fn gguf_metadata(dir: &Path) -> Result<(LlamaConfig, Vec<KvEntry>)> {
         kv.push(u("attention.key_length", config.head_dim));
         kv.push(u("attention.value_length", config.head_dim));
     }
+    if let RopeScaling::LongRope { .. } = config.rope.scaling {
+        return Err(ModelError::format(
+            &dir.join("config.json"),
+            "LongRoPE scaling has no llama.cpp Llama key",
+        ));
+    }
     if let RopeScaling::Linear { factor } = config.rope.scaling {
         kv.push(KvEntry::str(&format!("{arch}.rope.scaling.type"), "linear"));
         kv.push(KvEntry::f32(
