@@ -203,54 +203,38 @@ impl<'a> Builder<'a> {
     }
 
     fn layer(&mut self, c: &LlamaConfig, i: usize) -> Result<DecoderLayer> {
-        let (h, d) = (c.hidden_size, c.head_dim);
         let p = format!("model.layers.{i}");
-        let q = c.num_attention_heads * d;
-        let kv = c.num_key_value_heads * d;
-        let inter = c.intermediate_size;
-        // Phi-3 stacks q/k/v in one matrix, and gate/up in another.
-        let (qkv, gate_up) = match c.family.fused() {
-            true => (
-                vec![("qkv_proj", q + 2 * kv)],
-                vec![("gate_up_proj", 2 * inter)],
-            ),
-            false => (
-                vec![("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
-                vec![("gate_proj", inter), ("up_proj", inter)],
-            ),
-        };
-        let mut linears = |part: &str, list: Vec<(&str, usize)>, bias: bool| {
-            (list.into_iter())
-                .map(|(name, rows)| {
-                    self.linear(&format!("{p}.{part}.{name}"), [rows, h], bias, true)
-                })
-                .collect::<Result<Vec<_>>>()
-        };
-        let qkv = linears("self_attn", qkv, c.qkv_bias)?;
-        let gate_up = linears("mlp", gate_up, c.mlp_bias)?;
+        // The family's linear layers by input group (q/k/v, o_proj, gate/up, down_proj; Phi-3
+        // fuses the first and the third into one matrix each), shaped as the config says.
+        let (paths, groups) = (c.family.linear_paths(), c.family.input_groups());
+        let biases = [c.qkv_bias, c.o_bias, c.mlp_bias, c.mlp_bias];
+        let mut by_group: [Vec<QLinear>; 4] = Default::default();
+        for (path, &g) in paths.iter().zip(groups) {
+            let name = format!("{p}.{path}");
+            let shape = (c.linear_shape(&format!("{name}.weight")))
+                .expect("every linear path of the family has a shape");
+            by_group[g].push(self.linear(&name, shape, biases[g], true)?);
+        }
+        let [qkv, mut o, gate_up, mut down] = by_group;
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         Ok(DecoderLayer {
-            input_layernorm: self.norm(&format!("{p}.input_layernorm"), h, c.rms_norm_eps)?,
+            input_layernorm: self.norm(&format!("{p}.input_layernorm"), h, eps)?,
             self_attn: Attention {
                 qkv,
-                o_proj: self.linear(&format!("{p}.self_attn.o_proj"), [h, q], c.o_bias, true)?,
+                o_proj: o.pop().expect("one o_proj"),
                 heads: c.num_attention_heads,
                 kv_heads: c.num_key_value_heads,
-                head_dim: d,
+                head_dim: c.head_dim,
                 window: c.window(i),
             },
             post_attention_layernorm: self.norm(
                 &format!("{p}.post_attention_layernorm"),
                 h,
-                c.rms_norm_eps,
+                eps,
             )?,
             mlp: Mlp {
                 gate_up,
-                down_proj: self.linear(
-                    &format!("{p}.mlp.down_proj"),
-                    [h, inter],
-                    c.mlp_bias,
-                    true,
-                )?,
+                down_proj: down.pop().expect("one down_proj"),
             },
         })
     }

@@ -62,15 +62,12 @@ pub fn gemm_rows(
 ) {
     let dst = MatMut::from_row_major_slice_mut(dst, lhs.nrows(), rhs.ncols());
     let accum = if add { Accum::Add } else { Accum::Replace };
-    let par = match threads {
-        Threads::Pool => Par::rayon(0),
-        Threads::Here => Par::Seq,
+    let (par, clear): (_, fn()) = match threads {
+        Threads::Pool => (Par::rayon(0), clear_upper_state),
+        Threads::Here => (Par::Seq, clear_upper_state_here),
     };
     faer::linalg::matmul::matmul(dst, accum, lhs, rhs, alpha, par);
-    match threads {
-        Threads::Pool => clear_upper_state(),
-        Threads::Here => clear_upper_state_here(),
-    }
+    clear();
 }
 
 /// `a·b` (`[m, k]·[k, n]`): faer for flex tensors, Burn's matmul otherwise.

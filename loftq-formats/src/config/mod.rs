@@ -194,23 +194,6 @@ impl LlamaConfig {
             raw.rope_parameters,
             positions,
         )?;
-        if let RopeScaling::LongRope {
-            short_factor,
-            long_factor,
-            ..
-        } = &rope.scaling
-            && (short_factor.len() != head_dim / 2 || long_factor.len() != head_dim / 2)
-        {
-            return Err(ConfigError::value(
-                "rope_scaling",
-                format!(
-                    "longrope has {} short and {} long factors; head_dim {head_dim} needs {}",
-                    short_factor.len(),
-                    long_factor.len(),
-                    head_dim / 2
-                ),
-            ));
-        }
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let config = Self {
             family,
@@ -246,8 +229,10 @@ impl LlamaConfig {
     }
 
     /// Checks the values a model is built from, before anything is sized by them: positive
-    /// sizes (zero decoder layers is a valid, if degenerate, model), whole groups of heads, an even head width, products that fit a `usize`, a
-    /// finite positive norm epsilon and rotary base (read from `config.json` or a GGUF file).
+    /// sizes (zero decoder layers is a valid, if degenerate, model), whole groups of heads, an
+    /// even head width, products that fit a `usize`, a finite positive norm epsilon and rotary
+    /// base, and LongRoPE factors for every frequency of a head (read from `config.json` or a
+    /// GGUF file).
     ///
     /// # Errors
     /// [`ConfigError::Value`] naming the field.
@@ -309,6 +294,23 @@ impl LlamaConfig {
                 format!("rope_theta {theta} must be a positive number"),
             ));
         }
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &self.rope.scaling
+            && (short_factor.len() != d / 2 || long_factor.len() != d / 2)
+        {
+            return Err(ConfigError::value(
+                "rope_scaling",
+                format!(
+                    "longrope has {} short and {} long factors; head_dim {d} needs {}",
+                    short_factor.len(),
+                    long_factor.len(),
+                    d / 2
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -333,15 +335,19 @@ impl LlamaConfig {
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
-        Some(match path.strip_suffix(".weight")? {
-            "self_attn.q_proj" if !self.family.fused() => [q, h],
-            "self_attn.k_proj" | "self_attn.v_proj" if !self.family.fused() => [kv, h],
+        let path = path.strip_suffix(".weight")?;
+        if !self.family.linear_paths().contains(&path) {
+            return None;
+        }
+        Some(match path {
+            "self_attn.q_proj" => [q, h],
+            "self_attn.k_proj" | "self_attn.v_proj" => [kv, h],
             "self_attn.o_proj" => [h, q],
-            "mlp.gate_proj" | "mlp.up_proj" if !self.family.fused() => [inter, h],
+            "mlp.gate_proj" | "mlp.up_proj" => [inter, h],
             "mlp.down_proj" => [h, inter],
-            "self_attn.qkv_proj" if self.family.fused() => [q + 2 * kv, h],
-            "mlp.gate_up_proj" if self.family.fused() => [2 * inter, h],
-            _ => return None,
+            "self_attn.qkv_proj" => [q + 2 * kv, h],
+            "mlp.gate_up_proj" => [2 * inter, h],
+            _ => unreachable!("every linear path has a shape"),
         })
     }
 

@@ -50,8 +50,8 @@ pub const BLOCKWISE_CHECKPOINT: &str = "blockwise-checkpoint";
 /// [`fit_layers`] on `job.stream` (validating on `job.val`), writing the adapter (PEFT format,
 /// `job.template` as its config) to `out/adapter` and the report to `out/blockwise.json`, each
 /// atomically, and a checkpoint ([`BLOCKWISE_CHECKPOINT`]) after each layer, `out` being
-/// `job.out`. With `cfg.resume`, a checkpoint in `out` is continued. Only one layer of each model is read at a time; the fitted factors are kept on
-/// the host.
+/// `job.out`. With `cfg.resume`, a checkpoint in `out` is continued. Only one layer of each
+/// model is read at a time; the fitted factors are kept on the host.
 ///
 /// # Errors
 /// Those of [`fit_layers`]; [`ModelError::Output`] for a checkpoint of other settings, or
