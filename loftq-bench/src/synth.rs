@@ -45,6 +45,7 @@ pub fn config(arch: &str, layers: Option<usize>) -> Result<LlamaConfig, String> 
         bos_token_id: Some(1),
         eos_token_id: Some(2),
         sliding_window: None,
+        partial_rotary_factor: None,
     })
 }
 

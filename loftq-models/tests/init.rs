@@ -247,9 +247,31 @@ fn llama_cpp_formats_start_lower_than_plain_quantization() {
 /// and a calibrated start lowers every matrix's weighted error.
 #[test]
 fn phi3_fused_layers_are_started_whole() {
+    let fused = [
+        "model.layers.1.self_attn.qkv_proj.weight",
+        "model.layers.1.mlp.gate_up_proj.weight",
+    ];
+    family_is_started("tiny-phi3", 8, &fused);
+}
+
+/// Phi-2's six linear layers (`dense`, `fc1`, `fc2` among them) are started, its biases and
+/// LayerNorms kept: the same properties as Phi-3's.
+#[test]
+fn phi2_layers_are_started() {
+    let names = [
+        "model.layers.1.self_attn.dense.weight",
+        "model.layers.0.mlp.fc1.weight",
+    ];
+    family_is_started("tiny-phi2", 12, &names);
+}
+
+/// Inits the fixture `name` with LoftQ, QLoRA and calibrated adapters: `count` tensors,
+/// `names` among them, LoftQ's logits closer to the model's than QLoRA's, the calibrated
+/// start lowering every weighted error.
+fn family_is_started(name: &str, count: usize, names: &[&str]) {
     use loftq_models::init::Calibration;
-    let dir = scratch("init-phi3");
-    let model = fixture("tiny-phi3");
+    let dir = scratch(&format!("init-{name}"));
+    let model = fixture(name);
     let refs = Checkpoint::open(&model.join("logits.safetensors")).unwrap();
     let want = refs.f32("logits").unwrap().data;
     let (shape, ids) = refs.i64("input_ids").unwrap();
@@ -263,10 +285,9 @@ fn phi3_fused_layers_are_started_whole() {
         let mut s = spec(model.clone(), dir.join(format!("{method:?}")));
         (s.method, s.backbone) = (method, Backbone::Packed);
         let r = run(&s, false).unwrap();
-        let names: Vec<_> = r.tensors.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(r.tensors.len(), 8, "{names:?}");
-        assert!(names.contains(&"model.layers.1.self_attn.qkv_proj.weight"));
-        assert!(names.contains(&"model.layers.1.mlp.gate_up_proj.weight"));
+        let got: Vec<_> = r.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(r.tensors.len(), count, "{got:?}");
+        assert!(names.iter().all(|n| got.contains(n)), "{got:?}");
         let m = load_pretrained(&s.out, Some(&s.out.join("adapter")), &device()).unwrap();
         dist.push(loftq_core::rel_dist(
             &want,
@@ -297,7 +318,7 @@ fn phi3_fused_layers_are_started_whole() {
         ..Calibration::new(vec![text])
     });
     let r = run(&s, false).unwrap();
-    assert_eq!(r.tensors.len(), 8);
+    assert_eq!(r.tensors.len(), count);
     for t in &r.tensors {
         let (q, i) = (t.weighted_err_quant.unwrap(), t.weighted_err_init.unwrap());
         assert!(i < q, "{}: {i} vs {q}", t.name);

@@ -89,6 +89,54 @@ fn phi3_matches_transformers_and_peft() {
     assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
 }
 
+/// Phi-2 (LayerNorms with biases, attention and MLP in parallel, rotary embeddings on 4 of 10
+/// dimensions per head, biases on every linear layer and the head, `gelu_new`) against
+/// transformers, with a PEFT adapter on its six linear layers against PEFT, and decoded a few
+/// tokens at a time through the KV cache.
+#[test]
+fn phi2_matches_transformers_and_peft() {
+    use loftq_models::nn::KvCache;
+    let dir = fixture("tiny-phi2");
+    let refs = dir.join("logits.safetensors");
+    let (ids, want) = reference(&refs, "logits");
+    let (_, want_lora) = reference(&refs, "logits_lora");
+    assert!(max_abs_diff(&want, &want_lora) > 1e-2);
+    let model = load_pretrained(&dir, None, &device()).unwrap();
+    assert_eq!(model.config.rotary_dim(), 4);
+    let parallel = |l: &loftq_models::nn::DecoderLayer| l.post_attention_layernorm.is_none();
+    assert!(model.layers.iter().all(parallel));
+    let got = logits(&model, ids.clone());
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    // Positions 0..7, then 7..11, then 11..16 through the cache: the last logits of each row.
+    let (b, s) = (2, 16);
+    let vocab = model.config.vocab_size;
+    let mut cache = KvCache::new();
+    let mut last = Vec::new();
+    for (start, end) in [(0, 7), (7, 11), (11, s)] {
+        let piece = ids.clone().narrow(1, start, end - start);
+        last = model
+            .forward_cached(piece, &mut cache)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+    }
+    let want_last: Vec<f32> = (0..b)
+        .flat_map(|r| got[(r * s + s - 1) * vocab..(r * s + s) * vocab].to_vec())
+        .collect();
+    let diff = max_abs_diff(&last, &want_last);
+    assert!(diff < 1e-4, "cached: max |Δlogit| = {diff}");
+    let model = load_pretrained(&dir, Some(&dir.join("adapter")), &device()).unwrap();
+    let adapted = model
+        .linears()
+        .iter()
+        .filter(|(_, l)| l.lora.is_some())
+        .count();
+    assert_eq!(adapted, 12);
+    let diff = max_abs_diff(&logits(&model, ids), &want_lora);
+    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+}
+
 /// LongRoPE (the scaling of Phi-3's long-context variants) against transformers: 16 positions
 /// take the short factors, 48 (past the original 32) the long ones; plain RoPE gives other
 /// logits in both cases.
@@ -189,16 +237,22 @@ fn packed_bases_dequantize_exactly_to_peft_q() {
 }
 
 /// The calibration pass's observe-only forward sees what the full one sees, and the full
-/// one's output is the layer's.
+/// one's output is the layer's; in parallel (Phi-2) the MLP's group sees the attention's input.
 #[test]
 fn observing_a_layer_sees_what_its_forward_computes() {
+    for name in ["tiny-llama", "tiny-phi2"] {
+        observe_layer(name);
+    }
+}
+
+fn observe_layer(name: &str) {
     use loftq_models::nn::{RopeTables, load_layer};
-    let dir = fixture("tiny-llama");
+    let dir = fixture(name);
     let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
     let ckpt = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
     let layer = load_layer(&config, &ckpt, 1, &device(), &Default::default()).unwrap();
     let (b, s, h) = (2, 5, config.hidden_size);
-    let rope = RopeTables::new(&config.rope, config.head_dim, s, &device());
+    let rope = RopeTables::new(&config.rope, config.rotary_dim(), s, &device());
     let x: Vec<f32> = (0..b * s * h)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
         .collect();
@@ -213,6 +267,12 @@ fn observing_a_layer_sees_what_its_forward_computes() {
     });
     assert_eq!(full.iter().map(|o| o.0).collect::<Vec<_>>(), [0, 1, 2, 3]);
     assert_eq!(full, only);
+    if config.family.parallel() {
+        assert_eq!(
+            full[0].1, full[2].1,
+            "{name}: the MLP reads the attention's input"
+        );
+    }
     let plain = layer
         .forward(x, &rope)
         .into_data()

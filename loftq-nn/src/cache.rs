@@ -43,7 +43,7 @@ impl Llama {
         let device = self.embed_tokens.device();
         let rope = RopeTables::positions(
             &self.config.rope,
-            self.config.head_dim,
+            self.config.rotary_dim(),
             start..start + n,
             &device,
         );
@@ -64,9 +64,8 @@ impl DecoderLayer {
     /// holds (the new ones are appended); `rope` has the new positions' tables.
     fn forward_cached(&self, x: Tensor<3>, rope: &RopeTables, kv: &mut LayerKv) -> Tensor<3> {
         let xn = self.input_layernorm.forward(x.clone());
-        let attn = self.self_attn.forward_cached(xn, rope, kv);
-        let h = x + attn;
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let h = x + self.self_attn.forward_cached(xn.clone(), rope, kv);
+        h.clone() + self.mlp.forward(self.mlp_input(h, xn))
     }
 }
 

@@ -18,11 +18,12 @@ pub(crate) struct AttnShape {
     pub head_dim: usize,
 }
 
-/// The rotary tables, `[seq, head_dim]` each.
+/// The rotary tables, `[seq, dim]` each: the first `dim` dimensions of a head turn.
 #[derive(Clone, Copy)]
 pub(crate) struct Rope<'a> {
     pub cos: &'a [f32],
     pub sin: &'a [f32],
+    pub dim: usize,
 }
 
 impl Rope<'_> {
@@ -38,20 +39,23 @@ impl Rope<'_> {
 
     /// With `(a, b)` the two halves' entries at one position, `(a·cos₁ + b·p, b·cos₂ + a·q)`:
     /// `p = −sin₁`, `q = sin₂` for the rotation, and `p = sin₂`, `q = −sin₁` for its transpose.
-    /// Rows of `width` (a multiple of `d`: several heads at one position), each head rotated.
+    /// Rows of `width` (a multiple of `d`: several heads at one position), each head's first
+    /// [`dim`](Self::dim) rotated.
     fn rotate(&self, x: &mut [f32], d: usize, width: usize, transpose: bool) {
-        rotate_rows(x, self.cos, self.sin, d, width, transpose);
+        rotate_rows(x, [self.cos, self.sin], [d, self.dim], width, transpose);
     }
 }
 
 multiversion! {
-/// [`Rope::rotate`] of the rows of `x [seq, width]`, each a run of heads of `d`.
-fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, width: usize, transpose: bool) {
-    let half = d / 2;
-    for ((heads, cos), sin) in x.chunks_mut(width).zip(cos.chunks(d)).zip(sin.chunks(d)) {
+/// [`Rope::rotate`] of the rows of `x [seq, width]`, each a run of heads of `d` whose first
+/// `rd` turn.
+fn rotate_rows(x: &mut [f32], tables: [&[f32]; 2], dims: [usize; 2], width: usize, transpose: bool) {
+    let ([cos, sin], [d, rd]) = (tables, dims);
+    let half = rd / 2;
+    for ((heads, cos), sin) in x.chunks_mut(width).zip(cos.chunks(rd)).zip(sin.chunks(rd)) {
         let (s1, s2) = sin.split_at(half);
         for row in heads.chunks_mut(d) {
-            let (x1, x2) = row.split_at_mut(half);
+            let (x1, x2) = row[..rd].split_at_mut(half);
             for c in 0..half {
                 let (a, b) = (x1[c], x2[c]);
                 let (p, q) = if transpose {
@@ -304,9 +308,13 @@ mod tests {
         let (s, d) = (19, 8);
         let (cos, sin) = (values(s * d, 5), values(s * d, 6));
         let (mut a, mut b) = (values(s * d, 7), values(s * d, 7));
-        rotate_rows(&mut a, &cos, &sin, d, d, true);
-        rotate_rows::portable(&mut b, &cos, &sin, d, d, true);
-        assert_eq!(bits(&a), bits(&b), "rope");
+        // Every dimension turning, and (Phi) the first 6 of 8.
+        for rd in [d, 6] {
+            let tables = [&cos[..s * rd], &sin[..s * rd]];
+            rotate_rows(&mut a, tables, [d, rd], d, true);
+            rotate_rows::portable(&mut b, tables, [d, rd], d, true);
+            assert_eq!(bits(&a), bits(&b), "rope");
+        }
 
         let (p, o, dout) = (
             values(3 * s * s, 8),

@@ -135,12 +135,14 @@ pub(crate) fn silu_mul<const D: usize>(gate: &Tensor<D>, up: &Tensor<D>) -> Opti
 }
 
 /// Causal grouped-query attention of projected `q [b, s, heads·d]`, `k`, `v`
-/// `[b, s, kv_heads·d]` with rotary tables `cos`, `sin` `[s, d]`: `[b, s, heads·d]`.
+/// `[b, s, kv_heads·d]` with rotary tables `cos`, `sin` `[s, r]` turning each head's first `r`
+/// dimensions: `[b, s, heads·d]`.
 pub(crate) fn attention(
     [q, kk, v]: [&Tensor<3>; 3],
     [cos, sin]: [&Tensor<2>; 2],
     [heads, kv_heads]: [usize; 2],
 ) -> Option<Tensor<3>> {
+    let dim = cos.dims()[1];
     let (cos, sin) = (Host::of(cos)?, Host::of(sin)?);
     let [batch, seq, width] = q.dims();
     let sh = AttnShape {
@@ -157,6 +159,7 @@ pub(crate) fn attention(
             let rope = Rope {
                 cos: cos.slice(),
                 sin: sin.slice(),
+                dim,
             };
             let y = attn::attention(q.slice(), kk.slice(), v.slice(), rope, sh);
             let back = wanted.map(|_| {
@@ -164,6 +167,7 @@ pub(crate) fn attention(
                     let rope = Rope {
                         cos: cos.slice(),
                         sin: sin.slice(),
+                        dim,
                     };
                     attn::attention_backward([q.slice(), kk.slice(), v.slice()], rope, sh, dy)
                 }) as BackwardFn<3>
@@ -195,9 +199,9 @@ pub(crate) mod tests {
     use burn::tensor::{Device, Distribution, Int};
 
     use super::*;
+    use crate::Norm;
     use crate::RopeTables;
     use crate::attention::attend_generic;
-    use crate::llama::RmsNorm;
     use loftq_formats::config::{RopeConfig, RopeScaling};
 
     pub(crate) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -265,10 +269,7 @@ pub(crate) mod tests {
     #[test]
     fn rms_norm_matches_burn() {
         let dev = ad();
-        let norm = RmsNorm {
-            weight: rnd([24], &Device::flex()),
-            eps: 1e-5,
-        };
+        let norm = Norm::rms(rnd([24], &Device::flex()), 1e-5);
         same(
             [rnd([3, 5, 24], &dev)],
             |[x]| rms_norm(&x, &norm.weight, norm.eps),
@@ -290,17 +291,18 @@ pub(crate) mod tests {
         );
     }
 
-    /// One block of positions, and several (the last one partial) of the causal products.
+    /// One block of positions, and several (the last one partial) of the causal products;
+    /// rotary embeddings on whole heads and (Phi) on half of each.
     #[test]
     fn attention_matches_burn_with_grouped_heads_and_rope() {
         let dev = ad();
-        for s in [11, 70] {
-            let (b, h, kvh, d) = (2, 6, 2, 8);
+        let (b, h, kvh, d) = (2, 6, 2, 8);
+        for (s, rd) in [(11, d), (70, d), (23, d / 2)] {
             let rope_cfg = RopeConfig {
                 theta: 10_000.0,
                 scaling: RopeScaling::None,
             };
-            let rope = RopeTables::new(&rope_cfg, d, s, &Device::flex());
+            let rope = RopeTables::new(&rope_cfg, rd, s, &Device::flex());
             same(
                 [
                     rnd([b, s, h * d], &dev),
@@ -309,7 +311,7 @@ pub(crate) mod tests {
                 ],
                 |[q, k, v]| attention([&q, &k, &v], [&rope.cos, &rope.sin], [h, kvh]),
                 |[q, k, v]| attend_generic([q, k, v], &rope, [h, kvh], None),
-                &format!("attention, {s} positions"),
+                &format!("attention, {s} positions, {rd} rotary dimensions"),
             );
         }
     }

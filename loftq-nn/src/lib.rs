@@ -1,7 +1,7 @@
 //! # loftq-nn
 //!
-//! The model floor of loftq-rs: the Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2)
-//! on Burn, whose linear layers are [`QLinear`]: a frozen base, dense or held packed, plus a LoRA
+//! The model floor of loftq-rs: the Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2,
+//! Phi-3, Phi-2) on Burn, whose linear layers are [`QLinear`]: a frozen base, dense or held packed, plus a LoRA
 //! adapter. It loads checkpoints and adapters through `loftq-formats`, starts adapters in memory
 //! ([`FreshLora`], [`Llama::init_adapters`]), saves them, runs forward passes with a KV cache,
 //! and hands out one decoder layer at a time ([`LayerSource`]). The jobs on a model (init,
@@ -26,6 +26,7 @@ mod layerwise;
 mod llama;
 mod load;
 mod mlp;
+mod norm;
 mod qlinear;
 mod rope;
 mod save;
@@ -34,12 +35,13 @@ pub use adapters::{FreshLora, LayerInit, tensor_seed};
 pub use attention::Attention;
 pub use cache::KvCache;
 pub use layerwise::{LayerReader, LayerSource};
-pub use llama::{DecoderLayer, Llama, RmsNorm};
+pub use llama::{DecoderLayer, Llama};
 pub use load::{
     LINEAR_NAMES, LoadOptions, load_ends, load_layer, load_model, load_pretrained,
     load_pretrained_with, open_pretrained,
 };
 pub use mlp::Mlp;
+pub use norm::{Norm, NormKind};
 pub use qlinear::{BaseWeight, LoraAdapter, PackedWeight, QLinear};
 pub use rope::RopeTables;
 pub use save::{BackboneFormat, adapter_of};

@@ -1,53 +1,25 @@
-//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2) with Hugging Face module
-//! names, so that HF checkpoints and PEFT adapters map by name.
+//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2, Phi-3, Phi-2) with Hugging
+//! Face module names, so that HF checkpoints and PEFT adapters map by name.
 
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor};
 
 use super::Output;
 use super::kernels;
-use super::{Attention, Mlp, QLinear, RopeTables};
-use loftq_formats::config::{LlamaConfig, linear_layout, linear_path};
+use super::{Attention, Mlp, Norm, QLinear, RopeTables};
+use loftq_formats::config::{Layout, LlamaConfig, linear_layout, linear_path};
 
-/// RMSNorm: `x / √(mean(x²) + ε) · weight`.
-#[derive(Module, Debug)]
-pub struct RmsNorm {
-    /// `[hidden]` (frozen).
-    pub weight: Tensor<1>,
-    /// ε.
-    pub eps: f64,
-}
-
-impl RmsNorm {
-    /// Normalizes the last dimension.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if let Some(y) = kernels::rms_norm(&x, &self.weight, self.eps) {
-            return y;
-        }
-        self.forward_generic(x)
-    }
-
-    /// [`Self::forward`] in Burn's generic ops (every back end but the CPU's).
-    pub(crate) fn forward_generic<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let rms = x
-            .clone()
-            .square()
-            .mean_dim(D - 1)
-            .add_scalar(self.eps)
-            .sqrt();
-        x.div(rms) * self.weight.clone().unsqueeze()
-    }
-}
-
-/// `model.layers.N`: pre-norm attention and MLP with residual connections.
+/// `model.layers.N`: pre-norm attention and MLP with residual connections, one after the
+/// other, or (Phi) both on the same normalized input.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
     /// `input_layernorm`.
-    pub input_layernorm: RmsNorm,
+    pub input_layernorm: Norm,
     /// `self_attn`.
     pub self_attn: Attention,
-    /// `post_attention_layernorm`.
-    pub post_attention_layernorm: RmsNorm,
+    /// `post_attention_layernorm`; `None` when the MLP reads `input_layernorm`'s output, in
+    /// parallel with the attention (Phi).
+    pub post_attention_layernorm: Option<Norm>,
     /// `mlp`.
     pub mlp: Mlp,
 }
@@ -68,19 +40,24 @@ impl DecoderLayer {
     }
 
     fn forward_as(&self, x: Tensor<3>, rope: &RopeTables, output: Output) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope);
-        h.clone()
-            + self
-                .mlp
-                .forward_as(self.post_attention_layernorm.forward(h), output)
+        let xn = self.input_layernorm.forward(x.clone());
+        let h = x + self.self_attn.forward(xn.clone(), rope);
+        h.clone() + self.mlp.forward_as(self.mlp_input(h, xn), output)
+    }
+
+    /// The MLP's input: the normalized residual after attention, or (in parallel) the
+    /// attention's own input `xn`.
+    pub(crate) fn mlp_input(&self, h: Tensor<3>, xn: Tensor<3>) -> Tensor<3> {
+        match &self.post_attention_layernorm {
+            Some(norm) => norm.forward(h),
+            None => xn,
+        }
     }
 
     /// [`forward`](Self::forward), handing the input of each group of linear layers to
     /// `observe` as `[batch·seq, in]`: the group index is [`Self::input_groups`]' (0: q/k/v,
-    /// 1: o_proj, 2: gate/up, 3: down_proj). Calibration reads its statistics from here.
+    /// 1: o_proj, 2: gate/up, 3: down_proj; in parallel, 2 is handed group 0's input again).
+    /// Calibration reads its statistics from here.
     pub fn forward_observed(
         &self,
         x: Tensor<3>,
@@ -117,30 +94,35 @@ impl DecoderLayer {
         let a = &self.self_attn;
         let xn = self.input_layernorm.forward(x.clone());
         observe(0, flat(&xn));
-        let att = super::attention::attend(a.project(xn), rope, [a.heads, a.kv_heads], a.window);
+        let att =
+            super::attention::attend(a.project(xn.clone()), rope, [a.heads, a.kv_heads], a.window);
         observe(1, flat(&att));
         let h = x + a.o_proj.forward(att);
-        let hn = self.post_attention_layernorm.forward(h.clone());
+        let hn = self.mlp_input(h.clone(), xn);
         observe(2, flat(&hn));
         let act = self.mlp.activation(hn);
         observe(3, flat(&act));
         (h, act)
     }
 
-    /// Whether q/k/v are one matrix, and gate/up another (Phi-3).
-    pub fn fused(&self) -> bool {
-        self.self_attn.qkv.len() == 1
+    /// How the linear layers are named and split: Llama's seven, Phi-3's four fused, Phi's six.
+    pub fn layout(&self) -> Layout {
+        match (self.self_attn.qkv.len(), &self.post_attention_layernorm) {
+            (1, _) => Layout::Fused,
+            (_, None) => Layout::Phi,
+            _ => Layout::Llama,
+        }
     }
 
-    /// The paths of the linear layers inside `model.layers.N`, in [`Self::linears`] order:
-    /// seven (`self_attn.q_proj`, ...), or four when [`fused`](Self::fused).
+    /// The paths of the linear layers inside `model.layers.N`, in [`Self::linears`] order
+    /// (`self_attn.q_proj`, ...).
     pub fn linear_paths(&self) -> &'static [&'static str] {
-        linear_layout(self.fused()).0
+        linear_layout(self.layout()).0
     }
 
     /// The input group of each of [`Self::linears`] (see [`Self::forward_observed`]).
     pub fn input_groups(&self) -> &'static [usize] {
-        linear_layout(self.fused()).1
+        linear_layout(self.layout()).1
     }
 
     /// The linear layers, in checkpoint order (q/k/v, o, gate/up, down).
@@ -167,8 +149,8 @@ pub struct Llama {
     pub embed_tokens: Tensor<2>,
     /// `model.layers`.
     pub layers: Vec<DecoderLayer>,
-    /// `model.norm`.
-    pub norm: RmsNorm,
+    /// `model.norm` (Phi's `model.final_layernorm`).
+    pub norm: Norm,
     /// `lm_head`; `None` when tied to the embeddings.
     pub lm_head: Option<QLinear>,
     /// The architecture.
@@ -206,7 +188,7 @@ impl Llama {
     /// The rotary tables for positions `0..seq`.
     pub fn rope(&self, seq: usize) -> RopeTables {
         let device = self.embed_tokens.device();
-        RopeTables::new(&self.config.rope, self.config.head_dim, seq, &device)
+        RopeTables::new(&self.config.rope, self.config.rotary_dim(), seq, &device)
     }
 
     /// The mean negative log-likelihood of `targets` (one per position) from normalized hidden

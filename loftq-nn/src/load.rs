@@ -9,7 +9,8 @@ use loftq_core::quant::PackedTensor;
 use loftq_core::{QuantConfig, Quantizer};
 
 use super::{
-    Attention, BaseWeight, DecoderLayer, Llama, LoraAdapter, Mlp, PackedWeight, QLinear, RmsNorm,
+    Attention, BaseWeight, DecoderLayer, Llama, LoraAdapter, Mlp, Norm, NormKind, PackedWeight,
+    QLinear,
 };
 use loftq_formats::config::{LlamaConfig, decoder_linear_paths};
 use loftq_formats::io::{Adapter, HostTensor, TensorSource, is_gguf, open_source};
@@ -190,9 +191,9 @@ impl<'a> Builder<'a> {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(self.linear("lm_head", [c.vocab_size, h], false, false)?)
+            Some(self.linear("lm_head", [c.vocab_size, h], c.family.parallel(), false)?)
         };
-        let norm = self.norm("model.norm", h, c.rms_norm_eps)?;
+        let norm = self.norm(c, c.family.final_norm())?;
         Ok(Llama {
             embed_tokens,
             layers: Vec::new(),
@@ -216,9 +217,12 @@ impl<'a> Builder<'a> {
             by_group[g].push(self.linear(&name, shape, biases[g], true)?);
         }
         let [qkv, mut o, gate_up, mut down] = by_group;
-        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let post_attention_layernorm = match c.family.parallel() {
+            true => None,
+            false => Some(self.norm(c, &format!("{p}.post_attention_layernorm"))?),
+        };
         Ok(DecoderLayer {
-            input_layernorm: self.norm(&format!("{p}.input_layernorm"), h, eps)?,
+            input_layernorm: self.norm(c, &format!("{p}.input_layernorm"))?,
             self_attn: Attention {
                 qkv,
                 o_proj: o.pop().expect("one o_proj"),
@@ -227,14 +231,11 @@ impl<'a> Builder<'a> {
                 head_dim: c.head_dim,
                 window: c.window(i),
             },
-            post_attention_layernorm: self.norm(
-                &format!("{p}.post_attention_layernorm"),
-                h,
-                eps,
-            )?,
+            post_attention_layernorm,
             mlp: Mlp {
                 gate_up,
                 down_proj: down.pop().expect("one down_proj"),
+                act: c.family.activation(),
             },
         })
     }
@@ -247,10 +248,18 @@ impl<'a> Builder<'a> {
         Ok(self.upload(self.source.shaped(name, shape)?))
     }
 
-    fn norm(&self, path: &str, hidden: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm {
-            weight: self.dense(&format!("{path}.weight"), &[hidden])?,
-            eps,
+    /// The norm at `path`: an RMSNorm, or (Phi) a LayerNorm with its bias.
+    fn norm(&self, c: &LlamaConfig, path: &str) -> Result<Norm> {
+        let h = c.hidden_size;
+        let weight = self.dense(&format!("{path}.weight"), &[h])?;
+        Ok(match c.family.parallel() {
+            true => Norm {
+                weight,
+                bias: Some(self.dense(&format!("{path}.bias"), &[h])?),
+                eps: c.rms_norm_eps,
+                kind: NormKind::Layer,
+            },
+            false => Norm::rms(weight, c.rms_norm_eps),
         })
     }
 

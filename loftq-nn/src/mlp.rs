@@ -1,4 +1,5 @@
-//! The SiLU-gated MLP: `down_proj(silu(gate_proj(x)) · up_proj(x))`.
+//! The MLP: SiLU-gated, `down_proj(silu(gate_proj(x)) · up_proj(x))`, or Phi's
+//! `fc2(gelu_new(fc1(x)))`.
 
 use burn::module::Module;
 use burn::tensor::Tensor;
@@ -7,15 +8,20 @@ use burn::tensor::activation::silu;
 use super::Output;
 use super::QLinear;
 use super::kernels;
+use loftq_formats::config::Activation;
 
-/// `mlp.{gate_proj, up_proj, down_proj}`, or Phi-3's `mlp.{gate_up_proj, down_proj}`.
+/// `mlp.{gate_proj, up_proj, down_proj}`, Phi-3's `mlp.{gate_up_proj, down_proj}` or Phi's
+/// `mlp.{fc1, fc2}`.
 #[derive(Module, Debug)]
 pub struct Mlp {
-    /// `gate_proj` and `up_proj`, `[intermediate, hidden]` each; or one `gate_up_proj` with
-    /// their rows stacked in that order.
+    /// The input projections: `gate_proj` and `up_proj`, `[intermediate, hidden]` each; one
+    /// `gate_up_proj` with their rows stacked in that order; or Phi's `fc1`.
     pub gate_up: Vec<QLinear>,
-    /// `[hidden, intermediate]`.
+    /// The output projection `[hidden, intermediate]` (Phi's `fc2`).
     pub down_proj: QLinear,
+    /// What joins the input projections.
+    #[module(skip)]
+    pub act: Activation,
 }
 
 impl Mlp {
@@ -29,8 +35,14 @@ impl Mlp {
         self.down_proj.forward_as(self.activation(x), output)
     }
 
-    /// `silu(gate)·up` for `x [batch, seq, hidden]`: down_proj's input.
+    /// `silu(gate)·up` (or `gelu_new(fc1)`) for `x [batch, seq, hidden]`: down_proj's input.
     pub fn activation(&self, x: Tensor<3>) -> Tensor<3> {
+        if self.act == Activation::GeluTanh {
+            let [fc1] = self.gate_up.as_slice() else {
+                unreachable!("{} fc1 projections", self.gate_up.len())
+            };
+            return gelu_tanh(fc1.forward(x));
+        }
         let [gate, up] = match self.gate_up.as_slice() {
             [gate, up] => [gate.forward(x.clone()), up.forward(x)],
             [gate_up] => {
@@ -50,4 +62,13 @@ pub(crate) fn silu_mul(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
         return y;
     }
     silu(gate) * up
+}
+
+/// GELU's tanh form, transformers' `gelu_new`: `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+/// The cube is a product: a float power of a negative base is NaN on some back ends.
+pub(crate) fn gelu_tanh(x: Tensor<3>) -> Tensor<3> {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    let cube = x.clone() * x.clone() * x.clone();
+    let inner = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar(SQRT_2_OVER_PI);
+    (x * (inner.tanh() + 1.0)).mul_scalar(0.5)
 }

@@ -1,11 +1,13 @@
 //! Rotary position embeddings in Hugging Face's `rotate_half` layout: the first half of each
-//! head is paired with the second half (not adjacent pairs as in llama.cpp).
+//! head is paired with the second half (not adjacent pairs as in llama.cpp). With a partial
+//! rotary factor (Phi) only the first `rotary_dim` dimensions of a head turn, halves of those
+//! paired, and the rest pass through.
 
 use burn::tensor::{Device, Tensor, TensorData};
 
 use loftq_formats::config::{RopeConfig, inv_freq_for};
 
-/// `cos` and `sin` tables `[seq, head_dim]` for positions `0..seq` (each half repeated, as
+/// `cos` and `sin` tables `[seq, rotary_dim]` for positions `0..seq` (each half repeated, as
 /// `torch.cat((freqs, freqs), -1)`).
 #[derive(Clone, Debug)]
 pub struct RopeTables {
@@ -16,25 +18,27 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    /// Tables for `seq` positions.
-    pub fn new(rope: &RopeConfig, head_dim: usize, seq: usize, device: &Device) -> Self {
-        Self::positions(rope, head_dim, 0..seq, device)
+    /// Tables for `seq` positions, `rotary_dim` wide ([`LlamaConfig::rotary_dim`]).
+    ///
+    /// [`LlamaConfig::rotary_dim`]: loftq_formats::config::LlamaConfig::rotary_dim
+    pub fn new(rope: &RopeConfig, rotary_dim: usize, seq: usize, device: &Device) -> Self {
+        Self::positions(rope, rotary_dim, 0..seq, device)
     }
 
     /// Tables for the positions `range` (row `i` is position `range.start + i`): the new
     /// tokens of a decoding step.
     pub fn positions(
         rope: &RopeConfig,
-        head_dim: usize,
+        rotary_dim: usize,
         range: std::ops::Range<usize>,
         device: &Device,
     ) -> Self {
         // LongRoPE's factors depend on the last position, as in transformers.
-        let freqs = inv_freq_for(rope, head_dim, range.end);
+        let freqs = inv_freq_for(rope, rotary_dim, range.end);
         let scale = rope.scaling.attention_factor();
         let seq = range.len();
-        let mut cos = Vec::with_capacity(seq * head_dim);
-        let mut sin = Vec::with_capacity(seq * head_dim);
+        let mut cos = Vec::with_capacity(seq * rotary_dim);
+        let mut sin = Vec::with_capacity(seq * rotary_dim);
         for pos in range {
             let angles: Vec<f64> = freqs.iter().map(|f| pos as f64 * f).collect();
             for _ in 0..2 {
@@ -42,16 +46,22 @@ impl RopeTables {
                 sin.extend(angles.iter().map(|a| (a.sin() * scale) as f32));
             }
         }
-        let make = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [seq, head_dim]), device);
+        let make = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [seq, rotary_dim]), device);
         Self {
             cos: make(cos),
             sin: make(sin),
         }
     }
 
-    /// Rotates `x` `[batch, heads, seq, head_dim]`: `x·cos + rotate_half(x)·sin`.
+    /// Rotates `x` `[batch, heads, seq, head_dim]`: `x·cos + rotate_half(x)·sin` on the first
+    /// `rotary_dim` dimensions of each head, the others unchanged.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, h, s, d] = x.dims();
+        let [b, h, s, width] = x.dims();
+        let d = self.cos.dims()[1];
+        if d < width {
+            let pass = x.clone().narrow(3, d, width - d);
+            return Tensor::cat(vec![self.apply(x.narrow(3, 0, d)), pass], 3);
+        }
         let half = d / 2;
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.clone().narrow(3, half, half);

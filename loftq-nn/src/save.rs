@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::tensor::Tensor;
 use loftq_core::quant::host_f32;
 
-use super::{BaseWeight, Llama, QLinear};
+use super::{BaseWeight, Llama, Norm, QLinear};
 use loftq_formats::io::HostTensor;
 use loftq_formats::io::{
     Adapter, AdapterConfig, LoraWeights, OutTensor, add_packed, write_atomic, write_safetensors,
@@ -40,25 +40,22 @@ impl Llama {
         };
         let mut tensors = BTreeMap::new();
         let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let mut put = |name: String, t: &Tensor<1>| {
-            let v = t
-                .to_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .expect("f32 data");
-            tensors.insert(name, dense(vec![v.len()], &v));
+        let mut put_norm = |path: String, norm: &Norm| {
+            let parts = [("weight", Some(&norm.weight)), ("bias", norm.bias.as_ref())];
+            for (part, t) in parts {
+                if let Some(t) = t {
+                    let v = host_f32(t);
+                    tensors.insert(format!("{path}.{part}"), dense(vec![v.len()], &v));
+                }
+            }
         };
-        put("model.norm.weight".into(), &self.norm.weight);
+        put_norm(self.config.family.final_norm().into(), &self.norm);
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            put(
-                format!("{p}.input_layernorm.weight"),
-                &l.input_layernorm.weight,
-            );
-            put(
-                format!("{p}.post_attention_layernorm.weight"),
-                &l.post_attention_layernorm.weight,
-            );
+            put_norm(format!("{p}.input_layernorm"), &l.input_layernorm);
+            if let Some(norm) = &l.post_attention_layernorm {
+                put_norm(format!("{p}.post_attention_layernorm"), norm);
+            }
         }
         let embed = &self.embed_tokens;
         tensors.insert(
@@ -77,11 +74,7 @@ impl Llama {
                 }
             }
             if let Some(bias) = &lin.bias {
-                let v = bias
-                    .to_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .expect("f32 data");
+                let v = host_f32(bias);
                 tensors.insert(format!("{path}.bias"), dense(vec![v.len()], &v));
             }
         }

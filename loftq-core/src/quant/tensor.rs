@@ -78,8 +78,8 @@ impl Quantized {
             shape: self.shape,
             block: self.block,
             codes: codes.into_iter().map(|c| c as u8).collect(),
-            scales: f32_vec(&self.scales),
-            mins: self.mins.as_ref().map(f32_vec).unwrap_or_default(),
+            scales: host_f32(&self.scales),
+            mins: self.mins.as_ref().map(host_f32).unwrap_or_default(),
         }
     }
 
@@ -104,15 +104,8 @@ impl Quantized {
     }
 }
 
-fn f32_vec(t: &Tensor<1>) -> Vec<f32> {
-    t.to_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("f32 data")
-}
-
-/// The matrix of a tensor as host `f32`s, row-major.
-pub fn host_f32(t: &Tensor<2>) -> Vec<f32> {
+/// A tensor's values as host `f32`s, row-major.
+pub fn host_f32<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
     t.to_data()
         .convert::<f32>()
         .try_to_vec::<f32>()
@@ -406,7 +399,7 @@ fn portable_ggml(
             .mask_fill(zero, 0.0)
     };
     let to_f16 = |t: Tensor<2>| {
-        let v: Vec<f32> = f32_vec(&t.reshape([nb]))
+        let v: Vec<f32> = host_f32(&t.reshape([nb]))
             .into_iter()
             .map(round_f16)
             .collect();

@@ -17,10 +17,11 @@ mod window;
 
 pub use error::ConfigError;
 pub use names::{
-    FUSED_LINEAR_PATHS, LINEAR_PATHS, decoder_linear_paths, linear_layout, linear_path,
+    Activation, FUSED_LINEAR_PATHS, LINEAR_PATHS, Layout, PHI_LINEAR_PATHS, decoder_linear_paths,
+    linear_layout, linear_path,
 };
-use rope::parse_rope;
 pub use rope::{RopeConfig, RopeScaling, inv_freq, inv_freq_for};
+use rope::{parse_rope, partial_rotary};
 pub use window::SlidingWindow;
 use window::sliding_window;
 
@@ -37,6 +38,10 @@ pub enum Family {
     /// Phi-3: q/k/v fused in `qkv_proj`, gate/up in `gate_up_proj`; a sliding window on every
     /// layer when `sliding_window` is set.
     Phi3,
+    /// Phi-1, 1.5 and 2 (`model_type: phi`): LayerNorm with biases, attention and MLP in
+    /// parallel on one normalized input, `dense` output, `fc1`/`gelu_new`/`fc2` MLP, biases
+    /// on every linear layer and the LM head, rotary embeddings on part of each head.
+    Phi,
 }
 
 /// The architecture of a Llama-family causal LM.
@@ -58,7 +63,7 @@ pub struct LlamaConfig {
     pub num_key_value_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
-    /// RMSNorm epsilon.
+    /// The norms' epsilon (RMSNorm's; Phi's LayerNorm `layer_norm_eps`).
     pub rms_norm_eps: f64,
     /// Rotary settings.
     pub rope: RopeConfig,
@@ -80,6 +85,10 @@ pub struct LlamaConfig {
     /// `None` for full causal attention everywhere.
     #[serde(default)]
     pub sliding_window: Option<SlidingWindow>,
+    /// The share of each head the rotary embedding turns (its first dimensions), when not the
+    /// whole head (Phi's `partial_rotary_factor`); see [`LlamaConfig::rotary_dim`].
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -93,6 +102,8 @@ struct RawConfig {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
+    layer_norm_eps: Option<f64>,
+    qk_layernorm: Option<bool>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
     rope_parameters: Option<Value>,
@@ -134,34 +145,30 @@ impl LlamaConfig {
             Some("mistral") => Family::Mistral,
             Some("qwen2") => Family::Qwen2,
             Some("phi3") => Family::Phi3,
+            Some("phi") => Family::Phi,
             Some(other) => {
                 return Err(ConfigError::Unsupported {
                     field: "model_type",
                     value: other.to_string(),
-                    supported: "llama, mistral, qwen2, phi3",
+                    supported: "llama, mistral, qwen2, phi3, phi",
                 });
             }
         };
-        let partial = (raw.rope_parameters.as_ref())
-            .and_then(|p| p.get("partial_rotary_factor")?.as_f64())
-            .or(raw.partial_rotary_factor);
-        if let Some(f) = partial.filter(|&f| f != 1.0) {
-            return Err(ConfigError::Unsupported {
-                field: "partial_rotary_factor",
-                value: f.to_string(),
-                supported: "1 (rotary embeddings on the whole head)",
-            });
-        }
+        let partial_rotary_factor = partial_rotary(family, &raw)?;
         // Settings that change the computation and are not implemented are refused.
-        if let Some(act) = raw
-            .hidden_act
-            .as_deref()
-            .filter(|a| !matches!(*a, "silu" | "swish"))
-        {
+        let act = raw.hidden_act.as_deref();
+        if let Some(act) = act.filter(|a| !family.activation().names().contains(a)) {
             return Err(ConfigError::Unsupported {
                 field: "hidden_act",
                 value: act.to_string(),
-                supported: "silu",
+                supported: family.activation().names()[0],
+            });
+        }
+        if raw.qk_layernorm == Some(true) {
+            return Err(ConfigError::Unsupported {
+                field: "qk_layernorm",
+                value: "true".into(),
+                supported: "false",
             });
         }
         let max_positions = raw.max_position_embeddings.unwrap_or(2048);
@@ -194,7 +201,8 @@ impl LlamaConfig {
             raw.rope_parameters,
             positions,
         )?;
-        let attention_bias = raw.attention_bias.unwrap_or(false);
+        // Phi has a bias on every linear layer.
+        let attention_bias = raw.attention_bias.unwrap_or(false) || family == Family::Phi;
         let config = Self {
             family,
             vocab_size: raw.vocab_size,
@@ -204,16 +212,17 @@ impl LlamaConfig {
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rms_norm_eps: (raw.rms_norm_eps.or(raw.layer_norm_eps)).unwrap_or(1e-6),
             rope,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: attention_bias || family == Family::Qwen2,
             o_bias: attention_bias,
-            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            mlp_bias: raw.mlp_bias.unwrap_or(false) || family == Family::Phi,
             max_position_embeddings: max_positions,
             bos_token_id: first_id(raw.bos_token_id),
             eos_token_id: first_id(raw.eos_token_id),
             sliding_window,
+            partial_rotary_factor,
         };
         config.validate()?;
         Ok(config)
@@ -287,6 +296,13 @@ impl LlamaConfig {
                 format!("rms_norm_eps {eps} must be a positive number"),
             ));
         }
+        let rd = self.rotary_dim();
+        if rd == 0 || !rd.is_multiple_of(2) || rd > d {
+            return Err(ConfigError::value(
+                "partial_rotary_factor",
+                format!("{rd} rotary dimensions of a head of {d}: must be even, 2 to {d}"),
+            ));
+        }
         let theta = self.rope.theta;
         if !(theta.is_finite() && theta > 0.0) {
             return Err(ConfigError::value(
@@ -299,19 +315,29 @@ impl LlamaConfig {
             long_factor,
             ..
         } = &self.rope.scaling
-            && (short_factor.len() != d / 2 || long_factor.len() != d / 2)
+            && (short_factor.len() != rd / 2 || long_factor.len() != rd / 2)
         {
             return Err(ConfigError::value(
                 "rope_scaling",
                 format!(
-                    "longrope has {} short and {} long factors; head_dim {d} needs {}",
+                    "longrope has {} short and {} long factors; {rd} rotary dimensions need {}",
                     short_factor.len(),
                     long_factor.len(),
-                    d / 2
+                    rd / 2
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// How many of each head's first dimensions the rotary embedding turns: `head_dim` times
+    /// [`partial_rotary_factor`](Self::partial_rotary_factor), rounded down as transformers
+    /// does; the whole head without one.
+    pub fn rotary_dim(&self) -> usize {
+        match self.partial_rotary_factor {
+            Some(f) => (self.head_dim as f64 * f) as usize,
+            None => self.head_dim,
+        }
     }
 
     /// The attention window of decoder layer `layer`, if it has one.
@@ -342,9 +368,9 @@ impl LlamaConfig {
         Some(match path {
             "self_attn.q_proj" => [q, h],
             "self_attn.k_proj" | "self_attn.v_proj" => [kv, h],
-            "self_attn.o_proj" => [h, q],
-            "mlp.gate_proj" | "mlp.up_proj" => [inter, h],
-            "mlp.down_proj" => [h, inter],
+            "self_attn.o_proj" | "self_attn.dense" => [h, q],
+            "mlp.gate_proj" | "mlp.up_proj" | "mlp.fc1" => [inter, h],
+            "mlp.down_proj" | "mlp.fc2" => [h, inter],
             "self_attn.qkv_proj" => [q + 2 * kv, h],
             "mlp.gate_up_proj" => [2 * inter, h],
             _ => unreachable!("every linear path has a shape"),
@@ -359,6 +385,7 @@ impl LlamaConfig {
             Family::Mistral => ("mistral", "MistralForCausalLM"),
             Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
             Family::Phi3 => ("phi3", "Phi3ForCausalLM"),
+            Family::Phi => ("phi", "PhiForCausalLM"),
         };
         let rope_scaling = match &self.rope.scaling {
             RopeScaling::None => Value::Null,
@@ -400,7 +427,7 @@ impl LlamaConfig {
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.family.activation().names()[0],
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope.theta,
             "rope_scaling": rope_scaling,
@@ -412,6 +439,13 @@ impl LlamaConfig {
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "float32",
         });
+        if let Some(f) = self.partial_rotary_factor {
+            v["partial_rotary_factor"] = f.into();
+        }
+        if self.family == Family::Phi {
+            v["layer_norm_eps"] = self.rms_norm_eps.into();
+            v["qk_layernorm"] = false.into();
+        }
         if let Some(w) = self.sliding_window {
             v["sliding_window"] = w.size.into();
             if self.family == Family::Qwen2 {

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::ConfigError;
+use super::{ConfigError, Family, RawConfig};
 
 /// Rotary position embedding settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -113,6 +113,29 @@ pub fn inv_freq_for(rope: &RopeConfig, head_dim: usize, positions: usize) -> Vec
             }
         })
         .collect()
+}
+
+/// The `partial_rotary_factor` of a `config.json` (in `rope_parameters` or at the top level),
+/// `None` for the whole head. Phi's default is 0.5, as transformers'; families whose attention
+/// in transformers rotates the whole head refuse any other share.
+pub(super) fn partial_rotary(family: Family, raw: &RawConfig) -> Result<Option<f64>, ConfigError> {
+    let factor = (raw.rope_parameters.as_ref())
+        .and_then(|p| p.get("partial_rotary_factor")?.as_f64())
+        .or(raw.partial_rotary_factor)
+        .or((family == Family::Phi).then_some(0.5))
+        .filter(|&f| f != 1.0);
+    match factor {
+        Some(f) if !matches!(family, Family::Phi | Family::Phi3) => Err(ConfigError::Unsupported {
+            field: "partial_rotary_factor",
+            value: f.to_string(),
+            supported: "1 (rotary embeddings on the whole head) outside Phi and Phi-3",
+        }),
+        Some(f) if !(f > 0.0 && f < 1.0) => Err(ConfigError::value(
+            "partial_rotary_factor",
+            format!("partial_rotary_factor {f} must be in (0, 1]"),
+        )),
+        other => Ok(other),
+    }
 }
 
 /// The rotary settings of a `config.json`: `rope_theta` and `rope_scaling` (transformers 4) or

@@ -43,7 +43,7 @@ fn phi3_longrope_round_trips() {
         "original_max_position_embeddings": 32}}}}"#
     );
     let a = LlamaConfig::from_json(&json).unwrap();
-    assert!(a.family.fused() && a.rope.scaling.attention_factor() > 1.0);
+    assert!(a.family.layout() == Layout::Fused && a.rope.scaling.attention_factor() > 1.0);
     let b = LlamaConfig::from_json(&a.to_hf_json().to_string()).unwrap();
     assert_eq!(a, b);
     let short = json.replace("[1, 1, 1, 1, 1, 1, 1, 1]", "[1, 1]");
@@ -116,4 +116,44 @@ fn rejects_what_it_cannot_run() {
     assert!(c.validate().is_err());
     let qwen = format!(r#"{{{BASE}, "model_type": "qwen2"}}"#);
     assert!(LlamaConfig::from_json(&qwen).unwrap().qkv_bias);
+}
+
+/// Phi-2's settings: LayerNorm's epsilon, biases everywhere, `gelu_new`, a partial rotary
+/// factor (0.5 when absent, as transformers) rounded down to whole dimensions; they round-trip.
+/// A partial factor outside Phi, an odd rotary width, `qk_layernorm` and SiLU are refused.
+#[test]
+fn phi_reads_its_own_settings() {
+    let json = format!(
+        r#"{{{BASE}, "model_type": "phi", "hidden_act": "gelu_new", "layer_norm_eps": 1e-5,
+        "rope_parameters": {{"rope_type": "default", "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.4}}}}"#
+    );
+    let a = LlamaConfig::from_json(&json).unwrap();
+    assert_eq!((a.head_dim, a.rotary_dim(), a.rms_norm_eps), (16, 6, 1e-5));
+    assert!(a.family.parallel() && a.qkv_bias && a.o_bias && a.mlp_bias);
+    assert_eq!(a.family.layout(), Layout::Phi);
+    let b = LlamaConfig::from_json(&a.to_hf_json().to_string()).unwrap();
+    assert_eq!(a, b);
+    let default = format!(r#"{{{BASE}, "model_type": "phi"}}"#);
+    assert_eq!(LlamaConfig::from_json(&default).unwrap().rotary_dim(), 8);
+    let refused = |json: String, what: &str| {
+        let err = LlamaConfig::from_json(&json).unwrap_err().to_string();
+        assert!(err.contains(what), "{what}: {err}");
+    };
+    refused(
+        format!(r#"{{{BASE}, "partial_rotary_factor": 0.5}}"#),
+        "partial_rotary_factor",
+    );
+    refused(
+        format!(r#"{{{BASE}, "model_type": "phi", "partial_rotary_factor": 0.1}}"#),
+        "1 rotary dimensions",
+    );
+    refused(
+        format!(r#"{{{BASE}, "model_type": "phi", "qk_layernorm": true}}"#),
+        "qk_layernorm",
+    );
+    refused(
+        format!(r#"{{{BASE}, "model_type": "phi", "hidden_act": "silu"}}"#),
+        "gelu_new",
+    );
 }

@@ -22,7 +22,7 @@ pub(super) fn sliding_window(
     raw: &RawConfig,
 ) -> Result<Option<SlidingWindow>, ConfigError> {
     let (size, first_layer) = match family {
-        Family::Llama => return Ok(None),
+        Family::Llama | Family::Phi => return Ok(None),
         Family::Mistral | Family::Phi3 => (raw.sliding_window, 0),
         Family::Qwen2 if raw.use_sliding_window == Some(true) => {
             (raw.sliding_window, raw.max_window_layers.unwrap_or(28))

@@ -219,10 +219,13 @@ pub fn gguf_metadata(dir: &Path) -> Result<(LlamaConfig, Vec<KvEntry>)> {
     let arch = match config.family {
         Family::Llama | Family::Mistral => "llama",
         Family::Qwen2 => "qwen2",
-        Family::Phi3 => {
+        Family::Phi3 | Family::Phi => {
             return Err(ModelError::format(
                 &dir.join("config.json"),
-                "Phi-3 (fused qkv_proj and gate_up_proj) has no GGUF conversion here yet",
+                format!(
+                    "{:?} has no GGUF conversion here yet (its layers are not Llama's)",
+                    config.family
+                ),
             ));
         }
     };

@@ -334,6 +334,7 @@ fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, String> {
         eos_token_id: tok_id("eos_token_id"),
         // llama.cpp computes these architectures with full attention.
         sliding_window: None,
+        partial_rotary_factor: None,
     }
     .validated()
     .map_err(|e| e.to_string())

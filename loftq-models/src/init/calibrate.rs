@@ -127,7 +127,7 @@ impl<'a> Setup<'a> {
             .as_ref()
             .expect("called for calibrated runs");
         let config = model_config(spec, source)?;
-        let rope = RopeTables::new(&config.rope, config.head_dim, calib.seq, device);
+        let rope = RopeTables::new(&config.rope, config.rotary_dim(), calib.seq, device);
         Ok(Self {
             calib,
             by_layer: targets_by_layer(plan, config.family)?,
