@@ -265,6 +265,62 @@ fn phi2_layers_are_started() {
     family_is_started("tiny-phi2", 12, &names);
 }
 
+/// An encoder (the tiny BERT classifier) is started too: its encoder projections and pooler at
+/// 2 bits, the classifier left whole (it is trained in full); the written start loads with its
+/// adapter, LoftQ's logits closer to the model's than QLoRA's. Calibration is refused by name.
+#[test]
+fn bert_is_started() {
+    use loftq_models::nn::{LoadOptions, load_bert};
+    let dir = scratch("init-bert");
+    let model = fixture("tiny-bert");
+    let refs = Checkpoint::open(&model.join("outputs.safetensors")).unwrap();
+    let want = refs.f32("logits").unwrap().data;
+    let int = |key: &str| {
+        let (shape, v) = refs.i64(key).unwrap();
+        let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
+        let data = burn::tensor::TensorData::new(v, [shape[0], shape[1]]);
+        burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(data, &device())
+    };
+    let mut dist = Vec::new();
+    for method in [InitMethod::Loftq, InitMethod::Qlora] {
+        let mut s = spec(model.clone(), dir.join(format!("{method:?}")));
+        (s.method, s.backbone) = (method, Backbone::Packed);
+        s.quant = QuantConfig::nf(2);
+        let r = run(&s, false).unwrap();
+        let got: Vec<_> = r.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(r.tensors.len(), 13, "{got:?}");
+        assert!(got.contains(&"bert.pooler.dense.weight"));
+        assert!(!got.iter().any(|n| n.starts_with("classifier")));
+        let adapter = Adapter::read(&s.out.join("adapter")).unwrap();
+        let opts = LoadOptions {
+            quantize: None,
+            adapter: Some(&adapter),
+        };
+        let m = load_bert(&s.out, &device(), &opts).unwrap();
+        let logits = m.forward(
+            int("input_ids"),
+            int("token_type_ids"),
+            Some(int("attention_mask")),
+        );
+        let logits = logits.into_data().try_to_vec::<f32>().unwrap();
+        dist.push(loftq_core::rel_dist(&want, &logits));
+    }
+    assert!(
+        dist[0] < dist[1],
+        "LoftQ {} against QLoRA {}",
+        dist[0],
+        dist[1]
+    );
+
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "To be, or not to be. ".repeat(40)).unwrap();
+    let mut s = spec(model, dir.join("calibrated"));
+    s.calibration = Some(loftq_models::init::Calibration::new(vec![text]));
+    let err = run(&s, false).unwrap_err().to_string();
+    assert!(err.contains("encoder"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Inits the fixture `name` with LoftQ, QLoRA and calibrated adapters: `count` tensors,
 /// `names` among them, LoftQ's logits closer to the model's than QLoRA's, the calibrated
 /// start lowering every weighted error.

@@ -137,6 +137,57 @@ fn phi2_matches_transformers_and_peft() {
     assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
 }
 
+/// A tiny BERT classifier (random LayerNorms and biases, two segments, the second row padded)
+/// against transformers: the last hidden states, the pooled output and the logits; with a PEFT
+/// adapter on every encoder projection and the pooler, against PEFT.
+#[test]
+fn bert_matches_transformers_and_peft() {
+    use loftq_models::nn::load_bert;
+    let dir = fixture("tiny-bert");
+    let refs = Checkpoint::open(&dir.join("outputs.safetensors")).unwrap();
+    let int = |key: &str| {
+        let (shape, v) = refs.i64(key).unwrap();
+        let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(v, [shape[0], shape[1]]), &device())
+    };
+    let (ids, types, mask) = (
+        int("input_ids"),
+        int("token_type_ids"),
+        int("attention_mask"),
+    );
+    let model = load_bert(&dir, &device(), &Default::default()).unwrap();
+    let h = model.hidden_states(ids.clone(), types.clone(), Some(mask.clone()));
+    let want = refs.f32("hidden").unwrap().data;
+    let diff = max_abs_diff(&h.clone().into_data().try_to_vec::<f32>().unwrap(), &want);
+    assert!(diff < 1e-4, "hidden: max |Δ| = {diff}");
+    let pooled = model.pool(h).into_data().try_to_vec::<f32>().unwrap();
+    let diff = max_abs_diff(&pooled, &refs.f32("pooled").unwrap().data);
+    assert!(diff < 1e-4, "pooled: max |Δ| = {diff}");
+    let logits = |m: &loftq_models::nn::Bert| {
+        let y = m.forward(ids.clone(), types.clone(), Some(mask.clone()));
+        y.into_data().try_to_vec::<f32>().unwrap()
+    };
+    let diff = max_abs_diff(&logits(&model), &refs.f32("logits").unwrap().data);
+    assert!(diff < 1e-4, "logits: max |Δ| = {diff}");
+
+    let adapter = Adapter::read(&dir.join("adapter")).unwrap();
+    let opts = LoadOptions {
+        quantize: None,
+        adapter: Some(&adapter),
+    };
+    let model = load_bert(&dir, &device(), &opts).unwrap();
+    let adapted = model
+        .linears()
+        .iter()
+        .filter(|(_, l)| l.lora.is_some())
+        .count();
+    assert_eq!(adapted, 13);
+    let want = refs.f32("logits_lora").unwrap().data;
+    assert!(max_abs_diff(&want, &refs.f32("logits").unwrap().data) > 1e-2);
+    let diff = max_abs_diff(&logits(&model), &want);
+    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+}
+
 /// LongRoPE (the scaling of Phi-3's long-context variants) against transformers: 16 positions
 /// take the short factors, 48 (past the original 32) the long ones; plain RoPE gives other
 /// logits in both cases.

@@ -12,6 +12,7 @@
 
 mod adapters;
 mod attention;
+mod bert;
 mod cache;
 #[cfg(feature = "flex")]
 mod cpu_attention;
@@ -33,6 +34,7 @@ mod save;
 
 pub use adapters::{FreshLora, LayerInit, tensor_seed};
 pub use attention::Attention;
+pub use bert::{Bert, ENCODER_LINEAR_PATHS, EncoderLayer, load_bert};
 pub use cache::KvCache;
 pub use layerwise::{LayerReader, LayerSource};
 pub use llama::{DecoderLayer, Llama};

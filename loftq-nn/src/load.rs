@@ -95,7 +95,7 @@ pub fn load_layer(
 }
 
 /// An adapter module that `used` does not accept is an error.
-fn check_adapter_used(opts: &LoadOptions, used: impl Fn(&str) -> bool) -> Result<()> {
+pub(crate) fn check_adapter_used(opts: &LoadOptions, used: impl Fn(&str) -> bool) -> Result<()> {
     if let Some(adapter) = opts.adapter
         && let Some(extra) = adapter.modules.keys().find(|k| !used(k))
     {
@@ -167,15 +167,21 @@ pub fn open_pretrained(path: &Path) -> Result<(LlamaConfig, Box<dyn TensorSource
     Ok((config, source))
 }
 
-struct Builder<'a> {
+/// Builds modules from a checkpoint's tensors, quantized and adapted as its options say,
+/// remembering which adapter modules it used.
+pub(crate) struct Builder<'a> {
     source: &'a dyn TensorSource,
     device: &'a Device,
     opts: &'a LoadOptions<'a>,
-    used: BTreeSet<String>,
+    pub(crate) used: BTreeSet<String>,
 }
 
 impl<'a> Builder<'a> {
-    fn new(source: &'a dyn TensorSource, device: &'a Device, opts: &'a LoadOptions<'a>) -> Self {
+    pub(crate) fn new(
+        source: &'a dyn TensorSource,
+        device: &'a Device,
+        opts: &'a LoadOptions<'a>,
+    ) -> Self {
         Builder {
             source,
             device,
@@ -244,26 +250,33 @@ impl<'a> Builder<'a> {
         Tensor::from_data(TensorData::new(t.data, t.shape), self.device)
     }
 
-    fn dense<const D: usize>(&self, name: &str, shape: &[usize]) -> Result<Tensor<D>> {
+    pub(crate) fn dense<const D: usize>(&self, name: &str, shape: &[usize]) -> Result<Tensor<D>> {
         Ok(self.upload(self.source.shaped(name, shape)?))
     }
 
     /// The norm at `path`: an RMSNorm, or (Phi) a LayerNorm with its bias.
     fn norm(&self, c: &LlamaConfig, path: &str) -> Result<Norm> {
-        let h = c.hidden_size;
-        let weight = self.dense(&format!("{path}.weight"), &[h])?;
-        Ok(match c.family.parallel() {
-            true => Norm {
-                weight,
-                bias: Some(self.dense(&format!("{path}.bias"), &[h])?),
-                eps: c.rms_norm_eps,
-                kind: NormKind::Layer,
-            },
-            false => Norm::rms(weight, c.rms_norm_eps),
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        match c.family.parallel() {
+            true => self.layer_norm(path, h, eps),
+            false => Ok(Norm::rms(self.dense(&format!("{path}.weight"), &[h])?, eps)),
+        }
+    }
+
+    /// The LayerNorm at `path` (`weight` and `bias`, `[hidden]` each).
+    pub(crate) fn layer_norm(&self, path: &str, hidden: usize, eps: f64) -> Result<Norm> {
+        Ok(Norm {
+            weight: self.dense(&format!("{path}.weight"), &[hidden])?,
+            bias: Some(self.dense(&format!("{path}.bias"), &[hidden])?),
+            eps,
+            kind: NormKind::Layer,
         })
     }
 
-    fn linear(
+    /// The linear layer at `path` (`weight` `[out, in]`, and `bias` if asked): packed as
+    /// stored, or quantized when `quantizable` and the options say so; with the adapter's
+    /// factors for `path` if it has them.
+    pub(crate) fn linear(
         &mut self,
         path: &str,
         shape: [usize; 2],

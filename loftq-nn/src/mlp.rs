@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{gelu, silu};
 
 use super::Output;
 use super::QLinear;
@@ -37,11 +37,11 @@ impl Mlp {
 
     /// `silu(gate)·up` (or `gelu_new(fc1)`) for `x [batch, seq, hidden]`: down_proj's input.
     pub fn activation(&self, x: Tensor<3>) -> Tensor<3> {
-        if self.act == Activation::GeluTanh {
+        if self.act != Activation::SiluGated {
             let [fc1] = self.gate_up.as_slice() else {
                 unreachable!("{} fc1 projections", self.gate_up.len())
             };
-            return gelu_tanh(fc1.forward(x));
+            return activate(self.act, fc1.forward(x));
         }
         let [gate, up] = match self.gate_up.as_slice() {
             [gate, up] => [gate.forward(x.clone()), up.forward(x)],
@@ -62,6 +62,18 @@ pub(crate) fn silu_mul(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
         return y;
     }
     silu(gate) * up
+}
+
+/// A single-input activation of `x`: GELU, exact or in its tanh form.
+///
+/// # Panics
+/// For the gated SiLU, which takes two inputs.
+pub(crate) fn activate(act: Activation, x: Tensor<3>) -> Tensor<3> {
+    match act {
+        Activation::GeluTanh => gelu_tanh(x),
+        Activation::Gelu => gelu(x),
+        Activation::SiluGated => unreachable!("the gated SiLU takes two inputs"),
+    }
 }
 
 /// GELU's tanh form, transformers' `gelu_new`: `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`.

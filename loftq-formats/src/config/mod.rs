@@ -10,11 +10,13 @@ use serde_json::Value;
 
 use crate::{ModelError, Result};
 
+mod encoder;
 mod error;
 mod names;
 mod rope;
 mod window;
 
+pub use encoder::{Architecture, EncoderConfig};
 pub use error::ConfigError;
 pub use names::{
     Activation, FUSED_LINEAR_PATHS, LINEAR_PATHS, Layout, PHI_LINEAR_PATHS, decoder_linear_paths,

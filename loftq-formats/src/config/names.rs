@@ -1,6 +1,8 @@
 //! The Hugging Face module names of a Llama-family decoder: what checkpoints, PEFT adapters and
 //! LoRA targets call each linear layer.
 
+use serde::{Deserialize, Serialize};
+
 use super::Family;
 
 /// The linear layers of a Llama decoder block, as paths inside `model.layers.N`.
@@ -44,12 +46,14 @@ pub enum Layout {
 }
 
 /// The MLP's activation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Activation {
     /// `silu(gate)·up` (Llama, Phi-3).
     SiluGated,
     /// `gelu_new`, GELU's tanh form, of one input projection (Phi).
     GeluTanh,
+    /// `gelu`, the exact GELU (`x·Φ(x)`) of one input projection (BERT).
+    Gelu,
 }
 
 impl Activation {
@@ -58,6 +62,7 @@ impl Activation {
         match self {
             Activation::SiluGated => &["silu", "swish"],
             Activation::GeluTanh => &["gelu_new", "gelu_pytorch_tanh"],
+            Activation::Gelu => &["gelu"],
         }
     }
 }

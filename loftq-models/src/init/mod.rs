@@ -33,6 +33,7 @@ pub use plan::{LayerRule, Target};
 pub use report::{Event, Report, TensorReport, Totals, peak_rss_bytes};
 
 use crate::LlamaConfig;
+use crate::config::Architecture;
 use crate::io::{TensorSource, is_non_empty_dir, open_source};
 use crate::{ModelError, Result};
 
@@ -200,19 +201,20 @@ fn check_shapes(
 ) -> Result<()> {
     let file = spec.model.join("config.json");
     let config = match gguf {
-        Some(c) => c.clone(),
-        None if file.is_file() => LlamaConfig::from_file(&file)?,
+        Some(c) => Architecture::Decoder(c.clone()),
+        None if file.is_file() => Architecture::from_file(&file)?,
         None => return Ok(()),
     };
     let source = if gguf.is_some() { &spec.model } else { &file };
+    let is_name = |n: &str, name: &str| n == name || n.ends_with(&format!(".{name}"));
     if let Some(name) = config.last_layer_tensor()
-        && !plan.items.iter().any(|i| i.name == name)
+        && !plan.items.iter().any(|i| is_name(&i.name, &name))
     {
         return Err(ModelError::format(
             source,
             format!(
                 "{} layers, but {} has no `{name}`",
-                config.num_hidden_layers,
+                config.num_hidden_layers(),
                 spec.model.display()
             ),
         ));
@@ -222,13 +224,14 @@ fn check_shapes(
             continue;
         };
         if let Some(l) = plan::layer_index(&item.name)
-            && l >= config.num_hidden_layers
+            && l >= config.num_hidden_layers()
         {
             return Err(ModelError::format(
                 source,
                 format!(
                     "`{}` is in layer {l}, but the model has {} layers",
-                    item.name, config.num_hidden_layers
+                    item.name,
+                    config.num_hidden_layers()
                 ),
             ));
         }
@@ -417,7 +420,16 @@ fn check_calibration(spec: &InitSpec) -> Result<Option<Vec<u32>>> {
              or use the loftq method"
                 .into(),
         )),
-        (Some(c), _) => calibrate::calibration_tokens(&spec.model, c).map(Some),
+        (Some(c), _) => {
+            let file = spec.model.join("config.json");
+            if file.is_file() && matches!(Architecture::from_file(&file)?, Architecture::Encoder(_))
+            {
+                return Err(ModelError::Settings(
+                    "calibration runs a causal LM over text; this model is an encoder".into(),
+                ));
+            }
+            calibrate::calibration_tokens(&spec.model, c).map(Some)
+        }
     }
 }
 

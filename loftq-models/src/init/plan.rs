@@ -46,7 +46,8 @@ pub fn split_list(s: &str) -> Vec<String> {
 
 pub use crate::io::{layer_index, module_matches};
 
-/// True for names of embeddings and output heads, which `all-linear` never targets.
+/// True for names of embeddings and output heads, which `all-linear` never targets: a
+/// classification head (`classifier`, `score`) is trained in full, as PEFT's `modules_to_save`.
 pub fn is_embedding_or_head(name: &str) -> bool {
     const PARTS: [&str; 6] = [
         "embed",
@@ -56,7 +57,8 @@ pub fn is_embedding_or_head(name: &str) -> bool {
         "word_embeddings",
         "embeddings.",
     ];
-    PARTS.iter().any(|p| name.contains(p)) || name == "output.weight"
+    const HEADS: [&str; 3] = ["output.weight", "classifier.weight", "score.weight"];
+    PARTS.iter().any(|p| name.contains(p)) || HEADS.contains(&name)
 }
 
 /// The module path of a weight name (`...q_proj.weight` → `...q_proj`), if it is a weight.
