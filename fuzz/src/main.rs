@@ -295,8 +295,13 @@ fn adapter_seed(tmp: &Path) -> Result<Vec<u8>, String> {
         );
     }
     let dir = tmp.join("adapter");
-    Adapter { config, modules }
-        .write(&dir)
+    let saved = Default::default();
+    Adapter {
+        config,
+        modules,
+        saved,
+    }
+    .write(&dir)
         .map_err(|e| e.to_string())?;
     let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| format!("{f}: {e}"));
     Ok(join2(

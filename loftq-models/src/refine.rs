@@ -402,6 +402,7 @@ fn write(spec: &RefineSpec, fitted: Vec<Fitted>, report: &RefineReport) -> Resul
             .into_iter()
             .map(|f| (f.module, LoraWeights { a: f.a, b: f.b }))
             .collect::<BTreeMap<_, _>>(),
+        saved: BTreeMap::new(),
     };
     let result = adapter.write(out).and_then(|()| {
         let json = serde_json::to_string_pretty(report).expect("report serializes");

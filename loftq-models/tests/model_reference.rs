@@ -186,6 +186,39 @@ fn bert_matches_transformers_and_peft() {
     assert!(max_abs_diff(&want, &refs.f32("logits").unwrap().data) > 1e-2);
     let diff = max_abs_diff(&logits(&model), &want);
     assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+
+    // PEFT's sequence-classification adapter saves the classifier whole (modules_to_save):
+    // it replaces the model's, and writing the adapter back keeps it.
+    let cls = Adapter::read(&dir.join("adapter-cls")).unwrap();
+    let saved: Vec<_> = cls.saved.keys().map(String::as_str).collect();
+    assert_eq!(saved, ["classifier.bias", "classifier.weight"]);
+    let out = common::scratch("bert-cls");
+    cls.write(&out).unwrap();
+    assert_eq!(Adapter::read(&out).unwrap(), cls);
+    let want = refs.f32("logits_cls").unwrap().data;
+    for adapter in [&cls, &Adapter::read(&out).unwrap()] {
+        let opts = LoadOptions {
+            quantize: None,
+            adapter: Some(adapter),
+        };
+        let model = load_bert(&dir, &device(), &opts).unwrap();
+        let diff = max_abs_diff(&logits(&model), &want);
+        assert!(
+            diff < 1e-4,
+            "with the classifier saved: max |Δlogit| = {diff}"
+        );
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+    // A saved tensor the model does not have is refused by name.
+    let mut other = cls.clone();
+    let w = other.saved.remove("classifier.weight").unwrap();
+    other.saved.insert("score.weight".into(), w);
+    let opts = LoadOptions {
+        quantize: None,
+        adapter: Some(&other),
+    };
+    let err = load_bert(&dir, &device(), &opts).unwrap_err().to_string();
+    assert!(err.contains("`score.weight` whole"), "{err}");
 }
 
 /// LongRoPE (the scaling of Phi-3's long-context variants) against transformers: 16 positions

@@ -74,7 +74,9 @@ pub fn load_ends(
     let model = b.ends(config)?;
     let layers: BTreeSet<String> =
         decoder_linear_paths(config.family, config.num_hidden_layers).collect();
-    check_adapter_used(opts, |k| b.used.contains(k) || layers.contains(k))?;
+    // A layer's factors and whole tensors are checked when the layer is read.
+    let in_layers = |k: &str| layers.contains(k) || k.starts_with("model.layers.");
+    check_adapter_used(opts, |k| b.used.contains(k) || in_layers(k))?;
     Ok(model)
 }
 
@@ -94,13 +96,19 @@ pub fn load_layer(
     b.layer(config, i)
 }
 
-/// An adapter module that `used` does not accept is an error.
+/// An adapter module, or a tensor it saves whole, that `used` does not accept is an error.
 pub(crate) fn check_adapter_used(opts: &LoadOptions, used: impl Fn(&str) -> bool) -> Result<()> {
-    if let Some(adapter) = opts.adapter
-        && let Some(extra) = adapter.modules.keys().find(|k| !used(k))
-    {
+    let Some(adapter) = opts.adapter else {
+        return Ok(());
+    };
+    if let Some(extra) = adapter.modules.keys().find(|k| !used(k)) {
         return Err(ModelError::Mismatch(format!(
             "the adapter has factors for `{extra}`, which is not a linear layer of this model"
+        )));
+    }
+    if let Some(extra) = adapter.saved.keys().find(|k| !used(k)) {
+        return Err(ModelError::Mismatch(format!(
+            "the adapter saves `{extra}` whole, which is not a tensor of this model"
         )));
     }
     Ok(())
@@ -250,12 +258,33 @@ impl<'a> Builder<'a> {
         Tensor::from_data(TensorData::new(t.data, t.shape), self.device)
     }
 
-    pub(crate) fn dense<const D: usize>(&self, name: &str, shape: &[usize]) -> Result<Tensor<D>> {
+    /// Tensor `name` of `shape`: the adapter's whole copy if it saves one (a module trained in
+    /// full), the checkpoint's otherwise.
+    pub(crate) fn dense<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Tensor<D>> {
+        if let Some(t) = self.saved(name) {
+            if t.shape != shape {
+                return Err(ModelError::Mismatch(format!(
+                    "the adapter saves `{name}` as {:?}, the model has {shape:?}",
+                    t.shape
+                )));
+            }
+            self.used.insert(name.to_string());
+            return Ok(self.upload(t.clone()));
+        }
         Ok(self.upload(self.source.shaped(name, shape)?))
     }
 
+    /// The adapter's whole copy of tensor `name`, if it saves one.
+    fn saved(&self, name: &str) -> Option<&'a HostTensor> {
+        self.opts.adapter?.saved.get(name)
+    }
+
     /// The norm at `path`: an RMSNorm, or (Phi) a LayerNorm with its bias.
-    fn norm(&self, c: &LlamaConfig, path: &str) -> Result<Norm> {
+    fn norm(&mut self, c: &LlamaConfig, path: &str) -> Result<Norm> {
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         match c.family.parallel() {
             true => self.layer_norm(path, h, eps),
@@ -264,7 +293,7 @@ impl<'a> Builder<'a> {
     }
 
     /// The LayerNorm at `path` (`weight` and `bias`, `[hidden]` each).
-    pub(crate) fn layer_norm(&self, path: &str, hidden: usize, eps: f64) -> Result<Norm> {
+    pub(crate) fn layer_norm(&mut self, path: &str, hidden: usize, eps: f64) -> Result<Norm> {
         Ok(Norm {
             weight: self.dense(&format!("{path}.weight"), &[hidden])?,
             bias: Some(self.dense(&format!("{path}.bias"), &[hidden])?),
@@ -285,7 +314,9 @@ impl<'a> Builder<'a> {
     ) -> Result<QLinear> {
         let wname = format!("{path}.weight");
         let root = self.source.root();
+        // A weight the adapter saves whole is dense, whatever the checkpoint holds.
         let packed = match self.source.packed(&wname)? {
+            _ if self.saved(&wname).is_some() => None,
             Some(p) => Some(p),
             None => match self.opts.quantize.filter(|_| quantizable) {
                 Some(cfg) => {

@@ -66,6 +66,9 @@ pub struct AdapterConfig {
     /// Per-module alphas.
     #[serde(default)]
     pub alpha_pattern: HashMap<String, f64>,
+    /// Modules trained in full and saved whole beside the factors (a classification head).
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
     /// Everything else PEFT wrote.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,
@@ -107,6 +110,7 @@ impl AdapterConfig {
             inference_mode: true,
             rank_pattern: HashMap::new(),
             alpha_pattern: HashMap::new(),
+            modules_to_save: None,
             extra: serde_json::Map::new(),
         }
     }
@@ -162,6 +166,9 @@ pub struct Adapter {
     pub config: AdapterConfig,
     /// Factors keyed by module path.
     pub modules: BTreeMap<String, LoraWeights>,
+    /// Whole tensors of the `modules_to_save`, keyed by the model's tensor name
+    /// (`classifier.weight`): they replace the model's own.
+    pub saved: BTreeMap<String, HostTensor>,
 }
 
 impl Adapter {
@@ -179,7 +186,11 @@ impl Adapter {
             .map(|p| p.rsplit('.').next().unwrap_or(p))
             .collect();
         config.target_modules = names.into_iter().collect::<Vec<_>>().into();
-        Some(Adapter { config, modules })
+        Some(Adapter {
+            config,
+            modules,
+            saved: BTreeMap::new(),
+        })
     }
 
     /// Reads an adapter directory.
@@ -215,15 +226,32 @@ impl Adapter {
         let weights_path = dir.join(ADAPTER_WEIGHTS);
         let ckpt = Checkpoint::open(&weights_path)?;
         let mut modules = BTreeMap::new();
+        let mut saved = BTreeMap::new();
         for name in ckpt.names() {
             let Some(path) = module_of(name, "lora_A") else {
-                if module_of(name, "lora_B").is_none() {
+                if module_of(name, "lora_B").is_some() {
+                    continue;
+                }
+                let whole = name.strip_prefix(PREFIX).unwrap_or(name);
+                let module = whole.rsplit_once('.').map_or(whole, |(m, _)| m);
+                let listed =
+                    (config.modules_to_save.iter().flatten()).any(|k| module_matches(module, k));
+                if !listed {
                     return Err(ModelError::tensor(
                         &weights_path,
                         name,
-                        "not a LoRA factor (only lora_A/lora_B are supported)",
+                        "not a LoRA factor, nor a tensor of modules_to_save",
                     ));
                 }
+                let t = ckpt.f32(name)?;
+                if t.data.iter().any(|v| !v.is_finite()) {
+                    return Err(ModelError::tensor(
+                        &weights_path,
+                        name,
+                        "a NaN or infinite value",
+                    ));
+                }
+                saved.insert(whole.to_string(), t);
                 continue;
             };
             let b_name = name.replace(".lora_A.", ".lora_B.");
@@ -292,7 +320,11 @@ impl Adapter {
                 "no lora_A/lora_B tensors",
             ));
         }
-        Ok(Self { config, modules })
+        Ok(Self {
+            config,
+            modules,
+            saved,
+        })
     }
 
     /// The scaling of module `path`.
@@ -301,19 +333,21 @@ impl Adapter {
         Some(self.config.scaling(path, w.a.shape[0]))
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` (`f32`) into `dir`
-    /// (created if needed), each file atomically, through [`AdapterWriter`].
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (`f32`: the factors, then
+    /// the [`saved`](Self::saved) tensors) into `dir` (created if needed), each file
+    /// atomically, through [`AdapterWriter`].
     ///
     /// # Errors
     /// [`ModelError::Io`] if writing fails.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let factors = || {
-            self.modules.iter().flat_map(|(path, w)| {
+            let lora = self.modules.iter().flat_map(|(path, w)| {
                 [
                     (format!("{path}.lora_A.weight"), &w.a),
                     (format!("{path}.lora_B.weight"), &w.b),
                 ]
-            })
+            });
+            lora.chain(self.saved.iter().map(|(name, t)| (name.clone(), t)))
         };
         let declared: Vec<_> = factors()
             .map(|(name, t)| (name, Dtype::F32, t.shape.clone()))
