@@ -1,4 +1,5 @@
-//! `loftq eval`: write a model's logits for given ids, or print its perplexity on a text.
+//! `loftq eval`: write a model's logits for given ids, print its perplexity on a text, or (an
+//! encoder's classifier) its accuracy on labelled text.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,9 +8,10 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::Args;
 use loftq_core::DeviceSpec;
 use loftq_core::quant::host_f32;
+use loftq_models::classify::{Labelled, evaluate};
 use loftq_models::eval::{perplexity_windows, token_ids};
-use loftq_models::io::{Checkpoint, OutTensor, write_safetensors};
-use loftq_models::nn::{Llama, load_pretrained};
+use loftq_models::io::{Adapter, Checkpoint, OutTensor, write_safetensors};
+use loftq_models::nn::{Llama, LoadOptions, load_bert, load_pretrained};
 use loftq_models::{ModelError, Tokenizer};
 
 use crate::error::{CliError, Result, invalid};
@@ -38,8 +40,17 @@ pub struct EvalArgs {
     out: Option<PathBuf>,
     /// A UTF-8 text file: print the perplexity of its first --tokens tokens (no BOS), in one
     /// pass. The tokenizer is the model's tokenizer.json, or the GGUF vocabulary.
-    #[arg(long, required_unless_present = "logits_for")]
+    #[arg(long, required_unless_present_any = ["logits_for", "labels"])]
     text: Option<PathBuf>,
+    /// An encoder's classifier (BERT, MiniLM; its head in --adapter when fine-tuned by `loftq
+    /// train --task classify`): print its accuracy and mean cross-entropy on these labelled
+    /// examples, one `label<TAB>text` per line, each cut to --seq tokens. The label order is
+    /// the adapter's labels.json when there is one, else the file's labels sorted.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["text", "logits_for"])]
+    labels: Option<PathBuf>,
+    /// Tokens per example of --labels.
+    #[arg(long, default_value_t = 128, requires = "labels")]
+    seq: usize,
     /// Tokens of --text to score.
     #[arg(long, default_value_t = 512)]
     tokens: usize,
@@ -69,6 +80,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         .device
         .open()
         .map_err(|e| invalid(format!("--device {}: {e}", args.device)))?;
+    if let Some(labels) = &args.labels {
+        return print_accuracy(args, labels, &device);
+    }
     let model = load_pretrained(&args.model, args.adapter.as_deref(), &device)?;
     match (&args.logits_for, &args.out, &args.text) {
         (Some(ids), Some(out), _) => write_logits(&model, ids, out, &device),
@@ -77,6 +91,49 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "give --logits-for IDS --out LOGITS, or --text FILE",
         )),
     }
+}
+
+#[allow(clippy::print_stdout)]
+fn print_accuracy(args: &EvalArgs, path: &Path, device: &Device) -> Result<()> {
+    let adapter = args.adapter.as_deref().map(Adapter::read).transpose()?;
+    let opts = LoadOptions {
+        quantize: None,
+        adapter: adapter.as_ref(),
+    };
+    let model = load_bert(&args.model, device, &opts)?;
+    if model.classifier.is_none() || model.pooler.is_none() {
+        return Err(invalid(format!(
+            "{} has no classification head (classifier and pooler); fine-tune one with              `loftq train --task classify`",
+            args.model.display()
+        )));
+    }
+    let names = match args.adapter.as_ref().map(|a| a.join("labels.json")) {
+        Some(file) if file.is_file() => {
+            let text = std::fs::read_to_string(&file).map_err(|e| ModelError::io(&file, e))?;
+            let names: Vec<String> = serde_json::from_str(&text)
+                .map_err(|e| ModelError::format(&file, format!("not a list of labels: {e}")))?;
+            Some(names)
+        }
+        _ => None,
+    };
+    let tok = Tokenizer::for_model(&args.model)?;
+    let set = Labelled::read(path, &tok, args.seq, names.as_deref())?;
+    if set.labels.len() != model.config.num_labels {
+        return Err(invalid(format!(
+            "--labels has {} labels ({:?}); the classifier has {} outputs",
+            set.labels.len(),
+            set.labels,
+            model.config.num_labels
+        )));
+    }
+    let e = evaluate(&model, &set.examples, 16, 0);
+    println!(
+        "accuracy {:.4} ({} examples), cross-entropy {:.4}",
+        e.accuracy,
+        set.examples.len(),
+        e.loss
+    );
+    Ok(())
 }
 
 #[allow(clippy::print_stdout)]

@@ -17,6 +17,7 @@ use crate::error::{Result, invalid};
 use crate::progress::{Progress, done};
 
 mod blockwise;
+mod classify;
 mod inputs;
 
 use inputs::{Fresh, build_model, read_text};
@@ -32,9 +33,23 @@ pub struct TrainArgs {
     /// adapter is attached (A random, B = 0): plain LoRA, or QLoRA with --quantize.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// What to train: `lm`, a causal LM on --text (next-token prediction, or distillation);
+    /// or `classify`, an encoder (BERT, MiniLM) as a sequence classifier on --labels: its
+    /// adapters, and the classification head trained in full (saved whole in the adapter, as
+    /// PEFT's modules_to_save). A model without a head gets a fresh one for the labels.
+    #[arg(long, value_enum, default_value_t = Task::Lm)]
+    task: Task,
     /// Training text files (UTF-8), tokenized whole and joined, each followed by EOS.
-    #[arg(long, num_args = 1.., required = true, value_name = "FILE")]
+    #[arg(long, num_args = 1.., required_unless_present = "labels", value_name = "FILE")]
     text: Vec<PathBuf>,
+    /// With --task classify: labelled examples, one `label<TAB>text` per line, each cut to
+    /// --seq tokens. The labels are the file's, sorted (written to adapter/labels.json).
+    #[arg(long, value_name = "FILE")]
+    labels: Option<PathBuf>,
+    /// With --task classify: held-out examples (same format), scored by accuracy every
+    /// --eval-every steps and after the last.
+    #[arg(long, value_name = "FILE", requires = "labels")]
+    val_labels: Option<PathBuf>,
     /// Where checkpoints (checkpoint-N/), the final adapter (adapter/) and history.json go.
     #[arg(long)]
     out: PathBuf,
@@ -173,6 +188,15 @@ pub struct TrainArgs {
     json: bool,
 }
 
+/// What `loftq train` fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Task {
+    /// A causal LM on text.
+    Lm,
+    /// An encoder's sequence classifier on labelled text.
+    Classify,
+}
+
 /// Runs `loftq train`.
 #[allow(clippy::print_stdout)]
 pub fn run(a: &TrainArgs) -> Result<()> {
@@ -271,6 +295,14 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     };
     if a.blockwise {
         return blockwise::run(a, &cfg, opts, &devices[0]);
+    }
+    match (a.task, &a.labels) {
+        (Task::Classify, _) if devices.len() > 1 => {
+            return Err(invalid("--task classify runs on one --device"));
+        }
+        (Task::Classify, _) => return classify::run(a, opts, &devices[0]),
+        (Task::Lm, Some(_)) => return Err(invalid("--labels is for --task classify")),
+        (Task::Lm, None) => {}
     }
     let (model, template) = build_model(a, &opts, adapter.as_ref(), &devices[0])?;
     let mut models = vec![model];

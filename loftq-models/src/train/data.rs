@@ -146,7 +146,7 @@ pub(crate) fn mix(seed: u64, parts: &[u64]) -> u64 {
 }
 
 /// Fisher–Yates shuffle of `0..n`.
-fn permutation(n: usize, seed: u64) -> Vec<usize> {
+pub(crate) fn permutation(n: usize, seed: u64) -> Vec<usize> {
     let mut g = Gaussian::new(seed);
     let mut v: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {

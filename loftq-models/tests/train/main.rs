@@ -3,6 +3,7 @@
 //! ([`distill`]) and block-wise distillation ([`blockwise`]).
 
 mod blockwise;
+mod classify;
 #[path = "../common/mod.rs"]
 mod common;
 mod distill;
