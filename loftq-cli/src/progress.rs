@@ -77,6 +77,15 @@ impl Progress {
     }
 }
 
+/// One event of a run as a JSON line on stdout (`--json`).
+#[allow(clippy::print_stdout)]
+pub fn json_line<E: serde::Serialize>(event: &E) {
+    println!(
+        "{}",
+        serde_json::to_string(event).expect("an event serializes")
+    );
+}
+
 /// The end of a run that printed its own events: clears the bar, then prints `msg`.
 pub fn done(bar: Option<&mut Progress>, msg: &str) {
     if let Some(p) = bar {

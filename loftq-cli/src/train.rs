@@ -14,7 +14,7 @@ use loftq_models::train::{
 };
 
 use crate::error::{Result, invalid};
-use crate::progress::{Progress, done};
+use crate::progress::{Progress, done, json_line};
 
 mod blockwise;
 mod classify;
@@ -188,6 +188,31 @@ pub struct TrainArgs {
     json: bool,
 }
 
+impl TrainArgs {
+    /// --lr, --warmup and --decay over --steps.
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            lr: self.lr,
+            warmup: self.warmup,
+            decay: self.decay,
+            total: self.steps,
+        }
+    }
+
+    /// AdamW with --weight-decay.
+    fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            weight_decay: self.weight_decay,
+            ..AdamWConfig::default()
+        }
+    }
+
+    /// --max-grad-norm, 0 meaning none.
+    fn max_grad_norm(&self) -> Option<f64> {
+        (self.max_grad_norm > 0.0).then_some(self.max_grad_norm)
+    }
+}
+
 /// What `loftq train` fits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Task {
@@ -237,17 +262,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         batch: a.batch,
         seq: a.seq,
         accum: a.accum,
-        schedule: Schedule {
-            lr: a.lr,
-            warmup: a.warmup,
-            decay: a.decay,
-            total: a.steps,
-        },
-        adamw: AdamWConfig {
-            weight_decay: a.weight_decay,
-            ..AdamWConfig::default()
-        },
-        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        schedule: a.schedule(),
+        adamw: a.adamw(),
+        max_grad_norm: a.max_grad_norm(),
         sampling: a.sampling,
         seed: a.seed,
         recompute: if a.no_recompute {
@@ -342,7 +359,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let mut loss_ema: Option<f64> = None;
     let on_event = |e: &TrainEvent| {
         if a.json {
-            println!("{}", serde_json::to_string(e).expect("an event serializes"));
+            json_line(e);
             return;
         }
         let bar = bar.as_mut().expect("not json");

@@ -10,7 +10,7 @@ use loftq_models::train::{
 };
 
 use super::{Fresh, TrainArgs, read_text};
-use crate::progress::{Progress, done};
+use crate::progress::{Progress, done, json_line};
 
 /// Runs `loftq train --blockwise` on `device`, the student built as `opts` says (with a fresh
 /// adapter when `opts` has none).
@@ -67,10 +67,7 @@ pub(super) fn run(
     let job = TrainJob::new(&template, &stream.tokens, &bw, &a.out).validated(val.as_ref());
     let report = distill_blockwise(&student, &teacher, job, |e| {
         if a.json {
-            println!(
-                "{}",
-                serde_json::to_string(&e).expect("an event serializes")
-            );
+            json_line(&e);
             return;
         }
         let bar = bar.as_mut().expect("not json");

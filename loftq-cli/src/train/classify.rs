@@ -7,12 +7,11 @@ use loftq_models::classify::{
 };
 use loftq_models::io::write_atomic;
 use loftq_models::nn::{LoadOptions, load_bert};
-use loftq_models::train::{AdamWConfig, Schedule};
 
 use super::TrainArgs;
 use super::inputs::Fresh;
 use crate::error::{Result, invalid};
-use crate::progress::{Progress, done};
+use crate::progress::{Progress, done, json_line};
 
 /// The options of `loftq train` that only next-token training and distillation use.
 fn refuse_lm_flags(a: &TrainArgs) -> Result<()> {
@@ -91,27 +90,16 @@ pub(super) fn run(a: &TrainArgs, opts: LoadOptions, device: &burn::tensor::Devic
     let cfg = ClassifyConfig {
         steps: a.steps,
         batch: a.batch,
-        schedule: Schedule {
-            lr: a.lr,
-            warmup: a.warmup,
-            decay: a.decay,
-            total: a.steps,
-        },
-        adamw: AdamWConfig {
-            weight_decay: a.weight_decay,
-            ..AdamWConfig::default()
-        },
-        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        schedule: a.schedule(),
+        adamw: a.adamw(),
+        max_grad_norm: a.max_grad_norm(),
         seed: a.seed,
         eval_every: a.eval_every,
     };
     let mut bar = (!a.json).then(|| Progress::new(a.steps as u64));
     let history = train_classifier(&mut model, &train, held_out.as_ref(), &cfg, &mut |e| {
         if a.json {
-            println!(
-                "{}",
-                serde_json::to_string(&e).expect("an event serializes")
-            );
+            json_line(&e);
             return;
         }
         let bar = bar.as_mut().expect("not json");

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::error::{fits, nonzero, positive};
 use super::{Activation, ConfigError};
 use crate::{ModelError, Result};
 
@@ -115,7 +116,7 @@ impl EncoderConfig {
     /// # Errors
     /// [`ConfigError::Value`] naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let sizes = [
+        nonzero(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -123,10 +124,7 @@ impl EncoderConfig {
             ("max_position_embeddings", self.max_position_embeddings),
             ("type_vocab_size", self.type_vocab_size),
             ("num_labels", self.num_labels),
-        ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(ConfigError::value(name, format!("{name} is 0")));
-        }
+        ])?;
         let (h, heads) = (self.hidden_size, self.num_attention_heads);
         if !h.is_multiple_of(heads) {
             return Err(ConfigError::value(
@@ -139,19 +137,8 @@ impl EncoderConfig {
             self.intermediate_size.checked_mul(h),
             self.max_position_embeddings.checked_mul(h),
         ];
-        if products
-            .iter()
-            .any(|p| p.and_then(|n| n.checked_mul(4)).is_none())
-        {
-            return Err(ConfigError::value("hidden_size", "sizes too large"));
-        }
-        let eps = self.layer_norm_eps;
-        if !(eps.is_finite() && eps > 0.0) {
-            return Err(ConfigError::value(
-                "layer_norm_eps",
-                format!("layer_norm_eps {eps} must be a positive number"),
-            ));
-        }
+        fits(&products, "hidden_size", || "sizes too large".into())?;
+        positive("layer_norm_eps", self.layer_norm_eps)?;
         Ok(())
     }
 

@@ -27,6 +27,41 @@ pub enum ConfigError {
     },
 }
 
+/// The first of `sizes` that is 0, as an error naming it.
+pub(crate) fn nonzero(sizes: &[(&'static str, usize)]) -> Result<(), ConfigError> {
+    match sizes.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(ConfigError::value(name, format!("{name} is 0"))),
+        None => Ok(()),
+    }
+}
+
+/// An error on `field` saying `msg` unless every product, at 4 bytes an element, fits a
+/// `usize`.
+pub(crate) fn fits(
+    products: &[Option<usize>],
+    field: &'static str,
+    msg: impl FnOnce() -> String,
+) -> Result<(), ConfigError> {
+    match products
+        .iter()
+        .all(|p| p.and_then(|n| n.checked_mul(4)).is_some())
+    {
+        true => Ok(()),
+        false => Err(ConfigError::value(field, msg())),
+    }
+}
+
+/// An error on `field` unless `value` is a finite positive number.
+pub(crate) fn positive(field: &'static str, value: f64) -> Result<(), ConfigError> {
+    match value.is_finite() && value > 0.0 {
+        true => Ok(()),
+        false => Err(ConfigError::value(
+            field,
+            format!("{field} {value} must be a positive number"),
+        )),
+    }
+}
+
 impl ConfigError {
     /// A [`ConfigError::Value`].
     pub(crate) fn value(field: &'static str, msg: impl Into<String>) -> Self {

@@ -18,6 +18,7 @@ mod window;
 
 pub use encoder::{Architecture, EncoderConfig};
 pub use error::ConfigError;
+use error::{fits, nonzero, positive};
 pub use names::{
     Activation, FUSED_LINEAR_PATHS, LINEAR_PATHS, Layout, PHI_LINEAR_PATHS, decoder_linear_paths,
     linear_layout, linear_path,
@@ -248,16 +249,13 @@ impl LlamaConfig {
     /// # Errors
     /// [`ConfigError::Value`] naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let sizes = [
+        nonzero(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads),
-        ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(ConfigError::value(name, format!("{name} is 0")));
-        }
+        ])?;
         let (heads, kv) = (self.num_attention_heads, self.num_key_value_heads);
         if !heads.is_multiple_of(kv) {
             return Err(ConfigError::value(
@@ -279,25 +277,13 @@ impl LlamaConfig {
             self.vocab_size.checked_mul(self.hidden_size),
             self.intermediate_size.checked_mul(self.hidden_size),
         ];
-        if products
-            .iter()
-            .any(|p| p.and_then(|n| n.checked_mul(4)).is_none())
-        {
-            return Err(ConfigError::value(
-                "hidden_size",
-                format!(
-                    "sizes too large: {heads} heads × {d}, vocabulary {} × {}, MLP {} × {}",
-                    self.vocab_size, self.hidden_size, self.intermediate_size, self.hidden_size
-                ),
-            ));
-        }
-        let eps = self.rms_norm_eps;
-        if !(eps.is_finite() && eps > 0.0) {
-            return Err(ConfigError::value(
-                "rms_norm_eps",
-                format!("rms_norm_eps {eps} must be a positive number"),
-            ));
-        }
+        fits(&products, "hidden_size", || {
+            format!(
+                "sizes too large: {heads} heads × {d}, vocabulary {} × {}, MLP {} × {}",
+                self.vocab_size, self.hidden_size, self.intermediate_size, self.hidden_size
+            )
+        })?;
+        positive("rms_norm_eps", self.rms_norm_eps)?;
         let rd = self.rotary_dim();
         if rd == 0 || !rd.is_multiple_of(2) || rd > d {
             return Err(ConfigError::value(
@@ -305,13 +291,7 @@ impl LlamaConfig {
                 format!("{rd} rotary dimensions of a head of {d}: must be even, 2 to {d}"),
             ));
         }
-        let theta = self.rope.theta;
-        if !(theta.is_finite() && theta > 0.0) {
-            return Err(ConfigError::value(
-                "rope_theta",
-                format!("rope_theta {theta} must be a positive number"),
-            ));
-        }
+        positive("rope_theta", self.rope.theta)?;
         if let RopeScaling::LongRope {
             short_factor,
             long_factor,

@@ -153,3 +153,29 @@ fn a_toy_task_is_learned_and_the_adapter_gives_it_back() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Malformed labelled files are refused naming the file and line.
+#[test]
+fn bad_labelled_files_are_refused_by_line() {
+    let dir = scratch("classify-bad");
+    let tok = tokenizer(&dir);
+    let path = dir.join("bad.tsv");
+    let known = ["a".to_string(), "b".to_string()];
+    let cases: [(&str, Option<&[String]>, &str); 4] = [
+        ("a\tw1 w2\nno tab here\n", None, "line 2: no tab"),
+        ("a\tw1\n\n\t w3\n", None, "line 3: an empty label"),
+        ("a\tw1\nc\tw2\n", Some(&known), "line 2: label `c`"),
+        ("\n\n", None, "no example"),
+    ];
+    for (text, labels, what) in cases {
+        std::fs::write(&path, text).unwrap();
+        let err = Labelled::read(&path, &tok, 16, labels)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(what) && err.contains("bad.tsv"),
+            "{what}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
