@@ -67,7 +67,8 @@ pub struct AdapterConfig {
     #[serde(default)]
     pub alpha_pattern: HashMap<String, f64>,
     /// Modules trained in full and saved whole beside the factors (a classification head).
-    #[serde(default)]
+    /// Left out when there are none, as before it was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modules_to_save: Option<Vec<String>>,
     /// Everything else PEFT wrote.
     #[serde(flatten)]
