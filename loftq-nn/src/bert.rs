@@ -13,9 +13,9 @@ use loftq_core::lowrank::Gaussian;
 use super::load::{Builder, check_adapter_used};
 use super::mlp::activate;
 use super::{BaseWeight, FreshLora, LoadOptions, Norm, QLinear, tensor_seed};
-use loftq_formats::Result;
 use loftq_formats::config::{Activation, EncoderConfig};
 use loftq_formats::io::open_source;
+use loftq_formats::{ModelError, Result};
 
 /// The linear layers of an encoder layer, as paths inside `encoder.layer.N`.
 pub const ENCODER_LINEAR_PATHS: [&str; 6] = [
@@ -305,7 +305,20 @@ impl Bert {
 /// As [`EncoderConfig::from_file`] and [`open_source`]; a tensor missing or misshapen; an
 /// adapter module the model does not have.
 pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert> {
-    let config = EncoderConfig::from_file(&dir.join("config.json"))?;
+    let mut config = EncoderConfig::from_file(&dir.join("config.json"))?;
+    // A head the adapter saves whole (a fine-tuned classifier) sets the number of labels.
+    let saved_head = opts.adapter.and_then(|a| a.saved.get("classifier.weight"));
+    if let Some(t) = saved_head {
+        match t.shape[..] {
+            [labels, _] if labels > 0 => config.num_labels = labels,
+            _ => {
+                return Err(ModelError::Mismatch(format!(
+                    "the adapter saves `classifier.weight` as {:?}, not [labels, hidden]",
+                    t.shape
+                )));
+            }
+        }
+    }
     let source = open_source(dir)?;
     let names = source.tensor_names();
     let has = |n: &str| names.iter().any(|x| x == n);
@@ -314,7 +327,7 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
         false => "",
     };
     let mut b = Builder::new(source.as_ref(), device, opts);
-    let c = &config.clone();
+    let c = &config;
     let (h, eps) = (c.hidden_size, c.layer_norm_eps);
     let e = format!("{prefix}embeddings");
     let word_embeddings = b.dense(&format!("{e}.word_embeddings.weight"), &[c.vocab_size, h])?;
@@ -352,14 +365,8 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
         true => Some(b.linear(&format!("{prefix}pooler.dense"), [h, h], true, true)?),
         false => None,
     };
-    // A head the adapter saves whole (a fine-tuned classifier) sets the number of labels.
-    let saved_head = opts.adapter.and_then(|a| a.saved.get("classifier.weight"));
-    let mut config = config;
-    if let Some(t) = saved_head {
-        config.num_labels = t.shape[0];
-    }
     let classifier = match has("classifier.weight") || saved_head.is_some() {
-        true => Some(b.linear("classifier", [config.num_labels, h], true, false)?),
+        true => Some(b.linear("classifier", [c.num_labels, h], true, false)?),
         false => None,
     };
     check_adapter_used(opts, |k| b.used.contains(k))?;
