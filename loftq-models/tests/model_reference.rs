@@ -455,3 +455,50 @@ fn minilm_matches_transformers() {
     let diff = max_abs_diff(&pooled, &refs.f32("pooled").unwrap().data);
     assert!(diff < 1e-4, "pooled: max |Δ| = {diff}");
 }
+
+/// An adapter module that is not one of the model's linear layers, or a tensor saved whole that
+/// no layer reads, is refused by name; a layer norm saved whole is read in place of the
+/// checkpoint's.
+#[test]
+fn adapter_parts_the_model_lacks_are_refused() {
+    use loftq_models::io::HostTensor;
+    let dir = fixture("tiny-llama");
+    let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
+    let adapter = Adapter::read(&fixture("tiny-llama-loftq-4bit/adapter")).unwrap();
+    let load = |adapter: &Adapter| {
+        let opts = LoadOptions {
+            quantize: None,
+            adapter: Some(adapter),
+        };
+        load_model(&config, &ckpt, &device(), &opts)
+    };
+    let mut bogus = adapter.clone();
+    let w = bogus
+        .modules
+        .remove("model.layers.0.self_attn.q_proj")
+        .unwrap();
+    bogus
+        .modules
+        .insert("model.layers.0.self_attn.bogus".into(), w);
+    let err = load(&bogus).unwrap_err().to_string();
+    assert!(err.contains("`model.layers.0.self_attn.bogus`"), "{err}");
+
+    let h = config.hidden_size;
+    let norm = HostTensor {
+        shape: vec![h],
+        data: vec![0.5; h],
+    };
+    let mut saved = adapter.clone();
+    saved
+        .saved
+        .insert("model.layers.1.bogus.weight".into(), norm.clone());
+    let err = load(&saved).unwrap_err().to_string();
+    assert!(err.contains("`model.layers.1.bogus.weight` whole"), "{err}");
+    let mut saved = adapter.clone();
+    let name = "model.layers.1.input_layernorm.weight";
+    saved.saved.insert(name.into(), norm);
+    let model = load(&saved).unwrap();
+    let got = model.layers[1].input_layernorm.weight.clone().into_data();
+    assert_eq!(got.try_to_vec::<f32>().unwrap(), vec![0.5; h]);
+}

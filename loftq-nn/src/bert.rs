@@ -369,7 +369,8 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
         true => Some(b.linear("classifier", [c.num_labels, h], true, false)?),
         false => None,
     };
-    check_adapter_used(opts, |k| b.used.contains(k))?;
+    let used = |k: &str| b.used.contains(k);
+    check_adapter_used(opts, used, used)?;
     Ok(Bert {
         word_embeddings,
         position_embeddings,

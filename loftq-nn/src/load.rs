@@ -72,11 +72,26 @@ pub fn load_ends(
 ) -> Result<Llama> {
     let mut b = Builder::new(source, device, opts);
     let model = b.ends(config)?;
+    // The layers are read later: an adapter module must be one of their linear layers, and a
+    // tensor it saves whole must belong to one of those or to a layer's norm.
     let layers: BTreeSet<String> =
         decoder_linear_paths(config.family, config.num_hidden_layers).collect();
-    // A layer's factors and whole tensors are checked when the layer is read.
-    let in_layers = |k: &str| layers.contains(k) || k.starts_with("model.layers.");
-    check_adapter_used(opts, |k| b.used.contains(k) || in_layers(k))?;
+    let mut norms = vec!["input_layernorm"];
+    if !config.family.parallel() {
+        norms.push("post_attention_layernorm");
+    }
+    let layer_norms: BTreeSet<String> = (0..config.num_hidden_layers)
+        .flat_map(|i| norms.iter().map(move |n| format!("model.layers.{i}.{n}")))
+        .collect();
+    let layer_tensor = |k: &str| {
+        k.rsplit_once('.')
+            .is_some_and(|(m, _)| layers.contains(m) || layer_norms.contains(m))
+    };
+    check_adapter_used(
+        opts,
+        |k| b.used.contains(k) || layers.contains(k),
+        |k| b.used.contains(k) || layer_tensor(k),
+    )?;
     Ok(model)
 }
 
@@ -96,17 +111,22 @@ pub fn load_layer(
     b.layer(config, i)
 }
 
-/// An adapter module, or a tensor it saves whole, that `used` does not accept is an error.
-pub(crate) fn check_adapter_used(opts: &LoadOptions, used: impl Fn(&str) -> bool) -> Result<()> {
+/// An adapter module that `module` does not accept, or a tensor it saves whole that `tensor`
+/// does not, is an error.
+pub(crate) fn check_adapter_used(
+    opts: &LoadOptions,
+    module: impl Fn(&str) -> bool,
+    tensor: impl Fn(&str) -> bool,
+) -> Result<()> {
     let Some(adapter) = opts.adapter else {
         return Ok(());
     };
-    if let Some(extra) = adapter.modules.keys().find(|k| !used(k)) {
+    if let Some(extra) = adapter.modules.keys().find(|k| !module(k)) {
         return Err(ModelError::Mismatch(format!(
             "the adapter has factors for `{extra}`, which is not a linear layer of this model"
         )));
     }
-    if let Some(extra) = adapter.saved.keys().find(|k| !used(k)) {
+    if let Some(extra) = adapter.saved.keys().find(|k| !tensor(k)) {
         return Err(ModelError::Mismatch(format!(
             "the adapter saves `{extra}` whole, which is not a tensor of this model"
         )));
