@@ -310,16 +310,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         quantize,
         adapter: adapter.as_ref(),
     };
-    if a.blockwise {
-        return blockwise::run(a, &cfg, opts, &devices[0]);
-    }
     match (a.task, &a.labels) {
         (Task::Classify, _) if devices.len() > 1 => {
             return Err(invalid("--task classify runs on one --device"));
         }
+        // It refuses the flags of next-token training and distillation (--blockwise too).
         (Task::Classify, _) => return classify::run(a, opts, &devices[0]),
         (Task::Lm, Some(_)) => return Err(invalid("--labels is for --task classify")),
         (Task::Lm, None) => {}
+    }
+    if a.blockwise {
+        return blockwise::run(a, &cfg, opts, &devices[0]);
     }
     let (model, template) = build_model(a, &opts, adapter.as_ref(), &devices[0])?;
     let mut models = vec![model];

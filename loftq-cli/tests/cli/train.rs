@@ -370,6 +370,13 @@ fn classify_trains_an_encoder_and_eval_scores_it() {
     with_text.extend(["--text", s(&train)]);
     let (ok, err) = loftq(&with_text);
     assert!(!ok && err.contains("--text is for --task lm"), "{err}");
+    let mut blockwise = args.clone();
+    blockwise.extend(["--distill-from", s(&model), "--blockwise"]);
+    let (ok, err) = loftq(&blockwise);
+    assert!(
+        !ok && err.contains("--distill-from is for --task lm"),
+        "{err}"
+    );
     let lm = [
         "train",
         "--model",
