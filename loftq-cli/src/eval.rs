@@ -8,7 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::Args;
 use loftq_core::DeviceSpec;
 use loftq_core::quant::host_f32;
-use loftq_models::classify::{Labelled, evaluate};
+use loftq_models::classify::{Labelled, check_examples, evaluate, read_labels};
 use loftq_models::eval::{perplexity_windows, token_ids};
 use loftq_models::io::{Adapter, Checkpoint, OutTensor, write_safetensors};
 use loftq_models::nn::{Llama, LoadOptions, load_bert, load_pretrained};
@@ -101,23 +101,15 @@ fn print_accuracy(args: &EvalArgs, path: &Path, device: &Device) -> Result<()> {
         adapter: adapter.as_ref(),
     };
     let model = load_bert(&args.model, device, &opts)?;
-    if model.classifier.is_none() || model.pooler.is_none() {
-        return Err(invalid(format!(
-            "{} has no classification head (classifier and pooler); fine-tune one with              `loftq train --task classify`",
-            args.model.display()
-        )));
-    }
-    let names = match args.adapter.as_ref().map(|a| a.join("labels.json")) {
-        Some(file) if file.is_file() => {
-            let text = std::fs::read_to_string(&file).map_err(|e| ModelError::io(&file, e))?;
-            let names: Vec<String> = serde_json::from_str(&text)
-                .map_err(|e| ModelError::format(&file, format!("not a list of labels: {e}")))?;
-            Some(names)
-        }
-        _ => None,
-    };
+    let names = args
+        .adapter
+        .as_deref()
+        .map(read_labels)
+        .transpose()?
+        .flatten();
     let tok = Tokenizer::for_model(&args.model)?;
     let set = Labelled::read(path, &tok, args.seq, names.as_deref())?;
+    check_examples(&model, &set.examples)?;
     if set.labels.len() != model.config.num_labels {
         return Err(invalid(format!(
             "--labels has {} labels ({:?}); the classifier has {} outputs",

@@ -3,7 +3,7 @@
 
 use loftq_models::Tokenizer;
 use loftq_models::classify::{
-    ClassifyConfig, ClassifyEvent, Labelled, classifier_adapter, train_classifier,
+    ClassifyConfig, ClassifyEvent, Labelled, train_classifier, write_classifier,
 };
 use loftq_models::io::write_atomic;
 use loftq_models::nn::{LoadOptions, load_bert};
@@ -70,12 +70,6 @@ pub(super) fn run(a: &TrainArgs, opts: LoadOptions, device: &burn::tensor::Devic
     {
         model.new_classifier(n, a.seed);
     }
-    if model.pooler.is_none() {
-        return Err(invalid(format!(
-            "{} has no pooler (pooler.dense) for the classification head",
-            a.model.display()
-        )));
-    }
     eprintln!(
         "{} training examples, {} held out, labels {:?}; {} trainable parameters",
         train.examples.len(),
@@ -120,9 +114,7 @@ pub(super) fn run(a: &TrainArgs, opts: LoadOptions, device: &burn::tensor::Devic
         }
     })?;
     let out = a.out.join("adapter");
-    classifier_adapter(&model, template).write(&out)?;
-    let labels = serde_json::to_string_pretty(&train.labels).expect("labels serialize");
-    write_atomic(&out.join("labels.json"), labels.as_bytes())?;
+    write_classifier(&model, template, &train.labels, &out)?;
     let json = serde_json::to_string_pretty(&history).expect("history serializes");
     write_atomic(&a.out.join("history.json"), json.as_bytes())?;
     let acc = history.evals.last().map_or(String::new(), |e| {

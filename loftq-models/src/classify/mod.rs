@@ -6,6 +6,7 @@
 
 pub mod data;
 
+use std::path::Path;
 use std::time::Instant;
 
 use burn::tensor::activation::log_softmax;
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use data::{ClassBatch, Example, Labelled};
 
-use crate::io::{Adapter, AdapterConfig, HostTensor};
+use crate::io::{Adapter, AdapterConfig, HostTensor, write_atomic};
 use crate::nn::{Bert, adapter_of};
 use crate::train::data::{mix, permutation};
 use crate::train::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
@@ -113,7 +114,7 @@ pub fn loss_and_grads(model: &Bert, batch: &ClassBatch) -> (f64, Vec<Tensor<2>>)
 /// Accuracy and mean cross-entropy of `model` on `examples`, `batch` at a time.
 ///
 /// # Panics
-/// If `examples` is empty or `batch` is 0.
+/// If `examples` is empty, `batch` is 0, or [`check_examples`] refuses them.
 pub fn evaluate(model: &Bert, examples: &[Example], batch: usize, step: usize) -> ClassEval {
     let device = model.word_embeddings.device();
     let pad = model.config.pad_token_id;
@@ -139,13 +140,33 @@ pub fn evaluate(model: &Bert, examples: &[Example], batch: usize, step: usize) -
     }
 }
 
+/// Checks that `model` can classify `examples`: it has a pooler and a classifier, and no
+/// example is longer than its learned positions.
+///
+/// # Errors
+/// [`ModelError::Settings`] saying which.
+pub fn check_examples(model: &Bert, examples: &[Example]) -> Result<()> {
+    if model.pooler.is_none() || model.classifier.is_none() {
+        return Err(ModelError::Settings(
+            "the model has no classification head (pooler.dense and classifier)".into(),
+        ));
+    }
+    let positions = model.config.max_position_embeddings;
+    match examples.iter().map(|e| e.ids.len()).max() {
+        Some(longest) if longest > positions => Err(ModelError::Settings(format!(
+            "an example of {longest} tokens; the model reads at most {positions}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Fine-tunes `model`'s adapters and classifier on `train`, evaluating on `held_out` if
 /// given. Each step takes the next `batch` examples of an order drawn afresh each epoch.
 ///
 /// # Errors
 /// [`ModelError::Settings`] for zero steps or batch, labels that are not the classifier's
-/// outputs, or a model with nothing to train; [`ModelError::Diverged`] when the loss is not
-/// finite.
+/// outputs, or examples the model cannot read ([`check_examples`]);
+/// [`ModelError::Diverged`] when the loss is not finite.
 pub fn train_classifier(
     model: &mut Bert,
     train: &Labelled,
@@ -157,6 +178,10 @@ pub fn train_classifier(
         return Err(ModelError::Settings(
             "steps and batch must be positive".into(),
         ));
+    }
+    check_examples(model, &train.examples)?;
+    if let Some(set) = held_out {
+        check_examples(model, &set.examples)?;
     }
     let labels = model.config.num_labels;
     if train.labels.len() != labels {
@@ -239,4 +264,41 @@ pub fn classifier_adapter(model: &Bert, mut config: AdapterConfig) -> Adapter {
     };
     adapter.saved.insert("classifier.bias".into(), bias);
     adapter
+}
+
+/// The file beside a classifier's adapter that names its labels, in the order of its outputs.
+pub const LABELS_FILE: &str = "labels.json";
+
+/// Writes [`classifier_adapter`] into `dir`, and `labels` into its [`LABELS_FILE`], each file
+/// atomically.
+///
+/// # Errors
+/// [`ModelError::Io`] if writing fails.
+///
+/// # Panics
+/// As [`classifier_adapter`].
+pub fn write_classifier(
+    model: &Bert,
+    config: AdapterConfig,
+    labels: &[String],
+    dir: &Path,
+) -> Result<()> {
+    classifier_adapter(model, config).write(dir)?;
+    let json = serde_json::to_string_pretty(labels).expect("labels serialize");
+    write_atomic(&dir.join(LABELS_FILE), json.as_bytes())
+}
+
+/// The label names of the classifier adapter in `dir` ([`LABELS_FILE`]), `None` without one.
+///
+/// # Errors
+/// [`ModelError::Io`] if it cannot be read, [`ModelError::Format`] if it is not a list of names.
+pub fn read_labels(dir: &Path) -> Result<Option<Vec<String>>> {
+    let file = dir.join(LABELS_FILE);
+    if !file.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| ModelError::io(&file, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModelError::format(&file, format!("not a list of labels: {e}")))
 }

@@ -179,3 +179,42 @@ fn bad_labelled_files_are_refused_by_line() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Examples longer than the model's learned positions (the tiny BERT's 32), and a model without
+/// a classification head, are refused before any step.
+#[test]
+fn examples_the_model_cannot_read_are_refused() {
+    use loftq_models::classify::check_examples;
+    let dir = scratch("classify-long");
+    let tok = tokenizer(&dir);
+    let long: Vec<String> = (0..40).map(|i| format!("w{}", i % 20)).collect();
+    let path = dir.join("long.tsv");
+    std::fs::write(&path, format!("a\t{}\nb\tw1 w2\n", long.join(" "))).unwrap();
+    let set = Labelled::read(&path, &tok, 64, None).unwrap();
+    let mut model = tiny_bert();
+    model.new_classifier(2, 0);
+    let cfg = ClassifyConfig {
+        steps: 1,
+        batch: 2,
+        schedule: Schedule {
+            lr: 1e-3,
+            warmup: 0,
+            decay: Decay::Constant,
+            total: 1,
+        },
+        adamw: AdamWConfig::default(),
+        max_grad_norm: None,
+        seed: 0,
+        eval_every: 0,
+    };
+    let err = train_classifier(&mut model, &set, None, &cfg, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("an example of 42 tokens"), "{err}");
+    model.classifier = None;
+    let err = check_examples(&model, &set.examples[1..])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no classification head"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
