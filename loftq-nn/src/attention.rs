@@ -102,14 +102,28 @@ pub(crate) fn attend_rotated(
     v: Tensor<4>,
     window: Option<usize>,
 ) -> Tensor<3> {
-    let [b, h, n, d] = q.dims();
+    let [b, h, n, _] = q.dims();
     let [_, kvh, t, _] = k.dims();
     let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+    let hidden = hidden_keys(t - n, n, window, &q.device())
+        .map(|m| m.reshape([1, 1, n, t]).expand([b, h, n, t]));
+    softmax_attention(q, k, v, hidden)
+}
+
+/// Scaled dot-product attention of `q [b, h, n, d]` over `k`, `v` `[b, h, t, d]` (as many
+/// heads), the keys where `hidden [b, h, n, t]` is true left out: `[b, n, h·d]`, the heads side
+/// by side. Causal decoders and bidirectional encoders differ only in `hidden`.
+pub(crate) fn softmax_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    hidden: Option<Tensor<4, Bool>>,
+) -> Tensor<3> {
+    let [b, h, n, d] = q.dims();
     let mut scores = q
         .matmul(k.swap_dims(2, 3))
         .mul_scalar(1.0 / (d as f64).sqrt());
-    if let Some(hidden) = hidden_keys(t - n, n, window, &scores.device()) {
-        let hidden = hidden.reshape([1, 1, n, t]).expand([b, h, n, t]);
+    if let Some(hidden) = hidden {
         scores = scores.mask_fill(hidden, f32::MIN);
     }
     let out = softmax(scores, 3).matmul(v);

@@ -6,26 +6,16 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use loftq_core::lowrank::Gaussian;
 
+use super::attention::softmax_attention;
 use super::load::{Builder, check_adapter_used};
 use super::mlp::activate;
 use super::{BaseWeight, FreshLora, LoadOptions, Norm, QLinear, tensor_seed};
-use loftq_formats::config::{Activation, EncoderConfig};
+use loftq_formats::config::{Activation, ENCODER_LINEAR_PATHS, EncoderConfig};
 use loftq_formats::io::open_source;
 use loftq_formats::{ModelError, Result};
-
-/// The linear layers of an encoder layer, as paths inside `encoder.layer.N`.
-pub const ENCODER_LINEAR_PATHS: [&str; 6] = [
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-];
 
 /// `encoder.layer.N`: self-attention and a GELU MLP, each followed by a residual LayerNorm.
 #[derive(Module, Debug)]
@@ -102,15 +92,8 @@ fn attend([q, k, v]: [Tensor<3>; 3], heads: usize, pad: Option<&Tensor<2, Bool>>
     let [b, s, width] = q.dims();
     let d = width / heads;
     let split = |t: Tensor<3>| t.reshape([b, s, heads, d]).swap_dims(1, 2);
-    let mut scores = split(q)
-        .matmul(split(k).swap_dims(2, 3))
-        .mul_scalar(1.0 / (d as f64).sqrt());
-    if let Some(pad) = pad {
-        let hidden = pad.clone().reshape([b, 1, 1, s]).expand([b, heads, s, s]);
-        scores = scores.mask_fill(hidden, f32::MIN);
-    }
-    let out = softmax(scores, 3).matmul(split(v));
-    out.swap_dims(1, 2).reshape([b, s, width])
+    let hidden = pad.map(|p| p.clone().reshape([b, 1, 1, s]).expand([b, heads, s, s]));
+    softmax_attention(split(q), split(k), split(v), hidden)
 }
 
 impl Bert {
@@ -343,11 +326,12 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("{prefix}encoder.layer.{i}");
-        let inter = c.intermediate_size;
-        let shapes = [[h, h], [h, h], [h, h], [h, h], [inter, h], [h, inter]];
-        let mut lin = Vec::with_capacity(6);
-        for (path, shape) in ENCODER_LINEAR_PATHS.iter().zip(shapes) {
-            lin.push(b.linear(&format!("{p}.{path}"), shape, true, true)?);
+        let mut lin = Vec::with_capacity(ENCODER_LINEAR_PATHS.len());
+        for path in ENCODER_LINEAR_PATHS {
+            let name = format!("{p}.{path}");
+            let shape = (c.linear_shape(&format!("{name}.weight")))
+                .expect("every encoder linear path has a shape");
+            lin.push(b.linear(&name, shape, true, true)?);
         }
         let [q, k, v, attention_output, intermediate, output] =
             <[QLinear; 6]>::try_from(lin).expect("six linear layers");

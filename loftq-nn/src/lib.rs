@@ -34,7 +34,7 @@ mod save;
 
 pub use adapters::{FreshLora, LayerInit, tensor_seed};
 pub use attention::Attention;
-pub use bert::{Bert, ENCODER_LINEAR_PATHS, EncoderLayer, load_bert};
+pub use bert::{Bert, EncoderLayer, load_bert};
 pub use cache::KvCache;
 pub use layerwise::{LayerReader, LayerSource};
 pub use llama::{DecoderLayer, Llama};

@@ -11,6 +11,16 @@ use super::error::{fits, nonzero, positive};
 use super::{Activation, ConfigError};
 use crate::{ModelError, Result};
 
+/// The linear layers of an encoder layer, as paths inside `encoder.layer.N`.
+pub const ENCODER_LINEAR_PATHS: [&str; 6] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
 /// The architecture of a BERT-family encoder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EncoderConfig {
@@ -86,10 +96,12 @@ impl EncoderConfig {
         if let Some(p) = raw.position_embedding_type.filter(|p| p != "absolute") {
             return Err(unsupported("position_embedding_type", &p, "absolute"));
         }
-        let hidden_act = match raw.hidden_act.as_deref().unwrap_or("gelu") {
-            "gelu" => Activation::Gelu,
-            a if Activation::GeluTanh.names().contains(&a) => Activation::GeluTanh,
-            a => return Err(unsupported("hidden_act", a, "gelu, gelu_new")),
+        let act = raw.hidden_act.as_deref().unwrap_or("gelu");
+        let Some(hidden_act) = [Activation::Gelu, Activation::GeluTanh]
+            .into_iter()
+            .find(|a| a.names().contains(&act))
+        else {
+            return Err(unsupported("hidden_act", act, "gelu, gelu_new"));
         };
         let config = Self {
             vocab_size: raw.vocab_size,
@@ -158,10 +170,9 @@ impl EncoderConfig {
         }
         let path = name.strip_prefix("encoder.layer.")?.split_once('.')?.1;
         match path.strip_suffix(".weight")? {
-            "attention.self.query" | "attention.self.key" | "attention.self.value" => Some([h, h]),
-            "attention.output.dense" => Some([h, h]),
             "intermediate.dense" => Some([inter, h]),
             "output.dense" => Some([h, inter]),
+            p if ENCODER_LINEAR_PATHS.contains(&p) => Some([h, h]),
             _ => None,
         }
     }

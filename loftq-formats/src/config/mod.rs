@@ -16,7 +16,7 @@ mod names;
 mod rope;
 mod window;
 
-pub use encoder::{Architecture, EncoderConfig};
+pub use encoder::{Architecture, ENCODER_LINEAR_PATHS, EncoderConfig};
 pub use error::ConfigError;
 use error::{fits, nonzero, positive};
 pub use names::{
