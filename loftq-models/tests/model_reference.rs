@@ -61,32 +61,44 @@ fn sliding_windows_match_transformers() {
     }
 }
 
-/// Phi-3 (q/k/v fused in `qkv_proj`, gate/up in `gate_up_proj`, a sliding window of 5) against
-/// transformers, and with a PEFT adapter on the fused layers against PEFT.
-#[test]
-fn phi3_matches_transformers_and_peft() {
-    let dir = fixture("tiny-phi3");
+/// The fixture `name` against transformers' logits, and with its PEFT adapter (on `adapted`
+/// linear layers, changing the logits) against PEFT's: both within 1e-4. Gives the model
+/// without the adapter, the input ids and its logits.
+fn matches_transformers_and_peft(name: &str, adapted: usize) -> (Llama, Tensor<2, Int>, Vec<f32>) {
+    let dir = fixture(name);
     let refs = dir.join("logits.safetensors");
     let (ids, want) = reference(&refs, "logits");
     let (_, want_lora) = reference(&refs, "logits_lora");
     assert!(
         max_abs_diff(&want, &want_lora) > 1e-2,
-        "the adapter changes nothing"
+        "{name}: the adapter changes nothing"
     );
-    let model = load_pretrained(&dir, None, &device()).unwrap();
-    let layout = |l: &loftq_models::nn::DecoderLayer| (l.linear_paths().len(), l.self_attn.window);
-    assert!(model.layers.iter().all(|l| layout(l) == (4, Some(5))));
-    let diff = max_abs_diff(&logits(&model, ids.clone()), &want);
-    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
-    let model = load_pretrained(&dir, Some(&dir.join("adapter")), &device()).unwrap();
-    let adapted = model
+    let with = load_pretrained(&dir, Some(&dir.join("adapter")), &device()).unwrap();
+    let n = with
         .linears()
         .iter()
         .filter(|(_, l)| l.lora.is_some())
         .count();
-    assert_eq!(adapted, 8);
-    let diff = max_abs_diff(&logits(&model, ids), &want_lora);
-    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+    assert_eq!(n, adapted, "{name}");
+    let diff = max_abs_diff(&logits(&with, ids.clone()), &want_lora);
+    assert!(
+        diff < 1e-4,
+        "{name} with the adapter: max |Δlogit| = {diff}"
+    );
+    let model = load_pretrained(&dir, None, &device()).unwrap();
+    let got = logits(&model, ids.clone());
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-4, "{name}: max |Δlogit| = {diff}");
+    (model, ids, got)
+}
+
+/// Phi-3 (q/k/v fused in `qkv_proj`, gate/up in `gate_up_proj`, a sliding window of 5) against
+/// transformers, and with a PEFT adapter on the fused layers against PEFT.
+#[test]
+fn phi3_matches_transformers_and_peft() {
+    let (model, _, _) = matches_transformers_and_peft("tiny-phi3", 8);
+    let layout = |l: &loftq_models::nn::DecoderLayer| (l.linear_paths().len(), l.self_attn.window);
+    assert!(model.layers.iter().all(|l| layout(l) == (4, Some(5))));
 }
 
 /// Phi-2 (LayerNorms with biases, attention and MLP in parallel, rotary embeddings on 4 of 10
@@ -96,18 +108,10 @@ fn phi3_matches_transformers_and_peft() {
 #[test]
 fn phi2_matches_transformers_and_peft() {
     use loftq_models::nn::KvCache;
-    let dir = fixture("tiny-phi2");
-    let refs = dir.join("logits.safetensors");
-    let (ids, want) = reference(&refs, "logits");
-    let (_, want_lora) = reference(&refs, "logits_lora");
-    assert!(max_abs_diff(&want, &want_lora) > 1e-2);
-    let model = load_pretrained(&dir, None, &device()).unwrap();
+    let (model, ids, got) = matches_transformers_and_peft("tiny-phi2", 12);
     assert_eq!(model.config.rotary_dim(), 4);
     let parallel = |l: &loftq_models::nn::DecoderLayer| l.post_attention_layernorm.is_none();
     assert!(model.layers.iter().all(parallel));
-    let got = logits(&model, ids.clone());
-    let diff = max_abs_diff(&got, &want);
-    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
     // Positions 0..7, then 7..11, then 11..16 through the cache: the last logits of each row.
     let (b, s) = (2, 16);
     let vocab = model.config.vocab_size;
@@ -126,15 +130,6 @@ fn phi2_matches_transformers_and_peft() {
         .collect();
     let diff = max_abs_diff(&last, &want_last);
     assert!(diff < 1e-4, "cached: max |Δlogit| = {diff}");
-    let model = load_pretrained(&dir, Some(&dir.join("adapter")), &device()).unwrap();
-    let adapted = model
-        .linears()
-        .iter()
-        .filter(|(_, l)| l.lora.is_some())
-        .count();
-    assert_eq!(adapted, 12);
-    let diff = max_abs_diff(&logits(&model, ids), &want_lora);
-    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
 }
 
 /// A tiny BERT classifier (random LayerNorms and biases, two segments, the second row padded)

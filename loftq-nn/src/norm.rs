@@ -1,4 +1,4 @@
-//! The normalizations of a decoder: RMSNorm (Llama, Phi-3) and LayerNorm with a bias (Phi).
+//! The normalizations: RMSNorm (Llama, Phi-3) and LayerNorm with a bias (Phi, BERT).
 
 use burn::module::Module;
 use burn::tensor::Tensor;
