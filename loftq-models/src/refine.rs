@@ -26,8 +26,8 @@ use crate::io::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, HostTensor, LoraWeights, TensorSource,
     dequantize_packed, open_source, require_empty_dir,
 };
-use crate::nn::tensor_seed;
 use crate::nn::{Llama, LoraAdapter, load_pretrained};
+use crate::nn::{host_tensor, tensor_seed};
 use crate::{ModelError, Result, Tokenizer};
 
 /// Everything `loftq refine` needs.
@@ -266,10 +266,6 @@ fn fit_one(
         name: name.to_string(),
         source,
     })?;
-    let host = |t: &Tensor<2>| HostTensor {
-        shape: t.dims().to_vec(),
-        data: host_f32(t),
-    };
     Ok(Fitted {
         report: RefineTensor {
             name: name.to_string(),
@@ -284,8 +280,8 @@ fn fit_one(
         module: module_of_weight(name)
             .expect("targets are weights")
             .to_string(),
-        a: host(&fit.lora_a),
-        b: host(&fit.lora_b),
+        a: host_tensor(&fit.lora_a),
+        b: host_tensor(&fit.lora_b),
     })
 }
 
@@ -355,14 +351,7 @@ fn run_check(
                     tensor_seed(spec.seed, &f.report.name),
                     device,
                 );
-                f.a = HostTensor {
-                    shape: vec![spec.lora.rank, cols],
-                    data: host_f32(&a),
-                };
-                f.b = HostTensor {
-                    shape: vec![rows, spec.lora.rank],
-                    data: host_f32(&b),
-                };
+                (f.a, f.b) = (host_tensor(&a), host_tensor(&b));
             }
             f.report.accepted = Some(keep);
             f.report.logits_err = Some(current);

@@ -46,7 +46,7 @@ pub use mlp::Mlp;
 pub use norm::{Norm, NormKind};
 pub use qlinear::{BaseWeight, LoraAdapter, PackedWeight, QLinear};
 pub use rope::RopeTables;
-pub use save::{BackboneFormat, adapter_of};
+pub use save::{BackboneFormat, adapter_of, host_tensor};
 
 /// What a product's output is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

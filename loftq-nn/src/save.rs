@@ -111,13 +111,17 @@ impl QLinear {
     /// The adapter's factors on the host, if the layer has one.
     pub fn lora_weights(&self) -> Option<LoraWeights> {
         let lora = self.lora.as_ref()?;
-        let host = |t: Tensor<2>| HostTensor {
-            shape: t.dims().to_vec(),
-            data: host_f32(&t),
-        };
         Some(LoraWeights {
-            a: host(lora.a.val()),
-            b: host(lora.b.val()),
+            a: host_tensor(&lora.a.val()),
+            b: host_tensor(&lora.b.val()),
         })
+    }
+}
+
+/// A tensor's values and shape on the host, as the file writers take them.
+pub fn host_tensor<const D: usize>(t: &Tensor<D>) -> HostTensor {
+    HostTensor {
+        shape: t.dims().to_vec(),
+        data: host_f32(t),
     }
 }

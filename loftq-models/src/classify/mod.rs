@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub use data::{ClassBatch, Example, Labelled};
 
-use crate::io::{Adapter, AdapterConfig, HostTensor, write_atomic};
-use crate::nn::{Bert, adapter_of};
+use crate::io::{Adapter, AdapterConfig, write_atomic};
+use crate::nn::{Bert, adapter_of, host_tensor};
 use crate::train::data::{mix, permutation};
 use crate::train::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
 use crate::{ModelError, Result};
@@ -250,19 +250,14 @@ pub fn classifier_adapter(model: &Bert, mut config: AdapterConfig) -> Adapter {
     config.modules_to_save = Some(vec!["classifier".into()]);
     let mut adapter = adapter_of(config, model.linears()).expect("an adapted layer");
     let head = model.classifier.as_ref().expect("a classifier");
-    let host = |t: Tensor<2>| HostTensor {
-        shape: t.dims().to_vec(),
-        data: loftq_core::quant::host_f32(&t),
-    };
+    let bias = head.bias.as_ref().expect("a classifier bias");
+    let saved = [
+        ("classifier.weight", host_tensor(&head.base.dense())),
+        ("classifier.bias", host_tensor(bias)),
+    ];
     adapter
         .saved
-        .insert("classifier.weight".into(), host(head.base.dense()));
-    let bias = head.bias.clone().expect("a classifier bias");
-    let bias = HostTensor {
-        shape: bias.dims().to_vec(),
-        data: loftq_core::quant::host_f32(&bias),
-    };
-    adapter.saved.insert("classifier.bias".into(), bias);
+        .extend(saved.map(|(name, t)| (name.to_string(), t)));
     adapter
 }
 
