@@ -68,3 +68,16 @@ impl TargetArgs {
         split_list(&self.exclude)
     }
 }
+
+/// Says so when `model` is a LoftQ organisation release run without its adapter: its
+/// backbone alone is plain quantized, which is rarely what was meant.
+#[allow(clippy::print_stderr)]
+pub(crate) fn note_release(model: &std::path::Path, adapter: Option<&std::path::Path>) {
+    use loftq_models::io::adapter_dir;
+    if adapter.is_none() && adapter_dir(model) != model {
+        eprintln!(
+            "note: {} is a LoftQ release; its adapter is not used unless you pass --adapter {0}",
+            model.display()
+        );
+    }
+}

@@ -23,7 +23,8 @@ pub struct EvalArgs {
     /// llama.cpp .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors or .bin), or a
+    /// LoftQ organisation release (its loftq_init/ is read).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// A safetensors file with an integer tensor `input_ids` [batch, seq]; the logits go
@@ -76,6 +77,7 @@ pub struct EvalArgs {
 
 /// Runs `loftq eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
+    crate::args::note_release(&args.model, args.adapter.as_deref());
     let device = args
         .device
         .open()

@@ -18,7 +18,8 @@ pub struct GenerateArgs {
     /// Model: an HF directory (dense, packed or merged) or a llama.cpp .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// PEFT adapter directory (a `loftq init` or `loftq train` output).
+    /// PEFT adapter directory (a `loftq init` or `loftq train` output, any PEFT adapter, or a
+    /// LoftQ organisation release: its loftq_init/).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The prompt.
@@ -63,6 +64,7 @@ pub struct GenerateArgs {
 /// Runs `loftq generate`.
 #[allow(clippy::print_stdout)]
 pub fn run(args: &GenerateArgs) -> Result<()> {
+    crate::args::note_release(&args.model, args.adapter.as_deref());
     let sampling = sampling(args)?;
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),

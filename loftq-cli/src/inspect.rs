@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use loftq_models::io::{
-    ADAPTER_CONFIG, Adapter, Checkpoint, Gguf, bnb_summary, is_bnb_part, is_gguf, read_packed,
+    ADAPTER_CONFIG, Adapter, Checkpoint, Gguf, LOFTQ_INIT, bnb_summary, is_bnb_part, is_gguf,
+    read_packed,
 };
 use loftq_models::{LlamaConfig, ModelError};
 
@@ -97,9 +98,11 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         line(k, &sel);
     }
     line("total", &rows.iter().collect::<Vec<_>>());
-    // A `loftq init` output: its adapter and report too.
-    if path.join("adapter").join(ADAPTER_CONFIG).is_file() {
-        adapter(&path.join("adapter"))?;
+    // A `loftq init` output or a LoftQ organisation release: its adapter (and report) too.
+    for sub in ["adapter", LOFTQ_INIT] {
+        if path.join(sub).join(ADAPTER_CONFIG).is_file() {
+            adapter(&path.join(sub))?;
+        }
     }
     let report = path.join("report.json");
     if let Ok(text) = std::fs::read_to_string(&report) {

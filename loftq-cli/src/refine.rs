@@ -15,7 +15,9 @@ use crate::progress::Progress;
 #[derive(Args)]
 pub struct RefineArgs {
     /// The quantized backbone: an HF directory with our packed weights (a `loftq init`
-    /// output) or bitsandbytes 4-bit weights (NF4/FP4, double quantization or not).
+    /// output), bitsandbytes 4-bit weights (NF4/FP4, double quantization or not), or a LoftQ
+    /// organisation release (bf16 weights holding Q dequantized; the modules its loftq_init/
+    /// adapts are the quantized ones).
     #[arg(long)]
     base: PathBuf,
     /// The full-precision model it was quantized from: an HF directory or a .gguf file.

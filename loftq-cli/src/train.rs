@@ -29,8 +29,9 @@ pub struct TrainArgs {
     /// or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// The PEFT adapter to start from (e.g. `<init out>/adapter`). Without it, a fresh
-    /// adapter is attached (A random, B = 0): plain LoRA, or QLoRA with --quantize.
+    /// The PEFT adapter to start from (e.g. `<init out>/adapter`, or a LoftQ organisation
+    /// release, whose loftq_init/ is read). Without it, a fresh adapter is attached (A random,
+    /// B = 0): plain LoRA, or QLoRA with --quantize.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// What to train: `lm`, a causal LM on --text (next-token prediction, or distillation);
@@ -225,6 +226,7 @@ pub enum Task {
 /// Runs `loftq train`.
 #[allow(clippy::print_stdout)]
 pub fn run(a: &TrainArgs) -> Result<()> {
+    crate::args::note_release(&a.model, a.adapter.as_deref());
     if a.steps == 0 || a.batch == 0 || a.accum == 0 {
         return Err(invalid("--steps, --batch and --accum must be at least 1"));
     }

@@ -1,5 +1,6 @@
 //! `loftq refine`: the best rank-`r` adapter for a backbone that is already quantized (ours
-//! packed, or bitsandbytes 4-bit), from the full-precision weights, streamed one at a time.
+//! packed, bitsandbytes 4-bit, or a LoftQ organisation release, whose `Q` is stored
+//! dequantized in bf16), from the full-precision weights, streamed one at a time.
 //!
 //! Each targeted layer gets the truncated SVD of `W − Q` ([`fit_adapter`]). With a check
 //! text, the layers are then visited in model order and a layer keeps its new adapter only
@@ -7,8 +8,8 @@
 //! QLoRA's start (`B = 0`), so the adapter stays trainable. This is PEFT's
 //! `replace_lora_weights_loftq` with its logits callback, for any quantized base.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -24,7 +25,7 @@ use crate::init::plan::{layer_index, module_of_weight};
 use crate::init::{Target, peak_rss_bytes};
 use crate::io::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, HostTensor, LoraWeights, TensorSource,
-    dequantize_packed, open_source, require_empty_dir,
+    adapter_dir, dequantize_packed, open_source, require_empty_dir,
 };
 use crate::nn::{Llama, LoraAdapter, load_pretrained};
 use crate::nn::{host_tensor, tensor_seed};
@@ -33,8 +34,9 @@ use crate::{ModelError, Result, Tokenizer};
 /// Everything `loftq refine` needs.
 #[derive(Clone, Debug)]
 pub struct RefineSpec {
-    /// The quantized backbone: an HF directory with our packed weights or bitsandbytes 4-bit
-    /// weights.
+    /// The quantized backbone: an HF directory with our packed weights, bitsandbytes 4-bit
+    /// weights, or a LoftQ organisation release (the modules its `loftq_init/` adapter adapts
+    /// hold `Q`).
     pub base: PathBuf,
     /// The full-precision model (HF directory or `.gguf`) the base was quantized from.
     pub model: PathBuf,
@@ -70,7 +72,8 @@ pub struct RefineTensor {
     pub name: String,
     /// `[out, in]`.
     pub shape: [usize; 2],
-    /// The base's quantizer (`nf4-b64`, or `bitsandbytes` for a bitsandbytes weight).
+    /// The base's quantizer (`nf4-b64`; `bitsandbytes` for a bitsandbytes weight;
+    /// `loftq-release-bf16` for the dequantized `Q` of a LoftQ organisation release).
     pub quantizer: String,
     /// `‖W − Q‖/‖W‖`.
     pub rel_err_base: f32,
@@ -151,11 +154,12 @@ pub fn run_refine(
     require_empty_dir(&spec.out)?;
     let base = open_source(&spec.base)?;
     let model = open_source(&spec.model)?;
+    let release = release_modules(&spec.base)?;
     let mut targets = Vec::new();
     for name in base.tensor_names() {
         if let Some(m) = module_of_weight(&name)
             && spec.wanted(m)
-            && base.quantized(&name)?
+            && (base.quantized(&name)? || release.contains(m))
         {
             targets.push(name);
         }
@@ -165,7 +169,7 @@ pub fn run_refine(
     if targets.is_empty() {
         return Err(ModelError::Settings(format!(
             "{}: no quantized weight matches the targets {:?} (minus the exclusions); the base \
-             must be a quantized backbone",
+             must be a quantized backbone or a LoftQ release (with loftq_init/)",
             spec.base.display(),
             spec.target
         )));
@@ -229,6 +233,16 @@ pub fn run_refine(
     Ok(report)
 }
 
+/// The modules a LoftQ organisation release quantized: those its `loftq_init/` adapter adapts
+/// (none when `base` is not a release).
+fn release_modules(base: &Path) -> Result<BTreeSet<String>> {
+    let dir = adapter_dir(base);
+    if dir == base {
+        return Ok(BTreeSet::new());
+    }
+    Ok(Adapter::read(&dir)?.modules.into_keys().collect())
+}
+
 fn fit_one(
     spec: &RefineSpec,
     base: &dyn TensorSource,
@@ -240,7 +254,8 @@ fn fit_one(
     // A packed weight is read once: its label and values come from the same unpacking.
     let (quantizer, q) = match base.packed(name)? {
         Some(p) => (p.config.label(), dequantize_packed(base.root(), name, &p)?),
-        None => ("bitsandbytes".to_string(), base.tensor(name)?),
+        None if base.quantized(name)? => ("bitsandbytes".to_string(), base.tensor(name)?),
+        None => ("loftq-release-bf16".to_string(), base.tensor(name)?),
     };
     base.release(name);
     let Some([rows, cols]) = q.matrix_shape() else {

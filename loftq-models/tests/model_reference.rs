@@ -497,3 +497,50 @@ fn adapter_parts_the_model_lacks_are_refused() {
     let got = model.layers[1].input_layernorm.weight.clone().into_data();
     assert_eq!(got.try_to_vec::<f32>().unwrap(), vec![0.5; h]);
 }
+
+/// A LoftQ organisation release, laid out as on the Hub: the bf16 backbone holding PEFT's `Q`,
+/// and the adapter pickled (`adapter_model.bin`) in `loftq_init/`. The release directory alone
+/// names both, as PEFT's `subfolder="loftq_init"` does.
+#[test]
+fn loftq_release_matches_peft() {
+    let dir = fixture("tiny-llama-loftq-release");
+    let refs = dir.join("logits.safetensors");
+    let (ids, want_lora) = reference(&refs, "logits_lora");
+    let (_, want_q) = reference(&refs, "logits_q");
+    let adapter = Adapter::read(&dir).unwrap();
+    let safetensors = Adapter::read(&fixture("tiny-llama-loftq-4bit/adapter")).unwrap();
+    assert_eq!(adapter.modules, safetensors.modules);
+    let mut model = load_pretrained(&dir, Some(&dir), &device()).unwrap();
+    let d_lora = max_abs_diff(&logits(&model, ids.clone()), &want_lora);
+    model.set_adapters_enabled(false);
+    let d_q = max_abs_diff(&logits(&model, ids), &want_q);
+    assert!(
+        d_lora < 1e-4 && d_q < 1e-4,
+        "max |Δ logits| {d_lora}, {d_q}"
+    );
+
+    // NF4 on load, as bitsandbytes does to a release: every code of PEFT's Q comes back (a
+    // wrong one is a grid step, ≥ 5% of the block's scale, off); the scales carry bf16's
+    // rounding.
+    let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
+    let opts = LoadOptions {
+        quantize: Some(QuantConfig::nf(4)),
+        adapter: None,
+    };
+    let model = load_model(&config, &ckpt, &device(), &opts).unwrap();
+    let q = Checkpoint::open(&fixture("tiny-llama-loftq-4bit/backbone_Q.safetensors")).unwrap();
+    for (path, lin) in model.linears() {
+        if path == "lm_head" {
+            continue;
+        }
+        let want = q.f32(&format!("{path}.weight")).unwrap().data;
+        let got = lin.base.dense().into_data().try_to_vec::<f32>().unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= w.abs() / 128.0 + 1e-7,
+                "{path}: {g} against {w}"
+            );
+        }
+    }
+}

@@ -328,3 +328,106 @@ fn codebook_prints_the_levels_of_a_quantizer_label() {
     let (ok, err) = loftq(&["codebook", "nf9"]);
     assert!(!ok && err.contains("`nf9`"), "{err}");
 }
+
+/// A LoftQ organisation release (bf16 backbone holding Q, the adapter pickled in loftq_init/)
+/// is named by its directory alone in eval, train and refine.
+#[test]
+fn a_loftq_release_runs_in_eval_train_and_refine() {
+    let dir = scratch("release");
+    let (model, text) = tiny_with_tokenizer(&dir);
+    let release = dir.join("release");
+    std::fs::create_dir_all(release.join("loftq_init")).unwrap();
+    let src = fixture("tiny-llama-loftq-release");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "loftq_init/adapter_config.json",
+        "loftq_init/adapter_model.bin",
+    ] {
+        std::fs::copy(src.join(f), release.join(f)).unwrap();
+    }
+    std::fs::copy(model.join("tokenizer.json"), release.join("tokenizer.json")).unwrap();
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (rel, refs, out) = (
+        p(&release),
+        p(&src.join("logits.safetensors")),
+        dir.join("logits.safetensors"),
+    );
+    let (ok, err) = loftq(&[
+        "eval",
+        "--model",
+        &rel,
+        "--adapter",
+        &rel,
+        "--logits-for",
+        &refs,
+        "--out",
+        &p(&out),
+    ]);
+    assert!(ok, "{err}");
+    let got = Checkpoint::open(&out).unwrap().f32("logits").unwrap().data;
+    let want = Checkpoint::open(&src.join("logits.safetensors"))
+        .unwrap()
+        .f32("logits_lora")
+        .unwrap()
+        .data;
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "eval of the release: max |Δ logits| = {diff}");
+
+    // QLoRA-style training from the release: NF4 on load, its adapter as the start.
+    let trained = dir.join("trained");
+    let (ok, err) = loftq(&[
+        "train",
+        "--model",
+        &rel,
+        "--adapter",
+        &rel,
+        "--quantize",
+        "nf4",
+        "--text",
+        &p(&text),
+        "--out",
+        &p(&trained),
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+    ]);
+    assert!(ok, "{err}");
+    assert!(trained.join("adapter/adapter_model.safetensors").is_file());
+
+    // New adapters for the release's Q from the full-precision weights: the quantized modules
+    // are the ones loftq_init adapts, each fitted closer than Q alone.
+    let refined = dir.join("refined");
+    let (ok, err) = loftq(&[
+        "refine",
+        "--base",
+        &rel,
+        "--model",
+        &p(&model),
+        "--out",
+        &p(&refined),
+        "--rank",
+        "8",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refined.join("report.json")).unwrap())
+            .unwrap();
+    let tensors = report["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 14);
+    for t in tensors {
+        assert_eq!(t["quantizer"], "loftq-release-bf16", "{t}");
+        assert!(
+            t["rel_err_fit"].as_f64() < t["rel_err_base"].as_f64(),
+            "{t}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,5 +1,6 @@
 //! File formats: safetensors checkpoints (HF directories, sharded or not), GGUF files,
-//! PEFT adapters, our packed backbone, and bitsandbytes' 4-bit checkpoints (read only).
+//! PEFT adapters (safetensors, or PyTorch `.bin` read only), our packed backbone, and
+//! bitsandbytes' 4-bit checkpoints (read only).
 
 mod atomic;
 mod bnb;
@@ -18,6 +19,8 @@ mod safetensors;
 mod source;
 pub mod space;
 mod stream;
+mod torch_pickle;
+mod torch_zip;
 
 pub use self::atomic::{is_non_empty_dir, require_empty_dir, write_atomic, write_dir_atomic};
 pub use self::bnb::{BnbSummary, bnb_names, bnb_summary, is_bnb_part, read_bnb};
@@ -33,8 +36,8 @@ pub use self::packed::{
     FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_header, packed_names, read_packed,
 };
 pub use self::peft::{
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterConfig, AdapterWriter, LoraWeights,
-    layer_index, module_matches,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, Adapter, AdapterConfig, AdapterWriter,
+    LOFTQ_INIT, LoraWeights, adapter_dir, layer_index, module_matches,
 };
 pub use self::safetensors::{
     Checkpoint, HostTensor, OutTensor, TensorEntry, bf16_le_bytes, f32_le_bytes, floats_from_le,
@@ -44,6 +47,7 @@ pub use self::source::{
     SIDE_FILES, TensorSource, check_finite, check_side_files, copy_side_files, is_gguf, open_source,
 };
 pub use self::stream::StreamWriter;
+pub use self::torch_pickle::TorchState;
 
 pub use self::packed::HEADER_PREFIX;
 pub use self::peft::PREFIX as PEFT_PREFIX;
