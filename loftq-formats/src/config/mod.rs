@@ -16,7 +16,10 @@ mod names;
 mod rope;
 mod window;
 
-pub use encoder::{Architecture, ENCODER_LINEAR_PATHS, EncoderConfig};
+pub use encoder::{
+    Architecture, DEBERTA_LINEAR_PATHS, ENCODER_LINEAR_PATHS, EncoderConfig, EncoderKind,
+    RelativeAttention,
+};
 pub use error::ConfigError;
 use error::{fits, nonzero, positive};
 pub use names::{

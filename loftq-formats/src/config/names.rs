@@ -54,6 +54,8 @@ pub enum Activation {
     GeluTanh,
     /// `gelu`, the exact GELU (`x·Φ(x)`) of one input projection (BERT).
     Gelu,
+    /// `tanh`: BERT's pooler (and a DeBERTa `pooler_hidden_act`).
+    Tanh,
 }
 
 impl Activation {
@@ -63,6 +65,7 @@ impl Activation {
             Activation::SiluGated => &["silu", "swish"],
             Activation::GeluTanh => &["gelu_new", "gelu_pytorch_tanh"],
             Activation::Gelu => &["gelu"],
+            Activation::Tanh => &["tanh"],
         }
     }
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use data::{ClassBatch, Example, Labelled};
 
 use crate::io::{Adapter, AdapterConfig, write_atomic};
-use crate::nn::{Bert, adapter_of, host_tensor};
+use crate::nn::{Encoder, adapter_of, host_tensor};
 use crate::train::data::{mix, permutation};
 use crate::train::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
 use crate::{ModelError, Result};
@@ -89,8 +89,8 @@ fn cross_entropy(logits: Tensor<2>, labels: &[usize]) -> Tensor<1> {
 }
 
 /// The batch's mean cross-entropy and its gradient for every parameter of
-/// [`Bert::trainable`], in that order.
-pub fn loss_and_grads(model: &Bert, batch: &ClassBatch) -> (f64, Vec<Tensor<2>>) {
+/// [`Encoder::trainable`], in that order.
+pub fn loss_and_grads(model: &Encoder, batch: &ClassBatch) -> (f64, Vec<Tensor<2>>) {
     let mut m = model.clone();
     let params: Vec<Tensor<2>> = (m.trainable().into_iter())
         .map(|p| p.autodiff().require_grad())
@@ -115,7 +115,7 @@ pub fn loss_and_grads(model: &Bert, batch: &ClassBatch) -> (f64, Vec<Tensor<2>>)
 ///
 /// # Panics
 /// If `examples` is empty, `batch` is 0, or [`check_examples`] refuses them.
-pub fn evaluate(model: &Bert, examples: &[Example], batch: usize, step: usize) -> ClassEval {
+pub fn evaluate(model: &Encoder, examples: &[Example], batch: usize, step: usize) -> ClassEval {
     let device = model.word_embeddings.device();
     let pad = model.config.pad_token_id;
     let (mut right, mut loss) = (0usize, 0f64);
@@ -145,7 +145,7 @@ pub fn evaluate(model: &Bert, examples: &[Example], batch: usize, step: usize) -
 ///
 /// # Errors
 /// [`ModelError::Settings`] saying which.
-pub fn check_examples(model: &Bert, examples: &[Example]) -> Result<()> {
+pub fn check_examples(model: &Encoder, examples: &[Example]) -> Result<()> {
     if model.pooler.is_none() || model.classifier.is_none() {
         return Err(ModelError::Settings(
             "the model has no classification head (pooler.dense and classifier)".into(),
@@ -168,7 +168,7 @@ pub fn check_examples(model: &Bert, examples: &[Example]) -> Result<()> {
 /// outputs, or examples the model cannot read ([`check_examples`]);
 /// [`ModelError::Diverged`] when the loss is not finite.
 pub fn train_classifier(
-    model: &mut Bert,
+    model: &mut Encoder,
     train: &Labelled,
     held_out: Option<&Labelled>,
     cfg: &ClassifyConfig,
@@ -245,7 +245,7 @@ pub fn train_classifier(
 ///
 /// # Panics
 /// If the model has no adapted layer or no classifier.
-pub fn classifier_adapter(model: &Bert, mut config: AdapterConfig) -> Adapter {
+pub fn classifier_adapter(model: &Encoder, mut config: AdapterConfig) -> Adapter {
     config.task_type = Some("SEQ_CLS".into());
     config.modules_to_save = Some(vec!["classifier".into()]);
     let mut adapter = adapter_of(config, model.linears()).expect("an adapted layer");
@@ -273,7 +273,7 @@ pub const LABELS_FILE: &str = "labels.json";
 /// # Panics
 /// As [`classifier_adapter`].
 pub fn write_classifier(
-    model: &Bert,
+    model: &Encoder,
     config: AdapterConfig,
     labels: &[String],
     dir: &Path,

@@ -1,4 +1,5 @@
-//! Sequence classification on the tiny BERT: the loss's gradients against finite differences,
+//! Sequence classification on the tiny BERT (and DeBERTa-v3): the loss's gradients against
+//! finite differences,
 //! a toy task learned (chance to at least 95% held-out accuracy), and the written adapter (LoRA plus the
 //! classifier saved whole) giving back the trained model's logits.
 
@@ -7,17 +8,22 @@ use loftq_models::classify::{
     ClassBatch, ClassifyConfig, Labelled, classifier_adapter, evaluate, loss_and_grads,
     train_classifier,
 };
-use loftq_models::nn::{Bert, load_bert};
+use loftq_models::nn::{Encoder, load_encoder};
 
 /// The tiny BERT with PEFT's adapter on every projection and the pooler, its base NF4.
-fn tiny_bert() -> Bert {
-    let dir = fixture("tiny-bert");
+fn tiny_bert() -> Encoder {
+    tiny_encoder("tiny-bert")
+}
+
+/// A tiny encoder fixture with its PEFT adapter, its base NF4.
+fn tiny_encoder(name: &str) -> Encoder {
+    let dir = fixture(name);
     let adapter = Adapter::read(&dir.join("adapter")).unwrap();
     let opts = LoadOptions {
         quantize: Some(QuantConfig::nf(4)),
         adapter: Some(&adapter),
     };
-    load_bert(&dir, &device(), &opts).unwrap()
+    load_encoder(&dir, &device(), &opts).unwrap()
 }
 
 /// A WordPiece tokenizer over the words w0..w19.
@@ -47,14 +53,21 @@ fn write_set(path: &std::path::Path, n: usize, seed: usize) {
     std::fs::write(path, lines.join("\n")).unwrap();
 }
 
+/// Through BERT's attention and DeBERTa's disentangled one (its gathers included).
 #[test]
 fn classification_gradients_match_finite_differences() {
-    let dir = scratch("classify-grad");
+    for name in ["tiny-bert", "tiny-deberta-v3"] {
+        gradients_match(name);
+    }
+}
+
+fn gradients_match(name: &str) {
+    let dir = scratch(&format!("classify-grad-{name}"));
     let tok = tokenizer(&dir);
     write_set(&dir.join("train.tsv"), 6, 0);
     let set = Labelled::read(&dir.join("train.tsv"), &tok, 16, None).unwrap();
     assert_eq!(set.examples[0].ids[0], 2, "[CLS] first");
-    let model = tiny_bert();
+    let model = tiny_encoder(name);
     let rows: Vec<_> = set.examples.iter().collect();
     let batch = ClassBatch::new(&rows, 0, &device());
     let (loss, grads) = loss_and_grads(&model, &batch);
@@ -78,7 +91,7 @@ fn classification_gradients_match_finite_differences() {
         let tol = 2e-3 + 0.03 * fd.abs();
         assert!(
             (f64::from(g) - fd).abs() < tol,
-            "parameter {factor}[{index}]: autodiff {g} vs finite difference {fd} (loss {loss})"
+            "{name} parameter {factor}[{index}]: autodiff {g} vs finite difference {fd} (loss {loss})"
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -145,7 +158,7 @@ fn a_toy_task_is_learned_and_the_adapter_gives_it_back() {
         quantize: Some(QuantConfig::nf(4)),
         adapter: Some(&adapter),
     };
-    let back = load_bert(&staged, &device(), &opts).unwrap();
+    let back = load_encoder(&staged, &device(), &opts).unwrap();
     let again = evaluate(&back, &test.examples, 8, 40);
     assert!(
         (again.loss - after.loss).abs() < 1e-4,

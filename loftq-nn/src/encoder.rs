@@ -1,7 +1,9 @@
-//! BERT-family encoders (BERT, MiniLM) with a sequence-classification head, with Hugging Face
-//! module names (`bert.encoder.layer.N.attention.self.query`, ...), so that checkpoints and
-//! PEFT adapters map by name. Post-norm layers, learned positions, bidirectional attention over
-//! the unpadded positions.
+//! Encoders with a sequence-classification head: BERT-family (BERT, MiniLM) and DeBERTa-v2/v3,
+//! with Hugging Face module names (`bert.encoder.layer.N.attention.self.query`,
+//! `deberta.encoder.layer.N.attention.self.query_proj`, ...), so that checkpoints and PEFT
+//! adapters map by name. Post-norm layers and bidirectional attention over the unpadded
+//! positions; learned absolute positions (BERT) or disentangled relative attention (DeBERTa,
+//! [`super::deberta`]).
 
 use std::path::Path;
 
@@ -9,18 +11,20 @@ use burn::module::{Module, Param};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use loftq_core::lowrank::Gaussian;
 
-use super::attention::softmax_attention;
+use super::attention::biased_attention;
+use super::deberta::{RelativeEmbeddings, RelativeInputs, disentangled_bias, scale};
 use super::load::{Builder, check_adapter_used};
 use super::mlp::activate;
 use super::{BaseWeight, FreshLora, LoadOptions, Norm, QLinear, tensor_seed};
-use loftq_formats::config::{Activation, ENCODER_LINEAR_PATHS, EncoderConfig};
+use loftq_formats::config::{Activation, EncoderConfig, EncoderKind};
 use loftq_formats::io::open_source;
 use loftq_formats::{ModelError, Result};
 
 /// `encoder.layer.N`: self-attention and a GELU MLP, each followed by a residual LayerNorm.
 #[derive(Module, Debug)]
 pub struct EncoderLayer {
-    /// `attention.self.{query, key, value}`, `[hidden, hidden]` each, in that order.
+    /// `attention.self.{query, key, value}` (DeBERTa: `{query,key,value}_proj`),
+    /// `[hidden, hidden]` each, in that order.
     pub qkv: Vec<QLinear>,
     /// `attention.output.dense`.
     pub attention_output: QLinear,
@@ -36,19 +40,24 @@ pub struct EncoderLayer {
     pub heads: usize,
 }
 
-/// `BertForSequenceClassification` (or a bare `BertModel`: no classifier).
+/// `BertForSequenceClassification` or `DebertaV2ForSequenceClassification` (or a bare
+/// `BertModel`, `DebertaV2Model`: no classifier).
 #[derive(Module, Debug)]
-pub struct Bert {
+pub struct Encoder {
     /// `embeddings.word_embeddings` `[vocab, hidden]` (frozen).
     pub word_embeddings: Tensor<2>,
-    /// `embeddings.position_embeddings` `[positions, hidden]` (frozen).
-    pub position_embeddings: Tensor<2>,
-    /// `embeddings.token_type_embeddings` `[types, hidden]` (frozen).
-    pub token_type_embeddings: Tensor<2>,
+    /// `embeddings.position_embeddings` `[positions, hidden]` (frozen), when absolute
+    /// positions are added to the input.
+    pub position_embeddings: Option<Tensor<2>>,
+    /// `embeddings.token_type_embeddings` `[types, hidden]` (frozen), unless there are no
+    /// types (DeBERTa-v3).
+    pub token_type_embeddings: Option<Tensor<2>>,
     /// `embeddings.LayerNorm`.
     pub embeddings_norm: Norm,
     /// `encoder.layer`.
     pub layers: Vec<EncoderLayer>,
+    /// DeBERTa's `encoder.rel_embeddings` (frozen) and its LayerNorm.
+    pub relative: Option<RelativeEmbeddings>,
     /// `pooler.dense`, if the checkpoint has one.
     pub pooler: Option<QLinear>,
     /// `classifier` `[labels, hidden]`, if the checkpoint has one.
@@ -56,8 +65,8 @@ pub struct Bert {
     /// The architecture.
     #[module(skip)]
     pub config: EncoderConfig,
-    /// What the checkpoint puts before `embeddings.`, `encoder.` and `pooler.`: `bert.` for a
-    /// classifier, nothing for a bare encoder.
+    /// What the checkpoint puts before `embeddings.` and `encoder.`: `bert.` or `deberta.` for
+    /// a classifier, nothing for a bare encoder.
     #[module(skip)]
     pub prefix: String,
 }
@@ -65,14 +74,28 @@ pub struct Bert {
 impl EncoderLayer {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`; `pad` `[batch, seq]` is true at the
     /// positions no one attends to.
+    /// With DeBERTa's relative attention, `rel` and `scale` are its inputs and score scale
+    /// (`√d` without).
     pub fn forward(
         &self,
         x: Tensor<3>,
         pad: Option<&Tensor<2, Bool>>,
         act: Activation,
+        rel: Option<&RelativeInputs>,
+        scale: f64,
     ) -> Tensor<3> {
-        let [q, k, v] = [0, 1, 2].map(|i| self.qkv[i].forward(x.clone()));
-        let att = attend([q, k, v], self.heads, pad);
+        let [b, s, width] = x.dims();
+        let d = width / self.heads;
+        let split = |t: Tensor<3>| t.reshape([b, s, self.heads, d]).swap_dims(1, 2);
+        let [q, k, v] = [0, 1, 2].map(|i| split(self.qkv[i].forward(x.clone())));
+        let bias =
+            rel.and_then(|r| disentangled_bias(&q, &k, &self.qkv[0], &self.qkv[1], r, scale));
+        let hidden = pad.map(|p| {
+            p.clone()
+                .reshape([b, 1, 1, s])
+                .expand([b, self.heads, s, s])
+        });
+        let att = biased_attention(q, k, v, scale, bias, hidden);
         let h = self
             .attention_norm
             .forward(self.attention_output.forward(att) + x);
@@ -80,23 +103,14 @@ impl EncoderLayer {
         self.output_norm.forward(self.output.forward(inner) + h)
     }
 
-    /// The linear layers, in [`ENCODER_LINEAR_PATHS`] order.
+    /// The linear layers, in [`EncoderKind::linear_paths`] order.
     pub fn linears(&self) -> Vec<&QLinear> {
         let tail = [&self.attention_output, &self.intermediate, &self.output];
         self.qkv.iter().chain(tail).collect()
     }
 }
 
-/// Bidirectional attention of `q`, `k`, `v` `[b, s, heads·d]`, padded keys hidden.
-fn attend([q, k, v]: [Tensor<3>; 3], heads: usize, pad: Option<&Tensor<2, Bool>>) -> Tensor<3> {
-    let [b, s, width] = q.dims();
-    let d = width / heads;
-    let split = |t: Tensor<3>| t.reshape([b, s, heads, d]).swap_dims(1, 2);
-    let hidden = pad.map(|p| p.clone().reshape([b, 1, 1, s]).expand([b, heads, s, s]));
-    softmax_attention(split(q), split(k), split(v), hidden)
-}
-
-impl Bert {
+impl Encoder {
     /// The last hidden states `[batch, seq, hidden]` of token ids and segment types
     /// `[batch, seq]`, with HF's `attention_mask` (1: a token, 0: padding) if any.
     pub fn hidden_states(
@@ -113,28 +127,45 @@ impl Bert {
                 .select(0, ids.reshape([b * s]))
                 .reshape([b, s, h])
         };
-        let positions = self.position_embeddings.clone().narrow(0, 0, s).unsqueeze();
-        let x = rows(&self.word_embeddings, ids) + rows(&self.token_type_embeddings, types);
-        let mut x = self.embeddings_norm.forward(x + positions);
+        let mut x = rows(&self.word_embeddings, ids);
+        if let Some(t) = &self.token_type_embeddings {
+            x = x + rows(t, types);
+        }
+        if let Some(p) = &self.position_embeddings {
+            x = x + p.clone().narrow(0, 0, s).unsqueeze();
+        }
+        // DeBERTa also zeroes the padded positions here; no unpadded position attends to
+        // them, so nothing else changes.
+        let mut x = self.embeddings_norm.forward(x);
         let pad = mask.map(|m| m.equal_elem(0));
+        let c = &self.config;
+        let rel = c.relative.as_ref();
+        let inputs = (self.relative.as_ref())
+            .zip(rel)
+            .map(|(t, r)| t.inputs(r, s));
+        let scale = scale(c.hidden_size / c.num_attention_heads, rel);
         for layer in &self.layers {
-            x = layer.forward(x, pad.as_ref(), self.config.hidden_act);
+            x = layer.forward(x, pad.as_ref(), c.hidden_act, inputs.as_ref(), scale);
         }
         x
     }
 
-    /// The pooled output `[batch, hidden]`: `tanh(pooler(h[:, 0]))`, the first token's state.
+    /// The pooled output `[batch, hidden]`: `act(pooler(h[:, 0]))`, the first token's state
+    /// (tanh for BERT, `pooler_hidden_act` for DeBERTa).
     ///
     /// # Panics
     /// If the checkpoint has no pooler.
     pub fn pool(&self, h: Tensor<3>) -> Tensor<2> {
         let [b, _, hidden] = h.dims();
-        let first = h.narrow(1, 0, 1).reshape([b, hidden]);
+        let first = h.narrow(1, 0, 1).reshape([b, 1, hidden]);
         let pooler = self.pooler.as_ref().expect("a pooler");
-        pooler
-            .forward(first.unsqueeze::<3>())
-            .reshape([b, hidden])
-            .tanh()
+        activate(self.config.pooler_act, pooler.forward(first)).reshape([b, hidden])
+    }
+
+    /// The pooler's module path: `[bert.]pooler.dense`, or DeBERTa's `pooler.dense` beside
+    /// the encoder.
+    pub fn pooler_path(&self) -> String {
+        pooler_path(self.config.kind, &self.prefix)
     }
 
     /// The classifier's logits `[batch, labels]` for the inputs of
@@ -243,35 +274,30 @@ impl Bert {
     /// The encoder's linear layers and the pooler, mutably, with their module paths, in
     /// [`Self::linears`] order.
     fn encoder_linears_mut(&mut self) -> Vec<(String, &mut QLinear)> {
-        let p = self.prefix.clone();
+        let (p, pooler) = (self.prefix.clone(), self.pooler_path());
+        let paths = self.config.kind.linear_paths();
         let mut v = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
             let tail = [&mut l.attention_output, &mut l.intermediate, &mut l.output];
-            for (name, lin) in ENCODER_LINEAR_PATHS
-                .iter()
-                .zip(l.qkv.iter_mut().chain(tail))
-            {
+            for (name, lin) in paths.iter().zip(l.qkv.iter_mut().chain(tail)) {
                 v.push((format!("{p}encoder.layer.{i}.{name}"), lin));
             }
         }
-        v.extend(
-            self.pooler
-                .as_mut()
-                .map(|l| (format!("{p}pooler.dense"), l)),
-        );
+        v.extend(self.pooler.as_mut().map(|l| (pooler, l)));
         v
     }
 
     /// Every linear layer with its module path, the pooler and classifier last.
     pub fn linears(&self) -> Vec<(String, &QLinear)> {
         let p = &self.prefix;
+        let paths = self.config.kind.linear_paths();
         let mut v = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            for (name, lin) in ENCODER_LINEAR_PATHS.iter().zip(l.linears()) {
+            for (name, lin) in paths.iter().zip(l.linears()) {
                 v.push((format!("{p}encoder.layer.{i}.{name}"), lin));
             }
         }
-        v.extend(self.pooler.iter().map(|l| (format!("{p}pooler.dense"), l)));
+        v.extend(self.pooler.iter().map(|l| (self.pooler_path(), l)));
         v.extend(
             self.classifier
                 .iter()
@@ -281,13 +307,21 @@ impl Bert {
     }
 }
 
-/// Loads a BERT-family checkpoint directory (`config.json` + safetensors), quantized and
-/// adapted as `opts` says; its encoder layers and pooler are quantizable, the classifier is not.
+fn pooler_path(kind: EncoderKind, prefix: &str) -> String {
+    match kind {
+        EncoderKind::Bert => format!("{prefix}pooler.dense"),
+        EncoderKind::DebertaV2 => "pooler.dense".into(),
+    }
+}
+
+/// Loads an encoder checkpoint directory (`config.json` + safetensors: BERT-family or
+/// DeBERTa-v2), quantized and adapted as `opts` says; its encoder layers and pooler are
+/// quantizable, the classifier is not.
 ///
 /// # Errors
 /// As [`EncoderConfig::from_file`] and [`open_source`]; a tensor missing or misshapen; an
 /// adapter module the model does not have.
-pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert> {
+pub fn load_encoder(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Encoder> {
     let mut config = EncoderConfig::from_file(&dir.join("config.json"))?;
     // A head the adapter saves whole (a fine-tuned classifier) sets the number of labels.
     let saved_head = opts.adapter.and_then(|a| a.saved.get("classifier.weight"));
@@ -305,8 +339,12 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
     let source = open_source(dir)?;
     let names = source.tensor_names();
     let has = |n: &str| names.iter().any(|x| x == n);
-    let prefix = match has("bert.embeddings.word_embeddings.weight") {
-        true => "bert.",
+    let kind = config.kind;
+    let prefix = match has(&format!(
+        "{}embeddings.word_embeddings.weight",
+        kind.prefix()
+    )) {
+        true => kind.prefix(),
         false => "",
     };
     let mut b = Builder::new(source.as_ref(), device, opts);
@@ -314,20 +352,23 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
     let (h, eps) = (c.hidden_size, c.layer_norm_eps);
     let e = format!("{prefix}embeddings");
     let word_embeddings = b.dense(&format!("{e}.word_embeddings.weight"), &[c.vocab_size, h])?;
-    let position_embeddings = b.dense(
-        &format!("{e}.position_embeddings.weight"),
-        &[c.max_position_embeddings, h],
-    )?;
-    let token_type_embeddings = b.dense(
-        &format!("{e}.token_type_embeddings.weight"),
-        &[c.type_vocab_size, h],
-    )?;
+    let position_embeddings = match c.absolute_positions {
+        true => Some(b.dense(
+            &format!("{e}.position_embeddings.weight"),
+            &[c.max_position_embeddings, h],
+        )?),
+        false => None,
+    };
+    let token_type_embeddings = match c.type_vocab_size {
+        0 => None,
+        types => Some(b.dense(&format!("{e}.token_type_embeddings.weight"), &[types, h])?),
+    };
     let embeddings_norm = b.layer_norm(&format!("{e}.LayerNorm"), h, eps)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("{prefix}encoder.layer.{i}");
-        let mut lin = Vec::with_capacity(ENCODER_LINEAR_PATHS.len());
-        for path in ENCODER_LINEAR_PATHS {
+        let mut lin = Vec::with_capacity(6);
+        for path in kind.linear_paths() {
             let name = format!("{p}.{path}");
             let shape = (c.linear_shape(&format!("{name}.weight")))
                 .expect("every encoder linear path has a shape");
@@ -345,8 +386,22 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
             heads: c.num_attention_heads,
         });
     }
-    let pooler = match has(&format!("{prefix}pooler.dense.weight")) {
-        true => Some(b.linear(&format!("{prefix}pooler.dense"), [h, h], true, true)?),
+    let relative = match &c.relative {
+        Some(r) => Some(RelativeEmbeddings {
+            table: b.dense(
+                &format!("{prefix}encoder.rel_embeddings.weight"),
+                &[2 * r.span(), h],
+            )?,
+            norm: match r.norm {
+                true => Some(b.layer_norm(&format!("{prefix}encoder.LayerNorm"), h, eps)?),
+                false => None,
+            },
+        }),
+        None => None,
+    };
+    let pooler_path = pooler_path(kind, prefix);
+    let pooler = match has(&format!("{pooler_path}.weight")) {
+        true => Some(b.linear(&pooler_path, [h, h], true, true)?),
         false => None,
     };
     let classifier = match has("classifier.weight") || saved_head.is_some() {
@@ -355,12 +410,13 @@ pub fn load_bert(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Bert
     };
     let used = |k: &str| b.used.contains(k);
     check_adapter_used(opts, used, used)?;
-    Ok(Bert {
+    Ok(Encoder {
         word_embeddings,
         position_embeddings,
         token_type_embeddings,
         embeddings_norm,
         layers,
+        relative,
         pooler,
         classifier,
         config,
