@@ -3,7 +3,8 @@
 
 use loftq_models::Tokenizer;
 use loftq_models::classify::{
-    ClassifyConfig, ClassifyEvent, Labelled, train_classifier, write_classifier,
+    ClassifyCheckpoints, ClassifyConfig, ClassifyEvent, Labelled, train_classifier,
+    write_classifier,
 };
 use loftq_models::io::write_atomic;
 use loftq_models::nn::{LoadOptions, load_encoder};
@@ -18,7 +19,6 @@ fn refuse_lm_flags(a: &TrainArgs) -> Result<()> {
     let lm_only = [
         ("--distill-from", a.distill_from.is_some()),
         ("--blockwise", a.blockwise),
-        ("--resume", a.resume),
         ("--val-text", a.val_text.is_some()),
         ("--text", !a.text.is_empty()),
         ("--no-recompute", a.no_recompute),
@@ -89,30 +89,54 @@ pub(super) fn run(a: &TrainArgs, opts: LoadOptions, device: &burn::tensor::Devic
         max_grad_norm: a.max_grad_norm(),
         seed: a.seed,
         eval_every: a.eval_every,
+        save_every: a.save_every,
+        keep_checkpoints: a.keep_checkpoints,
+    };
+    let checkpoints = ClassifyCheckpoints {
+        out: &a.out,
+        template: &template,
+        labels: &train.labels,
+        resume: a.resume,
     };
     let mut bar = (!a.json).then(|| Progress::new(a.steps as u64));
-    let history = train_classifier(&mut model, &train, held_out.as_ref(), &cfg, &mut |e| {
-        if a.json {
-            json_line(&e);
-            return;
-        }
-        let bar = bar.as_mut().expect("not json");
-        match e {
-            ClassifyEvent::Step {
-                step,
-                loss,
-                lr,
-                examples_per_s,
-            } => bar.inc(
-                1,
-                &format!("step {step} loss {loss:.4} lr {lr:.2e} {examples_per_s:.1} examples/s"),
-            ),
-            ClassifyEvent::Eval(e) => bar.note(&format!(
-                "step {}: held-out accuracy {:.4}, loss {:.4}",
-                e.step, e.accuracy, e.loss
-            )),
-        }
-    })?;
+    let held = held_out.as_ref();
+    let history = train_classifier(
+        &mut model,
+        &train,
+        held,
+        &cfg,
+        Some(&checkpoints),
+        &mut |e| {
+            if a.json {
+                json_line(&e);
+                return;
+            }
+            let bar = bar.as_mut().expect("not json");
+            match e {
+                ClassifyEvent::Step {
+                    step,
+                    loss,
+                    lr,
+                    examples_per_s,
+                } => bar.inc(
+                    1,
+                    &format!(
+                        "step {step} loss {loss:.4} lr {lr:.2e} {examples_per_s:.1} examples/s"
+                    ),
+                ),
+                ClassifyEvent::Eval(e) => bar.note(&format!(
+                    "step {}: held-out accuracy {:.4}, loss {:.4}",
+                    e.step, e.accuracy, e.loss
+                )),
+                ClassifyEvent::Resumed { step } => {
+                    bar.inc(step as u64, &format!("resumed after step {step}"));
+                }
+                ClassifyEvent::Saved { step, path } => {
+                    bar.note(&format!("step {step}: checkpoint {}", path.display()));
+                }
+            }
+        },
+    )?;
     let out = a.out.join("adapter");
     write_classifier(&model, template, &train.labels, &out)?;
     let json = serde_json::to_string_pretty(&history).expect("history serializes");

@@ -331,12 +331,28 @@ fn classify_trains_an_encoder_and_eval_scores_it() {
         "1e-2",
         "--eval-every",
         "3",
+        "--save-every",
+        "3",
         "--out",
         s(&out),
     ];
     let (ok, err) = loftq(&args);
     assert!(ok, "{err}");
     assert!(err.contains("held-out accuracy"), "{err}");
+    // Checkpoints: a second run into the same --out is refused; with --resume, a run whose
+    // last checkpoint is lost continues after step 3 and ends with the same adapter.
+    let (ok, err) = loftq(&args);
+    assert!(!ok && err.contains("pass --resume"), "{err}");
+    let first = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoint-6")).unwrap();
+    let mut resume = args.clone();
+    resume.extend(["--resume", "--json"]);
+    let o = loftq_output(&resume);
+    let events = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(events.contains(r#""event":"resumed","step":3"#), "{events}");
+    let again = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(first == again, "the resumed run ends elsewhere");
     let labels = std::fs::read_to_string(out.join("adapter/labels.json")).unwrap();
     assert_eq!(
         serde_json::from_str::<Vec<String>>(&labels).unwrap(),

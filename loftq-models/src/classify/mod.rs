@@ -3,7 +3,9 @@
 //! on held-out text.
 //!
 //! - [`data`]: the labelled TSV files and padded batches.
+//! - [`checkpoint`]: checkpoints and an exact resume.
 
+pub mod checkpoint;
 pub mod data;
 
 use std::path::Path;
@@ -13,6 +15,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+pub use checkpoint::ClassifyCheckpoints;
 pub use data::{ClassBatch, Example, Labelled};
 
 use crate::io::{Adapter, AdapterConfig, write_atomic};
@@ -39,6 +42,27 @@ pub struct ClassifyConfig {
     /// Evaluate the held-out set every this many steps (and after the last); 0: only after
     /// the last.
     pub eval_every: usize,
+    /// With [`ClassifyCheckpoints`]: checkpoint every this many steps (and after the last);
+    /// 0: only after the last.
+    #[serde(default)]
+    pub save_every: usize,
+    /// Checkpoints kept (at least one).
+    #[serde(default)]
+    pub keep_checkpoints: usize,
+}
+
+impl ClassifyConfig {
+    /// Whether a checkpoint of `other` continues this run: the same settings but how often it
+    /// evaluates and checkpoints.
+    pub fn same_run(&self, other: &ClassifyConfig) -> bool {
+        let plain = |c: &ClassifyConfig| ClassifyConfig {
+            eval_every: 0,
+            save_every: 0,
+            keep_checkpoints: 0,
+            ..c.clone()
+        };
+        plain(self) == plain(other)
+    }
 }
 
 /// Accuracy and mean cross-entropy on a labelled set.
@@ -69,6 +93,18 @@ pub enum ClassifyEvent {
     },
     /// The held-out set was evaluated.
     Eval(ClassEval),
+    /// The run continues from a checkpoint.
+    Resumed {
+        /// Steps done before.
+        step: usize,
+    },
+    /// A checkpoint was written.
+    Saved {
+        /// Steps done.
+        step: usize,
+        /// Its directory.
+        path: std::path::PathBuf,
+    },
 }
 
 /// What a run leaves: the loss of every step and every evaluation.
@@ -161,17 +197,21 @@ pub fn check_examples(model: &Encoder, examples: &[Example]) -> Result<()> {
 }
 
 /// Fine-tunes `model`'s adapters and classifier on `train`, evaluating on `held_out` if
-/// given. Each step takes the next `batch` examples of an order drawn afresh each epoch.
+/// given. Each step takes the next `batch` examples of an order drawn afresh each epoch (so a
+/// resumed run takes the batches the whole run would have). With `checkpoints`, writes them
+/// and continues from the newest when asked.
 ///
 /// # Errors
 /// [`ModelError::Settings`] for zero steps or batch, labels that are not the classifier's
 /// outputs, or examples the model cannot read ([`check_examples`]);
-/// [`ModelError::Diverged`] when the loss is not finite.
+/// [`ModelError::Diverged`] when the loss is not finite; a checkpoint that cannot be written,
+/// or read back ([`checkpoint`]).
 pub fn train_classifier(
     model: &mut Encoder,
     train: &Labelled,
     held_out: Option<&Labelled>,
     cfg: &ClassifyConfig,
+    checkpoints: Option<&ClassifyCheckpoints>,
     events: &mut dyn FnMut(ClassifyEvent),
 ) -> Result<ClassifyHistory> {
     if cfg.steps == 0 || cfg.batch == 0 {
@@ -195,9 +235,17 @@ pub fn train_classifier(
     let pad = model.config.pad_token_id;
     let mut opt = AdamW::new(cfg.adamw, &model.trainable());
     let mut history = ClassifyHistory::default();
+    let mut begin = 0;
+    if let Some(c) = checkpoints.filter(|c| c.resume)
+        && let Some(dir) = crate::train::latest_checkpoint(c.out)?
+    {
+        let state = checkpoint::load(&dir, model, &mut opt, cfg)?;
+        (begin, history) = (state.step, state.history);
+        events(ClassifyEvent::Resumed { step: begin });
+    }
     let n = train.examples.len();
     let mut order: Option<(usize, Vec<usize>)> = None;
-    for step in 0..cfg.steps {
+    for step in begin..cfg.steps {
         let start = Instant::now();
         let rows: Vec<&Example> = (step * cfg.batch..(step + 1) * cfg.batch)
             .map(|k| {
@@ -235,6 +283,11 @@ pub fn train_classifier(
             let e = evaluate(model, &set.examples, cfg.batch, done);
             events(ClassifyEvent::Eval(e));
             history.evals.push(e);
+        }
+        let save = done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every));
+        if let Some(c) = checkpoints.filter(|_| save) {
+            let path = c.save(model, &opt, cfg, done, &history)?;
+            events(ClassifyEvent::Saved { step: done, path });
         }
     }
     Ok(history)

@@ -23,7 +23,9 @@ pub(super) struct TrainerState {
     pub(super) history: History,
 }
 
-const STATE: &str = "trainer_state.json";
+/// The run's state in a checkpoint (step, settings, history): also what marks a directory as
+/// a complete checkpoint.
+pub(crate) const STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
 /// The checkpoint directory with the most steps under `out`, if any.
@@ -74,19 +76,7 @@ pub(super) fn save_checkpoint(
     write_dir_atomic(&dir, |tmp| {
         let adapter = model.adapter(template.clone()).expect("has adapters");
         adapter.write(tmp)?;
-        let mut tensors = BTreeMap::new();
-        for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
-            tensors.insert(
-                format!("m.{i}"),
-                OutTensor::f32(m.dims().to_vec(), &host_f32(m)),
-            );
-            tensors.insert(
-                format!("v.{i}"),
-                OutTensor::f32(v.dims().to_vec(), &host_f32(v)),
-            );
-        }
-        let meta = [("adamw_step".to_string(), opt.step.to_string())].into();
-        write_safetensors(&tmp.join(OPTIMIZER), &tensors, Some(meta))?;
+        write_optimizer(tmp, opt)?;
         let state = TrainerState {
             step,
             config: cfg.clone(),
@@ -105,36 +95,14 @@ pub(super) fn load_checkpoint(
     opt: &mut AdamW,
     cfg: &TrainConfig,
 ) -> Result<TrainerState> {
-    let path = dir.join(STATE);
-    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| ModelError::format(&path, format!("bad trainer state: {e}")))?;
-    if !state.config.same_run(cfg) {
-        return Err(ModelError::output(
-            dir,
-            format!(
-                "written with other training settings ({:?}); resume with the same ones or \
-                 write elsewhere",
-                state.config
-            ),
-        ));
-    }
-    // The step is the directory's own (`checkpoint-N`) and within the run.
-    let named = dir.file_name().and_then(|n| {
-        n.to_str()?
-            .strip_prefix("checkpoint-")?
-            .parse::<usize>()
-            .ok()
-    });
-    if named != Some(state.step) || state.step > cfg.steps {
-        return Err(ModelError::format(
-            &path,
-            format!(
-                "step {} does not match the directory or lies past the run's {} steps",
-                state.step, cfg.steps
-            ),
-        ));
-    }
+    let state: TrainerState = read_state(dir)?;
+    check_state(
+        dir,
+        state.config.same_run(cfg),
+        &state.config,
+        state.step,
+        cfg.steps,
+    )?;
     let adapter = crate::io::Adapter::read(dir)?;
     let device = model.embed_tokens.device();
     let mut params = Vec::new();
@@ -160,11 +128,82 @@ pub(super) fn load_checkpoint(
         ));
     }
     model.set_lora_params(params);
+    read_optimizer(dir, opt, &shapes, &device)?;
+    Ok(state)
+}
+
+/// A checkpoint's [`STATE`] file, parsed.
+pub(crate) fn read_state<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::format(&path, format!("bad trainer state: {e}")))
+}
+
+/// Refuses a checkpoint of another run (`same` false: its `config` differs) or whose step is
+/// not its directory's own (`checkpoint-N`) or lies past the run's `steps`.
+pub(crate) fn check_state(
+    dir: &Path,
+    same: bool,
+    config: &impl std::fmt::Debug,
+    step: usize,
+    steps: usize,
+) -> Result<()> {
+    if !same {
+        return Err(ModelError::output(
+            dir,
+            format!(
+                "written with other training settings ({config:?}); resume with the same ones \
+                 or write elsewhere"
+            ),
+        ));
+    }
+    let named = dir.file_name().and_then(|n| {
+        n.to_str()?
+            .strip_prefix("checkpoint-")?
+            .parse::<usize>()
+            .ok()
+    });
+    if named != Some(step) || step > steps {
+        return Err(ModelError::format(
+            &dir.join(STATE),
+            format!(
+                "step {step} does not match the directory or lies past the run's {steps} steps"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes AdamW's moments (`m.i`, `v.i`) and step into `dir`.
+pub(crate) fn write_optimizer(dir: &Path, opt: &AdamW) -> Result<()> {
+    let mut tensors = BTreeMap::new();
+    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+        tensors.insert(
+            format!("m.{i}"),
+            OutTensor::f32(m.dims().to_vec(), &host_f32(m)),
+        );
+        tensors.insert(
+            format!("v.{i}"),
+            OutTensor::f32(v.dims().to_vec(), &host_f32(v)),
+        );
+    }
+    let meta = [("adamw_step".to_string(), opt.step.to_string())].into();
+    write_safetensors(&dir.join(OPTIMIZER), &tensors, Some(meta))
+}
+
+/// Reads back what [`write_optimizer`] wrote, for parameters of these `shapes`.
+pub(crate) fn read_optimizer(
+    dir: &Path,
+    opt: &mut AdamW,
+    shapes: &[[usize; 2]],
+    device: &burn::tensor::Device,
+) -> Result<()> {
     let opath = dir.join(OPTIMIZER);
     let ck = Checkpoint::open(&opath)?;
     let load = |name: String, shape: [usize; 2]| -> Result<Tensor<2>> {
         let t = ck.shaped(&name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(t.data, t.shape), &device))
+        Ok(Tensor::from_data(TensorData::new(t.data, t.shape), device))
     };
     for (i, &shape) in shapes.iter().enumerate() {
         opt.m[i] = load(format!("m.{i}"), shape)?;
@@ -175,10 +214,11 @@ pub(super) fn load_checkpoint(
         .get("adamw_step")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| ModelError::format(&opath, "no adamw_step in the metadata"))?;
-    Ok(state)
+    Ok(())
 }
 
-fn prune_checkpoints(out: &Path, keep: usize) {
+/// Removes all but the newest `keep` checkpoints under `out`.
+pub(crate) fn prune_checkpoints(out: &Path, keep: usize) {
     let Ok(found) = checkpoints(out) else {
         return;
     };

@@ -14,7 +14,7 @@
 //!   positions ([`Validation`]).
 
 pub mod blockwise;
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod config;
 pub mod data;
 pub mod distill;

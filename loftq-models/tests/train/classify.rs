@@ -127,8 +127,10 @@ fn a_toy_task_is_learned_and_the_adapter_gives_it_back() {
         max_grad_norm: Some(1.0),
         seed: 5,
         eval_every: 20,
+        save_every: 0,
+        keep_checkpoints: 0,
     };
-    let h = train_classifier(&mut model, &train, Some(&test), &cfg, &mut |_| {}).unwrap();
+    let h = train_classifier(&mut model, &train, Some(&test), &cfg, None, &mut |_| {}).unwrap();
     let after = *h.evals.last().unwrap();
     assert_eq!(h.evals.len(), 2);
     assert!(after.loss < before.loss, "{before:?} → {after:?}");
@@ -219,8 +221,10 @@ fn examples_the_model_cannot_read_are_refused() {
         max_grad_norm: None,
         seed: 0,
         eval_every: 0,
+        save_every: 0,
+        keep_checkpoints: 0,
     };
-    let err = train_classifier(&mut model, &set, None, &cfg, &mut |_| {})
+    let err = train_classifier(&mut model, &set, None, &cfg, None, &mut |_| {})
         .unwrap_err()
         .to_string();
     assert!(err.contains("an example of 42 tokens"), "{err}");
@@ -230,4 +234,102 @@ fn examples_the_model_cannot_read_are_refused() {
         .to_string();
     assert!(err.contains("no classification head"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A run resumed from its step-4 checkpoint ends where the whole run ends: the same losses
+/// after it, the same factors and head, bit for bit; a checkpoint of other settings is
+/// refused.
+#[test]
+fn a_resumed_classifier_run_ends_where_the_whole_run_does() {
+    use loftq_models::classify::ClassifyCheckpoints;
+    let dir = scratch("classify-resume");
+    let tok = tokenizer(&dir);
+    write_set(&dir.join("train.tsv"), 24, 0);
+    let train = Labelled::read(&dir.join("train.tsv"), &tok, 16, None).unwrap();
+    let fresh = || {
+        let mut m = tiny_bert();
+        m.new_classifier(2, 3);
+        m
+    };
+    let mut cfg = ClassifyConfig {
+        steps: 6,
+        batch: 5,
+        schedule: Schedule {
+            lr: 1e-2,
+            warmup: 2,
+            decay: Decay::Linear,
+            total: 6,
+        },
+        adamw: AdamWConfig::default(),
+        max_grad_norm: Some(1.0),
+        seed: 9,
+        eval_every: 0,
+        save_every: 2,
+        keep_checkpoints: 3,
+    };
+    let template = AdapterConfig::new(4, 8.0, vec![]);
+    let (whole_out, part_out) = (dir.join("whole"), dir.join("part"));
+    let whole_ck = ClassifyCheckpoints {
+        out: &whole_out,
+        template: &template,
+        labels: &train.labels,
+        resume: false,
+    };
+    let part_ck = ClassifyCheckpoints {
+        out: &part_out,
+        resume: true,
+        ..whole_ck.clone()
+    };
+    let mut whole = fresh();
+    let h = train_classifier(&mut whole, &train, None, &cfg, Some(&whole_ck), &mut |_| {}).unwrap();
+    for step in [2, 4, 6] {
+        assert!(
+            whole_out
+                .join(format!("checkpoint-{step}/optimizer.safetensors"))
+                .is_file()
+        );
+    }
+    std::fs::create_dir_all(&part_out).unwrap();
+    copy_dir(
+        &whole_out.join("checkpoint-4"),
+        &part_out.join("checkpoint-4"),
+    );
+    let mut part = fresh();
+    let mut resumed = None;
+    let hp = train_classifier(&mut part, &train, None, &cfg, Some(&part_ck), &mut |e| {
+        if let loftq_models::classify::ClassifyEvent::Resumed { step } = e {
+            resumed = Some(step);
+        }
+    })
+    .unwrap();
+    assert_eq!(resumed, Some(4));
+    assert_eq!(hp.losses, h.losses);
+    for (a, b) in part.trainable().iter().zip(whole.trainable()) {
+        assert_eq!(host(a), host(&b));
+    }
+    // Other settings: refused, naming the checkpoint.
+    cfg.seed = 10;
+    let err = train_classifier(
+        &mut fresh(),
+        &train,
+        None,
+        &cfg,
+        Some(&part_ck),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("other training settings") && err.contains("checkpoint-6"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
 }
