@@ -2,6 +2,7 @@
 
 use burn::tensor::{Tensor, TensorData};
 use loftq_core::lowrank::{Gaussian, RsvdConfig, SvdMethod};
+use loftq_core::transfers::{Transfers, transfers};
 use loftq_core::{DeviceSpec, LoftqConfig, QuantConfig, loftq};
 use serde::Serialize;
 
@@ -49,6 +50,8 @@ pub struct LoftqCase {
     pub rel_err: f32,
     /// `‖W − Q(W)‖ / ‖W‖` (plain quantization).
     pub rel_err_quant: f32,
+    /// Host–device reads and uploads of one run (on a GPU each read waits for the device).
+    pub transfers: Transfers,
 }
 
 /// Runs every combination of the given axes on Gaussian weights (std 0.02) on `spec`.
@@ -74,21 +77,27 @@ pub fn run(args: &LoftqArgs, spec: DeviceSpec) -> Vec<LoftqCase> {
                             ..LoftqConfig::new(QuantConfig::nf(b), rank, t)
                         };
                         let mut result = None;
+                        let mut moved = Transfers::default();
                         let repeats = if name == "exact" { 0 } else { args.repeats };
                         let (timing, memory) = stats::measure(repeats, || {
+                            let before = transfers();
                             let r = loftq(&w, &cfg).expect("loftq");
                             let _ = r.lora_a.to_data();
+                            moved = transfers() - before;
                             result = Some(r);
                         });
                         let r = result.expect("one run");
                         eprintln!(
-                            "{}x{} nf{b} r{rank} T{t} {name}: {:.2} s ({:.2}–{:.2}), err {:.4}",
+                            "{}x{} nf{b} r{rank} T{t} {name}: {:.2} s ({:.2}–{:.2}), err {:.4}, \
+                             {} reads ({} values)",
                             shape[0],
                             shape[1],
                             timing.median_s,
                             timing.min_s,
                             timing.max_s,
-                            r.rel_err()
+                            r.rel_err(),
+                            moved.reads,
+                            moved.read_values
                         );
                         cases.push(LoftqCase {
                             shape,
@@ -101,6 +110,7 @@ pub fn run(args: &LoftqArgs, spec: DeviceSpec) -> Vec<LoftqCase> {
                             memory,
                             rel_err: r.rel_err(),
                             rel_err_quant: r.rel_err_quant,
+                            transfers: moved,
                         });
                     }
                 }
@@ -113,8 +123,8 @@ pub fn run(args: &LoftqArgs, spec: DeviceSpec) -> Vec<LoftqCase> {
 /// Markdown table with the randomized/exact ratios where both ran.
 pub fn markdown(cases: &[LoftqCase]) -> String {
     let mut s = String::from(
-        "| shape | quantizer | r | T | ‖W−Q‖/‖W‖ | randomized: time (min–max), error | exact: time, error | speed-up | error ratio |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| shape | quantizer | r | T | ‖W−Q‖/‖W‖ | randomized: time (min–max), error | host reads (values) | exact: time, error | speed-up | error ratio |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in cases.iter().filter(|c| c.svd == "randomized") {
         let ex = cases.iter().find(|e| {
@@ -133,7 +143,7 @@ pub fn markdown(cases: &[LoftqCase]) -> String {
             None => ("–".into(), "–".into(), "–".into()),
         };
         s.push_str(&format!(
-            "| {}×{} | {} | {} | {} | {:.4} | {:.2} s ({:.2}–{:.2}), {:.4} | {ex_cell} | {speed} | {ratio} |\n",
+            "| {}×{} | {} | {} | {} | {:.4} | {:.2} s ({:.2}–{:.2}), {:.4} | {} ({}) | {ex_cell} | {speed} | {ratio} |\n",
             c.shape[0],
             c.shape[1],
             c.quantizer,
@@ -143,7 +153,9 @@ pub fn markdown(cases: &[LoftqCase]) -> String {
             c.seconds,
             c.timing.min_s,
             c.timing.max_s,
-            c.rel_err
+            c.rel_err,
+            c.transfers.reads,
+            c.transfers.read_values
         ));
     }
     s

@@ -101,6 +101,7 @@ impl Dense for DeviceOps {
     }
 
     fn matrix(&self, v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
+        crate::transfers::count_upload(v.len());
         Tensor::from_data(TensorData::new(v, shape), &self.0)
     }
 
@@ -122,6 +123,7 @@ impl Dense for DeviceOps {
     }
 
     fn scale_cols(&self, m: &Tensor<2>, s: &[f32]) -> Tensor<2> {
+        crate::transfers::count_upload(s.len());
         let row = Tensor::<1>::from_data(TensorData::new(s.to_vec(), [s.len()]), &m.device());
         m.clone() * row.reshape([1, s.len()])
     }
@@ -204,6 +206,7 @@ pub(crate) fn frobenius(t: &Tensor<2>) -> f32 {
         .convert::<f32>()
         .try_to_vec::<f32>()
         .expect("f32 data");
+    crate::transfers::count_read(v.len());
     v.iter().map(|&x| f64::from(x)).sum::<f64>().sqrt() as f32
 }
 

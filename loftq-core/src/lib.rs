@@ -11,6 +11,7 @@
 //! - [`calib`]: calibrated starts: input statistics, the activation-weighted adapter fit,
 //!   GPTQ, and quantizers allocated under a bit budget.
 //! - [`init`]: one API for QLoRA (zeros), LoftQ, PiSSA and QPiSSA starts.
+//! - [`transfers`]: counts of host–device reads and uploads, the latency a GPU pays.
 //! - `cpu` (with the `flex` feature): faer matrix products for the CPU back end.
 //! - `args` (with the `clap` feature): command-line parsers for these settings.
 //!
@@ -30,6 +31,7 @@ mod lora;
 pub mod lowrank;
 pub mod quant;
 pub mod simd;
+pub mod transfers;
 mod upper;
 
 pub use dense::rel_dist;

@@ -155,3 +155,35 @@ fn lora_start_methods() {
     assert_eq!(loftq.lora_a.dims(), [rank, n]);
     assert_eq!(loftq.lora_b.dims(), [m, rank]);
 }
+
+/// The host–device traffic of LoftQ on the test's device: every warm iteration (2..T) costs
+/// the same number of reads, the same whatever the matrix's size, and few of them (on the
+/// CPU's host path none; on a device the norms, the sketch's Gram matrices, the projection and
+/// the finiteness check).
+#[test]
+fn loftq_reads_a_constant_number_of_times_per_iteration() {
+    use loftq_core::transfers::transfers;
+    let reads = |shape: [usize; 2], iters: usize| {
+        let w = Tensor::<2>::from_data(
+            TensorData::new(gaussian(shape[0], shape[1], 0.02, 5), shape),
+            &device(),
+        );
+        let cfg = LoftqConfig::new(QuantConfig::nf(2), 8, iters);
+        let before = transfers();
+        loftq_core::loftq(&w, &cfg).unwrap();
+        transfers() - before
+    };
+    let mut per_warm = Vec::new();
+    for shape in [[64, 96], [192, 256]] {
+        let [t2, t3, t4] = [2, 3, 4].map(|t| reads(shape, t).reads);
+        assert_eq!(t4 - t3, t3 - t2, "{shape:?}: {t2}, {t3}, {t4} reads");
+        per_warm.push(t4 - t3);
+        // The first (cold) iteration and the result's copy cost a bounded number more.
+        assert!(t2 <= 2 * (t4 - t3) + 24, "{shape:?}: {t2} reads at T = 2");
+    }
+    assert_eq!(
+        per_warm[0], per_warm[1],
+        "reads per warm iteration depend on the size"
+    );
+    assert!(per_warm[0] <= 6, "{} reads per warm iteration", per_warm[0]);
+}

@@ -74,6 +74,7 @@ impl Quantized {
             .convert::<i32>()
             .try_to_vec::<i32>()
             .expect("i32 codes");
+        crate::transfers::count_read(codes.len());
         HostQuantized {
             shape: self.shape,
             block: self.block,
@@ -87,6 +88,7 @@ impl Quantized {
     pub fn from_host(q: &HostQuantized, device: &Device) -> Self {
         let n = q.numel();
         let codes: Vec<i32> = q.codes.iter().map(|&c| i32::from(c)).collect();
+        crate::transfers::count_upload(n);
         Self {
             shape: q.shape,
             block: q.block,
@@ -106,10 +108,13 @@ impl Quantized {
 
 /// A tensor's values as host `f32`s, row-major.
 pub fn host_f32<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
-    t.to_data()
+    let v = t
+        .to_data()
         .convert::<f32>()
         .try_to_vec::<f32>()
-        .expect("f32 data")
+        .expect("f32 data");
+    crate::transfers::count_read(v.len());
+    v
 }
 
 /// Codes wherever the kernel that made them left them.
@@ -208,6 +213,7 @@ impl Quantizer {
             .bool_or(w.clone().is_inf())
             .any()
             .into_scalar::<bool>();
+        crate::transfers::count_read(1);
         if bad {
             // Rare path: find the position on the host for the message.
             return Err(non_finite_error(&host_f32(w), shape[1]));
