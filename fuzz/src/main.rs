@@ -66,6 +66,9 @@ fn write_seeds(dir: &Path) -> Result<(), String> {
     let tok = loftq_models::tokenizer::byte_level_json().to_string();
     seeds.push(("tokenizer", "byte-level", tok.into_bytes()));
     seeds.push(("adapter", "rank-2", adapter_seed(&tmp)?));
+    // torch.save's own output (make_torch_bin.py): dtypes, a strided view, shared storage.
+    let state = include_bytes!("../../loftq-models/tests/fixtures/torch-bin/state.bin");
+    seeds.push(("torch_bin", "state", state.to_vec()));
     for (target, name, bytes) in seeds {
         let d = dir.join(target);
         std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;

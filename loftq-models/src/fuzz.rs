@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::io::{
-    Adapter, Checkpoint, Gguf, GgufModel, TensorSource, bnb_names, dequantize_packed, packed_names,
-    read_bnb, read_packed,
+    Adapter, Checkpoint, Gguf, GgufModel, TensorSource, TorchState, bnb_names, dequantize_packed,
+    packed_names, read_bnb, read_packed,
 };
 use crate::{LlamaConfig, Tokenizer};
 
@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("tokenizer", tokenizer),
     ("adapter", adapter),
+    ("torch_bin", torch_bin),
 ];
 
 /// The target called `name`.
@@ -159,4 +160,14 @@ pub fn adapter(data: &[u8]) -> bool {
     put("adapter/adapter_config.json", config);
     put("adapter/adapter_model.safetensors", weights);
     Adapter::read(&dir).is_ok_and(|a| a.modules.keys().all(|p| a.scaling(p).is_some()))
+}
+
+/// A PyTorch `.bin` state dict (`torch.save`'s zip archive and pickle): opened, every tensor
+/// read.
+pub fn torch_bin(data: &[u8]) -> bool {
+    let path = put("state.bin", data);
+    TorchState::open(&path).is_ok_and(|s| {
+        let names: Vec<String> = s.names().map(String::from).collect();
+        names.iter().all(|n| s.f32(n).is_ok())
+    })
 }

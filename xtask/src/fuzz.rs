@@ -14,7 +14,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
-const TARGETS: &[&str] = &["safetensors", "gguf", "config", "tokenizer", "adapter"];
+const TARGETS: &[&str] = &[
+    "safetensors",
+    "gguf",
+    "config",
+    "tokenizer",
+    "adapter",
+    "torch_bin",
+];
 const USAGE: &str =
     "usage: cargo xtask fuzz [--seconds N (600)] [--targets a,b] [--jobs J (cores)]";
 
