@@ -132,6 +132,15 @@ fn phi2_matches_transformers_and_peft() {
     assert!(diff < 1e-4, "cached: max |Δlogit| = {diff}");
 }
 
+/// An encoder fixture's `input_ids`, `token_type_ids` and `attention_mask`.
+fn encoder_inputs(refs: &Checkpoint) -> [Tensor<2, Int>; 3] {
+    ["input_ids", "token_type_ids", "attention_mask"].map(|key| {
+        let (shape, v) = refs.i64(key).unwrap();
+        let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(v, [shape[0], shape[1]]), &device())
+    })
+}
+
 /// A tiny BERT classifier (random LayerNorms and biases, two segments, the second row padded)
 /// against transformers: the last hidden states, the pooled output and the logits; with a PEFT
 /// adapter on every encoder projection and the pooler, against PEFT.
@@ -140,16 +149,7 @@ fn bert_matches_transformers_and_peft() {
     use loftq_models::nn::load_encoder;
     let dir = fixture("tiny-bert");
     let refs = Checkpoint::open(&dir.join("outputs.safetensors")).unwrap();
-    let int = |key: &str| {
-        let (shape, v) = refs.i64(key).unwrap();
-        let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
-        Tensor::<2, Int>::from_data(TensorData::new(v, [shape[0], shape[1]]), &device())
-    };
-    let (ids, types, mask) = (
-        int("input_ids"),
-        int("token_type_ids"),
-        int("attention_mask"),
-    );
+    let [ids, types, mask] = encoder_inputs(&refs);
     let model = load_encoder(&dir, &device(), &Default::default()).unwrap();
     let h = model.hidden_states(ids.clone(), types.clone(), Some(mask.clone()));
     let want = refs.f32("hidden").unwrap().data;
@@ -230,16 +230,7 @@ fn deberta_matches_transformers_and_peft() {
     for name in ["tiny-deberta-v3", "tiny-deberta-v2"] {
         let dir = fixture(name);
         let refs = Checkpoint::open(&dir.join("outputs.safetensors")).unwrap();
-        let int = |key: &str| {
-            let (shape, v) = refs.i64(key).unwrap();
-            let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
-            Tensor::<2, Int>::from_data(TensorData::new(v, [shape[0], shape[1]]), &device())
-        };
-        let (ids, types, mask) = (
-            int("input_ids"),
-            int("token_type_ids"),
-            int("attention_mask"),
-        );
+        let [ids, types, mask] = encoder_inputs(&refs);
         let model = load_encoder(&dir, &device(), &Default::default()).unwrap();
         assert!(model.relative.is_some(), "{name}");
         let h = model.hidden_states(ids.clone(), types.clone(), Some(mask.clone()));

@@ -8,11 +8,9 @@ use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::{ClassifyConfig, ClassifyHistory, write_classifier};
-use crate::io::{Adapter, AdapterConfig, HostTensor, write_atomic, write_dir_atomic};
+use crate::io::{Adapter, AdapterConfig, HostTensor};
 use crate::nn::Encoder;
-use crate::train::checkpoint::{
-    STATE, check_state, prune_checkpoints, read_optimizer, read_state, write_optimizer,
-};
+use crate::train::checkpoint::{RunState, read_optimizer, read_state, write_checkpoint};
 use crate::train::optim::AdamW;
 use crate::{ModelError, Result};
 
@@ -36,6 +34,16 @@ pub(super) struct ClassifyState {
     pub(super) history: ClassifyHistory,
 }
 
+impl RunState for ClassifyState {
+    type Config = ClassifyConfig;
+    fn step(&self) -> usize {
+        self.step
+    }
+    fn config(&self) -> &ClassifyConfig {
+        &self.config
+    }
+}
+
 impl ClassifyCheckpoints<'_> {
     /// Writes `checkpoint-{step}` atomically and prunes the older ones.
     pub(super) fn save(
@@ -46,20 +54,13 @@ impl ClassifyCheckpoints<'_> {
         step: usize,
         history: &ClassifyHistory,
     ) -> Result<PathBuf> {
-        let dir = self.out.join(format!("checkpoint-{step}"));
-        write_dir_atomic(&dir, |tmp| {
-            write_classifier(model, self.template.clone(), self.labels, tmp)?;
-            write_optimizer(tmp, opt)?;
-            let state = ClassifyState {
-                step,
-                config: cfg.clone(),
-                history: history.clone(),
-            };
-            let json = serde_json::to_string_pretty(&state).expect("state serializes");
-            write_atomic(&tmp.join(STATE), json.as_bytes())
-        })?;
-        prune_checkpoints(self.out, cfg.keep_checkpoints.max(1));
-        Ok(dir)
+        let state = ClassifyState {
+            step,
+            config: cfg.clone(),
+            history: history.clone(),
+        };
+        let adapter = |tmp: &Path| write_classifier(model, self.template.clone(), self.labels, tmp);
+        write_checkpoint(self.out, &state, cfg.keep_checkpoints, adapter, opt)
     }
 }
 
@@ -74,14 +75,7 @@ pub(super) fn load(
     opt: &mut AdamW,
     cfg: &ClassifyConfig,
 ) -> Result<ClassifyState> {
-    let state: ClassifyState = read_state(dir)?;
-    check_state(
-        dir,
-        state.config.same_run(cfg),
-        &state.config,
-        state.step,
-        cfg.steps,
-    )?;
+    let state = read_state::<ClassifyState>(dir, |c| c.same_run(cfg), cfg.steps)?;
     let adapter = Adapter::read(dir)?;
     let device = model.word_embeddings.device();
     // The head's bias is saved `[labels]` and trained `[1, labels]`.

@@ -25,7 +25,7 @@ pub(super) struct TrainerState {
 
 /// The run's state in a checkpoint (step, settings, history): also what marks a directory as
 /// a complete checkpoint.
-pub(crate) const STATE: &str = "trainer_state.json";
+const STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
 /// The checkpoint directory with the most steps under `out`, if any.
@@ -72,20 +72,37 @@ pub(super) fn save_checkpoint(
     step: usize,
     history: &History,
 ) -> Result<PathBuf> {
-    let dir = out.join(format!("checkpoint-{step}"));
+    let state = TrainerState {
+        step,
+        config: cfg.clone(),
+        history: history.clone(),
+    };
+    let adapter = |tmp: &Path| {
+        model
+            .adapter(template.clone())
+            .expect("has adapters")
+            .write(tmp)
+    };
+    write_checkpoint(out, &state, cfg.keep_checkpoints, adapter, opt)
+}
+
+/// Writes `out/checkpoint-{step}` atomically (the adapter by `adapter`, AdamW's state, the
+/// run's `state`) and prunes all but the newest `keep` (at least one).
+pub(crate) fn write_checkpoint<S: RunState + Serialize>(
+    out: &Path,
+    state: &S,
+    keep: usize,
+    adapter: impl FnOnce(&Path) -> Result<()>,
+    opt: &AdamW,
+) -> Result<PathBuf> {
+    let dir = out.join(format!("checkpoint-{}", state.step()));
     write_dir_atomic(&dir, |tmp| {
-        let adapter = model.adapter(template.clone()).expect("has adapters");
-        adapter.write(tmp)?;
+        adapter(tmp)?;
         write_optimizer(tmp, opt)?;
-        let state = TrainerState {
-            step,
-            config: cfg.clone(),
-            history: history.clone(),
-        };
-        let json = serde_json::to_string_pretty(&state).expect("state serializes");
+        let json = serde_json::to_string_pretty(state).expect("state serializes");
         write_atomic(&tmp.join(STATE), json.as_bytes())
     })?;
-    prune_checkpoints(out, cfg.keep_checkpoints.max(1));
+    prune_checkpoints(out, keep.max(1));
     Ok(dir)
 }
 
@@ -95,14 +112,7 @@ pub(super) fn load_checkpoint(
     opt: &mut AdamW,
     cfg: &TrainConfig,
 ) -> Result<TrainerState> {
-    let state: TrainerState = read_state(dir)?;
-    check_state(
-        dir,
-        state.config.same_run(cfg),
-        &state.config,
-        state.step,
-        cfg.steps,
-    )?;
+    let state = read_state::<TrainerState>(dir, |c| c.same_run(cfg), cfg.steps)?;
     let adapter = crate::io::Adapter::read(dir)?;
     let device = model.embed_tokens.device();
     let mut params = Vec::new();
@@ -132,29 +142,45 @@ pub(super) fn load_checkpoint(
     Ok(state)
 }
 
-/// A checkpoint's [`STATE`] file, parsed.
-pub(crate) fn read_state<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
-    let path = dir.join(STATE);
-    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| ModelError::format(&path, format!("bad trainer state: {e}")))
+/// What a checkpoint's [`STATE`] file holds: the step it was written after and the run's
+/// settings.
+pub(crate) trait RunState: serde::de::DeserializeOwned {
+    /// The run's settings.
+    type Config: std::fmt::Debug;
+    /// Steps done.
+    fn step(&self) -> usize;
+    /// The settings it was written with.
+    fn config(&self) -> &Self::Config;
 }
 
-/// Refuses a checkpoint of another run (`same` false: its `config` differs) or whose step is
-/// not its directory's own (`checkpoint-N`) or lies past the run's `steps`.
-pub(crate) fn check_state(
+impl RunState for TrainerState {
+    type Config = TrainConfig;
+    fn step(&self) -> usize {
+        self.step
+    }
+    fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+}
+
+/// Checkpoint `dir`'s [`STATE`], refused when written with settings `same` rejects, or when
+/// its step is not its directory's own (`checkpoint-N`) or lies past the run's `steps`.
+pub(crate) fn read_state<S: RunState>(
     dir: &Path,
-    same: bool,
-    config: &impl std::fmt::Debug,
-    step: usize,
+    same: impl FnOnce(&S::Config) -> bool,
     steps: usize,
-) -> Result<()> {
-    if !same {
+) -> Result<S> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let state: S = serde_json::from_str(&text)
+        .map_err(|e| ModelError::format(&path, format!("bad trainer state: {e}")))?;
+    if !same(state.config()) {
         return Err(ModelError::output(
             dir,
             format!(
-                "written with other training settings ({config:?}); resume with the same ones \
-                 or write elsewhere"
+                "written with other training settings ({:?}); resume with the same ones or \
+                 write elsewhere",
+                state.config()
             ),
         ));
     }
@@ -164,19 +190,20 @@ pub(crate) fn check_state(
             .parse::<usize>()
             .ok()
     });
+    let step = state.step();
     if named != Some(step) || step > steps {
         return Err(ModelError::format(
-            &dir.join(STATE),
+            &path,
             format!(
                 "step {step} does not match the directory or lies past the run's {steps} steps"
             ),
         ));
     }
-    Ok(())
+    Ok(state)
 }
 
 /// Writes AdamW's moments (`m.i`, `v.i`) and step into `dir`.
-pub(crate) fn write_optimizer(dir: &Path, opt: &AdamW) -> Result<()> {
+fn write_optimizer(dir: &Path, opt: &AdamW) -> Result<()> {
     let mut tensors = BTreeMap::new();
     for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
         tensors.insert(
@@ -218,7 +245,7 @@ pub(crate) fn read_optimizer(
 }
 
 /// Removes all but the newest `keep` checkpoints under `out`.
-pub(crate) fn prune_checkpoints(out: &Path, keep: usize) {
+fn prune_checkpoints(out: &Path, keep: usize) {
     let Ok(found) = checkpoints(out) else {
         return;
     };
