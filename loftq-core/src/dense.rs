@@ -44,12 +44,14 @@ pub(crate) trait Dense {
     /// `‖m‖_F`, accumulated in `f64`.
     fn norm(&self, m: &Self::M) -> f32;
     /// `out = w − dequant(quant(res))`; returns the codes of `res` (`res` may be `w`).
+    /// `finite`: the caller knows `res` is finite, so a device need not check it.
     fn quantize_residual(
         &self,
         quantizer: &Quantizer,
         w: &Self::M,
         res: &Self::M,
         out: &mut Self::M,
+        finite: bool,
     ) -> Result<Codes, QuantError>;
     /// `out = w − dequant(codes)` for codes made on the host (GPTQ's).
     fn residual_from(
@@ -142,8 +144,9 @@ impl Dense for DeviceOps {
         w: &Tensor<2>,
         res: &Tensor<2>,
         out: &mut Tensor<2>,
+        finite: bool,
     ) -> Result<Codes, QuantError> {
-        let (codes, q) = quantizer.quantize_dequantize(res)?;
+        let (codes, q) = quantizer.quantize_dequantize_checked(res, !finite)?;
         *out = w.clone() - q;
         Ok(codes)
     }

@@ -218,7 +218,8 @@ pub(crate) fn alternate<D: Dense>(
     for t in 1..=cfg.iters {
         let source = if t == 1 { w } else { &res };
         let codes = match weighted.and_then(|x| x.gptq.as_ref()) {
-            None => ops.quantize_residual(quantizer, w, source, &mut residual)?,
+            // `W − B·A` after the first: finite, as `W` was and the factors are.
+            None => ops.quantize_residual(quantizer, w, source, &mut residual, t > 1)?,
             Some((u, g)) => {
                 let host = gptq(quantizer, &ops.to_rows(source), ops.dims(w), u, g)?;
                 ops.residual_from(quantizer, &host, w, &mut residual);

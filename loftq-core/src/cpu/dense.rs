@@ -257,6 +257,7 @@ impl<'a> Dense for HostOps<'a> {
         w: &RowMat<'a>,
         res: &RowMat<'a>,
         out: &mut RowMat<'a>,
+        _finite: bool,
     ) -> Result<Codes, QuantError> {
         let codes = quantizer.quantize_host(&res.data, [res.rows, res.cols])?;
         quantizer.residual_host_into(&codes, &w.data, out.reshape(res.rows, res.cols));

@@ -106,6 +106,18 @@ impl Quantized {
     }
 }
 
+/// Whether `w` holds a NaN or an infinity (one read from the device).
+fn non_finite(w: &Tensor<2>) -> bool {
+    let bad = w
+        .clone()
+        .is_nan()
+        .bool_or(w.clone().is_inf())
+        .any()
+        .into_scalar::<bool>();
+    crate::transfers::count_read(1);
+    bad
+}
+
 /// A tensor's values as host `f32`s, row-major.
 pub fn host_f32<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
     let v = t
@@ -140,6 +152,16 @@ impl Quantizer {
     /// Quantizes and dequantizes in one step (the inner step of LoftQ): only the dequantized
     /// matrix comes back to the device; with the host kernel the codes stay on the host.
     pub fn quantize_dequantize(&self, w: &Tensor<2>) -> Result<(Codes, Tensor<2>), QuantError> {
+        self.quantize_dequantize_checked(w, true)
+    }
+
+    /// [`Self::quantize_dequantize`]; with `check` false the caller vouches that `w` is
+    /// finite, and the device kernel skips the check (a read that waits for the device).
+    pub(crate) fn quantize_dequantize_checked(
+        &self,
+        w: &Tensor<2>,
+        check: bool,
+    ) -> Result<(Codes, Tensor<2>), QuantError> {
         let device = w.device();
         let shape: [usize; 2] = w.dims();
         match Kernel::Auto.resolve(&device) {
@@ -152,7 +174,7 @@ impl Quantizer {
                 ))
             }
             _ => {
-                let q = self.quantize_portable(w, shape)?;
+                let q = self.quantize_portable(w, shape, check)?;
                 let deq = self.dequantize_portable(&q);
                 Ok((Codes::Device(Box::new(q)), deq))
             }
@@ -176,7 +198,7 @@ impl Quantizer {
                 let q = self.quantize_host(&host_f32(w), shape)?;
                 Ok(Quantized::from_host(&q, &device))
             }
-            _ => self.quantize_portable(w, shape),
+            _ => self.quantize_portable(w, shape, true),
         }
     }
 
@@ -197,7 +219,12 @@ impl Quantizer {
         }
     }
 
-    fn quantize_portable(&self, w: &Tensor<2>, shape: [usize; 2]) -> Result<Quantized, QuantError> {
+    fn quantize_portable(
+        &self,
+        w: &Tensor<2>,
+        shape: [usize; 2],
+        check: bool,
+    ) -> Result<Quantized, QuantError> {
         let n = shape[0] * shape[1];
         let block = self.block_len(shape)?;
         if let Scheme::Ggml { format } = self.config.scheme
@@ -207,14 +234,7 @@ impl Quantizer {
             let q = self.quantize_host(&host_f32(w), shape)?;
             return Ok(Quantized::from_host(&q, &w.device()));
         }
-        let bad = w
-            .clone()
-            .is_nan()
-            .bool_or(w.clone().is_inf())
-            .any()
-            .into_scalar::<bool>();
-        crate::transfers::count_read(1);
-        if bad {
+        if check && non_finite(w) {
             // Rare path: find the position on the host for the message.
             return Err(non_finite_error(&host_f32(w), shape[1]));
         }
