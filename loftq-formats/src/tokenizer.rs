@@ -66,10 +66,24 @@ impl Tokenizer {
     /// # Errors
     /// As [`Tokenizer::from_file`] and [`Tokenizer::from_gguf`].
     pub fn for_model(path: &Path) -> Result<Self> {
+        let file = path.join("tokenizer.json");
         if crate::io::is_gguf(path) {
             Self::from_gguf(&GgufModel::open(path)?)
+        } else if path.is_dir() && !file.exists() {
+            // DeBERTa-v3 and older Llamas ship only a SentencePiece model.
+            let spm = ["spm.model", "tokenizer.model"]
+                .iter()
+                .find(|f| path.join(f).is_file());
+            let has = spm.map_or(String::new(), |f| format!(" (its {f} is not read)"));
+            Err(ModelError::format(
+                path,
+                format!(
+                    "no tokenizer.json{has}: write one with transformers, \
+                     AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+                ),
+            ))
         } else {
-            Self::from_file(&path.join("tokenizer.json"))
+            Self::from_file(&file)
         }
     }
 

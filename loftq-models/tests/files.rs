@@ -527,3 +527,21 @@ fn torch_bin_state_dicts_read_as_saved_and_code_is_refused() {
     }
     std::fs::remove_dir_all(&scratch).unwrap();
 }
+
+/// A model directory with only a SentencePiece model (DeBERTa-v3 as published) gets an error
+/// that says how to make the tokenizer.json this tool reads.
+#[test]
+fn a_missing_tokenizer_json_says_how_to_write_one() {
+    let dir = scratch("no-tokenizer");
+    std::fs::write(dir.join("spm.model"), b"not read").unwrap();
+    let err = loftq_models::Tokenizer::for_model(&dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no tokenizer.json")
+            && err.contains("spm.model")
+            && err.contains("save_pretrained"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
