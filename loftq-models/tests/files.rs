@@ -503,6 +503,13 @@ fn torch_bin_state_dicts_read_as_saved_and_code_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("legacy"), "{msg}");
+    // Hostile pickles: nesting deep enough to overflow the stack, copying that grows with the
+    // square of the file; refused at once.
+    let refused = |name: &str| TorchState::open(&dir.join(name)).unwrap_err().to_string();
+    let msg = refused("deep.bin");
+    assert!(msg.contains("nested more than 32 deep"), "{msg}");
+    let msg = refused("copies.bin");
+    assert!(msg.contains("copies its containers too often"), "{msg}");
 
     // Cut short anywhere, or with any byte changed: an error or good values, never a panic.
     let bytes = std::fs::read(dir.join("state.bin")).unwrap();

@@ -34,6 +34,8 @@ struct Storage {
     key: String,
 }
 
+/// A value of the pickle. Containers carry how deeply they nest (a state dict nests 3 deep),
+/// so that a hostile file cannot build one deep enough to overflow the stack when dropped.
 #[derive(Clone, Debug, PartialEq)]
 enum Val {
     None,
@@ -42,12 +44,58 @@ enum Val {
     Float(f64),
     Str(Rc<str>),
     Bytes(Rc<[u8]>),
-    Tuple(Rc<Vec<Val>>),
-    List(Rc<Vec<Val>>),
-    Dict(Rc<Vec<(Val, Val)>>),
+    Tuple(Rc<Vec<Val>>, u8),
+    List(Rc<Vec<Val>>, u8),
+    Dict(Rc<Vec<(Val, Val)>>, u8),
     Global(Rc<str>),
     Storage(Storage),
     Tensor(Rc<View>),
+}
+
+/// Deeper containers are refused.
+const MAX_DEPTH: u8 = 32;
+
+impl Val {
+    /// How deeply containers nest in this value (0: not a container).
+    fn depth(&self) -> u8 {
+        match self {
+            Val::Tuple(_, d) | Val::List(_, d) | Val::Dict(_, d) => *d,
+            _ => 0,
+        }
+    }
+
+    /// What it is, for messages (never the whole value: it may be huge).
+    fn describe(&self) -> String {
+        let cut = |s: &str| s.chars().take(40).collect::<String>();
+        match self {
+            Val::None => "None".into(),
+            Val::Bool(b) => b.to_string(),
+            Val::Int(i) => i.to_string(),
+            Val::Float(f) => f.to_string(),
+            Val::Str(s) => format!("the string `{}`", cut(s)),
+            Val::Bytes(b) => format!("{} bytes", b.len()),
+            Val::Tuple(t, _) => format!("a tuple of {}", t.len()),
+            Val::List(l, _) => format!("a list of {}", l.len()),
+            Val::Dict(d, _) => format!("a dict of {}", d.len()),
+            Val::Global(g) => format!("`{}`", cut(g)),
+            Val::Storage(_) => "a storage".into(),
+            Val::Tensor(_) => "a tensor".into(),
+        }
+    }
+}
+
+/// The depth of a container that holds `items` besides what gave it `depth`.
+fn deeper<'a>(
+    depth: u8,
+    items: impl IntoIterator<Item = &'a Val>,
+) -> std::result::Result<u8, String> {
+    let d = (items.into_iter())
+        .map(|v| v.depth().saturating_add(1))
+        .fold(depth.max(1), u8::max);
+    if d > MAX_DEPTH {
+        return Err(format!("containers nested more than {MAX_DEPTH} deep"));
+    }
+    Ok(d)
 }
 
 /// A `torch.save` file of tensors, opened.
@@ -103,14 +151,15 @@ impl TorchState {
         }
         let top =
             unpickle(&map[entries[&pkl].clone()]).map_err(|e| bad(format!("data.pkl: {e}")))?;
-        let Val::Dict(items) = top else {
+        let Val::Dict(items, _) = top else {
             return Err(bad("data.pkl does not hold a dict of tensors".into()));
         };
         let mut tensors = Vec::with_capacity(items.len());
         for (k, v) in items.iter() {
             let (Val::Str(name), Val::Tensor(view)) = (k, v) else {
                 return Err(bad(format!(
-                    "entry {k:?} is not a tensor named by a string"
+                    "entry {} is not a tensor named by a string",
+                    k.describe()
                 )));
             };
             tensors.push((name.to_string(), (**view).clone()));
@@ -199,6 +248,8 @@ fn unpickle(b: &[u8]) -> std::result::Result<Val, String> {
     let mut stack: Vec<Val> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
     let mut memo: HashMap<u64, Val> = HashMap::new();
+    // Values a shared container may be copied for (see `spend`): a few per byte of file.
+    let mut budget = b.len().saturating_mul(16).max(1 << 20);
     let mut at = 0usize;
     let take = |at: &mut usize, n: usize| -> std::result::Result<&[u8], String> {
         let end = at.checked_add(n).ok_or("a length past any file")?;
@@ -308,27 +359,31 @@ fn unpickle(b: &[u8]) -> std::result::Result<Val, String> {
                         .clone(),
                 );
             }
-            b')' => stack.push(Val::Tuple(Rc::default())),
-            b']' => stack.push(Val::List(Rc::default())),
-            b'}' => stack.push(Val::Dict(Rc::default())),
-            b't' => {
-                let items = popmark(&mut stack, &mut marks)?;
-                stack.push(Val::Tuple(Rc::new(items)));
-            }
-            0x85..=0x87 => {
-                let n = usize::from(op - 0x84);
-                let from = stack.len().checked_sub(n).ok_or("stack underflow")?;
-                let items = stack.split_off(from);
-                stack.push(Val::Tuple(Rc::new(items)));
+            b')' => stack.push(Val::Tuple(Rc::default(), 1)),
+            b']' => stack.push(Val::List(Rc::default(), 1)),
+            b'}' => stack.push(Val::Dict(Rc::default(), 1)),
+            b't' | 0x85..=0x87 => {
+                let items = match op {
+                    b't' => popmark(&mut stack, &mut marks)?,
+                    _ => {
+                        let n = usize::from(op - 0x84);
+                        let from = stack.len().checked_sub(n).ok_or("stack underflow")?;
+                        stack.split_off(from)
+                    }
+                };
+                let d = deeper(1, &items)?;
+                stack.push(Val::Tuple(Rc::new(items), d));
             }
             b'a' | b'e' => {
                 let items = match op {
                     b'a' => vec![pop(&mut stack)?],
                     _ => popmark(&mut stack, &mut marks)?,
                 };
-                let Some(Val::List(list)) = stack.last_mut() else {
+                let Some(Val::List(list, depth)) = stack.last_mut() else {
                     return Err("APPEND to a non-list".into());
                 };
+                *depth = deeper(*depth, &items)?;
+                spend(&mut budget, list)?;
                 Rc::make_mut(list).extend(items);
             }
             b's' | b'u' => {
@@ -342,12 +397,15 @@ fn unpickle(b: &[u8]) -> std::result::Result<Val, String> {
                 if items.len() % 2 != 0 {
                     return Err("SETITEMS with an odd count".into());
                 }
-                let Some(Val::Dict(dict)) = stack.last_mut() else {
+                let Some(Val::Dict(dict, depth)) = stack.last_mut() else {
                     return Err("SETITEM on a non-dict".into());
                 };
+                *depth = deeper(*depth, &items)?;
+                spend(&mut budget, dict)?;
+                let dict = Rc::make_mut(dict);
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    Rc::make_mut(dict).push((k, v));
+                    dict.push((k, v));
                 }
             }
             b'Q' => {
@@ -368,9 +426,20 @@ fn unpickle(b: &[u8]) -> std::result::Result<Val, String> {
     }
 }
 
+/// Charges a container's copy to `budget` when it is about to be copied (it is shared with the
+/// memo): a file that re-memoizes a growing list after each append would otherwise cost time
+/// quadratic in its size.
+fn spend<T>(budget: &mut usize, items: &Rc<Vec<T>>) -> std::result::Result<(), String> {
+    if Rc::strong_count(items) > 1 {
+        *budget = (budget.checked_sub(items.len()))
+            .ok_or("the pickle copies its containers too often")?;
+    }
+    Ok(())
+}
+
 /// A persistent id `('storage', <class>, key, location, numel)`.
 fn storage(pid: &Val) -> std::result::Result<Val, String> {
-    if let Val::Tuple(t) = pid
+    if let Val::Tuple(t, _) = pid
         && let [Val::Str(tag), Val::Global(class), Val::Str(key), ..] = t.as_slice()
         && &**tag == "storage"
     {
@@ -380,33 +449,39 @@ fn storage(pid: &Val) -> std::result::Result<Val, String> {
             key: key.to_string(),
         }));
     }
-    Err(format!("persistent id {pid:?} is not a tensor storage"))
+    Err(format!(
+        "persistent id {} is not a tensor storage",
+        pid.describe()
+    ))
 }
 
 fn size(v: &Val) -> std::result::Result<usize, String> {
     match v {
         Val::Int(i) => usize::try_from(*i).map_err(|_| format!("negative size or stride {i}")),
-        other => Err(format!("{other:?} is not a size")),
+        other => Err(format!("{} is not a size", other.describe())),
     }
 }
 
 fn sizes(v: &Val) -> std::result::Result<Vec<usize>, String> {
     match v {
-        Val::Tuple(t) => t.iter().map(size).collect(),
-        other => Err(format!("{other:?} is not a shape")),
+        Val::Tuple(t, _) => t.iter().map(size).collect(),
+        other => Err(format!("{} is not a shape", other.describe())),
     }
 }
 
 /// The only callables a tensor dict needs; anything else is refused, never called.
 fn call(callable: &Val, args: &Val) -> std::result::Result<Val, String> {
     let Val::Global(name) = callable else {
-        return Err(format!("REDUCE of {callable:?}"));
+        return Err(format!("REDUCE of {}", callable.describe()));
     };
-    let Val::Tuple(args) = args else {
-        return Err(format!("{name}: arguments {args:?} are not a tuple"));
+    let Val::Tuple(args, _) = args else {
+        return Err(format!(
+            "{name}: arguments {} are not a tuple",
+            args.describe()
+        ));
     };
     match (&**name, args.as_slice()) {
-        ("collections.OrderedDict", []) => Ok(Val::Dict(Rc::default())),
+        ("collections.OrderedDict", []) => Ok(Val::Dict(Rc::default(), 1)),
         ("torch._utils._rebuild_tensor_v2", [Val::Storage(s), off, shape, stride, ..]) => {
             let (shape, stride) = (sizes(shape)?, sizes(stride)?);
             if shape.len() != stride.len() {
