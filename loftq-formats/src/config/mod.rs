@@ -13,12 +13,12 @@ use crate::{ModelError, Result};
 mod encoder;
 mod error;
 mod names;
+mod relative;
 mod rope;
 mod window;
 
 pub use encoder::{
     Architecture, DEBERTA_LINEAR_PATHS, ENCODER_LINEAR_PATHS, EncoderConfig, EncoderKind,
-    RelativeAttention,
 };
 pub use error::ConfigError;
 use error::{fits, nonzero, positive};
@@ -26,6 +26,7 @@ pub use names::{
     Activation, FUSED_LINEAR_PATHS, LINEAR_PATHS, Layout, PHI_LINEAR_PATHS, decoder_linear_paths,
     linear_layout, linear_path,
 };
+pub use relative::RelativeAttention;
 pub use rope::{RopeConfig, RopeScaling, inv_freq, inv_freq_for};
 use rope::{parse_rope, partial_rotary};
 pub use window::SlidingWindow;

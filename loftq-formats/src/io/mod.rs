@@ -15,6 +15,8 @@ pub mod gguf_write;
 mod merge;
 mod packed;
 mod peft;
+mod peft_weights;
+mod pickle;
 mod safetensors;
 mod source;
 pub mod space;
@@ -36,8 +38,10 @@ pub use self::packed::{
     FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_header, packed_names, read_packed,
 };
 pub use self::peft::{
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, Adapter, AdapterConfig, AdapterWriter,
-    LOFTQ_INIT, LoraWeights, adapter_dir, layer_index, module_matches,
+    Adapter, AdapterConfig, AdapterWriter, LoraWeights, layer_index, module_matches,
+};
+pub use self::peft_weights::{
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, LOFTQ_INIT, adapter_dir,
 };
 pub use self::safetensors::{
     Checkpoint, HostTensor, OutTensor, TensorEntry, bf16_le_bytes, f32_le_bytes, floats_from_le,

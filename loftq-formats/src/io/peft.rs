@@ -14,20 +14,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::atomic::write_atomic;
-use super::safetensors::{Checkpoint, HostTensor, f32_le_bytes};
+use super::peft_weights::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, Weights, adapter_dir};
+use super::safetensors::{HostTensor, f32_le_bytes};
 use super::stream::StreamWriter;
-use super::torch_pickle::TorchState;
 use crate::{ModelError, Result};
 
-/// File name of the adapter configuration.
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
-/// File name of the adapter weights.
-pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
-/// File name of adapter weights pickled by PyTorch (PEFT with `safe_serialization=False`).
-pub const ADAPTER_WEIGHTS_BIN: &str = "adapter_model.bin";
-/// The folder of a LoftQ organisation release (a backbone holding the quantized `Q`,
-/// dequantized to bf16) that holds its LoftQ adapter.
-pub const LOFTQ_INIT: &str = "loftq_init";
 /// What PEFT puts before a module path in adapter tensor names.
 pub const PREFIX: &str = "base_model.model.";
 
@@ -448,54 +439,6 @@ fn module_of(key: &str, factor: &str) -> Option<String> {
         .strip_suffix(&format!(".{factor}.weight"))
         .or_else(|| rest.strip_suffix(&format!(".{factor}.default.weight")))?;
     Some(rest.to_string())
-}
-
-/// The adapter directory `dir` names: `dir` itself, or, when `dir` has no
-/// `adapter_config.json` but a `loftq_init/` that has one, that folder (a LoftQ organisation
-/// release, whose backbone is `dir`).
-pub fn adapter_dir(dir: &Path) -> PathBuf {
-    let release = dir.join(LOFTQ_INIT);
-    if !dir.join(ADAPTER_CONFIG).exists() && release.join(ADAPTER_CONFIG).is_file() {
-        release
-    } else {
-        dir.to_path_buf()
-    }
-}
-
-/// An adapter's weights file: safetensors, or else PyTorch's pickle.
-enum Weights {
-    Safetensors(Checkpoint),
-    Torch(TorchState),
-}
-
-impl Weights {
-    fn open(dir: &Path) -> Result<(PathBuf, Self)> {
-        let (safe, bin) = (dir.join(ADAPTER_WEIGHTS), dir.join(ADAPTER_WEIGHTS_BIN));
-        if !safe.exists() && bin.exists() {
-            return Ok((bin.clone(), Self::Torch(TorchState::open(&bin)?)));
-        }
-        if !safe.exists() {
-            return Err(ModelError::format(
-                dir,
-                format!("no {ADAPTER_WEIGHTS} (nor {ADAPTER_WEIGHTS_BIN}): not an adapter"),
-            ));
-        }
-        Ok((safe.clone(), Self::Safetensors(Checkpoint::open(&safe)?)))
-    }
-
-    fn names(&self) -> Vec<String> {
-        match self {
-            Self::Safetensors(c) => c.names().map(String::from).collect(),
-            Self::Torch(t) => t.names().map(String::from).collect(),
-        }
-    }
-
-    fn f32(&self, name: &str) -> Result<HostTensor> {
-        match self {
-            Self::Safetensors(c) => c.f32(name),
-            Self::Torch(t) => t.f32(name),
-        }
-    }
 }
 
 #[cfg(test)]
