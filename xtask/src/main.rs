@@ -35,6 +35,7 @@ const DEVICE_TESTS: &[&str] = &[
     "calibrated",
     "lowrank_and_init",
     "model_reference",
+    "encoder_reference",
     "files",
     "gguf",
     "generate",
