@@ -10,9 +10,10 @@
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use safetensors::Dtype;
 
 use super::pickle::{Val, View, unpickle};
-use super::safetensors::HostTensor;
+use super::safetensors::{HostTensor, floats_from_le};
 use super::torch_zip::{Entries, entries};
 use crate::{ModelError, Result};
 
@@ -106,16 +107,14 @@ impl TorchState {
         let view = (self.tensors.iter().find(|(n, _)| n == name))
             .map(|(_, v)| v)
             .ok_or_else(|| err("no such tensor".into()))?;
-        let (width, decode): (usize, fn(&[u8]) -> f32) = match view.storage.kind.as_str() {
-            "FloatStorage" => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            "HalfStorage" => (2, |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            "BFloat16Storage" => (2, |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            #[allow(clippy::cast_possible_truncation)]
-            "DoubleStorage" => (8, |b| {
-                f64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as f32
-            }),
+        let dtype = match view.storage.kind.as_str() {
+            "FloatStorage" => Dtype::F32,
+            "HalfStorage" => Dtype::F16,
+            "BFloat16Storage" => Dtype::BF16,
+            "DoubleStorage" => Dtype::F64,
             other => return Err(err(format!("storage {other} is not a float dtype"))),
         };
+        let width = dtype.bitsize() / 8;
         let entry = format!("{}data/{}", self.root, view.storage.key);
         let bytes = (self.entries.get(&entry))
             .map(|r| &self.map[r.clone()])
@@ -124,36 +123,47 @@ impl TorchState {
         let numel = (view.shape.iter())
             .try_fold(1usize, |a, &n| a.checked_mul(n))
             .ok_or_else(|| err(format!("shape {:?} is too large", view.shape)))?;
-        if numel > 0 {
-            let last = (view.shape.iter().zip(&view.stride))
-                .try_fold(view.offset, |acc, (&n, &s)| {
-                    acc.checked_add((n - 1).checked_mul(s)?)
-                });
-            if last.is_none_or(|l| l >= len) {
-                return Err(err(format!(
-                    "the view reaches past its storage of {len} values"
-                )));
-            }
+        if numel == 0 {
+            return Ok(HostTensor {
+                shape: view.shape.clone(),
+                data: Vec::new(),
+            });
         }
-        let mut data = Vec::with_capacity(numel);
-        let mut idx = vec![0usize; view.shape.len()];
-        for _ in 0..numel {
-            let at = view.offset
-                + idx
-                    .iter()
-                    .zip(&view.stride)
-                    .map(|(i, s)| i * s)
-                    .sum::<usize>();
-            data.push(decode(&bytes[at * width..(at + 1) * width]));
-            // Row-major step of the multi-index.
-            for d in (0..idx.len()).rev() {
-                idx[d] += 1;
-                if idx[d] < view.shape[d] {
-                    break;
+        let last = (view.shape.iter().zip(&view.stride))
+            .try_fold(view.offset, |acc, (&n, &s)| {
+                acc.checked_add((n - 1).checked_mul(s)?)
+            })
+            .filter(|&l| l < len)
+            .ok_or_else(|| err(format!("the view reaches past its storage of {len} values")))?;
+        // The values the view spans, decoded once; a row-major view is all of them.
+        let span = floats_from_le(dtype, &bytes[view.offset * width..(last + 1) * width])
+            .expect("a float dtype");
+        let mut row_major = 1;
+        let mut contiguous = true;
+        for (&n, &s) in view.shape.iter().zip(&view.stride).rev() {
+            contiguous &= n == 1 || s == row_major;
+            row_major *= n;
+        }
+        let data = match contiguous {
+            true => span,
+            false => {
+                let mut data = Vec::with_capacity(numel);
+                let mut idx = vec![0usize; view.shape.len()];
+                for _ in 0..numel {
+                    let at: usize = idx.iter().zip(&view.stride).map(|(i, s)| i * s).sum();
+                    data.push(span[at]);
+                    // Row-major step of the multi-index.
+                    for d in (0..idx.len()).rev() {
+                        idx[d] += 1;
+                        if idx[d] < view.shape[d] {
+                            break;
+                        }
+                        idx[d] = 0;
+                    }
                 }
-                idx[d] = 0;
+                data
             }
-        }
+        };
         Ok(HostTensor {
             shape: view.shape.clone(),
             data,
