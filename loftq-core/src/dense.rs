@@ -3,7 +3,7 @@
 //! stay there); `cpu::HostOps` (with the `flex` feature) runs them on host buffers with faer
 //! products, fused element-wise passes and no per-iteration allocation of a full matrix.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 use crate::QuantError;
 use crate::quant::{Codes, HostQuantized, Quantizer};
@@ -103,8 +103,7 @@ impl Dense for DeviceOps {
     }
 
     fn matrix(&self, v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
-        crate::transfers::count_upload(v.len());
-        Tensor::from_data(TensorData::new(v, shape), &self.0)
+        crate::transfers::upload(v, shape, &self.0)
     }
 
     fn to_rows(&self, m: &Tensor<2>) -> Vec<f32> {
@@ -125,8 +124,7 @@ impl Dense for DeviceOps {
     }
 
     fn scale_cols(&self, m: &Tensor<2>, s: &[f32]) -> Tensor<2> {
-        crate::transfers::count_upload(s.len());
-        let row = Tensor::<1>::from_data(TensorData::new(s.to_vec(), [s.len()]), &m.device());
+        let row = crate::transfers::upload(s.to_vec(), [s.len()], &m.device());
         m.clone() * row.reshape([1, s.len()])
     }
 
@@ -191,7 +189,7 @@ impl Dense for DeviceOps {
             Codes::Device(q) => quantizer.dequantize(q).to_device(device),
             Codes::Host(h) => {
                 let v = quantizer.dequantize_host(h);
-                Tensor::from_data(TensorData::new(v, h.shape), device)
+                crate::transfers::upload(v, h.shape, device)
             }
         }
     }

@@ -1,6 +1,6 @@
 //! One API for the ways to start a LoRA adapter on a (quantized) base weight.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 use crate::dense::frobenius;
 use crate::loftq::{LoftqConfig, LoftqError, loftq};
@@ -182,7 +182,7 @@ pub fn qlora_factors(
     let a: Vec<f32> = (0..rank * inp)
         .map(|_| ((2.0 * g.uniform() - 1.0) * bound) as f32)
         .collect();
-    let a = Tensor::from_data(TensorData::new(a, [rank, inp]), device);
+    let a = crate::transfers::upload(a, [rank, inp], device);
     (a, Tensor::zeros([out, rank], device))
 }
 

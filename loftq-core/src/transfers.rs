@@ -1,9 +1,12 @@
 //! What crosses between the host and the device, counted per thread. On a GPU each read is a
 //! synchronization (the queue drains before the values come back), so the number of reads per
 //! LoftQ iteration bounds its latency whatever the arithmetic costs; counting them needs no
-//! GPU. Reads and uploads of CPU tensors are counted too (as copies).
+//! GPU. The same calls on CPU tensors are counted too (as copies); the `cpu` module's host
+//! path, which keeps its matrices on the host, moves nothing and counts nothing.
 
 use std::cell::Cell;
+
+use burn::tensor::{Device, Tensor, TensorData};
 
 use serde::Serialize;
 
@@ -66,4 +69,15 @@ pub(crate) fn count_upload(values: usize) {
         t.upload_values += values as u64;
         c.set(t);
     });
+}
+
+/// Uploads `values` as a tensor of `shape` to `device`, counted: every `f32` upload of the
+/// core goes through here.
+pub(crate) fn upload<const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &Device,
+) -> Tensor<D> {
+    count_upload(values.len());
+    Tensor::from_data(TensorData::new(values, shape), device)
 }

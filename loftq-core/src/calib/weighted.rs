@@ -145,7 +145,7 @@ pub fn gptq_base(
     let u = weighting.gptq_factor()?;
     let host = gptq(&quantizer, &crate::quant::host_f32(w), shape, &u, g)?;
     let q = quantizer.dequantize_host(&host);
-    let q = Tensor::from_data(burn::tensor::TensorData::new(q, shape), &w.device());
+    let q = crate::transfers::upload(q, shape, &w.device());
     Ok((PackedTensor::pack(&host, quant), q))
 }
 

@@ -93,10 +93,9 @@ impl Quantized {
             shape: q.shape,
             block: q.block,
             codes: Tensor::from_data(TensorData::new(codes, [n]), device),
-            scales: Tensor::from_data(TensorData::new(q.scales.clone(), [q.scales.len()]), device),
-            mins: (!q.mins.is_empty()).then(|| {
-                Tensor::from_data(TensorData::new(q.mins.clone(), [q.mins.len()]), device)
-            }),
+            scales: crate::transfers::upload(q.scales.clone(), [q.scales.len()], device),
+            mins: (!q.mins.is_empty())
+                .then(|| crate::transfers::upload(q.mins.clone(), [q.mins.len()], device)),
         }
     }
 
@@ -168,10 +167,7 @@ impl Quantizer {
             Kernel::Host => {
                 let q = self.quantize_host(&host_f32(w), shape)?;
                 let v = self.dequantize_host(&q);
-                Ok((
-                    Codes::Host(q),
-                    Tensor::from_data(TensorData::new(v, shape), &device),
-                ))
+                Ok((Codes::Host(q), crate::transfers::upload(v, shape, &device)))
             }
             _ => {
                 let q = self.quantize_portable(w, shape, check)?;
@@ -213,7 +209,7 @@ impl Quantizer {
         match kernel.resolve(&device) {
             Kernel::Host => {
                 let v = self.dequantize_host(&q.to_host());
-                Tensor::from_data(TensorData::new(v, q.shape), &device)
+                crate::transfers::upload(v, q.shape, &device)
             }
             _ => self.dequantize_portable(q),
         }
@@ -318,10 +314,7 @@ impl Quantizer {
             return codes;
         }
         // Binary search: one gather of thresholds per bit.
-        let table: Tensor<1> = Tensor::from_data(
-            TensorData::new(self.search.clone(), [self.search.len()]),
-            &device,
-        );
+        let table = crate::transfers::upload(self.search.clone(), [self.search.len()], &device);
         let flat = v.reshape([nb * len]);
         let mut codes: Tensor<1, Int> = Tensor::zeros([nb * len], &device);
         let mut step = self.search.len().div_ceil(2);
@@ -375,8 +368,7 @@ impl Quantizer {
             }
             Scheme::Ggml { format } if format.levels().is_some() => {
                 let levels = format.levels().expect("checked").to_vec();
-                let levels: Tensor<1> =
-                    Tensor::from_data(TensorData::new(levels, [16]), &q.device());
+                let levels = crate::transfers::upload(levels, [16], &q.device());
                 levels.select(0, codes).reshape([count, len]).mul(scales)
             }
             Scheme::Ggml { format } if !format.has_min() => codes
@@ -397,10 +389,8 @@ impl Quantizer {
                     .add(mins.reshape([count, 1]))
             }
             _ => {
-                let levels: Tensor<1> = Tensor::from_data(
-                    TensorData::new(self.levels.clone(), [self.levels.len()]),
-                    &q.device(),
-                );
+                let levels =
+                    crate::transfers::upload(self.levels.clone(), [self.levels.len()], &q.device());
                 levels.select(0, codes).reshape([count, len]).mul(scales)
             }
         };
@@ -429,7 +419,7 @@ fn portable_ggml(
             .into_iter()
             .map(round_f16)
             .collect();
-        Tensor::<1>::from_data(TensorData::new(v, [nb]), &device)
+        crate::transfers::upload(v, [nb], &device)
     };
     match format {
         GgmlFormat::Q4_0 | GgmlFormat::Q5_0 => {
