@@ -108,6 +108,16 @@ impl EncoderLayer {
         let tail = [&self.attention_output, &self.intermediate, &self.output];
         self.qkv.iter().chain(tail).collect()
     }
+
+    /// [`Self::linears`], mutably.
+    fn linears_mut(&mut self) -> Vec<&mut QLinear> {
+        let tail = [
+            &mut self.attention_output,
+            &mut self.intermediate,
+            &mut self.output,
+        ];
+        self.qkv.iter_mut().chain(tail).collect()
+    }
 }
 
 impl Encoder {
@@ -271,33 +281,39 @@ impl Encoder {
         n
     }
 
+    /// The module paths of the encoder's linear layers and the pooler, in [`Self::linears`]
+    /// order.
+    fn encoder_paths(&self) -> Vec<String> {
+        let p = &self.prefix;
+        let paths = self.config.kind.linear_paths();
+        let mut v: Vec<String> = (0..self.layers.len())
+            .flat_map(|i| {
+                paths
+                    .iter()
+                    .map(move |name| format!("{p}encoder.layer.{i}.{name}"))
+            })
+            .collect();
+        v.extend(self.pooler.as_ref().map(|_| self.pooler_path()));
+        v
+    }
+
     /// The encoder's linear layers and the pooler, mutably, with their module paths, in
     /// [`Self::linears`] order.
     fn encoder_linears_mut(&mut self) -> Vec<(String, &mut QLinear)> {
-        let (p, pooler) = (self.prefix.clone(), self.pooler_path());
-        let paths = self.config.kind.linear_paths();
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let tail = [&mut l.attention_output, &mut l.intermediate, &mut l.output];
-            for (name, lin) in paths.iter().zip(l.qkv.iter_mut().chain(tail)) {
-                v.push((format!("{p}encoder.layer.{i}.{name}"), lin));
-            }
-        }
-        v.extend(self.pooler.as_mut().map(|l| (pooler, l)));
-        v
+        let paths = self.encoder_paths();
+        let layers = self.layers.iter_mut().flat_map(EncoderLayer::linears_mut);
+        paths
+            .into_iter()
+            .zip(layers.chain(self.pooler.as_mut()))
+            .collect()
     }
 
     /// Every linear layer with its module path, the pooler and classifier last.
     pub fn linears(&self) -> Vec<(String, &QLinear)> {
-        let p = &self.prefix;
-        let paths = self.config.kind.linear_paths();
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            for (name, lin) in paths.iter().zip(l.linears()) {
-                v.push((format!("{p}encoder.layer.{i}.{name}"), lin));
-            }
-        }
-        v.extend(self.pooler.iter().map(|l| (self.pooler_path(), l)));
+        let layers = self.layers.iter().flat_map(EncoderLayer::linears);
+        let mut v: Vec<_> = (self.encoder_paths().into_iter())
+            .zip(layers.chain(self.pooler.as_ref()))
+            .collect();
         v.extend(
             self.classifier
                 .iter()
