@@ -20,6 +20,7 @@ pub use data::{ClassBatch, Example, Labelled};
 
 use crate::io::{Adapter, AdapterConfig, write_atomic};
 use crate::nn::{Encoder, adapter_of, host_tensor};
+use crate::train::config::due;
 use crate::train::data::{mix, permutation};
 use crate::train::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
 use crate::{ModelError, Result};
@@ -278,14 +279,12 @@ pub fn train_classifier(
             examples_per_s: cfg.batch as f64 / start.elapsed().as_secs_f64(),
         });
         let done = step + 1;
-        let due = done == cfg.steps || (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every));
-        if let Some(set) = held_out.filter(|_| due) {
+        if let Some(set) = held_out.filter(|_| due(done, cfg.steps, cfg.eval_every)) {
             let e = evaluate(model, &set.examples, cfg.batch, done);
             events(ClassifyEvent::Eval(e));
             history.evals.push(e);
         }
-        let save = done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every));
-        if let Some(c) = checkpoints.filter(|_| save) {
+        if let Some(c) = checkpoints.filter(|_| due(done, cfg.steps, cfg.save_every)) {
             let path = c.save(model, &opt, cfg, done, &history)?;
             events(ClassifyEvent::Saved { step: done, path });
         }

@@ -133,3 +133,9 @@ pub enum TrainEvent {
         path: PathBuf,
     },
 }
+
+/// Whether something done "every `every` steps (0: never) and after the last" is due once
+/// `done` of `total` steps are done: the rule of `eval_every` and `save_every`.
+pub(crate) fn due(done: usize, total: usize, every: usize) -> bool {
+    done == total || (every > 0 && done.is_multiple_of(every))
+}

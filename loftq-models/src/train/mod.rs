@@ -15,7 +15,7 @@
 
 pub mod blockwise;
 pub(crate) mod checkpoint;
-mod config;
+pub(crate) mod config;
 pub mod data;
 pub mod distill;
 mod job;

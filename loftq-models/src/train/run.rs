@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint};
-use super::config::{History, StepRecord, TrainConfig, TrainEvent};
+use super::config::{History, StepRecord, TrainConfig, TrainEvent, due};
 use super::data::{draw_batch, mix};
 use super::distill::{Objective, check_teacher};
 use super::job::TrainJob;
@@ -204,13 +204,12 @@ pub fn distill_on(
         history.steps.push(rec.clone());
         on_event(&TrainEvent::Step(rec));
         let done = step + 1;
-        let last = done == cfg.steps;
-        if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last)
+        if due(done, cfg.steps, cfg.eval_every)
             && let Some(r) = validate(model, done, &mut history)
         {
             on_event(&TrainEvent::Eval(r));
         }
-        if (cfg.save_every > 0 && done % cfg.save_every == 0) || last {
+        if due(done, cfg.steps, cfg.save_every) {
             let path = save_checkpoint(out, model, template, &opt, cfg, done, &history)?;
             on_event(&TrainEvent::Saved { step: done, path });
         }
