@@ -240,7 +240,7 @@ fn release_modules(base: &Path) -> Result<BTreeSet<String>> {
     if dir == base {
         return Ok(BTreeSet::new());
     }
-    Ok(Adapter::read(&dir)?.modules.into_keys().collect())
+    Adapter::modules_in(&dir)
 }
 
 fn fit_one(

@@ -331,6 +331,20 @@ impl Adapter {
         })
     }
 
+    /// The modules the adapter in `dir` adapts (those with a `lora_A`), from its weights
+    /// file's tensor names alone: nothing is decoded or checked, as [`Adapter::read`] does.
+    ///
+    /// # Errors
+    /// [`ModelError`] if the weights file cannot be opened.
+    pub fn modules_in(dir: &Path) -> Result<BTreeSet<String>> {
+        let (_, weights) = Weights::open(&adapter_dir(dir))?;
+        let names = weights.names();
+        Ok(names
+            .iter()
+            .filter_map(|n| module_of(n, "lora_A"))
+            .collect())
+    }
+
     /// The scaling of module `path`.
     pub fn scaling(&self, path: &str) -> Option<f64> {
         let w = self.modules.get(path)?;
