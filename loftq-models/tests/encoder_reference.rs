@@ -6,7 +6,7 @@ mod common;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{device, fixture, max_abs_diff};
 use loftq_models::io::{Adapter, Checkpoint};
-use loftq_models::nn::LoadOptions;
+use loftq_models::nn::{Encoder, LoadOptions};
 
 /// An encoder fixture's `input_ids`, `token_type_ids` and `attention_mask`.
 fn encoder_inputs(refs: &Checkpoint) -> [Tensor<2, Int>; 3] {
@@ -17,6 +17,28 @@ fn encoder_inputs(refs: &Checkpoint) -> [Tensor<2, Int>; 3] {
     })
 }
 
+/// The classifier's logits of `model` on the fixture's inputs.
+fn logits_of(model: &Encoder, [ids, types, mask]: &[Tensor<2, Int>; 3]) -> Vec<f32> {
+    let y = model.forward(ids.clone(), types.clone(), Some(mask.clone()));
+    y.into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// The pooled output of the last hidden states `h`, and the logits, against the fixture's
+/// (`name` in the messages).
+fn head_matches(
+    name: &str,
+    model: &Encoder,
+    h: Tensor<3>,
+    refs: &Checkpoint,
+    inputs: &[Tensor<2, Int>; 3],
+) {
+    let pooled = model.pool(h).into_data().try_to_vec::<f32>().unwrap();
+    let diff = max_abs_diff(&pooled, &refs.f32("pooled").unwrap().data);
+    assert!(diff < 1e-4, "{name} pooled: max |Δ| = {diff}");
+    let diff = max_abs_diff(&logits_of(model, inputs), &refs.f32("logits").unwrap().data);
+    assert!(diff < 1e-4, "{name} logits: max |Δ| = {diff}");
+}
+
 /// A tiny BERT classifier (random LayerNorms and biases, two segments, the second row padded)
 /// against transformers: the last hidden states, the pooled output and the logits; with a PEFT
 /// adapter on every encoder projection and the pooler, against PEFT.
@@ -25,21 +47,15 @@ fn bert_matches_transformers_and_peft() {
     use loftq_models::nn::load_encoder;
     let dir = fixture("tiny-bert");
     let refs = Checkpoint::open(&dir.join("outputs.safetensors")).unwrap();
-    let [ids, types, mask] = encoder_inputs(&refs);
+    let inputs = encoder_inputs(&refs);
+    let [ids, types, mask] = inputs.clone();
     let model = load_encoder(&dir, &device(), &Default::default()).unwrap();
-    let h = model.hidden_states(ids.clone(), types.clone(), Some(mask.clone()));
+    let h = model.hidden_states(ids, types, Some(mask));
     let want = refs.f32("hidden").unwrap().data;
     let diff = max_abs_diff(&h.clone().into_data().try_to_vec::<f32>().unwrap(), &want);
     assert!(diff < 1e-4, "hidden: max |Δ| = {diff}");
-    let pooled = model.pool(h).into_data().try_to_vec::<f32>().unwrap();
-    let diff = max_abs_diff(&pooled, &refs.f32("pooled").unwrap().data);
-    assert!(diff < 1e-4, "pooled: max |Δ| = {diff}");
-    let logits = |m: &loftq_models::nn::Encoder| {
-        let y = m.forward(ids.clone(), types.clone(), Some(mask.clone()));
-        y.into_data().try_to_vec::<f32>().unwrap()
-    };
-    let diff = max_abs_diff(&logits(&model), &refs.f32("logits").unwrap().data);
-    assert!(diff < 1e-4, "logits: max |Δ| = {diff}");
+    head_matches("bert", &model, h, &refs, &inputs);
+    let logits = |m: &Encoder| logits_of(m, &inputs);
 
     let adapter = Adapter::read(&dir.join("adapter")).unwrap();
     let opts = LoadOptions {
@@ -106,10 +122,11 @@ fn deberta_matches_transformers_and_peft() {
     for name in ["tiny-deberta-v3", "tiny-deberta-v2"] {
         let dir = fixture(name);
         let refs = Checkpoint::open(&dir.join("outputs.safetensors")).unwrap();
-        let [ids, types, mask] = encoder_inputs(&refs);
+        let inputs = encoder_inputs(&refs);
+        let [ids, types, mask] = inputs.clone();
         let model = load_encoder(&dir, &device(), &Default::default()).unwrap();
         assert!(model.relative.is_some(), "{name}");
-        let h = model.hidden_states(ids.clone(), types.clone(), Some(mask.clone()));
+        let h = model.hidden_states(ids, types, Some(mask.clone()));
         let got = h.clone().into_data().try_to_vec::<f32>().unwrap();
         let want = refs.f32("hidden").unwrap().data;
         let keep = (mask.clone().into_data().convert::<i64>())
@@ -125,15 +142,7 @@ fn deberta_matches_transformers_and_peft() {
         }
         assert_eq!(checked, 27 * width, "{name}");
         assert!(worst < 1e-4, "{name} hidden: max |Δ| = {worst}");
-        let pooled = model.pool(h).into_data().try_to_vec::<f32>().unwrap();
-        let diff = max_abs_diff(&pooled, &refs.f32("pooled").unwrap().data);
-        assert!(diff < 1e-4, "{name} pooled: max |Δ| = {diff}");
-        let logits = |m: &loftq_models::nn::Encoder| {
-            let y = m.forward(ids.clone(), types.clone(), Some(mask.clone()));
-            y.into_data().try_to_vec::<f32>().unwrap()
-        };
-        let diff = max_abs_diff(&logits(&model), &refs.f32("logits").unwrap().data);
-        assert!(diff < 1e-4, "{name} logits: max |Δ| = {diff}");
+        head_matches(name, &model, h, &refs, &inputs);
         if name != "tiny-deberta-v3" {
             continue;
         }
@@ -151,7 +160,7 @@ fn deberta_matches_transformers_and_peft() {
         assert!(adapted.contains(&"pooler.dense".to_string()), "{adapted:?}");
         let want = refs.f32("logits_lora").unwrap().data;
         assert!(max_abs_diff(&want, &refs.f32("logits").unwrap().data) > 1e-2);
-        let diff = max_abs_diff(&logits(&model), &want);
+        let diff = max_abs_diff(&logits_of(&model, &inputs), &want);
         assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
     }
 }
