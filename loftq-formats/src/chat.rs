@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::io::gguf::MetaValue;
-use crate::io::{Gguf, GgufModel};
+use crate::io::{Gguf, GgufModel, read_json_if_present};
 use crate::{LlamaConfig, ModelError, Result, Tokenizer};
 
 /// A Jinja chat template, rendered as transformers' `apply_chat_template` renders it
@@ -103,16 +103,7 @@ impl PromptFormat {
             return Ok(Self::of_gguf(&m.gguf, &m.config));
         }
         let config = LlamaConfig::from_file(&path.join("config.json"))?;
-        let read_json = |name: &str| -> Result<Option<Value>> {
-            let p = path.join(name);
-            if !p.is_file() {
-                return Ok(None);
-            }
-            let text = std::fs::read_to_string(&p).map_err(|e| ModelError::io(&p, e))?;
-            serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| ModelError::format(&p, format!("bad JSON: {e}")))
-        };
+        let read_json = |name: &str| read_json_if_present::<Value>(&path.join(name), "bad JSON");
         let tc = read_json("tokenizer_config.json")?.unwrap_or(Value::Null);
         let token_text = |key: &str| match &tc[key] {
             Value::String(s) => s.clone(),

@@ -12,6 +12,7 @@ mod gguf_llama;
 mod gguf_rope;
 mod gguf_vocab;
 pub mod gguf_write;
+mod json;
 mod merge;
 mod packed;
 mod peft;
@@ -33,6 +34,7 @@ pub use self::gguf_llama::{
     GgufModel, gguf_name, hf_name, permute_rows, rotary_heads, unpermute_rows,
 };
 pub use self::gguf_vocab::vocabulary_json;
+pub use self::json::read_json_if_present;
 pub use self::merge::{GgufWeightType, write_merged, write_merged_gguf};
 pub use self::packed::{
     FORMAT, FORMAT_KEY, add_packed, dequantize_packed, packed_header, packed_names, read_packed,

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use checkpoint::ClassifyCheckpoints;
 pub use data::{ClassBatch, Example, Labelled};
 
-use crate::io::{Adapter, AdapterConfig, write_atomic};
+use crate::io::{Adapter, AdapterConfig, read_json_if_present, write_atomic};
 use crate::nn::{Encoder, adapter_of, host_tensor};
 use crate::train::config::due;
 use crate::train::data::{mix, permutation};
@@ -340,12 +340,5 @@ pub fn write_classifier(
 /// # Errors
 /// [`ModelError::Io`] if it cannot be read, [`ModelError::Format`] if it is not a list of names.
 pub fn read_labels(dir: &Path) -> Result<Option<Vec<String>>> {
-    let file = dir.join(LABELS_FILE);
-    if !file.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&file).map_err(|e| ModelError::io(&file, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| ModelError::format(&file, format!("not a list of labels: {e}")))
+    read_json_if_present(&dir.join(LABELS_FILE), "not a list of labels")
 }
