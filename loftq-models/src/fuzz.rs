@@ -166,8 +166,5 @@ pub fn adapter(data: &[u8]) -> bool {
 /// read.
 pub fn torch_bin(data: &[u8]) -> bool {
     let path = put("state.bin", data);
-    TorchState::open(&path).is_ok_and(|s| {
-        let names: Vec<String> = s.names().map(String::from).collect();
-        names.iter().all(|n| s.f32(n).is_ok())
-    })
+    TorchState::open(&path).is_ok_and(|s| s.names().all(|n| s.f32(n).is_ok()))
 }
