@@ -7,7 +7,8 @@
 //!   symmetric and asymmetric integers, LLM.int8 rows), bit packing and double quantization,
 //!   on any Burn device.
 //! - [`lowrank`]: truncated SVD, exact (host) and randomized (products on the device).
-//! - [`loftq()`]: the alternating quantization / low-rank initialization.
+//! - [`loftq()`]: the alternating quantization / low-rank initialization; [`loftq_batch`]
+//!   runs matrices of one shape as one device problem.
 //! - [`calib`]: calibrated starts: input statistics, the activation-weighted adapter fit,
 //!   GPTQ, and quantizers allocated under a bit budget.
 //! - [`init`]: one API for QLoRA (zeros), LoftQ, PiSSA and QPiSSA starts.
@@ -19,6 +20,7 @@
 
 #[cfg(feature = "clap")]
 pub mod args;
+mod batch;
 pub mod calib;
 #[cfg(feature = "flex")]
 pub mod cpu;
@@ -34,6 +36,7 @@ pub mod simd;
 pub mod transfers;
 mod upper;
 
+pub use batch::{loftq_batch, loftq_batch_with};
 pub use dense::rel_dist;
 pub use device::{DeviceList, DeviceSpec};
 

@@ -34,6 +34,7 @@ const DEVICE_TESTS: &[&str] = &[
     "loftq_reference",
     "calibrated",
     "lowrank_and_init",
+    "batched",
     "model_reference",
     "encoder_reference",
     "files",

@@ -4,6 +4,7 @@
 //! Both return a [`LowRank`] `A ≈ U·diag(s)·Vᵀ` with the `rank` largest singular values in
 //! decreasing order.
 
+pub(crate) mod batch;
 mod exact;
 mod host;
 pub(crate) mod rsvd;

@@ -170,11 +170,33 @@ impl Quantizer {
                 Ok((Codes::Host(q), crate::transfers::upload(v, shape, &device)))
             }
             _ => {
-                let q = self.quantize_portable(w, shape, check)?;
-                let deq = self.dequantize_portable(&q);
+                let (q, deq) = self.quantize_dequantize_portable(w, check)?;
                 Ok((Codes::Device(Box::new(q)), deq))
             }
         }
+    }
+
+    /// Quantizes and dequantizes with tensor ops on any back end, the codes left on the
+    /// device; `check` as in [`Self::quantize_dequantize_checked`].
+    pub(crate) fn quantize_dequantize_portable(
+        &self,
+        w: &Tensor<2>,
+        check: bool,
+    ) -> Result<(Quantized, Tensor<2>), QuantError> {
+        let q = self.quantize_portable(w, w.dims(), check)?;
+        let deq = self.dequantize_portable(&q);
+        Ok((q, deq))
+    }
+
+    /// Whether `b` matrices of `shape` stacked as one `[b·rows, cols]` matrix get each
+    /// matrix's own blocks (whole blocks per matrix), with the portable kernel's tensor ops
+    /// (not llama.cpp's k-quants or IQ4_NL, which search scales on the host).
+    pub(crate) fn stacks(&self, shape: [usize; 2]) -> bool {
+        let host_search = matches!(self.config.scheme,
+            Scheme::Ggml { format } if format.is_k() || format == GgmlFormat::Iq4Nl);
+        self.block_len(shape)
+            .is_ok_and(|block| (shape[0] * shape[1]).is_multiple_of(block))
+            && !host_search
     }
 
     /// Quantizes a `[rows, cols]` matrix on its device (see [`Kernel::Auto`]).

@@ -1,0 +1,117 @@
+//! The randomized SVD of `b` matrices of one shape at once, as `[b, m, n]` tensors: every
+//! product is one batched op, and every small host problem (Cholesky-QR's `k×k` Gram
+//! matrices, the final `k×k` eigenproblem) is read and answered for the whole batch at once,
+//! so the number of reads does not grow with `b`. The final step reads `B·Bᵀ` (`k×k`), not
+//! `Bᵀ` (`n×k`) as [`rsvd`](super::rsvd::rsvd) does: the Gram matrix is formed in `f32` on the
+//! device, which costs the small singular values a little accuracy and no read of a tall
+//! matrix.
+
+use burn::tensor::{Device, Tensor};
+
+use super::host::Gaussian;
+use super::rsvd::{RsvdConfig, SmallSvd, gram_inverse_factor};
+use super::{LowRankError, check_rank};
+use crate::transfers::upload;
+
+/// `b` rank-`r` factorisations `U·diag(s)·Vᵀ`.
+pub(crate) struct BatchLowRank {
+    /// `[b, m, r]`.
+    pub u: Tensor<3>,
+    /// `b` lists of `r` decreasing singular values.
+    pub s: Vec<Vec<f32>>,
+    /// `[b, n, r]`.
+    pub v: Tensor<3>,
+}
+
+/// `aᵀ·b` per batch element, as `(bᵀ·a)ᵀ` so that the large `a` stays a contiguous operand.
+pub(crate) fn tmul(a: &Tensor<3>, b: &Tensor<3>) -> Tensor<3> {
+    b.clone().swap_dims(1, 2).matmul(a.clone()).swap_dims(1, 2)
+}
+
+/// `b` matrices `[rows, cols]` of row-major values, one after the other, as `[b, rows, cols]`.
+pub(crate) fn stacked(v: Vec<f32>, [b, rows, cols]: [usize; 3], device: &Device) -> Tensor<3> {
+    upload(v, [b, rows, cols], device)
+}
+
+/// The randomized SVD of each `a[i]` (`[b, m, n]`) with the sketch of seed `seeds[i]`: for
+/// each, the result of [`randomized_svd`](super::randomized_svd) up to rounding (the same
+/// Gaussian sketch and steps). Also returns the sketches' right bases `[b, n, k]`, the warm
+/// start of a next call.
+pub(crate) fn rsvd_batch(
+    a: &Tensor<3>,
+    rank: usize,
+    cfg: &RsvdConfig,
+    seeds: &[u64],
+    warm: Option<&Tensor<3>>,
+) -> Result<(BatchLowRank, Tensor<3>), LowRankError> {
+    let [b, m, n] = a.dims();
+    debug_assert_eq!(seeds.len(), b);
+    check_rank([m, n], rank)?;
+    let device = a.device();
+    let (extra, power_iters) = match warm {
+        Some(_) => (cfg.warm_oversample, cfg.warm_power_iters),
+        None => (cfg.oversample.unwrap_or(rank.max(16)), cfg.power_iters),
+    };
+    let k = (rank + extra).min(m.min(n));
+    let mut sources: Vec<Gaussian> = seeds.iter().map(|&s| Gaussian::new(s)).collect();
+    let mut gaussian = |cols: usize| {
+        let v = sources
+            .iter_mut()
+            .flat_map(|g| g.values(n * cols))
+            .collect();
+        stacked(v, [b, n, cols], &device)
+    };
+    let omega = match warm {
+        Some(w) if w.dims()[2] >= k => w.clone().slice([0..b, 0..n, 0..k]),
+        Some(w) => {
+            let j = w.dims()[2];
+            Tensor::cat(vec![w.clone(), gaussian(k - j)], 2)
+        }
+        None => gaussian(k),
+    };
+    let mut q = orthonormalize(a.clone().matmul(omega))?;
+    for _ in 0..power_iters {
+        let z = orthonormalize(tmul(a, &q))?;
+        q = orthonormalize(a.clone().matmul(z))?;
+    }
+    let bt = tmul(a, &q);
+    let grams = crate::quant::host_f32(&tmul(&bt, &bt));
+    let (mut s, mut ub_r, mut ub_inv) = (Vec::with_capacity(b), Vec::new(), Vec::new());
+    for g in grams.chunks_exact(k * k) {
+        let small = SmallSvd::of_gram(faer::Mat::from_fn(k, k, |i, j| f64::from(g[i * k + j])))?;
+        let scaled = &small.ub * &small.inv;
+        for i in 0..k {
+            ub_r.extend((0..rank).map(|j| small.ub[(i, j)] as f32));
+            ub_inv.extend((0..k).map(|j| scaled[(i, j)] as f32));
+        }
+        s.push(small.s[..rank].iter().map(|&x| x as f32).collect());
+    }
+    crate::upper::clear_upper_state();
+    let basis = bt.matmul(stacked(ub_inv, [b, k, k], &device));
+    let lr = BatchLowRank {
+        u: q.matmul(stacked(ub_r, [b, k, rank], &device)),
+        s,
+        v: basis.clone().slice([0..b, 0..n, 0..rank]),
+    };
+    Ok((lr, basis))
+}
+
+/// Orthonormal bases of the columns of each `y[i]` (`[b, rows, k]`) by Cholesky-QR, twice:
+/// one read of the `b` Gram matrices per pass.
+fn orthonormalize(mut y: Tensor<3>) -> Result<Tensor<3>, LowRankError> {
+    let [b, _, k] = y.dims();
+    for _ in 0..2 {
+        let grams = crate::quant::host_f32(&tmul(&y, &y));
+        let mut factors = Vec::with_capacity(b * k * k);
+        for g in grams.chunks_exact(k * k) {
+            match gram_inverse_factor(g, k)? {
+                Some(r_inv) => factors.extend(r_inv),
+                // A zero sketch: left as it is, as the single-matrix path does.
+                None => factors.extend((0..k * k).map(|i| f32::from(u8::from(i % (k + 1) == 0)))),
+            }
+        }
+        let factors = stacked(factors, [b, k, k], &y.device());
+        y = y.matmul(factors);
+    }
+    Ok(y)
+}
