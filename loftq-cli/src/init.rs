@@ -9,7 +9,8 @@ use loftq_core::calib::BaseQuantizer;
 use loftq_core::quant::{parse_bits, parse_quantizer};
 use loftq_models::init::plan::{parse_layer_bits, split_list};
 use loftq_models::init::{
-    Backbone, Budget, CalibInputs, Calibration, Event, InitMethod, InitSpec, run_init,
+    Backbone, Budget, CalibInputs, Calibration, DEFAULT_DEVICE_BATCH, Event, InitMethod, InitSpec,
+    run_init,
 };
 
 use crate::args::{LoraArgs, TargetArgs};
@@ -91,6 +92,13 @@ pub struct InitArgs {
     /// CPU threads (default: all).
     #[arg(long)]
     threads: Option<usize>,
+    /// LoftQ on a GPU: up to N targets of one shape and quantizer (a layer's q_proj and
+    /// o_proj, one projection across layers) run as one batched problem, so the device
+    /// waits on the host once per step for all of them instead of once each; N times one
+    /// matrix's memory, 64 MB of weights per group at most (1: one at a time). The CPU runs
+    /// one at a time whatever N.
+    #[arg(long, default_value_t = DEFAULT_DEVICE_BATCH, value_name = "N")]
+    device_batch: usize,
     /// Seed of the random sketches and of QLoRA's A.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -150,6 +158,9 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
     if a.iters == 0 {
         return Err(invalid("--iters must be at least 1"));
     }
+    if a.device_batch == 0 {
+        return Err(invalid("--device-batch must be at least 1"));
+    }
     let svd = a.svd.method(a.seed);
     Ok(InitSpec {
         model: a.model.clone(),
@@ -173,6 +184,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
             inputs: a.calibration_inputs,
         }),
         quantizer: a.quantizer,
+        device_batch: a.device_batch,
     })
 }
 

@@ -116,6 +116,29 @@ fn interrupted_runs_resume_to_identical_files() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// On a GPU, LoftQ runs targets of one shape as one batched problem (`device_batch`): the
+/// starts are those of one at a time up to rounding. On the CPU both run one at a time.
+#[test]
+fn device_batches_give_the_starts_of_one_at_a_time() {
+    let dir = scratch("init-batch");
+    let one = InitSpec {
+        device_batch: 1,
+        ..spec(fixture("tiny-llama"), dir.join("one"))
+    };
+    let batched = spec(fixture("tiny-llama"), dir.join("batched"));
+    let (want, got) = (run(&one, false).unwrap(), run(&batched, false).unwrap());
+    assert_eq!(got.tensors.len(), 14);
+    for (w, g) in want.tensors.iter().zip(&got.tensors) {
+        assert_eq!((&w.name, w.iters_used), (&g.name, g.iters_used));
+        let (wq, gq) = (w.rel_err_quant.unwrap(), g.rel_err_quant.unwrap());
+        assert!((wq - gq).abs() <= 1e-5, "{}: {wq} vs {gq}", w.name);
+        let (wi, gi) = (w.rel_err_init, g.rel_err_init);
+        assert!((wi - gi).abs() <= 0.01 * wi, "{}: {wi} vs {gi}", w.name);
+    }
+    load_pretrained(&batched.out, Some(&batched.out.join("adapter")), &device()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_input_leaves_nothing_behind() {
     let dir = scratch("init-bad");

@@ -8,6 +8,7 @@
 //! each written under a temporary name and renamed, then the work area is removed.
 
 mod assemble;
+mod batch;
 mod budget;
 mod calibrate;
 mod piece;
@@ -92,6 +93,18 @@ pub struct InitSpec {
     /// How bases are quantized: round to nearest, or GPTQ (needs `calibration`).
     #[serde(default, skip_serializing_if = "is_rtn")]
     pub quantizer: BaseQuantizer,
+    /// On a GPU, uncalibrated LoftQ runs up to this many targets of one shape as one batched
+    /// problem (1: one at a time; the CPU always runs one at a time). Not part of the job's
+    /// identity: a resumed run may change it.
+    #[serde(skip, default = "default_device_batch")]
+    pub device_batch: usize,
+}
+
+/// [`InitSpec::device_batch`]'s default.
+pub const DEFAULT_DEVICE_BATCH: usize = 16;
+
+fn default_device_batch() -> usize {
+    DEFAULT_DEVICE_BATCH
 }
 
 fn is_rtn(q: &BaseQuantizer) -> bool {
@@ -170,6 +183,7 @@ impl InitSpec {
             seed: 0,
             calibration: None,
             quantizer: BaseQuantizer::Rtn,
+            device_batch: DEFAULT_DEVICE_BATCH,
         }
     }
 

@@ -10,7 +10,7 @@ use loftq_core::calib::{
 };
 use loftq_core::init::{Base, LoraInit, init_lora, qlora_factors};
 use loftq_core::quant::{PackedTensor, host_f32};
-use loftq_core::{LoftqError, QuantConfig, Quantizer, loftq};
+use loftq_core::{LoftqError, LoftqResult, QuantConfig, Quantizer, loftq};
 
 use super::plan::{is_embedding_or_head, module_of_weight, quant_for};
 use super::{InitMethod, InitSpec, TensorReport};
@@ -236,12 +236,10 @@ pub fn compute(
     weighting: Option<&Weighting>,
 ) -> Result<Option<TensorReport>> {
     let name = &item.name;
-    let mut tensors = BTreeMap::new();
-    let mut meta = HashMap::new();
     let (host, shape, quant) = match (loaded, item.target) {
         (Loaded::Weight(h), Some((shape, quant))) => (h, shape, quant),
         (Loaded::Pass(t), _) => {
-            tensors.insert(name.clone(), t);
+            let tensors = BTreeMap::from([(name.clone(), t)]);
             write_safetensors(&piece_path(work, i), &tensors, None)?;
             return Ok(None);
         }
@@ -267,6 +265,23 @@ pub fn compute(
             None,
         ),
     };
+    write_start(item, i, work, start, weighted, t0.elapsed().as_secs_f64()).map(Some)
+}
+
+/// Writes the piece of target `i` from its computed start: the packed (or dense) base, the
+/// factors and the report, which it returns. `weighted`: the calibrated errors.
+pub(super) fn write_start(
+    item: &PlanItem,
+    i: usize,
+    work: &Path,
+    start: Start,
+    weighted: Option<(f32, f32)>,
+    seconds: f64,
+) -> Result<TensorReport> {
+    let name = &item.name;
+    let shape = start.base.dense().dims();
+    let mut tensors = BTreeMap::new();
+    let mut meta = HashMap::new();
     let Start {
         base,
         a,
@@ -304,24 +319,40 @@ pub fn compute(
         weighted_err_quant: weighted.map(|w| w.0),
         weighted_err_init: weighted.map(|w| w.1),
         iters_used,
-        seconds: t0.elapsed().as_secs_f64(),
+        seconds,
     };
     meta.insert(
         REPORT_KEY.to_string(),
         serde_json::to_string(&report).expect("report serializes"),
     );
     write_safetensors(&piece_path(work, i), &tensors, Some(meta))?;
-    Ok(Some(report))
+    Ok(report)
 }
 
 /// A computed start before it is written.
-struct Start {
+pub(super) struct Start {
     base: Base,
     a: Tensor<2>,
     b: Tensor<2>,
     rel_err_quant: Option<f32>,
     rel_err_init: f32,
     iters_used: usize,
+}
+
+impl From<LoftqResult> for Start {
+    fn from(r: LoftqResult) -> Self {
+        Start {
+            rel_err_init: r.rel_err(),
+            iters_used: r.history.len(),
+            rel_err_quant: Some(r.rel_err_quant),
+            base: Base::Quantized {
+                packed: r.packed,
+                dequantized: r.q,
+            },
+            a: r.lora_a,
+            b: r.lora_b,
+        }
+    }
 }
 
 /// The uncalibrated starts.
@@ -332,20 +363,7 @@ fn plain_start(
     qpissa_quant_err: Option<f32>,
 ) -> std::result::Result<Start, LoftqError> {
     Ok(match method {
-        LoraInit::Loftq(cfg) => {
-            let r = loftq(w, cfg)?;
-            Start {
-                rel_err_init: r.rel_err(),
-                iters_used: r.history.len(),
-                rel_err_quant: Some(r.rel_err_quant),
-                base: Base::Quantized {
-                    packed: r.packed,
-                    dequantized: r.q,
-                },
-                a: r.lora_a,
-                b: r.lora_b,
-            }
-        }
+        LoraInit::Loftq(cfg) => loftq(w, cfg)?.into(),
         m => {
             let st = init_lora(w, m, spec.lora.rank, spec.lora.scale())?;
             let rel_err_quant = match spec.method {
@@ -387,21 +405,7 @@ fn calibrated_start(
                 },
             )?;
             let weighted = (r.weighted_err_quant, r.weighted_err());
-            let s = r.start;
-            Ok((
-                Start {
-                    rel_err_init: s.rel_err(),
-                    iters_used: s.history.len(),
-                    rel_err_quant: Some(s.rel_err_quant),
-                    base: Base::Quantized {
-                        packed: s.packed,
-                        dequantized: s.q,
-                    },
-                    a: s.lora_a,
-                    b: s.lora_b,
-                },
-                Some(weighted),
-            ))
+            Ok((r.start.into(), Some(weighted)))
         }
         (LoraInit::Zeros { .. }, BaseQuantizer::Gptq(g)) => {
             let rtn = Quantizer::new(quant)?.quantize_dequantize(w)?.1;

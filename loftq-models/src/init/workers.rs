@@ -8,16 +8,18 @@ use std::sync::{Arc, Mutex};
 
 use burn::tensor::Device;
 
+use super::batch;
 use super::piece::{self, Loaded, Plan};
 use super::{InitSpec, TensorReport};
 use crate::Result;
 use crate::io::TensorSource;
 
-/// Computes the tensors `todo` of `plan`, each on whichever device is free next, and calls
-/// `on_done` for every targeted tensor finished (pass-through tensors are written silently).
+/// Computes the tensors `todo` of `plan`, each group (see [`batch::groups`]) on whichever
+/// device is free next, and calls `on_done` for every targeted tensor finished (pass-through
+/// tensors are written silently).
 ///
-/// The reader stays one tensor ahead of each device, so reading overlaps computing and at
-/// most two tensors per device are in memory. After the first error no new tensor starts;
+/// The reader stays one group ahead of each device, so reading overlaps computing and at
+/// most two groups per device are in memory. After the first error no new tensor starts;
 /// the tensors being computed finish, and the error is returned.
 pub(super) fn run(
     spec: &InitSpec,
@@ -30,16 +32,17 @@ pub(super) fn run(
 ) -> Result<()> {
     let stop = AtomicBool::new(false);
     let stop = &stop;
+    let groups = batch::groups(spec, plan, todo, devices);
     std::thread::scope(|scope| {
-        let (to_workers, from_reader) = sync_channel::<(usize, Result<Loaded>)>(devices.len());
+        let (to_workers, from_reader) = sync_channel::<Vec<(usize, Result<Loaded>)>>(devices.len());
         let (to_caller, finished) = channel();
         scope.spawn(move || {
-            for &i in todo {
-                if stop.load(Ordering::Relaxed)
-                    || to_workers
-                        .send((i, piece::load(source, &plan.items[i])))
-                        .is_err()
-                {
+            for group in groups {
+                let loaded = group
+                    .into_iter()
+                    .map(|i| (i, piece::load(source, &plan.items[i])))
+                    .collect();
+                if stop.load(Ordering::Relaxed) || to_workers.send(loaded).is_err() {
                     return;
                 }
             }
@@ -55,16 +58,15 @@ pub(super) fn run(
                         .lock()
                         .expect("no worker panics holding it")
                         .recv();
-                    let Ok((i, loaded)) = next else { return };
+                    let Ok(group) = next else { return };
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let result = loaded.and_then(|l| {
-                        piece::compute(spec, &plan.items[i], l, i, work, device, None)
-                    });
-                    log(&plan.items[i].name, worker, &result);
-                    if to_caller.send((i, result)).is_err() {
-                        return;
+                    for (i, result) in batch::compute(spec, plan, group, work, device) {
+                        log(&plan.items[i].name, worker, &result);
+                        if to_caller.send((i, result)).is_err() {
+                            return;
+                        }
                     }
                 }
             });

@@ -1,0 +1,180 @@
+//! LoftQ on a GPU, several targets of one shape at a time: the plan's targets are grouped,
+//! and a worker computes a group as one device problem ([`loftq_batch`]) and writes one
+//! piece per tensor. A whole model is hundreds of small matrices; one at a time, a GPU waits
+//! on the host at every step.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use loftq_core::init::LoraInit;
+use loftq_core::loftq_batch;
+use loftq_core::quant::is_host_device;
+
+use super::piece::{self, Loaded, Plan, Start, write_start};
+use super::{InitMethod, InitSpec, TensorReport};
+use crate::nn::tensor_seed;
+use crate::{ModelError, Result};
+
+/// The most values a group holds, all its matrices together: 64 MB of `f32` per copy (the
+/// alternation keeps about eight copies on the device). A larger matrix is a group alone.
+const GROUP_VALUES: usize = 1 << 24;
+
+/// The tensors of `todo` in the groups to compute together. When LoftQ runs on a device whose
+/// memory is not the host's: targets of one shape and quantizer, in plan order, up to
+/// `spec.device_batch` of them and [`GROUP_VALUES`] values. Otherwise one tensor per group.
+pub(super) fn groups(
+    spec: &InitSpec,
+    plan: &Plan,
+    todo: &[usize],
+    devices: &[Device],
+) -> Vec<Vec<usize>> {
+    let batching = spec.method == InitMethod::Loftq
+        && spec.device_batch > 1
+        && devices.iter().any(|d| !is_host_device(d));
+    if !batching {
+        return todo.iter().map(|&i| vec![i]).collect();
+    }
+    by_shape(plan, todo, spec.device_batch, GROUP_VALUES)
+}
+
+/// The targets of `todo` in groups of one shape and quantizer, in plan order, each of at most
+/// `count` tensors and `values` values (or one tensor); other tensors alone.
+fn by_shape(plan: &Plan, todo: &[usize], count: usize, values: usize) -> Vec<Vec<usize>> {
+    let mut closed = Vec::new();
+    let mut open: Vec<(_, Vec<usize>)> = Vec::new();
+    for &i in todo {
+        let Some(key @ ([rows, cols], _)) = plan.items[i].target else {
+            closed.push(vec![i]);
+            continue;
+        };
+        let at = match open.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                open.push((key, Vec::new()));
+                open.len() - 1
+            }
+        };
+        let group = &mut open[at].1;
+        group.push(i);
+        if group.len() >= count || (group.len() + 1) * rows * cols > values {
+            closed.push(open.remove(at).1);
+        }
+    }
+    closed.extend(open.into_iter().map(|(_, group)| group));
+    closed
+}
+
+/// Computes a group read by [`piece::load`] and writes its pieces; one result per tensor, in
+/// the group's order. Several LoftQ targets run as one [`loftq_batch`]; a group of one, or
+/// one with a tensor that could not be read, runs tensor by tensor.
+pub(super) fn compute(
+    spec: &InitSpec,
+    plan: &Plan,
+    group: Vec<(usize, Result<Loaded>)>,
+    work: &Path,
+    device: &Device,
+) -> Vec<(usize, Result<Option<TensorReport>>)> {
+    let weights = group.len() > 1
+        && group
+            .iter()
+            .all(|(_, l)| matches!(l, Ok(Loaded::Weight(_))));
+    if !weights {
+        return group
+            .into_iter()
+            .map(|(i, loaded)| {
+                let item = &plan.items[i];
+                let r = loaded.and_then(|l| piece::compute(spec, item, l, i, work, device, None));
+                (i, r)
+            })
+            .collect();
+    }
+    let t0 = Instant::now();
+    let (mut ws, mut cfgs, mut order) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, loaded) in group {
+        let (Ok(Loaded::Weight(host)), Some((shape, quant))) = (loaded, plan.items[i].target)
+        else {
+            unreachable!("checked above: targeted weights")
+        };
+        let LoraInit::Loftq(cfg) =
+            spec.method_for(quant, tensor_seed(spec.seed, &plan.items[i].name))
+        else {
+            unreachable!("groups() batches LoftQ only")
+        };
+        ws.push(Tensor::from_data(TensorData::new(host.data, shape), device));
+        cfgs.push(cfg);
+        order.push(i);
+    }
+    let results = loftq_batch(&ws, &cfgs);
+    drop(ws);
+    let seconds = t0.elapsed().as_secs_f64() / order.len() as f64;
+    order
+        .into_iter()
+        .zip(results)
+        .map(|(i, r)| {
+            let item = &plan.items[i];
+            let written = r
+                .map_err(|source| ModelError::Loftq {
+                    name: item.name.clone(),
+                    source,
+                })
+                .and_then(|r| write_start(item, i, work, Start::from(r), None, seconds));
+            (i, written.map(Some))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use loftq_core::QuantConfig;
+
+    use super::*;
+    use crate::init::piece::PlanItem;
+
+    #[test]
+    fn targets_group_by_shape_and_quantizer() {
+        let item = |shape: Option<[usize; 2]>, bits| PlanItem {
+            name: String::new(),
+            target: shape.map(|s| (s, QuantConfig::nf(bits))),
+        };
+        let plan = Plan {
+            items: vec![
+                item(Some([8, 8]), 2),   // 0
+                item(Some([4, 8]), 2),   // 1
+                item(None, 2),           // 2: passed through
+                item(Some([8, 8]), 2),   // 3
+                item(Some([8, 8]), 4),   // 4: another quantizer
+                item(Some([8, 8]), 2),   // 5
+                item(Some([4, 8]), 2),   // 6
+                item(Some([64, 64]), 2), // 7: too large to share
+                item(Some([64, 64]), 2), // 8
+            ],
+        };
+        let todo: Vec<usize> = (0..9).collect();
+        assert_eq!(
+            by_shape(&plan, &todo, 2, 1000),
+            vec![
+                vec![2],
+                vec![0, 3],
+                vec![1, 6],
+                vec![7],
+                vec![8],
+                vec![4],
+                vec![5]
+            ]
+        );
+        assert_eq!(
+            by_shape(&plan, &todo, 8, 1000),
+            vec![
+                vec![2],
+                vec![7],
+                vec![8],
+                vec![0, 3, 5],
+                vec![1, 6],
+                vec![4]
+            ]
+        );
+        // Done tensors are not in `todo`; one per group when batching is off.
+        assert_eq!(by_shape(&plan, &[3, 5], 1, 1000), vec![vec![3], vec![5]]);
+    }
+}
