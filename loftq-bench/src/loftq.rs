@@ -3,7 +3,7 @@
 use burn::tensor::{Tensor, TensorData};
 use loftq_core::lowrank::{Gaussian, RsvdConfig, SvdMethod};
 use loftq_core::transfers::{Transfers, transfers};
-use loftq_core::{DeviceSpec, LoftqConfig, QuantConfig, loftq};
+use loftq_core::{DeviceSpec, LoftqConfig, LoftqResult, QuantConfig, loftq, loftq_batch};
 use serde::Serialize;
 
 use crate::stats::{self, Memory, Timing};
@@ -25,6 +25,9 @@ pub struct LoftqArgs {
     pub repeats: usize,
     /// The randomized SVD's parameters.
     pub rsvd: RsvdConfig,
+    /// Above 1: also run this many matrices of each shape as one `loftq_batch` against as
+    /// many `loftq` calls, in the same run.
+    pub batch: usize,
 }
 
 /// One measured case.
@@ -38,7 +41,8 @@ pub struct LoftqCase {
     pub rank: usize,
     /// Iterations.
     pub iters: usize,
-    /// `exact` or `randomized`.
+    /// `exact`, `randomized`, or for `--batch B` `batch of B` and `B one at a time`
+    /// (randomized; times and errors per matrix, transfers of all B).
     pub svd: String,
     /// Wall time of `loftq()`: median of the repeats (randomized) or one run (exact).
     pub seconds: f64,
@@ -99,6 +103,9 @@ pub fn run(args: &LoftqArgs, spec: DeviceSpec) -> Vec<LoftqCase> {
                             moved.reads,
                             moved.read_values
                         );
+                        if name == "randomized" && args.batch > 1 {
+                            cases.extend(batch_cases(&w, &cfg, args));
+                        }
                         cases.push(LoftqCase {
                             shape,
                             quantizer: cfg.quant.label(),
@@ -118,6 +125,89 @@ pub fn run(args: &LoftqArgs, spec: DeviceSpec) -> Vec<LoftqCase> {
         }
     }
     cases
+}
+
+/// `args.batch` matrices like `w` (other seeds) as one [`loftq_batch`] and one at a time: time
+/// per matrix, the mean error, and the reads of all of them.
+fn batch_cases(w: &Tensor<2>, cfg: &LoftqConfig, args: &LoftqArgs) -> Vec<LoftqCase> {
+    let shape: [usize; 2] = w.dims();
+    let b = args.batch;
+    let ws: Vec<Tensor<2>> = (0..b)
+        .map(|i| {
+            let mut g = Gaussian::new(1000 + i as u64);
+            let v = g
+                .values(shape[0] * shape[1])
+                .iter()
+                .map(|x| x * 0.02)
+                .collect();
+            Tensor::from_data(TensorData::new(v, shape), &w.device())
+        })
+        .collect();
+    let cfgs: Vec<LoftqConfig> = (0..b)
+        .map(|i| LoftqConfig {
+            svd: cfg.svd.with_seed(i as u64),
+            ..cfg.clone()
+        })
+        .collect();
+    let runs: [(String, &dyn Fn() -> Vec<LoftqResult>); 2] = [
+        (format!("batch of {b}"), &|| {
+            loftq_batch(&ws, &cfgs)
+                .into_iter()
+                .map(|r| r.expect("loftq"))
+                .collect()
+        }),
+        (format!("{b} one at a time"), &|| {
+            ws.iter()
+                .zip(&cfgs)
+                .map(|(w, c)| loftq(w, c).expect("loftq"))
+                .collect()
+        }),
+    ];
+    runs.into_iter()
+        .map(|(name, run)| {
+            let (mut results, mut moved) = (Vec::new(), Transfers::default());
+            let (timing, memory) = stats::measure(args.repeats, || {
+                let before = transfers();
+                results = run();
+                let _ = results.last().map(|r| r.lora_a.to_data());
+                moved = transfers() - before;
+            });
+            let mean = |f: fn(&LoftqResult) -> f32| {
+                results.iter().map(f).sum::<f32>() / results.len() as f32
+            };
+            let per = |t: f64| t / b as f64;
+            eprintln!(
+                "{}x{} {} r{} T{} {name}: {:.3} s per matrix, err {:.4}, {} reads ({} values)",
+                shape[0],
+                shape[1],
+                cfg.quant.label(),
+                cfg.lora.rank,
+                cfg.iters,
+                per(timing.median_s),
+                mean(LoftqResult::rel_err),
+                moved.reads,
+                moved.read_values
+            );
+            LoftqCase {
+                shape,
+                quantizer: cfg.quant.label(),
+                rank: cfg.lora.rank,
+                iters: cfg.iters,
+                svd: name,
+                seconds: per(timing.median_s),
+                timing: Timing {
+                    median_s: per(timing.median_s),
+                    min_s: per(timing.min_s),
+                    max_s: per(timing.max_s),
+                    ..timing
+                },
+                memory,
+                rel_err: mean(LoftqResult::rel_err),
+                rel_err_quant: mean(|r| r.rel_err_quant),
+                transfers: moved,
+            }
+        })
+        .collect()
 }
 
 /// Markdown table with the randomized/exact ratios where both ran.
@@ -156,6 +246,43 @@ pub fn markdown(cases: &[LoftqCase]) -> String {
             c.rel_err,
             c.transfers.reads,
             c.transfers.read_values
+        ));
+    }
+    let batched: Vec<&LoftqCase> = cases
+        .iter()
+        .filter(|c| c.svd.starts_with("batch of"))
+        .collect();
+    if !batched.is_empty() {
+        s.push_str(
+            "\n| shape | quantizer | r | T | matrices | batched: s per matrix, error, reads | one at a time: s per matrix, error, reads | speed-up |\n\
+             |---|---|---|---|---|---|---|---|\n",
+        );
+    }
+    for c in batched {
+        let b = c.svd.trim_start_matches("batch of ");
+        let Some(one) = cases.iter().find(|o| {
+            o.svd == format!("{b} one at a time")
+                && o.shape == c.shape
+                && o.quantizer == c.quantizer
+                && o.rank == c.rank
+                && o.iters == c.iters
+        }) else {
+            continue;
+        };
+        s.push_str(&format!(
+            "| {}×{} | {} | {} | {} | {b} | {:.4} s, {:.4}, {} | {:.4} s, {:.4}, {} | {:.1}× |\n",
+            c.shape[0],
+            c.shape[1],
+            c.quantizer,
+            c.rank,
+            c.iters,
+            c.seconds,
+            c.rel_err,
+            c.transfers.reads,
+            one.seconds,
+            one.rel_err,
+            one.transfers.reads,
+            one.seconds / c.seconds
         ));
     }
     s

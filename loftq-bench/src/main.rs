@@ -74,6 +74,10 @@ enum Task {
         /// Timed repeats of each randomized case, after one warm-up.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Also run B matrices of each shape as one batched problem (`loftq_batch`, what
+        /// `loftq init --device-batch` does on a GPU) against B calls one at a time.
+        #[arg(long, default_value_t = 1, value_name = "B")]
+        batch: usize,
         #[command(flatten)]
         rsvd: RsvdConfig,
         /// Device: cpu, wgpu[:N], cuda[:N].
@@ -259,6 +263,7 @@ fn run(suite: Task) -> Result<(), String> {
             iters,
             no_exact,
             repeats,
+            batch,
             rsvd,
             device,
             json,
@@ -272,6 +277,7 @@ fn run(suite: Task) -> Result<(), String> {
                 exact: !no_exact,
                 repeats,
                 rsvd,
+                batch,
             };
             let cases = loftq::run(&args, device);
             println!("{}", loftq::markdown(&cases));

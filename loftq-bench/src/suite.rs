@@ -212,6 +212,8 @@ fn loftq_cases(profile: Profile, reps: usize, spec: DeviceSpec) -> Vec<Case> {
             exact: shape[0] * shape[1] <= exact_max,
             repeats: reps,
             rsvd: RsvdConfig::default(),
+            // The smallest shape also as 8 matrices in one batch (what init does on a GPU).
+            batch: if shape == [768, 768] { 8 } else { 1 },
         };
         for c in loftq::run(&args, spec) {
             let name = format!(
