@@ -3,6 +3,7 @@
 //! piece per tensor. A whole model is hundreds of small matrices; one at a time, a GPU waits
 //! on the host at every step.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Instant;
 
@@ -20,30 +21,30 @@ use crate::{ModelError, Result};
 /// alternation keeps about eight copies on the device). A larger matrix is a group alone.
 const GROUP_VALUES: usize = 1 << 24;
 
-/// The tensors of `todo` in the groups to compute together. When LoftQ runs on a device whose
+/// `tensors` in the groups to compute together. When LoftQ runs on a device whose
 /// memory is not the host's: targets of one shape and quantizer, in plan order, up to
 /// `spec.device_batch` of them and [`GROUP_VALUES`] values. Otherwise one tensor per group.
 pub(super) fn groups(
     spec: &InitSpec,
     plan: &Plan,
-    todo: &[usize],
+    tensors: &[usize],
     devices: &[Device],
 ) -> Vec<Vec<usize>> {
     let batching = spec.method == InitMethod::Loftq
         && spec.device_batch > 1
         && devices.iter().any(|d| !is_host_device(d));
     if !batching {
-        return todo.iter().map(|&i| vec![i]).collect();
+        return tensors.iter().map(|&i| vec![i]).collect();
     }
-    by_shape(plan, todo, spec.device_batch, GROUP_VALUES)
+    by_shape(plan, tensors, spec.device_batch, GROUP_VALUES)
 }
 
-/// The targets of `todo` in groups of one shape and quantizer, in plan order, each of at most
+/// The targets of `tensors` in groups of one shape and quantizer, in plan order, each of at most
 /// `count` tensors and `values` values (or one tensor); other tensors alone.
-fn by_shape(plan: &Plan, todo: &[usize], count: usize, values: usize) -> Vec<Vec<usize>> {
+fn by_shape(plan: &Plan, tensors: &[usize], count: usize, values: usize) -> Vec<Vec<usize>> {
     let mut closed = Vec::new();
     let mut open: Vec<(_, Vec<usize>)> = Vec::new();
-    for &i in todo {
+    for &i in tensors {
         let Some(key @ ([rows, cols], _)) = plan.items[i].target else {
             closed.push(vec![i]);
             continue;
@@ -65,13 +66,15 @@ fn by_shape(plan: &Plan, todo: &[usize], count: usize, values: usize) -> Vec<Vec
     closed
 }
 
-/// Computes a group read by [`piece::load`] and writes its pieces; one result per tensor, in
-/// the group's order. Several LoftQ targets run as one [`loftq_batch`]; a group of one, or
-/// one with a tensor that could not be read, runs tensor by tensor.
+/// Computes a group read by [`piece::load`] and writes the pieces of the tensors not `done`;
+/// one result per written tensor, in the group's order. Several LoftQ targets run as one
+/// [`loftq_batch`]; a group of one, or one with a tensor that could not be read, runs tensor
+/// by tensor.
 pub(super) fn compute(
     spec: &InitSpec,
     plan: &Plan,
     group: Vec<(usize, Result<Loaded>)>,
+    done: &HashSet<usize>,
     work: &Path,
     device: &Device,
 ) -> Vec<(usize, Result<Option<TensorReport>>)> {
@@ -82,6 +85,7 @@ pub(super) fn compute(
     if !weights {
         return group
             .into_iter()
+            .filter(|(i, _)| !done.contains(i))
             .map(|(i, loaded)| {
                 let item = &plan.items[i];
                 let r = loaded.and_then(|l| piece::compute(spec, item, l, i, work, device, None));
@@ -111,6 +115,7 @@ pub(super) fn compute(
     order
         .into_iter()
         .zip(results)
+        .filter(|(i, _)| !done.contains(i))
         .map(|(i, r)| {
             let item = &plan.items[i];
             let written = r
@@ -174,7 +179,6 @@ mod tests {
                 vec![4]
             ]
         );
-        // Done tensors are not in `todo`; one per group when batching is off.
         assert_eq!(by_shape(&plan, &[3, 5], 1, 1000), vec![vec![3], vec![5]]);
     }
 }

@@ -374,13 +374,13 @@ pub fn run_init(
             )?,
             None => Default::default(),
         };
-        let todo: Vec<usize> = (0..plan.items.len())
-            .filter(|i| !done.contains(i) && !calibrated.contains(i))
+        let uncalibrated: Vec<usize> = (0..plan.items.len())
+            .filter(|i| !calibrated.contains(i))
             .collect();
         workers::run(
             spec,
             &plan,
-            &todo,
+            (&uncalibrated, &done),
             source.as_ref(),
             &work,
             devices,

@@ -1,6 +1,7 @@
 //! Tensors spread over devices: one reader thread, one worker thread per device, and the
 //! results handed back to the caller's thread in the order they finish.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel};
@@ -14,8 +15,8 @@ use super::{InitSpec, TensorReport};
 use crate::Result;
 use crate::io::TensorSource;
 
-/// Computes the tensors `todo` of `plan`, each group (see [`batch::groups`]) on whichever
-/// device is free next, and calls `on_done` for every targeted tensor finished (pass-through
+/// Computes `tensors` of `plan` but those `done`, each group (see [`batch::groups`]) on
+/// whichever device is free next, and calls `on_done` for every targeted tensor finished (pass-through
 /// tensors are written silently).
 ///
 /// The reader stays one group ahead of each device, so reading overlaps computing and at
@@ -24,7 +25,7 @@ use crate::io::TensorSource;
 pub(super) fn run(
     spec: &InitSpec,
     plan: &Plan,
-    todo: &[usize],
+    (tensors, done): (&[usize], &HashSet<usize>),
     source: &dyn TensorSource,
     work: &Path,
     devices: &[Device],
@@ -32,7 +33,13 @@ pub(super) fn run(
 ) -> Result<()> {
     let stop = AtomicBool::new(false);
     let stop = &stop;
-    let groups = batch::groups(spec, plan, todo, devices);
+    let groups = batch::groups(spec, plan, tensors, devices);
+    // A group is computed whole, its done members included, so that every tensor is computed
+    // in the same company as in an uninterrupted run: a resumed run's files are identical.
+    let groups: Vec<Vec<usize>> = groups
+        .into_iter()
+        .filter(|g| g.iter().any(|i| !done.contains(i)))
+        .collect();
     std::thread::scope(|scope| {
         let (to_workers, from_reader) = sync_channel::<Vec<(usize, Result<Loaded>)>>(devices.len());
         let (to_caller, finished) = channel();
@@ -62,7 +69,7 @@ pub(super) fn run(
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    for (i, result) in batch::compute(spec, plan, group, work, device) {
+                    for (i, result) in batch::compute(spec, plan, group, done, work, device) {
                         log(&plan.items[i].name, worker, &result);
                         if to_caller.send((i, result)).is_err() {
                             return;
