@@ -67,9 +67,9 @@ fn by_shape(plan: &Plan, tensors: &[usize], count: usize, values: usize) -> Vec<
 }
 
 /// Computes a group read by [`piece::load`] and writes the pieces of the tensors not `done`;
-/// one result per written tensor, in the group's order. Several LoftQ targets run as one
-/// [`loftq_batch`]; a group of one, or one with a tensor that could not be read, runs tensor
-/// by tensor.
+/// one result per written tensor, in the group's order. LoftQ targets run as one
+/// [`loftq_batch`] (on a GPU a single one too: its path reads less); other methods, or a
+/// group with a tensor that could not be read, run tensor by tensor.
 pub(super) fn compute(
     spec: &InitSpec,
     plan: &Plan,
@@ -78,7 +78,7 @@ pub(super) fn compute(
     work: &Path,
     device: &Device,
 ) -> Vec<(usize, Result<Option<TensorReport>>)> {
-    let weights = group.len() > 1
+    let weights = spec.method == InitMethod::Loftq
         && group
             .iter()
             .all(|(_, l)| matches!(l, Ok(Loaded::Weight(_))));
@@ -103,7 +103,7 @@ pub(super) fn compute(
         let LoraInit::Loftq(cfg) =
             spec.method_for(quant, tensor_seed(spec.seed, &plan.items[i].name))
         else {
-            unreachable!("groups() batches LoftQ only")
+            unreachable!("checked above: LoftQ")
         };
         ws.push(Tensor::from_data(TensorData::new(host.data, shape), device));
         cfgs.push(cfg);
