@@ -34,7 +34,7 @@ pub use config::{History, StepRecord, TrainConfig, TrainEvent};
 pub use data::{Batch, Sampling, TokenStream};
 pub use distill::{DistillLoss, Objective, TeacherOutputs, teacher_outputs};
 pub use job::TrainJob;
-pub use optim::{AdamW, AdamWConfig, Decay, Schedule};
+pub use optim::{AdamW, AdamWConfig, Decay, Schedule, grad_norm};
 pub use run::{distill_on, train, train_on};
 pub use step::{Recompute, StepGrads, distill_loss_and_grads, loss_and_grads};
 pub use validate::{EvalRecord, Validation};

@@ -143,7 +143,7 @@ pub fn grad_norm(grads: &[Tensor<2>]) -> f64 {
         return 0.0;
     }
     let squares: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
-    let total: f32 = Tensor::cat(squares, 0).sum().into_scalar();
+    let total = loftq_core::quant::host_f32(&Tensor::cat(squares, 0).sum())[0];
     f64::from(total).sqrt()
 }
 

@@ -11,6 +11,7 @@
 use burn::module::Param;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
+use loftq_core::quant::host_f32;
 
 use super::data::Batch;
 use super::distill::{TeacherOutputs, distill_loss};
@@ -111,7 +112,7 @@ fn loss_and_grads_against(
     // Norm, head and loss on the autodiff device.
     let last = inputs.pop().expect("pushed").autodiff().require_grad();
     let (mut head, loss) = head_loss(model, last.clone(), target);
-    let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+    let loss_value = loss.clone().inner();
     let grads = loss.backward();
     let mut upstream = last.grad(&grads).expect("the input of the head is tracked");
     let head_grads = head.as_mut().map(|h| lora_grads(h, &grads, &device));
@@ -147,10 +148,16 @@ fn loss_and_grads_against(
     let mut all: Vec<Tensor<2>> = per_layer.into_iter().rev().flatten().collect();
     all.extend(head_grads.into_iter().flatten());
     StepGrads {
-        loss: loss_value,
+        loss: read_loss(loss_value),
         tokens,
         grads: all,
     }
+}
+
+/// The loss on the host: read once every backward kernel is issued, so that the device is not
+/// drained between the forward and the backward pass (the step's one read).
+fn read_loss(loss: Tensor<1>) -> f64 {
+    f64::from(host_f32(&loss)[0])
 }
 
 /// The whole model on the autodiff device, one backward pass.
@@ -173,7 +180,7 @@ fn whole_graph(
         layers.push(layer);
     }
     let (head, loss) = head_loss(model, h, target);
-    let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+    let loss_value = loss.clone().inner();
     let grads = loss.backward();
     let mut all: Vec<Tensor<2>> = layers
         .iter()
@@ -184,7 +191,7 @@ fn whole_graph(
         all.extend(lora_grads(h, &grads, &device));
     }
     StepGrads {
-        loss: loss_value,
+        loss: read_loss(loss_value),
         tokens,
         grads: all,
     }

@@ -116,6 +116,28 @@ fn phi2_gradients_match_plain_autodiff() {
     }
 }
 
+/// A training step's reads from the device: one (the loss, read once the backward pass is
+/// issued, so the device is not drained between the two passes) whatever the depth, and one
+/// more for the gradients' global norm.
+#[test]
+fn a_training_step_reads_the_device_twice_whatever_the_depth() {
+    use loftq_core::transfers::transfers;
+    use loftq_models::train::grad_norm;
+    let model = tiny_loftq();
+    let mut shallow = model.clone();
+    shallow.layers.truncate(1);
+    for mode in [Recompute::Layers, Recompute::None] {
+        for m in [&model, &shallow] {
+            let before = transfers();
+            let step = loss_and_grads(m, &batch(2), mode);
+            let norm = grad_norm(&step.grads);
+            let reads = (transfers() - before).reads;
+            assert!(step.loss.is_finite() && norm > 0.0);
+            assert_eq!(reads, 2, "{mode:?}, {} layers", m.layers.len());
+        }
+    }
+}
+
 fn check_grads(model: &Llama, batch: &Batch, mode: Recompute, loss: f64, want: &[Vec<f32>]) {
     let got = loss_and_grads(model, batch, mode);
     assert!(
