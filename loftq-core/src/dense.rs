@@ -13,6 +13,9 @@ pub(crate) trait Dense {
     /// A `[rows, cols]` matrix.
     type M: Clone;
 
+    /// Whether reading a matrix waits on a device: then the algorithms read small Gram
+    /// matrices instead of tall products (the randomized SVD's last step).
+    fn reads_wait(&self) -> bool;
     /// `[rows, cols]`.
     fn dims(&self, m: &Self::M) -> [usize; 2];
     /// `a·b`.
@@ -88,6 +91,10 @@ pub(crate) struct DeviceOps(pub Device);
 
 impl Dense for DeviceOps {
     type M = Tensor<2>;
+
+    fn reads_wait(&self) -> bool {
+        true
+    }
 
     fn dims(&self, m: &Tensor<2>) -> [usize; 2] {
         m.dims()

@@ -158,8 +158,9 @@ fn lora_start_methods() {
 
 /// The host–device traffic of LoftQ on the test's device: every warm iteration (2..T) costs
 /// the same number of reads, the same whatever the matrix's size, and few of them (on the
-/// CPU's host path none; on a device the sketch's two Gram matrices, the projection and the
-/// error's norm: the quantizer's finiteness check only runs on `W` itself).
+/// CPU's host path none; on a device the sketch's two Gram matrices, the projection's Gram
+/// matrix and the error's row sums: the quantizer's finiteness check only runs on `W`
+/// itself). None of them is tall: at most three `k × k` matrices and `m` row sums.
 #[test]
 fn loftq_reads_a_constant_number_of_times_per_iteration() {
     use loftq_core::transfers::transfers;
@@ -175,7 +176,14 @@ fn loftq_reads_a_constant_number_of_times_per_iteration() {
     };
     let mut per_warm = Vec::new();
     for shape in [[64, 96], [192, 256]] {
-        let [t2, t3, t4] = [2, 3, 4].map(|t| reads(shape, t).reads);
+        let [t2, t3, t4] = [2, 3, 4].map(|t| reads(shape, t));
+        let k = 8 + 16;
+        let values = t4.read_values - t3.read_values;
+        assert!(
+            values <= (3 * k * k + shape[0]) as u64,
+            "{shape:?}: {values} values read per warm iteration"
+        );
+        let [t2, t3, t4] = [t2.reads, t3.reads, t4.reads];
         assert_eq!(t4 - t3, t3 - t2, "{shape:?}: {t2}, {t3}, {t4} reads");
         per_warm.push(t4 - t3);
         // The first (cold) iteration and the result's copy cost a bounded number more.

@@ -1,10 +1,8 @@
 //! The randomized SVD of `b` matrices of one shape at once, as `[b, m, n]` tensors: every
 //! product is one batched op, and every small host problem (Cholesky-QR's `k×k` Gram
 //! matrices, the final `k×k` eigenproblem) is read and answered for the whole batch at once,
-//! so the number of reads does not grow with `b`. The final step reads `B·Bᵀ` (`k×k`), not
-//! `Bᵀ` (`n×k`) as [`rsvd`](super::rsvd::rsvd) does: the Gram matrix is formed in `f32` on the
-//! device, which costs the small singular values a little accuracy and no read of a tall
-//! matrix.
+//! so the number of reads does not grow with `b`. As [`rsvd`](super::rsvd::rsvd) on a device,
+//! the final step reads `B·Bᵀ` (`k×k`, formed in `f32` on the device), not `Bᵀ` (`n×k`).
 
 use burn::tensor::{Device, Tensor};
 

@@ -83,7 +83,8 @@ fn sixteen() -> usize {
 /// Halko, Martinsson & Tropp (2011), algorithm 4.4: `Q = orth(A·Ω)` for a Gaussian
 /// `Ω: [n, k]` (its first columns replaced by `warm` when given), then `power_iters` times
 /// (`warm_power_iters` with a warm start) `Q = orth(A·orth(Aᵀ·Q))`; finally the SVD of
-/// `B = Qᵀ·A` (`k×n`) from the eigendecomposition of `B·Bᵀ` on the host. The products
+/// `B = Qᵀ·A` (`k×n`) from the eigendecomposition of `B·Bᵀ` on the host (off the CPU,
+/// `B·Bᵀ` is formed on the device and only it is read, not the tall `Bᵀ`). The products
 /// with `A` run on `a`'s device; orthonormalisation is Cholesky-QR done twice (the Gram matrix
 /// `k×k` goes to the host, its inverse factor comes back), with a diagonal shift if the Gram
 /// matrix is numerically singular.
@@ -140,13 +141,22 @@ pub(crate) fn rsvd<D: Dense>(
         q = orthonormalize(ops, ops.mul(a, &z))?;
     }
     // Bᵀ = Aᵀ·Q: [n, k]; the SVD of B = Qᵀ·A gives A ≈ (Q·U_B)·S·V_Bᵀ, from the
-    // eigendecomposition of the small B·Bᵀ (see [`SmallSvd`]); V_B = Bᵀ·U_B·S⁻¹.
-    let host = ops.to_rows(&ops.tmul(a, &q));
-    let bt = faer::Mat::<f64>::from_fn(n, k, |i, j| f64::from(host[i * k + j]));
-    let small = SmallSvd::of_gram(bt.transpose() * &bt)?;
-    let v = &bt * &small.ub * &small.inv;
+    // eigendecomposition of the small B·Bᵀ (see [`SmallSvd`]); V_B = Bᵀ·U_B·S⁻¹. On the host
+    // all in f64; on a device B·Bᵀ is formed there (f32) and only it is read, not Bᵀ.
+    let bt = ops.tmul(a, &q);
+    let (small, basis) = if ops.reads_wait() {
+        let g = ops.to_rows(&ops.tmul(&bt, &bt));
+        let small = SmallSvd::of_gram(faer::Mat::from_fn(k, k, |i, j| f64::from(g[i * k + j])))?;
+        let scaled = from_faer(ops, (&small.ub * &small.inv).as_ref(), k);
+        (small, ops.mul(&bt, &scaled))
+    } else {
+        let host = ops.to_rows(&bt);
+        let bt = faer::Mat::<f64>::from_fn(n, k, |i, j| f64::from(host[i * k + j]));
+        let small = SmallSvd::of_gram(bt.transpose() * &bt)?;
+        let v = &bt * &small.ub * &small.inv;
+        (small, from_faer(ops, v.as_ref(), k))
+    };
     crate::upper::clear_upper_state();
-    let basis = from_faer(ops, v.as_ref(), k);
     let lr = LowRank {
         u: ops.mul(&q, &from_faer(ops, small.ub.as_ref(), rank)),
         s: small.s[..rank].iter().map(|&x| x as f32).collect(),
