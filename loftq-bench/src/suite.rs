@@ -251,11 +251,29 @@ fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<
     for &(arch, layers) in archs {
         let (model, layers) = synth_model(arch, layers, scratch)?;
         let init = InitSpec::new(model, scratch.join(format!("init-{arch}")), rank, iters);
-        let (r, t, m) = timed_init(&init, spec)?;
+        let (r, t, m) = timed_init(&init, spec, 0)?;
         let name = format!("{arch} ({layers} layers) nf4 r{rank} T{iters}");
         let err = Some(r.totals.mean_rel_err_init);
         let size = r.totals.params as usize;
-        out.push(case("init", name, size, t, m, err, "mean ‖W−Q−s·BA‖/‖W‖"));
+        let mut metric = "mean ‖W−Q−s·BA‖/‖W‖".to_string();
+        // Off the CPU, targets of one shape run batched: against one at a time, each timed
+        // after a run of its own (a GPU compiles and tunes kernels for each new shape).
+        if spec != DeviceSpec::Cpu {
+            // The run above compiled the batched kernels.
+            let (_, batched, _) = timed_init(&init, spec, 0)?;
+            let one = InitSpec {
+                device_batch: 1,
+                ..init.clone()
+            };
+            let (_, alone, _) = timed_init(&one, spec, 1)?;
+            metric += &format!(
+                "; warm: {:.1} s batched, {:.1} s one tensor at a time ({:.2}×)",
+                batched.median_s,
+                alone.median_s,
+                alone.median_s / batched.median_s.max(1e-9)
+            );
+        }
+        out.push(case("init", name, size, t, m, err, &metric));
     }
     out.extend(calibrated_cases(profile, spec, scratch)?);
     Ok(out)
@@ -288,13 +306,13 @@ fn calibrated_cases(
         let (model, layers) = synth_model(arch, layers, scratch)?;
         let mut init = InitSpec::new(model, scratch.join(format!("init-calib-{arch}")), 16, 5);
         init.quant = loftq_core::QuantConfig::nf(2);
-        let (_, plain_t, _) = timed_init(&init, spec)?;
+        let (_, plain_t, _) = timed_init(&init, spec, 0)?;
         init.calibration = Some(Calibration {
             tokens,
             seq,
             ..Calibration::new(vec![text.clone()])
         });
-        let (r, t, m) = timed_init(&init, spec)?;
+        let (r, t, m) = timed_init(&init, spec, 0)?;
         let name = format!("{arch} ({layers} layers) nf2 r16 T5 calibrated, {tokens} tokens");
         let metric = format!(
             "mean weighted error; {:.1}× plain LoftQ's {:.1} s",
@@ -322,16 +340,18 @@ fn synth_model(
     Ok((model, cfg.num_hidden_layers))
 }
 
-/// One `loftq init` run of `init` on `spec`, timed, its output removed.
+/// One `loftq init` run of `init` on `spec`, timed (after one untimed run with `warm_up` 1),
+/// its output removed.
 fn timed_init(
     init: &InitSpec,
     spec: DeviceSpec,
+    warm_up: usize,
 ) -> Result<(loftq_models::init::Report, Timing, Memory), String> {
     let device = spec.device().map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(&init.out);
     let mut report = None;
     let mut failure = None;
-    let (t, m) = measure(0, || {
+    let (t, m) = measure(warm_up, || {
+        let _ = std::fs::remove_dir_all(&init.out);
         match run_init(init, std::slice::from_ref(&device), false, &mut |_| {}) {
             Ok(r) => report = Some(r),
             Err(e) => failure = Some(e.to_string()),
