@@ -383,7 +383,10 @@ fn train_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec
                 "smollm2-135m shapes ({n_layers} layers) nf4 r16 {}×{} recompute={}",
                 c.batch, c.seq, c.recompute
             );
-            let metric = format!("tokens/s {:.0}", c.tokens_per_s);
+            let metric = format!(
+                "tokens/s {:.0}, {} reads per step",
+                c.tokens_per_s, c.reads_per_step
+            );
             out.push(case(
                 "train",
                 name,

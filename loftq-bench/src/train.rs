@@ -6,6 +6,7 @@ use std::path::Path;
 
 use loftq_core::DeviceList;
 use loftq_core::quant::parse_bits;
+use loftq_core::transfers::transfers_all_threads;
 use loftq_models::nn::Llama;
 use loftq_models::nn::{LoadOptions, load_pretrained_with};
 use loftq_models::train::parallel::{Teachers, micro_batches};
@@ -35,6 +36,8 @@ pub struct TrainCase {
     pub tokens_per_s: f64,
     /// Resident memory; the peak is that of this mode's timed steps.
     pub memory: Memory,
+    /// Device→host reads of one step, every device together (each read waits for a device).
+    pub reads_per_step: u64,
 }
 
 /// Times `repeats` steps in each recompute mode, one micro-batch per device of `devices`;
@@ -94,7 +97,9 @@ pub fn run(
         for mode in [Recompute::Layers, Recompute::None] {
             let mut opt = AdamW::new(AdamWConfig::default(), &models[0].lora_params());
             let mut failed = None;
+            let mut reads_per_step = 0;
             let (step, memory) = measure(repeats.max(1), || {
+                let before = transfers_all_threads();
                 let sums = micro_batches(&mut models, &batches, mode, with);
                 let p = opt.update(models[0].lora_params(), sums.grads, 1e-4);
                 models[0].set_lora_params(p);
@@ -104,6 +109,7 @@ pub fn run(
                         failed = Some(format!("training step on {devices}: {e:?}"));
                     }
                 }
+                reads_per_step = (transfers_all_threads() - before).reads;
             });
             if let Some(e) = failed {
                 return Err(e);
@@ -118,6 +124,7 @@ pub fn run(
                 tokens_per_s: (devs.len() * batch * positions) as f64 / step.median_s,
                 step,
                 memory,
+                reads_per_step,
             });
         }
     }
@@ -135,8 +142,8 @@ pub fn markdown(model: &Path, device: &DeviceList, cases: &[TrainCase]) -> Strin
         "Training step on {} ({device}{per}): forward, backward and AdamW update of the LoRA \
          factors\n\n\
          | objective | recompute | batch × seq | step (median) | × next-token | min–max | \
-         tokens/s | peak RSS |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         tokens/s | reads | peak RSS |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         model.display()
     );
     for c in cases {
@@ -145,7 +152,7 @@ pub fn markdown(model: &Path, device: &DeviceList, cases: &[TrainCase]) -> Strin
             .find(|p| p.objective == "next-token" && p.recompute == c.recompute)
             .map_or(f64::NAN, |p| c.step.median_s / p.step.median_s);
         s += &format!(
-            "| {} | {} | {} × {} | {:.2} s | {plain:.2} | {:.2}–{:.2} s | {:.0} | {:.2} GiB |\n",
+            "| {} | {} | {} × {} | {:.2} s | {plain:.2} | {:.2}–{:.2} s | {:.0} | {} | {:.2} GiB |\n",
             c.objective,
             c.recompute,
             c.batch,
@@ -154,6 +161,7 @@ pub fn markdown(model: &Path, device: &DeviceList, cases: &[TrainCase]) -> Strin
             c.step.min_s,
             c.step.max_s,
             c.tokens_per_s,
+            c.reads_per_step,
             c.memory.peak_rss_bytes as f64 / (1u64 << 30) as f64
         );
     }

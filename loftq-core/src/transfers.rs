@@ -5,6 +5,8 @@
 //! path, which keeps its matrices on the host, moves nothing and counts nothing.
 
 use std::cell::Cell;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
@@ -46,9 +48,25 @@ thread_local! {
     }) };
 }
 
+/// The process's counts, every thread together (`[reads, read values, uploads, upload values]`).
+static ALL: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
 /// The counts of this thread so far; subtract two snapshots to count a piece of work.
 pub fn transfers() -> Transfers {
     COUNTS.with(Cell::get)
+}
+
+/// The counts of every thread of the process so far, for work spread over threads (a training
+/// step with one thread per device, `loftq init`'s workers). Tests, which run in parallel in
+/// one process, want [`transfers`].
+pub fn transfers_all_threads() -> Transfers {
+    let [reads, read_values, uploads, upload_values] = ALL.each_ref().map(|a| a.load(Relaxed));
+    Transfers {
+        reads,
+        read_values,
+        uploads,
+        upload_values,
+    }
 }
 
 /// Counts one read of `values` values.
@@ -59,6 +77,8 @@ pub(crate) fn count_read(values: usize) {
         t.read_values += values as u64;
         c.set(t);
     });
+    ALL[0].fetch_add(1, Relaxed);
+    ALL[1].fetch_add(values as u64, Relaxed);
 }
 
 /// Counts one upload of `values` values.
@@ -69,6 +89,8 @@ pub(crate) fn count_upload(values: usize) {
         t.upload_values += values as u64;
         c.set(t);
     });
+    ALL[2].fetch_add(1, Relaxed);
+    ALL[3].fetch_add(values as u64, Relaxed);
 }
 
 /// Uploads `values` as a tensor of `shape` to `device`, counted: every `f32` upload of the
@@ -80,4 +102,19 @@ pub(crate) fn upload<const D: usize>(
 ) -> Tensor<D> {
     count_upload(values.len());
     Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_threads_count_in_the_totals_only() {
+        let (mine, all) = (transfers(), transfers_all_threads());
+        std::thread::spawn(|| count_read(7)).join().unwrap();
+        assert_eq!(transfers() - mine, Transfers::default());
+        // Other tests may count at the same time: at least this thread's read.
+        let moved = transfers_all_threads() - all;
+        assert!(moved.reads >= 1 && moved.read_values >= 7, "{moved:?}");
+    }
 }
