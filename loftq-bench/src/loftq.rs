@@ -58,16 +58,26 @@ pub struct LoftqCase {
     pub transfers: Transfers,
 }
 
+/// A `[rows, cols]` matrix of Gaussian weights (std 0.02) from `seed`.
+pub(crate) fn gaussian_matrix(
+    [rows, cols]: [usize; 2],
+    seed: u64,
+    device: &burn::tensor::Device,
+) -> Tensor<2> {
+    let v: Vec<f32> = Gaussian::new(seed)
+        .values(rows * cols)
+        .into_iter()
+        .map(|x| x * 0.02)
+        .collect();
+    Tensor::from_data(TensorData::new(v, [rows, cols]), device)
+}
+
 /// Runs every combination of the given axes on Gaussian weights (std 0.02) on `spec`.
 pub fn run(args: &LoftqArgs, spec: DeviceSpec) -> Vec<LoftqCase> {
     let device = spec.device().expect("device");
     let mut cases = Vec::new();
     for &shape in &args.shapes {
-        let mut g = Gaussian::new(shape[0] as u64 * 31 + shape[1] as u64);
-        let data: Vec<f32> = (0..shape[0] * shape[1])
-            .map(|_| g.normal() as f32 * 0.02)
-            .collect();
-        let w = Tensor::<2>::from_data(TensorData::new(data, shape), &device);
+        let w = gaussian_matrix(shape, shape[0] as u64 * 31 + shape[1] as u64, &device);
         let mut methods = vec![("randomized", SvdMethod::Randomized(args.rsvd))];
         if args.exact {
             methods.push(("exact", SvdMethod::Exact));
@@ -133,15 +143,7 @@ fn batch_cases(w: &Tensor<2>, cfg: &LoftqConfig, args: &LoftqArgs) -> Vec<LoftqC
     let shape: [usize; 2] = w.dims();
     let b = args.batch;
     let ws: Vec<Tensor<2>> = (0..b)
-        .map(|i| {
-            let mut g = Gaussian::new(1000 + i as u64);
-            let v = g
-                .values(shape[0] * shape[1])
-                .iter()
-                .map(|x| x * 0.02)
-                .collect();
-            Tensor::from_data(TensorData::new(v, shape), &w.device())
-        })
+        .map(|i| gaussian_matrix(shape, 1000 + i as u64, &w.device()))
         .collect();
     let cfgs: Vec<LoftqConfig> = (0..b)
         .map(|i| LoftqConfig {

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Tensor, TensorData};
-use loftq_core::lowrank::{Gaussian, RsvdConfig, SvdMethod, truncated_svd};
+use burn::tensor::Tensor;
+use loftq_core::lowrank::{RsvdConfig, SvdMethod, truncated_svd};
 use loftq_core::quant::{Kernel, host_f32};
 use loftq_core::{DeviceList, DeviceSpec, Quantizer};
 use loftq_models::init::{Calibration, InitSpec, run_init};
@@ -98,20 +98,6 @@ pub fn run(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Run, St
     })
 }
 
-fn gaussian_matrix(
-    rows: usize,
-    cols: usize,
-    seed: u64,
-    device: &burn::tensor::Device,
-) -> Tensor<2> {
-    let v: Vec<f32> = Gaussian::new(seed)
-        .values(rows * cols)
-        .into_iter()
-        .map(|x| x * 0.02)
-        .collect();
-    Tensor::from_data(TensorData::new(v, [rows, cols]), device)
-}
-
 /// Relative Frobenius distance `‖a − b‖/‖a‖`, on the host in `f64`.
 fn rel_dist(a: &Tensor<2>, b: &Tensor<2>) -> f64 {
     loftq_core::rel_dist(&host_f32(a), &host_f32(b))
@@ -124,7 +110,7 @@ fn quant_cases(profile: Profile, reps: usize, spec: DeviceSpec) -> Result<Vec<Ca
         Profile::Full => 4096,
     };
     let device = spec.device().map_err(|e| e.to_string())?;
-    let w = gaussian_matrix(n, n, 1, &device);
+    let w = loftq::gaussian_matrix([n, n], 1, &device);
     let mut out = Vec::new();
     let (t, m) = measure(reps, || {
         let _ = w.to_data();
@@ -162,7 +148,7 @@ fn svd_cases(profile: Profile, reps: usize, spec: DeviceSpec) -> Result<Vec<Case
     let mut out = Vec::new();
     for &n in shapes {
         // A LoftQ residual: what the SVD is used on.
-        let w = gaussian_matrix(n, n, 2, &device);
+        let w = loftq::gaussian_matrix([n, n], 2, &device);
         let q = Quantizer::new(loftq_core::QuantConfig::nf(2)).map_err(|e| e.to_string())?;
         let a = w.clone() - q.quantize_dequantize(&w).map_err(|e| e.to_string())?.1;
         let mut methods = vec![("exact".to_string(), SvdMethod::Exact)];

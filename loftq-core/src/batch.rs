@@ -8,7 +8,8 @@
 use burn::tensor::kind::Basic;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
-use crate::loftq::{check_config, loftq};
+use crate::dense::norm_of_row_sums;
+use crate::loftq::{check_config, judge, loftq};
 use crate::lowrank::batch::{BatchLowRank, rsvd_batch};
 use crate::lowrank::{SvdMethod, check_rank};
 use crate::quant::{HostQuantized, PackedTensor, Quantizer};
@@ -150,15 +151,12 @@ fn alternate_batch(
             let err = fit_norms[i] / norms[i];
             history[i].push(err);
             let prev = (best_iter[i] > 0).then(|| history[i][best_iter[i] - 1]);
-            if prev.is_none_or(|p| err < p) {
-                improved[i] = true;
+            let stop;
+            (improved[i], stop) = judge(prev, err, cfg.early_stop);
+            if improved[i] {
                 best_iter[i] = t;
             }
-            if let (Some(tol), Some(p)) = (cfg.early_stop, prev)
-                && err > p * (1.0 - tol)
-            {
-                active[i] = false;
-            }
+            active[i] = !stop;
         }
         let new = Best {
             codes,
@@ -213,7 +211,7 @@ fn balanced(lr: BatchLowRank, device: &Device) -> (Tensor<3>, Tensor<3>) {
 }
 
 /// The Frobenius norm of every matrix of every stack, in one read: squared row sums on the
-/// device, each matrix's total in `f64` on the host (as [`frobenius`](crate::dense::frobenius)).
+/// device, each matrix's total in `f64` on the host, as [`frobenius`](crate::dense::frobenius).
 fn norms_of(stacks: &[&Tensor<3>]) -> Vec<Vec<f32>> {
     let [b, m, _] = stacks[0].dims();
     let rows = stacks
@@ -222,12 +220,7 @@ fn norms_of(stacks: &[&Tensor<3>]) -> Vec<Vec<f32>> {
         .collect();
     let sums = crate::quant::host_f32(&Tensor::cat(rows, 0));
     sums.chunks_exact(b * m)
-        .map(|stack| {
-            stack
-                .chunks_exact(m)
-                .map(|r| r.iter().map(|&x| f64::from(x)).sum::<f64>().sqrt() as f32)
-                .collect()
-        })
+        .map(|stack| stack.chunks_exact(m).map(norm_of_row_sums).collect())
         .collect()
 }
 

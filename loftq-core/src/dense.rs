@@ -209,13 +209,12 @@ impl Dense for DeviceOps {
 pub(crate) fn frobenius(t: &Tensor<2>) -> f32 {
     let [rows, _] = t.dims();
     let row_sums = t.clone().powf_scalar(2.0).sum_dim(1).reshape([rows]);
-    let v = row_sums
-        .to_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("f32 data");
-    crate::transfers::count_read(v.len());
-    v.iter().map(|&x| f64::from(x)).sum::<f64>().sqrt() as f32
+    norm_of_row_sums(&crate::quant::host_f32(&row_sums))
+}
+
+/// The Frobenius norm from a matrix's squared row sums, totalled in `f64`.
+pub(crate) fn norm_of_row_sums(row_sums: &[f32]) -> f32 {
+    row_sums.iter().map(|&x| f64::from(x)).sum::<f64>().sqrt() as f32
 }
 
 /// `‖other − reference‖ / ‖reference‖` (Frobenius) of two host buffers of one length, summed

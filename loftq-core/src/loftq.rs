@@ -185,6 +185,15 @@ pub(crate) struct WeightedErrors {
     pub quant: f32,
 }
 
+/// The rule for an iteration's `score` against the best one so far (`prev_best`): whether
+/// it is the new best (strictly lower), and whether the alternation stops after it (an
+/// `early_stop` fraction not gained).
+pub(crate) fn judge(prev_best: Option<f32>, score: f32, early_stop: Option<f32>) -> (bool, bool) {
+    let improved = prev_best.is_none_or(|p| score < p);
+    let stop = matches!((early_stop, prev_best), (Some(tol), Some(p)) if score > p * (1.0 - tol));
+    (improved, stop)
+}
+
 /// The alternation of [`loftq`] with any [`Dense`] implementation; results go to `device`.
 ///
 /// With `weighted`, each adapter step is the closed form `[(W − Q)·S]_r · S⁻¹`, the base is
@@ -256,12 +265,11 @@ pub(crate) fn alternate<D: Dense>(
         let score = score.unwrap_or(err);
         objective.push(score);
         let prev_best = best.as_ref().map(|(i, ..)| objective[i - 1]);
-        if prev_best.is_none_or(|p| score < p) {
+        let (improved, stop) = judge(prev_best, score, cfg.early_stop);
+        if improved {
             best = Some((t, codes, a, b));
         }
-        if let (Some(tol), Some(prev)) = (cfg.early_stop, prev_best)
-            && score > prev * (1.0 - tol)
-        {
+        if stop {
             break;
         }
         warm = Some(basis);

@@ -4,7 +4,7 @@
 //! so the number of reads does not grow with `b`. As [`rsvd`](super::rsvd::rsvd) on a device,
 //! the final step reads `B·Bᵀ` (`k×k`, formed in `f32` on the device), not `Bᵀ` (`n×k`).
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use super::host::Gaussian;
 use super::rsvd::{RsvdConfig, SmallSvd, gram_inverse_factor};
@@ -22,13 +22,8 @@ pub(crate) struct BatchLowRank {
 }
 
 /// `aᵀ·b` per batch element, as `(bᵀ·a)ᵀ` so that the large `a` stays a contiguous operand.
-pub(crate) fn tmul(a: &Tensor<3>, b: &Tensor<3>) -> Tensor<3> {
+fn tmul(a: &Tensor<3>, b: &Tensor<3>) -> Tensor<3> {
     b.clone().swap_dims(1, 2).matmul(a.clone()).swap_dims(1, 2)
-}
-
-/// `b` matrices `[rows, cols]` of row-major values, one after the other, as `[b, rows, cols]`.
-pub(crate) fn stacked(v: Vec<f32>, [b, rows, cols]: [usize; 3], device: &Device) -> Tensor<3> {
-    upload(v, [b, rows, cols], device)
 }
 
 /// The randomized SVD of each `a[i]` (`[b, m, n]`) with the sketch of seed `seeds[i]`: for
@@ -46,18 +41,14 @@ pub(crate) fn rsvd_batch(
     debug_assert_eq!(seeds.len(), b);
     check_rank([m, n], rank)?;
     let device = a.device();
-    let (extra, power_iters) = match warm {
-        Some(_) => (cfg.warm_oversample, cfg.warm_power_iters),
-        None => (cfg.oversample.unwrap_or(rank.max(16)), cfg.power_iters),
-    };
-    let k = (rank + extra).min(m.min(n));
+    let (k, power_iters) = cfg.sketch([m, n], rank, warm.is_some());
     let mut sources: Vec<Gaussian> = seeds.iter().map(|&s| Gaussian::new(s)).collect();
     let mut gaussian = |cols: usize| {
         let v = sources
             .iter_mut()
             .flat_map(|g| g.values(n * cols))
             .collect();
-        stacked(v, [b, n, cols], &device)
+        upload(v, [b, n, cols], &device)
     };
     let omega = match warm {
         Some(w) if w.dims()[2] >= k => w.clone().slice([0..b, 0..n, 0..k]),
@@ -76,7 +67,7 @@ pub(crate) fn rsvd_batch(
     let grams = crate::quant::host_f32(&tmul(&bt, &bt));
     let (mut s, mut ub_r, mut ub_inv) = (Vec::with_capacity(b), Vec::new(), Vec::new());
     for g in grams.chunks_exact(k * k) {
-        let small = SmallSvd::of_gram(faer::Mat::from_fn(k, k, |i, j| f64::from(g[i * k + j])))?;
+        let small = SmallSvd::of_f32_gram(g, k)?;
         let scaled = &small.ub * &small.inv;
         for i in 0..k {
             ub_r.extend((0..rank).map(|j| small.ub[(i, j)] as f32));
@@ -85,9 +76,9 @@ pub(crate) fn rsvd_batch(
         s.push(small.s[..rank].iter().map(|&x| x as f32).collect());
     }
     crate::upper::clear_upper_state();
-    let basis = bt.matmul(stacked(ub_inv, [b, k, k], &device));
+    let basis = bt.matmul(upload(ub_inv, [b, k, k], &device));
     let lr = BatchLowRank {
-        u: q.matmul(stacked(ub_r, [b, k, rank], &device)),
+        u: q.matmul(upload(ub_r, [b, k, rank], &device)),
         s,
         v: basis.clone().slice([0..b, 0..n, 0..rank]),
     };
@@ -108,7 +99,7 @@ fn orthonormalize(mut y: Tensor<3>) -> Result<Tensor<3>, LowRankError> {
                 None => factors.extend((0..k * k).map(|i| f32::from(u8::from(i % (k + 1) == 0)))),
             }
         }
-        let factors = stacked(factors, [b, k, k], &y.device());
+        let factors = upload(factors, [b, k, k], &y.device());
         y = y.matmul(factors);
     }
     Ok(y)

@@ -63,6 +63,18 @@ impl RsvdConfig {
     };
 }
 
+impl RsvdConfig {
+    /// The sketch's columns `k` and the power iterations for a rank-`rank` SVD of an `[m, n]`
+    /// matrix, cold or warm-started.
+    pub(crate) fn sketch(&self, [m, n]: [usize; 2], rank: usize, warm: bool) -> (usize, usize) {
+        let (extra, power_iters) = match warm {
+            true => (self.warm_oversample, self.warm_power_iters),
+            false => (self.oversample.unwrap_or(rank.max(16)), self.power_iters),
+        };
+        ((rank + extra).min(m.min(n)), power_iters)
+    }
+}
+
 impl Default for RsvdConfig {
     fn default() -> Self {
         Self::DEFAULT
@@ -123,11 +135,7 @@ pub(crate) fn rsvd<D: Dense>(
 ) -> Result<(LowRank<D::M>, D::M), LowRankError> {
     let [m, n] = ops.dims(a);
     super::check_rank([m, n], rank)?;
-    let (extra, power_iters) = match warm {
-        Some(_) => (cfg.warm_oversample, cfg.warm_power_iters),
-        None => (cfg.oversample.unwrap_or(rank.max(16)), cfg.power_iters),
-    };
-    let k = (rank + extra).min(m.min(n));
+    let (k, power_iters) = cfg.sketch([m, n], rank, warm.is_some());
     let mut gauss = Gaussian::new(cfg.seed);
     let mut gaussian = |cols: usize| ops.matrix(gauss.values(n * cols), [n, cols]);
     let omega = match warm {
@@ -145,8 +153,7 @@ pub(crate) fn rsvd<D: Dense>(
     // all in f64; on a device B·Bᵀ is formed there (f32) and only it is read, not Bᵀ.
     let bt = ops.tmul(a, &q);
     let (small, basis) = if ops.reads_wait() {
-        let g = ops.to_rows(&ops.tmul(&bt, &bt));
-        let small = SmallSvd::of_gram(faer::Mat::from_fn(k, k, |i, j| f64::from(g[i * k + j])))?;
+        let small = SmallSvd::of_f32_gram(&ops.to_rows(&ops.tmul(&bt, &bt)), k)?;
         let scaled = from_faer(ops, (&small.ub * &small.inv).as_ref(), k);
         (small, ops.mul(&bt, &scaled))
     } else {
@@ -178,6 +185,11 @@ pub(crate) struct SmallSvd {
 }
 
 impl SmallSvd {
+    /// From `B·Bᵀ` formed in `f32` (`k×k`, row-major), as read from a device.
+    pub fn of_f32_gram(gram: &[f32], k: usize) -> Result<Self, LowRankError> {
+        Self::of_gram(faer::Mat::from_fn(k, k, |i, j| f64::from(gram[i * k + j])))
+    }
+
     /// From `B·Bᵀ` (`k×k`, symmetric).
     pub fn of_gram(gram: faer::Mat<f64>) -> Result<Self, LowRankError> {
         let k = gram.nrows();

@@ -16,8 +16,8 @@ use crate::Result;
 use crate::io::TensorSource;
 
 /// Computes `tensors` of `plan` but those `done`, each group (see [`batch::groups`]) on
-/// whichever device is free next, and calls `on_done` for every targeted tensor finished (pass-through
-/// tensors are written silently).
+/// whichever device is free next, and calls `on_done` for every targeted tensor finished
+/// (pass-through tensors are written silently).
 ///
 /// The reader stays one group ahead of each device, so reading overlaps computing and at
 /// most two groups per device are in memory. After the first error no new tensor starts;

@@ -155,7 +155,7 @@ fn loss_and_grads_against(
 }
 
 /// The loss on the host: read once every backward kernel is issued, so that the device is not
-/// drained between the forward and the backward pass (the step's one read).
+/// drained between the forward and the backward pass (this function's one read).
 fn read_loss(loss: Tensor<1>) -> f64 {
     f64::from(host_f32(&loss)[0])
 }
