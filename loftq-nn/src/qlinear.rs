@@ -40,6 +40,8 @@ pub struct PackedWeight {
 #[derive(Clone, Debug)]
 struct DeviceWords {
     words: Tensor<1, Int>,
+    /// `[1, codes per word]`: each code's shift inside its word (uploaded once, not per product).
+    shifts: Tensor<2, Int>,
     scales: Tensor<1>,
     mins: Option<Tensor<1>>,
     block: usize,
@@ -67,10 +69,12 @@ impl PackedWeight {
                 })
                 .collect();
             let nw = words.len();
+            let shifts: Vec<i32> = (0..per as i32).map(|j| j * bits as i32).collect();
             let upload =
                 |v: &[f32]| Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device);
             DeviceWords {
                 words: Tensor::from_data(TensorData::new(words, [nw]), device),
+                shifts: Tensor::from_data(TensorData::new(shifts, [1, per]), device),
                 scales: upload(&host.scales),
                 mins: (!host.mins.is_empty()).then(|| upload(&host.mins)),
                 block: host.block,
@@ -102,15 +106,12 @@ impl PackedWeight {
                 let bits = u32::from(self.packed.config.scheme.bits());
                 let per = codes_per_word(self.packed.config.scheme.bits());
                 let nw = dw.words.dims()[0];
-                let shifts: Vec<i32> = (0..per as i32).map(|j| j * bits as i32).collect();
-                let shifts: Tensor<2, Int> =
-                    Tensor::from_data(TensorData::new(shifts, [1, per]), &self.device);
                 let codes = dw
                     .words
                     .clone()
                     .reshape([nw, 1])
                     .expand([nw, per])
-                    .bitwise_right_shift(shifts.expand([nw, per]))
+                    .bitwise_right_shift(dw.shifts.clone().expand([nw, per]))
                     .bitwise_and_scalar((1i32 << bits) - 1)
                     .reshape([nw * per])
                     .slice(0..n);
