@@ -20,6 +20,9 @@ pub struct Machine {
     pub nvidia: Option<String>,
     /// Installed Vulkan drivers (ICD files), which WGPU chooses from on Linux.
     pub vulkan_drivers: Vec<String>,
+    /// Whether the build has Burn's fusion and autotuning (the `tuned` feature).
+    #[serde(default)]
+    pub tuned_kernels: bool,
 }
 
 impl Machine {
@@ -64,6 +67,7 @@ impl Machine {
             os,
             nvidia,
             vulkan_drivers,
+            tuned_kernels: loftq_core::device::TUNED_KERNELS,
         }
     }
 
@@ -83,6 +87,9 @@ impl Machine {
                 "; Vulkan drivers installed: {}",
                 self.vulkan_drivers.join(", ")
             );
+        }
+        if self.tuned_kernels {
+            s += "; build with Burn's fusion and autotuning";
         }
         s
     }

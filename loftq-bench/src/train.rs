@@ -133,11 +133,15 @@ pub fn run(
 
 /// The results as a Markdown table.
 pub fn markdown(model: &Path, device: &DeviceList, cases: &[TrainCase]) -> String {
-    let per = if device.0.len() > 1 {
+    let mut per = if device.0.len() > 1 {
         "; one micro-batch per device, tokens/s over all"
     } else {
         ""
-    };
+    }
+    .to_string();
+    if loftq_core::device::TUNED_KERNELS {
+        per += "; Burn's fusion and autotuning";
+    }
     let mut s = format!(
         "Training step on {} ({device}{per}): forward, backward and AdamW update of the LoRA \
          factors\n\n\

@@ -63,6 +63,10 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// Whether this build has Burn's operation fusion and kernel autotuning on the GPU back ends
+/// (the `tuned` feature): benchmarks record it beside their figures.
+pub const TUNED_KERNELS: bool = cfg!(feature = "tuned");
+
 impl DeviceSpec {
     /// The Cargo feature that compiles this back end in.
     pub fn feature(self) -> &'static str {
