@@ -1,0 +1,95 @@
+#!/bin/bash
+# The GPU checks of issue 23 in one run, for a borrowed GPU machine without Rust or network.
+#
+# Here (builds twice, about 20 minutes each on 2 cores the first time):
+#   bench/gpu-check.sh prepare .device
+# puts two stripped, gzipped `loftq-bench` builds into .device (about 21 MB each): `plain`
+# (`--features loftq-core/wgpu`, what CI tests) and `tuned` (plus `loftq-core/tuned`: Burn's
+# fusion and autotuning). `.device` is ignored by git; name it in the device call's `carry`.
+#
+# There (the folder carried beside the working tree; Vulkan loaders as the device notes say,
+# e.g. carry .device and .gl, and run `for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig;
+# bench/gpu-check.sh run .device $OUT` with a 600 s limit):
+#   bench/gpu-check.sh run .device "$OUT"
+# runs, most important first, each step under its own time limit so that one slow step cannot
+# take the others down: the training step (SmolLM2-135M shapes, 4×128) on WGPU with each
+# build, the same step in PyTorch + PEFT on CUDA (if torch imports), the quick suite on WGPU
+# with each build (per-matrix LoftQ with 4096² NF4 r64 T5, batched LoftQ, whole-model init on
+# SmolLM2's shapes). The whole run stops within BUDGET seconds (default 540: one device call
+# is at most 600). Every record lands in OUT; `loftq-bench report --input OUT/suite-*.json
+# --input bench/results/quick/suite-cpu.json --out DIR` puts them beside this project's 2-core
+# CPU figures. With `run .device OUT smoke` every step uses the smallest sizes (a check of the
+# script on lavapipe: 8 minutes there, where the tuned build's autotuning runs on the CPU and
+# its suite runs out of time). The device tests are not included (CI runs them on lavapipe;
+# their binaries are too large to carry beside these).
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+prepare() {
+  local dir=$1 target=${CARGO_TARGET_DIR:-$ROOT/target}
+  mkdir -p "$dir"
+  for v in plain tuned; do
+    local f=loftq-core/wgpu
+    [ "$v" = tuned ] && f=loftq-core/wgpu,loftq-core/tuned
+    (cd "$ROOT" && cargo build -q -p loftq-bench --features "$f") || exit 1
+    strip -o "$dir/loftq-bench-$v" "$target/debug/loftq-bench" && gzip -f "$dir/loftq-bench-$v"
+  done
+  ls -l "$dir"
+}
+
+# step NAME SECONDS COMMAND...: runs COMMAND under a time limit (cut to what is left of
+# BUDGET), its output in OUT/NAME.log.
+step() {
+  local name=$1 limit=$2 left=$((${BUDGET:-540} - SECONDS))
+  shift 2
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "!! $name: skipped, the budget is spent"
+    return
+  fi
+  echo "== [$SECONDS s] $name (at most $limit s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 12 "$OUT/$name.log"
+  [ $rc = 0 ] || echo "!! $name: exit $rc (124: out of time)"
+}
+
+run() {
+  local dir=$1 profile=${3:-quick}
+  OUT=$2
+  mkdir -p "$OUT"
+  local bin=/tmp/loftq-gpu-check
+  mkdir -p "$bin"
+  for v in plain tuned; do
+    gzip -dc "$dir/loftq-bench-$v.gz" >"$bin/$v" && chmod +x "$bin/$v" || exit 1
+  done
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
+    git -C "$ROOT" rev-parse --short=10 HEAD; } >"$OUT/machine.txt" 2>&1
+  cat "$OUT/machine.txt"
+  local shape=(--batch 4 --seq 128) synth=(--arch smollm2-135m) suite=$profile
+  [ "$profile" = smoke ] && shape=(--batch 1 --seq 16) synth=(--arch smollm2-135m --layers 2)
+  "$bin/plain" synth "${synth[@]}" --out /tmp/loftq-synth >/dev/null || exit 1
+  for v in plain tuned; do
+    step "train-wgpu-$v" 100 "$bin/$v" train --model /tmp/loftq-synth "${shape[@]}" \
+      --device wgpu --json "$OUT/train-wgpu-$v.json"
+  done
+  if python3 -c "import torch, peft, transformers; assert torch.cuda.is_available()" 2>/dev/null
+  then
+    step train-peft-cuda 100 python3 "$ROOT/bench/peft_loftq.py" --suites train \
+      --profile "$([ "$profile" = smoke ] && echo smoke || echo quick)" --device cuda \
+      --json "$OUT/train-peft-cuda.json"
+  else
+    echo "!! no torch with CUDA here: the PyTorch comparison is skipped"
+  fi
+  for v in tuned plain; do
+    step "suite-wgpu-$v" 200 "$bin/$v" suite --profile "$suite" --device wgpu \
+      --scratch /tmp/loftq-scratch --json "$OUT/suite-wgpu-$v.json"
+  done
+  echo "== [$SECONDS s] done"
+}
+
+case ${1:-} in
+  prepare) prepare "${2:?usage: bench/gpu-check.sh prepare DIR}" ;;
+  run) run "${2:?usage: bench/gpu-check.sh run DIR OUT [smoke]}" "${3:?OUT}" "${4:-quick}" ;;
+  *) echo "usage: bench/gpu-check.sh prepare DIR | run DIR OUT [smoke]" >&2; exit 2 ;;
+esac
