@@ -1,8 +1,9 @@
 //! What crosses between the host and the device, counted per thread and for the whole
 //! process ([`transfers_all_threads`]). On a GPU each read is a synchronization (the queue
 //! drains before the values come back), so the number of reads per LoftQ iteration bounds its
-//! latency whatever the arithmetic costs; counting them needs no GPU. The same calls on CPU tensors are counted too (as copies); the `cpu` module's host
-//! path, which keeps its matrices on the host, moves nothing and counts nothing.
+//! latency whatever the arithmetic costs; counting them needs no GPU. The same calls on CPU
+//! tensors are counted too (as copies); the `cpu` module's host path, which keeps its matrices
+//! on the host, moves nothing and counts nothing.
 
 use std::cell::Cell;
 use std::sync::atomic::AtomicU64;

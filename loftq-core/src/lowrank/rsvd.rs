@@ -61,9 +61,7 @@ impl RsvdConfig {
         warm_power_iters: 0,
         seed: 0,
     };
-}
 
-impl RsvdConfig {
     /// The sketch's columns `k` and the power iterations for a rank-`rank` SVD of an `[m, n]`
     /// matrix, cold or warm-started.
     pub(crate) fn sketch(&self, [m, n]: [usize; 2], rank: usize, warm: bool) -> (usize, usize) {
