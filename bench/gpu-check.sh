@@ -1,11 +1,13 @@
 #!/bin/bash
 # The GPU checks of issue 23 in one run, for a borrowed GPU machine without Rust or network.
 #
-# Here (builds twice, about 20 minutes each on 2 cores the first time):
+# Here (the tuned build recompiles Burn's stack the first time: about 20 minutes on 2 cores):
 #   bench/gpu-check.sh prepare .device
-# puts two stripped, gzipped `loftq-bench` builds into .device (about 21 MB each): `plain`
+# puts two stripped, gzipped `loftq-bench` builds into .device (21 and 25 MB): `plain`
 # (`--features loftq-core/wgpu`, what CI tests) and `tuned` (plus `loftq-core/tuned`: Burn's
-# fusion and autotuning). `.device` is ignored by git; name it in the device call's `carry`.
+# fusion and autotuning), with the commit they were built from (the copy of the working tree
+# on the device has no git history). `.device` is ignored by git; name it in the device call's
+# `carry`.
 #
 # There (the folder carried beside the working tree; Vulkan loaders as the device notes say,
 # e.g. carry .device and .gl, and run `for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig;
@@ -19,7 +21,7 @@
 # is at most 600). Every record lands in OUT; `loftq-bench report --input OUT/suite-*.json
 # --input bench/results/quick/suite-cpu.json --out DIR` puts them beside this project's 2-core
 # CPU figures. With `run .device OUT smoke` every step uses the smallest sizes (a check of the
-# script on lavapipe: 8 minutes there, where the tuned build's autotuning runs on the CPU and
+# script on lavapipe: 6 minutes there, where the tuned build's autotuning runs on the CPU and
 # its suite runs out of time). The device tests are not included (CI runs them on lavapipe;
 # their binaries are too large to carry beside these).
 set -u
@@ -34,6 +36,9 @@ prepare() {
     (cd "$ROOT" && cargo build -q -p loftq-bench --features "$f") || exit 1
     strip -o "$dir/loftq-bench-$v" "$target/debug/loftq-bench" && gzip -f "$dir/loftq-bench-$v"
   done
+  local dirty
+  dirty=$(git -C "$ROOT" status --porcelain --untracked-files=no -- . ':!*.md' ':!bench/results')
+  echo "$(git -C "$ROOT" rev-parse --short=10 HEAD)${dirty:+-dirty}" >"$dir/commit.txt"
   ls -l "$dir"
 }
 
@@ -64,7 +69,7 @@ run() {
     gzip -dc "$dir/loftq-bench-$v.gz" >"$bin/$v" && chmod +x "$bin/$v" || exit 1
   done
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
-    git -C "$ROOT" rev-parse --short=10 HEAD; } >"$OUT/machine.txt" 2>&1
+    echo "built from $(cat "$dir/commit.txt")"; } >"$OUT/machine.txt" 2>&1
   cat "$OUT/machine.txt"
   local shape=(--batch 4 --seq 128) synth=(--arch smollm2-135m) suite=$profile
   [ "$profile" = smoke ] && shape=(--batch 1 --seq 16) synth=(--arch smollm2-135m --layers 2)
