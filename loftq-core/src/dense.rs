@@ -30,6 +30,8 @@ pub(crate) trait Dense {
     fn mul_lower_into(&self, a: &Self::M, b: &Self::M, out: &mut Self::M) {
         *out = self.mul_lower(a, b);
     }
+    /// `a·b⁻¹` for a lower-triangular, invertible `b`, by triangular solves.
+    fn solve_lower_right(&self, a: &Self::M, b: &Self::M) -> Self::M;
     /// A matrix from row-major values.
     fn matrix(&self, v: Vec<f32>, shape: [usize; 2]) -> Self::M;
     /// The row-major values.
@@ -107,6 +109,15 @@ impl Dense for DeviceOps {
     fn tmul(&self, a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
         // (bᵀ·a)ᵀ keeps the large `a` a contiguous operand.
         crate::matmul(&b.clone().transpose(), a).transpose()
+    }
+
+    fn solve_lower_right(&self, a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
+        // Burn has no triangular solve: through the host. The calibrated alternation
+        // multiplies by an uploaded inverse on a device instead.
+        let (shape, n) = (a.dims(), b.dims()[0]);
+        let mut out = crate::quant::host_f32(a);
+        crate::calib::solve_lower_right(&mut out, shape[0], &crate::quant::host_f32(b), n);
+        self.matrix(out, shape)
     }
 
     fn matrix(&self, v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {

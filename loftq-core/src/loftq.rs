@@ -117,14 +117,17 @@ pub(crate) fn checked_alternation(
         let ops = crate::cpu::HostOps::default();
         // The factors are read where they are (a 7B model's widest are 485 MB each).
         let view = |v, shape| crate::cpu::RowMat::borrowed(v, shape);
-        return alternate_with(&ops, &host, cfg, &quantizer, &device, calib, view);
+        return alternate_with(&ops, &host, cfg, &quantizer, &device, calib, view, true);
     }
     let ops = DeviceOps(device.clone());
     let upload = |v: &[f32], shape| ops.matrix(v.to_vec(), shape);
-    alternate_with(&ops, w, cfg, &quantizer, &device, calib, upload)
+    alternate_with(&ops, w, cfg, &quantizer, &device, calib, upload, false)
 }
 
-/// [`alternate`] with the statistics `calib` turned into `ops`' matrices by `matrix`.
+/// [`alternate`] with the statistics `calib` turned into `ops`' matrices by `matrix`;
+/// `solves`: whether `ops` solves with `S` itself (its triangular solves run where the data
+/// is), else it multiplies by `S⁻¹`.
+#[allow(clippy::too_many_arguments)]
 fn alternate_with<'w, D: Dense>(
     ops: &D,
     w: &D::M,
@@ -133,6 +136,7 @@ fn alternate_with<'w, D: Dense>(
     device: &Device,
     calib: Option<(&'w Weighting, &BaseQuantizer)>,
     matrix: impl Fn(&'w [f32], [usize; 2]) -> D::M,
+    solves: bool,
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     let weighted = match calib {
         None => None,
@@ -140,7 +144,10 @@ fn alternate_with<'w, D: Dense>(
             let n = weighting.dim();
             Some(Weighted {
                 s: matrix(weighting.factor(), [n, n]),
-                s_inv: matrix(weighting.inverse_factor(), [n, n]),
+                s_inv: match solves {
+                    true => None,
+                    false => Some(matrix(weighting.inverse_factor()?, [n, n])),
+                },
                 gptq: match base {
                     BaseQuantizer::Rtn => None,
                     BaseQuantizer::Gptq(g) => Some((weighting.gptq_factor()?, g)),
@@ -171,8 +178,8 @@ pub(crate) fn check_config(cfg: &LoftqConfig) -> Result<(), LoftqError> {
 pub(crate) struct Weighted<'g, M> {
     /// `S` `[in, in]`.
     s: M,
-    /// `S⁻¹` `[in, in]`.
-    s_inv: M,
+    /// `S⁻¹` `[in, in]`, where the adapter step multiplies by it instead of solving with `S`.
+    s_inv: Option<M>,
     /// The upper Cholesky factor of `H⁻¹` (row-major) and GPTQ's settings.
     gptq: Option<(Vec<f32>, &'g GptqConfig)>,
 }
@@ -215,7 +222,6 @@ pub(crate) fn alternate<D: Dense>(
     // What gets quantized is W, then `res` = W − B·A; `residual` is W − Q.
     let mut res = ops.buffer(w);
     let mut residual = ops.buffer(w);
-    let mut scratch = ops.buffer(w);
     // (W − Q)·S, rewritten each iteration of a weighted run.
     let mut scaled = ops.buffer(w);
     let mut warm: Option<D::M> = None;
@@ -255,8 +261,18 @@ pub(crate) fn alternate<D: Dense>(
         let (b, a) = lr.balanced_with(ops);
         let (a, score) = match (weighted, scaled, wnorm) {
             (Some(x), Some(rs), Some(wn)) => {
-                let werr = ops.fit_error(w, rs, (&b, &a), product_scale, &mut scratch) / wn;
-                (ops.mul_lower(&a, &x.s_inv), Some(werr))
+                // `U·Σ·Vᵀ` is the projection of `X = (W − Q)·S` on `U`'s columns (exact and
+                // randomized SVD alike), so `‖X − c·U·Σ·Vᵀ‖² = ‖X‖² − (2c − c²)·Σσ²`: no
+                // product with the factors.
+                let kept: f64 = lr.s.iter().map(|v| f64::from(*v).powi(2)).sum();
+                let c = f64::from(product_scale);
+                let left = f64::from(ops.norm(rs)).powi(2) - (2.0 * c - c * c) * kept;
+                let werr = left.max(0.0).sqrt() as f32 / wn;
+                let a = match &x.s_inv {
+                    Some(inv) => ops.mul_lower(&a, inv),
+                    None => ops.solve_lower_right(&a, &x.s),
+                };
+                (a, Some(werr))
             }
             _ => (a, None),
         };

@@ -217,7 +217,12 @@ fn calibration_lowers_the_output_error() {
             .sqrt()
     };
     let wnorm = norm(wt.clone().matmul(s.clone()));
-    let plain_w = norm((wt.clone() - q - ba).matmul(s)) / wnorm;
+    let plain_w = norm((wt.clone() - q - ba).matmul(s.clone())) / wnorm;
+    // The weighted error a run reports (from the singular values) is the one its start has.
+    let direct = |r: &loftq_core::calib::CalibratedResult| {
+        let ba = r.start.lora_b.clone().matmul(r.start.lora_a.clone());
+        norm((wt.clone() - r.start.q.clone() - ba).matmul(s.clone())) / wnorm
+    };
 
     let rtn = run(&weighting, BaseQuantizer::Rtn);
     let gptq = run(
@@ -231,6 +236,22 @@ fn calibration_lowers_the_output_error() {
     );
     assert!(gptq.weighted_err() < rtn.weighted_err());
     assert!(gptq.weighted_err_quant < rtn.weighted_err_quant);
+    let randomized = calibrated(
+        &wt,
+        &weighting,
+        &CalibratedConfig {
+            loftq: LoftqConfig {
+                svd: SvdMethod::default(),
+                ..lcfg.clone()
+            },
+            base: BaseQuantizer::Rtn,
+        },
+    )
+    .unwrap();
+    for r in [&rtn, &gptq, &randomized] {
+        let (got, want) = (f64::from(r.weighted_err()), direct(r));
+        assert!((got - want).abs() <= 1e-4 * want, "{got} vs {want}");
+    }
 }
 
 #[test]

@@ -9,6 +9,8 @@ use faer::linalg::cholesky::llt::factor::{
     LltRegularization, cholesky_in_place, cholesky_in_place_scratch,
 };
 use faer::linalg::matmul::triangular::{self, BlockStructure};
+use std::sync::OnceLock;
+
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::CalibError;
@@ -133,23 +135,15 @@ impl Gram {
             h[(i, i)] = if v == 0.0 { 1.0 + add } else { v + add };
         }
         lower_cholesky(h.as_mut())?;
-        // Row-major S (the lower factor), then S⁻¹ from it; the factored matrix is dropped
-        // before the inverse's row-major copy, so at most three `d²` buffers live at once.
         let s = row_major_lower(h.as_ref());
-        let mut inv = Mat::<f32>::zeros(d, d);
-        faer::linalg::triangular_inverse::invert_lower_triangular(
-            inv.as_mut(),
-            h.as_ref(),
-            Par::rayon(0),
-        );
-        crate::upper::clear_upper_state();
-        drop(h);
-        let s_inv = row_major_lower(inv.as_ref());
-        drop(inv);
-        if s.iter().chain(&s_inv).any(|v| !v.is_finite()) {
+        if s.iter().any(|v| !v.is_finite()) {
             return Err(CalibError::NotPositiveDefinite);
         }
-        Ok(Weighting { dim: d, s, s_inv })
+        Ok(Weighting {
+            dim: d,
+            s,
+            s_inv: OnceLock::new(),
+        })
     }
 }
 
@@ -173,25 +167,39 @@ fn lower_cholesky(a: MatMut<'_, f32>) -> Result<(), CalibError> {
 
 /// The lower triangle of `m` as a row-major `d × d` buffer, zeros above the diagonal.
 fn row_major_lower(m: MatRef<'_, f32>) -> Vec<f32> {
+    // Tile by tile, so that the column-major reads and the row-major writes both stay in
+    // cache: a plain strided copy of a 1536-wide factor took ~40 ms, two per weighting.
+    const TILE: usize = 64;
     let d = m.nrows();
     let mut out = vec![0f32; d * d];
-    // Row-major `m` is column-major `mᵀ`: one strided copy, then the upper part cleared.
-    MatMut::from_column_major_slice_mut(&mut out, d, d).copy_from(m.transpose());
-    for (i, row) in out.chunks_mut(d.max(1)).enumerate().take(d) {
-        row[i + 1..].fill(0.0);
+    for j0 in (0..d).step_by(TILE) {
+        for i0 in (j0..d).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(d) {
+                let row = &mut out[i * d..(i + 1) * d];
+                for (j, v) in row
+                    .iter_mut()
+                    .enumerate()
+                    .take((j0 + TILE).min(i + 1))
+                    .skip(j0)
+                {
+                    *v = m[(i, j)];
+                }
+            }
+        }
     }
     out
 }
 
-/// A factor `S` of the damped statistics (`S·Sᵀ = H`, lower triangular) and its inverse: the
-/// output error of a replacement `W'` is `‖(W − W')·S‖_F`.
+/// A factor `S` of the damped statistics (`S·Sᵀ = H`, lower triangular): the output error of
+/// a replacement `W'` is `‖(W − W')·S‖_F`.
 #[derive(Clone, Debug)]
 pub struct Weighting {
     dim: usize,
     /// `S`, row-major.
     s: Vec<f32>,
-    /// `S⁻¹`, row-major.
-    s_inv: Vec<f32>,
+    /// `S⁻¹`, row-major, made when first asked for: the host alternation solves with `S`
+    /// instead, and a 1536-wide inverse costs as much as the factorisation.
+    s_inv: OnceLock<Vec<f32>>,
 }
 
 impl Weighting {
@@ -206,8 +214,30 @@ impl Weighting {
     }
 
     /// `S⁻¹` (lower triangular), row-major `dim × dim`.
-    pub fn inverse_factor(&self) -> &[f32] {
-        &self.s_inv
+    ///
+    /// # Errors
+    /// [`CalibError::NotPositiveDefinite`] if `S` is numerically singular.
+    pub fn inverse_factor(&self) -> Result<&[f32], CalibError> {
+        let inv = self.s_inv.get_or_init(|| {
+            let d = self.dim;
+            // Row-major `S` read column-major is `Sᵀ`, and the column-major `(Sᵀ)⁻¹` written
+            // is the row-major `S⁻¹`: no copies.
+            let mut inv = vec![0f32; d * d];
+            faer::linalg::triangular_inverse::invert_upper_triangular(
+                MatMut::from_column_major_slice_mut(&mut inv, d, d),
+                MatRef::from_column_major_slice(&self.s, d, d),
+                Par::rayon(0),
+            );
+            crate::upper::clear_upper_state();
+            for (i, row) in inv.chunks_mut(d.max(1)).enumerate().take(d) {
+                row[i + 1..].fill(0.0);
+            }
+            inv
+        });
+        if inv.iter().any(|v| !v.is_finite()) {
+            return Err(CalibError::NotPositiveDefinite);
+        }
+        Ok(inv)
     }
 
     /// GPTQ's factor: the upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = Uᵀ·U`), row-major.
@@ -217,7 +247,7 @@ impl Weighting {
     pub fn gptq_factor(&self) -> Result<Vec<f32>, CalibError> {
         let d = self.dim;
         // H⁻¹ = S⁻ᵀ·S⁻¹ (its lower triangle), then its lower factor L: U = Lᵀ.
-        let s_inv = MatRef::from_row_major_slice(&self.s_inv, d, d);
+        let s_inv = MatRef::from_row_major_slice(self.inverse_factor()?, d, d);
         let mut h_inv = Mat::<f32>::zeros(d, d);
         triangular::matmul(
             h_inv.as_mut(),
@@ -244,6 +274,18 @@ impl Weighting {
         }
         Ok(u)
     }
+}
+
+/// `a ← a·S⁻¹` for a row-major `a [rows, n]` and a row-major lower-triangular `S [n, n]`, by
+/// a triangular solve (`Sᵀ·(a·S⁻¹)ᵀ = aᵀ`).
+pub(crate) fn solve_lower_right(a: &mut [f32], rows: usize, s: &[f32], n: usize) {
+    // Row-major buffers read column-major are the transposes: `Sᵀ` (upper) and `aᵀ`.
+    faer::linalg::triangular_solve::solve_upper_triangular_in_place(
+        MatRef::from_column_major_slice(s, n, n),
+        MatMut::from_column_major_slice_mut(a, n, rows),
+        Par::rayon(0),
+    );
+    crate::upper::clear_upper_state();
 }
 
 /// `out = a·b` for row-major `a [m, k]` and `b [k, n]` (a host helper of the tests).
@@ -304,12 +346,19 @@ mod tests {
             }
         }
         // S·S⁻¹ = I.
-        let p = host_product(s, w.inverse_factor(), [d, d, d]);
+        let p = host_product(s, w.inverse_factor().unwrap(), [d, d, d]);
         for i in 0..d {
             for j in 0..d {
                 let want = if i == j { 1.0 } else { 0.0 };
                 assert!((p[i * d + j] - want).abs() < 1e-4);
             }
+        }
+        // a·S⁻¹ by the triangular solve, times S, is a again.
+        let a = Gaussian::new(5).values(3 * d);
+        let mut x = a.clone();
+        solve_lower_right(&mut x, 3, s, d);
+        for (got, want) in host_product(&x, s, [3, d, d]).iter().zip(&a) {
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
         }
         // Uᵀ·U = H⁻¹, i.e. (Uᵀ·U)·(S·Sᵀ) = I.
         let u = w.gptq_factor().unwrap();
@@ -327,6 +376,21 @@ mod tests {
                 }
                 let want = if i == j { 1.0 } else { 0.0 };
                 assert!((v - want).abs() < 1e-3, "{i},{j}: {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn row_major_lower_copies_the_lower_triangle_across_tiles() {
+        // Widths below, at and across the tile size.
+        for d in [1, 5, 64, 130] {
+            let m = Mat::<f32>::from_fn(d, d, |i, j| (i * 1000 + j) as f32);
+            let out = row_major_lower(m.as_ref());
+            for i in 0..d {
+                for j in 0..d {
+                    let want = if j <= i { (i * 1000 + j) as f32 } else { 0.0 };
+                    assert_eq!(out[i * d + j], want, "d {d}: ({i}, {j})");
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ mod weighted;
 
 pub use allocate::{Allocation, Choice, allocate, score};
 pub use gptq::{GptqConfig, gptq};
+pub(crate) use gram::solve_lower_right;
 pub use gram::{Gram, Weighting};
 pub use weighted::{
     BaseQuantizer, CalibratedConfig, CalibratedResult, WeightedFit, base_errors, calibrated,

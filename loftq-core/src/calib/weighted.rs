@@ -180,7 +180,7 @@ pub fn fit_weighted(
     let ops = DeviceOps(w.device());
     let n = weighting.dim();
     let s = ops.matrix(weighting.factor().to_vec(), [n, n]);
-    let s_inv = ops.matrix(weighting.inverse_factor().to_vec(), [n, n]);
+    let s_inv = ops.matrix(weighting.inverse_factor()?.to_vec(), [n, n]);
     let norm = ops.norm(w).max(f32::MIN_POSITIVE);
     let wnorm = ops.norm(&ops.mul(w, &s)).max(f32::MIN_POSITIVE);
     let residual = w.clone() - q.clone();

@@ -189,6 +189,12 @@ impl<'a> Dense for HostOps<'a> {
         );
     }
 
+    fn solve_lower_right(&self, a: &RowMat<'a>, b: &RowMat<'a>) -> RowMat<'a> {
+        let mut out = a.data.to_vec();
+        crate::calib::solve_lower_right(&mut out, a.rows, &b.data, a.cols);
+        self.matrix(out, [a.rows, a.cols])
+    }
+
     fn tmul(&self, a: &RowMat<'a>, b: &RowMat<'a>) -> RowMat<'a> {
         // (bᵀ·a)ᵀ: with the large `a` as the row-major right operand and a row-major result,
         // faer runs 3× faster than with `aᵀ` on the left; the transpose is of a small matrix.
