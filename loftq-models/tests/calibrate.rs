@@ -95,26 +95,53 @@ fn calibrated_starts_lower_the_weighted_error() {
         assert!((a - b).abs() <= 1e-5 * b, "{}: {a} vs {b}", r.name);
     }
 
-    // Full-precision inputs: a different (valid) run.
-    let mut f = spec(model, dir.join("full"), text);
+    // Other inputs: different (valid) runs. Full-precision ones change nothing in layer 0 and
+    // what layer 1 sees. In the true-sequential order layer 0's q/k/v still read the
+    // embeddings, but its down_proj reads the outputs of the initialized gate/up.
+    let err = |r: &Report, name: &str| {
+        let t = r.tensors.iter().find(|t| t.name == name).unwrap();
+        t.weighted_err_init.unwrap()
+    };
+    let (q0, down0, q1) = (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    );
+    let mut f = spec(model.clone(), dir.join("full"), text.clone());
     f.calibration.as_mut().unwrap().inputs = CalibInputs::Full;
     let full = run(&f, false).unwrap();
-    assert_eq!(
-        full.tensors[0].weighted_err_init,
-        rtn.tensors[0].weighted_err_init
-    );
+    assert_eq!(err(&full, down0), err(&rtn, down0));
+    assert_ne!(err(&full, q1), err(&rtn, q1));
+    let mut sq = spec(model, dir.join("sequential"), text);
+    sq.calibration.as_mut().unwrap().inputs = CalibInputs::Sequential;
+    let seq = run(&sq, false).unwrap();
+    assert_eq!(err(&seq, q0), err(&rtn, q0));
+    assert_ne!(err(&seq, down0), err(&rtn, down0));
+    let t = &seq.totals;
+    assert!(t.mean_weighted_err_init.unwrap() < t.mean_weighted_err_quant.unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn calibrated_runs_resume_to_identical_files() {
-    let dir = scratch("calib-resume");
+    for inputs in [CalibInputs::Quantized, CalibInputs::Sequential] {
+        resume_calibrated(inputs);
+    }
+}
+
+fn resume_calibrated(inputs: CalibInputs) {
+    let dir = scratch(&format!("calib-resume-{inputs:?}"));
     let (model, text) = model_and_text(&dir);
-    let a = spec(model.clone(), dir.join("a"), text.clone());
+    let with_inputs = |out: PathBuf| {
+        let mut s = spec(model.clone(), out, text.clone());
+        s.calibration.as_mut().unwrap().inputs = inputs;
+        s
+    };
+    let a = with_inputs(dir.join("a"));
     run(&a, false).unwrap();
     let want = files(&a.out);
     // Killed in layer 1's tensors, so the hidden states after layer 0 are on disk.
-    let c = spec(model, dir.join("c"), text);
+    let c = with_inputs(dir.join("c"));
     let mut n = 0;
     let killed = catch_unwind(AssertUnwindSafe(|| {
         run_init(&c, &[device()], false, &mut |e| {
@@ -129,8 +156,8 @@ fn calibrated_runs_resume_to_identical_files() {
     assert!(work.join("calibration-hidden.safetensors").is_file());
     let report = run(&c, true).unwrap();
     // The tenth piece was written before its event "killed" the run.
-    assert_eq!(report.totals.resumed, 10);
-    assert_eq!(files(&c.out), want);
+    assert_eq!(report.totals.resumed, 10, "{inputs:?}");
+    assert_eq!(files(&c.out), want, "{inputs:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -231,8 +231,9 @@ fn packed_bases_dequantize_exactly_to_peft_q() {
     }
 }
 
-/// The calibration pass's observe-only forward sees what the full one sees, and the full
-/// one's output is the layer's; in parallel (Phi-2) the MLP's group sees the attention's input.
+/// The calibration pass's observing forwards (with and without the output) and its
+/// group-by-group steps see the same inputs, and give the layer's output; in parallel (Phi-2)
+/// the MLP's group sees the attention's input.
 #[test]
 fn observing_a_layer_sees_what_its_forward_computes() {
     for name in ["tiny-llama", "tiny-phi2"] {
@@ -252,6 +253,7 @@ fn observe_layer(name: &str) {
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
         .collect();
     let x = Tensor::<3>::from_data(TensorData::new(x, [b, s, h]), &device());
+    let values = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
     let mut full = Vec::new();
     let y = layer.forward_observed(x.clone(), &rope, &mut |g, t| {
         full.push((g, t.into_data().try_to_vec::<f32>().unwrap()));
@@ -262,19 +264,29 @@ fn observe_layer(name: &str) {
     });
     assert_eq!(full.iter().map(|o| o.0).collect::<Vec<_>>(), [0, 1, 2, 3]);
     assert_eq!(full, only);
+    // The steps of the true-sequential pass, one group at a time.
+    let xn = layer.attention_input(x.clone());
+    let att = layer.attention_heads(xn.clone(), &rope);
+    let after = layer.after_attention(x.clone(), att.clone());
+    let hn = layer.mlp_input(after.clone(), xn.clone());
+    let act = layer.mlp.activation(hn.clone());
+    let steps = layer.after_mlp(after, act.clone());
+    for (g, t) in [xn, att, hn, act].into_iter().enumerate() {
+        assert_eq!(full[g].1, values(t), "{name}: group {g}'s input");
+    }
     if config.family.parallel() {
         assert_eq!(
             full[0].1, full[2].1,
             "{name}: the MLP reads the attention's input"
         );
     }
-    let plain = layer
-        .forward(x, &rope)
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let y = y.into_data().try_to_vec::<f32>().unwrap();
+    let plain = values(layer.forward(x, &rope));
+    let (y, steps) = (values(y), values(steps));
     assert!(max_abs_diff(&y, &plain) < 1e-6);
+    assert_eq!(
+        y, steps,
+        "{name}: the steps give the observed forward's output"
+    );
 }
 
 /// PEFT's LoftQ start merged into one dense checkpoint (`W + s·B·A`) gives PEFT's logits with

@@ -45,19 +45,10 @@ impl DecoderLayer {
         h.clone() + self.mlp.forward_as(self.mlp_input(h, xn), output)
     }
 
-    /// The MLP's input: the normalized residual after attention, or (in parallel) the
-    /// attention's own input `xn`.
-    pub(crate) fn mlp_input(&self, h: Tensor<3>, xn: Tensor<3>) -> Tensor<3> {
-        match &self.post_attention_layernorm {
-            Some(norm) => norm.forward(h),
-            None => xn,
-        }
-    }
-
     /// [`forward`](Self::forward), handing the input of each group of linear layers to
     /// `observe` as `[batch·seq, in]`: the group index is [`Self::input_groups`]' (0: q/k/v,
     /// 1: o_proj, 2: gate/up, 3: down_proj; in parallel, 2 is handed group 0's input again).
-    /// Calibration reads its statistics from here.
+    /// Calibration with full-precision inputs reads its statistics from here.
     pub fn forward_observed(
         &self,
         x: Tensor<3>,
@@ -65,7 +56,7 @@ impl DecoderLayer {
         observe: &mut dyn FnMut(usize, Tensor<2>),
     ) -> Tensor<3> {
         let (h, act) = self.observed(x, rope, observe);
-        h + self.mlp.down_proj.forward(act)
+        self.after_mlp(h, act)
     }
 
     /// [`forward_observed`](Self::forward_observed) without the layer's output: it stops
@@ -91,18 +82,51 @@ impl DecoderLayer {
             let [b, s, w] = t.dims();
             t.clone().reshape([b * s, w])
         };
-        let a = &self.self_attn;
-        let xn = self.input_layernorm.forward(x.clone());
+        let xn = self.attention_input(x.clone());
         observe(0, flat(&xn));
-        let att =
-            super::attention::attend(a.project(xn.clone()), rope, [a.heads, a.kv_heads], a.window);
+        let att = self.attention_heads(xn.clone(), rope);
         observe(1, flat(&att));
-        let h = x + a.o_proj.forward(att);
+        let h = self.after_attention(x, att);
         let hn = self.mlp_input(h.clone(), xn);
         observe(2, flat(&hn));
         let act = self.mlp.activation(hn);
         observe(3, flat(&act));
         (h, act)
+    }
+
+    // The steps of `forward` one group of linear layers at a time: calibration in GPTQ's
+    // true-sequential order (`--calibration-inputs sequential`) changes each group's weights
+    // before the next group's input is computed.
+
+    /// Group 0's input (q/k/v's): `input_layernorm(x)`.
+    pub fn attention_input(&self, x: Tensor<3>) -> Tensor<3> {
+        self.input_layernorm.forward(x)
+    }
+
+    /// Group 1's input (o_proj's): the attention of group 0's input `xn`, before o_proj.
+    pub fn attention_heads(&self, xn: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
+        let a = &self.self_attn;
+        super::attention::attend(a.project(xn), rope, [a.heads, a.kv_heads], a.window)
+    }
+
+    /// The residual stream after attention: `x + o_proj(att)`.
+    pub fn after_attention(&self, x: Tensor<3>, att: Tensor<3>) -> Tensor<3> {
+        x + self.self_attn.o_proj.forward(att)
+    }
+
+    /// Group 2's input (the MLP's): the normalized residual `h` after attention, or (in
+    /// parallel) the attention's own input `xn`.
+    pub fn mlp_input(&self, h: Tensor<3>, xn: Tensor<3>) -> Tensor<3> {
+        match &self.post_attention_layernorm {
+            Some(norm) => norm.forward(h),
+            None => xn,
+        }
+    }
+
+    /// The layer's output from the residual `h` after attention and down_proj's input `act`
+    /// (group 3's, [`Mlp::activation`]).
+    pub fn after_mlp(&self, h: Tensor<3>, act: Tensor<3>) -> Tensor<3> {
+        h + self.mlp.down_proj.forward(act)
     }
 
     /// How the linear layers are named and split: Llama's seven, Phi-3's four fused, Phi's six.

@@ -170,71 +170,209 @@ pub(super) fn run(
         None => (embed(source, ids, hidden)?, 0),
     };
     let layers = config.num_hidden_layers;
+    let groups = config.family.input_groups();
     for l in first..layers {
         progress(Progress::Layer(Event::Calibrating { layer: l, layers }));
         let (mut layer, targets) = setup.layer(source, l, device)?;
-        // With full-precision inputs the pass that observes the layer also moves the hidden
-        // states on; with quantized ones they go through the initialized layer afterwards.
-        let mut next = None;
-        if targets.iter().any(|(i, _)| !done.contains(i)) {
-            // With quantized inputs the full-precision outputs are not needed.
-            let full = calib.inputs == CalibInputs::Full;
-            let (grams, y) =
-                statistics(&layer, &x, [seq, hidden], rope, full).map_err(|e| in_layer(l, e))?;
-            next = full.then_some(y);
-            // Memory: the targets' full-precision copies are not needed any more (each
-            // is read again from the source), and each input group's weighting lives only
-            // while its own tensors are computed.
-            release(&mut layer, targets);
-            let mut grams = grams.map(Some);
-            let mut todo: Vec<(usize, usize)> = targets
-                .iter()
-                .copied()
-                .filter(|(i, _)| !done.contains(i))
-                .collect();
-            let groups = config.family.input_groups();
-            todo.sort_by_key(|&(i, p)| (groups[p], i));
-            let mut current: Option<(usize, Weighting)> = None;
-            for (i, p) in todo {
-                let g = groups[p];
-                if current.as_ref().is_none_or(|(c, _)| *c != g) {
-                    // The previous group's factors go before this one's are made.
-                    drop(current.take());
-                    let gram = grams[g].take().expect("each group is factored once");
-                    let wg = gram
-                        .into_weighting(calib.damping)
-                        .map_err(|e| in_layer(l, e))?;
-                    current = Some((g, wg));
-                }
-                let wg = current.as_ref().map(|(_, w)| w);
-                let item = &plan.items[i];
-                let loaded = piece::load(source, item)?;
-                if let Some(r) = piece::compute(spec, item, loaded, i, work, device, wg)? {
-                    progress(Progress::Tensor(i, r));
-                }
-            }
+        let mut needs = [false; 4];
+        for &(i, p) in targets {
+            needs[groups[p]] |= !done.contains(&i);
         }
-        x = match (calib.inputs, next) {
-            (CalibInputs::Full, Some(y)) => y,
-            (CalibInputs::Full, None) => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
-            (CalibInputs::Quantized, _) => {
-                for &(i, p) in targets {
-                    install(
-                        &mut layer,
-                        p,
-                        &piece_path(work, i),
-                        &plan.items[i].name,
-                        spec,
-                        device,
-                    )?;
+        // A group's tensors (q/k/v, gate/up) are computed side by side: one small matrix's
+        // products leave a core idle.
+        let side_by_side = |todo: &[usize], wg: &Weighting| -> Vec<Result<Option<TensorReport>>> {
+            std::thread::scope(|scope| {
+                let running: Vec<_> = (todo.iter())
+                    .map(|&i| {
+                        scope.spawn(move || {
+                            let item = &plan.items[i];
+                            let loaded = piece::load(source, item)?;
+                            piece::compute(spec, item, loaded, i, work, device, Some(wg))
+                        })
+                    })
+                    .collect();
+                (running.into_iter())
+                    .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        // Initializes group `g`'s targets that have no piece yet with the statistics `gram`
+        // (given when some have none), then puts all of them into the layer.
+        let mut init_group =
+            |layer: &mut DecoderLayer, g: usize, gram: Option<Gram>| -> Result<()> {
+                let members: Vec<(usize, usize)> = (targets.iter().copied())
+                    .filter(|&(_, p)| groups[p] == g)
+                    .collect();
+                if let Some(gram) = gram {
+                    // The full-precision copies are read again from the source; the weighting
+                    // lives only while this group's tensors are computed.
+                    release(layer, &members);
+                    let wg = (gram.into_weighting(calib.damping)).map_err(|e| in_layer(l, e))?;
+                    let todo: Vec<usize> = (members.iter().map(|&(i, _)| i))
+                        .filter(|i| !done.contains(i))
+                        .collect();
+                    for (i, r) in todo.iter().zip(side_by_side(&todo, &wg)) {
+                        if let Some(r) = r? {
+                            progress(Progress::Tensor(*i, r));
+                        }
+                    }
                 }
-                forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?
+                for &(i, p) in &members {
+                    let name = &plan.items[i].name;
+                    install(layer, p, &piece_path(work, i), name, spec, device)?;
+                }
+                Ok(())
+            };
+        x = match calib.inputs {
+            CalibInputs::Sequential => {
+                let how = (needs, l, KEEP_ACTIVATIONS_BYTES);
+                sequential(&mut layer, x, [seq, hidden], rope, how, &mut init_group)?
+            }
+            _ if !needs.contains(&true) => match calib.inputs {
+                CalibInputs::Full => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
+                _ => {
+                    for g in 0..4 {
+                        init_group(&mut layer, g, None)?;
+                    }
+                    forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?
+                }
+            },
+            // The full-precision layer is observed; with full-precision inputs that pass also
+            // moves the hidden states on, else they go through the initialized layer after.
+            full_or_quantized => {
+                let full = full_or_quantized == CalibInputs::Full;
+                let (grams, y) = statistics(&layer, &x, [seq, hidden], rope, full)
+                    .map_err(|e| in_layer(l, e))?;
+                for (g, gram) in grams.into_iter().enumerate() {
+                    init_group(&mut layer, g, needs[g].then_some(gram))?;
+                }
+                match full {
+                    true => y,
+                    false => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
+                }
             }
         };
         write_state(&state, &x, [seqs, seq, hidden], l + 1)?;
     }
     let _ = std::fs::remove_file(&state);
     Ok(setup.by_layer.values().flatten().map(|&(i, _)| i).collect())
+}
+
+/// What [`sequential`] hands each group of linear layers to: the layer, the group, and the
+/// statistics of its input when asked for.
+type InitGroup<'a> = dyn FnMut(&mut DecoderLayer, usize, Option<Gram>) -> Result<()> + 'a;
+
+/// Down_proj's inputs on every calibration sequence are kept between its statistics and the
+/// layer's output up to this size, and computed again above it (the 7B shapes' 16,384 tokens
+/// take 721 MB, which a 3 GiB run cannot spare).
+const KEEP_ACTIVATIONS_BYTES: usize = 256 << 20;
+
+/// Decoder layer `l` on the hidden states `x` in GPTQ's true-sequential order: the input of
+/// each group of linear layers in turn (q/k/v, o, gate/up, down) is computed on every
+/// sequence through the groups before it, already initialized, and its statistics (where
+/// `needs` says) go to `init`, which puts the group's initialized weights in; down_proj's inputs
+/// are kept up to `keep_bytes`. Returns the layer's outputs: one forward pass in all, where
+/// observing the full-precision layer first would take two.
+fn sequential(
+    layer: &mut DecoderLayer,
+    x: Vec<f32>,
+    [seq, hidden]: [usize; 2],
+    rope: &RopeTables,
+    (needs, l, keep_bytes): ([bool; 4], usize, usize),
+    init: &mut InitGroup<'_>,
+) -> Result<Vec<f32>> {
+    let device = rope.cos.device();
+    let xs: Vec<Tensor<3>> = (x.chunks(SEQS_PER_PASS * seq * hidden))
+        .map(|c| {
+            let b = c.len() / (seq * hidden);
+            Tensor::from_data(TensorData::new(c.to_vec(), [b, seq, hidden]), &device)
+        })
+        .collect();
+    // Memory: one copy of the hidden states at a time (the 7B shapes' 16,384 tokens: 268 MB).
+    let len = x.len();
+    drop(x);
+    // The statistics of group `g`'s inputs, when needed.
+    let stats = |g: usize, inputs: &mut dyn Iterator<Item = Tensor<3>>| -> Result<Option<Gram>> {
+        if !needs[g] {
+            return Ok(None);
+        }
+        let mut gram: Option<Gram> = None;
+        for t in inputs {
+            let [b, s, w] = t.dims();
+            let rows = host_f32(&t.reshape([b * s, w]));
+            let sum = gram.get_or_insert_with(|| Gram::new(w));
+            sum.add_rows(&rows).map_err(|e| in_layer(l, e))?;
+        }
+        Ok(gram)
+    };
+    let g0 = stats(0, &mut xs.iter().map(|x| layer.attention_input(x.clone())))?;
+    init(layer, 0, g0)?;
+    let atts: Vec<Tensor<3>> = (xs.iter())
+        .map(|x| layer.attention_heads(layer.attention_input(x.clone()), rope))
+        .collect();
+    init(layer, 1, stats(1, &mut atts.iter().cloned())?)?;
+    let hs: Vec<Tensor<3>> = (xs.iter().zip(atts))
+        .map(|(x, att)| layer.after_attention(x.clone(), att))
+        .collect();
+    // In parallel (Phi) the MLP reads the attention's input, so `x` stays.
+    let xs = if layer.post_attention_layernorm.is_none() {
+        xs
+    } else {
+        Vec::new()
+    };
+    let mlp_input = |layer: &DecoderLayer, i: usize| {
+        let xn = xs.get(i).map(|x| layer.attention_input(x.clone()));
+        match xn {
+            Some(xn) => layer.mlp_input(hs[i].clone(), xn),
+            None => layer.mlp_input(hs[i].clone(), hs[i].clone()),
+        }
+    };
+    init(
+        layer,
+        2,
+        stats(2, &mut (0..hs.len()).map(|i| mlp_input(layer, i)))?,
+    )?;
+    let activation = |layer: &DecoderLayer, i: usize| layer.mlp.activation(mlp_input(layer, i));
+    let mut acts = Vec::new();
+    if needs[3] {
+        let mut keep = true;
+        let mut all = (0..hs.len()).map(|i| {
+            let act = activation(layer, i);
+            let [_, _, w] = act.dims();
+            keep &= len / hidden * w * 4 <= keep_bytes;
+            if keep {
+                acts.push(act.clone());
+            }
+            act
+        });
+        let gram = stats(3, &mut all)?;
+        if !keep {
+            acts.clear();
+        }
+        init(layer, 3, gram)?;
+    } else {
+        init(layer, 3, None)?;
+    }
+    // Kept for every sequence, or for none.
+    let mut kept = acts.into_iter();
+    let mut out = Vec::with_capacity(len);
+    for (i, h) in hs.iter().enumerate() {
+        let act = kept.next().unwrap_or_else(|| activation(layer, i));
+        let y = layer.after_mlp(h.clone(), act);
+        let [b, s, w] = y.dims();
+        out.extend(finite_states(host_f32(&y.reshape([b * s, w])))?);
+    }
+    Ok(out)
+}
+
+/// `v`, unless the calibration hidden states became NaN or infinite.
+fn finite_states(v: Vec<f32>) -> Result<Vec<f32>> {
+    if v.iter().any(|v| !v.is_finite()) {
+        return Err(ModelError::Data(
+            "the calibration hidden states became NaN or infinite".into(),
+        ));
+    }
+    Ok(v)
 }
 
 /// The embeddings of `ids`, row-major `[tokens, hidden]`.
@@ -400,13 +538,7 @@ fn forward(
                 continue;
             }
         };
-        let v = host_f32(&y.reshape([b * seq, hidden]));
-        if v.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::Data(
-                "the calibration hidden states became NaN or infinite".into(),
-            ));
-        }
-        out.extend(v);
+        out.extend(finite_states(host_f32(&y.reshape([b * seq, hidden])))?);
     }
     Ok(out)
 }
@@ -467,4 +599,50 @@ fn write_state(path: &Path, x: &[f32], [seqs, seq, hidden]: [usize; 3], next: us
     );
     let meta = HashMap::from([(LAYER_KEY.to_string(), next.to_string())]);
     write_safetensors(path, &tensors, Some(meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::nn::load_layer;
+
+    /// With no weight changed, the group-by-group pass is the layer's forward, whether it
+    /// keeps down_proj's inputs or computes them again, and it hands each group its inputs.
+    #[test]
+    fn sequential_pass_is_the_forward_kept_or_recomputed() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+        let ck = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
+        let device = Device::default();
+        let mut layer = load_layer(&config, &ck, 0, &device, &LoadOptions::default()).unwrap();
+        let (seq, hidden) = (6, config.hidden_size);
+        // 9 sequences: three chunks, the last one short.
+        let x: Vec<f32> = (0..9 * seq * hidden)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
+        let rope = RopeTables::new(&config.rope, config.rotary_dim(), seq, &device);
+        let plain = forward(&layer, &x, [seq, hidden], &rope, Pass::Plain).unwrap();
+        for keep in [usize::MAX, 0] {
+            let mut rows = Vec::new();
+            let mut init = |_: &mut DecoderLayer, g: usize, gram: Option<Gram>| {
+                rows.push((g, gram.map(|g| g.rows())));
+                Ok(())
+            };
+            let shape = [seq, hidden];
+            let y = sequential(
+                &mut layer,
+                x.clone(),
+                shape,
+                &rope,
+                ([true; 4], 0, keep),
+                &mut init,
+            )
+            .unwrap();
+            assert_eq!(y, plain, "keep {keep}");
+            let n = Some(9 * seq as u64);
+            assert_eq!(rows, [(0, n), (1, n), (2, n), (3, n)]);
+        }
+    }
 }

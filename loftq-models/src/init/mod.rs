@@ -122,8 +122,8 @@ pub struct Calibration {
     pub seq: usize,
     /// `λ` of the damping `λ·mean(diag H)`.
     pub damping: f64,
-    /// Whether layer `l` sees the outputs of the quantized layers below it (GPTQ's way) or of
-    /// the full-precision ones.
+    /// Whether layer `l` sees the outputs of the initialized layers below it (GPTQ's way) or
+    /// of the full-precision ones.
     pub inputs: CalibInputs,
 }
 
@@ -146,8 +146,13 @@ impl Calibration {
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum CalibInputs {
-    /// The quantized layers (with their adapters), as the model will run.
+    /// The initialized layers below (with their adapters), as the model will run; inside the
+    /// layer, the full-precision one.
     Quantized,
+    /// As `Quantized`, and inside the layer the groups of linear layers before the one being
+    /// initialized are the initialized ones too (q/k/v, o, gate/up, down: GPTQ's
+    /// true-sequential order): one pass through each layer instead of two.
+    Sequential,
     /// The full-precision layers.
     Full,
 }
