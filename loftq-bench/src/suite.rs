@@ -265,27 +265,31 @@ fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<
     Ok(out)
 }
 
+/// A synthetic architecture and its layer count (`None`: all).
+type Arch = (&'static str, Option<usize>);
+
 /// The calibrated start against plain LoftQ in the same run (NF2, rank 16, 5 iterations,
-/// 16,384 calibration tokens in sequences of 512): its time as a multiple of LoftQ's, and its
-/// peak memory on 4 layers of the 7B shapes.
+/// 2,048 and 16,384 calibration tokens in sequences of 512): its time as a multiple of
+/// LoftQ's, and its peak memory on 4 layers of the 7B shapes.
 fn calibrated_cases(
     profile: Profile,
     spec: DeviceSpec,
     scratch: &Path,
 ) -> Result<Vec<Case>, String> {
-    let (archs, tokens, seq): (&[(&str, Option<usize>)], usize, usize) = match profile {
-        Profile::Smoke => (&[("smollm2-135m", Some(1))], 512, 128),
-        Profile::Quick => (&[("smollm2-135m", None)], 16_384, 512),
+    let (archs, tokens, seq): (&[Arch], &[usize], usize) = match profile {
+        Profile::Smoke => (&[("smollm2-135m", Some(1))], &[512], 128),
+        Profile::Quick => (&[("smollm2-135m", None)], &[2_048, 16_384], 512),
         Profile::Full => (
             &[("smollm2-135m", None), ("llama2-7b", Some(4))],
-            16_384,
+            &[2_048, 16_384],
             512,
         ),
     };
     // Byte-level tokens: one per character of the calibration text.
+    let most = tokens.iter().copied().max().unwrap_or(0);
     let text = scratch.join("calibration.txt");
     let line = "Now is the winter of our discontent made glorious summer by this sun of York. ";
-    std::fs::write(&text, line.repeat(tokens / line.len() + 1))
+    std::fs::write(&text, line.repeat(most / line.len() + 1))
         .map_err(|e| format!("{}: {e}", text.display()))?;
     let mut out = Vec::new();
     for &(arch, layers) in archs {
@@ -293,21 +297,23 @@ fn calibrated_cases(
         let mut init = InitSpec::new(model, scratch.join(format!("init-calib-{arch}")), 16, 5);
         init.quant = loftq_core::QuantConfig::nf(2);
         let (_, plain_t, _) = timed_init(&init, spec, 0)?;
-        init.calibration = Some(Calibration {
-            tokens,
-            seq,
-            ..Calibration::new(vec![text.clone()])
-        });
-        let (r, t, m) = timed_init(&init, spec, 0)?;
-        let name = format!("{arch} ({layers} layers) nf2 r16 T5 calibrated, {tokens} tokens");
-        let metric = format!(
-            "mean weighted error; {:.1}× plain LoftQ's {:.1} s",
-            t.median_s / plain_t.median_s.max(1e-9),
-            plain_t.median_s
-        );
-        let size = r.totals.params as usize;
-        let err = r.totals.mean_weighted_err_init;
-        out.push(case("init", name, size, t, m, err, &metric));
+        for &tokens in tokens {
+            init.calibration = Some(Calibration {
+                tokens,
+                seq,
+                ..Calibration::new(vec![text.clone()])
+            });
+            let (r, t, m) = timed_init(&init, spec, 0)?;
+            let name = format!("{arch} ({layers} layers) nf2 r16 T5 calibrated, {tokens} tokens");
+            let metric = format!(
+                "mean weighted error; {:.1}× plain LoftQ's {:.1} s",
+                t.median_s / plain_t.median_s.max(1e-9),
+                plain_t.median_s
+            );
+            let size = r.totals.params as usize;
+            let err = r.totals.mean_weighted_err_init;
+            out.push(case("init", name, size, t, m, err, &metric));
+        }
     }
     Ok(out)
 }
