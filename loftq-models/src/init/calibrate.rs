@@ -12,8 +12,8 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use loftq_core::calib::{Gram, Weighting};
-use loftq_core::quant::host_f32;
 
+use super::pass::{KEEP_ACTIVATIONS_BYTES, Pass, forward, in_layer, sequential, statistics};
 use super::piece::{self, Plan, piece_path};
 use super::plan::layer_index;
 use super::{CalibInputs, Calibration, Event, InitSpec, TensorReport};
@@ -33,8 +33,6 @@ pub(super) enum Progress {
     Tensor(usize, TensorReport),
 }
 
-/// Sequences pushed through a layer at once.
-const SEQS_PER_PASS: usize = 4;
 const STATE_FILE: &str = "calibration-hidden.safetensors";
 const STATE_KEY: &str = "hidden";
 const LAYER_KEY: &str = "loftq.next_layer";
@@ -258,123 +256,6 @@ pub(super) fn run(
     Ok(setup.by_layer.values().flatten().map(|&(i, _)| i).collect())
 }
 
-/// What [`sequential`] hands each group of linear layers to: the layer, the group, and the
-/// statistics of its input when asked for.
-type InitGroup<'a> = dyn FnMut(&mut DecoderLayer, usize, Option<Gram>) -> Result<()> + 'a;
-
-/// Down_proj's inputs on every calibration sequence are kept between its statistics and the
-/// layer's output up to this size, and computed again above it (the 7B shapes' 16,384 tokens
-/// take 721 MB, which a 3 GiB run cannot spare).
-const KEEP_ACTIVATIONS_BYTES: usize = 256 << 20;
-
-/// Decoder layer `l` on the hidden states `x` in GPTQ's true-sequential order: the input of
-/// each group of linear layers in turn (q/k/v, o, gate/up, down) is computed on every
-/// sequence through the groups before it, already initialized, and its statistics (where
-/// `needs` says) go to `init`, which puts the group's initialized weights in; down_proj's inputs
-/// are kept up to `keep_bytes`. Returns the layer's outputs: one forward pass in all, where
-/// observing the full-precision layer first would take two.
-fn sequential(
-    layer: &mut DecoderLayer,
-    x: Vec<f32>,
-    [seq, hidden]: [usize; 2],
-    rope: &RopeTables,
-    (needs, l, keep_bytes): ([bool; 4], usize, usize),
-    init: &mut InitGroup<'_>,
-) -> Result<Vec<f32>> {
-    let device = rope.cos.device();
-    let xs: Vec<Tensor<3>> = (x.chunks(SEQS_PER_PASS * seq * hidden))
-        .map(|c| {
-            let b = c.len() / (seq * hidden);
-            Tensor::from_data(TensorData::new(c.to_vec(), [b, seq, hidden]), &device)
-        })
-        .collect();
-    // Memory: one copy of the hidden states at a time (the 7B shapes' 16,384 tokens: 268 MB).
-    let len = x.len();
-    drop(x);
-    // The statistics of group `g`'s inputs, when needed.
-    let stats = |g: usize, inputs: &mut dyn Iterator<Item = Tensor<3>>| -> Result<Option<Gram>> {
-        if !needs[g] {
-            return Ok(None);
-        }
-        let mut gram: Option<Gram> = None;
-        for t in inputs {
-            let [b, s, w] = t.dims();
-            let rows = host_f32(&t.reshape([b * s, w]));
-            let sum = gram.get_or_insert_with(|| Gram::new(w));
-            sum.add_rows(&rows).map_err(|e| in_layer(l, e))?;
-        }
-        Ok(gram)
-    };
-    let g0 = stats(0, &mut xs.iter().map(|x| layer.attention_input(x.clone())))?;
-    init(layer, 0, g0)?;
-    let atts: Vec<Tensor<3>> = (xs.iter())
-        .map(|x| layer.attention_heads(layer.attention_input(x.clone()), rope))
-        .collect();
-    init(layer, 1, stats(1, &mut atts.iter().cloned())?)?;
-    let hs: Vec<Tensor<3>> = (xs.iter().zip(atts))
-        .map(|(x, att)| layer.after_attention(x.clone(), att))
-        .collect();
-    // In parallel (Phi) the MLP reads the attention's input, so `x` stays.
-    let xs = if layer.post_attention_layernorm.is_none() {
-        xs
-    } else {
-        Vec::new()
-    };
-    let mlp_input = |layer: &DecoderLayer, i: usize| {
-        let xn = xs.get(i).map(|x| layer.attention_input(x.clone()));
-        match xn {
-            Some(xn) => layer.mlp_input(hs[i].clone(), xn),
-            None => layer.mlp_input(hs[i].clone(), hs[i].clone()),
-        }
-    };
-    init(
-        layer,
-        2,
-        stats(2, &mut (0..hs.len()).map(|i| mlp_input(layer, i)))?,
-    )?;
-    let activation = |layer: &DecoderLayer, i: usize| layer.mlp.activation(mlp_input(layer, i));
-    let mut acts = Vec::new();
-    if needs[3] {
-        let mut keep = true;
-        let mut all = (0..hs.len()).map(|i| {
-            let act = activation(layer, i);
-            let [_, _, w] = act.dims();
-            keep &= len / hidden * w * 4 <= keep_bytes;
-            if keep {
-                acts.push(act.clone());
-            }
-            act
-        });
-        let gram = stats(3, &mut all)?;
-        if !keep {
-            acts.clear();
-        }
-        init(layer, 3, gram)?;
-    } else {
-        init(layer, 3, None)?;
-    }
-    // Kept for every sequence, or for none.
-    let mut kept = acts.into_iter();
-    let mut out = Vec::with_capacity(len);
-    for (i, h) in hs.iter().enumerate() {
-        let act = kept.next().unwrap_or_else(|| activation(layer, i));
-        let y = layer.after_mlp(h.clone(), act);
-        let [b, s, w] = y.dims();
-        out.extend(finite_states(host_f32(&y.reshape([b * s, w])))?);
-    }
-    Ok(out)
-}
-
-/// `v`, unless the calibration hidden states became NaN or infinite.
-fn finite_states(v: Vec<f32>) -> Result<Vec<f32>> {
-    if v.iter().any(|v| !v.is_finite()) {
-        return Err(ModelError::Data(
-            "the calibration hidden states became NaN or infinite".into(),
-        ));
-    }
-    Ok(v)
-}
-
 /// The embeddings of `ids`, row-major `[tokens, hidden]`.
 fn embed(source: &dyn TensorSource, ids: &[u32], hidden: usize) -> Result<Vec<f32>> {
     let name = "model.embed_tokens.weight";
@@ -436,60 +317,6 @@ pub(super) fn full_precision_pass(
     Ok(())
 }
 
-/// The input statistics of the four input groups of `layer` on the hidden states `x`, and,
-/// with `output`, the layer's outputs (else nothing).
-fn statistics(
-    layer: &DecoderLayer,
-    x: &[f32],
-    shape: [usize; 2],
-    rope: &RopeTables,
-    output: bool,
-) -> std::result::Result<([Gram; 4], Vec<f32>), CalibFailure> {
-    // Each group's width is the input width of its first linear layer.
-    let (linears, groups) = (layer.linears(), layer.input_groups());
-    let mut grams: [Gram; 4] = std::array::from_fn(|g| {
-        let p = (groups.iter())
-            .position(|&x| x == g)
-            .expect("every group is read");
-        Gram::new(linears[p].shape()[1])
-    });
-    let mut failed = None;
-    let mut observe = |g: usize, t: Tensor<2>| {
-        if let Err(e) = grams[g].add_rows(&host_f32(&t)) {
-            failed.get_or_insert(e);
-        }
-    };
-    let pass = match output {
-        true => Pass::Observed(&mut observe),
-        false => Pass::ObserveOnly(&mut observe),
-    };
-    let y = forward(layer, x, shape, rope, pass).map_err(CalibFailure::Model)?;
-    match failed {
-        Some(e) => Err(CalibFailure::Statistics(e)),
-        None => Ok((grams, y)),
-    }
-}
-
-/// What can fail while a layer's statistics are gathered and factored.
-enum CalibFailure {
-    Model(ModelError),
-    Statistics(loftq_core::calib::CalibError),
-}
-
-impl From<loftq_core::calib::CalibError> for CalibFailure {
-    fn from(e: loftq_core::calib::CalibError) -> Self {
-        CalibFailure::Statistics(e)
-    }
-}
-
-/// The error of decoder layer `l`'s statistics.
-fn in_layer(l: usize, e: impl Into<CalibFailure>) -> ModelError {
-    match e.into() {
-        CalibFailure::Model(e) => e,
-        CalibFailure::Statistics(e) => ModelError::Data(format!("decoder layer {l}: {e}")),
-    }
-}
-
 /// Drops the full-precision weights of the targeted linear layers `targets` of `layer` (a
 /// 1×1 placeholder stands in until [`install`] puts the initialized weight there).
 fn release(layer: &mut DecoderLayer, targets: &[(usize, usize)]) {
@@ -501,46 +328,6 @@ fn release(layer: &mut DecoderLayer, targets: &[(usize, usize)]) {
         };
         linears[p].base = BaseWeight::Dense(Tensor::zeros([1, 1], &device));
     }
-}
-
-/// What [`forward`] does with a decoder layer.
-enum Pass<'f> {
-    /// Its outputs.
-    Plain,
-    /// Its outputs, observing the inputs of its linear layers.
-    Observed(&'f mut dyn FnMut(usize, Tensor<2>)),
-    /// The inputs of its linear layers alone.
-    ObserveOnly(&'f mut dyn FnMut(usize, Tensor<2>)),
-}
-
-/// `layer` applied to the hidden states `x` (`[sequences·seq, hidden]` row-major), a few
-/// sequences at a time, as `pass` says; its outputs (none when the pass only observes).
-fn forward(
-    layer: &DecoderLayer,
-    x: &[f32],
-    [seq, hidden]: [usize; 2],
-    rope: &RopeTables,
-    mut pass: Pass<'_>,
-) -> Result<Vec<f32>> {
-    let device = rope.cos.device();
-    let mut out = Vec::with_capacity(match pass {
-        Pass::ObserveOnly(_) => 0,
-        _ => x.len(),
-    });
-    for chunk in x.chunks(SEQS_PER_PASS * seq * hidden) {
-        let b = chunk.len() / (seq * hidden);
-        let t = Tensor::<3>::from_data(TensorData::new(chunk.to_vec(), [b, seq, hidden]), &device);
-        let y = match &mut pass {
-            Pass::Plain => layer.forward(t, rope),
-            Pass::Observed(f) => layer.forward_observed(t, rope, &mut **f),
-            Pass::ObserveOnly(f) => {
-                layer.observe_inputs(t, rope, &mut **f);
-                continue;
-            }
-        };
-        out.extend(finite_states(host_f32(&y.reshape([b * seq, hidden])))?);
-    }
-    Ok(out)
 }
 
 /// Puts the initialized weight of a finished piece into linear layer `p` of `layer`.
@@ -599,50 +386,4 @@ fn write_state(path: &Path, x: &[f32], [seqs, seq, hidden]: [usize; 3], next: us
     );
     let meta = HashMap::from([(LAYER_KEY.to_string(), next.to_string())]);
     write_safetensors(path, &tensors, Some(meta))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::*;
-    use crate::nn::load_layer;
-
-    /// With no weight changed, the group-by-group pass is the layer's forward, whether it
-    /// keeps down_proj's inputs or computes them again, and it hands each group its inputs.
-    #[test]
-    fn sequential_pass_is_the_forward_kept_or_recomputed() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
-        let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-        let ck = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
-        let device = Device::default();
-        let mut layer = load_layer(&config, &ck, 0, &device, &LoadOptions::default()).unwrap();
-        let (seq, hidden) = (6, config.hidden_size);
-        // 9 sequences: three chunks, the last one short.
-        let x: Vec<f32> = (0..9 * seq * hidden)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
-            .collect();
-        let rope = RopeTables::new(&config.rope, config.rotary_dim(), seq, &device);
-        let plain = forward(&layer, &x, [seq, hidden], &rope, Pass::Plain).unwrap();
-        for keep in [usize::MAX, 0] {
-            let mut rows = Vec::new();
-            let mut init = |_: &mut DecoderLayer, g: usize, gram: Option<Gram>| {
-                rows.push((g, gram.map(|g| g.rows())));
-                Ok(())
-            };
-            let shape = [seq, hidden];
-            let y = sequential(
-                &mut layer,
-                x.clone(),
-                shape,
-                &rope,
-                ([true; 4], 0, keep),
-                &mut init,
-            )
-            .unwrap();
-            assert_eq!(y, plain, "keep {keep}");
-            let n = Some(9 * seq as u64);
-            assert_eq!(rows, [(0, n), (1, n), (2, n), (3, n)]);
-        }
-    }
 }

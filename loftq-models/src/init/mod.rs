@@ -11,6 +11,7 @@ mod assemble;
 mod batch;
 mod budget;
 mod calibrate;
+mod pass;
 mod piece;
 pub mod plan;
 mod report;
@@ -149,9 +150,8 @@ pub enum CalibInputs {
     /// The initialized layers below (with their adapters), as the model will run; inside the
     /// layer, the full-precision one.
     Quantized,
-    /// As `Quantized`, and inside the layer the groups of linear layers before the one being
-    /// initialized are the initialized ones too (q/k/v, o, gate/up, down: GPTQ's
-    /// true-sequential order): one pass through each layer instead of two.
+    /// As `Quantized`, and inside the layer the initialized groups before the one being
+    /// initialized (GPTQ's true-sequential order): one pass per layer instead of two.
     Sequential,
     /// The full-precision layers.
     Full,
