@@ -413,6 +413,37 @@ mod tests {
         assert!(differ * 1000 <= ch.len(), "{differ} codes differ");
     }
 
+    /// `a·S⁻¹` by the host's triangular solve and by the device's way through the host, each
+    /// times `S`, is `a` again.
+    #[test]
+    fn both_solve_with_a_lower_factor() {
+        let (r, n) = (3, 40);
+        // A well-conditioned lower triangle: a dominant diagonal.
+        let mut s = gaussian(n, n, 6);
+        for i in 0..n {
+            s[i * n + i] = 4.0 + s[i * n + i].abs();
+            s[i * n + i + 1..(i + 1) * n].fill(0.0);
+        }
+        let a = gaussian(r, n, 7);
+        let host = HostOps::default();
+        let x = host.solve_lower_right(
+            &host.matrix(a.clone(), [r, n]),
+            &host.matrix(s.clone(), [n, n]),
+        );
+        let device = DeviceOps(Device::flex());
+        let y = device.solve_lower_right(
+            &device.matrix(a.clone(), [r, n]),
+            &device.matrix(s.clone(), [n, n]),
+        );
+        for got in [host.to_rows(&x), device.to_rows(&y)] {
+            let back =
+                host.to_rows(&host.mul(&host.matrix(got, [r, n]), &host.matrix(s.clone(), [n, n])));
+            for (g, w) in back.iter().zip(&a) {
+                assert!(close(*g, *w, 1e-4), "{g} vs {w}");
+            }
+        }
+    }
+
     #[test]
     fn small_host_helpers() {
         let ops = HostOps::default();
