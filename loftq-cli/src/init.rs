@@ -118,8 +118,8 @@ pub struct InitArgs {
     /// Which layers feed a layer's calibration inputs: quantized (the initialized layers
     /// below it, as the model will run), sequential (also, inside the layer, the initialized
     /// groups before the one being initialized: q/k/v, o, gate/up, down, GPTQ's
-    /// true-sequential order; one pass per layer instead of two, ~25% faster at 2,048 tokens,
-    /// measured slightly worse on SmolLM2), or full (the full-precision layers).
+    /// true-sequential order; one pass per layer instead of two, ~10% faster at 2,048 tokens,
+    /// measured worse on SmolLM2, much at NF2), or full (the full-precision layers).
     #[arg(long, value_enum, default_value_t = CalibInputs::Quantized)]
     calibration_inputs: CalibInputs,
     /// Damping λ of the statistics: H + λ·mean(diag H)·I (GPTQ's 0.01). Larger values move
