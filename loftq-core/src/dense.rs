@@ -30,6 +30,9 @@ pub(crate) trait Dense {
     fn mul_lower_into(&self, a: &Self::M, b: &Self::M, out: &mut Self::M) {
         *out = self.mul_lower(a, b);
     }
+    /// Whether [`solve_lower_right`](Self::solve_lower_right) runs where the matrices are;
+    /// if not, the calibrated alternation multiplies by an uploaded `S⁻¹` instead.
+    fn solves_here(&self) -> bool;
     /// `a·b⁻¹` for a lower-triangular, invertible `b`, by triangular solves.
     fn solve_lower_right(&self, a: &Self::M, b: &Self::M) -> Self::M;
     /// A matrix from row-major values.
@@ -111,9 +114,12 @@ impl Dense for DeviceOps {
         crate::matmul(&b.clone().transpose(), a).transpose()
     }
 
+    fn solves_here(&self) -> bool {
+        false
+    }
+
     fn solve_lower_right(&self, a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
-        // Burn has no triangular solve: through the host. The calibrated alternation
-        // multiplies by an uploaded inverse on a device instead.
+        // Burn has no triangular solve: through the host.
         let (shape, n) = (a.dims(), b.dims()[0]);
         let mut out = crate::quant::host_f32(a);
         crate::calib::solve_lower_right(&mut out, shape[0], &crate::quant::host_f32(b), n);

@@ -117,17 +117,14 @@ pub(crate) fn checked_alternation(
         let ops = crate::cpu::HostOps::default();
         // The factors are read where they are (a 7B model's widest are 485 MB each).
         let view = |v, shape| crate::cpu::RowMat::borrowed(v, shape);
-        return alternate_with(&ops, &host, cfg, &quantizer, &device, calib, view, true);
+        return alternate_with(&ops, &host, cfg, &quantizer, &device, calib, view);
     }
     let ops = DeviceOps(device.clone());
     let upload = |v: &[f32], shape| ops.matrix(v.to_vec(), shape);
-    alternate_with(&ops, w, cfg, &quantizer, &device, calib, upload, false)
+    alternate_with(&ops, w, cfg, &quantizer, &device, calib, upload)
 }
 
-/// [`alternate`] with the statistics `calib` turned into `ops`' matrices by `matrix`;
-/// `solves`: whether `ops` solves with `S` itself (its triangular solves run where the data
-/// is), else it multiplies by `S⁻¹`.
-#[allow(clippy::too_many_arguments)]
+/// [`alternate`] with the statistics `calib` turned into `ops`' matrices by `matrix`.
 fn alternate_with<'w, D: Dense>(
     ops: &D,
     w: &D::M,
@@ -136,7 +133,6 @@ fn alternate_with<'w, D: Dense>(
     device: &Device,
     calib: Option<(&'w Weighting, &BaseQuantizer)>,
     matrix: impl Fn(&'w [f32], [usize; 2]) -> D::M,
-    solves: bool,
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     let weighted = match calib {
         None => None,
@@ -144,7 +140,7 @@ fn alternate_with<'w, D: Dense>(
             let n = weighting.dim();
             Some(Weighted {
                 s: matrix(weighting.factor(), [n, n]),
-                s_inv: match solves {
+                s_inv: match ops.solves_here() {
                     true => None,
                     false => Some(matrix(weighting.inverse_factor()?, [n, n])),
                 },

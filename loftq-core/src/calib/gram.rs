@@ -197,9 +197,10 @@ pub struct Weighting {
     dim: usize,
     /// `S`, row-major.
     s: Vec<f32>,
-    /// `S⁻¹`, row-major, made when first asked for: the host alternation solves with `S`
-    /// instead, and a 1536-wide inverse costs as much as the factorisation.
-    s_inv: OnceLock<Vec<f32>>,
+    /// `S⁻¹`, row-major (or why there is none), made when first asked for: the host
+    /// alternation solves with `S` instead, and a 1536-wide inverse costs as much as the
+    /// factorisation.
+    s_inv: OnceLock<Result<Vec<f32>, CalibError>>,
 }
 
 impl Weighting {
@@ -232,12 +233,12 @@ impl Weighting {
             for (i, row) in inv.chunks_mut(d.max(1)).enumerate().take(d) {
                 row[i + 1..].fill(0.0);
             }
-            inv
+            match inv.iter().all(|v| v.is_finite()) {
+                true => Ok(inv),
+                false => Err(CalibError::NotPositiveDefinite),
+            }
         });
-        if inv.iter().any(|v| !v.is_finite()) {
-            return Err(CalibError::NotPositiveDefinite);
-        }
-        Ok(inv)
+        inv.as_deref().map_err(Clone::clone)
     }
 
     /// GPTQ's factor: the upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = Uᵀ·U`), row-major.

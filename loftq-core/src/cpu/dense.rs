@@ -189,6 +189,10 @@ impl<'a> Dense for HostOps<'a> {
         );
     }
 
+    fn solves_here(&self) -> bool {
+        true
+    }
+
     fn solve_lower_right(&self, a: &RowMat<'a>, b: &RowMat<'a>) -> RowMat<'a> {
         let mut out = a.data.to_vec();
         crate::calib::solve_lower_right(&mut out, a.rows, &b.data, a.cols);

@@ -194,8 +194,10 @@ pub(super) fn run(
                     .collect()
             })
         };
+        // With full-precision inputs the initialized layer is never run.
+        let full = calib.inputs == CalibInputs::Full;
         // Initializes group `g`'s targets that have no piece yet with the statistics `gram`
-        // (given when some have none), then puts all of them into the layer.
+        // (given when some have none), then puts all of them into the layer (unless `full`).
         let mut init_group =
             |layer: &mut DecoderLayer, g: usize, gram: Option<Gram>| -> Result<()> {
                 let members: Vec<(usize, usize)> = (targets.iter().copied())
@@ -215,39 +217,31 @@ pub(super) fn run(
                         }
                     }
                 }
-                for &(i, p) in &members {
+                for &(i, p) in members.iter().filter(|_| !full) {
                     let name = &plan.items[i].name;
                     install(layer, p, &piece_path(work, i), name, spec, device)?;
                 }
                 Ok(())
             };
-        x = match calib.inputs {
-            CalibInputs::Sequential => {
-                let how = (needs, l, KEEP_ACTIVATIONS_BYTES);
-                sequential(&mut layer, x, [seq, hidden], rope, how, &mut init_group)?
-            }
-            _ if !needs.contains(&true) => match calib.inputs {
-                CalibInputs::Full => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
-                _ => {
-                    for g in 0..4 {
-                        init_group(&mut layer, g, None)?;
-                    }
-                    forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?
-                }
-            },
-            // The full-precision layer is observed; with full-precision inputs that pass also
-            // moves the hidden states on, else they go through the initialized layer after.
-            full_or_quantized => {
-                let full = full_or_quantized == CalibInputs::Full;
-                let (grams, y) = statistics(&layer, &x, [seq, hidden], rope, full)
+        x = if calib.inputs == CalibInputs::Sequential {
+            let how = (needs, l, KEEP_ACTIVATIONS_BYTES);
+            sequential(&mut layer, x, [seq, hidden], rope, how, &mut init_group)?
+        } else {
+            // The full-precision layer is observed when some target needs its statistics; with
+            // full-precision inputs that pass also moves the hidden states on, else they go
+            // through the initialized layer after.
+            let (mut grams, mut next) = ([None, None, None, None], None);
+            if needs.contains(&true) {
+                let (g, y) = statistics(&layer, &x, [seq, hidden], rope, full)
                     .map_err(|e| in_layer(l, e))?;
-                for (g, gram) in grams.into_iter().enumerate() {
-                    init_group(&mut layer, g, needs[g].then_some(gram))?;
-                }
-                match full {
-                    true => y,
-                    false => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
-                }
+                (grams, next) = (g.map(Some), full.then_some(y));
+            }
+            for (g, gram) in grams.into_iter().enumerate() {
+                init_group(&mut layer, g, gram.filter(|_| needs[g]))?;
+            }
+            match next {
+                Some(y) => y,
+                None => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
             }
         };
         write_state(&state, &x, [seqs, seq, hidden], l + 1)?;

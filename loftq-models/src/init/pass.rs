@@ -37,13 +37,7 @@ pub(super) fn sequential(
     (needs, l, keep_bytes): ([bool; 4], usize, usize),
     init: &mut InitGroup<'_>,
 ) -> Result<Vec<f32>> {
-    let device = rope.cos.device();
-    let xs: Vec<Tensor<3>> = (x.chunks(SEQS_PER_PASS * seq * hidden))
-        .map(|c| {
-            let b = c.len() / (seq * hidden);
-            Tensor::from_data(TensorData::new(c.to_vec(), [b, seq, hidden]), &device)
-        })
-        .collect();
+    let xs: Vec<Tensor<3>> = chunks(&x, [seq, hidden], rope).collect();
     // Memory: one copy of the hidden states at a time (the 7B shapes' 16,384 tokens: 268 MB).
     let len = x.len();
     drop(x);
@@ -54,10 +48,8 @@ pub(super) fn sequential(
         }
         let mut gram: Option<Gram> = None;
         for t in inputs {
-            let [b, s, w] = t.dims();
-            let rows = host_f32(&t.reshape([b * s, w]));
-            let sum = gram.get_or_insert_with(|| Gram::new(w));
-            sum.add_rows(&rows).map_err(|e| in_layer(l, e))?;
+            let sum = gram.get_or_insert_with(|| Gram::new(t.dims()[2]));
+            sum.add_rows(&rows(t)).map_err(|e| in_layer(l, e))?;
         }
         Ok(gram)
     };
@@ -89,36 +81,44 @@ pub(super) fn sequential(
         stats(2, &mut (0..hs.len()).map(|i| mlp_input(layer, i)))?,
     )?;
     let activation = |layer: &DecoderLayer, i: usize| layer.mlp.activation(mlp_input(layer, i));
+    // Down_proj's inputs for every sequence, or for none.
+    let keep = len / hidden * layer.mlp.down_proj.shape()[1] * 4 <= keep_bytes;
     let mut acts = Vec::new();
-    if needs[3] {
-        let mut keep = true;
-        let mut all = (0..hs.len()).map(|i| {
-            let act = activation(layer, i);
-            let [_, _, w] = act.dims();
-            keep &= len / hidden * w * 4 <= keep_bytes;
-            if keep {
-                acts.push(act.clone());
-            }
-            act
-        });
-        let gram = stats(3, &mut all)?;
-        if !keep {
-            acts.clear();
+    let mut all = (0..hs.len()).map(|i| {
+        let act = activation(layer, i);
+        if keep {
+            acts.push(act.clone());
         }
-        init(layer, 3, gram)?;
-    } else {
-        init(layer, 3, None)?;
-    }
-    // Kept for every sequence, or for none.
+        act
+    });
+    let gram = stats(3, &mut all)?;
+    init(layer, 3, gram)?;
     let mut kept = acts.into_iter();
     let mut out = Vec::with_capacity(len);
     for (i, h) in hs.iter().enumerate() {
         let act = kept.next().unwrap_or_else(|| activation(layer, i));
-        let y = layer.after_mlp(h.clone(), act);
-        let [b, s, w] = y.dims();
-        out.extend(finite_states(host_f32(&y.reshape([b * s, w])))?);
+        out.extend(finite_states(rows(layer.after_mlp(h.clone(), act)))?);
     }
     Ok(out)
+}
+
+/// The hidden states `x` (`[sequences·seq, hidden]` row-major) as tensors of a few sequences.
+fn chunks<'x>(
+    x: &'x [f32],
+    [seq, hidden]: [usize; 2],
+    rope: &RopeTables,
+) -> impl Iterator<Item = Tensor<3>> + 'x {
+    let device = rope.cos.device();
+    x.chunks(SEQS_PER_PASS * seq * hidden).map(move |c| {
+        let b = c.len() / (seq * hidden);
+        Tensor::from_data(TensorData::new(c.to_vec(), [b, seq, hidden]), &device)
+    })
+}
+
+/// The rows of `t` `[batch, seq, width]` on the host, row-major `[batch·seq, width]`.
+fn rows(t: Tensor<3>) -> Vec<f32> {
+    let [b, s, w] = t.dims();
+    host_f32(&t.reshape([b * s, w]))
 }
 
 /// `v`, unless the calibration hidden states became NaN or infinite.
@@ -204,14 +204,11 @@ pub(super) fn forward(
     rope: &RopeTables,
     mut pass: Pass<'_>,
 ) -> Result<Vec<f32>> {
-    let device = rope.cos.device();
     let mut out = Vec::with_capacity(match pass {
         Pass::ObserveOnly(_) => 0,
         _ => x.len(),
     });
-    for chunk in x.chunks(SEQS_PER_PASS * seq * hidden) {
-        let b = chunk.len() / (seq * hidden);
-        let t = Tensor::<3>::from_data(TensorData::new(chunk.to_vec(), [b, seq, hidden]), &device);
+    for t in chunks(x, [seq, hidden], rope) {
         let y = match &mut pass {
             Pass::Plain => layer.forward(t, rope),
             Pass::Observed(f) => layer.forward_observed(t, rope, &mut **f),
@@ -220,7 +217,7 @@ pub(super) fn forward(
                 continue;
             }
         };
-        out.extend(finite_states(host_f32(&y.reshape([b * seq, hidden])))?);
+        out.extend(finite_states(rows(y))?);
     }
     Ok(out)
 }
