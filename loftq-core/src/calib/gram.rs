@@ -223,13 +223,16 @@ impl Weighting {
             let d = self.dim;
             // Row-major `S` read column-major is `Sᵀ`, and the column-major `(Sᵀ)⁻¹` written
             // is the row-major `S⁻¹`: no copies.
+            // On this thread alone: a rayon thread waiting inside a parallel inversion could
+            // steal a task that asks for this same inverse and wait on itself (the calibration
+            // pass runs a layer's tensors as rayon tasks sharing one weighting).
             let mut inv = vec![0f32; d * d];
             faer::linalg::triangular_inverse::invert_upper_triangular(
                 MatMut::from_column_major_slice_mut(&mut inv, d, d),
                 MatRef::from_column_major_slice(&self.s, d, d),
-                Par::rayon(0),
+                Par::Seq,
             );
-            crate::upper::clear_upper_state();
+            crate::upper::clear_upper_state_here();
             for (i, row) in inv.chunks_mut(d.max(1)).enumerate().take(d) {
                 row[i + 1..].fill(0.0);
             }
@@ -280,13 +283,15 @@ impl Weighting {
 /// `a ← a·S⁻¹` for a row-major `a [rows, n]` and a row-major lower-triangular `S [n, n]`, by
 /// a triangular solve (`Sᵀ·(a·S⁻¹)ᵀ = aᵀ`).
 pub(crate) fn solve_lower_right(a: &mut [f32], rows: usize, s: &[f32], n: usize) {
-    // Row-major buffers read column-major are the transposes: `Sᵀ` (upper) and `aᵀ`.
+    // Row-major buffers read column-major are the transposes: `Sᵀ` (upper) and `aᵀ`. On this
+    // thread: `a` is a rank's rows (16), too few to split; on the pool the solves of a
+    // SmolLM2 run took 1.7 s of thread time, 0.4 s here.
     faer::linalg::triangular_solve::solve_upper_triangular_in_place(
         MatRef::from_column_major_slice(s, n, n),
         MatMut::from_column_major_slice_mut(a, n, rows),
-        Par::rayon(0),
+        Par::Seq,
     );
-    crate::upper::clear_upper_state();
+    crate::upper::clear_upper_state_here();
 }
 
 /// `out = a·b` for row-major `a [m, k]` and `b [k, n]` (a host helper of the tests).
