@@ -155,8 +155,15 @@ fn resume_calibrated(inputs: CalibInputs) {
     let work = c.out.join(".loftq-partial");
     assert!(work.join("calibration-hidden.safetensors").is_file());
     let report = run(&c, true).unwrap();
-    // The tenth piece was written before its event "killed" the run.
-    assert_eq!(report.totals.resumed, 10, "{inputs:?}");
+    // The tenth piece was written before its event "killed" the run. In the two-pass order
+    // all of layer 1's tensors share one pool, whose tasks may finish the rest of the layer
+    // before the caller sees that event; the sequential order stops after q/k/v.
+    let resumed = report.totals.resumed;
+    let most = match inputs {
+        CalibInputs::Sequential => 10,
+        _ => 14,
+    };
+    assert!((10..=most).contains(&resumed), "{inputs:?}: {resumed}");
     assert_eq!(files(&c.out), want, "{inputs:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

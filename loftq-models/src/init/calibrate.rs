@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::channel;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use loftq_core::calib::{Gram, Weighting};
@@ -176,48 +178,46 @@ pub(super) fn run(
         for &(i, p) in targets {
             needs[groups[p]] |= !done.contains(&i);
         }
-        // A group's tensors (q/k/v, gate/up) are computed side by side: one small matrix's
-        // products leave a core idle.
-        let side_by_side = |todo: &[usize], wg: &Weighting| -> Vec<Result<Option<TensorReport>>> {
-            std::thread::scope(|scope| {
-                let running: Vec<_> = (todo.iter())
-                    .map(|&i| {
-                        scope.spawn(move || {
-                            let item = &plan.items[i];
-                            let loaded = piece::load(source, item)?;
-                            piece::compute(spec, item, loaded, i, work, device, Some(wg))
-                        })
-                    })
-                    .collect();
-                (running.into_iter())
-                    .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
-            })
-        };
         // With full-precision inputs the initialized layer is never run.
         let full = calib.inputs == CalibInputs::Full;
-        // Initializes group `g`'s targets that have no piece yet with the statistics `gram`
-        // (given when some have none), then puts all of them into the layer (unless `full`).
-        let mut init_group =
-            |layer: &mut DecoderLayer, g: usize, gram: Option<Gram>| -> Result<()> {
-                let members: Vec<(usize, usize)> = (targets.iter().copied())
-                    .filter(|&(_, p)| groups[p] == g)
-                    .collect();
-                if let Some(gram) = gram {
-                    // The full-precision copies are read again from the source; the weighting
-                    // lives only while this group's tensors are computed.
-                    release(layer, &members);
-                    let wg = (gram.into_weighting(calib.damping)).map_err(|e| in_layer(l, e))?;
-                    let todo: Vec<usize> = (members.iter().map(|&(i, _)| i))
-                        .filter(|i| !done.contains(i))
-                        .collect();
-                    for (i, r) in todo.iter().zip(side_by_side(&todo, &wg)) {
-                        if let Some(r) = r? {
-                            progress(Progress::Tensor(*i, r));
-                        }
-                    }
+        let members = |g: usize| (targets.iter().copied()).filter(move |&(_, p)| groups[p] == g);
+        // Initializes the targets of the groups `grams` names that have no piece yet, each with
+        // its group's statistics (given when some have none), all in one pool; then puts every
+        // member of those groups into the layer (unless `full`).
+        let mut init_groups =
+            |layer: &mut DecoderLayer, mut grams: Vec<(usize, Option<Gram>)>| -> Result<()> {
+                let (mut weightings, mut todo) = (Vec::new(), Vec::new());
+                for (g, gram) in &mut grams {
+                    let Some(gram) = gram.take() else { continue };
+                    // The full-precision copies are read again from the source; the
+                    // weightings live only while the pool runs.
+                    release(layer, &members(*g).collect::<Vec<_>>());
+                    weightings.push(
+                        gram.into_weighting(calib.damping)
+                            .map_err(|e| in_layer(l, e))?,
+                    );
+                    let w = weightings.len() - 1;
+                    todo.extend(
+                        members(*g)
+                            .filter(|(i, _)| !done.contains(i))
+                            .map(|(i, _)| (i, w)),
+                    );
                 }
-                for &(i, p) in members.iter().filter(|_| !full) {
+                let area = |i: usize| plan.items[i].target.map_or(0, |(s, _)| s[0] * s[1]);
+                todo.sort_by_key(|&(i, _)| std::cmp::Reverse(area(i)));
+                let jobs: Vec<(usize, &Weighting)> =
+                    todo.into_iter().map(|(i, w)| (i, &weightings[w])).collect();
+                let job = |i: usize, wg: &Weighting| {
+                    let item = &plan.items[i];
+                    let loaded = piece::load(source, item)?;
+                    piece::compute(spec, item, loaded, i, work, device, Some(wg))
+                };
+                in_pool(&jobs, &job, &mut |i, r| progress(Progress::Tensor(i, r)))?;
+                for (i, p) in grams
+                    .iter()
+                    .flat_map(|&(g, _)| members(g))
+                    .filter(|_| !full)
+                {
                     let name = &plan.items[i].name;
                     install(layer, p, &piece_path(work, i), name, spec, device)?;
                 }
@@ -225,20 +225,25 @@ pub(super) fn run(
             };
         x = if calib.inputs == CalibInputs::Sequential {
             let how = (needs, l, KEEP_ACTIVATIONS_BYTES);
+            let mut init_group = |layer: &mut DecoderLayer, g: usize, gram: Option<Gram>| {
+                init_groups(layer, vec![(g, gram)])
+            };
             sequential(&mut layer, x, [seq, hidden], rope, how, &mut init_group)?
         } else {
             // The full-precision layer is observed when some target needs its statistics; with
             // full-precision inputs that pass also moves the hidden states on, else they go
-            // through the initialized layer after.
+            // through the initialized layer after. Every group's statistics are known at once,
+            // so the layer's tensors share one pool.
             let (mut grams, mut next) = ([None, None, None, None], None);
             if needs.contains(&true) {
                 let (g, y) = statistics(&layer, &x, [seq, hidden], rope, full)
                     .map_err(|e| in_layer(l, e))?;
                 (grams, next) = (g.map(Some), full.then_some(y));
             }
-            for (g, gram) in grams.into_iter().enumerate() {
-                init_group(&mut layer, g, gram.filter(|_| needs[g]))?;
-            }
+            let given = (grams.into_iter().enumerate())
+                .map(|(g, gram)| (g, gram.filter(|_| needs[g])))
+                .collect();
+            init_groups(&mut layer, given)?;
             match next {
                 Some(y) => y,
                 None => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
@@ -248,6 +253,72 @@ pub(super) fn run(
     }
     let _ = std::fs::remove_file(&state);
     Ok(setup.by_layer.values().flatten().map(|&(i, _)| i).collect())
+}
+
+/// Tensors computed at once: one tensor's serial stretches (quantization, the small SVD) leave
+/// a core idle that another's products fill; each more multiplies the alternation's buffers
+/// (the 7B shapes' gate_proj: ~0.2 GB each).
+const TENSORS_AT_ONCE: usize = 2;
+
+// The tensors run as tasks of rayon's pool, where faer's products inside them run too: as
+// threads of their own they competed with the pool's threads for the cores (on 2 cores:
+// ~12% more CPU time, more of it spent waiting in the kernel, and 25% more memory).
+
+/// What [`in_pool`] runs for each tensor.
+type Job<'a> = dyn Fn(usize, &Weighting) -> Result<Option<TensorReport>> + Sync + 'a;
+
+/// Runs `job` on every `(item, weighting)` of `jobs`, in order, [`TENSORS_AT_ONCE`] at a time,
+/// handing each report to `done` on this thread as it comes. After the first error no new job
+/// starts; the running ones finish, and the error is returned.
+fn in_pool(
+    jobs: &[(usize, &Weighting)],
+    job: &Job<'_>,
+    done: &mut dyn FnMut(usize, TensorReport),
+) -> Result<()> {
+    let (next, stop) = (AtomicUsize::new(0), AtomicBool::new(false));
+    let (next, stop) = (&next, &stop);
+    let (to_caller, finished) = channel();
+    // In place: this thread waits for the reports without taking a pool thread.
+    rayon::in_place_scope(|scope| {
+        for _ in 0..TENSORS_AT_ONCE.min(jobs.len()) {
+            let to_caller = to_caller.clone();
+            scope.spawn(move |_| {
+                while let Some(&(i, wg)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let result = job(i, wg);
+                    stop.fetch_or(result.is_err(), Ordering::Relaxed);
+                    if to_caller.send((i, result)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(to_caller);
+        // Should `done` panic (a test's "kill"), the tasks start nothing new.
+        let _stop = StopOnDrop(stop);
+        let mut first_error = None;
+        for (i, result) in finished {
+            match result {
+                Ok(Some(report)) if first_error.is_none() => done(i, report),
+                Ok(_) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    })
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The embeddings of `ids`, row-major `[tokens, hidden]`.
