@@ -298,17 +298,7 @@ fn in_pool(
         drop(to_caller);
         // Should `done` panic (a test's "kill"), the tasks start nothing new.
         let _stop = StopOnDrop(stop);
-        let mut first_error = None;
-        for (i, result) in finished {
-            match result {
-                Ok(Some(report)) if first_error.is_none() => done(i, report),
-                Ok(_) => {}
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        super::workers::reports(finished, stop, done)
     })
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, sync_channel};
+use std::sync::mpsc::{Receiver, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 
 use burn::tensor::Device;
@@ -79,19 +79,29 @@ pub(super) fn run(
             });
         }
         drop((from_reader, to_caller));
-        let mut first_error = None;
-        for (i, result) in finished {
-            match result {
-                Ok(Some(report)) if first_error.is_none() => on_done(i, report),
-                Ok(_) => {}
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    first_error.get_or_insert(e);
-                }
+        reports(finished, stop, on_done)
+    })
+}
+
+/// Hands the reports of the tensors `finished` sends to `on_done` until the first error, then
+/// raises `stop` and keeps draining (the running tensors finish); returns that error.
+pub(super) fn reports(
+    finished: Receiver<(usize, Result<Option<TensorReport>>)>,
+    stop: &AtomicBool,
+    on_done: &mut dyn FnMut(usize, TensorReport),
+) -> Result<()> {
+    let mut first_error = None;
+    for (i, result) in finished {
+        match result {
+            Ok(Some(report)) if first_error.is_none() => on_done(i, report),
+            Ok(_) => {}
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(e);
             }
         }
-        first_error.map_or(Ok(()), Err)
-    })
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 fn log(name: &str, worker: usize, result: &Result<Option<TensorReport>>) {
