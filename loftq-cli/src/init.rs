@@ -122,6 +122,15 @@ pub struct InitArgs {
     /// measured worse on SmolLM2, much at NF2), or full (the full-precision layers).
     #[arg(long, value_enum, default_value_t = CalibInputs::Quantized)]
     calibration_inputs: CalibInputs,
+    /// Drift correction F, 0 to 1 (default: 0.3 with quantized inputs, else 0). Each layer
+    /// is fitted to two objectives mixed: its own outputs on the inputs the initialized
+    /// layers below give it (weight 1 − F, GPTQ's), and the full-precision model's outputs
+    /// on the full-precision inputs (weight F, GPTAQ's), so that it also undoes part of the
+    /// drift the layers below caused. Costs one more forward pass of the full-precision
+    /// model, a second in×in sum per input and one solve per matrix (about 1.5× the
+    /// calibrated time); F = 1 over-fits the calibration text (see docs/calibration.md).
+    #[arg(long, value_name = "F")]
+    drift_correction: Option<f32>,
     /// Damping λ of the statistics: H + λ·mean(diag H)·I (GPTQ's 0.01). Larger values move
     /// the objective towards the plain weight error.
     #[arg(long, default_value_t = loftq_core::calib::DEFAULT_DAMPING)]
@@ -185,6 +194,10 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
             seq: a.calibration_seq,
             damping: a.damping,
             inputs: a.calibration_inputs,
+            drift: a.drift_correction.unwrap_or(match a.calibration_inputs {
+                CalibInputs::Quantized => loftq_core::calib::DEFAULT_DRIFT,
+                _ => 0.0,
+            }),
         }),
         quantizer: a.quantizer,
         device_batch: a.device_batch,

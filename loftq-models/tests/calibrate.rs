@@ -82,12 +82,22 @@ fn calibrated_starts_lower_the_weighted_error() {
         mean(&rtn)
     );
 
-    // A GPTQ base with QLoRA's zero adapter: the base alone beats round to nearest.
+    let other_inputs = |out: &str, inputs: CalibInputs| {
+        let mut s = spec(model.clone(), dir.join(out), text.clone());
+        let c = s.calibration.as_mut().unwrap();
+        (c.inputs, c.drift) = (inputs, 0.0);
+        s
+    };
+    let no_drift = run(&other_inputs("no-drift", CalibInputs::Quantized), false).unwrap();
+
+    // A GPTQ base with QLoRA's zero adapter: the base alone beats round to nearest. Without
+    // drift correction both runs fit the same weights (with it, each its own target).
     let mut q = g.clone();
     q.out = dir.join("gptq-qlora");
     q.method = InitMethod::Qlora;
+    q.calibration.as_mut().unwrap().drift = 0.0;
     let base = run(&q, false).unwrap();
-    for (r, plain) in base.tensors.iter().zip(&rtn.tensors) {
+    for (r, plain) in base.tensors.iter().zip(&no_drift.tensors) {
         assert!(r.weighted_err_init.unwrap() <= r.weighted_err_quant.unwrap() * 1.0001);
         // Both starts report round to nearest's error as the QLoRA start (the same value,
         // summed in another order).
@@ -107,13 +117,15 @@ fn calibrated_starts_lower_the_weighted_error() {
         "model.layers.0.mlp.down_proj.weight",
         "model.layers.1.self_attn.q_proj.weight",
     );
-    let mut f = spec(model.clone(), dir.join("full"), text.clone());
-    f.calibration.as_mut().unwrap().inputs = CalibInputs::Full;
-    let full = run(&f, false).unwrap();
+    let full = run(&other_inputs("full", CalibInputs::Full), false).unwrap();
     assert_eq!(err(&full, down0), err(&rtn, down0));
     assert_ne!(err(&full, q1), err(&rtn, q1));
-    let mut sq = spec(model, dir.join("sequential"), text);
-    sq.calibration.as_mut().unwrap().inputs = CalibInputs::Sequential;
+    // Drift correction (on by default) changes nothing where the two models' inputs are the
+    // same (layer 0), and only the targets of the layers above.
+    assert_eq!(err(&no_drift, down0), err(&rtn, down0));
+    assert_eq!(err(&no_drift, q0), err(&rtn, q0));
+    assert_ne!(err(&no_drift, q1), err(&rtn, q1));
+    let sq = other_inputs("sequential", CalibInputs::Sequential);
     let seq = run(&sq, false).unwrap();
     assert_eq!(err(&seq, q0), err(&rtn, q0));
     assert_ne!(err(&seq, down0), err(&rtn, down0));
@@ -132,9 +144,15 @@ fn calibrated_runs_resume_to_identical_files() {
 fn resume_calibrated(inputs: CalibInputs) {
     let dir = scratch(&format!("calib-resume-{inputs:?}"));
     let (model, text) = model_and_text(&dir);
+    // The two-pass order with drift correction (the default): the work area also holds the
+    // full-precision model's hidden states.
     let with_inputs = |out: PathBuf| {
         let mut s = spec(model.clone(), out, text.clone());
-        s.calibration.as_mut().unwrap().inputs = inputs;
+        let c = s.calibration.as_mut().unwrap();
+        c.inputs = inputs;
+        if inputs == CalibInputs::Sequential {
+            c.drift = 0.0;
+        }
         s
     };
     let a = with_inputs(dir.join("a"));
@@ -216,6 +234,18 @@ fn refuses_settings_before_any_work() {
             "fewer than one sequence",
         ),
     ];
+    let mut cases = cases;
+    for (inputs, drift, want) in [
+        (CalibInputs::Quantized, 1.5, "between 0 and 1"),
+        (CalibInputs::Quantized, f32::NAN, "between 0 and 1"),
+        (CalibInputs::Full, 0.25, "no drift to correct"),
+        (CalibInputs::Sequential, 0.25, "sequential order"),
+    ] {
+        let mut s = base.clone();
+        let c = s.calibration.as_mut().unwrap();
+        (c.inputs, c.drift) = (inputs, drift);
+        cases.push((s, want));
+    }
     for (s, want) in cases {
         let err = run(&s, false).unwrap_err().to_string();
         assert!(err.contains(want), "{err}");

@@ -141,6 +141,7 @@ impl Gram {
         }
         Ok(Weighting {
             dim: d,
+            ridge: add,
             s,
             s_inv: OnceLock::new(),
         })
@@ -195,6 +196,8 @@ fn row_major_lower(m: MatRef<'_, f32>) -> Vec<f32> {
 #[derive(Clone, Debug)]
 pub struct Weighting {
     dim: usize,
+    /// `λ·mean(diag H)`, the damping added to the diagonal.
+    ridge: f32,
     /// `S`, row-major.
     s: Vec<f32>,
     /// `S⁻¹`, row-major (or why there is none), made when first asked for: the host
@@ -207,6 +210,11 @@ impl Weighting {
     /// Input width.
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    /// The damping added to the diagonal of `H`: `λ·mean(diag H)`.
+    pub fn ridge(&self) -> f32 {
+        self.ridge
     }
 
     /// `S` (lower triangular), row-major `dim × dim`.

@@ -11,11 +11,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use loftq_core::calib::{Gram, Weighting};
+use loftq_core::calib::{Cross, Gram, Weighting};
 
-use super::pass::{KEEP_ACTIVATIONS_BYTES, Pass, forward, in_layer, sequential, statistics};
+use super::pass::{
+    KEEP_ACTIVATIONS_BYTES, Pass, forward, in_layer, paired_statistics, sequential, statistics,
+};
 use super::piece::{self, Plan, piece_path};
 use super::plan::layer_index;
 use super::{CalibInputs, Calibration, Event, InitSpec, TensorReport};
@@ -24,7 +27,6 @@ use crate::io::{Checkpoint, OutTensor, TensorSource, read_packed, write_safetens
 use crate::nn::{
     BaseWeight, DecoderLayer, LoadOptions, LoraAdapter, PackedWeight, RopeTables, load_layer,
 };
-use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
 
 /// What [`run`] reports as it goes.
@@ -37,39 +39,8 @@ pub(super) enum Progress {
 
 const STATE_FILE: &str = "calibration-hidden.safetensors";
 const STATE_KEY: &str = "hidden";
+const FP_STATE_KEY: &str = "hidden_fp";
 const LAYER_KEY: &str = "loftq.next_layer";
-
-/// The calibration sequences: whole sequences of `seq` tokens from the files, in order.
-///
-/// # Errors
-/// A file that cannot be read, a model without a tokenizer, fewer than `seq` tokens.
-pub(super) fn calibration_tokens(model: &Path, calib: &Calibration) -> Result<Vec<u32>> {
-    if calib.seq < 2 || calib.tokens < calib.seq {
-        return Err(ModelError::Settings(format!(
-            "calibration sequences of {} tokens out of {}: need 2 ≤ sequence ≤ tokens",
-            calib.seq, calib.tokens
-        )));
-    }
-    let tok = Tokenizer::for_model(model)?;
-    let mut ids = Vec::new();
-    for f in &calib.files {
-        let text = std::fs::read_to_string(f).map_err(|e| ModelError::io(f, e))?;
-        ids.extend(tok.encode(&text)?);
-        if ids.len() >= calib.tokens {
-            break;
-        }
-    }
-    let n = ids.len().min(calib.tokens) / calib.seq * calib.seq;
-    if n == 0 {
-        return Err(ModelError::Data(format!(
-            "the calibration files hold {} tokens, fewer than one sequence of {}",
-            ids.len(),
-            calib.seq
-        )));
-    }
-    ids.truncate(n);
-    Ok(ids)
-}
 
 /// The architecture of the source (GGUF metadata, or the directory's `config.json`).
 fn model_config(spec: &InitSpec, source: &dyn TensorSource) -> Result<LlamaConfig> {
@@ -149,7 +120,7 @@ impl<'a> Setup<'a> {
 }
 
 /// Runs the pass over every decoder layer on the calibration tokens `ids` (from
-/// [`calibration_tokens`]), initializing the plan's targets that have no piece in `work` yet;
+/// [`tokens`](super::calibration::tokens)), initializing the plan's targets that have no piece in `work` yet;
 /// returns the items it covered (all targets).
 pub(super) fn run(
     spec: &InitSpec,
@@ -165,9 +136,14 @@ pub(super) fn run(
     let done = plan.done(work);
     let (seqs, seq, hidden) = (ids.len() / calib.seq, calib.seq, config.hidden_size);
     let state = work.join(STATE_FILE);
-    let (mut x, first) = match read_state(&state, [seqs, seq, hidden])? {
+    let drift = calib.drift > 0.0;
+    // `xf`: the full-precision model's hidden states, when its outputs are part of the target.
+    let (mut x, mut xf, first) = match read_state(&state, [seqs, seq, hidden], drift)? {
         Some(s) => s,
-        None => (embed(source, ids, hidden)?, 0),
+        None => {
+            let x = embed(source, ids, hidden)?;
+            (x.clone(), drift.then_some(x), 0)
+        }
     };
     let layers = config.num_hidden_layers;
     let groups = config.family.input_groups();
@@ -184,49 +160,55 @@ pub(super) fn run(
         // Initializes the targets of the groups `grams` names that have no piece yet, each with
         // its group's statistics (given when some have none), all in one pool; then puts every
         // member of those groups into the layer (unless `full`).
-        let mut init_groups =
-            |layer: &mut DecoderLayer, mut grams: Vec<(usize, Option<Gram>)>| -> Result<()> {
-                let (mut weightings, mut todo) = (Vec::new(), Vec::new());
-                for (g, gram) in &mut grams {
-                    let Some(gram) = gram.take() else { continue };
-                    // The full-precision copies are read again from the source; the
-                    // weightings live only while the pool runs.
-                    release(layer, &members(*g).collect::<Vec<_>>());
-                    weightings.push(
-                        gram.into_weighting(calib.damping)
-                            .map_err(|e| in_layer(l, e))?,
-                    );
-                    let w = weightings.len() - 1;
-                    todo.extend(
-                        members(*g)
-                            .filter(|(i, _)| !done.contains(i))
-                            .map(|(i, _)| (i, w)),
-                    );
-                }
-                let area = |i: usize| plan.items[i].target.map_or(0, |(s, _)| s[0] * s[1]);
-                todo.sort_by_key(|&(i, _)| std::cmp::Reverse(area(i)));
-                let jobs: Vec<(usize, &Weighting)> =
-                    todo.into_iter().map(|(i, w)| (i, &weightings[w])).collect();
-                let job = |i: usize, wg: &Weighting| {
-                    let item = &plan.items[i];
-                    let loaded = piece::load(source, item)?;
-                    piece::compute(spec, item, loaded, i, work, device, Some(wg))
+        let mut init_groups = |layer: &mut DecoderLayer,
+                               mut grams: Vec<(usize, Option<Gram>, Option<Cross>)>|
+         -> Result<()> {
+            let (mut slots, mut todo) = (Vec::new(), Vec::new());
+            for (g, gram, cross) in &mut grams {
+                let Some(gram) = gram.take() else { continue };
+                // The full-precision copies are read again from the source; the
+                // statistics live until the group's last tensor is done.
+                release(layer, &members(*g).collect::<Vec<_>>());
+                let weighting = gram.into_weighting(calib.damping);
+                let stats = Stats {
+                    weighting: weighting.map_err(|e| in_layer(l, e))?,
+                    cross: cross.take(),
                 };
-                in_pool(&jobs, &job, &mut |i, r| progress(Progress::Tensor(i, r)))?;
-                for (i, p) in grams
-                    .iter()
-                    .flat_map(|&(g, _)| members(g))
-                    .filter(|_| !full)
-                {
-                    let name = &plan.items[i].name;
-                    install(layer, p, &piece_path(work, i), name, spec, device)?;
+                let users: Vec<usize> = (members(*g).map(|(i, _)| i))
+                    .filter(|i| !done.contains(i))
+                    .collect();
+                slots.push(Slot::new(stats, users.len()));
+                todo.extend(users.into_iter().map(|i| (i, slots.len() - 1)));
+            }
+            let area = |i: usize| plan.items[i].target.map_or(0, |(s, _)| s[0] * s[1]);
+            todo.sort_by_key(|&(i, _)| std::cmp::Reverse(area(i)));
+            let jobs: Vec<(usize, &Slot)> = todo.into_iter().map(|(i, s)| (i, &slots[s])).collect();
+            let job = |i: usize, stats: &Stats| {
+                let item = &plan.items[i];
+                let mut loaded = piece::load(source, item)?;
+                if let (Some(c), piece::Loaded::Weight(h)) = (&stats.cross, &mut loaded) {
+                    let target = stats.weighting.target(&h.data, c, calib.drift);
+                    h.data =
+                        target.map_err(|e| ModelError::Data(format!("`{}`: {e}", item.name)))?;
                 }
-                Ok(())
+                let wg = Some(&stats.weighting);
+                piece::compute(spec, item, loaded, i, work, device, wg)
             };
+            in_pool(&jobs, &job, &mut |i, r| progress(Progress::Tensor(i, r)))?;
+            for (i, p) in grams
+                .iter()
+                .flat_map(|&(g, ..)| members(g))
+                .filter(|_| !full)
+            {
+                let name = &plan.items[i].name;
+                install(layer, p, &piece_path(work, i), name, spec, device)?;
+            }
+            Ok(())
+        };
         x = if calib.inputs == CalibInputs::Sequential {
             let how = (needs, l, KEEP_ACTIVATIONS_BYTES);
             let mut init_group = |layer: &mut DecoderLayer, g: usize, gram: Option<Gram>| {
-                init_groups(layer, vec![(g, gram)])
+                init_groups(layer, vec![(g, gram, None)])
             };
             sequential(&mut layer, x, [seq, hidden], rope, how, &mut init_group)?
         } else {
@@ -235,13 +217,28 @@ pub(super) fn run(
             // through the initialized layer after. Every group's statistics are known at once,
             // so the layer's tensors share one pool.
             let (mut grams, mut next) = ([None, None, None, None], None);
-            if needs.contains(&true) {
-                let (g, y) = statistics(&layer, &x, [seq, hidden], rope, full)
-                    .map_err(|e| in_layer(l, e))?;
-                (grams, next) = (g.map(Some), full.then_some(y));
+            let mut crosses = [None, None, None, None];
+            match xf.as_ref() {
+                Some(f) if *f != x => {
+                    let (g, c, y) = paired_statistics(&layer, &x, f, [seq, hidden], rope)
+                        .map_err(|e| in_layer(l, e))?;
+                    (grams, crosses) = (g.map(Some), c.map(Some));
+                    xf = Some(y);
+                }
+                _ if needs.contains(&true) || xf.is_some() => {
+                    let out = full || xf.is_some();
+                    let (g, y) = statistics(&layer, &x, [seq, hidden], rope, out)
+                        .map_err(|e| in_layer(l, e))?;
+                    grams = g.map(Some);
+                    match xf.is_some() {
+                        true => xf = Some(y),
+                        false => next = full.then_some(y),
+                    }
+                }
+                _ => {}
             }
-            let given = (grams.into_iter().enumerate())
-                .map(|(g, gram)| (g, gram.filter(|_| needs[g])))
+            let given = (grams.into_iter().zip(crosses).enumerate())
+                .map(|(g, (gram, cross))| (g, gram.filter(|_| needs[g]), cross))
                 .collect();
             init_groups(&mut layer, given)?;
             match next {
@@ -249,7 +246,7 @@ pub(super) fn run(
                 None => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
             }
         };
-        write_state(&state, &x, [seqs, seq, hidden], l + 1)?;
+        write_state(&state, (&x, xf.as_deref()), [seqs, seq, hidden], l + 1)?;
     }
     let _ = std::fs::remove_file(&state);
     Ok(setup.by_layer.values().flatten().map(|&(i, _)| i).collect())
@@ -265,13 +262,39 @@ const TENSORS_AT_ONCE: usize = 2;
 // ~12% more CPU time, more of it spent waiting in the kernel, and 25% more memory).
 
 /// What [`in_pool`] runs for each tensor.
-type Job<'a> = dyn Fn(usize, &Weighting) -> Result<Option<TensorReport>> + Sync + 'a;
+type Job<'a> = dyn Fn(usize, &Stats) -> Result<Option<TensorReport>> + Sync + 'a;
 
-/// Runs `job` on every `(item, weighting)` of `jobs`, in order, [`TENSORS_AT_ONCE`] at a time,
+/// A group's statistics: the weighting of its inputs and, with drift correction, their
+/// pairing with the full-precision model's inputs.
+struct Stats {
+    weighting: Weighting,
+    cross: Option<Cross>,
+}
+
+/// Hands a group's [`Stats`] to its tensors' tasks; the last task to take them holds the last
+/// reference, so they are freed when it ends, not with the layer (the 7B shapes' down_proj:
+/// 485 MB for the factor, as much again for the pairing).
+struct Slot(Mutex<(usize, Option<Arc<Stats>>)>);
+
+impl Slot {
+    fn new(stats: Stats, users: usize) -> Self {
+        Self(Mutex::new((users, Some(Arc::new(stats)))))
+    }
+
+    /// The statistics, for one of the `users` given to [`Slot::new`].
+    fn take(&self) -> Arc<Stats> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = s.0.saturating_sub(1);
+        let stats = if s.0 == 0 { s.1.take() } else { s.1.clone() };
+        stats.expect("one take per user")
+    }
+}
+
+/// Runs `job` on every `(item, statistics)` of `jobs`, in order, [`TENSORS_AT_ONCE`] at a time,
 /// handing each report to `done` on this thread as it comes. After the first error no new job
 /// starts; the running ones finish, and the error is returned.
 fn in_pool(
-    jobs: &[(usize, &Weighting)],
+    jobs: &[(usize, &Slot)],
     job: &Job<'_>,
     done: &mut dyn FnMut(usize, TensorReport),
 ) -> Result<()> {
@@ -283,11 +306,11 @@ fn in_pool(
         for _ in 0..TENSORS_AT_ONCE.min(jobs.len()) {
             let to_caller = to_caller.clone();
             scope.spawn(move |_| {
-                while let Some(&(i, wg)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                while let Some(&(i, slot)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let result = job(i, wg);
+                    let result = job(i, &slot.take());
                     stop.fetch_or(result.is_err(), Ordering::Relaxed);
                     if to_caller.send((i, result)).is_err() {
                         return;
@@ -419,7 +442,11 @@ fn install(
     Ok(())
 }
 
-fn read_state(path: &Path, [seqs, seq, hidden]: [usize; 3]) -> Result<Option<(Vec<f32>, usize)>> {
+/// The hidden states of the quantized stream and (with `drift`) of the full-precision one, and
+/// the next layer, written after the last finished layer.
+type State = (Vec<f32>, Option<Vec<f32>>, usize);
+
+fn read_state(path: &Path, [seqs, seq, hidden]: [usize; 3], drift: bool) -> Result<Option<State>> {
     if !path.is_file() {
         return Ok(None);
     }
@@ -429,16 +456,23 @@ fn read_state(path: &Path, [seqs, seq, hidden]: [usize; 3]) -> Result<Option<(Ve
         .get(LAYER_KEY)
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ModelError::format(path, "no layer index (damaged work area?)"))?;
-    let t = ck.shaped(STATE_KEY, &[seqs * seq, hidden])?;
-    Ok(Some((t.data, next)))
+    let read = |key: &str| ck.shaped(key, &[seqs * seq, hidden]).map(|t| t.data);
+    let xf = drift.then(|| read(FP_STATE_KEY)).transpose()?;
+    Ok(Some((read(STATE_KEY)?, xf, next)))
 }
 
-fn write_state(path: &Path, x: &[f32], [seqs, seq, hidden]: [usize; 3], next: usize) -> Result<()> {
+fn write_state(
+    path: &Path,
+    (x, xf): (&[f32], Option<&[f32]>),
+    [seqs, seq, hidden]: [usize; 3],
+    next: usize,
+) -> Result<()> {
     let mut tensors = BTreeMap::new();
-    tensors.insert(
-        STATE_KEY.to_string(),
-        OutTensor::f32(vec![seqs * seq, hidden], x),
-    );
+    let shape = vec![seqs * seq, hidden];
+    tensors.insert(STATE_KEY.to_string(), OutTensor::f32(shape.clone(), x));
+    if let Some(xf) = xf {
+        tensors.insert(FP_STATE_KEY.to_string(), OutTensor::f32(shape, xf));
+    }
     let meta = HashMap::from([(LAYER_KEY.to_string(), next.to_string())]);
     write_safetensors(path, &tensors, Some(meta))
 }

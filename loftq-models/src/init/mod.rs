@@ -11,6 +11,7 @@ mod assemble;
 mod batch;
 mod budget;
 mod calibrate;
+mod calibration;
 mod pass;
 mod piece;
 pub mod plan;
@@ -29,6 +30,7 @@ use loftq_core::{LoftqConfig, LoraSpec, QuantConfig};
 use serde::{Deserialize, Serialize};
 
 pub use budget::Budget;
+pub use calibration::{CalibInputs, Calibration};
 /// Re-exported: [`InitSpec::method`] is one.
 pub use loftq_core::init::InitMethod;
 pub use plan::{LayerRule, Target};
@@ -110,51 +112,6 @@ fn default_device_batch() -> usize {
 
 fn is_rtn(q: &BaseQuantizer) -> bool {
     *q == BaseQuantizer::Rtn
-}
-
-/// Where the calibration statistics come from.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Calibration {
-    /// Text files, read in order and tokenized with the model's tokenizer.
-    pub files: Vec<PathBuf>,
-    /// Tokens to use at most (whole sequences of `seq` tokens).
-    pub tokens: usize,
-    /// Tokens per sequence.
-    pub seq: usize,
-    /// `λ` of the damping `λ·mean(diag H)`.
-    pub damping: f64,
-    /// Whether layer `l` sees the outputs of the initialized layers below it (GPTQ's way) or
-    /// of the full-precision ones.
-    pub inputs: CalibInputs,
-}
-
-impl Calibration {
-    /// `files` with the defaults: 16,384 tokens in sequences of 512, damping 0.01, inputs
-    /// from the quantized layers.
-    pub fn new(files: Vec<PathBuf>) -> Self {
-        Self {
-            files,
-            tokens: 16_384,
-            seq: 512,
-            damping: loftq_core::calib::DEFAULT_DAMPING,
-            inputs: CalibInputs::Quantized,
-        }
-    }
-}
-
-/// Which layers below produce a layer's calibration inputs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum CalibInputs {
-    /// The initialized layers below (with their adapters), as the model will run; inside the
-    /// layer, the full-precision one.
-    Quantized,
-    /// As `Quantized`, and inside the layer the initialized groups before the one being
-    /// initialized (GPTQ's true-sequential order): one pass per layer instead of two.
-    Sequential,
-    /// The full-precision layers.
-    Full,
 }
 
 /// The work area inside `out`.
@@ -307,7 +264,7 @@ pub fn run_init(
             path: spec.model.clone(),
         });
     }
-    let calibration_ids = check_calibration(spec)?;
+    let calibration_ids = calibration::check(spec)?;
     budget::check(spec)?;
     check_gguf_out(spec)?;
     let source = open_source(&spec.model)?;
@@ -417,37 +374,6 @@ pub fn run_init(
                 let _ = std::fs::remove_dir_all(out);
             }
             Err(e)
-        }
-    }
-}
-
-/// Refuses calibration settings that cannot work, before any work starts: a method that
-/// does not use the statistics, GPTQ without statistics, unreadable or too short text.
-/// Returns the calibration tokens of a calibrated run.
-fn check_calibration(spec: &InitSpec) -> Result<Option<Vec<u32>>> {
-    let gptq = matches!(spec.quantizer, BaseQuantizer::Gptq(_));
-    match (&spec.calibration, spec.method) {
-        (None, _) if gptq => Err(ModelError::Settings(
-            "the GPTQ quantizer needs calibration text (its statistics)".into(),
-        )),
-        (None, _) => Ok(None),
-        (Some(_), InitMethod::Pissa | InitMethod::Qpissa) => Err(ModelError::Settings(
-            "calibration works with the loftq and qlora methods (qlora with GPTQ)".into(),
-        )),
-        (Some(_), InitMethod::Qlora) if !gptq => Err(ModelError::Settings(
-            "calibration changes nothing for qlora with round to nearest; quantize with GPTQ, \
-             or use the loftq method"
-                .into(),
-        )),
-        (Some(c), _) => {
-            let file = spec.model.join("config.json");
-            if file.is_file() && matches!(Architecture::from_file(&file)?, Architecture::Encoder(_))
-            {
-                return Err(ModelError::Settings(
-                    "calibration runs a causal LM over text; this model is an encoder".into(),
-                ));
-            }
-            calibrate::calibration_tokens(&spec.model, c).map(Some)
         }
     }
 }

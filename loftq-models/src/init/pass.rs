@@ -4,7 +4,7 @@
 //! on the inputs it will see, through the groups before it already initialized.
 
 use burn::tensor::{Tensor, TensorData};
-use loftq_core::calib::Gram;
+use loftq_core::calib::{Cross, Gram};
 use loftq_core::quant::host_f32;
 
 use crate::nn::{DecoderLayer, RopeTables};
@@ -140,14 +140,7 @@ pub(super) fn statistics(
     rope: &RopeTables,
     output: bool,
 ) -> std::result::Result<([Gram; 4], Vec<f32>), CalibFailure> {
-    // Each group's width is the input width of its first linear layer.
-    let (linears, groups) = (layer.linears(), layer.input_groups());
-    let mut grams: [Gram; 4] = std::array::from_fn(|g| {
-        let p = (groups.iter())
-            .position(|&x| x == g)
-            .expect("every group is read");
-        Gram::new(linears[p].shape()[1])
-    });
+    let mut grams: [Gram; 4] = group_widths(layer).map(Gram::new);
     let mut failed = None;
     let mut observe = |g: usize, t: Tensor<2>| {
         if let Err(e) = grams[g].add_rows(&host_f32(&t)) {
@@ -163,6 +156,55 @@ pub(super) fn statistics(
         Some(e) => Err(CalibFailure::Statistics(e)),
         None => Ok((grams, y)),
     }
+}
+
+/// What [`paired_statistics`] returns: each group's statistics and pairings, and the
+/// full-precision stream's next hidden states.
+pub(super) type Paired = ([Gram; 4], [Cross; 4], Vec<f32>);
+
+/// The statistics of `layer`'s four input groups on the quantized model's hidden states `x`,
+/// their pairing with the full-precision model's inputs on its hidden states `f` (the same
+/// tokens), and the layer's outputs on `f` (the full-precision stream's next hidden states).
+pub(super) fn paired_statistics(
+    layer: &DecoderLayer,
+    x: &[f32],
+    f: &[f32],
+    shape: [usize; 2],
+    rope: &RopeTables,
+) -> std::result::Result<Paired, CalibFailure> {
+    let widths = group_widths(layer);
+    let mut grams: [Gram; 4] = widths.map(Gram::new);
+    let mut crosses: [Cross; 4] = widths.map(Cross::new);
+    let mut out = Vec::with_capacity(f.len());
+    for (tx, tf) in chunks(x, shape, rope).zip(chunks(f, shape, rope)) {
+        let mut seen: [Vec<f32>; 4] = Default::default();
+        layer.observe_inputs(tx, rope, &mut |g, t| seen[g] = host_f32(&t));
+        let mut failed = None;
+        let y = layer.forward_observed(tf, rope, &mut |g, t| {
+            let q = std::mem::take(&mut seen[g]);
+            let added =
+                (grams[g].add_rows(&q)).and_then(|()| crosses[g].add_rows(&q, &host_f32(&t)));
+            if let Err(e) = added {
+                failed.get_or_insert(e);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(CalibFailure::Statistics(e));
+        }
+        out.extend(finite_states(rows(y)).map_err(CalibFailure::Model)?);
+    }
+    Ok((grams, crosses, out))
+}
+
+/// The input width of each of `layer`'s four groups (that of its first linear layer).
+fn group_widths(layer: &DecoderLayer) -> [usize; 4] {
+    let (linears, groups) = (layer.linears(), layer.input_groups());
+    std::array::from_fn(|g| {
+        let p = (groups.iter())
+            .position(|&x| x == g)
+            .expect("every group is read");
+        linears[p].shape()[1]
+    })
 }
 
 /// What can fail while a layer's statistics are gathered and factored.
@@ -268,5 +310,45 @@ mod tests {
             let n = Some(9 * seq as u64);
             assert_eq!(rows, [(0, n), (1, n), (2, n), (3, n)]);
         }
+    }
+
+    /// On the same hidden states, the paired pass gives the plain pass's statistics, pairings
+    /// equal to them, and the layer's outputs; on others, pairings that differ.
+    #[test]
+    fn paired_statistics_on_equal_streams_are_the_plain_ones() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+        let ck = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
+        let device = Device::default();
+        let layer = load_layer(&config, &ck, 0, &device, &LoadOptions::default()).unwrap();
+        let (seq, hidden) = (6, config.hidden_size);
+        let x: Vec<f32> = (0..5 * seq * hidden)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
+        let rope = RopeTables::new(&config.rope, config.rotary_dim(), seq, &device);
+        let shape = [seq, hidden];
+        let Ok((grams, y)) = statistics(&layer, &x, shape, &rope, true) else {
+            panic!("statistics failed")
+        };
+        let paired = |f: &[f32]| match paired_statistics(&layer, &x, f, shape, &rope) {
+            Ok(r) => r,
+            Err(_) => panic!("paired statistics failed"),
+        };
+        let (paired_grams, crosses, yf) = paired(&x);
+        assert_eq!(yf, y);
+        for (g, (p, c)) in grams.iter().zip(paired_grams.iter().zip(&crosses)) {
+            assert_eq!(p, g);
+            assert_eq!(c.rows(), g.rows());
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+            let w = c.dim();
+            // The pairing of equal inputs is the Gram matrix (both triangles).
+            for (i, j) in [(0, 0), (w - 1, 0), (w / 2, w / 3)] {
+                assert!(close(c.value(i, j), g.value(i, j)), "{i},{j}");
+                assert!(close(c.value(j, i), g.value(i, j)), "{j},{i}");
+            }
+        }
+        let f: Vec<f32> = x.iter().map(|v| v * 0.5 + 0.1).collect();
+        let (_, crosses, _) = paired(&f);
+        assert_ne!(crosses[0].value(0, 0), grams[0].value(0, 0));
     }
 }
