@@ -170,24 +170,26 @@ pub(super) fn run(
                 // statistics live until the group's last tensor is done.
                 release(layer, &members(*g).collect::<Vec<_>>());
                 let weighting = gram.into_weighting(calib.damping);
-                let stats = Stats {
-                    weighting: weighting.map_err(|e| in_layer(l, e))?,
-                    cross: cross.take(),
-                };
                 let users: Vec<usize> = (members(*g).map(|(i, _)| i))
                     .filter(|i| !done.contains(i))
                     .collect();
+                let stats = Stats {
+                    weighting: weighting.map_err(|e| in_layer(l, e))?,
+                    cross: cross.take().map(|c| Slot::new(c, users.len())),
+                };
                 slots.push(Slot::new(stats, users.len()));
                 todo.extend(users.into_iter().map(|i| (i, slots.len() - 1)));
             }
             let area = |i: usize| plan.items[i].target.map_or(0, |(s, _)| s[0] * s[1]);
             todo.sort_by_key(|&(i, _)| std::cmp::Reverse(area(i)));
-            let jobs: Vec<(usize, &Slot)> = todo.into_iter().map(|(i, s)| (i, &slots[s])).collect();
+            let jobs: Vec<(usize, &Slot<Stats>)> =
+                todo.into_iter().map(|(i, s)| (i, &slots[s])).collect();
             let job = |i: usize, stats: &Stats| {
                 let item = &plan.items[i];
                 let mut loaded = piece::load(source, item)?;
                 if let (Some(c), piece::Loaded::Weight(h)) = (&stats.cross, &mut loaded) {
-                    let target = stats.weighting.target(&h.data, c, calib.drift);
+                    // The pairing is freed once the group's last target is made.
+                    let target = stats.weighting.target(&h.data, &c.take(), calib.drift);
                     h.data =
                         target.map_err(|e| ModelError::Data(format!("`{}`: {e}", item.name)))?;
                 }
@@ -268,21 +270,21 @@ type Job<'a> = dyn Fn(usize, &Stats) -> Result<Option<TensorReport>> + Sync + 'a
 /// pairing with the full-precision model's inputs.
 struct Stats {
     weighting: Weighting,
-    cross: Option<Cross>,
+    cross: Option<Slot<Cross>>,
 }
 
-/// Hands a group's [`Stats`] to its tensors' tasks; the last task to take them holds the last
-/// reference, so they are freed when it ends, not with the layer (the 7B shapes' down_proj:
-/// 485 MB for the factor, as much again for the pairing).
-struct Slot(Mutex<(usize, Option<Arc<Stats>>)>);
+/// Hands a group's statistics to its tensors' tasks; the last task to take them holds the last
+/// reference, so they are freed when it is done with them, not with the layer (the 7B shapes'
+/// down_proj: 485 MB for the factor, as much again for the pairing).
+struct Slot<T>(Mutex<(usize, Option<Arc<T>>)>);
 
-impl Slot {
-    fn new(stats: Stats, users: usize) -> Self {
+impl<T> Slot<T> {
+    fn new(stats: T, users: usize) -> Self {
         Self(Mutex::new((users, Some(Arc::new(stats)))))
     }
 
     /// The statistics, for one of the `users` given to [`Slot::new`].
-    fn take(&self) -> Arc<Stats> {
+    fn take(&self) -> Arc<T> {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         s.0 = s.0.saturating_sub(1);
         let stats = if s.0 == 0 { s.1.take() } else { s.1.clone() };
@@ -294,7 +296,7 @@ impl Slot {
 /// handing each report to `done` on this thread as it comes. After the first error no new job
 /// starts; the running ones finish, and the error is returned.
 fn in_pool(
-    jobs: &[(usize, &Slot)],
+    jobs: &[(usize, &Slot<Stats>)],
     job: &Job<'_>,
     done: &mut dyn FnMut(usize, TensorReport),
 ) -> Result<()> {
