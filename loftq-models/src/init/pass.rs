@@ -274,21 +274,28 @@ mod tests {
     use crate::nn::{LoadOptions, load_layer};
     use burn::tensor::Device;
 
-    /// With no weight changed, the group-by-group pass is the layer's forward, whether it
-    /// keeps down_proj's inputs or computes them again, and it hands each group its inputs.
-    #[test]
-    fn sequential_pass_is_the_forward_kept_or_recomputed() {
+    /// Layer 0 of the tiny Llama fixture, `sequences` sequences of 6 deterministic hidden
+    /// states, the rope tables and the `[seq, hidden]` shape.
+    fn tiny_layer(sequences: usize) -> (DecoderLayer, Vec<f32>, RopeTables, [usize; 2]) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
         let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
         let ck = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
         let device = Device::default();
-        let mut layer = load_layer(&config, &ck, 0, &device, &LoadOptions::default()).unwrap();
+        let layer = load_layer(&config, &ck, 0, &device, &LoadOptions::default()).unwrap();
         let (seq, hidden) = (6, config.hidden_size);
-        // 9 sequences: three chunks, the last one short.
-        let x: Vec<f32> = (0..9 * seq * hidden)
+        let x: Vec<f32> = (0..sequences * seq * hidden)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
             .collect();
         let rope = RopeTables::new(&config.rope, config.rotary_dim(), seq, &device);
+        (layer, x, rope, [seq, hidden])
+    }
+
+    /// With no weight changed, the group-by-group pass is the layer's forward, whether it
+    /// keeps down_proj's inputs or computes them again, and it hands each group its inputs.
+    #[test]
+    fn sequential_pass_is_the_forward_kept_or_recomputed() {
+        // 9 sequences: three chunks, the last one short.
+        let (mut layer, x, rope, [seq, hidden]) = tiny_layer(9);
         let plain = forward(&layer, &x, [seq, hidden], &rope, Pass::Plain).unwrap();
         for keep in [usize::MAX, 0] {
             let mut rows = Vec::new();
@@ -316,17 +323,7 @@ mod tests {
     /// equal to them, and the layer's outputs; on others, pairings that differ.
     #[test]
     fn paired_statistics_on_equal_streams_are_the_plain_ones() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
-        let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-        let ck = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
-        let device = Device::default();
-        let layer = load_layer(&config, &ck, 0, &device, &LoadOptions::default()).unwrap();
-        let (seq, hidden) = (6, config.hidden_size);
-        let x: Vec<f32> = (0..5 * seq * hidden)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
-            .collect();
-        let rope = RopeTables::new(&config.rope, config.rotary_dim(), seq, &device);
-        let shape = [seq, hidden];
+        let (layer, x, rope, shape) = tiny_layer(5);
         let Ok((grams, y)) = statistics(&layer, &x, shape, &rope, true) else {
             panic!("statistics failed")
         };
