@@ -194,10 +194,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
             seq: a.calibration_seq,
             damping: a.damping,
             inputs: a.calibration_inputs,
-            drift: a.drift_correction.unwrap_or(match a.calibration_inputs {
-                CalibInputs::Quantized => loftq_core::calib::DEFAULT_DRIFT,
-                _ => 0.0,
-            }),
+            drift: a.drift_correction,
         }),
         quantizer: a.quantizer,
         device_batch: a.device_batch,

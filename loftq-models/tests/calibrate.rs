@@ -85,7 +85,7 @@ fn calibrated_starts_lower_the_weighted_error() {
     let other_inputs = |out: &str, inputs: CalibInputs| {
         let mut s = spec(model.clone(), dir.join(out), text.clone());
         let c = s.calibration.as_mut().unwrap();
-        (c.inputs, c.drift) = (inputs, 0.0);
+        (c.inputs, c.drift) = (inputs, Some(0.0));
         s
     };
     let no_drift = run(&other_inputs("no-drift", CalibInputs::Quantized), false).unwrap();
@@ -95,7 +95,7 @@ fn calibrated_starts_lower_the_weighted_error() {
     let mut q = g.clone();
     q.out = dir.join("gptq-qlora");
     q.method = InitMethod::Qlora;
-    q.calibration.as_mut().unwrap().drift = 0.0;
+    q.calibration.as_mut().unwrap().drift = Some(0.0);
     let base = run(&q, false).unwrap();
     for (r, plain) in base.tensors.iter().zip(&no_drift.tensors) {
         assert!(r.weighted_err_init.unwrap() <= r.weighted_err_quant.unwrap() * 1.0001);
@@ -144,15 +144,11 @@ fn calibrated_runs_resume_to_identical_files() {
 fn resume_calibrated(inputs: CalibInputs) {
     let dir = scratch(&format!("calib-resume-{inputs:?}"));
     let (model, text) = model_and_text(&dir);
-    // The two-pass order with drift correction (the default): the work area also holds the
-    // full-precision model's hidden states.
+    // Each order with its default drift correction: in the two-pass order the work area also
+    // holds the full-precision model's hidden states; the sequential order has none.
     let with_inputs = |out: PathBuf| {
         let mut s = spec(model.clone(), out, text.clone());
-        let c = s.calibration.as_mut().unwrap();
-        c.inputs = inputs;
-        if inputs == CalibInputs::Sequential {
-            c.drift = 0.0;
-        }
+        s.calibration.as_mut().unwrap().inputs = inputs;
         s
     };
     let a = with_inputs(dir.join("a"));
@@ -243,7 +239,7 @@ fn refuses_settings_before_any_work() {
     ] {
         let mut s = base.clone();
         let c = s.calibration.as_mut().unwrap();
-        (c.inputs, c.drift) = (inputs, drift);
+        (c.inputs, c.drift) = (inputs, Some(drift));
         cases.push((s, want));
     }
     for (s, want) in cases {

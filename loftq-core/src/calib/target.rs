@@ -107,7 +107,7 @@ impl Weighting {
         let out = w.len() / n;
         let wm = MatRef::from_row_major_slice(w, out, n);
         // Z = W·Mᵀ + r·W, written row-major: its column-major view is Zᵀ = M·Wᵀ + r·Wᵀ.
-        let mut z = w.to_vec();
+        let mut z = vec![0f32; w.len()];
         let mut zt = MatMut::from_column_major_slice_mut(&mut z, n, out);
         faer::linalg::matmul::matmul(
             zt.as_mut(),

@@ -136,7 +136,7 @@ pub(super) fn run(
     let done = plan.done(work);
     let (seqs, seq, hidden) = (ids.len() / calib.seq, calib.seq, config.hidden_size);
     let state = work.join(STATE_FILE);
-    let drift = calib.drift > 0.0;
+    let drift = calib.drift() > 0.0;
     // `xf`: the full-precision model's hidden states, when its outputs are part of the target.
     let (mut x, mut xf, first) = match read_state(&state, [seqs, seq, hidden], drift)? {
         Some(s) => s,
@@ -189,7 +189,7 @@ pub(super) fn run(
                 let mut loaded = piece::load(source, item)?;
                 if let (Some(c), piece::Loaded::Weight(h)) = (&stats.cross, &mut loaded) {
                     // The pairing is freed once the group's last target is made.
-                    let target = stats.weighting.target(&h.data, &c.take(), calib.drift);
+                    let target = stats.weighting.target(&h.data, &c.take(), calib.drift());
                     h.data =
                         target.map_err(|e| ModelError::Data(format!("`{}`: {e}", item.name)))?;
                 }

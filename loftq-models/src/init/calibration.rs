@@ -30,13 +30,10 @@ pub struct Calibration {
     /// How much of each layer's target is the full-precision model's output on its own
     /// inputs rather than the layer's output on the quantized model's inputs: `mix` of
     /// [`Weighting::target`](loftq_core::calib::Weighting::target) (0: GPTQ's objective; 1:
-    /// GPTAQ's). Needs `inputs` [`CalibInputs::Quantized`].
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub drift: f32,
-}
-
-fn is_zero(v: &f32) -> bool {
-    *v == 0.0
+    /// GPTAQ's). Above 0 it needs `inputs` [`CalibInputs::Quantized`]; `None`: see
+    /// [`Calibration::drift`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<f32>,
 }
 
 impl Calibration {
@@ -50,7 +47,18 @@ impl Calibration {
             seq: 512,
             damping: loftq_core::calib::DEFAULT_DAMPING,
             inputs: CalibInputs::Quantized,
-            drift: loftq_core::calib::DEFAULT_DRIFT,
+            drift: None,
+        }
+    }
+
+    /// The drift correction this calibration runs with: the one set, else
+    /// [`DEFAULT_DRIFT`](loftq_core::calib::DEFAULT_DRIFT) with quantized inputs and 0 with
+    /// the others (which cannot use it).
+    pub fn drift(&self) -> f32 {
+        match (self.drift, self.inputs) {
+            (Some(d), _) => d,
+            (None, CalibInputs::Quantized) => loftq_core::calib::DEFAULT_DRIFT,
+            (None, _) => 0.0,
         }
     }
 }
@@ -88,11 +96,11 @@ pub(super) fn check(spec: &InitSpec) -> Result<Option<Vec<u32>>> {
              or use the loftq method"
                 .into(),
         )),
-        (Some(c), _) if !(0.0..=1.0).contains(&c.drift) => Err(ModelError::Settings(format!(
+        (Some(c), _) if !(0.0..=1.0).contains(&c.drift()) => Err(ModelError::Settings(format!(
             "drift correction must be between 0 and 1, got {}",
-            c.drift
+            c.drift()
         ))),
-        (Some(c), _) if c.drift > 0.0 && c.inputs != CalibInputs::Quantized => {
+        (Some(c), _) if c.drift() > 0.0 && c.inputs != CalibInputs::Quantized => {
             Err(ModelError::Settings(match c.inputs {
                 CalibInputs::Full => "drift correction needs the quantized layers' inputs: with \
                                       full-precision inputs there is no drift to correct"
