@@ -36,9 +36,10 @@ const MAX_STEPS: u64 = 250_000;
 /// summed error is smallest.
 ///
 /// # Algorithm
-/// Each matrix's cheapest choice is taken as given; the extra cost of the others is counted
-/// in steps of the greatest common divisor of all extra costs (exact), or, when that would
-/// need more than 250,000 steps, in coarser steps with every cost rounded up (the budget still
+/// Each matrix's cheapest choice is taken as given; the extra cost of the others is counted,
+/// up to the budget or to every matrix's dearest choice if that is less, in steps of the
+/// greatest common divisor of all extra costs (exact), or, when that would need more than
+/// 250,000 steps, in coarser steps with every cost rounded up (the budget still
 /// holds; the optimum is then that of slightly dearer choices). A table over the steps keeps,
 /// matrix by matrix, the least error for each amount spent: `O(matrices · steps · choices)`.
 ///
@@ -66,15 +67,19 @@ pub fn allocate(options: &[Vec<Choice>], budget_bits: u64) -> Result<Allocation,
             o.iter().map(|c| c.bits - min).collect()
         })
         .collect();
+    // No more than every dearest choice can be spent: a budget above that (or candidates of
+    // one size, where nothing can be) must not size the table (one such run took 6 GiB).
+    let most: u64 = extra.iter().map(|e| e.iter().max().unwrap_or(&0)).sum();
+    let room = left.min(most);
     let g = extra.iter().flatten().fold(0u64, |g, &c| gcd(g, c));
     let unit = if g == 0 {
         1
-    } else if left / g <= MAX_STEPS {
+    } else if room / g <= MAX_STEPS {
         g
     } else {
-        left.div_ceil(MAX_STEPS)
+        room.div_ceil(MAX_STEPS)
     };
-    let steps = (left / unit) as usize;
+    let steps = (room / unit) as usize;
     let cost: Vec<Vec<usize>> = extra
         .iter()
         .map(|e| e.iter().map(|&c| c.div_ceil(unit) as usize).collect())
@@ -285,5 +290,18 @@ mod tests {
             .unwrap();
         assert!(spare < cheapest_upgrade * 2, "{spare} bits left");
         assert!(allocate(&options, params).is_err());
+    }
+
+    /// A budget beyond every dearest choice, or candidates all of one size, take the dearest
+    /// (or the only) choices without a table the size of the budget (which would not fit).
+    #[test]
+    fn spare_budget_does_not_size_the_table() {
+        let c = |bits, error| Choice { bits, error };
+        let options = vec![vec![c(10, 2.0), c(30, 1.0)], vec![c(20, 5.0), c(25, 0.5)]];
+        let a = allocate(&options, 1 << 60).unwrap();
+        assert_eq!((a.choice, a.bits, a.error), (vec![1, 1], 55, 1.5));
+        let same = vec![vec![c(64, 1.0), c(64, 0.25)]; 3];
+        let a = allocate(&same, 1 << 60).unwrap();
+        assert_eq!((a.choice, a.bits), (vec![1, 1, 1], 192));
     }
 }
