@@ -295,7 +295,11 @@ impl<'a> Builder<'a> {
             self.used.insert(name.to_string());
             return Ok(self.upload(t.clone()));
         }
-        Ok(self.upload(self.source.shaped(name, shape)?))
+        let t = self.source.shaped(name, shape)?;
+        // Copied out: the mapped pages need not stay resident (the 7B shapes' layer in bf16:
+        // 405 MB).
+        self.source.release(name);
+        Ok(self.upload(t))
     }
 
     /// The adapter's whole copy of tensor `name`, if it saves one.
@@ -341,6 +345,7 @@ impl<'a> Builder<'a> {
             None => match self.opts.quantize.filter(|_| quantizable) {
                 Some(cfg) => {
                     let w = self.source.shaped(&wname, &shape)?;
+                    self.source.release(&wname);
                     let quant = |e| ModelError::quant(&wname, e);
                     let q = Quantizer::new(cfg).map_err(quant)?;
                     let host = q.quantize_host(&w.data, shape).map_err(quant)?;
