@@ -9,6 +9,7 @@ mod dense;
 mod host;
 
 pub use crate::upper::{clear_upper_state, clear_upper_state_here};
+pub use dense::release_buffers;
 pub(crate) use dense::{HostOps, RowMat};
 pub use host::Host;
 
