@@ -17,7 +17,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use loftq_core::calib::{Cross, Gram, Weighting};
 
 use super::pass::{
-    KEEP_ACTIVATIONS_BYTES, Pass, forward, in_layer, paired_statistics, sequential, statistics,
+    KEEP_ACTIVATIONS_BYTES, advance, in_layer, paired_statistics, sequential, statistics,
 };
 use super::piece::{self, Plan, piece_path};
 use super::plan::layer_index;
@@ -177,13 +177,16 @@ pub(super) fn run(
                     weighting: weighting.map_err(|e| in_layer(l, e))?,
                     cross: cross.take().map(|c| Slot::new(c, users.len())),
                 };
+                let width = stats.weighting.dim();
                 slots.push(Slot::new(stats, users.len()));
-                todo.extend(users.into_iter().map(|i| (i, slots.len() - 1)));
+                todo.extend(users.into_iter().map(|i| (i, width, slots.len() - 1)));
             }
             let area = |i: usize| plan.items[i].target.map_or(0, |(s, _)| s[0] * s[1]);
-            todo.sort_by_key(|&(i, _)| std::cmp::Reverse(area(i)));
+            // The largest first (they bound the pool's length); among equals, the widest
+            // statistics, so that they are freed early (the 7B shapes' down_proj: 485 MB).
+            todo.sort_by_key(|&(i, width, _)| std::cmp::Reverse((area(i), width)));
             let jobs: Vec<(usize, &Slot<Stats>)> =
-                todo.into_iter().map(|(i, s)| (i, &slots[s])).collect();
+                todo.into_iter().map(|(i, _, s)| (i, &slots[s])).collect();
             let job = |i: usize, stats: &Stats| {
                 let item = &plan.items[i];
                 let mut loaded = piece::load(source, item)?;
@@ -196,7 +199,16 @@ pub(super) fn run(
                 let wg = Some(&stats.weighting);
                 piece::compute(spec, item, loaded, i, work, device, wg)
             };
-            in_pool(&jobs, &job, &mut |i, r| progress(Progress::Tensor(i, r)))?;
+            // The largest, alone; the rest two at a time.
+            let split = jobs.partition_point(|&(i, _)| area(i) > ALONE_ABOVE);
+            for (part, at_once) in [(&jobs[..split], 1), (&jobs[split..], TENSORS_AT_ONCE)] {
+                in_pool(part, at_once, &job, &mut |i, r| {
+                    progress(Progress::Tensor(i, r))
+                })?;
+            }
+            // The alternation's buffers kept for a next matrix would sit through the pass.
+            #[cfg(feature = "flex")]
+            loftq_core::cpu::release_buffers();
             for (i, p) in grams
                 .iter()
                 .flat_map(|&(g, ..)| members(g))
@@ -220,24 +232,25 @@ pub(super) fn run(
             // so the layer's tensors share one pool.
             let (mut grams, mut next) = ([None, None, None, None], None);
             let mut crosses = [None, None, None, None];
-            match xf.as_ref() {
-                Some(f) if *f != x => {
+            match xf.take() {
+                Some(f) if f != x => {
                     let (g, c, y) = paired_statistics(&layer, &x, f, [seq, hidden], rope)
                         .map_err(|e| in_layer(l, e))?;
                     (grams, crosses) = (g.map(Some), c.map(Some));
                     xf = Some(y);
                 }
-                _ if needs.contains(&true) || xf.is_some() => {
-                    let out = full || xf.is_some();
+                // Equal streams (layer 0): the full-precision one is this pass's output.
+                f if needs.contains(&true) || f.is_some() => {
+                    let out = full || f.is_some();
                     let (g, y) = statistics(&layer, &x, [seq, hidden], rope, out)
                         .map_err(|e| in_layer(l, e))?;
                     grams = g.map(Some);
-                    match xf.is_some() {
+                    match f.is_some() {
                         true => xf = Some(y),
                         false => next = full.then_some(y),
                     }
                 }
-                _ => {}
+                f => xf = f,
             }
             let given = (grams.into_iter().zip(crosses).enumerate())
                 .map(|(g, (gram, cross))| (g, gram.filter(|_| needs[g]), cross))
@@ -245,7 +258,11 @@ pub(super) fn run(
             init_groups(&mut layer, given)?;
             match next {
                 Some(y) => y,
-                None => forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?,
+                None => {
+                    let mut x = x;
+                    advance(&layer, &mut x, [seq, hidden], rope)?;
+                    x
+                }
             }
         };
         write_state(&state, (&x, xf.as_deref()), [seqs, seq, hidden], l + 1)?;
@@ -258,6 +275,11 @@ pub(super) fn run(
 /// a core idle that another's products fill; each more multiplies the alternation's buffers
 /// (the 7B shapes' gate_proj: ~0.2 GB each).
 const TENSORS_AT_ONCE: usize = 2;
+
+/// Matrices of more elements than this are computed one at a time: each holds several
+/// buffers of its size (the 7B shapes' 4096 × 11,008: ~0.8 GB in all), and its products alone
+/// keep the cores busy.
+const ALONE_ABOVE: usize = 1 << 25;
 
 // The tensors run as tasks of rayon's pool, where faer's products inside them run too: as
 // threads of their own they competed with the pool's threads for the cores (on 2 cores:
@@ -292,11 +314,12 @@ impl<T> Slot<T> {
     }
 }
 
-/// Runs `job` on every `(item, statistics)` of `jobs`, in order, [`TENSORS_AT_ONCE`] at a time,
+/// Runs `job` on every `(item, statistics)` of `jobs`, in order, `at_once` at a time,
 /// handing each report to `done` on this thread as it comes. After the first error no new job
 /// starts; the running ones finish, and the error is returned.
 fn in_pool(
     jobs: &[(usize, &Slot<Stats>)],
+    at_once: usize,
     job: &Job<'_>,
     done: &mut dyn FnMut(usize, TensorReport),
 ) -> Result<()> {
@@ -305,7 +328,7 @@ fn in_pool(
     let (to_caller, finished) = channel();
     // In place: this thread waits for the reports without taking a pool thread.
     rayon::in_place_scope(|scope| {
-        for _ in 0..TENSORS_AT_ONCE.min(jobs.len()) {
+        for _ in 0..at_once.min(jobs.len()) {
             let to_caller = to_caller.clone();
             scope.spawn(move |_| {
                 while let Some(&(i, slot)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
@@ -378,7 +401,8 @@ pub(super) fn full_precision_pass(
     for l in 0..config.num_hidden_layers {
         let (layer, targets) = setup.layer(source, l, device)?;
         x = if targets.is_empty() {
-            forward(&layer, &x, [seq, hidden], rope, Pass::Plain)?
+            advance(&layer, &mut x, [seq, hidden], rope)?;
+            x
         } else {
             let (grams, y) =
                 statistics(&layer, &x, [seq, hidden], rope, true).map_err(|e| in_layer(l, e))?;

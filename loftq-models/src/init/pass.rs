@@ -3,11 +3,11 @@
 //! order (`--calibration-inputs sequential`), where each group of linear layers is initialized
 //! on the inputs it will see, through the groups before it already initialized.
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use loftq_core::calib::{Cross, Gram};
 use loftq_core::quant::host_f32;
 
-use crate::nn::{DecoderLayer, RopeTables};
+use crate::nn::{BaseWeight, DecoderLayer, RopeTables};
 use crate::{ModelError, Result};
 
 /// Sequences pushed through a layer at once.
@@ -109,10 +109,13 @@ fn chunks<'x>(
     rope: &RopeTables,
 ) -> impl Iterator<Item = Tensor<3>> + 'x {
     let device = rope.cos.device();
-    x.chunks(SEQS_PER_PASS * seq * hidden).map(move |c| {
-        let b = c.len() / (seq * hidden);
-        Tensor::from_data(TensorData::new(c.to_vec(), [b, seq, hidden]), &device)
-    })
+    (x.chunks(SEQS_PER_PASS * seq * hidden)).map(move |c| tensor_of(c, [seq, hidden], &device))
+}
+
+/// Whole sequences of hidden states (`[sequences·seq, hidden]` row-major) as a tensor.
+fn tensor_of(c: &[f32], [seq, hidden]: [usize; 2], device: &Device) -> Tensor<3> {
+    let b = c.len() / (seq * hidden);
+    Tensor::from_data(TensorData::new(c.to_vec(), [b, seq, hidden]), device)
 }
 
 /// The rows of `t` `[batch, seq, width]` on the host, row-major `[batch·seq, width]`.
@@ -162,28 +165,42 @@ pub(super) fn statistics(
 /// full-precision stream's next hidden states.
 pub(super) type Paired = ([Gram; 4], [Cross; 4], Vec<f32>);
 
+/// Sequences of both streams pushed through a layer at once by [`paired_statistics`]: half
+/// of [`SEQS_PER_PASS`], as it holds the quantized stream's inputs of all four groups while
+/// the full-precision one runs (the 7B shapes' 4 sequences of 512: 190 MB, and 134 MB per copy
+/// of the attention's scores).
+const PAIRED_SEQS_PER_PASS: usize = SEQS_PER_PASS / 2;
+
 /// The statistics of `layer`'s four input groups on the quantized model's hidden states `x`,
-/// their pairing with the full-precision model's inputs on its hidden states `f` (the same
-/// tokens), and the layer's outputs on `f` (the full-precision stream's next hidden states).
+/// their pairing with the full-precision model's on its hidden states `f` (the same tokens),
+/// and the layer's outputs on `f` (the full-precision stream's next hidden states), written
+/// over `f` as it goes.
 pub(super) fn paired_statistics(
     layer: &DecoderLayer,
     x: &[f32],
-    f: &[f32],
-    shape: [usize; 2],
+    mut f: Vec<f32>,
+    [seq, hidden]: [usize; 2],
     rope: &RopeTables,
 ) -> std::result::Result<Paired, CalibFailure> {
     let widths = group_widths(layer);
     let mut grams: [Gram; 4] = widths.map(Gram::new);
-    let mut crosses: [Cross; 4] = widths.map(Cross::new);
-    let mut out = Vec::with_capacity(f.len());
-    for (tx, tf) in chunks(x, shape, rope).zip(chunks(f, shape, rope)) {
+    let (mut crosses, weights) = pairings(layer, widths);
+    let device = rope.cos.device();
+    let step = PAIRED_SEQS_PER_PASS * seq * hidden;
+    for start in (0..x.len()).step_by(step) {
+        let span = start..(start + step).min(x.len());
+        let tx = tensor_of(&x[span.clone()], [seq, hidden], &device);
+        let tf = tensor_of(&f[span.clone()], [seq, hidden], &device);
         let mut seen: [Vec<f32>; 4] = Default::default();
         layer.observe_inputs(tx, rope, &mut |g, t| seen[g] = host_f32(&t));
         let mut failed = None;
         let y = layer.forward_observed(tf, rope, &mut |g, t| {
             let q = std::mem::take(&mut seen[g]);
-            let added =
-                (grams[g].add_rows(&q)).and_then(|()| crosses[g].add_rows(&q, &host_f32(&t)));
+            let paired = match &weights[g] {
+                Some(w) => host_f32(&t.matmul(w.clone().transpose())),
+                None => host_f32(&t),
+            };
+            let added = (grams[g].add_rows(&q)).and_then(|()| crosses[g].add_rows(&q, &paired));
             if let Err(e) = added {
                 failed.get_or_insert(e);
             }
@@ -191,9 +208,32 @@ pub(super) fn paired_statistics(
         if let Some(e) = failed {
             return Err(CalibFailure::Statistics(e));
         }
-        out.extend(finite_states(rows(y)).map_err(CalibFailure::Model)?);
+        f[span].copy_from_slice(&finite_states(rows(y)).map_err(CalibFailure::Model)?);
     }
-    Ok((grams, crosses, out))
+    Ok((grams, crosses, f))
+}
+
+/// Each group's empty pairing, and the full-precision weight whose outputs it sums: a group
+/// of one dense weight with fewer outputs than inputs (down_proj) sums them, the smaller and
+/// cheaper form (see [`Cross`]).
+fn pairings(layer: &DecoderLayer, widths: [usize; 4]) -> ([Cross; 4], [Option<Tensor<2>>; 4]) {
+    let (linears, groups) = (layer.linears(), layer.input_groups());
+    let mut weights: [Option<Tensor<2>>; 4] = Default::default();
+    let crosses = std::array::from_fn(|g| {
+        let mut members = (linears.iter().zip(groups)).filter(|&(_, &x)| x == g);
+        let only = match (members.next(), members.next()) {
+            (Some((lin, _)), None) => Some(&lin.base),
+            _ => None,
+        };
+        match only {
+            Some(BaseWeight::Dense(w)) if w.dims()[0] < widths[g] => {
+                weights[g] = Some(w.clone());
+                Cross::of_outputs(w.dims()[0], widths[g])
+            }
+            _ => Cross::new(widths[g]),
+        }
+    });
+    (crosses, weights)
 }
 
 /// The input width of each of `layer`'s four groups (that of its first linear layer).
@@ -227,10 +267,25 @@ pub(super) fn in_layer(l: usize, e: impl Into<CalibFailure>) -> ModelError {
     }
 }
 
+/// The hidden states `x` (`[sequences·seq, hidden]` row-major) moved through `layer`, a few
+/// sequences at a time, each chunk's outputs written over its inputs (one copy of the hidden
+/// states: the 7B shapes' 16,384 tokens take 268 MB).
+pub(super) fn advance(
+    layer: &DecoderLayer,
+    x: &mut [f32],
+    [seq, hidden]: [usize; 2],
+    rope: &RopeTables,
+) -> Result<()> {
+    let device = rope.cos.device();
+    for c in x.chunks_mut(SEQS_PER_PASS * seq * hidden) {
+        let y = layer.forward(tensor_of(c, [seq, hidden], &device), rope);
+        c.copy_from_slice(&finite_states(rows(y))?);
+    }
+    Ok(())
+}
+
 /// What [`forward`] does with a decoder layer.
 pub(super) enum Pass<'f> {
-    /// Its outputs.
-    Plain,
     /// Its outputs, observing the inputs of its linear layers.
     Observed(&'f mut dyn FnMut(usize, Tensor<2>)),
     /// The inputs of its linear layers alone.
@@ -252,7 +307,6 @@ pub(super) fn forward(
     });
     for t in chunks(x, [seq, hidden], rope) {
         let y = match &mut pass {
-            Pass::Plain => layer.forward(t, rope),
             Pass::Observed(f) => layer.forward_observed(t, rope, &mut **f),
             Pass::ObserveOnly(f) => {
                 layer.observe_inputs(t, rope, &mut **f);
@@ -296,7 +350,8 @@ mod tests {
     fn sequential_pass_is_the_forward_kept_or_recomputed() {
         // 9 sequences: three chunks, the last one short.
         let (mut layer, x, rope, [seq, hidden]) = tiny_layer(9);
-        let plain = forward(&layer, &x, [seq, hidden], &rope, Pass::Plain).unwrap();
+        let mut plain = x.clone();
+        advance(&layer, &mut plain, [seq, hidden], &rope).unwrap();
         for keep in [usize::MAX, 0] {
             let mut rows = Vec::new();
             let mut init = |_: &mut DecoderLayer, g: usize, gram: Option<Gram>| {
@@ -320,28 +375,54 @@ mod tests {
     }
 
     /// On the same hidden states, the paired pass gives the plain pass's statistics, pairings
-    /// equal to them, and the layer's outputs; on others, pairings that differ.
+    /// equal to them (down_proj's, of outputs: `H·Wᵀ`), and the layer's outputs; on others,
+    /// pairings that differ.
     #[test]
     fn paired_statistics_on_equal_streams_are_the_plain_ones() {
         let (layer, x, rope, shape) = tiny_layer(5);
         let Ok((grams, y)) = statistics(&layer, &x, shape, &rope, true) else {
             panic!("statistics failed")
         };
-        let paired = |f: &[f32]| match paired_statistics(&layer, &x, f, shape, &rope) {
+        let paired = |f: &[f32]| match paired_statistics(&layer, &x, f.to_vec(), shape, &rope) {
             Ok(r) => r,
             Err(_) => panic!("paired statistics failed"),
         };
+        // The two passes cut the sequences into different chunks: equal up to rounding.
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
         let (paired_grams, crosses, yf) = paired(&x);
-        assert_eq!(yf, y);
+        assert!(yf.iter().zip(&y).all(|(&a, &b)| close(a, b)));
+        let down = match &layer.mlp.down_proj.base {
+            BaseWeight::Dense(w) => (host_f32(w), w.dims()[0]),
+            BaseWeight::Packed(_) => panic!("a dense layer"),
+        };
+        assert_eq!(
+            crosses.iter().map(Cross::outputs).collect::<Vec<_>>()[..3],
+            [None; 3]
+        );
+        assert_eq!(crosses[3].outputs(), Some(down.1));
         for (g, (p, c)) in grams.iter().zip(paired_grams.iter().zip(&crosses)) {
-            assert_eq!(p, g);
             assert_eq!(c.rows(), g.rows());
-            let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
             let w = c.dim();
-            // The pairing of equal inputs is the Gram matrix (both triangles).
+            let h = |i: usize, j: usize| g.value(i.max(j), i.min(j));
             for (i, j) in [(0, 0), (w - 1, 0), (w / 2, w / 3)] {
-                assert!(close(c.value(i, j), g.value(i, j)), "{i},{j}");
-                assert!(close(c.value(j, i), g.value(i, j)), "{j},{i}");
+                assert!(close(p.value(i, j), g.value(i, j)), "{i},{j}");
+                match c.outputs() {
+                    // The pairing of equal inputs is the Gram matrix (both triangles).
+                    None => {
+                        assert!(close(c.value(i, j), h(i, j)), "{i},{j}");
+                        assert!(close(c.value(j, i), h(i, j)), "{j},{i}");
+                    }
+                    // Its outputs' pairing is H·Wᵀ.
+                    Some(out) => {
+                        let j = j % out;
+                        let hw: f32 = (0..w).map(|k| h(i, k) * down.0[j * w + k]).sum();
+                        assert!(
+                            close(c.value(i, j), hw),
+                            "{i},{j}: {} vs {hw}",
+                            c.value(i, j)
+                        );
+                    }
+                }
             }
         }
         let f: Vec<f32> = x.iter().map(|v| v * 0.5 + 0.1).collect();
