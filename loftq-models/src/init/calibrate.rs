@@ -182,8 +182,7 @@ pub(super) fn run(
                 todo.extend(users.into_iter().map(|i| (i, width, slots.len() - 1)));
             }
             let area = |i: usize| plan.items[i].target.map_or(0, |(s, _)| s[0] * s[1]);
-            // The largest first (they bound the pool's length); among equals, the widest
-            // statistics, so that they are freed early (the 7B shapes' down_proj: 485 MB).
+            // Largest first; among equals the widest statistics, freed early (down_proj).
             todo.sort_by_key(|&(i, width, _)| std::cmp::Reverse((area(i), width)));
             let jobs: Vec<(usize, &Slot<Stats>)> =
                 todo.into_iter().map(|(i, _, s)| (i, &slots[s])).collect();
@@ -206,7 +205,7 @@ pub(super) fn run(
                     progress(Progress::Tensor(i, r))
                 })?;
             }
-            // The alternation's buffers kept for a next matrix would sit through the pass.
+            // Kept buffers would sit through the pass.
             #[cfg(feature = "flex")]
             loftq_core::cpu::release_buffers();
             for (i, p) in grams
@@ -239,7 +238,6 @@ pub(super) fn run(
                     (grams, crosses) = (g.map(Some), c.map(Some));
                     xf = Some(y);
                 }
-                // Equal streams (layer 0): the full-precision one is this pass's output.
                 f if needs.contains(&true) || f.is_some() => {
                     let out = full || f.is_some();
                     let (g, y) = statistics(&layer, &x, [seq, hidden], rope, out)
@@ -276,9 +274,7 @@ pub(super) fn run(
 /// (the 7B shapes' gate_proj: ~0.2 GB each).
 const TENSORS_AT_ONCE: usize = 2;
 
-/// Matrices of more elements than this are computed one at a time: each holds several
-/// buffers of its size (the 7B shapes' 4096 × 11,008: ~0.8 GB in all), and its products alone
-/// keep the cores busy.
+/// Matrices above this many elements run alone: each holds ~0.8 GB at the 7B shapes.
 const ALONE_ABOVE: usize = 1 << 25;
 
 // The tensors run as tasks of rayon's pool, where faer's products inside them run too: as
