@@ -198,12 +198,10 @@ pub(super) fn run(
                 let wg = Some(&stats.weighting);
                 piece::compute(spec, item, loaded, i, work, device, wg)
             };
-            // The largest, alone; the rest two at a time.
             let split = jobs.partition_point(|&(i, _)| area(i) > ALONE_ABOVE);
+            let mut report = |i, r| progress(Progress::Tensor(i, r));
             for (part, at_once) in [(&jobs[..split], 1), (&jobs[split..], TENSORS_AT_ONCE)] {
-                in_pool(part, at_once, &job, &mut |i, r| {
-                    progress(Progress::Tensor(i, r))
-                })?;
+                in_pool(part, at_once, &job, &mut report)?;
             }
             // Kept buffers would sit through the pass.
             #[cfg(feature = "flex")]
@@ -239,11 +237,13 @@ pub(super) fn run(
                     xf = Some(y);
                 }
                 f if needs.contains(&true) || f.is_some() => {
-                    let out = full || f.is_some();
+                    // Equal streams (layer 0): the full-precision one is this pass's output.
+                    let (fp, out) = (f.is_some(), full || f.is_some());
+                    drop(f);
                     let (g, y) = statistics(&layer, &x, [seq, hidden], rope, out)
                         .map_err(|e| in_layer(l, e))?;
                     grams = g.map(Some);
-                    match f.is_some() {
+                    match fp {
                         true => xf = Some(y),
                         false => next = full.then_some(y),
                     }

@@ -187,10 +187,9 @@ pub(super) fn paired_statistics(
     let (mut crosses, weights) = pairings(layer, widths);
     let device = rope.cos.device();
     let step = PAIRED_SEQS_PER_PASS * seq * hidden;
-    for start in (0..x.len()).step_by(step) {
-        let span = start..(start + step).min(x.len());
-        let tx = tensor_of(&x[span.clone()], [seq, hidden], &device);
-        let tf = tensor_of(&f[span.clone()], [seq, hidden], &device);
+    for (cx, cf) in x.chunks(step).zip(f.chunks_mut(step)) {
+        let tx = tensor_of(cx, [seq, hidden], &device);
+        let tf = tensor_of(cf, [seq, hidden], &device);
         let mut seen: [Vec<f32>; 4] = Default::default();
         layer.observe_inputs(tx, rope, &mut |g, t| seen[g] = host_f32(&t));
         let mut failed = None;
@@ -208,7 +207,7 @@ pub(super) fn paired_statistics(
         if let Some(e) = failed {
             return Err(CalibFailure::Statistics(e));
         }
-        f[span].copy_from_slice(&finite_states(rows(y)).map_err(CalibFailure::Model)?);
+        cf.copy_from_slice(&finite_states(rows(y)).map_err(CalibFailure::Model)?);
     }
     Ok((grams, crosses, f))
 }
