@@ -8,7 +8,8 @@
 #   cargo xtask assets && cargo build -p loftq-cli
 #   bench/calibration-cost.sh [ROUNDS] [TOKENS]     (defaults: 5 rounds, 2,048 tokens)
 #
-# Modes: quantized (the default), sequential; $MODES changes the list.
+# Modes: quantized (the default), sequential; $MODES changes the list, a mode being
+# --calibration-inputs' value, optionally with :F for --drift-correction F (e.g. quantized:0).
 set -eu
 # shellcheck source=bench/common.sh
 . "$(dirname "$0")/common.sh"
@@ -25,7 +26,8 @@ for r in $(seq "$rounds"); do
     case $run in
       loftq) args=() ;;
       # shellcheck disable=SC2086
-      *) args=(--calibration $CAL --calibration-tokens "$tokens" --calibration-inputs "$run") ;;
+      *) args=(--calibration $CAL --calibration-tokens "$tokens" --calibration-inputs "${run%%:*}")
+        [[ $run == *:* ]] && args+=(--drift-correction "${run#*:}") ;;
     esac
     $L init --model "$M" --out "$work/out" --bits nf2 --rank 16 "${args[@]}" --json \
       > "$work/report.json" 2> /dev/null

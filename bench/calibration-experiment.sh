@@ -10,7 +10,8 @@
 # default candidates, calibrated adapters), fp (the model itself). Each appends one line
 # (run, init seconds, peak RSS, ppl Hamlet, ppl GPL-3) to bench/results/calibration/runs.tsv.
 # $CAL_TOKENS changes the calibration tokens (default 16384), $CANDIDATES the allocator's
-# candidates, $TAG is appended to the run's name in the results.
+# candidates, $EXTRA adds arguments to every init (e.g. "--block-size 1024 --double-quant"),
+# $TAG is appended to the run's name in the results.
 set -eu
 # shellcheck source=bench/common.sh
 . "$(dirname "$0")/common.sh"
@@ -37,7 +38,7 @@ for run in "$@"; do
     *) echo "unknown run $run" >&2; exit 2 ;;
   esac
   # shellcheck disable=SC2086
-  $L init --model "$M" --out "$run" $args --json > "$run.json" 2> "$run.err"
+  $L init --model "$M" --out "$run" $args ${EXTRA:-} --json > "$run.json" 2> "$run.err"
   secs=$(python3 -c "import json;t=json.load(open('$run.json'))['totals'];print(round(t['wall_seconds'],1))")
   rss=$(python3 -c "import json;t=json.load(open('$run.json'))['totals'];print(round(t['peak_rss_bytes']/2**30,2))")
   printf '%s\t%s\t%s\t%s\t%s\n' "$run${TAG:-}" "$secs" "$rss" "$(ppl "$run" "$run/adapter" "$T/hamlet_gut.txt")" \

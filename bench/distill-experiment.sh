@@ -13,7 +13,7 @@
 #
 # Each run appends (name, steps, lr, seconds, ppl Hamlet, ppl GPL-3) to
 # bench/results/distill/runs.tsv and copies its history.json there as <name>.json, the name
-# being <run>, then -lr<LR> and -hw<W> off the defaults. The distilled adapter stays in
+# being <run>, then -lr<LR> and -hw<W> off the defaults, then $TAG. The distilled adapter stays in
 # $WORK/distill-<name>; bench/train-experiment.sh distilled-nf2 starts from distill-calibrated-nf2.
 set -eu
 # shellcheck source=bench/common.sh
@@ -32,6 +32,7 @@ mkdir -p "$WORK" "$OUT"
 cd "$WORK"
 for run in "$@"; do
   name=$run; [ "$LR" = 1e-3 ] || name=$name-lr$LR; [ "$HW" = 0 ] || name=$name-hw$HW
+  name=$name${TAG:-}
   from=''
   out=distill-$name
   case $run in
