@@ -68,6 +68,12 @@ pub struct InitArgs {
         requires = "avg_bits"
     )]
     candidates: String,
+    /// With --avg-bits and --calibration: weigh each matrix's output error by how much the
+    /// loss on the calibration text cares about that layer's outputs (errors in the first
+    /// layers pass through every later one), measured by one backward pass per calibration
+    /// sequence through the whole model, which it holds in memory (f32: 4 bytes a parameter).
+    #[arg(long, requires = "avg_bits")]
+    sensitivity: bool,
     #[command(flatten)]
     lora: LoraArgs,
     /// LoftQ iterations (the best iterate is kept).
@@ -164,6 +170,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
                 .map(|c| parse_quantizer(c, a.block_size, a.double_quant))
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| invalid(format!("--candidates: {e}")))?,
+            sensitivity: a.sensitivity,
         }),
         None => None,
     };
@@ -261,6 +268,15 @@ pub fn run(a: &InitArgs) -> Result<()> {
             {
                 p.note(&format!(
                     "--avg-bits: scored the candidates on {done} of {total} matrices"
+                ));
+            }
+        }
+        Event::Sensitivity { done, total } => {
+            if let Some(p) = bar.as_mut()
+                && (done == 1 || done == total || done % 8 == 0)
+            {
+                p.note(&format!(
+                    "--sensitivity: backward pass over {done} of {total} calibration sequences"
                 ));
             }
         }

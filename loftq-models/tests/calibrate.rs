@@ -262,17 +262,19 @@ fn bit_budgets_are_met_and_resume() {
         .iter()
         .map(|c| parse_quantizer(c, 64, false).unwrap())
         .collect();
-    let with_budget = |out: &str, avg: f64, calibrated: bool| {
+    let budget = |out: &str, avg: f64, calibrated: bool, sensitivity: bool| {
         let mut s = spec(model.clone(), dir.join(out), text.clone());
         s.budget = Some(Budget {
             avg_bits: avg,
             candidates: candidates.clone(),
+            sensitivity,
         });
         if !calibrated {
             s.calibration = None;
         }
         s
     };
+    let with_budget = |out: &str, avg: f64, calibrated: bool| budget(out, avg, calibrated, false);
     let labels = |r: &Report| -> Vec<String> {
         let mut l: Vec<String> = r.tensors.iter().map(|t| t.quantizer.clone()).collect();
         l.sort();
@@ -292,6 +294,11 @@ fn bit_budgets_are_met_and_resume() {
         let err = |r: &Report| r.totals.mean_rel_err_init;
         assert!(err(&high) < err(&mid) && err(&mid) < err(&low));
     }
+    // Weighed by the loss's sensitivity: the same budget, met with more than one quantizer.
+    let weighed = run(&budget("weighed", 3.0, true, true), false).unwrap();
+    let bits = weighed.totals.avg_base_bits_per_param;
+    assert!((2.9..=3.0).contains(&bits), "{bits} bits per parameter");
+    assert!(labels(&weighed).len() >= 2, "{:?}", labels(&weighed));
 
     // Killed after the allocation, resumed without scoring again: identical files.
     let a = with_budget("a", 3.0, true);
@@ -327,6 +334,9 @@ fn bit_budgets_are_met_and_resume() {
         "{e}"
     );
     assert!(!dir.join("poor").exists());
+    let e = run(&budget("blind", 3.0, false, true), false).unwrap_err();
+    assert!(e.to_string().contains("needs calibration text"), "{e}");
+    assert!(!dir.join("blind").exists());
     let mut p = with_budget("pissa", 3.0, false);
     p.method = InitMethod::Pissa;
     let e = run(&p, false).unwrap_err();

@@ -98,7 +98,10 @@ fn interrupted_runs_resume_to_identical_files() {
                     assert!(n < kill_at, "killed");
                 }
                 Event::Assembling => assert!(kill_at != usize::MAX, "killed"),
-                Event::Planned { .. } | Event::Calibrating { .. } | Event::Scoring { .. } => {}
+                Event::Planned { .. }
+                | Event::Calibrating { .. }
+                | Event::Scoring { .. }
+                | Event::Sensitivity { .. } => {}
             })
         }));
         assert!(killed.is_err());

@@ -13,6 +13,7 @@ use loftq_core::init::LoraInit;
 use serde::{Deserialize, Serialize};
 
 use super::piece::{self, Loaded, Plan};
+use super::sensitivity::sensitivities;
 use super::{Event, InitMethod, InitSpec, calibrate};
 use crate::io::{TensorSource, write_atomic};
 use crate::nn::tensor_seed;
@@ -26,6 +27,10 @@ pub struct Budget {
     pub avg_bits: f64,
     /// The quantizers each matrix may get.
     pub candidates: Vec<QuantConfig>,
+    /// Weigh each matrix's output error by the loss's sensitivity to its outputs on the
+    /// calibration text ([`sensitivity`](super::sensitivity)); needs a calibration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitivity: bool,
 }
 
 impl Budget {
@@ -45,6 +50,7 @@ impl Budget {
         Self {
             avg_bits,
             candidates,
+            sensitivity: false,
         }
     }
 }
@@ -79,6 +85,11 @@ pub(super) fn check(spec: &InitSpec) -> Result<()> {
     if b.candidates.is_empty() {
         return Err(ModelError::Settings(
             "a bit budget needs at least one candidate quantizer".into(),
+        ));
+    }
+    if b.sensitivity && spec.calibration.is_none() {
+        return Err(ModelError::Settings(
+            "weighing the errors by the loss's sensitivity needs calibration text".into(),
         ));
     }
     if !(b.avg_bits.is_finite() && b.avg_bits > 0.0) {
@@ -172,6 +183,14 @@ fn scores(
     events: &mut dyn FnMut(Event),
 ) -> Result<Vec<Vec<Choice>>> {
     let budget = spec.budget.as_ref().expect("called with a budget");
+    let gammas = match (budget.sensitivity, ids, &spec.calibration) {
+        (true, Some(ids), Some(c)) => {
+            let mut progress = |done, total| events(Event::Sensitivity { done, total });
+            let g = sensitivities(&spec.model, ids, c.seq, spec.seed, device, &mut progress)?;
+            Some(g)
+        }
+        _ => None,
+    };
     let mut out: Vec<Option<Vec<Choice>>> = vec![None; plan.items.len()];
     let total = items.len();
     let mut done = 0;
@@ -195,11 +214,20 @@ fn scores(
             .iter()
             .map(|&c| fit_rows(c, shape[1]))
             .collect();
-        let choices =
+        let mut choices =
             score(&w, wg, &candidates, fit.as_ref()).map_err(|source| ModelError::Loftq {
                 name: item.name.clone(),
                 source,
             })?;
+        if let Some(g) = &gammas {
+            let path = item.name.strip_suffix(".weight").unwrap_or(&item.name);
+            let gamma = g.get(path).ok_or_else(|| {
+                ModelError::Data(format!("{}: no sensitivity for this matrix", item.name))
+            })?;
+            for c in &mut choices {
+                c.error *= gamma;
+            }
+        }
         out[i] = Some(choices);
         done += 1;
         events(Event::Scoring { done, total });

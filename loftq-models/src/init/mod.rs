@@ -16,6 +16,7 @@ mod pass;
 mod piece;
 pub mod plan;
 mod report;
+mod sensitivity;
 mod space;
 mod workers;
 

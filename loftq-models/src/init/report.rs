@@ -49,6 +49,16 @@ pub enum Event {
         /// Matrices to score.
         total: usize,
     },
+    /// The loss's sensitivity to each matrix's outputs ([`Budget::sensitivity`]) is
+    /// measured on one more calibration sequence.
+    ///
+    /// [`Budget::sensitivity`]: super::Budget::sensitivity
+    Sensitivity {
+        /// Sequences done.
+        done: usize,
+        /// Sequences in all.
+        total: usize,
+    },
     /// A targeted tensor is done.
     Tensor(TensorReport),
     /// The calibration pass enters a decoder layer (its statistics, then its tensors).
