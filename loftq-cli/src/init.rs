@@ -72,7 +72,7 @@ pub struct InitArgs {
     /// loss on the calibration text cares about that layer's outputs (errors in the first
     /// layers pass through every later one), measured by one backward pass per calibration
     /// sequence through the whole model, which it holds in memory (f32: 4 bytes a parameter).
-    #[arg(long, requires = "avg_bits")]
+    #[arg(long, requires_all = ["avg_bits", "calibration"])]
     sensitivity: bool,
     #[command(flatten)]
     lora: LoraArgs,

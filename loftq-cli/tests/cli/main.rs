@@ -233,6 +233,15 @@ fn init_then_eval_through_the_binary() {
         !ok && err.contains("--device") && err.contains("tpu"),
         "{err}"
     );
+    let sensitivity = ["--avg-bits", "3", "--sensitivity"];
+    let (ok, err) = loftq(
+        &[
+            &["init", "--model", m, "--out", x.to_str().unwrap()],
+            &sensitivity[..],
+        ]
+        .concat(),
+    );
+    assert!(!ok && err.contains("--calibration"), "{err}");
     assert!(!x.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
