@@ -6,8 +6,8 @@
 //! `½·tr(ΔY·G·ΔYᵀ)`, `G` the second moment of the loss's gradient with respect to those
 //! outputs. Taking `G ≈ γ·I` (as K-FAC takes it apart from the inputs' `H = XᵀX`), the raise is
 //! `½·γ·‖ΔW·S‖²` with `S·Sᵀ = H`: the error the scores already hold, times `γ`. Errors in the
-//! first layers pass through every later one, and at the same size they cost the loss
-//! 10–100× more than in the last (SmolLM2); summed unweighted, they look cheapest.
+//! first layers pass through every later one and, at the same size, cost the loss far more
+//! than in the last; summed unweighted, they look cheapest.
 //!
 //! `γ` is estimated without per-token gradients: with a fresh adapter (`B = 0`, `A` uniform in
 //! `±1/√in`, scaling 1), `∂L/∂B = (∂L/∂W)·Aᵀ`, so `E‖∂L/∂B‖² = r·‖∂L/∂W‖²/(3·in)`; summed over the
