@@ -13,6 +13,7 @@ use loftq_core::init::LoraInit;
 use serde::{Deserialize, Serialize};
 
 use super::piece::{self, Loaded, Plan};
+use super::plan::module_of_weight;
 use super::sensitivity::sensitivities;
 use super::{Event, InitMethod, InitSpec, calibrate};
 use crate::io::{TensorSource, write_atomic};
@@ -220,7 +221,7 @@ fn scores(
                 source,
             })?;
         if let Some(g) = &gammas {
-            let path = item.name.strip_suffix(".weight").unwrap_or(&item.name);
+            let path = module_of_weight(&item.name).unwrap_or(&item.name);
             let gamma = g.get(path).ok_or_else(|| {
                 ModelError::Data(format!("{}: no sensitivity for this matrix", item.name))
             })?;
