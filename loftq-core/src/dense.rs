@@ -47,6 +47,8 @@ pub(crate) trait Dense {
     fn first_cols(&self, m: &Self::M, k: usize) -> Self::M;
     /// `m·diag(s)`.
     fn scale_cols(&self, m: &Self::M, s: &[f32]) -> Self::M;
+    /// `m ← diag(s)·m`.
+    fn scale_rows(&self, m: &mut Self::M, s: &[f32]);
     /// `mᵀ`.
     fn transpose(&self, m: &Self::M) -> Self::M;
     /// `‖m‖_F`, accumulated in `f64`.
@@ -150,6 +152,11 @@ impl Dense for DeviceOps {
     fn scale_cols(&self, m: &Tensor<2>, s: &[f32]) -> Tensor<2> {
         let row = crate::transfers::upload(s.to_vec(), [s.len()], &m.device());
         m.clone() * row.reshape([1, s.len()])
+    }
+
+    fn scale_rows(&self, m: &mut Tensor<2>, s: &[f32]) {
+        let col = crate::transfers::upload(s.to_vec(), [s.len()], &m.device());
+        *m = m.clone() * col.reshape([s.len(), 1]);
     }
 
     fn transpose(&self, m: &Tensor<2>) -> Tensor<2> {

@@ -4,7 +4,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::QuantError;
-use crate::calib::{BaseQuantizer, GptqConfig, Weighting, gptq};
+use crate::calib::{BaseQuantizer, GptqConfig, Objective, gptq};
 use crate::dense::{Dense, DeviceOps};
 use crate::lora::LoraSpec;
 use crate::lowrank::{LowRankError, SvdMethod, check_rank, svd_with};
@@ -105,7 +105,7 @@ pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError
 pub(crate) fn checked_alternation(
     w: &Tensor<2>,
     cfg: &LoftqConfig,
-    calib: Option<(&Weighting, &BaseQuantizer)>,
+    calib: Option<(Objective<'_>, &BaseQuantizer)>,
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     check_config(cfg)?;
     let quantizer = Quantizer::new(cfg.quant)?;
@@ -131,14 +131,27 @@ fn alternate_with<'w, D: Dense>(
     cfg: &LoftqConfig,
     quantizer: &Quantizer,
     device: &Device,
-    calib: Option<(&'w Weighting, &BaseQuantizer)>,
+    calib: Option<(Objective<'w>, &BaseQuantizer)>,
     matrix: impl Fn(&'w [f32], [usize; 2]) -> D::M,
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     let weighted = match calib {
         None => None,
-        Some((weighting, base)) => {
+        Some((objective, base)) => {
+            let weighting = objective.inputs;
             let n = weighting.dim();
+            // Weights of mean 1: their scale would otherwise move the split of `B·A` between
+            // the factors.
+            let rows = objective.rows.map(|d| {
+                let mean = d.iter().map(|&v| f64::from(v)).sum::<f64>() / d.len().max(1) as f64;
+                let r: Vec<f32> = d
+                    .iter()
+                    .map(|&v| (f64::from(v) / mean).sqrt() as f32)
+                    .collect();
+                let inv = r.iter().map(|v| 1.0 / v).collect();
+                (r, inv)
+            });
             Some(Weighted {
+                rows,
                 s: matrix(weighting.factor(), [n, n]),
                 s_inv: match ops.solves_here() {
                     true => None,
@@ -169,9 +182,11 @@ pub(crate) fn check_config(cfg: &LoftqConfig) -> Result<(), LoftqError> {
 }
 
 /// The weighted objective of a calibrated alternation ([`calibrated`](crate::calib::calibrated)):
-/// the factor `S` of the input statistics, its inverse, and GPTQ's factor when the base is
-/// quantized by GPTQ.
+/// the factor `S` of the input statistics, its inverse, the row weights, and GPTQ's factor
+/// when the base is quantized by GPTQ.
 pub(crate) struct Weighted<'g, M> {
+    /// `D^{1/2}`'s diagonal and its inverse, when the output rows are weighted.
+    rows: Option<(Vec<f32>, Vec<f32>)>,
     /// `S` `[in, in]`.
     s: M,
     /// `S⁻¹` `[in, in]`, where the adapter step multiplies by it instead of solving with `S`.
@@ -199,7 +214,8 @@ pub(crate) fn judge(prev_best: Option<f32>, score: f32, early_stop: Option<f32>)
 
 /// The alternation of [`loftq`] with any [`Dense`] implementation; results go to `device`.
 ///
-/// With `weighted`, each adapter step is the closed form `[(W − Q)·S]_r · S⁻¹`, the base is
+/// With `weighted`, each adapter step is the closed form `D^{-1/2}·[D^{1/2}·(W − Q)·S]_r · S⁻¹`
+/// (`D = I` unless the rows are weighted), the base is
 /// quantized by GPTQ when asked, and the best iterate is the one with the lowest weighted
 /// error; the weighted errors come back beside the result.
 pub(crate) fn alternate<D: Dense>(
@@ -211,7 +227,13 @@ pub(crate) fn alternate<D: Dense>(
     weighted: Option<&Weighted<'_, D::M>>,
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     let norm = ops.norm(w).max(f32::MIN_POSITIVE);
-    let wnorm = weighted.map(|x| ops.norm(&ops.mul_lower(w, &x.s)).max(f32::MIN_POSITIVE));
+    let wnorm = weighted.map(|x| {
+        let mut ws = ops.mul_lower(w, &x.s);
+        if let Some((r, _)) = &x.rows {
+            ops.scale_rows(&mut ws, r);
+        }
+        ops.norm(&ws).max(f32::MIN_POSITIVE)
+    });
     // The product s_eff·B·A that enters the error under each convention, relative to U·S·Vᵀ.
     let (factor_scale, product_scale) = cfg.lora.scaling.scales(cfg.lora.scale());
 
@@ -237,9 +259,12 @@ pub(crate) fn alternate<D: Dense>(
                 Codes::Host(host)
             }
         };
-        // The weighted problem is the plain one for the scaled residual (W − Q)·S.
+        // The weighted problem is the plain one for the scaled residual D^{1/2}·(W − Q)·S.
         let scaled = weighted.map(|x| {
             ops.mul_lower_into(&residual, &x.s, &mut scaled);
+            if let Some((r, _)) = &x.rows {
+                ops.scale_rows(&mut scaled, r);
+            }
             &scaled
         });
         if t == 1 {
@@ -254,7 +279,7 @@ pub(crate) fn alternate<D: Dense>(
         }
         let target = scaled.unwrap_or(&residual);
         let (lr, basis) = svd_with(ops, target, cfg.lora.rank, &method, warm.as_ref())?;
-        let (b, a) = lr.balanced_with(ops);
+        let (mut b, a) = lr.balanced_with(ops);
         let (a, score) = match (weighted, scaled, wnorm) {
             (Some(x), Some(rs), Some(wn)) => {
                 // `U·Σ·Vᵀ` is the projection of `X = (W − Q)·S` on `U`'s columns (exact and
@@ -268,6 +293,9 @@ pub(crate) fn alternate<D: Dense>(
                     Some(inv) => ops.mul_lower(&a, inv),
                     None => ops.solve_lower_right(&a, &x.s),
                 };
+                if let Some((_, inv)) = &x.rows {
+                    ops.scale_rows(&mut b, inv);
+                }
                 (a, Some(werr))
             }
             _ => (a, None),

@@ -5,7 +5,8 @@ mod common;
 
 use burn::tensor::{Tensor, TensorData};
 use loftq_core::calib::{
-    BaseQuantizer, CalibratedConfig, GptqConfig, Gram, Weighting, calibrated, fit_weighted, score,
+    BaseQuantizer, CalibratedConfig, GptqConfig, Gram, Objective, Weighting, calibrated,
+    fit_weighted, score,
 };
 use loftq_core::lowrank::{Gaussian, SvdMethod};
 use loftq_core::{InitScaling, LoftqConfig, QuantConfig, loftq};
@@ -37,7 +38,19 @@ fn inputs(n: usize, d: usize, seed: u64) -> (Vec<f32>, Weighting) {
 }
 
 /// `‖(R − B·A)·Xᵀ‖_F` computed directly from the inputs (f64).
-fn output_error(r: &[f64], b: &[f64], a: &[f64], x: &[f32], [m, n, k]: [usize; 3]) -> f64 {
+fn output_error(r: &[f64], b: &[f64], a: &[f64], x: &[f32], mnk: [usize; 3]) -> f64 {
+    weighted_output_error(r, b, a, x, &vec![1.0; mnk[0]], mnk)
+}
+
+/// `‖D^{1/2}·(R − B·A)·Xᵀ‖_F` for row weights `d`, computed directly (f64).
+fn weighted_output_error(
+    r: &[f64],
+    b: &[f64],
+    a: &[f64],
+    x: &[f32],
+    d: &[f64],
+    [m, n, k]: [usize; 3],
+) -> f64 {
     let rows = x.len() / n;
     let mut total = 0.0;
     for i in 0..m {
@@ -46,32 +59,33 @@ fn output_error(r: &[f64], b: &[f64], a: &[f64], x: &[f32], [m, n, k]: [usize; 3
             .collect();
         for t in 0..rows {
             let y: f64 = (0..n).map(|j| row[j] * f64::from(x[t * n + j])).sum();
-            total += y * y;
+            total += d[i] * y * y;
         }
     }
     total.sqrt()
 }
 
 /// Weighted alternating least squares from a random start, run to convergence: an independent
-/// route to the optimum of `min_{rank k} ‖(R − B·A)·S‖`.
-fn brute_force(r: &[f64], x: &[f32], [m, n, k]: [usize; 3], seed: u64) -> f64 {
+/// route to the optimum of `min_{rank k} ‖D^{1/2}·(R − B·A)·S‖` (row weights `d`).
+fn brute_force(r: &[f64], x: &[f32], d: &[f64], [m, n, k]: [usize; 3], seed: u64) -> f64 {
     use faer::Mat;
     use faer::linalg::solvers::Solve;
     let rows = x.len() / n;
     let xm = Mat::<f64>::from_fn(rows, n, |t, j| f64::from(x[t * n + j]));
     let rm = Mat::<f64>::from_fn(m, n, |i, j| r[i * n + j]);
+    let dm = Mat::<f64>::from_fn(m, m, |i, j| if i == j { d[i] } else { 0.0 });
     let mut g = Gaussian::new(seed);
     let mut b = Mat::<f64>::from_fn(m, k, |_, _| g.normal());
     let mut a = Mat::<f64>::zeros(k, n);
     let target = &rm * xm.transpose(); // R·Xᵀ [m, rows]
     for _ in 0..3000 {
-        // A given B: min ‖(R − B·A)Xᵀ‖ → A = B⁺·R (X full column rank).
-        let btb = b.transpose() * &b;
+        // A given B: min ‖D^{1/2}(R − B·A)Xᵀ‖ → A = (BᵀDB)⁻¹BᵀD·R (X full column rank).
+        let btb = b.transpose() * &dm * &b;
         a = btb
             .llt(faer::Side::Lower)
             .unwrap()
-            .solve(b.transpose() * &rm);
-        // B given A: min ‖R·Xᵀ − B·(A·Xᵀ)‖ → least squares in B.
+            .solve(b.transpose() * &dm * &rm);
+        // B given A: each row on its own, so D does not enter.
         let ax = &a * xm.transpose();
         let g2 = &ax * ax.transpose();
         let rhs = &ax * target.transpose();
@@ -84,7 +98,7 @@ fn brute_force(r: &[f64], x: &[f32], [m, n, k]: [usize; 3], seed: u64) -> f64 {
     }
     let bv: Vec<f64> = (0..m * k).map(|i| b[(i / k, i % k)]).collect();
     let av: Vec<f64> = (0..k * n).map(|i| a[(i / n, i % n)]).collect();
-    output_error(r, &bv, &av, x, [m, n, k])
+    weighted_output_error(r, &bv, &av, x, d, [m, n, k])
 }
 
 #[test]
@@ -111,7 +125,7 @@ fn weighted_closed_form_is_the_optimum() {
         let to64 = |v: &[f32]| v.iter().map(|x| f64::from(*x)).collect::<Vec<_>>();
         let closed = output_error(&r, &to64(&b), &to64(&a), &x, [m, n, k]);
         let brute = (0..3)
-            .map(|s| brute_force(&r, &x, [m, n, k], s))
+            .map(|s| brute_force(&r, &x, &[1.0; 9], [m, n, k], s))
             .fold(f64::INFINITY, f64::min);
         assert!(
             (closed - brute).abs() <= 1e-4 * brute,
@@ -135,6 +149,98 @@ fn weighted_closed_form_is_the_optimum() {
             [m, n, k],
         );
         assert!(closed < plain_err, "{closed} vs plain {plain_err}");
+    }
+}
+
+/// The row-weighted closed form (`D^{-1/2}·[D^{1/2}·(W − Q)·S]_r·S⁻¹`) against weighted ALS
+/// for the base it quantized; constant weights change nothing (their scale cancels).
+#[test]
+fn row_weighted_closed_form_is_the_optimum() {
+    let device = common::device();
+    let (m, n, k) = (9, 7, 2);
+    let mut lcfg = LoftqConfig::new(
+        QuantConfig::nf(2).with_block_size(loftq_core::quant::BlockSize::Elements(7)),
+        k,
+        1,
+    );
+    lcfg.svd = SvdMethod::Exact;
+    let cfg = CalibratedConfig {
+        loftq: lcfg,
+        base: BaseQuantizer::Rtn,
+    };
+    let to64 = |v: &[f32]| v.iter().map(|x| f64::from(*x)).collect::<Vec<_>>();
+    for seed in 0..3 {
+        let (x, weighting) = inputs(60, n, 30 + seed);
+        let w = Gaussian::new(40 + seed).values(m * n);
+        let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [m, n]), &device);
+        // Weights spread over two orders of magnitude.
+        let d: Vec<f32> = (0..m)
+            .map(|i| 10f32.powf(((i * 5 + seed as usize) % 9) as f32 / 4.0))
+            .collect();
+        let rows = Objective {
+            inputs: &weighting,
+            rows: Some(&d),
+        };
+        let r = calibrated(&wt, rows, &cfg).unwrap();
+        let residual: Vec<f64> = (w.iter().zip(host(&r.start.q)))
+            .map(|(a, q)| f64::from(*a) - f64::from(q))
+            .collect();
+        let (a, b) = (host(&r.start.lora_a), host(&r.start.lora_b));
+        let d64 = to64(&d);
+        let closed = weighted_output_error(&residual, &to64(&b), &to64(&a), &x, &d64, [m, n, k]);
+        let brute = (0..3)
+            .map(|s| brute_force(&residual, &x, &d64, [m, n, k], s))
+            .fold(f64::INFINITY, f64::min);
+        assert!(
+            (closed - brute).abs() <= 1e-4 * brute,
+            "seed {seed}: closed form {closed}, brute force {brute}"
+        );
+        // The unweighted adapter for the same base is worse under these weights.
+        let plain = calibrated(&wt, &weighting, &cfg).unwrap();
+        let (pa, pb) = (host(&plain.start.lora_a), host(&plain.start.lora_b));
+        let other = weighted_output_error(&residual, &to64(&pb), &to64(&pa), &x, &d64, [m, n, k]);
+        assert!(closed < other, "{closed} vs unweighted rows {other}");
+        // Constant weights are no weights.
+        let c = vec![3.5f32; m];
+        let flat = Objective {
+            inputs: &weighting,
+            rows: Some(&c),
+        };
+        let f = calibrated(&wt, flat, &cfg).unwrap();
+        for (u, v) in host(&f.start.lora_b).iter().zip(&pb) {
+            assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()), "{u} vs {v}");
+        }
+        assert!((f.weighted_err() - plain.weighted_err()).abs() <= 1e-5);
+    }
+}
+
+/// Row weights that are not one finite positive number per row are refused.
+#[test]
+fn bad_row_weights_are_refused() {
+    let device = common::device();
+    let (_, weighting) = inputs(40, 8, 1);
+    let wt = Tensor::<2>::from_data(
+        TensorData::new(Gaussian::new(2).values(32), [4, 8]),
+        &device,
+    );
+    let cfg = CalibratedConfig {
+        loftq: LoftqConfig::new(
+            QuantConfig::nf(4).with_block_size(loftq_core::quant::BlockSize::Elements(8)),
+            1,
+            1,
+        ),
+        base: BaseQuantizer::Rtn,
+    };
+    for d in [
+        vec![1.0; 3],
+        vec![1.0, 0.0, 1.0, 1.0],
+        vec![1.0, f32::NAN, 1.0, 1.0],
+    ] {
+        let o = Objective {
+            inputs: &weighting,
+            rows: Some(&d),
+        };
+        assert!(calibrated(&wt, o, &cfg).is_err(), "{d:?}");
     }
 }
 
@@ -265,7 +371,7 @@ fn scores_rank_the_candidates_and_count_their_bits() {
     lcfg.svd = SvdMethod::Exact;
     let candidates = [2, 3, 4, 8].map(QuantConfig::nf);
     for wg in [None, Some(&weighting)] {
-        let choices = score(&wt, wg, &candidates, Some(&lcfg)).unwrap();
+        let choices = score(&wt, wg.map(Into::into), &candidates, Some(&lcfg)).unwrap();
         for (c, q) in choices.iter().zip(&candidates) {
             // Codes and one f32 scale per block of 64.
             let bits = (m * n) as u64 * u64::from(q.scheme.bits()) + (m * n / 64) as u64 * 32;
@@ -300,7 +406,7 @@ fn scores_rank_the_candidates_and_count_their_bits() {
         let rel = (choices[0].error - expected).abs() / expected;
         assert!(rel < 1e-3, "{} vs {expected}", choices[0].error);
         // Without an adapter the base alone is scored: more error, same bits.
-        let base = score(&wt, wg, &candidates, None).unwrap();
+        let base = score(&wt, wg.map(Into::into), &candidates, None).unwrap();
         for (b, c) in base.iter().zip(&choices) {
             assert_eq!(b.bits, c.bits);
             assert!(b.error > c.error);

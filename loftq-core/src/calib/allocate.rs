@@ -4,7 +4,7 @@
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{BaseQuantizer, CalibError, CalibratedConfig, Weighting, calibrated};
+use super::{BaseQuantizer, CalibError, CalibratedConfig, Objective, calibrated};
 use crate::dense::{Dense, DeviceOps};
 use crate::loftq::{LoftqConfig, LoftqError, loftq};
 use crate::quant::{PackedTensor, QuantConfig, Quantizer};
@@ -123,11 +123,12 @@ pub fn allocate(options: &[Vec<Choice>], budget_bits: u64) -> Result<Allocation,
 
 /// What storing `w` `[out, in]` with each of `candidates` costs and leaves, for [`allocate`].
 ///
-/// With `fit`, each candidate runs that LoftQ configuration with its quantizer (weighted by
-/// `weighting` when given, round to nearest); without, the base alone is scored (QLoRA's
-/// start). The score is the absolute squared error, `‖W − W'‖²_F`, or `‖(W − W')·S‖²_F`
-/// (the output error on the calibration inputs) with statistics; the bits are those of the
-/// packed base (codes and scales), the adapter not included.
+/// With `fit`, each candidate runs that LoftQ configuration with its quantizer (calibrated
+/// for the `objective` when given, round to nearest); without, the base alone is scored
+/// (QLoRA's start). The score is the absolute squared error, `‖W − W'‖²_F`, or with an
+/// objective `‖D^{1/2}·(W − W')·S‖²_F` (the output error on the calibration inputs, each
+/// row weighted when `D` is given: the weights' scale counts here); the bits are those of
+/// the packed base (codes and scales), the adapter not included.
 ///
 /// Squared absolute errors add up over matrices, so the allocation minimises the whole
 /// model's error rather than an average of ratios. One iteration (`iters = 1`: the
@@ -135,28 +136,33 @@ pub fn allocate(options: &[Vec<Choice>], budget_bits: u64) -> Result<Allocation,
 /// uses.
 ///
 /// # Errors
-/// As [`loftq`] and [`calibrated`]; [`LoftqError::Config`] if the statistics' width differs.
+/// As [`loftq`] and [`calibrated`]; [`LoftqError::Config`] if the objective does not fit `w`.
 pub fn score(
     w: &Tensor<2>,
-    weighting: Option<&Weighting>,
+    objective: Option<Objective<'_>>,
     candidates: &[QuantConfig],
     fit: Option<&LoftqConfig>,
 ) -> Result<Vec<Choice>, LoftqError> {
     let ops = DeviceOps(w.device());
-    let s = match weighting {
-        Some(wg) if wg.dim() != w.dims()[1] => {
-            return Err(LoftqError::Config(format!(
-                "statistics of width {} for a matrix with {} columns",
-                wg.dim(),
-                w.dims()[1]
-            )));
-        }
-        Some(wg) => Some(ops.matrix(wg.factor().to_vec(), [wg.dim(), wg.dim()])),
-        None => None,
-    };
+    if let Some(o) = &objective {
+        o.check(w.dims())?;
+    }
+    let s = objective.map(|o| {
+        let n = o.inputs.dim();
+        (
+            ops.matrix(o.inputs.factor().to_vec(), [n, n]),
+            o.root_rows(),
+        )
+    });
     let energy = |t: &Tensor<2>| {
         let t = match &s {
-            Some(s) => ops.mul(t, s),
+            Some((s, rows)) => {
+                let mut t = ops.mul(t, s);
+                if let Some(r) = rows {
+                    ops.scale_rows(&mut t, r);
+                }
+                t
+            }
             None => t.clone(),
         };
         f64::from(ops.norm(&t)).powi(2)
@@ -165,7 +171,7 @@ pub fn score(
     candidates
         .iter()
         .map(|&quant| {
-            let (packed, error) = match (fit, weighting) {
+            let (packed, error) = match (fit, objective) {
                 (Some(cfg), Some(wg)) => {
                     let cfg = CalibratedConfig {
                         loftq: LoftqConfig {

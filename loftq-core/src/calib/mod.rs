@@ -18,8 +18,8 @@ pub(crate) use gram::solve_lower_right;
 pub use gram::{Gram, Weighting};
 pub use target::Cross;
 pub use weighted::{
-    BaseQuantizer, CalibratedConfig, CalibratedResult, WeightedFit, base_errors, calibrated,
-    fit_weighted, gptq_base,
+    BaseQuantizer, CalibratedConfig, CalibratedResult, Objective, WeightedFit, base_errors,
+    calibrated, fit_weighted, gptq_base,
 };
 
 /// GPTQ's damping: `λ` in `H + λ·mean(diag H)·I`.

@@ -51,13 +51,64 @@ impl CalibratedResult {
     }
 }
 
-/// The calibrated start of `w` `[out, in]` for inputs whose statistics give `weighting`.
+/// What a calibrated fit minimises: `‖D^{1/2}·(W − W')·S‖_F`, `S` the factor of the inputs'
+/// statistics and `D` an optional positive weight per output row (the loss's sensitivity to
+/// each output, `loftq init --sensitivity`). Without `D` every output counts alike; a
+/// `&Weighting` is that objective. The weights' scale does not change the fit.
+#[derive(Clone, Copy, Debug)]
+pub struct Objective<'a> {
+    /// The inputs' statistics.
+    pub inputs: &'a Weighting,
+    /// `D`'s diagonal, one weight per output row.
+    pub rows: Option<&'a [f32]>,
+}
+
+impl<'a> From<&'a Weighting> for Objective<'a> {
+    fn from(inputs: &'a Weighting) -> Self {
+        Self { inputs, rows: None }
+    }
+}
+
+impl Objective<'_> {
+    /// Checks the objective against a matrix of `shape`.
+    ///
+    /// # Errors
+    /// [`LoftqError::Config`] if the statistics' width differs, or the row weights are not one
+    /// finite positive number per row.
+    pub(crate) fn check(&self, [out, inp]: [usize; 2]) -> Result<(), LoftqError> {
+        if self.inputs.dim() != inp {
+            return Err(LoftqError::Config(format!(
+                "statistics of width {} for a matrix with {inp} columns",
+                self.inputs.dim()
+            )));
+        }
+        match self.rows {
+            Some(r) if r.len() != out => Err(LoftqError::Config(format!(
+                "{} row weights for a matrix with {out} rows",
+                r.len()
+            ))),
+            Some(r) if !r.iter().all(|v| v.is_finite() && *v > 0.0) => Err(LoftqError::Config(
+                "row weights must be finite and positive".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `D^{1/2}`'s diagonal.
+    pub(crate) fn root_rows(&self) -> Option<Vec<f32>> {
+        self.rows.map(|r| r.iter().map(|v| v.sqrt()).collect())
+    }
+}
+
+/// The calibrated start of `w` `[out, in]` for the `objective` (inputs' statistics, and
+/// optionally a weight per output row).
 ///
 /// # Algorithm
 /// With `res = W`, for `t = 1..=T`: `Q_t` = the quantization of `res` (round to nearest, or
-/// GPTQ with `H`); `(B_t, A_t)` = the rank-`r` minimiser of `‖(W − Q_t − B·A)·S‖_F`, in
-/// closed form `B·A = [(W − Q_t)·S]_r · S⁻¹` (truncated SVD of the scaled residual, then
-/// unscaled); `res = W − B_t·A_t`. The iterate with the lowest weighted error is returned;
+/// GPTQ with `H`); `(B_t, A_t)` = the rank-`r` minimiser of `‖D^{1/2}·(W − Q_t − B·A)·S‖_F`,
+/// in closed form `B·A = D^{-1/2}·[D^{1/2}·(W − Q_t)·S]_r · S⁻¹` (truncated SVD of the scaled
+/// residual, then unscaled); `res = W − B_t·A_t`. GPTQ is the same with or without `D`: its
+/// rows are independent. The iterate with the lowest weighted error is returned;
 /// scaling as [`loftq`](crate::loftq()).
 ///
 /// # Shapes
@@ -69,19 +120,14 @@ impl CalibratedResult {
 ///
 /// # Errors
 /// As [`loftq`](crate::loftq()); [`LoftqError::Config`] if the widths differ.
-pub fn calibrated(
+pub fn calibrated<'a>(
     w: &Tensor<2>,
-    weighting: &Weighting,
+    objective: impl Into<Objective<'a>>,
     cfg: &CalibratedConfig,
 ) -> Result<CalibratedResult, LoftqError> {
-    let [_, inp] = w.dims();
-    if weighting.dim() != inp {
-        return Err(LoftqError::Config(format!(
-            "statistics of width {} for a matrix with {inp} columns",
-            weighting.dim()
-        )));
-    }
-    let (start, errors) = checked_alternation(w, &cfg.loftq, Some((weighting, &cfg.base)))?;
+    let objective = objective.into();
+    objective.check(w.dims())?;
+    let (start, errors) = checked_alternation(w, &cfg.loftq, Some((objective, &cfg.base)))?;
     let errors = errors.expect("a weighted run returns weighted errors");
     Ok(CalibratedResult {
         start,
@@ -90,23 +136,34 @@ pub fn calibrated(
     })
 }
 
-/// `‖W − Q‖/‖W‖` and `‖(W − Q)·S‖/‖W·S‖` of a base `q` for `w` (both `[out, in]`).
+/// `‖W − Q‖/‖W‖` and the `objective`'s `‖D^{1/2}·(W − Q)·S‖/‖D^{1/2}·W·S‖` of a base `q`
+/// for `w` (both `[out, in]`).
 ///
 /// # Errors
-/// [`LoftqError::Config`] if the shapes or the statistics' width differ.
-pub fn base_errors(
+/// [`LoftqError::Config`] if the shapes differ or the objective does not fit them.
+pub fn base_errors<'a>(
     w: &Tensor<2>,
     q: &Tensor<2>,
-    weighting: &Weighting,
+    objective: impl Into<Objective<'a>>,
 ) -> Result<(f32, f32), LoftqError> {
+    let objective = objective.into();
+    let weighting = objective.inputs;
     check_widths(w, q, weighting)?;
+    objective.check(w.dims())?;
     let ops = DeviceOps(w.device());
     let n = weighting.dim();
     let s = ops.matrix(weighting.factor().to_vec(), [n, n]);
+    let roots = objective.root_rows();
+    let energy = |m: &Tensor<2>| {
+        let mut m = ops.mul(m, &s);
+        if let Some(r) = &roots {
+            ops.scale_rows(&mut m, r);
+        }
+        ops.norm(&m)
+    };
     let residual = w.clone() - q.clone();
     let plain = ops.norm(&residual) / ops.norm(w).max(f32::MIN_POSITIVE);
-    let weighted =
-        ops.norm(&ops.mul(&residual, &s)) / ops.norm(&ops.mul(w, &s)).max(f32::MIN_POSITIVE);
+    let weighted = energy(&residual) / energy(w).max(f32::MIN_POSITIVE);
     Ok((plain, weighted))
 }
 

@@ -259,6 +259,13 @@ impl<'a> Dense for HostOps<'a> {
         out
     }
 
+    fn scale_rows(&self, m: &mut RowMat<'a>, s: &[f32]) {
+        let cols = m.cols.max(1);
+        for (row, s) in m.data.to_mut().chunks_mut(cols).zip(s) {
+            row.iter_mut().for_each(|x| *x *= s);
+        }
+    }
+
     fn transpose(&self, m: &RowMat<'a>) -> RowMat<'a> {
         let data = (0..m.cols * m.rows)
             .map(|i| m.data[(i % m.rows) * m.cols + i / m.rows])
