@@ -68,11 +68,13 @@ pub struct InitArgs {
         requires = "avg_bits"
     )]
     candidates: String,
-    /// With --avg-bits and --calibration: weigh each matrix's output error by how much the
-    /// loss on the calibration text cares about that layer's outputs (errors in the first
-    /// layers pass through every later one), measured by one backward pass per calibration
-    /// sequence through the whole model, which it holds in memory (f32: 4 bytes a parameter).
-    #[arg(long, requires_all = ["avg_bits", "calibration"])]
+    /// With --calibration: weigh each output of each layer by how much the loss on the
+    /// calibration text cares about it (errors in the first layers pass through every later
+    /// one; within a layer some outputs matter far more), in the adapters' fit and, with
+    /// --avg-bits, in the choice of quantizers. Measured first by one backward pass per
+    /// calibration sequence through the whole model, which it holds in memory (f32: 4 bytes
+    /// a parameter).
+    #[arg(long, requires = "calibration")]
     sensitivity: bool,
     #[command(flatten)]
     lora: LoraArgs,
@@ -170,7 +172,6 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
                 .map(|c| parse_quantizer(c, a.block_size, a.double_quant))
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| invalid(format!("--candidates: {e}")))?,
-            sensitivity: a.sensitivity,
         }),
         None => None,
     };
@@ -202,6 +203,7 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
             damping: a.damping,
             inputs: a.calibration_inputs,
             drift: a.drift_correction,
+            sensitivity: a.sensitivity,
         }),
         quantizer: a.quantizer,
         device_batch: a.device_batch,

@@ -267,10 +267,10 @@ fn bit_budgets_are_met_and_resume() {
         s.budget = Some(Budget {
             avg_bits: avg,
             candidates: candidates.clone(),
-            sensitivity,
         });
-        if !calibrated {
-            s.calibration = None;
+        match calibrated {
+            true => s.calibration.as_mut().expect("calibrated").sensitivity = sensitivity,
+            false => s.calibration = None,
         }
         s
     };
@@ -299,6 +299,29 @@ fn bit_budgets_are_met_and_resume() {
     let bits = weighed.totals.avg_base_bits_per_param;
     assert!((2.9..=3.0).contains(&bits), "{bits} bits per parameter");
     assert!(labels(&weighed).len() >= 2, "{:?}", labels(&weighed));
+    // Killed after the sensitivities were measured, resumed without measuring them again:
+    // identical files.
+    let w = budget("w", 3.0, true, true);
+    let mut n = 0;
+    let killed = catch_unwind(AssertUnwindSafe(|| {
+        run_init(&w, &[device()], false, &mut |e| {
+            if let Event::Tensor(_) = e {
+                n += 1;
+                assert!(n < 5, "killed");
+            }
+        })
+    }));
+    assert!(killed.is_err());
+    assert!(w.out.join(".loftq-partial/sensitivity.json").is_file());
+    let mut measured = 0;
+    run_init(&w, &[device()], true, &mut |e| {
+        if let Event::Sensitivity { .. } = e {
+            measured += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(measured, 0);
+    assert_eq!(files(&w.out), files(&dir.join("weighed")));
 
     // Killed after the allocation, resumed without scoring again: identical files.
     let a = with_budget("a", 3.0, true);

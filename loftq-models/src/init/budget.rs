@@ -8,13 +8,12 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use loftq_core::QuantConfig;
-use loftq_core::calib::{Choice, Weighting, allocate, score};
+use loftq_core::calib::{Choice, Objective, Weighting, allocate, score};
 use loftq_core::init::LoraInit;
 use serde::{Deserialize, Serialize};
 
 use super::piece::{self, Loaded, Plan};
-use super::plan::module_of_weight;
-use super::sensitivity::sensitivities;
+use super::sensitivity::{self, Rows};
 use super::{Event, InitMethod, InitSpec, calibrate};
 use crate::io::{TensorSource, write_atomic};
 use crate::nn::tensor_seed;
@@ -28,10 +27,6 @@ pub struct Budget {
     pub avg_bits: f64,
     /// The quantizers each matrix may get.
     pub candidates: Vec<QuantConfig>,
-    /// Weigh each matrix's output error by the loss's sensitivity to its outputs on the
-    /// calibration text ([`sensitivity`](super::sensitivity)); needs a calibration.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub sensitivity: bool,
 }
 
 impl Budget {
@@ -51,7 +46,6 @@ impl Budget {
         Self {
             avg_bits,
             candidates,
-            sensitivity: false,
         }
     }
 }
@@ -88,11 +82,6 @@ pub(super) fn check(spec: &InitSpec) -> Result<()> {
             "a bit budget needs at least one candidate quantizer".into(),
         ));
     }
-    if b.sensitivity && spec.calibration.is_none() {
-        return Err(ModelError::Settings(
-            "weighing the errors by the loss's sensitivity needs calibration text".into(),
-        ));
-    }
     if !(b.avg_bits.is_finite() && b.avg_bits > 0.0) {
         return Err(ModelError::Settings(format!(
             "a budget of {} bits per parameter: it must be positive",
@@ -104,7 +93,7 @@ pub(super) fn check(spec: &InitSpec) -> Result<()> {
 
 /// Gives every target of `plan` its quantizer under `spec.budget`: read from the work area
 /// when an interrupted run got that far, else scored (on the calibration tokens `ids` when
-/// there are any) and allocated.
+/// there are any, each output row weighted by `rows` when given) and allocated.
 ///
 /// # Errors
 /// A budget below the cheapest candidates, and the errors of scoring.
@@ -113,7 +102,7 @@ pub(super) fn apply(
     plan: &mut Plan,
     source: &dyn TensorSource,
     work: &Path,
-    ids: Option<&[u32]>,
+    (ids, rows): (Option<&[u32]>, Option<&Rows>),
     device: &Device,
     events: &mut dyn FnMut(Event),
 ) -> Result<()> {
@@ -140,7 +129,7 @@ pub(super) fn apply(
             s
         }
         Err(_) => {
-            let scores = scores(spec, plan, source, &items, ids, device, events)?;
+            let scores = scores(spec, plan, source, &items, (ids, rows), device, events)?;
             let params = plan.target_params();
             let total = (budget.avg_bits * params as f64).floor() as u64;
             let a = allocate(&scores, total).map_err(|e| {
@@ -179,19 +168,11 @@ fn scores(
     plan: &Plan,
     source: &dyn TensorSource,
     items: &[usize],
-    ids: Option<&[u32]>,
+    (ids, rows): (Option<&[u32]>, Option<&Rows>),
     device: &Device,
     events: &mut dyn FnMut(Event),
 ) -> Result<Vec<Vec<Choice>>> {
     let budget = spec.budget.as_ref().expect("called with a budget");
-    let gammas = match (budget.sensitivity, ids, &spec.calibration) {
-        (true, Some(ids), Some(c)) => {
-            let mut progress = |done, total| events(Event::Sensitivity { done, total });
-            let g = sensitivities(&spec.model, ids, c.seq, spec.seed, device, &mut progress)?;
-            Some(g)
-        }
-        _ => None,
-    };
     let mut out: Vec<Option<Vec<Choice>>> = vec![None; plan.items.len()];
     let total = items.len();
     let mut done = 0;
@@ -215,20 +196,19 @@ fn scores(
             .iter()
             .map(|&c| fit_rows(c, shape[1]))
             .collect();
-        let mut choices =
-            score(&w, wg, &candidates, fit.as_ref()).map_err(|source| ModelError::Loftq {
+        let objective = match wg {
+            Some(inputs) => Some(Objective {
+                inputs,
+                rows: sensitivity::of(rows, &item.name, shape[0])?,
+            }),
+            None => None,
+        };
+        let choices = score(&w, objective, &candidates, fit.as_ref()).map_err(|source| {
+            ModelError::Loftq {
                 name: item.name.clone(),
                 source,
-            })?;
-        if let Some(g) = &gammas {
-            let path = module_of_weight(&item.name).unwrap_or(&item.name);
-            let gamma = g.get(path).ok_or_else(|| {
-                ModelError::Data(format!("{}: no sensitivity for this matrix", item.name))
-            })?;
-            for c in &mut choices {
-                c.error *= gamma;
             }
-        }
+        })?;
         out[i] = Some(choices);
         done += 1;
         events(Event::Scoring { done, total });

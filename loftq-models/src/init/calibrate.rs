@@ -14,13 +14,14 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use loftq_core::calib::{Cross, Gram, Weighting};
+use loftq_core::calib::{Cross, Gram, Objective, Weighting};
 
 use super::pass::{
-    KEEP_ACTIVATIONS_BYTES, advance, in_layer, paired_statistics, sequential, statistics,
+    KEEP_ACTIVATIONS_BYTES, advance, embed, in_layer, paired_statistics, sequential, statistics,
 };
 use super::piece::{self, Plan, piece_path};
 use super::plan::layer_index;
+use super::sensitivity::{self, Rows};
 use super::{CalibInputs, Calibration, Event, InitSpec, TensorReport};
 use crate::config::{Family, LlamaConfig};
 use crate::io::{Checkpoint, OutTensor, TensorSource, read_packed, write_safetensors};
@@ -120,14 +121,15 @@ impl<'a> Setup<'a> {
 }
 
 /// Runs the pass over every decoder layer on the calibration tokens `ids` (from
-/// [`tokens`](super::calibration::tokens)), initializing the plan's targets that have no piece in `work` yet;
-/// returns the items it covered (all targets).
+/// [`tokens`](super::calibration::tokens)), initializing the plan's targets that have no piece
+/// in `work` yet, their output rows weighted by `rows` when given; returns the items it
+/// covered (all targets).
 pub(super) fn run(
     spec: &InitSpec,
     plan: &Plan,
     source: &dyn TensorSource,
     work: &Path,
-    ids: &[u32],
+    (ids, rows): (&[u32], Option<&Rows>),
     device: &Device,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<HashSet<usize>> {
@@ -195,7 +197,12 @@ pub(super) fn run(
                     h.data =
                         target.map_err(|e| ModelError::Data(format!("`{}`: {e}", item.name)))?;
                 }
-                let wg = Some(&stats.weighting);
+                let out = item.target.map_or(0, |(shape, _)| shape[0]);
+                let rows = sensitivity::of(rows, &item.name, out)?;
+                let wg = Some(Objective {
+                    inputs: &stats.weighting,
+                    rows,
+                });
                 piece::compute(spec, item, loaded, i, work, device, wg)
             };
             let split = jobs.partition_point(|&(i, _)| area(i) > ALONE_ABOVE);
@@ -353,26 +360,6 @@ impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
-}
-
-/// The embeddings of `ids`, row-major `[tokens, hidden]`.
-fn embed(source: &dyn TensorSource, ids: &[u32], hidden: usize) -> Result<Vec<f32>> {
-    let name = "model.embed_tokens.weight";
-    let shape = source.shape(name)?;
-    let table = source.shaped(name, &[shape.first().copied().unwrap_or(0), hidden])?;
-    source.release(name);
-    let vocab = table.shape[0];
-    let mut x = Vec::with_capacity(ids.len() * hidden);
-    for &t in ids {
-        let t = t as usize;
-        if t >= vocab {
-            return Err(ModelError::Data(format!(
-                "token id {t} is outside the embedding table ({vocab} rows)"
-            )));
-        }
-        x.extend_from_slice(&table.data[t * hidden..(t + 1) * hidden]);
-    }
-    Ok(x)
 }
 
 /// What [`full_precision_pass`] hands each decoder layer's targets, with their weightings, to.

@@ -34,6 +34,11 @@ pub struct Calibration {
     /// [`Calibration::drift`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<f32>,
+    /// Weigh each output row of each layer by the loss's sensitivity to it, measured by a
+    /// backward pass through the whole full-precision model
+    /// ([`sensitivity`](super::sensitivity)).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitivity: bool,
 }
 
 impl Calibration {
@@ -48,6 +53,7 @@ impl Calibration {
             damping: loftq_core::calib::DEFAULT_DAMPING,
             inputs: CalibInputs::Quantized,
             drift: None,
+            sensitivity: false,
         }
     }
 

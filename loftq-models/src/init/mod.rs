@@ -306,12 +306,15 @@ pub fn run_init(
                 .filter(|&&i| plan.items[i].target.is_some())
                 .count(),
         });
+        let ids = calibration_ids.as_deref();
+        let rows = sensitivity::rows(spec, &work, ids, &devices[0], events)?;
+        let calibration = (ids, rows.as_ref());
         budget::apply(
             spec,
             &mut plan,
             source.as_ref(),
             &work,
-            calibration_ids.as_deref(),
+            calibration,
             &devices[0],
             events,
         )?;
@@ -319,13 +322,13 @@ pub fn run_init(
         for &i in &done {
             reports[i] = piece::read_report(&work, i)?;
         }
-        let calibrated = match &calibration_ids {
+        let calibrated = match ids {
             Some(ids) => calibrate::run(
                 spec,
                 &plan,
                 source.as_ref(),
                 &work,
-                ids,
+                (ids, rows.as_ref()),
                 &devices[0],
                 &mut |p| match p {
                     calibrate::Progress::Layer(e) => events(e),

@@ -7,6 +7,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use loftq_core::calib::{Cross, Gram};
 use loftq_core::quant::host_f32;
 
+use crate::io::TensorSource;
 use crate::nn::{BaseWeight, DecoderLayer, RopeTables};
 use crate::{ModelError, Result};
 
@@ -315,6 +316,26 @@ pub(super) fn forward(
         out.extend(finite_states(rows(y))?);
     }
     Ok(out)
+}
+
+/// The embeddings of `ids`, row-major `[tokens, hidden]`.
+pub(super) fn embed(source: &dyn TensorSource, ids: &[u32], hidden: usize) -> Result<Vec<f32>> {
+    let name = "model.embed_tokens.weight";
+    let shape = source.shape(name)?;
+    let table = source.shaped(name, &[shape.first().copied().unwrap_or(0), hidden])?;
+    source.release(name);
+    let vocab = table.shape[0];
+    let mut x = Vec::with_capacity(ids.len() * hidden);
+    for &t in ids {
+        let t = t as usize;
+        if t >= vocab {
+            return Err(ModelError::Data(format!(
+                "token id {t} is outside the embedding table ({vocab} rows)"
+            )));
+        }
+        x.extend_from_slice(&table.data[t * hidden..(t + 1) * hidden]);
+    }
+    Ok(x)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use loftq_core::calib::{
-    BaseQuantizer, CalibratedConfig, Weighting, base_errors, calibrated, gptq_base,
+    BaseQuantizer, CalibratedConfig, Objective, base_errors, calibrated, gptq_base,
 };
 use loftq_core::init::{Base, LoraInit, init_lora, qlora_factors};
 use loftq_core::quant::{PackedTensor, host_f32};
@@ -233,7 +233,7 @@ pub fn compute(
     i: usize,
     work: &Path,
     device: &Device,
-    weighting: Option<&Weighting>,
+    objective: Option<Objective<'_>>,
 ) -> Result<Option<TensorReport>> {
     let name = &item.name;
     let (host, shape, quant) = match (loaded, item.target) {
@@ -258,8 +258,8 @@ pub fn compute(
         name: name.clone(),
         source,
     };
-    let (start, weighted) = match weighting {
-        Some(wg) => calibrated_start(spec, &w, &method, wg, quant, seed).map_err(lerr)?,
+    let (start, weighted) = match objective {
+        Some(o) => calibrated_start(spec, &w, &method, o, quant, seed).map_err(lerr)?,
         None => (
             plain_start(spec, &w, &method, qpissa_quant_err).map_err(lerr)?,
             None,
@@ -390,7 +390,7 @@ fn calibrated_start(
     spec: &InitSpec,
     w: &Tensor<2>,
     method: &LoraInit,
-    weighting: &Weighting,
+    objective: Objective<'_>,
     quant: QuantConfig,
     seed: u64,
 ) -> std::result::Result<(Start, Option<(f32, f32)>), LoftqError> {
@@ -398,7 +398,7 @@ fn calibrated_start(
         (LoraInit::Loftq(cfg), base) => {
             let r = calibrated(
                 w,
-                weighting,
+                objective,
                 &CalibratedConfig {
                     loftq: cfg.clone(),
                     base,
@@ -409,12 +409,12 @@ fn calibrated_start(
         }
         (LoraInit::Zeros { .. }, BaseQuantizer::Gptq(g)) => {
             let rtn = Quantizer::new(quant)?.quantize_dequantize(w)?.1;
-            let (packed, q) = gptq_base(w, weighting, quant, &g)?;
+            let (packed, q) = gptq_base(w, objective.inputs, quant, &g)?;
             let [out, inp] = w.dims();
             let (a, b) = qlora_factors([out, inp], spec.lora.rank, seed, &w.device());
             // `*_quant` are round to nearest's (the QLoRA start), `*_init` this base's.
-            let (plain_rtn, w_rtn) = base_errors(w, &rtn, weighting)?;
-            let (plain, w_gptq) = base_errors(w, &q, weighting)?;
+            let (plain_rtn, w_rtn) = base_errors(w, &rtn, objective)?;
+            let (plain, w_gptq) = base_errors(w, &q, objective)?;
             Ok((
                 Start {
                     base: Base::Quantized {

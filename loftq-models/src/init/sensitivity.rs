@@ -1,18 +1,19 @@
-//! `--avg-bits --sensitivity`: how much the model's loss on the calibration text cares about
-//! each linear layer's outputs, so that the allocator weighs the layers' output errors by it
-//! instead of summing them as they are.
+//! `--sensitivity`: how much the model's loss on the calibration text cares about each output
+//! of each linear layer, so that the calibrated fits weigh the output rows by it (and the
+//! allocator the matrices) instead of counting every output alike.
 //!
 //! A perturbation `ΔY = X·ΔWᵀ` of a layer's outputs raises the loss by about
 //! `½·tr(ΔY·G·ΔYᵀ)`, `G` the second moment of the loss's gradient with respect to those
-//! outputs. Taking `G ≈ γ·I` (as K-FAC takes it apart from the inputs' `H = XᵀX`), the raise is
-//! `½·γ·‖ΔW·S‖²` with `S·Sᵀ = H`: the error the scores already hold, times `γ`. Errors in the
-//! first layers pass through every later one and, at the same size, cost the loss far more
-//! than in the last; summed unweighted, they look cheapest.
+//! outputs. Taking `G ≈ D` diagonal (as K-FAC takes it apart from the inputs' `H = XᵀX`; the
+//! Fisher-weighted SVD's row weights), the raise is `½·‖D^{1/2}·ΔW·S‖²` with `S·Sᵀ = H`: the
+//! calibrated objective with row weights ([`Objective`](loftq_core::calib::Objective)). Errors
+//! in the first layers pass through every later one and cost the loss far more than in the
+//! last; within a layer, some outputs matter far more than others.
 //!
-//! `γ` is estimated without per-token gradients: with a fresh adapter (`B = 0`, `A` uniform in
-//! `±1/√in`, scaling 1), `∂L/∂B = (∂L/∂W)·Aᵀ`, so `E‖∂L/∂B‖² = r·‖∂L/∂W‖²/(3·in)`; summed over the
-//! calibration sequences, `Σ‖∂L/∂W‖² ≈ tr(G)·tr(H)` (the empirical Fisher information of `W`),
-//! and `γ = tr(G)/out`.
+//! `D` is estimated without per-token gradients: with a fresh adapter (`B = 0`, `A` uniform in
+//! `±1/√in`, scaling 1), row `i` of `∂L/∂B` is `(∂L/∂W)_i·Aᵀ`, so
+//! `E‖(∂L/∂B)_i‖² = r·‖(∂L/∂W)_i‖²/(3·in)`; summed over the calibration sequences,
+//! `Σ‖(∂L/∂W)_i‖² ≈ D_ii·tr(H)` (the empirical Fisher information of row `i`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,21 +21,78 @@ use std::path::Path;
 use burn::tensor::Device;
 use loftq_core::quant::host_f32;
 
+use super::plan::module_of_weight;
+use super::{Event, InitSpec};
 use crate::config::linear_path;
 use crate::eval::token_ids;
+use crate::io::write_atomic;
 use crate::nn::{Llama, load_pretrained};
 use crate::train::{Batch, Recompute, loss_and_grads};
 use crate::{ModelError, Result};
 
-/// The fresh adapters' rank: enough directions for a steady estimate of `‖∂L/∂W‖²`.
+/// The fresh adapters' rank: enough directions for a steady estimate of each row's
+/// `‖(∂L/∂W)_i‖²` (the sum over sequences averages the rest).
 const RANK: usize = 8;
 
-/// `γ` of every decoder linear layer of `model` on the calibration sequences `ids` (whole
-/// sequences of `seq` tokens), by module path (`model.layers.0.self_attn.q_proj`). Holds the
-/// whole model, and for each sequence one backward pass (layer by layer, recomputed).
+/// `D`'s diagonal of every decoder linear layer, by module path
+/// (`model.layers.0.self_attn.q_proj`).
+pub(super) type Rows = HashMap<String, Vec<f32>>;
+
+const FILE: &str = "sensitivity.json";
+
+/// The row weights `spec` asks for (`None` without `--sensitivity`): read from the work area
+/// `work` when an interrupted run measured them, else measured on the calibration tokens
+/// `ids` and saved there.
 ///
 /// # Errors
-/// A model that cannot be loaded; a sensitivity that is not finite and positive.
+/// As [`sensitivities`]; a damaged file in the work area.
+pub(super) fn rows(
+    spec: &InitSpec,
+    work: &Path,
+    ids: Option<&[u32]>,
+    device: &Device,
+    events: &mut dyn FnMut(Event),
+) -> Result<Option<Rows>> {
+    let (Some(c), Some(ids)) = (&spec.calibration, ids) else {
+        return Ok(None);
+    };
+    if !c.sensitivity {
+        return Ok(None);
+    }
+    let path = work.join(FILE);
+    if let Ok(bytes) = std::fs::read(&path) {
+        let rows: Rows = serde_json::from_slice(&bytes)
+            .map_err(|e| ModelError::format(&path, format!("bad sensitivities: {e}")))?;
+        return Ok(Some(rows));
+    }
+    let mut progress = |done, total| events(Event::Sensitivity { done, total });
+    let rows = sensitivities(&spec.model, ids, c.seq, spec.seed, device, &mut progress)?;
+    let json = serde_json::to_vec(&rows).expect("sensitivities serialize");
+    write_atomic(&path, &json)?;
+    Ok(Some(rows))
+}
+
+/// The row weights of the matrix `name` (`….weight`) in `rows`, if any.
+///
+/// # Errors
+/// `rows` without this matrix, or with another number of rows than `out`.
+pub(super) fn of<'r>(rows: Option<&'r Rows>, name: &str, out: usize) -> Result<Option<&'r [f32]>> {
+    let Some(rows) = rows else { return Ok(None) };
+    let path = module_of_weight(name).unwrap_or(name);
+    match rows.get(path) {
+        Some(r) if r.len() == out => Ok(Some(r)),
+        _ => Err(ModelError::Data(format!(
+            "{name}: no sensitivity for its {out} rows (damaged work area?)"
+        ))),
+    }
+}
+
+/// `D`'s diagonal (`Σ‖(∂L/∂W)_i‖² / tr(H)`) of every decoder linear layer of `model` on the
+/// calibration sequences `ids` (whole sequences of `seq` tokens). Holds the whole model, and
+/// for each sequence one backward pass (layer by layer, recomputed).
+///
+/// # Errors
+/// A model that cannot be loaded; a layer whose sensitivity is not finite and positive.
 pub(super) fn sensitivities(
     model: &Path,
     ids: &[u32],
@@ -42,42 +100,44 @@ pub(super) fn sensitivities(
     seed: u64,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<HashMap<String, f64>> {
+) -> Result<Rows> {
     let mut llama = load_pretrained(model, None, device)?;
     llama.add_lora(RANK, 1.0, 0.0, seed, |_| true);
     let layers = layer_linears(&llama);
     let (db, energy) = sums(&llama, ids, seq, device, progress);
-    // Σ‖∂L/∂W‖² from Σ‖∂L/∂B‖².
-    let fisher: Vec<f64> = (db.iter().zip(&layers))
-        .map(|(d, item)| d * 3.0 * item.shape[1] as f64 / RANK as f64)
-        .collect();
     let mut out = HashMap::with_capacity(layers.len());
-    for (item, f) in layers.into_iter().zip(fisher) {
-        let gamma = f / energy[item.layer][item.group] / item.shape[0] as f64;
-        if !(gamma.is_finite() && gamma > 0.0) {
+    for (item, rows) in layers.into_iter().zip(db) {
+        // Σ‖(∂L/∂W)_i‖² from Σ‖(∂L/∂B)_i‖², over tr(H).
+        let to_w = 3.0 * item.shape[1] as f64 / RANK as f64 / energy[item.layer][item.group];
+        let d: Vec<f64> = rows.iter().map(|v| v * to_w).collect();
+        let mean = d.iter().sum::<f64>() / d.len().max(1) as f64;
+        if !(mean.is_finite() && mean > 0.0) {
             return Err(ModelError::Data(format!(
-                "{}: the loss's sensitivity to its outputs is {gamma} (a layer the loss does \
+                "{}: the loss's sensitivity to its outputs is {mean} (a layer the loss does \
                  not reach, or NaN activations)",
                 item.path
             )));
         }
-        out.insert(item.path, gamma);
+        // A row the loss did not reach still gets a little weight: the fit divides by it.
+        let floor = mean * 1e-6;
+        out.insert(item.path, d.iter().map(|&v| v.max(floor) as f32).collect());
     }
     Ok(out)
 }
 
-/// `Σ‖∂L/∂B‖²` of every adapter of `llama` (in [`layer_linears`] order) and the inputs'
-/// `Σ‖x‖²` of every decoder layer's four input groups, over the sequences of `seq` tokens in
-/// `ids`.
+/// `Σ‖(∂L/∂B)_i‖²` of every row of every adapter of `llama` (in [`layer_linears`] order) and
+/// the inputs' `Σ‖x‖²` of every decoder layer's four input groups, over the sequences of `seq`
+/// tokens in `ids`.
 fn sums(
     llama: &Llama,
     ids: &[u32],
     seq: usize,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
-) -> (Vec<f64>, Vec<[f64; 4]>) {
-    let linears: usize = llama.layers.iter().map(|l| l.linears().len()).sum();
-    let mut db = vec![0.0f64; linears];
+) -> (Vec<Vec<f64>>, Vec<[f64; 4]>) {
+    let mut db: Vec<Vec<f64>> = (llama.layers.iter())
+        .flat_map(|l| l.linears().into_iter().map(|lin| vec![0.0; lin.shape()[0]]))
+        .collect();
     let mut energy = vec![[0.0f64; 4]; llama.layers.len()];
     let rope = llama.rope(seq);
     let sequences = ids.len() / seq;
@@ -90,7 +150,12 @@ fn sums(
         let step = loss_and_grads(llama, &batch, Recompute::Layers);
         // `[dA, dB]` per adapted layer.
         for (d, pair) in db.iter_mut().zip(step.grads.chunks(2)) {
-            *d += sum_squares(&host_f32(&pair[1]));
+            // `∂L/∂B` is `[out, rank]`.
+            let g = host_f32(&pair[1]);
+            let rank = g.len() / d.len();
+            for (d, row) in d.iter_mut().zip(g.chunks(rank)) {
+                *d += sum_squares(row);
+            }
         }
         let mut x = llama.embed(token_ids(ids, [1, seq], device));
         for (l, layer) in llama.layers.iter().enumerate() {
@@ -167,29 +232,61 @@ mod tests {
         exact.set_lora_params(params);
         let (dw, _) = sums(&exact, &ids, 8, &device, &mut |_, _| {});
         // down_proj (128 inputs) has no identity of rank 64: left out.
-        let ratios: Vec<f64> = (layers.iter().zip(db.iter().zip(&dw)))
+        let to_w = |item: &LayerLinear| 3.0 * item.shape[1] as f64 / RANK as f64;
+        let pairs: Vec<_> = (layers.iter())
+            .zip(db.iter().zip(&dw))
             .filter(|(item, _)| item.shape[1] == width)
-            .map(|(item, (d, w))| d * 3.0 * item.shape[1] as f64 / RANK as f64 / w)
             .collect();
-        assert_eq!(ratios.len(), 12);
+        assert_eq!(pairs.len(), 12);
+        let ratios: Vec<f64> = (pairs.iter())
+            .map(|(item, (d, w))| d.iter().sum::<f64>() * to_w(item) / w.iter().sum::<f64>())
+            .collect();
         let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
         assert!((0.6..1.6).contains(&mean), "estimate / exact: {ratios:?}");
+        // Row by row: the estimates follow the exact values (in logarithms, a correlation well
+        // above chance).
+        let (mut est, mut exact) = (Vec::new(), Vec::new());
+        for (item, (d, w)) in &pairs {
+            for (d, w) in d.iter().zip(w.iter()) {
+                est.push((d * to_w(item)).ln());
+                exact.push(w.ln());
+            }
+        }
+        let r = correlation(&est, &exact);
+        assert!(
+            r > 0.9,
+            "row estimates against exact values: correlation {r}"
+        );
     }
 
-    /// One finite, positive `γ` per decoder linear layer of the tiny Llama, a per-token
-    /// average: the same text twice gives the same `γ`.
+    fn correlation(x: &[f64], y: &[f64]) -> f64 {
+        let n = x.len() as f64;
+        let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+        let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+        let sx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum::<f64>().sqrt();
+        let sy: f64 = y.iter().map(|b| (b - my).powi(2)).sum::<f64>().sqrt();
+        cov / (sx * sy)
+    }
+
+    /// One finite, positive weight per output row of every decoder linear layer of the tiny
+    /// Llama, a per-token average: the same text twice gives the same weights.
     #[test]
-    fn one_positive_sensitivity_per_layer_independent_of_repetition() {
+    fn one_positive_weight_per_row_independent_of_repetition() {
         let (dir, device, ids) = tiny();
         let twice: Vec<u32> = ids.iter().chain(&ids).copied().collect();
-        let gammas = |ids: &[u32]| sensitivities(&dir, ids, 8, 0, &device, &mut |_, _| {});
-        let (once, twice) = (gammas(&ids).unwrap(), gammas(&twice).unwrap());
+        let rows = |ids: &[u32]| sensitivities(&dir, ids, 8, 0, &device, &mut |_, _| {});
+        let (once, twice) = (rows(&ids).unwrap(), rows(&twice).unwrap());
         // 2 layers of q/k/v/o and gate/up/down.
         assert_eq!(once.len(), 14);
-        for (path, g) in &once {
-            assert!(g.is_finite() && *g > 0.0, "{path}: {g}");
-            let t = twice[path];
-            assert!((t - g).abs() <= 1e-9 * g, "{path}: {g} once, {t} twice");
+        for (path, d) in &once {
+            // hidden 64, intermediate 128, as many key/value heads as heads.
+            let wide = path.ends_with("gate_proj") || path.ends_with("up_proj");
+            let out = if wide { 128 } else { 64 };
+            assert_eq!(d.len(), out, "{path}");
+            for (g, t) in d.iter().zip(&twice[path]) {
+                assert!(g.is_finite() && *g > 0.0, "{path}: {g}");
+                assert!((t - g).abs() <= 1e-5 * g, "{path}: {g} once, {t} twice");
+            }
         }
     }
 }
