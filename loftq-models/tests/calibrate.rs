@@ -50,6 +50,27 @@ fn files(dir: &Path) -> Vec<Vec<u8>> {
     )
 }
 
+/// Runs `s` until its `n`-th finished tensor, where a panic "kills" it.
+fn kill_at_tensor(s: &InitSpec, n: usize) {
+    let mut done = 0;
+    let killed = catch_unwind(AssertUnwindSafe(|| {
+        run_init(s, &[device()], false, &mut |e| {
+            if let Event::Tensor(_) = e {
+                done += 1;
+                assert!(done < n, "killed");
+            }
+        })
+    }));
+    assert!(killed.is_err());
+}
+
+/// Resumes `s` to the end; returns how many of its events `count` accepted.
+fn resume_counting(s: &InitSpec, count: impl Fn(&Event) -> bool) -> usize {
+    let mut n = 0;
+    run_init(s, &[device()], true, &mut |e| n += usize::from(count(&e))).unwrap();
+    n
+}
+
 #[test]
 fn calibrated_starts_lower_the_weighted_error() {
     let dir = scratch("calib-basic");
@@ -156,16 +177,7 @@ fn resume_calibrated(inputs: CalibInputs) {
     let want = files(&a.out);
     // Killed in layer 1's tensors, so the hidden states after layer 0 are on disk.
     let c = with_inputs(dir.join("c"));
-    let mut n = 0;
-    let killed = catch_unwind(AssertUnwindSafe(|| {
-        run_init(&c, &[device()], false, &mut |e| {
-            if let Event::Tensor(_) = e {
-                n += 1;
-                assert!(n < 10, "killed");
-            }
-        })
-    }));
-    assert!(killed.is_err());
+    kill_at_tensor(&c, 10);
     let work = c.out.join(".loftq-partial");
     assert!(work.join("calibration-hidden.safetensors").is_file());
     let report = run(&c, true).unwrap();
@@ -303,24 +315,9 @@ fn bit_budgets_are_met_and_resume() {
     // Killed after the sensitivities were measured, resumed without measuring them again:
     // identical files.
     let w = budget("w", 3.0, true, true);
-    let mut n = 0;
-    let killed = catch_unwind(AssertUnwindSafe(|| {
-        run_init(&w, &[device()], false, &mut |e| {
-            if let Event::Tensor(_) = e {
-                n += 1;
-                assert!(n < 5, "killed");
-            }
-        })
-    }));
-    assert!(killed.is_err());
+    kill_at_tensor(&w, 5);
     assert!(w.out.join(".loftq-partial/sensitivity.json").is_file());
-    let mut measured = 0;
-    run_init(&w, &[device()], true, &mut |e| {
-        if let Event::Sensitivity { .. } = e {
-            measured += 1;
-        }
-    })
-    .unwrap();
+    let measured = resume_counting(&w, |e| matches!(e, Event::Sensitivity { .. }));
     assert_eq!(measured, 0);
     assert_eq!(files(&w.out), files(&dir.join("weighed")));
 
@@ -329,24 +326,9 @@ fn bit_budgets_are_met_and_resume() {
     run(&a, false).unwrap();
     let want = files(&a.out);
     let c = with_budget("c", 3.0, true);
-    let mut n = 0;
-    let killed = catch_unwind(AssertUnwindSafe(|| {
-        run_init(&c, &[device()], false, &mut |e| {
-            if let Event::Tensor(_) = e {
-                n += 1;
-                assert!(n < 5, "killed");
-            }
-        })
-    }));
-    assert!(killed.is_err());
+    kill_at_tensor(&c, 5);
     assert!(c.out.join(".loftq-partial/allocation.json").is_file());
-    let mut scored = 0;
-    run_init(&c, &[device()], true, &mut |e| {
-        if let Event::Scoring { .. } = e {
-            scored += 1;
-        }
-    })
-    .unwrap();
+    let scored = resume_counting(&c, |e| matches!(e, Event::Scoring { .. }));
     assert_eq!(scored, 0);
     assert_eq!(files(&c.out), want);
 
