@@ -10,7 +10,7 @@ use loftq_core::quant::{parse_bits, parse_quantizer};
 use loftq_models::init::plan::{parse_layer_bits, split_list};
 use loftq_models::init::{
     Backbone, Budget, CalibInputs, Calibration, DEFAULT_DEVICE_BATCH, Event, InitMethod, InitSpec,
-    run_init,
+    Sensitivity, run_init,
 };
 
 use crate::args::{LoraArgs, TargetArgs};
@@ -68,14 +68,14 @@ pub struct InitArgs {
         requires = "avg_bits"
     )]
     candidates: String,
-    /// With --calibration: weigh each output of each layer by how much the loss on the
-    /// calibration text cares about it (errors in the first layers pass through every later
-    /// one; within a layer some outputs matter far more), in the adapters' fit and, with
-    /// --avg-bits, in the choice of quantizers. Measured first by one backward pass per
-    /// calibration sequence through the whole model, which it holds in memory (f32: 4 bytes
-    /// a parameter).
-    #[arg(long, requires = "calibration")]
-    sensitivity: bool,
+    /// With --calibration: weigh the layers' outputs by how much the loss on the calibration
+    /// text cares about them, measured first by one backward pass per calibration sequence
+    /// through the whole model (its linear layers held in NF8: ~1 byte a parameter). "layers":
+    /// one weight per matrix, in the --avg-bits scores only (errors in the first layers pass
+    /// through every later one); "rows": one weight per output row, in the scores and in the
+    /// adapters' fit (measured on SmolLM2: better at NF2, a few percent worse at NF3).
+    #[arg(long, value_enum, requires = "calibration")]
+    sensitivity: Option<Sensitivity>,
     #[command(flatten)]
     lora: LoraArgs,
     /// LoftQ iterations (the best iterate is kept).

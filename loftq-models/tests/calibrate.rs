@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use common::{device, fixture, scratch};
 use loftq_core::QuantConfig;
 use loftq_core::calib::{BaseQuantizer, GptqConfig};
-use loftq_models::init::{CalibInputs, Calibration, Event, InitMethod, InitSpec, Report, run_init};
+use loftq_models::init::{
+    CalibInputs, Calibration, Event, InitMethod, InitSpec, Report, Sensitivity, run_init,
+};
 
 /// The tiny Llama fixture with a byte-level tokenizer (its vocabulary is 256), and a text.
 fn model_and_text(dir: &Path) -> (PathBuf, PathBuf) {
@@ -274,7 +276,7 @@ fn bit_budgets_are_met_and_resume() {
         .iter()
         .map(|c| parse_quantizer(c, 64, false).unwrap())
         .collect();
-    let budget = |out: &str, avg: f64, calibrated: bool, sensitivity: bool| {
+    let budget = |out: &str, avg: f64, calibrated: bool, sensitivity: Option<Sensitivity>| {
         let mut s = spec(model.clone(), dir.join(out), text.clone());
         s.budget = Some(Budget {
             avg_bits: avg,
@@ -287,7 +289,7 @@ fn bit_budgets_are_met_and_resume() {
         }
         s
     };
-    let with_budget = |out: &str, avg: f64, calibrated: bool| budget(out, avg, calibrated, false);
+    let with_budget = |out: &str, avg: f64, calibrated: bool| budget(out, avg, calibrated, None);
     let labels = |r: &Report| -> Vec<String> {
         let mut l: Vec<String> = r.tensors.iter().map(|t| t.quantizer.clone()).collect();
         l.sort();
@@ -307,19 +309,35 @@ fn bit_budgets_are_met_and_resume() {
         let err = |r: &Report| r.totals.mean_rel_err_init;
         assert!(err(&high) < err(&mid) && err(&mid) < err(&low));
     }
-    // Weighed by the loss's sensitivity: the same budget, met with more than one quantizer.
-    let weighed = run(&budget("weighed", 3.0, true, true), false).unwrap();
-    let bits = weighed.totals.avg_base_bits_per_param;
-    assert!((2.9..=3.0).contains(&bits), "{bits} bits per parameter");
-    assert!(labels(&weighed).len() >= 2, "{:?}", labels(&weighed));
+    // Weighed by the loss's sensitivity, by layers or by rows: the same budget, met with more
+    // than one quantizer.
+    for by in [Sensitivity::Layers, Sensitivity::Rows] {
+        let weighed = run(&budget(&format!("{by:?}"), 3.0, true, Some(by)), false).unwrap();
+        let bits = weighed.totals.avg_base_bits_per_param;
+        assert!(
+            (2.9..=3.0).contains(&bits),
+            "{by:?}: {bits} bits per parameter"
+        );
+        assert!(
+            labels(&weighed).len() >= 2,
+            "{by:?}: {:?}",
+            labels(&weighed)
+        );
+    }
+    // By layers, a sensitivity without a budget weighs nothing: refused.
+    let mut uniform = budget("uniform", 3.0, true, Some(Sensitivity::Layers));
+    uniform.budget = None;
+    let e = run(&uniform, false).unwrap_err();
+    assert!(e.to_string().contains("give a budget"), "{e}");
+    assert!(!uniform.out.exists());
     // Killed after the sensitivities were measured, resumed without measuring them again:
     // identical files.
-    let w = budget("w", 3.0, true, true);
+    let w = budget("w", 3.0, true, Some(Sensitivity::Rows));
     kill_at_tensor(&w, 5);
     assert!(w.out.join(".loftq-partial/sensitivity.json").is_file());
     let measured = resume_counting(&w, |e| matches!(e, Event::Sensitivity { .. }));
     assert_eq!(measured, 0);
-    assert_eq!(files(&w.out), files(&dir.join("weighed")));
+    assert_eq!(files(&w.out), files(&dir.join("Rows")));
 
     // Killed after the allocation, resumed without scoring again: identical files.
     let a = with_budget("a", 3.0, true);

@@ -233,7 +233,7 @@ fn init_then_eval_through_the_binary() {
         !ok && err.contains("--device") && err.contains("tpu"),
         "{err}"
     );
-    let sensitivity = ["--bits", "nf2", "--sensitivity"];
+    let sensitivity = ["--bits", "nf2", "--sensitivity", "rows"];
     let (ok, err) = loftq(
         &[
             &["init", "--model", m, "--out", x.to_str().unwrap()],

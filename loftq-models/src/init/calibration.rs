@@ -34,11 +34,22 @@ pub struct Calibration {
     /// [`Calibration::drift`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<f32>,
-    /// Weigh each output row of each layer by the loss's sensitivity to it, measured by a
-    /// backward pass through the whole full-precision model
-    /// ([`sensitivity`](super::sensitivity)).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub sensitivity: bool,
+    /// Weigh the layers' outputs by the loss's sensitivity to them, measured by a backward
+    /// pass through the whole model ([`sensitivity`](super::sensitivity)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<Sensitivity>,
+}
+
+/// What the loss's sensitivity to the layers' outputs weighs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Sensitivity {
+    /// Each matrix's error in the bit budget's scores, by one weight per matrix (the mean
+    /// over its outputs); the fits are unchanged. Needs a budget.
+    Layers,
+    /// Each output row, in the bit budget's scores and in the adapters' fit.
+    Rows,
 }
 
 impl Calibration {
@@ -53,7 +64,7 @@ impl Calibration {
             damping: loftq_core::calib::DEFAULT_DAMPING,
             inputs: CalibInputs::Quantized,
             drift: None,
-            sensitivity: false,
+            sensitivity: None,
         }
     }
 
@@ -106,6 +117,13 @@ pub(super) fn check(spec: &InitSpec) -> Result<Option<Vec<u32>>> {
             "drift correction must be between 0 and 1, got {}",
             c.drift()
         ))),
+        (Some(c), _) if c.sensitivity == Some(Sensitivity::Layers) && spec.budget.is_none() => {
+            Err(ModelError::Settings(
+                "sensitivity by layers weighs the bit budget's scores only: give a budget, or \
+                 weigh by rows"
+                    .into(),
+            ))
+        }
         (Some(c), _) if c.drift() > 0.0 && c.inputs != CalibInputs::Quantized => {
             Err(ModelError::Settings(match c.inputs {
                 CalibInputs::Full => "drift correction needs the quantized layers' inputs: with \

@@ -31,7 +31,7 @@ use loftq_core::{LoftqConfig, LoraSpec, QuantConfig};
 use serde::{Deserialize, Serialize};
 
 pub use budget::Budget;
-pub use calibration::{CalibInputs, Calibration};
+pub use calibration::{CalibInputs, Calibration, Sensitivity};
 /// Re-exported: [`InitSpec::method`] is one.
 pub use loftq_core::init::InitMethod;
 pub use plan::{LayerRule, Target};
@@ -307,8 +307,8 @@ pub fn run_init(
                 .count(),
         });
         let ids = calibration_ids.as_deref();
-        let rows = sensitivity::rows(spec, &work, ids, &devices[0], events)?;
-        let calibration = (ids, rows.as_ref());
+        let (scored, fitted) = sensitivity::rows(spec, &work, ids, &devices[0], events)?;
+        let calibration = (ids, scored.as_ref());
         budget::apply(
             spec,
             &mut plan,
@@ -328,7 +328,7 @@ pub fn run_init(
                 &plan,
                 source.as_ref(),
                 &work,
-                (ids, rows.as_ref()),
+                (ids, fitted.as_ref()),
                 &devices[0],
                 &mut |p| match p {
                     calibrate::Progress::Layer(e) => events(e),

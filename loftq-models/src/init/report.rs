@@ -49,10 +49,10 @@ pub enum Event {
         /// Matrices to score.
         total: usize,
     },
-    /// The loss's sensitivity to each matrix's outputs ([`Budget::sensitivity`]) is
+    /// The loss's sensitivity to the layers' outputs ([`Calibration::sensitivity`]) is
     /// measured on one more calibration sequence.
     ///
-    /// [`Budget::sensitivity`]: super::Budget::sensitivity
+    /// [`Calibration::sensitivity`]: super::Calibration::sensitivity
     Sensitivity {
         /// Sequences done.
         done: usize,

@@ -22,11 +22,11 @@ use burn::tensor::Device;
 use loftq_core::quant::host_f32;
 
 use super::plan::module_of_weight;
-use super::{Event, InitSpec};
+use super::{Event, InitSpec, Sensitivity};
 use crate::config::linear_path;
 use crate::eval::token_ids;
 use crate::io::write_atomic;
-use crate::nn::{Llama, load_pretrained};
+use crate::nn::{Llama, LoadOptions, load_pretrained_with};
 use crate::train::{Batch, Recompute, loss_and_grads};
 use crate::{ModelError, Result};
 
@@ -40,9 +40,10 @@ pub(super) type Rows = HashMap<String, Vec<f32>>;
 
 const FILE: &str = "sensitivity.json";
 
-/// The row weights `spec` asks for (`None` without `--sensitivity`): read from the work area
-/// `work` when an interrupted run measured them, else measured on the calibration tokens
-/// `ids` and saved there.
+/// The row weights `spec` asks for (`None` without a sensitivity), for the bit budget's
+/// scores and for the fits: read from the work area `work` when an interrupted run measured
+/// them, else measured on the calibration tokens `ids` and saved there. By
+/// [`Sensitivity::Layers`] the scores get each matrix's mean in every row and the fits none.
 ///
 /// # Errors
 /// As [`sensitivities`]; a damaged file in the work area.
@@ -52,24 +53,35 @@ pub(super) fn rows(
     ids: Option<&[u32]>,
     device: &Device,
     events: &mut dyn FnMut(Event),
-) -> Result<Option<Rows>> {
+) -> Result<(Option<Rows>, Option<Rows>)> {
     let (Some(c), Some(ids)) = (&spec.calibration, ids) else {
-        return Ok(None);
+        return Ok((None, None));
     };
-    if !c.sensitivity {
-        return Ok(None);
-    }
+    let Some(by) = c.sensitivity else {
+        return Ok((None, None));
+    };
     let path = work.join(FILE);
-    if let Ok(bytes) = std::fs::read(&path) {
-        let rows: Rows = serde_json::from_slice(&bytes)
-            .map_err(|e| ModelError::format(&path, format!("bad sensitivities: {e}")))?;
-        return Ok(Some(rows));
-    }
-    let mut progress = |done, total| events(Event::Sensitivity { done, total });
-    let rows = sensitivities(&spec.model, ids, c.seq, spec.seed, device, &mut progress)?;
-    let json = serde_json::to_vec(&rows).expect("sensitivities serialize");
-    write_atomic(&path, &json)?;
-    Ok(Some(rows))
+    let rows: Rows = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| ModelError::format(&path, format!("bad sensitivities: {e}")))?,
+        Err(_) => {
+            let mut progress = |done, total| events(Event::Sensitivity { done, total });
+            let rows = sensitivities(&spec.model, ids, c.seq, spec.seed, device, &mut progress)?;
+            let json = serde_json::to_vec(&rows).expect("sensitivities serialize");
+            write_atomic(&path, &json)?;
+            rows
+        }
+    };
+    Ok(match by {
+        Sensitivity::Rows => (Some(rows.clone()), Some(rows)),
+        Sensitivity::Layers => {
+            let means = rows.into_iter().map(|(path, d)| {
+                let mean = d.iter().map(|&v| f64::from(v)).sum::<f64>() / d.len().max(1) as f64;
+                (path, vec![mean as f32; d.len()])
+            });
+            (Some(means.collect()), None)
+        }
+    })
 }
 
 /// The row weights of the matrix `name` (`….weight`) in `rows`, if any.
@@ -88,8 +100,10 @@ pub(super) fn of<'r>(rows: Option<&'r Rows>, name: &str, out: usize) -> Result<O
 }
 
 /// `D`'s diagonal (`Σ‖(∂L/∂W)_i‖² / tr(H)`) of every decoder linear layer of `model` on the
-/// calibration sequences `ids` (whole sequences of `seq` tokens). Holds the whole model, and
-/// for each sequence one backward pass (layer by layer, recomputed).
+/// calibration sequences `ids` (whole sequences of `seq` tokens). Holds the whole model (its
+/// decoder linear layers in NF8: a quarter of `f32`'s memory, gradients within a fraction of a
+/// percent of the full-precision ones), and for each sequence one backward pass (layer by
+/// layer, recomputed).
 ///
 /// # Errors
 /// A model that cannot be loaded; a layer whose sensitivity is not finite and positive.
@@ -101,7 +115,7 @@ pub(super) fn sensitivities(
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Rows> {
-    let mut llama = load_pretrained(model, None, device)?;
+    let mut llama = load(model, device)?;
     llama.add_lora(RANK, 1.0, 0.0, seed, |_| true);
     let layers = layer_linears(&llama);
     let (db, energy) = sums(&llama, ids, seq, device, progress);
@@ -123,6 +137,15 @@ pub(super) fn sensitivities(
         out.insert(item.path, d.iter().map(|&v| v.max(floor) as f32).collect());
     }
     Ok(out)
+}
+
+/// `model` with its decoder linear layers quantized to NF8.
+fn load(model: &Path, device: &Device) -> Result<Llama> {
+    let opts = LoadOptions {
+        quantize: Some(loftq_core::QuantConfig::nf(8)),
+        adapter: None,
+    };
+    load_pretrained_with(model, device, &opts)
 }
 
 /// `Σ‖(∂L/∂B)_i‖²` of every row of every adapter of `llama` (in [`layer_linears`] order) and
@@ -216,11 +239,11 @@ mod tests {
     #[test]
     fn random_adapters_estimate_the_weight_gradients() {
         let (dir, device, ids) = tiny();
-        let mut llama = load_pretrained(&dir, None, &device).unwrap();
+        let mut llama = load(&dir, &device).unwrap();
         llama.add_lora(RANK, 1.0, 0.0, 0, |_| true);
         let layers = layer_linears(&llama);
         let (db, _) = sums(&llama, &ids, 8, &device, &mut |_, _| {});
-        let mut exact = load_pretrained(&dir, None, &device).unwrap();
+        let mut exact = load(&dir, &device).unwrap();
         let width = 64;
         exact.add_lora(width, 1.0, 0.0, 0, |_| true);
         let params = (exact.lora_params().chunks(2))
