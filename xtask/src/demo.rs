@@ -160,8 +160,13 @@ pub fn run() -> Result<(), String> {
             ];
             match *start {
                 "calibrated" => {
-                    // LoftQ with adapters fitted to each layer's outputs on the other plays.
+                    // LoftQ with adapters fitted to each layer's outputs on the other plays;
+                    // at NF2 each output weighed by the loss's sensitivity to it, which lowers
+                    // that start and not the NF4 one (docs/calibration.md).
                     args.extend(["--method", "loftq", "--calibration-tokens", "16384"]);
+                    if bits == "nf2" {
+                        args.extend(["--sensitivity", "rows"]);
+                    }
                     args.push("--calibration");
                     args.extend(calibration.iter().map(String::as_str));
                 }
@@ -170,8 +175,12 @@ pub fn run() -> Result<(), String> {
             eprintln!("xtask: demo: {start} {bits} → {}", out.display());
             loftq(&args)?;
             let ppl = perplexity(&out, Some(&out.join("adapter")), &text, tokens)?;
+            let weighed = match (*start, bits) {
+                ("calibrated", "nf2") => ", sensitivity by rows",
+                _ => "",
+            };
             rows.push((
-                format!("{start} {bits} r16"),
+                format!("{start} {bits} r16{weighed}"),
                 errors(&out),
                 ppl,
                 out.display().to_string(),
