@@ -147,25 +147,13 @@ pub fn score(
     if let Some(o) = &objective {
         o.check(w.dims())?;
     }
-    let s = objective.map(|o| {
-        let n = o.inputs.dim();
-        (
-            ops.matrix(o.inputs.factor().to_vec(), [n, n]),
-            o.root_rows(),
-        )
-    });
+    let measure = objective.map(|o| o.measure(&ops));
     let energy = |t: &Tensor<2>| {
-        let t = match &s {
-            Some((s, rows)) => {
-                let mut t = ops.mul(t, s);
-                if let Some(r) = rows {
-                    ops.scale_rows(&mut t, r);
-                }
-                t
-            }
-            None => t.clone(),
+        let norm = match &measure {
+            Some(m) => m.norm(&ops, t),
+            None => ops.norm(t),
         };
-        f64::from(ops.norm(&t)).powi(2)
+        f64::from(norm).powi(2)
     };
     let reference = energy(w);
     candidates

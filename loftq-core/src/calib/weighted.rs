@@ -94,9 +94,30 @@ impl Objective<'_> {
         }
     }
 
-    /// `D^{1/2}`'s diagonal.
-    pub(crate) fn root_rows(&self) -> Option<Vec<f32>> {
-        self.rows.map(|r| r.iter().map(|v| v.sqrt()).collect())
+    /// The objective on `ops`' device, to measure `‖D^{1/2}·M·S‖` with.
+    pub(crate) fn measure(&self, ops: &DeviceOps) -> Measure {
+        let n = self.inputs.dim();
+        Measure {
+            s: ops.matrix(self.inputs.factor().to_vec(), [n, n]),
+            roots: self.rows.map(|r| r.iter().map(|v| v.sqrt()).collect()),
+        }
+    }
+}
+
+/// An [`Objective`] uploaded once: `S` on the device and `D^{1/2}`'s diagonal.
+pub(crate) struct Measure {
+    s: Tensor<2>,
+    roots: Option<Vec<f32>>,
+}
+
+impl Measure {
+    /// `‖D^{1/2}·m·S‖_F`.
+    pub(crate) fn norm(&self, ops: &DeviceOps, m: &Tensor<2>) -> f32 {
+        let mut m = ops.mul(m, &self.s);
+        if let Some(r) = &self.roots {
+            ops.scale_rows(&mut m, r);
+        }
+        ops.norm(&m)
     }
 }
 
@@ -151,19 +172,10 @@ pub fn base_errors<'a>(
     check_widths(w, q, weighting)?;
     objective.check(w.dims())?;
     let ops = DeviceOps(w.device());
-    let n = weighting.dim();
-    let s = ops.matrix(weighting.factor().to_vec(), [n, n]);
-    let roots = objective.root_rows();
-    let energy = |m: &Tensor<2>| {
-        let mut m = ops.mul(m, &s);
-        if let Some(r) = &roots {
-            ops.scale_rows(&mut m, r);
-        }
-        ops.norm(&m)
-    };
+    let measure = objective.measure(&ops);
     let residual = w.clone() - q.clone();
     let plain = ops.norm(&residual) / ops.norm(w).max(f32::MIN_POSITIVE);
-    let weighted = energy(&residual) / energy(w).max(f32::MIN_POSITIVE);
+    let weighted = measure.norm(&ops, &residual) / measure.norm(&ops, w).max(f32::MIN_POSITIVE);
     Ok((plain, weighted))
 }
 
