@@ -307,8 +307,8 @@ pub fn run_init(
                 .count(),
         });
         let ids = calibration_ids.as_deref();
-        let (scored, fitted) = sensitivity::rows(spec, &work, ids, &devices[0], events)?;
-        let calibration = (ids, scored.as_ref());
+        let rows = sensitivity::rows(spec, &work, ids, &devices[0], events)?;
+        let calibration = (ids, rows.as_ref());
         budget::apply(
             spec,
             &mut plan,
@@ -328,7 +328,7 @@ pub fn run_init(
                 &plan,
                 source.as_ref(),
                 &work,
-                (ids, fitted.as_ref()),
+                (ids, sensitivity::fitted(spec, rows.as_ref())),
                 &devices[0],
                 &mut |p| match p {
                     calibrate::Progress::Layer(e) => events(e),

@@ -41,9 +41,9 @@ pub(super) type Rows = HashMap<String, Vec<f32>>;
 const FILE: &str = "sensitivity.json";
 
 /// The row weights `spec` asks for (`None` without a sensitivity), for the bit budget's
-/// scores and for the fits: read from the work area `work` when an interrupted run measured
-/// them, else measured on the calibration tokens `ids` and saved there. By
-/// [`Sensitivity::Layers`] the scores get each matrix's mean in every row and the fits none.
+/// scores: read from the work area `work` when an interrupted run measured them, else
+/// measured on the calibration tokens `ids` and saved there. By [`Sensitivity::Layers`] each
+/// matrix's mean in every row ([`fitted`] then gives the fits none).
 ///
 /// # Errors
 /// As [`sensitivities`]; a damaged file in the work area.
@@ -53,12 +53,12 @@ pub(super) fn rows(
     ids: Option<&[u32]>,
     device: &Device,
     events: &mut dyn FnMut(Event),
-) -> Result<(Option<Rows>, Option<Rows>)> {
+) -> Result<Option<Rows>> {
     let (Some(c), Some(ids)) = (&spec.calibration, ids) else {
-        return Ok((None, None));
+        return Ok(None);
     };
     let Some(by) = c.sensitivity else {
-        return Ok((None, None));
+        return Ok(None);
     };
     let path = work.join(FILE);
     let rows: Rows = match std::fs::read(&path) {
@@ -72,16 +72,22 @@ pub(super) fn rows(
             rows
         }
     };
-    Ok(match by {
-        Sensitivity::Rows => (Some(rows.clone()), Some(rows)),
-        Sensitivity::Layers => {
-            let means = rows.into_iter().map(|(path, d)| {
+    Ok(Some(match by {
+        Sensitivity::Rows => rows,
+        Sensitivity::Layers => (rows.into_iter())
+            .map(|(path, d)| {
                 let mean = d.iter().map(|&v| f64::from(v)).sum::<f64>() / d.len().max(1) as f64;
                 (path, vec![mean as f32; d.len()])
-            });
-            (Some(means.collect()), None)
-        }
-    })
+            })
+            .collect(),
+    }))
+}
+
+/// The row weights of [`rows`] that the fits take: all of them by [`Sensitivity::Rows`], none
+/// by layers.
+pub(super) fn fitted<'r>(spec: &InitSpec, rows: Option<&'r Rows>) -> Option<&'r Rows> {
+    let by = spec.calibration.as_ref().and_then(|c| c.sensitivity);
+    rows.filter(|_| by == Some(Sensitivity::Rows))
 }
 
 /// The row weights of the matrix `name` (`….weight`) in `rows`, if any.
