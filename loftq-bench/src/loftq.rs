@@ -113,6 +113,10 @@ pub fn run(args: &LoftqArgs, spec: DeviceSpec) -> Vec<LoftqCase> {
                             moved.reads,
                             moved.read_values
                         );
+                        stats::report_profile(&format!(
+                            "{}x{} nf{b} r{rank} T{t} {name}",
+                            shape[0], shape[1]
+                        ));
                         if name == "randomized" && args.batch > 1 {
                             cases.extend(batch_cases(&w, &cfg, args));
                         }
@@ -190,6 +194,7 @@ fn batch_cases(w: &Tensor<2>, cfg: &LoftqConfig, args: &LoftqArgs) -> Vec<LoftqC
                 moved.reads,
                 moved.read_values
             );
+            stats::report_profile(&name);
             LoftqCase {
                 shape,
                 quantizer: cfg.quant.label(),

@@ -152,6 +152,10 @@ enum Task {
         /// The JSON record to write.
         #[arg(long)]
         json: PathBuf,
+        /// Only these suites, comma-separated: quant, svd, loftq, init, calibrated, train
+        /// (default: all).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Side-by-side Markdown report and SVG plots from `suite` records.
     Report {
@@ -338,8 +342,9 @@ fn run(suite: Task) -> Result<(), String> {
             device,
             scratch,
             json,
+            only,
         } => {
-            let run = suite::run(profile, device, &scratch)?;
+            let run = suite::run(profile, device, &scratch, &only)?;
             eprintln!("{} cases on {device}", run.cases.len());
             write_json(&json, &run)
         }

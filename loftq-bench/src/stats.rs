@@ -26,6 +26,18 @@ pub struct Memory {
     pub peak_rss_bytes: u64,
 }
 
+/// With `LOFTQ_PROFILE` set: prints to stderr where the time since the last report went
+/// ([`loftq_core::profile`]), under `label`.
+pub fn report_profile(label: &str) {
+    if loftq_core::profile::enabled() {
+        let phases = loftq_core::profile::take();
+        eprintln!(
+            "profile of {label}:\n{}",
+            loftq_core::profile::markdown(&phases)
+        );
+    }
+}
+
 /// Runs `f` once to warm up, then `repeats` times, timing each run.
 pub fn time(repeats: usize, f: impl FnMut()) -> Timing {
     measure(repeats.max(1), f).0
@@ -36,6 +48,8 @@ pub fn time(repeats: usize, f: impl FnMut()) -> Timing {
 pub fn measure(repeats: usize, mut f: impl FnMut()) -> (Timing, Memory) {
     if repeats > 0 {
         f();
+        // The profile (LOFTQ_PROFILE) covers the timed runs only.
+        let _ = loftq_core::profile::take();
     }
     let rss_before_bytes = status_bytes("VmRSS:").unwrap_or(0);
     // Writing 5 to clear_refs resets the peak (VmHWM) to the current resident size.

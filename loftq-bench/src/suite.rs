@@ -62,8 +62,24 @@ pub struct Run {
     pub cases: Vec<Case>,
 }
 
-/// Runs every suite of `profile` on `spec`; synthetic checkpoints go under `scratch`.
-pub fn run(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Run, String> {
+/// The suites, in the order they run.
+pub const SUITES: [&str; 6] = ["quant", "svd", "loftq", "init", "calibrated", "train"];
+
+/// Runs the suites of `profile` named in `only` (all when empty) on `spec`; synthetic
+/// checkpoints go under `scratch`.
+pub fn run(
+    profile: Profile,
+    spec: DeviceSpec,
+    scratch: &Path,
+    only: &[String],
+) -> Result<Run, String> {
+    if let Some(bad) = only.iter().find(|s| !SUITES.contains(&s.as_str())) {
+        return Err(format!(
+            "--only {bad}: no such suite (the suites: {})",
+            SUITES.join(", ")
+        ));
+    }
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|s| s == name);
     let device = spec.device().map_err(|e| e.to_string())?;
     // Fail early, with the back end's own message, if the device does not work.
     let probe: f32 = Tensor::<2>::ones([2, 2], &device).sum().into_scalar();
@@ -78,16 +94,30 @@ pub fn run(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Run, St
         Profile::Smoke => 1,
         _ => 3,
     };
-    eprintln!("[{spec}] quantizer throughput");
-    cases.extend(quant_cases(profile, reps, spec)?);
-    eprintln!("[{spec}] truncated SVD");
-    cases.extend(svd_cases(profile, reps, spec)?);
-    eprintln!("[{spec}] per-matrix LoftQ");
-    cases.extend(loftq_cases(profile, reps, spec));
-    eprintln!("[{spec}] whole-model init");
-    cases.extend(init_cases(profile, spec, scratch)?);
-    eprintln!("[{spec}] training step");
-    cases.extend(train_cases(profile, spec, scratch)?);
+    if wanted("quant") {
+        eprintln!("[{spec}] quantizer throughput");
+        cases.extend(quant_cases(profile, reps, spec)?);
+    }
+    if wanted("svd") {
+        eprintln!("[{spec}] truncated SVD");
+        cases.extend(svd_cases(profile, reps, spec)?);
+    }
+    if wanted("loftq") {
+        eprintln!("[{spec}] per-matrix LoftQ");
+        cases.extend(loftq_cases(profile, reps, spec));
+    }
+    if wanted("init") {
+        eprintln!("[{spec}] whole-model init");
+        cases.extend(init_cases(profile, spec, scratch)?);
+    }
+    if wanted("calibrated") {
+        eprintln!("[{spec}] calibrated init");
+        cases.extend(calibrated_cases(profile, spec, scratch)?);
+    }
+    if wanted("train") {
+        eprintln!("[{spec}] training step");
+        cases.extend(train_cases(profile, spec, scratch)?);
+    }
     Ok(Run {
         backend: spec.to_string(),
         profile,
@@ -239,6 +269,7 @@ fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<
         let init = InitSpec::new(model, scratch.join(format!("init-{arch}")), rank, iters);
         let (r, t, m) = timed_init(&init, spec, 0)?;
         let name = format!("{arch} ({layers} layers) nf4 r{rank} T{iters}");
+        crate::stats::report_profile(&format!("init {name}, first run"));
         let err = Some(r.totals.mean_rel_err_init);
         let size = r.totals.params as usize;
         let mut metric = "mean ‖W−Q−s·BA‖/‖W‖".to_string();
@@ -247,11 +278,13 @@ fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<
         if spec != DeviceSpec::Cpu {
             // The run above compiled the batched kernels.
             let (_, batched, _) = timed_init(&init, spec, 0)?;
+            crate::stats::report_profile(&format!("init {name}, warm, batched"));
             let one = InitSpec {
                 device_batch: 1,
                 ..init.clone()
             };
             let (_, alone, _) = timed_init(&one, spec, 1)?;
+            crate::stats::report_profile(&format!("init {name}, warm, one tensor at a time"));
             metric += &format!(
                 "; warm: {:.1} s batched, {:.1} s one tensor at a time ({:.2}×)",
                 batched.median_s,
@@ -261,7 +294,6 @@ fn init_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec<
         }
         out.push(case("init", name, size, t, m, err, &metric));
     }
-    out.extend(calibrated_cases(profile, spec, scratch)?);
     Ok(out)
 }
 
@@ -402,6 +434,7 @@ fn case(
     error: Option<f64>,
     metric: &str,
 ) -> Case {
+    crate::stats::report_profile(&format!("{suite} {name}"));
     Case {
         suite: suite.to_string(),
         name,

@@ -101,8 +101,10 @@ pub fn run(
             let (step, memory) = measure(repeats.max(1), || {
                 let before = transfers_all_threads();
                 let sums = micro_batches(&mut models, &batches, mode, with);
+                loftq_core::profile::mark(&devs[0], "train: other");
                 let p = opt.update(models[0].lora_params(), sums.grads, 1e-4);
                 models[0].set_lora_params(p);
+                loftq_core::profile::mark(&devs[0], "train: adamw");
                 // GPU back ends queue work: the step ends when its updates are computed.
                 for dev in &devs {
                     if let Err(e) = dev.sync() {
@@ -114,6 +116,7 @@ pub fn run(
             if let Some(e) = failed {
                 return Err(e);
             }
+            crate::stats::report_profile(&format!("{objective} step, recompute {mode:?}"));
             let positions = if with.is_some() { seq } else { seq - 1 };
             cases.push(TrainCase {
                 objective: objective.to_string(),

@@ -106,6 +106,7 @@ fn alternate_batch(
     let quantizer = Quantizer::new(cfg.quant)?;
     let (b, [m, n], rank) = (ws.len(), ws[0].dims(), cfg.lora.rank);
     let device = ws[0].device();
+    crate::profile::start(&device);
     let w: Tensor<3> = Tensor::stack(ws.to_vec(), 0);
     let (factor_scale, product_scale) = cfg.lora.scaling.scales(cfg.lora.scale());
 
@@ -126,18 +127,21 @@ fn alternate_batch(
             other => other?,
         };
         let residual = w.clone() - deq.reshape([b, m, n]);
+        crate::profile::mark(&device, "batch: quantize");
         let seeds: Vec<u64> = seeds.iter().map(|s| s.wrapping_add(t as u64)).collect();
         let (lr, basis) = rsvd_batch(&residual, rank, &rsvd, &seeds, warm.as_ref())?;
         let (fb, fa) = balanced(lr, &device);
         let ba = fb.clone().matmul(fa.clone());
         let fit = residual.clone() - ba.clone().mul_scalar(product_scale);
         res = w.clone() - ba;
+        crate::profile::mark(&device, "batch: factors");
         // One read for every norm the iteration needs.
         let read = if t == 1 {
             norms_of(&[&w, &residual, &fit])
         } else {
             norms_of(&[&fit])
         };
+        crate::profile::mark(&device, "batch: norms");
         if t == 1 {
             norms = read[0].iter().map(|x| x.max(f32::MIN_POSITIVE)).collect();
             rel_err_quant = read[1].iter().zip(&norms).map(|(e, n)| e / n).collect();
@@ -167,6 +171,7 @@ fn alternate_batch(
             None => new,
             Some(old) => merge(old, new, &improved),
         });
+        crate::profile::mark(&device, "batch: best");
         if !active.contains(&true) {
             break;
         }
@@ -181,6 +186,7 @@ fn alternate_batch(
         best.a.mul_scalar(factor_scale),
         best.b.mul_scalar(factor_scale),
     );
+    crate::profile::mark(&device, "batch: results");
     let element = |t: &Tensor<3>, i: usize, [r, c]: [usize; 2]| -> Tensor<2> {
         t.clone().slice([i..i + 1, 0..r, 0..c]).reshape([r, c])
     };

@@ -13,6 +13,7 @@
 //!   GPTQ, and quantizers allocated under a bit budget.
 //! - [`init`]: one API for QLoRA (zeros), LoftQ, PiSSA and QPiSSA starts.
 //! - [`transfers`]: counts of host–device reads and uploads, the latency a GPU pays.
+//! - [`profile`]: an opt-in split of device time by phase (`LOFTQ_PROFILE=1`).
 //! - `cpu` (with the `flex` feature): faer matrix products for the CPU back end.
 //! - `args` (with the `clap` feature): command-line parsers for these settings.
 //!
@@ -31,6 +32,7 @@ pub mod init;
 mod loftq;
 mod lora;
 pub mod lowrank;
+pub mod profile;
 pub mod quant;
 pub mod simd;
 pub mod transfers;

@@ -226,6 +226,7 @@ pub(crate) fn alternate<D: Dense>(
     device: &Device,
     weighted: Option<&Weighted<'_, D::M>>,
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
+    crate::profile::start(device);
     let norm = ops.norm(w).max(f32::MIN_POSITIVE);
     let wnorm = weighted.map(|x| {
         let mut ws = ops.mul_lower(w, &x.s);
@@ -259,6 +260,7 @@ pub(crate) fn alternate<D: Dense>(
                 Codes::Host(host)
             }
         };
+        crate::profile::mark(device, "loftq: quantize");
         // The weighted problem is the plain one for the scaled residual D^{1/2}·(W − Q)·S.
         let scaled = weighted.map(|x| {
             ops.mul_lower_into(&residual, &x.s, &mut scaled);
@@ -272,6 +274,7 @@ pub(crate) fn alternate<D: Dense>(
             if let (Some(rs), Some(wn)) = (scaled, wnorm) {
                 weighted_quant = ops.norm(rs) / wn;
             }
+            crate::profile::mark(device, "loftq: norms");
         }
         let mut method = cfg.svd;
         if let SvdMethod::Randomized(r) = &mut method {
@@ -279,6 +282,7 @@ pub(crate) fn alternate<D: Dense>(
         }
         let target = scaled.unwrap_or(&residual);
         let (lr, basis) = svd_with(ops, target, cfg.lora.rank, &method, warm.as_ref())?;
+        crate::profile::mark(device, "loftq: svd");
         let (mut b, a) = lr.balanced_with(ops);
         let (a, score) = match (weighted, scaled, wnorm) {
             (Some(x), Some(rs), Some(wn)) => {
@@ -300,7 +304,9 @@ pub(crate) fn alternate<D: Dense>(
             }
             _ => (a, None),
         };
+        crate::profile::mark(device, "loftq: factors");
         let err = ops.fit_error(w, &residual, (&b, &a), product_scale, &mut res) / norm;
+        crate::profile::mark(device, "loftq: error");
         history.push(err);
         let score = score.unwrap_or(err);
         objective.push(score);
@@ -326,6 +332,7 @@ pub(crate) fn alternate<D: Dense>(
         rel_err_quant,
         best_iter,
     };
+    crate::profile::mark(device, "loftq: results");
     let weighted = weighted.map(|_| WeightedErrors {
         history: objective,
         quant: weighted_quant,

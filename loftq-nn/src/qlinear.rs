@@ -10,7 +10,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use loftq_core::lowrank::Gaussian;
 use loftq_core::quant::{Kernel, PackedTensor, Quantized, is_host_device};
-use loftq_core::{QuantError, Quantizer};
+use loftq_core::{QuantError, Quantizer, profile};
 
 use super::Output;
 use super::kernels::{self, HostWeight};
@@ -290,7 +290,11 @@ impl QLinear {
         {
             return y;
         }
-        self.base_product(x.clone(), output) + lora_branch(x, a, b, lora.scaling)
+        let device = x.device();
+        let y = self.base_product(x.clone(), output);
+        let y = y + lora_branch(x, a, b, lora.scaling);
+        profile::mark(&device, "linear: adapter");
+        y
     }
 
     /// `x·Wᵀ` for `x [rows, in]`: faer on the CPU back end, Burn's matmul elsewhere.
@@ -301,7 +305,14 @@ impl QLinear {
         {
             return y;
         }
-        x.matmul(self.base.dense().transpose())
+        let device = x.device();
+        // With LOFTQ_PROFILE: what ran since the previous mark is the model's other work.
+        profile::mark(&device, "model: other");
+        let w = self.base.dense();
+        profile::mark(&device, "linear: dequantize");
+        let y = x.matmul(w.transpose());
+        profile::mark(&device, "linear: product");
+        y
     }
 
     /// The base weight `[out, in]` in host memory, dequantized if packed; `None` off the CPU

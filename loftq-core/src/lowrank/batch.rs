@@ -63,6 +63,7 @@ pub(crate) fn rsvd_batch(
         let z = orthonormalize(tmul(a, &q))?;
         q = orthonormalize(a.clone().matmul(z))?;
     }
+    crate::profile::mark(&device, "batch: svd range");
     let bt = tmul(a, &q);
     let grams = crate::quant::host_f32(&tmul(&bt, &bt));
     let (mut s, mut ub_r, mut ub_inv) = (Vec::with_capacity(b), Vec::new(), Vec::new());
@@ -82,6 +83,7 @@ pub(crate) fn rsvd_batch(
         s,
         v: basis.clone().slice([0..b, 0..n, 0..rank]),
     };
+    crate::profile::mark(&device, "batch: svd final");
     Ok((lr, basis))
 }
 

@@ -94,6 +94,7 @@ pub(super) fn compute(
             .collect();
     }
     let t0 = Instant::now();
+    loftq_core::profile::start(device);
     let (mut ws, mut cfgs, mut order) = (Vec::new(), Vec::new(), Vec::new());
     for (i, loaded) in group {
         let (Ok(Loaded::Weight(host)), Some((shape, quant))) = (loaded, plan.items[i].target)
@@ -109,10 +110,11 @@ pub(super) fn compute(
         cfgs.push(cfg);
         order.push(i);
     }
+    loftq_core::profile::mark(device, "init: upload");
     let results = loftq_batch(&ws, &cfgs);
     drop(ws);
     let seconds = t0.elapsed().as_secs_f64() / order.len() as f64;
-    order
+    let written = order
         .into_iter()
         .zip(results)
         .filter(|(i, _)| !done.contains(i))
@@ -126,7 +128,9 @@ pub(super) fn compute(
                 .and_then(|r| write_start(item, i, work, Start::from(r), None, seconds));
             (i, written.map(Some))
         })
-        .collect()
+        .collect();
+    loftq_core::profile::mark(device, "init: write");
+    written
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 use burn::module::Param;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
+use loftq_core::profile;
 use loftq_core::quant::host_f32;
 
 use super::data::Batch;
@@ -98,6 +99,7 @@ fn loss_and_grads_against(
     };
 
     let rope = model.rope(s);
+    profile::start(&device);
     if recompute == Recompute::None {
         return whole_graph(model, ids, target, &rope, tokens);
     }
@@ -108,6 +110,7 @@ fn loss_and_grads_against(
         let h = layer.forward(inputs.last().expect("pushed").clone(), &rope);
         inputs.push(h);
     }
+    profile::mark(&device, "model: other");
 
     // Norm, head and loss on the autodiff device.
     let last = inputs.pop().expect("pushed").autodiff().require_grad();
@@ -117,6 +120,7 @@ fn loss_and_grads_against(
     let mut upstream = last.grad(&grads).expect("the input of the head is tracked");
     let head_grads = head.as_mut().map(|h| lora_grads(h, &grads, &device));
     drop(grads);
+    profile::mark(&device, "train: head and loss");
 
     // Recompute each layer from its input and push the gradient back through it.
     let mut per_layer = Vec::with_capacity(model.layers.len());
@@ -134,7 +138,9 @@ fn loss_and_grads_against(
         // Only the gradient through the layer is wanted (its output is `inputs[i + 1]`), and
         // `(y·upstream)`'s gradient with respect to `y` is `upstream` whatever `y` holds.
         let y = layer.forward_for_gradient(x.clone(), &rope);
+        profile::mark(&device, "model: other");
         let grads = (y * upstream).sum().backward();
+        profile::mark(&device, "train: backward");
         let mut g = Vec::new();
         for lin in layer.linears_mut() {
             g.extend(lora_grads(lin, &grads, &device));
@@ -179,9 +185,12 @@ fn whole_graph(
         h = layer.forward(h, rope);
         layers.push(layer);
     }
+    profile::mark(&device, "model: other");
     let (head, loss) = head_loss(model, h, target);
     let loss_value = loss.clone().inner();
+    profile::mark(&device, "train: head and loss");
     let grads = loss.backward();
+    profile::mark(&device, "train: backward");
     let mut all: Vec<Tensor<2>> = layers
         .iter()
         .flat_map(|l| l.linears())
