@@ -11,19 +11,22 @@
 #
 # There (the folder carried beside the working tree; Vulkan loaders as the device notes say,
 # e.g. carry .device and .gl, and run `for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig;
-# bench/gpu-check.sh run .device $OUT` with a 600 s limit):
-#   bench/gpu-check.sh run .device "$OUT"
+# PACK=$OUT/gpu-check.tgz bench/gpu-check.sh run .device /tmp/gpu-check` with a 600 s limit):
+#   bench/gpu-check.sh run .device OUT
 # runs, most important first, each step under its own time limit so that one slow step cannot
 # take the others down: the training step (SmolLM2-135M shapes, 4×128) on WGPU with each
-# build, the same step in PyTorch + PEFT on CUDA (if torch imports), the quick suite on WGPU
-# with each build (per-matrix LoftQ with 4096² NF4 r64 T5, batched LoftQ, whole-model init on
-# SmolLM2's shapes). The whole run stops within BUDGET seconds (default 540: one device call
-# is at most 600). Every record lands in OUT; `loftq-bench report --input OUT/suite-*.json
-# --input bench/results/quick/suite-cpu.json --out DIR` puts them beside this project's 2-core
-# CPU figures. With `run .device OUT smoke` every step uses the smallest sizes (a check of the
-# script on lavapipe: 6 minutes there, where the tuned build's autotuning runs on the CPU and
-# its suite runs out of time). The device tests are not included (CI runs them on lavapipe;
-# their binaries are too large to carry beside these).
+# build and with the base held dense, the same step in PyTorch + PEFT on CUDA (if torch
+# imports), the quick suite without its training step on WGPU with the tuned build, phase
+# profiles (`LOFTQ_PROFILE=1`) of 4096² LoftQ, the training step and whole-model init with
+# the plain build, and the plain build's LoftQ, init and calibrated-init suites. The whole run stops within
+# BUDGET seconds (default 540: one device call is at most 600). Every record lands in OUT
+# (with PACK set, also packed into that one archive after each step: a device call returns at
+# most 8 files); `loftq-bench report --input OUT/suite-*.json --input
+# bench/results/quick/suite-cpu.json --out DIR` puts them beside this project's 2-core CPU
+# figures. With `run .device OUT smoke` every step uses the smallest sizes (a check of the
+# script on lavapipe, where the tuned build's autotuning runs on the CPU). The device tests
+# are not included (CI runs them on lavapipe; their binaries are too large to carry beside
+# these).
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -57,6 +60,8 @@ step() {
   local rc=$?
   tail -n 12 "$OUT/$name.log"
   [ $rc = 0 ] || echo "!! $name: exit $rc (124: out of time)"
+  # A device call returns few files: with PACK set, everything so far as one archive.
+  [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$OUT" .
 }
 
 run() {
@@ -72,24 +77,39 @@ run() {
     echo "built from $(cat "$dir/commit.txt")"; } >"$OUT/machine.txt" 2>&1
   cat "$OUT/machine.txt"
   local shape=(--batch 4 --seq 128) synth=(--arch smollm2-135m) suite=$profile
-  [ "$profile" = smoke ] && shape=(--batch 1 --seq 16) synth=(--arch smollm2-135m --layers 2)
+  local big=4096x4096
+  [ "$profile" = smoke ] && shape=(--batch 1 --seq 16) synth=(--arch smollm2-135m --layers 2) \
+    big=256x256
   "$bin/plain" synth "${synth[@]}" --out /tmp/loftq-synth >/dev/null || exit 1
   for v in plain tuned; do
-    step "train-wgpu-$v" 100 "$bin/$v" train --model /tmp/loftq-synth "${shape[@]}" \
+    step "train-wgpu-$v" 90 "$bin/$v" train --model /tmp/loftq-synth "${shape[@]}" \
       --device wgpu --json "$OUT/train-wgpu-$v.json"
   done
+  # The ceiling of caching the dequantized base: the same model held dense (f32).
+  step train-wgpu-tuned-dense 60 "$bin/tuned" train --model /tmp/loftq-synth "${shape[@]}" \
+    --quantize none --device wgpu --json "$OUT/train-wgpu-tuned-dense.json"
   if python3 -c "import torch, peft, transformers; assert torch.cuda.is_available()" 2>/dev/null
   then
-    step train-peft-cuda 100 python3 "$ROOT/bench/peft_loftq.py" --suites train \
+    step train-peft-cuda 80 python3 "$ROOT/bench/peft_loftq.py" --suites train \
       --profile "$([ "$profile" = smoke ] && echo smoke || echo quick)" --device cuda \
       --json "$OUT/train-peft-cuda.json"
   else
     echo "!! no torch with CUDA here: the PyTorch comparison is skipped"
   fi
-  for v in tuned plain; do
-    step "suite-wgpu-$v" 200 "$bin/$v" suite --profile "$suite" --device wgpu \
-      --scratch /tmp/loftq-scratch --json "$OUT/suite-wgpu-$v.json"
-  done
+  # The training step is measured above: the suites skip it.
+  step suite-wgpu-tuned 180 "$bin/tuned" suite --profile "$suite" --device wgpu \
+    --only quant,svd,loftq,init --scratch /tmp/loftq-scratch --json "$OUT/suite-wgpu-tuned.json"
+  # Where the time goes (LOFTQ_PROFILE: each phase waits for the device), plain build.
+  step profile-loftq 40 env LOFTQ_PROFILE=1 "$bin/plain" loftq --shapes "$big" --bits 4 \
+    --ranks 64 --iters 5 --no-exact --batch 4 --device wgpu
+  step profile-train 40 env LOFTQ_PROFILE=1 "$bin/plain" train --model /tmp/loftq-synth \
+    "${shape[@]}" --repeats 1 --device wgpu
+  step profile-init 50 env LOFTQ_PROFILE=1 "$bin/plain" suite --profile "$suite" \
+    --device wgpu --only init --scratch /tmp/loftq-scratch --json /tmp/profile-init.json
+  step suite-wgpu-plain 120 "$bin/plain" suite --profile "$suite" --device wgpu \
+    --only loftq,init --scratch /tmp/loftq-scratch --json "$OUT/suite-wgpu-plain.json"
+  step suite-wgpu-calibrated 90 "$bin/plain" suite --profile "$suite" --device wgpu \
+    --only calibrated --scratch /tmp/loftq-scratch --json "$OUT/suite-wgpu-calibrated.json"
   echo "== [$SECONDS s] done"
 }
 
