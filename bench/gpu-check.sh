@@ -3,7 +3,7 @@
 #
 # Here (the tuned build recompiles Burn's stack the first time: about 20 minutes on 2 cores):
 #   bench/gpu-check.sh prepare .device
-# puts two stripped, gzipped `loftq-bench` builds into .device (21 and 25 MB): `plain`
+# puts two stripped, xz-compressed `loftq-bench` builds into .device (13 and 15 MB): `plain`
 # (`--features loftq-core/wgpu`, what CI tests) and `tuned` (plus `loftq-core/tuned`: Burn's
 # fusion and autotuning), with the commit they were built from (the copy of the working tree
 # on the device has no git history). `.device` is ignored by git; name it in the device call's
@@ -37,7 +37,8 @@ prepare() {
     local f=loftq-core/wgpu
     [ "$v" = tuned ] && f=loftq-core/wgpu,loftq-core/tuned
     (cd "$ROOT" && cargo build -q -p loftq-bench --features "$f") || exit 1
-    strip -o "$dir/loftq-bench-$v" "$target/debug/loftq-bench" && gzip -f "$dir/loftq-bench-$v"
+    # xz: the two builds and the working tree must fit one device call's 64 MiB.
+    strip -o "$dir/loftq-bench-$v" "$target/debug/loftq-bench" && xz -9e -f "$dir/loftq-bench-$v"
   done
   local dirty
   dirty=$(git -C "$ROOT" status --porcelain --untracked-files=no -- . ':!*.md' ':!bench/results')
@@ -71,7 +72,9 @@ run() {
   local bin=/tmp/loftq-gpu-check
   mkdir -p "$bin"
   for v in plain tuned; do
-    gzip -dc "$dir/loftq-bench-$v.gz" >"$bin/$v" && chmod +x "$bin/$v" || exit 1
+    { xz -dc "$dir/loftq-bench-$v.xz" 2>/dev/null || python3 -c 'import lzma, shutil, sys
+shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$dir/loftq-bench-$v.xz"; } \
+      >"$bin/$v" && chmod +x "$bin/$v" || exit 1
   done
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
     echo "built from $(cat "$dir/commit.txt")"; } >"$OUT/machine.txt" 2>&1
