@@ -249,6 +249,7 @@ fn merge(old: Best, new: Best, improved: &[bool]) -> Best {
     let codes = Quantized {
         shape: new.codes.shape,
         block: new.codes.block,
+        bits: new.codes.bits,
         codes: pick(old.codes.codes, new.codes.codes, &mask),
         scales: pick(old.codes.scales, new.codes.scales, &mask),
         mins: match (old.codes.mins, new.codes.mins) {

@@ -306,3 +306,37 @@ fn non_finite_weights_are_reported_with_position() {
         }
     }
 }
+
+/// Codes read back from the device arrive packed `⌊31/bits⌋` to a word and unpack to the
+/// same codes, for every width and a length that leaves the last word part full.
+#[test]
+fn device_codes_read_back_packed() {
+    use loftq_core::quant::Quantized;
+    use loftq_core::transfers::transfers;
+    let device = device();
+    for bits in 1u8..=8 {
+        let n = 1000 + usize::from(bits);
+        let top = (1u32 << bits) - 1;
+        let codes: Vec<u8> = (0..n as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % (top + 1))
+            .map(|c| c as u8)
+            .chain([top as u8])
+            .collect();
+        let host = HostQuantized {
+            shape: [1, n + 1],
+            block: n + 1,
+            codes,
+            scales: vec![1.0],
+            mins: Vec::new(),
+        };
+        let q = Quantized::from_host(&host, &device);
+        assert_eq!(q.bits, bits);
+        let before = transfers();
+        let back = q.to_host();
+        let moved = transfers() - before;
+        assert_eq!(back.codes, host.codes, "{bits} bits");
+        let per = 31 / usize::from(bits);
+        // The words and the one scale.
+        assert_eq!(moved.read_values as usize, (n + 1).div_ceil(per) + 1, "{bits} bits");
+    }
+}

@@ -118,6 +118,7 @@ impl PackedWeight {
                 let q = Quantized {
                     shape,
                     block: dw.block,
+                    bits: self.packed.config.scheme.bits(),
                     codes,
                     scales: dw.scales.clone(),
                     mins: dw.mins.clone(),
