@@ -205,7 +205,7 @@ pub(crate) fn read_state<S: RunState>(
 /// Writes AdamW's moments (`m.i`, `v.i`) and step into `dir`.
 fn write_optimizer(dir: &Path, opt: &AdamW) -> Result<()> {
     let mut tensors = BTreeMap::new();
-    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+    for (i, (m, v)) in opt.moments().iter().enumerate() {
         tensors.insert(
             format!("m.{i}"),
             OutTensor::f32(m.dims().to_vec(), &host_f32(m)),
@@ -232,10 +232,15 @@ pub(crate) fn read_optimizer(
         let t = ck.shaped(&name, &shape)?;
         Ok(Tensor::from_data(TensorData::new(t.data, t.shape), device))
     };
-    for (i, &shape) in shapes.iter().enumerate() {
-        opt.m[i] = load(format!("m.{i}"), shape)?;
-        opt.v[i] = load(format!("v.{i}"), shape)?;
-    }
+    let moments = (shapes.iter().enumerate())
+        .map(|(i, &shape)| {
+            Ok((
+                load(format!("m.{i}"), shape)?,
+                load(format!("v.{i}"), shape)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    opt.set_moments(moments);
     opt.step = ck
         .metadata()
         .get("adamw_step")
