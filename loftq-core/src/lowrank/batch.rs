@@ -66,9 +66,10 @@ pub(crate) fn rsvd_batch(
     crate::profile::mark(&device, "batch: svd range");
     let bt = tmul(a, &q);
     let grams = crate::quant::host_f32(&tmul(&bt, &bt));
+    let smalls = per_matrix(&grams, k * k, |g| SmallSvd::of_f32_gram(g, k));
     let (mut s, mut ub_r, mut ub_inv) = (Vec::with_capacity(b), Vec::new(), Vec::new());
-    for g in grams.chunks_exact(k * k) {
-        let small = SmallSvd::of_f32_gram(g, k)?;
+    for small in smalls {
+        let small = small?;
         let scaled = &small.ub * &small.inv;
         for i in 0..k {
             ub_r.extend((0..rank).map(|j| small.ub[(i, j)] as f32));
@@ -94,8 +95,8 @@ fn orthonormalize(mut y: Tensor<3>) -> Result<Tensor<3>, LowRankError> {
     for _ in 0..2 {
         let grams = crate::quant::host_f32(&tmul(&y, &y));
         let mut factors = Vec::with_capacity(b * k * k);
-        for g in grams.chunks_exact(k * k) {
-            match gram_inverse_factor(g, k)? {
+        for factor in per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k)) {
+            match factor? {
                 Some(r_inv) => factors.extend(r_inv),
                 // A zero sketch: left as it is, as the single-matrix path does.
                 None => factors.extend((0..k * k).map(|i| f32::from(u8::from(i % (k + 1) == 0)))),
@@ -105,4 +106,35 @@ fn orthonormalize(mut y: Tensor<3>) -> Result<Tensor<3>, LowRankError> {
         y = y.matmul(factors);
     }
     Ok(y)
+}
+
+/// `f` of each `len`-long chunk of `values`, in order, the chunks spread over the machine's
+/// cores. Each is a small dense problem on the host (a `k×k` factorization); one after the
+/// other, a batch of 16 of them at `k = 128` kept one core busy ~300 ms per LoftQ run of a
+/// group while the GPU waited (`bench/results/h200`).
+fn per_matrix<T: Send>(values: &[f32], len: usize, f: impl Fn(&[f32]) -> T + Sync) -> Vec<T> {
+    let chunks: Vec<&[f32]> = values.chunks_exact(len).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if chunks.len() < 2 || threads < 2 {
+        return chunks.into_iter().map(f).collect();
+    }
+    let per = chunks.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = chunks
+            .chunks(per)
+            .map(|part| {
+                scope.spawn(move || {
+                    let out: Vec<T> = part.iter().map(|c| f(c)).collect();
+                    // faer's kernels leave the vector registers' upper halves dirty.
+                    crate::upper::clear_upper_state_here();
+                    out
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
 }
