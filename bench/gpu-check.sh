@@ -9,16 +9,19 @@
 # on the device has no git history). `.device` is ignored by git; name it in the device call's
 # `carry`.
 #
-# There (the folder carried beside the working tree; Vulkan loaders as the device notes say,
-# e.g. carry .device and .gl, and run `for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig;
-# PACK=$OUT/gpu-check.tgz bench/gpu-check.sh run .device /tmp/gpu-check` with a 600 s limit):
+# There (the folder carried beside the working tree, with the Vulkan loaders as the device
+# notes say: carry .device and .gl), within a 590 s limit; on 2026-12-04 this ran as is:
+#   for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
+#   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+#   BUDGET=530 PACK=$OUT/gpu-check.tgz bash bench/gpu-check.sh run .device /tmp/gpu-check
 #   bench/gpu-check.sh run .device OUT
 # runs, most important first, each step under its own time limit so that one slow step cannot
-# take the others down: the training step (SmolLM2-135M shapes, 4×128) on WGPU with each
-# build and with the base held dense, the same step in PyTorch + PEFT on CUDA (if torch
-# imports), the quick suite without its training step on WGPU with the tuned build, phase
+# take the others down: the training step (SmolLM2-135M shapes, 4×128) on WGPU with the
+# plain build and in PyTorch + PEFT on CUDA (if torch imports), whole-model init on
+# SmolLM2's shapes with the plain build, the tuned build's training step and init, phase
 # profiles (`LOFTQ_PROFILE=1`) of 4096² LoftQ, the training step and whole-model init with
-# the plain build, and the plain build's LoftQ, init and calibrated-init suites. The whole run stops within
+# the plain build, each build's quantizer, SVD and LoftQ suites, and the calibrated init.
+# The whole run stops within
 # BUDGET seconds (default 540: one device call is at most 600). Every record lands in OUT
 # (with PACK set, also packed into that one archive after each step: a device call returns at
 # most 8 files); `loftq-bench report --input OUT/suite-*.json --input
@@ -84,35 +87,39 @@ shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$dir/loftq-bench
   [ "$profile" = smoke ] && shape=(--batch 1 --seq 16) synth=(--arch smollm2-135m --layers 2) \
     big=256x256
   "$bin/plain" synth "${synth[@]}" --out /tmp/loftq-synth >/dev/null || exit 1
-  for v in plain tuned; do
-    step "train-wgpu-$v" 90 "$bin/$v" train --model /tmp/loftq-synth "${shape[@]}" \
-      --device wgpu --json "$OUT/train-wgpu-$v.json"
-  done
-  # The ceiling of caching the dequantized base: the same model held dense (f32).
-  step train-wgpu-tuned-dense 60 "$bin/tuned" train --model /tmp/loftq-synth "${shape[@]}" \
-    --quantize none --device wgpu --json "$OUT/train-wgpu-tuned-dense.json"
+  local scratch=(--scratch /tmp/loftq-scratch)
+  # The tuned build times kernels the first time it meets them: on the H200 its NF4 step
+  # needed more than 90 s before one was timed.
+  step train-wgpu-plain 80 "$bin/plain" train --model /tmp/loftq-synth "${shape[@]}" \
+    --device wgpu --json "$OUT/train-wgpu-plain.json"
   if python3 -c "import torch, peft, transformers; assert torch.cuda.is_available()" 2>/dev/null
   then
-    step train-peft-cuda 80 python3 "$ROOT/bench/peft_loftq.py" --suites train \
+    step train-peft-cuda 60 python3 "$ROOT/bench/peft_loftq.py" --suites train \
       --profile "$([ "$profile" = smoke ] && echo smoke || echo quick)" --device cuda \
       --json "$OUT/train-peft-cuda.json"
   else
     echo "!! no torch with CUDA here: the PyTorch comparison is skipped"
   fi
-  # The training step is measured above: the suites skip it.
-  step suite-wgpu-tuned 180 "$bin/tuned" suite --profile "$suite" --device wgpu \
-    --only quant,svd,loftq,init --scratch /tmp/loftq-scratch --json "$OUT/suite-wgpu-tuned.json"
+  # Whole-model init, one suite per step: a suite writes its record only when it ends.
+  step init-wgpu-plain 100 "$bin/plain" suite --profile "$suite" --device wgpu --only init \
+    "${scratch[@]}" --json "$OUT/init-wgpu-plain.json"
+  step train-wgpu-tuned 150 "$bin/tuned" train --model /tmp/loftq-synth "${shape[@]}" \
+    --device wgpu --json "$OUT/train-wgpu-tuned.json"
+  step init-wgpu-tuned 100 "$bin/tuned" suite --profile "$suite" --device wgpu --only init \
+    "${scratch[@]}" --json "$OUT/init-wgpu-tuned.json"
   # Where the time goes (LOFTQ_PROFILE: each phase waits for the device), plain build.
   step profile-loftq 40 env LOFTQ_PROFILE=1 "$bin/plain" loftq --shapes "$big" --bits 4 \
     --ranks 64 --iters 5 --no-exact --batch 4 --device wgpu
   step profile-train 40 env LOFTQ_PROFILE=1 "$bin/plain" train --model /tmp/loftq-synth \
     "${shape[@]}" --repeats 1 --device wgpu
-  step profile-init 50 env LOFTQ_PROFILE=1 "$bin/plain" suite --profile "$suite" \
-    --device wgpu --only init --scratch /tmp/loftq-scratch --json /tmp/profile-init.json
-  step suite-wgpu-plain 120 "$bin/plain" suite --profile "$suite" --device wgpu \
-    --only loftq,init --scratch /tmp/loftq-scratch --json "$OUT/suite-wgpu-plain.json"
+  step profile-init 60 env LOFTQ_PROFILE=1 "$bin/plain" suite --profile "$suite" \
+    --device wgpu --only init "${scratch[@]}" --json /tmp/profile-init.json
+  for v in tuned plain; do
+    step "suite-wgpu-$v" 120 "$bin/$v" suite --profile "$suite" --device wgpu \
+      --only quant,svd,loftq "${scratch[@]}" --json "$OUT/suite-wgpu-$v.json"
+  done
   step suite-wgpu-calibrated 90 "$bin/plain" suite --profile "$suite" --device wgpu \
-    --only calibrated --scratch /tmp/loftq-scratch --json "$OUT/suite-wgpu-calibrated.json"
+    --only calibrated "${scratch[@]}" --json "$OUT/suite-wgpu-calibrated.json"
   echo "== [$SECONDS s] done"
 }
 
