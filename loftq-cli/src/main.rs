@@ -90,6 +90,14 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Refine(args) => refine::run(&args),
     };
+    // With LOFTQ_PROFILE set: where the device's time went (`loftq_core::profile`).
+    if loftq_core::profile::enabled() {
+        let phases = loftq_core::profile::take();
+        eprintln!(
+            "time by phase (LOFTQ_PROFILE):\n{}",
+            loftq_core::profile::markdown(&phases)
+        );
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

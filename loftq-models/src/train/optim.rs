@@ -194,8 +194,10 @@ pub fn grad_norm(grads: &[Tensor<2>]) -> f64 {
     if grads.is_empty() {
         return 0.0;
     }
-    let squares: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
-    let total = loftq_core::quant::host_f32(&Tensor::cat(squares, 0).sum())[0];
+    // One vector of every gradient: two element-wise kernels, not two per gradient.
+    let shapes: Vec<[usize; 2]> = grads.iter().map(|g| g.dims()).collect();
+    let flat = flatten(grads.to_vec(), &shapes);
+    let total = loftq_core::quant::host_f32(&flat.square().sum())[0];
     f64::from(total).sqrt()
 }
 

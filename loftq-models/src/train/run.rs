@@ -192,8 +192,11 @@ pub fn distill_on(
             None => super::optim::grad_norm(&grads),
         };
         let lr = cfg.schedule.lr(step);
+        let device = model.embed_tokens.device();
+        loftq_core::profile::mark(&device, "train: gradient norm");
         let params = opt.update(model.lora_params(), grads, lr);
         model.set_lora_params(params);
+        loftq_core::profile::mark(&device, "train: adamw");
         let rec = StepRecord {
             step: step + 1,
             loss,
