@@ -16,7 +16,8 @@
 #   BUDGET=530 PACK=$OUT/gpu-check.tgz bash bench/gpu-check.sh run .device /tmp/gpu-check
 #   bench/gpu-check.sh run .device OUT
 # runs, most important first, each step under its own time limit so that one slow step cannot
-# take the others down: the training step (SmolLM2-135M shapes, 4×128) on WGPU with the
+# take the others down: matrix-product rates with each build, the training step
+# (SmolLM2-135M shapes, 4×128) on WGPU with the
 # plain build and in PyTorch + PEFT on CUDA (if torch imports), whole-model init on
 # SmolLM2's shapes with the plain build, the tuned build's training step (twice: the second
 # process finds the first one's tuning in cubecl's persistent cache) and init, phase
@@ -84,11 +85,17 @@ shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$dir/loftq-bench
     echo "built from $(cat "$dir/commit.txt")"; } >"$OUT/machine.txt" 2>&1
   cat "$OUT/machine.txt"
   local shape=(--batch 4 --seq 128) synth=(--arch smollm2-135m) suite=$profile
-  local big=4096x4096
+  local big=4096x4096 dims="4096x4096x128 4096x4096x4096 1536x576x128"
   [ "$profile" = smoke ] && shape=(--batch 1 --seq 16) synth=(--arch smollm2-135m --layers 2) \
-    big=256x256
+    big=256x256 dims="256x256x32 128x64x16"
   "$bin/plain" synth "${synth[@]}" --out /tmp/loftq-synth >/dev/null || exit 1
   local scratch=(--scratch /tmp/loftq-scratch)
+  # Matrix-product rates: LoftQ's sketch products are 4096×4096 by 128 columns; the square
+  # product shows the back end's ceiling.
+  for v in plain tuned; do
+    step "matmul-$v" 40 bash -c "for d in $dims; do
+      '$bin/$v' matmul --dims \$d --device wgpu; done"
+  done
   # The tuned build times kernels the first time it meets them: on the H200 its NF4 step
   # needed more than 90 s before one was timed.
   step train-wgpu-plain 80 "$bin/plain" train --model /tmp/loftq-synth "${shape[@]}" \
