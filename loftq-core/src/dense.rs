@@ -16,6 +16,9 @@ pub(crate) trait Dense {
     /// Whether reading a matrix waits on a device: then the algorithms read small Gram
     /// matrices instead of tall products (the randomized SVD's last step).
     fn reads_wait(&self) -> bool;
+    /// With `LOFTQ_PROFILE`: charges the time since the last mark to `phase`
+    /// ([`crate::profile::mark`]); nothing where the matrices are the host's.
+    fn mark(&self, _phase: &'static str) {}
     /// `[rows, cols]`.
     fn dims(&self, m: &Self::M) -> [usize; 2];
     /// `a·b`.
@@ -101,6 +104,10 @@ impl Dense for DeviceOps {
 
     fn reads_wait(&self) -> bool {
         true
+    }
+
+    fn mark(&self, phase: &'static str) {
+        crate::profile::mark(&self.0, phase);
     }
 
     fn dims(&self, m: &Tensor<2>) -> [usize; 2] {

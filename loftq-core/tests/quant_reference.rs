@@ -337,6 +337,10 @@ fn device_codes_read_back_packed() {
         assert_eq!(back.codes, host.codes, "{bits} bits");
         let per = 31 / usize::from(bits);
         // The words and the one scale.
-        assert_eq!(moved.read_values as usize, (n + 1).div_ceil(per) + 1, "{bits} bits");
+        assert_eq!(
+            moved.read_values as usize,
+            (n + 1).div_ceil(per) + 1,
+            "{bits} bits"
+        );
     }
 }

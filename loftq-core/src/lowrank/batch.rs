@@ -58,13 +58,18 @@ pub(crate) fn rsvd_batch(
         }
         None => gaussian(k),
     };
-    let mut q = orthonormalize(a.clone().matmul(omega))?;
+    crate::profile::mark(&device, "batch: svd sketch");
+    let product = |y: Tensor<3>| {
+        crate::profile::mark(&device, "batch: svd products");
+        orthonormalize(y)
+    };
+    let mut q = product(a.clone().matmul(omega))?;
     for _ in 0..power_iters {
-        let z = orthonormalize(tmul(a, &q))?;
-        q = orthonormalize(a.clone().matmul(z))?;
+        let z = product(tmul(a, &q))?;
+        q = product(a.clone().matmul(z))?;
     }
-    crate::profile::mark(&device, "batch: svd range");
     let bt = tmul(a, &q);
+    crate::profile::mark(&device, "batch: svd products");
     let grams = crate::quant::host_f32(&tmul(&bt, &bt));
     let smalls = per_matrix(&grams, k * k, |g| SmallSvd::of_f32_gram(g, k));
     let (mut s, mut ub_r, mut ub_inv) = (Vec::with_capacity(b), Vec::new(), Vec::new());
@@ -105,6 +110,7 @@ fn orthonormalize(mut y: Tensor<3>) -> Result<Tensor<3>, LowRankError> {
         let factors = upload(factors, [b, k, k], &y.device());
         y = y.matmul(factors);
     }
+    crate::profile::mark(&y.device(), "batch: svd orthonormalize");
     Ok(y)
 }
 

@@ -141,17 +141,24 @@ pub(crate) fn rsvd<D: Dense>(
         Some(w) => ops.cat_cols(w, &gaussian(k - ops.dims(w)[1])),
         None => gaussian(k),
     };
-    let mut q = orthonormalize(ops, ops.mul(a, &omega))?;
+    ops.mark("svd: sketch");
+    let product = |y: D::M| {
+        ops.mark("svd: products");
+        orthonormalize(ops, y)
+    };
+    let mut q = product(ops.mul(a, &omega))?;
     for _ in 0..power_iters {
-        let z = orthonormalize(ops, ops.tmul(a, &q))?;
-        q = orthonormalize(ops, ops.mul(a, &z))?;
+        let z = product(ops.tmul(a, &q))?;
+        q = product(ops.mul(a, &z))?;
     }
     // Bᵀ = Aᵀ·Q: [n, k]; the SVD of B = Qᵀ·A gives A ≈ (Q·U_B)·S·V_Bᵀ, from the
     // eigendecomposition of the small B·Bᵀ (see [`SmallSvd`]); V_B = Bᵀ·U_B·S⁻¹. On the host
     // all in f64; on a device B·Bᵀ is formed there (f32) and only it is read, not Bᵀ.
     let bt = ops.tmul(a, &q);
+    ops.mark("svd: products");
     let (small, basis) = if ops.reads_wait() {
         let small = SmallSvd::of_f32_gram(&ops.to_rows(&ops.tmul(&bt, &bt)), k)?;
+        ops.mark("svd: small svd");
         let scaled = from_faer(ops, (&small.ub * &small.inv).as_ref(), k);
         (small, ops.mul(&bt, &scaled))
     } else {
@@ -223,6 +230,7 @@ fn orthonormalize<D: Dense>(ops: &D, mut y: D::M) -> Result<D::M, LowRankError> 
             None => return Ok(y),
         }
     }
+    ops.mark("svd: orthonormalize");
     Ok(y)
 }
 
