@@ -62,8 +62,27 @@ pub struct Run {
     pub cases: Vec<Case>,
 }
 
-/// The suites, in the order they run.
-pub const SUITES: [&str; 6] = ["quant", "svd", "loftq", "init", "calibrated", "train"];
+/// A suite: its cases for a profile, the repeats of its quick cases, a device and the
+/// scratch folder.
+type Suite = fn(Profile, usize, DeviceSpec, &Path) -> Result<Vec<Case>, String>;
+
+/// The suites in the order they run: name, what it measures, the suite.
+fn suites() -> [(&'static str, &'static str, Suite); 6] {
+    [
+        ("quant", "quantizer throughput", |p, r, s, _| {
+            quant_cases(p, r, s)
+        }),
+        ("svd", "truncated SVD", |p, r, s, _| svd_cases(p, r, s)),
+        ("loftq", "per-matrix LoftQ", |p, r, s, _| {
+            Ok(loftq_cases(p, r, s))
+        }),
+        ("init", "whole-model init", |p, _, s, d| init_cases(p, s, d)),
+        ("calibrated", "calibrated init", |p, _, s, d| {
+            calibrated_cases(p, s, d)
+        }),
+        ("train", "training step", |p, _, s, d| train_cases(p, s, d)),
+    ]
+}
 
 /// Runs the suites of `profile` named in `only` (all when empty) on `spec`; synthetic
 /// checkpoints go under `scratch`.
@@ -73,10 +92,11 @@ pub fn run(
     scratch: &Path,
     only: &[String],
 ) -> Result<Run, String> {
-    if let Some(bad) = only.iter().find(|s| !SUITES.contains(&s.as_str())) {
+    let names = suites().map(|(name, ..)| name);
+    if let Some(bad) = only.iter().find(|s| !names.contains(&s.as_str())) {
         return Err(format!(
             "--only {bad}: no such suite (the suites: {})",
-            SUITES.join(", ")
+            names.join(", ")
         ));
     }
     let wanted = |name: &str| only.is_empty() || only.iter().any(|s| s == name);
@@ -94,29 +114,11 @@ pub fn run(
         Profile::Smoke => 1,
         _ => 3,
     };
-    if wanted("quant") {
-        eprintln!("[{spec}] quantizer throughput");
-        cases.extend(quant_cases(profile, reps, spec)?);
-    }
-    if wanted("svd") {
-        eprintln!("[{spec}] truncated SVD");
-        cases.extend(svd_cases(profile, reps, spec)?);
-    }
-    if wanted("loftq") {
-        eprintln!("[{spec}] per-matrix LoftQ");
-        cases.extend(loftq_cases(profile, reps, spec));
-    }
-    if wanted("init") {
-        eprintln!("[{spec}] whole-model init");
-        cases.extend(init_cases(profile, spec, scratch)?);
-    }
-    if wanted("calibrated") {
-        eprintln!("[{spec}] calibrated init");
-        cases.extend(calibrated_cases(profile, spec, scratch)?);
-    }
-    if wanted("train") {
-        eprintln!("[{spec}] training step");
-        cases.extend(train_cases(profile, spec, scratch)?);
+    for (name, what, run) in suites() {
+        if wanted(name) {
+            eprintln!("[{spec}] {what}");
+            cases.extend(run(profile, reps, spec, scratch)?);
+        }
     }
     Ok(Run {
         backend: spec.to_string(),
