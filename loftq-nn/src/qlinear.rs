@@ -364,7 +364,11 @@ fn lora_branch(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scaling: f64) -> Tensor
     if let Some(y) = kernels::product_with_lora(&x, None, [&a, &b], scaling, Output::Value) {
         return y;
     }
-    x.matmul(a.transpose())
-        .matmul(b.transpose())
-        .mul_scalar(scaling)
+    let y = x.matmul(a.transpose()).matmul(b.transpose());
+    // A scale of 1 (alpha = r) is common: one kernel less per layer, each way.
+    if scaling == 1.0 {
+        y
+    } else {
+        y.mul_scalar(scaling)
+    }
 }
