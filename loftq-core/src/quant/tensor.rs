@@ -7,6 +7,7 @@
 //!   It decides codes with `bits` (or `2^bits − 1` for ≤ 16 levels) comparisons against the
 //!   thresholds, never with a `numel × levels` distance tensor.
 
+use burn::tensor::kind::Basic;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::host::non_finite_error;
@@ -100,6 +101,15 @@ impl Quantized {
     /// The device the tensors live on.
     pub fn device(&self) -> Device {
         self.scales.device()
+    }
+}
+
+/// `parts` end to end; a lone part as it is (Burn's `cat` copies even one tensor: a kernel
+/// per quantization and per dequantization of every layer).
+fn join<K: Basic>(mut parts: Vec<Tensor<1, K>>) -> Tensor<1, K> {
+    match parts.len() {
+        1 => parts.pop().expect("one part"),
+        _ => Tensor::cat(parts, 0),
     }
 }
 
@@ -266,14 +276,12 @@ impl Quantizer {
             let tail = n - full * block;
             parts.push(self.portable_blocks(flat.slice(full * block..n).reshape([1, tail])));
         }
-        let codes = Tensor::cat(parts.iter().map(|p| p.0.clone()).collect(), 0);
-        let scales = Tensor::cat(parts.iter().map(|p| p.1.clone()).collect(), 0);
-        let mins = parts[0].2.as_ref().map(|_| {
-            Tensor::cat(
-                parts.iter().map(|p| p.2.clone().expect("mins")).collect(),
-                0,
-            )
-        });
+        let codes = join(parts.iter().map(|p| p.0.clone()).collect());
+        let scales = join(parts.iter().map(|p| p.1.clone()).collect());
+        let mins = parts[0]
+            .2
+            .as_ref()
+            .map(|_| join(parts.iter().map(|p| p.2.clone().expect("mins")).collect()));
         Ok(Quantized {
             shape,
             block,
@@ -359,7 +367,7 @@ impl Quantizer {
         if !n.is_multiple_of(q.block) {
             parts.push(self.portable_dequant_blocks(q, full, 1, n - full * q.block));
         }
-        Tensor::cat(parts, 0).reshape(q.shape)
+        join(parts).reshape(q.shape)
     }
 
     /// Dequantizes `count` blocks of `len` elements starting at block `first`; flat output.
