@@ -10,19 +10,19 @@
 # `carry`.
 #
 # There (the folder carried beside the working tree, with the Vulkan loaders as the device
-# notes say: carry .device and .gl), within a 590 s limit; on 2026-12-04 this ran as is:
+# notes say: carry .device and .gl, the .debs their `apt-get download` line fetches), within a
+# 590 s limit; on 2026-12-04 this ran as is:
 #   for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 #   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 #   BUDGET=530 PACK=$OUT/gpu-check.tgz bash bench/gpu-check.sh run .device /tmp/gpu-check
-#   bench/gpu-check.sh run .device OUT
-# runs, most important first, each step under its own time limit so that one slow step cannot
-# take the others down: matrix-product rates with each build, the training step
-# (SmolLM2-135M shapes, 4×128) on WGPU with the
-# plain build and in PyTorch + PEFT on CUDA (if torch imports), whole-model init on
-# SmolLM2's shapes with the plain build, the tuned build's training step (twice: the second
-# process finds the first one's tuning in cubecl's persistent cache) and init, phase
-# profiles (`LOFTQ_PROFILE=1`) of 4096² LoftQ, the training step and whole-model init with
-# the plain build, each build's quantizer, SVD and LoftQ suites, and the calibrated init.
+# `run DIR OUT` runs, most important first, each step under its own time limit so that one
+# slow step cannot take the others down: matrix-product rates with each build, the training
+# step (SmolLM2-135M shapes, 4×128) on WGPU with the plain build and in PyTorch + PEFT on
+# CUDA (if torch imports), whole-model init on SmolLM2's shapes with the plain build, the
+# tuned build's training step (twice: the second process finds the first one's tuning in
+# cubecl's persistent cache) and init, phase profiles (`LOFTQ_PROFILE=1`) of 4096² LoftQ, the
+# training step and whole-model init with the plain build, each build's quantizer, SVD and
+# LoftQ suites, and the calibrated init.
 # The whole run stops within
 # BUDGET seconds (default 540: one device call is at most 600). Every record lands in OUT
 # (with PACK set, also packed into that one archive after each step: a device call returns at
