@@ -22,7 +22,7 @@ use crate::io::{Adapter, AdapterConfig, read_json_if_present, write_atomic};
 use crate::nn::{Encoder, adapter_of, host_tensor};
 use crate::train::config::due;
 use crate::train::data::{mix, permutation};
-use crate::train::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
+use crate::train::optim::{AdamW, AdamWConfig, Schedule};
 use crate::{ModelError, Result};
 
 /// How a classifier is fine-tuned.
@@ -258,18 +258,15 @@ pub fn train_classifier(
             })
             .collect();
         let batch = ClassBatch::new(&rows, pad, &device);
-        let (loss, mut grads) = loss_and_grads(model, &batch);
+        let (loss, grads) = loss_and_grads(model, &batch);
         if !loss.is_finite() {
             return Err(ModelError::Diverged {
                 step: step + 1,
                 loss,
             });
         }
-        if let Some(max) = cfg.max_grad_norm {
-            clip_grad_norm(&mut grads, max);
-        }
         let lr = cfg.schedule.lr(step);
-        let params = opt.update(model.trainable(), grads, lr);
+        let (params, _) = opt.update_clipped(model.trainable(), grads, lr, cfg.max_grad_norm);
         model.set_trainable(params);
         history.losses.push(loss);
         events(ClassifyEvent::Step {

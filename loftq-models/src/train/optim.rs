@@ -97,8 +97,36 @@ impl AdamW {
         lr: f64,
     ) -> Vec<Tensor<2>> {
         assert_eq!(params.len(), grads.len(), "one gradient per parameter");
+        let g = flatten(grads, &self.shapes);
+        self.update_flat(params, g, lr)
+    }
+
+    /// [`update`](Self::update) after scaling the gradients so that their global norm is at
+    /// most `max_norm`, if given ([`clip_grad_norm`]'s rule), on the gradients flattened
+    /// once for both. Returns the parameters and the norm before clipping.
+    ///
+    /// # Panics
+    /// As [`update`](Self::update).
+    pub fn update_clipped(
+        &mut self,
+        params: Vec<Tensor<2>>,
+        grads: Vec<Tensor<2>>,
+        lr: f64,
+        max_norm: Option<f64>,
+    ) -> (Vec<Tensor<2>>, f64) {
+        assert_eq!(params.len(), grads.len(), "one gradient per parameter");
+        let mut g = flatten(grads, &self.shapes);
+        let norm = flat_norm(&g);
+        if let Some(factor) = max_norm.and_then(|max| clip_factor(norm, max)) {
+            g = g.mul_scalar(factor);
+        }
+        (self.update_flat(params, g, lr), norm)
+    }
+
+    /// The update with the gradients `g` flattened in parameter order.
+    fn update_flat(&mut self, params: Vec<Tensor<2>>, g: Tensor<1>, lr: f64) -> Vec<Tensor<2>> {
         assert_eq!(params.len(), self.shapes.len(), "one state per parameter");
-        let (p, g) = (flatten(params, &self.shapes), flatten(grads, &self.shapes));
+        let p = flatten(params, &self.shapes);
         let c = self.config;
         self.step += 1;
         let t = self.step as i32;
@@ -194,11 +222,21 @@ pub fn grad_norm(grads: &[Tensor<2>]) -> f64 {
     if grads.is_empty() {
         return 0.0;
     }
-    // One vector of every gradient: two element-wise kernels, not two per gradient.
     let shapes: Vec<[usize; 2]> = grads.iter().map(|g| g.dims()).collect();
-    let flat = flatten(grads.to_vec(), &shapes);
-    let total = loftq_core::quant::host_f32(&flat.square().sum())[0];
+    flat_norm(&flatten(grads.to_vec(), &shapes))
+}
+
+/// The L2 norm of every gradient flattened into one vector: two element-wise kernels, not
+/// two per gradient.
+fn flat_norm(flat: &Tensor<1>) -> f64 {
+    let total = loftq_core::quant::host_f32(&flat.clone().square().sum())[0];
     f64::from(total).sqrt()
+}
+
+/// PyTorch's `clip_grad_norm_` factor `max_norm / (norm + 1e-6)`, where it is below 1.
+fn clip_factor(norm: f64, max_norm: f64) -> Option<f64> {
+    let factor = max_norm / (norm + 1e-6);
+    (factor < 1.0).then_some(factor)
 }
 
 /// Scales `grads` so that their global norm is at most `max_norm` (PyTorch's
@@ -206,8 +244,7 @@ pub fn grad_norm(grads: &[Tensor<2>]) -> f64 {
 /// before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor<2>], max_norm: f64) -> f64 {
     let norm = grad_norm(grads);
-    let factor = max_norm / (norm + 1e-6);
-    if factor < 1.0 {
+    if let Some(factor) = clip_factor(norm, max_norm) {
         for g in grads.iter_mut() {
             *g = g.clone().mul_scalar(factor);
         }
@@ -319,6 +356,37 @@ mod tests {
             let (m, v) = &all.moments()[i];
             let (m1, v1) = &alone[i].moments()[0];
             assert_eq!((host(m), host(v)), (host(m1), host(v1)), "moments {i}");
+        }
+    }
+
+    /// Clipping inside the update equals clipping the gradients and then updating, bit for
+    /// bit, whether the norm is above the bound or not.
+    #[test]
+    fn clipped_update_equals_clip_then_update() {
+        let device = loftq_core::DeviceSpec::Cpu.device().expect("cpu");
+        let params = vec![
+            Tensor::<2>::from_floats([[1.0, -2.0], [0.5, 3.0]], &device),
+            Tensor::<2>::from_floats([[0.25]], &device),
+        ];
+        let grads = vec![
+            Tensor::<2>::from_floats([[3.0, 0.0], [-1.0, 2.0]], &device),
+            Tensor::<2>::from_floats([[4.0]], &device),
+        ];
+        let host = |t: &Tensor<2>| loftq_core::quant::host_f32(t);
+        for max in [None, Some(1.0), Some(100.0)] {
+            let mut a = AdamW::new(AdamWConfig::default(), &params);
+            let mut b = a.clone();
+            let (pa, na) = a.update_clipped(params.clone(), grads.clone(), 0.01, max);
+            let mut g = grads.clone();
+            let nb = match max {
+                Some(m) => clip_grad_norm(&mut g, m),
+                None => grad_norm(&g),
+            };
+            let pb = b.update(params.clone(), g, 0.01);
+            assert_eq!(na, nb, "{max:?}");
+            for (x, y) in pa.iter().zip(&pb) {
+                assert_eq!(host(x), host(y), "{max:?}");
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use super::config::{History, StepRecord, TrainConfig, TrainEvent, due};
 use super::data::{draw_batch, mix};
 use super::distill::{Objective, check_teacher};
 use super::job::TrainJob;
-use super::optim::{AdamW, clip_grad_norm};
+use super::optim::AdamW;
 use super::parallel::{Teachers, micro_batches};
 use super::validate::EvalRecord;
 use crate::io::{write_atomic, write_dir_atomic};
@@ -187,16 +187,13 @@ pub fn distill_on(
             let inv = 1.0 / cfg.accum as f64;
             grads = grads.into_iter().map(|g| g.mul_scalar(inv)).collect();
         }
-        let grad_norm = match cfg.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, max),
-            None => super::optim::grad_norm(&grads),
-        };
         let lr = cfg.schedule.lr(step);
         let device = model.embed_tokens.device();
-        loftq_core::profile::mark(&device, "train: gradient norm");
-        let params = opt.update(model.lora_params(), grads, lr);
+        loftq_core::profile::mark(&device, "train: other");
+        let (params, grad_norm) =
+            opt.update_clipped(model.lora_params(), grads, lr, cfg.max_grad_norm);
         model.set_lora_params(params);
-        loftq_core::profile::mark(&device, "train: adamw");
+        loftq_core::profile::mark(&device, "train: gradient norm and adamw");
         let rec = StepRecord {
             step: step + 1,
             loss,
