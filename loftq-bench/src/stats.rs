@@ -29,12 +29,8 @@ pub struct Memory {
 /// With `LOFTQ_PROFILE` set: prints to stderr where the time since the last report went
 /// ([`loftq_core::profile`]), under `label`.
 pub fn report_profile(label: &str) {
-    if loftq_core::profile::enabled() {
-        let phases = loftq_core::profile::take();
-        eprintln!(
-            "profile of {label}:\n{}",
-            loftq_core::profile::markdown(&phases)
-        );
+    if let Some(table) = loftq_core::profile::take_markdown() {
+        eprintln!("profile of {label}:\n{table}");
     }
 }
 

@@ -91,12 +91,8 @@ fn main() -> ExitCode {
         Command::Refine(args) => refine::run(&args),
     };
     // With LOFTQ_PROFILE set: where the device's time went (`loftq_core::profile`).
-    if loftq_core::profile::enabled() {
-        let phases = loftq_core::profile::take();
-        eprintln!(
-            "time by phase (LOFTQ_PROFILE):\n{}",
-            loftq_core::profile::markdown(&phases)
-        );
+    if let Some(table) = loftq_core::profile::take_markdown() {
+        eprintln!("time by phase (LOFTQ_PROFILE):\n{table}");
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,

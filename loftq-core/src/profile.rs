@@ -94,6 +94,11 @@ pub fn take() -> Vec<Phase> {
     phases
 }
 
+/// With profiling on, [`take`]'s phases as [`markdown`]; `None` when it is off.
+pub fn take_markdown() -> Option<String> {
+    enabled().then(|| markdown(&take()))
+}
+
 /// The phases as a Markdown table with each one's share of their total.
 pub fn markdown(phases: &[Phase]) -> String {
     let total: f64 = phases.iter().map(|p| p.seconds).sum();
