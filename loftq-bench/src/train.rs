@@ -102,7 +102,7 @@ pub fn run(
                 let before = transfers_all_threads();
                 let sums = micro_batches(&mut models, &batches, mode, with);
                 loftq_core::profile::mark(&devs[0], "train: other");
-                let p = opt.update(models[0].lora_params(), sums.grads, 1e-4);
+                let p = opt.update(sums.grads, 1e-4);
                 models[0].set_lora_params(p);
                 loftq_core::profile::mark(&devs[0], "train: adamw");
                 // GPU back ends queue work: the step ends when its updates are computed.

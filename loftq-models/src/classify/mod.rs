@@ -266,7 +266,7 @@ pub fn train_classifier(
             });
         }
         let lr = cfg.schedule.lr(step);
-        let (params, _) = opt.update_clipped(model.trainable(), grads, lr, cfg.max_grad_norm);
+        let (params, _) = opt.update_clipped(grads, lr, cfg.max_grad_norm);
         model.set_trainable(params);
         history.losses.push(loss);
         events(ClassifyEvent::Step {

@@ -430,7 +430,7 @@ fn fit_layer(
             .iter()
             .flat_map(|lin| lora_grads(lin, &grads, &device))
             .collect();
-        let updated = opt.update(layer_params(layer), g, schedule.lr(step));
+        let updated = opt.update(g, schedule.lr(step));
         set_layer_params(layer, updated);
     }
 }

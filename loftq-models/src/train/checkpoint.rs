@@ -137,6 +137,7 @@ pub(super) fn load_checkpoint(
             "the checkpoint's factors do not fit the model",
         ));
     }
+    opt.set_params(params.clone());
     model.set_lora_params(params);
     read_optimizer(dir, opt, &shapes, &device)?;
     Ok(state)

@@ -28,19 +28,24 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW state: step count and the two moments of every parameter.
+/// AdamW state: step count, the parameters it updates and their two moments.
 ///
-/// The moments live flattened end to end, one tensor each, and an update flattens the
-/// parameters and gradients the same way: the update is a dozen element-wise operations
-/// whatever the number of parameters. A model with LoRA on every linear layer has hundreds
-/// of small factors; updated one by one, a GPU spent a third of SmolLM2's training step
-/// launching their kernels (`bench/results/h200`).
+/// Parameters and moments live flattened end to end, one tensor each, and an update flattens
+/// the gradients the same way: the update is a dozen element-wise operations whatever the
+/// number of parameters. A model with LoRA on every linear layer has hundreds of small
+/// factors; updated one by one, a GPU spent a third of SmolLM2's training step launching
+/// their kernels (`bench/results/h200`). The optimizer keeps the parameters rather than
+/// taking them back each step, as flattening them again would cost one copy per factor; a
+/// caller that changes them otherwise (a resumed run) hands them over with
+/// [`set_params`](Self::set_params).
 #[derive(Clone, Debug)]
 pub struct AdamW {
     /// Hyper-parameters.
     pub config: AdamWConfig,
     /// Updates done.
     pub step: u64,
+    /// The parameters, flattened in order.
+    p: Tensor<1>,
     /// First moments, flattened in parameter order.
     m: Tensor<1>,
     /// Second moments, flattened in parameter order.
@@ -50,7 +55,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Zero moments for `params`.
+    /// An optimizer of `params`, with zero moments.
     ///
     /// # Panics
     /// If `params` is empty.
@@ -61,10 +66,25 @@ impl AdamW {
         Self {
             config,
             step: 0,
+            p: flatten(params.to_vec(), &shapes),
             m: Tensor::zeros([n], &device),
             v: Tensor::zeros([n], &device),
             shapes,
         }
+    }
+
+    /// The parameters, in order.
+    pub fn params(&self) -> Vec<Tensor<2>> {
+        split(&self.p, &self.shapes)
+    }
+
+    /// Replaces the parameters (a resumed run's), in order.
+    ///
+    /// # Panics
+    /// If the count or shapes differ from the parameters'.
+    pub fn set_params(&mut self, params: Vec<Tensor<2>>) {
+        assert_eq!(params.len(), self.shapes.len(), "one tensor per parameter");
+        self.p = flatten(params, &self.shapes);
     }
 
     /// The moments `(m, v)` of each parameter, in order.
@@ -86,19 +106,14 @@ impl AdamW {
         self.v = flatten(v, &self.shapes);
     }
 
-    /// One update of `params` with `grads` at learning rate `lr`.
+    /// One update with `grads` at learning rate `lr`; returns the parameters.
     ///
     /// # Panics
-    /// If the counts or shapes of `params`, `grads` and the state differ.
-    pub fn update(
-        &mut self,
-        params: Vec<Tensor<2>>,
-        grads: Vec<Tensor<2>>,
-        lr: f64,
-    ) -> Vec<Tensor<2>> {
-        assert_eq!(params.len(), grads.len(), "one gradient per parameter");
+    /// If the counts or shapes of `grads` and the parameters differ.
+    pub fn update(&mut self, grads: Vec<Tensor<2>>, lr: f64) -> Vec<Tensor<2>> {
+        assert_eq!(grads.len(), self.shapes.len(), "one gradient per parameter");
         let g = flatten(grads, &self.shapes);
-        self.update_flat(params, g, lr)
+        self.update_flat(g, lr)
     }
 
     /// [`update`](Self::update) after scaling the gradients so that their global norm is at
@@ -109,24 +124,21 @@ impl AdamW {
     /// As [`update`](Self::update).
     pub fn update_clipped(
         &mut self,
-        params: Vec<Tensor<2>>,
         grads: Vec<Tensor<2>>,
         lr: f64,
         max_norm: Option<f64>,
     ) -> (Vec<Tensor<2>>, f64) {
-        assert_eq!(params.len(), grads.len(), "one gradient per parameter");
+        assert_eq!(grads.len(), self.shapes.len(), "one gradient per parameter");
         let mut g = flatten(grads, &self.shapes);
         let norm = flat_norm(&g);
         if let Some(factor) = max_norm.and_then(|max| clip_factor(norm, max)) {
             g = g.mul_scalar(factor);
         }
-        (self.update_flat(params, g, lr), norm)
+        (self.update_flat(g, lr), norm)
     }
 
     /// The update with the gradients `g` flattened in parameter order.
-    fn update_flat(&mut self, params: Vec<Tensor<2>>, g: Tensor<1>, lr: f64) -> Vec<Tensor<2>> {
-        assert_eq!(params.len(), self.shapes.len(), "one state per parameter");
-        let p = flatten(params, &self.shapes);
+    fn update_flat(&mut self, g: Tensor<1>, lr: f64) -> Vec<Tensor<2>> {
         let c = self.config;
         self.step += 1;
         let t = self.step as i32;
@@ -135,16 +147,16 @@ impl AdamW {
         let m = self.m.clone().mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
         let v = self.v.clone().mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
         let p = match c.weight_decay {
-            0.0 => p,
-            wd => p.mul_scalar(1.0 - lr * wd),
+            0.0 => self.p.clone(),
+            wd => self.p.clone().mul_scalar(1.0 - lr * wd),
         };
         let step = m
             .clone()
             .div(v.clone().div_scalar(bias2).sqrt().add_scalar(c.eps));
-        let p = p - step.mul_scalar(lr / bias1);
+        self.p = p - step.mul_scalar(lr / bias1);
         self.m = m;
         self.v = v;
-        split(&p, &self.shapes)
+        self.params()
     }
 }
 
@@ -293,8 +305,8 @@ mod tests {
         };
         let mut opt = AdamW::new(cfg, std::slice::from_ref(&p));
         let (lr, g1, g2) = (0.01, 0.5, -0.25);
-        let p1 = opt.update(vec![p], vec![Tensor::from_floats([[g1]], &device)], lr);
-        let p2 = opt.update(p1.clone(), vec![Tensor::from_floats([[g2]], &device)], lr);
+        let p1 = opt.update(vec![Tensor::from_floats([[g1]], &device)], lr);
+        let p2 = opt.update(vec![Tensor::from_floats([[g2]], &device)], lr);
 
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
         let mut x = 1.0f64;
@@ -340,13 +352,17 @@ mod tests {
             .collect();
         let (mut together, mut separate) = (params.clone(), params);
         for step in 0..3 {
+            if step == 1 {
+                // A resumed run hands back the parameters it read.
+                all.set_params(together.iter().map(|t| t.clone().mul_scalar(1.0)).collect());
+            }
             let grads: Vec<_> = shapes
                 .iter()
                 .map(|&s| tensor(s, step as f32 + 2.0))
                 .collect();
-            together = all.update(together, grads.clone(), 0.01);
-            separate = (alone.iter_mut().zip(separate).zip(grads))
-                .map(|((o, p), g)| o.update(vec![p], vec![g], 0.01).remove(0))
+            together = all.update(grads.clone(), 0.01);
+            separate = (alone.iter_mut().zip(grads))
+                .map(|(o, g)| o.update(vec![g], 0.01).remove(0))
                 .collect();
         }
         let host = |t: &Tensor<2>| loftq_core::quant::host_f32(t);
@@ -376,13 +392,13 @@ mod tests {
         for max in [None, Some(1.0), Some(100.0)] {
             let mut a = AdamW::new(AdamWConfig::default(), &params);
             let mut b = a.clone();
-            let (pa, na) = a.update_clipped(params.clone(), grads.clone(), 0.01, max);
+            let (pa, na) = a.update_clipped(grads.clone(), 0.01, max);
             let mut g = grads.clone();
             let nb = match max {
                 Some(m) => clip_grad_norm(&mut g, m),
                 None => grad_norm(&g),
             };
-            let pb = b.update(params.clone(), g, 0.01);
+            let pb = b.update(g, 0.01);
             assert_eq!(na, nb, "{max:?}");
             for (x, y) in pa.iter().zip(&pb) {
                 assert_eq!(host(x), host(y), "{max:?}");

@@ -190,8 +190,7 @@ pub fn distill_on(
         let lr = cfg.schedule.lr(step);
         let device = model.embed_tokens.device();
         loftq_core::profile::mark(&device, "train: other");
-        let (params, grad_norm) =
-            opt.update_clipped(model.lora_params(), grads, lr, cfg.max_grad_norm);
+        let (params, grad_norm) = opt.update_clipped(grads, lr, cfg.max_grad_norm);
         model.set_lora_params(params);
         loftq_core::profile::mark(&device, "train: gradient norm and adamw");
         let rec = StepRecord {
