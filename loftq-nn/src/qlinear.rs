@@ -9,7 +9,7 @@ use std::sync::Arc;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use loftq_core::lowrank::Gaussian;
-use loftq_core::quant::{Kernel, PackedTensor, Quantized, is_host_device};
+use loftq_core::quant::{Kernel, PackedTensor, Quantized, Scheme, cube, is_host_device};
 use loftq_core::{QuantError, Quantizer, profile};
 
 use super::Output;
@@ -45,6 +45,8 @@ struct DeviceWords {
     scales: Tensor<1>,
     mins: Option<Tensor<1>>,
     block: usize,
+    /// A codebook scheme's levels (NF, uniform codebooks), for the one-kernel dequantization.
+    levels: Option<Tensor<1>>,
 }
 
 impl PackedWeight {
@@ -78,6 +80,11 @@ impl PackedWeight {
                 scales: upload(&host.scales),
                 mins: (!host.mins.is_empty()).then(|| upload(&host.mins)),
                 block: host.block,
+                levels: matches!(
+                    packed.config.scheme,
+                    Scheme::Nf { .. } | Scheme::UniformCodebook { .. }
+                )
+                .then(|| upload(quantizer.levels())),
             }
         });
         Ok(Self {
@@ -102,6 +109,17 @@ impl PackedWeight {
                 Tensor::from_data(TensorData::new(v, shape), &self.device)
             }
             Some(dw) => {
+                if let Some(levels) = &dw.levels {
+                    let bits = self.packed.config.scheme.bits();
+                    let words = cube::PackedWords {
+                        words: &dw.words,
+                        bits,
+                        block: dw.block,
+                    };
+                    if let Some(w) = cube::dequantize_codebook(&words, levels, &dw.scales, shape) {
+                        return w;
+                    }
+                }
                 let n = shape[0] * shape[1];
                 let bits = u32::from(self.packed.config.scheme.bits());
                 let per = codes_per_word(self.packed.config.scheme.bits());

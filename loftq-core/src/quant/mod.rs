@@ -11,6 +11,7 @@
 //! one scale (its absmax, or for [`Scheme::IntAsym`] its step and minimum).
 
 mod codebook;
+pub mod cube;
 mod double_quant;
 mod ggml;
 mod ggml_format;
