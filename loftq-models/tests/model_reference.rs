@@ -1,4 +1,5 @@
-//! The model against transformers and PEFT: logits of the tiny Llama fixtures.
+//! The model against transformers and PEFT: logits of the tiny Llama fixtures; packed weights
+//! against the host's dequantization.
 
 mod common;
 
@@ -420,5 +421,39 @@ fn loftq_release_matches_peft() {
                 "{path}: {g} against {w}"
             );
         }
+    }
+}
+
+/// A packed weight dequantized on the device under test (on a GPU back end, codebooks in one
+/// CubeCL kernel) holds exactly the host's values: every codebook width, a uniform codebook,
+/// an integer format (Burn's ops), double quantization, and a last block cut short.
+#[test]
+fn packed_weights_dequantize_on_the_device_as_on_the_host() {
+    use loftq_core::quant::{BlockSize, PackedTensor, Scheme};
+    use loftq_core::{Quantizer, lowrank::Gaussian};
+    let mut configs: Vec<QuantConfig> = (1..=8).map(QuantConfig::nf).collect();
+    configs.extend([
+        QuantConfig::new(Scheme::UniformCodebook { bits: 3 }),
+        QuantConfig::int(4, true),
+        QuantConfig::nf(3).with_double_quant(true),
+        QuantConfig::nf4().with_block_size(BlockSize::Elements(32)),
+    ]);
+    let mut rng = Gaussian::new(7);
+    for (shape, config) in [[48, 64], [7, 37]]
+        .into_iter()
+        .flat_map(|s| configs.iter().map(move |c| (s, *c)))
+    {
+        let w: Vec<f32> = (0..shape[0] * shape[1])
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let q = Quantizer::new(config)
+            .unwrap()
+            .quantize_host(&w, shape)
+            .unwrap();
+        let packed = PackedTensor::pack(&q, config);
+        let want = packed.dequantize().unwrap();
+        let weight = loftq_models::nn::PackedWeight::new(packed, &device()).unwrap();
+        let got = loftq_core::quant::host_f32(&weight.dequantize());
+        assert_eq!(got, want, "{} {shape:?}", config.label());
     }
 }
