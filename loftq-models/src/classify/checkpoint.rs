@@ -117,8 +117,7 @@ pub(super) fn load(
     let params = (host.iter().zip(&shapes))
         .map(|(t, &shape)| up(t, shape))
         .collect::<Result<Vec<_>>>()?;
-    opt.set_params(params.clone());
-    model.set_trainable(params);
-    read_optimizer(dir, opt, &shapes, &device)?;
+    model.set_trainable(params.clone());
+    read_optimizer(dir, opt, params, &device)?;
     Ok(state)
 }

@@ -137,9 +137,8 @@ pub(super) fn load_checkpoint(
             "the checkpoint's factors do not fit the model",
         ));
     }
-    opt.set_params(params.clone());
-    model.set_lora_params(params);
-    read_optimizer(dir, opt, &shapes, &device)?;
+    model.set_lora_params(params.clone());
+    read_optimizer(dir, opt, params, &device)?;
     Ok(state)
 }
 
@@ -220,13 +219,16 @@ fn write_optimizer(dir: &Path, opt: &AdamW) -> Result<()> {
     write_safetensors(&dir.join(OPTIMIZER), &tensors, Some(meta))
 }
 
-/// Reads back what [`write_optimizer`] wrote, for parameters of these `shapes`.
+/// Restores `opt` from checkpoint `dir`: the checkpoint's parameters `params` (read and
+/// checked by the caller), and the moments and step [`write_optimizer`] wrote for them.
 pub(crate) fn read_optimizer(
     dir: &Path,
     opt: &mut AdamW,
-    shapes: &[[usize; 2]],
+    params: Vec<Tensor<2>>,
     device: &burn::tensor::Device,
 ) -> Result<()> {
+    let shapes: Vec<[usize; 2]> = params.iter().map(|t| t.dims()).collect();
+    opt.set_params(params);
     let opath = dir.join(OPTIMIZER);
     let ck = Checkpoint::open(&opath)?;
     let load = |name: String, shape: [usize; 2]| -> Result<Tensor<2>> {
