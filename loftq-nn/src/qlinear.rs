@@ -9,7 +9,7 @@ use std::sync::Arc;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use loftq_core::lowrank::Gaussian;
-use loftq_core::quant::{Kernel, PackedTensor, Quantized, Scheme, cube, is_host_device};
+use loftq_core::quant::{Kernel, PackedTensor, Quantized, cube, is_host_device};
 use loftq_core::{QuantError, Quantizer, profile};
 
 use super::Output;
@@ -80,11 +80,7 @@ impl PackedWeight {
                 scales: upload(&host.scales),
                 mins: (!host.mins.is_empty()).then(|| upload(&host.mins)),
                 block: host.block,
-                levels: matches!(
-                    packed.config.scheme,
-                    Scheme::Nf { .. } | Scheme::UniformCodebook { .. }
-                )
-                .then(|| upload(quantizer.levels())),
+                levels: (!quantizer.levels().is_empty()).then(|| upload(quantizer.levels())),
             }
         });
         Ok(Self {
