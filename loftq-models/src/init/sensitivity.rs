@@ -125,8 +125,8 @@ pub(super) fn sensitivities(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Rows> {
     let mut llama = load(model, device)?;
-    llama.add_lora(RANK, 1.0, 0.0, seed, |_| true);
     let layers = layer_linears(&llama);
+    // `sums` gives each sequence adapters of its own.
     let (db, energy) = sums(&mut llama, ids, seq, Some(seed), device, progress);
     let mut out = HashMap::with_capacity(layers.len());
     for (item, rows) in layers.into_iter().zip(db) {
