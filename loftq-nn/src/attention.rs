@@ -1,10 +1,10 @@
 //! Causal grouped-query self-attention with rotary embeddings.
 
 use burn::module::Module;
-use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Tensor};
 
 use super::kernels;
+use super::norm::sum_last;
 use super::{QLinear, RopeTables};
 
 /// `self_attn.{q_proj, k_proj, v_proj, o_proj}`, or Phi-3's `self_attn.{qkv_proj, o_proj}`.
@@ -84,11 +84,12 @@ pub(crate) fn attend_generic(
 ) -> Tensor<3> {
     let [b, s, width] = q.dims();
     let d = width / h;
-    let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
+    let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]);
+    let heads_first = |t: Tensor<4>| t.swap_dims(1, 2);
     attend_rotated(
-        rope.apply(split(q, h)),
-        rope.apply(split(k, kvh)),
-        split(v, kvh),
+        heads_first(rope.apply(split(q, h))),
+        heads_first(rope.apply(split(k, kvh))),
+        heads_first(split(v, kvh)),
         window,
     )
 }
@@ -141,8 +142,16 @@ pub(crate) fn biased_attention(
     if let Some(hidden) = hidden {
         scores = scores.mask_fill(hidden, f32::MIN);
     }
-    let out = softmax(scores, 3).matmul(v);
+    let out = softmax_last(scores).matmul(v);
     out.swap_dims(1, 2).reshape([b, n, h * d])
+}
+
+/// Softmax over the last dimension, its sums by [`sum_last`] (Burn's `softmax` sums with
+/// `sum_dim`, whose backward pass takes three kernels where a product's takes one).
+fn softmax_last(x: Tensor<4>) -> Tensor<4> {
+    let max = x.clone().detach().max_dim(3);
+    let e = (x - max).exp();
+    e.clone().div(sum_last(e, 1.0))
 }
 
 /// `[n, start + n]`, true where the query at position `start + i` may not see key `j`: a

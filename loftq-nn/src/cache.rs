@@ -73,12 +73,13 @@ impl Attention {
     fn forward_cached(&self, x: Tensor<3>, rope: &RopeTables, kv: &mut LayerKv) -> Tensor<3> {
         let [b, n, _] = x.dims();
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let split = |t: Tensor<3>, heads: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
+        let split = |t: Tensor<3>, heads: usize| t.reshape([b, n, heads, d]);
+        let heads_first = |t: Tensor<4>| t.swap_dims(1, 2);
         let [q, k, v] = self.project(x);
         let (q, k, v) = (
-            rope.apply(split(q, h)),
-            rope.apply(split(k, kvh)),
-            split(v, kvh),
+            heads_first(rope.apply(split(q, h))),
+            heads_first(rope.apply(split(k, kvh))),
+            heads_first(split(v, kvh)),
         );
         let [k, v] = match kv.take() {
             Some([pk, pv]) => [Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)],

@@ -1,7 +1,7 @@
 //! The normalizations: RMSNorm (Llama, Phi-3) and LayerNorm with a bias (Phi, BERT).
 
 use burn::module::Module;
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 
 use super::kernels;
 
@@ -54,18 +54,31 @@ impl Norm {
     pub(crate) fn forward_generic<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let x = match self.kind {
             NormKind::Rms => x,
-            NormKind::Layer => x.clone() - x.mean_dim(D - 1),
+            NormKind::Layer => x.clone() - mean_last(x),
         };
-        let scale = x
-            .clone()
-            .square()
-            .mean_dim(D - 1)
-            .add_scalar(self.eps)
-            .sqrt();
+        let scale = mean_last(x.clone().square()).add_scalar(self.eps).sqrt();
         let y = x.div(scale) * self.weight.clone().unsqueeze();
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze(),
             None => y,
         }
     }
+}
+
+/// The sums of `x`'s last dimension times `scale`, `[.., 1]`, as a product with a column of
+/// `scale` values: the backward pass of Burn's `sum_dim` and `mean_dim` fills a tensor of
+/// ones as large as `x` and multiplies it in (three or four kernels on a GPU), a product's
+/// is one product. The column is uploaded, not filled by a kernel.
+pub(crate) fn sum_last<const D: usize>(x: Tensor<D>, scale: f32) -> Tensor<D> {
+    let n = x.dims()[D - 1];
+    let mut shape = [1; D];
+    shape[D - 2] = n;
+    let column = Tensor::from_data(TensorData::new(vec![scale; n], shape), &x.device());
+    x.matmul(column)
+}
+
+/// The means of `x`'s last dimension, `[.., 1]` ([`sum_last`]).
+fn mean_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let n = x.dims()[D - 1];
+    sum_last(x, 1.0 / n as f32)
 }

@@ -15,6 +15,10 @@ pub struct RopeTables {
     pub cos: Tensor<2>,
     /// `sin(pos · f)`.
     pub sin: Tensor<2>,
+    /// `sin` with the first half of each row negated: `rotate_half(x)·sin` is `x` with its
+    /// halves swapped times this, one flip where slices and a concatenation took several
+    /// kernels, and more in the backward pass (a zero fill and a copy per slice).
+    swapped_sin: Tensor<2>,
 }
 
 impl RopeTables {
@@ -46,28 +50,42 @@ impl RopeTables {
                 sin.extend(angles.iter().map(|a| (a.sin() * scale) as f32));
             }
         }
+        let half = rotary_dim / 2;
+        let swapped_sin = sin
+            .chunks(rotary_dim)
+            .flat_map(|row| {
+                row[..half]
+                    .iter()
+                    .map(|s| -s)
+                    .chain(row[half..].iter().copied())
+            })
+            .collect();
         let make = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [seq, rotary_dim]), device);
         Self {
             cos: make(cos),
             sin: make(sin),
+            swapped_sin: make(swapped_sin),
         }
     }
 
-    /// Rotates `x` `[batch, heads, seq, head_dim]`: `x·cos + rotate_half(x)·sin` on the first
-    /// `rotary_dim` dimensions of each head, the others unchanged.
+    /// Rotates `x` `[batch, seq, heads, head_dim]` (the projection's layout, before the heads
+    /// are moved in front of the positions, so that splitting a head's halves is a view):
+    /// `x·cos + rotate_half(x)·sin` on the first `rotary_dim` dimensions of each head, the
+    /// others unchanged.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, h, s, width] = x.dims();
+        let [b, s, h, width] = x.dims();
         let d = self.cos.dims()[1];
         if d < width {
             let pass = x.clone().narrow(3, d, width - d);
             return Tensor::cat(vec![self.apply(x.narrow(3, 0, d)), pass], 3);
         }
         let half = d / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = self.cos.clone().reshape([1, 1, s, d]).expand([b, h, s, d]);
-        let sin = self.sin.clone().reshape([1, 1, s, d]).expand([b, h, s, d]);
-        x * cos + rotated * sin
+        let swapped = x
+            .clone()
+            .reshape([b, s, h, 2, half])
+            .flip([3])
+            .reshape([b, s, h, d]);
+        let table = |t: &Tensor<2>| t.clone().reshape([1, s, 1, d]).expand([b, s, h, d]);
+        x * table(&self.cos) + swapped * table(&self.swapped_sin)
     }
 }
