@@ -10,6 +10,12 @@
 #   cargo xtask assets && cargo build -p loftq-cli --features loftq-core/wgpu
 #   bench/distill-experiment.sh calibrated-nf2 loftq-nf2 qlora-nf2
 #   bench/distill-experiment.sh blockwise-kl-calibrated-nf2   # block-wise first, then the KL
+#   SEED=1 STEPS=60 LR=5e-4 EVERY=20 bench/distill-experiment.sh budget-3.0
+#
+# budget-3.0 distills the 3.0-bit allocator's start of docs/calibration.md (NF2/NF3 in blocks
+# of 64, 128, 256, double-quantized; rows weighed by the loss's sensitivity, damping 0.1; the
+# same calibration text as bench/calibration-experiment.sh; $SEED, default 0, its seed).
+# $EVERY (default 50) is the steps between validations and checkpoints.
 #
 # Each run appends (name, steps, lr, seconds, ppl Hamlet, ppl GPL-3) to
 # bench/results/distill/runs.tsv and copies its history.json there as <name>.json, the name
@@ -24,7 +30,8 @@ LR=${LR:-1e-3}
 HW=${HIDDEN_WEIGHT:-0}
 COMMON="--distill-from $M --text $FILES --val-text $T/hamlet_gut.txt --val-tokens 2048
   --steps $STEPS --batch 4 --seq 128 --lr $LR --warmup 10 --decay cosine --max-grad-norm 1
-  --seed 0 --eval-every 50 --save-every 50 --no-recompute --json --hidden-weight $HW"
+  --seed 0 --eval-every ${EVERY:-50} --save-every ${EVERY:-50} --no-recompute --json
+  --hidden-weight $HW"
 OUT=$ROOT/bench/results/distill
 mkdir -p "$WORK" "$OUT"
 [ -f "$OUT/runs.tsv" ] ||
@@ -55,10 +62,21 @@ for run in "$@"; do
         --blockwise-rows 16 --steps 10 --batch 4 --seq 128 --lr 1e-3 --seed 0 --json \
         --out bw-$init > bw-$init.jsonl 2> bw-$init.err
       from=bw-$init/adapter ;;
+    budget-3.0) init=init-budget-3.0-s${SEED:-0}; name=$name-s${SEED:-0}; out=distill-$name
+      if [ ! -f $init/report.json ]; then
+        # shellcheck disable=SC2086
+        $L init --model $M --out $init --method loftq --avg-bits 3.0 --calibration $CAL \
+          --calibration-tokens 16384 --sensitivity rows --damping 0.1 --seed ${SEED:-0} \
+          --candidates nf2-b64-dq,nf2-b128-dq,nf2-b256-dq,nf3-b64-dq,nf3-b128-dq,nf3-b256-dq \
+          --json > $init.json 2> $init.log
+        # The undistilled start, as step 0.
+        printf '%s\t0\t-\t-\t%s\t%s\n' "$init" "$(ppl $init $init/adapter "$T/hamlet_gut.txt")" \
+          "$(ppl $init $init/adapter "$OTHER")" >> "$OUT/runs.tsv"
+      fi ;;
     qlora-nf2) init=init-qlora-nf2
       [ -f $init/report.json ] || $L init --model $M --out $init --method qlora --bits nf2 \
         --rank 16 --alpha 16 > $init.log 2>&1 ;;
-    *) echo "unknown run $run (loftq-nf2|calibrated-nf2|blockwise-kl-calibrated-nf2|qlora-nf2)" >&2
+    *) echo "unknown run $run (loftq-nf2|calibrated-nf2|blockwise-kl-calibrated-nf2|qlora-nf2|budget-3.0)" >&2
       exit 2 ;;
   esac
   rm -rf $out
