@@ -14,7 +14,8 @@
 #
 # budget-3.0 distills the 3.0-bit allocator's start of docs/calibration.md (NF2/NF3 in blocks
 # of 64, 128, 256, double-quantized; rows weighed by the loss's sensitivity, damping 0.1; the
-# same calibration text as bench/calibration-experiment.sh; $SEED, default 0, its seed).
+# same calibration text as bench/calibration-experiment.sh; $SEED, default 0, its seed;
+# $DAMPING, default 0.1, its --damping).
 # $EVERY (default 50) is the steps between validations and checkpoints.
 #
 # Each run appends (name, steps, lr, seconds, ppl Hamlet, ppl GPL-3) to
@@ -62,11 +63,13 @@ for run in "$@"; do
         --blockwise-rows 16 --steps 10 --batch 4 --seq 128 --lr 1e-3 --seed 0 --json \
         --out bw-$init > bw-$init.jsonl 2> bw-$init.err
       from=bw-$init/adapter ;;
-    budget-3.0) init=init-budget-3.0-s${SEED:-0}; name=$name-s${SEED:-0}; out=distill-$name
+    budget-3.0) damp=${DAMPING:-0.1}; init=init-budget-3.0; [ "$damp" = 0.1 ] || init=$init-damp$damp
+      init=$init-s${SEED:-0}; name=$name-s${SEED:-0}; [ "$damp" = 0.1 ] || name=${name/budget-3.0/budget-3.0-damp$damp}
+      out=distill-$name
       if [ ! -f $init/report.json ]; then
         # shellcheck disable=SC2086
         $L init --model $M --out $init --method loftq --avg-bits 3.0 --calibration $CAL \
-          --calibration-tokens 16384 --sensitivity rows --damping 0.1 --seed ${SEED:-0} \
+          --calibration-tokens 16384 --sensitivity rows --damping $damp --seed ${SEED:-0} \
           --candidates nf2-b64-dq,nf2-b128-dq,nf2-b256-dq,nf3-b64-dq,nf3-b128-dq,nf3-b256-dq \
           --json > $init.json 2> $init.log
         # The undistilled start, as step 0.
