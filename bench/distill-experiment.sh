@@ -12,7 +12,7 @@
 #   bench/distill-experiment.sh blockwise-kl-calibrated-nf2   # block-wise first, then the KL
 #   SEED=1 STEPS=60 LR=5e-4 EVERY=20 bench/distill-experiment.sh budget-3.0
 #
-# budget-3.0 distills the 3.0-bit allocator's start of docs/calibration.md (NF2/NF3 in blocks
+# budget-B distills the B-bit allocator's start of docs/calibration.md (NF2/NF3 in blocks
 # of 64, 128, 256, double-quantized; rows weighed by the loss's sensitivity, damping 0.1; the
 # same calibration text as bench/calibration-experiment.sh; $SEED, default 0, its seed;
 # $DAMPING, default 0.1, its --damping).
@@ -63,12 +63,12 @@ for run in "$@"; do
         --blockwise-rows 16 --steps 10 --batch 4 --seq 128 --lr 1e-3 --seed 0 --json \
         --out bw-$init > bw-$init.jsonl 2> bw-$init.err
       from=bw-$init/adapter ;;
-    budget-3.0) damp=${DAMPING:-0.1}; init=init-budget-3.0; [ "$damp" = 0.1 ] || init=$init-damp$damp
-      init=$init-s${SEED:-0}; name=$name-s${SEED:-0}; [ "$damp" = 0.1 ] || name=${name/budget-3.0/budget-3.0-damp$damp}
+    budget-*) damp=${DAMPING:-0.1}; init=init-$run; [ "$damp" = 0.1 ] || init=$init-damp$damp
+      init=$init-s${SEED:-0}; name=$name-s${SEED:-0}; [ "$damp" = 0.1 ] || name=${name/$run/$run-damp$damp}
       out=distill-$name
       if [ ! -f $init/report.json ]; then
         # shellcheck disable=SC2086
-        $L init --model $M --out $init --method loftq --avg-bits 3.0 --calibration $CAL \
+        $L init --model $M --out $init --method loftq --avg-bits "${run#budget-}" --calibration $CAL \
           --calibration-tokens 16384 --sensitivity rows --damping $damp --seed ${SEED:-0} \
           --candidates nf2-b64-dq,nf2-b128-dq,nf2-b256-dq,nf3-b64-dq,nf3-b128-dq,nf3-b256-dq \
           --json > $init.json 2> $init.log
@@ -79,7 +79,7 @@ for run in "$@"; do
     qlora-nf2) init=init-qlora-nf2
       [ -f $init/report.json ] || $L init --model $M --out $init --method qlora --bits nf2 \
         --rank 16 --alpha 16 > $init.log 2>&1 ;;
-    *) echo "unknown run $run (loftq-nf2|calibrated-nf2|blockwise-kl-calibrated-nf2|qlora-nf2|budget-3.0)" >&2
+    *) echo "unknown run $run (loftq-nf2|calibrated-nf2|blockwise-kl-calibrated-nf2|qlora-nf2|budget-<bits>)" >&2
       exit 2 ;;
   esac
   rm -rf $out
