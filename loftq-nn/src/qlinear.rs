@@ -105,8 +105,8 @@ impl PackedWeight {
                 Tensor::from_data(TensorData::new(v, shape), &self.device)
             }
             Some(dw) => {
+                let bits = self.packed.config.scheme.bits();
                 if let Some(levels) = &dw.levels {
-                    let bits = self.packed.config.scheme.bits();
                     let words = cube::PackedWords {
                         words: &dw.words,
                         bits,
@@ -117,8 +117,7 @@ impl PackedWeight {
                     }
                 }
                 let n = shape[0] * shape[1];
-                let bits = u32::from(self.packed.config.scheme.bits());
-                let per = codes_per_word(self.packed.config.scheme.bits());
+                let per = codes_per_word(bits);
                 let nw = dw.words.dims()[0];
                 let codes = dw
                     .words
@@ -132,7 +131,7 @@ impl PackedWeight {
                 let q = Quantized {
                     shape,
                     block: dw.block,
-                    bits: self.packed.config.scheme.bits(),
+                    bits,
                     codes,
                     scales: dw.scales.clone(),
                     mins: dw.mins.clone(),
