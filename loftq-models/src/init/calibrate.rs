@@ -149,9 +149,11 @@ pub(super) fn run(
     };
     let layers = config.num_hidden_layers;
     let groups = config.family.input_groups();
+    loftq_core::profile::start(device);
     for l in first..layers {
         progress(Progress::Layer(Event::Calibrating { layer: l, layers }));
         let (mut layer, targets) = setup.layer(source, l, device)?;
+        loftq_core::profile::mark(device, "calibration: load layer");
         let mut needs = [false; 4];
         for &(i, p) in targets {
             needs[groups[p]] |= !done.contains(&i);
@@ -205,11 +207,13 @@ pub(super) fn run(
                 });
                 piece::compute(spec, item, loaded, i, work, device, wg)
             };
+            loftq_core::profile::mark(device, "calibration: weighting");
             let split = jobs.partition_point(|&(i, _)| area(i) > ALONE_ABOVE);
             let mut report = |i, r| progress(Progress::Tensor(i, r));
             for (part, at_once) in [(&jobs[..split], 1), (&jobs[split..], TENSORS_AT_ONCE)] {
                 in_pool(part, at_once, &job, &mut report)?;
             }
+            loftq_core::profile::mark(device, "calibration: initialize tensors");
             // Kept buffers would sit through the pass.
             #[cfg(feature = "flex")]
             loftq_core::cpu::release_buffers();
@@ -221,6 +225,7 @@ pub(super) fn run(
                 let name = &plan.items[i].name;
                 install(layer, p, &piece_path(work, i), name, spec, device)?;
             }
+            loftq_core::profile::mark(device, "calibration: install");
             Ok(())
         };
         x = if calib.inputs == CalibInputs::Sequential {
@@ -257,6 +262,7 @@ pub(super) fn run(
                 }
                 f => xf = f,
             }
+            loftq_core::profile::mark(device, "calibration: statistics");
             let given = (grams.into_iter().zip(crosses).enumerate())
                 .map(|(g, (gram, cross))| (g, gram.filter(|_| needs[g]), cross))
                 .collect();
@@ -266,11 +272,13 @@ pub(super) fn run(
                 None => {
                     let mut x = x;
                     advance(&layer, &mut x, [seq, hidden], rope)?;
+                    loftq_core::profile::mark(device, "calibration: advance");
                     x
                 }
             }
         };
         write_state(&state, (&x, xf.as_deref()), [seqs, seq, hidden], l + 1)?;
+        loftq_core::profile::mark(device, "calibration: write state");
     }
     let _ = std::fs::remove_file(&state);
     Ok(setup.by_layer.values().flatten().map(|&(i, _)| i).collect())
