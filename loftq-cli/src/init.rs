@@ -9,9 +9,10 @@ use loftq_core::calib::BaseQuantizer;
 use loftq_core::quant::{parse_bits, parse_quantizer};
 use loftq_models::init::plan::{parse_layer_bits, split_list};
 use loftq_models::init::{
-    Backbone, Budget, CalibInputs, Calibration, DEFAULT_DEVICE_BATCH, Event, InitMethod, InitSpec,
-    Sensitivity, run_init,
+    Backbone, Budget, CalibInputs, Calibration, DEFAULT_DEVICE_BATCH, Distill, Event, InitMethod,
+    InitSpec, Sensitivity, run_init,
 };
+use loftq_models::train::{EvalRecord, TrainEvent};
 
 use crate::args::{LoraArgs, TargetArgs};
 use crate::error::{Result, invalid};
@@ -148,6 +149,25 @@ pub struct InitArgs {
     /// --calibration; about the cost of one more LoftQ iteration per quantization).
     #[arg(long, value_enum, default_value = "rtn")]
     quantizer: BaseQuantizer,
+    /// With --calibration: after the start, distill its adapters for N steps towards the
+    /// full-precision model (--model itself): the KL divergence of the next-token
+    /// distributions at every position of random windows of the calibration files (all of
+    /// them, less a held-out 5% that validation scores before and after), as `loftq train
+    /// --distill-from` does. The bases do not change. Costs the full-precision model in
+    /// memory and one forward and backward pass per step (SmolLM2, 60 steps: ~5 minutes on 2
+    /// cores); measured on SmolLM2 at 3.0 bits: ~7% lower start perplexity (see
+    /// docs/calibration.md). 0: none.
+    #[arg(long, default_value_t = 0, value_name = "N", requires = "calibration")]
+    distill_steps: usize,
+    /// Peak learning rate of --distill-steps (10 warm-up steps, cosine decay).
+    #[arg(long, default_value_t = 5e-4, value_name = "LR")]
+    distill_lr: f64,
+    /// Rows per step of --distill-steps.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    distill_batch: usize,
+    /// Tokens per row of --distill-steps.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    distill_seq: usize,
     /// Continue an interrupted run in --out (same options); the result is byte-identical.
     #[arg(long)]
     resume: bool,
@@ -206,6 +226,12 @@ fn spec(a: &InitArgs) -> Result<InitSpec> {
             sensitivity: a.sensitivity,
         }),
         quantizer: a.quantizer,
+        distill: (a.distill_steps > 0).then(|| Distill {
+            lr: a.distill_lr,
+            batch: a.distill_batch,
+            seq: a.distill_seq,
+            ..Distill::new(a.distill_steps)
+        }),
         device_batch: a.device_batch,
     })
 }
@@ -287,6 +313,11 @@ pub fn run(a: &InitArgs) -> Result<()> {
                 p.note("writing the output files");
             }
         }
+        Event::Distill(e) => {
+            if let (Some(p), Some(msg)) = (bar.as_mut(), distill_note(&e, a.distill_steps)) {
+                p.note(&msg);
+            }
+        }
     };
     let result = run_init(&spec, &devices, a.resume, &mut on_event);
     let Some(report) = crate::progress::finish(bar, result, a.json)? else {
@@ -355,6 +386,43 @@ pub fn run(a: &InitArgs) -> Result<()> {
         // --layer-bits, or a K-quant's fallback on rows that are not whole super-blocks.
         println!("quantizers: {}", list.join(", "));
     }
+    if let Some(d) = &report.distill {
+        let eval = |e: &Option<EvalRecord>| {
+            e.as_ref().map_or("-".to_string(), |e| {
+                format!(
+                    "perplexity {:.3}, KL {:.4}",
+                    e.ppl,
+                    e.kl.unwrap_or(f64::NAN)
+                )
+            })
+        };
+        println!(
+            "distilled {} steps on {} tokens in {:.0} s; held-out calibration text: {} → {}",
+            d.steps,
+            d.train_tokens,
+            d.seconds,
+            eval(&d.before),
+            eval(&d.after)
+        );
+    }
     println!("wrote {}", spec.out.display());
     Ok(())
+}
+
+/// A progress line for a distillation event: every tenth step, validations, resumption.
+fn distill_note(e: &TrainEvent, steps: usize) -> Option<String> {
+    match e {
+        TrainEvent::Resumed { step } => Some(format!("distillation: resumed after step {step}")),
+        TrainEvent::Step(r) if r.step == 1 || r.step % 10 == 0 || r.step == steps => Some(format!(
+            "distillation: step {} of {steps}, KL {:.4}, {:.1} s",
+            r.step, r.loss, r.seconds
+        )),
+        TrainEvent::Eval(r) => Some(format!(
+            "distillation: after {} steps, held-out perplexity {:.3}, KL {:.4}",
+            r.step,
+            r.ppl,
+            r.kl.unwrap_or(f64::NAN)
+        )),
+        _ => None,
+    }
 }

@@ -6,27 +6,12 @@ mod common;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use common::{device, fixture, scratch};
+use common::{device, model_and_text, scratch};
 use loftq_core::QuantConfig;
 use loftq_core::calib::{BaseQuantizer, GptqConfig};
 use loftq_models::init::{
     CalibInputs, Calibration, Event, InitMethod, InitSpec, Report, Sensitivity, run_init,
 };
-
-/// The tiny Llama fixture with a byte-level tokenizer (its vocabulary is 256), and a text.
-fn model_and_text(dir: &Path) -> (PathBuf, PathBuf) {
-    let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("tiny-llama").join(f), model.join(f)).unwrap();
-    }
-    let tok = loftq_models::tokenizer::byte_level_json();
-    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
-    let text = dir.join("text.txt");
-    let line = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. ";
-    std::fs::write(&text, line.repeat(20)).unwrap();
-    (model, text)
-}
 
 fn spec(model: PathBuf, out: PathBuf, text: PathBuf) -> InitSpec {
     let mut spec = InitSpec {

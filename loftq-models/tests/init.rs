@@ -101,7 +101,8 @@ fn interrupted_runs_resume_to_identical_files() {
                 Event::Planned { .. }
                 | Event::Calibrating { .. }
                 | Event::Scoring { .. }
-                | Event::Sensitivity { .. } => {}
+                | Event::Sensitivity { .. }
+                | Event::Distill(_) => {}
             })
         }));
         assert!(killed.is_err());

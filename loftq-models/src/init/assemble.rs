@@ -7,7 +7,7 @@ use std::time::Instant;
 use safetensors::Dtype;
 
 use super::piece::{Plan, piece_path};
-use super::{Backbone, InitSpec, Report, TensorReport, Totals, peak_rss_bytes};
+use super::{Backbone, DistillReport, InitSpec, Report, TensorReport, Totals, peak_rss_bytes};
 use crate::LlamaConfig;
 use crate::io::{
     AdapterConfig, AdapterWriter, Checkpoint, FORMAT, FORMAT_KEY, StreamWriter, bf16_le_bytes,
@@ -19,15 +19,12 @@ fn is_lora(name: &str) -> bool {
     name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
 }
 
-/// Writes the backbone(s), the adapter, config, tokenizer and `report.json` into `spec.out`.
-pub fn assemble(
+/// Writes the backbone(s), the adapter, config and tokenizer into `spec.out`.
+pub fn write_outputs(
     spec: &InitSpec,
     plan: &Plan,
-    reports: Vec<TensorReport>,
     gguf_config: Option<&LlamaConfig>,
-    start: Instant,
-    resumed: usize,
-) -> Result<Report> {
+) -> Result<()> {
     let work = super::work_dir(&spec.out);
     let pieces: Vec<Checkpoint> = (0..plan.items.len())
         .map(|i| Checkpoint::open(&piece_path(&work, i)))
@@ -49,13 +46,26 @@ pub fn assemble(
         write_config(spec, gguf_config, d)?;
         copy_side_files(&spec.model, d)?;
     }
-    adapter(spec, &pieces, &out.join("adapter"))?;
+    adapter(spec, &pieces, &out.join("adapter"))
+}
+
+/// After [`write_outputs`] (and the distillation, which replaces the adapter): llama.cpp's
+/// files from the final adapter, then `report.json`.
+pub fn finish(
+    spec: &InitSpec,
+    reports: Vec<TensorReport>,
+    distill: Option<DistillReport>,
+    start: Instant,
+    resumed: usize,
+) -> Result<Report> {
+    let out = &spec.out;
     if spec.backbone == Backbone::Gguf {
         llama_cpp_files(spec, out)?;
     }
     let report = Report {
         totals: totals(spec, &reports, start, resumed),
         tensors: reports,
+        distill,
     };
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
     write_atomic(&out.join("report.json"), json.as_bytes())?;

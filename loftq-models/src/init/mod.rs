@@ -12,6 +12,7 @@ mod batch;
 mod budget;
 mod calibrate;
 mod calibration;
+mod distill;
 mod pass;
 mod piece;
 pub mod plan;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use budget::Budget;
 pub use calibration::{CalibInputs, Calibration, Sensitivity};
+pub use distill::{Distill, DistillReport};
 /// Re-exported: [`InitSpec::method`] is one.
 pub use loftq_core::init::InitMethod;
 pub use plan::{LayerRule, Target};
@@ -97,6 +99,10 @@ pub struct InitSpec {
     /// How bases are quantized: round to nearest, or GPTQ (needs `calibration`).
     #[serde(default, skip_serializing_if = "is_rtn")]
     pub quantizer: BaseQuantizer,
+    /// Distill the start's adapters towards the full-precision model on the calibration
+    /// text before the output is final (needs `calibration`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<Distill>,
     /// On a GPU, uncalibrated LoftQ runs up to this many targets of one shape as one batched
     /// problem (1: one at a time; the CPU always runs one at a time). Not part of the job's
     /// identity: a resumed run may change it.
@@ -146,6 +152,7 @@ impl InitSpec {
             seed: 0,
             calibration: None,
             quantizer: BaseQuantizer::Rtn,
+            distill: None,
             device_batch: DEFAULT_DEVICE_BATCH,
         }
     }
@@ -267,6 +274,7 @@ pub fn run_init(
     }
     let calibration_ids = calibration::check(spec)?;
     budget::check(spec)?;
+    distill::check(spec)?;
     check_gguf_out(spec)?;
     let source = open_source(&spec.model)?;
     let gguf_config = source.llama_config().cloned();
@@ -359,7 +367,12 @@ pub fn run_init(
         tracing::info!(out = %out.display(), "assembling the output files");
         events(Event::Assembling);
         let resumed = done.len();
-        assemble::assemble(spec, &plan, reports, gguf_config.as_ref(), start, resumed)
+        assemble::write_outputs(spec, &plan, gguf_config.as_ref())?;
+        let distilled = match spec.distill {
+            Some(_) => Some(distill::run(spec, &work, &devices[0], events)?),
+            None => None,
+        };
+        assemble::finish(spec, reports, distilled, start, resumed)
     })();
     match result {
         Ok(report) => {

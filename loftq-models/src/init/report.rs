@@ -70,6 +70,9 @@ pub enum Event {
     },
     /// Writing the final files.
     Assembling,
+    /// The distillation after the start ([`InitSpec::distill`](super::InitSpec::distill))
+    /// made progress.
+    Distill(crate::train::TrainEvent),
 }
 
 /// The whole job's result (also `report.json`).
@@ -79,6 +82,9 @@ pub struct Report {
     pub tensors: Vec<TensorReport>,
     /// Totals.
     pub totals: Totals,
+    /// The distillation after the start, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<super::DistillReport>,
 }
 
 /// Totals of a run.

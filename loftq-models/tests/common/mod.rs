@@ -79,6 +79,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The tiny Llama fixture with a byte-level tokenizer (its vocabulary is 256), and a text.
+pub fn model_and_text(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-llama").join(f), model.join(f)).unwrap();
+    }
+    let tok = loftq_models::tokenizer::byte_level_json();
+    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
+    let text = dir.join("text.txt");
+    let line = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. ";
+    std::fs::write(&text, line.repeat(20)).unwrap();
+    (model, text)
+}
+
 /// `loftq init` on the device under test.
 pub fn run_init_here(
     spec: &loftq_models::init::InitSpec,
