@@ -32,6 +32,10 @@ impl CliError {
             CliError::Job(ModelError::Interrupted { .. }) => {
                 Some("make room, then run the same command again with --resume")
             }
+            CliError::Job(ModelError::Distillation { .. }) => Some(
+                "run the same command again with --resume, with other --distill-* values or \
+                 without --distill-steps",
+            ),
             CliError::Job(ModelError::Diverged { .. }) => {
                 Some("lower --lr, or clip with --max-grad-norm")
             }

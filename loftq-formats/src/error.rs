@@ -80,6 +80,19 @@ pub enum ModelError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// `loftq init`'s distillation failed after the start was made; the start is kept in
+    /// `work`, so the run can be resumed with other distillation settings, or none.
+    #[error(
+        "distilling the start: {source} (the start is kept in {}: resume the run, with other \
+         distillation settings or none)",
+        work.display()
+    )]
+    Distillation {
+        /// The work area that holds the start.
+        work: PathBuf,
+        /// What failed.
+        source: Box<ModelError>,
+    },
     /// The tokenizer or a chat template failed.
     #[error("{what}: {msg}")]
     Text {

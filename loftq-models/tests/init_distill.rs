@@ -1,6 +1,7 @@
 //! `loftq init --distill-steps`: the calibrated start's adapters distilled towards the
 //! full-precision model before the output is final; the bases unchanged, the held-out KL
-//! lower, an interrupted distillation resumed to identical files, bad settings refused.
+//! lower, an interrupted distillation resumed to identical files, a failed one leaving the
+//! start to resume from, bad settings refused.
 
 mod common;
 
@@ -77,8 +78,26 @@ fn distilled_starts_keep_their_bases_lower_the_kl_and_resume() {
     );
     assert_ne!(bytes(&a, ADAPTER), bytes(&plain, ADAPTER));
 
+    // A distillation that fails keeps the start: resumed without it, it is the plain run.
+    let mut f = spec(model.clone(), dir.join("f"), text.clone(), 12);
+    f.distill.as_mut().unwrap().lr = 1e30;
+    let err = run(&f, false).unwrap_err().to_string();
+    assert!(err.contains("distilling the start"), "{err}");
+    assert!(f.out.join(".loftq-partial").is_dir());
+    assert!(!f.out.join("report.json").exists());
+    f.distill = None;
+    let mut remade = 0;
+    run_init(&f, &[device()], true, &mut |e| {
+        remade += usize::from(matches!(e, Event::Tensor(_)));
+    })
+    .unwrap();
+    assert_eq!(remade, 0, "the start was made again");
+    for file in ["model.safetensors", ADAPTER] {
+        assert_eq!(bytes(&f, file), bytes(&plain, file), "{file}");
+    }
+
     // Killed after the checkpoint of step 10: resumed from it, to the same files.
-    let c = spec(model, dir.join("c"), text, 12);
+    let c = spec(model.clone(), dir.join("c"), text.clone(), 12);
     kill_at_step(&c, 11);
     assert!(c.out.join(".loftq-partial/distill").is_dir());
     let mut resumed_at = None;
@@ -92,6 +111,19 @@ fn distilled_starts_keep_their_bases_lower_the_kl_and_resume() {
     for f in ["model.safetensors", ADAPTER, "adapter/adapter_config.json"] {
         assert_eq!(bytes(&c, f), bytes(&a, f), "{f}");
     }
+    // Resumed with another learning rate: the distillation starts again.
+    let mut g = spec(model, dir.join("g"), text, 12);
+    kill_at_step(&g, 11);
+    g.distill.as_mut().unwrap().lr = 2e-3;
+    let mut events = Vec::new();
+    let report = run_init(&g, &[device()], true, &mut |e| {
+        if let Event::Distill(TrainEvent::Resumed { step }) = e {
+            events.push(step);
+        }
+    })
+    .unwrap();
+    assert!(events.is_empty(), "resumed at {events:?}");
+    assert_eq!(report.distill.unwrap().steps, 12);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -3,7 +3,9 @@
 //! `loftq train --distill-from` does, before the output is final. The bases do not change.
 //!
 //! The run lives in the work area (`distill/`: checkpoints and history), so `--resume`
-//! continues it; the distilled adapter then replaces `<out>/adapter` in one rename.
+//! continues it; the distilled adapter then replaces `<out>/adapter` in one rename. Should it
+//! fail (a diverged loss), the start stays in the work area and a resume may change the
+//! distillation's settings or drop it.
 
 use std::path::Path;
 use std::time::Instant;
@@ -12,7 +14,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use super::{Event, InitSpec};
-use crate::io::{Adapter, write_dir_atomic};
+use crate::io::{Adapter, write_atomic, write_dir_atomic};
 use crate::nn::{LoadOptions, load_pretrained_with};
 use crate::tokenizer::Tokenizer;
 use crate::train::{
@@ -67,6 +69,22 @@ pub struct DistillReport {
     pub seconds: f64,
 }
 
+/// Removes `dir` when it holds the checkpoints of other settings (a resume that changed them),
+/// then records `d` there.
+fn start_again_if_changed(dir: &Path, d: &Distill) -> Result<()> {
+    let path = dir.join(SETTINGS);
+    let json = serde_json::to_string(d).expect("settings serialize");
+    match std::fs::read_to_string(&path) {
+        Ok(old) if old == json => return Ok(()),
+        Ok(_) => std::fs::remove_dir_all(dir).map_err(|e| ModelError::io(dir, e))?,
+        Err(_) => {}
+    }
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    write_atomic(&path, json.as_bytes())
+}
+
+/// The settings the checkpoints in the work area's `distill/` were made with.
+const SETTINGS: &str = "settings.json";
 /// Fraction of the calibration text held out to validate on.
 const HELD_OUT: f64 = 0.05;
 /// Validation tokens scored at most.
@@ -158,6 +176,7 @@ pub(super) fn run(
         resume: true,
     };
     let dir = work.join("distill");
+    start_again_if_changed(&dir, d)?;
     let job = TrainJob::new(&adapter.config, &stream.tokens, &cfg, &dir).validated(val.as_ref());
     let history = distill_on(
         std::slice::from_mut(&mut student),

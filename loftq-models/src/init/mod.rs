@@ -369,7 +369,12 @@ pub fn run_init(
         let resumed = done.len();
         assemble::write_outputs(spec, &plan, gguf_config.as_ref())?;
         let distilled = match spec.distill {
-            Some(_) => Some(distill::run(spec, &work, &devices[0], events)?),
+            Some(_) => Some(distill::run(spec, &work, &devices[0], events).map_err(|e| {
+                ModelError::Distillation {
+                    work: work.clone(),
+                    source: Box::new(e),
+                }
+            })?),
             None => None,
         };
         assemble::finish(spec, reports, distilled, start, resumed)
@@ -384,6 +389,8 @@ pub fn run_init(
         Err(ModelError::Io { path, source }) if path.starts_with(out) && plan_written(&work) => {
             Err(ModelError::Interrupted { path, work, source })
         }
+        // The start is made: it stays for a resume with other distillation settings.
+        Err(e @ ModelError::Distillation { .. }) => Err(e),
         Err(e) => {
             // A refused input is not an interruption: leave nothing behind.
             let _ = std::fs::remove_dir_all(&work);

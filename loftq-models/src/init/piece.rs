@@ -133,6 +133,11 @@ impl Plan {
             .collect();
         let mut spec_json = serde_json::to_value(spec).expect("spec serializes");
         spec_json["out"] = serde_json::Value::Null;
+        // The distillation comes after the pieces: a resume may change it (`distill::run`
+        // starts its own part again when its settings changed).
+        if let Some(o) = spec_json.as_object_mut() {
+            o.remove("distill");
+        }
         serde_json::json!({"spec": spec_json, "tensors": targets}).to_string()
     }
 
