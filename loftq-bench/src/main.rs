@@ -117,6 +117,9 @@ enum Task {
         /// the model itself, unquantized, as the teacher), with its ratio to the next-token step.
         #[arg(long)]
         distill: bool,
+        /// Dequantize the base once on load (`loftq train --dense-base`).
+        #[arg(long)]
+        dense_base: bool,
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -296,6 +299,7 @@ fn run(suite: Task) -> Result<(), String> {
             repeats,
             device,
             distill,
+            dense_base,
             json,
         } => {
             let model = model.unwrap_or_else(|| {
@@ -321,7 +325,10 @@ fn run(suite: Task) -> Result<(), String> {
                 [batch, seq],
                 repeats,
                 &device,
-                distill,
+                train::Extras {
+                    distill,
+                    dense_base,
+                },
             )?;
             println!("{}", train::markdown(&model, &device, &cases));
             json.map_or(Ok(()), |p| write_json(&p, &cases))

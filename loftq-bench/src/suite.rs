@@ -404,7 +404,15 @@ fn train_cases(profile: Profile, spec: DeviceSpec, scratch: &Path) -> Result<Vec
     let mut out = Vec::new();
     for &shape in shapes {
         let devices = DeviceList(vec![spec]);
-        for c in train::run(&model, "nf4", 16, shape, repeats, &devices, false)? {
+        for c in train::run(
+            &model,
+            "nf4",
+            16,
+            shape,
+            repeats,
+            &devices,
+            Default::default(),
+        )? {
             let name = format!(
                 "smollm2-135m shapes ({n_layers} layers) nf4 r16 {}×{} recompute={}",
                 c.batch, c.seq, c.recompute

@@ -40,9 +40,19 @@ pub struct TrainCase {
     pub reads_per_step: u64,
 }
 
+/// What [`run`] measures besides the next-token step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras {
+    /// Also the distillation step.
+    pub distill: bool,
+    /// The base dequantized once on load (`loftq train --dense-base`).
+    pub dense_base: bool,
+}
+
 /// Times `repeats` steps in each recompute mode, one micro-batch per device of `devices`;
-/// with `distill`, then the distillation steps of the same batches, the teachers loaded only
-/// after the next-token steps are measured (so their peak memory excludes the teacher).
+/// with `extras.distill`, then the distillation steps of the same batches, the teachers
+/// loaded only after the next-token steps are measured (so their peak memory excludes the
+/// teacher).
 pub fn run(
     model: &Path,
     quantize: &str,
@@ -50,8 +60,9 @@ pub fn run(
     [batch, seq]: [usize; 2],
     repeats: usize,
     devices: &DeviceList,
-    distill: bool,
+    extras: Extras,
 ) -> Result<Vec<TrainCase>, String> {
+    let distill = extras.distill;
     let devs = devices.open().map_err(|e| e.to_string())?;
     let quantize = match quantize {
         "none" => None,
@@ -65,6 +76,9 @@ pub fn run(
     for dev in &devs {
         let mut m = load_pretrained_with(model, dev, &opts).map_err(|e| e.to_string())?;
         m.add_lora(rank, 1.0, 0.0, 0, |_| true);
+        if extras.dense_base {
+            m.dequantize_bases();
+        }
         models.push(m);
     }
     let vocab = models[0].config.vocab_size as u32;

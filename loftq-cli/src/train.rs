@@ -149,6 +149,12 @@ pub struct TrainArgs {
     /// faster, but every layer's activations and dequantized weights stay in memory.
     #[arg(long)]
     no_recompute: bool,
+    /// Dequantize the frozen base once, on load, and keep it dense on the device instead of
+    /// dequantizing each packed weight in every forward pass: the same result, one kernel
+    /// fewer per linear layer and pass on a GPU, at 4 bytes a parameter of device memory
+    /// (SmolLM2-135M: 0.4 GB; a 7B model: 27 GB). Checkpoints and the adapter are unchanged.
+    #[arg(long, conflicts_with = "blockwise")]
+    dense_base: bool,
 
     /// Validation text (scored from its start). Without it, the last --val-fraction of the
     /// training tokens is held out.
@@ -328,6 +334,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let mut models = vec![model];
     for device in &devices[1..] {
         models.push(build_model(a, &opts, adapter.as_ref(), device)?.0);
+    }
+    if a.dense_base {
+        let n: usize = models.iter_mut().map(|m| m.dequantize_bases()).sum();
+        eprintln!("--dense-base: {n} packed base weights dequantized once");
     }
     // The teacher, once per device, full precision and without adapters.
     let mut teachers = Vec::new();

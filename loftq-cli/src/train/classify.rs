@@ -22,6 +22,7 @@ fn refuse_lm_flags(a: &TrainArgs) -> Result<()> {
         ("--val-text", a.val_text.is_some()),
         ("--text", !a.text.is_empty()),
         ("--no-recompute", a.no_recompute),
+        ("--dense-base", a.dense_base),
     ];
     if let Some((flag, _)) = lm_only.iter().find(|(_, set)| *set) {
         return Err(invalid(format!(

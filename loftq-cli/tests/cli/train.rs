@@ -55,6 +55,34 @@ fn train_checkpoints_resumes_and_refuses_bad_input() {
     assert!(adapter.join("adapter_model.safetensors").is_file());
     assert!(out.join("history.json").is_file());
 
+    // The base dequantized once: the same losses.
+    let dense_out = dir.join("dense");
+    let mut dense = args.to_vec();
+    let at = dense.iter().position(|a| *a == o).unwrap();
+    dense[at] = dense_out.to_str().unwrap();
+    dense.push("--dense-base");
+    let run = loftq_output(&dense);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let losses = |stdout: &[u8]| -> Vec<f64> {
+        (String::from_utf8_lossy(stdout).lines())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event"] == "step")
+            .map(|e| e["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let packed: Vec<f64> = (events.iter().filter(|e| e["event"] == "step"))
+        .map(|e| e["loss"].as_f64().unwrap())
+        .collect();
+    let dense_losses = losses(&run.stdout);
+    assert_eq!(dense_losses.len(), packed.len());
+    for (d, p) in dense_losses.iter().zip(&packed) {
+        assert!((d - p).abs() <= 1e-5 * p.abs(), "{d} vs {p}");
+    }
+
     // Again without --resume: refused; with it: nothing left to do, same adapter.
     let before = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
     let (ok, err) = loftq(&args);

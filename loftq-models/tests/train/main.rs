@@ -92,8 +92,12 @@ fn checkpointed_gradients_match_plain_autodiff() {
     let batch = batch(1);
     let (loss, want) = plain_loss_and_grads(&model, &batch);
     assert_eq!(want.len(), 28);
+    // The base dequantized once (`loftq train --dense-base`): the same loss and gradients.
+    let mut dense = model.clone();
+    assert_eq!(dense.dequantize_bases(), 14);
     for mode in [Recompute::Layers, Recompute::None] {
         check_grads(&model, &batch, mode, loss, &want);
+        check_grads(&dense, &batch, mode, loss, &want);
     }
 }
 
