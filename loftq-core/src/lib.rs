@@ -28,6 +28,7 @@ pub mod cpu;
 mod dense;
 pub mod device;
 mod error;
+pub mod fused;
 pub mod init;
 mod loftq;
 mod lora;

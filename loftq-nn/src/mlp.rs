@@ -56,9 +56,13 @@ impl Mlp {
     }
 }
 
-/// `silu(gate)·up`: one host kernel on the CPU back end, Burn's ops elsewhere.
+/// `silu(gate)·up`: one host kernel on the CPU back end, one CubeCL kernel on WGPU and CUDA,
+/// Burn's ops elsewhere.
 pub(crate) fn silu_mul(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
     if let Some(y) = kernels::silu_mul(&gate, &up) {
+        return y;
+    }
+    if let Some(y) = loftq_core::fused::silu_mul(&gate, &up) {
         return y;
     }
     silu(gate) * up

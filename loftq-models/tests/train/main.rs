@@ -1,12 +1,13 @@
 //! Training: the checkpointed gradients against plain autodiff and finite differences, the
 //! loop lowering the loss, exact resume, and data parallelism over two devices; distillation
-//! ([`distill`]) and block-wise distillation ([`blockwise`]).
+//! ([`distill`]) and block-wise distillation ([`blockwise`]); the GPU's fused SiLU ([`fused`]).
 
 mod blockwise;
 mod classify;
 #[path = "../common/mod.rs"]
 mod common;
 mod distill;
+mod fused;
 
 use burn::module::Param;
 use burn::tensor::activation::log_softmax;

@@ -1,0 +1,58 @@
+//! The GPU's fused `silu(gate)·up` (`loftq_core::fused`) against Burn's ops on the device
+//! under test: values and both gradients. On the CPU the kernel does not apply (the CPU has
+//! its own host kernel); on WGPU it must.
+
+use burn::tensor::activation::silu;
+use burn::tensor::{Distribution, Tensor};
+use loftq_core::DeviceSpec;
+use loftq_core::fused::silu_mul;
+
+use super::common::device;
+use super::host;
+
+#[test]
+fn fused_silu_mul_matches_burn_ops_values_and_gradients() {
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    // Large gates on both sides, where σ saturates.
+    let g0 = Tensor::<2>::random([37, 130], Distribution::Normal(0.0, 1.0), &dev).mul_scalar(8.0);
+    let u0 = Tensor::<2>::random([37, 130], Distribution::Normal(0.0, 1.0), &dev);
+    // Outside autodiff: the forward kernel alone.
+    let plain = silu_mul(&g0, &u0);
+    assert_eq!(
+        plain.is_some(),
+        applies,
+        "the kernel applies on GPU back ends only"
+    );
+    let Some(plain) = plain else { return };
+    let want = silu(g0.clone()) * u0.clone();
+    close(&host(&plain), &host(&want), "forward");
+
+    // On the autodiff device: the same values, and the gradients of a weighted sum.
+    let w = Tensor::<2>::random([37, 130], Distribution::Normal(0.0, 1.0), &dev);
+    let run = |fused: bool| {
+        let g = g0.clone().autodiff().require_grad();
+        let u = u0.clone().autodiff().require_grad();
+        let y = match fused {
+            true => silu_mul(&g, &u).expect("applies on the autodiff device too"),
+            false => silu(g.clone()) * u.clone(),
+        };
+        let grads = (y.clone() * w.clone().autodiff()).sum().backward();
+        let (dg, du) = (g.grad(&grads).unwrap(), u.grad(&grads).unwrap());
+        [host(&y.inner()), host(&dg), host(&du)]
+    };
+    let (got, want) = (run(true), run(false));
+    for (what, (a, b)) in ["values", "∂gate", "∂up"].iter().zip(got.iter().zip(&want)) {
+        close(a, b, what);
+    }
+}
+
+fn close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let d = super::common::max_abs_diff(a, b);
+    assert!(
+        d <= 1e-5 * scale.max(1.0),
+        "{what}: max |Δ| {d}, scale {scale}"
+    );
+}
