@@ -1,14 +1,16 @@
-//! The MLP's `silu(gate)·up` as one CubeCL kernel (WGPU, CUDA), and its backward pass as one
-//! more.
+//! Two of the model's element-wise stretches as single CubeCL kernels (WGPU, CUDA), each with
+//! a one-kernel backward pass: the MLP's `silu(gate)·up` and RMSNorm with a frozen weight.
 //!
-//! Burn's ops take eight kernels for it forward (its `sigmoid` alone is six: negate, exp, add
-//! one, log, negate, exp) and as many backward, each a pass over the `[tokens, intermediate]`
-//! activations; a GPU's training step is bound by such launches. On the autodiff device the
-//! kernel is recorded as one operation whose backward kernel writes both gradients.
+//! In Burn's ops `silu(gate)·up` is eight kernels forward (its `sigmoid` alone is six:
+//! negate, exp, add one, log, negate, exp) and fifteen backward, RMSNorm six forward and more
+//! backward, each a pass over the activations; a GPU's training step is bound by such
+//! launches. On the autodiff device each kernel is recorded as one operation whose backward
+//! kernel writes the inputs' gradients. The formulas are the CPU host kernels'.
 //!
-//! [`silu_mul`] exists in every build and returns `None` where the kernel does not apply (no
-//! CubeCL back end compiled in, tensors of another back end, Burn's fusion on with `tuned`, or
-//! inputs that are not `f32`): the caller then takes Burn's ops.
+//! Each function exists in every build and returns `None` where its kernel does not apply
+//! (no CubeCL back end compiled in, tensors of another back end, Burn's fusion on with
+//! `tuned`, inputs that are not `f32`, a weight that needs a gradient): the caller then takes
+//! Burn's ops.
 
 use burn::tensor::Tensor;
 
@@ -29,9 +31,27 @@ pub fn silu_mul<const D: usize>(gate: &Tensor<D>, up: &Tensor<D>) -> Option<Tens
     }
 }
 
+/// RMSNorm of `x`'s last dimension scaled by the frozen `weight`,
+/// `x · w / √(mean(x²) + ε)`, in one kernel (one thread a row; one more for the backward
+/// pass); `None` where the kernel does not apply or the widths differ.
+pub fn rms_norm<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<D>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        (x.dims()[D - 1] == weight.dims()[0])
+            .then(|| kernel::rms_norm(x, weight, eps as f32))
+            .flatten()
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (x, weight, eps);
+        None
+    }
+}
+
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod kernel {
     use std::any::Any;
+    use std::sync::Arc;
 
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -48,7 +68,7 @@ mod kernel {
 
     /// One thread per value: `g·σ(g)·u`.
     #[cube(launch)]
-    fn forward_kernel(g: &Tensor<f32>, u: &Tensor<f32>, out: &mut Tensor<f32>) {
+    fn silu_mul_kernel(g: &Tensor<f32>, u: &Tensor<f32>, out: &mut Tensor<f32>) {
         let i = ABSOLUTE_POS;
         if i >= out.len() {
             terminate!();
@@ -60,7 +80,7 @@ mod kernel {
 
     /// One thread per value: `∂/∂u = dy·g·σ(g)`, `∂/∂g = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
     #[cube(launch)]
-    fn backward_kernel(
+    fn silu_mul_backward_kernel(
         g: &Tensor<f32>,
         u: &Tensor<f32>,
         dy: &Tensor<f32>,
@@ -77,6 +97,55 @@ mod kernel {
         dg[i] = dy[i] * u[i] * s * (1.0 + x * (1.0 - s));
     }
 
+    /// One thread per row of `n` values: `r = 1/√(Σx²/n + ε)`, `y = x·r·w`.
+    #[cube(launch)]
+    fn rms_norm_kernel(x: &Tensor<f32>, w: &Tensor<f32>, out: &mut Tensor<f32>, eps: f32) {
+        let n = w.len();
+        let row = ABSOLUTE_POS;
+        if row * n >= x.len() {
+            terminate!();
+        }
+        let at = row * n;
+        let mut ss = 0.0;
+        for j in 0..n {
+            let v = x[at + j];
+            ss += v * v;
+        }
+        let r = 1.0 / (ss / f32::cast_from(n) + eps).sqrt();
+        for j in 0..n {
+            out[at + j] = x[at + j] * r * w[j];
+        }
+    }
+
+    /// One thread per row: `dx = r·(w·dy − x·r²·Σ(x·dy·w)/n)`.
+    #[cube(launch)]
+    fn rms_norm_backward_kernel(
+        x: &Tensor<f32>,
+        w: &Tensor<f32>,
+        dy: &Tensor<f32>,
+        dx: &mut Tensor<f32>,
+        eps: f32,
+    ) {
+        let n = w.len();
+        let row = ABSOLUTE_POS;
+        if row * n >= x.len() {
+            terminate!();
+        }
+        let at = row * n;
+        let mut ss = 0.0;
+        let mut dot = 0.0;
+        for j in 0..n {
+            let v = x[at + j];
+            ss += v * v;
+            dot += v * dy[at + j] * w[j];
+        }
+        let r = 1.0 / (ss / f32::cast_from(n) + eps).sqrt();
+        let c = dot * r * r / f32::cast_from(n);
+        for j in 0..n {
+            dx[at + j] = r * (w[j] * dy[at + j] - x[at + j] * c);
+        }
+    }
+
     /// An empty `f32` tensor shaped as `like`, on its device.
     fn empty_like(like: &CubeTensor) -> CubeTensor {
         empty_device_dtype(
@@ -87,52 +156,39 @@ mod kernel {
         )
     }
 
-    fn launch_forward(g: &CubeTensor, u: &CubeTensor) -> CubeTensor {
-        let out = empty_like(g);
-        let n = out.meta.shape().num_elements();
-        let cube_dim = CubeDim::new(&g.client, n);
-        let cube_count = calculate_cube_count_elemwise(&g.client, n, cube_dim);
-        forward_kernel::launch(
-            &out.client,
-            cube_count,
-            cube_dim,
-            g.clone().into_tensor_arg(),
-            u.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-        );
-        out
+    /// The launch grid for `n` threads.
+    fn grid(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
+        let dim = CubeDim::new(&t.client, n.max(1));
+        (calculate_cube_count_elemwise(&t.client, n.max(1), dim), dim)
     }
 
-    fn launch_backward(g: &CubeTensor, u: &CubeTensor, dy: CubeTensor) -> [CubeTensor; 2] {
-        let dy = into_contiguous(dy);
-        let (dg, du) = (empty_like(g), empty_like(g));
-        let n = dg.meta.shape().num_elements();
-        let cube_dim = CubeDim::new(&g.client, n);
-        let cube_count = calculate_cube_count_elemwise(&g.client, n, cube_dim);
-        backward_kernel::launch(
-            &dg.client,
-            cube_count,
-            cube_dim,
-            g.clone().into_tensor_arg(),
-            u.clone().into_tensor_arg(),
-            dy.into_tensor_arg(),
-            dg.clone().into_tensor_arg(),
-            du.clone().into_tensor_arg(),
-        );
-        [dg, du]
+    /// Computes a recorded operation's input gradients from its inputs and output gradient.
+    type BackwardFn<const N: usize> =
+        Arc<dyn Fn(&[CubeTensor; N], CubeTensor) -> [CubeTensor; N] + Send + Sync>;
+
+    /// A recorded operation's state: its inputs, and its backward kernel.
+    #[derive(Clone)]
+    struct Recorded<const N: usize> {
+        inputs: [CubeTensor; N],
+        backward: BackwardFn<N>,
     }
 
-    /// The recorded operation: its state is the two inputs.
+    impl<const N: usize> std::fmt::Debug for Recorded<N> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Recorded").finish_non_exhaustive()
+        }
+    }
+
     #[derive(Debug)]
-    struct SiluMulBackward;
+    struct KernelBackward<const N: usize>;
 
-    impl Backward<Cube, 2> for SiluMulBackward {
-        type State = [CubeTensor; 2];
+    impl<const N: usize> Backward<Cube, N> for KernelBackward<N> {
+        type State = Recorded<N>;
 
-        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
             let dy = as_cube(grads.consume::<Cube>(&ops.node)).expect("recorded on Cube tensors");
-            let [g, u] = &ops.state;
-            let out = launch_backward(g, u, dy);
+            let state = &ops.state;
+            let out = (state.backward)(&state.inputs, into_contiguous(dy));
             for (parent, grad) in ops.parents.iter().zip(out) {
                 if let Some(node) = parent {
                     grads.register::<Cube>(node.id, from_cube(grad).expect("the same type"));
@@ -141,42 +197,156 @@ mod kernel {
         }
     }
 
-    /// The kernel on plain `Cube` tensors, or recorded on the autodiff device; `None` on any
-    /// other back end or dtype.
+    /// Runs `forward` on the `f32` values of `inputs`, plain `Cube` tensors or all on the
+    /// autodiff device, where it is recorded with `backward`; `None` on any other back end or
+    /// dtype.
+    fn run<const N: usize, const D: usize>(
+        inputs: [&BurnTensor<D>; N],
+        forward: impl FnOnce(&[CubeTensor; N]) -> CubeTensor,
+        backward: BackwardFn<N>,
+    ) -> Option<BurnTensor<D>> {
+        let f32s = |ts: &[CubeTensor; N]| ts.iter().all(|t| t.dtype == DType::F32);
+        let plain: Option<Vec<CubeTensor>> = (inputs.iter())
+            .map(|t| {
+                (*t).clone()
+                    .try_into_primitive::<Cube>()
+                    .ok()
+                    .and_then(as_cube)
+            })
+            .collect();
+        if let Some(plain) = plain {
+            let plain: [CubeTensor; N] = plain
+                .into_iter()
+                .map(into_contiguous)
+                .collect::<Vec<_>>()
+                .try_into()
+                .ok()?;
+            if !f32s(&plain) {
+                return None;
+            }
+            return Some(BurnTensor::from_primitive::<Cube>(from_cube(forward(
+                &plain,
+            ))?));
+        }
+        let mut ads = Vec::with_capacity(N);
+        for t in inputs {
+            ads.push(t.clone().try_into_primitive::<Autodiff<Cube>>().ok()?);
+        }
+        let values: Option<Vec<CubeTensor>> = (ads.iter())
+            .map(|a| as_cube(a.primitive().clone()).map(into_contiguous))
+            .collect();
+        let values: [CubeTensor; N] = values?.try_into().ok()?;
+        if !f32s(&values) {
+            return None;
+        }
+        let y = from_cube(forward(&values))?;
+        let nodes = std::array::from_fn(|i| ads[i].node());
+        let tensor = match KernelBackward::<N>
+            .prepare::<NoCheckpointing>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                Recorded {
+                    inputs: values,
+                    backward,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Some(BurnTensor::from_primitive::<Autodiff<Cube>>(tensor))
+    }
+
     pub(super) fn silu_mul<const D: usize>(
         gate: &BurnTensor<D>,
         up: &BurnTensor<D>,
     ) -> Option<BurnTensor<D>> {
-        let f32s = |a: &CubeTensor, b: &CubeTensor| a.dtype == DType::F32 && b.dtype == DType::F32;
-        if let (Ok(g), Ok(u)) = (
-            gate.clone().try_into_primitive::<Cube>(),
-            up.clone().try_into_primitive::<Cube>(),
-        ) {
-            let (g, u) = (into_contiguous(as_cube(g)?), into_contiguous(as_cube(u)?));
-            if !f32s(&g, &u) {
-                return None;
-            }
-            return Some(BurnTensor::from_primitive::<Cube>(from_cube(
-                launch_forward(&g, &u),
-            )?));
-        }
-        let ga = gate.clone().try_into_primitive::<Autodiff<Cube>>().ok()?;
-        let ua = up.clone().try_into_primitive::<Autodiff<Cube>>().ok()?;
-        let g = into_contiguous(as_cube(ga.primitive().clone())?);
-        let u = into_contiguous(as_cube(ua.primitive().clone())?);
-        if !f32s(&g, &u) {
-            return None;
-        }
-        let y = from_cube(launch_forward(&g, &u))?;
-        let tensor = match SiluMulBackward
-            .prepare::<NoCheckpointing>([ga.node(), ua.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish([g, u], y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
+        let forward = |[g, u]: &[CubeTensor; 2]| {
+            let out = empty_like(g);
+            let (count, dim) = grid(g, out.meta.shape().num_elements());
+            silu_mul_kernel::launch(
+                &out.client,
+                count,
+                dim,
+                g.clone().into_tensor_arg(),
+                u.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+            );
+            out
         };
-        Some(BurnTensor::from_primitive::<Autodiff<Cube>>(tensor))
+        let backward: BackwardFn<2> = Arc::new(|[g, u]: &[CubeTensor; 2], dy: CubeTensor| {
+            let (dg, du) = (empty_like(g), empty_like(g));
+            let (count, dim) = grid(g, dg.meta.shape().num_elements());
+            silu_mul_backward_kernel::launch(
+                &dg.client,
+                count,
+                dim,
+                g.clone().into_tensor_arg(),
+                u.clone().into_tensor_arg(),
+                dy.into_tensor_arg(),
+                dg.clone().into_tensor_arg(),
+                du.clone().into_tensor_arg(),
+            );
+            [dg, du]
+        });
+        run([gate, up], forward, backward)
+    }
+
+    pub(super) fn rms_norm<const D: usize>(
+        x: &BurnTensor<D>,
+        weight: &BurnTensor<1>,
+        eps: f32,
+    ) -> Option<BurnTensor<D>> {
+        let w = frozen(weight)?;
+        let rows = x.dims()[..D - 1].iter().product::<usize>();
+        let wf = w.clone();
+        let forward = move |[x]: &[CubeTensor; 1]| {
+            let out = empty_like(x);
+            let (count, dim) = grid(x, rows);
+            rms_norm_kernel::launch(
+                &out.client,
+                count,
+                dim,
+                x.clone().into_tensor_arg(),
+                wf.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                eps,
+            );
+            out
+        };
+        let backward: BackwardFn<1> = Arc::new(move |[x]: &[CubeTensor; 1], dy: CubeTensor| {
+            let dx = empty_like(x);
+            let (count, dim) = grid(x, rows);
+            rms_norm_backward_kernel::launch(
+                &dx.client,
+                count,
+                dim,
+                x.clone().into_tensor_arg(),
+                w.clone().into_tensor_arg(),
+                dy.into_tensor_arg(),
+                dx.clone().into_tensor_arg(),
+                eps,
+            );
+            [dx]
+        });
+        run([x], forward, backward)
+    }
+
+    /// A weight's `f32` values when no gradient flows to it (plain, or untracked on the
+    /// autodiff device).
+    fn frozen(w: &BurnTensor<1>) -> Option<CubeTensor> {
+        let t = match w.clone().try_into_primitive::<Cube>() {
+            Ok(p) => as_cube(p)?,
+            Err(_) => {
+                let a = w.clone().try_into_primitive::<Autodiff<Cube>>().ok()?;
+                if a.is_tracked() {
+                    return None;
+                }
+                as_cube(a.primitive().clone())?
+            }
+        };
+        (t.dtype == DType::F32).then(|| into_contiguous(t))
     }
 
     /// `p` as a [`CubeTensor`] when Burn's `Cube` back end is the unfused one.

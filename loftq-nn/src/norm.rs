@@ -41,11 +41,13 @@ impl Norm {
 
     /// Normalizes the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if self.kind == NormKind::Rms
-            && self.bias.is_none()
-            && let Some(y) = kernels::rms_norm(&x, &self.weight, self.eps)
-        {
-            return y;
+        if self.kind == NormKind::Rms && self.bias.is_none() {
+            // The CPU's host kernel, else one CubeCL kernel on WGPU and CUDA.
+            let fused = kernels::rms_norm(&x, &self.weight, self.eps)
+                .or_else(|| loftq_core::fused::rms_norm(&x, &self.weight, self.eps));
+            if let Some(y) = fused {
+                return y;
+            }
         }
         self.forward_generic(x)
     }

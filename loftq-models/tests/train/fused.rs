@@ -1,11 +1,11 @@
-//! The GPU's fused `silu(gate)·up` (`loftq_core::fused`) against Burn's ops on the device
-//! under test: values and both gradients. On the CPU the kernel does not apply (the CPU has
-//! its own host kernel); on WGPU it must.
+//! The GPU's fused `silu(gate)·up` and RMSNorm (`loftq_core::fused`) against Burn's ops on
+//! the device under test: values and gradients. On the CPU the kernels do not apply (the CPU
+//! has its own host kernels); on WGPU they must.
 
 use burn::tensor::activation::silu;
 use burn::tensor::{Distribution, Tensor};
 use loftq_core::DeviceSpec;
-use loftq_core::fused::silu_mul;
+use loftq_core::fused::{rms_norm, silu_mul};
 
 use super::common::device;
 use super::host;
@@ -43,6 +43,43 @@ fn fused_silu_mul_matches_burn_ops_values_and_gradients() {
     };
     let (got, want) = (run(true), run(false));
     for (what, (a, b)) in ["values", "∂gate", "∂up"].iter().zip(got.iter().zip(&want)) {
+        close(a, b, what);
+    }
+}
+
+#[test]
+fn fused_rms_norm_matches_burn_ops_values_and_gradient() {
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    let eps = 1e-5;
+    let x0 = Tensor::<3>::random([2, 7, 96], Distribution::Normal(0.0, 3.0), &dev);
+    let w = Tensor::<1>::random([96], Distribution::Normal(1.0, 0.5), &dev);
+    let burn = |x: Tensor<3>, w: Tensor<1>| {
+        let ms = x.clone().square().mean_dim(2).add_scalar(eps);
+        x.div(ms.sqrt()) * w.unsqueeze()
+    };
+    let plain = rms_norm(&x0, &w, eps);
+    assert_eq!(
+        plain.is_some(),
+        applies,
+        "the kernel applies on GPU back ends only"
+    );
+    let Some(plain) = plain else { return };
+    let flat = |t: Tensor<3>| host(&t.reshape([14, 96]));
+    close(&flat(plain), &flat(burn(x0.clone(), w.clone())), "forward");
+    let up = Tensor::<3>::random([2, 7, 96], Distribution::Normal(0.0, 1.0), &dev).autodiff();
+    let run = |fused: bool| {
+        let x = x0.clone().autodiff().require_grad();
+        let wa = w.clone().autodiff();
+        let y = match fused {
+            true => rms_norm(&x, &wa, eps).expect("applies on the autodiff device too"),
+            false => burn(x.clone(), wa),
+        };
+        let grads = (y.clone() * up.clone()).sum().backward();
+        [flat(y.inner()), flat(x.grad(&grads).unwrap())]
+    };
+    let (got, want) = (run(true), run(false));
+    for (what, (a, b)) in ["values", "∂x"].iter().zip(got.iter().zip(&want)) {
         close(a, b, what);
     }
 }
