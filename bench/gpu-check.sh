@@ -100,6 +100,9 @@ shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$dir/loftq-bench
   # needed more than 90 s before one was timed.
   step train-wgpu-plain 80 "$bin/plain" train --model /tmp/loftq-synth "${shape[@]}" \
     --device wgpu --json "$OUT/train-wgpu-plain.json"
+  # The base dequantized once on load (`loftq train --dense-base`): no dequantization per step.
+  step train-wgpu-dense 60 "$bin/plain" train --model /tmp/loftq-synth "${shape[@]}" \
+    --device wgpu --dense-base --json "$OUT/train-wgpu-dense.json"
   if python3 -c "import torch, peft, transformers; assert torch.cuda.is_available()" 2>/dev/null
   then
     step train-peft-cuda 60 python3 "$ROOT/bench/peft_loftq.py" --suites train \
