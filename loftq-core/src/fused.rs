@@ -1,5 +1,6 @@
-//! Two of the model's element-wise stretches as single CubeCL kernels (WGPU, CUDA), each with
-//! a one-kernel backward pass: the MLP's `silu(gate)·up` and RMSNorm with a frozen weight.
+//! Three of the model's element-wise stretches as single CubeCL kernels (WGPU, CUDA), each
+//! with a one-kernel backward pass: the MLP's `silu(gate)·up`, RMSNorm with a frozen weight,
+//! and the rotary embedding.
 //!
 //! In Burn's ops `silu(gate)·up` is eight kernels forward (its `sigmoid` alone is six:
 //! negate, exp, add one, log, negate, exp) and fifteen backward, RMSNorm six forward and more
@@ -44,6 +45,26 @@ pub fn rms_norm<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> 
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     {
         let _ = (x, weight, eps);
+        None
+    }
+}
+
+/// Rotary embedding of `x` `[batch, seq, heads, width]` (contiguous) with the tables `cos`
+/// and `swapped_sin` `[seq, d]`, `d ≤ width` even: on the first `d` values of each head
+/// `x·cos + x'·swapped_sin`, `x'` the head's first `d` values with their halves swapped, the
+/// rest passed through; one kernel, and one for the backward pass. `None` where the kernel
+/// does not apply or the shapes do not fit.
+pub fn rotary(x: &Tensor<4>, cos: &Tensor<2>, swapped_sin: &Tensor<2>) -> Option<Tensor<4>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        let [_, s, _, width] = x.dims();
+        let [ts, d] = cos.dims();
+        let fits = ts == s && swapped_sin.dims() == [ts, d] && d <= width && d % 2 == 0;
+        fits.then(|| kernel::rotary(x, cos, swapped_sin)).flatten()
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (x, cos, swapped_sin);
         None
     }
 }
@@ -143,6 +164,43 @@ mod kernel {
         let c = dot * r * r / f32::cast_from(n);
         for j in 0..n {
             dx[at + j] = r * (w[j] * dy[at + j] - x[at + j] * c);
+        }
+    }
+
+    /// One thread per value of `x` `[b, s, h, width]`: on a head's first `d` values
+    /// `x·cos + x[partner]·ssin` (the partner the same place in the other half), the rest
+    /// copied. Backward (`back`): `dx = dy·cos + dy[partner]·ssin[partner]`, the rotation's
+    /// transpose.
+    #[cube(launch)]
+    fn rotary_kernel(
+        x: &Tensor<f32>,
+        cos: &Tensor<f32>,
+        ssin: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        heads_width: usize,
+        width: usize,
+        #[comptime] back: bool,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= out.len() {
+            terminate!();
+        }
+        let d = cos.shape(1);
+        let seq = cos.shape(0);
+        let j = i % width;
+        if j < d {
+            let half = d / 2;
+            let partner = if j < half { j + half } else { j - half };
+            let pos = (i / heads_width) % seq;
+            let other = i - j + partner;
+            let (c, t) = (pos * d + j, pos * d + partner);
+            if comptime!(back) {
+                out[i] = x[i] * cos[c] + x[other] * ssin[t];
+            } else {
+                out[i] = x[i] * cos[c] + x[other] * ssin[c];
+            }
+        } else {
+            out[i] = x[i];
         }
     }
 
@@ -333,9 +391,40 @@ mod kernel {
         run([x], forward, backward)
     }
 
-    /// A weight's `f32` values when no gradient flows to it (plain, or untracked on the
+    pub(super) fn rotary(
+        x: &BurnTensor<4>,
+        cos: &BurnTensor<2>,
+        swapped_sin: &BurnTensor<2>,
+    ) -> Option<BurnTensor<4>> {
+        let (c, t) = (frozen(cos)?, frozen(swapped_sin)?);
+        let [_, _, h, width] = x.dims();
+        let launch = move |x: &CubeTensor, c: &CubeTensor, t: &CubeTensor, back: bool| {
+            let out = empty_like(x);
+            let (count, dim) = grid(x, out.meta.shape().num_elements());
+            rotary_kernel::launch(
+                &out.client,
+                count,
+                dim,
+                x.clone().into_tensor_arg(),
+                c.clone().into_tensor_arg(),
+                t.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                h * width,
+                width,
+                back,
+            );
+            out
+        };
+        let (cf, tf) = (c.clone(), t.clone());
+        let forward = move |[x]: &[CubeTensor; 1]| launch(x, &cf, &tf, false);
+        let backward: BackwardFn<1> =
+            Arc::new(move |_: &[CubeTensor; 1], dy: CubeTensor| [launch(&dy, &c, &t, true)]);
+        run([x], forward, backward)
+    }
+
+    /// A constant's `f32` values when no gradient flows to it (plain, or untracked on the
     /// autodiff device).
-    fn frozen(w: &BurnTensor<1>) -> Option<CubeTensor> {
+    fn frozen<const D: usize>(w: &BurnTensor<D>) -> Option<CubeTensor> {
         let t = match w.clone().try_into_primitive::<Cube>() {
             Ok(p) => as_cube(p)?,
             Err(_) => {

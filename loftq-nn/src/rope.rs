@@ -73,6 +73,10 @@ impl RopeTables {
     /// `x·cos + rotate_half(x)·sin` on the first `rotary_dim` dimensions of each head, the
     /// others unchanged.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        // One CubeCL kernel on WGPU and CUDA.
+        if let Some(y) = loftq_core::fused::rotary(&x, &self.cos, &self.swapped_sin) {
+            return y;
+        }
         let [b, s, h, width] = x.dims();
         let d = self.cos.dims()[1];
         if d < width {

@@ -1,11 +1,11 @@
-//! The GPU's fused `silu(gate)·up` and RMSNorm (`loftq_core::fused`) against Burn's ops on
-//! the device under test: values and gradients. On the CPU the kernels do not apply (the CPU
+//! The GPU's fused `silu(gate)·up`, RMSNorm and rotary embedding (`loftq_core::fused`)
+//! against Burn's ops on the device under test: values and gradients. On the CPU the kernels do not apply (the CPU
 //! has its own host kernels); on WGPU they must.
 
 use burn::tensor::activation::silu;
 use burn::tensor::{Distribution, Tensor};
 use loftq_core::DeviceSpec;
-use loftq_core::fused::{rms_norm, silu_mul};
+use loftq_core::fused::{rms_norm, rotary, silu_mul};
 
 use super::common::device;
 use super::host;
@@ -81,6 +81,54 @@ fn fused_rms_norm_matches_burn_ops_values_and_gradient() {
     let (got, want) = (run(true), run(false));
     for (what, (a, b)) in ["values", "∂x"].iter().zip(got.iter().zip(&want)) {
         close(a, b, what);
+    }
+}
+
+/// Whole heads and (Phi) the first half of each.
+#[test]
+fn fused_rotary_matches_burn_ops_values_and_gradient() {
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    let (b, s, h, width) = (2, 5, 3, 8);
+    for d in [width, width / 2] {
+        let x0 = Tensor::<4>::random([b, s, h, width], Distribution::Normal(0.0, 1.0), &dev);
+        let cos = Tensor::<2>::random([s, d], Distribution::Normal(0.0, 1.0), &dev);
+        let ssin = Tensor::<2>::random([s, d], Distribution::Normal(0.0, 1.0), &dev);
+        let burn = |x: Tensor<4>, cos: Tensor<2>, ssin: Tensor<2>| {
+            let table = |t: Tensor<2>| t.reshape([1, s, 1, d]).expand([b, s, h, d]);
+            let rot = x.clone().narrow(3, 0, d);
+            let swapped = rot.clone().reshape([b, s, h, 2, d / 2]).flip([3]);
+            let y = rot * table(cos) + swapped.reshape([b, s, h, d]) * table(ssin);
+            match d < width {
+                true => Tensor::cat(vec![y, x.narrow(3, d, width - d)], 3),
+                false => y,
+            }
+        };
+        let plain = rotary(&x0, &cos, &ssin);
+        assert_eq!(
+            plain.is_some(),
+            applies,
+            "the kernel applies on GPU back ends only"
+        );
+        let Some(plain) = plain else { return };
+        let flat = |t: Tensor<4>| host(&t.reshape([b * s, h * width]));
+        let want = burn(x0.clone(), cos.clone(), ssin.clone());
+        close(&flat(plain), &flat(want), "forward");
+        let up = Tensor::<4>::random([b, s, h, width], Distribution::Normal(0.0, 1.0), &dev);
+        let run = |fused: bool| {
+            let x = x0.clone().autodiff().require_grad();
+            let (c, t) = (cos.clone().autodiff(), ssin.clone().autodiff());
+            let y = match fused {
+                true => rotary(&x, &c, &t).expect("applies on the autodiff device too"),
+                false => burn(x.clone(), c, t),
+            };
+            let grads = (y.clone() * up.clone().autodiff()).sum().backward();
+            [flat(y.inner()), flat(x.grad(&grads).unwrap())]
+        };
+        let (got, want) = (run(true), run(false));
+        for (what, (a, b)) in ["values", "∂x"].iter().zip(got.iter().zip(&want)) {
+            close(a, b, &format!("{what}, rotary dim {d}"));
+        }
     }
 }
 
