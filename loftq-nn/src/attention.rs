@@ -103,9 +103,18 @@ pub(crate) fn attend_rotated(
     v: Tensor<4>,
     window: Option<usize>,
 ) -> Tensor<3> {
-    let [b, h, n, _] = q.dims();
+    let [b, h, n, d] = q.dims();
     let [_, kvh, t, _] = k.dims();
     let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+    // On WGPU and CUDA the scaled, masked softmax is one kernel when every earlier key is
+    // visible.
+    if window.is_none_or(|w| w >= t) && loftq_core::fused::applies(&q) {
+        let scores = q.clone().matmul(k.clone().swap_dims(2, 3));
+        let scale = 1.0 / (d as f32).sqrt();
+        if let Some(p) = loftq_core::fused::causal_softmax(&scores, scale) {
+            return p.matmul(v).swap_dims(1, 2).reshape([b, n, h * d]);
+        }
+    }
     let hidden = hidden_keys(t - n, n, window, &q.device())
         .map(|m| m.reshape([1, 1, n, t]).expand([b, h, n, t]));
     softmax_attention(q, k, v, hidden)

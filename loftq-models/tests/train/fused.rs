@@ -1,11 +1,11 @@
-//! The GPU's fused `silu(gate)·up`, RMSNorm and rotary embedding (`loftq_core::fused`)
-//! against Burn's ops on the device under test: values and gradients. On the CPU the kernels do not apply (the CPU
+//! The GPU's fused `silu(gate)·up`, RMSNorm, rotary embedding and causal softmax
+//! (`loftq_core::fused`) against Burn's ops on the device under test: values and gradients. On the CPU the kernels do not apply (the CPU
 //! has its own host kernels); on WGPU they must.
 
 use burn::tensor::activation::silu;
 use burn::tensor::{Distribution, Tensor};
 use loftq_core::DeviceSpec;
-use loftq_core::fused::{rms_norm, rotary, silu_mul};
+use loftq_core::fused::{causal_softmax, rms_norm, rotary, silu_mul};
 
 use super::common::device;
 use super::host;
@@ -128,6 +128,48 @@ fn fused_rotary_matches_burn_ops_values_and_gradient() {
         let (got, want) = (run(true), run(false));
         for (what, (a, b)) in ["values", "∂x"].iter().zip(got.iter().zip(&want)) {
             close(a, b, &format!("{what}, rotary dim {d}"));
+        }
+    }
+}
+
+/// Every query seeing the keys up to its position: as many queries as keys (training), and
+/// the last few of them (decoding after a cache).
+#[test]
+fn fused_causal_softmax_matches_burn_ops_values_and_gradient() {
+    use burn::tensor::Bool;
+    use burn::tensor::activation::softmax;
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    let (b, h, t, scale) = (2, 3, 9, 0.35);
+    for n in [t, 3] {
+        let s0 = Tensor::<4>::random([b, h, n, t], Distribution::Normal(0.0, 4.0), &dev);
+        let burn = |s: Tensor<4>| {
+            let hidden = Tensor::<2, Bool>::tril_mask([n, t], (t - n) as i64, &s.device());
+            let hidden = hidden.reshape([1, 1, n, t]).expand([b, h, n, t]);
+            softmax(s.mul_scalar(scale).mask_fill(hidden, f32::MIN), 3)
+        };
+        let plain = causal_softmax(&s0, scale);
+        assert_eq!(
+            plain.is_some(),
+            applies,
+            "the kernel applies on GPU back ends only"
+        );
+        let Some(plain) = plain else { return };
+        let flat = |t4: Tensor<4>| host(&t4.reshape([b * h * n, t]));
+        close(&flat(plain), &flat(burn(s0.clone())), "forward");
+        let up = Tensor::<4>::random([b, h, n, t], Distribution::Normal(0.0, 1.0), &dev);
+        let run = |fused: bool| {
+            let s = s0.clone().autodiff().require_grad();
+            let y = match fused {
+                true => causal_softmax(&s, scale).expect("applies on the autodiff device too"),
+                false => burn(s.clone()),
+            };
+            let grads = (y.clone() * up.clone().autodiff()).sum().backward();
+            [flat(y.inner()), flat(s.grad(&grads).unwrap())]
+        };
+        let (got, want) = (run(true), run(false));
+        for (what, (a, b)) in ["values", "∂scores"].iter().zip(got.iter().zip(&want)) {
+            close(a, b, &format!("{what}, {n} queries"));
         }
     }
 }

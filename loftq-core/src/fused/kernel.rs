@@ -1,0 +1,168 @@
+//! The CubeCL kernels of [`super`]: one thread per value, or per row.
+
+use burn_cubecl::cubecl;
+use burn_cubecl::cubecl::prelude::*;
+
+/// One thread per value: `g·σ(g)·u`.
+#[cube(launch)]
+pub(super) fn silu_mul_kernel(g: &Tensor<f32>, u: &Tensor<f32>, out: &mut Tensor<f32>) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let x = g[i];
+    let s = 1.0 / (1.0 + (-x).exp());
+    out[i] = x * s * u[i];
+}
+
+/// One thread per value: `∂/∂u = dy·g·σ(g)`, `∂/∂g = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
+#[cube(launch)]
+pub(super) fn silu_mul_backward_kernel(
+    g: &Tensor<f32>,
+    u: &Tensor<f32>,
+    dy: &Tensor<f32>,
+    dg: &mut Tensor<f32>,
+    du: &mut Tensor<f32>,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= dg.len() {
+        terminate!();
+    }
+    let x = g[i];
+    let s = 1.0 / (1.0 + (-x).exp());
+    du[i] = dy[i] * x * s;
+    dg[i] = dy[i] * u[i] * s * (1.0 + x * (1.0 - s));
+}
+
+/// One thread per row of `n` values: `r = 1/√(Σx²/n + ε)`, `y = x·r·w`.
+#[cube(launch)]
+pub(super) fn rms_norm_kernel(x: &Tensor<f32>, w: &Tensor<f32>, out: &mut Tensor<f32>, eps: f32) {
+    let n = w.len();
+    let row = ABSOLUTE_POS;
+    if row * n >= x.len() {
+        terminate!();
+    }
+    let at = row * n;
+    let mut ss = 0.0;
+    for j in 0..n {
+        let v = x[at + j];
+        ss += v * v;
+    }
+    let r = 1.0 / (ss / f32::cast_from(n) + eps).sqrt();
+    for j in 0..n {
+        out[at + j] = x[at + j] * r * w[j];
+    }
+}
+
+/// One thread per row: `dx = r·(w·dy − x·r²·Σ(x·dy·w)/n)`.
+#[cube(launch)]
+pub(super) fn rms_norm_backward_kernel(
+    x: &Tensor<f32>,
+    w: &Tensor<f32>,
+    dy: &Tensor<f32>,
+    dx: &mut Tensor<f32>,
+    eps: f32,
+) {
+    let n = w.len();
+    let row = ABSOLUTE_POS;
+    if row * n >= x.len() {
+        terminate!();
+    }
+    let at = row * n;
+    let mut ss = 0.0;
+    let mut dot = 0.0;
+    for j in 0..n {
+        let v = x[at + j];
+        ss += v * v;
+        dot += v * dy[at + j] * w[j];
+    }
+    let r = 1.0 / (ss / f32::cast_from(n) + eps).sqrt();
+    let c = dot * r * r / f32::cast_from(n);
+    for j in 0..n {
+        dx[at + j] = r * (w[j] * dy[at + j] - x[at + j] * c);
+    }
+}
+
+/// One thread per value of `x` `[b, s, h, width]`: on a head's first `d` values
+/// `x·cos + x[partner]·ssin` (the partner the same place in the other half), the rest
+/// copied. Backward (`back`): `dx = dy·cos + dy[partner]·ssin[partner]`, the rotation's
+/// transpose.
+#[cube(launch)]
+pub(super) fn rotary_kernel(
+    x: &Tensor<f32>,
+    cos: &Tensor<f32>,
+    ssin: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    heads_width: usize,
+    width: usize,
+    #[comptime] back: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let d = cos.shape(1);
+    let seq = cos.shape(0);
+    let j = i % width;
+    if j < d {
+        let half = d / 2;
+        let partner = if j < half { j + half } else { j - half };
+        let pos = (i / heads_width) % seq;
+        let other = i - j + partner;
+        let (c, t) = (pos * d + j, pos * d + partner);
+        if comptime!(back) {
+            out[i] = x[i] * cos[c] + x[other] * ssin[t];
+        } else {
+            out[i] = x[i] * cos[c] + x[other] * ssin[c];
+        }
+    } else {
+        out[i] = x[i];
+    }
+}
+
+/// One thread per row of `t` scores, the row's query at position `t − n + row % n`:
+/// `p = softmax(scale·s)` over the visible keys, 0 beyond. Backward (`back`, `dp` the
+/// output's gradient): `ds = scale·p·(dp − Σ dp·p)`, `p` computed again from `s`.
+#[cube(launch)]
+pub(super) fn causal_softmax_kernel(
+    s: &Tensor<f32>,
+    dp: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    n: usize,
+    t: usize,
+    scale: f32,
+    #[comptime] back: bool,
+) {
+    let row = ABSOLUTE_POS;
+    if row * t >= s.len() {
+        terminate!();
+    }
+    let at = row * t;
+    let seen = t - n + row % n + 1;
+    let mut m = s[at] * scale;
+    for j in 1..seen {
+        m = f32::max(m, s[at + j] * scale);
+    }
+    let mut sum = 0.0;
+    for j in 0..seen {
+        sum += (s[at + j] * scale - m).exp();
+    }
+    let inv = 1.0 / sum;
+    if comptime!(back) {
+        let mut dot = 0.0;
+        for j in 0..seen {
+            dot += dp[at + j] * (s[at + j] * scale - m).exp() * inv;
+        }
+        for j in 0..seen {
+            let p = (s[at + j] * scale - m).exp() * inv;
+            out[at + j] = scale * p * (dp[at + j] - dot);
+        }
+    } else {
+        for j in 0..seen {
+            out[at + j] = (s[at + j] * scale - m).exp() * inv;
+        }
+    }
+    for j in seen..t {
+        out[at + j] = 0.0;
+    }
+}

@@ -1,0 +1,300 @@
+//! The kernels of [`super::kernel`] as Burn operations: on plain `Cube` tensors, or recorded
+//! on the autodiff device with their backward kernel.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Cube};
+use burn::tensor::{DType, Tensor as BurnTensor};
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::{CubeDim, calculate_cube_count_elemwise};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+
+use super::kernel;
+
+/// An empty `f32` tensor shaped as `like`, on its device.
+fn empty_like(like: &CubeTensor) -> CubeTensor {
+    empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        like.meta.shape().clone(),
+        DType::F32,
+    )
+}
+
+/// The launch grid for `n` threads.
+fn grid(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(&t.client, n.max(1));
+    (calculate_cube_count_elemwise(&t.client, n.max(1), dim), dim)
+}
+
+/// Computes a recorded operation's input gradients from its inputs and output gradient.
+type BackwardFn<const N: usize> =
+    Arc<dyn Fn(&[CubeTensor; N], CubeTensor) -> [CubeTensor; N] + Send + Sync>;
+
+/// A recorded operation's state: its inputs, and its backward kernel.
+#[derive(Clone)]
+struct Recorded<const N: usize> {
+    inputs: [CubeTensor; N],
+    backward: BackwardFn<N>,
+}
+
+impl<const N: usize> std::fmt::Debug for Recorded<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorded").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct KernelBackward<const N: usize>;
+
+impl<const N: usize> Backward<Cube, N> for KernelBackward<N> {
+    type State = Recorded<N>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = as_cube(grads.consume::<Cube>(&ops.node)).expect("recorded on Cube tensors");
+        let state = &ops.state;
+        let out = (state.backward)(&state.inputs, into_contiguous(dy));
+        for (parent, grad) in ops.parents.iter().zip(out) {
+            if let Some(node) = parent {
+                grads.register::<Cube>(node.id, from_cube(grad).expect("the same type"));
+            }
+        }
+    }
+}
+
+/// Runs `forward` on the `f32` values of `inputs`, plain `Cube` tensors or all on the
+/// autodiff device, where it is recorded with `backward`; `None` on any other back end or
+/// dtype.
+fn run<const N: usize, const D: usize>(
+    inputs: [&BurnTensor<D>; N],
+    forward: impl FnOnce(&[CubeTensor; N]) -> CubeTensor,
+    backward: BackwardFn<N>,
+) -> Option<BurnTensor<D>> {
+    let f32s = |ts: &[CubeTensor; N]| ts.iter().all(|t| t.dtype == DType::F32);
+    let plain: Option<Vec<CubeTensor>> = (inputs.iter())
+        .map(|t| {
+            (*t).clone()
+                .try_into_primitive::<Cube>()
+                .ok()
+                .and_then(as_cube)
+        })
+        .collect();
+    if let Some(plain) = plain {
+        let plain: [CubeTensor; N] = plain
+            .into_iter()
+            .map(into_contiguous)
+            .collect::<Vec<_>>()
+            .try_into()
+            .ok()?;
+        if !f32s(&plain) {
+            return None;
+        }
+        return Some(BurnTensor::from_primitive::<Cube>(from_cube(forward(
+            &plain,
+        ))?));
+    }
+    let mut ads = Vec::with_capacity(N);
+    for t in inputs {
+        ads.push(t.clone().try_into_primitive::<Autodiff<Cube>>().ok()?);
+    }
+    let values: Option<Vec<CubeTensor>> = (ads.iter())
+        .map(|a| as_cube(a.primitive().clone()).map(into_contiguous))
+        .collect();
+    let values: [CubeTensor; N] = values?.try_into().ok()?;
+    if !f32s(&values) {
+        return None;
+    }
+    let y = from_cube(forward(&values))?;
+    let nodes = std::array::from_fn(|i| ads[i].node());
+    let tensor = match KernelBackward::<N>
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            Recorded {
+                inputs: values,
+                backward,
+            },
+            y,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Some(BurnTensor::from_primitive::<Autodiff<Cube>>(tensor))
+}
+
+pub(super) fn silu_mul<const D: usize>(
+    gate: &BurnTensor<D>,
+    up: &BurnTensor<D>,
+) -> Option<BurnTensor<D>> {
+    let forward = |[g, u]: &[CubeTensor; 2]| {
+        let out = empty_like(g);
+        let (count, dim) = grid(g, out.meta.shape().num_elements());
+        kernel::silu_mul_kernel::launch(
+            &out.client,
+            count,
+            dim,
+            g.clone().into_tensor_arg(),
+            u.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+        );
+        out
+    };
+    let backward: BackwardFn<2> = Arc::new(|[g, u]: &[CubeTensor; 2], dy: CubeTensor| {
+        let (dg, du) = (empty_like(g), empty_like(g));
+        let (count, dim) = grid(g, dg.meta.shape().num_elements());
+        kernel::silu_mul_backward_kernel::launch(
+            &dg.client,
+            count,
+            dim,
+            g.clone().into_tensor_arg(),
+            u.clone().into_tensor_arg(),
+            dy.into_tensor_arg(),
+            dg.clone().into_tensor_arg(),
+            du.clone().into_tensor_arg(),
+        );
+        [dg, du]
+    });
+    run([gate, up], forward, backward)
+}
+
+pub(super) fn rms_norm<const D: usize>(
+    x: &BurnTensor<D>,
+    weight: &BurnTensor<1>,
+    eps: f32,
+) -> Option<BurnTensor<D>> {
+    let w = frozen(weight)?;
+    let rows = x.dims()[..D - 1].iter().product::<usize>();
+    let wf = w.clone();
+    let forward = move |[x]: &[CubeTensor; 1]| {
+        let out = empty_like(x);
+        let (count, dim) = grid(x, rows);
+        kernel::rms_norm_kernel::launch(
+            &out.client,
+            count,
+            dim,
+            x.clone().into_tensor_arg(),
+            wf.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            eps,
+        );
+        out
+    };
+    let backward: BackwardFn<1> = Arc::new(move |[x]: &[CubeTensor; 1], dy: CubeTensor| {
+        let dx = empty_like(x);
+        let (count, dim) = grid(x, rows);
+        kernel::rms_norm_backward_kernel::launch(
+            &dx.client,
+            count,
+            dim,
+            x.clone().into_tensor_arg(),
+            w.clone().into_tensor_arg(),
+            dy.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            eps,
+        );
+        [dx]
+    });
+    run([x], forward, backward)
+}
+
+pub(super) fn rotary(
+    x: &BurnTensor<4>,
+    cos: &BurnTensor<2>,
+    swapped_sin: &BurnTensor<2>,
+) -> Option<BurnTensor<4>> {
+    let (c, t) = (frozen(cos)?, frozen(swapped_sin)?);
+    let [_, _, h, width] = x.dims();
+    let launch = move |x: &CubeTensor, c: &CubeTensor, t: &CubeTensor, back: bool| {
+        let out = empty_like(x);
+        let (count, dim) = grid(x, out.meta.shape().num_elements());
+        kernel::rotary_kernel::launch(
+            &out.client,
+            count,
+            dim,
+            x.clone().into_tensor_arg(),
+            c.clone().into_tensor_arg(),
+            t.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            h * width,
+            width,
+            back,
+        );
+        out
+    };
+    let (cf, tf) = (c.clone(), t.clone());
+    let forward = move |[x]: &[CubeTensor; 1]| launch(x, &cf, &tf, false);
+    let backward: BackwardFn<1> =
+        Arc::new(move |_: &[CubeTensor; 1], dy: CubeTensor| [launch(&dy, &c, &t, true)]);
+    run([x], forward, backward)
+}
+
+pub(super) fn applies<const D: usize>(t: &BurnTensor<D>) -> bool {
+    match t.clone().try_into_primitive::<Cube>() {
+        Ok(p) => as_cube(p).is_some(),
+        Err(_) => (t.clone().try_into_primitive::<Autodiff<Cube>>().ok())
+            .and_then(|a| as_cube(a.primitive().clone()))
+            .is_some(),
+    }
+}
+
+pub(super) fn causal_softmax(scores: &BurnTensor<4>, scale: f32) -> Option<BurnTensor<4>> {
+    let [b, h, n, t] = scores.dims();
+    let launch = move |s: &CubeTensor, dp: Option<CubeTensor>| {
+        let out = empty_like(s);
+        let (count, dim) = grid(s, b * h * n);
+        let back = dp.is_some();
+        kernel::causal_softmax_kernel::launch(
+            &out.client,
+            count,
+            dim,
+            s.clone().into_tensor_arg(),
+            dp.unwrap_or_else(|| s.clone()).into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            n,
+            t,
+            scale,
+            back,
+        );
+        out
+    };
+    let forward = move |[s]: &[CubeTensor; 1]| launch(s, None);
+    let backward: BackwardFn<1> =
+        Arc::new(move |[s]: &[CubeTensor; 1], dy: CubeTensor| [launch(s, Some(dy))]);
+    run([scores], forward, backward)
+}
+
+/// A constant's `f32` values when no gradient flows to it (plain, or untracked on the
+/// autodiff device).
+fn frozen<const D: usize>(w: &BurnTensor<D>) -> Option<CubeTensor> {
+    let t = match w.clone().try_into_primitive::<Cube>() {
+        Ok(p) => as_cube(p)?,
+        Err(_) => {
+            let a = w.clone().try_into_primitive::<Autodiff<Cube>>().ok()?;
+            if a.is_tracked() {
+                return None;
+            }
+            as_cube(a.primitive().clone())?
+        }
+    };
+    (t.dtype == DType::F32).then(|| into_contiguous(t))
+}
+
+/// `p` as a [`CubeTensor`] when Burn's `Cube` back end is the unfused one.
+fn as_cube<P: Any>(p: P) -> Option<CubeTensor> {
+    let p: Box<dyn Any> = Box::new(p);
+    p.downcast::<CubeTensor>().ok().map(|t| *t)
+}
+
+/// The inverse of [`as_cube`]: a [`CubeTensor`] as the primitive type `P` it is.
+fn from_cube<P: Any>(t: CubeTensor) -> Option<P> {
+    let t: Box<dyn Any> = Box::new(t);
+    t.downcast::<P>().ok().map(|p| *p)
+}
