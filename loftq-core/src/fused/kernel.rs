@@ -34,34 +34,16 @@ pub(super) fn silu_mul_backward_kernel(
     dg[i] = dy[i] * u[i] * s * (1.0 + x * (1.0 - s));
 }
 
-/// One thread per row of `n` values: `r = 1/√(Σx²/n + ε)`, `y = x·r·w`.
+/// One thread per row of `n` values: `r = 1/√(Σx²/n + ε)`, `y = x·r·w`. Backward (`back`,
+/// `dy` the output's gradient): `dx = r·(w·dy − x·r²·Σ(x·dy·w)/n)`.
 #[cube(launch)]
-pub(super) fn rms_norm_kernel(x: &Tensor<f32>, w: &Tensor<f32>, out: &mut Tensor<f32>, eps: f32) {
-    let n = w.len();
-    let row = ABSOLUTE_POS;
-    if row * n >= x.len() {
-        terminate!();
-    }
-    let at = row * n;
-    let mut ss = 0.0;
-    for j in 0..n {
-        let v = x[at + j];
-        ss += v * v;
-    }
-    let r = 1.0 / (ss / f32::cast_from(n) + eps).sqrt();
-    for j in 0..n {
-        out[at + j] = x[at + j] * r * w[j];
-    }
-}
-
-/// One thread per row: `dx = r·(w·dy − x·r²·Σ(x·dy·w)/n)`.
-#[cube(launch)]
-pub(super) fn rms_norm_backward_kernel(
+pub(super) fn rms_norm_kernel(
     x: &Tensor<f32>,
     w: &Tensor<f32>,
     dy: &Tensor<f32>,
-    dx: &mut Tensor<f32>,
+    out: &mut Tensor<f32>,
     eps: f32,
+    #[comptime] back: bool,
 ) {
     let n = w.len();
     let row = ABSOLUTE_POS;
@@ -74,12 +56,20 @@ pub(super) fn rms_norm_backward_kernel(
     for j in 0..n {
         let v = x[at + j];
         ss += v * v;
-        dot += v * dy[at + j] * w[j];
+        if comptime!(back) {
+            dot += v * dy[at + j] * w[j];
+        }
     }
     let r = 1.0 / (ss / f32::cast_from(n) + eps).sqrt();
-    let c = dot * r * r / f32::cast_from(n);
-    for j in 0..n {
-        dx[at + j] = r * (w[j] * dy[at + j] - x[at + j] * c);
+    if comptime!(back) {
+        let c = dot * r * r / f32::cast_from(n);
+        for j in 0..n {
+            out[at + j] = r * (w[j] * dy[at + j] - x[at + j] * c);
+        }
+    } else {
+        for j in 0..n {
+            out[at + j] = x[at + j] * r * w[j];
+        }
     }
 }
 

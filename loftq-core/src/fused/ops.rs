@@ -172,36 +172,27 @@ pub(super) fn rms_norm<const D: usize>(
 ) -> Option<BurnTensor<D>> {
     let w = frozen(weight)?;
     let rows = x.dims()[..D - 1].iter().product::<usize>();
-    let wf = w.clone();
-    let forward = move |[x]: &[CubeTensor; 1]| {
+    let launch = move |x: &CubeTensor, w: &CubeTensor, dy: Option<CubeTensor>| {
         let out = empty_like(x);
         let (count, dim) = grid(x, rows);
+        let back = dy.is_some();
         kernel::rms_norm_kernel::launch(
             &out.client,
             count,
             dim,
             x.clone().into_tensor_arg(),
-            wf.into_tensor_arg(),
+            w.clone().into_tensor_arg(),
+            dy.unwrap_or_else(|| x.clone()).into_tensor_arg(),
             out.clone().into_tensor_arg(),
             eps,
+            back,
         );
         out
     };
-    let backward: BackwardFn<1> = Arc::new(move |[x]: &[CubeTensor; 1], dy: CubeTensor| {
-        let dx = empty_like(x);
-        let (count, dim) = grid(x, rows);
-        kernel::rms_norm_backward_kernel::launch(
-            &dx.client,
-            count,
-            dim,
-            x.clone().into_tensor_arg(),
-            w.clone().into_tensor_arg(),
-            dy.into_tensor_arg(),
-            dx.clone().into_tensor_arg(),
-            eps,
-        );
-        [dx]
-    });
+    let wf = w.clone();
+    let forward = move |[x]: &[CubeTensor; 1]| launch(x, &wf, None);
+    let backward: BackwardFn<1> =
+        Arc::new(move |[x]: &[CubeTensor; 1], dy: CubeTensor| [launch(x, &w, Some(dy))]);
     run([x], forward, backward)
 }
 
