@@ -9,7 +9,7 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Cube};
-use burn::tensor::{DType, Tensor as BurnTensor};
+use burn::tensor::{BackendPrimitive, DType, Float, Tensor as BurnTensor};
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{CubeDim, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
@@ -77,40 +77,18 @@ fn run<const N: usize, const D: usize>(
     forward: impl FnOnce(&[CubeTensor; N]) -> CubeTensor,
     backward: BackwardFn<N>,
 ) -> Option<BurnTensor<D>> {
-    let f32s = |ts: &[CubeTensor; N]| ts.iter().all(|t| t.dtype == DType::F32);
-    let plain: Option<Vec<CubeTensor>> = (inputs.iter())
-        .map(|t| {
-            (*t).clone()
-                .try_into_primitive::<Cube>()
-                .ok()
-                .and_then(as_cube)
-        })
-        .collect();
-    if let Some(plain) = plain {
-        let plain: [CubeTensor; N] = plain
-            .into_iter()
-            .map(into_contiguous)
-            .collect::<Vec<_>>()
-            .try_into()
-            .ok()?;
-        if !f32s(&plain) {
-            return None;
-        }
+    if let Some(plain) = inputs.iter().map(|t| plain(t)).collect() {
+        let values = f32_values(plain)?;
         return Some(BurnTensor::from_primitive::<Cube>(from_cube(forward(
-            &plain,
+            &values,
         ))?));
     }
-    let mut ads = Vec::with_capacity(N);
-    for t in inputs {
-        ads.push(t.clone().try_into_primitive::<Autodiff<Cube>>().ok()?);
-    }
-    let values: Option<Vec<CubeTensor>> = (ads.iter())
-        .map(|a| as_cube(a.primitive().clone()).map(into_contiguous))
-        .collect();
-    let values: [CubeTensor; N] = values?.try_into().ok()?;
-    if !f32s(&values) {
-        return None;
-    }
+    let ads: Vec<_> = inputs
+        .iter()
+        .map(|t| on_autodiff(t))
+        .collect::<Option<_>>()?;
+    let values = (ads.iter()).map(|a| as_cube(a.primitive().clone()));
+    let values: [CubeTensor; N] = f32_values(values.collect::<Option<_>>()?)?;
     let y = from_cube(forward(&values))?;
     let nodes = std::array::from_fn(|i| ads[i].node());
     let tensor = match KernelBackward::<N>
@@ -228,12 +206,10 @@ pub(super) fn rotary(
 }
 
 pub(super) fn applies<const D: usize>(t: &BurnTensor<D>) -> bool {
-    match t.clone().try_into_primitive::<Cube>() {
-        Ok(p) => as_cube(p).is_some(),
-        Err(_) => (t.clone().try_into_primitive::<Autodiff<Cube>>().ok())
+    plain(t).is_some()
+        || on_autodiff(t)
             .and_then(|a| as_cube(a.primitive().clone()))
-            .is_some(),
-    }
+            .is_some()
 }
 
 pub(super) fn causal_softmax(scores: &BurnTensor<4>, scale: f32) -> Option<BurnTensor<4>> {
@@ -265,17 +241,45 @@ pub(super) fn causal_softmax(scores: &BurnTensor<4>, scale: f32) -> Option<BurnT
 /// A constant's `f32` values when no gradient flows to it (plain, or untracked on the
 /// autodiff device).
 fn frozen<const D: usize>(w: &BurnTensor<D>) -> Option<CubeTensor> {
-    let t = match w.clone().try_into_primitive::<Cube>() {
-        Ok(p) => as_cube(p)?,
-        Err(_) => {
-            let a = w.clone().try_into_primitive::<Autodiff<Cube>>().ok()?;
+    let t = match plain(w) {
+        Some(t) => t,
+        None => {
+            let a = on_autodiff(w)?;
             if a.is_tracked() {
                 return None;
             }
             as_cube(a.primitive().clone())?
         }
     };
-    (t.dtype == DType::F32).then(|| into_contiguous(t))
+    f32_values::<1>(vec![t]).map(|[t]| t)
+}
+
+/// `t`'s values when it is a plain tensor of the unfused `Cube` back end.
+fn plain<const D: usize>(t: &BurnTensor<D>) -> Option<CubeTensor> {
+    t.clone()
+        .try_into_primitive::<Cube>()
+        .ok()
+        .and_then(as_cube)
+}
+
+/// `t` when it lives on the autodiff device over `Cube`.
+fn on_autodiff<const D: usize>(
+    t: &BurnTensor<D>,
+) -> Option<<Float as BackendPrimitive<Autodiff<Cube>>>::Primitive> {
+    t.clone().try_into_primitive::<Autodiff<Cube>>().ok()
+}
+
+/// `values` made contiguous, when every one is `f32` (checked before any copy is made).
+fn f32_values<const N: usize>(values: Vec<CubeTensor>) -> Option<[CubeTensor; N]> {
+    if !values.iter().all(|t| t.dtype == DType::F32) {
+        return None;
+    }
+    values
+        .into_iter()
+        .map(into_contiguous)
+        .collect::<Vec<_>>()
+        .try_into()
+        .ok()
 }
 
 /// `p` as a [`CubeTensor`] when Burn's `Cube` back end is the unfused one.
