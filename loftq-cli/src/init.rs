@@ -388,15 +388,7 @@ pub fn run(a: &InitArgs) -> Result<()> {
         println!("quantizers: {}", list.join(", "));
     }
     if let Some(d) = &report.distill {
-        let eval = |e: &Option<EvalRecord>| {
-            e.as_ref().map_or("-".to_string(), |e| {
-                format!(
-                    "perplexity {:.3}, KL {:.4}",
-                    e.ppl,
-                    e.kl.unwrap_or(f64::NAN)
-                )
-            })
-        };
+        let eval = |e: &Option<EvalRecord>| e.as_ref().map_or("-".to_string(), held_out);
         println!(
             "distilled {} steps on {} tokens in {:.0} s; held-out calibration text: {} → {}",
             d.steps,
@@ -419,11 +411,19 @@ fn distill_note(e: &TrainEvent, steps: usize) -> Option<String> {
             r.step, r.loss, r.seconds
         )),
         TrainEvent::Eval(r) => Some(format!(
-            "distillation: after {} steps, held-out perplexity {:.3}, KL {:.4}",
+            "distillation: after {} steps, held-out {}",
             r.step,
-            r.ppl,
-            r.kl.unwrap_or(f64::NAN)
+            held_out(r)
         )),
         _ => None,
     }
+}
+
+/// A validation of the distillation: perplexity and the KL from the full-precision model.
+fn held_out(r: &EvalRecord) -> String {
+    format!(
+        "perplexity {:.3}, KL {:.4}",
+        r.ppl,
+        r.kl.unwrap_or(f64::NAN)
+    )
 }

@@ -184,7 +184,9 @@ pub(super) fn run(
         job,
         |e: &TrainEvent| events(Event::Distill(e.clone())),
     )?;
-    let distilled = Adapter::read(&dir.join("adapter"))?;
+    // The student holds the distilled factors (also after a resume that found the run done).
+    let distilled = (student.adapter(adapter.config.clone()))
+        .expect("distill_on refuses a student without adapters");
     write_dir_atomic(&out.join("adapter"), |tmp| distilled.write(tmp))?;
     let first = history.evals.iter().min_by_key(|e| e.step).cloned();
     let last = history.evals.iter().max_by_key(|e| e.step).cloned();
