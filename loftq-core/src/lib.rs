@@ -23,6 +23,8 @@
 pub mod args;
 mod batch;
 pub mod calib;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube;
 #[cfg(feature = "flex")]
 pub mod cpu;
 mod dense;

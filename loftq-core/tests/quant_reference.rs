@@ -264,6 +264,59 @@ fn portable_and_host_kernels_agree() {
     }
 }
 
+/// On GPU back ends a codebook scheme quantizes in one CubeCL kernel (a thread a block): it
+/// must apply there (not fall back unseen) and give Burn's ops' codes, scales and values bit
+/// for bit, zero blocks and both roundings included. On the CPU it does not apply.
+#[test]
+fn codebook_kernel_applies_on_gpus_and_equals_burn_ops() {
+    use burn::tensor::Int;
+    let dev = device();
+    let (nb, len) = (40, 64);
+    let mut x = gaussian(nb, len, 0.05, 5);
+    x[128..192].fill(0.0);
+    let w = Tensor::<2>::from_data(TensorData::new(x, [nb, len]), &dev);
+    for cfg in [
+        QuantConfig::nf4(),
+        QuantConfig::nf(2),
+        QuantConfig::nf(3).with_rounding(Rounding::Bnb),
+        QuantConfig::new(loftq_core::quant::Scheme::UniformCodebook { bits: 4 }),
+    ] {
+        let quantizer = Quantizer::new(cfg).unwrap();
+        let (t, l) = (quantizer.thresholds(), quantizer.levels());
+        let fused = loftq_core::quant::cube::quantize_codebook(&w, t, l, len, cfg.rounding);
+        assert_eq!(fused.is_some(), !is_host_device(&dev), "{}", cfg.label());
+        let Some((codes, scales, values)) = fused else {
+            continue;
+        };
+        let absmax = w.clone().abs().max_dim(1);
+        let safe = absmax.clone().mask_fill(absmax.clone().equal_elem(0.0), 1.0);
+        let v = match cfg.rounding {
+            Rounding::Peft => w.clone() / safe,
+            Rounding::Bnb => w.clone() * safe.recip(),
+        };
+        let mut want: Tensor<2, Int> = Tensor::zeros([nb, len], &dev);
+        for &th in t {
+            want = want + v.clone().greater_equal_elem(th).int();
+        }
+        let want = want.reshape([nb * len]);
+        let levels = Tensor::<1>::from_data(TensorData::new(l.to_vec(), [l.len()]), &dev);
+        let want_values = levels.select(0, want.clone()).reshape([nb, len]) * absmax.clone();
+        let ints = |c: Tensor<1, Int>| c.to_data().convert::<i32>().try_to_vec::<i32>().unwrap();
+        let floats = |f: Tensor<2>| f.to_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(ints(codes), ints(want), "{}: codes", cfg.label());
+        assert_bits_eq(
+            &floats(scales.reshape([nb, 1])),
+            &floats(absmax),
+            &format!("{} scales", cfg.label()),
+        );
+        assert_bits_eq(
+            &floats(values),
+            &floats(want_values),
+            &format!("{} values", cfg.label()),
+        );
+    }
+}
+
 #[test]
 fn fused_residual_equals_weight_minus_dequantized() {
     // 300 × 301: over the parallel threshold, with blocks that straddle rows and a tail.

@@ -1,7 +1,6 @@
 //! The kernels of [`super::kernel`] as Burn operations: on plain `Cube` tensors, or recorded
 //! on the autodiff device with their backward kernel.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -10,28 +9,15 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Cube};
 use burn::tensor::{BackendPrimitive, DType, Float, Tensor as BurnTensor};
-use burn_cubecl::cubecl::prelude::*;
-use burn_cubecl::cubecl::{CubeDim, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::kernel;
+use crate::cube::{as_cube, empty, from_cube, grid, plain};
 
 /// An empty `f32` tensor shaped as `like`, on its device.
 fn empty_like(like: &CubeTensor) -> CubeTensor {
-    empty_device_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        like.meta.shape().clone(),
-        DType::F32,
-    )
-}
-
-/// The launch grid for `n` threads.
-fn grid(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new(&t.client, n.max(1));
-    (calculate_cube_count_elemwise(&t.client, n.max(1), dim), dim)
+    empty(like, like.meta.shape().clone(), DType::F32)
 }
 
 /// Computes a recorded operation's input gradients from its inputs and output gradient.
@@ -254,14 +240,6 @@ fn frozen<const D: usize>(w: &BurnTensor<D>) -> Option<CubeTensor> {
     f32_values::<1>(vec![t]).map(|[t]| t)
 }
 
-/// `t`'s values when it is a plain tensor of the unfused `Cube` back end.
-fn plain<const D: usize>(t: &BurnTensor<D>) -> Option<CubeTensor> {
-    t.clone()
-        .try_into_primitive::<Cube>()
-        .ok()
-        .and_then(as_cube)
-}
-
 /// `t` when it lives on the autodiff device over `Cube`.
 fn on_autodiff<const D: usize>(
     t: &BurnTensor<D>,
@@ -280,16 +258,4 @@ fn f32_values<const N: usize>(values: Vec<CubeTensor>) -> Option<[CubeTensor; N]
         .collect::<Vec<_>>()
         .try_into()
         .ok()
-}
-
-/// `p` as a [`CubeTensor`] when Burn's `Cube` back end is the unfused one.
-fn as_cube<P: Any>(p: P) -> Option<CubeTensor> {
-    let p: Box<dyn Any> = Box::new(p);
-    p.downcast::<CubeTensor>().ok().map(|t| *t)
-}
-
-/// The inverse of [`as_cube`]: a [`CubeTensor`] as the primitive type `P` it is.
-fn from_cube<P: Any>(t: CubeTensor) -> Option<P> {
-    let t: Box<dyn Any> = Box::new(t);
-    t.downcast::<P>().ok().map(|p| *p)
 }

@@ -1,18 +1,23 @@
-//! Dequantization of packed codebook weights in one CubeCL kernel (WGPU, CUDA).
+//! Codebook quantization and dequantization in one CubeCL kernel each (WGPU, CUDA).
 //!
 //! Burn's ops take four kernels per dequantization (shift, mask, codebook gather, scale),
 //! each a pass over a tensor as large as the weight, and the shifted codes are 4 bytes each;
-//! a training step dequantizes every packed weight once forward and once backward. This kernel
-//! reads each word and scale once and writes each value once: `levels[code] · scale`, the
-//! same single `f32` product as the host and the portable paths, so the values are the same
-//! bit for bit.
+//! a training step dequantizes every packed weight once forward and once backward. Quantizing
+//! a codebook scheme such as NF4 takes more: an absolute value, a maximum per block, a zero
+//! test and a division, three kernels per threshold (15 for NF4), a gather and a product,
+//! about fifty passes in each LoftQ iteration. These kernels read each value once and write
+//! each result once, with the portable path's arithmetic (`x / absmax` or `x · (1/absmax)`,
+//! the count of thresholds at or below, `levels[code] · absmax`), so codes and values are the
+//! same bit for bit.
 //!
-//! [`dequantize_codebook`] exists in every build and returns `None` where the kernel does not
-//! apply (no CubeCL back end compiled in, tensors of another back end, or Burn's fusion on with
-//! `tuned`, whose tensors are fusion tensors): the caller then takes the portable path, which
-//! fusion already merges.
+//! Each function exists in every build and returns `None` where its kernel does not apply
+//! (no CubeCL back end compiled in, tensors of another back end or dtype, or Burn's fusion on
+//! with `tuned`, whose tensors are fusion tensors): the caller then takes the portable path,
+//! which fusion already merges.
 
 use burn::tensor::{Int, Tensor};
+
+use super::Rounding;
 
 /// Codes packed `⌊32/bits⌋` to an `i32` word, low bits first, one scale per `block` values.
 #[derive(Clone, Copy, Debug)]
@@ -44,19 +49,37 @@ pub fn dequantize_codebook(
     }
 }
 
+/// Codebook quantization of `x` in blocks of `block` consecutive values (row-major; the last
+/// block may be shorter): the codes (`#{k : v ≥ thresholds[k]}`, `v` the value over its
+/// block's absolute maximum, divided as `rounding` says), the blocks' absolute maxima, and
+/// the dequantized values `levels[code] · absmax`, in one kernel (a thread a block); `None`
+/// where the kernel does not apply (see the module documentation).
+pub fn quantize_codebook(
+    x: &Tensor<2>,
+    thresholds: &[f32],
+    levels: &[f32],
+    block: usize,
+    rounding: Rounding,
+) -> Option<(Tensor<1, Int>, Tensor<1>, Tensor<2>)> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        kernel::quantize(x, thresholds, levels, block, rounding)
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (x, thresholds, levels, block, rounding);
+        None
+    }
+}
+
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod kernel {
-    use std::any::Any;
-
-    use burn::backend::Cube;
-    use burn::tensor::{DType, Shape, Tensor as BurnTensor};
+    use burn::tensor::{DType, Int, Shape, Tensor as BurnTensor};
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
-    use burn_cubecl::cubecl::{CubeDim, calculate_cube_count_elemwise};
-    use burn_cubecl::ops::numeric::empty_device_dtype;
-    use burn_cubecl::tensor::CubeTensor;
 
-    use super::PackedWords;
+    use super::{PackedWords, Rounding};
+    use crate::cube::{empty, grid, plain, to_tensor};
 
     /// One thread per value: its code from its word, then `levels[code] · scales[block]`.
     #[cube(launch)]
@@ -88,22 +111,13 @@ mod kernel {
         shape: [usize; 2],
     ) -> Option<BurnTensor<2>> {
         let (bits, block) = (packed.bits, packed.block);
-        let words = cube(packed.words.clone().try_into_primitive::<Cube>().ok()?)?;
-        let levels = cube(levels.clone().try_into_primitive::<Cube>().ok()?)?;
-        let scales = cube(scales.clone().try_into_primitive::<Cube>().ok()?)?;
+        let (words, levels, scales) = (plain(packed.words)?, plain(levels)?, plain(scales)?);
         let types = [words.dtype, levels.dtype, scales.dtype];
         if types != [DType::I32, DType::F32, DType::F32] || !(1..=8).contains(&bits) || block == 0 {
             return None;
         }
-        let n = shape[0] * shape[1];
-        let out = empty_device_dtype(
-            words.client.clone(),
-            words.device.clone(),
-            Shape::new(shape),
-            DType::F32,
-        );
-        let cube_dim = CubeDim::new(&words.client, n);
-        let cube_count = calculate_cube_count_elemwise(&words.client, n, cube_dim);
+        let out = empty(&words, Shape::new(shape), DType::F32);
+        let (cube_count, cube_dim) = grid(&words, shape[0] * shape[1]);
         dequantize_codebook_kernel::launch(
             &out.client,
             cube_count,
@@ -115,13 +129,87 @@ mod kernel {
             usize::from(bits),
             block,
         );
-        let out: Box<dyn Any> = Box::new(out);
-        Some(BurnTensor::from_primitive::<Cube>(*out.downcast().ok()?))
+        to_tensor(out)
     }
 
-    /// `p` as a [`CubeTensor`] when Burn's `Cube` back end is the unfused one.
-    fn cube<P: Any>(p: P) -> Option<CubeTensor> {
-        let p: Box<dyn Any> = Box::new(p);
-        p.downcast::<CubeTensor>().ok().map(|t| *t)
+    /// One thread per block of `block` values (the last may be shorter): the block's
+    /// absolute maximum `m`, then for each value `v = x / m` (`x · (1/m)` with `bnb`; a zero
+    /// `m` counts as 1), its code `#{k : v ≥ thresholds[k]}` and `levels[code] · m`.
+    #[cube(launch)]
+    fn quantize_codebook_kernel(
+        x: &Tensor<f32>,
+        thresholds: &Tensor<f32>,
+        levels: &Tensor<f32>,
+        codes: &mut Tensor<i32>,
+        scales: &mut Tensor<f32>,
+        values: &mut Tensor<f32>,
+        block: usize,
+        #[comptime] bnb: bool,
+    ) {
+        let b = ABSOLUTE_POS;
+        if b >= scales.len() {
+            terminate!();
+        }
+        let start = b * block;
+        let end = usize::min(start + block, x.len());
+        let mut m = 0.0f32;
+        for i in start..end {
+            m = f32::max(m, f32::abs(x[i]));
+        }
+        scales[b] = m;
+        // A zero maximum only comes with zero values: dividing by 1 gives them code(0).
+        let safe = select(m == 0.0f32, 1.0f32, m);
+        let inv = 1.0f32 / safe;
+        for i in start..end {
+            let v = if comptime!(bnb) { x[i] * inv } else { x[i] / safe };
+            let mut code = 0;
+            for k in 0..thresholds.len() {
+                if v >= thresholds[k] {
+                    code += 1;
+                }
+            }
+            codes[i] = i32::cast_from(code);
+            values[i] = levels[code] * m;
+        }
+    }
+
+    /// [`quantize_codebook`](super::quantize_codebook) on the unfused CubeCL back end's
+    /// `f32` tensors; `None` on any other.
+    pub(super) fn quantize(
+        x: &BurnTensor<2>,
+        thresholds: &[f32],
+        levels: &[f32],
+        block: usize,
+        rounding: Rounding,
+    ) -> Option<(BurnTensor<1, Int>, BurnTensor<1>, BurnTensor<2>)> {
+        let shape = x.dims();
+        let n = shape[0] * shape[1];
+        let xs = plain(x)?;
+        if xs.dtype != DType::F32 || block == 0 || levels.len() != thresholds.len() + 1 {
+            return None;
+        }
+        let device = x.device();
+        let table = |v: &[f32]| plain(&crate::transfers::upload(v.to_vec(), [v.len()], &device));
+        let (thresholds, levels) = (table(thresholds)?, table(levels)?);
+        let xs = burn_cubecl::kernel::into_contiguous(xs);
+        let blocks = n.div_ceil(block);
+        let codes = empty(&xs, Shape::new([n]), DType::I32);
+        let scales = empty(&xs, Shape::new([blocks]), DType::F32);
+        let values = empty(&xs, Shape::new(shape), DType::F32);
+        let (cube_count, cube_dim) = grid(&xs, blocks);
+        quantize_codebook_kernel::launch(
+            &xs.client,
+            cube_count,
+            cube_dim,
+            xs.clone().into_tensor_arg(),
+            thresholds.into_tensor_arg(),
+            levels.into_tensor_arg(),
+            codes.clone().into_tensor_arg(),
+            scales.clone().into_tensor_arg(),
+            values.clone().into_tensor_arg(),
+            block,
+            rounding == Rounding::Bnb,
+        );
+        Some((to_tensor(codes)?, to_tensor(scales)?, to_tensor(values)?))
     }
 }

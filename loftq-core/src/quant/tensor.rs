@@ -191,8 +191,8 @@ impl Quantizer {
         w: &Tensor<2>,
         check: bool,
     ) -> Result<(Quantized, Tensor<2>), QuantError> {
-        let q = self.quantize_portable(w, w.dims(), check)?;
-        let deq = self.dequantize_portable(&q);
+        let (q, deq) = self.quantize_portable(w, w.dims(), check)?;
+        let deq = deq.unwrap_or_else(|| self.dequantize_portable(&q));
         Ok((q, deq))
     }
 
@@ -224,7 +224,7 @@ impl Quantizer {
                 let q = self.quantize_host(&host_f32(w), shape)?;
                 Ok(Quantized::from_host(&q, &device))
             }
-            _ => self.quantize_portable(w, shape, true),
+            _ => Ok(self.quantize_portable(w, shape, true)?.0),
         }
     }
 
@@ -245,12 +245,14 @@ impl Quantizer {
         }
     }
 
+    /// The codes, and the dequantized values where one kernel made both (codebook schemes on
+    /// WGPU and CUDA).
     fn quantize_portable(
         &self,
         w: &Tensor<2>,
         shape: [usize; 2],
         check: bool,
-    ) -> Result<Quantized, QuantError> {
+    ) -> Result<(Quantized, Option<Tensor<2>>), QuantError> {
         let n = shape[0] * shape[1];
         let block = self.block_len(shape)?;
         if let Scheme::Ggml { format } = self.config.scheme
@@ -258,11 +260,32 @@ impl Quantizer {
         {
             // A search over trial scales per block: the host kernel, on every back end.
             let q = self.quantize_host(&host_f32(w), shape)?;
-            return Ok(Quantized::from_host(&q, &w.device()));
+            return Ok((Quantized::from_host(&q, &w.device()), None));
         }
         if check && non_finite(w) {
             // Rare path: find the position on the host for the message.
             return Err(non_finite_error(&host_f32(w), shape[1]));
+        }
+        if matches!(
+            self.config.scheme,
+            Scheme::Nf { .. } | Scheme::UniformCodebook { .. }
+        ) && let Some((codes, scales, values)) = super::cube::quantize_codebook(
+            w,
+            &self.thresholds,
+            &self.levels,
+            block,
+            self.config.rounding,
+        ) {
+            let bits = self.config.scheme.bits();
+            let q = Quantized {
+                shape,
+                block,
+                bits,
+                codes,
+                scales,
+                mins: None,
+            };
+            return Ok((q, Some(values)));
         }
         let flat = w.clone().reshape([n]);
         let full = n / block;
@@ -282,14 +305,15 @@ impl Quantizer {
             .2
             .as_ref()
             .map(|_| join(parts.iter().map(|p| p.2.clone().expect("mins")).collect()));
-        Ok(Quantized {
+        let q = Quantized {
             shape,
             block,
             bits: self.config.scheme.bits(),
             codes,
             scales,
             mins,
-        })
+        };
+        Ok((q, None))
     }
 
     /// Quantizes rows of equal-length blocks `[nb, len]`: flat codes, scales, minimums.
