@@ -30,7 +30,10 @@ where
     K: BackendPrimitive<Cube> + Basic,
     <K as BackendPrimitive<Cube>>::Primitive: Any,
 {
-    t.clone().try_into_primitive::<Cube>().ok().and_then(as_cube)
+    t.clone()
+        .try_into_primitive::<Cube>()
+        .ok()
+        .and_then(as_cube)
 }
 
 /// A [`CubeTensor`] as a Burn tensor of kind `K`.

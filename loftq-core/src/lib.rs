@@ -23,10 +23,10 @@
 pub mod args;
 mod batch;
 pub mod calib;
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-mod cube;
 #[cfg(feature = "flex")]
 pub mod cpu;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube;
 mod dense;
 pub mod device;
 mod error;

@@ -289,7 +289,9 @@ fn codebook_kernel_applies_on_gpus_and_equals_burn_ops() {
             continue;
         };
         let absmax = w.clone().abs().max_dim(1);
-        let safe = absmax.clone().mask_fill(absmax.clone().equal_elem(0.0), 1.0);
+        let safe = absmax
+            .clone()
+            .mask_fill(absmax.clone().equal_elem(0.0), 1.0);
         let v = match cfg.rounding {
             Rounding::Peft => w.clone() / safe,
             Rounding::Bnb => w.clone() * safe.recip(),

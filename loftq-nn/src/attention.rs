@@ -57,7 +57,8 @@ impl Attention {
 
 /// Causal attention of projected `q [b, s, heads·d]`, `k`, `v` `[b, s, kv_heads·d]`, rotary
 /// embeddings applied to `q` and `k`: `[b, s, heads·d]`, each position seeing the last `window`
-/// positions when set. One host kernel on the CPU back end when the window covers the input.
+/// positions when set. When the window covers the input: one host kernel on the CPU back end,
+/// one recorded operation of CubeCL kernels and products on WGPU and CUDA.
 pub(crate) fn attend(
     [q, k, v]: [Tensor<3>; 3],
     rope: &RopeTables,
@@ -69,6 +70,16 @@ pub(crate) fn attend(
     let window = window.filter(|&w| w < seq);
     if window.is_none()
         && let Some(y) = kernels::attention([&q, &k, &v], [&rope.cos, &rope.sin], [h, kvh])
+    {
+        return y;
+    }
+    if window.is_none()
+        && let Some(y) = loftq_core::fused::causal_attention(
+            [&q, &k, &v],
+            &rope.cos,
+            &rope.swapped_sin,
+            [h, kvh],
+        )
     {
         return y;
     }

@@ -18,7 +18,7 @@ pub struct RopeTables {
     /// `sin` with the first half of each row negated: `rotate_half(x)·sin` is `x` with its
     /// halves swapped times this, one flip where slices and a concatenation took several
     /// kernels, and more in the backward pass (a zero fill and a copy per slice).
-    swapped_sin: Tensor<2>,
+    pub(crate) swapped_sin: Tensor<2>,
 }
 
 impl RopeTables {

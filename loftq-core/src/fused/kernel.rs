@@ -156,3 +156,81 @@ pub(super) fn causal_softmax_kernel(
         out[at + j] = 0.0;
     }
 }
+
+/// One thread per value of the output, a `[b, s, heads, width]` tensor moved between the
+/// projection's layout (heads last, `[b, s, heads·width]`) and attention's (heads first,
+/// `[b, heads, s, width]`), both contiguous: to heads first with `first`, back otherwise. With
+/// `rotate`, the rotary embedding of [`rotary_kernel`] on the way (its transpose with `back`).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn heads_kernel(
+    x: &Tensor<f32>,
+    cos: &Tensor<f32>,
+    ssin: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    seq: usize,
+    heads: usize,
+    width: usize,
+    #[comptime] first: bool,
+    #[comptime] rotate: bool,
+    #[comptime] back: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let j = i % width;
+    let r = i / width;
+    // The output's faster of position and head, then the other.
+    let inner = if comptime!(first) { seq } else { heads };
+    let other = if comptime!(first) { heads } else { seq };
+    let (fast, slow) = (r % inner, (r / inner) % other);
+    let pos = if comptime!(first) { fast } else { slow };
+    let head = if comptime!(first) { slow } else { fast };
+    let batch = r / (seq * heads);
+    let at = if comptime!(first) {
+        ((batch * seq + pos) * heads + head) * width
+    } else {
+        ((batch * heads + head) * seq + pos) * width
+    };
+    let mut y = x[at + j];
+    if comptime!(rotate) {
+        let d = cos.shape(1);
+        if j < d {
+            let half = d / 2;
+            let partner = if j < half { j + half } else { j - half };
+            let c = pos * d + j;
+            let t = if comptime!(back) {
+                pos * d + partner
+            } else {
+                c
+            };
+            y = x[at + j] * cos[c] + x[at + partner] * ssin[t];
+        }
+    }
+    out[i] = y;
+}
+
+/// One thread per row of `t` probabilities `p` (a softmax's output, scaled by `scale` on the
+/// way in): `ds = scale·p·(dp − Σ dp·p)`.
+#[cube(launch)]
+pub(super) fn softmax_backward_kernel(
+    p: &Tensor<f32>,
+    dp: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    t: usize,
+    scale: f32,
+) {
+    let row = ABSOLUTE_POS;
+    if row * t >= p.len() {
+        terminate!();
+    }
+    let at = row * t;
+    let mut dot = 0.0;
+    for j in 0..t {
+        dot += dp[at + j] * p[at + j];
+    }
+    for j in 0..t {
+        out[at + j] = scale * p[at + j] * (dp[at + j] - dot);
+    }
+}

@@ -1,6 +1,7 @@
 //! Four of the model's element-wise stretches as single CubeCL kernels (WGPU, CUDA), each
 //! with a one-kernel backward pass: the MLP's `silu(gate)·up`, RMSNorm with a frozen weight,
-//! the rotary embedding and the causal softmax of attention.
+//! the rotary embedding and the causal softmax of attention; and causal attention as a whole
+//! (those kernels, the layout moves and the products) as one recorded operation.
 //!
 //! In Burn's ops `silu(gate)·up` is eight kernels forward (its `sigmoid` alone is six:
 //! negate, exp, add one, log, negate, exp) and fifteen backward, RMSNorm six forward and more
@@ -103,7 +104,73 @@ pub fn causal_softmax(scores: &Tensor<4>, scale: f32) -> Option<Tensor<4>> {
     }
 }
 
+/// Causal attention of the projected queries `q` `[b, s, heads·w]` over the keys and values
+/// `k`, `v` `[b, s, kv_heads·w]` (grouped queries when `kv_heads < heads`), the rotary
+/// embedding of [`rotary`] (tables `[s, d]`, `d ≤ w` even) applied to `q` and `k`, each
+/// position seeing itself and every earlier one: `[b, s, heads·w]`, the heads side by side, as
+/// the output projection takes them. One recorded operation of 7 kernels (and 9 backward)
+/// where Burn's ops take 31; `None` where it does not apply or the shapes do not fit.
+pub fn causal_attention(
+    [q, k, v]: [&Tensor<3>; 3],
+    cos: &Tensor<2>,
+    swapped_sin: &Tensor<2>,
+    [heads, kv_heads]: [usize; 2],
+) -> Option<Tensor<3>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        let [b, s, width] = q.dims();
+        let w = width / heads.max(1);
+        let [ts, d] = cos.dims();
+        let fits = heads > 0
+            && kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && width == heads * w
+            && k.dims() == [b, s, kv_heads * w]
+            && v.dims() == k.dims()
+            && ts == s
+            && swapped_sin.dims() == [ts, d]
+            && d <= w
+            && d.is_multiple_of(2);
+        fits.then(|| attention::causal_attention([q, k, v], cos, swapped_sin, [heads, kv_heads]))
+            .flatten()
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (q, k, v, cos, swapped_sin, heads, kv_heads);
+        None
+    }
+}
+
+/// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for `x [rows, in]`, a frozen `w [out, in]` and the adapter's factors
+/// `a [r, in]`, `b [out, r]`: the products of Burn's ops, recorded as one operation whose
+/// backward pass gives each factor's gradient in its own layout (Burn's gives `A`'s and `B`'s
+/// as transposed views, which the optimizer then copies). `None` where it does not apply
+/// (see the module documentation; `w` must need no gradient) or the shapes do not fit.
+pub fn lora_linear(
+    x: &Tensor<2>,
+    w: &Tensor<2>,
+    [a, b]: [&Tensor<2>; 2],
+    scaling: f32,
+) -> Option<Tensor<2>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        let ([_, n], [out, inp], [r, ai], [bo, br]) = (x.dims(), w.dims(), a.dims(), b.dims());
+        let fits = n == inp && ai == inp && bo == out && br == r;
+        fits.then(|| lora::lora_linear([x, a, b], w, scaling))
+            .flatten()
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (x, w, a, b, scaling);
+        None
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod attention;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod kernel;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod lora;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod ops;

@@ -16,18 +16,19 @@ use super::kernel;
 use crate::cube::{as_cube, empty, from_cube, grid, plain};
 
 /// An empty `f32` tensor shaped as `like`, on its device.
-fn empty_like(like: &CubeTensor) -> CubeTensor {
+pub(super) fn empty_like(like: &CubeTensor) -> CubeTensor {
     empty(like, like.meta.shape().clone(), DType::F32)
 }
 
-/// Computes a recorded operation's input gradients from its inputs and output gradient.
-type BackwardFn<const N: usize> =
-    Arc<dyn Fn(&[CubeTensor; N], CubeTensor) -> [CubeTensor; N] + Send + Sync>;
+/// Computes a recorded operation's input gradients from what its forward pass saved and its
+/// output gradient.
+pub(super) type BackwardFn<const N: usize> =
+    Arc<dyn Fn(&[CubeTensor], CubeTensor) -> [CubeTensor; N] + Send + Sync>;
 
-/// A recorded operation's state: its inputs, and its backward kernel.
+/// A recorded operation's state: what its forward pass saved, and its backward kernels.
 #[derive(Clone)]
 struct Recorded<const N: usize> {
-    inputs: [CubeTensor; N],
+    saved: Vec<CubeTensor>,
     backward: BackwardFn<N>,
 }
 
@@ -46,7 +47,7 @@ impl<const N: usize> Backward<Cube, N> for KernelBackward<N> {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = as_cube(grads.consume::<Cube>(&ops.node)).expect("recorded on Cube tensors");
         let state = &ops.state;
-        let out = (state.backward)(&state.inputs, into_contiguous(dy));
+        let out = (state.backward)(&state.saved, into_contiguous(dy));
         for (parent, grad) in ops.parents.iter().zip(out) {
             if let Some(node) = parent {
                 grads.register::<Cube>(node.id, from_cube(grad).expect("the same type"));
@@ -56,18 +57,30 @@ impl<const N: usize> Backward<Cube, N> for KernelBackward<N> {
 }
 
 /// Runs `forward` on the `f32` values of `inputs`, plain `Cube` tensors or all on the
-/// autodiff device, where it is recorded with `backward`; `None` on any other back end or
-/// dtype.
+/// autodiff device, where it is recorded with `backward`, which gets the inputs; `None` on
+/// any other back end or dtype.
 fn run<const N: usize, const D: usize>(
     inputs: [&BurnTensor<D>; N],
     forward: impl FnOnce(&[CubeTensor; N]) -> CubeTensor,
+    backward: impl Fn(&[CubeTensor; N], CubeTensor) -> [CubeTensor; N] + Send + Sync + 'static,
+) -> Option<BurnTensor<D>> {
+    let backward: BackwardFn<N> = Arc::new(move |saved: &[CubeTensor], dy| {
+        backward(saved.try_into().expect("the inputs, saved"), dy)
+    });
+    run_saving(inputs, |x| (forward(x), x.to_vec()), backward)
+}
+
+/// [`run`] where `forward` also returns what `backward` needs (instead of the inputs).
+pub(super) fn run_saving<const N: usize, const D: usize>(
+    inputs: [&BurnTensor<D>; N],
+    forward: impl FnOnce(&[CubeTensor; N]) -> (CubeTensor, Vec<CubeTensor>),
     backward: BackwardFn<N>,
 ) -> Option<BurnTensor<D>> {
     if let Some(plain) = inputs.iter().map(|t| plain(t)).collect() {
         let values = f32_values(plain)?;
-        return Some(BurnTensor::from_primitive::<Cube>(from_cube(forward(
-            &values,
-        ))?));
+        return Some(BurnTensor::from_primitive::<Cube>(from_cube(
+            forward(&values).0,
+        )?));
     }
     let ads: Vec<_> = inputs
         .iter()
@@ -75,20 +88,15 @@ fn run<const N: usize, const D: usize>(
         .collect::<Option<_>>()?;
     let values = (ads.iter()).map(|a| as_cube(a.primitive().clone()));
     let values: [CubeTensor; N] = f32_values(values.collect::<Option<_>>()?)?;
-    let y = from_cube(forward(&values))?;
+    let (y, saved) = forward(&values);
+    let y = from_cube(y)?;
     let nodes = std::array::from_fn(|i| ads[i].node());
     let tensor = match KernelBackward::<N>
         .prepare::<NoCheckpointing>(nodes)
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish(
-            Recorded {
-                inputs: values,
-                backward,
-            },
-            y,
-        ),
+        OpsKind::Tracked(prep) => prep.finish(Recorded { saved, backward }, y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Some(BurnTensor::from_primitive::<Autodiff<Cube>>(tensor))
@@ -111,7 +119,7 @@ pub(super) fn silu_mul<const D: usize>(
         );
         out
     };
-    let backward: BackwardFn<2> = Arc::new(|[g, u]: &[CubeTensor; 2], dy: CubeTensor| {
+    let backward = |[g, u]: &[CubeTensor; 2], dy: CubeTensor| {
         let (dg, du) = (empty_like(g), empty_like(g));
         let (count, dim) = grid(g, dg.meta.shape().num_elements());
         kernel::silu_mul_backward_kernel::launch(
@@ -125,7 +133,7 @@ pub(super) fn silu_mul<const D: usize>(
             du.clone().into_tensor_arg(),
         );
         [dg, du]
-    });
+    };
     run([gate, up], forward, backward)
 }
 
@@ -155,8 +163,7 @@ pub(super) fn rms_norm<const D: usize>(
     };
     let wf = w.clone();
     let forward = move |[x]: &[CubeTensor; 1]| launch(x, &wf, None);
-    let backward: BackwardFn<1> =
-        Arc::new(move |[x]: &[CubeTensor; 1], dy: CubeTensor| [launch(x, &w, Some(dy))]);
+    let backward = move |[x]: &[CubeTensor; 1], dy: CubeTensor| [launch(x, &w, Some(dy))];
     run([x], forward, backward)
 }
 
@@ -186,8 +193,7 @@ pub(super) fn rotary(
     };
     let (cf, tf) = (c.clone(), t.clone());
     let forward = move |[x]: &[CubeTensor; 1]| launch(x, &cf, &tf, false);
-    let backward: BackwardFn<1> =
-        Arc::new(move |_: &[CubeTensor; 1], dy: CubeTensor| [launch(&dy, &c, &t, true)]);
+    let backward = move |_: &[CubeTensor; 1], dy: CubeTensor| [launch(&dy, &c, &t, true)];
     run([x], forward, backward)
 }
 
@@ -199,34 +205,42 @@ pub(super) fn applies<const D: usize>(t: &BurnTensor<D>) -> bool {
 }
 
 pub(super) fn causal_softmax(scores: &BurnTensor<4>, scale: f32) -> Option<BurnTensor<4>> {
-    let [b, h, n, t] = scores.dims();
-    let launch = move |s: &CubeTensor, dp: Option<CubeTensor>| {
-        let out = empty_like(s);
-        let (count, dim) = grid(s, b * h * n);
-        let back = dp.is_some();
-        kernel::causal_softmax_kernel::launch(
-            &out.client,
-            count,
-            dim,
-            s.clone().into_tensor_arg(),
-            dp.unwrap_or_else(|| s.clone()).into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            n,
-            t,
-            scale,
-            back,
-        );
-        out
-    };
-    let forward = move |[s]: &[CubeTensor; 1]| launch(s, None);
-    let backward: BackwardFn<1> =
-        Arc::new(move |[s]: &[CubeTensor; 1], dy: CubeTensor| [launch(s, Some(dy))]);
+    let n = scores.dims()[2];
+    let forward = move |[s]: &[CubeTensor; 1]| softmax_kernel(s, None, n, scale);
+    let backward = move |[s]: &[CubeTensor; 1], dy| [softmax_kernel(s, Some(dy), n, scale)];
     run([scores], forward, backward)
+}
+
+/// The causal softmax kernel on the rows of `s` (`t` scores each, `n` queries per run of
+/// rows), or its backward pass with `dp`.
+pub(super) fn softmax_kernel(
+    s: &CubeTensor,
+    dp: Option<CubeTensor>,
+    n: usize,
+    scale: f32,
+) -> CubeTensor {
+    let t = s.meta.shape()[s.meta.num_dims() - 1];
+    let out = empty_like(s);
+    let (count, dim) = grid(s, s.meta.shape().num_elements() / t);
+    let back = dp.is_some();
+    kernel::causal_softmax_kernel::launch(
+        &out.client,
+        count,
+        dim,
+        s.clone().into_tensor_arg(),
+        dp.unwrap_or_else(|| s.clone()).into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        n,
+        t,
+        scale,
+        back,
+    );
+    out
 }
 
 /// A constant's `f32` values when no gradient flows to it (plain, or untracked on the
 /// autodiff device).
-fn frozen<const D: usize>(w: &BurnTensor<D>) -> Option<CubeTensor> {
+pub(super) fn frozen<const D: usize>(w: &BurnTensor<D>) -> Option<CubeTensor> {
     let t = match plain(w) {
         Some(t) => t,
         None => {

@@ -161,7 +161,11 @@ mod kernel {
         let safe = select(m == 0.0f32, 1.0f32, m);
         let inv = 1.0f32 / safe;
         for i in start..end {
-            let v = if comptime!(bnb) { x[i] * inv } else { x[i] / safe };
+            let v = if comptime!(bnb) {
+                x[i] * inv
+            } else {
+                x[i] / safe
+            };
             let mut code = 0;
             for k in 0..thresholds.len() {
                 if v >= thresholds[k] {

@@ -94,16 +94,7 @@ fn fused_rotary_matches_burn_ops_values_and_gradient() {
         let x0 = Tensor::<4>::random([b, s, h, width], Distribution::Normal(0.0, 1.0), &dev);
         let cos = Tensor::<2>::random([s, d], Distribution::Normal(0.0, 1.0), &dev);
         let ssin = Tensor::<2>::random([s, d], Distribution::Normal(0.0, 1.0), &dev);
-        let burn = |x: Tensor<4>, cos: Tensor<2>, ssin: Tensor<2>| {
-            let table = |t: Tensor<2>| t.reshape([1, s, 1, d]).expand([b, s, h, d]);
-            let rot = x.clone().narrow(3, 0, d);
-            let swapped = rot.clone().reshape([b, s, h, 2, d / 2]).flip([3]);
-            let y = rot * table(cos) + swapped.reshape([b, s, h, d]) * table(ssin);
-            match d < width {
-                true => Tensor::cat(vec![y, x.narrow(3, d, width - d)], 3),
-                false => y,
-            }
-        };
+        let burn = rotary_ops;
         let plain = rotary(&x0, &cos, &ssin);
         assert_eq!(
             plain.is_some(),
@@ -170,6 +161,142 @@ fn fused_causal_softmax_matches_burn_ops_values_and_gradient() {
         let (got, want) = (run(true), run(false));
         for (what, (a, b)) in ["values", "∂scores"].iter().zip(got.iter().zip(&want)) {
             close(a, b, &format!("{what}, {n} queries"));
+        }
+    }
+}
+
+/// The rotary embedding of `x [b, s, h, width]` in Burn's ops: on the first `d` values of
+/// each head `x·cos + x'·ssin`, `x'` with its halves swapped.
+fn rotary_ops(x: Tensor<4>, cos: Tensor<2>, ssin: Tensor<2>) -> Tensor<4> {
+    let [b, s, h, width] = x.dims();
+    let d = cos.dims()[1];
+    let table = |t: Tensor<2>| t.reshape([1, s, 1, d]).expand([b, s, h, d]);
+    let rot = x.clone().narrow(3, 0, d);
+    let swapped = rot.clone().reshape([b, s, h, 2, d / 2]).flip([3]);
+    let y = rot * table(cos) + swapped.reshape([b, s, h, d]) * table(ssin);
+    match d < width {
+        true => Tensor::cat(vec![y, x.narrow(3, d, width - d)], 3),
+        false => y,
+    }
+}
+
+/// Queries, keys and values from the projections to the output projection's input: grouped
+/// queries (4 heads over 2) and not (3 over 3), whole and partial rotary.
+#[test]
+fn fused_causal_attention_matches_burn_ops_values_and_gradients() {
+    use burn::tensor::Bool;
+    use burn::tensor::activation::softmax;
+    use loftq_core::fused::causal_attention;
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    let (b, s, w) = (2, 6, 8);
+    for ([h, kvh], d) in [([4, 2], w), ([3, 3], w / 2)] {
+        let normal =
+            |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+        let (q0, k0, v0) = (
+            normal([b, s, h * w]),
+            normal([b, s, kvh * w]),
+            normal([b, s, kvh * w]),
+        );
+        let cos = Tensor::<2>::random([s, d], Distribution::Normal(0.0, 1.0), &dev);
+        let ssin = Tensor::<2>::random([s, d], Distribution::Normal(0.0, 1.0), &dev);
+        let burn = |q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, cos: Tensor<2>, ssin: Tensor<2>| {
+            let split = |t: Tensor<3>, n: usize| t.reshape([b, s, n, w]);
+            let repeat = |t: Tensor<4>| {
+                let t = t.swap_dims(1, 2).reshape([b, kvh, 1, s, w]);
+                t.expand([b, kvh, h / kvh, s, w]).reshape([b, h, s, w])
+            };
+            let q = rotary_ops(split(q, h), cos.clone(), ssin.clone()).swap_dims(1, 2);
+            let k = repeat(rotary_ops(split(k, kvh), cos, ssin));
+            let v = repeat(split(v, kvh));
+            let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((w as f32).sqrt());
+            let hidden = Tensor::<2, Bool>::tril_mask([s, s], 0, &scores.device());
+            let hidden = hidden.reshape([1, 1, s, s]).expand([b, h, s, s]);
+            let p = softmax(scores.mask_fill(hidden, f32::MIN), 3);
+            p.matmul(v).swap_dims(1, 2).reshape([b, s, h * w])
+        };
+        let flat = |t: Tensor<3>| host(&t.reshape([b * s, h * w]));
+        let plain = causal_attention([&q0, &k0, &v0], &cos, &ssin, [h, kvh]);
+        assert_eq!(plain.is_some(), applies, "applies on GPU back ends only");
+        let Some(plain) = plain else { return };
+        let want = burn(
+            q0.clone(),
+            k0.clone(),
+            v0.clone(),
+            cos.clone(),
+            ssin.clone(),
+        );
+        close(&flat(plain), &flat(want), "forward");
+        let up = normal([b, s, h * w]).autodiff();
+        let run = |fused: bool| {
+            let [q, k, v] = [&q0, &k0, &v0].map(|t| t.clone().autodiff().require_grad());
+            let (c, t) = (cos.clone().autodiff(), ssin.clone().autodiff());
+            let y = match fused {
+                true => causal_attention([&q, &k, &v], &c, &t, [h, kvh]).expect("applies"),
+                false => burn(q.clone(), k.clone(), v.clone(), c, t),
+            };
+            let grads = (y.clone() * up.clone()).sum().backward();
+            let grad = |x: &Tensor<3>| host(&x.grad(&grads).unwrap().reshape([b * s, x.dims()[2]]));
+            [flat(y.inner()), grad(&q), grad(&k), grad(&v)]
+        };
+        let (got, want) = (run(true), run(false));
+        for (what, (a, b)) in ["values", "∂q", "∂k", "∂v"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            close(
+                a,
+                b,
+                &format!("{what}, {h} heads over {kvh}, rotary dim {d}"),
+            );
+        }
+    }
+}
+
+/// A frozen weight with an adapter: values and the gradients of the input and both factors,
+/// at a LoRA scale of 1 (no scaling kernel) and another.
+#[test]
+fn fused_lora_linear_matches_burn_ops_values_and_gradients() {
+    use loftq_core::fused::lora_linear;
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    let (rows, inp, out, r) = (11, 24, 20, 4);
+    let normal =
+        |shape: [usize; 2]| Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    let (x0, w, a0, b0) = (
+        normal([rows, inp]),
+        normal([out, inp]),
+        normal([r, inp]),
+        normal([out, r]),
+    );
+    let up = normal([rows, out]).autodiff();
+    for s in [1.0, 0.5] {
+        let burn = |x: Tensor<2>, w: Tensor<2>, a: Tensor<2>, b: Tensor<2>| {
+            x.clone().matmul(w.transpose())
+                + x.matmul(a.transpose()).matmul(b.transpose()).mul_scalar(s)
+        };
+        let plain = lora_linear(&x0, &w, [&a0, &b0], s);
+        assert_eq!(plain.is_some(), applies, "applies on GPU back ends only");
+        let Some(plain) = plain else { return };
+        let want = burn(x0.clone(), w.clone(), a0.clone(), b0.clone());
+        close(&host(&plain), &host(&want), "forward");
+        let run = |fused: bool| {
+            let [x, a, b] = [&x0, &a0, &b0].map(|t| t.clone().autodiff().require_grad());
+            let wa = w.clone().autodiff();
+            let y = match fused {
+                true => lora_linear(&x, &wa, [&a, &b], s).expect("applies"),
+                false => burn(x.clone(), wa, a.clone(), b.clone()),
+            };
+            let grads = (y.clone() * up.clone()).sum().backward();
+            let grad = |t: &Tensor<2>| host(&t.grad(&grads).unwrap());
+            [host(&y.inner()), grad(&x), grad(&a), grad(&b)]
+        };
+        let (got, want) = (run(true), run(false));
+        for (what, (g, w)) in ["values", "∂x", "∂A", "∂B"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            close(g, w, &format!("{what}, scale {s}"));
         }
     }
 }

@@ -1,0 +1,67 @@
+//! A linear layer with a LoRA adapter, `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, as one recorded operation whose
+//! backward pass writes each factor's gradient in the factor's own layout.
+//!
+//! Burn's autodiff takes the gradient of `Aᵀ` and transposes it as a view, so every factor's
+//! gradient reached the optimizer transposed and was copied once more to be flattened: 14
+//! copies per decoder layer and step. The products and the sum are the same ones.
+
+use std::sync::Arc;
+
+use burn::tensor::{DType, Tensor as BurnTensor};
+use burn_cubecl::cubecl::ir::FloatKind;
+use burn_cubecl::cubecl::prelude::InputScalar;
+use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
+use burn_cubecl::ops::{numeric, permute};
+use burn_cubecl::tensor::CubeTensor;
+
+use super::ops::{BackwardFn, frozen, run_saving};
+
+pub(super) fn lora_linear(
+    [x, a, b]: [&BurnTensor<2>; 3],
+    w: &BurnTensor<2>,
+    scaling: f32,
+) -> Option<BurnTensor<2>> {
+    let w = frozen(w)?;
+    let wf = w.clone();
+    let forward = move |[x, a, b]: &[CubeTensor; 3]| {
+        let xa = scaled(product(x.clone(), t(a.clone())), scaling);
+        let y = numeric::add(
+            product(x.clone(), t(wf.clone())),
+            product(xa.clone(), t(b.clone())),
+        );
+        (y, vec![x.clone(), a.clone(), b.clone(), xa])
+    };
+    let backward: BackwardFn<3> = Arc::new(move |saved: &[CubeTensor], dy: CubeTensor| {
+        let [x, a, b, xa] = saved else {
+            unreachable!("four tensors saved")
+        };
+        // `xa` is `s·x·Aᵀ`; the gradient reaching `x·Aᵀ` is `s·dy·B`.
+        let dxa = scaled(product(dy.clone(), b.clone()), scaling);
+        let dx = numeric::add(
+            product(dy.clone(), w.clone()),
+            product(dxa.clone(), a.clone()),
+        );
+        let da = product(t(dxa), x.clone());
+        let db = product(t(dy), xa.clone());
+        [dx, da, db]
+    });
+    run_saving([x, a, b], forward, backward)
+}
+
+/// `a·b`.
+fn product(a: CubeTensor, b: CubeTensor) -> CubeTensor {
+    matmul(a, b, None, MatmulStrategy::default(), DType::F32).expect("an f32 product launches")
+}
+
+/// The transpose (a view).
+fn t(x: CubeTensor) -> CubeTensor {
+    permute(x, &[1, 0])
+}
+
+/// `s·x`, no kernel for a scale of 1.
+fn scaled(x: CubeTensor, s: f32) -> CubeTensor {
+    if s == 1.0 {
+        return x;
+    }
+    numeric::mul_scalar(x, InputScalar::new(s, FloatKind::F32))
+}
