@@ -234,3 +234,52 @@ pub(super) fn softmax_backward_kernel(
         out[at + j] = scale * p[at + j] * (dp[at + j] - dot);
     }
 }
+
+/// One thread per value of eight vectors laid end to end, `e0 ≤ … ≤ e7` their cumulative
+/// ends (an unused vector ends where the one before it does), written to `out` from `start`
+/// on. Eight parts and the output are ten buffers, within what Metal and Vulkan bind.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn concat8_kernel(
+    p0: &Tensor<f32>,
+    p1: &Tensor<f32>,
+    p2: &Tensor<f32>,
+    p3: &Tensor<f32>,
+    p4: &Tensor<f32>,
+    p5: &Tensor<f32>,
+    p6: &Tensor<f32>,
+    p7: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    start: usize,
+    e0: usize,
+    e1: usize,
+    e2: usize,
+    e3: usize,
+    e4: usize,
+    e5: usize,
+    e6: usize,
+    e7: usize,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= e7 {
+        terminate!();
+    }
+    let o = start + i;
+    if i < e0 {
+        out[o] = p0[i];
+    } else if i < e1 {
+        out[o] = p1[i - e0];
+    } else if i < e2 {
+        out[o] = p2[i - e1];
+    } else if i < e3 {
+        out[o] = p3[i - e2];
+    } else if i < e4 {
+        out[o] = p4[i - e3];
+    } else if i < e5 {
+        out[o] = p5[i - e4];
+    } else if i < e6 {
+        out[o] = p6[i - e5];
+    } else {
+        out[o] = p7[i - e6];
+    }
+}

@@ -166,6 +166,20 @@ pub fn lora_linear(
     }
 }
 
+/// The vectors `parts` end to end, eight to a kernel where Burn's `cat` launches one per part: the optimizer flattens hundreds of LoRA
+/// gradients each step. `None` where it does not apply (see the module documentation).
+pub fn concat(parts: &[Tensor<1>]) -> Option<Tensor<1>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        ops::concat(parts)
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = parts;
+        None
+    }
+}
+
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod attention;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]

@@ -273,3 +273,60 @@ fn f32_values<const N: usize>(values: Vec<CubeTensor>) -> Option<[CubeTensor; N]
         .try_into()
         .ok()
 }
+
+/// `parts` (plain `f32` vectors) end to end, eight to a launch where Burn's `cat` launches
+/// one copy per part. `None` when a part is of another back end or dtype, or the device binds
+/// fewer than ten buffers.
+pub(super) fn concat(parts: &[BurnTensor<1>]) -> Option<BurnTensor<1>> {
+    const GROUP: usize = 8;
+    let parts: Vec<CubeTensor> = parts.iter().map(plain).collect::<Option<_>>()?;
+    let first = parts.first()?;
+    let binds = first.client.properties().hardware.max_bindings as usize;
+    if binds < GROUP + 2 || parts.iter().any(|p| p.dtype != DType::F32) {
+        return None;
+    }
+    let len = |p: &CubeTensor| p.meta.shape().num_elements();
+    let total: usize = parts.iter().map(len).sum();
+    let out = empty(first, burn::tensor::Shape::new([total]), DType::F32);
+    let mut start = 0;
+    for chunk in parts.chunks(GROUP) {
+        let mut ends = [0; GROUP];
+        let mut end = 0;
+        for (k, e) in ends.iter_mut().enumerate() {
+            end += chunk.get(k).map_or(0, len);
+            *e = end;
+        }
+        // Unused slots get buffers of their own (never read): one buffer in two slots of a
+        // launch is an aliasing error in WGPU.
+        let arg = |k: usize| match chunk.get(k) {
+            Some(p) => into_contiguous(p.clone()).into_tensor_arg(),
+            None => empty(first, burn::tensor::Shape::new([1]), DType::F32).into_tensor_arg(),
+        };
+        let (count, dim) = grid(first, end);
+        kernel::concat8_kernel::launch(
+            &out.client,
+            count,
+            dim,
+            arg(0),
+            arg(1),
+            arg(2),
+            arg(3),
+            arg(4),
+            arg(5),
+            arg(6),
+            arg(7),
+            out.clone().into_tensor_arg(),
+            start,
+            ends[0],
+            ends[1],
+            ends[2],
+            ends[3],
+            ends[4],
+            ends[5],
+            ends[6],
+            ends[7],
+        );
+        start += end;
+    }
+    from_cube(out).map(BurnTensor::from_primitive::<Cube>)
+}

@@ -301,6 +301,25 @@ fn fused_lora_linear_matches_burn_ops_values_and_gradients() {
     }
 }
 
+/// Vectors end to end, eight to a kernel: 19 parts of different lengths (two whole groups and
+/// a partial one), and a single part.
+#[test]
+fn fused_concat_equals_burn_cat() {
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    for count in [19, 1] {
+        let parts: Vec<Tensor<1>> = (0..count)
+            .map(|i| Tensor::random([1 + 7 * i % 23], Distribution::Normal(0.0, 1.0), &dev))
+            .collect();
+        let got = loftq_core::fused::concat(&parts);
+        assert_eq!(got.is_some(), applies, "applies on GPU back ends only");
+        let Some(got) = got else { return };
+        let want = Tensor::cat(parts, 0);
+        let as_rows = |t: Tensor<1>| host(&t.unsqueeze::<2>());
+        assert_eq!(as_rows(got), as_rows(want), "{count} parts");
+    }
+}
+
 fn close(a: &[f32], b: &[f32], what: &str) {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
