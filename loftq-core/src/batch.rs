@@ -120,13 +120,13 @@ fn alternate_batch(
     for t in 1..=cfg.iters {
         let source = if t == 1 { &w } else { &res };
         // `W − B·A` after the first: finite, as `W` was and the factors are.
-        let (codes, deq) = match quantizer
-            .quantize_dequantize_portable(&source.clone().reshape([b * m, n]), t == 1)
-        {
-            Err(QuantError::NonFinite { .. }) => return Ok(None),
-            other => other?,
-        };
-        let residual = w.clone() - deq.reshape([b, m, n]);
+        let flat = |t: &Tensor<3>| t.clone().reshape([b * m, n]);
+        let (codes, residual) =
+            match quantizer.quantize_residual_portable(&flat(source), &flat(&w), t == 1) {
+                Err(QuantError::NonFinite { .. }) => return Ok(None),
+                other => other?,
+            };
+        let residual = residual.reshape([b, m, n]);
         crate::profile::mark(&device, "batch: quantize");
         let seeds: Vec<u64> = seeds.iter().map(|s| s.wrapping_add(t as u64)).collect();
         let (lr, basis) = rsvd_batch(&residual, rank, &rsvd, &seeds, warm.as_ref())?;

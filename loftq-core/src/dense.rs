@@ -182,8 +182,8 @@ impl Dense for DeviceOps {
         out: &mut Tensor<2>,
         finite: bool,
     ) -> Result<Codes, QuantError> {
-        let (codes, q) = quantizer.quantize_dequantize_checked(res, !finite)?;
-        *out = w.clone() - q;
+        let (codes, residual) = quantizer.quantize_residual_checked(res, w, !finite)?;
+        *out = residual;
         Ok(codes)
     }
 

@@ -265,8 +265,9 @@ fn portable_and_host_kernels_agree() {
 }
 
 /// On GPU back ends a codebook scheme quantizes in one CubeCL kernel (a thread a block): it
-/// must apply there (not fall back unseen) and give Burn's ops' codes, scales and values bit
-/// for bit, zero blocks and both roundings included. On the CPU it does not apply.
+/// must apply there (not fall back unseen) and give Burn's ops' codes, scales and values (or
+/// LoftQ's residual) bit for bit, zero blocks and both roundings included. On the CPU it does
+/// not apply.
 #[test]
 fn codebook_kernel_applies_on_gpus_and_equals_burn_ops() {
     use burn::tensor::Int;
@@ -283,7 +284,7 @@ fn codebook_kernel_applies_on_gpus_and_equals_burn_ops() {
     ] {
         let quantizer = Quantizer::new(cfg).unwrap();
         let (t, l) = (quantizer.thresholds(), quantizer.levels());
-        let fused = loftq_core::quant::cube::quantize_codebook(&w, t, l, len, cfg.rounding);
+        let fused = loftq_core::quant::cube::quantize_codebook(&w, t, l, len, cfg.rounding, None);
         assert_eq!(fused.is_some(), !is_host_device(&dev), "{}", cfg.label());
         let Some((codes, scales, values)) = fused else {
             continue;
@@ -313,8 +314,19 @@ fn codebook_kernel_applies_on_gpus_and_equals_burn_ops() {
         );
         assert_bits_eq(
             &floats(values),
-            &floats(want_values),
+            &floats(want_values.clone()),
             &format!("{} values", cfg.label()),
+        );
+        // LoftQ's residual `W − Q` from the same pass.
+        let other =
+            Tensor::<2>::from_data(TensorData::new(gaussian(nb, len, 0.05, 6), [nb, len]), &dev);
+        let (_, _, residual) =
+            loftq_core::quant::cube::quantize_codebook(&w, t, l, len, cfg.rounding, Some(&other))
+                .expect("applies as before");
+        assert_bits_eq(
+            &floats(residual),
+            &floats(other - want_values),
+            &format!("{} residual", cfg.label()),
         );
     }
 }

@@ -52,22 +52,24 @@ pub fn dequantize_codebook(
 /// Codebook quantization of `x` in blocks of `block` consecutive values (row-major; the last
 /// block may be shorter): the codes (`#{k : v ≥ thresholds[k]}`, `v` the value over its
 /// block's absolute maximum, divided as `rounding` says), the blocks' absolute maxima, and
-/// the dequantized values `levels[code] · absmax`, in one kernel (a thread a block); `None`
-/// where the kernel does not apply (see the module documentation).
+/// the dequantized values `levels[code] · absmax` (or, given `minus`, `minus − values`:
+/// LoftQ's residual `W − Q` in the same pass), in one kernel (a thread a block); `None` where
+/// the kernel does not apply (see the module documentation) or `minus` is not shaped as `x`.
 pub fn quantize_codebook(
     x: &Tensor<2>,
     thresholds: &[f32],
     levels: &[f32],
     block: usize,
     rounding: Rounding,
+    minus: Option<&Tensor<2>>,
 ) -> Option<(Tensor<1, Int>, Tensor<1>, Tensor<2>)> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
-        kernel::quantize(x, thresholds, levels, block, rounding)
+        kernel::quantize(x, thresholds, levels, block, rounding, minus)
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     {
-        let _ = (x, thresholds, levels, block, rounding);
+        let _ = (x, thresholds, levels, block, rounding, minus);
         None
     }
 }
@@ -134,10 +136,13 @@ mod kernel {
 
     /// One thread per block of `block` values (the last may be shorter): the block's
     /// absolute maximum `m`, then for each value `v = x / m` (`x · (1/m)` with `bnb`; a zero
-    /// `m` counts as 1), its code `#{k : v ≥ thresholds[k]}` and `levels[code] · m`.
+    /// `m` counts as 1), its code `#{k : v ≥ thresholds[k]}` and `levels[code] · m`, or
+    /// `w − levels[code] · m` with `residual`.
     #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
     fn quantize_codebook_kernel(
         x: &Tensor<f32>,
+        w: &Tensor<f32>,
         thresholds: &Tensor<f32>,
         levels: &Tensor<f32>,
         codes: &mut Tensor<i32>,
@@ -145,6 +150,7 @@ mod kernel {
         values: &mut Tensor<f32>,
         block: usize,
         #[comptime] bnb: bool,
+        #[comptime] residual: bool,
     ) {
         let b = ABSOLUTE_POS;
         if b >= scales.len() {
@@ -173,7 +179,11 @@ mod kernel {
                 }
             }
             codes[i] = i32::cast_from(code);
-            values[i] = levels[code] * m;
+            if comptime!(residual) {
+                values[i] = w[i] - levels[code] * m;
+            } else {
+                values[i] = levels[code] * m;
+            }
         }
     }
 
@@ -185,11 +195,18 @@ mod kernel {
         levels: &[f32],
         block: usize,
         rounding: Rounding,
+        minus: Option<&BurnTensor<2>>,
     ) -> Option<(BurnTensor<1, Int>, BurnTensor<1>, BurnTensor<2>)> {
         let shape = x.dims();
         let n = shape[0] * shape[1];
         let xs = plain(x)?;
-        if xs.dtype != DType::F32 || block == 0 || levels.len() != thresholds.len() + 1 {
+        let w = match minus {
+            Some(w) if w.dims() == shape => Some(plain(w)?),
+            Some(_) => return None,
+            None => None,
+        };
+        let types_ok = xs.dtype == DType::F32 && w.as_ref().is_none_or(|w| w.dtype == DType::F32);
+        if !types_ok || block == 0 || levels.len() != thresholds.len() + 1 {
             return None;
         }
         let device = x.device();
@@ -200,12 +217,20 @@ mod kernel {
         let codes = empty(&xs, Shape::new([n]), DType::I32);
         let scales = empty(&xs, Shape::new([blocks]), DType::F32);
         let values = empty(&xs, Shape::new(shape), DType::F32);
+        let residual = w.is_some();
+        // Without a `w`, a buffer of its own in its slot: one buffer bound twice in a launch is
+        // an aliasing error in WGPU.
+        let w = match w {
+            Some(w) => burn_cubecl::kernel::into_contiguous(w),
+            None => empty(&xs, Shape::new([1]), DType::F32),
+        };
         let (cube_count, cube_dim) = grid(&xs, blocks);
         quantize_codebook_kernel::launch(
             &xs.client,
             cube_count,
             cube_dim,
             xs.clone().into_tensor_arg(),
+            w.into_tensor_arg(),
             thresholds.into_tensor_arg(),
             levels.into_tensor_arg(),
             codes.clone().into_tensor_arg(),
@@ -213,6 +238,7 @@ mod kernel {
             values.clone().into_tensor_arg(),
             block,
             rounding == Rounding::Bnb,
+            residual,
         );
         Some((to_tensor(codes)?, to_tensor(scales)?, to_tensor(values)?))
     }

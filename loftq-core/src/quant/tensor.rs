@@ -191,9 +191,39 @@ impl Quantizer {
         w: &Tensor<2>,
         check: bool,
     ) -> Result<(Quantized, Tensor<2>), QuantError> {
-        let (q, deq) = self.quantize_portable(w, w.dims(), check)?;
+        let (q, deq) = self.quantize_portable(w, w.dims(), check, None)?;
         let deq = deq.unwrap_or_else(|| self.dequantize_portable(&q));
         Ok((q, deq))
+    }
+
+    /// Quantizes `x` and returns the codes with LoftQ's residual `w − dequantized`;
+    /// `check` as in [`Self::quantize_dequantize_checked`].
+    pub(crate) fn quantize_residual_checked(
+        &self,
+        x: &Tensor<2>,
+        w: &Tensor<2>,
+        check: bool,
+    ) -> Result<(Codes, Tensor<2>), QuantError> {
+        if Kernel::Auto.resolve(&x.device()) == Kernel::Host {
+            let (codes, q) = self.quantize_dequantize_checked(x, check)?;
+            return Ok((codes, w.clone() - q));
+        }
+        let (q, residual) = self.quantize_residual_portable(x, w, check)?;
+        Ok((Codes::Device(Box::new(q)), residual))
+    }
+
+    /// [`Self::quantize_residual_checked`] with tensor ops on any back end: one pass for
+    /// codebook schemes on WGPU and CUDA, which reads `x` and `w` once and writes codes,
+    /// scales and the residual once.
+    pub(crate) fn quantize_residual_portable(
+        &self,
+        x: &Tensor<2>,
+        w: &Tensor<2>,
+        check: bool,
+    ) -> Result<(Quantized, Tensor<2>), QuantError> {
+        let (q, residual) = self.quantize_portable(x, x.dims(), check, Some(w))?;
+        let residual = residual.unwrap_or_else(|| w.clone() - self.dequantize_portable(&q));
+        Ok((q, residual))
     }
 
     /// Whether `b` matrices of `shape` stacked as one `[b·rows, cols]` matrix get each
@@ -224,7 +254,7 @@ impl Quantizer {
                 let q = self.quantize_host(&host_f32(w), shape)?;
                 Ok(Quantized::from_host(&q, &device))
             }
-            _ => Ok(self.quantize_portable(w, shape, true)?.0),
+            _ => Ok(self.quantize_portable(w, shape, true, None)?.0),
         }
     }
 
@@ -245,13 +275,14 @@ impl Quantizer {
         }
     }
 
-    /// The codes, and the dequantized values where one kernel made both (codebook schemes on
-    /// WGPU and CUDA).
+    /// The codes, and where one kernel made both (codebook schemes on WGPU and CUDA) the
+    /// dequantized values, or `minus` less them.
     fn quantize_portable(
         &self,
         w: &Tensor<2>,
         shape: [usize; 2],
         check: bool,
+        minus: Option<&Tensor<2>>,
     ) -> Result<(Quantized, Option<Tensor<2>>), QuantError> {
         let n = shape[0] * shape[1];
         let block = self.block_len(shape)?;
@@ -275,6 +306,7 @@ impl Quantizer {
             &self.levels,
             block,
             self.config.rounding,
+            minus,
         ) {
             let bits = self.config.scheme.bits();
             let q = Quantized {
