@@ -60,7 +60,7 @@ pub(super) fn causal_attention(
         let out = heads(&o, dims, h, Move::Last { rotate: false }, None);
         (out, vec![q2, kh, vh, p])
     };
-    let backward: BackwardFn<3> = Arc::new(move |saved: &[CubeTensor], dy: CubeTensor| {
+    let backward: BackwardFn<3> = Arc::new(move |saved: &[CubeTensor], dy: CubeTensor, _| {
         let [q2, kh, vh, p] = saved else {
             unreachable!("four tensors saved")
         };
@@ -78,6 +78,7 @@ pub(super) fn causal_attention(
             heads(&dk, dims, kvh, Move::Last { rotate: true }, rot),
             heads(&dv, dims, kvh, Move::Last { rotate: false }, None),
         ]
+        .map(Some)
     });
     run_saving([q, k, v], forward, backward)
 }

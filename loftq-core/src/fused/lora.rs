@@ -31,18 +31,18 @@ pub(super) fn lora_linear(
         );
         (y, vec![x.clone(), a.clone(), b.clone(), xa])
     };
-    let backward: BackwardFn<3> = Arc::new(move |saved: &[CubeTensor], dy: CubeTensor| {
+    let backward: BackwardFn<3> = Arc::new(move |saved, dy, [need_x, need_a, need_b]| {
         let [x, a, b, xa] = saved else {
             unreachable!("four tensors saved")
         };
         // `xa` is `s·x·Aᵀ`; the gradient reaching `x·Aᵀ` is `s·dy·B`.
-        let dxa = scaled(product(dy.clone(), b.clone()), scaling);
-        let dx = numeric::add(
-            product(dy.clone(), w.clone()),
-            product(dxa.clone(), a.clone()),
-        );
-        let da = product(t(dxa), x.clone());
-        let db = product(t(dy), xa.clone());
+        let dxa = (need_x || need_a).then(|| scaled(product(dy.clone(), b.clone()), scaling));
+        let dx = need_x.then(|| {
+            let through_a = product(dxa.clone().expect("made for x"), a.clone());
+            numeric::add(product(dy.clone(), w.clone()), through_a)
+        });
+        let da = need_a.then(|| product(t(dxa.expect("made for A")), x.clone()));
+        let db = need_b.then(|| product(t(dy), xa.clone()));
         [dx, da, db]
     });
     run_saving([x, a, b], forward, backward)

@@ -21,9 +21,9 @@ pub(super) fn empty_like(like: &CubeTensor) -> CubeTensor {
 }
 
 /// Computes a recorded operation's input gradients from what its forward pass saved and its
-/// output gradient.
+/// output gradient: those of the inputs that need one (`needed`), `None` for the others.
 pub(super) type BackwardFn<const N: usize> =
-    Arc<dyn Fn(&[CubeTensor], CubeTensor) -> [CubeTensor; N] + Send + Sync>;
+    Arc<dyn Fn(&[CubeTensor], CubeTensor, [bool; N]) -> [Option<CubeTensor>; N] + Send + Sync>;
 
 /// A recorded operation's state: what its forward pass saved, and its backward kernels.
 #[derive(Clone)]
@@ -47,9 +47,10 @@ impl<const N: usize> Backward<Cube, N> for KernelBackward<N> {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = as_cube(grads.consume::<Cube>(&ops.node)).expect("recorded on Cube tensors");
         let state = &ops.state;
-        let out = (state.backward)(&state.saved, into_contiguous(dy));
+        let needed = std::array::from_fn(|i| ops.parents[i].is_some());
+        let out = (state.backward)(&state.saved, into_contiguous(dy), needed);
         for (parent, grad) in ops.parents.iter().zip(out) {
-            if let Some(node) = parent {
+            if let (Some(node), Some(grad)) = (parent, grad) {
                 grads.register::<Cube>(node.id, from_cube(grad).expect("the same type"));
             }
         }
@@ -64,8 +65,8 @@ fn run<const N: usize, const D: usize>(
     forward: impl FnOnce(&[CubeTensor; N]) -> CubeTensor,
     backward: impl Fn(&[CubeTensor; N], CubeTensor) -> [CubeTensor; N] + Send + Sync + 'static,
 ) -> Option<BurnTensor<D>> {
-    let backward: BackwardFn<N> = Arc::new(move |saved: &[CubeTensor], dy| {
-        backward(saved.try_into().expect("the inputs, saved"), dy)
+    let backward: BackwardFn<N> = Arc::new(move |saved: &[CubeTensor], dy, _| {
+        backward(saved.try_into().expect("the inputs, saved"), dy).map(Some)
     });
     run_saving(inputs, |x| (forward(x), x.to_vec()), backward)
 }
@@ -82,10 +83,12 @@ pub(super) fn run_saving<const N: usize, const D: usize>(
             forward(&values).0,
         )?));
     }
-    let ads: Vec<_> = inputs
-        .iter()
-        .map(|t| on_autodiff(t))
-        .collect::<Option<_>>()?;
+    // A plain input beside tracked ones is a constant on the autodiff device (the first
+    // layer's input, from frozen embeddings).
+    let lift = |t: &BurnTensor<D>| {
+        on_autodiff(t).or_else(|| plain(t).and_then(|_| on_autodiff(&t.clone().autodiff())))
+    };
+    let ads: Vec<_> = inputs.iter().map(|t| lift(t)).collect::<Option<_>>()?;
     let values = (ads.iter()).map(|a| as_cube(a.primitive().clone()));
     let values: [CubeTensor; N] = f32_values(values.collect::<Option<_>>()?)?;
     let (y, saved) = forward(&values);

@@ -298,6 +298,14 @@ fn fused_lora_linear_matches_burn_ops_values_and_gradients() {
         {
             close(g, w, &format!("{what}, scale {s}"));
         }
+        // A plain input (the first layer's, from frozen embeddings): the factors' gradients.
+        let [a, b] = [&a0, &b0].map(|t| t.clone().autodiff().require_grad());
+        let y = lora_linear(&x0, &w, [&a, &b], s).expect("applies to a plain input");
+        let grads = (y * up.clone()).sum().backward();
+        for (what, (t, i)) in ["∂A", "∂B"].iter().zip([(&a, 2), (&b, 3)]) {
+            let g = host(&t.grad(&grads).expect("a gradient"));
+            close(&g, &want[i], &format!("{what} of a plain input, scale {s}"));
+        }
     }
 }
 
