@@ -264,17 +264,25 @@ fn train_survives_a_full_disk_and_kills() {
     }
     let t = Instant::now();
     run(&train_args(&root, &model, &root.join("timed")), None);
-    let took = t.elapsed();
+    let mut took = t.elapsed();
+    // The timed run may have shared the cores with this binary's other tests: when too few
+    // runs were still going at their kill, sweep again over half the time.
     let mut kills = 0;
-    for i in 1..10u32 {
-        let out = root.join(format!("killed-{i}"));
-        let what = format!("train killed after {i}/10 of its run");
-        let killed = run_killed(&train_args(&root, &model, &out), took * i / 10);
-        assert_whole(&out, &want, &what);
-        if killed {
-            kills += 1;
-            resumed(&out, &what);
+    for round in 0..3 {
+        for i in 1..10u32 {
+            let out = root.join(format!("killed-{round}-{i}"));
+            let what = format!("train killed after {i}/10 of {took:?}");
+            let killed = run_killed(&train_args(&root, &model, &out), took * i / 10);
+            assert_whole(&out, &want, &what);
+            if killed {
+                kills += 1;
+                resumed(&out, &what);
+            }
         }
+        if kills >= 3 {
+            break;
+        }
+        took /= 2;
     }
     assert!(
         kills >= 3,
