@@ -22,6 +22,7 @@ mod label;
 mod normal;
 mod pack;
 mod packed;
+mod portable;
 mod quantizer;
 mod simd;
 mod tensor;
