@@ -91,23 +91,38 @@ pub(super) fn rotary_kernel(
     if i >= out.len() {
         terminate!();
     }
-    let d = cos.shape(1);
-    let seq = cos.shape(0);
     let j = i % width;
+    let pos = (i / heads_width) % cos.shape(0);
+    out[i] = rotated(x, i - j, j, pos, cos, ssin, back);
+}
+
+/// Value `j` of the head starting at `x[at]`, position `pos`, rotated: on the first `d`
+/// (the tables' width) `x·cos + x[partner]·ssin`, the partner the same place in the other
+/// half (with `back`, the transpose: `ssin[partner]`); beyond `d`, as it is.
+#[cube]
+fn rotated(
+    x: &Tensor<f32>,
+    at: usize,
+    j: usize,
+    pos: usize,
+    cos: &Tensor<f32>,
+    ssin: &Tensor<f32>,
+    #[comptime] back: bool,
+) -> f32 {
+    let d = cos.shape(1);
+    let mut y = x[at + j];
     if j < d {
         let half = d / 2;
         let partner = if j < half { j + half } else { j - half };
-        let pos = (i / heads_width) % seq;
-        let other = i - j + partner;
-        let (c, t) = (pos * d + j, pos * d + partner);
-        if comptime!(back) {
-            out[i] = x[i] * cos[c] + x[other] * ssin[t];
+        let c = pos * d + j;
+        let t = if comptime!(back) {
+            pos * d + partner
         } else {
-            out[i] = x[i] * cos[c] + x[other] * ssin[c];
-        }
-    } else {
-        out[i] = x[i];
+            c
+        };
+        y = x[at + j] * cos[c] + x[at + partner] * ssin[t];
     }
+    y
 }
 
 /// One thread per row of `t` scores, the row's query at position `t − n + row % n`:
@@ -193,22 +208,11 @@ pub(super) fn heads_kernel(
     } else {
         ((batch * heads + head) * seq + pos) * width
     };
-    let mut y = x[at + j];
     if comptime!(rotate) {
-        let d = cos.shape(1);
-        if j < d {
-            let half = d / 2;
-            let partner = if j < half { j + half } else { j - half };
-            let c = pos * d + j;
-            let t = if comptime!(back) {
-                pos * d + partner
-            } else {
-                c
-            };
-            y = x[at + j] * cos[c] + x[at + partner] * ssin[t];
-        }
+        out[i] = rotated(x, at, j, pos, cos, ssin, back);
+    } else {
+        out[i] = x[at + j];
     }
-    out[i] = y;
 }
 
 /// One thread per row of `t` probabilities `p` (a softmax's output, scaled by `scale` on the
