@@ -20,8 +20,9 @@
 # step (SmolLM2-135M shapes, 4×128) on WGPU with the plain build and in PyTorch + PEFT on
 # CUDA (if torch imports), whole-model init on SmolLM2's shapes with the plain build, the
 # tuned build's training step (twice: the second process finds the first one's tuning in
-# cubecl's persistent cache) and init, phase profiles (`LOFTQ_PROFILE=1`) of 4096² LoftQ, the
-# training step and whole-model init with the plain build, each build's quantizer, SVD and
+# cubecl's persistent cache) and init, phase profiles (`LOFTQ_PROFILE=1`) of 4096² LoftQ and
+# the training step, the step's kernels by kind with their GPU time (cubecl's profiler), the
+# phase profile of whole-model init with the plain build, each build's quantizer, SVD and
 # LoftQ suites, and the calibrated init.
 # The whole run stops within
 # BUDGET seconds (default 540: one device call is at most 600). Every record lands in OUT
@@ -126,6 +127,12 @@ shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$dir/loftq-bench
     --ranks 64 --iters 5 --no-exact --batch 4 --device wgpu
   step profile-train 40 env LOFTQ_PROFILE=1 "$bin/plain" train --model /tmp/loftq-synth \
     "${shape[@]}" --repeats 1 --device wgpu
+  # Kernels launched per step and the GPU time of each kind (cubecl's profiler times every
+  # launch, so the step itself is slower here), both recompute modes; the tables only.
+  step kernels-train 60 bash -c "rm -f /tmp/kernels-train.log; CUBECL_DEBUG_LOG=/tmp/kernels-train.log \
+    CUBECL_DEBUG_OPTION=profile '$bin/plain' train --model /tmp/loftq-synth ${shape[*]} \
+    --repeats 1 --device wgpu && grep -a '^|' /tmp/kernels-train.log | tr -s ' ' \
+    >'$OUT/kernels-train.txt' && grep -a '| Total' '$OUT/kernels-train.txt'"
   step profile-init 60 env LOFTQ_PROFILE=1 "$bin/plain" suite --profile "$suite" \
     --device wgpu --only init "${scratch[@]}" --json /tmp/profile-init.json
   for v in tuned plain; do
