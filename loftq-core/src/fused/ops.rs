@@ -299,11 +299,10 @@ pub(super) fn concat(parts: &[BurnTensor<1>]) -> Option<BurnTensor<1>> {
             end += chunk.get(k).map_or(0, len);
             *e = end;
         }
-        // Unused slots get buffers of their own (never read): one buffer in two slots of a
-        // launch is an aliasing error in WGPU.
+        // Unused slots are bound to the first part (read-only, never read there).
         let arg = |k: usize| match chunk.get(k) {
             Some(p) => into_contiguous(p.clone()).into_tensor_arg(),
-            None => empty(first, burn::tensor::Shape::new([1]), DType::F32).into_tensor_arg(),
+            None => first.clone().into_tensor_arg(),
         };
         let (count, dim) = grid(first, end);
         kernel::concat8_kernel::launch(

@@ -218,11 +218,10 @@ mod kernel {
         let scales = empty(&xs, Shape::new([blocks]), DType::F32);
         let values = empty(&xs, Shape::new(shape), DType::F32);
         let residual = w.is_some();
-        // Without a `w`, a buffer of its own in its slot: one buffer bound twice in a launch is
-        // an aliasing error in WGPU.
+        // Without a `w`, its slot is bound to `x` (read-only, never read there).
         let w = match w {
             Some(w) => burn_cubecl::kernel::into_contiguous(w),
-            None => empty(&xs, Shape::new([1]), DType::F32),
+            None => xs.clone(),
         };
         let (cube_count, cube_dim) = grid(&xs, blocks);
         quantize_codebook_kernel::launch(
