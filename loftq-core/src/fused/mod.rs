@@ -1,18 +1,21 @@
-//! Four of the model's element-wise stretches as single CubeCL kernels (WGPU, CUDA), each
-//! with a one-kernel backward pass: the MLP's `silu(gate)·up`, RMSNorm with a frozen weight,
-//! the rotary embedding and the causal softmax of attention; and causal attention as a whole
-//! (those kernels, the layout moves and the products) as one recorded operation.
+//! The GPU training step's own CubeCL kernels (WGPU, CUDA), each recorded on the autodiff
+//! device as one operation with a backward pass of its own:
+//! - element-wise stretches as one kernel each way: the MLP's `silu(gate)·up`, RMSNorm with a
+//!   frozen weight, the rotary embedding, the causal softmax;
+//! - causal attention as a whole (rotation and head moves in one kernel per tensor, the
+//!   products, the softmax), 7 kernels forward and 9 backward where Burn's ops take 31;
+//! - a LoRA linear layer, whose backward pass gives the factors' gradients in their own layout;
+//! - and, outside autodiff, the optimizer's concatenation of many vectors, eight to a kernel.
 //!
 //! In Burn's ops `silu(gate)·up` is eight kernels forward (its `sigmoid` alone is six:
 //! negate, exp, add one, log, negate, exp) and fifteen backward, RMSNorm six forward and more
 //! backward, each a pass over the activations; a GPU's training step is bound by such
-//! launches. On the autodiff device each kernel is recorded as one operation whose backward
-//! kernel writes the inputs' gradients. The formulas are the CPU host kernels'.
+//! launches. The element-wise formulas are the CPU host kernels'.
 //!
-//! Each function exists in every build and returns `None` where its kernel does not apply
-//! (no CubeCL back end compiled in, tensors of another back end, Burn's fusion on with
-//! `tuned`, inputs that are not `f32`, a weight that needs a gradient): the caller then takes
-//! Burn's ops.
+//! Each function exists in every build and returns `None` where it does not apply (no CubeCL
+//! back end compiled in, tensors of another back end, Burn's fusion on with `tuned`, inputs
+//! that are not `f32`, a weight or table that needs a gradient): the caller then takes Burn's
+//! ops.
 
 use burn::tensor::Tensor;
 
