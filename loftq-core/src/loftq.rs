@@ -89,7 +89,7 @@ impl LoftqResult {
 /// With `res = W`, for `t = 1..=T`: `Q_t = dequant(quant(res))`; `(U, S, V)` = rank-`r` SVD of
 /// `W − Q_t` (warm-started from the previous `V` when randomized); `B = U·√S`, `A = √S·Vᵀ`;
 /// `res = W − B·A`. The iterate with the lowest `‖W − Q − s·B·A‖` is returned (the alternation
-/// is not monotone). With [`InitScaling::Exact`] both factors are divided by `√s`.
+/// is not monotone). With [`InitScaling::Exact`](crate::InitScaling::Exact) both factors are divided by `√s`.
 ///
 /// # Shapes
 /// `w: [out, in]` → `lora_a: [r, in]`, `lora_b: [out, r]`, `q: [out, in]`.

@@ -30,7 +30,7 @@ pub struct RelativeInputs {
 }
 
 impl RelativeEmbeddings {
-    /// The inputs of [`disentangled_bias`] for sequences of `s` tokens.
+    /// The inputs of `disentangled_bias` for sequences of `s` tokens.
     pub fn inputs(&self, rel: &RelativeAttention, s: usize) -> RelativeInputs {
         let table = match &self.norm {
             Some(n) => n.forward(self.table.clone().unsqueeze::<3>()),

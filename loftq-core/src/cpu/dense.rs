@@ -51,7 +51,7 @@ fn pooled(len: usize) -> Vec<f32> {
 
 /// Frees the buffers kept for reuse, on this thread and on every thread of rayon's pool: a
 /// caller done with large matrices for a while gives their memory back (up to
-/// [`POOL_MAX`] per thread: the 7B shapes' 4096 × 11,008 take 180 MB each).
+/// `POOL_MAX` per thread: the 7B shapes' 4096 × 11,008 take 180 MB each).
 pub fn release_buffers() {
     let clear = || POOL.with(|p| p.borrow_mut().clear());
     clear();

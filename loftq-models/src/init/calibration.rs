@@ -35,7 +35,7 @@ pub struct Calibration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<f32>,
     /// Weigh the layers' outputs by the loss's sensitivity to them, measured by a backward
-    /// pass through the whole model ([`sensitivity`](super::sensitivity)).
+    /// pass through the whole model (`sensitivity`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sensitivity: Option<Sensitivity>,
 }

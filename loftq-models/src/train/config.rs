@@ -36,7 +36,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Recompute each layer in the backward pass (bounded memory) or keep the whole graph.
     pub recompute: Recompute,
-    /// Next-token prediction, or distillation from a teacher ([`distill_on`]).
+    /// Next-token prediction, or distillation from a teacher ([`distill_on`](super::distill_on)).
     #[serde(default)]
     pub objective: Objective,
     /// Validate every this many steps (and before the first, and after the last); 0: only
@@ -69,7 +69,7 @@ impl TrainConfig {
         strip(self) == strip(other)
     }
 
-    /// Checks that every one of `devices` gets a micro-batch in each step (see [`train_on`]).
+    /// Checks that every one of `devices` gets a micro-batch in each step (see [`train_on`](super::train_on)).
     ///
     /// # Errors
     /// [`ModelError::Settings`] if `accum` is smaller than `devices`.

@@ -8,7 +8,7 @@
 //! - [`distill`]: the distillation objective, the adapters fitted to a full-precision
 //!   teacher's outputs.
 //! - [`blockwise`]: distillation one decoder layer at a time (ApiQ).
-//! - [`run`]: the loop, checkpoints and exact resume; with several devices, the
+//! - `run`: the loop, checkpoints and exact resume; with several devices, the
 //!   micro-batches of a step are spread over one model replica per device ([`parallel`]).
 //! - `validate`: the perplexity of held-out text and the teacher–student KL at the same
 //!   positions ([`Validation`]).
