@@ -45,6 +45,7 @@ const DEVICE_TESTS: &[&str] = &[
     "calibrate",
     "train",
     "suite",
+    "launches",
 ];
 
 fn cargo() -> Command {
