@@ -307,13 +307,14 @@ impl QLinear {
         let device = x.device();
         // WGPU and CUDA: one recorded operation, the factors' gradients in their own layout.
         if loftq_core::fused::applies(&x) {
+            profile::mark(&device, "model: other");
             let w = self.base.dense();
             profile::mark(&device, "linear: dequantize");
             let y = match loftq_core::fused::lora_linear(&x, &w, [&a, &b], lora.scaling as f32) {
                 Some(y) => y,
                 None => x.clone().matmul(w.transpose()) + lora_branch(x, a, b, lora.scaling),
             };
-            profile::mark(&device, "linear: adapter");
+            profile::mark(&device, "linear: product and adapter");
             return y;
         }
         let y = self.base_product(x.clone(), output);
