@@ -310,7 +310,13 @@ impl QLinear {
             profile::mark(&device, "model: other");
             let w = self.base.dense();
             profile::mark(&device, "linear: dequantize");
-            let y = match loftq_core::fused::lora_linear(&x, &w, [&a, &b], lora.scaling as f32) {
+            // Merged (`W + s·B·A`, fewer kernels) when W is dequantized for this step anyway
+            // and forming `B·A` costs no more than the factored adapter's products.
+            let ([rows, _], [out, inp]) = (x.dims(), w.dims());
+            let merge =
+                matches!(self.base, BaseWeight::Packed(_)) && out * inp <= rows * (inp + out);
+            let s = lora.scaling as f32;
+            let y = match loftq_core::fused::lora_linear(&x, &w, [&a, &b], s, merge) {
                 Some(y) => y,
                 None => x.clone().matmul(w.transpose()) + lora_branch(x, a, b, lora.scaling),
             };

@@ -1,9 +1,12 @@
 //! A linear layer with a LoRA adapter, `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, as one recorded operation whose
-//! backward pass writes each factor's gradient in the factor's own layout.
+//! backward pass gives each factor's gradient in the factor's own layout (Burn's autodiff gave
+//! the gradient of `Aᵀ` transposed, as a view: 14 copies per decoder layer and step before the
+//! optimizer flattened them).
 //!
-//! Burn's autodiff takes the gradient of `Aᵀ` and transposes it as a view, so every factor's
-//! gradient reached the optimizer transposed and was copied once more to be flattened: 14
-//! copies per decoder layer and step. The products and the sum are the same ones.
+//! Two forms. Factored: three products and a sum forward, five products and a sum backward.
+//! Merged, `W' = W + s·B·A` and one product forward, `∂x = dy·W'` backward: two kernels fewer
+//! each way, for `out·r·in` multiply-adds to form `B·A` where the factored adapter costs
+//! `rows·r·(in + out)`, and `W'` kept for the backward pass. The caller picks.
 
 use std::sync::Arc;
 
@@ -20,8 +23,12 @@ pub(super) fn lora_linear(
     [x, a, b]: [&BurnTensor<2>; 3],
     w: &BurnTensor<2>,
     scaling: f32,
+    merge: bool,
 ) -> Option<BurnTensor<2>> {
     let w = frozen(w)?;
+    if merge {
+        return merged([x, a, b], w, scaling);
+    }
     let wf = w.clone();
     let forward = move |[x, a, b]: &[CubeTensor; 3]| {
         let xa = scaled(product(x.clone(), t(a.clone())), scaling);
@@ -43,6 +50,28 @@ pub(super) fn lora_linear(
         });
         let da = need_a.then(|| product(t(dxa.expect("made for A")), x.clone()));
         let db = need_b.then(|| product(t(dy), xa.clone()));
+        [dx, da, db]
+    });
+    run_saving([x, a, b], forward, backward)
+}
+
+/// The merged form: `x·(W + s·B·A)ᵀ`.
+fn merged([x, a, b]: [&BurnTensor<2>; 3], w: CubeTensor, scaling: f32) -> Option<BurnTensor<2>> {
+    let forward = move |[x, a, b]: &[CubeTensor; 3]| {
+        // The fresh `s·B·A` is the sum's left operand: the sum may reuse its buffer, never W's.
+        let merged = numeric::add(scaled(product(b.clone(), a.clone()), scaling), w.clone());
+        let y = product(x.clone(), t(merged.clone()));
+        (y, vec![x.clone(), a.clone(), b.clone(), merged])
+    };
+    let backward: BackwardFn<3> = Arc::new(move |saved, dy, [need_x, need_a, need_b]| {
+        let [x, a, b, merged] = saved else {
+            unreachable!("four tensors saved")
+        };
+        let dx = need_x.then(|| product(dy.clone(), merged.clone()));
+        // ∂A = s·(dy·B)ᵀ·x, ∂B = s·dyᵀ·(x·Aᵀ).
+        let dyb = need_a.then(|| product(dy.clone(), b.clone()));
+        let da = dyb.map(|dyb| scaled(product(t(dyb), x.clone()), scaling));
+        let db = need_b.then(|| scaled(product(t(dy), product(x.clone(), t(a.clone()))), scaling));
         [dx, da, db]
     });
     run_saving([x, a, b], forward, backward)

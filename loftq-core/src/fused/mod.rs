@@ -145,26 +145,30 @@ pub fn causal_attention(
 }
 
 /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for `x [rows, in]`, a frozen `w [out, in]` and the adapter's factors
-/// `a [r, in]`, `b [out, r]`: the products of Burn's ops, recorded as one operation whose
-/// backward pass gives each factor's gradient in its own layout (Burn's gives `A`'s and `B`'s
-/// as transposed views, which the optimizer then copies). `None` where it does not apply
-/// (see the module documentation; `w` must need no gradient) or the shapes do not fit.
+/// `a [r, in]`, `b [out, r]`, recorded as one operation whose backward pass gives each
+/// factor's gradient in its own layout (Burn's gives `A`'s and `B`'s as transposed views,
+/// which the optimizer then copies). With `merge`, as `x·(W + s·B·A)ᵀ`: two kernels fewer
+/// each way, for `out·r·in` multiply-adds where the factored adapter costs `rows·r·(in + out)`,
+/// and the merged weight kept for the backward pass (worth it when `W` is dequantized for the
+/// step anyway). `None` where it does not apply (see the module documentation; `w` must need
+/// no gradient) or the shapes do not fit.
 pub fn lora_linear(
     x: &Tensor<2>,
     w: &Tensor<2>,
     [a, b]: [&Tensor<2>; 2],
     scaling: f32,
+    merge: bool,
 ) -> Option<Tensor<2>> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
         let ([_, n], [out, inp], [r, ai], [bo, br]) = (x.dims(), w.dims(), a.dims(), b.dims());
         let fits = n == inp && ai == inp && bo == out && br == r;
-        fits.then(|| lora::lora_linear([x, a, b], w, scaling))
+        fits.then(|| lora::lora_linear([x, a, b], w, scaling, merge))
             .flatten()
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     {
-        let _ = (x, w, a, b, scaling);
+        let _ = (x, w, a, b, scaling, merge);
         None
     }
 }

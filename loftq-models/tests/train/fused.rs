@@ -253,8 +253,9 @@ fn fused_causal_attention_matches_burn_ops_values_and_gradients() {
     }
 }
 
-/// A frozen weight with an adapter: values and the gradients of the input and both factors,
-/// at a LoRA scale of 1 (no scaling kernel) and another.
+/// A frozen weight with an adapter, factored and merged: values and the gradients of the
+/// input and both factors, at a LoRA scale of 1 (no scaling kernel) and another; plain
+/// factors (inference) and a plain input (the first layer's) too.
 #[test]
 fn fused_lora_linear_matches_burn_ops_values_and_gradients() {
     use loftq_core::fused::lora_linear;
@@ -270,21 +271,23 @@ fn fused_lora_linear_matches_burn_ops_values_and_gradients() {
         normal([out, r]),
     );
     let up = normal([rows, out]).autodiff();
-    for s in [1.0, 0.5] {
+    let w_values = host(&w);
+    for (s, merge) in [(1.0, false), (0.5, false), (1.0, true), (0.5, true)] {
+        let how = format!("scale {s}, merged {merge}");
         let burn = |x: Tensor<2>, w: Tensor<2>, a: Tensor<2>, b: Tensor<2>| {
             x.clone().matmul(w.transpose())
                 + x.matmul(a.transpose()).matmul(b.transpose()).mul_scalar(s)
         };
-        let plain = lora_linear(&x0, &w, [&a0, &b0], s);
+        let plain = lora_linear(&x0, &w, [&a0, &b0], s, merge);
         assert_eq!(plain.is_some(), applies, "applies on GPU back ends only");
         let Some(plain) = plain else { return };
         let want = burn(x0.clone(), w.clone(), a0.clone(), b0.clone());
-        close(&host(&plain), &host(&want), "forward");
+        close(&host(&plain), &host(&want), &format!("forward, {how}"));
         let run = |fused: bool| {
             let [x, a, b] = [&x0, &a0, &b0].map(|t| t.clone().autodiff().require_grad());
             let wa = w.clone().autodiff();
             let y = match fused {
-                true => lora_linear(&x, &wa, [&a, &b], s).expect("applies"),
+                true => lora_linear(&x, &wa, [&a, &b], s, merge).expect("applies"),
                 false => burn(x.clone(), wa, a.clone(), b.clone()),
             };
             let grads = (y.clone() * up.clone()).sum().backward();
@@ -296,16 +299,17 @@ fn fused_lora_linear_matches_burn_ops_values_and_gradients() {
             .iter()
             .zip(got.iter().zip(&want))
         {
-            close(g, w, &format!("{what}, scale {s}"));
+            close(g, w, &format!("{what}, {how}"));
         }
-        // A plain input (the first layer's, from frozen embeddings): the factors' gradients.
         let [a, b] = [&a0, &b0].map(|t| t.clone().autodiff().require_grad());
-        let y = lora_linear(&x0, &w, [&a, &b], s).expect("applies to a plain input");
+        let y = lora_linear(&x0, &w, [&a, &b], s, merge).expect("applies to a plain input");
         let grads = (y * up.clone()).sum().backward();
         for (what, (t, i)) in ["∂A", "∂B"].iter().zip([(&a, 2), (&b, 3)]) {
             let g = host(&t.grad(&grads).expect("a gradient"));
-            close(&g, &want[i], &format!("{what} of a plain input, scale {s}"));
+            close(&g, &want[i], &format!("{what} of a plain input, {how}"));
         }
+        // The merged form's sum must not have written into the weight.
+        assert_eq!(host(&w), w_values, "the weight changed, {how}");
     }
 }
 
