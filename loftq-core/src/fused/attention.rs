@@ -10,21 +10,22 @@
 use std::sync::Arc;
 
 use burn::tensor::{DType, Shape, Tensor as BurnTensor};
-use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
-use burn_cubecl::ops::{permute, reshape};
+use burn_cubecl::ops::reshape;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::kernel;
-use super::ops::{BackwardFn, empty_like, frozen, run_saving, softmax_kernel};
+use super::ops::{
+    BackwardFn, frozen, product, run_saving, softmax_backward, softmax_kernel, transposed,
+};
 use crate::cube::{empty, grid};
 
-/// Which way [`heads`] moves a tensor, and whether it turns the rotary embedding.
-#[derive(Clone, Copy)]
+/// Which way [`heads`] moves a tensor.
+#[derive(Clone, Copy, PartialEq)]
 enum Move {
-    /// `[b, s, h·w]` → `[b, h, s, w]`.
-    First { rotate: bool },
-    /// `[b, h, s, w]` → `[b, s, h·w]`, the rotation's transpose on the way if `rotate`.
-    Last { rotate: bool },
+    /// `[b, s, h·w]` → `[b, h, s, w]`; given tables, the rotary embedding on the way.
+    First,
+    /// `[b, h, s, w]` → `[b, s, h·w]`; given tables, the rotation's transpose on the way.
+    Last,
 }
 
 /// The geometry of one call: batch, positions, head width.
@@ -49,15 +50,15 @@ pub(super) fn causal_attention(
     let (cf, tf) = (c.clone(), t.clone());
     let forward = move |[q, k, v]: &[CubeTensor; 3]| {
         let rot = Some((&cf, &tf));
-        let qh = heads(q, dims, h, Move::First { rotate: true }, rot);
-        let kh = heads(k, dims, kvh, Move::First { rotate: true }, rot);
-        let vh = heads(v, dims, kvh, Move::First { rotate: false }, None);
+        let qh = heads(q, dims, h, Move::First, rot);
+        let kh = heads(k, dims, kvh, Move::First, rot);
+        let vh = heads(v, dims, kvh, Move::First, None);
         // The `g` query heads of a key/value head stacked as rows: no repeated keys.
         let q2 = reshape(qh, Shape::new([b, kvh, g * s, dims.w]));
         let scores = product(q2.clone(), transposed(kh.clone()));
-        let p = softmax_kernel(&scores, None, s, scale);
+        let p = softmax_kernel(&scores, s, scale);
         let o = product(p.clone(), vh.clone());
-        let out = heads(&o, dims, h, Move::Last { rotate: false }, None);
+        let out = heads(&o, dims, h, Move::Last, None);
         (out, vec![q2, kh, vh, p])
     };
     let backward: BackwardFn<3> = Arc::new(move |saved: &[CubeTensor], dy: CubeTensor, _| {
@@ -65,25 +66,27 @@ pub(super) fn causal_attention(
             unreachable!("four tensors saved")
         };
         let rot = Some((&c, &t));
-        let d_o = heads(&dy, dims, h, Move::First { rotate: false }, None);
+        let d_o = heads(&dy, dims, h, Move::First, None);
         let d_o = reshape(d_o, Shape::new([b, kvh, g * s, dims.w]));
         let dp = product(d_o.clone(), transposed(vh.clone()));
         // The rows of all `g` query heads meet in these products: the sum over the group.
         let dv = product(transposed(p.clone()), d_o);
-        let ds = softmax_backward(p, dp, scale);
+        let ds = softmax_backward(p, &dp, scale);
         let dq = product(ds.clone(), kh.clone());
         let dk = product(transposed(ds), q2.clone());
         [
-            heads(&dq, dims, h, Move::Last { rotate: true }, rot),
-            heads(&dk, dims, kvh, Move::Last { rotate: true }, rot),
-            heads(&dv, dims, kvh, Move::Last { rotate: false }, None),
+            heads(&dq, dims, h, Move::Last, rot),
+            heads(&dk, dims, kvh, Move::Last, rot),
+            heads(&dv, dims, kvh, Move::Last, None),
         ]
         .map(Some)
     });
     run_saving([q, k, v], forward, backward)
 }
 
-/// `x` (contiguous) moved as `how` says, `n` heads of `dims.w`, in one kernel.
+/// `x` (contiguous) moved as `how` says, `n` heads of `dims.w`, in one kernel; given
+/// `tables` (cos, swapped sin), rotated on the way to heads first, by the rotation's transpose
+/// on the way back.
 fn heads(
     x: &CubeTensor,
     dims: Dims,
@@ -91,10 +94,11 @@ fn heads(
     how: Move,
     tables: Option<(&CubeTensor, &CubeTensor)>,
 ) -> CubeTensor {
-    let Dims { b, s, w, .. } = dims;
-    let (shape, first, rotate) = match how {
-        Move::First { rotate } => (Shape::new([b, n, s, w]), true, rotate),
-        Move::Last { rotate } => (Shape::new([b, s, n * w]), false, rotate),
+    let Dims { b, s, w } = dims;
+    let first = how == Move::First;
+    let shape = match how {
+        Move::First => Shape::new([b, n, s, w]),
+        Move::Last => Shape::new([b, s, n * w]),
     };
     let out = empty(x, shape, DType::F32);
     let (cos, ssin) = tables.unwrap_or((x, x));
@@ -111,37 +115,8 @@ fn heads(
         n,
         w,
         first,
-        rotate && tables.is_some(),
+        tables.is_some(),
         !first,
-    );
-    out
-}
-
-/// `a·b` over the last two dimensions, batched over the others.
-fn product(a: CubeTensor, b: CubeTensor) -> CubeTensor {
-    matmul(a, b, None, MatmulStrategy::default(), DType::F32).expect("an f32 product launches")
-}
-
-/// The last two dimensions swapped (a view).
-fn transposed(x: CubeTensor) -> CubeTensor {
-    permute(x, &[0, 1, 3, 2])
-}
-
-/// `scale·p·(dp − Σ dp·p)` row by row.
-fn softmax_backward(p: &CubeTensor, dp: CubeTensor, scale: f32) -> CubeTensor {
-    let shape = p.meta.shape();
-    let t = shape[shape.num_dims() - 1];
-    let out = empty_like(p);
-    let (count, dim) = grid(p, shape.num_elements() / t);
-    kernel::softmax_backward_kernel::launch(
-        &out.client,
-        count,
-        dim,
-        p.clone().into_tensor_arg(),
-        dp.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        t,
-        scale,
     );
     out
 }

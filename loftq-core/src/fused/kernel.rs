@@ -126,17 +126,14 @@ fn rotated(
 }
 
 /// One thread per row of `t` scores, the row's query at position `t − n + row % n`:
-/// `p = softmax(scale·s)` over the visible keys, 0 beyond. Backward (`back`, `dp` the
-/// output's gradient): `ds = scale·p·(dp − Σ dp·p)`, `p` computed again from `s`.
+/// `p = softmax(scale·s)` over the visible keys, 0 beyond.
 #[cube(launch)]
 pub(super) fn causal_softmax_kernel(
     s: &Tensor<f32>,
-    dp: &Tensor<f32>,
     out: &mut Tensor<f32>,
     n: usize,
     t: usize,
     scale: f32,
-    #[comptime] back: bool,
 ) {
     let row = ABSOLUTE_POS;
     if row * t >= s.len() {
@@ -153,19 +150,8 @@ pub(super) fn causal_softmax_kernel(
         sum += (s[at + j] * scale - m).exp();
     }
     let inv = 1.0 / sum;
-    if comptime!(back) {
-        let mut dot = 0.0;
-        for j in 0..seen {
-            dot += dp[at + j] * (s[at + j] * scale - m).exp() * inv;
-        }
-        for j in 0..seen {
-            let p = (s[at + j] * scale - m).exp() * inv;
-            out[at + j] = scale * p * (dp[at + j] - dot);
-        }
-    } else {
-        for j in 0..seen {
-            out[at + j] = (s[at + j] * scale - m).exp() * inv;
-        }
+    for j in 0..seen {
+        out[at + j] = (s[at + j] * scale - m).exp() * inv;
     }
     for j in seen..t {
         out[at + j] = 0.0;
@@ -216,7 +202,7 @@ pub(super) fn heads_kernel(
 }
 
 /// One thread per row of `t` probabilities `p` (a softmax's output, scaled by `scale` on the
-/// way in): `ds = scale·p·(dp − Σ dp·p)`.
+/// way in; zero where the mask hid a key): `ds = scale·p·(dp − Σ dp·p)`.
 #[cube(launch)]
 pub(super) fn softmax_backward_kernel(
     p: &Tensor<f32>,

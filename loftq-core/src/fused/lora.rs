@@ -10,14 +10,13 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{DType, Tensor as BurnTensor};
+use burn::tensor::Tensor as BurnTensor;
 use burn_cubecl::cubecl::ir::FloatKind;
 use burn_cubecl::cubecl::prelude::InputScalar;
-use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
-use burn_cubecl::ops::{numeric, permute};
+use burn_cubecl::ops::numeric;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::ops::{BackwardFn, frozen, run_saving};
+use super::ops::{BackwardFn, frozen, product, run_saving, transposed};
 
 pub(super) fn lora_linear(
     [x, a, b]: [&BurnTensor<2>; 3],
@@ -31,10 +30,10 @@ pub(super) fn lora_linear(
     }
     let wf = w.clone();
     let forward = move |[x, a, b]: &[CubeTensor; 3]| {
-        let xa = scaled(product(x.clone(), t(a.clone())), scaling);
+        let xa = scaled(product(x.clone(), transposed(a.clone())), scaling);
         let y = numeric::add(
-            product(x.clone(), t(wf.clone())),
-            product(xa.clone(), t(b.clone())),
+            product(x.clone(), transposed(wf.clone())),
+            product(xa.clone(), transposed(b.clone())),
         );
         (y, vec![x.clone(), a.clone(), b.clone(), xa])
     };
@@ -48,8 +47,8 @@ pub(super) fn lora_linear(
             let through_a = product(dxa.clone().expect("made for x"), a.clone());
             numeric::add(product(dy.clone(), w.clone()), through_a)
         });
-        let da = need_a.then(|| product(t(dxa.expect("made for A")), x.clone()));
-        let db = need_b.then(|| product(t(dy), xa.clone()));
+        let da = need_a.then(|| product(transposed(dxa.expect("made for A")), x.clone()));
+        let db = need_b.then(|| product(transposed(dy), xa.clone()));
         [dx, da, db]
     });
     run_saving([x, a, b], forward, backward)
@@ -60,7 +59,7 @@ fn merged([x, a, b]: [&BurnTensor<2>; 3], w: CubeTensor, scaling: f32) -> Option
     let forward = move |[x, a, b]: &[CubeTensor; 3]| {
         // The fresh `s·B·A` is the sum's left operand: the sum may reuse its buffer, never W's.
         let merged = numeric::add(scaled(product(b.clone(), a.clone()), scaling), w.clone());
-        let y = product(x.clone(), t(merged.clone()));
+        let y = product(x.clone(), transposed(merged.clone()));
         (y, vec![x.clone(), a.clone(), b.clone(), merged])
     };
     let backward: BackwardFn<3> = Arc::new(move |saved, dy, [need_x, need_a, need_b]| {
@@ -70,21 +69,16 @@ fn merged([x, a, b]: [&BurnTensor<2>; 3], w: CubeTensor, scaling: f32) -> Option
         let dx = need_x.then(|| product(dy.clone(), merged.clone()));
         // ∂A = s·(dy·B)ᵀ·x, ∂B = s·dyᵀ·(x·Aᵀ).
         let dyb = need_a.then(|| product(dy.clone(), b.clone()));
-        let da = dyb.map(|dyb| scaled(product(t(dyb), x.clone()), scaling));
-        let db = need_b.then(|| scaled(product(t(dy), product(x.clone(), t(a.clone()))), scaling));
+        let da = dyb.map(|dyb| scaled(product(transposed(dyb), x.clone()), scaling));
+        let db = need_b.then(|| {
+            scaled(
+                product(transposed(dy), product(x.clone(), transposed(a.clone()))),
+                scaling,
+            )
+        });
         [dx, da, db]
     });
     run_saving([x, a, b], forward, backward)
-}
-
-/// `a·b`.
-fn product(a: CubeTensor, b: CubeTensor) -> CubeTensor {
-    matmul(a, b, None, MatmulStrategy::default(), DType::F32).expect("an f32 product launches")
-}
-
-/// The transpose (a view).
-fn t(x: CubeTensor) -> CubeTensor {
-    permute(x, &[1, 0])
 }
 
 /// `s·x`, no kernel for a scale of 1.

@@ -10,6 +10,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Cube};
 use burn::tensor::{BackendPrimitive, DType, Float, Tensor as BurnTensor};
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
+use burn_cubecl::ops::permute;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::kernel;
@@ -209,36 +211,68 @@ pub(super) fn applies<const D: usize>(t: &BurnTensor<D>) -> bool {
 
 pub(super) fn causal_softmax(scores: &BurnTensor<4>, scale: f32) -> Option<BurnTensor<4>> {
     let n = scores.dims()[2];
-    let forward = move |[s]: &[CubeTensor; 1]| softmax_kernel(s, None, n, scale);
-    let backward = move |[s]: &[CubeTensor; 1], dy| [softmax_kernel(s, Some(dy), n, scale)];
-    run([scores], forward, backward)
+    let forward = move |[s]: &[CubeTensor; 1]| {
+        let p = softmax_kernel(s, n, scale);
+        (p.clone(), vec![p])
+    };
+    let backward: BackwardFn<1> = Arc::new(move |saved, dy, _| {
+        let [p] = saved else {
+            unreachable!("the probabilities saved")
+        };
+        [Some(softmax_backward(p, &dy, scale))]
+    });
+    run_saving([scores], forward, backward)
 }
 
 /// The causal softmax kernel on the rows of `s` (`t` scores each, `n` queries per run of
-/// rows), or its backward pass with `dp`.
-pub(super) fn softmax_kernel(
-    s: &CubeTensor,
-    dp: Option<CubeTensor>,
-    n: usize,
-    scale: f32,
-) -> CubeTensor {
+/// rows).
+pub(super) fn softmax_kernel(s: &CubeTensor, n: usize, scale: f32) -> CubeTensor {
     let t = s.meta.shape()[s.meta.num_dims() - 1];
     let out = empty_like(s);
     let (count, dim) = grid(s, s.meta.shape().num_elements() / t);
-    let back = dp.is_some();
     kernel::causal_softmax_kernel::launch(
         &out.client,
         count,
         dim,
         s.clone().into_tensor_arg(),
-        dp.unwrap_or_else(|| s.clone()).into_tensor_arg(),
         out.clone().into_tensor_arg(),
         n,
         t,
         scale,
-        back,
     );
     out
+}
+
+/// The softmax's backward pass from its output `p` (scores scaled by `scale` on the way in)
+/// and the output's gradient `dp`: `scale·p·(dp − Σ dp·p)` row by row.
+pub(super) fn softmax_backward(p: &CubeTensor, dp: &CubeTensor, scale: f32) -> CubeTensor {
+    let t = p.meta.shape()[p.meta.num_dims() - 1];
+    let out = empty_like(p);
+    let (count, dim) = grid(p, p.meta.shape().num_elements() / t);
+    kernel::softmax_backward_kernel::launch(
+        &out.client,
+        count,
+        dim,
+        p.clone().into_tensor_arg(),
+        dp.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        t,
+        scale,
+    );
+    out
+}
+
+/// `a·b` over the last two dimensions (batched over the others).
+pub(super) fn product(a: CubeTensor, b: CubeTensor) -> CubeTensor {
+    matmul(a, b, None, MatmulStrategy::default(), DType::F32).expect("an f32 product launches")
+}
+
+/// `x` with its last two dimensions swapped (a view).
+pub(super) fn transposed(x: CubeTensor) -> CubeTensor {
+    let rank = x.meta.num_dims();
+    let mut axes: Vec<usize> = (0..rank).collect();
+    axes.swap(rank - 2, rank - 1);
+    permute(x, &axes)
 }
 
 /// A constant's `f32` values when no gradient flows to it (plain, or untracked on the
