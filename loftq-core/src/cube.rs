@@ -3,7 +3,7 @@
 
 use std::any::Any;
 
-use burn::backend::Cube;
+use burn::backend::{Autodiff, Cube};
 use burn::tensor::kind::Basic;
 use burn::tensor::{BackendPrimitive, DType, Shape, Tensor};
 use burn_cubecl::cubecl::prelude::*;
@@ -34,6 +34,20 @@ where
         .try_into_primitive::<Cube>()
         .ok()
         .and_then(as_cube)
+}
+
+/// `t`'s values when it is a float tensor of the unfused `Cube` back end, plain or on the
+/// autodiff device.
+pub(crate) fn values<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
+    plain(t).or_else(|| {
+        let tracked = t.clone().try_into_primitive::<Autodiff<Cube>>().ok()?;
+        as_cube(tracked.primitive().clone())
+    })
+}
+
+/// The largest buffer the device of `t` allocates, in bytes (a page of CubeCL's memory pool).
+pub(crate) fn max_buffer<const D: usize>(t: &Tensor<D>) -> Option<u64> {
+    values(t).map(|c| c.client.properties().memory.max_page_size)
 }
 
 /// A [`CubeTensor`] as a Burn tensor of kind `K`.

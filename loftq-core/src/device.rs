@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 
 /// A back end and device index, as written on a command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +150,23 @@ impl DeviceSpec {
         spec.device()
             .unwrap_or_else(|e| panic!("LOFTQ_DEVICE: {e}"));
         spec
+    }
+}
+
+/// The largest single buffer the device holding `t` allocates, in bytes, where its back end has
+/// such a limit: on WGPU the storage-binding limit (128 MiB on Mesa's lavapipe, far more on most
+/// GPUs), on CUDA the memory pool's largest page. `None` on the CPU and under Burn's fusion
+/// (`tuned`). A larger tensor is not an error when it is made, only at the next read, so work
+/// whose intermediates grow with the input (attention's scores) splits itself to fit.
+pub fn max_buffer_bytes<const D: usize>(t: &Tensor<D>) -> Option<u64> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        crate::cube::max_buffer(t)
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = t;
+        None
     }
 }
 

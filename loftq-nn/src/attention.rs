@@ -65,7 +65,7 @@ pub(crate) fn attend(
     [h, kvh]: [usize; 2],
     window: Option<usize>,
 ) -> Tensor<3> {
-    let seq = q.dims()[1];
+    let [b, seq, _] = q.dims();
     // A window at least as long as the input changes nothing.
     let window = window.filter(|&w| w < seq);
     if window.is_none()
@@ -73,7 +73,10 @@ pub(crate) fn attend(
     {
         return y;
     }
+    // Scores too large for one device buffer go block by block, in the generic path.
+    let fits = block_rows(&q, b * h * seq).is_none_or(|rows| rows >= seq);
     if window.is_none()
+        && fits
         && let Some(y) = loftq_core::fused::causal_attention(
             [&q, &k, &v],
             &rope.cos,
@@ -114,6 +117,48 @@ pub(crate) fn attend_rotated(
     v: Tensor<4>,
     window: Option<usize>,
 ) -> Tensor<3> {
+    let [b, h, n, _] = q.dims();
+    let t = k.dims()[2];
+    match block_rows(&q, b * h * t) {
+        Some(rows) if rows < n => attend_blocks(q, k, v, window, rows),
+        _ => attend_block(q, k, v, window),
+    }
+}
+
+/// How many query rows' scores fit in one buffer of `q`'s device, `per_row` scores a row:
+/// `None` where the device sets no limit.
+fn block_rows<const D: usize>(q: &Tensor<D>, per_row: usize) -> Option<usize> {
+    let limit = loftq_core::device::max_buffer_bytes(q)?;
+    let row = (per_row * std::mem::size_of::<f32>()).max(1) as u64;
+    Some(((limit / row) as usize).max(1))
+}
+
+/// [`attend_rotated`] `rows` queries at a time, each block over the keys its queries see (from
+/// the first one its window reaches to its last query), so that no block's scores are larger
+/// than `rows × t` per head: on a GPU one buffer holds a block's scores where the whole input's
+/// would not fit (151 MB for 9 heads over 2,048 positions, lavapipe's limit being 128 MiB).
+fn attend_blocks(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    window: Option<usize>,
+    rows: usize,
+) -> Tensor<3> {
+    let n = q.dims()[2];
+    let t = k.dims()[2];
+    let blocks = (0..n).step_by(rows.max(1)).map(|i| {
+        let m = rows.min(n - i);
+        // Query `i` is at position `t − n + i`.
+        let (first, end) = (t - n + i, t - n + i + m);
+        let from = window.map_or(0, |w| (first + 1).saturating_sub(w));
+        let keys = |x: &Tensor<4>| x.clone().narrow(2, from, end - from);
+        attend_block(q.clone().narrow(2, i, m), keys(&k), keys(&v), window)
+    });
+    Tensor::cat(blocks.collect(), 1)
+}
+
+/// [`attend_rotated`] in one piece.
+fn attend_block(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, window: Option<usize>) -> Tensor<3> {
     let [b, h, n, d] = q.dims();
     let [_, kvh, t, _] = k.dims();
     let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
@@ -214,7 +259,49 @@ fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
 
 #[cfg(test)]
 mod tests {
+    use burn::tensor::Distribution;
+
     use super::*;
+    use crate::cpu_fused::tests::{close, host};
+
+    /// Blocks of queries give the one-piece attention's values and gradients: grouped heads,
+    /// fewer queries than keys (a decoding step), windows shorter and longer than a block.
+    #[test]
+    fn attention_in_blocks_equals_one_piece() {
+        let dev = Device::flex().autodiff();
+        let rnd =
+            |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+        let (b, h, kvh, d) = (2, 4, 2, 8);
+        for (n, t, rows, window) in [
+            (13, 13, 4, None),
+            (13, 13, 1, None),
+            (9, 20, 4, None),
+            (17, 17, 5, Some(3)),
+            (17, 17, 3, Some(8)),
+            (6, 30, 4, Some(10)),
+        ] {
+            let what = format!("{n} queries over {t} keys, blocks of {rows}, window {window:?}");
+            let mine = [rnd([b, h, n, d]), rnd([b, kvh, t, d]), rnd([b, kvh, t, d])]
+                .map(|x| x.require_grad());
+            // The same values, tracked apart.
+            let whole = mine.clone().map(|x| x.detach().require_grad());
+            let [q, k, v] = mine.clone();
+            let y = attend_blocks(q, k, v, window, rows);
+            let [q, k, v] = whole.clone();
+            let want = attend_block(q, k, v, window);
+            close(host(y.clone()), host(want.clone()), &what);
+            let w = Tensor::<3>::random(y.dims(), Distribution::Normal(0.0, 1.0), &dev);
+            let got = (y * w.clone()).sum().backward();
+            let wanted = (want * w).sum().backward();
+            for (i, (a, z)) in mine.iter().zip(&whole).enumerate() {
+                close(
+                    host(a.grad(&got).unwrap()),
+                    host(z.grad(&wanted).unwrap()),
+                    &format!("{what}: d input {i}"),
+                );
+            }
+        }
+    }
 
     #[test]
     fn hidden_keys_follow_causality_and_the_window() {

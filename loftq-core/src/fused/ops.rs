@@ -203,10 +203,7 @@ pub(super) fn rotary(
 }
 
 pub(super) fn applies<const D: usize>(t: &BurnTensor<D>) -> bool {
-    plain(t).is_some()
-        || on_autodiff(t)
-            .and_then(|a| as_cube(a.primitive().clone()))
-            .is_some()
+    crate::cube::values(t).is_some()
 }
 
 pub(super) fn causal_softmax(scores: &BurnTensor<4>, scale: f32) -> Option<BurnTensor<4>> {
