@@ -90,7 +90,7 @@ fn token_nlls(model: &Llama, ids: &[u32]) -> Vec<f64> {
     let n = ids.len();
     let hidden = model.hidden_states(token_ids(ids, [1, n], &device));
     let mut v = Vec::with_capacity(n - 1);
-    for (start, m) in row_chunks(0, n - 1) {
+    for (start, m) in row_chunks(0, n - 1, logit_rows(model)) {
         let logp = log_probs(model, hidden.clone().narrow(1, start, m));
         v.extend(nlls(&logp, &ids[start + 1..start + 1 + m]));
     }
@@ -101,18 +101,50 @@ fn token_nlls(model: &Llama, ids: &[u32]) -> Vec<f64> {
 /// vocabulary, 260 MB for 128,256) instead of a whole window's.
 const ROWS: usize = 512;
 
-/// Positions `from..to` in chunks of at most [`ROWS`]: `(start, len)`.
-pub(crate) fn row_chunks(from: usize, to: usize) -> impl Iterator<Item = (usize, usize)> {
-    (from..to).step_by(ROWS).map(move |s| (s, ROWS.min(to - s)))
+/// Positions whose logits `model` makes at once: [`ROWS`], or fewer where one buffer of its
+/// device holds fewer rows.
+pub(crate) fn logit_rows(model: &Llama) -> usize {
+    rows_per_buffer(model.config.vocab_size, &model.embed_tokens).min(ROWS)
 }
 
-/// Next-token log-probabilities `[m, vocab]` from final normalized hidden states `[1, m,
+/// Rows of `width` `f32` values that one buffer of `like`'s device holds (`usize::MAX` where
+/// the device sets no limit): a GPU's logits are made in blocks of rows that fit
+/// ([`loftq_core::device::max_buffer_bytes`]).
+pub(crate) fn rows_per_buffer<const D: usize>(width: usize, like: &Tensor<D>) -> usize {
+    let row = (width * std::mem::size_of::<f32>()).max(1) as u64;
+    loftq_core::device::max_buffer_bytes(like).map_or(usize::MAX, |l| ((l / row) as usize).max(1))
+}
+
+/// Positions `start..start + m` of `hidden [b, s, width]`, counted row-major over the batch, as
+/// `[1, m, width]`; `hidden` itself (no copy) when they are all of them.
+pub(crate) fn positions(hidden: &Tensor<3>, start: usize, m: usize) -> Tensor<3> {
+    let [b, s, width] = hidden.dims();
+    match m == b * s {
+        true => hidden.clone(),
+        false => hidden
+            .clone()
+            .reshape([1, b * s, width])
+            .narrow(1, start, m),
+    }
+}
+
+/// Positions `from..to` in chunks of at most `rows`: `(start, len)`.
+pub(crate) fn row_chunks(
+    from: usize,
+    to: usize,
+    rows: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    let rows = rows.max(1);
+    (from..to).step_by(rows).map(move |s| (s, rows.min(to - s)))
+}
+
+/// Next-token log-probabilities `[b·m, vocab]` from final normalized hidden states `[b, m,
 /// hidden]`.
 pub(crate) fn log_probs(model: &Llama, normed: Tensor<3>) -> Tensor<2> {
-    let m = normed.dims()[1];
+    let [b, m, _] = normed.dims();
     let logits = model.head(normed);
     let vocab = logits.dims()[2];
-    log_softmax(logits.reshape([m, vocab]), 1)
+    log_softmax(logits.reshape([b * m, vocab]), 1)
 }
 
 /// The NLL of `targets` (one per row) under [`log_probs`].

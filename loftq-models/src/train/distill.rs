@@ -11,7 +11,7 @@ use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use super::data::Batch;
-use crate::eval::token_ids;
+use crate::eval::{log_probs, positions, row_chunks, rows_per_buffer, token_ids};
 use crate::nn::Llama;
 use crate::{ModelError, Result};
 
@@ -37,8 +37,9 @@ pub struct DistillLoss {
 /// What the teacher gives for one micro-batch.
 #[derive(Clone, Debug)]
 pub struct TeacherOutputs {
-    /// Log-probabilities `[batch·seq, vocab]`, every position.
-    pub logp: Tensor<2>,
+    /// Log-probabilities `[rows, vocab]` of every position (`batch·seq` rows in all), in
+    /// blocks of rows that each fit one buffer of the device (one block on the CPU).
+    pub logp: Vec<Tensor<2>>,
     /// Final normalized hidden states `[batch, seq, hidden]`, when the loss uses them.
     pub hidden: Option<Tensor<3>>,
     /// The loss they are for.
@@ -50,25 +51,44 @@ pub fn teacher_outputs(teacher: &Llama, batch: &Batch, loss: DistillLoss) -> Tea
     let device = teacher.embed_tokens.device();
     let ids = token_ids(&batch.ids, [batch.batch, batch.seq], &device);
     let hidden = teacher.hidden_states(ids);
-    let logits = teacher.head(hidden.clone());
-    let [b, s, vocab] = logits.dims();
+    let rows = rows_per_buffer(teacher.config.vocab_size, &hidden);
+    let logp = row_chunks(0, batch.batch * batch.seq, rows)
+        .map(|(start, m)| log_probs(teacher, positions(&hidden, start, m)))
+        .collect();
     TeacherOutputs {
-        logp: log_softmax(logits.reshape([b * s, vocab]), 1),
+        logp,
         hidden: (loss.hidden_weight > 0.0).then_some(hidden),
         loss,
     }
 }
 
-/// The distillation loss of the student's final normalized hidden states `hidden` and logits
-/// `[batch, seq, vocab]` (tracked or not) against `teacher`: the mean over positions of
-/// `KL(teacher ‖ student)`, plus the weighted hidden-state term.
-pub fn distill_loss(hidden: Tensor<3>, logits: Tensor<3>, teacher: &TeacherOutputs) -> Tensor<1> {
-    let [b, s, vocab] = logits.dims();
-    let logp = log_softmax(logits.reshape([b * s, vocab]), 1);
-    // The teacher's tensors hold no graph: with a tracked student they are constants.
-    let t_logp = teacher.logp.clone();
-    let p = t_logp.clone().exp();
-    let mut loss = (p * (t_logp - logp)).sum().div_scalar((b * s) as f64);
+impl TeacherOutputs {
+    /// Positions (`batch·seq`).
+    pub fn rows(&self) -> usize {
+        self.logp.iter().map(|t| t.dims()[0]).sum()
+    }
+}
+
+/// The distillation loss of the student's final normalized hidden states `hidden`
+/// `[batch, seq, width]` and its head `logits` (tracked or not) against `teacher`: the mean
+/// over positions of `KL(teacher ‖ student)`, plus the weighted hidden-state term. The
+/// student's logits are made for one of the teacher's blocks of positions at a time.
+pub fn distill_loss(
+    hidden: Tensor<3>,
+    logits: impl Fn(Tensor<3>) -> Tensor<3>,
+    teacher: &TeacherOutputs,
+) -> Tensor<1> {
+    let [b, s, _] = hidden.dims();
+    let mut start = 0;
+    let kl = teacher.logp.iter().map(|t_logp| {
+        let [m, vocab] = t_logp.dims();
+        let logp = log_softmax(logits(positions(&hidden, start, m)).reshape([m, vocab]), 1);
+        start += m;
+        // The teacher's tensors hold no graph: with a tracked student they are constants.
+        (t_logp.clone().exp() * (t_logp.clone() - logp)).sum()
+    });
+    let kl = kl.reduce(|a, b| a + b).expect("at least one position");
+    let mut loss = kl.div_scalar((b * s) as f64);
     if let Some(t_hidden) = &teacher.hidden {
         let mse = (hidden - t_hidden.clone()).powi_scalar(2).mean();
         loss = loss + mse.mul_scalar(teacher.loss.hidden_weight);

@@ -16,7 +16,7 @@ use loftq_core::quant::host_f32;
 
 use super::data::Batch;
 use super::distill::{TeacherOutputs, distill_loss};
-use crate::eval::token_ids;
+use crate::eval::{positions, row_chunks, rows_per_buffer, token_ids};
 use crate::nn::{Llama, QLinear};
 
 /// The loss and the gradient of every trainable LoRA factor.
@@ -64,7 +64,7 @@ pub fn distill_loss_and_grads(
     teacher: &TeacherOutputs,
 ) -> StepGrads {
     assert_eq!(
-        teacher.logp.dims()[0],
+        teacher.rows(),
         batch.batch * batch.seq,
         "the teacher's outputs are for another batch"
     );
@@ -217,26 +217,49 @@ fn head_loss(model: &Llama, h: Tensor<3>, target: Target) -> (Option<QLinear>, T
         None => model.head(hidden),
     };
     let loss = match target {
-        Target::Teacher(t) => {
-            let hidden = model.norm.forward(h);
-            distill_loss(hidden.clone(), logits(hidden), t)
-        }
+        Target::Teacher(t) => distill_loss(model.norm.forward(h), logits, t),
         Target::Tokens(targets) => {
             let hidden = model.norm.forward(h).narrow(1, 0, s - 1);
             match model.fused_head_nll(&hidden, targets) {
                 Some(loss) => loss,
                 None => {
-                    let device = hidden.device();
-                    let targets = token_ids(targets, [targets.len(), 1], &device);
-                    let logits = logits(hidden);
-                    let [b, s1, vocab] = logits.dims();
-                    let logp = log_softmax(logits.reshape([b * s1, vocab]), 1);
-                    logp.gather(1, targets).mean().neg()
+                    let vocab = model.config.vocab_size;
+                    let rows = rows_per_buffer(vocab, &hidden);
+                    token_nll(hidden, targets, logits, [vocab, rows])
                 }
             }
         }
     };
     (head, loss)
+}
+
+/// The mean NLL of `targets`, one per position of `hidden [b, s, width]` (row-major), under the
+/// log-softmax of `logits(hidden)` over `vocab` tokens; made `block` positions at a time, so
+/// that no block's logits outgrow one device buffer (2,048 positions of a 49,152-token
+/// vocabulary are 403 MB, lavapipe's buffers 128 MiB).
+fn token_nll(
+    hidden: Tensor<3>,
+    targets: &[u32],
+    logits: impl Fn(Tensor<3>) -> Tensor<3>,
+    [vocab, block]: [usize; 2],
+) -> Tensor<1> {
+    let [b, s, _] = hidden.dims();
+    let (rows, device) = (b * s, hidden.device());
+    let mut picked: Vec<Tensor<2>> = row_chunks(0, rows, block)
+        .map(|(start, m)| {
+            let logp = log_softmax(logits(positions(&hidden, start, m)).reshape([m, vocab]), 1);
+            logp.gather(1, token_ids(&targets[start..start + m], [m, 1], &device))
+        })
+        .collect();
+    // One block: one reduction (the mean), as when there were no blocks.
+    let mean = match picked.len() {
+        1 => picked.pop().expect("one block").mean(),
+        _ => (picked.into_iter().map(|p| p.sum()))
+            .reduce(|a, b| a + b)
+            .expect("at least one position")
+            .div_scalar(rows as f64),
+    };
+    mean.neg()
 }
 
 /// A copy of `lin` whose LoRA factors are leaves of the autodiff graph.
@@ -266,4 +289,75 @@ pub(crate) fn lora_grads(
                 .unwrap_or_else(|| Tensor::zeros(p.dims(), device))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Distribution;
+
+    use super::super::distill::DistillLoss;
+    use super::*;
+
+    fn rnd<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+    }
+
+    /// The loss and the gradient of the hidden states, against the same loss in one block.
+    fn same_in_blocks(loss: impl Fn(Tensor<3>, usize) -> Tensor<1>, what: &str) {
+        let device = Device::flex().autodiff();
+        let h0 = rnd([2, 7, 5], &device);
+        let run = |block| {
+            let h = h0.clone().detach().require_grad();
+            let y = loss(h.clone(), block);
+            let g = h.grad(&y.clone().backward()).unwrap();
+            (host_f32(&y.inner()), host_f32(&g.reshape([70])))
+        };
+        let (want, want_g) = run(14);
+        for block in [1, 3, 13] {
+            let (got, got_g) = run(block);
+            assert!(
+                (got[0] - want[0]).abs() < 1e-5,
+                "{what}, blocks of {block}: loss"
+            );
+            let d = got_g
+                .iter()
+                .zip(&want_g)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(d < 1e-6, "{what}, blocks of {block}: gradient off by {d}");
+        }
+    }
+
+    #[test]
+    fn token_loss_in_blocks_equals_one_block() {
+        let vocab = 11;
+        let w = rnd([5, vocab], &Device::flex().autodiff());
+        let targets: Vec<u32> = (0..14).map(|i| (i * 7 % vocab) as u32).collect();
+        let logits = |h: Tensor<3>| h.matmul(w.clone().unsqueeze());
+        same_in_blocks(
+            |h, block| token_nll(h, &targets, logits, [vocab, block]),
+            "next-token NLL",
+        );
+    }
+
+    #[test]
+    fn distillation_loss_follows_the_teachers_blocks() {
+        let (vocab, device) = (11, Device::flex().autodiff());
+        let w = rnd([5, vocab], &device);
+        let t_logp = log_softmax(rnd([14, vocab], &Device::flex()).mul_scalar(2.0), 1);
+        let logits = |h: Tensor<3>| h.matmul(w.clone().unsqueeze());
+        same_in_blocks(
+            |h, block| {
+                let teacher = TeacherOutputs {
+                    logp: row_chunks(0, 14, block)
+                        .map(|(s, m)| t_logp.clone().narrow(0, s, m))
+                        .collect(),
+                    hidden: None,
+                    loss: DistillLoss::default(),
+                };
+                assert_eq!(teacher.rows(), 14);
+                distill_loss(h, logits, &teacher)
+            },
+            "distillation KL",
+        );
+    }
 }

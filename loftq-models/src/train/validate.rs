@@ -4,7 +4,7 @@
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{Window, host_f64, log_probs, nlls, row_chunks, token_ids, windows};
+use crate::eval::{Window, host_f64, log_probs, logit_rows, nlls, row_chunks, token_ids, windows};
 use crate::nn::Llama;
 
 /// Validation text, scored with a sliding window.
@@ -87,7 +87,10 @@ impl Scores {
         teacher: Option<(&Llama, Tensor<3>)>,
     ) {
         let end = ids.len() - 1;
-        for (start, m) in row_chunks(w.skip, end) {
+        let rows = teacher.as_ref().map_or(logit_rows(model), |(t, _)| {
+            logit_rows(model).min(logit_rows(t))
+        });
+        for (start, m) in row_chunks(w.skip, end, rows) {
             let logp = log_probs(model, normed.clone().narrow(1, start, m));
             self.nll += nlls(&logp, &ids[start + 1..start + 1 + m])
                 .iter()
