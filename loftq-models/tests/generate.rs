@@ -4,10 +4,9 @@
 mod common;
 
 use common::*;
+use loftq_core::QuantConfig;
 use loftq_core::quant::host_f32;
-use loftq_core::{DeviceSpec, QuantConfig};
 use loftq_models::LlamaConfig;
-use loftq_models::eval::{perplexity, token_ids};
 use loftq_models::generate::{GenerateParams, SamplingParams, generate};
 use loftq_models::io::{Adapter, Checkpoint};
 use loftq_models::nn::{KvCache, Llama, LoadOptions, load_model, load_pretrained};
@@ -133,48 +132,4 @@ fn generation_refuses_an_empty_or_overlong_prompt() {
     let near = vec![1u32; model.config.max_position_embeddings - 3];
     let g = generate(&model, &near, &params, &mut |_| {}).unwrap();
     assert_eq!(g.ids.len(), 3, "prompt and new tokens fill the context");
-}
-
-/// An input whose attention scores exceed the device's largest buffer (lavapipe's 128 MiB:
-/// tiny-llama's 4 heads over 3,072 positions need 151 MB) is scored in blocks of queries: its
-/// perplexity, and the last logits of a prefill through the cache, equal the CPU's. The CPU
-/// sets no limit; there the whole input is one block.
-#[test]
-fn inputs_whose_scores_exceed_a_device_buffer_run_in_blocks() {
-    let dir = fixture("tiny-llama");
-    let model = load_pretrained(&dir, None, &device()).unwrap();
-    let probe = burn::tensor::Tensor::<1>::zeros([1], &device());
-    let Some(limit) = loftq_core::device::max_buffer_bytes(&probe) else {
-        assert!(
-            matches!(DeviceSpec::from_env(), DeviceSpec::Cpu),
-            "a GPU sets a limit"
-        );
-        return;
-    };
-    let heads = model.config.num_attention_heads as u64;
-    let Some(n) = (1..=16u64)
-        .map(|i| i * 512)
-        .find(|&n| heads * n * n * 4 > limit)
-    else {
-        eprintln!("the device's buffers hold 8,192 positions' scores: nothing to split");
-        return;
-    };
-    let n = n as usize;
-    let tokens: Vec<u32> = (0..n as u32)
-        .map(|i| i.wrapping_mul(2_654_435_761) >> 24)
-        .collect();
-    let cpu = load_pretrained(&dir, None, &burn::tensor::Device::flex()).unwrap();
-    let (got, want) = (perplexity(&model, &tokens), perplexity(&cpu, &tokens));
-    assert!(
-        (got.nll - want.nll).abs() < 1e-4,
-        "{n} positions: NLL {} on the device, {} on the CPU",
-        got.nll,
-        want.nll
-    );
-    let prefill = |m: &Llama| {
-        let ids = token_ids(&tokens, [1, n], &m.embed_tokens.device());
-        host_f32(&m.forward_cached(ids, &mut KvCache::new()))
-    };
-    let d = max_abs_diff(&prefill(&model), &prefill(&cpu));
-    assert!(d < 1e-4, "{n} positions, prefill: max |Δlogit| {d}");
 }

@@ -202,6 +202,8 @@ pub(crate) struct Builder<'a> {
     device: &'a Device,
     opts: &'a LoadOptions<'a>,
     pub(crate) used: BTreeSet<String>,
+    /// The device's largest buffer in bytes, where it has a limit.
+    max_buffer: Option<u64>,
 }
 
 impl<'a> Builder<'a> {
@@ -215,6 +217,27 @@ impl<'a> Builder<'a> {
             device,
             opts,
             used: BTreeSet::new(),
+            max_buffer: loftq_core::device::max_buffer_bytes(&Tensor::<1>::empty([1], device)),
+        }
+    }
+
+    /// Refuses tensor `name` of `shape` when its `f32` values (a packed weight's too, which a
+    /// GPU dequantizes whole for its products) would not fit one buffer of the device: an error
+    /// naming it now, where the device would fail at the first read after its upload.
+    fn fits(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let bytes = shape.iter().product::<usize>() as u64 * 4;
+        match self.max_buffer {
+            Some(limit) if bytes > limit => Err(ModelError::tensor(
+                self.source.root(),
+                name,
+                format!(
+                    "{shape:?} takes {bytes} bytes as f32, more than one buffer of the device \
+                     holds ({limit} bytes, {:.0} MiB); run this model on the CPU (--device cpu) \
+                     or a GPU with larger buffers",
+                    limit as f64 / (1u64 << 20) as f64
+                ),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -285,6 +308,7 @@ impl<'a> Builder<'a> {
         name: &str,
         shape: &[usize],
     ) -> Result<Tensor<D>> {
+        self.fits(name, shape)?;
         if let Some(t) = self.saved(name) {
             if t.shape != shape {
                 return Err(ModelError::Mismatch(format!(
@@ -337,6 +361,7 @@ impl<'a> Builder<'a> {
         quantizable: bool,
     ) -> Result<QLinear> {
         let wname = format!("{path}.weight");
+        self.fits(&wname, &shape)?;
         let root = self.source.root();
         // A weight the adapter saves whole is dense, whatever the checkpoint holds.
         let packed = match self.source.packed(&wname)? {

@@ -40,6 +40,7 @@ const DEVICE_TESTS: &[&str] = &[
     "files",
     "gguf",
     "generate",
+    "device_limits",
     "refine",
     "init",
     "calibrate",

@@ -280,6 +280,7 @@ pub fn run_init(
     let gguf_config = source.llama_config().cloned();
     let mut plan = piece::Plan::new(spec, source.as_ref())?;
     check_shapes(spec, gguf_config.as_ref(), &plan, source.as_ref())?;
+    space::check_buffers(&plan, devices)?;
     space::check(
         out,
         &work,

@@ -1,15 +1,18 @@
-//! Free space, checked before the work: `init` holds its pieces and the assembled output at
-//! once, so it needs about twice the output's size under `--out`.
+//! Room, checked before the work: free space (`init` holds its pieces and the assembled output
+//! at once, so it needs about twice the output's size under `--out`), and a device buffer for
+//! each target matrix.
 
 use std::path::Path;
 
+use burn::tensor::{Device, Tensor};
 use loftq_core::QuantConfig;
+use loftq_core::device::max_buffer_bytes;
 
 use super::piece::Plan;
 use super::{Backbone, InitSpec};
-use crate::Result;
 use crate::io::TensorSource;
 use crate::io::space::{check_free, human};
+use crate::{ModelError, Result};
 
 /// Bytes of one matrix `[rows, cols]` packed with `cfg`: codes, scales (or their double
 /// quantization) and minimums.
@@ -89,6 +92,35 @@ fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Refuses a target matrix whose `f32` values would not fit one buffer of a device in
+/// `devices` (LoftQ holds each matrix whole on the device that takes it: a 7B model's
+/// `[11008, 4096]` are 180 MB, lavapipe's buffers 128 MiB), before any work is done.
+///
+/// # Errors
+/// [`ModelError::Settings`] naming the first such tensor and the limit.
+pub(super) fn check_buffers(plan: &Plan, devices: &[Device]) -> Result<()> {
+    let limit = devices
+        .iter()
+        .filter_map(|d| max_buffer_bytes(&Tensor::<1>::empty([1], d)))
+        .min();
+    let Some(limit) = limit else { return Ok(()) };
+    let too_large = plan.items.iter().find_map(|item| {
+        let ([rows, cols], _) = item.target?;
+        let bytes = (rows * cols * 4) as u64;
+        (bytes > limit).then_some((item, bytes))
+    });
+    match too_large {
+        Some((item, bytes)) => Err(ModelError::Settings(format!(
+            "tensor `{}` takes {bytes} bytes as f32, more than one buffer of the device holds \
+             ({limit} bytes, {:.0} MiB), and LoftQ holds each matrix whole on its device; run \
+             on the CPU (--device cpu) or a GPU with larger buffers",
+            item.name,
+            limit as f64 / (1u64 << 20) as f64
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
