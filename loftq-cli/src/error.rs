@@ -12,6 +12,9 @@ pub enum CliError {
     /// The library's error.
     #[error(transparent)]
     Job(#[from] ModelError),
+    /// The GPU failed during the run; its innermost cause (`crate::failure`).
+    #[error("the device failed: {0}")]
+    Device(String),
 }
 
 /// Results of the commands.
@@ -39,6 +42,11 @@ impl CliError {
             CliError::Job(ModelError::Diverged { .. }) => {
                 Some("lower --lr, or clip with --max-grad-norm")
             }
+            CliError::Device(_) => Some(
+                "the work may not fit the device's memory or its largest buffer: less at once \
+                 (--batch, --seq, --tokens, --device-batch, as the command takes them), or \
+                 --device cpu",
+            ),
             _ => None,
         }
     }

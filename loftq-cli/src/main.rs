@@ -9,6 +9,7 @@ mod convert;
 mod error;
 mod eval;
 mod export;
+mod failure;
 mod generate;
 mod init;
 mod inspect;
@@ -76,7 +77,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging();
-    let result = match cli.command {
+    let result = failure::guarded(|| match cli.command {
         Command::Codebook {
             quantizer,
             rounding,
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Refine(args) => refine::run(&args),
-    };
+    });
     // With LOFTQ_PROFILE set: where the device's time went (`loftq_core::profile`).
     if let Some(table) = loftq_core::profile::take_markdown() {
         eprintln!("time by phase (LOFTQ_PROFILE):\n{table}");
