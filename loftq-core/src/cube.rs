@@ -3,9 +3,9 @@
 
 use std::any::Any;
 
-use burn::backend::{Autodiff, Cube};
+use burn::backend::{Autodiff, Cube, DispatchDevice};
 use burn::tensor::kind::Basic;
-use burn::tensor::{BackendPrimitive, DType, Shape, Tensor};
+use burn::tensor::{BackendPrimitive, DType, Device, Shape, Tensor};
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{CubeDim, calculate_cube_count_elemwise};
 use burn_cubecl::ops::numeric::empty_device_dtype;
@@ -45,9 +45,14 @@ pub(crate) fn values<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
     })
 }
 
-/// The largest buffer the device of `t` allocates, in bytes (a page of CubeCL's memory pool).
-pub(crate) fn max_buffer<const D: usize>(t: &Tensor<D>) -> Option<u64> {
-    values(t).map(|c| c.client.properties().memory.max_page_size)
+/// The largest buffer `device` allocates, in bytes (a page of CubeCL's memory pool), when it
+/// is a CubeCL device, with or without autodiff, fused or not.
+pub(crate) fn max_buffer(device: &Device) -> Option<u64> {
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Cube(d) => Some(d.client().properties().memory.max_page_size),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
 }
 
 /// A [`CubeTensor`] as a Burn tensor of kind `K`.

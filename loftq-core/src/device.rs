@@ -155,17 +155,22 @@ impl DeviceSpec {
 
 /// The largest single buffer the device holding `t` allocates, in bytes, where its back end has
 /// such a limit: on WGPU the storage-binding limit (128 MiB on Mesa's lavapipe, far more on most
-/// GPUs), on CUDA the memory pool's largest page. `None` on the CPU and under Burn's fusion
-/// (`tuned`). A larger tensor is not an error when it is made, only at the next read, so work
-/// whose intermediates grow with the input (attention's scores) splits itself to fit.
+/// GPUs), on CUDA the memory pool's largest page; `None` on the CPU. A larger tensor is not an
+/// error when it is made, only at the next read, so work whose intermediates grow with the
+/// input (attention's scores) splits itself to fit.
 pub fn max_buffer_bytes<const D: usize>(t: &Tensor<D>) -> Option<u64> {
+    max_buffer_bytes_on(&t.device())
+}
+
+/// [`max_buffer_bytes`] of `device`.
+pub fn max_buffer_bytes_on(device: &Device) -> Option<u64> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
-        crate::cube::max_buffer(t)
+        crate::cube::max_buffer(device)
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     {
-        let _ = t;
+        let _ = device;
         None
     }
 }

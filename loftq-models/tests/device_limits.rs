@@ -6,10 +6,10 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use common::*;
 use loftq_core::DeviceSpec;
-use loftq_core::device::max_buffer_bytes;
+use loftq_core::device::max_buffer_bytes_on;
 use loftq_core::quant::host_f32;
 use loftq_models::LlamaConfig;
 use loftq_models::eval::{perplexity, token_ids};
@@ -20,7 +20,7 @@ use loftq_models::nn::{KvCache, Llama, LoadOptions, load_model, load_pretrained}
 /// The test device's buffer limit; `None` (after checking that it is the CPU, which has none)
 /// where there is nothing to test.
 fn limit() -> Option<u64> {
-    let limit = max_buffer_bytes(&Tensor::<1>::zeros([1], &device()));
+    let limit = max_buffer_bytes_on(&device());
     if limit.is_none() {
         assert!(
             matches!(DeviceSpec::from_env(), DeviceSpec::Cpu),
@@ -38,14 +38,7 @@ fn limit() -> Option<u64> {
 fn inputs_whose_scores_exceed_a_device_buffer_run_in_blocks() {
     let dir = fixture("tiny-llama");
     let model = load_pretrained(&dir, None, &device()).unwrap();
-    let probe = burn::tensor::Tensor::<1>::zeros([1], &device());
-    let Some(limit) = loftq_core::device::max_buffer_bytes(&probe) else {
-        assert!(
-            matches!(DeviceSpec::from_env(), DeviceSpec::Cpu),
-            "a GPU sets a limit"
-        );
-        return;
-    };
+    let Some(limit) = limit() else { return };
     let heads = model.config.num_attention_heads as u64;
     let Some(n) = (1..=16u64)
         .map(|i| i * 512)

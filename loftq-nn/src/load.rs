@@ -217,7 +217,7 @@ impl<'a> Builder<'a> {
             device,
             opts,
             used: BTreeSet::new(),
-            max_buffer: loftq_core::device::max_buffer_bytes(&Tensor::<1>::empty([1], device)),
+            max_buffer: loftq_core::device::max_buffer_bytes_on(device),
         }
     }
 

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use loftq_core::QuantConfig;
-use loftq_core::device::max_buffer_bytes;
+use loftq_core::device::max_buffer_bytes_on;
 
 use super::piece::Plan;
 use super::{Backbone, InitSpec};
@@ -101,10 +101,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// # Errors
 /// [`ModelError::Settings`] naming the first such tensor and the limit.
 pub(super) fn check_buffers(plan: &Plan, devices: &[Device]) -> Result<()> {
-    let limit = devices
-        .iter()
-        .filter_map(|d| max_buffer_bytes(&Tensor::<1>::empty([1], d)))
-        .min();
+    let limit = devices.iter().filter_map(max_buffer_bytes_on).min();
     let Some(limit) = limit else { return Ok(()) };
     let too_large = plan.items.iter().find_map(|item| {
         let ([rows, cols], _) = item.target?;
