@@ -207,11 +207,11 @@ fn write_logits(model: &Llama, ids_path: &Path, out: &Path, device: &Device) -> 
     }
     let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     let ids_t: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids32, [batch, seq]), device);
-    let logits = model.forward(ids_t).reshape([batch * seq, vocab]);
+    let logits = loftq_models::eval::host_logits(model, ids_t);
     let mut tensors = BTreeMap::new();
     tensors.insert(
         "logits".to_string(),
-        OutTensor::f32(vec![batch, seq, vocab], &host_f32(&logits)),
+        OutTensor::f32(vec![batch, seq, vocab], &logits),
     );
     tensors.insert(
         "input_ids".to_string(),

@@ -2,6 +2,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use loftq_core::quant::host_f32;
 
 use crate::nn::Llama;
 
@@ -82,6 +83,17 @@ pub(crate) fn windows(len: usize, window: usize, stride: usize) -> Vec<Window> {
         begin += stride;
     }
     v
+}
+
+/// The logits of `ids [batch, seq]` on the host, `[batch·seq, vocab]` row-major: as
+/// [`Llama::forward`], made in blocks of positions that each fit one buffer of the device.
+pub fn host_logits(model: &Llama, ids: Tensor<2, Int>) -> Vec<f32> {
+    let hidden = model.hidden_states(ids);
+    let [b, s, _] = hidden.dims();
+    let rows = rows_per_buffer(model.config.vocab_size, &hidden);
+    row_chunks(0, b * s, rows)
+        .flat_map(|(start, m)| host_f32(&model.head(positions(&hidden, start, m))))
+        .collect()
 }
 
 /// The NLL of each token of `ids` after the first, given the ones before it.

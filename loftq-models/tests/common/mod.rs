@@ -62,12 +62,7 @@ pub fn ids(v: Vec<i32>, batch: usize, seq: usize) -> Tensor<2, Int> {
 
 /// Logits of `model` for `ids`, flattened.
 pub fn logits(model: &Llama, ids: Tensor<2, Int>) -> Vec<f32> {
-    model
-        .forward(ids)
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap()
+    loftq_models::eval::host_logits(model, ids)
 }
 
 /// Largest absolute difference.
