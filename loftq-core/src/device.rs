@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 
 /// A back end and device index, as written on a command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,17 +153,13 @@ impl DeviceSpec {
     }
 }
 
-/// The largest single buffer the device holding `t` allocates, in bytes, where its back end has
-/// such a limit: on WGPU the storage-binding limit (128 MiB on Mesa's lavapipe, far more on most
+/// The largest single buffer `device` allocates, in bytes, where its back end has such a
+/// limit: on WGPU the storage-binding limit (128 MiB on Mesa's lavapipe, far more on most
 /// GPUs), on CUDA the memory pool's largest page; `None` on the CPU. A larger tensor is not an
 /// error when it is made, only at the next read, so work whose intermediates grow with the
-/// input (attention's scores) splits itself to fit.
-pub fn max_buffer_bytes<const D: usize>(t: &Tensor<D>) -> Option<u64> {
-    max_buffer_bytes_on(&t.device())
-}
-
-/// [`max_buffer_bytes`] of `device`.
-pub fn max_buffer_bytes_on(device: &Device) -> Option<u64> {
+/// input (attention's scores, logits) splits itself to fit ([`rows_per_buffer`]), and a weight
+/// that cannot is refused ([`exceeds_buffer`]).
+pub fn max_buffer_bytes(device: &Device) -> Option<u64> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
         crate::cube::max_buffer(device)
@@ -173,6 +169,25 @@ pub fn max_buffer_bytes_on(device: &Device) -> Option<u64> {
         let _ = device;
         None
     }
+}
+
+/// Rows of `width` `f32` values that one buffer of `device` holds, at least 1 (`usize::MAX`
+/// where it sets no limit).
+pub fn rows_per_buffer(device: &Device, width: usize) -> usize {
+    let row = (width * std::mem::size_of::<f32>()).max(1) as u64;
+    max_buffer_bytes(device).map_or(usize::MAX, |limit| ((limit / row) as usize).max(1))
+}
+
+/// Why `f32` values of `shape` cannot be one buffer of `device`, when they cannot: their size
+/// and the limit, for an error that also names the tensor.
+pub fn exceeds_buffer(device: &Device, shape: &[usize]) -> Option<String> {
+    let bytes = shape.iter().product::<usize>() as u64 * 4;
+    let limit = max_buffer_bytes(device).filter(|&limit| bytes > limit)?;
+    Some(format!(
+        "{shape:?} takes {bytes} bytes as f32, more than one buffer of the device holds \
+         ({limit} bytes, {:.0} MiB)",
+        limit as f64 / (1u64 << 20) as f64
+    ))
 }
 
 /// Several devices, comma-separated on a command line (`cuda:0,cuda:1`, `cpu,wgpu`).

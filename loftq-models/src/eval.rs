@@ -2,6 +2,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use loftq_core::device::rows_per_buffer;
 use loftq_core::quant::host_f32;
 
 use crate::nn::Llama;
@@ -90,7 +91,7 @@ pub(crate) fn windows(len: usize, window: usize, stride: usize) -> Vec<Window> {
 pub fn host_logits(model: &Llama, ids: Tensor<2, Int>) -> Vec<f32> {
     let hidden = model.hidden_states(ids);
     let [b, s, _] = hidden.dims();
-    let rows = rows_per_buffer(model.config.vocab_size, &hidden);
+    let rows = rows_per_buffer(&hidden.device(), model.config.vocab_size);
     row_chunks(0, b * s, rows)
         .flat_map(|(start, m)| host_f32(&model.head(positions(&hidden, start, m))))
         .collect()
@@ -116,15 +117,7 @@ const ROWS: usize = 512;
 /// Positions whose logits `model` makes at once: [`ROWS`], or fewer where one buffer of its
 /// device holds fewer rows.
 pub(crate) fn logit_rows(model: &Llama) -> usize {
-    rows_per_buffer(model.config.vocab_size, &model.embed_tokens).min(ROWS)
-}
-
-/// Rows of `width` `f32` values that one buffer of `like`'s device holds (`usize::MAX` where
-/// the device sets no limit): a GPU's logits are made in blocks of rows that fit
-/// ([`loftq_core::device::max_buffer_bytes`]).
-pub(crate) fn rows_per_buffer<const D: usize>(width: usize, like: &Tensor<D>) -> usize {
-    let row = (width * std::mem::size_of::<f32>()).max(1) as u64;
-    loftq_core::device::max_buffer_bytes(like).map_or(usize::MAX, |l| ((l / row) as usize).max(1))
+    rows_per_buffer(&model.embed_tokens.device(), model.config.vocab_size).min(ROWS)
 }
 
 /// Positions `start..start + m` of `hidden [b, s, width]`, counted row-major over the batch, as

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use common::*;
 use loftq_core::DeviceSpec;
-use loftq_core::device::max_buffer_bytes_on;
+use loftq_core::device::max_buffer_bytes;
 use loftq_core::quant::host_f32;
 use loftq_models::LlamaConfig;
 use loftq_models::eval::{perplexity, token_ids};
@@ -20,7 +20,7 @@ use loftq_models::nn::{KvCache, Llama, LoadOptions, load_model, load_pretrained}
 /// The test device's buffer limit; `None` (after checking that it is the CPU, which has none)
 /// where there is nothing to test.
 fn limit() -> Option<u64> {
-    let limit = max_buffer_bytes_on(&device());
+    let limit = max_buffer_bytes(&device());
     if limit.is_none() {
         assert!(
             matches!(DeviceSpec::from_env(), DeviceSpec::Cpu),

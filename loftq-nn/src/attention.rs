@@ -2,6 +2,7 @@
 
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
+use loftq_core::device::rows_per_buffer;
 
 use super::kernels;
 use super::norm::sum_last;
@@ -74,7 +75,7 @@ pub(crate) fn attend(
         return y;
     }
     // Scores too large for one device buffer go block by block, in the generic path.
-    let fits = block_rows(&q, b * h * seq).is_none_or(|rows| rows >= seq);
+    let fits = rows_per_buffer(&q.device(), b * h * seq) >= seq;
     if window.is_none()
         && fits
         && let Some(y) = loftq_core::fused::causal_attention(
@@ -119,18 +120,11 @@ pub(crate) fn attend_rotated(
 ) -> Tensor<3> {
     let [b, h, n, _] = q.dims();
     let t = k.dims()[2];
-    match block_rows(&q, b * h * t) {
-        Some(rows) if rows < n => attend_blocks(q, k, v, window, rows),
+    // Query rows whose scores (`h·t` per row of the batch) fit one device buffer.
+    match rows_per_buffer(&q.device(), b * h * t) {
+        rows if rows < n => attend_blocks(q, k, v, window, rows),
         _ => attend_block(q, k, v, window),
     }
-}
-
-/// How many query rows' scores fit in one buffer of `q`'s device, `per_row` scores a row:
-/// `None` where the device sets no limit.
-fn block_rows<const D: usize>(q: &Tensor<D>, per_row: usize) -> Option<usize> {
-    let limit = loftq_core::device::max_buffer_bytes(q)?;
-    let row = (per_row * std::mem::size_of::<f32>()).max(1) as u64;
-    Some(((limit / row) as usize).max(1))
 }
 
 /// [`attend_rotated`] `rows` queries at a time, each block over the keys its queries see (from

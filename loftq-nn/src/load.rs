@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
+use loftq_core::device::exceeds_buffer;
 use loftq_core::quant::PackedTensor;
 use loftq_core::{QuantConfig, Quantizer};
 
@@ -202,8 +203,6 @@ pub(crate) struct Builder<'a> {
     device: &'a Device,
     opts: &'a LoadOptions<'a>,
     pub(crate) used: BTreeSet<String>,
-    /// The device's largest buffer in bytes, where it has a limit.
-    max_buffer: Option<u64>,
 }
 
 impl<'a> Builder<'a> {
@@ -217,7 +216,6 @@ impl<'a> Builder<'a> {
             device,
             opts,
             used: BTreeSet::new(),
-            max_buffer: loftq_core::device::max_buffer_bytes_on(device),
         }
     }
 
@@ -225,19 +223,15 @@ impl<'a> Builder<'a> {
     /// GPU dequantizes whole for its products) would not fit one buffer of the device: an error
     /// naming it now, where the device would fail at the first read after its upload.
     fn fits(&self, name: &str, shape: &[usize]) -> Result<()> {
-        let bytes = shape.iter().product::<usize>() as u64 * 4;
-        match self.max_buffer {
-            Some(limit) if bytes > limit => Err(ModelError::tensor(
+        match exceeds_buffer(self.device, shape) {
+            Some(why) => Err(ModelError::tensor(
                 self.source.root(),
                 name,
                 format!(
-                    "{shape:?} takes {bytes} bytes as f32, more than one buffer of the device \
-                     holds ({limit} bytes, {:.0} MiB); run this model on the CPU (--device cpu) \
-                     or a GPU with larger buffers",
-                    limit as f64 / (1u64 << 20) as f64
+                    "{why}; run this model on the CPU (--device cpu) or a GPU with larger buffers"
                 ),
             )),
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use loftq_core::QuantConfig;
-use loftq_core::device::max_buffer_bytes_on;
+use loftq_core::device::exceeds_buffer;
 
 use super::piece::Plan;
 use super::{Backbone, InitSpec};
@@ -101,20 +101,16 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// # Errors
 /// [`ModelError::Settings`] naming the first such tensor and the limit.
 pub(super) fn check_buffers(plan: &Plan, devices: &[Device]) -> Result<()> {
-    let limit = devices.iter().filter_map(max_buffer_bytes_on).min();
-    let Some(limit) = limit else { return Ok(()) };
     let too_large = plan.items.iter().find_map(|item| {
-        let ([rows, cols], _) = item.target?;
-        let bytes = (rows * cols * 4) as u64;
-        (bytes > limit).then_some((item, bytes))
+        let (shape, _) = item.target?;
+        let why = devices.iter().find_map(|d| exceeds_buffer(d, &shape))?;
+        Some((item, why))
     });
     match too_large {
-        Some((item, bytes)) => Err(ModelError::Settings(format!(
-            "tensor `{}` takes {bytes} bytes as f32, more than one buffer of the device holds \
-             ({limit} bytes, {:.0} MiB), and LoftQ holds each matrix whole on its device; run \
-             on the CPU (--device cpu) or a GPU with larger buffers",
-            item.name,
-            limit as f64 / (1u64 << 20) as f64
+        Some((item, why)) => Err(ModelError::Settings(format!(
+            "tensor `{}`: {why}, and LoftQ holds each matrix whole on its device; run on the \
+             CPU (--device cpu) or a GPU with larger buffers",
+            item.name
         ))),
         None => Ok(()),
     }

@@ -11,7 +11,9 @@ use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use super::data::Batch;
-use crate::eval::{log_probs, positions, row_chunks, rows_per_buffer, token_ids};
+use loftq_core::device::rows_per_buffer;
+
+use crate::eval::{log_probs, positions, row_chunks, token_ids};
 use crate::nn::Llama;
 use crate::{ModelError, Result};
 
@@ -51,7 +53,7 @@ pub fn teacher_outputs(teacher: &Llama, batch: &Batch, loss: DistillLoss) -> Tea
     let device = teacher.embed_tokens.device();
     let ids = token_ids(&batch.ids, [batch.batch, batch.seq], &device);
     let hidden = teacher.hidden_states(ids);
-    let rows = rows_per_buffer(teacher.config.vocab_size, &hidden);
+    let rows = rows_per_buffer(&device, teacher.config.vocab_size);
     let logp = row_chunks(0, batch.batch * batch.seq, rows)
         .map(|(start, m)| log_probs(teacher, positions(&hidden, start, m)))
         .collect();

@@ -11,12 +11,13 @@
 use burn::module::Param;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
+use loftq_core::device::rows_per_buffer;
 use loftq_core::profile;
 use loftq_core::quant::host_f32;
 
 use super::data::Batch;
 use super::distill::{TeacherOutputs, distill_loss};
-use crate::eval::{positions, row_chunks, rows_per_buffer, token_ids};
+use crate::eval::{positions, row_chunks, token_ids};
 use crate::nn::{Llama, QLinear};
 
 /// The loss and the gradient of every trainable LoRA factor.
@@ -224,7 +225,7 @@ fn head_loss(model: &Llama, h: Tensor<3>, target: Target) -> (Option<QLinear>, T
                 Some(loss) => loss,
                 None => {
                     let vocab = model.config.vocab_size;
-                    let rows = rows_per_buffer(vocab, &hidden);
+                    let rows = rows_per_buffer(&hidden.device(), vocab);
                     token_nll(hidden, targets, logits, [vocab, rows])
                 }
             }
