@@ -96,6 +96,22 @@ impl PackedWeight {
         &self.packed
     }
 
+    /// The codes on the device with their codebook, for a codebook scheme (NF, uniform
+    /// codebooks) off the CPU back end.
+    pub fn codebook(&self) -> Option<cube::Codebook<'_>> {
+        let dw = self.words.as_ref()?;
+        Some(cube::Codebook {
+            words: cube::PackedWords {
+                words: &dw.words,
+                bits: self.packed.config.scheme.bits(),
+                block: dw.block,
+            },
+            levels: dw.levels.as_ref()?,
+            scales: &dw.scales,
+            shape: self.packed.shape,
+        })
+    }
+
     /// The dequantized matrix `[out, in]` on the weight's device.
     pub fn dequantize(&self) -> Tensor<2> {
         let shape = self.packed.shape;
@@ -106,15 +122,8 @@ impl PackedWeight {
             }
             Some(dw) => {
                 let bits = self.packed.config.scheme.bits();
-                if let Some(levels) = &dw.levels {
-                    let words = cube::PackedWords {
-                        words: &dw.words,
-                        bits,
-                        block: dw.block,
-                    };
-                    if let Some(w) = cube::dequantize_codebook(&words, levels, &dw.scales, shape) {
-                        return w;
-                    }
+                if let Some(w) = self.codebook().and_then(|c| cube::dequantize_codebook(&c)) {
+                    return w;
                 }
                 let n = shape[0] * shape[1];
                 let per = codes_per_word(bits);
@@ -308,14 +317,25 @@ impl QLinear {
         // WGPU and CUDA: one recorded operation, the factors' gradients in their own layout.
         if loftq_core::fused::applies(&x) {
             profile::mark(&device, "model: other");
-            let w = self.base.dense();
-            profile::mark(&device, "linear: dequantize");
             // Merged (`W + s·B·A`, fewer kernels) when W is dequantized for this step anyway
             // and forming `B·A` costs no more than the factored adapter's products.
-            let ([rows, _], [out, inp]) = (x.dims(), w.dims());
-            let merge =
-                matches!(self.base, BaseWeight::Packed(_)) && out * inp <= rows * (inp + out);
+            let ([rows, _], [out, inp]) = (x.dims(), self.shape());
+            let packed = match &self.base {
+                BaseWeight::Packed(p) => Some(p),
+                BaseWeight::Dense(_) => None,
+            };
+            let merge = packed.is_some() && out * inp <= rows * (inp + out);
             let s = lora.scaling as f32;
+            // Over codebook codes the merged weight is one kernel, dequantization included.
+            let codebook = packed.and_then(|p| p.codebook()).filter(|_| merge);
+            if let Some(y) =
+                codebook.and_then(|c| loftq_core::fused::lora_linear_codebook(&x, &c, [&a, &b], s))
+            {
+                profile::mark(&device, "linear: product and adapter");
+                return y;
+            }
+            let w = self.base.dense();
+            profile::mark(&device, "linear: dequantize");
             let y = match loftq_core::fused::lora_linear(&x, &w, [&a, &b], s, merge) {
                 Some(y) => y,
                 None => x.clone().matmul(w.transpose()) + lora_branch(x, a, b, lora.scaling),

@@ -6,7 +6,8 @@
 //! Two forms. Factored: three products and a sum forward, five products and a sum backward.
 //! Merged, `W' = W + s·B·A` and one product forward, `∂x = dy·W'` backward: two kernels fewer
 //! each way, for `out·r·in` multiply-adds to form `B·A` where the factored adapter costs
-//! `rows·r·(in + out)`, and `W'` kept for the backward pass. The caller picks.
+//! `rows·r·(in + out)`, and `W'` kept for the backward pass. The caller picks. Over a packed
+//! codebook base, `W'` is one kernel: the dequantization writes `W + s·B·A` over `B·A`.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use burn_cubecl::ops::numeric;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::ops::{BackwardFn, frozen, product, run_saving, transposed};
+use crate::quant::cube::CodebookWeight;
 
 pub(super) fn lora_linear(
     [x, a, b]: [&BurnTensor<2>; 3],
@@ -26,7 +28,9 @@ pub(super) fn lora_linear(
 ) -> Option<BurnTensor<2>> {
     let w = frozen(w)?;
     if merge {
-        return merged([x, a, b], w, scaling);
+        // The fresh `s·B·A` is the sum's left operand: the sum may reuse its buffer, never W's.
+        let add_w = move |ba| numeric::add(scaled(ba, scaling), w);
+        return merged([x, a, b], add_w, scaling);
     }
     let wf = w.clone();
     let forward = move |[x, a, b]: &[CubeTensor; 3]| {
@@ -54,11 +58,24 @@ pub(super) fn lora_linear(
     run_saving([x, a, b], forward, backward)
 }
 
-/// The merged form: `x·(W + s·B·A)ᵀ`.
-fn merged([x, a, b]: [&BurnTensor<2>; 3], w: CubeTensor, scaling: f32) -> Option<BurnTensor<2>> {
+/// The merged form over a packed codebook base: `W + s·B·A` in one kernel, which
+/// dequantizes `W` into the buffer of the fresh `B·A`.
+pub(super) fn lora_linear_codebook(
+    [x, a, b]: [&BurnTensor<2>; 3],
+    w: CodebookWeight,
+    scaling: f32,
+) -> Option<BurnTensor<2>> {
+    merged([x, a, b], move |ba| w.plus(ba, scaling), scaling)
+}
+
+/// The merged form: `x·W'ᵀ` with `W' = with_w(B·A)`, which is `W + s·B·A`.
+fn merged(
+    [x, a, b]: [&BurnTensor<2>; 3],
+    with_w: impl FnOnce(CubeTensor) -> CubeTensor,
+    scaling: f32,
+) -> Option<BurnTensor<2>> {
     let forward = move |[x, a, b]: &[CubeTensor; 3]| {
-        // The fresh `s·B·A` is the sum's left operand: the sum may reuse its buffer, never W's.
-        let merged = numeric::add(scaled(product(b.clone(), a.clone()), scaling), w.clone());
+        let merged = with_w(product(b.clone(), a.clone()));
         let y = product(x.clone(), transposed(merged.clone()));
         (y, vec![x.clone(), a.clone(), b.clone(), merged])
     };

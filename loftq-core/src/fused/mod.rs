@@ -173,6 +173,32 @@ pub fn lora_linear(
     }
 }
 
+/// [`lora_linear`]'s merged form over a frozen base packed as codebook codes:
+/// `x·(W + s·B·A)ᵀ`, the dequantization and the sum `W + s·B·A` in one kernel where
+/// dequantizing first takes a kernel for `W`, one for the sum and one for a scale other than
+/// one. `None` where it does not apply (see the module documentation and
+/// [`dequantize_codebook`](crate::quant::cube::dequantize_codebook)) or the shapes do not fit.
+pub fn lora_linear_codebook(
+    x: &Tensor<2>,
+    base: &crate::quant::cube::Codebook,
+    [a, b]: [&Tensor<2>; 2],
+    scaling: f32,
+) -> Option<Tensor<2>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        let w = crate::quant::cube::CodebookWeight::new(base)?;
+        let ([_, n], [out, inp], [r, ai], [bo, br]) = (x.dims(), base.shape, a.dims(), b.dims());
+        let fits = n == inp && ai == inp && bo == out && br == r;
+        fits.then(|| lora::lora_linear_codebook([x, a, b], w, scaling))
+            .flatten()
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (x, base, a, b, scaling);
+        None
+    }
+}
+
 /// The vectors `parts` end to end, eight to a kernel where Burn's `cat` launches one per part: the optimizer flattens hundreds of LoRA
 /// gradients each step. `None` where it does not apply (see the module documentation).
 pub fn concat(parts: &[Tensor<1>]) -> Option<Tensor<1>> {

@@ -30,21 +30,29 @@ pub struct PackedWords<'a> {
     pub block: usize,
 }
 
-/// The `[out, in]` values `levels[code] · scales[block]` of `words`, in one kernel; `None`
+/// A weight packed as codebook codes on a device: `levels[code] · scales[block]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Codebook<'a> {
+    /// The codes.
+    pub words: PackedWords<'a>,
+    /// The codebook.
+    pub levels: &'a Tensor<1>,
+    /// One scale per block.
+    pub scales: &'a Tensor<1>,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+}
+
+/// The `[out, in]` values `levels[code] · scales[block]` of `weight`, in one kernel; `None`
 /// where the kernel does not apply (see the module documentation).
-pub fn dequantize_codebook(
-    words: &PackedWords,
-    levels: &Tensor<1>,
-    scales: &Tensor<1>,
-    shape: [usize; 2],
-) -> Option<Tensor<2>> {
+pub fn dequantize_codebook(weight: &Codebook) -> Option<Tensor<2>> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
-        kernel::dequantize(words, levels, scales, shape)
+        kernel::CodebookWeight::new(weight)?.values()
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     {
-        let _ = (words, levels, scales, shape);
+        let _ = weight;
         None
     }
 }
@@ -75,23 +83,30 @@ pub fn quantize_codebook(
 }
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) use kernel::CodebookWeight;
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod kernel {
     use burn::tensor::{DType, Int, Shape, Tensor as BurnTensor};
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
+    use burn_cubecl::tensor::CubeTensor;
 
-    use super::{PackedWords, Rounding};
+    use super::{Codebook, Rounding};
     use crate::cube::{empty, grid, plain, to_tensor};
 
-    /// One thread per value: its code from its word, then `levels[code] · scales[block]`.
+    /// One thread per value: its code from its word, then `levels[code] · scales[block]`;
+    /// with `add`, that plus `s` times the value already in `out`.
     #[cube(launch)]
     fn dequantize_codebook_kernel(
         words: &Tensor<i32>,
         levels: &Tensor<f32>,
         scales: &Tensor<f32>,
         out: &mut Tensor<f32>,
+        s: f32,
         #[comptime] bits: usize,
         #[comptime] block: usize,
+        #[comptime] add: bool,
     ) {
         let i = ABSOLUTE_POS;
         if i >= out.len() {
@@ -101,37 +116,85 @@ mod kernel {
         let mask = comptime!(((1u32 << bits) - 1) as i32);
         let shift = i32::cast_from((i % per) * bits);
         let code = (words[i / per] >> shift) & mask;
-        out[i] = levels[usize::cast_from(code)] * scales[i / block];
+        let value = levels[usize::cast_from(code)] * scales[i / block];
+        if comptime!(add) {
+            out[i] = value + s * out[i];
+        } else {
+            out[i] = value;
+        }
     }
 
-    /// [`dequantize_codebook`](super::dequantize_codebook) on the unfused CubeCL back end's
-    /// tensors (`i32` words, `f32` levels and scales); `None` on any other.
-    pub(super) fn dequantize(
-        packed: &PackedWords,
-        levels: &BurnTensor<1>,
-        scales: &BurnTensor<1>,
+    /// A packed codebook weight's device buffers, checked for the kernel: `i32` words, `f32`
+    /// levels and scales of the unfused CubeCL back end.
+    pub(crate) struct CodebookWeight {
+        words: CubeTensor,
+        levels: CubeTensor,
+        scales: CubeTensor,
+        bits: u8,
+        block: usize,
         shape: [usize; 2],
-    ) -> Option<BurnTensor<2>> {
-        let (bits, block) = (packed.bits, packed.block);
-        let (words, levels, scales) = (plain(packed.words)?, plain(levels)?, plain(scales)?);
-        let types = [words.dtype, levels.dtype, scales.dtype];
-        if types != [DType::I32, DType::F32, DType::F32] || !(1..=8).contains(&bits) || block == 0 {
-            return None;
+    }
+
+    impl CodebookWeight {
+        /// `None` for tensors of another back end or dtype, or bits outside 1 to 8.
+        pub(crate) fn new(weight: &Codebook) -> Option<Self> {
+            let (bits, block, shape) = (weight.words.bits, weight.words.block, weight.shape);
+            let words = plain(weight.words.words)?;
+            let (levels, scales) = (plain(weight.levels)?, plain(weight.scales)?);
+            let types = [words.dtype, levels.dtype, scales.dtype];
+            let ok = types == [DType::I32, DType::F32, DType::F32]
+                && (1..=8).contains(&bits)
+                && block > 0;
+            ok.then_some(Self {
+                words,
+                levels,
+                scales,
+                bits,
+                block,
+                shape,
+            })
         }
-        let out = empty(&words, Shape::new(shape), DType::F32);
-        let (cube_count, cube_dim) = grid(&words, shape[0] * shape[1]);
-        dequantize_codebook_kernel::launch(
-            &out.client,
-            cube_count,
-            cube_dim,
-            words.into_tensor_arg(),
-            levels.into_tensor_arg(),
-            scales.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            usize::from(bits),
-            block,
-        );
-        to_tensor(out)
+
+        /// The values, a fresh tensor.
+        pub(crate) fn values(&self) -> Option<BurnTensor<2>> {
+            to_tensor(self.launch(None))
+        }
+
+        /// The values plus `s·t` (`t` shaped as the weight), written over `t`'s buffer when
+        /// nothing else holds it.
+        pub(crate) fn plus(&self, t: CubeTensor, s: f32) -> CubeTensor {
+            self.launch(Some((t, s)))
+        }
+
+        fn launch(&self, plus: Option<(CubeTensor, f32)>) -> CubeTensor {
+            let (out, s, add) = match plus {
+                None => (
+                    empty(&self.words, Shape::new(self.shape), DType::F32),
+                    0.0,
+                    false,
+                ),
+                Some((t, s)) => {
+                    let t = burn_cubecl::kernel::into_contiguous(t);
+                    let t = if t.can_mut() { t } else { t.copy() };
+                    (t, s, true)
+                }
+            };
+            let (cube_count, cube_dim) = grid(&self.words, self.shape[0] * self.shape[1]);
+            dequantize_codebook_kernel::launch(
+                &out.client,
+                cube_count,
+                cube_dim,
+                self.words.clone().into_tensor_arg(),
+                self.levels.clone().into_tensor_arg(),
+                self.scales.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                s,
+                usize::from(self.bits),
+                self.block,
+                add,
+            );
+            out
+        }
     }
 
     /// One thread per block of `block` values (the last may be shorter): the block's

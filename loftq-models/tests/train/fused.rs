@@ -313,6 +313,67 @@ fn fused_lora_linear_matches_burn_ops_values_and_gradients() {
     }
 }
 
+/// The merged form over codebook codes (`W + s·B·A` written by the dequantization kernel)
+/// against the merged form over the dequantized weight: values and the gradients of the input
+/// and both factors, for NF4, NF3 in blocks of 32 and a shape whose blocks straddle rows, at
+/// a LoRA scale of 1 and another.
+#[test]
+fn fused_lora_linear_over_codebook_codes_matches_the_dequantized_weight() {
+    use loftq_core::fused::{lora_linear, lora_linear_codebook};
+    use loftq_core::quant::{BlockSize, PackedTensor, QuantConfig};
+    use loftq_core::{Quantizer, lowrank::Gaussian};
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    let nf3 = QuantConfig::nf(3).with_block_size(BlockSize::Elements(32));
+    let mut rng = Gaussian::new(3);
+    for (config, [out, inp], s) in [
+        (QuantConfig::nf4(), [20, 64], 1.0),
+        (nf3, [20, 64], 0.5),
+        (QuantConfig::nf4(), [7, 37], 2.0),
+    ] {
+        let how = format!("{} [{out}, {inp}], scale {s}", config.label());
+        let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() as f32).collect();
+        let q = Quantizer::new(config).unwrap();
+        let packed = PackedTensor::pack(&q.quantize_host(&w, [out, inp]).unwrap(), config);
+        let weight = loftq_models::nn::PackedWeight::new(packed, &dev).unwrap();
+        let Some(codes) = weight.codebook() else {
+            assert!(!applies, "a device holds codebook codes");
+            return;
+        };
+        let dense = weight.dequantize();
+        let (rows, r) = (13, 4);
+        let normal =
+            |shape: [usize; 2]| Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+        let (x0, a0, b0, up) = (
+            normal([rows, inp]),
+            normal([r, inp]),
+            normal([out, r]),
+            normal([rows, out]).autodiff(),
+        );
+        let run = |over_codes: bool| {
+            let [x, a, b] = [&x0, &a0, &b0].map(|t| t.clone().autodiff().require_grad());
+            let y = match over_codes {
+                true => lora_linear_codebook(&x, &codes, [&a, &b], s).expect("applies"),
+                false => lora_linear(&x, &dense, [&a, &b], s, true).expect("applies"),
+            };
+            let grads = (y.clone() * up.clone()).sum().backward();
+            let grad = |t: &Tensor<2>| host(&t.grad(&grads).unwrap());
+            [host(&y.inner()), grad(&x), grad(&a), grad(&b)]
+        };
+        let (got, want) = (run(true), run(false));
+        for (what, (g, w)) in ["values", "∂x", "∂A", "∂B"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            close(g, w, &format!("{what}, {how}"));
+        }
+        // Outside autodiff too; the codes' own values stay as they were.
+        let y = lora_linear_codebook(&x0, &codes, [&a0, &b0], s).expect("applies to plain tensors");
+        close(&host(&y), &want[0], &format!("plain values, {how}"));
+        assert_eq!(host(&weight.dequantize()), host(&dense), "{how}");
+    }
+}
+
 /// Vectors end to end, eight to a kernel: 19 parts of different lengths (two whole groups and
 /// a partial one), and a single part.
 #[test]
