@@ -98,6 +98,9 @@ pub fn run(args: &LoftqArgs, spec: DeviceSpec) -> Vec<LoftqCase> {
                             let r = loftq(&w, &cfg).expect("loftq");
                             let _ = r.lora_a.to_data();
                             moved = transfers() - before;
+                            // A run ends when its device is idle (cubecl's profiler, when on,
+                            // also prints the run's kernels then).
+                            device.sync().expect("the device finishes the run");
                             result = Some(r);
                         });
                         let r = result.expect("one run");
@@ -177,6 +180,7 @@ fn batch_cases(w: &Tensor<2>, cfg: &LoftqConfig, args: &LoftqArgs) -> Vec<LoftqC
                 results = run();
                 let _ = results.last().map(|r| r.lora_a.to_data());
                 moved = transfers() - before;
+                w.device().sync().expect("the device finishes the run");
             });
             let mean = |f: fn(&LoftqResult) -> f32| {
                 results.iter().map(f).sum::<f32>() / results.len() as f32

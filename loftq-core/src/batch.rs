@@ -8,7 +8,7 @@
 use burn::tensor::kind::Basic;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
-use crate::dense::norm_of_row_sums;
+use crate::dense::{norm_of_row_sums, scaled};
 use crate::loftq::{check_config, judge, loftq};
 use crate::lowrank::batch::{BatchLowRank, rsvd_batch};
 use crate::lowrank::{SvdMethod, check_rank};
@@ -132,14 +132,25 @@ fn alternate_batch(
         let (lr, basis) = rsvd_batch(&residual, rank, &rsvd, &seeds, warm.as_ref())?;
         let (fb, fa) = balanced(lr, &device);
         let ba = fb.clone().matmul(fa.clone());
-        let fit = residual.clone() - ba.clone().mul_scalar(product_scale);
-        res = w.clone() - ba;
+        // The squares of the fit's error, and the next quantization's input.
+        let fit_squares = match crate::fused::fit_step(&residual, &ba, &w, product_scale) {
+            Some((next, squares)) => {
+                res = next;
+                squares
+            }
+            None => {
+                let fit = residual.clone() - scaled(ba.clone(), product_scale);
+                res = w.clone() - ba;
+                fit.powf_scalar(2.0)
+            }
+        };
         crate::profile::mark(&device, "batch: factors");
         // One read for every norm the iteration needs.
+        let square = |t: &Tensor<3>| t.clone().powf_scalar(2.0);
         let read = if t == 1 {
-            norms_of(&[&w, &residual, &fit])
+            norms_of(vec![square(&w), square(&residual), fit_squares])
         } else {
-            norms_of(&[&fit])
+            norms_of(vec![fit_squares])
         };
         crate::profile::mark(&device, "batch: norms");
         if t == 1 {
@@ -182,10 +193,7 @@ fn alternate_batch(
         .dequantize_with(&best.codes, Kernel::Portable)
         .reshape([b, m, n]);
     let hosts = split(best.codes.to_host(), b);
-    let (a, fb) = (
-        best.a.mul_scalar(factor_scale),
-        best.b.mul_scalar(factor_scale),
-    );
+    let (a, fb) = (scaled(best.a, factor_scale), scaled(best.b, factor_scale));
     crate::profile::mark(&device, "batch: results");
     let element = |t: &Tensor<3>, i: usize, [r, c]: [usize; 2]| -> Tensor<2> {
         t.clone().slice([i..i + 1, 0..r, 0..c]).reshape([r, c])
@@ -216,13 +224,14 @@ fn balanced(lr: BatchLowRank, device: &Device) -> (Tensor<3>, Tensor<3>) {
     (lr.u * root.clone(), (lr.v * root).swap_dims(1, 2))
 }
 
-/// The Frobenius norm of every matrix of every stack, in one read: squared row sums on the
-/// device, each matrix's total in `f64` on the host, as [`frobenius`](crate::dense::frobenius).
-fn norms_of(stacks: &[&Tensor<3>]) -> Vec<Vec<f32>> {
-    let [b, m, _] = stacks[0].dims();
-    let rows = stacks
-        .iter()
-        .map(|&t| t.clone().powf_scalar(2.0).sum_dim(2).reshape([b * m]))
+/// The Frobenius norm of every matrix of every stack, given its squares, in one read:
+/// squared row sums on the device, each matrix's total in `f64` on the host, as
+/// [`frobenius`](crate::dense::frobenius).
+fn norms_of(squares: Vec<Tensor<3>>) -> Vec<Vec<f32>> {
+    let [b, m, _] = squares[0].dims();
+    let rows = squares
+        .into_iter()
+        .map(|t| t.sum_dim(2).reshape([b * m]))
         .collect();
     let sums = crate::quant::host_f32(&Tensor::cat(rows, 0));
     sums.chunks_exact(b * m)

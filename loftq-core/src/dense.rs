@@ -25,6 +25,10 @@ pub(crate) trait Dense {
     fn mul(&self, a: &Self::M, b: &Self::M) -> Self::M;
     /// `aᵀ·b`.
     fn tmul(&self, a: &Self::M, b: &Self::M) -> Self::M;
+    /// The Gram matrix `aᵀ·a` (symmetric), laid out as `to_rows` reads it fastest.
+    fn gram(&self, a: &Self::M) -> Self::M {
+        self.tmul(a, a)
+    }
     /// `a·b` for a lower-triangular `b` (its upper triangle is zero).
     fn mul_lower(&self, a: &Self::M, b: &Self::M) -> Self::M {
         self.mul(a, b)
@@ -123,6 +127,11 @@ impl Dense for DeviceOps {
         crate::matmul(&b.clone().transpose(), a).transpose()
     }
 
+    fn gram(&self, a: &Tensor<2>) -> Tensor<2> {
+        // Symmetric: no transposed view, whose read would first copy it.
+        crate::matmul(&a.clone().transpose(), a)
+    }
+
     fn solves_here(&self) -> bool {
         false
     }
@@ -207,7 +216,11 @@ impl Dense for DeviceOps {
         next: &mut Tensor<2>,
     ) -> f32 {
         let ba = crate::matmul(b, a);
-        let err = self.norm(&(residual.clone() - ba.clone().mul_scalar(c)));
+        if let Some((n, squares)) = crate::fused::fit_step(residual, &ba, w, c) {
+            *next = n;
+            return norm_of_squares(squares);
+        }
+        let err = self.norm(&(residual.clone() - scaled(ba.clone(), c)));
         *next = w.clone() - ba;
         err
     }
@@ -233,13 +246,26 @@ impl Dense for DeviceOps {
     }
 }
 
+/// `c·t`, no kernel for a `c` of 1 (LoftQ's default scaling).
+pub(crate) fn scaled<const D: usize>(t: Tensor<D>, c: f32) -> Tensor<D> {
+    match c == 1.0 {
+        true => t,
+        false => t.mul_scalar(c),
+    }
+}
+
 /// Frobenius norm: squared row sums on the device, their total in `f64` on the host.
 ///
 /// A single `f32` sum over millions of squares drifts by up to 1% on large matrices (seen on
 /// 4096×11008); row sums are short, and only `rows` values cross to the host.
 pub(crate) fn frobenius(t: &Tensor<2>) -> f32 {
-    let [rows, _] = t.dims();
-    let row_sums = t.clone().powf_scalar(2.0).sum_dim(1).reshape([rows]);
+    norm_of_squares(t.clone().powf_scalar(2.0))
+}
+
+/// The Frobenius norm of a matrix whose squares are `squares`, as [`frobenius`].
+fn norm_of_squares(squares: Tensor<2>) -> f32 {
+    let [rows, _] = squares.dims();
+    let row_sums = squares.sum_dim(1).reshape([rows]);
     norm_of_row_sums(&crate::quant::host_f32(&row_sums))
 }
 

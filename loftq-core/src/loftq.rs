@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::QuantError;
 use crate::calib::{BaseQuantizer, GptqConfig, Objective, gptq};
-use crate::dense::{Dense, DeviceOps};
+use crate::dense::{self, Dense, DeviceOps};
 use crate::lora::LoraSpec;
 use crate::lowrank::{LowRankError, SvdMethod, check_rank, svd_with};
 use crate::quant::{Codes, PackedTensor, QuantConfig, Quantizer};
@@ -326,8 +326,8 @@ pub(crate) fn alternate<D: Dense>(
     let result = LoftqResult {
         packed: PackedTensor::pack(&codes, cfg.quant),
         q,
-        lora_a: ops.to_tensor(a, device).mul_scalar(factor_scale),
-        lora_b: ops.to_tensor(b, device).mul_scalar(factor_scale),
+        lora_a: dense::scaled(ops.to_tensor(a, device), factor_scale),
+        lora_b: dense::scaled(ops.to_tensor(b, device), factor_scale),
         history,
         rel_err_quant,
         best_iter,

@@ -273,3 +273,24 @@ pub(super) fn concat8_kernel(
         out[o] = p7[i - e6];
     }
 }
+
+/// One thread per value of LoftQ's fit step, `p = B·A`: `next = w − p` and
+/// `sq = (residual − c·p)²`.
+#[cube(launch)]
+pub(super) fn fit_step_kernel(
+    residual: &Tensor<f32>,
+    p: &Tensor<f32>,
+    w: &Tensor<f32>,
+    next: &mut Tensor<f32>,
+    sq: &mut Tensor<f32>,
+    c: f32,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= next.len() {
+        terminate!();
+    }
+    let v = p[i];
+    next[i] = w[i] - v;
+    let d = residual[i] - c * v;
+    sq[i] = d * d;
+}

@@ -5,7 +5,8 @@
 //! - causal attention as a whole (rotation and head moves in one kernel per tensor, the
 //!   products, the softmax), 7 kernels forward and 9 backward where Burn's ops take 31;
 //! - a LoRA linear layer, whose backward pass gives the factors' gradients in their own layout;
-//! - and, outside autodiff, the optimizer's concatenation of many vectors, eight to a kernel.
+//! - and, outside autodiff, the optimizer's concatenation of many vectors, eight to a kernel,
+//!   and LoftQ's fit step (the next input and the squares of the fit error).
 //!
 //! In Burn's ops `silu(gate)·up` is eight kernels forward (its `sigmoid` alone is six:
 //! negate, exp, add one, log, negate, exp) and fifteen backward, RMSNorm six forward and more
@@ -195,6 +196,27 @@ pub fn lora_linear_codebook(
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     {
         let _ = (x, base, a, b, scaling);
+        None
+    }
+}
+
+/// LoftQ's fit step for `p = B·A`: the next quantization's input `w − p` and the squares
+/// `(residual − c·p)²` whose sum is the fit error, in one kernel where Burn's ops take three
+/// (two differences and a square; four with a `c` other than 1). `None` where the kernel
+/// does not apply (see the module documentation) or the shapes differ.
+pub fn fit_step<const D: usize>(
+    residual: &Tensor<D>,
+    p: &Tensor<D>,
+    w: &Tensor<D>,
+    c: f32,
+) -> Option<(Tensor<D>, Tensor<D>)> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        ops::fit_step(residual, p, w, c)
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (residual, p, w, c);
         None
     }
 }

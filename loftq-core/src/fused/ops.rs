@@ -363,3 +363,39 @@ pub(super) fn concat(parts: &[BurnTensor<1>]) -> Option<BurnTensor<1>> {
     }
     from_cube(out).map(BurnTensor::from_primitive::<Cube>)
 }
+
+/// LoftQ's fit step on plain `f32` tensors of one shape, `p = B·A`: `(w − p, (residual − c·p)²)`
+/// in one kernel. `None` for another back end or dtype, or shapes that differ.
+pub(super) fn fit_step<const D: usize>(
+    residual: &BurnTensor<D>,
+    p: &BurnTensor<D>,
+    w: &BurnTensor<D>,
+    c: f32,
+) -> Option<(BurnTensor<D>, BurnTensor<D>)> {
+    let shape = w.shape();
+    if residual.shape() != shape || p.shape() != shape {
+        return None;
+    }
+    let [residual, p, w] = f32_values(
+        [residual, p, w]
+            .map(plain)
+            .into_iter()
+            .collect::<Option<_>>()?,
+    )?;
+    let (next, sq) = (empty_like(&w), empty_like(&w));
+    let (count, dim) = grid(&w, w.meta.shape().num_elements());
+    let client = w.client.clone();
+    kernel::fit_step_kernel::launch(
+        &client,
+        count,
+        dim,
+        residual.into_tensor_arg(),
+        p.into_tensor_arg(),
+        w.into_tensor_arg(),
+        next.clone().into_tensor_arg(),
+        sq.clone().into_tensor_arg(),
+        c,
+    );
+    let tensor = |t| from_cube(t).map(BurnTensor::from_primitive::<Cube>);
+    Some((tensor(next)?, tensor(sq)?))
+}

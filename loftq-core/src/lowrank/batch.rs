@@ -26,6 +26,11 @@ fn tmul(a: &Tensor<3>, b: &Tensor<3>) -> Tensor<3> {
     b.clone().swap_dims(1, 2).matmul(a.clone()).swap_dims(1, 2)
 }
 
+/// `aᵀ·a` per batch element (symmetric: no transposed view, whose read would copy it).
+fn gram(a: &Tensor<3>) -> Tensor<3> {
+    a.clone().swap_dims(1, 2).matmul(a.clone())
+}
+
 /// The randomized SVD of each `a[i]` (`[b, m, n]`) with the sketch of seed `seeds[i]`: for
 /// each, the result of [`randomized_svd`](super::randomized_svd) up to rounding (the same
 /// Gaussian sketch and steps). Also returns the sketches' right bases `[b, n, k]`, the warm
@@ -70,7 +75,7 @@ pub(crate) fn rsvd_batch(
     }
     let bt = tmul(a, &q);
     crate::profile::mark(&device, "batch: svd products");
-    let grams = crate::quant::host_f32(&tmul(&bt, &bt));
+    let grams = crate::quant::host_f32(&gram(&bt));
     let smalls = per_matrix(&grams, k * k, |g| SmallSvd::of_f32_gram(g, k));
     let (mut s, mut ub_r, mut ub_inv) = (Vec::with_capacity(b), Vec::new(), Vec::new());
     for small in smalls {
@@ -98,7 +103,7 @@ pub(crate) fn rsvd_batch(
 fn orthonormalize(mut y: Tensor<3>) -> Result<Tensor<3>, LowRankError> {
     let [b, _, k] = y.dims();
     for _ in 0..2 {
-        let grams = crate::quant::host_f32(&tmul(&y, &y));
+        let grams = crate::quant::host_f32(&gram(&y));
         let mut factors = Vec::with_capacity(b * k * k);
         for factor in per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k)) {
             match factor? {

@@ -157,7 +157,7 @@ pub(crate) fn rsvd<D: Dense>(
     let bt = ops.tmul(a, &q);
     ops.mark("svd: products");
     let (small, basis) = if ops.reads_wait() {
-        let small = SmallSvd::of_f32_gram(&ops.to_rows(&ops.tmul(&bt, &bt)), k)?;
+        let small = SmallSvd::of_f32_gram(&ops.to_rows(&ops.gram(&bt)), k)?;
         ops.mark("svd: small svd");
         let scaled = from_faer(ops, (&small.ub * &small.inv).as_ref(), k);
         (small, ops.mul(&bt, &scaled))
@@ -224,7 +224,7 @@ impl SmallSvd {
 fn orthonormalize<D: Dense>(ops: &D, mut y: D::M) -> Result<D::M, LowRankError> {
     let [_, k] = ops.dims(&y);
     for _ in 0..2 {
-        match gram_inverse_factor(&ops.to_rows(&ops.tmul(&y, &y)), k)? {
+        match gram_inverse_factor(&ops.to_rows(&ops.gram(&y)), k)? {
             Some(r_inv) => y = ops.mul(&y, &ops.matrix(r_inv, [k, k])),
             // A zero sketch (zero matrix): nothing to orthonormalise; the factors come out zero.
             None => return Ok(y),

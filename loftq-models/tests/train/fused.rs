@@ -374,6 +374,30 @@ fn fused_lora_linear_over_codebook_codes_matches_the_dequantized_weight() {
     }
 }
 
+/// LoftQ's fit step, `w − p` and `(residual − c·p)²` in one kernel, against Burn's ops, for a
+/// `c` of 1 and another, on matrices and on a stack of them.
+#[test]
+fn fused_fit_step_equals_burn_ops() {
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    let normal =
+        |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    for (shape, c) in [([1, 37, 53], 1.0), ([3, 16, 40], 0.25)] {
+        let (residual, p, w) = (normal(shape), normal(shape), normal(shape));
+        let got = loftq_core::fused::fit_step(&residual, &p, &w, c);
+        assert_eq!(got.is_some(), applies, "applies on GPU back ends only");
+        let Some((next, squares)) = got else { return };
+        let flat = |t: Tensor<3>| host(&t.reshape([shape[0] * shape[1], shape[2]]));
+        let d = residual - p.clone().mul_scalar(c);
+        close(&flat(next), &flat(w - p), &format!("next, c {c}"));
+        close(
+            &flat(squares),
+            &flat(d.clone() * d),
+            &format!("squares, c {c}"),
+        );
+    }
+}
+
 /// Vectors end to end, eight to a kernel: 19 parts of different lengths (two whole groups and
 /// a partial one), and a single part.
 #[test]
