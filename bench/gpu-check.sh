@@ -21,10 +21,9 @@
 # CUDA (if torch imports), whole-model init on SmolLM2's shapes with the plain build, the
 # tuned build's training step (twice: the second process finds the first one's tuning in
 # cubecl's persistent cache) and init, phase profiles (`LOFTQ_PROFILE=1`) of 4096² LoftQ and
-# the training step, the step's kernels by kind with their GPU time (cubecl's profiler), the
-# phase profile of whole-model init with the plain build, each build's quantizer, SVD and
-# LoftQ suites, and the calibrated init.
-# The whole run stops within
+# the training step, the step's and a 4096² LoftQ run's kernels with their GPU time (cubecl's
+# profiler), the phase profile of whole-model init with the plain build, each build's
+# quantizer, SVD and LoftQ suites, and the calibrated init. The whole run stops within
 # BUDGET seconds (default 540: one device call is at most 600). Every record lands in OUT
 # (with PACK set, also packed into that one archive after each step: a device call returns at
 # most 8 files); `loftq-bench report --input OUT/suite-*.json --input
@@ -133,6 +132,11 @@ shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$dir/loftq-bench
     CUBECL_DEBUG_OPTION=profile '$bin/plain' train --model /tmp/loftq-synth ${shape[*]} \
     --repeats 1 --device wgpu && grep -a '^|' /tmp/kernels-train.log | tr -s ' ' \
     >'$OUT/kernels-train.txt' && grep -a '| Total' '$OUT/kernels-train.txt'"
+  # The same for one 4096² LoftQ run (T = 5): which of its kernels take the GPU's time.
+  step kernels-loftq 40 bash -c "rm -f /tmp/kernels-loftq.log; CUBECL_DEBUG_LOG=/tmp/kernels-loftq.log \
+    CUBECL_DEBUG_OPTION=profile '$bin/plain' loftq --shapes $big --bits 4 --ranks 64 --iters 5 \
+    --no-exact --repeats 1 --device wgpu && grep -a '^|' /tmp/kernels-loftq.log | tr -s ' ' \
+    >'$OUT/kernels-loftq.txt' && grep -a '| Total' '$OUT/kernels-loftq.txt'"
   step profile-init 60 env LOFTQ_PROFILE=1 "$bin/plain" suite --profile "$suite" \
     --device wgpu --only init "${scratch[@]}" --json /tmp/profile-init.json
   for v in tuned plain; do
