@@ -10,7 +10,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use loftq_core::lowrank::Gaussian;
 use loftq_core::quant::{Kernel, PackedTensor, Quantized, cube, is_host_device};
-use loftq_core::{QuantError, Quantizer, profile};
+use loftq_core::{QuantError, Quantizer, fused, profile};
 
 use super::Output;
 use super::kernels::{self, HostWeight};
@@ -315,7 +315,7 @@ impl QLinear {
         }
         let device = x.device();
         // WGPU and CUDA: one recorded operation, the factors' gradients in their own layout.
-        if loftq_core::fused::applies(&x) {
+        if fused::applies(&x) {
             profile::mark(&device, "model: other");
             // Merged (`W + s·B·A`, fewer kernels) when W is dequantized for this step anyway
             // and forming `B·A` costs no more than the factored adapter's products.
@@ -326,17 +326,19 @@ impl QLinear {
             };
             let merge = packed.is_some() && out * inp <= rows * (inp + out);
             let s = lora.scaling as f32;
-            // Over codebook codes the merged weight is one kernel, dequantization included.
+            // Over codebook codes the merged weight is one kernel, dequantization included (and
+            // two with the product `B·A` where it is large).
             let codebook = packed.and_then(|p| p.codebook()).filter(|_| merge);
+            let how = fused::AdapterProduct::for_shape([out, inp], a.dims()[0]);
             if let Some(y) =
-                codebook.and_then(|c| loftq_core::fused::lora_linear_codebook(&x, &c, [&a, &b], s))
+                codebook.and_then(|c| fused::lora_linear_codebook(&x, &c, [&a, &b], s, how))
             {
                 profile::mark(&device, "linear: product and adapter");
                 return y;
             }
             let w = self.base.dense();
             profile::mark(&device, "linear: dequantize");
-            let y = match loftq_core::fused::lora_linear(&x, &w, [&a, &b], s, merge) {
+            let y = match fused::lora_linear(&x, &w, [&a, &b], s, merge) {
                 Some(y) => y,
                 None => x.clone().matmul(w.transpose()) + lora_branch(x, a, b, lora.scaling),
             };

@@ -7,7 +7,8 @@
 //! Merged, `W' = W + s·B·A` and one product forward, `∂x = dy·W'` backward: two kernels fewer
 //! each way, for `out·r·in` multiply-adds to form `B·A` where the factored adapter costs
 //! `rows·r·(in + out)`, and `W'` kept for the backward pass. The caller picks. Over a packed
-//! codebook base, `W'` is one kernel: the dequantization writes `W + s·B·A` over `B·A`.
+//! codebook base the dequantization kernel writes `W + s·B·A`: over a product `B·A` made
+//! before, or, for small products, summing `B·A`'s terms itself (one kernel in all).
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use burn_cubecl::cubecl::prelude::InputScalar;
 use burn_cubecl::ops::numeric;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::AdapterProduct;
 use super::ops::{BackwardFn, frozen, product, run_saving, transposed};
 use crate::quant::cube::CodebookWeight;
 
@@ -29,7 +31,9 @@ pub(super) fn lora_linear(
     let w = frozen(w)?;
     if merge {
         // The fresh `s·B·A` is the sum's left operand: the sum may reuse its buffer, never W's.
-        let add_w = move |ba| numeric::add(scaled(ba, scaling), w);
+        let add_w = move |a: &CubeTensor, b: &CubeTensor| {
+            numeric::add(scaled(product(b.clone(), a.clone()), scaling), w)
+        };
         return merged([x, a, b], add_w, scaling);
     }
     let wf = w.clone();
@@ -58,24 +62,29 @@ pub(super) fn lora_linear(
     run_saving([x, a, b], forward, backward)
 }
 
-/// The merged form over a packed codebook base: `W + s·B·A` in one kernel, which
-/// dequantizes `W` into the buffer of the fresh `B·A`.
+/// The merged form over a packed codebook base: `W + s·B·A` by the dequantization kernel,
+/// which sums `B·A`'s terms itself or adds a product made before (`how`).
 pub(super) fn lora_linear_codebook(
     [x, a, b]: [&BurnTensor<2>; 3],
     w: CodebookWeight,
     scaling: f32,
+    how: AdapterProduct,
 ) -> Option<BurnTensor<2>> {
-    merged([x, a, b], move |ba| w.plus(ba, scaling), scaling)
+    let form = move |a: &CubeTensor, b: &CubeTensor| match how {
+        AdapterProduct::Inline => w.plus_lora(a, b, scaling),
+        AdapterProduct::Product => w.plus(product(b.clone(), a.clone()), scaling),
+    };
+    merged([x, a, b], form, scaling)
 }
 
-/// The merged form: `x·W'ᵀ` with `W' = with_w(B·A)`, which is `W + s·B·A`.
+/// The merged form: `x·W'ᵀ` with `W' = merge(A, B)`, which is `W + s·B·A`.
 fn merged(
     [x, a, b]: [&BurnTensor<2>; 3],
-    with_w: impl FnOnce(CubeTensor) -> CubeTensor,
+    merge: impl FnOnce(&CubeTensor, &CubeTensor) -> CubeTensor,
     scaling: f32,
 ) -> Option<BurnTensor<2>> {
     let forward = move |[x, a, b]: &[CubeTensor; 3]| {
-        let merged = with_w(product(b.clone(), a.clone()));
+        let merged = merge(a, b);
         let y = product(x.clone(), transposed(merged.clone()));
         (y, vec![x.clone(), a.clone(), b.clone(), merged])
     };

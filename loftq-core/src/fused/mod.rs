@@ -174,28 +174,57 @@ pub fn lora_linear(
     }
 }
 
+/// How [`lora_linear_codebook`] forms the adapter's product in the merged weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterProduct {
+    /// Each value's `r` terms of `B·A` summed by the dequantization kernel's thread: one
+    /// kernel in all, but none of a matrix product's reuse of loaded values.
+    Inline,
+    /// `B·A` as a matrix product, which the dequantization kernel adds: two kernels.
+    Product,
+}
+
+impl AdapterProduct {
+    /// The most multiply-adds (`out·in·r`) formed [`Inline`](Self::Inline): SmolLM2's
+    /// layers at rank 64 (56.6 million for its `1536 × 576` MLP), not a 1B model's MLP at
+    /// rank 16 (268 million), where a launch is small beside the product.
+    pub const INLINE_MAX: usize = 1 << 26;
+
+    /// [`Inline`](Self::Inline) for an `[out, in]` weight and rank `r` whose product takes at
+    /// most [`INLINE_MAX`](Self::INLINE_MAX) multiply-adds, [`Product`](Self::Product) above.
+    pub fn for_shape([out, inp]: [usize; 2], r: usize) -> Self {
+        match out.saturating_mul(inp).saturating_mul(r) <= Self::INLINE_MAX {
+            true => Self::Inline,
+            false => Self::Product,
+        }
+    }
+}
+
 /// [`lora_linear`]'s merged form over a frozen base packed as codebook codes:
 /// `x·(W + s·B·A)ᵀ`, the dequantization and the sum `W + s·B·A` in one kernel where
 /// dequantizing first takes a kernel for `W`, one for the sum and one for a scale other than
-/// one. `None` where it does not apply (see the module documentation and
-/// [`dequantize_codebook`](crate::quant::cube::dequantize_codebook)) or the shapes do not fit.
+/// one, and `B·A` either summed in that kernel or a product of its own (`how`; see
+/// [`AdapterProduct::for_shape`]). `None` where it does not apply (see the module
+/// documentation and [`dequantize_codebook`](crate::quant::cube::dequantize_codebook)) or the
+/// shapes do not fit.
 pub fn lora_linear_codebook(
     x: &Tensor<2>,
     base: &crate::quant::cube::Codebook,
     [a, b]: [&Tensor<2>; 2],
     scaling: f32,
+    how: AdapterProduct,
 ) -> Option<Tensor<2>> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
         let w = crate::quant::cube::CodebookWeight::new(base)?;
         let ([_, n], [out, inp], [r, ai], [bo, br]) = (x.dims(), base.shape, a.dims(), b.dims());
         let fits = n == inp && ai == inp && bo == out && br == r;
-        fits.then(|| lora::lora_linear_codebook([x, a, b], w, scaling))
+        fits.then(|| lora::lora_linear_codebook([x, a, b], w, scaling, how))
             .flatten()
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     {
-        let _ = (x, base, a, b, scaling);
+        let _ = (x, base, a, b, scaling, how);
         None
     }
 }

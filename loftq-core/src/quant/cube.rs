@@ -95,8 +95,24 @@ mod kernel {
     use super::{Codebook, Rounding};
     use crate::cube::{empty, grid, plain, to_tensor};
 
-    /// One thread per value: its code from its word, then `levels[code] · scales[block]`;
-    /// with `add`, that plus `s` times the value already in `out`.
+    /// Value `i`: its code from its word, then `levels[code] · scales[block]`.
+    #[cube]
+    fn codebook_value(
+        words: &Tensor<i32>,
+        levels: &Tensor<f32>,
+        scales: &Tensor<f32>,
+        i: usize,
+        #[comptime] bits: usize,
+        #[comptime] block: usize,
+    ) -> f32 {
+        let per = comptime!(32 / bits);
+        let mask = comptime!(((1u32 << bits) - 1) as i32);
+        let shift = i32::cast_from((i % per) * bits);
+        let code = (words[i / per] >> shift) & mask;
+        levels[usize::cast_from(code)] * scales[i / block]
+    }
+
+    /// One thread per value; with `add`, the value plus `s` times what is already in `out`.
     #[cube(launch)]
     fn dequantize_codebook_kernel(
         words: &Tensor<i32>,
@@ -112,16 +128,41 @@ mod kernel {
         if i >= out.len() {
             terminate!();
         }
-        let per = comptime!(32 / bits);
-        let mask = comptime!(((1u32 << bits) - 1) as i32);
-        let shift = i32::cast_from((i % per) * bits);
-        let code = (words[i / per] >> shift) & mask;
-        let value = levels[usize::cast_from(code)] * scales[i / block];
+        let value = codebook_value(words, levels, scales, i, bits, block);
         if comptime!(add) {
             out[i] = value + s * out[i];
         } else {
             out[i] = value;
         }
+    }
+
+    /// One thread per value of `W + s·B·A` (`a: [r, cols]`, `b: [rows, r]`, row-major), the
+    /// product's `r` terms summed by the thread.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    fn dequantize_lora_kernel(
+        words: &Tensor<i32>,
+        levels: &Tensor<f32>,
+        scales: &Tensor<f32>,
+        a: &Tensor<f32>,
+        b: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        s: f32,
+        cols: usize,
+        rank: usize,
+        #[comptime] bits: usize,
+        #[comptime] block: usize,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= out.len() {
+            terminate!();
+        }
+        let (row, col) = (i / cols, i % cols);
+        let mut sum = 0.0f32;
+        for k in 0..rank {
+            sum += b[row * rank + k] * a[k * cols + col];
+        }
+        out[i] = codebook_value(words, levels, scales, i, bits, block) + s * sum;
     }
 
     /// A packed codebook weight's device buffers, checked for the kernel: `i32` words, `f32`
@@ -164,6 +205,37 @@ mod kernel {
         /// nothing else holds it.
         pub(crate) fn plus(&self, t: CubeTensor, s: f32) -> CubeTensor {
             self.launch(Some((t, s)))
+        }
+
+        /// The values plus `s·B·A` for LoRA factors `a: [r, in]` and `b: [out, r]`, each
+        /// thread summing its value's `r` products: one kernel, for products small enough
+        /// that a launch costs more than their arithmetic
+        /// ([`AdapterProduct`](crate::fused::AdapterProduct)).
+        pub(crate) fn plus_lora(&self, a: &CubeTensor, b: &CubeTensor, s: f32) -> CubeTensor {
+            let (a, b) = (
+                burn_cubecl::kernel::into_contiguous(a.clone()),
+                burn_cubecl::kernel::into_contiguous(b.clone()),
+            );
+            let ([rows, cols], rank) = (self.shape, b.meta.shape()[1]);
+            let out = empty(&self.words, Shape::new(self.shape), DType::F32);
+            let (cube_count, cube_dim) = grid(&self.words, rows * cols);
+            dequantize_lora_kernel::launch(
+                &out.client,
+                cube_count,
+                cube_dim,
+                self.words.clone().into_tensor_arg(),
+                self.levels.clone().into_tensor_arg(),
+                self.scales.clone().into_tensor_arg(),
+                a.into_tensor_arg(),
+                b.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                s,
+                cols,
+                rank,
+                usize::from(self.bits),
+                self.block,
+            );
+            out
         }
 
         fn launch(&self, plus: Option<(CubeTensor, f32)>) -> CubeTensor {

@@ -319,7 +319,7 @@ fn fused_lora_linear_matches_burn_ops_values_and_gradients() {
 /// a LoRA scale of 1 and another.
 #[test]
 fn fused_lora_linear_over_codebook_codes_matches_the_dequantized_weight() {
-    use loftq_core::fused::{lora_linear, lora_linear_codebook};
+    use loftq_core::fused::{AdapterProduct, lora_linear, lora_linear_codebook};
     use loftq_core::quant::{BlockSize, PackedTensor, QuantConfig};
     use loftq_core::{Quantizer, lowrank::Gaussian};
     let dev = device();
@@ -350,27 +350,30 @@ fn fused_lora_linear_over_codebook_codes_matches_the_dequantized_weight() {
             normal([out, r]),
             normal([rows, out]).autodiff(),
         );
-        let run = |over_codes: bool| {
+        let run = |over_codes: Option<AdapterProduct>| {
             let [x, a, b] = [&x0, &a0, &b0].map(|t| t.clone().autodiff().require_grad());
             let y = match over_codes {
-                true => lora_linear_codebook(&x, &codes, [&a, &b], s).expect("applies"),
-                false => lora_linear(&x, &dense, [&a, &b], s, true).expect("applies"),
+                Some(p) => lora_linear_codebook(&x, &codes, [&a, &b], s, p).expect("applies"),
+                None => lora_linear(&x, &dense, [&a, &b], s, true).expect("applies"),
             };
             let grads = (y.clone() * up.clone()).sum().backward();
             let grad = |t: &Tensor<2>| host(&t.grad(&grads).unwrap());
             [host(&y.inner()), grad(&x), grad(&a), grad(&b)]
         };
-        let (got, want) = (run(true), run(false));
-        for (what, (g, w)) in ["values", "∂x", "∂A", "∂B"]
-            .iter()
-            .zip(got.iter().zip(&want))
-        {
-            close(g, w, &format!("{what}, {how}"));
+        let want = run(None);
+        for p in [AdapterProduct::Inline, AdapterProduct::Product] {
+            let how = format!("{how}, {p:?}");
+            for (what, (g, w)) in ["values", "∂x", "∂A", "∂B"]
+                .iter()
+                .zip(run(Some(p)).iter().zip(&want))
+            {
+                close(g, w, &format!("{what}, {how}"));
+            }
+            // Outside autodiff too; the codes' own values stay as they were.
+            let y = lora_linear_codebook(&x0, &codes, [&a0, &b0], s, p).expect("plain tensors");
+            close(&host(&y), &want[0], &format!("plain values, {how}"));
+            assert_eq!(host(&weight.dequantize()), host(&dense), "{how}");
         }
-        // Outside autodiff too; the codes' own values stay as they were.
-        let y = lora_linear_codebook(&x0, &codes, [&a0, &b0], s).expect("applies to plain tensors");
-        close(&host(&y), &want[0], &format!("plain values, {how}"));
-        assert_eq!(host(&weight.dequantize()), host(&dense), "{how}");
     }
 }
 
