@@ -158,9 +158,10 @@ fn lora_start_methods() {
 
 /// The host–device traffic of LoftQ on the test's device: every warm iteration (2..T) costs
 /// the same number of reads, the same whatever the matrix's size, and few of them (on the
-/// CPU's host path none; on a device the sketch's two Gram matrices, the projection's Gram
-/// matrix and the error's row sums: the quantizer's finiteness check only runs on `W`
-/// itself). None of them is tall: at most three `k × k` matrices and `m` row sums.
+/// CPU's host path none; on a device the sketch's Gram matrix, once as it is well
+/// conditioned, the projection's Gram matrix and the error's row sums: the quantizer's
+/// finiteness check only runs on `W` itself). None of them is tall: at most three `k × k`
+/// matrices and `m` row sums.
 #[test]
 fn loftq_reads_a_constant_number_of_times_per_iteration() {
     use loftq_core::transfers::transfers;
@@ -193,5 +194,15 @@ fn loftq_reads_a_constant_number_of_times_per_iteration() {
         per_warm[0], per_warm[1],
         "reads per warm iteration depend on the size"
     );
-    assert!(per_warm[0] <= 4, "{} reads per warm iteration", per_warm[0]);
+    // On a device the sketch's second Cholesky-QR pass is skipped where the first finds it
+    // well conditioned, as LoftQ's sketches are.
+    let most = match loftq_core::DeviceSpec::from_env() {
+        loftq_core::DeviceSpec::Cpu => 4,
+        _ => 3,
+    };
+    assert!(
+        per_warm[0] <= most,
+        "{} reads per warm iteration",
+        per_warm[0]
+    );
 }

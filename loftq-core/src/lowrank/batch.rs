@@ -99,21 +99,30 @@ pub(crate) fn rsvd_batch(
 }
 
 /// Orthonormal bases of the columns of each `y[i]` (`[b, rows, k]`) by Cholesky-QR, twice:
-/// one read of the `b` Gram matrices per pass.
+/// one read of the `b` Gram matrices per pass. Off the host, once when the first pass finds
+/// every `y[i]` well conditioned (as the single-matrix path on a device).
 fn orthonormalize(mut y: Tensor<3>) -> Result<Tensor<3>, LowRankError> {
     let [b, _, k] = y.dims();
+    let check = !crate::quant::is_host_device(&y.device());
     for _ in 0..2 {
         let grams = crate::quant::host_f32(&gram(&y));
         let mut factors = Vec::with_capacity(b * k * k);
-        for factor in per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k)) {
+        let mut settled = check;
+        for factor in per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k, check)) {
             match factor? {
-                Some(r_inv) => factors.extend(r_inv),
+                Some(f) => {
+                    settled &= f.settled;
+                    factors.extend(f.r_inv);
+                }
                 // A zero sketch: left as it is, as the single-matrix path does.
                 None => factors.extend((0..k * k).map(|i| f32::from(u8::from(i % (k + 1) == 0)))),
             }
         }
         let factors = upload(factors, [b, k, k], &y.device());
         y = y.matmul(factors);
+        if settled {
+            break;
+        }
     }
     crate::profile::mark(&y.device(), "batch: svd orthonormalize");
     Ok(y)
