@@ -78,7 +78,8 @@ pub(crate) trait Dense {
         w: &Self::M,
         out: &mut Self::M,
     );
-    /// `next = w − b·a` for `factors = (b, a)`; returns `‖residual − c·b·a‖_F`.
+    /// `next = w − b·a` for `factors = (b, a)`; returns `‖residual − c·b·a‖_F`, and `‖also‖_F`
+    /// when given (on a device in the same read).
     fn fit_error(
         &self,
         w: &Self::M,
@@ -86,7 +87,8 @@ pub(crate) trait Dense {
         factors: (&Self::M, &Self::M),
         c: f32,
         next: &mut Self::M,
-    ) -> f32;
+        also: Option<&Self::M>,
+    ) -> (f32, Option<f32>);
     /// The tensor on `device`.
     fn to_tensor(&self, m: Self::M, device: &Device) -> Tensor<2>;
     /// `dequant(codes)` on `device`, where the codes are (no transfer for device codes),
@@ -214,15 +216,24 @@ impl Dense for DeviceOps {
         (b, a): (&Tensor<2>, &Tensor<2>),
         c: f32,
         next: &mut Tensor<2>,
-    ) -> f32 {
+        also: Option<&Tensor<2>>,
+    ) -> (f32, Option<f32>) {
         let ba = crate::matmul(b, a);
-        if let Some((n, squares)) = crate::fused::fit_step(residual, &ba, w, c) {
-            *next = n;
-            return norm_of_squares(squares);
-        }
-        let err = self.norm(&(residual.clone() - scaled(ba.clone(), c)));
-        *next = w.clone() - ba;
-        err
+        let squares = match crate::fused::fit_step(residual, &ba, w, c) {
+            Some((n, squares)) => {
+                *next = n;
+                squares
+            }
+            None => {
+                let fit = residual.clone() - scaled(ba.clone(), c);
+                *next = w.clone() - ba;
+                fit.powf_scalar(2.0)
+            }
+        };
+        let mut squares = vec![squares];
+        squares.extend(also.map(|m| m.clone().powf_scalar(2.0)));
+        let norms = norms_of_squares(squares);
+        (norms[0], norms.get(1).copied())
     }
 
     fn to_tensor(&self, m: Tensor<2>, device: &Device) -> Tensor<2> {
@@ -264,9 +275,30 @@ pub(crate) fn frobenius(t: &Tensor<2>) -> f32 {
 
 /// The Frobenius norm of a matrix whose squares are `squares`, as [`frobenius`].
 fn norm_of_squares(squares: Tensor<2>) -> f32 {
-    let [rows, _] = squares.dims();
-    let row_sums = squares.sum_dim(1).reshape([rows]);
-    norm_of_row_sums(&crate::quant::host_f32(&row_sums))
+    norms_of_squares(vec![squares])[0]
+}
+
+/// [`norm_of_squares`] of each matrix, in one read.
+fn norms_of_squares(squares: Vec<Tensor<2>>) -> Vec<f32> {
+    let lens: Vec<usize> = squares.iter().map(|s| s.dims()[0]).collect();
+    let row_sums: Vec<Tensor<1>> = squares
+        .into_iter()
+        .zip(&lens)
+        .map(|(s, &rows)| s.sum_dim(1).reshape([rows]))
+        .collect();
+    // One part: no concatenation (Burn's `cat` copies even one tensor).
+    let all = match row_sums.len() {
+        1 => row_sums.into_iter().next().expect("one part"),
+        _ => Tensor::cat(row_sums, 0),
+    };
+    let values = crate::quant::host_f32(&all);
+    let mut start = 0;
+    lens.iter()
+        .map(|&rows| {
+            start += rows;
+            norm_of_row_sums(&values[start - rows..start])
+        })
+        .collect()
 }
 
 /// The Frobenius norm from a matrix's squared row sums, totalled in `f64`.

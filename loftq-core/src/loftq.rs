@@ -227,7 +227,11 @@ pub(crate) fn alternate<D: Dense>(
     weighted: Option<&Weighted<'_, D::M>>,
 ) -> Result<(LoftqResult, Option<WeightedErrors>), LoftqError> {
     crate::profile::start(device);
-    let norm = ops.norm(w).max(f32::MIN_POSITIVE);
+    let norm = ops.norm(w);
+    // A finite norm means finite values: the first quantization need not check them (on a
+    // device a read fewer); otherwise it does, and names the first one that is not.
+    let finite = norm.is_finite();
+    let norm = norm.max(f32::MIN_POSITIVE);
     let wnorm = weighted.map(|x| {
         let mut ws = ops.mul_lower(w, &x.s);
         if let Some((r, _)) = &x.rows {
@@ -253,7 +257,7 @@ pub(crate) fn alternate<D: Dense>(
         let source = if t == 1 { w } else { &res };
         let codes = match weighted.and_then(|x| x.gptq.as_ref()) {
             // `W − B·A` after the first: finite, as `W` was and the factors are.
-            None => ops.quantize_residual(quantizer, w, source, &mut residual, t > 1)?,
+            None => ops.quantize_residual(quantizer, w, source, &mut residual, t > 1 || finite)?,
             Some((u, g)) => {
                 let host = gptq(quantizer, &ops.to_rows(source), ops.dims(w), u, g)?;
                 ops.residual_from(quantizer, &host, w, &mut residual);
@@ -270,7 +274,6 @@ pub(crate) fn alternate<D: Dense>(
             &scaled
         });
         if t == 1 {
-            rel_err_quant = ops.norm(&residual) / norm;
             if let (Some(rs), Some(wn)) = (scaled, wnorm) {
                 weighted_quant = ops.norm(rs) / wn;
             }
@@ -305,7 +308,13 @@ pub(crate) fn alternate<D: Dense>(
             _ => (a, None),
         };
         crate::profile::mark(device, "loftq: factors");
-        let err = ops.fit_error(w, &residual, (&b, &a), product_scale, &mut res) / norm;
+        // The first iteration's `‖W − Q‖` (QLoRA's error) comes in the same read.
+        let first = (t == 1).then_some(&residual);
+        let (err, quant) = ops.fit_error(w, &residual, (&b, &a), product_scale, &mut res, first);
+        if let Some(q) = quant {
+            rel_err_quant = q / norm;
+        }
+        let err = err / norm;
         crate::profile::mark(device, "loftq: error");
         history.push(err);
         let score = score.unwrap_or(err);

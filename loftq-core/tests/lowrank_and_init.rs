@@ -206,3 +206,24 @@ fn loftq_reads_a_constant_number_of_times_per_iteration() {
         per_warm[0]
     );
 }
+
+/// A weight that is not finite is refused with the position of its first such value, though
+/// LoftQ checks the values only when their norm is not finite (a read fewer on a device).
+#[test]
+fn loftq_names_the_first_value_that_is_not_finite() {
+    for (at, bad) in [((3, 5), f32::NAN), ((6, 1), f32::INFINITY)] {
+        let mut x = gaussian(8, 64, 0.02, 1);
+        x[at.0 * 64 + at.1] = bad;
+        x[7 * 64 + 2] = f32::NEG_INFINITY;
+        let w = Tensor::<2>::from_data(TensorData::new(x, [8, 64]), &device());
+        let err = loftq_core::loftq(&w, &LoftqConfig::new(QuantConfig::nf4(), 4, 2)).unwrap_err();
+        match err {
+            loftq_core::LoftqError::Quant(loftq_core::QuantError::NonFinite {
+                row, col, ..
+            }) => {
+                assert_eq!((row, col), at, "{bad}")
+            }
+            e => panic!("{bad}: unexpected {e}"),
+        }
+    }
+}

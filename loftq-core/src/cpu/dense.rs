@@ -312,9 +312,11 @@ impl<'a> Dense for HostOps<'a> {
         (b, a): (&RowMat<'a>, &RowMat<'a>),
         c: f32,
         next: &mut RowMat<'a>,
-    ) -> f32 {
+        also: Option<&RowMat<'a>>,
+    ) -> (f32, Option<f32>) {
         product_into(b.view(), a.view(), next);
-        next.data
+        let err = next
+            .data
             .to_mut()
             .par_chunks_mut(CHUNK)
             .zip(residual.data.par_chunks(CHUNK))
@@ -335,7 +337,8 @@ impl<'a> Dense for HostOps<'a> {
                 sum
             })
             .sum::<f64>()
-            .sqrt() as f32
+            .sqrt() as f32;
+        (err, also.map(|m| self.norm(m)))
     }
 
     fn dequantized(
