@@ -327,14 +327,14 @@ impl QLinear {
             let merge = packed.is_some() && out * inp <= rows * (inp + out);
             let s = lora.scaling as f32;
             // Over codebook codes the merged weight is one kernel, dequantization included (and
-            // two with the product `B·A` where it is large). With `B·A` summed in that kernel
-            // (small products) merging saves launches whatever the rows: 2 kernels forward
-            // where dequantizing and the factored form take 5.
-            let how = fused::AdapterProduct::for_shape([out, inp], a.dims()[0]);
-            let inline = how == fused::AdapterProduct::Inline;
-            let codebook = packed
-                .and_then(|p| p.codebook())
-                .filter(|_| merge || inline);
+            // two with the product `B·A` where it is large). With a small `B·A` summed in that
+            // kernel, merging saves launches whatever the rows: 2 kernels forward where
+            // dequantizing and the factored form take 5.
+            let r = a.dims()[0];
+            let how = fused::AdapterProduct::for_shape([out, inp], r);
+            let small = how == fused::AdapterProduct::Inline
+                && out * inp * r <= fused::AdapterProduct::FEW_ROWS_MAX;
+            let codebook = packed.and_then(|p| p.codebook()).filter(|_| merge || small);
             if let Some(y) =
                 codebook.and_then(|c| fused::lora_linear_codebook(&x, &c, [&a, &b], s, how))
             {

@@ -190,6 +190,12 @@ impl AdapterProduct {
     /// rank 16 (268 million), where a launch is small beside the product.
     pub const INLINE_MAX: usize = 1 << 26;
 
+    /// The most multiply-adds of an inline `B·A` worth forming where the factored adapter
+    /// would cost far less arithmetic (few rows, as in decoding) just to save its launches:
+    /// about what three launches cost on a GPU (16.8 million, ~30 µs at 1 TFLOP/s). SmolLM2's
+    /// layers at rank 16 (14.2 million for its MLP), not at rank 64.
+    pub const FEW_ROWS_MAX: usize = 1 << 24;
+
     /// [`Inline`](Self::Inline) for an `[out, in]` weight and rank `r` whose product takes at
     /// most [`INLINE_MAX`](Self::INLINE_MAX) multiply-adds, [`Product`](Self::Product) above.
     pub fn for_shape([out, inp]: [usize; 2], r: usize) -> Self {
