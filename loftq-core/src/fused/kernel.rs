@@ -294,3 +294,37 @@ pub(super) fn fit_step_kernel(
     let d = residual[i] - c * v;
     sq[i] = d * d;
 }
+
+/// One thread per parameter of AdamW's update: `m = β₁m + rest1·g`, `v = β₂v + rest2·g²`,
+/// `p = p·decay − m / (√(v / bias2) + ε) · step` with `rest = 1 − β`, `decay = 1 − lr·wd`,
+/// `bias2 = 1 − β₂ᵗ` and `step = lr / (1 − β₁ᵗ)`, in the order of the tensor ops it replaces.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn adamw_kernel(
+    g: &Tensor<f32>,
+    m: &Tensor<f32>,
+    v: &Tensor<f32>,
+    p: &Tensor<f32>,
+    m_out: &mut Tensor<f32>,
+    v_out: &mut Tensor<f32>,
+    p_out: &mut Tensor<f32>,
+    beta1: f32,
+    rest1: f32,
+    beta2: f32,
+    rest2: f32,
+    decay: f32,
+    bias2: f32,
+    eps: f32,
+    step: f32,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= p_out.len() {
+        terminate!();
+    }
+    let gi = g[i];
+    let mi = m[i] * beta1 + gi * rest1;
+    let vi = v[i] * beta2 + gi * gi * rest2;
+    m_out[i] = mi;
+    v_out[i] = vi;
+    p_out[i] = p[i] * decay - mi / ((vi / bias2).sqrt() + eps) * step;
+}

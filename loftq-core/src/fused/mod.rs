@@ -6,7 +6,7 @@
 //!   products, the softmax), 7 kernels forward and 9 backward where Burn's ops take 31;
 //! - a LoRA linear layer, whose backward pass gives the factors' gradients in their own layout;
 //! - and, outside autodiff, the optimizer's concatenation of many vectors, eight to a kernel,
-//!   and LoftQ's fit step (the next input and the squares of the fit error).
+//!   LoftQ's fit step (the next input and the squares of the fit error) and AdamW's update.
 //!
 //! In Burn's ops `silu(gate)·up` is eight kernels forward (its `sigmoid` alone is six:
 //! negate, exp, add one, log, negate, exp) and fifteen backward, RMSNorm six forward and more
@@ -252,6 +252,31 @@ pub fn fit_step<const D: usize>(
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     {
         let _ = (residual, p, w, c);
+        None
+    }
+}
+
+/// AdamW's update of flattened parameters `p`, moments `m`, `v` and gradients `g` in one
+/// kernel, where Burn's ops take thirteen: returns the new `[m, v, p]`. The scalars are
+/// `[β₁, 1 − β₁, β₂, 1 − β₂, 1 − lr·wd, 1 − β₂ᵗ, ε, lr / (1 − β₁ᵗ)]` (each rounded once to
+/// `f32`, as Burn's scalar ops round theirs), and the arithmetic is the tensor ops' in their
+/// order: `m = β₁·m + (1 − β₁)·g`, `v = β₂·v + (1 − β₂)·g²`,
+/// `p = p·(1 − lr·wd) − m / (√(v / (1 − β₂ᵗ)) + ε) · lr / (1 − β₁ᵗ)`. `None` where the kernel
+/// does not apply (see the module documentation) or the lengths differ.
+pub fn adamw(
+    g: &Tensor<1>,
+    m: &Tensor<1>,
+    v: &Tensor<1>,
+    p: &Tensor<1>,
+    scalars: [f32; 8],
+) -> Option<[Tensor<1>; 3]> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        ops::adamw([g, m, v, p], scalars)
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (g, m, v, p, scalars);
         None
     }
 }

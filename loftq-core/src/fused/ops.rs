@@ -399,3 +399,43 @@ pub(super) fn fit_step<const D: usize>(
     let tensor = |t| from_cube(t).map(BurnTensor::from_primitive::<Cube>);
     Some((tensor(next)?, tensor(sq)?))
 }
+
+/// AdamW's update of plain flat `f32` tensors of one length in one kernel, with the scalars
+/// `[β₁, 1 − β₁, β₂, 1 − β₂, decay, bias2, ε, step]` of [`kernel::adamw_kernel`]. `None` for
+/// another back end or dtype, or lengths that differ.
+pub(super) fn adamw(
+    [g, m, v, p]: [&BurnTensor<1>; 4],
+    [beta1, rest1, beta2, rest2, decay, bias2, eps, step]: [f32; 8],
+) -> Option<[BurnTensor<1>; 3]> {
+    let n = p.dims()[0];
+    if [g, m, v].iter().any(|t| t.dims()[0] != n) {
+        return None;
+    }
+    let [g, m, v, p] = f32_values([g, m, v, p].map(plain).into_iter().collect::<Option<_>>()?)?;
+    let outs = [empty_like(&p), empty_like(&p), empty_like(&p)];
+    let (count, dim) = grid(&p, n);
+    let client = p.client.clone();
+    kernel::adamw_kernel::launch(
+        &client,
+        count,
+        dim,
+        g.into_tensor_arg(),
+        m.into_tensor_arg(),
+        v.into_tensor_arg(),
+        p.into_tensor_arg(),
+        outs[0].clone().into_tensor_arg(),
+        outs[1].clone().into_tensor_arg(),
+        outs[2].clone().into_tensor_arg(),
+        beta1,
+        rest1,
+        beta2,
+        rest2,
+        decay,
+        bias2,
+        eps,
+        step,
+    );
+    let [m, v, p] = outs;
+    let tensor = |t| from_cube(t).map(BurnTensor::from_primitive::<Cube>);
+    Some([tensor(m)?, tensor(v)?, tensor(p)?])
+}

@@ -144,6 +144,23 @@ impl AdamW {
         let t = self.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2 = 1.0 - c.beta2.powi(t);
+        // WGPU and CUDA: one kernel, where the tensor ops below launch thirteen.
+        let scalars = [
+            c.beta1,
+            1.0 - c.beta1,
+            c.beta2,
+            1.0 - c.beta2,
+            1.0 - lr * c.weight_decay,
+            bias2,
+            c.eps,
+            lr / bias1,
+        ];
+        if let Some([m, v, p]) =
+            loftq_core::fused::adamw(&g, &self.m, &self.v, &self.p, scalars.map(|x| x as f32))
+        {
+            (self.m, self.v, self.p) = (m, v, p);
+            return self.params();
+        }
         let m = self.m.clone().mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
         let v = self.v.clone().mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
         let p = match c.weight_decay {

@@ -401,6 +401,52 @@ fn fused_fit_step_equals_burn_ops() {
     }
 }
 
+/// AdamW's update in one kernel against the tensor ops it replaces (those of
+/// `train::optim`), with and without weight decay, at the first step and a later one.
+#[test]
+fn fused_adamw_equals_burn_ops() {
+    let dev = device();
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    let n = 1000;
+    let normal = |s: f64| Tensor::<1>::random([n], Distribution::Normal(0.0, s), &dev);
+    let (g, m, p) = (normal(1e-2), normal(1e-3), normal(0.5));
+    let v = normal(1e-4).abs();
+    let (beta1, beta2, eps, lr) = (0.9f64, 0.999f64, 1e-8f64, 2e-4f64);
+    for (t, wd) in [(1, 0.0), (7, 0.05)] {
+        let (bias1, bias2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        let scalars = [
+            beta1,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            1.0 - lr * wd,
+            bias2,
+            eps,
+            lr / bias1,
+        ];
+        let got = loftq_core::fused::adamw(&g, &m, &v, &p, scalars.map(|x| x as f32));
+        assert_eq!(got.is_some(), applies, "applies on GPU back ends only");
+        let Some([gm, gv, gp]) = got else { return };
+        let wm = m.clone().mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1);
+        let wv = v.clone().mul_scalar(beta2) + g.clone().square().mul_scalar(1.0 - beta2);
+        let step = wm
+            .clone()
+            .div(wv.clone().div_scalar(bias2).sqrt().add_scalar(eps));
+        let wp = p.clone().mul_scalar(1.0 - lr * wd) - step.mul_scalar(lr / bias1);
+        // The parameters' change, not the parameters: the decay's share of it is small.
+        let (gp, wp) = (gp - p.clone(), wp - p.clone());
+        for (what, (a, b)) in [("m", (gm, wm)), ("v", (gv, wv)), ("p's change", (gp, wp))] {
+            let (a, b) = (host(&a.unsqueeze::<2>()), host(&b.unsqueeze::<2>()));
+            let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
+            let d = super::common::max_abs_diff(&a, &b);
+            assert!(
+                d <= 1e-4 * scale,
+                "{what}, step {t}, decay {wd}: |Δ| {d}, scale {scale}"
+            );
+        }
+    }
+}
+
 /// Vectors end to end, eight to a kernel: 19 parts of different lengths (two whole groups and
 /// a partial one), and a single part.
 #[test]
