@@ -71,14 +71,14 @@ fn a_training_step_launches_few_kernels() {
     let [_, recompute, _, plain] = totals[..] else {
         panic!("four steps, got the totals {totals:?}")
     };
-    // Measured 268 and 201 (2 layers of SmolLM2's shapes, LoRA on all seven projections,
-    // each a merged weight over NF4 codes made by one kernel).
+    // Measured 255 and 188 (2 layers of SmolLM2's shapes, LoRA on all seven projections,
+    // each a merged weight over NF4 codes made by one kernel; AdamW one kernel).
     assert!(
-        recompute <= 280,
+        recompute <= 268,
         "{recompute} kernels in a step with recomputation"
     );
     assert!(
-        plain <= 212,
+        plain <= 200,
         "{plain} kernels in a step without recomputation"
     );
 }
