@@ -8,7 +8,7 @@
 use burn::tensor::kind::Basic;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
-use crate::dense::{norm_of_row_sums, scaled};
+use crate::dense::{fit_step, norm_of_row_sums, row_sums, scaled};
 use crate::loftq::{check_config, judge, loftq};
 use crate::lowrank::batch::{BatchLowRank, rsvd_batch};
 use crate::lowrank::{SvdMethod, check_rank};
@@ -131,19 +131,8 @@ fn alternate_batch(
         let seeds: Vec<u64> = seeds.iter().map(|s| s.wrapping_add(t as u64)).collect();
         let (lr, basis) = rsvd_batch(&residual, rank, &rsvd, &seeds, warm.as_ref())?;
         let (fb, fa) = balanced(lr, &device);
-        let ba = fb.clone().matmul(fa.clone());
-        // The squares of the fit's error, and the next quantization's input.
-        let fit_squares = match crate::fused::fit_step(&residual, &ba, &w, product_scale) {
-            Some((next, squares)) => {
-                res = next;
-                squares
-            }
-            None => {
-                let fit = residual.clone() - scaled(ba.clone(), product_scale);
-                res = w.clone() - ba;
-                fit.powf_scalar(2.0)
-            }
-        };
+        let fit_squares;
+        (res, fit_squares) = fit_step(&residual, fb.clone().matmul(fa.clone()), &w, product_scale);
         crate::profile::mark(&device, "batch: factors");
         // One read for every norm the iteration needs.
         let square = |t: &Tensor<3>| t.clone().powf_scalar(2.0);
@@ -228,12 +217,8 @@ fn balanced(lr: BatchLowRank, device: &Device) -> (Tensor<3>, Tensor<3>) {
 /// squared row sums on the device, each matrix's total in `f64` on the host, as
 /// [`frobenius`](crate::dense::frobenius).
 fn norms_of(squares: Vec<Tensor<3>>) -> Vec<Vec<f32>> {
-    let [b, m, _] = squares[0].dims();
-    let rows = squares
-        .into_iter()
-        .map(|t| t.sum_dim(2).reshape([b * m]))
-        .collect();
-    let sums = crate::quant::host_f32(&Tensor::cat(rows, 0));
+    let [b, m, n] = squares[0].dims();
+    let sums = row_sums(squares.into_iter().map(|t| t.reshape([b * m, n])).collect());
     sums.chunks_exact(b * m)
         .map(|stack| stack.chunks_exact(m).map(norm_of_row_sums).collect())
         .collect()

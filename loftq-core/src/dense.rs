@@ -218,18 +218,8 @@ impl Dense for DeviceOps {
         next: &mut Tensor<2>,
         also: Option<&Tensor<2>>,
     ) -> (f32, Option<f32>) {
-        let ba = crate::matmul(b, a);
-        let squares = match crate::fused::fit_step(residual, &ba, w, c) {
-            Some((n, squares)) => {
-                *next = n;
-                squares
-            }
-            None => {
-                let fit = residual.clone() - scaled(ba.clone(), c);
-                *next = w.clone() - ba;
-                fit.powf_scalar(2.0)
-            }
-        };
+        let squares;
+        (*next, squares) = fit_step(residual, crate::matmul(b, a), w, c);
         let mut squares = vec![squares];
         squares.extend(also.map(|m| m.clone().powf_scalar(2.0)));
         let norms = norms_of_squares(squares);
@@ -265,6 +255,22 @@ pub(crate) fn scaled<const D: usize>(t: Tensor<D>, c: f32) -> Tensor<D> {
     }
 }
 
+/// LoftQ's fit step for `p = B·A`, one matrix or a stack: the next quantization's input
+/// `w − p` and the squares of `residual − c·p`, whose sum is the fit error. One kernel on
+/// WGPU and CUDA ([`crate::fused::fit_step`]), Burn's ops elsewhere.
+pub(crate) fn fit_step<const D: usize>(
+    residual: &Tensor<D>,
+    p: Tensor<D>,
+    w: &Tensor<D>,
+    c: f32,
+) -> (Tensor<D>, Tensor<D>) {
+    if let Some(out) = crate::fused::fit_step(residual, &p, w, c) {
+        return out;
+    }
+    let fit = residual.clone() - scaled(p.clone(), c);
+    (w.clone() - p, fit.powf_scalar(2.0))
+}
+
 /// Frobenius norm: squared row sums on the device, their total in `f64` on the host.
 ///
 /// A single `f32` sum over millions of squares drifts by up to 1% on large matrices (seen on
@@ -281,17 +287,7 @@ fn norm_of_squares(squares: Tensor<2>) -> f32 {
 /// [`norm_of_squares`] of each matrix, in one read.
 fn norms_of_squares(squares: Vec<Tensor<2>>) -> Vec<f32> {
     let lens: Vec<usize> = squares.iter().map(|s| s.dims()[0]).collect();
-    let row_sums: Vec<Tensor<1>> = squares
-        .into_iter()
-        .zip(&lens)
-        .map(|(s, &rows)| s.sum_dim(1).reshape([rows]))
-        .collect();
-    // One part: no concatenation (Burn's `cat` copies even one tensor).
-    let all = match row_sums.len() {
-        1 => row_sums.into_iter().next().expect("one part"),
-        _ => Tensor::cat(row_sums, 0),
-    };
-    let values = crate::quant::host_f32(&all);
+    let values = row_sums(squares);
     let mut start = 0;
     lens.iter()
         .map(|&rows| {
@@ -299,6 +295,23 @@ fn norms_of_squares(squares: Vec<Tensor<2>>) -> Vec<f32> {
             norm_of_row_sums(&values[start - rows..start])
         })
         .collect()
+}
+
+/// The row sums of each matrix of `parts`, in order, in one read.
+pub(crate) fn row_sums(parts: Vec<Tensor<2>>) -> Vec<f32> {
+    let sums: Vec<Tensor<1>> = parts
+        .into_iter()
+        .map(|t| {
+            let [rows, _] = t.dims();
+            t.sum_dim(1).reshape([rows])
+        })
+        .collect();
+    // One part: no concatenation (Burn's `cat` copies even one tensor).
+    let all = match sums.len() {
+        1 => sums.into_iter().next().expect("one part"),
+        _ => Tensor::cat(sums, 0),
+    };
+    crate::quant::host_f32(&all)
 }
 
 /// The Frobenius norm from a matrix's squared row sums, totalled in `f64`.

@@ -332,8 +332,7 @@ impl QLinear {
             // dequantizing and the factored form take 5.
             let r = a.dims()[0];
             let how = fused::AdapterProduct::for_shape([out, inp], r);
-            let small = how == fused::AdapterProduct::Inline
-                && out * inp * r <= fused::AdapterProduct::FEW_ROWS_MAX;
+            let small = out * inp * r <= fused::AdapterProduct::FEW_ROWS_MAX;
             let codebook = packed.and_then(|p| p.codebook()).filter(|_| merge || small);
             if let Some(y) =
                 codebook.and_then(|c| fused::lora_linear_codebook(&x, &c, [&a, &b], s, how))

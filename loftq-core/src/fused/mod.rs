@@ -193,7 +193,8 @@ impl AdapterProduct {
     /// The most multiply-adds of an inline `B·A` worth forming where the factored adapter
     /// would cost far less arithmetic (few rows, as in decoding) just to save its launches:
     /// about what three launches cost on a GPU (16.8 million, ~30 µs at 1 TFLOP/s). SmolLM2's
-    /// layers at rank 16 (14.2 million for its MLP), not at rank 64.
+    /// layers at rank 16 (14.2 million for its MLP), not at rank 64. Below
+    /// [`INLINE_MAX`](Self::INLINE_MAX): such a product is always formed inline.
     pub const FEW_ROWS_MAX: usize = 1 << 24;
 
     /// [`Inline`](Self::Inline) for an `[out, in]` weight and rank `r` whose product takes at
