@@ -71,14 +71,15 @@ fn a_training_step_launches_few_kernels() {
     let [_, recompute, _, plain] = totals[..] else {
         panic!("four steps, got the totals {totals:?}")
     };
-    // Measured 255 and 188 (2 layers of SmolLM2's shapes, LoRA on all seven projections,
-    // each a merged weight over NF4 codes made by one kernel; AdamW one kernel).
+    // Measured 235 and 174 (2 layers of SmolLM2's shapes, LoRA on all seven projections,
+    // each a merged weight over NF4 codes made by one kernel, q/k/v and gate/up each one
+    // product over their stacked weights; AdamW one kernel). Without the stacking: 255 and 188.
     assert!(
-        recompute <= 268,
+        recompute <= 247,
         "{recompute} kernels in a step with recomputation"
     );
     assert!(
-        plain <= 200,
+        plain <= 185,
         "{plain} kernels in a step without recomputation"
     );
 }

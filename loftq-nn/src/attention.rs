@@ -32,9 +32,32 @@ impl Attention {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`, every position attending to itself
     /// and the ones before it (the last [`window`](Self::window) of them, if set).
     pub fn forward(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
-        let qkv = self.project(x);
-        self.o_proj
-            .forward(attend(qkv, rope, [self.heads, self.kv_heads], self.window))
+        self.o_proj.forward(self.attention(x, rope))
+    }
+
+    /// The attention of `x [batch, seq, hidden]` before `o_proj`: `[batch, seq, heads·head_dim]`.
+    /// On WGPU and CUDA, where the projections can make their outputs side by side in one
+    /// product (one `qkv_proj`, or q/k/v merged over packed codebook bases), attention reads
+    /// them there, with no copies to split them.
+    pub fn attention(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
+        let [b, seq, _] = x.dims();
+        let (hs, window) = ([self.heads, self.kv_heads], self.window);
+        let whole = window.is_none_or(|w| w >= seq);
+        let fits = rows_per_buffer(&x.device(), b * self.heads * seq) >= seq;
+        let packed = match self.qkv.as_slice() {
+            _ if !(whole && fits && loftq_core::fused::applies(&x)) => None,
+            [qkv] => Some(qkv.forward(x.clone())),
+            layers => QLinear::forward_group(layers, &x),
+        };
+        let Some(qkv) = packed else {
+            return attend(self.project(x), rope, hs, window);
+        };
+        if let Some(y) =
+            loftq_core::fused::causal_attention_packed(&qkv, &rope.cos, &rope.swapped_sin, hs)
+        {
+            return y;
+        }
+        attend(self.split(qkv), rope, hs, window)
     }
 
     /// The queries `[batch, seq, heads·head_dim]`, keys and values
@@ -42,17 +65,19 @@ impl Attention {
     pub fn project(&self, x: Tensor<3>) -> [Tensor<3>; 3] {
         match self.qkv.as_slice() {
             [q, k, v] => [q.forward(x.clone()), k.forward(x.clone()), v.forward(x)],
-            [qkv] => {
-                let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-                let y = qkv.forward(x);
-                [
-                    y.clone().narrow(2, 0, q),
-                    y.clone().narrow(2, q, kv),
-                    y.narrow(2, q + kv, kv),
-                ]
-            }
+            [qkv] => self.split(qkv.forward(x)),
             other => unreachable!("{} q/k/v projections", other.len()),
         }
+    }
+
+    /// The queries, keys and values of `y`, where they sit side by side.
+    fn split(&self, y: Tensor<3>) -> [Tensor<3>; 3] {
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        [
+            y.clone().narrow(2, 0, q),
+            y.clone().narrow(2, q, kv),
+            y.narrow(2, q + kv, kv),
+        ]
     }
 }
 

@@ -105,8 +105,7 @@ impl DecoderLayer {
 
     /// Group 1's input (o_proj's): the attention of group 0's input `xn`, before o_proj.
     pub fn attention_heads(&self, xn: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
-        let a = &self.self_attn;
-        super::attention::attend(a.project(xn), rope, [a.heads, a.kv_heads], a.window)
+        self.self_attn.attention(xn, rope)
     }
 
     /// The residual stream after attention: `x + o_proj(att)`.

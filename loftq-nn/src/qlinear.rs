@@ -304,6 +304,53 @@ impl QLinear {
         y.reshape(dims)
     }
 
+    /// The outputs of `layers`, all of input `x [.., in]`, side by side, `[.., Σ out]`, in one
+    /// product (`fused::lora_linear_codebook_group`): on WGPU and CUDA, where every layer is a
+    /// LoRA layer over a packed codebook base that [`forward`](Self::forward) would merge
+    /// with `B·A` summed inline, its adapter on, without dropout or bias. `None` otherwise.
+    pub(crate) fn forward_group<const D: usize>(
+        layers: &[QLinear],
+        x: &Tensor<D>,
+    ) -> Option<Tensor<D>> {
+        let [_, inp] = layers.first()?.shape();
+        let mut dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let mut members = Vec::with_capacity(layers.len());
+        let mut factors = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let lora = layer.lora.as_ref().filter(|_| layer.adapter_enabled)?;
+            let BaseWeight::Packed(packed) = &layer.base else {
+                return None;
+            };
+            let dropout = layer.dropout_seed.is_some() && lora.dropout > 0.0;
+            let [out, this_in] = layer.shape();
+            let r = lora.a.dims()[0];
+            // The rule of `product_with_lora`: merged when forming `B·A` costs no more than
+            // the factored adapter, or is small.
+            let merge = out * inp <= rows * (inp + out)
+                || out * inp * r <= fused::AdapterProduct::FEW_ROWS_MAX;
+            if dropout || layer.bias.is_some() || this_in != inp || !merge {
+                return None;
+            }
+            members.push((packed, lora.scaling as f32));
+            factors.push([lora.a.val(), lora.b.val()]);
+        }
+        let codebooks: Vec<_> = members
+            .iter()
+            .map(|(p, _)| p.codebook())
+            .collect::<Option<_>>()?;
+        let group: Vec<fused::GroupMember> = (codebooks.iter().zip(&factors).zip(&members))
+            .map(|((c, [a, b]), (_, s))| (c, [a, b], *s))
+            .collect();
+        let device = x.device();
+        profile::mark(&device, "model: other");
+        let x2: Tensor<2> = x.clone().reshape([rows, inp]);
+        let y = fused::lora_linear_codebook_group(&x2, &group)?;
+        profile::mark(&device, "linear: product and adapter");
+        dims[D - 1] = y.dims()[1];
+        Some(y.reshape(dims))
+    }
+
     /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for `x [rows, in]`.
     fn product_with_lora(&self, x: Tensor<2>, lora: &LoraAdapter, output: Output) -> Tensor<2> {
         let (a, b) = (lora.a.val(), lora.b.val());

@@ -36,76 +36,169 @@ struct Dims {
     w: usize,
 }
 
+/// Where one projection's values sit on the projection side: rows of `row` values, the
+/// projection's from column `at` on (queries, keys and values apart, or side by side in one
+/// tensor).
+#[derive(Clone, Copy)]
+struct Place {
+    row: usize,
+    at: usize,
+}
+
+impl Place {
+    fn alone(width: usize) -> Self {
+        Place { row: width, at: 0 }
+    }
+}
+
 pub(super) fn causal_attention(
     [q, k, v]: [&BurnTensor<3>; 3],
     cos: &BurnTensor<2>,
     swapped_sin: &BurnTensor<2>,
     [h, kvh]: [usize; 2],
 ) -> Option<BurnTensor<3>> {
-    let (c, t) = (frozen(cos)?, frozen(swapped_sin)?);
+    let tables = [frozen(cos)?, frozen(swapped_sin)?];
     let [b, s, width] = q.dims();
     let dims = Dims { b, s, w: width / h };
-    let scale = 1.0 / (dims.w as f32).sqrt();
-    let g = h / kvh;
-    let (cf, tf) = (c.clone(), t.clone());
-    let forward = move |[q, k, v]: &[CubeTensor; 3]| {
-        let rot = Some((&cf, &tf));
-        let qh = heads(q, dims, h, Move::First, rot);
-        let kh = heads(k, dims, kvh, Move::First, rot);
-        let vh = heads(v, dims, kvh, Move::First, None);
-        // The `g` query heads of a key/value head stacked as rows: no repeated keys.
-        let q2 = reshape(qh, Shape::new([b, kvh, g * s, dims.w]));
-        let scores = product(q2.clone(), transposed(kh.clone()));
-        let p = softmax_kernel(&scores, s, scale);
-        let o = product(p.clone(), vh.clone());
-        let out = heads(&o, dims, h, Move::Last, None);
-        (out, vec![q2, kh, vh, p])
-    };
+    let places = [h, kvh, kvh].map(|n| Place::alone(n * dims.w));
+    let core = Core::new(tables, dims, [h, kvh]);
+    let c = core.clone();
+    let forward = move |[q, k, v]: &[CubeTensor; 3]| c.forward([q, k, v], places);
     let backward: BackwardFn<3> = Arc::new(move |saved: &[CubeTensor], dy: CubeTensor, _| {
-        let [q2, kh, vh, p] = saved else {
-            unreachable!("four tensors saved")
-        };
-        let rot = Some((&c, &t));
-        let d_o = heads(&dy, dims, h, Move::First, None);
-        let d_o = reshape(d_o, Shape::new([b, kvh, g * s, dims.w]));
-        let dp = product(d_o.clone(), transposed(vh.clone()));
-        // The rows of all `g` query heads meet in these products: the sum over the group.
-        let dv = product(transposed(p.clone()), d_o);
-        let ds = softmax_backward(p, &dp, scale);
-        let dq = product(ds.clone(), kh.clone());
-        let dk = product(transposed(ds), q2.clone());
-        [
-            heads(&dq, dims, h, Move::Last, rot),
-            heads(&dk, dims, kvh, Move::Last, rot),
-            heads(&dv, dims, kvh, Move::Last, None),
-        ]
-        .map(Some)
+        core.backward(saved, dy, places, None).map(Some)
     });
     run_saving([q, k, v], forward, backward)
 }
 
-/// `x` (contiguous) moved as `how` says, `n` heads of `dims.w`, in one kernel; given
-/// `tables` (cos, swapped sin), rotated on the way to heads first, by the rotation's transpose
-/// on the way back.
+/// [`causal_attention`] of the queries, keys and values side by side in `qkv`
+/// `[b, s, (h + 2·kvh)·w]`, as one product of the three projections makes them: read where
+/// they are, and their gradient written into one tensor of that layout.
+pub(super) fn causal_attention_packed(
+    qkv: &BurnTensor<3>,
+    cos: &BurnTensor<2>,
+    swapped_sin: &BurnTensor<2>,
+    [h, kvh]: [usize; 2],
+) -> Option<BurnTensor<3>> {
+    let tables = [frozen(cos)?, frozen(swapped_sin)?];
+    let [b, s, row] = qkv.dims();
+    let dims = Dims {
+        b,
+        s,
+        w: row / (h + 2 * kvh),
+    };
+    let places = [0, h, h + kvh].map(|n| Place {
+        row,
+        at: n * dims.w,
+    });
+    let core = Core::new(tables, dims, [h, kvh]);
+    let c = core.clone();
+    let forward = move |[x]: &[CubeTensor; 1]| c.forward([x, x, x], places);
+    let backward: BackwardFn<1> = Arc::new(move |saved: &[CubeTensor], dy: CubeTensor, _| {
+        let d = empty(&dy, Shape::new([b, s, row]), DType::F32);
+        core.backward(saved, dy, places, Some(&d));
+        [Some(d)]
+    });
+    run_saving([qkv], forward, backward)
+}
+
+/// The work of one attention call, wherever its inputs sit.
+#[derive(Clone)]
+struct Core {
+    /// The rotary tables: cos, swapped sin.
+    tables: [CubeTensor; 2],
+    dims: Dims,
+    heads: [usize; 2],
+}
+
+impl Core {
+    fn new(tables: [CubeTensor; 2], dims: Dims, heads: [usize; 2]) -> Self {
+        Core {
+            tables,
+            dims,
+            heads,
+        }
+    }
+
+    fn forward(
+        &self,
+        [q, k, v]: [&CubeTensor; 3],
+        [pq, pk, pv]: [Place; 3],
+    ) -> (CubeTensor, Vec<CubeTensor>) {
+        let (dims, [h, kvh]) = (self.dims, self.heads);
+        let Dims { b, s, w } = dims;
+        let rot = Some((&self.tables[0], &self.tables[1]));
+        let first = |x, n, rot, place| heads(x, dims, n, Move::First, rot, place, None);
+        let qh = first(q, h, rot, pq);
+        let kh = first(k, kvh, rot, pk);
+        let vh = first(v, kvh, None, pv);
+        // The `g` query heads of a key/value head stacked as rows: no repeated keys.
+        let q2 = reshape(qh, Shape::new([b, kvh, (h / kvh) * s, w]));
+        let scores = product(q2.clone(), transposed(kh.clone()));
+        let p = softmax_kernel(&scores, s, 1.0 / (w as f32).sqrt());
+        let o = product(p.clone(), vh.clone());
+        let out = heads(&o, dims, h, Move::Last, None, Place::alone(h * w), None);
+        (out, vec![q2, kh, vh, p])
+    }
+
+    /// The inputs' gradients, each a tensor of its own, or all written into `into` at their
+    /// places.
+    fn backward(
+        &self,
+        saved: &[CubeTensor],
+        dy: CubeTensor,
+        places: [Place; 3],
+        into: Option<&CubeTensor>,
+    ) -> [CubeTensor; 3] {
+        let [q2, kh, vh, p] = saved else {
+            unreachable!("four tensors saved")
+        };
+        let (dims, [h, kvh]) = (self.dims, self.heads);
+        let Dims { b, s, w } = dims;
+        let rot = Some((&self.tables[0], &self.tables[1]));
+        let d_o = heads(&dy, dims, h, Move::First, None, Place::alone(h * w), None);
+        let d_o = reshape(d_o, Shape::new([b, kvh, (h / kvh) * s, w]));
+        let dp = product(d_o.clone(), transposed(vh.clone()));
+        // The rows of all `g` query heads meet in these products: the sum over the group.
+        let dv = product(transposed(p.clone()), d_o);
+        let ds = softmax_backward(p, &dp, 1.0 / (w as f32).sqrt());
+        let dq = product(ds.clone(), kh.clone());
+        let dk = product(transposed(ds), q2.clone());
+        let [pq, pk, pv] = places;
+        let back = |x, n, rot, place| heads(x, dims, n, Move::Last, rot, place, into);
+        [
+            back(&dq, h, rot, pq),
+            back(&dk, kvh, rot, pk),
+            back(&dv, kvh, None, pv),
+        ]
+    }
+}
+
+/// `x` moved as `how` says, `n` heads of `dims.w`, in one kernel; given `tables` (cos,
+/// swapped sin), rotated on the way to heads first, by the rotation's transpose on the way
+/// back. The projection side (`x` for [`Move::First`], the output for [`Move::Last`]) is at
+/// `place`: the output is `into` there when given, else a fresh `[b, s, n·w]`.
 fn heads(
     x: &CubeTensor,
     dims: Dims,
     n: usize,
     how: Move,
     tables: Option<(&CubeTensor, &CubeTensor)>,
+    place: Place,
+    into: Option<&CubeTensor>,
 ) -> CubeTensor {
     let Dims { b, s, w } = dims;
     let first = how == Move::First;
-    let shape = match how {
-        Move::First => Shape::new([b, n, s, w]),
-        Move::Last => Shape::new([b, s, n * w]),
+    let out = match (how, into) {
+        (Move::First, _) => empty(x, Shape::new([b, n, s, w]), DType::F32),
+        (Move::Last, Some(t)) => t.clone(),
+        (Move::Last, None) => empty(x, Shape::new([b, s, n * w]), DType::F32),
     };
-    let out = empty(x, shape, DType::F32);
     let (cos, ssin) = tables.unwrap_or((x, x));
-    let (count, dim) = grid(x, b * s * n * w);
+    let count = b * s * n * w;
+    let (cube_count, dim) = grid(x, count);
     kernel::heads_kernel::launch(
         &out.client,
-        count,
+        cube_count,
         dim,
         x.clone().into_tensor_arg(),
         cos.clone().into_tensor_arg(),
@@ -114,6 +207,9 @@ fn heads(
         s,
         n,
         w,
+        place.row,
+        place.at,
+        count,
         first,
         tables.is_some(),
         !first,

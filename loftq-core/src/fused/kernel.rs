@@ -3,35 +3,58 @@
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 
-/// One thread per value: `g·σ(g)·u`.
+/// One thread per value of `out` `[rows, inter]`: `g·σ(g)·u`, the row `r`'s `g` at `r·row` in
+/// `g`, its `u` at `r·row + u_at` in `u` (the gate and the up projection apart, `row = inter`
+/// and `u_at = 0`; or side by side in one tensor, `row = 2·inter` and `u_at = inter`).
 #[cube(launch)]
-pub(super) fn silu_mul_kernel(g: &Tensor<f32>, u: &Tensor<f32>, out: &mut Tensor<f32>) {
+pub(super) fn silu_mul_kernel(
+    g: &Tensor<f32>,
+    u: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    inter: usize,
+    row: usize,
+    u_at: usize,
+) {
     let i = ABSOLUTE_POS;
     if i >= out.len() {
         terminate!();
     }
-    let x = g[i];
+    let at = (i / inter) * row + i % inter;
+    let x = g[at];
     let s = 1.0 / (1.0 + (-x).exp());
-    out[i] = x * s * u[i];
+    out[i] = x * s * u[at + u_at];
 }
 
-/// One thread per value: `∂/∂u = dy·g·σ(g)`, `∂/∂g = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
+/// One thread per value of `dy` `[rows, inter]` (`g`, `u`, `row`, `u_at` as in
+/// [`silu_mul_kernel`]): `∂/∂u = dy·g·σ(g)`, `∂/∂g = dy·u·σ(g)·(1 + g·(1 − σ(g)))`, written
+/// where `g` and `u` were read from, into `dg` and `du`, or both into `dg` with `one`.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn silu_mul_backward_kernel(
     g: &Tensor<f32>,
     u: &Tensor<f32>,
     dy: &Tensor<f32>,
     dg: &mut Tensor<f32>,
     du: &mut Tensor<f32>,
+    inter: usize,
+    row: usize,
+    u_at: usize,
+    #[comptime] one: bool,
 ) {
     let i = ABSOLUTE_POS;
-    if i >= dg.len() {
+    if i >= dy.len() {
         terminate!();
     }
-    let x = g[i];
+    let at = (i / inter) * row + i % inter;
+    let x = g[at];
     let s = 1.0 / (1.0 + (-x).exp());
-    du[i] = dy[i] * x * s;
-    dg[i] = dy[i] * u[i] * s * (1.0 + x * (1.0 - s));
+    let d_up = dy[i] * x * s;
+    dg[at] = dy[i] * u[at + u_at] * s * (1.0 + x * (1.0 - s));
+    if comptime!(one) {
+        dg[at + u_at] = d_up;
+    } else {
+        du[at + u_at] = d_up;
+    }
 }
 
 /// One thread per row of `n` values: `r = 1/√(Σx²/n + ε)`, `y = x·r·w`. Backward (`back`,
@@ -158,10 +181,12 @@ pub(super) fn causal_softmax_kernel(
     }
 }
 
-/// One thread per value of the output, a `[b, s, heads, width]` tensor moved between the
-/// projection's layout (heads last, `[b, s, heads·width]`) and attention's (heads first,
-/// `[b, heads, s, width]`), both contiguous: to heads first with `first`, back otherwise. With
-/// `rotate`, the rotary embedding of [`rotary_kernel`] on the way (its transpose with `back`).
+/// One thread per value of a `[b, s, heads, width]` tensor moved between the projection's
+/// layout (heads last: row `(b, s)` of a `[b, s, row]` tensor from column `at` on, so that
+/// one tensor can hold the queries, keys and values side by side) and attention's (heads
+/// first, `[b, heads, s, width]`, contiguous): to heads first with `first`, back otherwise
+/// (`count` threads, `b·s·heads·width`). With `rotate`, the rotary embedding of
+/// [`rotary_kernel`] on the way (its transpose with `back`).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn heads_kernel(
@@ -172,12 +197,15 @@ pub(super) fn heads_kernel(
     seq: usize,
     heads: usize,
     width: usize,
+    row: usize,
+    at: usize,
+    count: usize,
     #[comptime] first: bool,
     #[comptime] rotate: bool,
     #[comptime] back: bool,
 ) {
     let i = ABSOLUTE_POS;
-    if i >= out.len() {
+    if i >= count {
         terminate!();
     }
     let j = i % width;
@@ -189,15 +217,20 @@ pub(super) fn heads_kernel(
     let pos = if comptime!(first) { fast } else { slow };
     let head = if comptime!(first) { slow } else { fast };
     let batch = r / (seq * heads);
-    let at = if comptime!(first) {
-        ((batch * seq + pos) * heads + head) * width
+    // Where the value's head starts in the input, and where the value goes in the output.
+    let (from, to) = if comptime!(first) {
+        ((batch * seq + pos) * row + at + head * width, i)
     } else {
-        ((batch * heads + head) * seq + pos) * width
+        let line = heads * width;
+        (
+            ((batch * heads + head) * seq + pos) * width,
+            (i / line) * row + at + i % line,
+        )
     };
     if comptime!(rotate) {
-        out[i] = rotated(x, at, j, pos, cos, ssin, back);
+        out[to] = rotated(x, from, j, pos, cos, ssin, back);
     } else {
-        out[i] = x[at + j];
+        out[to] = x[from + j];
     }
 }
 

@@ -12,14 +12,16 @@
 
 use std::sync::Arc;
 
-use burn::tensor::Tensor as BurnTensor;
+use burn::tensor::{DType, Shape, Tensor as BurnTensor};
 use burn_cubecl::cubecl::ir::FloatKind;
 use burn_cubecl::cubecl::prelude::InputScalar;
+use burn_cubecl::kernel::slice;
 use burn_cubecl::ops::numeric;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::AdapterProduct;
 use super::ops::{BackwardFn, frozen, product, run_saving, transposed};
+use crate::cube::empty;
 use crate::quant::cube::CodebookWeight;
 
 pub(super) fn lora_linear(
@@ -93,18 +95,75 @@ fn merged(
             unreachable!("four tensors saved")
         };
         let dx = need_x.then(|| product(dy.clone(), merged.clone()));
-        // ∂A = s·(dy·B)ᵀ·x, ∂B = s·dyᵀ·(x·Aᵀ).
-        let dyb = need_a.then(|| product(dy.clone(), b.clone()));
-        let da = dyb.map(|dyb| scaled(product(transposed(dyb), x.clone()), scaling));
-        let db = need_b.then(|| {
-            scaled(
-                product(transposed(dy), product(x.clone(), transposed(a.clone()))),
-                scaling,
-            )
-        });
+        let [da, db] = factor_grads([x, a, b], dy, scaling, [need_a, need_b]);
         [dx, da, db]
     });
     run_saving([x, a, b], forward, backward)
+}
+
+/// Several merged layers of one input `x` (`inputs`: `x`, then each layer's `A` and `B`), each
+/// over its packed codebook base with its `B·A` summed inline: `x·[W₁'; W₂'; …]ᵀ`, the layers'
+/// outputs side by side. The merged weights are written into one stacked tensor, so the
+/// layers take one product forward and one for `x`'s gradient (and no sum of the layers'
+/// gradients) where each took its own.
+pub(super) fn lora_group<const N: usize>(
+    inputs: [&BurnTensor<2>; N],
+    weights: Vec<(CodebookWeight, f32)>,
+) -> Option<BurnTensor<2>> {
+    let outs: Vec<usize> = weights.iter().map(|(w, _)| w.shape()[0]).collect();
+    let cols = weights.first()?.0.shape()[1];
+    let total: usize = outs.iter().sum();
+    let scales: Vec<f32> = weights.iter().map(|(_, s)| *s).collect();
+    let forward = move |values: &[CubeTensor; N]| {
+        let x = &values[0];
+        let merged = empty(x, Shape::new([total, cols]), DType::F32);
+        let mut at = 0;
+        for (k, (w, s)) in weights.iter().enumerate() {
+            let [a, b] = [&values[1 + 2 * k], &values[2 + 2 * k]];
+            w.plus_lora_into(a, b, *s, &merged, at * cols);
+            at += w.shape()[0];
+        }
+        let y = product(x.clone(), transposed(merged.clone()));
+        let mut saved = values.to_vec();
+        saved.push(merged);
+        (y, saved)
+    };
+    let backward: BackwardFn<N> = Arc::new(move |saved, dy, needed| {
+        let (x, merged) = (&saved[0], &saved[N]);
+        let mut grads: [Option<CubeTensor>; N] = std::array::from_fn(|_| None);
+        grads[0] = needed[0].then(|| product(dy.clone(), merged.clone()));
+        let rows = dy.meta.shape()[0];
+        let mut at = 0;
+        for (k, (&out, &s)) in outs.iter().zip(&scales).enumerate() {
+            let (ia, ib) = (1 + 2 * k, 2 + 2 * k);
+            let dy_k = slice(dy.clone(), &[0..rows, at..at + out]);
+            let ab = [x, &saved[ia], &saved[ib]];
+            let [da, db] = factor_grads(ab, dy_k, s, [needed[ia], needed[ib]]);
+            (grads[ia], grads[ib]) = (da, db);
+            at += out;
+        }
+        grads
+    });
+    run_saving(inputs, forward, backward)
+}
+
+/// The factors' gradients of `y = x·(W + s·B·A)ᵀ` for the output's gradient `dy`:
+/// `∂A = s·(dy·B)ᵀ·x`, `∂B = s·dyᵀ·(x·Aᵀ)`, each where `need` asks.
+fn factor_grads(
+    [x, a, b]: [&CubeTensor; 3],
+    dy: CubeTensor,
+    scaling: f32,
+    [need_a, need_b]: [bool; 2],
+) -> [Option<CubeTensor>; 2] {
+    let dyb = need_a.then(|| product(dy.clone(), b.clone()));
+    let da = dyb.map(|dyb| scaled(product(transposed(dyb), x.clone()), scaling));
+    let db = need_b.then(|| {
+        scaled(
+            product(transposed(dy), product(x.clone(), transposed(a.clone()))),
+            scaling,
+        )
+    });
+    [da, db]
 }
 
 /// `s·x`, no kernel for a scale of 1.

@@ -236,6 +236,106 @@ pub fn lora_linear_codebook(
     }
 }
 
+/// One layer of [`lora_linear_codebook_group`]: its packed base, its factors `[A, B]` and its
+/// LoRA scaling.
+pub type GroupMember<'a> = (
+    &'a crate::quant::cube::Codebook<'a>,
+    [&'a Tensor<2>; 2],
+    f32,
+);
+
+/// [`lora_linear_codebook`] for two or three layers of one input `x` (a decoder layer's
+/// query, key and value projections, or its gate and up projections), each merged with its
+/// `B·A` summed inline ([`AdapterProduct::Inline`]): `[rows, Σ out]`, the layers' outputs side
+/// by side in `members`' order, as one layer with their rows stacked would give. Their merged
+/// weights are written into one stacked tensor, so the group takes one product forward and
+/// one for `x`'s gradient where each layer took its own (and their gradients for `x` need no
+/// sum): for q/k/v, 6 kernels fewer per step and layer, for gate/up 3. `None` where it does
+/// not apply (as for [`lora_linear_codebook`]), a product is too large to form inline, or for
+/// another number of layers.
+pub fn lora_linear_codebook_group(x: &Tensor<2>, members: &[GroupMember]) -> Option<Tensor<2>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        let n = x.dims()[1];
+        let mut weights = Vec::with_capacity(members.len());
+        for (base, [a, b], s) in members {
+            let w = crate::quant::cube::CodebookWeight::new(base)?;
+            let ([out, inp], [r, ai], [bo, br]) = (base.shape, a.dims(), b.dims());
+            let fits = n == inp && ai == inp && bo == out && br == r;
+            let inline = AdapterProduct::for_shape([out, inp], r) == AdapterProduct::Inline;
+            if !(fits && inline) {
+                return None;
+            }
+            weights.push((w, *s));
+        }
+        match members {
+            [(_, [a0, b0], _), (_, [a1, b1], _)] => lora::lora_group([x, a0, b0, a1, b1], weights),
+            [(_, [a0, b0], _), (_, [a1, b1], _), (_, [a2, b2], _)] => {
+                lora::lora_group([x, a0, b0, a1, b1, a2, b2], weights)
+            }
+            _ => None,
+        }
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (x, members);
+        None
+    }
+}
+
+/// [`silu_mul`] of the gate's and the up projection's values side by side in `gate_up`
+/// `[.., 2·inter]` (as [`lora_linear_codebook_group`] or Phi-3's `gate_up_proj` gives them):
+/// `[.., inter]`, with no copies to split them and one gradient in `gate_up`'s layout.
+/// `None` where the kernel does not apply or the last dimension is odd.
+pub fn silu_mul_packed<const D: usize>(gate_up: &Tensor<D>) -> Option<Tensor<D>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        gate_up.dims()[D - 1]
+            .is_multiple_of(2)
+            .then(|| ops::silu_mul_packed(gate_up))
+            .flatten()
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = gate_up;
+        None
+    }
+}
+
+/// [`causal_attention`] of the queries, keys and values side by side in `qkv`
+/// `[b, s, (heads + 2·kv_heads)·w]` (as [`lora_linear_codebook_group`] or Phi-3's `qkv_proj`
+/// gives them): read where they are, no copies to split them, and one gradient in `qkv`'s
+/// layout. `None` where it does not apply or the shapes do not fit.
+pub fn causal_attention_packed(
+    qkv: &Tensor<3>,
+    cos: &Tensor<2>,
+    swapped_sin: &Tensor<2>,
+    [heads, kv_heads]: [usize; 2],
+) -> Option<Tensor<3>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        let [_, s, row] = qkv.dims();
+        let parts = heads + 2 * kv_heads;
+        let w = row / parts.max(1);
+        let [ts, d] = cos.dims();
+        let fits = heads > 0
+            && kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && row == parts * w
+            && ts == s
+            && swapped_sin.dims() == [ts, d]
+            && d <= w
+            && d.is_multiple_of(2);
+        fits.then(|| attention::causal_attention_packed(qkv, cos, swapped_sin, [heads, kv_heads]))
+            .flatten()
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (qkv, cos, swapped_sin, heads, kv_heads);
+        None
+    }
+}
+
 /// LoftQ's fit step for `p = B·A`: the next quantization's input `w − p` and the squares
 /// `(residual − c·p)²` whose sum is the fit error, in one kernel where Burn's ops take three
 /// (two differences and a square; four with a `c` other than 1). `None` where the kernel

@@ -150,11 +150,13 @@ mod kernel {
         s: f32,
         cols: usize,
         rank: usize,
+        count: usize,
+        at: usize,
         #[comptime] bits: usize,
         #[comptime] block: usize,
     ) {
         let i = ABSOLUTE_POS;
-        if i >= out.len() {
+        if i >= count {
             terminate!();
         }
         let (row, col) = (i / cols, i % cols);
@@ -162,7 +164,7 @@ mod kernel {
         for k in 0..rank {
             sum += b[row * rank + k] * a[k * cols + col];
         }
-        out[i] = codebook_value(words, levels, scales, i, bits, block) + s * sum;
+        out[at + i] = codebook_value(words, levels, scales, i, bits, block) + s * sum;
     }
 
     /// A packed codebook weight's device buffers, checked for the kernel: `i32` words, `f32`
@@ -212,12 +214,26 @@ mod kernel {
         /// that a launch costs more than their arithmetic
         /// ([`AdapterProduct`](crate::fused::AdapterProduct)).
         pub(crate) fn plus_lora(&self, a: &CubeTensor, b: &CubeTensor, s: f32) -> CubeTensor {
+            let out = empty(&self.words, Shape::new(self.shape), DType::F32);
+            self.plus_lora_into(a, b, s, &out, 0);
+            out
+        }
+
+        /// [`plus_lora`](Self::plus_lora) written into `out` (contiguous) from value `at` on:
+        /// several layers' merged weights stacked in one tensor.
+        pub(crate) fn plus_lora_into(
+            &self,
+            a: &CubeTensor,
+            b: &CubeTensor,
+            s: f32,
+            out: &CubeTensor,
+            at: usize,
+        ) {
             let (a, b) = (
                 burn_cubecl::kernel::into_contiguous(a.clone()),
                 burn_cubecl::kernel::into_contiguous(b.clone()),
             );
             let ([rows, cols], rank) = (self.shape, b.meta.shape()[1]);
-            let out = empty(&self.words, Shape::new(self.shape), DType::F32);
             let (cube_count, cube_dim) = grid(&self.words, rows * cols);
             dequantize_lora_kernel::launch(
                 &out.client,
@@ -232,10 +248,16 @@ mod kernel {
                 s,
                 cols,
                 rank,
+                rows * cols,
+                at,
                 usize::from(self.bits),
                 self.block,
             );
-            out
+        }
+
+        /// The weight's shape `[out, in]`.
+        pub(crate) fn shape(&self) -> [usize; 2] {
+            self.shape
         }
 
         fn launch(&self, plus: Option<(CubeTensor, f32)>) -> CubeTensor {

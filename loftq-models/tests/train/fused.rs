@@ -466,7 +466,7 @@ fn fused_concat_equals_burn_cat() {
     }
 }
 
-fn close(a: &[f32], b: &[f32], what: &str) {
+pub(super) fn close(a: &[f32], b: &[f32], what: &str) {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
     let d = super::common::max_abs_diff(a, b);

@@ -8,6 +8,7 @@ mod classify;
 mod common;
 mod distill;
 mod fused;
+mod fused_packed;
 
 use burn::module::Param;
 use burn::tensor::activation::log_softmax;
