@@ -27,7 +27,7 @@ pub fn silu_mul<const D: usize>(gate: &Tensor<D>, up: &Tensor<D>) -> Option<Tens
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
         (gate.dims() == up.dims())
-            .then(|| ops::silu_mul(gate, up))
+            .then(|| silu::silu_mul(gate, up))
             .flatten()
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
@@ -292,7 +292,7 @@ pub fn silu_mul_packed<const D: usize>(gate_up: &Tensor<D>) -> Option<Tensor<D>>
     {
         gate_up.dims()[D - 1]
             .is_multiple_of(2)
-            .then(|| ops::silu_mul_packed(gate_up))
+            .then(|| silu::silu_mul_packed(gate_up))
             .flatten()
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
@@ -404,3 +404,5 @@ mod kernel;
 mod lora;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod ops;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod silu;
