@@ -42,22 +42,25 @@ impl Attention {
     pub fn attention(&self, x: Tensor<3>, rope: &RopeTables) -> Tensor<3> {
         let [b, seq, _] = x.dims();
         let (hs, window) = ([self.heads, self.kv_heads], self.window);
-        let whole = window.is_none_or(|w| w >= seq);
-        let fits = rows_per_buffer(&x.device(), b * self.heads * seq) >= seq;
-        let packed = match self.qkv.as_slice() {
-            _ if !(whole && fits && loftq_core::fused::applies(&x)) => None,
+        // What `attend` would give the fused operation: the whole input, scores in one buffer.
+        let one_piece =
+            window.is_none_or(|w| w >= seq) && scores_fit(&x.device(), [b, self.heads, seq]);
+        let stacked = match self.qkv.as_slice() {
             [qkv] => Some(qkv.forward(x.clone())),
-            layers => QLinear::forward_group(layers, &x),
+            layers if one_piece && loftq_core::fused::applies(&x) => {
+                QLinear::forward_group(layers, &x)
+            }
+            _ => None,
         };
-        let Some(qkv) = packed else {
+        let Some(qkv) = stacked else {
             return attend(self.project(x), rope, hs, window);
         };
-        if let Some(y) =
-            loftq_core::fused::causal_attention_packed(&qkv, &rope.cos, &rope.swapped_sin, hs)
-        {
-            return y;
-        }
-        attend(self.split(qkv), rope, hs, window)
+        let fused = one_piece
+            .then(|| {
+                loftq_core::fused::causal_attention_packed(&qkv, &rope.cos, &rope.swapped_sin, hs)
+            })
+            .flatten();
+        fused.unwrap_or_else(|| attend(self.split(qkv), rope, hs, window))
     }
 
     /// The queries `[batch, seq, heads·head_dim]`, keys and values
@@ -100,9 +103,8 @@ pub(crate) fn attend(
         return y;
     }
     // Scores too large for one device buffer go block by block, in the generic path.
-    let fits = rows_per_buffer(&q.device(), b * h * seq) >= seq;
     if window.is_none()
-        && fits
+        && scores_fit(&q.device(), [b, h, seq])
         && let Some(y) = loftq_core::fused::causal_attention(
             [&q, &k, &v],
             &rope.cos,
@@ -113,6 +115,12 @@ pub(crate) fn attend(
         return y;
     }
     attend_generic([q, k, v], rope, [h, kvh], window)
+}
+
+/// Whether the scores of `h` heads over `seq` positions, `b` rows of the batch, fit one device
+/// buffer (else attention goes block by block).
+fn scores_fit(device: &Device, [b, h, seq]: [usize; 3]) -> bool {
+    rows_per_buffer(device, b * h * seq) >= seq
 }
 
 /// [`attend`] in Burn's generic ops.

@@ -45,20 +45,19 @@ impl Mlp {
         }
         // On WGPU and CUDA, gate and up side by side in one product where they can be (one
         // `gate_up_proj`, or both merged over packed codebook bases), read there by one kernel.
-        let packed = match self.gate_up.as_slice() {
-            _ if !loftq_core::fused::applies(&x) => None,
+        let stacked = match self.gate_up.as_slice() {
             [gate_up] => Some(gate_up.forward(x.clone())),
-            layers => QLinear::forward_group(layers, &x),
+            layers if loftq_core::fused::applies(&x) => QLinear::forward_group(layers, &x),
+            _ => None,
         };
-        if let Some(y) = packed.as_ref().and_then(loftq_core::fused::silu_mul_packed) {
+        if let Some(y) = stacked
+            .as_ref()
+            .and_then(loftq_core::fused::silu_mul_packed)
+        {
             return y;
         }
         let inter = self.down_proj.shape()[1];
-        let packed = packed.or_else(|| match self.gate_up.as_slice() {
-            [gate_up] => Some(gate_up.forward(x.clone())),
-            _ => None,
-        });
-        let [gate, up] = match (packed, self.gate_up.as_slice()) {
+        let [gate, up] = match (stacked, self.gate_up.as_slice()) {
             (Some(y), _) => [y.clone().narrow(2, 0, inter), y.narrow(2, inter, inter)],
             (None, [gate, up]) => [gate.forward(x.clone()), up.forward(x)],
             (None, other) => unreachable!("{} gate/up projections", other.len()),

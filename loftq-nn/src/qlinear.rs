@@ -285,9 +285,7 @@ impl QLinear {
         let rows = dims[..D - 1].iter().product::<usize>();
         let x2: Tensor<2> = x.reshape([rows, inp]);
         let lora = self.lora.as_ref().filter(|_| self.adapter_enabled);
-        let dropout_seed = self
-            .dropout_seed
-            .filter(|_| lora.is_some_and(|l| l.dropout > 0.0));
+        let dropout_seed = lora.and_then(|l| self.dropout_for(l));
         let mut y = match (lora, dropout_seed) {
             // Base and adapter see the same input: one product operation on the CPU back end.
             (Some(lora), None) => self.product_with_lora(x2.clone(), lora, output),
@@ -302,6 +300,11 @@ impl QLinear {
         }
         dims[D - 1] = out;
         y.reshape(dims)
+    }
+
+    /// The seed of `lora`'s dropout when this step drops (training, a probability above 0).
+    fn dropout_for(&self, lora: &LoraAdapter) -> Option<u64> {
+        self.dropout_seed.filter(|_| lora.dropout > 0.0)
     }
 
     /// The outputs of `layers`, all of input `x [.., in]`, side by side, `[.., Σ out]`, in one
@@ -322,14 +325,9 @@ impl QLinear {
             let BaseWeight::Packed(packed) = &layer.base else {
                 return None;
             };
-            let dropout = layer.dropout_seed.is_some() && lora.dropout > 0.0;
-            let [out, this_in] = layer.shape();
-            let r = lora.a.dims()[0];
-            // The rule of `product_with_lora`: merged when forming `B·A` costs no more than
-            // the factored adapter, or is small.
-            let merge = out * inp <= rows * (inp + out)
-                || out * inp * r <= fused::AdapterProduct::FEW_ROWS_MAX;
-            if dropout || layer.bias.is_some() || this_in != inp || !merge {
+            let dropout = layer.dropout_for(lora).is_some();
+            let merge = merges_over_codes(layer.shape(), rows, lora.a.dims()[0]);
+            if dropout || layer.bias.is_some() || layer.shape()[1] != inp || !merge {
                 return None;
             }
             members.push((packed, lora.scaling as f32));
@@ -371,7 +369,7 @@ impl QLinear {
                 BaseWeight::Packed(p) => Some(p),
                 BaseWeight::Dense(_) => None,
             };
-            let merge = packed.is_some() && out * inp <= rows * (inp + out);
+            let merge = packed.is_some() && merge_pays([out, inp], rows);
             let s = lora.scaling as f32;
             // Over codebook codes the merged weight is one kernel, dequantization included (and
             // two with the product `B·A` where it is large). With a small `B·A` summed in that
@@ -379,8 +377,8 @@ impl QLinear {
             // dequantizing and the factored form take 5.
             let r = a.dims()[0];
             let how = fused::AdapterProduct::for_shape([out, inp], r);
-            let small = out * inp * r <= fused::AdapterProduct::FEW_ROWS_MAX;
-            let codebook = packed.and_then(|p| p.codebook()).filter(|_| merge || small);
+            let codebook = (packed.and_then(|p| p.codebook()))
+                .filter(|_| merges_over_codes([out, inp], rows, r));
             if let Some(y) =
                 codebook.and_then(|c| fused::lora_linear_codebook(&x, &c, [&a, &b], s, how))
             {
@@ -438,6 +436,19 @@ impl QLinear {
             _ => w,
         }
     }
+}
+
+/// Whether forming `B·A` for a merged weight `[out, in]` costs no more than the factored
+/// adapter's products at `rows` rows.
+fn merge_pays([out, inp]: [usize; 2], rows: usize) -> bool {
+    out * inp <= rows * (inp + out)
+}
+
+/// Whether a LoRA layer of rank `r` over packed codebook codes merges on WGPU and CUDA: where
+/// merging pays, and whatever the rows where its `B·A` is small (summed inline by the
+/// dequantization kernel, no launch of its own).
+fn merges_over_codes(shape: [usize; 2], rows: usize, r: usize) -> bool {
+    merge_pays(shape, rows) || shape[0] * shape[1] * r <= fused::AdapterProduct::FEW_ROWS_MAX
 }
 
 /// Inverted dropout with a host-drawn mask: zeroes each element with probability `p` and

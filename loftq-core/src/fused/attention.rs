@@ -61,7 +61,11 @@ pub(super) fn causal_attention(
     let [b, s, width] = q.dims();
     let dims = Dims { b, s, w: width / h };
     let places = [h, kvh, kvh].map(|n| Place::alone(n * dims.w));
-    let core = Core::new(tables, dims, [h, kvh]);
+    let core = Core {
+        tables,
+        dims,
+        heads: [h, kvh],
+    };
     let c = core.clone();
     let forward = move |[q, k, v]: &[CubeTensor; 3]| c.forward([q, k, v], places);
     let backward: BackwardFn<3> = Arc::new(move |saved: &[CubeTensor], dy: CubeTensor, _| {
@@ -90,7 +94,11 @@ pub(super) fn causal_attention_packed(
         row,
         at: n * dims.w,
     });
-    let core = Core::new(tables, dims, [h, kvh]);
+    let core = Core {
+        tables,
+        dims,
+        heads: [h, kvh],
+    };
     let c = core.clone();
     let forward = move |[x]: &[CubeTensor; 1]| c.forward([x, x, x], places);
     let backward: BackwardFn<1> = Arc::new(move |saved: &[CubeTensor], dy: CubeTensor, _| {
@@ -111,14 +119,6 @@ struct Core {
 }
 
 impl Core {
-    fn new(tables: [CubeTensor; 2], dims: Dims, heads: [usize; 2]) -> Self {
-        Core {
-            tables,
-            dims,
-            heads,
-        }
-    }
-
     fn forward(
         &self,
         [q, k, v]: [&CubeTensor; 3],

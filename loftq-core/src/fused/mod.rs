@@ -63,9 +63,9 @@ pub fn rotary(x: &Tensor<4>, cos: &Tensor<2>, swapped_sin: &Tensor<2>) -> Option
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
         let [_, s, _, width] = x.dims();
-        let [ts, d] = cos.dims();
-        let fits = ts == s && swapped_sin.dims() == [ts, d] && d <= width && d % 2 == 0;
-        fits.then(|| ops::rotary(x, cos, swapped_sin)).flatten()
+        tables_fit([cos, swapped_sin], s, width)
+            .then(|| ops::rotary(x, cos, swapped_sin))
+            .flatten()
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     {
@@ -124,17 +124,11 @@ pub fn causal_attention(
     {
         let [b, s, width] = q.dims();
         let w = width / heads.max(1);
-        let [ts, d] = cos.dims();
-        let fits = heads > 0
-            && kv_heads > 0
-            && heads.is_multiple_of(kv_heads)
+        let fits = heads_fit([heads, kv_heads])
             && width == heads * w
             && k.dims() == [b, s, kv_heads * w]
             && v.dims() == k.dims()
-            && ts == s
-            && swapped_sin.dims() == [ts, d]
-            && d <= w
-            && d.is_multiple_of(2);
+            && tables_fit([cos, swapped_sin], s, w);
         fits.then(|| attention::causal_attention([q, k, v], cos, swapped_sin, [heads, kv_heads]))
             .flatten()
     }
@@ -162,9 +156,8 @@ pub fn lora_linear(
 ) -> Option<Tensor<2>> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
-        let ([_, n], [out, inp], [r, ai], [bo, br]) = (x.dims(), w.dims(), a.dims(), b.dims());
-        let fits = n == inp && ai == inp && bo == out && br == r;
-        fits.then(|| lora::lora_linear([x, a, b], w, scaling, merge))
+        adapter_fits(x, w.dims(), [a, b])
+            .then(|| lora::lora_linear([x, a, b], w, scaling, merge))
             .flatten()
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
@@ -224,9 +217,8 @@ pub fn lora_linear_codebook(
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
         let w = crate::quant::cube::CodebookWeight::new(base)?;
-        let ([_, n], [out, inp], [r, ai], [bo, br]) = (x.dims(), base.shape, a.dims(), b.dims());
-        let fits = n == inp && ai == inp && bo == out && br == r;
-        fits.then(|| lora::lora_linear_codebook([x, a, b], w, scaling, how))
+        adapter_fits(x, base.shape, [a, b])
+            .then(|| lora::lora_linear_codebook([x, a, b], w, scaling, how))
             .flatten()
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
@@ -256,14 +248,12 @@ pub type GroupMember<'a> = (
 pub fn lora_linear_codebook_group(x: &Tensor<2>, members: &[GroupMember]) -> Option<Tensor<2>> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
-        let n = x.dims()[1];
         let mut weights = Vec::with_capacity(members.len());
         for (base, [a, b], s) in members {
             let w = crate::quant::cube::CodebookWeight::new(base)?;
-            let ([out, inp], [r, ai], [bo, br]) = (base.shape, a.dims(), b.dims());
-            let fits = n == inp && ai == inp && bo == out && br == r;
-            let inline = AdapterProduct::for_shape([out, inp], r) == AdapterProduct::Inline;
-            if !(fits && inline) {
+            let inline =
+                AdapterProduct::for_shape(base.shape, a.dims()[0]) == AdapterProduct::Inline;
+            if !(adapter_fits(x, base.shape, [a, b]) && inline) {
                 return None;
             }
             weights.push((w, *s));
@@ -317,15 +307,9 @@ pub fn causal_attention_packed(
         let [_, s, row] = qkv.dims();
         let parts = heads + 2 * kv_heads;
         let w = row / parts.max(1);
-        let [ts, d] = cos.dims();
-        let fits = heads > 0
-            && kv_heads > 0
-            && heads.is_multiple_of(kv_heads)
+        let fits = heads_fit([heads, kv_heads])
             && row == parts * w
-            && ts == s
-            && swapped_sin.dims() == [ts, d]
-            && d <= w
-            && d.is_multiple_of(2);
+            && tables_fit([cos, swapped_sin], s, w);
         fits.then(|| attention::causal_attention_packed(qkv, cos, swapped_sin, [heads, kv_heads]))
             .flatten()
     }
@@ -394,6 +378,27 @@ pub fn concat(parts: &[Tensor<1>]) -> Option<Tensor<1>> {
         let _ = parts;
         None
     }
+}
+
+/// Whether rotary tables `[s, d]` (cos, swapped sin) fit `s` positions of heads `width` wide:
+/// `d ≤ width`, even.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn tables_fit([cos, swapped_sin]: [&Tensor<2>; 2], s: usize, width: usize) -> bool {
+    let [ts, d] = cos.dims();
+    ts == s && swapped_sin.dims() == [ts, d] && d <= width && d.is_multiple_of(2)
+}
+
+/// Whether `heads` query heads group evenly over `kv_heads` key/value heads.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn heads_fit([heads, kv_heads]: [usize; 2]) -> bool {
+    heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads)
+}
+
+/// Whether factors `a [r, in]` and `b [out, r]` fit a weight `[out, in]` and the input `x`.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn adapter_fits(x: &Tensor<2>, [out, inp]: [usize; 2], [a, b]: [&Tensor<2>; 2]) -> bool {
+    let ([_, n], [r, ai], [bo, br]) = (x.dims(), a.dims(), b.dims());
+    n == inp && ai == inp && bo == out && br == r
 }
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]

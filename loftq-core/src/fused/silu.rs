@@ -13,10 +13,11 @@ pub(super) fn silu_mul<const D: usize>(
     up: &BurnTensor<D>,
 ) -> Option<BurnTensor<D>> {
     let inter = gate.dims()[D - 1];
-    let forward = move |[g, u]: &[CubeTensor; 2]| launch_silu_mul(g, u, inter, [inter, 0]);
+    let forward =
+        move |[g, u]: &[CubeTensor; 2]| launch_silu_mul(g, u, empty_like(g), inter, [inter, 0]);
     let backward = move |[g, u]: &[CubeTensor; 2], dy: CubeTensor| {
         let (dg, du) = (empty_like(g), empty_like(g));
-        launch_silu_mul_backward(g, u, dy, [&dg, &du], inter, [inter, 0]);
+        launch_silu_mul_backward(g, u, dy, (&dg, Some(&du)), inter, [inter, 0]);
         [dg, du]
     };
     run([gate, up], forward, backward)
@@ -29,36 +30,25 @@ pub(super) fn silu_mul_packed<const D: usize>(gate_up: &BurnTensor<D>) -> Option
     let forward = move |[x]: &[CubeTensor; 1]| {
         let mut shape = x.meta.shape().clone();
         shape[D - 1] = inter;
-        let out = empty(x, shape, DType::F32);
-        let n = out.meta.shape().num_elements();
-        launch_silu_mul_into(x, x, &out, n, inter, [2 * inter, inter]);
-        out
+        launch_silu_mul(x, x, empty(x, shape, DType::F32), inter, [2 * inter, inter])
     };
     let backward = move |[x]: &[CubeTensor; 1], dy: CubeTensor| {
         let d = empty_like(x);
-        launch_silu_mul_backward(x, x, dy, [&d, &d], inter, [2 * inter, inter]);
+        launch_silu_mul_backward(x, x, dy, (&d, None), inter, [2 * inter, inter]);
         [d]
     };
     run([gate_up], forward, backward)
 }
 
-/// `silu(g)·u` into a fresh `[.., inter]` tensor (`[row, u_at]` as the kernel takes them).
-fn launch_silu_mul(g: &CubeTensor, u: &CubeTensor, inter: usize, at: [usize; 2]) -> CubeTensor {
-    let out = empty_like(g);
-    let n = out.meta.shape().num_elements();
-    launch_silu_mul_into(g, u, &out, n, inter, at);
-    out
-}
-
-fn launch_silu_mul_into(
+/// `silu(g)·u` into `out` `[.., inter]` (`[row, u_at]` as the kernel takes them).
+fn launch_silu_mul(
     g: &CubeTensor,
     u: &CubeTensor,
-    out: &CubeTensor,
-    n: usize,
+    out: CubeTensor,
     inter: usize,
     [row, u_at]: [usize; 2],
-) {
-    let (count, dim) = grid(g, n);
+) -> CubeTensor {
+    let (count, dim) = grid(g, out.meta.shape().num_elements());
     kernel::silu_mul_kernel::launch(
         &out.client,
         count,
@@ -70,23 +60,23 @@ fn launch_silu_mul_into(
         row,
         u_at,
     );
+    out
 }
 
-/// The gradients of `silu(g)·u` for `dy`, into `dg` and `du` (the same tensor for the packed
-/// form, where a one-value stand-in takes the kernel's unused second output).
+/// The gradients of `silu(g)·u` for `dy`, into `dg` and `du`, or both into `dg` without `du`
+/// (the packed form, where a one-value stand-in takes the kernel's unused second output).
 fn launch_silu_mul_backward(
     g: &CubeTensor,
     u: &CubeTensor,
     dy: CubeTensor,
-    [dg, du]: [&CubeTensor; 2],
+    (dg, du): (&CubeTensor, Option<&CubeTensor>),
     inter: usize,
     [row, u_at]: [usize; 2],
 ) {
-    let one = std::ptr::eq(dg, du);
-    let du = match one {
-        true => empty(dg, Shape::new([1]), DType::F32),
-        false => du.clone(),
-    };
+    let one = du.is_none();
+    let du = du
+        .cloned()
+        .unwrap_or_else(|| empty(dg, Shape::new([1]), DType::F32));
     let (count, dim) = grid(g, dy.meta.shape().num_elements());
     kernel::silu_mul_backward_kernel::launch(
         &dg.client,
