@@ -99,16 +99,15 @@ pub(crate) fn rsvd_batch(
 }
 
 /// Orthonormal bases of the columns of each `y[i]` (`[b, rows, k]`) by Cholesky-QR, twice:
-/// one read of the `b` Gram matrices per pass. Off the host, once when the first pass finds
-/// every `y[i]` well conditioned (as the single-matrix path on a device).
+/// one read of the `b` Gram matrices per pass. Once when the first pass finds every `y[i]`
+/// well conditioned (as the single-matrix path).
 fn orthonormalize(mut y: Tensor<3>) -> Result<Tensor<3>, LowRankError> {
     let [b, _, k] = y.dims();
-    let check = !crate::quant::is_host_device(&y.device());
     for _ in 0..2 {
         let grams = crate::quant::host_f32(&gram(&y));
         let mut factors = Vec::with_capacity(b * k * k);
-        let mut settled = check;
-        for factor in per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k, check)) {
+        let mut settled = true;
+        for factor in per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k)) {
             match factor? {
                 Some(f) => {
                     settled &= f.settled;
