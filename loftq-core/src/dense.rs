@@ -13,9 +13,6 @@ pub(crate) trait Dense {
     /// A `[rows, cols]` matrix.
     type M: Clone;
 
-    /// Whether reading a matrix waits on a device: then the algorithms read small Gram
-    /// matrices instead of tall products (the randomized SVD's last step).
-    fn reads_wait(&self) -> bool;
     /// With `LOFTQ_PROFILE`: charges the time since the last mark to `phase`
     /// ([`crate::profile::mark`]); nothing where the matrices are the host's.
     fn mark(&self, _phase: &'static str) {}
@@ -107,10 +104,6 @@ pub(crate) struct DeviceOps(pub Device);
 
 impl Dense for DeviceOps {
     type M = Tensor<2>;
-
-    fn reads_wait(&self) -> bool {
-        true
-    }
 
     fn mark(&self, phase: &'static str) {
         crate::profile::mark(&self.0, phase);

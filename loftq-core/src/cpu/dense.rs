@@ -169,10 +169,6 @@ pub(crate) struct HostOps<'a>(PhantomData<&'a ()>);
 impl<'a> Dense for HostOps<'a> {
     type M = RowMat<'a>;
 
-    fn reads_wait(&self) -> bool {
-        false
-    }
-
     fn dims(&self, m: &RowMat<'a>) -> [usize; 2] {
         [m.rows, m.cols]
     }

@@ -93,8 +93,8 @@ fn sixteen() -> usize {
 /// Halko, Martinsson & Tropp (2011), algorithm 4.4: `Q = orth(A·Ω)` for a Gaussian
 /// `Ω: [n, k]` (its first columns replaced by `warm` when given), then `power_iters` times
 /// (`warm_power_iters` with a warm start) `Q = orth(A·orth(Aᵀ·Q))`; finally the SVD of
-/// `B = Qᵀ·A` (`k×n`) from the eigendecomposition of `B·Bᵀ` on the host (off the CPU,
-/// `B·Bᵀ` is formed on the device and only it is read, not the tall `Bᵀ`). The products
+/// `B = Qᵀ·A` (`k×n`) from the eigendecomposition of `B·Bᵀ` on the host (`B·Bᵀ` is formed
+/// on `a`'s device and only it is read, not the tall `Bᵀ`). The products
 /// with `A` run on `a`'s device; orthonormalisation is Cholesky-QR done twice (the Gram matrix
 /// `k×k` goes to the host, its inverse factor comes back), with a diagonal shift if the Gram
 /// matrix is numerically singular; once where the first pass finds the sketch well
@@ -153,22 +153,13 @@ pub(crate) fn rsvd<D: Dense>(
         q = product(ops.mul(a, &z))?;
     }
     // Bᵀ = Aᵀ·Q: [n, k]; the SVD of B = Qᵀ·A gives A ≈ (Q·U_B)·S·V_Bᵀ, from the
-    // eigendecomposition of the small B·Bᵀ (see [`SmallSvd`]); V_B = Bᵀ·U_B·S⁻¹. On the host
-    // all in f64; on a device B·Bᵀ is formed there (f32) and only it is read, not Bᵀ.
+    // eigendecomposition of the small B·Bᵀ (see [`SmallSvd`]); V_B = Bᵀ·U_B·S⁻¹. B·Bᵀ is
+    // formed where `a` lives (f32; on a device only it is read, not Bᵀ).
     let bt = ops.tmul(a, &q);
     ops.mark("svd: products");
-    let (small, basis) = if ops.reads_wait() {
-        let small = SmallSvd::of_f32_gram(&ops.to_rows(&ops.gram(&bt)), k)?;
-        ops.mark("svd: small svd");
-        let scaled = from_faer(ops, (&small.ub * &small.inv).as_ref(), k);
-        (small, ops.mul(&bt, &scaled))
-    } else {
-        let host = ops.to_rows(&bt);
-        let bt = faer::Mat::<f64>::from_fn(n, k, |i, j| f64::from(host[i * k + j]));
-        let small = SmallSvd::of_gram(bt.transpose() * &bt)?;
-        let v = &bt * &small.ub * &small.inv;
-        (small, from_faer(ops, v.as_ref(), k))
-    };
+    let small = SmallSvd::of_f32_gram(&ops.to_rows(&ops.gram(&bt)), k)?;
+    ops.mark("svd: small svd");
+    let basis = ops.mul(&bt, &from_faer(ops, (&small.ub * &small.inv).as_ref(), k));
     crate::upper::clear_upper_state();
     let lr = LowRank {
         u: ops.mul(&q, &from_faer(ops, small.ub.as_ref(), rank)),
@@ -179,8 +170,10 @@ pub(crate) fn rsvd<D: Dense>(
 }
 
 /// The SVD of a short, wide `B` (`k×n`) from its Gram matrix `B·Bᵀ = U_B·S²·U_Bᵀ`: 4× faster
-/// than faer's SVD of the wide `B`, and squaring the singular values in `f64` loses nothing an
-/// `f32` result keeps. Then `V_B = Bᵀ·U_B·S⁻¹` = `Bᵀ·ub·inv`.
+/// than faer's SVD of the wide `B`. Squaring the singular values costs the smallest of them
+/// relative accuracy (`ε·(σ₁/σᵢ)²`), far below what LoftQ's and PiSSA's top `r` need: the
+/// same errors as forming `B·Bᵀ` in `f64` (SmolLM2, NF2, r64: every matrix within 5·10⁻⁵).
+/// Then `V_B = Bᵀ·U_B·S⁻¹` = `Bᵀ·ub·inv`.
 pub(crate) struct SmallSvd {
     /// Singular values, decreasing.
     pub s: Vec<f64>,
@@ -191,15 +184,10 @@ pub(crate) struct SmallSvd {
 }
 
 impl SmallSvd {
-    /// From `B·Bᵀ` formed in `f32` (`k×k`, row-major), as read from a device.
+    /// From `B·Bᵀ` formed in `f32` (`k×k`, row-major, symmetric).
     pub fn of_f32_gram(gram: &[f32], k: usize) -> Result<Self, LowRankError> {
-        Self::of_gram(faer::Mat::from_fn(k, k, |i, j| f64::from(gram[i * k + j])))
-    }
-
-    /// From `B·Bᵀ` (`k×k`, symmetric).
-    pub fn of_gram(gram: faer::Mat<f64>) -> Result<Self, LowRankError> {
         use faer::linalg::evd;
-        let k = gram.nrows();
+        let gram = faer::Mat::from_fn(k, k, |i, j| f64::from(gram[i * k + j]));
         // One thread: at these sizes faer's default (all cores) costs more than it saves
         // (k = 128: 2.3 ms against 1.65 ms), and batches already run one matrix per core.
         let (mut vals, mut vecs) = (
