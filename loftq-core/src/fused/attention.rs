@@ -1,19 +1,22 @@
 //! Causal attention from the projections to the output projection's input as one recorded
 //! operation: the rotary embedding and the move of the heads in front of the positions in
-//! one kernel per tensor, grouped queries without repeating the keys and values, the scores'
-//! two products and the softmax; its backward pass written out by hand.
+//! one kernel per tensor (one for all three where the queries, keys and values sit side by
+//! side), grouped queries without repeating the keys and values, the scores' two products and
+//! the softmax; its backward pass written out by hand.
 //!
 //! Through Burn's ops the same work launched 12 kernels forward and 19 backward per layer
 //! (six layout copies to move heads and repeat grouped keys and values, a reduction per
-//! repeated tensor backward, more copies for the transposes); here it is 7 and 9.
+//! repeated tensor backward, more copies for the transposes); here it is 7 and 9, over the
+//! stacked projections 5 and 7.
 
 use std::sync::Arc;
 
 use burn::tensor::{DType, Shape, Tensor as BurnTensor};
+use burn_cubecl::kernel::slice;
 use burn_cubecl::ops::reshape;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::kernel;
+use super::heads::heads_kernel;
 use super::ops::{
     BackwardFn, frozen, product, run_saving, softmax_backward, softmax_kernel, transposed,
 };
@@ -127,10 +130,17 @@ impl Core {
         let (dims, [h, kvh]) = (self.dims, self.heads);
         let Dims { b, s, w } = dims;
         let rot = Some((&self.tables[0], &self.tables[1]));
-        let first = |x, n, rot, place| heads(x, dims, n, Move::First, rot, place, None);
-        let qh = first(q, h, rot, pq);
-        let kh = first(k, kvh, rot, pk);
-        let vh = first(v, kvh, None, pv);
+        let [qh, kh, vh] = match packed([pq, pk, pv]) {
+            Some(place) => heads_packed(q, dims, [h, kvh], rot, place),
+            None => {
+                let first = |x, n, rot, place| heads(x, dims, n, Move::First, rot, place, None);
+                [
+                    first(q, h, rot, pq),
+                    first(k, kvh, rot, pk),
+                    first(v, kvh, None, pv),
+                ]
+            }
+        };
         // The `g` query heads of a key/value head stacked as rows: no repeated keys.
         let q2 = reshape(qh, Shape::new([b, kvh, (h / kvh) * s, w]));
         let scores = product(q2.clone(), transposed(kh.clone()));
@@ -164,6 +174,18 @@ impl Core {
         let dq = product(ds.clone(), kh.clone());
         let dk = product(transposed(ds), q2.clone());
         let [pq, pk, pv] = places;
+        if let (Some(place), Some(into)) = (packed(places), into) {
+            launch_heads(
+                [&dq, &dk, &dv],
+                into,
+                dims,
+                [h, kvh],
+                Move::Last,
+                rot,
+                place,
+            );
+            return [into.clone(), into.clone(), into.clone()];
+        }
         let back = |x, n, rot, place| heads(x, dims, n, Move::Last, rot, place, into);
         [
             back(&dq, h, rot, pq),
@@ -171,6 +193,34 @@ impl Core {
             back(&dv, kvh, None, pv),
         ]
     }
+}
+
+/// The place of the queries where they, the keys and the values sit side by side in one
+/// tensor (as [`causal_attention_packed`] has them), else `None`.
+fn packed([pq, pk, pv]: [Place; 3]) -> Option<Place> {
+    (pq.row == pk.row && pk.row == pv.row && pk.at > pq.at && pv.at > pk.at).then_some(pq)
+}
+
+/// The queries, keys and values side by side in `x` (the queries at `place`) moved to heads
+/// first in one kernel, the queries and keys rotated by `tables`: three `[b, n, s, w]`
+/// tensors, end to end in one buffer.
+fn heads_packed(
+    x: &CubeTensor,
+    dims: Dims,
+    [h, kvh]: [usize; 2],
+    tables: Option<(&CubeTensor, &CubeTensor)>,
+    place: Place,
+) -> [CubeTensor; 3] {
+    let Dims { b, s, w } = dims;
+    let sizes = [h, kvh, kvh].map(|n| b * n * s * w);
+    let out = empty(x, Shape::new([sizes.iter().sum()]), DType::F32);
+    launch_heads([x, x, x], &out, dims, [h, kvh], Move::First, tables, place);
+    let mut at = 0;
+    [h, kvh, kvh].map(|n| {
+        let part = slice(out.clone(), std::slice::from_ref(&(at..at + b * n * s * w)));
+        at += b * n * s * w;
+        reshape(part, Shape::new([b, n, s, w]))
+    })
 }
 
 /// `x` moved as `how` says, `n` heads of `dims.w`, in one kernel; given `tables` (cos,
@@ -187,32 +237,54 @@ fn heads(
     into: Option<&CubeTensor>,
 ) -> CubeTensor {
     let Dims { b, s, w } = dims;
-    let first = how == Move::First;
     let out = match (how, into) {
         (Move::First, _) => empty(x, Shape::new([b, n, s, w]), DType::F32),
         (Move::Last, Some(t)) => t.clone(),
         (Move::Last, None) => empty(x, Shape::new([b, s, n * w]), DType::F32),
     };
-    let (cos, ssin) = tables.unwrap_or((x, x));
-    let count = b * s * n * w;
-    let (cube_count, dim) = grid(x, count);
-    kernel::heads_kernel::launch(
+    // One part: `n` heads, no keys or values after it.
+    launch_heads([x, x, x], &out, dims, [n, 0], how, tables, place);
+    out
+}
+
+/// [`heads_kernel`] over the parts (`[h, kvh]` heads: the queries, then the keys and
+/// the values; `kvh = 0` for one part of `h` heads), the projection side at `place`.
+fn launch_heads(
+    [x0, x1, x2]: [&CubeTensor; 3],
+    out: &CubeTensor,
+    dims: Dims,
+    [h, kvh]: [usize; 2],
+    how: Move,
+    tables: Option<(&CubeTensor, &CubeTensor)>,
+    place: Place,
+) {
+    let Dims { b, s, w } = dims;
+    let first = how == Move::First;
+    let (c0, c1) = (b * s * h * w, b * s * (h + kvh) * w);
+    let count = c1 + b * s * kvh * w;
+    let (cos, ssin) = tables.unwrap_or((x0, x0));
+    let (cube_count, dim) = grid(x0, count);
+    heads_kernel::launch(
         &out.client,
         cube_count,
         dim,
-        x.clone().into_tensor_arg(),
+        x0.clone().into_tensor_arg(),
+        x1.clone().into_tensor_arg(),
+        x2.clone().into_tensor_arg(),
         cos.clone().into_tensor_arg(),
         ssin.clone().into_tensor_arg(),
         out.clone().into_tensor_arg(),
         s,
-        n,
+        h,
+        kvh,
         w,
         place.row,
         place.at,
+        c0,
+        c1,
         count,
         first,
         tables.is_some(),
         !first,
     );
-    out
 }

@@ -96,58 +96,6 @@ pub(super) fn rms_norm_kernel(
     }
 }
 
-/// One thread per value of `x` `[b, s, h, width]`: on a head's first `d` values
-/// `x·cos + x[partner]·ssin` (the partner the same place in the other half), the rest
-/// copied. Backward (`back`): `dx = dy·cos + dy[partner]·ssin[partner]`, the rotation's
-/// transpose.
-#[cube(launch)]
-pub(super) fn rotary_kernel(
-    x: &Tensor<f32>,
-    cos: &Tensor<f32>,
-    ssin: &Tensor<f32>,
-    out: &mut Tensor<f32>,
-    heads_width: usize,
-    width: usize,
-    #[comptime] back: bool,
-) {
-    let i = ABSOLUTE_POS;
-    if i >= out.len() {
-        terminate!();
-    }
-    let j = i % width;
-    let pos = (i / heads_width) % cos.shape(0);
-    out[i] = rotated(x, i - j, j, pos, cos, ssin, back);
-}
-
-/// Value `j` of the head starting at `x[at]`, position `pos`, rotated: on the first `d`
-/// (the tables' width) `x·cos + x[partner]·ssin`, the partner the same place in the other
-/// half (with `back`, the transpose: `ssin[partner]`); beyond `d`, as it is.
-#[cube]
-fn rotated(
-    x: &Tensor<f32>,
-    at: usize,
-    j: usize,
-    pos: usize,
-    cos: &Tensor<f32>,
-    ssin: &Tensor<f32>,
-    #[comptime] back: bool,
-) -> f32 {
-    let d = cos.shape(1);
-    let mut y = x[at + j];
-    if j < d {
-        let half = d / 2;
-        let partner = if j < half { j + half } else { j - half };
-        let c = pos * d + j;
-        let t = if comptime!(back) {
-            pos * d + partner
-        } else {
-            c
-        };
-        y = x[at + j] * cos[c] + x[at + partner] * ssin[t];
-    }
-    y
-}
-
 /// One thread per row of `t` scores, the row's query at position `t − n + row % n`:
 /// `p = softmax(scale·s)` over the visible keys, 0 beyond.
 #[cube(launch)]
@@ -178,59 +126,6 @@ pub(super) fn causal_softmax_kernel(
     }
     for j in seen..t {
         out[at + j] = 0.0;
-    }
-}
-
-/// One thread per value of a `[b, s, heads, width]` tensor moved between the projection's
-/// layout (heads last: row `(b, s)` of a `[b, s, row]` tensor from column `at` on, so that
-/// one tensor can hold the queries, keys and values side by side) and attention's (heads
-/// first, `[b, heads, s, width]`, contiguous): to heads first with `first`, back otherwise
-/// (`count` threads, `b·s·heads·width`). With `rotate`, the rotary embedding of
-/// [`rotary_kernel`] on the way (its transpose with `back`).
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn heads_kernel(
-    x: &Tensor<f32>,
-    cos: &Tensor<f32>,
-    ssin: &Tensor<f32>,
-    out: &mut Tensor<f32>,
-    seq: usize,
-    heads: usize,
-    width: usize,
-    row: usize,
-    at: usize,
-    count: usize,
-    #[comptime] first: bool,
-    #[comptime] rotate: bool,
-    #[comptime] back: bool,
-) {
-    let i = ABSOLUTE_POS;
-    if i >= count {
-        terminate!();
-    }
-    let j = i % width;
-    let r = i / width;
-    // The output's faster of position and head, then the other.
-    let inner = if comptime!(first) { seq } else { heads };
-    let other = if comptime!(first) { heads } else { seq };
-    let (fast, slow) = (r % inner, (r / inner) % other);
-    let pos = if comptime!(first) { fast } else { slow };
-    let head = if comptime!(first) { slow } else { fast };
-    let batch = r / (seq * heads);
-    // Where the value's head starts in the input, and where the value goes in the output.
-    let (from, to) = if comptime!(first) {
-        ((batch * seq + pos) * row + at + head * width, i)
-    } else {
-        let line = heads * width;
-        (
-            ((batch * heads + head) * seq + pos) * width,
-            (i / line) * row + at + i % line,
-        )
-    };
-    if comptime!(rotate) {
-        out[to] = rotated(x, from, j, pos, cos, ssin, back);
-    } else {
-        out[to] = x[from + j];
     }
 }
 
@@ -360,4 +255,95 @@ pub(super) fn adamw_kernel(
     m_out[i] = mi;
     v_out[i] = vi;
     p_out[i] = p[i] * decay - mi / ((vi / bias2).sqrt() + eps) * step;
+}
+
+/// One thread per value of a group of `N` LoRA layers' factors stacked (`N` = 2 or 3, one
+/// rank `r`; layer `k`'s `A` `[r, in]` and `B` `[out_k, r]`): `a_all` `[N·r, in]`, the `A`s one
+/// below the other, then `b_blk` `[Σ out, N·r]`, block-diagonal: `s_k·B_k` at layer `k`'s rows
+/// (up to `t0`, then `t1`, then the rest) and columns `k·r..(k+1)·r`, zero elsewhere. With two
+/// layers the third slots are bound to the first's and never read.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn stack_factors_kernel(
+    a0: &Tensor<f32>,
+    a1: &Tensor<f32>,
+    a2: &Tensor<f32>,
+    b0: &Tensor<f32>,
+    b1: &Tensor<f32>,
+    b2: &Tensor<f32>,
+    a_all: &mut Tensor<f32>,
+    b_blk: &mut Tensor<f32>,
+    r: usize,
+    width: usize,
+    t0: usize,
+    t1: usize,
+    s0: f32,
+    s1: f32,
+    s2: f32,
+) {
+    let i = ABSOLUTE_POS;
+    let na = a_all.len();
+    if i >= na + b_blk.len() {
+        terminate!();
+    }
+    if i < na {
+        let ea = a0.len();
+        if i < ea {
+            a_all[i] = a0[i];
+        } else if i < 2 * ea {
+            a_all[i] = a1[i - ea];
+        } else {
+            a_all[i] = a2[i - 2 * ea];
+        }
+    } else {
+        let j = i - na;
+        let row = j / width;
+        let col = j % width;
+        let mut v = 0.0;
+        if row < t0 {
+            if col < r {
+                v = s0 * b0[row * r + col];
+            }
+        } else if row < t1 {
+            if col >= r && col < 2 * r {
+                v = s1 * b1[(row - t0) * r + col - r];
+            }
+        } else if col >= 2 * r {
+            v = s2 * b2[(row - t1) * r + col - 2 * r];
+        }
+        b_blk[j] = v;
+    }
+}
+
+/// One thread per value of `out` `[Σ out, r]`: the diagonal blocks of `d` `[Σ out, width]`,
+/// row `i` from column `k·r` on for the layer `k` it belongs to (rows up to `t0`, then `t1`,
+/// then the rest, as in [`stack_factors_kernel`]), times that layer's `s_k`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn diagonal_blocks_kernel(
+    d: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    r: usize,
+    width: usize,
+    t0: usize,
+    t1: usize,
+    s0: f32,
+    s1: f32,
+    s2: f32,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let row = i / r;
+    let mut k = 2;
+    let mut s = s2;
+    if row < t0 {
+        k = 0;
+        s = s0;
+    } else if row < t1 {
+        k = 1;
+        s = s1;
+    }
+    out[i] = s * d[row * width + k * r + i % r];
 }

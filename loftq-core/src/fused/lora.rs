@@ -19,9 +19,11 @@ use burn_cubecl::kernel::slice;
 use burn_cubecl::ops::numeric;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::AdapterProduct;
+use burn_cubecl::kernel::into_contiguous;
+
 use super::ops::{BackwardFn, frozen, product, run_saving, transposed};
-use crate::cube::empty;
+use super::{AdapterProduct, kernel};
+use crate::cube::{empty, grid};
 use crate::quant::cube::CodebookWeight;
 
 pub(super) fn lora_linear(
@@ -132,6 +134,14 @@ pub(super) fn lora_group<const N: usize>(
         let (x, merged) = (&saved[0], &saved[N]);
         let mut grads: [Option<CubeTensor>; N] = std::array::from_fn(|_| None);
         grads[0] = needed[0].then(|| product(dy.clone(), merged.clone()));
+        if needed[1..].iter().all(|&n| n)
+            && let Some(factors) = stacked_factor_grads(&saved[..N], &dy, &outs, &scales)
+        {
+            for (k, [da, db]) in factors.into_iter().enumerate() {
+                (grads[1 + 2 * k], grads[2 + 2 * k]) = (Some(da), Some(db));
+            }
+            return grads;
+        }
         let rows = dy.meta.shape()[0];
         let mut at = 0;
         for (k, (&out, &s)) in outs.iter().zip(&scales).enumerate() {
@@ -145,6 +155,91 @@ pub(super) fn lora_group<const N: usize>(
         grads
     });
     run_saving(inputs, forward, backward)
+}
+
+/// Every layer's factor gradients of a group (`saved`: `x`, then each layer's `A` and `B`) in
+/// six kernels where the layers one by one take four products each: the `A`s stacked and the
+/// `s·B`s block-diagonal (one kernel), `x·A_allᵀ`, `dy·B_blk`, `∂A_all = (dy·B_blk)ᵀ·x` (each
+/// `∂A` a block of its rows), `dyᵀ·(x·A_allᵀ)`, whose diagonal blocks are the `∂B`s (one kernel
+/// gathers and scales them). The two block products do the other layers' multiply-adds too,
+/// `(N−1)·r` per output value and row: taken while that is at most an eighth of the base
+/// product's `in`, else (or for layers of different ranks) `None`.
+fn stacked_factor_grads(
+    saved: &[CubeTensor],
+    dy: &CubeTensor,
+    outs: &[usize],
+    scales: &[f32],
+) -> Option<Vec<[CubeTensor; 2]>> {
+    let x = &saved[0];
+    let n = outs.len();
+    let a: Vec<CubeTensor> = (0..n)
+        .map(|k| into_contiguous(saved[1 + 2 * k].clone()))
+        .collect();
+    let b: Vec<CubeTensor> = (0..n)
+        .map(|k| into_contiguous(saved[2 + 2 * k].clone()))
+        .collect();
+    let [r, cols] = a[0].meta.shape()[..] else {
+        return None;
+    };
+    if !(2..=3).contains(&n) || a.iter().any(|a| a.meta.shape()[0] != r) || (n - 1) * r * 8 > cols {
+        return None;
+    }
+    let (total, width) = (outs.iter().sum::<usize>(), n * r);
+    let (t0, t1) = (outs[0], outs[0] + outs[1]);
+    let s = |k: usize| scales.get(k).copied().unwrap_or(0.0);
+    let a_all = empty(x, Shape::new([width, cols]), DType::F32);
+    let b_blk = empty(x, Shape::new([total, width]), DType::F32);
+    let slot = |v: &[CubeTensor], k: usize| v.get(k).unwrap_or(&v[0]).clone().into_tensor_arg();
+    let (count, dim) = grid(x, width * cols + total * width);
+    kernel::stack_factors_kernel::launch(
+        &x.client,
+        count,
+        dim,
+        slot(&a, 0),
+        slot(&a, 1),
+        slot(&a, 2),
+        slot(&b, 0),
+        slot(&b, 1),
+        slot(&b, 2),
+        a_all.clone().into_tensor_arg(),
+        b_blk.clone().into_tensor_arg(),
+        r,
+        width,
+        t0,
+        t1,
+        s(0),
+        s(1),
+        s(2),
+    );
+    let xa = product(x.clone(), transposed(a_all));
+    let da_all = product(transposed(product(dy.clone(), b_blk)), x.clone());
+    let d = product(transposed(dy.clone()), xa);
+    let db_all = empty(x, Shape::new([total, r]), DType::F32);
+    let (count, dim) = grid(x, total * r);
+    kernel::diagonal_blocks_kernel::launch(
+        &x.client,
+        count,
+        dim,
+        d.into_tensor_arg(),
+        db_all.clone().into_tensor_arg(),
+        r,
+        width,
+        t0,
+        t1,
+        s(0),
+        s(1),
+        s(2),
+    );
+    let mut at = 0;
+    let grads = (outs.iter().enumerate())
+        .map(|(k, &out)| {
+            let da = slice(da_all.clone(), &[k * r..(k + 1) * r, 0..cols]);
+            let db = slice(db_all.clone(), &[at..at + out, 0..r]);
+            at += out;
+            [da, db]
+        })
+        .collect();
+    Some(grads)
 }
 
 /// The factors' gradients of `y = x·(W + s·B·A)ᵀ` for the output's gradient `dy`:

@@ -2,9 +2,12 @@
 //! device as one operation with a backward pass of its own:
 //! - element-wise stretches as one kernel each way: the MLP's `silu(gate)·up`, RMSNorm with a
 //!   frozen weight, the rotary embedding, the causal softmax;
-//! - causal attention as a whole (rotation and head moves in one kernel per tensor, the
-//!   products, the softmax), 7 kernels forward and 9 backward where Burn's ops take 31;
-//! - a LoRA linear layer, whose backward pass gives the factors' gradients in their own layout;
+//! - causal attention as a whole (rotation and head moves in one kernel per tensor, or one
+//!   for the stacked queries, keys and values; the products, the softmax), 7 kernels forward
+//!   and 9 backward where Burn's ops take 31 (5 and 7 over the stacked projections);
+//! - a LoRA linear layer, whose backward pass gives the factors' gradients in their own
+//!   layout, and layers of one input as one product (their factors' gradients from the
+//!   factors stacked);
 //! - and, outside autodiff, the optimizer's concatenation of many vectors, eight to a kernel,
 //!   LoftQ's fit step (the next input and the squares of the fit error) and AdamW's update.
 //!
@@ -242,7 +245,9 @@ pub type GroupMember<'a> = (
 /// by side in `members`' order, as one layer with their rows stacked would give. Their merged
 /// weights are written into one stacked tensor, so the group takes one product forward and
 /// one for `x`'s gradient where each layer took its own (and their gradients for `x` need no
-/// sum): for q/k/v, 6 kernels fewer per step and layer, for gate/up 3. `None` where it does
+/// sum): for q/k/v, 6 kernels fewer per step and layer, for gate/up 3. Where the layers share
+/// a rank `r` and `(N−1)·r` is at most an eighth of `x`'s width, the factors' gradients come
+/// from the factors stacked: 6 more fewer for q/k/v, 2 for gate/up. `None` where it does
 /// not apply (as for [`lora_linear_codebook`]), a product is too large to form inline, or for
 /// another number of layers.
 pub fn lora_linear_codebook_group(x: &Tensor<2>, members: &[GroupMember]) -> Option<Tensor<2>> {
@@ -403,6 +408,8 @@ fn adapter_fits(x: &Tensor<2>, [out, inp]: [usize; 2], [a, b]: [&Tensor<2>; 2]) 
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod attention;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod heads;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod kernel;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]

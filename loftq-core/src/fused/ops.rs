@@ -147,7 +147,7 @@ pub(super) fn rotary(
     let launch = move |x: &CubeTensor, c: &CubeTensor, t: &CubeTensor, back: bool| {
         let out = empty_like(x);
         let (count, dim) = grid(x, out.meta.shape().num_elements());
-        kernel::rotary_kernel::launch(
+        super::heads::rotary_kernel::launch(
             &out.client,
             count,
             dim,
