@@ -8,6 +8,7 @@
 //! - a LoRA linear layer, whose backward pass gives the factors' gradients in their own
 //!   layout, and layers of one input as one product (their factors' gradients from the
 //!   factors stacked);
+//! - the loss's negative log-likelihood of one target per row of logits;
 //! - and, outside autodiff, the optimizer's concatenation of many vectors, eight to a kernel,
 //!   LoftQ's fit step (the next input and the squares of the fit error) and AdamW's update.
 //!
@@ -371,6 +372,33 @@ pub fn adamw(
     }
 }
 
+/// The negative log-likelihood of `targets` (one token id per row) under the softmax of each
+/// row of `logits` `[rows, vocab]`: `[rows, 1]`, `logsumexp(row) − row[target]`, in one kernel
+/// (a cube of threads per row) and one backward, where Burn's `log_softmax` and `gather`
+/// take 21 kernels, most of them passes over all the logits. `None` where the kernel does not
+/// apply (see the module documentation), for a target id outside the vocabulary, a
+/// vocabulary of 2²⁴ tokens or more (the ids go to the device as `f32`), or 2¹⁶ rows or more
+/// (a launch's cubes along one axis).
+pub fn nll_rows(logits: &Tensor<2>, targets: &[u32]) -> Option<Tensor<2>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        let [rows, vocab] = logits.dims();
+        let fits = rows < 1 << 16 && vocab < 1 << 24;
+        if targets.len() != rows || !fits || targets.iter().any(|&t| t as usize >= vocab) {
+            return None;
+        }
+        crate::cube::values(logits)?;
+        let ids = targets.iter().map(|&t| t as f32).collect();
+        let ids = crate::transfers::upload(ids, [rows, 1], &logits.device());
+        nll::nll_rows(logits, &ids)
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    {
+        let _ = (logits, targets);
+        None
+    }
+}
+
 /// The vectors `parts` end to end, eight to a kernel where Burn's `cat` launches one per part: the optimizer flattens hundreds of LoRA
 /// gradients each step. `None` where it does not apply (see the module documentation).
 pub fn concat(parts: &[Tensor<1>]) -> Option<Tensor<1>> {
@@ -414,6 +442,8 @@ mod heads;
 mod kernel;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod lora;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod nll;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod ops;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]

@@ -246,21 +246,25 @@ fn token_nll(
 ) -> Tensor<1> {
     let [b, s, _] = hidden.dims();
     let (rows, device) = (b * s, hidden.device());
-    let mut picked: Vec<Tensor<2>> = row_chunks(0, rows, block)
+    let mut nll: Vec<Tensor<2>> = row_chunks(0, rows, block)
         .map(|(start, m)| {
-            let logp = log_softmax(logits(positions(&hidden, start, m)).reshape([m, vocab]), 1);
-            logp.gather(1, token_ids(&targets[start..start + m], [m, 1], &device))
+            let logits = logits(positions(&hidden, start, m)).reshape([m, vocab]);
+            let ids = &targets[start..start + m];
+            // One kernel each way on a GPU; else Burn's ops.
+            loftq_core::fused::nll_rows(&logits, ids).unwrap_or_else(|| {
+                let logp = log_softmax(logits, 1);
+                logp.gather(1, token_ids(ids, [m, 1], &device)).neg()
+            })
         })
         .collect();
     // One block: one reduction (the mean), as when there were no blocks.
-    let mean = match picked.len() {
-        1 => picked.pop().expect("one block").mean(),
-        _ => (picked.into_iter().map(|p| p.sum()))
+    match nll.len() {
+        1 => nll.pop().expect("one block").mean(),
+        _ => (nll.into_iter().map(|p| p.sum()))
             .reduce(|a, b| a + b)
             .expect("at least one position")
             .div_scalar(rows as f64),
-    };
-    mean.neg()
+    }
 }
 
 /// A copy of `lin` whose LoRA factors are leaves of the autodiff graph.

@@ -1,12 +1,15 @@
 //! The GPU's grouped LoRA layers and the kernels that read their outputs where they sit
 //! (`loftq_core::fused`): each against the same work done one layer, or one part, at a time,
-//! values and gradients. On the CPU they do not apply.
+//! values and gradients; and the loss's negative log-likelihood against Burn's ops. On the
+//! CPU they do not apply.
 
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Int, TensorData};
 use loftq_core::DeviceSpec;
 use loftq_core::fused::{
     AdapterProduct, causal_attention, causal_attention_packed, lora_linear_codebook,
-    lora_linear_codebook_group, silu_mul, silu_mul_packed,
+    lora_linear_codebook_group, nll_rows, silu_mul, silu_mul_packed,
 };
 use loftq_core::quant::{PackedTensor, QuantConfig};
 use loftq_core::{Quantizer, lowrank::Gaussian};
@@ -191,4 +194,42 @@ fn fused_packed_silu_mul_equals_it_over_the_halves() {
     close(&flat(plain), &want[0], "plain values");
     close(&got[0], &want[0], "values");
     close(&got[1], &want[1], "∂gate_up");
+}
+
+/// The negative log-likelihood of one target per row, rows of a vocabulary that is no whole
+/// number of the kernel's 256 threads, large logits (no overflow: the row's maximum comes
+/// out first): values and the logits' gradient against `log_softmax` and `gather`.
+#[test]
+fn fused_nll_rows_equals_log_softmax_and_gather() {
+    let applies = !matches!(DeviceSpec::from_env(), DeviceSpec::Cpu);
+    let dev = device();
+    let (rows, vocab) = (9, 1000);
+    let logits0 = normal([rows, vocab]).mul_scalar(30.0);
+    let targets: Vec<u32> = (0..rows as u32)
+        .map(|r| (r * 337 + 5) % vocab as u32)
+        .collect();
+    let plain = nll_rows(&logits0, &targets);
+    assert_eq!(plain.is_some(), applies, "applies on GPU back ends only");
+    let Some(plain) = plain else { return };
+    let plain = host(&plain);
+    let ids: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, 1]), &dev);
+    let up = normal([rows, 1]).autodiff();
+    let run = |fused: bool| {
+        let logits = logits0.clone().autodiff().require_grad();
+        let nll = match fused {
+            true => nll_rows(&logits, &targets).expect("applies on the autodiff device too"),
+            false => log_softmax(logits.clone(), 1)
+                .gather(1, ids.clone().autodiff())
+                .neg(),
+        };
+        let grads = (nll.clone() * up.clone()).sum().backward();
+        [host(&nll.inner()), host(&logits.grad(&grads).unwrap())]
+    };
+    let (got, want) = (run(true), run(false));
+    close(&plain, &want[0], "plain values");
+    close(&got[0], &want[0], "values");
+    close(&got[1], &want[1], "∂logits");
+    // A target outside the vocabulary: not taken.
+    assert!(nll_rows(&logits0, &[vocab as u32; 9]).is_none());
 }
