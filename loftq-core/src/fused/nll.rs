@@ -45,21 +45,7 @@ fn nll_rows_kernel(
         j += CUBE_DIM as usize;
     }
     shared[unit] = high;
-    sync_cube();
-    let mut active = CUBE_DIM as usize / 2;
-    while active > 0 {
-        if unit < active {
-            let (mine, other) = (shared[unit], shared[unit + active]);
-            let mut m = mine;
-            if other > mine {
-                m = other;
-            }
-            shared[unit] = m;
-        }
-        sync_cube();
-        active /= 2;
-    }
-    let top = shared[0];
+    let top = fold(&mut shared, unit, true);
     sync_cube();
     let mut sum = f32::new(0.0_f32);
     let mut j = unit;
@@ -68,22 +54,36 @@ fn nll_rows_kernel(
         j += CUBE_DIM as usize;
     }
     shared[unit] = sum;
+    let total = fold(&mut shared, unit, false);
+    if unit == 0 {
+        let l = top + total.ln();
+        lse[row] = l;
+        nll[row] = l - logits[at + usize::cast_from(targets[row])];
+    }
+}
+
+/// The cube's values in `shared` (one per thread, a power of two of them) folded pairwise:
+/// their maximum with `max`, else their sum.
+#[cube]
+fn fold(shared: &mut Shared<[f32]>, unit: usize, #[comptime] max: bool) -> f32 {
     sync_cube();
     let mut active = CUBE_DIM as usize / 2;
     while active > 0 {
         if unit < active {
             let (mine, other) = (shared[unit], shared[unit + active]);
-            shared[unit] = mine + other;
+            let mut v = mine + other;
+            if comptime!(max) {
+                v = mine;
+                if other > mine {
+                    v = other;
+                }
+            }
+            shared[unit] = v;
         }
         sync_cube();
         active /= 2;
     }
-    if unit == 0 {
-        let total = shared[0];
-        let l = top + total.ln();
-        lse[row] = l;
-        nll[row] = l - logits[at + usize::cast_from(targets[row])];
-    }
+    shared[0]
 }
 
 /// One thread per value of `dlogits` `[rows, vocab]`: `g[row]·(exp(logit − lse[row]) − [the
