@@ -93,7 +93,12 @@ fn main() -> ExitCode {
     });
     // With LOFTQ_PROFILE set: where the device's time went (`loftq_core::profile`).
     if let Some(table) = loftq_core::profile::take_markdown() {
+        let t = loftq_core::transfers::transfers_all_threads();
         eprintln!("time by phase (LOFTQ_PROFILE):\n{table}");
+        eprintln!(
+            "host reads: {} ({} values); uploads: {} ({} values)",
+            t.reads, t.read_values, t.uploads, t.upload_values
+        );
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
