@@ -66,10 +66,20 @@ fn by_shape(plan: &Plan, tensors: &[usize], count: usize, values: usize) -> Vec<
     closed
 }
 
-/// Computes a group read by [`piece::load`] and writes the pieces of the tensors not `done`;
-/// one result per written tensor, in the group's order. LoftQ targets run as one
-/// [`loftq_batch`] (on a GPU a single one too: its path reads less); other methods, or a
-/// group with a tensor that could not be read, run tensor by tensor.
+/// A group computed by [`compute`]: its tensors' results, or the starts still to write
+/// ([`write`]), each with its target's index, and the seconds per target.
+pub(super) enum Computed {
+    /// Written tensor by tensor.
+    Written(Vec<(usize, Result<Option<TensorReport>>)>),
+    /// LoftQ's starts, to write.
+    Starts(Vec<(usize, Result<Start>)>, f64),
+}
+
+/// Computes a group read by [`piece::load`], for the tensors not `done`, in the group's order.
+/// LoftQ targets run as one [`loftq_batch`] (on a GPU a single one too: its path reads less)
+/// and come back to write, so that writing them can overlap the next group's work; other
+/// methods, or a group with a tensor that could not be read, run and are written tensor by
+/// tensor.
 pub(super) fn compute(
     spec: &InitSpec,
     plan: &Plan,
@@ -77,21 +87,24 @@ pub(super) fn compute(
     done: &HashSet<usize>,
     work: &Path,
     device: &Device,
-) -> Vec<(usize, Result<Option<TensorReport>>)> {
+) -> Computed {
     let weights = spec.method == InitMethod::Loftq
         && group
             .iter()
             .all(|(_, l)| matches!(l, Ok(Loaded::Weight(_))));
     if !weights {
-        return group
-            .into_iter()
-            .filter(|(i, _)| !done.contains(i))
-            .map(|(i, loaded)| {
-                let item = &plan.items[i];
-                let r = loaded.and_then(|l| piece::compute(spec, item, l, i, work, device, None));
-                (i, r)
-            })
-            .collect();
+        return Computed::Written(
+            group
+                .into_iter()
+                .filter(|(i, _)| !done.contains(i))
+                .map(|(i, loaded)| {
+                    let item = &plan.items[i];
+                    let r =
+                        loaded.and_then(|l| piece::compute(spec, item, l, i, work, device, None));
+                    (i, r)
+                })
+                .collect(),
+        );
     }
     let t0 = Instant::now();
     loftq_core::profile::start(device);
@@ -117,22 +130,44 @@ pub(super) fn compute(
         factors_to_host(&mut results);
     }
     let seconds = t0.elapsed().as_secs_f64() / order.len() as f64;
-    let written = order
+    let starts = order
         .into_iter()
         .zip(results)
         .filter(|(i, _)| !done.contains(i))
         .map(|(i, r)| {
-            let item = &plan.items[i];
-            let written = r
-                .map_err(|source| ModelError::Loftq {
-                    name: item.name.clone(),
+            let name = || plan.items[i].name.clone();
+            let start = r.map(Start::from);
+            (
+                i,
+                start.map_err(|source| ModelError::Loftq {
+                    name: name(),
                     source,
-                })
-                .and_then(|r| write_start(item, i, work, Start::from(r), None, seconds));
+                }),
+            )
+        })
+        .collect();
+    loftq_core::profile::mark(device, "init: results");
+    Computed::Starts(starts, seconds)
+}
+
+/// Writes the pieces of `starts` (from [`compute`]); one result per tensor, in their order.
+/// Host work only: on a device the factors were read with the codes.
+pub(super) fn write(
+    plan: &Plan,
+    work: &Path,
+    starts: Vec<(usize, Result<Start>)>,
+    seconds: f64,
+) -> Vec<(usize, Result<Option<TensorReport>>)> {
+    let host = Device::flex();
+    loftq_core::profile::start(&host);
+    let written = (starts.into_iter())
+        .map(|(i, start)| {
+            let item = &plan.items[i];
+            let written = start.and_then(|s| write_start(item, i, work, s, None, seconds));
             (i, written.map(Some))
         })
         .collect();
-    loftq_core::profile::mark(device, "init: write");
+    loftq_core::profile::mark(&host, "init: write");
     written
 }
 

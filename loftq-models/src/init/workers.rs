@@ -1,5 +1,6 @@
-//! Tensors spread over devices: one reader thread, one worker thread per device, and the
-//! results handed back to the caller's thread in the order they finish.
+//! Tensors spread over devices: one reader thread, one worker thread per device with a
+//! writer thread of its own, and the results handed back to the caller's thread in the order
+//! they finish.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::tensor::Device;
 
-use super::batch;
+use super::batch::{self, Computed};
 use super::piece::{self, Loaded, Plan};
 use super::{InitSpec, TensorReport};
 use crate::Result;
@@ -19,8 +20,9 @@ use crate::io::TensorSource;
 /// whichever device is free next, and calls `on_done` for every targeted tensor finished
 /// (pass-through tensors are written silently).
 ///
-/// The reader stays one group ahead of each device, so reading overlaps computing and at
-/// most two groups per device are in memory. After the first error no new tensor starts;
+/// The reader stays one group ahead of each device and a writer writes one group behind it,
+/// so reading and writing overlap computing; at most four groups per device are in memory
+/// (read, computing, waiting to be written, being written). After the first error no new tensor starts;
 /// the tensors being computed finish, and the error is returned.
 pub(super) fn run(
     spec: &InitSpec,
@@ -59,6 +61,26 @@ pub(super) fn run(
         for (worker, device) in devices.iter().enumerate() {
             let from_reader = Arc::clone(&from_reader);
             let to_caller = to_caller.clone();
+            // Each worker's writer writes one group's pieces while the worker computes the
+            // next: the device does not wait for the disk.
+            let (to_writer, from_worker) = sync_channel::<Computed>(1);
+            let writer_to_caller = to_caller.clone();
+            scope.spawn(move || {
+                for computed in from_worker {
+                    let results = match computed {
+                        Computed::Written(results) => results,
+                        Computed::Starts(starts, seconds) => {
+                            batch::write(plan, work, starts, seconds)
+                        }
+                    };
+                    for (i, result) in results {
+                        log(&plan.items[i].name, worker, &result);
+                        if writer_to_caller.send((i, result)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
             scope.spawn(move || {
                 loop {
                     let next = from_reader
@@ -69,11 +91,9 @@ pub(super) fn run(
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    for (i, result) in batch::compute(spec, plan, group, done, work, device) {
-                        log(&plan.items[i].name, worker, &result);
-                        if to_caller.send((i, result)).is_err() {
-                            return;
-                        }
+                    let computed = batch::compute(spec, plan, group, done, work, device);
+                    if to_writer.send(computed).is_err() {
+                        return;
                     }
                 }
             });
