@@ -383,7 +383,7 @@ pub fn nll_rows(logits: &Tensor<2>, targets: &[u32]) -> Option<Tensor<2>> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     {
         let [rows, vocab] = logits.dims();
-        let fits = rows < 1 << 16 && vocab < 1 << 24;
+        let fits = (1..1 << 16).contains(&rows) && (1..1 << 24).contains(&vocab);
         if targets.len() != rows || !fits || targets.iter().any(|&t| t as usize >= vocab) {
             return None;
         }
