@@ -212,13 +212,13 @@ fn heads_packed(
     place: Place,
 ) -> [CubeTensor; 3] {
     let Dims { b, s, w } = dims;
-    let sizes = [h, kvh, kvh].map(|n| b * n * s * w);
-    let out = empty(x, Shape::new([sizes.iter().sum()]), DType::F32);
+    let out = empty(x, Shape::new([b * (h + 2 * kvh) * s * w]), DType::F32);
     launch_heads([x, x, x], &out, dims, [h, kvh], Move::First, tables, place);
     let mut at = 0;
     [h, kvh, kvh].map(|n| {
-        let part = slice(out.clone(), std::slice::from_ref(&(at..at + b * n * s * w)));
-        at += b * n * s * w;
+        let len = b * n * s * w;
+        let part = slice(out.clone(), std::slice::from_ref(&(at..at + len)));
+        at += len;
         reshape(part, Shape::new([b, n, s, w]))
     })
 }

@@ -19,8 +19,6 @@ use burn_cubecl::kernel::slice;
 use burn_cubecl::ops::numeric;
 use burn_cubecl::tensor::CubeTensor;
 
-use burn_cubecl::kernel::into_contiguous;
-
 use super::ops::{BackwardFn, frozen, product, run_saving, transposed};
 use super::{AdapterProduct, kernel};
 use crate::cube::{empty, grid};
@@ -170,14 +168,11 @@ fn stacked_factor_grads(
     outs: &[usize],
     scales: &[f32],
 ) -> Option<Vec<[CubeTensor; 2]>> {
+    // The inputs were saved contiguous (`run_saving`), as the kernels read them.
     let x = &saved[0];
     let n = outs.len();
-    let a: Vec<CubeTensor> = (0..n)
-        .map(|k| into_contiguous(saved[1 + 2 * k].clone()))
-        .collect();
-    let b: Vec<CubeTensor> = (0..n)
-        .map(|k| into_contiguous(saved[2 + 2 * k].clone()))
-        .collect();
+    let a: Vec<&CubeTensor> = (0..n).map(|k| &saved[1 + 2 * k]).collect();
+    let b: Vec<&CubeTensor> = (0..n).map(|k| &saved[2 + 2 * k]).collect();
     let [r, cols] = a[0].meta.shape()[..] else {
         return None;
     };
@@ -189,7 +184,7 @@ fn stacked_factor_grads(
     let s = |k: usize| scales.get(k).copied().unwrap_or(0.0);
     let a_all = empty(x, Shape::new([width, cols]), DType::F32);
     let b_blk = empty(x, Shape::new([total, width]), DType::F32);
-    let slot = |v: &[CubeTensor], k: usize| v.get(k).unwrap_or(&v[0]).clone().into_tensor_arg();
+    let slot = |v: &[&CubeTensor], k: usize| (*v.get(k).unwrap_or(&v[0])).clone().into_tensor_arg();
     let (count, dim) = grid(x, width * cols + total * width);
     kernel::stack_factors_kernel::launch(
         &x.client,

@@ -399,6 +399,11 @@ pub fn nll_rows(logits: &Tensor<2>, targets: &[u32]) -> Option<Tensor<2>> {
     }
 }
 
+/// [`concat`] of `parts`, or Burn's `cat` where it does not apply.
+pub fn cat(parts: Vec<Tensor<1>>) -> Tensor<1> {
+    concat(&parts).unwrap_or_else(|| Tensor::cat(parts, 0))
+}
+
 /// The vectors `parts` end to end, eight to a kernel where Burn's `cat` launches one per part: the optimizer flattens hundreds of LoRA
 /// gradients each step. `None` where it does not apply (see the module documentation).
 pub fn concat(parts: &[Tensor<1>]) -> Option<Tensor<1>> {

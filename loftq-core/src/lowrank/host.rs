@@ -14,10 +14,12 @@ pub struct Gaussian {
 impl Gaussian {
     /// A source for `seed`.
     pub fn new(seed: u64) -> Self {
-        Self {
-            state: seed ^ GAMMA,
-            spare: None,
-        }
+        Self::from_state(seed ^ GAMMA)
+    }
+
+    /// A source whose next draw follows `state`, with no spare.
+    fn from_state(state: u64) -> Self {
+        Self { state, spare: None }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -55,46 +57,35 @@ impl Gaussian {
         if count < PARALLEL_VALUES || threads < 2 {
             return (0..count).map(|_| self.normal() as f32).collect();
         }
-        let mut out = Vec::with_capacity(count);
-        // A spare from an odd run before comes first; then whole pairs.
-        if let Some(z) = self.spare.take() {
-            out.push(z as f32);
-        }
-        let pairs = (count - out.len()).div_ceil(2);
+        // A spare from an odd run before comes first; then whole pairs, each thread's run of
+        // them written in place.
+        let lead = usize::from(self.spare.is_some());
+        let pairs = (count - lead).div_ceil(2);
         let start = self.state;
         let at = |pair: usize| start.wrapping_add(GAMMA.wrapping_mul(2 * pair as u64));
-        let per = pairs.div_ceil(threads).max(1);
-        let chunks: Vec<Vec<f32>> = std::thread::scope(|scope| {
-            let parts: Vec<_> = (0..pairs)
-                .step_by(per)
-                .map(|first| {
-                    let state = at(first);
-                    let len = per.min(pairs - first);
-                    scope.spawn(move || {
-                        let mut g = Gaussian { state, spare: None };
-                        let mut v = Vec::with_capacity(2 * len);
-                        for _ in 0..len {
-                            v.push(g.normal() as f32);
-                            v.push(g.spare.take().expect("a pair") as f32);
-                        }
-                        v
-                    })
-                })
-                .collect();
-            (parts.into_iter())
-                .map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
+        let per = pairs.div_ceil(threads);
+        let mut out = vec![0f32; lead + 2 * pairs];
+        let (head, body) = out.split_at_mut(lead);
+        if let (Some(z), [first]) = (self.spare.take(), head) {
+            *first = z as f32;
+        }
+        std::thread::scope(|scope| {
+            for (c, run) in body.chunks_mut(2 * per).enumerate() {
+                scope.spawn(move || {
+                    let mut g = Gaussian::from_state(at(c * per));
+                    for pair in run.chunks_exact_mut(2) {
+                        pair[0] = g.normal() as f32;
+                        pair[1] = g.spare.take().expect("a pair") as f32;
+                    }
+                });
+            }
         });
-        chunks.into_iter().for_each(|c| out.extend(c));
         self.state = at(pairs);
         // An odd count leaves the last pair's second value for the next call (in `f64`), as
         // one at a time would.
         if out.len() > count {
             out.pop();
-            let mut last = Gaussian {
-                state: at(pairs - 1),
-                spare: None,
-            };
+            let mut last = Gaussian::from_state(at(pairs - 1));
             last.normal();
             self.spare = last.spare;
         }

@@ -189,7 +189,7 @@ impl SmallSvd {
         use faer::linalg::evd;
         let gram = faer::Mat::from_fn(k, k, |i, j| f64::from(gram[i * k + j]));
         // One thread: at these sizes faer's default (all cores) costs more than it saves
-        // (k = 128: 2.3 ms against 1.65 ms), and batches already run one matrix per core.
+        // (k = 128: 2.3 ms against 1.9 ms), and batches already run one matrix per core.
         let (mut vals, mut vecs) = (
             faer::diag::Diag::<f64>::zeros(k),
             faer::Mat::<f64>::zeros(k, k),

@@ -135,14 +135,11 @@ pub(super) fn compute(
         .zip(results)
         .filter(|(i, _)| !done.contains(i))
         .map(|(i, r)| {
-            let name = || plan.items[i].name.clone();
-            let start = r.map(Start::from);
+            let name = plan.items[i].name.clone();
             (
                 i,
-                start.map_err(|source| ModelError::Loftq {
-                    name: name(),
-                    source,
-                }),
+                r.map(Start::from)
+                    .map_err(|source| ModelError::Loftq { name, source }),
             )
         })
         .collect();
@@ -182,7 +179,7 @@ fn factors_to_host(results: &mut [std::result::Result<LoftqResult, LoftqError>])
     if parts.is_empty() {
         return;
     }
-    let all = loftq_core::fused::concat(&parts).unwrap_or_else(|| Tensor::cat(parts, 0));
+    let all = loftq_core::fused::cat(parts);
     let mut values = host_f32(&all).into_iter();
     let host = Device::flex();
     let mut take = |like: &Tensor<2>| {

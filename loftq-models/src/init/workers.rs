@@ -22,8 +22,8 @@ use crate::io::TensorSource;
 ///
 /// The reader stays one group ahead of each device and a writer writes one group behind it,
 /// so reading and writing overlap computing; at most four groups per device are in memory
-/// (read, computing, waiting to be written, being written). After the first error no new tensor starts;
-/// the tensors being computed finish, and the error is returned.
+/// (read, computing, waiting to be written, being written). After the first error no new
+/// tensor starts; the tensors being computed finish, and the error is returned.
 pub(super) fn run(
     spec: &InitSpec,
     plan: &Plan,

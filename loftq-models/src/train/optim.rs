@@ -188,7 +188,7 @@ fn flatten(tensors: Vec<Tensor<2>>, shapes: &[[usize; 2]]) -> Tensor<1> {
         })
         .collect::<Vec<_>>();
     // Eight parts to a kernel on WGPU and CUDA, where `cat` launches a copy per part.
-    loftq_core::fused::concat(&flat).unwrap_or_else(|| Tensor::cat(flat, 0))
+    loftq_core::fused::cat(flat)
 }
 
 /// The inverse of [`flatten`]: views of `flat`, one per shape.
