@@ -7,7 +7,9 @@
 use burn::tensor::Tensor;
 
 use super::host::Gaussian;
-use super::rsvd::{RsvdConfig, SmallSvd, gram_inverse_factor};
+use super::rsvd::{
+    GramFactor, RsvdConfig, SettledFinal, SmallSvd, gram_inverse_factor, split_pairs,
+};
 use super::{LowRankError, check_rank};
 use crate::transfers::upload;
 
@@ -68,11 +70,18 @@ pub(crate) fn rsvd_batch(
         crate::profile::mark(&device, "batch: svd products");
         orthonormalize(y)
     };
-    let mut q = product(a.clone().matmul(omega))?;
+    let mut y = a.clone().matmul(omega);
+    let mut fuse = true;
     for _ in 0..power_iters {
-        let z = product(tmul(a, &q))?;
-        q = product(a.clone().matmul(z))?;
+        let (q, settled) = product(y)?;
+        let (z, _) = product(tmul(a, &q))?;
+        y = a.clone().matmul(z);
+        fuse = settled;
     }
+    if fuse && let Some(done) = settled_final(a, &mut y, rank)? {
+        return Ok(done);
+    }
+    let (q, _) = product(y)?;
     let bt = tmul(a, &q);
     crate::profile::mark(&device, "batch: svd products");
     let grams = crate::quant::host_f32(&gram(&bt));
@@ -98,33 +107,82 @@ pub(crate) fn rsvd_batch(
     Ok((lr, basis))
 }
 
+/// The last orthonormalisation and the final step in one read, as the single-matrix path
+/// ([`SettledFinal`]), where every `y[i]` settles in one Cholesky-QR pass; otherwise `None`,
+/// and `y` after that pass.
+fn settled_final(
+    a: &Tensor<3>,
+    y: &mut Tensor<3>,
+    rank: usize,
+) -> Result<Option<(BatchLowRank, Tensor<3>)>, LowRankError> {
+    let ([b, _, k], n, device) = (y.dims(), a.dims()[2], y.device());
+    let z = tmul(a, y);
+    let grams = crate::quant::host_f32(&Tensor::cat(vec![gram(y), gram(&z)], 2));
+    let fusions = per_matrix(&grams, 2 * k * k, |pair| {
+        let (g, h) = split_pairs(pair, k);
+        SettledFinal::of_grams(&g, &h, k)
+    });
+    let fusions = fusions.into_iter().collect::<Result<Vec<_>, _>>()?;
+    if fusions.iter().any(|(_, done)| done.is_none()) {
+        let factors = inverse_factors(fusions.into_iter().map(|(f, _)| f), k);
+        *y = y.clone().matmul(upload(factors, [b, k, k], &device));
+        return Ok(None);
+    }
+    let (mut s, mut left, mut right) = (Vec::with_capacity(b), Vec::new(), Vec::new());
+    for f in fusions.into_iter().filter_map(|(_, done)| done) {
+        for i in 0..k {
+            left.extend((0..rank).map(|j| f.left[(i, j)] as f32));
+            right.extend((0..k).map(|j| f.right[(i, j)] as f32));
+        }
+        s.push(f.s[..rank].iter().map(|&x| x as f32).collect());
+    }
+    crate::upper::clear_upper_state();
+    let basis = z.matmul(upload(right, [b, k, k], &device));
+    let lr = BatchLowRank {
+        u: y.clone().matmul(upload(left, [b, k, rank], &device)),
+        s,
+        v: basis.clone().slice([0..b, 0..n, 0..rank]),
+    };
+    crate::profile::mark(&device, "batch: svd final");
+    Ok(Some((lr, basis)))
+}
+
+/// The `R⁻¹` of each sketch stacked (`b·k·k` values), the identity for a zero sketch (left as
+/// it is, as the single-matrix path does).
+fn inverse_factors(factors: impl Iterator<Item = Option<GramFactor>>, k: usize) -> Vec<f32> {
+    let identity = |i: usize| f32::from(u8::from(i.is_multiple_of(k + 1)));
+    factors
+        .flat_map(|f| match f {
+            Some(f) => f.r_inv_f32(),
+            None => (0..k * k).map(identity).collect(),
+        })
+        .collect()
+}
+
 /// Orthonormal bases of the columns of each `y[i]` (`[b, rows, k]`) by Cholesky-QR, twice:
 /// one read of the `b` Gram matrices per pass. Once when the first pass finds every `y[i]`
-/// well conditioned (as the single-matrix path).
-fn orthonormalize(mut y: Tensor<3>) -> Result<Tensor<3>, LowRankError> {
+/// well conditioned (as the single-matrix path), and then also whether it did.
+fn orthonormalize(mut y: Tensor<3>) -> Result<(Tensor<3>, bool), LowRankError> {
     let [b, _, k] = y.dims();
-    for _ in 0..2 {
+    let mut one_pass = true;
+    for pass in 0..2 {
         let grams = crate::quant::host_f32(&gram(&y));
-        let mut factors = Vec::with_capacity(b * k * k);
-        let mut settled = true;
-        for factor in per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k)) {
-            match factor? {
-                Some(f) => {
-                    settled &= f.settled;
-                    factors.extend(f.r_inv);
-                }
-                // A zero sketch: left as it is, as the single-matrix path does.
-                None => factors.extend((0..k * k).map(|i| f32::from(u8::from(i % (k + 1) == 0)))),
-            }
-        }
-        let factors = upload(factors, [b, k, k], &y.device());
+        let found = per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k));
+        let found = found.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let settled = found.iter().flatten().all(|f| f.settled);
+        let factors = upload(
+            inverse_factors(found.into_iter(), k),
+            [b, k, k],
+            &y.device(),
+        );
         y = y.matmul(factors);
         if settled {
             break;
         }
+        one_pass &= pass > 0;
     }
     crate::profile::mark(&y.device(), "batch: svd orthonormalize");
-    Ok(y)
+    Ok((y, one_pass))
 }
 
 /// `f` of each `len`-long chunk of `values`, in order, the chunks spread over the machine's

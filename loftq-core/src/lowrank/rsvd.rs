@@ -98,7 +98,9 @@ fn sixteen() -> usize {
 /// with `A` run on `a`'s device; orthonormalisation is Cholesky-QR done twice (the Gram matrix
 /// `k×k` goes to the host, its inverse factor comes back), with a diagonal shift if the Gram
 /// matrix is numerically singular; once where the first pass finds the sketch well
-/// conditioned (`κ² ≤ 100`, as LoftQ's are): a read and two products fewer.
+/// conditioned (`κ² ≤ 100`, as LoftQ's are): a read and two products fewer. The last sketch's
+/// orthonormalisation and the final step share one read ([`SettledFinal`]) unless an earlier
+/// sketch of the same call needed two passes.
 ///
 /// # Numerical behaviour
 /// Deterministic for a seed on a given back end. The error of the top singular values falls
@@ -147,11 +149,39 @@ pub(crate) fn rsvd<D: Dense>(
         ops.mark("svd: products");
         orthonormalize(ops, y)
     };
-    let mut q = product(ops.mul(a, &omega))?;
+    let mut y = ops.mul(a, &omega);
+    let mut fuse = true;
     for _ in 0..power_iters {
-        let z = product(ops.tmul(a, &q))?;
-        q = product(ops.mul(a, &z))?;
+        let (q, settled) = product(y)?;
+        let (z, _) = product(ops.tmul(a, &q))?;
+        y = ops.mul(a, &z);
+        fuse = settled;
     }
+    if fuse {
+        // Z = Aᵀ·Y, and YᵀY with ZᵀZ in one read.
+        let z = ops.tmul(a, &y);
+        ops.mark("svd: products");
+        let grams = ops.to_rows(&ops.cat_cols(&ops.gram(&y), &ops.gram(&z)));
+        let (g, h) = split_pairs(&grams, k);
+        let (factor, fused) = SettledFinal::of_grams(&g, &h, k)?;
+        if let Some(f) = fused {
+            ops.mark("svd: small svd");
+            let basis = ops.mul(&z, &from_faer(ops, f.right.as_ref(), k));
+            let lr = LowRank {
+                u: ops.mul(&y, &from_faer(ops, f.left.as_ref(), rank)),
+                s: f.s[..rank].iter().map(|&x| x as f32).collect(),
+                v: ops.first_cols(&basis, rank),
+            };
+            crate::upper::clear_upper_state();
+            return Ok((lr, basis));
+        }
+        // The read gave the first Cholesky-QR pass: the rest as without fusing.
+        y = match factor {
+            Some(f) => ops.mul(&y, &ops.matrix(f.r_inv_f32(), [k, k])),
+            None => y,
+        };
+    }
+    let (q, _) = product(y)?;
     // Bᵀ = Aᵀ·Q: [n, k]; the SVD of B = Qᵀ·A gives A ≈ (Q·U_B)·S·V_Bᵀ, from the
     // eigendecomposition of the small B·Bᵀ (see [`SmallSvd`]); V_B = Bᵀ·U_B·S⁻¹. B·Bᵀ is
     // formed where `a` lives (f32; on a device only it is read, not Bᵀ).
@@ -159,7 +189,10 @@ pub(crate) fn rsvd<D: Dense>(
     ops.mark("svd: products");
     let small = SmallSvd::of_f32_gram(&ops.to_rows(&ops.gram(&bt)), k)?;
     ops.mark("svd: small svd");
-    let basis = ops.mul(&bt, &from_faer(ops, (&small.ub * &small.inv).as_ref(), k));
+    let basis = ops.mul(
+        &bt,
+        &from_faer(ops, seq_mul(&small.ub, &small.inv).as_ref(), k),
+    );
     crate::upper::clear_upper_state();
     let lr = LowRank {
         u: ops.mul(&q, &from_faer(ops, small.ub.as_ref(), rank)),
@@ -168,6 +201,82 @@ pub(crate) fn rsvd<D: Dense>(
     };
     Ok((lr, basis))
 }
+
+/// The two `k×k` halves of each row of a `[k, 2k]` matrix read as rows: `(G, H)`.
+pub(crate) fn split_pairs(rows: &[f32], k: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut g, mut h) = (Vec::with_capacity(k * k), Vec::with_capacity(k * k));
+    for row in rows.chunks_exact(2 * k) {
+        g.extend_from_slice(&row[..k]);
+        h.extend_from_slice(&row[k..]);
+    }
+    (g, h)
+}
+
+/// `a·b` on this thread (faer's operators spread small products over every core).
+fn seq_mul(a: &faer::Mat<f64>, b: &faer::Mat<f64>) -> faer::Mat<f64> {
+    let mut out = faer::Mat::<f64>::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(
+        out.as_mut(),
+        faer::Accum::Replace,
+        a.as_ref(),
+        b.as_ref(),
+        1.0,
+        faer::Par::Seq,
+    );
+    out
+}
+
+/// The last orthonormalisation and the final step at once, for a sketch `Y` (`[m, k]`) whose
+/// Cholesky-QR settles in one pass ([`GramFactor::settled`]). With `Y = Q·R` and `Z = Aᵀ·Y`,
+/// `Bᵀ = Aᵀ·Q = Z·R⁻¹`, so `B·Bᵀ = R⁻ᵀ·(ZᵀZ)·R⁻¹`: both Gram matrices come in one read, and
+/// `Q·U_B = Y·(R⁻¹·U_B)`, `V_B = Z·(R⁻¹·U_B·S⁻¹)`. Against orthonormalising first, a read and
+/// the product `Y·R⁻¹` fewer; with `κ(Y)² ≤ 100` the `f32` Gram matrices lose no more than
+/// that pass's `Q` would.
+pub(crate) struct SettledFinal {
+    /// Singular values, decreasing.
+    pub s: Vec<f64>,
+    /// `R⁻¹·U_B` (`k×k`): `U = Y·left`.
+    pub left: faer::Mat<f64>,
+    /// `R⁻¹·U_B·S⁻¹` (`k×k`): `V_B = Z·right`.
+    pub right: faer::Mat<f64>,
+}
+
+impl SettledFinal {
+    /// From `G = YᵀY` and `H = ZᵀZ` (`k×k`, row-major, `f32`): `G`'s Cholesky-QR factor
+    /// ([`gram_inverse_factor`]), and the final step unless `Y` needs a second pass
+    /// (orthonormalise `Y·R⁻¹` then). A zero `Y` has no factor and zero factorisations.
+    pub fn of_grams(g: &[f32], h: &[f32], k: usize) -> Result<Fusion, LowRankError> {
+        let Some(f) = gram_inverse_factor(g, k)? else {
+            let zero = Self {
+                s: vec![0.0; k],
+                left: faer::Mat::zeros(k, k),
+                right: faer::Mat::zeros(k, k),
+            };
+            return Ok((None, Some(zero)));
+        };
+        if !f.settled {
+            return Ok((Some(f), None));
+        }
+        let r_inv = faer::Mat::from_fn(k, k, |i, j| f.r_inv[i * k + j]);
+        let h = faer::Mat::from_fn(k, k, |i, j| f64::from(h[i * k + j]));
+        let m = seq_mul(&seq_mul(&r_inv.transpose().to_owned(), &h), &r_inv);
+        // Symmetric up to rounding; the eigensolver reads one triangle.
+        let m = faer::Mat::from_fn(k, k, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));
+        let small = SmallSvd::of_gram(m)?;
+        let left = seq_mul(&r_inv, &small.ub);
+        let right = seq_mul(&left, &small.inv);
+        let done = Self {
+            s: small.s,
+            left,
+            right,
+        };
+        Ok((Some(f), Some(done)))
+    }
+}
+
+/// What [`SettledFinal::of_grams`] makes of a sketch: its factor (none for a zero sketch) and
+/// the final step where one pass settles.
+pub(crate) type Fusion = (Option<GramFactor>, Option<SettledFinal>);
 
 /// The SVD of a short, wide `B` (`k×n`) from its Gram matrix `B·Bᵀ = U_B·S²·U_Bᵀ`: 4× faster
 /// than faer's SVD of the wide `B`. Squaring the singular values costs the smallest of them
@@ -186,8 +295,13 @@ pub(crate) struct SmallSvd {
 impl SmallSvd {
     /// From `B·Bᵀ` formed in `f32` (`k×k`, row-major, symmetric).
     pub fn of_f32_gram(gram: &[f32], k: usize) -> Result<Self, LowRankError> {
+        Self::of_gram(faer::Mat::from_fn(k, k, |i, j| f64::from(gram[i * k + j])))
+    }
+
+    /// From `B·Bᵀ` (`k×k`, symmetric).
+    pub fn of_gram(gram: faer::Mat<f64>) -> Result<Self, LowRankError> {
         use faer::linalg::evd;
-        let gram = faer::Mat::from_fn(k, k, |i, j| f64::from(gram[i * k + j]));
+        let k = gram.nrows();
         // One thread: at these sizes faer's default (all cores) costs more than it saves
         // (k = 128: 2.3 ms against 1.9 ms), and batches already run one matrix per core.
         let (mut vals, mut vecs) = (
@@ -230,29 +344,32 @@ impl SmallSvd {
 /// Orthonormal basis of the columns of `y` (`[rows, k]`, `k` small) by Cholesky-QR, twice;
 /// once when the first pass finds `y` well conditioned ([`GramFactor::settled`]): a read and
 /// two products fewer (on the CPU, ~8% of a LoftQ run's work at SmolLM2's shapes).
-fn orthonormalize<D: Dense>(ops: &D, mut y: D::M) -> Result<D::M, LowRankError> {
+/// Also whether the first pass settled.
+fn orthonormalize<D: Dense>(ops: &D, mut y: D::M) -> Result<(D::M, bool), LowRankError> {
     let [_, k] = ops.dims(&y);
-    for _ in 0..2 {
+    let mut one_pass = true;
+    for pass in 0..2 {
         match gram_inverse_factor(&ops.to_rows(&ops.gram(&y)), k)? {
             Some(f) => {
-                y = ops.mul(&y, &ops.matrix(f.r_inv, [k, k]));
+                y = ops.mul(&y, &ops.matrix(f.r_inv_f32(), [k, k]));
                 if f.settled {
                     break;
                 }
+                one_pass &= pass > 0;
             }
             // A zero sketch (zero matrix): nothing to orthonormalise; the factors come out zero.
-            None => return Ok(y),
+            None => break,
         }
     }
     ops.mark("svd: orthonormalize");
-    Ok(y)
+    Ok((y, one_pass))
 }
 
 /// One step of Cholesky-QR: `R⁻¹`, and whether `Y·R⁻¹` is already orthonormal to `f32`'s
 /// needs.
 pub(crate) struct GramFactor {
     /// `R⁻¹` (`k×k`, row-major).
-    pub r_inv: Vec<f32>,
+    pub r_inv: Vec<f64>,
     /// Whether `Y` is so well conditioned (`κ(Y)² ≤` [`SETTLED_KAPPA2`], no shift) that one
     /// pass loses at most about `κ²·ε ≈ 10⁻⁵` of orthogonality and a second is not needed.
     pub settled: bool,
@@ -297,10 +414,14 @@ pub(crate) fn gram_inverse_factor(
         }
     };
     let settled = shift == 0.0 && condition_squared(&g, &r_inv, k) <= SETTLED_KAPPA2;
-    Ok(Some(GramFactor {
-        r_inv: r_inv.iter().map(|&x| x as f32).collect(),
-        settled,
-    }))
+    Ok(Some(GramFactor { r_inv, settled }))
+}
+
+impl GramFactor {
+    /// `R⁻¹` in `f32`, for the device.
+    pub fn r_inv_f32(&self) -> Vec<f32> {
+        self.r_inv.iter().map(|&x| x as f32).collect()
+    }
 }
 
 /// `κ(Y)² = λ_max(G)·λ_max(G⁻¹)` for `G = YᵀY = RᵀR`, each by power iteration (`G⁻¹ =
