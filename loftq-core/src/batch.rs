@@ -8,63 +8,17 @@
 use burn::tensor::kind::Basic;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
-use crate::dense::{fit_step, norm_of_row_sums, row_sums, scaled};
-use crate::loftq::{check_config, judge, loftq};
-use crate::lowrank::batch::{BatchLowRank, rsvd_batch};
+use crate::dense::{fit_step, norm_of_row_sums, row_sums_tensor, scaled};
+use crate::loftq::{check_config, judge};
+use crate::lowrank::batch::{BatchLowRank, Rider, rsvd_batch};
 use crate::lowrank::{SvdMethod, check_rank};
 use crate::quant::{HostQuantized, PackedTensor, Quantizer};
-use crate::quant::{Kernel, Quantized, is_host_device};
+use crate::quant::{Kernel, Quantized, host_f32};
 use crate::transfers::upload;
 use crate::{LoftqConfig, LoftqError, LoftqResult, QuantError};
 
-/// [`loftq`] of each `ws[i]` with `cfgs[i]`, the matrices batched on a device (see
-/// [`loftq_batch_with`] with [`Kernel::Auto`]).
-pub fn loftq_batch(ws: &[Tensor<2>], cfgs: &[LoftqConfig]) -> Vec<Result<LoftqResult, LoftqError>> {
-    loftq_batch_with(ws, cfgs, Kernel::Auto)
-}
-
-/// [`loftq`] of each `ws[i]` with `cfgs[i]`, one result per matrix in order.
-///
-/// The matrices run as one batched problem when they share a shape and a device, their
-/// configurations differ only in the randomized SVD's seed, and the quantizer's blocks do not
-/// straddle matrices; otherwise, and after any error (so that it names its matrix), each runs
-/// on its own. `kernel` chooses: [`Kernel::Auto`] batches on devices whose memory is not the
-/// host's (on the CPU the host path, one matrix at a time, is faster), [`Kernel::Portable`]
-/// batches on any device, [`Kernel::Host`] never batches.
-///
-/// # Numerical behaviour
-/// Each matrix gets the sketch, the steps and the best-iterate choice of [`loftq`] on the same
-/// device; the randomized SVD's last step differs in rounding only (see
-/// `lowrank::batch`), so errors agree to a fraction of a percent, not bit for bit.
-///
-/// # Panics
-/// If `ws` and `cfgs` differ in length.
-pub fn loftq_batch_with(
-    ws: &[Tensor<2>],
-    cfgs: &[LoftqConfig],
-    kernel: Kernel,
-) -> Vec<Result<LoftqResult, LoftqError>> {
-    assert_eq!(ws.len(), cfgs.len(), "one configuration per matrix");
-    let one_by_one = || ws.iter().zip(cfgs).map(|(w, c)| loftq(w, c)).collect();
-    let Some(first) = ws.first() else {
-        return Vec::new();
-    };
-    let wanted = match kernel {
-        Kernel::Host => false,
-        Kernel::Portable => true,
-        Kernel::Auto => !is_host_device(&first.device()),
-    };
-    if !(wanted && stackable(ws, cfgs)) {
-        return one_by_one();
-    }
-    match alternate_batch(ws, cfgs) {
-        Ok(Some(results)) => results.into_iter().map(Ok).collect(),
-        _ => one_by_one(),
-    }
-}
-
-/// Whether the batch can be one problem (see [`loftq_batch_with`]).
-fn stackable(ws: &[Tensor<2>], cfgs: &[LoftqConfig]) -> bool {
+/// Whether the batch can be one problem (see [`loftq_batch_with`](crate::loftq_batch_with)).
+pub(crate) fn stackable(ws: &[Tensor<2>], cfgs: &[LoftqConfig]) -> bool {
     let (shape, device) = (ws[0].dims(), ws[0].device());
     let unseeded = |c: &LoftqConfig| LoftqConfig {
         svd: c.svd.with_seed(0),
@@ -86,9 +40,9 @@ struct Best {
     b: Tensor<3>,
 }
 
-/// The alternation of [`loftq`](crate::loftq::alternate) on the stack of `ws`. `None` when a
+/// The alternation of [`loftq`](crate::loftq()) on the stack of `ws`. `None` when a
 /// weight is not finite (the caller finds which, one matrix at a time).
-fn alternate_batch(
+pub(crate) fn alternate_batch(
     ws: &[Tensor<2>],
     cfgs: &[LoftqConfig],
 ) -> Result<Option<Vec<LoftqResult>>, LoftqError> {
@@ -107,16 +61,20 @@ fn alternate_batch(
     let (b, [m, n], rank) = (ws.len(), ws[0].dims(), cfg.lora.rank);
     let device = ws[0].device();
     crate::profile::start(&device);
-    let w: Tensor<3> = Tensor::stack(ws.to_vec(), 0);
+    // One matrix is its own stack (no copy).
+    let w: Tensor<3> = match ws {
+        [one] => one.clone().reshape([1, m, n]),
+        _ => Tensor::stack(ws.to_vec(), 0),
+    };
     let (factor_scale, product_scale) = cfg.lora.scaling.scales(cfg.lora.scale());
 
     let mut res = w.clone();
     let mut warm: Option<Tensor<3>> = None;
-    let mut history = vec![Vec::with_capacity(cfg.iters); b];
-    let (mut norms, mut rel_err_quant) = (vec![], vec![]);
-    let mut best_iter = vec![0usize; b];
-    let mut active = vec![true; b];
-    let mut best: Option<Best> = None;
+    let mut track = Tracker::new(b, m, cfg);
+    // The last iterate, whose errors are still on the device: they travel with the next
+    // iteration's first read (one wait for the device, not two), and are read alone after the
+    // last. An iteration that turns out to follow the stop is dropped.
+    let mut pending: Option<Pending> = None;
     for t in 1..=cfg.iters {
         let source = if t == 1 { &w } else { &res };
         // `W − B·A` after the first: finite, as `W` was and the factors are.
@@ -129,54 +87,47 @@ fn alternate_batch(
         let residual = residual.reshape([b, m, n]);
         crate::profile::mark(&device, "batch: quantize");
         let seeds: Vec<u64> = seeds.iter().map(|s| s.wrapping_add(t as u64)).collect();
-        let (lr, basis) = rsvd_batch(&residual, rank, &rsvd, &seeds, warm.as_ref())?;
+        let mut rider = Rider::new(pending.as_ref().map(|p| p.sums.clone()));
+        let (lr, basis) = rsvd_batch(&residual, rank, &rsvd, &seeds, warm.as_ref(), &mut rider)?;
+        if let Some(p) = pending.take() {
+            let values = rider.values.unwrap_or_else(|| host_f32(&p.sums));
+            if !track.judge(p, &values) {
+                break;
+            }
+        }
         let (fb, fa) = balanced(lr, &device);
         let fit_squares;
         (res, fit_squares) = fit_step(&residual, fb.clone().matmul(fa.clone()), &w, product_scale);
         crate::profile::mark(&device, "batch: factors");
-        // One read for every norm the iteration needs.
         let square = |t: &Tensor<3>| t.clone().powf_scalar(2.0);
-        let read = if t == 1 {
-            norms_of(vec![square(&w), square(&residual), fit_squares])
-        } else {
-            norms_of(vec![fit_squares])
+        let squares = match t {
+            1 => vec![square(&w), square(&residual), fit_squares],
+            _ => vec![fit_squares],
         };
-        crate::profile::mark(&device, "batch: norms");
-        if t == 1 {
-            norms = read[0].iter().map(|x| x.max(f32::MIN_POSITIVE)).collect();
-            rel_err_quant = read[1].iter().zip(&norms).map(|(e, n)| e / n).collect();
-        }
-        let fit_norms = read.last().expect("at least one norm");
-        let mut improved = vec![false; b];
-        for i in 0..b {
-            if !active[i] {
-                continue;
-            }
-            let err = fit_norms[i] / norms[i];
-            history[i].push(err);
-            let prev = (best_iter[i] > 0).then(|| history[i][best_iter[i] - 1]);
-            let stop;
-            (improved[i], stop) = judge(prev, err, cfg.early_stop);
-            if improved[i] {
-                best_iter[i] = t;
-            }
-            active[i] = !stop;
-        }
-        let new = Best {
-            codes,
-            a: fa,
-            b: fb,
-        };
-        best = Some(match best {
-            None => new,
-            Some(old) => merge(old, new, &improved),
+        let flat = |t: Tensor<3>| t.reshape([b * m, n]);
+        pending = Some(Pending {
+            t,
+            sums: row_sums_tensor(squares.into_iter().map(flat).collect()),
+            iterate: Best {
+                codes,
+                a: fa,
+                b: fb,
+            },
         });
-        crate::profile::mark(&device, "batch: best");
-        if !active.contains(&true) {
-            break;
-        }
         warm = Some(basis);
     }
+    if let Some(p) = pending.take() {
+        let values = host_f32(&p.sums);
+        track.judge(p, &values);
+    }
+    crate::profile::mark(&device, "batch: norms");
+    let Tracker {
+        best,
+        mut history,
+        best_iter,
+        rel_err_quant,
+        ..
+    } = track;
     let best = best.expect("at least one iteration");
     let q = quantizer
         .dequantize_with(&best.codes, Kernel::Portable)
@@ -204,6 +155,83 @@ fn alternate_batch(
     ))
 }
 
+/// An iterate and its errors' squared row sums on the device (`[stacks·b·m]`: at `t = 1` of
+/// `W`, `W − Q` and the fit, later of the fit).
+struct Pending {
+    t: usize,
+    sums: Tensor<1>,
+    iterate: Best,
+}
+
+/// What the alternation keeps per matrix: errors, best iterates, and which still run.
+struct Tracker {
+    b: usize,
+    m: usize,
+    early_stop: Option<f32>,
+    history: Vec<Vec<f32>>,
+    norms: Vec<f32>,
+    rel_err_quant: Vec<f32>,
+    best_iter: Vec<usize>,
+    active: Vec<bool>,
+    best: Option<Best>,
+}
+
+impl Tracker {
+    fn new(b: usize, m: usize, cfg: &LoftqConfig) -> Self {
+        Self {
+            b,
+            m,
+            early_stop: cfg.early_stop,
+            history: vec![Vec::with_capacity(cfg.iters); b],
+            norms: vec![],
+            rel_err_quant: vec![],
+            best_iter: vec![0; b],
+            active: vec![true; b],
+            best: None,
+        }
+    }
+
+    /// Judges iterate `p` by its row sums `values` as [`loftq`](crate::loftq()) does; whether
+    /// any matrix still runs.
+    fn judge(&mut self, p: Pending, values: &[f32]) -> bool {
+        let (b, m) = (self.b, self.m);
+        // Each matrix's total in `f64`, as [`frobenius`](crate::dense::frobenius).
+        let read: Vec<Vec<f32>> = values
+            .chunks_exact(b * m)
+            .map(|stack| stack.chunks_exact(m).map(norm_of_row_sums).collect())
+            .collect();
+        if p.t == 1 {
+            self.norms = read[0].iter().map(|x| x.max(f32::MIN_POSITIVE)).collect();
+            self.rel_err_quant = read[1]
+                .iter()
+                .zip(&self.norms)
+                .map(|(e, n)| e / n)
+                .collect();
+        }
+        let fit_norms = read.last().expect("at least one norm");
+        let mut improved = vec![false; b];
+        for i in 0..b {
+            if !self.active[i] {
+                continue;
+            }
+            let err = fit_norms[i] / self.norms[i];
+            self.history[i].push(err);
+            let prev = (self.best_iter[i] > 0).then(|| self.history[i][self.best_iter[i] - 1]);
+            let stop;
+            (improved[i], stop) = judge(prev, err, self.early_stop);
+            if improved[i] {
+                self.best_iter[i] = p.t;
+            }
+            self.active[i] = !stop;
+        }
+        self.best = Some(match self.best.take() {
+            None => p.iterate,
+            Some(old) => merge(old, p.iterate, &improved),
+        });
+        self.active.contains(&true)
+    }
+}
+
 /// LoRA's balanced factors `B = U·√S` `[b, m, r]` and `A = √S·Vᵀ` `[b, r, n]`.
 fn balanced(lr: BatchLowRank, device: &Device) -> (Tensor<3>, Tensor<3>) {
     let b = lr.s.len();
@@ -211,17 +239,6 @@ fn balanced(lr: BatchLowRank, device: &Device) -> (Tensor<3>, Tensor<3>) {
     let root: Vec<f32> = lr.s.iter().flatten().map(|s| s.max(0.0).sqrt()).collect();
     let root = upload(root, [b, 1, r], device);
     (lr.u * root.clone(), (lr.v * root).swap_dims(1, 2))
-}
-
-/// The Frobenius norm of every matrix of every stack, given its squares, in one read:
-/// squared row sums on the device, each matrix's total in `f64` on the host, as
-/// [`frobenius`](crate::dense::frobenius).
-fn norms_of(squares: Vec<Tensor<3>>) -> Vec<Vec<f32>> {
-    let [b, m, n] = squares[0].dims();
-    let sums = row_sums(squares.into_iter().map(|t| t.reshape([b * m, n])).collect());
-    sums.chunks_exact(b * m)
-        .map(|stack| stack.chunks_exact(m).map(norm_of_row_sums).collect())
-        .collect()
 }
 
 /// `new` where `improved`, `old` elsewhere, matrix by matrix.

@@ -292,6 +292,11 @@ fn norms_of_squares(squares: Vec<Tensor<2>>) -> Vec<f32> {
 
 /// The row sums of each matrix of `parts`, in order, in one read.
 pub(crate) fn row_sums(parts: Vec<Tensor<2>>) -> Vec<f32> {
+    crate::quant::host_f32(&row_sums_tensor(parts))
+}
+
+/// The row sums of each matrix of `parts`, in order, as one tensor on their device.
+pub(crate) fn row_sums_tensor(parts: Vec<Tensor<2>>) -> Tensor<1> {
     let sums: Vec<Tensor<1>> = parts
         .into_iter()
         .map(|t| {
@@ -300,11 +305,10 @@ pub(crate) fn row_sums(parts: Vec<Tensor<2>>) -> Vec<f32> {
         })
         .collect();
     // One part: no concatenation (Burn's `cat` copies even one tensor).
-    let all = match sums.len() {
+    match sums.len() {
         1 => sums.into_iter().next().expect("one part"),
         _ => Tensor::cat(sums, 0),
-    };
-    crate::quant::host_f32(&all)
+    }
 }
 
 /// The Frobenius norm from a matrix's squared row sums, totalled in `f64`.

@@ -3,10 +3,11 @@
 use burn::tensor::{Device, Tensor};
 
 use crate::dense::frobenius;
-use crate::loftq::{LoftqConfig, LoftqError, loftq};
+use crate::loftq::{LoftqConfig, LoftqError};
 use crate::lora::InitScaling;
 use crate::lowrank::{Gaussian, SvdMethod, check_rank, truncated_svd};
 use crate::quant::{PackedTensor, QuantConfig, Quantizer};
+use crate::run::loftq;
 
 /// How to initialize the adapter (and what becomes the frozen base).
 #[derive(Clone, Debug, PartialEq)]

@@ -37,11 +37,11 @@ mod lora;
 pub mod lowrank;
 pub mod profile;
 pub mod quant;
+mod run;
 pub mod simd;
 pub mod transfers;
 mod upper;
 
-pub use batch::{loftq_batch, loftq_batch_with};
 pub use dense::rel_dist;
 pub use device::{DeviceList, DeviceSpec};
 
@@ -53,6 +53,7 @@ pub fn matmul(a: &burn::tensor::Tensor<2>, b: &burn::tensor::Tensor<2>) -> burn:
     a.clone().matmul(b.clone())
 }
 pub use error::QuantError;
-pub use loftq::{LoftqConfig, LoftqError, LoftqResult, loftq};
+pub use loftq::{LoftqConfig, LoftqError, LoftqResult};
 pub use lora::{InitScaling, LoraSpec};
 pub use quant::{QuantConfig, Quantizer};
+pub use run::{loftq, loftq_batch, loftq_batch_with};

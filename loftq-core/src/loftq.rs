@@ -10,7 +10,7 @@ use crate::lora::LoraSpec;
 use crate::lowrank::{LowRankError, SvdMethod, check_rank, svd_with};
 use crate::quant::{Codes, PackedTensor, QuantConfig, Quantizer};
 
-/// Configuration of [`loftq`].
+/// Configuration of [`loftq`](crate::loftq()).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoftqConfig {
     /// The quantizer of the frozen base.
@@ -40,7 +40,7 @@ impl LoftqConfig {
     }
 }
 
-/// Errors of [`loftq`].
+/// Errors of [`loftq`](crate::loftq()).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LoftqError {
     /// The quantizer rejected the weight or its configuration.
@@ -81,23 +81,6 @@ impl LoftqResult {
     pub fn rel_err(&self) -> f32 {
         self.history[self.best_iter - 1]
     }
-}
-
-/// LoftQ initialization of one weight `w` `[out, in]`.
-///
-/// # Algorithm
-/// With `res = W`, for `t = 1..=T`: `Q_t = dequant(quant(res))`; `(U, S, V)` = rank-`r` SVD of
-/// `W − Q_t` (warm-started from the previous `V` when randomized); `B = U·√S`, `A = √S·Vᵀ`;
-/// `res = W − B·A`. The iterate with the lowest `‖W − Q − s·B·A‖` is returned (the alternation
-/// is not monotone). With [`InitScaling::Exact`](crate::InitScaling::Exact) both factors are divided by `√s`.
-///
-/// # Shapes
-/// `w: [out, in]` → `lora_a: [r, in]`, `lora_b: [out, r]`, `q: [out, in]`.
-///
-/// # Numerical behaviour
-/// `T = 1` with the exact SVD reproduces PEFT's `loftq_init` (same `Q` bit for bit).
-pub fn loftq(w: &Tensor<2>, cfg: &LoftqConfig) -> Result<LoftqResult, LoftqError> {
-    Ok(checked_alternation(w, cfg, None)?.0)
 }
 
 /// Checks `cfg` and runs [`alternate`] on `w`, on host buffers for a CPU tensor and as tensor
@@ -212,7 +195,8 @@ pub(crate) fn judge(prev_best: Option<f32>, score: f32, early_stop: Option<f32>)
     (improved, stop)
 }
 
-/// The alternation of [`loftq`] with any [`Dense`] implementation; results go to `device`.
+/// The alternation of [`loftq`](crate::loftq()) with any [`Dense`] implementation; results go
+/// to `device`.
 ///
 /// With `weighted`, each adapter step is the closed form `D^{-1/2}·[D^{1/2}·(W − Q)·S]_r · S⁻¹`
 /// (`D = I` unless the rows are weighted), the base is

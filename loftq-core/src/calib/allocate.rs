@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{BaseQuantizer, CalibError, CalibratedConfig, Objective, calibrated};
 use crate::dense::{Dense, DeviceOps};
-use crate::loftq::{LoftqConfig, LoftqError, loftq};
+use crate::loftq::{LoftqConfig, LoftqError};
 use crate::quant::{PackedTensor, QuantConfig, Quantizer};
+use crate::run::loftq;
 
 /// One way to store one matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

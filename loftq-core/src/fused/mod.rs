@@ -399,7 +399,7 @@ pub fn nll_rows(logits: &Tensor<2>, targets: &[u32]) -> Option<Tensor<2>> {
     }
 }
 
-/// [`concat`] of `parts`, or Burn's `cat` where it does not apply.
+/// [`concat()`] of `parts`, or Burn's `cat` where it does not apply.
 pub fn cat(parts: Vec<Tensor<1>>) -> Tensor<1> {
     concat(&parts).unwrap_or_else(|| Tensor::cat(parts, 0))
 }

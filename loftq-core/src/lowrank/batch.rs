@@ -7,9 +7,8 @@
 use burn::tensor::Tensor;
 
 use super::host::Gaussian;
-use super::rsvd::{
-    GramFactor, RsvdConfig, SettledFinal, SmallSvd, gram_inverse_factor, split_pairs,
-};
+use super::rsvd::RsvdConfig;
+use super::small::{GramFactor, SettledFinal, SmallSvd, gram_inverse_factor, split_pairs};
 use super::{LowRankError, check_rank};
 use crate::transfers::upload;
 
@@ -33,16 +32,46 @@ fn gram(a: &Tensor<3>) -> Tensor<3> {
     a.clone().swap_dims(1, 2).matmul(a.clone())
 }
 
+/// A tensor that travels with the next read from the device (one wait for it, not two), and
+/// its values once read.
+pub(crate) struct Rider {
+    pending: Option<Tensor<1>>,
+    /// The values, after the read.
+    pub values: Option<Vec<f32>>,
+}
+
+impl Rider {
+    /// A rider for `t`, or none.
+    pub fn new(t: Option<Tensor<1>>) -> Self {
+        Self {
+            pending: t,
+            values: None,
+        }
+    }
+
+    /// The values of `t`, with the rider's if it has not travelled yet.
+    fn read(&mut self, t: Tensor<3>) -> Vec<f32> {
+        let Some(extra) = self.pending.take() else {
+            return crate::quant::host_f32(&t);
+        };
+        let len = t.shape().num_elements();
+        let mut values = crate::quant::host_f32(&Tensor::cat(vec![t.reshape([len]), extra], 0));
+        self.values = Some(values.split_off(len));
+        values
+    }
+}
+
 /// The randomized SVD of each `a[i]` (`[b, m, n]`) with the sketch of seed `seeds[i]`: for
 /// each, the result of [`randomized_svd`](super::randomized_svd) up to rounding (the same
 /// Gaussian sketch and steps). Also returns the sketches' right bases `[b, n, k]`, the warm
-/// start of a next call.
+/// start of a next call. `rider` travels with the first read.
 pub(crate) fn rsvd_batch(
     a: &Tensor<3>,
     rank: usize,
     cfg: &RsvdConfig,
     seeds: &[u64],
     warm: Option<&Tensor<3>>,
+    rider: &mut Rider,
 ) -> Result<(BatchLowRank, Tensor<3>), LowRankError> {
     let [b, m, n] = a.dims();
     debug_assert_eq!(seeds.len(), b);
@@ -66,25 +95,21 @@ pub(crate) fn rsvd_batch(
         None => gaussian(k),
     };
     crate::profile::mark(&device, "batch: svd sketch");
-    let product = |y: Tensor<3>| {
-        crate::profile::mark(&device, "batch: svd products");
-        orthonormalize(y)
-    };
     let mut y = a.clone().matmul(omega);
     let mut fuse = true;
     for _ in 0..power_iters {
-        let (q, settled) = product(y)?;
-        let (z, _) = product(tmul(a, &q))?;
+        let (q, settled) = orthonormalize(y, rider)?;
+        let (z, _) = orthonormalize(tmul(a, &q), rider)?;
         y = a.clone().matmul(z);
         fuse = settled;
     }
-    if fuse && let Some(done) = settled_final(a, &mut y, rank)? {
+    if fuse && let Some(done) = settled_final(a, &mut y, rank, rider)? {
         return Ok(done);
     }
-    let (q, _) = product(y)?;
+    let (q, _) = orthonormalize(y, rider)?;
     let bt = tmul(a, &q);
     crate::profile::mark(&device, "batch: svd products");
-    let grams = crate::quant::host_f32(&gram(&bt));
+    let grams = rider.read(gram(&bt));
     let smalls = per_matrix(&grams, k * k, |g| SmallSvd::of_f32_gram(g, k));
     let (mut s, mut ub_r, mut ub_inv) = (Vec::with_capacity(b), Vec::new(), Vec::new());
     for small in smalls {
@@ -114,10 +139,12 @@ fn settled_final(
     a: &Tensor<3>,
     y: &mut Tensor<3>,
     rank: usize,
+    rider: &mut Rider,
 ) -> Result<Option<(BatchLowRank, Tensor<3>)>, LowRankError> {
     let ([b, _, k], n, device) = (y.dims(), a.dims()[2], y.device());
     let z = tmul(a, y);
-    let grams = crate::quant::host_f32(&Tensor::cat(vec![gram(y), gram(&z)], 2));
+    crate::profile::mark(&device, "batch: svd products");
+    let grams = rider.read(Tensor::cat(vec![gram(y), gram(&z)], 2));
     let fusions = per_matrix(&grams, 2 * k * k, |pair| {
         let (g, h) = split_pairs(pair, k);
         SettledFinal::of_grams(&g, &h, k)
@@ -162,11 +189,12 @@ fn inverse_factors(factors: impl Iterator<Item = Option<GramFactor>>, k: usize) 
 /// Orthonormal bases of the columns of each `y[i]` (`[b, rows, k]`) by Cholesky-QR, twice:
 /// one read of the `b` Gram matrices per pass. Once when the first pass finds every `y[i]`
 /// well conditioned (as the single-matrix path), and then also whether it did.
-fn orthonormalize(mut y: Tensor<3>) -> Result<(Tensor<3>, bool), LowRankError> {
+fn orthonormalize(mut y: Tensor<3>, rider: &mut Rider) -> Result<(Tensor<3>, bool), LowRankError> {
+    crate::profile::mark(&y.device(), "batch: svd products");
     let [b, _, k] = y.dims();
     let mut one_pass = true;
     for pass in 0..2 {
-        let grams = crate::quant::host_f32(&gram(&y));
+        let grams = rider.read(gram(&y));
         let found = per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k));
         let found = found.into_iter().collect::<Result<Vec<_>, _>>()?;
         let settled = found.iter().flatten().all(|f| f.settled);

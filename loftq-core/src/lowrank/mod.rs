@@ -8,6 +8,7 @@ pub(crate) mod batch;
 mod exact;
 mod host;
 pub(crate) mod rsvd;
+mod small;
 
 pub use exact::exact_svd;
 pub use host::Gaussian;
