@@ -15,7 +15,7 @@ use crate::lowrank::{SvdMethod, check_rank};
 use crate::quant::{HostQuantized, PackedTensor, Quantizer};
 use crate::quant::{Kernel, Quantized, host_f32};
 use crate::transfers::upload;
-use crate::{LoftqConfig, LoftqError, LoftqResult, QuantError};
+use crate::{LoftqConfig, LoftqError, LoftqResult};
 
 /// Whether the batch can be one problem (see [`loftq_batch_with`](crate::loftq_batch_with)).
 pub(crate) fn stackable(ws: &[Tensor<2>], cfgs: &[LoftqConfig]) -> bool {
@@ -77,13 +77,11 @@ pub(crate) fn alternate_batch(
     let mut pending: Option<Pending> = None;
     for t in 1..=cfg.iters {
         let source = if t == 1 { &w } else { &res };
-        // `W − B·A` after the first: finite, as `W` was and the factors are.
+        // Unchecked (a read fewer): `W`'s finiteness shows in its norms, read with the next
+        // read, and the one-matrix path names a value that is not finite.
         let flat = |t: &Tensor<3>| t.clone().reshape([b * m, n]);
         let (codes, residual) =
-            match quantizer.quantize_residual_portable(&flat(source), &flat(&w), t == 1) {
-                Err(QuantError::NonFinite { .. }) => return Ok(None),
-                other => other?,
-            };
+            quantizer.quantize_residual_portable(&flat(source), &flat(&w), false)?;
         let residual = residual.reshape([b, m, n]);
         crate::profile::mark(&device, "batch: quantize");
         let seeds: Vec<u64> = seeds.iter().map(|s| s.wrapping_add(t as u64)).collect();
@@ -91,7 +89,11 @@ pub(crate) fn alternate_batch(
         let (lr, basis) = rsvd_batch(&residual, rank, &rsvd, &seeds, warm.as_ref(), &mut rider)?;
         if let Some(p) = pending.take() {
             let values = rider.values.unwrap_or_else(|| host_f32(&p.sums));
-            if !track.judge(p, &values) {
+            let running = track.judge(p, &values);
+            if !track.finite {
+                return Ok(None);
+            }
+            if !running {
                 break;
             }
         }
@@ -119,6 +121,9 @@ pub(crate) fn alternate_batch(
     if let Some(p) = pending.take() {
         let values = host_f32(&p.sums);
         track.judge(p, &values);
+        if !track.finite {
+            return Ok(None);
+        }
     }
     crate::profile::mark(&device, "batch: norms");
     let Tracker {
@@ -168,6 +173,8 @@ struct Tracker {
     b: usize,
     m: usize,
     early_stop: Option<f32>,
+    /// Whether every `‖W‖` is finite (known once the first iterate is judged).
+    finite: bool,
     history: Vec<Vec<f32>>,
     norms: Vec<f32>,
     rel_err_quant: Vec<f32>,
@@ -182,6 +189,7 @@ impl Tracker {
             b,
             m,
             early_stop: cfg.early_stop,
+            finite: true,
             history: vec![Vec::with_capacity(cfg.iters); b],
             norms: vec![],
             rel_err_quant: vec![],
@@ -201,6 +209,7 @@ impl Tracker {
             .map(|stack| stack.chunks_exact(m).map(norm_of_row_sums).collect())
             .collect();
         if p.t == 1 {
+            self.finite = read[0].iter().all(|x| x.is_finite());
             self.norms = read[0].iter().map(|x| x.max(f32::MIN_POSITIVE)).collect();
             self.rel_err_quant = read[1]
                 .iter()
