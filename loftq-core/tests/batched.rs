@@ -151,3 +151,34 @@ fn batched_reads_do_not_grow_with_the_batch() {
         assert_eq!(t4 - t3, 1, "{shape:?}: reads per warm iteration");
     }
 }
+
+/// The cold sketch's power steps run with no orthonormalisation between them, each scaled by
+/// `1/‖A‖²`: weights of any magnitude keep the batched path (no overflow, so no fallback to
+/// one matrix at a time, which would read more) and its errors, which do not depend on the
+/// scale.
+#[test]
+fn batched_power_steps_hold_at_any_scale() {
+    let run = |scale: f32| {
+        let ws: Vec<Tensor<2>> = batch([64, 96])
+            .into_iter()
+            .map(|w| w.mul_scalar(scale))
+            .collect();
+        let cfgs = configs(ws.len(), 3, None, 8.0);
+        let before = transfers();
+        let results = loftq_batch_with(&ws, &cfgs, Kernel::Portable);
+        let reads = (transfers() - before).reads;
+        let errs: Vec<f32> = results.into_iter().map(|r| r.unwrap().rel_err()).collect();
+        (reads, errs)
+    };
+    let (reads, errs) = run(1.0);
+    for scale in [1e-12, 1e12] {
+        let (r, e) = run(scale);
+        assert_eq!(r, reads, "scale {scale}: reads");
+        for (a, b) in e.iter().zip(&errs) {
+            assert!(
+                (a - b).abs() <= 1e-3 * b + 1e-7,
+                "scale {scale}: {a} vs {b}"
+            );
+        }
+    }
+}

@@ -64,7 +64,10 @@ impl Rider {
 /// The randomized SVD of each `a[i]` (`[b, m, n]`) with the sketch of seed `seeds[i]`: for
 /// each, the result of [`randomized_svd`](super::randomized_svd) up to rounding (the same
 /// Gaussian sketch and steps). Also returns the sketches' right bases `[b, n, k]`, the warm
-/// start of a next call. `rider` travels with the first read.
+/// start of a next call. `rider` travels with the first read. With `fuse` the final step
+/// shares the last orthonormalisation's read where every sketch allows it ([`SettledFinal`]);
+/// where one does not (with no power iteration), `fuse` turns false, so that a next call on
+/// similar matrices does not spend a product on trying again.
 pub(crate) fn rsvd_batch(
     a: &Tensor<3>,
     rank: usize,
@@ -72,6 +75,7 @@ pub(crate) fn rsvd_batch(
     seeds: &[u64],
     warm: Option<&Tensor<3>>,
     rider: &mut Rider,
+    fuse: &mut bool,
 ) -> Result<(BatchLowRank, Tensor<3>), LowRankError> {
     let [b, m, n] = a.dims();
     debug_assert_eq!(seeds.len(), b);
@@ -96,18 +100,32 @@ pub(crate) fn rsvd_batch(
     };
     crate::profile::mark(&device, "batch: svd sketch");
     let mut y = a.clone().matmul(omega);
-    let mut fuse = true;
-    for _ in 0..power_iters {
-        let (q, settled) = orthonormalize(y, rider)?;
-        let (z, _) = orthonormalize(tmul(a, &q), rider)?;
-        y = a.clone().matmul(z);
-        fuse = settled;
+    if power_iters > 0 {
+        // Power steps `A·Aᵀ·Y` with no orthonormalisation between them (two reads each): the
+        // final step's one read settles `(A·Aᵀ)^p·A·Ω` where LoftQ's residuals have flat
+        // spectra (NF4). Where it does not (NF2), that read's factor is the first of two
+        // Cholesky-QR passes, which hold up to `κ ≈ ε^(-1/2)`, and the product `Aᵀ·Y` it
+        // read with was spent: 3 reads and one product more, against 5 reads. Each step is
+        // scaled by `1/‖A‖²` (at most `1/σ₁²`), so that the sketch does not overflow.
+        let scale = a.clone().powf_scalar(2.0).sum_dim(2).sum_dim(1);
+        let scale = scale.clamp_min(f32::MIN_POSITIVE).recip();
+        for _ in 0..power_iters {
+            y = a.clone().matmul(tmul(a, &y)) * scale.clone();
+        }
     }
-    if fuse && let Some(done) = settled_final(a, &mut y, rank, rider)? {
-        return Ok(done);
+    let mut aty = None;
+    if *fuse {
+        // `Y` at unit norm, so that `ZᵀZ` scales as `A`'s squares, as `B·Bᵀ` would.
+        let norm = y.clone().powf_scalar(2.0).sum_dim(2).sum_dim(1).sqrt();
+        y = y / norm.clamp_min(f32::MIN_POSITIVE);
+        match settled_final(a, &mut y, rank, rider, &mut aty)? {
+            Some(done) => return Ok(done),
+            // Power iterations steepen the spectrum: that failure says nothing of a warm start.
+            None => *fuse = power_iters > 0,
+        }
     }
-    let (q, _) = orthonormalize(y, rider)?;
-    let bt = tmul(a, &q);
+    let (q, aty) = orthonormalize(y, rider, aty)?;
+    let bt = aty.unwrap_or_else(|| tmul(a, &q));
     crate::profile::mark(&device, "batch: svd products");
     let grams = rider.read(gram(&bt));
     let smalls = per_matrix(&grams, k * k, |g| SmallSvd::of_f32_gram(g, k));
@@ -134,12 +152,14 @@ pub(crate) fn rsvd_batch(
 
 /// The last orthonormalisation and the final step in one read, as the single-matrix path
 /// ([`SettledFinal`]), where every `y[i]` settles in one Cholesky-QR pass; otherwise `None`,
-/// and `y` after that pass.
+/// `y` after that pass and, where every `κ(y[i])² ≤` [`REUSE_KAPPA2`], `Aᵀ·y` after it in
+/// `aty` (`Z·R⁻¹`: the product made for the read is not spent).
 fn settled_final(
     a: &Tensor<3>,
     y: &mut Tensor<3>,
     rank: usize,
     rider: &mut Rider,
+    aty: &mut Option<Tensor<3>>,
 ) -> Result<Option<(BatchLowRank, Tensor<3>)>, LowRankError> {
     let ([b, _, k], n, device) = (y.dims(), a.dims()[2], y.device());
     let z = tmul(a, y);
@@ -151,8 +171,11 @@ fn settled_final(
     });
     let fusions = fusions.into_iter().collect::<Result<Vec<_>, _>>()?;
     if fusions.iter().any(|(_, done)| done.is_none()) {
+        let reuse = (fusions.iter().flat_map(|(f, _)| f)).all(|f| f.kappa2 <= REUSE_KAPPA2);
         let factors = inverse_factors(fusions.into_iter().map(|(f, _)| f), k);
-        *y = y.clone().matmul(upload(factors, [b, k, k], &device));
+        let factors = upload(factors, [b, k, k], &device);
+        *aty = reuse.then(|| z.matmul(factors.clone()));
+        *y = y.clone().matmul(factors);
         return Ok(None);
     }
     let (mut s, mut left, mut right) = (Vec::with_capacity(b), Vec::new(), Vec::new());
@@ -186,14 +209,22 @@ fn inverse_factors(factors: impl Iterator<Item = Option<GramFactor>>, k: usize) 
         .collect()
 }
 
+/// The largest `κ(Y)²` for which the final step takes `Aᵀ·Q` as `(Aᵀ·Y)·R⁻¹`: that product's
+/// rounding grows by `κ(Y)`, at most 100 (`10⁻⁵` relative in `f32`).
+const REUSE_KAPPA2: f64 = 1e4;
+
 /// Orthonormal bases of the columns of each `y[i]` (`[b, rows, k]`) by Cholesky-QR, twice:
 /// one read of the `b` Gram matrices per pass. Once when the first pass finds every `y[i]`
-/// well conditioned (as the single-matrix path), and then also whether it did.
-fn orthonormalize(mut y: Tensor<3>, rider: &mut Rider) -> Result<(Tensor<3>, bool), LowRankError> {
+/// well conditioned (as the single-matrix path). `with` gets the same factors (`Aᵀ·Y` becomes
+/// `Aᵀ·Q`).
+fn orthonormalize(
+    mut y: Tensor<3>,
+    rider: &mut Rider,
+    mut with: Option<Tensor<3>>,
+) -> Result<(Tensor<3>, Option<Tensor<3>>), LowRankError> {
     crate::profile::mark(&y.device(), "batch: svd products");
     let [b, _, k] = y.dims();
-    let mut one_pass = true;
-    for pass in 0..2 {
+    for _ in 0..2 {
         let grams = rider.read(gram(&y));
         let found = per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k));
         let found = found.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -203,14 +234,14 @@ fn orthonormalize(mut y: Tensor<3>, rider: &mut Rider) -> Result<(Tensor<3>, boo
             [b, k, k],
             &y.device(),
         );
+        with = with.map(|t| t.matmul(factors.clone()));
         y = y.matmul(factors);
         if settled {
             break;
         }
-        one_pass &= pass > 0;
     }
     crate::profile::mark(&y.device(), "batch: svd orthonormalize");
-    Ok((y, one_pass))
+    Ok((y, with))
 }
 
 /// `f` of each `len`-long chunk of `values`, in order, the chunks spread over the machine's

@@ -46,8 +46,9 @@ pub(crate) struct SettledFinal {
 
 impl SettledFinal {
     /// From `G = YᵀY` and `H = ZᵀZ` (`k×k`, row-major, `f32`): `G`'s Cholesky-QR factor
-    /// ([`gram_inverse_factor`]), and the final step unless `Y` needs a second pass
-    /// (orthonormalise `Y·R⁻¹` then). A zero `Y` has no factor and zero factorisations.
+    /// ([`gram_inverse_factor`]), and the final step unless `Y` needs a second pass or the
+    /// Gram matrices' scales are far from 1 (orthonormalise `Y·R⁻¹` then). A zero `Y` has no
+    /// factor and zero factorisations.
     pub fn of_grams(g: &[f32], h: &[f32], k: usize) -> Result<Fusion, LowRankError> {
         let Some(f) = gram_inverse_factor(g, k)? else {
             let zero = Self {
@@ -57,7 +58,13 @@ impl SettledFinal {
             };
             return Ok((None, Some(zero)));
         };
-        if !f.settled {
+        // `ZᵀZ` scales as `‖Y‖²·‖A‖²`: far from 1 its `f32` values lose their small entries
+        // (or overflow), where `B·Bᵀ` of an orthonormal `Q` would not.
+        let in_range = |m: &[f32]| {
+            let top = (0..k).map(|i| m[i * k + i]).fold(0.0f32, f32::max);
+            (1e-28..=1e28).contains(&top)
+        };
+        if !(f.settled && in_range(g) && in_range(h)) {
             return Ok((Some(f), None));
         }
         let r_inv = faer::Mat::from_fn(k, k, |i, j| f.r_inv[i * k + j]);
@@ -152,6 +159,8 @@ pub(crate) struct GramFactor {
     /// Whether `Y` is so well conditioned (`κ(Y)² ≤` [`SETTLED_KAPPA2`], no shift) that one
     /// pass loses at most about `κ²·ε ≈ 10⁻⁵` of orthogonality and a second is not needed.
     pub settled: bool,
+    /// The estimate of `κ(Y)²` (from below); infinite where the diagonal was shifted.
+    pub kappa2: f64,
 }
 
 /// The largest `κ(Y)²` for which one Cholesky-QR pass is kept. LoftQ's sketches are near
@@ -192,8 +201,15 @@ pub(crate) fn gram_inverse_factor(
             return Err(LowRankError::NoConvergence);
         }
     };
-    let settled = shift == 0.0 && condition_squared(&g, &r_inv, k) <= SETTLED_KAPPA2;
-    Ok(Some(GramFactor { r_inv, settled }))
+    let kappa2 = match shift == 0.0 {
+        true => condition_squared(&g, &r_inv, k),
+        false => f64::INFINITY,
+    };
+    Ok(Some(GramFactor {
+        r_inv,
+        settled: kappa2 <= SETTLED_KAPPA2,
+        kappa2,
+    }))
 }
 
 impl GramFactor {

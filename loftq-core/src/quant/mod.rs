@@ -36,7 +36,7 @@ pub use normal::{normal_cdf, normal_ppf, torch_linspace_f32};
 pub use pack::{pack_codes, packed_len, unpack_codes, unpack_codes_into};
 pub use packed::{PackedTensor, Scales};
 pub use quantizer::Quantizer;
-pub use tensor::{Codes, Kernel, Quantized, host_f32, is_host_device};
+pub use tensor::{Codes, Kernel, Quantized, host_f32, host_values, is_host_device};
 
 use serde::{Deserialize, Serialize};
 

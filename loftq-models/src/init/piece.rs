@@ -9,7 +9,7 @@ use loftq_core::calib::{
     BaseQuantizer, CalibratedConfig, Objective, base_errors, calibrated, gptq_base,
 };
 use loftq_core::init::{Base, LoraInit, init_lora, qlora_factors};
-use loftq_core::quant::{PackedTensor, host_f32};
+use loftq_core::quant::{PackedTensor, host_values};
 use loftq_core::{LoftqError, LoftqResult, QuantConfig, Quantizer, loftq};
 
 use super::plan::{is_embedding_or_head, module_of_weight, quant_for};
@@ -302,17 +302,20 @@ pub(super) fn write_start(
             (packed.config.label(), packed.bits_per_param())
         }
         Base::Dense(t) => {
-            tensors.insert(name.clone(), OutTensor::f32(shape.to_vec(), &host_f32(t)));
+            tensors.insert(
+                name.clone(),
+                OutTensor::f32(shape.to_vec(), &host_values(t)),
+            );
             ("dense".to_string(), 32.0)
         }
     };
     tensors.insert(
         format!("{module}.lora_A.weight"),
-        OutTensor::f32(a.dims().to_vec(), &host_f32(&a)),
+        OutTensor::f32(a.dims().to_vec(), &host_values(&a)),
     );
     tensors.insert(
         format!("{module}.lora_B.weight"),
-        OutTensor::f32(b.dims().to_vec(), &host_f32(&b)),
+        OutTensor::f32(b.dims().to_vec(), &host_values(&b)),
     );
     let report = TensorReport {
         name: name.clone(),
