@@ -4,14 +4,14 @@
 //! byte 0. At 4 bits this is bitsandbytes' layout (`byte = q[2j] << 4 | q[2j+1]`); at 2 and 3
 //! bits it is the same rule, dense, with 3-bit codes straddling byte boundaries; at 8 bits a
 //! plain copy. A final partial byte is padded with zero bits. Codes read from a device travel
-//! packed too, into `i32` words ([`read_device_codes`]).
+//! packed too, into `i32` words ([`device_words`]).
 
 use burn::tensor::{Int, Tensor, TensorData};
 
-/// `codes` (each below `2^bits`, `bits ≤ 8`) on the host: packed on the device into `i32`
-/// words of `⌊31/bits⌋` codes (bit 31 stays clear, so no product or sum overflows), one read
-/// of the words, unpacked here.
-pub(crate) fn read_device_codes(codes: &Tensor<1, Int>, bits: u8) -> Vec<u8> {
+/// `codes` (each below `2^bits`, `bits ≤ 8`) packed on their device into `i32` words of
+/// `⌊31/bits⌋` codes (bit 31 stays clear, so no product or sum overflows), to be read as they
+/// are and unpacked by [`unpack_words`]: a read of an eighth of the codes at 4 bits.
+pub(crate) fn device_words(codes: &Tensor<1, Int>, bits: u8) -> Tensor<1, Int> {
     let n = codes.dims()[0];
     let bits = u32::from(bits.clamp(1, 8));
     let per = (31 / bits) as usize;
@@ -24,18 +24,20 @@ pub(crate) fn read_device_codes(codes: &Tensor<1, Int>, bits: u8) -> Vec<u8> {
     let weights: Vec<i32> = (0..per as u32).map(|j| 1 << (j * bits)).collect();
     crate::transfers::count_upload(per);
     let weights = Tensor::<2, Int>::from_data(TensorData::new(weights, [1, per]), &device);
-    let packed = (flat.reshape([words, per]) * weights).sum_dim(1);
-    let packed = packed
-        .into_data()
-        .convert::<i32>()
-        .try_into_vec::<i32>()
-        .expect("i32 words");
-    crate::transfers::count_read(words);
+    (flat.reshape([words, per]) * weights)
+        .sum_dim(1)
+        .reshape([words])
+}
+
+/// The first `n` codes of the words [`device_words`] packed, `bits` each.
+pub(crate) fn unpack_words(words: &[i32], bits: u8, n: usize) -> Vec<u8> {
+    let bits = u32::from(bits.clamp(1, 8));
+    let per = 31 / bits;
     let mask = (1u32 << bits) - 1;
-    let mut out = Vec::with_capacity(words * per);
-    for w in packed {
+    let mut out = Vec::with_capacity(words.len() * per as usize);
+    for &w in words {
         let w = w as u32;
-        out.extend((0..per as u32).map(|j| ((w >> (j * bits)) & mask) as u8));
+        out.extend((0..per).map(|j| ((w >> (j * bits)) & mask) as u8));
     }
     out.truncate(n);
     out

@@ -8,7 +8,7 @@
 //!   thresholds, never with a `numel × levels` distance tensor.
 
 use burn::tensor::kind::Basic;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData, Transaction};
 
 use super::host::non_finite_error;
 use super::{GgmlFormat, HostQuantized, Quantizer, Scheme};
@@ -68,15 +68,30 @@ pub struct Quantized {
 }
 
 impl Quantized {
-    /// Copies to the host. The codes travel packed, `⌊31/bits⌋` to an `i32` word (packed on
-    /// the device: a 4096² NF4 matrix reads 9.6 MB, not 67).
+    /// Copies to the host in one read (a [`Transaction`] of the codes, scales and minimums).
+    /// The codes travel packed, `⌊31/bits⌋` to an `i32` word (packed on the device: a 4096²
+    /// NF4 matrix reads 9.6 MB, not 67).
     pub fn to_host(&self) -> HostQuantized {
+        let words = super::pack::device_words(&self.codes, self.bits);
+        let mut read = Transaction::default()
+            .register(words)
+            .register(self.scales.clone());
+        if let Some(mins) = &self.mins {
+            read = read.register(mins.clone());
+        }
+        let mut data = read.execute().into_iter();
+        let mut next = || data.next().expect("one datum per tensor");
+        let words: Vec<i32> = next().convert::<i32>().try_into_vec().expect("i32 words");
+        let f32s = |d: TensorData| d.convert::<f32>().try_into_vec::<f32>().expect("f32 data");
+        let scales = f32s(next());
+        let mins = self.mins.as_ref().map(|_| f32s(next())).unwrap_or_default();
+        crate::transfers::count_read(words.len() + scales.len() + mins.len());
         HostQuantized {
             shape: self.shape,
             block: self.block,
-            codes: super::pack::read_device_codes(&self.codes, self.bits),
-            scales: host_f32(&self.scales),
-            mins: self.mins.as_ref().map(host_f32).unwrap_or_default(),
+            codes: super::pack::unpack_words(&words, self.bits, self.codes.dims()[0]),
+            scales,
+            mins,
         }
     }
 
