@@ -2,7 +2,10 @@
 //! product is one batched op, and every small host problem (Cholesky-QR's `k×k` Gram
 //! matrices, the final `k×k` eigenproblem) is read and answered for the whole batch at once,
 //! so the number of reads does not grow with `b`. As [`rsvd`](super::rsvd::rsvd) on a device,
-//! the final step reads `B·Bᵀ` (`k×k`, formed in `f32` on the device), not `Bᵀ` (`n×k`).
+//! the final step reads `B·Bᵀ` (`k×k`, formed in `f32` on the device), not `Bᵀ` (`n×k`), or
+//! with the last sketch's Gram matrix `ZᵀZ` for `Z = Aᵀ·Y` in one read ([`SettledFinal`]).
+//! Unlike it, the power steps run with no read between them, and a [`Rider`] carries the
+//! caller's values to be read along: LoftQ's warm iterations read once each.
 
 use burn::tensor::Tensor;
 
@@ -63,7 +66,7 @@ impl Rider {
 
 /// The randomized SVD of each `a[i]` (`[b, m, n]`) with the sketch of seed `seeds[i]`: for
 /// each, the result of [`randomized_svd`](super::randomized_svd) up to rounding (the same
-/// Gaussian sketch and steps). Also returns the sketches' right bases `[b, n, k]`, the warm
+/// Gaussian sketch and subspace iteration; the sketch is orthonormalised less often). Also returns the sketches' right bases `[b, n, k]`, the warm
 /// start of a next call. `rider` travels with the first read. With `fuse` the final step
 /// shares the last orthonormalisation's read where every sketch allows it ([`SettledFinal`]);
 /// where one does not (with no power iteration), `fuse` turns false, so that a next call on
@@ -101,12 +104,12 @@ pub(crate) fn rsvd_batch(
     crate::profile::mark(&device, "batch: svd sketch");
     let mut y = a.clone().matmul(omega);
     if power_iters > 0 {
-        // Power steps `A·Aᵀ·Y` with no orthonormalisation between them (two reads each): the
-        // final step's one read settles `(A·Aᵀ)^p·A·Ω` where LoftQ's residuals have flat
-        // spectra (NF4). Where it does not (NF2), that read's factor is the first of two
-        // Cholesky-QR passes, which hold up to `κ ≈ ε^(-1/2)`, and the product `Aᵀ·Y` it
-        // read with was spent: 3 reads and one product more, against 5 reads. Each step is
-        // scaled by `1/‖A‖²` (at most `1/σ₁²`), so that the sketch does not overflow.
+        // Power steps `A·Aᵀ·Y` with no orthonormalisation between them (it cost two reads a
+        // step): the final step's one read settles `(A·Aᵀ)^p·A·Ω` where LoftQ's residuals
+        // have flat spectra (NF4). Where it does not (NF2), that read's factor is the first
+        // of two Cholesky-QR passes, which hold up to `κ ≈ ε^(-1/2)`, and the product `Aᵀ·Y`
+        // it read with serves the final step: 3 reads against 5. Each step is scaled by
+        // `1/‖A‖²` (at most `1/σ₁²`), so that the sketch does not overflow.
         let scale = a.clone().powf_scalar(2.0).sum_dim(2).sum_dim(1);
         let scale = scale.clamp_min(f32::MIN_POSITIVE).recip();
         for _ in 0..power_iters {
