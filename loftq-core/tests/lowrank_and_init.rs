@@ -45,9 +45,9 @@ fn randomized_svd_on_decaying_and_flat_spectra() {
             }
         })
         .collect();
-    // The decaying sketches need two Cholesky-QR passes; the flat ones settle in one, so their
-    // last pass shares the final step's read (`SettledFinal`), with power iterations before
-    // it or without.
+    // The decaying sketches need two Cholesky-QR passes; the flat ones settle in one, so on a
+    // device their last pass shares the final step's read (`SettledFinal`), with power
+    // iterations before it or without (the CPU's host path keeps the two steps apart).
     for (name, sigma, power_iters, tol_s, tol_err) in [
         ("decaying", &decaying, 2, 1e-3, 0.01),
         ("flat", &flat, 2, 0.03, 0.02),

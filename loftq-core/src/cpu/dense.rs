@@ -194,6 +194,10 @@ impl<'a> Dense for HostOps<'a> {
         );
     }
 
+    fn reads_wait(&self) -> bool {
+        false
+    }
+
     fn solves_here(&self) -> bool {
         true
     }

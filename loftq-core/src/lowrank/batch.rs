@@ -135,7 +135,7 @@ pub(crate) fn rsvd_batch(
     let (mut s, mut ub_r, mut ub_inv) = (Vec::with_capacity(b), Vec::new(), Vec::new());
     for small in smalls {
         let small = small?;
-        let scaled = &small.ub * &small.inv;
+        let scaled = small.times_inv(&small.ub);
         for i in 0..k {
             ub_r.extend((0..rank).map(|j| small.ub[(i, j)] as f32));
             ub_inv.extend((0..k).map(|j| scaled[(i, j)] as f32));

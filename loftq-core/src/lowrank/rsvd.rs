@@ -5,7 +5,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::host::{Gaussian, from_faer};
-use super::small::{SettledFinal, SmallSvd, gram_inverse_factor, seq_mul, split_pairs};
+use super::small::{SettledFinal, SmallSvd, gram_inverse_factor, split_pairs};
 use super::{LowRank, LowRankError};
 use crate::dense::{Dense, DeviceOps};
 
@@ -151,12 +151,12 @@ pub(crate) fn rsvd<D: Dense>(
         orthonormalize(ops, y)
     };
     let mut y = ops.mul(a, &omega);
-    let mut fuse = true;
+    let mut fuse = ops.reads_wait();
     for _ in 0..power_iters {
         let (q, settled) = product(y)?;
         let (z, _) = product(ops.tmul(a, &q))?;
         y = ops.mul(a, &z);
-        fuse = settled;
+        fuse &= settled;
     }
     if fuse {
         // Z = Aᵀ·Y, and YᵀY with ZᵀZ in one read.
@@ -190,10 +190,7 @@ pub(crate) fn rsvd<D: Dense>(
     ops.mark("svd: products");
     let small = SmallSvd::of_f32_gram(&ops.to_rows(&ops.gram(&bt)), k)?;
     ops.mark("svd: small svd");
-    let basis = ops.mul(
-        &bt,
-        &from_faer(ops, seq_mul(&small.ub, &small.inv).as_ref(), k),
-    );
+    let basis = ops.mul(&bt, &from_faer(ops, small.times_inv(&small.ub).as_ref(), k));
     crate::upper::clear_upper_state();
     let lr = LowRank {
         u: ops.mul(&q, &from_faer(ops, small.ub.as_ref(), rank)),

@@ -2,6 +2,8 @@
 //! of a sketch's Gram matrix, and the final step's eigenproblem, alone or fused with the last
 //! orthonormalisation.
 
+use faer::linalg::matmul::triangular::BlockStructure;
+
 use super::LowRankError;
 use super::host::{cholesky_inverse_upper, dot};
 
@@ -15,14 +17,23 @@ pub(crate) fn split_pairs(rows: &[f32], k: usize) -> (Vec<f32>, Vec<f32>) {
     (g, h)
 }
 
-/// `a·b` on this thread (faer's operators spread small products over every core).
-pub(crate) fn seq_mul(a: &faer::Mat<f64>, b: &faer::Mat<f64>) -> faer::Mat<f64> {
+/// `a·b` on this thread (faer's operators spread small products over every core), reading
+/// only the triangles that `structure` names: `R⁻¹` is upper triangular, so the products
+/// with it take half the work.
+fn seq_mul(
+    a: faer::MatRef<'_, f64>,
+    b: faer::MatRef<'_, f64>,
+    structure: [BlockStructure; 2],
+) -> faer::Mat<f64> {
     let mut out = faer::Mat::<f64>::zeros(a.nrows(), b.ncols());
-    faer::linalg::matmul::matmul(
+    faer::linalg::matmul::triangular::matmul(
         out.as_mut(),
+        BlockStructure::Rectangular,
         faer::Accum::Replace,
-        a.as_ref(),
-        b.as_ref(),
+        a,
+        structure[0],
+        b,
+        structure[1],
         1.0,
         faer::Par::Seq,
     );
@@ -69,12 +80,15 @@ impl SettledFinal {
         }
         let r_inv = faer::Mat::from_fn(k, k, |i, j| f.r_inv[i * k + j]);
         let h = faer::Mat::from_fn(k, k, |i, j| f64::from(h[i * k + j]));
-        let m = seq_mul(&seq_mul(&r_inv.transpose().to_owned(), &h), &r_inv);
+        let (full, upper) = (BlockStructure::Rectangular, BlockStructure::TriangularUpper);
+        let lower = BlockStructure::TriangularLower;
+        let hr = seq_mul(h.as_ref(), r_inv.as_ref(), [full, upper]);
+        let m = seq_mul(r_inv.transpose(), hr.as_ref(), [lower, full]);
         // Symmetric up to rounding; the eigensolver reads one triangle.
         let m = faer::Mat::from_fn(k, k, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));
         let small = SmallSvd::of_gram(m)?;
-        let left = seq_mul(&r_inv, &small.ub);
-        let right = seq_mul(&left, &small.inv);
+        let left = seq_mul(r_inv.as_ref(), small.ub.as_ref(), [upper, full]);
+        let right = small.times_inv(&left);
         let done = Self {
             s: small.s,
             left,
@@ -103,6 +117,11 @@ pub(crate) struct SmallSvd {
 }
 
 impl SmallSvd {
+    /// `m·S⁻¹` (`S⁻¹` is diagonal: a scaling of the columns, not a product).
+    pub fn times_inv(&self, m: &faer::Mat<f64>) -> faer::Mat<f64> {
+        faer::Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] * self.inv[(j, j)])
+    }
+
     /// From `B·Bᵀ` formed in `f32` (`k×k`, row-major, symmetric).
     pub fn of_f32_gram(gram: &[f32], k: usize) -> Result<Self, LowRankError> {
         Self::of_gram(faer::Mat::from_fn(k, k, |i, j| f64::from(gram[i * k + j])))
