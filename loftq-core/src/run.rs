@@ -43,7 +43,8 @@ pub fn loftq_batch(ws: &[Tensor<2>], cfgs: &[LoftqConfig]) -> Vec<Result<LoftqRe
 /// straddle matrices; otherwise, and after any error (so that it names its matrix), each runs
 /// on its own. `kernel` chooses: [`Kernel::Auto`] batches on devices whose memory is not the
 /// host's (on the CPU the host path, one matrix at a time, is faster), [`Kernel::Portable`]
-/// batches on any device, [`Kernel::Host`] never batches.
+/// batches on any device, [`Kernel::Host`] never stacks matrices (each still runs as
+/// [`loftq`] does).
 ///
 /// # Numerical behaviour
 /// Each matrix gets the sketch, the steps and the best-iterate choice of [`loftq`] on the same

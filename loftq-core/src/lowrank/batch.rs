@@ -132,25 +132,37 @@ pub(crate) fn rsvd_batch(
     crate::profile::mark(&device, "batch: svd products");
     let grams = rider.read(gram(&bt));
     let smalls = per_matrix(&grams, k * k, |g| SmallSvd::of_f32_gram(g, k));
-    let (mut s, mut ub_r, mut ub_inv) = (Vec::with_capacity(b), Vec::new(), Vec::new());
-    for small in smalls {
-        let small = small?;
-        let scaled = small.times_inv(&small.ub);
+    let finals = (smalls.into_iter())
+        .map(|small| small.map(SettledFinal::of_orthonormal))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(finish(&q, bt, finals, rank))
+}
+
+/// `U = Y·left` and the right bases `Z·right` of each matrix's final step, uploaded at once.
+fn finish(
+    y: &Tensor<3>,
+    z: Tensor<3>,
+    finals: Vec<SettledFinal>,
+    rank: usize,
+) -> (BatchLowRank, Tensor<3>) {
+    let ([b, _, k], n, device) = (y.dims(), z.dims()[1], y.device());
+    let (mut s, mut left, mut right) = (Vec::with_capacity(b), Vec::new(), Vec::new());
+    for f in finals {
         for i in 0..k {
-            ub_r.extend((0..rank).map(|j| small.ub[(i, j)] as f32));
-            ub_inv.extend((0..k).map(|j| scaled[(i, j)] as f32));
+            left.extend((0..rank).map(|j| f.left[(i, j)] as f32));
+            right.extend((0..k).map(|j| f.right[(i, j)] as f32));
         }
-        s.push(small.s[..rank].iter().map(|&x| x as f32).collect());
+        s.push(f.s[..rank].iter().map(|&x| x as f32).collect());
     }
     crate::upper::clear_upper_state();
-    let basis = bt.matmul(upload(ub_inv, [b, k, k], &device));
+    let basis = z.matmul(upload(right, [b, k, k], &device));
     let lr = BatchLowRank {
-        u: q.matmul(upload(ub_r, [b, k, rank], &device)),
+        u: y.clone().matmul(upload(left, [b, k, rank], &device)),
         s,
         v: basis.clone().slice([0..b, 0..n, 0..rank]),
     };
     crate::profile::mark(&device, "batch: svd final");
-    Ok((lr, basis))
+    (lr, basis)
 }
 
 /// The last orthonormalisation and the final step in one read, as the single-matrix path
@@ -164,7 +176,7 @@ fn settled_final(
     rider: &mut Rider,
     aty: &mut Option<Tensor<3>>,
 ) -> Result<Option<(BatchLowRank, Tensor<3>)>, LowRankError> {
-    let ([b, _, k], n, device) = (y.dims(), a.dims()[2], y.device());
+    let ([b, _, k], device) = (y.dims(), y.device());
     let z = tmul(a, y);
     crate::profile::mark(&device, "batch: svd products");
     let grams = rider.read(Tensor::cat(vec![gram(y), gram(&z)], 2));
@@ -181,23 +193,8 @@ fn settled_final(
         *y = y.clone().matmul(factors);
         return Ok(None);
     }
-    let (mut s, mut left, mut right) = (Vec::with_capacity(b), Vec::new(), Vec::new());
-    for f in fusions.into_iter().filter_map(|(_, done)| done) {
-        for i in 0..k {
-            left.extend((0..rank).map(|j| f.left[(i, j)] as f32));
-            right.extend((0..k).map(|j| f.right[(i, j)] as f32));
-        }
-        s.push(f.s[..rank].iter().map(|&x| x as f32).collect());
-    }
-    crate::upper::clear_upper_state();
-    let basis = z.matmul(upload(right, [b, k, k], &device));
-    let lr = BatchLowRank {
-        u: y.clone().matmul(upload(left, [b, k, rank], &device)),
-        s,
-        v: basis.clone().slice([0..b, 0..n, 0..rank]),
-    };
-    crate::profile::mark(&device, "batch: svd final");
-    Ok(Some((lr, basis)))
+    let finals = fusions.into_iter().filter_map(|(_, done)| done).collect();
+    Ok(Some(finish(y, z, finals, rank)))
 }
 
 /// The `R⁻¹` of each sketch stacked (`b·k·k` values), the identity for a zero sketch (left as

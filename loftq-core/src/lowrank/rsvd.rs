@@ -99,9 +99,9 @@ fn sixteen() -> usize {
 /// with `A` run on `a`'s device; orthonormalisation is Cholesky-QR done twice (the Gram matrix
 /// `k×k` goes to the host, its inverse factor comes back), with a diagonal shift if the Gram
 /// matrix is numerically singular; once where the first pass finds the sketch well
-/// conditioned (`κ² ≤ 100`, as LoftQ's are): a read and two products fewer. The last sketch's
-/// orthonormalisation and the final step share one read (`SettledFinal`) unless an earlier
-/// sketch of the same call needed two passes.
+/// conditioned (`κ² ≤ 100`, as LoftQ's are): a read and two products fewer. On a device
+/// (`Dense::reads_wait`) the last sketch's orthonormalisation and the final step share one
+/// read (`SettledFinal`) unless an earlier sketch of the same call needed two passes.
 ///
 /// # Numerical behaviour
 /// Deterministic for a seed on a given back end. The error of the top singular values falls
@@ -167,14 +167,7 @@ pub(crate) fn rsvd<D: Dense>(
         let (factor, fused) = SettledFinal::of_grams(&g, &h, k)?;
         if let Some(f) = fused {
             ops.mark("svd: small svd");
-            let basis = ops.mul(&z, &from_faer(ops, f.right.as_ref(), k));
-            let lr = LowRank {
-                u: ops.mul(&y, &from_faer(ops, f.left.as_ref(), rank)),
-                s: f.s[..rank].iter().map(|&x| x as f32).collect(),
-                v: ops.first_cols(&basis, rank),
-            };
-            crate::upper::clear_upper_state();
-            return Ok((lr, basis));
+            return Ok(finish(ops, &y, &z, f, rank));
         }
         // The read gave the first Cholesky-QR pass: the rest as without fusing.
         y = match factor {
@@ -190,14 +183,32 @@ pub(crate) fn rsvd<D: Dense>(
     ops.mark("svd: products");
     let small = SmallSvd::of_f32_gram(&ops.to_rows(&ops.gram(&bt)), k)?;
     ops.mark("svd: small svd");
-    let basis = ops.mul(&bt, &from_faer(ops, small.times_inv(&small.ub).as_ref(), k));
+    Ok(finish(
+        ops,
+        &q,
+        &bt,
+        SettledFinal::of_orthonormal(small),
+        rank,
+    ))
+}
+
+/// `U = Y·left` and the right basis `Z·right` of the final step `f`.
+fn finish<D: Dense>(
+    ops: &D,
+    y: &D::M,
+    z: &D::M,
+    f: SettledFinal,
+    rank: usize,
+) -> (LowRank<D::M>, D::M) {
+    let k = f.left.nrows();
+    let basis = ops.mul(z, &from_faer(ops, f.right.as_ref(), k));
     crate::upper::clear_upper_state();
     let lr = LowRank {
-        u: ops.mul(&q, &from_faer(ops, small.ub.as_ref(), rank)),
-        s: small.s[..rank].iter().map(|&x| x as f32).collect(),
+        u: ops.mul(y, &from_faer(ops, f.left.as_ref(), rank)),
+        s: f.s[..rank].iter().map(|&x| x as f32).collect(),
         v: ops.first_cols(&basis, rank),
     };
-    Ok((lr, basis))
+    (lr, basis)
 }
 
 /// Orthonormal basis of the columns of `y` (`[rows, k]`, `k` small) by Cholesky-QR, twice;

@@ -56,6 +56,17 @@ pub(crate) struct SettledFinal {
 }
 
 impl SettledFinal {
+    /// The final step for an orthonormal `Q` (`R = I`), from the SVD of its projection:
+    /// `left = U_B`, `right = U_B·S⁻¹`.
+    pub fn of_orthonormal(small: SmallSvd) -> Self {
+        let right = small.times_inv(&small.ub);
+        Self {
+            s: small.s,
+            left: small.ub,
+            right,
+        }
+    }
+
     /// From `G = YᵀY` and `H = ZᵀZ` (`k×k`, row-major, `f32`): `G`'s Cholesky-QR factor
     /// ([`gram_inverse_factor`]), and the final step unless `Y` needs a second pass or the
     /// Gram matrices' scales are far from 1 (orthonormalise `Y·R⁻¹` then). A zero `Y` has no
