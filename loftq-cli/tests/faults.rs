@@ -231,7 +231,8 @@ fn init_survives_a_full_disk_and_kills() {
             }
             // Killed after the work area was removed (the outputs were complete): finished.
             if !killed || (out.exists() && !work) {
-                assert_eq!(finals(&out), want, "{what}: finished");
+                let state = format!("killed {killed}, out {}", out.exists());
+                assert_eq!(finals(&out), want, "{what}: finished ({state})");
                 continue;
             }
             kills += 1;
