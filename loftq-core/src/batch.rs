@@ -75,9 +75,6 @@ pub(crate) fn alternate_batch(
     // iteration's first read (one wait for the device, not two), and are read alone after the
     // last. An iteration that turns out to follow the stop is dropped.
     let mut pending: Option<Pending> = None;
-    // Whether the SVD's final step shares a read (it stops trying where the residuals' spectra
-    // are too steep for it).
-    let mut fuse = true;
     for t in 1..=cfg.iters {
         let source = if t == 1 { &w } else { &res };
         // Unchecked (a read fewer): `W`'s finiteness shows in its norms, read with the next
@@ -89,15 +86,7 @@ pub(crate) fn alternate_batch(
         crate::profile::mark(&device, "batch: quantize");
         let seeds: Vec<u64> = seeds.iter().map(|s| s.wrapping_add(t as u64)).collect();
         let mut rider = Rider::new(pending.as_ref().map(|p| p.sums.clone()));
-        let (lr, basis) = rsvd_batch(
-            &residual,
-            rank,
-            &rsvd,
-            &seeds,
-            warm.as_ref(),
-            &mut rider,
-            &mut fuse,
-        )?;
+        let (lr, basis) = rsvd_batch(&residual, rank, &rsvd, &seeds, warm.as_ref(), &mut rider)?;
         if let Some(p) = pending.take() {
             let values = rider.values.unwrap_or_else(|| host_f32(&p.sums));
             let running = track.judge(p, &values);

@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 
 use super::host::Gaussian;
 use super::rsvd::RsvdConfig;
-use super::small::{GramFactor, SettledFinal, SmallSvd, gram_inverse_factor, split_pairs};
+use super::small::{GramFactor, SettledFinal, SmallSvd, split_pairs};
 use super::{LowRankError, check_rank};
 use crate::transfers::upload;
 
@@ -66,11 +66,14 @@ impl Rider {
 
 /// The randomized SVD of each `a[i]` (`[b, m, n]`) with the sketch of seed `seeds[i]`: for
 /// each, the result of [`randomized_svd`](super::randomized_svd) up to rounding (the same
-/// Gaussian sketch and subspace iteration; the sketch is orthonormalised less often). Also returns the sketches' right bases `[b, n, k]`, the warm
-/// start of a next call. `rider` travels with the first read. With `fuse` the final step
-/// shares the last orthonormalisation's read where every sketch allows it ([`SettledFinal`]);
-/// where one does not (with no power iteration), `fuse` turns false, so that a next call on
-/// similar matrices does not spend a product on trying again.
+/// Gaussian sketch and subspace iteration; the sketch is orthonormalised less often). Also
+/// returns the warm start of a next call, `[b, n, k]`: each sketch's right basis `V_B` scaled
+/// by `S⁻¹`. Scaling columns leaves a sketch's range, and so the result, as it is; but a next
+/// matrix near this one maps it to near `U_B`, an orthonormal sketch, which one Cholesky-QR
+/// pass settles where `A·V_B` (`κ = σ₁/σ_k`) would need two (NF2's residuals). `rider`
+/// travels with the first read. Each Cholesky-QR pass reads its Gram matrix with `ZᵀZ`
+/// (`Z = Aᵀ·Y`), so that the pass that settles every sketch is also the final step's read
+/// ([`SettledFinal`]).
 pub(crate) fn rsvd_batch(
     a: &Tensor<3>,
     rank: usize,
@@ -78,7 +81,6 @@ pub(crate) fn rsvd_batch(
     seeds: &[u64],
     warm: Option<&Tensor<3>>,
     rider: &mut Rider,
-    fuse: &mut bool,
 ) -> Result<(BatchLowRank, Tensor<3>), LowRankError> {
     let [b, m, n] = a.dims();
     debug_assert_eq!(seeds.len(), b);
@@ -107,27 +109,28 @@ pub(crate) fn rsvd_batch(
         // Power steps `A·Aᵀ·Y` with no orthonormalisation between them (it cost two reads a
         // step): the final step's one read settles `(A·Aᵀ)^p·A·Ω` where LoftQ's residuals
         // have flat spectra (NF4). Where it does not (NF2), that read's factor is the first
-        // of two Cholesky-QR passes, which hold up to `κ ≈ ε^(-1/2)`, and the product `Aᵀ·Y`
-        // it read with serves the final step: 3 reads against 5. Each step is scaled by
-        // `1/‖A‖²` (at most `1/σ₁²`), so that the sketch does not overflow.
+        // of two Cholesky-QR passes, which hold up to `κ ≈ ε^(-1/2)`, and the second pass's
+        // read is the final step's: 2 reads against 5. Each step is scaled by `1/‖A‖²` (at
+        // most `1/σ₁²`), so that the sketch does not overflow.
         let scale = a.clone().powf_scalar(2.0).sum_dim(2).sum_dim(1);
         let scale = scale.clamp_min(f32::MIN_POSITIVE).recip();
         for _ in 0..power_iters {
             y = a.clone().matmul(tmul(a, &y)) * scale.clone();
         }
     }
+    // `Y` at unit norm, so that `ZᵀZ` scales as `A`'s squares, as `B·Bᵀ` would.
+    let norm = y.clone().powf_scalar(2.0).sum_dim(2).sum_dim(1).sqrt();
+    y = y / norm.clamp_min(f32::MIN_POSITIVE);
     let mut aty = None;
-    if *fuse {
-        // `Y` at unit norm, so that `ZᵀZ` scales as `A`'s squares, as `B·Bᵀ` would.
-        let norm = y.clone().powf_scalar(2.0).sum_dim(2).sum_dim(1).sqrt();
-        y = y / norm.clamp_min(f32::MIN_POSITIVE);
-        match settled_final(a, &mut y, rank, rider, &mut aty)? {
-            Some(done) => return Ok(done),
-            // Power iterations steepen the spectrum: that failure says nothing of a warm start.
-            None => *fuse = power_iters > 0,
+    for _ in 0..3 {
+        if let Some(done) = settled_final(a, &mut y, rank, rider, &mut aty)? {
+            return Ok(done);
         }
     }
-    let (q, aty) = orthonormalize(y, rider, aty)?;
+    // Three passes that did not settle (a sketch of lower numerical rank, whose Gram matrices
+    // need a shift to factor), or Gram matrices far from unit scale: the final step apart.
+    let q = y;
+    crate::profile::mark(&device, "batch: svd orthonormalize");
     let bt = aty.unwrap_or_else(|| tmul(a, &q));
     crate::profile::mark(&device, "batch: svd products");
     let grams = rider.read(gram(&bt));
@@ -138,7 +141,8 @@ pub(crate) fn rsvd_batch(
     Ok(finish(&q, bt, finals, rank))
 }
 
-/// `U = Y·left` and the right bases `Z·right` of each matrix's final step, uploaded at once.
+/// `U = Y·left` and the right bases `Z·right` of each matrix's final step, uploaded at once;
+/// also the warm start of a next call, the right bases scaled by `S⁻¹` (see [`rsvd_batch`]).
 fn finish(
     y: &Tensor<3>,
     z: Tensor<3>,
@@ -147,12 +151,23 @@ fn finish(
 ) -> (BatchLowRank, Tensor<3>) {
     let ([b, _, k], n, device) = (y.dims(), z.dims()[1], y.device());
     let (mut s, mut left, mut right) = (Vec::with_capacity(b), Vec::new(), Vec::new());
+    let mut whiten = Vec::with_capacity(b * k);
     for f in finals {
         for i in 0..k {
             left.extend((0..rank).map(|j| f.left[(i, j)] as f32));
             right.extend((0..k).map(|j| f.right[(i, j)] as f32));
         }
         s.push(f.s[..rank].iter().map(|&x| x as f32).collect());
+        // Singular values from a Gram matrix in `f32` carry no relative accuracy below
+        // `√ε·σ₁`: scaling by them would blow noise up. (A zero matrix keeps its scale.)
+        let floor = f.s[0] * f64::from(f32::EPSILON).sqrt();
+        whiten.extend((f.s.iter()).map(|&x| {
+            if floor > 0.0 {
+                1.0 / x.max(floor) as f32
+            } else {
+                1.0
+            }
+        }));
     }
     crate::upper::clear_upper_state();
     let basis = z.matmul(upload(right, [b, k, k], &device));
@@ -161,14 +176,15 @@ fn finish(
         s,
         v: basis.clone().slice([0..b, 0..n, 0..rank]),
     };
+    let warm = basis * upload(whiten, [b, 1, k], &device);
     crate::profile::mark(&device, "batch: svd final");
-    (lr, basis)
+    (lr, warm)
 }
 
-/// The last orthonormalisation and the final step in one read, as the single-matrix path
-/// ([`SettledFinal`]), where every `y[i]` settles in one Cholesky-QR pass; otherwise `None`,
-/// `y` after that pass and, where every `κ(y[i])² ≤` [`REUSE_KAPPA2`], `Aᵀ·y` after it in
-/// `aty` (`Z·R⁻¹`: the product made for the read is not spent).
+/// One Cholesky-QR pass and the final step in one read, as the single-matrix path
+/// ([`SettledFinal`]), where every `y[i]` settles in that pass; otherwise `None`, `y` after
+/// the pass and, where every `κ(y[i])² ≤` [`REUSE_KAPPA2`], `Aᵀ·y` after it in `aty` (`Z·R⁻¹`:
+/// the product made for the read is not spent). `aty` in is `Aᵀ·y`, if known.
 fn settled_final(
     a: &Tensor<3>,
     y: &mut Tensor<3>,
@@ -177,7 +193,7 @@ fn settled_final(
     aty: &mut Option<Tensor<3>>,
 ) -> Result<Option<(BatchLowRank, Tensor<3>)>, LowRankError> {
     let ([b, _, k], device) = (y.dims(), y.device());
-    let z = tmul(a, y);
+    let z = aty.take().unwrap_or_else(|| tmul(a, y));
     crate::profile::mark(&device, "batch: svd products");
     let grams = rider.read(Tensor::cat(vec![gram(y), gram(&z)], 2));
     let fusions = per_matrix(&grams, 2 * k * k, |pair| {
@@ -213,37 +229,6 @@ fn inverse_factors(factors: impl Iterator<Item = Option<GramFactor>>, k: usize) 
 /// rounding grows by `κ(Y)`, at most 100 (`10⁻⁵` relative in `f32`).
 const REUSE_KAPPA2: f64 = 1e4;
 
-/// Orthonormal bases of the columns of each `y[i]` (`[b, rows, k]`) by Cholesky-QR, twice:
-/// one read of the `b` Gram matrices per pass. Once when the first pass finds every `y[i]`
-/// well conditioned (as the single-matrix path). `with` gets the same factors (`Aᵀ·Y` becomes
-/// `Aᵀ·Q`).
-fn orthonormalize(
-    mut y: Tensor<3>,
-    rider: &mut Rider,
-    mut with: Option<Tensor<3>>,
-) -> Result<(Tensor<3>, Option<Tensor<3>>), LowRankError> {
-    crate::profile::mark(&y.device(), "batch: svd products");
-    let [b, _, k] = y.dims();
-    for _ in 0..2 {
-        let grams = rider.read(gram(&y));
-        let found = per_matrix(&grams, k * k, |g| gram_inverse_factor(g, k));
-        let found = found.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let settled = found.iter().flatten().all(|f| f.settled);
-        let factors = upload(
-            inverse_factors(found.into_iter(), k),
-            [b, k, k],
-            &y.device(),
-        );
-        with = with.map(|t| t.matmul(factors.clone()));
-        y = y.matmul(factors);
-        if settled {
-            break;
-        }
-    }
-    crate::profile::mark(&y.device(), "batch: svd orthonormalize");
-    Ok((y, with))
-}
-
 /// `f` of each `len`-long chunk of `values`, in order, the chunks spread over the machine's
 /// cores. Each is a small dense problem on the host (a `k×k` factorization); one after the
 /// other, a batch of 16 of them at `k = 128` kept one core busy ~300 ms per LoftQ run of a
@@ -273,4 +258,43 @@ fn per_matrix<T: Send>(values: &[f32], len: usize, f: impl Fn(&[f32]) -> T + Syn
             .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::TensorData;
+
+    use super::*;
+    use crate::transfers::transfers;
+
+    /// A warm start scaled by `S⁻¹` makes the next sketch of the same matrix orthonormal up to
+    /// rounding: one read (the settled pass, shared with the final step). Of `V_B` alone the
+    /// sketch `A·V_B` has `κ = σ₁/σ_k = 0.8⁻²³ ≈ 170`, which one Cholesky-QR pass does not
+    /// settle: two reads. The cold sketch (no power iteration, the same `κ`) takes two: its
+    /// second pass's read is the final step's.
+    #[test]
+    fn a_scaled_warm_start_settles_in_one_read() {
+        let (m, n, rank) = (48, 40, 8);
+        let device = crate::DeviceSpec::from_env().device().expect("device");
+        let mut diag = vec![0.0f32; m * n];
+        for i in 0..n {
+            diag[i * n + i] = 0.8f32.powi(i as i32);
+        }
+        let a = Tensor::<3>::from_data(TensorData::new(diag, [1, m, n]), &device);
+        let cfg = RsvdConfig {
+            power_iters: 0,
+            ..RsvdConfig::DEFAULT
+        };
+        let before = transfers();
+        let cold = rsvd_batch(&a, rank, &cfg, &[1], None, &mut Rider::new(None));
+        let (_, warm) = cold.unwrap();
+        assert_eq!((transfers() - before).reads, 2, "reads of the cold run");
+        let before = transfers();
+        let (lr, _) = rsvd_batch(&a, rank, &cfg, &[2], Some(&warm), &mut Rider::new(None)).unwrap();
+        assert_eq!((transfers() - before).reads, 1, "reads of the warm run");
+        for (i, s) in lr.s[0].iter().enumerate() {
+            let want = 0.8f32.powi(i as i32);
+            assert!((s - want).abs() <= 1e-4, "σ{i} = {s}, want {want}");
+        }
+    }
 }
