@@ -158,16 +158,7 @@ fn finish(
             right.extend((0..k).map(|j| f.right[(i, j)] as f32));
         }
         s.push(f.s[..rank].iter().map(|&x| x as f32).collect());
-        // Singular values from a Gram matrix in `f32` carry no relative accuracy below
-        // `√ε·σ₁`: scaling by them would blow noise up. (A zero matrix keeps its scale.)
-        let floor = f.s[0] * f64::from(f32::EPSILON).sqrt();
-        whiten.extend((f.s.iter()).map(|&x| {
-            if floor > 0.0 {
-                1.0 / x.max(floor) as f32
-            } else {
-                1.0
-            }
-        }));
+        whiten.extend(f.warm_scales());
     }
     crate::upper::clear_upper_state();
     let basis = z.matmul(upload(right, [b, k, k], &device));

@@ -126,8 +126,8 @@ pub fn randomized_svd(
 }
 
 /// [`randomized_svd`] with any [`Dense`] implementation. Also returns the sketch's whole right
-/// basis `[n, k]` (the top `k` right singular vectors of the projection), the best warm start
-/// for a next, similar matrix: it needs no new Gaussian columns.
+/// basis `[n, k]` (the top `k` right singular vectors of the projection; on a device scaled by
+/// `S⁻¹`), the best warm start for a next, similar matrix: it needs no new Gaussian columns.
 pub(crate) fn rsvd<D: Dense>(
     ops: &D,
     a: &D::M,
@@ -192,7 +192,9 @@ pub(crate) fn rsvd<D: Dense>(
     ))
 }
 
-/// `U = Y·left` and the right basis `Z·right` of the final step `f`.
+/// `U = Y·left` and the right basis `Z·right` of the final step `f`; on a device the basis
+/// scaled by [`SettledFinal::warm_scales`], so that a next warm sketch settles in one read
+/// (the host's path, where reads are free, keeps its results as they were).
 fn finish<D: Dense>(
     ops: &D,
     y: &D::M,
@@ -208,7 +210,11 @@ fn finish<D: Dense>(
         s: f.s[..rank].iter().map(|&x| x as f32).collect(),
         v: ops.first_cols(&basis, rank),
     };
-    (lr, basis)
+    let warm = match ops.reads_wait() {
+        true => ops.scale_cols(&basis, &f.warm_scales().collect::<Vec<_>>()),
+        false => basis,
+    };
+    (lr, warm)
 }
 
 /// Orthonormal basis of the columns of `y` (`[rows, k]`, `k` small) by Cholesky-QR, twice;

@@ -67,6 +67,20 @@ impl SettledFinal {
         }
     }
 
+    /// The scales of the right basis's columns that make it the best warm start: `S⁻¹`. The
+    /// range, and so the next result, stays as it is, but a next matrix near this one maps
+    /// `V_B·S⁻¹` to near `U_B`, a sketch that one Cholesky-QR pass settles, where `A·V_B`
+    /// (`κ = σ₁/σ_k`) may need two (NF2's residuals).
+    pub fn warm_scales(&self) -> impl Iterator<Item = f32> + '_ {
+        // Singular values from a Gram matrix in `f32` carry no relative accuracy below
+        // `√ε·σ₁`: scaling by them would blow noise up. (A zero matrix keeps its scale.)
+        let floor = self.s[0] * f64::from(f32::EPSILON).sqrt();
+        (self.s.iter()).map(move |&x| match floor > 0.0 {
+            true => 1.0 / x.max(floor) as f32,
+            false => 1.0,
+        })
+    }
+
     /// From `G = YᵀY` and `H = ZᵀZ` (`k×k`, row-major, `f32`): `G`'s Cholesky-QR factor
     /// ([`gram_inverse_factor`]), and the final step unless `Y` needs a second pass or the
     /// Gram matrices' scales are far from 1 (orthonormalise `Y·R⁻¹` then). A zero `Y` has no
