@@ -114,12 +114,15 @@ shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$dir/loftq-bench
   # Whole-model init, one suite per step: a suite writes its record only when it ends.
   step init-wgpu-plain 100 "$bin/plain" suite --profile "$suite" --device wgpu --only init \
     "${scratch[@]}" --json "$OUT/init-wgpu-plain.json"
-  step train-wgpu-tuned 150 "$bin/tuned" train --model /tmp/loftq-synth "${shape[@]}" \
+  # The tuned build at cubecl's least autotuning (TUNE_LEVEL overrides: minimal, balanced,
+  # extensive, full), so that its first step has a chance to end within the step's time.
+  local tuned=(env CUBECL_AUTOTUNE_LEVEL="${TUNE_LEVEL:-minimal}" "$bin/tuned")
+  step train-wgpu-tuned 150 "${tuned[@]}" train --model /tmp/loftq-synth "${shape[@]}" \
     --device wgpu --json "$OUT/train-wgpu-tuned.json"
   # Again: cubecl keeps what it tuned in a persistent cache, which a second process reuses.
-  step train-wgpu-tuned-again 60 "$bin/tuned" train --model /tmp/loftq-synth "${shape[@]}" \
+  step train-wgpu-tuned-again 60 "${tuned[@]}" train --model /tmp/loftq-synth "${shape[@]}" \
     --device wgpu --json "$OUT/train-wgpu-tuned-again.json"
-  step init-wgpu-tuned 100 "$bin/tuned" suite --profile "$suite" --device wgpu --only init \
+  step init-wgpu-tuned 100 "${tuned[@]}" suite --profile "$suite" --device wgpu --only init \
     "${scratch[@]}" --json "$OUT/init-wgpu-tuned.json"
   # Where the time goes (LOFTQ_PROFILE: each phase waits for the device), plain build.
   step profile-loftq 40 env LOFTQ_PROFILE=1 "$bin/plain" loftq --shapes "$big" --bits 4 \
