@@ -19,10 +19,16 @@ use serde::Serialize;
 
 /// 0: not decided yet (read the environment), 1: off, 2: on.
 static STATE: AtomicU8 = AtomicU8::new(0);
-static TOTALS: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
+static TOTALS: Mutex<BTreeMap<&'static str, (Duration, u64, u64)>> = Mutex::new(BTreeMap::new());
 
 thread_local! {
-    static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// The thread's previous mark, and its count of device reads then.
+    static LAST: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
+}
+
+/// This thread's device reads so far ([`crate::transfers`]).
+fn reads() -> u64 {
+    crate::transfers::transfers().reads
 }
 
 /// One phase's share of the profiled time.
@@ -34,6 +40,8 @@ pub struct Phase {
     pub seconds: f64,
     /// Marks that charged it.
     pub count: u64,
+    /// Device→host reads made in it (each a wait for the device, beside the marks' own).
+    pub reads: u64,
 }
 
 /// Turns profiling on or off for the whole process.
@@ -59,7 +67,7 @@ pub fn enabled() -> bool {
 pub fn start(device: &Device) {
     if enabled() {
         wait(device);
-        LAST.with(|l| l.set(Some(Instant::now())));
+        LAST.with(|l| l.set(Some((Instant::now(), reads()))));
     }
 }
 
@@ -70,12 +78,13 @@ pub fn mark(device: &Device, phase: &'static str) {
         return;
     }
     wait(device);
-    let now = Instant::now();
+    let now = (Instant::now(), reads());
     if let Some(before) = LAST.with(|l| l.replace(Some(now))) {
         let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
         let entry = totals.entry(phase).or_default();
-        entry.0 += now - before;
+        entry.0 += now.0 - before.0;
         entry.1 += 1;
+        entry.2 += now.1 - before.1;
     }
 }
 
@@ -84,10 +93,11 @@ pub fn take() -> Vec<Phase> {
     let totals = std::mem::take(&mut *TOTALS.lock().unwrap_or_else(|e| e.into_inner()));
     let mut phases: Vec<Phase> = totals
         .into_iter()
-        .map(|(name, (d, count))| Phase {
+        .map(|(name, (d, count, reads))| Phase {
             name,
             seconds: d.as_secs_f64(),
             count,
+            reads,
         })
         .collect();
     phases.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
@@ -102,14 +112,15 @@ pub fn take_markdown() -> Option<String> {
 /// The phases as a Markdown table with each one's share of their total.
 pub fn markdown(phases: &[Phase]) -> String {
     let total: f64 = phases.iter().map(|p| p.seconds).sum();
-    let mut s = String::from("| phase | time | share | marks |\n|---|---|---|---|\n");
+    let mut s = String::from("| phase | time | share | marks | reads |\n|---|---|---|---|---|\n");
     for p in phases {
         s += &format!(
-            "| {} | {:.1} ms | {:.0}% | {} |\n",
+            "| {} | {:.1} ms | {:.0}% | {} | {} |\n",
             p.name,
             p.seconds * 1e3,
             100.0 * p.seconds / total.max(f64::MIN_POSITIVE),
-            p.count
+            p.count,
+            p.reads
         );
     }
     s
@@ -130,6 +141,7 @@ mod tests {
         let device = crate::DeviceSpec::Cpu.device().expect("the CPU");
         start(&device);
         std::thread::sleep(Duration::from_millis(20));
+        crate::transfers::count_read(3);
         mark(&device, "test: slow");
         mark(&device, "test: fast");
         let phases: Vec<Phase> = take()
@@ -141,6 +153,7 @@ mod tests {
         assert_eq!(phases[0].name, "test: slow");
         assert!(phases[0].seconds >= 0.02, "{phases:?}");
         assert!(phases[1].seconds < phases[0].seconds);
+        assert_eq!([phases[0].reads, phases[1].reads], [1, 0], "{phases:?}");
         assert!(markdown(&phases).contains("| test: slow |"));
     }
 }
