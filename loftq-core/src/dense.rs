@@ -81,8 +81,8 @@ pub(crate) trait Dense {
         w: &Self::M,
         out: &mut Self::M,
     );
-    /// `next = w − b·a` for `factors = (b, a)`; returns `‖residual − c·b·a‖_F`, and `‖also‖_F`
-    /// when given (on a device in the same read).
+    /// `next = w − b·a` for `factors = (b, a)`; returns `‖residual − c·b·a‖_F`, and the norm
+    /// ([`Dense::norm`]) of each of `also` (on a device in the same read).
     fn fit_error(
         &self,
         w: &Self::M,
@@ -90,8 +90,8 @@ pub(crate) trait Dense {
         factors: (&Self::M, &Self::M),
         c: f32,
         next: &mut Self::M,
-        also: Option<&Self::M>,
-    ) -> (f32, Option<f32>);
+        also: &[&Self::M],
+    ) -> (f32, Vec<f32>);
     /// The tensor on `device`.
     fn to_tensor(&self, m: Self::M, device: &Device) -> Tensor<2>;
     /// `dequant(codes)` on `device`, where the codes are (no transfer for device codes),
@@ -215,14 +215,15 @@ impl Dense for DeviceOps {
         (b, a): (&Tensor<2>, &Tensor<2>),
         c: f32,
         next: &mut Tensor<2>,
-        also: Option<&Tensor<2>>,
-    ) -> (f32, Option<f32>) {
+        also: &[&Tensor<2>],
+    ) -> (f32, Vec<f32>) {
         let squares;
         (*next, squares) = fit_step(residual, crate::matmul(b, a), w, c);
         let mut squares = vec![squares];
-        squares.extend(also.map(|m| m.clone().powf_scalar(2.0)));
-        let norms = norms_of_squares(squares);
-        (norms[0], norms.get(1).copied())
+        squares.extend(also.iter().map(|&m| m.clone().powf_scalar(2.0)));
+        let mut norms = norms_of_squares(squares);
+        let err = norms.remove(0);
+        (err, norms)
     }
 
     fn to_tensor(&self, m: Tensor<2>, device: &Device) -> Tensor<2> {

@@ -258,9 +258,6 @@ pub(crate) fn alternate<D: Dense>(
             &scaled
         });
         if t == 1 {
-            if let (Some(rs), Some(wn)) = (scaled, wnorm) {
-                weighted_quant = ops.norm(rs) / wn;
-            }
             crate::profile::mark(device, "loftq: norms");
         }
         let mut method = cfg.svd;
@@ -271,34 +268,42 @@ pub(crate) fn alternate<D: Dense>(
         let (lr, basis) = svd_with(ops, target, cfg.lora.rank, &method, warm.as_ref())?;
         crate::profile::mark(device, "loftq: svd");
         let (mut b, a) = lr.balanced_with(ops);
-        let (a, score) = match (weighted, scaled, wnorm) {
-            (Some(x), Some(rs), Some(wn)) => {
-                // `U·Σ·Vᵀ` is the projection of `X = (W − Q)·S` on `U`'s columns (exact and
-                // randomized SVD alike), so `‖X − c·U·Σ·Vᵀ‖² = ‖X‖² − (2c − c²)·Σσ²`: no
-                // product with the factors.
-                let kept: f64 = lr.s.iter().map(|v| f64::from(*v).powi(2)).sum();
-                let c = f64::from(product_scale);
-                let left = f64::from(ops.norm(rs)).powi(2) - (2.0 * c - c * c) * kept;
-                let werr = left.max(0.0).sqrt() as f32 / wn;
-                let a = match &x.s_inv {
-                    Some(inv) => ops.mul_lower(&a, inv),
-                    None => ops.solve_lower_right(&a, &x.s),
-                };
+        let a = match weighted {
+            Some(x) => {
                 if let Some((_, inv)) = &x.rows {
                     ops.scale_rows(&mut b, inv);
                 }
-                (a, Some(werr))
+                match &x.s_inv {
+                    Some(inv) => ops.mul_lower(&a, inv),
+                    None => ops.solve_lower_right(&a, &x.s),
+                }
             }
-            _ => (a, None),
+            None => a,
         };
         crate::profile::mark(device, "loftq: factors");
-        // The first iteration's `‖W − Q‖` (QLoRA's error) comes in the same read.
-        let first = (t == 1).then_some(&residual);
-        let (err, quant) = ops.fit_error(w, &residual, (&b, &a), product_scale, &mut res, first);
-        if let Some(q) = quant {
-            rel_err_quant = q / norm;
+        // In the same read: the first iteration's `‖W − Q‖` (QLoRA's error) and a weighted
+        // run's `‖X‖` for `X = (W − Q)·S`.
+        let also: Vec<&D::M> = (t == 1)
+            .then_some(&residual)
+            .into_iter()
+            .chain(scaled)
+            .collect();
+        let (err, norms) = ops.fit_error(w, &residual, (&b, &a), product_scale, &mut res, &also);
+        if t == 1 {
+            rel_err_quant = norms[0] / norm;
         }
         let err = err / norm;
+        // `U·Σ·Vᵀ` is the projection of `X` on `U`'s columns (exact and randomized SVD alike),
+        // so `‖X − c·U·Σ·Vᵀ‖² = ‖X‖² − (2c − c²)·Σσ²`: no product with the factors.
+        let score = wnorm.map(|wn| {
+            let x = f64::from(*norms.last().expect("the weighted norm"));
+            if t == 1 {
+                weighted_quant = x as f32 / wn;
+            }
+            let kept: f64 = lr.s.iter().map(|v| f64::from(*v).powi(2)).sum();
+            let c = f64::from(product_scale);
+            (x.powi(2) - (2.0 * c - c * c) * kept).max(0.0).sqrt() as f32 / wn
+        });
         crate::profile::mark(device, "loftq: error");
         history.push(err);
         let score = score.unwrap_or(err);

@@ -312,8 +312,8 @@ impl<'a> Dense for HostOps<'a> {
         (b, a): (&RowMat<'a>, &RowMat<'a>),
         c: f32,
         next: &mut RowMat<'a>,
-        also: Option<&RowMat<'a>>,
-    ) -> (f32, Option<f32>) {
+        also: &[&RowMat<'a>],
+    ) -> (f32, Vec<f32>) {
         product_into(b.view(), a.view(), next);
         let err = next
             .data
@@ -338,7 +338,7 @@ impl<'a> Dense for HostOps<'a> {
             })
             .sum::<f64>()
             .sqrt() as f32;
-        (err, also.map(|m| self.norm(m)))
+        (err, also.iter().map(|m| self.norm(m)).collect())
     }
 
     fn dequantized(
