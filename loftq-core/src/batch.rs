@@ -15,7 +15,7 @@ use crate::lowrank::{SvdMethod, check_rank};
 use crate::quant::{HostQuantized, PackedTensor, Quantizer};
 use crate::quant::{Kernel, Quantized, host_f32};
 use crate::transfers::upload;
-use crate::{LoftqConfig, LoftqError, LoftqResult};
+use crate::{HostFactors, LoftqConfig, LoftqError, LoftqResult};
 
 /// Whether the batch can be one problem (see [`loftq_batch_with`](crate::loftq_batch_with)).
 pub(crate) fn stackable(ws: &[Tensor<2>], cfgs: &[LoftqConfig]) -> bool {
@@ -137,8 +137,13 @@ pub(crate) fn alternate_batch(
     let q = quantizer
         .dequantize_with(&best.codes, Kernel::Portable)
         .reshape([b, m, n]);
-    let hosts = split(best.codes.to_host(), b);
     let (a, fb) = (scaled(best.a, factor_scale), scaled(best.b, factor_scale));
+    // The factors' values come with the codes (one read): a caller writing them need not read.
+    let flat = |t: &Tensor<3>| t.clone().reshape([t.shape().num_elements()]);
+    let (codes, factors) = best.codes.to_host_with(vec![flat(&a), flat(&fb)]);
+    let hosts = split(codes, b);
+    let [a_values, b_values] = <[Vec<f32>; 2]>::try_from(factors).expect("two factors");
+    let (a_len, b_len) = (rank * n, m * rank);
     crate::profile::mark(&device, "batch: results");
     let element = |t: &Tensor<3>, i: usize, [r, c]: [usize; 2]| -> Tensor<2> {
         t.clone().slice([i..i + 1, 0..r, 0..c]).reshape([r, c])
@@ -155,6 +160,10 @@ pub(crate) fn alternate_batch(
                 history: std::mem::take(&mut history[i]),
                 rel_err_quant: rel_err_quant[i],
                 best_iter: best_iter[i],
+                host_factors: Some(HostFactors {
+                    lora_a: a_values[i * a_len..(i + 1) * a_len].to_vec(),
+                    lora_b: b_values[i * b_len..(i + 1) * b_len].to_vec(),
+                }),
             })
             .collect(),
     ))

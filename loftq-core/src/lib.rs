@@ -53,7 +53,7 @@ pub fn matmul(a: &burn::tensor::Tensor<2>, b: &burn::tensor::Tensor<2>) -> burn:
     a.clone().matmul(b.clone())
 }
 pub use error::QuantError;
-pub use loftq::{LoftqConfig, LoftqError, LoftqResult};
+pub use loftq::{HostFactors, LoftqConfig, LoftqError, LoftqResult};
 pub use lora::{InitScaling, LoraSpec};
 pub use quant::{QuantConfig, Quantizer};
 pub use run::{loftq, loftq_batch, loftq_batch_with};

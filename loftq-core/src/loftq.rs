@@ -74,6 +74,18 @@ pub struct LoftqResult {
     pub rel_err_quant: f32,
     /// 1-based iteration whose result is returned (the lowest error).
     pub best_iter: usize,
+    /// `lora_a` and `lora_b`'s values, where a device read them with the codes (the batched
+    /// path): a caller that writes them needs no read of its own. `None` elsewhere.
+    pub host_factors: Option<HostFactors>,
+}
+
+/// The values of a [`LoftqResult`]'s factors, row-major.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostFactors {
+    /// `lora_A`'s values `[r·in]`.
+    pub lora_a: Vec<f32>,
+    /// `lora_B`'s values `[out·r]`.
+    pub lora_b: Vec<f32>,
 }
 
 impl LoftqResult {
@@ -329,6 +341,7 @@ pub(crate) fn alternate<D: Dense>(
         history,
         rel_err_quant,
         best_iter,
+        host_factors: None,
     };
     crate::profile::mark(device, "loftq: results");
     let weighted = weighted.map(|_| WeightedErrors {

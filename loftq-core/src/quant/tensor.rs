@@ -72,6 +72,11 @@ impl Quantized {
     /// The codes travel packed, `⌊31/bits⌋` to an `i32` word (packed on the device: a 4096²
     /// NF4 matrix reads 9.6 MB, not 67).
     pub fn to_host(&self) -> HostQuantized {
+        self.to_host_with(Vec::new()).0
+    }
+
+    /// [`Quantized::to_host`], and the values of `extra` in the same read.
+    pub fn to_host_with(&self, extra: Vec<Tensor<1>>) -> (HostQuantized, Vec<Vec<f32>>) {
         let words = super::pack::device_words(&self.codes, self.bits);
         let mut read = Transaction::default()
             .register(words)
@@ -79,20 +84,27 @@ impl Quantized {
         if let Some(mins) = &self.mins {
             read = read.register(mins.clone());
         }
+        let extras = extra.len();
+        for t in extra {
+            read = read.register(t);
+        }
         let mut data = read.execute().into_iter();
         let mut next = || data.next().expect("one datum per tensor");
         let words: Vec<i32> = next().convert::<i32>().try_into_vec().expect("i32 words");
         let f32s = |d: TensorData| d.convert::<f32>().try_into_vec::<f32>().expect("f32 data");
         let scales = f32s(next());
         let mins = self.mins.as_ref().map(|_| f32s(next())).unwrap_or_default();
-        crate::transfers::count_read(words.len() + scales.len() + mins.len());
-        HostQuantized {
+        let extra: Vec<Vec<f32>> = (0..extras).map(|_| f32s(next())).collect();
+        let values = words.len() + scales.len() + mins.len();
+        crate::transfers::count_read(values + extra.iter().map(Vec::len).sum::<usize>());
+        let host = HostQuantized {
             shape: self.shape,
             block: self.block,
             codes: super::pack::unpack_words(&words, self.bits, self.codes.dims()[0]),
             scales,
             mins,
-        }
+        };
+        (host, extra)
     }
 
     /// Uploads host codes and scales to `device`.

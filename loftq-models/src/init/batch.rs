@@ -168,25 +168,37 @@ pub(super) fn write(
     written
 }
 
-/// The LoRA factors of every result read from the device at once and held on the host, so
-/// that writing the pieces does not read two small tensors per target (420 reads, each a wait
-/// for the device, in a whole-model init of SmolLM2).
+/// The LoRA factors of every result held on the host, so that writing the pieces does not read
+/// two small tensors per target (420 reads, each a wait for the device, in a whole-model init
+/// of SmolLM2): the values the batched path read with the codes, and those of any other result
+/// (one matrix at a time, after a fallback) read at once.
 fn factors_to_host(results: &mut [std::result::Result<LoftqResult, LoftqError>]) {
+    let host = Device::flex();
+    let on_host =
+        |v: Vec<f32>, like: &Tensor<2>| Tensor::from_data(TensorData::new(v, like.dims()), &host);
+    for r in results.iter_mut().flatten() {
+        if let Some(f) = r.host_factors.take() {
+            r.lora_a = on_host(f.lora_a, &r.lora_a);
+            r.lora_b = on_host(f.lora_b, &r.lora_b);
+        }
+    }
+    let on_device = |r: &&mut LoftqResult| !is_host_device(&r.lora_a.device());
+    let mut rest: Vec<&mut LoftqResult> = results.iter_mut().flatten().filter(on_device).collect();
     let flat = |t: &Tensor<2>| t.clone().reshape([t.dims()[0] * t.dims()[1]]);
-    let parts: Vec<Tensor<1>> = (results.iter().flatten())
+    let parts: Vec<Tensor<1>> = (rest.iter())
         .flat_map(|r| [flat(&r.lora_a), flat(&r.lora_b)])
         .collect();
     if parts.is_empty() {
         return;
     }
-    let all = loftq_core::fused::cat(parts);
-    let mut values = host_f32(&all).into_iter();
-    let host = Device::flex();
+    let mut values = host_f32(&loftq_core::fused::cat(parts)).into_iter();
     let mut take = |like: &Tensor<2>| {
-        let v: Vec<f32> = values.by_ref().take(like.dims().iter().product()).collect();
-        Tensor::from_data(TensorData::new(v, like.dims()), &host)
+        on_host(
+            values.by_ref().take(like.dims().iter().product()).collect(),
+            like,
+        )
     };
-    for r in results.iter_mut().flatten() {
+    for r in rest.iter_mut() {
         r.lora_a = take(&r.lora_a);
         r.lora_b = take(&r.lora_b);
     }
