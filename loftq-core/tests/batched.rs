@@ -98,9 +98,20 @@ fn check_against_one_at_a_time(ws: &[Tensor<2>], cfgs: &[LoftqConfig], zero: Opt
         assert_eq!(unpacked, host_f32(&got.q), "matrix {i}: packed codes");
         assert_eq!(got.packed.shape, [64, 96]);
         // The factors' values read with the codes are this matrix's.
-        let host = got.host_factors.as_ref().expect("factors read with the codes");
-        assert_eq!(host.lora_a, host_f32(&got.lora_a), "matrix {i}: host lora_A");
-        assert_eq!(host.lora_b, host_f32(&got.lora_b), "matrix {i}: host lora_B");
+        let host = got
+            .host_factors
+            .as_ref()
+            .expect("factors read with the codes");
+        assert_eq!(
+            host.lora_a,
+            host_f32(&got.lora_a),
+            "matrix {i}: host lora_A"
+        );
+        assert_eq!(
+            host.lora_b,
+            host_f32(&got.lora_b),
+            "matrix {i}: host lora_B"
+        );
     }
 }
 
