@@ -68,10 +68,7 @@ impl Rider {
 /// each, the result of [`randomized_svd`](super::randomized_svd) up to rounding (the same
 /// Gaussian sketch and subspace iteration; the sketch is orthonormalised less often). Also
 /// returns the warm start of a next call, `[b, n, k]`: each sketch's right basis `V_B` scaled
-/// by `S⁻¹`. Scaling columns leaves a sketch's range, and so the result, as it is; but a next
-/// matrix near this one maps it to near `U_B`, an orthonormal sketch, which one Cholesky-QR
-/// pass settles where `A·V_B` (`κ = σ₁/σ_k`) would need two (NF2's residuals). `rider`
-/// travels with the first read. Each Cholesky-QR pass reads its Gram matrix with `ZᵀZ`
+/// by [`SettledFinal::warm_scales`]. `rider` travels with the first read. Each Cholesky-QR pass reads its Gram matrix with `ZᵀZ`
 /// (`Z = Aᵀ·Y`), so that the pass that settles every sketch is also the final step's read
 /// ([`SettledFinal`]).
 pub(crate) fn rsvd_batch(
@@ -142,7 +139,7 @@ pub(crate) fn rsvd_batch(
 }
 
 /// `U = Y·left` and the right bases `Z·right` of each matrix's final step, uploaded at once;
-/// also the warm start of a next call, the right bases scaled by `S⁻¹` (see [`rsvd_batch`]).
+/// also the warm start of a next call, the right bases scaled by `S⁻¹`.
 fn finish(
     y: &Tensor<3>,
     z: Tensor<3>,
