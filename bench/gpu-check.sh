@@ -18,7 +18,7 @@
 # `run DIR OUT` runs, most important first, each step under its own time limit so that one
 # slow step cannot take the others down: matrix-product rates with each build, the training
 # step (SmolLM2-135M shapes, 4×128) on WGPU with the plain build and in PyTorch + PEFT on
-# CUDA (if torch imports), whole-model init on SmolLM2's shapes with the plain build, the
+# CUDA (if torch imports), 4096² LoftQ (NF4 r64 T5), whole-model init on SmolLM2's shapes with the plain build, the
 # tuned build's training step (twice: the second process finds the first one's tuning in
 # cubecl's persistent cache) and init, phase profiles (`LOFTQ_PROFILE=1`) of 4096² LoftQ and
 # the training step, the step's and a 4096² LoftQ run's kernels with their GPU time (cubecl's
@@ -100,6 +100,10 @@ shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$dir/loftq-bench
   # needed more than 90 s before one was timed.
   step train-wgpu-plain 80 "$bin/plain" train --model /tmp/loftq-synth "${shape[@]}" \
     --device wgpu --json "$OUT/train-wgpu-plain.json"
+  # The issue's LoftQ case (4096² NF4 r64 T5, goal < 50 ms) timed without the profile's
+  # waits, one matrix and 4 batched (per matrix), before the long steps can spend the budget.
+  step loftq-wgpu-plain 60 "$bin/plain" loftq --shapes "$big" --bits 4 --ranks 64 --iters 5 \
+    --no-exact --batch 4 --device wgpu --json "$OUT/loftq-wgpu-plain.json"
   # The base dequantized once on load (`loftq train --dense-base`): no dequantization per step.
   step train-wgpu-dense 60 "$bin/plain" train --model /tmp/loftq-synth "${shape[@]}" \
     --device wgpu --dense-base --json "$OUT/train-wgpu-dense.json"
