@@ -69,6 +69,8 @@ fn write_seeds(dir: &Path) -> Result<(), String> {
     // torch.save's own output (make_torch_bin.py): dtypes, a strided view, shared storage.
     let state = include_bytes!("../../loftq-models/tests/fixtures/torch-bin/state.bin");
     seeds.push(("torch_bin", "state", state.to_vec()));
+    let pkl = include_bytes!("../../loftq-models/tests/fixtures/torch-bin/state.pkl");
+    seeds.push(("pickle", "state", pkl.to_vec()));
     for (target, name, bytes) in seeds {
         let d = dir.join(target);
         std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -276,6 +278,31 @@ fn config_seeds(seeds: &mut Seeds) -> Result<(), String> {
     q["sliding_window"] = 4096.into();
     q["tie_word_embeddings"] = true.into();
     seeds.push(("config", "qwen2", q.to_string().into_bytes()));
+    // The other families' test models as transformers wrote them, encoders too.
+    macro_rules! tiny {
+        ($name:literal) => {
+            (
+                $name,
+                include_str!(concat!(
+                    "../../loftq-models/tests/fixtures/tiny-",
+                    $name,
+                    "/config.json"
+                )),
+            )
+        };
+    }
+    let fixtures = [
+        tiny!("mistral-sliding"),
+        tiny!("phi2"),
+        tiny!("phi3"),
+        tiny!("phi3-longrope"),
+        tiny!("bert"),
+        tiny!("deberta-v2"),
+        tiny!("deberta-v3"),
+    ];
+    for (name, text) in fixtures {
+        seeds.push(("config", name, text.as_bytes().to_vec()));
+    }
     Ok(())
 }
 
@@ -305,7 +332,7 @@ fn adapter_seed(tmp: &Path) -> Result<Vec<u8>, String> {
         saved,
     }
     .write(&dir)
-        .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?;
     let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| format!("{f}: {e}"));
     Ok(join2(
         &read("adapter_config.json")?,

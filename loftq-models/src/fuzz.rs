@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::config::{Architecture, EncoderConfig, linear_path};
 use crate::io::{
     Adapter, Checkpoint, Gguf, GgufModel, TensorSource, TorchState, bnb_names, dequantize_packed,
     packed_names, read_bnb, read_packed,
@@ -29,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("tokenizer", tokenizer),
     ("adapter", adapter),
     ("torch_bin", torch_bin),
+    ("pickle", pickle),
 ];
 
 /// The target called `name`.
@@ -119,23 +121,46 @@ pub fn gguf(data: &[u8]) -> bool {
     raw & tensors & vocab
 }
 
-/// A `config.json`: parsed, validated, the shapes and names derived from it, and written back.
+/// A `config.json` as the commands read it ([`Architecture`]: a decoder or an encoder by its
+/// `model_type`): parsed, validated, the shapes and names derived from it; a decoder's also
+/// written back.
 pub fn config(data: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return false;
-    };
-    let Ok(cfg) = LlamaConfig::from_json(text).and_then(LlamaConfig::validated) else {
+    let path = put("config.json", data);
+    match Architecture::from_file(&path) {
+        Ok(Architecture::Decoder(cfg)) => decoder_config(cfg),
+        Ok(Architecture::Encoder(cfg)) => encoder_config(&cfg),
+        Err(_) => false,
+    }
+}
+
+fn decoder_config(cfg: LlamaConfig) -> bool {
+    let Ok(cfg) = cfg.validated() else {
         return false;
     };
     let _ = cfg.last_layer_tensor();
     for layer in [0, cfg.num_hidden_layers.saturating_sub(1)] {
         let _ = cfg.window(layer);
-        for m in crate::config::LINEAR_PATHS {
-            let _ = cfg.linear_shape(&format!("model.layers.{layer}.{m}.weight"));
+        for m in cfg.family.linear_paths() {
+            let _ = cfg.linear_shape(&linear_path(layer, m));
         }
     }
     // What is written back reads back as the same architecture.
     LlamaConfig::from_json(&cfg.to_hf_json().to_string()).is_ok_and(|back| back == cfg)
+}
+
+fn encoder_config(cfg: &EncoderConfig) -> bool {
+    if cfg.validate().is_err() {
+        return false;
+    }
+    let _ = cfg.head_dim();
+    let prefix = cfg.kind.prefix();
+    for layer in [0, cfg.num_hidden_layers.saturating_sub(1)] {
+        for m in cfg.kind.linear_paths() {
+            let _ = cfg.linear_shape(&format!("{prefix}encoder.layer.{layer}.{m}.weight"));
+        }
+    }
+    cfg.linear_shape(&format!("{prefix}pooler.dense.weight"))
+        .is_some()
 }
 
 /// A `tokenizer.json`: loaded, then text encoded and decoded.
@@ -167,4 +192,56 @@ pub fn adapter(data: &[u8]) -> bool {
 pub fn torch_bin(data: &[u8]) -> bool {
     let path = put("state.bin", data);
     TorchState::open(&path).is_ok_and(|s| s.names().all(|n| s.f32(n).is_ok()))
+}
+
+/// The pickle of a PyTorch `.bin` state dict alone (its `data.pkl`), read as [`torch_bin`]
+/// reads it from an archive that this target builds around it ([`torch_archive`]): the
+/// fuzzer's changes all reach the unpickler, where most changes to a whole archive are
+/// refused by its zip records first.
+pub fn pickle(data: &[u8]) -> bool {
+    torch_bin(&torch_archive(data))
+}
+
+/// A `torch.save` archive (`archive/`, entries stored) holding `pkl` as its `data.pkl`,
+/// `byteorder` little and storages `0` to `15` of 256 bytes each (values whatever their
+/// bytes make; a view that fits reads from them). CRCs are left zero: the reader does not
+/// check them.
+pub fn torch_archive(pkl: &[u8]) -> Vec<u8> {
+    let storage: Vec<u8> = (0..=255u8).collect();
+    let mut entries: Vec<(String, &[u8])> = vec![
+        ("archive/data.pkl".into(), pkl),
+        ("archive/byteorder".into(), b"little"),
+    ];
+    entries.extend((0..16).map(|k| (format!("archive/data/{k}"), &storage[..])));
+    let (mut out, mut central) = (Vec::new(), Vec::new());
+    let u16le = |v: usize| (v as u16).to_le_bytes();
+    let u32le = |v: usize| (v as u32).to_le_bytes();
+    for (name, data) in &entries {
+        let offset = out.len();
+        // The fields both headers share: version 2.0, no flags, stored, no time, CRC 0, sizes.
+        let mut common = [20u16, 0, 0, 0, 0].map(u16::to_le_bytes).concat();
+        common.extend([0, data.len(), data.len()].map(u32le).concat());
+        common.extend(u16le(name.len()));
+        common.extend(u16le(0));
+        out.extend(0x0403_4b50u32.to_le_bytes());
+        out.extend(&common);
+        out.extend(name.as_bytes());
+        out.extend(*data);
+        central.extend(0x0201_4b50u32.to_le_bytes());
+        central.extend(u16le(20));
+        central.extend(&common);
+        // No comment, disk 0, no attributes, then where the local header is.
+        central.extend([0u16, 0, 0].map(u16::to_le_bytes).concat());
+        central.extend(u32le(0));
+        central.extend(u32le(offset));
+        central.extend(name.as_bytes());
+    }
+    let dir = out.len();
+    out.extend(&central);
+    out.extend(0x0605_4b50u32.to_le_bytes());
+    out.extend([0, 0, entries.len(), entries.len()].map(u16le).concat());
+    out.extend(u32le(central.len()));
+    out.extend(u32le(dir));
+    out.extend(u16le(0));
+    out
 }

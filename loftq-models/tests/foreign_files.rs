@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::{fixture, scratch};
-use loftq_models::fuzz::torch_bin;
+use loftq_models::fuzz::{torch_archive, torch_bin};
 use loftq_models::io::{Checkpoint, TorchState};
 
 /// PyTorch `.bin` files (`make_torch_bin.py`): dtypes, strided and shared views, a scalar,
@@ -52,6 +52,42 @@ fn torch_bin_state_dicts_read_as_saved_and_code_is_refused() {
         b[at] ^= 0xA5;
         torch_bin(&b);
     }
+}
+
+/// The fuzzer's `pickle` target reads a pickle in an archive of its own making: `state.bin`'s
+/// pickle there gives the same tensors by name and shape, its views read from the target's
+/// storages; a pickle naming a storage the archive lacks is refused by name.
+#[test]
+fn the_pickle_targets_archive_reads_as_torch_save_s() {
+    let dir = fixture("torch-bin");
+    let saved = TorchState::open(&dir.join("state.bin")).unwrap();
+    let pkl = std::fs::read(dir.join("state.pkl")).unwrap();
+    let work = scratch("pickle-archive");
+    std::fs::write(work.join("state.bin"), torch_archive(&pkl)).unwrap();
+    let built = TorchState::open(&work.join("state.bin")).unwrap();
+    assert!(saved.names().eq(built.names()));
+    for name in saved.names() {
+        let (a, b) = (saved.f32(name).unwrap(), built.f32(name).unwrap());
+        assert_eq!(a.shape, b.shape, "{name}");
+    }
+    // Storage keys are the pickle's strings `'0'`…`'7'` (BINUNICODE, length 1): `'7'` made
+    // `'X'`, a storage the archive does not hold.
+    let key = pkl
+        .windows(6)
+        .position(|w| w == b"X\x01\x00\x00\x007")
+        .unwrap();
+    let mut bad = pkl.clone();
+    bad[key + 5] = b'X';
+    std::fs::write(work.join("bad.bin"), torch_archive(&bad)).unwrap();
+    let state = TorchState::open(&work.join("bad.bin")).unwrap();
+    let errors: Vec<String> = (state.names())
+        .filter_map(|n| state.f32(n).err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("archive/data/X"),
+        "{errors:?}"
+    );
+    std::fs::remove_dir_all(&work).unwrap();
 }
 
 /// A model directory with only a SentencePiece model (DeBERTa-v3 as published) gets an error

@@ -21,6 +21,7 @@ const TARGETS: &[&str] = &[
     "tokenizer",
     "adapter",
     "torch_bin",
+    "pickle",
 ];
 const USAGE: &str =
     "usage: cargo xtask fuzz [--seconds N (600)] [--targets a,b] [--jobs J (cores)]";
