@@ -6,7 +6,7 @@
 //! the run it keeps a minimized corpus (`fuzz/corpus/<target>/`, by `afl-cmin`) and copies every
 //! crash and hang to `fuzz/crashes/<target>/`. `loftq-models/tests/fuzz_corpus.rs` runs all
 //! three folders through the same targets on every `cargo xtask test`. The figures of the run
-//! go to stderr and `fuzz/last-run.md`.
+//! go to stderr and to the top of `fuzz/last-run.md`, above the runs before it.
 //!
 //! Needs `cargo install cargo-afl` and `cargo afl config --build` once (AFL++ from source).
 
@@ -23,6 +23,8 @@ const TARGETS: &[&str] = &[
     "torch_bin",
     "pickle",
 ];
+/// The title of `fuzz/last-run.md`, above the last run's figures and the runs before it.
+const TITLE: &str = "# Last fuzz run\n\n";
 const USAGE: &str =
     "usage: cargo xtask fuzz [--seconds N (600)] [--targets a,b] [--jobs J (cores)]";
 
@@ -266,10 +268,12 @@ fn fnv(bytes: &[u8]) -> u64 {
 
 fn report(fuzz: &Path, o: &Options, figures: &[Figures]) -> Result<(), String> {
     let mut md = format!(
-        "# Last fuzz run\n\n`cargo xtask fuzz --seconds {} --jobs {}` (AFL++ through cargo-afl).\n\n\
+        "`cargo xtask fuzz --seconds {} --jobs {} --targets {}` (AFL++ through cargo-afl).\n\n\
          | target | minutes | executions | execs/s | edges | map coverage | corpus kept | crashes | hangs |\n\
          |---|---|---|---|---|---|---|---|---|\n",
-        o.seconds, o.jobs
+        o.seconds,
+        o.jobs,
+        o.targets.join(",")
     );
     for f in figures {
         md += &format!(
@@ -286,7 +290,15 @@ fn report(fuzz: &Path, o: &Options, figures: &[Figures]) -> Result<(), String> {
         );
     }
     eprint!("{md}");
-    std::fs::write(fuzz.join("last-run.md"), &md).map_err(|e| e.to_string())?;
+    // The runs before this one stay below it: a run of some targets is not the whole story.
+    let path = fuzz.join("last-run.md");
+    let earlier = std::fs::read_to_string(&path).unwrap_or_default();
+    let earlier = earlier.strip_prefix(TITLE).unwrap_or(&earlier).trim();
+    let mut file = format!("{TITLE}{md}");
+    if !earlier.is_empty() {
+        file += &format!("\nBefore it:\n\n{earlier}\n");
+    }
+    std::fs::write(&path, file).map_err(|e| e.to_string())?;
     let bad: usize = figures.iter().map(|f| f.crashes + f.hangs).sum();
     if bad > 0 {
         return Err(format!(
