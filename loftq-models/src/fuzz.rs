@@ -125,8 +125,10 @@ pub fn gguf(data: &[u8]) -> bool {
 /// `model_type`): parsed, validated, the shapes and names derived from it; a decoder's also
 /// written back.
 pub fn config(data: &[u8]) -> bool {
-    let path = put("config.json", data);
-    match Architecture::from_file(&path) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    match Architecture::from_json(text) {
         Ok(Architecture::Decoder(cfg)) => decoder_config(cfg),
         Ok(Architecture::Encoder(cfg)) => encoder_config(&cfg),
         Err(_) => false,

@@ -321,16 +321,24 @@ impl Architecture {
     /// As [`EncoderConfig::from_file`] and [`super::LlamaConfig::from_file`].
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let model_type = serde_json::from_str::<Value>(&text)
+        Self::from_json(&text).map_err(|e| ModelError::format(path, e.to_string()))
+    }
+
+    /// Parses the text of a `config.json`: an encoder when `model_type` is one, a decoder
+    /// otherwise.
+    ///
+    /// # Errors
+    /// As [`EncoderConfig::from_json`] and [`super::LlamaConfig::from_json`].
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let model_type = serde_json::from_str::<Value>(text)
             .ok()
             .and_then(|v| Some(v.get("model_type")?.as_str()?.to_string()));
-        let parsed = match model_type.as_deref() {
+        match model_type.as_deref() {
             Some("bert" | "deberta-v2" | "deberta") => {
-                EncoderConfig::from_json(&text).map(Self::Encoder)
+                EncoderConfig::from_json(text).map(Self::Encoder)
             }
-            _ => super::LlamaConfig::from_json(&text).map(Self::Decoder),
-        };
-        parsed.map_err(|e| ModelError::format(path, e.to_string()))
+            _ => super::LlamaConfig::from_json(text).map(Self::Decoder),
+        }
     }
 
     /// Number of decoder or encoder layers.
